@@ -1,0 +1,146 @@
+//! `gantry inspect PATH [--json] [--all]`: the tensor table, from the headers alone.
+
+use std::error::Error;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use gantry_format::Checkpoint;
+use serde::Serialize;
+
+use crate::units;
+
+/// Rows shown on a terminal before the listing is cut short (`--all` shows every row).
+const TERMINAL_ROWS: usize = 40;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A .safetensors file, a directory, or a model.safetensors.index.json.
+    path: PathBuf,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// List every tensor, also on a terminal.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Serialize)]
+struct JsonFile {
+    path: String,
+    tensors: usize,
+    bytes: u64,
+}
+
+#[derive(Serialize)]
+struct JsonTensor<'a> {
+    name: &'a str,
+    dtype: String,
+    shape: &'a [u64],
+    file: String,
+    offset: u64,
+    bytes: u64,
+}
+
+#[derive(Serialize)]
+struct JsonInspect<'a> {
+    total_bytes: u64,
+    files: Vec<JsonFile>,
+    tensors: Vec<JsonTensor<'a>>,
+}
+
+pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
+    let checkpoint = Checkpoint::open(&args.path)?;
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    if args.json {
+        serde_json::to_writer(&mut out, &json(&checkpoint))?;
+        writeln!(out)?;
+    } else {
+        let rows = if args.all || !out.is_terminal() {
+            usize::MAX
+        } else {
+            TERMINAL_ROWS
+        };
+        table(&mut out, &checkpoint, rows)?;
+    }
+    Ok(())
+}
+
+fn json(checkpoint: &Checkpoint) -> JsonInspect<'_> {
+    let files = checkpoint
+        .files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| JsonFile {
+            path: f.path.display().to_string(),
+            tensors: checkpoint.tensors.iter().filter(|t| t.file.0 == i).count(),
+            bytes: f.header.data_len,
+        })
+        .collect();
+    let tensors = checkpoint
+        .tensors
+        .iter()
+        .map(|t| JsonTensor {
+            name: &t.name,
+            dtype: t.dtype.to_string(),
+            shape: &t.shape,
+            file: checkpoint.file(t.file).path.display().to_string(),
+            offset: t.offset,
+            bytes: t.len,
+        })
+        .collect();
+    JsonInspect {
+        total_bytes: checkpoint.total_bytes(),
+        files,
+        tensors,
+    }
+}
+
+fn table(out: &mut impl Write, checkpoint: &Checkpoint, rows: usize) -> std::io::Result<()> {
+    let file_name = |t: &gantry_format::TensorEntry| {
+        let path = &checkpoint.file(t.file).path;
+        path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into(),
+        )
+    };
+    let shown = &checkpoint.tensors[..checkpoint.tensors.len().min(rows)];
+    let name_w = shown.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+    let shape_w = shown
+        .iter()
+        .map(|t| format!("{:?}", t.shape).len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    writeln!(
+        out,
+        "{:<name_w$}  {:<8}  {:<shape_w$}  {:>12}  FILE",
+        "NAME", "DTYPE", "SHAPE", "SIZE"
+    )?;
+    for t in shown {
+        let shape = format!("{:?}", t.shape);
+        let size = units::bytes(t.len);
+        writeln!(
+            out,
+            "{:<name_w$}  {:<8}  {shape:<shape_w$}  {size:>12}  {}",
+            t.name,
+            t.dtype.to_string(),
+            file_name(t)
+        )?;
+    }
+    let hidden = checkpoint.tensors.len() - shown.len();
+    if hidden > 0 {
+        writeln!(
+            out,
+            "... {hidden} more tensors (--all lists every tensor, --json prints them all)"
+        )?;
+    }
+    writeln!(
+        out,
+        "{} tensors in {} files, {} ({} bytes)",
+        checkpoint.tensors.len(),
+        checkpoint.files.len(),
+        units::bytes(checkpoint.total_bytes()),
+        checkpoint.total_bytes()
+    )
+}

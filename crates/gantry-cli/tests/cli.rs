@@ -1,0 +1,119 @@
+//! The `gantry` binary end to end: `inspect` against the `safetensors` crate's own view of the
+//! same files, and bad input giving one `error:` line, a non-zero status and no stdout.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+fn gantry(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gantry"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn write_checkpoint(path: &Path) -> Vec<u8> {
+    let a: Vec<u8> = (0..24u8).collect();
+    let b: Vec<u8> = (0..6u8).collect();
+    let views = vec![
+        (
+            "layers.0.weight",
+            TensorView::new(Dtype::BF16, vec![3, 4], &a).unwrap(),
+        ),
+        (
+            "layers.0.bias",
+            TensorView::new(Dtype::U8, vec![6], &b).unwrap(),
+        ),
+        (
+            "empty",
+            TensorView::new(Dtype::F32, vec![0, 5], &[]).unwrap(),
+        ),
+    ];
+    let bytes = safetensors::serialize(views, None).unwrap();
+    std::fs::write(path, &bytes).unwrap();
+    bytes
+}
+
+#[test]
+fn inspect_json_matches_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let bytes = write_checkpoint(&path);
+    let out = gantry(&["inspect", "--json", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(v["total_bytes"], 30);
+    assert_eq!(v["files"][0]["path"], path.to_str().unwrap());
+    assert_eq!(v["files"][0]["tensors"], 3);
+    assert_eq!(v["files"][0]["bytes"], 30);
+    let tensors = v["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), 3);
+    for t in tensors {
+        let name = t["name"].as_str().unwrap();
+        let reference = st.tensor(name).unwrap();
+        assert_eq!(t["dtype"], reference.dtype().to_string());
+        let shape: Vec<usize> = serde_json::from_value(t["shape"].clone()).unwrap();
+        assert_eq!(shape, reference.shape());
+        let (offset, len) = (
+            t["offset"].as_u64().unwrap() as usize,
+            t["bytes"].as_u64().unwrap() as usize,
+        );
+        assert_eq!(&bytes[offset..offset + len], reference.data());
+        assert_eq!(t["file"], path.to_str().unwrap());
+    }
+}
+
+#[test]
+fn inspect_table_has_totals() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    write_checkpoint(&path);
+    let out = gantry(&["inspect", path.to_str().unwrap()]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("layers.0.weight") && text.contains("BF16") && text.contains("[3, 4]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("3 tensors in 1 files, 30 B (30 bytes)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_input_is_one_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.safetensors");
+    std::fs::write(&path, 1000u64.to_le_bytes()).unwrap();
+    let missing = dir.path().join("missing.safetensors");
+    for (args, needle) in [
+        (
+            vec!["inspect", path.to_str().unwrap()],
+            "header length prefix is 1000 bytes",
+        ),
+        (
+            vec!["inspect", "--json", path.to_str().unwrap()],
+            "bad.safetensors",
+        ),
+        (
+            vec!["inspect", missing.to_str().unwrap()],
+            "missing.safetensors",
+        ),
+    ] {
+        let out = gantry(&args);
+        assert!(!out.status.success());
+        assert!(out.stdout.is_empty());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
+    }
+}

@@ -1,0 +1,248 @@
+//! One error type for everything that can be wrong with a checkpoint's headers and index.
+//!
+//! Every error carries the path of the file it is about and a kind that says exactly what is
+//! wrong there: which tensor, which offset, which shard. `Display` prints both, so a caller can
+//! show the message as it is.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// What is wrong with one file of a checkpoint, and which file.
+#[derive(Debug)]
+pub struct FormatError {
+    path: PathBuf,
+    kind: ErrorKind,
+}
+
+impl FormatError {
+    pub(crate) fn new(path: &Path, kind: ErrorKind) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            kind,
+        }
+    }
+
+    /// The file the error is about (a `.safetensors` file, an index, or a directory).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What is wrong.
+    pub fn kind(&self) -> &ErrorKind {
+        &self.kind
+    }
+}
+
+/// What is wrong with a checkpoint file. Offsets named `data_*` count from the first byte of
+/// the data section; offsets named `file_*` count from the first byte of the file. Fields are
+/// named for what they hold.
+#[derive(Debug)]
+#[non_exhaustive]
+#[allow(missing_docs)]
+pub enum ErrorKind {
+    /// The file could not be opened, measured or read.
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The operating system's error.
+        source: io::Error,
+    },
+    /// The file is shorter than the 8-byte header length prefix.
+    TooSmall { file_len: u64 },
+    /// The length prefix asks for a header larger than the cap.
+    HeaderTooLarge {
+        header_len: u64,
+        max_header_len: u64,
+    },
+    /// The header would extend past the end of the file.
+    HeaderPastEnd { header_len: u64, file_len: u64 },
+    /// The header is not valid UTF-8.
+    HeaderNotUtf8 { file_offset: u64 },
+    /// The header is not valid JSON, or not a JSON object.
+    HeaderJson { message: String },
+    /// A tensor entry is malformed (missing field, wrong type).
+    BadTensorEntry { tensor: String, message: String },
+    /// A tensor names a dtype that safetensors does not define.
+    UnknownDtype { tensor: String, dtype: String },
+    /// `__metadata__` is not an object of strings.
+    BadMetadata { message: String },
+    /// The same tensor name appears twice in one header.
+    DuplicateTensor { tensor: String },
+    /// A tensor's end offset is before its start offset.
+    OffsetsReversed {
+        tensor: String,
+        data_begin: u64,
+        data_end: u64,
+    },
+    /// A tensor starts before the previous one (sorted by offset) ends.
+    Overlap {
+        tensor: String,
+        data_begin: u64,
+        previous: String,
+        previous_end: u64,
+    },
+    /// A tensor starts after the previous one ends, leaving bytes that belong to nobody.
+    Gap {
+        tensor: String,
+        data_begin: u64,
+        expected_begin: u64,
+    },
+    /// The number of elements, or the byte size, overflows 64 bits.
+    ShapeOverflow { tensor: String, shape: Vec<u64> },
+    /// A sub-byte dtype whose element count does not fill whole bytes.
+    PartialByte { tensor: String, bits: u64 },
+    /// `dtype size x product(shape)` differs from the byte length the offsets give.
+    SizeMismatch {
+        tensor: String,
+        dtype: String,
+        shape: Vec<u64>,
+        expected_bytes: u64,
+        data_bytes: u64,
+    },
+    /// A tensor ends past the end of the data section: the file is truncated, or the offsets
+    /// are wrong.
+    PastEnd {
+        tensor: String,
+        data_end: u64,
+        data_len: u64,
+        file_len: u64,
+    },
+    /// The data section has bytes after the last tensor.
+    TrailingBytes { data_used: u64, data_len: u64 },
+    /// The index file is malformed.
+    BadIndex { message: String },
+    /// A shard path in the index leaves the checkpoint's directory.
+    ShardOutsideDirectory { shard: String },
+    /// A shard the index names does not exist.
+    MissingShard { shard: String, tensor: String },
+    /// The index maps a tensor to a shard that does not hold it.
+    TensorNotInShard { tensor: String, shard: String },
+    /// A shard holds a tensor that the index does not map to it.
+    ShardTensorNotInIndex { tensor: String, shard: String },
+    /// Two shards hold a tensor of the same name.
+    TensorInTwoShards {
+        tensor: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    /// A directory holds no index and no `.safetensors` file.
+    NoCheckpoint,
+    /// A directory holds several index files, and none is `model.safetensors.index.json`.
+    AmbiguousIndex { candidates: Vec<String> },
+}
+
+impl fmt::Display for FormatError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path.display(), self.kind)
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use ErrorKind::*;
+        match self {
+            Io { op, source } => write!(f, "{op} failed: {source}"),
+            TooSmall { file_len } => write!(
+                f,
+                "file is {file_len} bytes, shorter than the 8-byte header length prefix"
+            ),
+            HeaderTooLarge { header_len, max_header_len } => write!(
+                f,
+                "header length prefix is {header_len} bytes, over the cap of {max_header_len} bytes"
+            ),
+            HeaderPastEnd { header_len, file_len } => write!(
+                f,
+                "header length prefix is {header_len} bytes, but the file has only {} bytes after the prefix",
+                file_len.saturating_sub(8)
+            ),
+            HeaderNotUtf8 { file_offset } => {
+                write!(f, "header is not valid UTF-8 at file offset {file_offset}")
+            }
+            HeaderJson { message } => write!(f, "header is not a valid JSON object: {message}"),
+            BadTensorEntry { tensor, message } => {
+                write!(f, "tensor '{tensor}': malformed entry: {message}")
+            }
+            UnknownDtype { tensor, dtype } => {
+                write!(f, "tensor '{tensor}': unknown dtype '{dtype}'")
+            }
+            BadMetadata { message } => {
+                write!(f, "__metadata__ must map strings to strings: {message}")
+            }
+            DuplicateTensor { tensor } => write!(f, "tensor '{tensor}' appears twice in the header"),
+            OffsetsReversed { tensor, data_begin, data_end } => write!(
+                f,
+                "tensor '{tensor}': data_offsets [{data_begin}, {data_end}] end before they begin"
+            ),
+            Overlap { tensor, data_begin, previous, previous_end } => write!(
+                f,
+                "tensor '{tensor}' begins at data offset {data_begin}, inside tensor '{previous}' which ends at {previous_end}"
+            ),
+            Gap { tensor, data_begin, expected_begin } => write!(
+                f,
+                "tensor '{tensor}' begins at data offset {data_begin}, leaving a gap of {} bytes after data offset {expected_begin}",
+                data_begin - expected_begin
+            ),
+            ShapeOverflow { tensor, shape } => {
+                write!(f, "tensor '{tensor}': shape {shape:?} overflows 64 bits")
+            }
+            PartialByte { tensor, bits } => write!(
+                f,
+                "tensor '{tensor}': {bits} bits of data do not fill whole bytes"
+            ),
+            SizeMismatch { tensor, dtype, shape, expected_bytes, data_bytes } => write!(
+                f,
+                "tensor '{tensor}': {dtype} x {shape:?} needs {expected_bytes} bytes, but its data_offsets span {data_bytes}"
+            ),
+            PastEnd { tensor, data_end, data_len, file_len } => write!(
+                f,
+                "tensor '{tensor}' ends at data offset {data_end}, past the end of the data section ({data_len} bytes, file is {file_len} bytes): the file is truncated or the offsets are wrong"
+            ),
+            TrailingBytes { data_used, data_len } => write!(
+                f,
+                "data section is {data_len} bytes but the tensors use only {data_used}: {} trailing bytes",
+                data_len - data_used
+            ),
+            BadIndex { message } => write!(f, "malformed index: {message}"),
+            ShardOutsideDirectory { shard } => {
+                write!(f, "shard '{shard}' is outside the index's directory")
+            }
+            MissingShard { shard, tensor } => write!(
+                f,
+                "shard '{shard}' (named for tensor '{tensor}') does not exist"
+            ),
+            TensorNotInShard { tensor, shard } => write!(
+                f,
+                "index maps tensor '{tensor}' to shard '{shard}', which does not hold it"
+            ),
+            ShardTensorNotInIndex { tensor, shard } => write!(
+                f,
+                "shard '{shard}' holds tensor '{tensor}', which the index does not map to it"
+            ),
+            TensorInTwoShards { tensor, first, second } => write!(
+                f,
+                "tensor '{tensor}' is in two shards: {} and {}",
+                first.display(),
+                second.display()
+            ),
+            NoCheckpoint => write!(
+                f,
+                "no model.safetensors.index.json and no .safetensors files in this directory"
+            ),
+            AmbiguousIndex { candidates } => write!(
+                f,
+                "several index files and none is model.safetensors.index.json: {}",
+                candidates.join(", ")
+            ),
+        }
+    }
+}
+
+impl std::error::Error for FormatError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.kind {
+            ErrorKind::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! A sharded checkpoint's `model.safetensors.index.json`: `weight_map` from tensor name to
+//! shard file, and the optional `metadata` object.
+//!
+//! Parsing is pure (bytes in, map out) so it can be fuzzed; checking the map against the
+//! shards' own headers happens in `checkpoint`, which has read them.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Component, Path};
+
+use serde_json::Value;
+
+use crate::error::{ErrorKind, FormatError};
+use crate::header::parse_entries;
+
+/// Largest index file read, so a hostile file cannot make us allocate without bound.
+pub const MAX_INDEX_BYTES: u64 = 256 << 20;
+
+/// A parsed index: the shards in first-mention order and, per shard, its tensors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Index {
+    /// The `metadata` object, when present (values kept as JSON text for non-strings).
+    pub metadata: BTreeMap<String, String>,
+    /// Shard file names relative to the index's directory, in first-mention order.
+    pub shards: Vec<String>,
+    /// `(tensor, shard position in shards)` in the order the index lists them.
+    pub weight_map: Vec<(String, usize)>,
+}
+
+/// Parses an index file's bytes. `path` is used in errors only.
+pub fn parse_index(path: &Path, bytes: &[u8]) -> Result<Index, FormatError> {
+    let bad = |message: String| FormatError::new(path, ErrorKind::BadIndex { message });
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| bad(format!("not UTF-8 at byte {}", e.valid_up_to())))?;
+    let raw: RawIndex<'_> = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+    let metadata = match raw.metadata {
+        Some(value) => metadata_strings(value).map_err(bad)?,
+        None => BTreeMap::new(),
+    };
+    let Some(weight_map) = raw.weight_map else {
+        return Err(bad("no \"weight_map\" object".to_owned()));
+    };
+    // The duplicate-keeping visitor: a plain JSON map would keep only the last of two
+    // entries for the same tensor.
+    let map_entries =
+        parse_entries(weight_map.get()).map_err(|e| bad(format!("\"weight_map\": {e}")))?;
+    let mut shards: Vec<String> = Vec::new();
+    let mut seen = HashSet::with_capacity(map_entries.len());
+    let mut weights = Vec::with_capacity(map_entries.len());
+    for (tensor, shard) in map_entries {
+        let Value::String(shard) = shard else {
+            return Err(bad(format!("weight_map['{tensor}'] is not a string")));
+        };
+        if !seen.insert(tensor.clone()) {
+            return Err(bad(format!(
+                "tensor '{tensor}' appears twice in weight_map"
+            )));
+        }
+        if !is_inside(Path::new(&shard)) {
+            return Err(FormatError::new(
+                path,
+                ErrorKind::ShardOutsideDirectory { shard },
+            ));
+        }
+        let position = match shards.iter().position(|s| *s == shard) {
+            Some(p) => p,
+            None => {
+                shards.push(shard);
+                shards.len() - 1
+            }
+        };
+        weights.push((tensor, position));
+    }
+    Ok(Index {
+        metadata,
+        shards,
+        weight_map: weights,
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct RawIndex<'a> {
+    #[serde(default)]
+    metadata: Option<Value>,
+    #[serde(borrow, default)]
+    weight_map: Option<&'a serde_json::value::RawValue>,
+}
+
+fn metadata_strings(value: Value) -> Result<BTreeMap<String, String>, String> {
+    let Value::Object(map) = value else {
+        return Err("\"metadata\" is not an object".to_owned());
+    };
+    Ok(map
+        .into_iter()
+        .map(|(k, v)| match v {
+            Value::String(s) => (k, s),
+            other => (k, other.to_string()),
+        })
+        .collect())
+}
+
+/// True when `shard` is a relative path that stays inside its base directory.
+fn is_inside(shard: &Path) -> bool {
+    !shard.as_os_str().is_empty()
+        && shard
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
