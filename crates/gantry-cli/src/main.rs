@@ -7,7 +7,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod inspect;
+mod load;
+mod options;
+mod synth;
 mod units;
 
 #[derive(Debug, Parser)]
@@ -25,12 +29,22 @@ struct Cli {
 enum Command {
     /// Print a checkpoint's tensor table, read from its headers alone.
     Inspect(inspect::Args),
+    /// Load a checkpoint into host or GPU memory and report how fast.
+    Load(load::Args),
+    /// Measure the disk (or page-cache) ceiling and gantry's load in the same run.
+    Bench(bench::Args),
+    /// Write a synthetic Llama-3-shaped bf16 checkpoint (sharded, with an index).
+    Synth(synth::Args),
 }
 
 fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(&args),
+        Command::Load(args) => load::run(&args),
+        Command::Bench(args) => bench::run(&args),
+        Command::Synth(args) => synth::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,7 +20,7 @@ pub const MAX_INDEX_BYTES: u64 = 256 << 20;
 pub struct Index {
     /// The `metadata` object, when present (values kept as JSON text for non-strings).
     pub metadata: BTreeMap<String, String>,
-    /// Shard file names relative to the index's directory, in first-mention order.
+    /// Shard file names relative to the index's directory, in name order.
     pub shards: Vec<String>,
     /// `(tensor, shard position in shards)` in the order the index lists them.
     pub weight_map: Vec<(String, usize)>,

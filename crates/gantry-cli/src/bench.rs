@@ -1,0 +1,165 @@
+//! `gantry bench PATH --device cpu [--cold] [--repeat N] [--json]`: the ceiling and gantry's
+//! load, measured in the same run, interleaved, and their ratio.
+//!
+//! Cold (`--cold`): every file is evicted from the page cache before each measurement, and the
+//! ceiling is the disk's: `O_DIRECT` `pread` of 64 MiB, 4 in flight. Warm: the files are read
+//! once first so they are in the page cache, and the ceiling is 16 threads of buffered `pread`
+//! into a pre-faulted buffer.
+
+use std::error::Error;
+use std::path::Path;
+
+use gantry::baseline::{self, Measured, Prefaulted};
+use gantry::{Checkpoint, Loader};
+use serde::Serialize;
+
+use crate::load::{json_files, load_host, JsonFile};
+use crate::options::{Device, LoadOptions};
+
+const CEILING_REQUEST_BYTES: usize = 64 << 20;
+const CEILING_DIRECT_THREADS: usize = 4;
+const CEILING_BUFFERED_THREADS: usize = 16;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub options: LoadOptions,
+    /// Evict the files from the page cache before each measurement.
+    #[arg(long)]
+    pub cold: bool,
+    /// Measurements of each kind, interleaved.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct Run {
+    ceiling_gb_per_s: f64,
+    gantry_gb_per_s: f64,
+    ratio: f64,
+}
+
+#[derive(Serialize)]
+struct JsonBench {
+    cold: bool,
+    device: String,
+    bytes: u64,
+    ceiling: String,
+    runs: Vec<Run>,
+    median_ceiling_gb_per_s: f64,
+    median_gantry_gb_per_s: f64,
+    median_ratio: f64,
+    files: Vec<JsonFile>,
+}
+
+pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
+    if args.options.device != Device::Cpu {
+        return Err("CUDA devices are not supported by this build yet".into());
+    }
+    if args.repeat == 0 {
+        return Err("--repeat must be at least 1".into());
+    }
+    let loader = Loader::new(args.options.config()?)?;
+    let checkpoint = Checkpoint::open(&args.options.path)?;
+    let paths: Vec<&Path> = checkpoint.files.iter().map(|f| f.path.as_path()).collect();
+    let ceiling_name = if args.cold {
+        format!(
+            "O_DIRECT pread, {} MiB requests, {CEILING_DIRECT_THREADS} in flight",
+            CEILING_REQUEST_BYTES >> 20
+        )
+    } else {
+        format!("buffered pread, {CEILING_BUFFERED_THREADS} threads, pre-faulted buffer")
+    };
+    if !args.cold {
+        for p in &paths {
+            std::fs::read(p).map(drop)?; // warm the page cache
+        }
+    }
+    let mut runs = Vec::with_capacity(args.repeat);
+    let mut files = Vec::new();
+    for r in 0..args.repeat {
+        // Alternate which goes first, so drift within the run does not favour either.
+        let (mut ceiling, mut gantry) = (None, None);
+        for step in 0..2 {
+            if (step == 0) == (r % 2 == 0) {
+                ceiling = Some(measure_ceiling(&paths, args.cold)?);
+            } else {
+                if args.cold {
+                    baseline::evict(&paths)?;
+                }
+                let model = load_host(&loader, checkpoint.clone(), false)?;
+                files = json_files(model.report());
+                gantry = Some(model.report().gb_per_s());
+            }
+        }
+        let (c, g) = (
+            ceiling.expect("measured").gb_per_s(),
+            gantry.expect("measured"),
+        );
+        runs.push(Run {
+            ceiling_gb_per_s: c,
+            gantry_gb_per_s: g,
+            ratio: g / c,
+        });
+    }
+    let median = |f: fn(&Run) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let out = JsonBench {
+        cold: args.cold,
+        device: "cpu".to_owned(),
+        bytes: checkpoint.total_bytes(),
+        ceiling: ceiling_name,
+        median_ceiling_gb_per_s: median(|r| r.ceiling_gb_per_s),
+        median_gantry_gb_per_s: median(|r| r.gantry_gb_per_s),
+        median_ratio: median(|r| r.ratio),
+        runs,
+        files,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&out)?);
+        return Ok(());
+    }
+    println!(
+        "{} load of {} bytes into host memory; ceiling: {}",
+        if args.cold { "cold" } else { "warm" },
+        out.bytes,
+        out.ceiling
+    );
+    println!(
+        "{:>4}  {:>12}  {:>12}  {:>6}",
+        "run", "ceiling GB/s", "gantry GB/s", "ratio"
+    );
+    for (i, r) in out.runs.iter().enumerate() {
+        println!(
+            "{:>4}  {:>12.2}  {:>12.2}  {:>6.3}",
+            i + 1,
+            r.ceiling_gb_per_s,
+            r.gantry_gb_per_s,
+            r.ratio
+        );
+    }
+    println!(
+        "median  {:>10.2}  {:>12.2}  {:>6.3}",
+        out.median_ceiling_gb_per_s, out.median_gantry_gb_per_s, out.median_ratio
+    );
+    Ok(())
+}
+
+fn measure_ceiling(paths: &[&Path], cold: bool) -> Result<Measured, Box<dyn Error>> {
+    if cold {
+        baseline::evict(paths)?;
+        return Ok(baseline::read_direct(
+            paths,
+            CEILING_REQUEST_BYTES,
+            CEILING_DIRECT_THREADS,
+        )?);
+    }
+    let mut target = Prefaulted::new(paths)?;
+    Ok(target.read(CEILING_BUFFERED_THREADS, 16 << 20)?)
+}

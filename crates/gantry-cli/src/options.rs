@@ -1,0 +1,77 @@
+//! Options shared by `load` and `bench`.
+
+use std::path::PathBuf;
+
+use gantry::{Config, PathChoice};
+
+/// Where tensors go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// Host memory.
+    Cpu,
+    /// GPU `n`.
+    Cuda(u32),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "cpu" {
+            return Ok(Device::Cpu);
+        }
+        if s == "cuda" {
+            return Ok(Device::Cuda(0));
+        }
+        s.strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("'{s}' is not a device (cpu, cuda, cuda:N)"))
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadOptions {
+    /// A .safetensors file, a directory, or a model.safetensors.index.json.
+    pub path: PathBuf,
+    /// Where tensors go: cpu, or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    /// Reader: auto (per file, from page-cache residency), direct (io_uring O_DIRECT) or buffered.
+    #[arg(long = "path", value_name = "auto|direct|buffered")]
+    pub path_choice: Option<String>,
+    /// Reads in flight on the io_uring.
+    #[arg(long)]
+    pub queue_depth: Option<usize>,
+    /// Bytes per read and staging buffer, in MiB.
+    #[arg(long)]
+    pub chunk_mib: Option<usize>,
+    /// Staging ring size, in MiB.
+    #[arg(long)]
+    pub staging_mib: Option<usize>,
+    /// Threads of the buffered reader.
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl LoadOptions {
+    pub fn config(&self) -> Result<Config, gantry::Error> {
+        let mut c = Config::default();
+        if let Some(p) = &self.path_choice {
+            c = c.path(p.parse::<PathChoice>()?);
+        }
+        if let Some(n) = self.queue_depth {
+            c = c.queue_depth(n);
+        }
+        if let Some(n) = self.chunk_mib {
+            c = c.chunk_bytes(n << 20);
+        }
+        if let Some(n) = self.staging_mib {
+            c = c.staging_bytes(n << 20);
+        }
+        if let Some(n) = self.threads {
+            c = c.threads(n);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}

@@ -1,0 +1,155 @@
+//! Reference readers that benchmarks measure gantry against, in the same run: the disk
+//! ceiling (plain `O_DIRECT` `pread` with large requests, a few in flight) and the page-cache
+//! ceiling (many threads of buffered `pread` into a preallocated, pre-faulted buffer). They
+//! are deliberately simple, so that a ratio to them says how much of the hardware gantry uses.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use crate::io::probe;
+use crate::staging::Arena;
+
+/// One measured read.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    /// Bytes read.
+    pub bytes: u64,
+    /// Seconds taken.
+    pub seconds: f64,
+}
+
+impl Measured {
+    /// GB/s (10^9).
+    pub fn gb_per_s(&self) -> f64 {
+        self.bytes as f64 / self.seconds / 1e9
+    }
+}
+
+/// Reads `paths` whole with `O_DIRECT` `pread` requests of `request_bytes`, one in flight on
+/// each of `threads` threads, blocks handed out in file order.
+pub fn read_direct(
+    paths: &[&Path],
+    request_bytes: usize,
+    threads: usize,
+) -> std::io::Result<Measured> {
+    let files: Vec<(File, u64)> = paths
+        .iter()
+        .map(|p| {
+            let (file, _) = probe::open_direct(p).map_err(std::io::Error::other)?;
+            let len = file.metadata()?.len();
+            Ok((file, len))
+        })
+        .collect::<std::io::Result<_>>()?;
+    let blocks: Vec<(usize, u64)> = files
+        .iter()
+        .enumerate()
+        .flat_map(|(f, (_, len))| {
+            (0..len.div_ceil(request_bytes as u64)).map(move |b| (f, b * request_bytes as u64))
+        })
+        .collect();
+    let arena = Arena::new(request_bytes, threads).map_err(std::io::Error::other)?;
+    let next = AtomicUsize::new(0);
+    let start = Instant::now();
+    let bytes: std::io::Result<u64> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (files, blocks, next, arena) = (&files, &blocks, &next, &arena);
+                // SAFETY: each thread uses only buffer `t` of the arena, which lives past the scope.
+                let buf =
+                    unsafe { std::slice::from_raw_parts_mut(arena.buffer_ptr(t), request_bytes) };
+                s.spawn(move || {
+                    let mut total = 0u64;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&(f, offset)) = blocks.get(i) else {
+                            return Ok(total);
+                        };
+                        total += files[f].0.read_at(buf, offset)? as u64;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("reader thread"))
+            .sum()
+    });
+    Ok(Measured {
+        bytes: bytes?,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Files opened with buffers of their size, allocated and written once so that no page fault
+/// is left for the timed read.
+#[derive(Debug)]
+pub struct Prefaulted {
+    files: Vec<(File, Vec<u8>)>,
+}
+
+impl Prefaulted {
+    /// Opens `paths` and pre-faults a buffer for each.
+    pub fn new(paths: &[&Path]) -> std::io::Result<Self> {
+        let files = paths
+            .iter()
+            .map(|p| {
+                let file = File::open(p)?;
+                let len = file.metadata()?.len() as usize;
+                Ok((file, vec![1u8; len]))
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(Self { files })
+    }
+
+    /// Reads every file whole into its buffer with `threads` threads of buffered `pread`,
+    /// `chunk_bytes` at a time.
+    pub fn read(&mut self, threads: usize, chunk_bytes: usize) -> std::io::Result<Measured> {
+        let mut jobs: Vec<(&File, u64, &mut [u8])> = Vec::new();
+        for (file, buf) in &mut self.files {
+            let mut offset = 0u64;
+            for chunk in buf.chunks_mut(chunk_bytes) {
+                let len = chunk.len() as u64;
+                jobs.push((&*file, offset, chunk));
+                offset += len;
+            }
+        }
+        let queue = parking_lot::Mutex::new(jobs.into_iter());
+        let start = Instant::now();
+        let bytes: std::io::Result<u64> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    let queue = &queue;
+                    s.spawn(move || {
+                        let mut total = 0u64;
+                        loop {
+                            let Some((file, offset, buf)) = queue.lock().next() else {
+                                return Ok(total);
+                            };
+                            file.read_exact_at(buf, offset)?;
+                            total += buf.len() as u64;
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("reader thread"))
+                .sum()
+        });
+        Ok(Measured {
+            bytes: bytes?,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Drops every file of `paths` from the page cache.
+pub fn evict(paths: &[&Path]) -> std::io::Result<()> {
+    for p in paths {
+        probe::evict(&File::open(p)?)?;
+    }
+    Ok(())
+}

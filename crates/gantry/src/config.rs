@@ -1,0 +1,182 @@
+//! Loader settings, with defaults that fit an ordinary container: a 256 MiB staging ring of
+//! 16 MiB buffers, 8 reads in flight. Every value is checked by [`Config::validate`] before a
+//! loader uses it.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::io::fault::FaultInjector;
+
+/// Which reader a load uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PathChoice {
+    /// Per file: buffered when the file is mostly in the page cache or its file system has no
+    /// `O_DIRECT`, io_uring `O_DIRECT` otherwise.
+    #[default]
+    Auto,
+    /// io_uring with `O_DIRECT` for every file; an error where that is unavailable.
+    Direct,
+    /// Several threads of buffered `pread` for every file.
+    Buffered,
+}
+
+impl std::str::FromStr for PathChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "direct" => Ok(Self::Direct),
+            "buffered" => Ok(Self::Buffered),
+            _ => Err(Error::Config(format!(
+                "unknown path '{s}' (auto, direct, buffered)"
+            ))),
+        }
+    }
+}
+
+/// Smallest unit of direct I/O and of chunk sizes.
+pub const ALIGN_BYTES: usize = 4096;
+/// Largest chunk: one io_uring read is at most this long.
+pub const CHUNK_BYTES_MAX: usize = 1 << 30;
+/// Most reads in flight on one ring.
+pub const QUEUE_DEPTH_MAX: usize = 4096;
+/// Most reader threads.
+pub const THREADS_MAX: usize = 256;
+
+/// Loader settings. Build with [`Config::default`] and the setters.
+#[derive(Clone)]
+pub struct Config {
+    pub(crate) queue_depth: usize,
+    pub(crate) chunk_bytes: usize,
+    pub(crate) staging_bytes: usize,
+    pub(crate) threads: usize,
+    pub(crate) path: PathChoice,
+    pub(crate) hot_fraction: f64,
+    pub(crate) gap_bytes: u64,
+    pub(crate) fault: Option<Arc<dyn FaultInjector>>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+        Self {
+            queue_depth: 8,
+            chunk_bytes: 16 << 20,
+            staging_bytes: 256 << 20,
+            threads: cores.clamp(2, 16),
+            path: PathChoice::Auto,
+            hot_fraction: 0.5,
+            gap_bytes: 1 << 20,
+            fault: None,
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("queue_depth", &self.queue_depth)
+            .field("chunk_bytes", &self.chunk_bytes)
+            .field("staging_bytes", &self.staging_bytes)
+            .field("threads", &self.threads)
+            .field("path", &self.path)
+            .field("hot_fraction", &self.hot_fraction)
+            .field("gap_bytes", &self.gap_bytes)
+            .field("fault", &self.fault.is_some())
+            .finish()
+    }
+}
+
+impl Config {
+    /// Reads in flight on the io_uring (1 to 4096; default 8).
+    pub fn queue_depth(mut self, n: usize) -> Self {
+        self.queue_depth = n;
+        self
+    }
+    /// Bytes per read and per staging buffer, a multiple of 4096 up to 1 GiB (default 16 MiB).
+    pub fn chunk_bytes(mut self, n: usize) -> Self {
+        self.chunk_bytes = n;
+        self
+    }
+    /// Total staging memory; at least one chunk (default 256 MiB).
+    pub fn staging_bytes(mut self, n: usize) -> Self {
+        self.staging_bytes = n;
+        self
+    }
+    /// Threads of the buffered reader (default: the cores, 2 to 16).
+    pub fn threads(mut self, n: usize) -> Self {
+        self.threads = n;
+        self
+    }
+    /// Which reader to use (default [`PathChoice::Auto`]).
+    pub fn path(mut self, path: PathChoice) -> Self {
+        self.path = path;
+        self
+    }
+    /// Fraction of a file that must be in the page cache for `Auto` to read it buffered.
+    pub fn hot_fraction(mut self, fraction: f64) -> Self {
+        self.hot_fraction = fraction;
+        self
+    }
+    /// Skipped bytes between two wanted tensors that are read anyway rather than split into
+    /// two requests (default 1 MiB).
+    pub fn gap_bytes(mut self, n: u64) -> Self {
+        self.gap_bytes = n;
+        self
+    }
+    /// Rewrites read results to inject faults (tests of the error paths).
+    #[doc(hidden)]
+    pub fn fault_injector(mut self, fault: Arc<dyn FaultInjector>) -> Self {
+        self.fault = Some(fault);
+        self
+    }
+
+    /// Staging buffers the ring holds.
+    pub fn staging_buffers(&self) -> usize {
+        self.staging_bytes / self.chunk_bytes.max(1)
+    }
+
+    /// Checks every value against its bounds.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.chunk_bytes == 0
+            || self.chunk_bytes % ALIGN_BYTES != 0
+            || self.chunk_bytes > CHUNK_BYTES_MAX
+        {
+            return bad(format!(
+                "chunk_bytes {} must be a multiple of {ALIGN_BYTES} up to {CHUNK_BYTES_MAX}",
+                self.chunk_bytes
+            ));
+        }
+        if self.staging_bytes < self.chunk_bytes {
+            return bad(format!(
+                "staging_bytes {} must hold at least one chunk of {}",
+                self.staging_bytes, self.chunk_bytes
+            ));
+        }
+        if self.staging_buffers() > u16::MAX as usize {
+            return bad(format!(
+                "{} staging buffers is more than {} registered buffers",
+                self.staging_buffers(),
+                u16::MAX
+            ));
+        }
+        if !(1..=QUEUE_DEPTH_MAX).contains(&self.queue_depth) {
+            return bad(format!(
+                "queue_depth {} must be 1 to {QUEUE_DEPTH_MAX}",
+                self.queue_depth
+            ));
+        }
+        if !(1..=THREADS_MAX).contains(&self.threads) {
+            return bad(format!(
+                "threads {} must be 1 to {THREADS_MAX}",
+                self.threads
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.hot_fraction) {
+            return bad(format!("hot_fraction {} must be 0 to 1", self.hot_fraction));
+        }
+        Ok(())
+    }
+}

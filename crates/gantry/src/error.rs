@@ -1,0 +1,126 @@
+//! The one error type of the engine. Variants carry what a person needs to act on it: the
+//! operation, the file, the offset and length, the errno, the limit to raise.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+use gantry_format::FormatError;
+
+/// Everything that can go wrong while loading.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The checkpoint's headers or index are malformed.
+    Format(FormatError),
+    /// A system call on a checkpoint file failed.
+    Io {
+        /// What was being done (`"open"`, `"read"`, ...).
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// File offset of the request.
+        offset: u64,
+        /// Length of the request in bytes.
+        len: u64,
+        /// The operating system's error.
+        source: io::Error,
+    },
+    /// A file ended before the bytes its header promises: it was truncated after its header
+    /// was read, or is being rewritten.
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// File offset where data was missing.
+        offset: u64,
+        /// The file's length when the header was read.
+        expected_len: u64,
+    },
+    /// A path or resource that the configuration demands is not available here.
+    Unavailable {
+        /// What is missing (`"io_uring"`, `"O_DIRECT"`, ...).
+        what: &'static str,
+        /// Why, as probed.
+        reason: String,
+    },
+    /// Registering the staging buffers would pass `RLIMIT_MEMLOCK`.
+    Memlock {
+        /// Bytes that would be locked.
+        needed_bytes: u64,
+        /// The current soft limit in bytes.
+        limit_bytes: u64,
+    },
+    /// A setting is out of range.
+    Config(String),
+    /// A caller-supplied destination does not fit its tensor.
+    Destination {
+        /// The tensor.
+        tensor: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Setting up the loader's own resources (memory, threads, rings) failed.
+    Resource {
+        /// What was being set up.
+        what: &'static str,
+        /// The operating system's error.
+        source: io::Error,
+    },
+}
+
+/// Short for `std::result::Result<T, gantry::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Format(e) => e.fmt(f),
+            Error::Io { op, path, offset, len, source } => write!(
+                f,
+                "{}: {op} of {len} bytes at offset {offset} failed: {source}",
+                path.display()
+            ),
+            Error::Truncated { path, offset, expected_len } => write!(
+                f,
+                "{}: file ends before offset {offset}, but its header says it is {expected_len} bytes: it was truncated or is being rewritten",
+                path.display()
+            ),
+            Error::Unavailable { what, reason } => write!(f, "{what} is not available: {reason}"),
+            Error::Memlock { needed_bytes, limit_bytes } => write!(
+                f,
+                "registering {needed_bytes} bytes of staging memory passes RLIMIT_MEMLOCK ({limit_bytes} bytes): raise it (ulimit -l, or --ulimit memlock=-1 for containers) or lower the staging size"
+            ),
+            Error::Config(message) => write!(f, "invalid configuration: {message}"),
+            Error::Destination { tensor, message } => {
+                write!(f, "destination for tensor '{tensor}': {message}")
+            }
+            Error::Resource { what, source } => write!(f, "{what} failed: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Format(e) => Some(e),
+            Error::Io { source, .. } | Error::Resource { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl From<FormatError> for Error {
+    fn from(e: FormatError) -> Self {
+        Error::Format(e)
+    }
+}
+
+impl Error {
+    /// The errno behind an I/O error, when there is one.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            Error::Io { source, .. } | Error::Resource { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! The page-cache reader: several threads of `pread`.
+//!
+//! When a file is already in the page cache, reading it is a memory copy, and one thread
+//! cannot copy fast enough to keep up with the memory system: several threads can. The
+//! threads take extents in order from a shared cursor, so the file is still read roughly
+//! front to back (which keeps kernel readahead useful for files that are only partly cached).
+//!
+//! Two modes: into leased staging buffers (the consumer copies out, as for the direct
+//! reader), or straight into the extents' destinations when the sink can take them whole,
+//! which saves the second copy.
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::uring::Job;
+use super::{complete, fault::FaultInjector, read_error, Completion, Message, OpenFile};
+use crate::error::Result;
+use crate::staging::Pool;
+
+/// What every buffered thread shares.
+#[derive(Debug, Clone, Copy)]
+pub struct Shared<'a> {
+    /// The files, by `Job::file`.
+    pub files: &'a [OpenFile],
+    /// Each file's position in the checkpoint (for the fault injector).
+    pub file_ids: &'a [usize],
+    /// Rewrites results, for tests.
+    pub fault: Option<&'a dyn FaultInjector>,
+    /// Set when the load failed: threads stop taking work.
+    pub cancel: &'a AtomicBool,
+}
+
+/// Reads `jobs` into leased staging buffers on `threads` threads.
+pub fn run_staged(
+    shared: Shared<'_>,
+    jobs: &[Job],
+    pool: &Arc<Pool>,
+    threads: usize,
+    tx: &Sender<Result<Message>>,
+) {
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.min(jobs.len()) {
+            let tx = tx.clone();
+            scope.spawn(|| {
+                let tx = tx;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= jobs.len() || shared.cancel.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let Some(mut lease) = pool.acquire() else {
+                        return;
+                    };
+                    let job = jobs[i];
+                    let buf = &mut lease.as_mut_slice()[..job.len as usize];
+                    let message = read_full(shared, job, buf).map(|()| Message::Staged {
+                        extent: job.extent,
+                        lease,
+                    });
+                    let failed = message.is_err();
+                    if tx.send(message).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Reads each job straight into its destination slice on `threads` threads.
+pub fn run_into(
+    shared: Shared<'_>,
+    jobs: Vec<(Job, &mut [u8])>,
+    threads: usize,
+    tx: &Sender<Result<Message>>,
+) {
+    let threads = threads.min(jobs.len());
+    let queue = Mutex::new(jobs.into_iter());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let tx = tx.clone();
+            let queue = &queue;
+            scope.spawn(move || loop {
+                if shared.cancel.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Some((job, target)) = queue.lock().next() else {
+                    return;
+                };
+                let message =
+                    read_full(shared, job, target).map(|()| Message::Direct { extent: job.extent });
+                let failed = message.is_err();
+                if tx.send(message).is_err() || failed {
+                    return;
+                }
+            });
+        }
+    });
+}
+
+/// Fills `buf` (the job's `len` bytes) with `pread`, continuing short reads and retrying
+/// interrupted ones.
+fn read_full(shared: Shared<'_>, job: Job, buf: &mut [u8]) -> Result<()> {
+    let file = &shared.files[job.file];
+    let mut valid = 0u64;
+    while valid < job.len {
+        let offset = job.offset + valid;
+        let want = &mut buf[valid as usize..];
+        let mut result = match file.file.read_at(want, offset) {
+            Ok(n) => n as i64,
+            Err(e) => -i64::from(e.raw_os_error().unwrap_or(libc::EIO)),
+        };
+        if let Some(fault) = shared.fault {
+            result = fault.rewrite(shared.file_ids[job.file], offset, want.len() as u64, result);
+        }
+        match complete(result, valid, job.len) {
+            Completion::Done => return Ok(()),
+            Completion::Continue { valid: v } => valid = v,
+            Completion::Retry => {}
+            failed => return Err(read_error(file, job.offset, valid, job.len - valid, failed)),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! Readers, and the probes that decide which one a file gets.
+//!
+//! - `uring`: io_uring with `O_DIRECT` into registered staging buffers. The cold-file path:
+//!   no page-cache copy, few large requests, a fixed queue depth.
+//! - `buffered`: several threads of `pread`. For files already in the page cache (direct I/O
+//!   would throw that memory bandwidth away), for file systems without `O_DIRECT` (tmpfs),
+//!   and as the fallback where io_uring is unavailable.
+//!
+//! Both report each finished extent to the consumer and share `Completion`, the one place
+//! where a read result becomes "done", "continue", "retry" or an error, so that short reads,
+//! `EINTR`, `EAGAIN` and end of file behave the same in both.
+
+pub mod buffered;
+pub mod fault;
+pub mod probe;
+pub mod uring;
+
+use std::fs::File;
+use std::path::PathBuf;
+
+use crate::error::Error;
+use crate::staging::Lease;
+
+/// A checkpoint file opened for one reader.
+#[derive(Debug)]
+pub struct OpenFile {
+    /// Its path, for errors.
+    pub path: PathBuf,
+    /// The open file (`O_DIRECT` for the direct reader).
+    pub file: File,
+    /// Its length when the header was read.
+    pub file_len: u64,
+    /// Alignment of offsets, lengths and buffers (1 for buffered files).
+    pub align: u64,
+}
+
+/// What readers and sinks tell the consumer.
+#[derive(Debug)]
+pub enum Message {
+    /// The extent's bytes are at the start of the staging buffer.
+    Staged {
+        /// Position in the plan.
+        extent: usize,
+        /// The buffer, with the extent's bytes from its first byte.
+        lease: Lease,
+    },
+    /// The reader wrote the bytes straight to their destination.
+    Direct {
+        /// Position in the plan.
+        extent: usize,
+    },
+    /// An asynchronous sink finished the copies of a staged extent.
+    Landed {
+        /// Position in the plan.
+        extent: usize,
+    },
+}
+
+/// What a read result means for the request it completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// Every needed byte is in.
+    Done,
+    /// Some bytes are in: `valid` bytes from the extent's start; issue the rest.
+    Continue { valid: u64 },
+    /// Interrupted or would block: issue the same request again.
+    Retry,
+    /// End of file before the needed bytes: the file shrank.
+    Truncated { at: u64 },
+    /// The read failed with this errno.
+    Failed { errno: i32 },
+}
+
+/// Interprets `result` (bytes or negated errno) of a request that started `start` bytes into
+/// an extent of `needed` bytes, `valid` of which were already in before it.
+pub fn complete(result: i64, start: u64, needed: u64) -> Completion {
+    match result {
+        r if r < 0 => match (-r) as i32 {
+            libc::EINTR | libc::EAGAIN => Completion::Retry,
+            errno => Completion::Failed { errno },
+        },
+        0 => Completion::Truncated { at: start },
+        r if start + r as u64 >= needed => Completion::Done,
+        r => Completion::Continue {
+            valid: start + r as u64,
+        },
+    }
+}
+
+/// The error for a completion that failed: of a request of `len` bytes starting `start` bytes
+/// into the extent at file offset `extent_offset`.
+pub fn read_error(
+    file: &OpenFile,
+    extent_offset: u64,
+    start: u64,
+    len: u64,
+    completion: Completion,
+) -> Error {
+    match completion {
+        Completion::Truncated { at } => Error::Truncated {
+            path: file.path.clone(),
+            offset: extent_offset + at,
+            expected_len: file.file_len,
+        },
+        Completion::Failed { errno } => Error::Io {
+            op: "read",
+            path: file.path.clone(),
+            offset: extent_offset + start,
+            len,
+            source: std::io::Error::from_raw_os_error(errno),
+        },
+        other => unreachable!("{other:?} is not an error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completions() {
+        let cases = [
+            (4096, 0, 4096, Completion::Done),
+            (8192, 0, 5000, Completion::Done), // aligned request past the needed bytes
+            (100, 0, 4096, Completion::Continue { valid: 100 }),
+            (100, 4000, 4096, Completion::Done),
+            (0, 300, 4096, Completion::Truncated { at: 300 }),
+            (-(libc::EINTR as i64), 0, 10, Completion::Retry),
+            (-(libc::EAGAIN as i64), 0, 10, Completion::Retry),
+            (
+                -(libc::EIO as i64),
+                0,
+                10,
+                Completion::Failed { errno: libc::EIO },
+            ),
+        ];
+        for (result, start, needed, want) in cases {
+            assert_eq!(
+                complete(result, start, needed),
+                want,
+                "{result} {start} {needed}"
+            );
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! The cold-file reader: io_uring, `O_DIRECT`, registered files, and `ReadFixed` into the
+//! staging ring's registered buffers.
+//!
+//! One thread owns the ring (so `SINGLE_ISSUER` holds) and keeps `queue_depth` reads in
+//! flight, each one extent into one leased buffer. Completions are reaped in a batch and
+//! acted on after the batch, never inside the reap loop. A finished extent's lease travels to
+//! the consumer, which drops it when its copies are done; only then can the buffer be filled
+//! again. On any error the ring is drained before the function returns, so the kernel never
+//! writes into a buffer that has gone back to the pool.
+
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use super::{complete, fault::FaultInjector, read_error, Completion, Message, OpenFile};
+use crate::error::{Error, Result};
+use crate::staging::{Lease, Pool};
+
+/// One extent for the direct reader.
+#[derive(Debug, Clone, Copy)]
+pub struct Job {
+    /// Position of the extent in the plan.
+    pub extent: usize,
+    /// Position of the file in `files`.
+    pub file: usize,
+    /// Absolute, aligned file offset.
+    pub offset: u64,
+    /// Bytes needed.
+    pub len: u64,
+}
+
+/// Settings of one run of the direct reader.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings<'a> {
+    /// Reads in flight.
+    pub queue_depth: usize,
+    /// Register the arena as fixed buffers (falls back, logged, if the kernel refuses).
+    pub register_buffers: bool,
+    /// Rewrites results, for tests.
+    pub fault: Option<&'a dyn FaultInjector>,
+}
+
+struct Slot {
+    job: Job,
+    lease: Lease,
+    /// Bytes of the extent already in the buffer from its first byte.
+    valid: u64,
+    /// Where the request in flight starts, in bytes from the extent's start.
+    start: u64,
+}
+
+/// Reads `jobs` in order, `queue_depth` at a time, sending each finished extent (or the first
+/// error) to `tx`. Returns when every job is sent, on the first error, or when the consumer
+/// has gone away.
+pub fn run(
+    files: &[OpenFile],
+    file_ids: &[usize],
+    jobs: &[Job],
+    pool: &Arc<Pool>,
+    settings: Settings<'_>,
+    tx: &Sender<Result<Message>>,
+) {
+    let mut reader = match Reader::new(files, file_ids, pool, settings) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = tx.send(Err(e));
+            return;
+        }
+    };
+    if let Err(e) = reader.read_all(jobs, tx) {
+        let _ = tx.send(Err(e));
+    }
+    reader.drain();
+}
+
+struct Reader<'a> {
+    ring: IoUring,
+    files: &'a [OpenFile],
+    file_ids: &'a [usize],
+    pool: &'a Arc<Pool>,
+    fixed_buffers: bool,
+    fault: Option<&'a dyn FaultInjector>,
+    queue_depth: usize,
+    slots: Vec<Option<Slot>>,
+    in_flight: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(
+        files: &'a [OpenFile],
+        file_ids: &'a [usize],
+        pool: &'a Arc<Pool>,
+        settings: Settings<'a>,
+    ) -> Result<Self> {
+        let entries = settings.queue_depth.next_power_of_two() as u32;
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))
+            .map_err(|source| Error::Resource {
+                what: "io_uring setup",
+                source,
+            })?;
+        let fds: Vec<i32> = files.iter().map(|f| f.file.as_raw_fd()).collect();
+        ring.submitter()
+            .register_files(&fds)
+            .map_err(|source| Error::Resource {
+                what: "io_uring file registration",
+                source,
+            })?;
+        let mut fixed_buffers = false;
+        if settings.register_buffers {
+            let iovecs = pool.arena().iovecs();
+            // SAFETY: the iovecs describe the arena's mapping, which outlives the ring (the
+            // pool holds an Arc to it and `pool` outlives `self`).
+            match unsafe { ring.submitter().register_buffers(&iovecs) } {
+                Ok(()) => fixed_buffers = true,
+                Err(e) => log::info!(
+                    "io_uring buffer registration failed ({e}); reading into unregistered buffers"
+                ),
+            }
+        }
+        let queue_depth = settings.queue_depth;
+        let slots = (0..queue_depth).map(|_| None).collect();
+        Ok(Self {
+            ring,
+            files,
+            file_ids,
+            pool,
+            fixed_buffers,
+            fault: settings.fault,
+            queue_depth,
+            slots,
+            in_flight: 0,
+        })
+    }
+
+    fn read_all(&mut self, jobs: &[Job], tx: &Sender<Result<Message>>) -> Result<()> {
+        let mut next = 0;
+        let mut reaped = Vec::with_capacity(self.queue_depth);
+        loop {
+            while self.in_flight < self.queue_depth && next < jobs.len() {
+                let lease = if self.in_flight == 0 {
+                    self.pool.acquire()
+                } else {
+                    self.pool.try_acquire()
+                };
+                let Some(lease) = lease else { break };
+                let slot = self
+                    .slots
+                    .iter()
+                    .position(Option::is_none)
+                    .expect("a free slot");
+                self.slots[slot] = Some(Slot {
+                    job: jobs[next],
+                    lease,
+                    valid: 0,
+                    start: 0,
+                });
+                self.push(slot);
+                self.in_flight += 1;
+                next += 1;
+            }
+            if self.in_flight == 0 {
+                // Every job sent, or the pool was closed because the load failed elsewhere.
+                return Ok(());
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(source) => {
+                    return Err(Error::Resource {
+                        what: "io_uring submit",
+                        source,
+                    })
+                }
+            }
+            reaped.clear();
+            reaped.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data() as usize, c.result())),
+            );
+            for (i, &(slot, result)) in reaped.iter().enumerate() {
+                match self.on_completion(slot, result) {
+                    Ok(None) => {}
+                    Ok(Some(filled)) => {
+                        if tx.send(Ok(filled)).is_err() {
+                            // The consumer is gone: the load was abandoned.
+                            self.release(&reaped[i + 1..]);
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => {
+                        self.release(&reaped[i + 1..]);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Acts on one completion: a finished extent comes back for the consumer; a short read or
+    /// an interrupted one is issued again.
+    fn on_completion(&mut self, slot: usize, result: i32) -> Result<Option<Message>> {
+        let s = self.slots[slot]
+            .as_mut()
+            .expect("completion for an empty slot");
+        let (align, job) = (self.files[s.job.file].align, s.job);
+        let request_len = job.len.next_multiple_of(align) - s.start;
+        let mut result = i64::from(result);
+        if let Some(fault) = self.fault {
+            result = fault.rewrite(
+                self.file_ids[job.file],
+                job.offset + s.start,
+                request_len,
+                result,
+            );
+        }
+        let mut completion = complete(result, s.start, job.len);
+        if let Completion::Continue { valid } = completion {
+            if valid <= s.valid {
+                // A direct read resumes at the aligned block below `valid`; getting no further
+                // than before means the file ends there.
+                completion = Completion::Truncated { at: valid };
+            }
+        }
+        match completion {
+            Completion::Done => {
+                let s = self.slots[slot].take().expect("slot");
+                self.in_flight -= 1;
+                Ok(Some(Message::Staged {
+                    extent: job.extent,
+                    lease: s.lease,
+                }))
+            }
+            Completion::Continue { valid } => {
+                s.valid = valid;
+                s.start = valid - valid % align;
+                self.push(slot);
+                Ok(None)
+            }
+            Completion::Retry => {
+                self.push(slot);
+                Ok(None)
+            }
+            failed => {
+                let start = s.start;
+                self.release(&[(slot, 0)]);
+                Err(read_error(
+                    &self.files[job.file],
+                    job.offset,
+                    start,
+                    request_len,
+                    failed,
+                ))
+            }
+        }
+    }
+
+    /// Queues the read of slot `slot` from its `start`.
+    fn push(&mut self, slot: usize) {
+        let s = self.slots[slot].as_mut().expect("slot");
+        let align = self.files[s.job.file].align;
+        let len = (s.job.len.next_multiple_of(align) - s.start) as u32;
+        assert!(s.start as usize + len as usize <= s.lease.capacity());
+        // SAFETY: start + len is inside the leased buffer (asserted above).
+        let buf = unsafe { s.lease.as_mut_ptr().add(s.start as usize) };
+        let fd = types::Fixed(s.job.file as u32);
+        let offset = s.job.offset + s.start;
+        let entry = if self.fixed_buffers {
+            opcode::ReadFixed::new(fd, buf, len, s.lease.index() as u16)
+                .offset(offset)
+                .build()
+        } else {
+            opcode::Read::new(fd, buf, len).offset(offset).build()
+        };
+        self.submit_entry(entry.user_data(slot as u64));
+    }
+
+    fn submit_entry(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: the entry's buffer is a leased staging buffer held in `self.slots` until
+            // its completion is reaped (or the ring drained), and its file is registered.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            // Submission queue full: hand what is queued to the kernel and try again.
+            if let Err(e) = self.ring.submit() {
+                log::warn!("io_uring submit while the queue was full: {e}");
+            }
+        }
+    }
+
+    /// Frees the slots of reaped completions that will not be acted on.
+    fn release(&mut self, reaped: &[(usize, i32)]) {
+        for &(slot, _) in reaped {
+            if self.slots[slot].take().is_some() {
+                self.in_flight -= 1;
+            }
+        }
+    }
+
+    /// Waits for every read still in flight, so that no buffer is written after its lease
+    /// goes back to the pool.
+    fn drain(&mut self) {
+        while self.in_flight > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    // Leak the leases rather than let the kernel write into a reused buffer.
+                    log::error!(
+                        "io_uring wait while draining failed: {e}; leaking {} staging buffers",
+                        self.in_flight
+                    );
+                    self.slots
+                        .iter_mut()
+                        .filter_map(Option::take)
+                        .for_each(std::mem::forget);
+                    return;
+                }
+            }
+            let done: Vec<usize> = self
+                .ring
+                .completion()
+                .map(|c| c.user_data() as usize)
+                .collect();
+            for slot in done {
+                if self.slots[slot].take().is_some() {
+                    self.in_flight -= 1;
+                }
+            }
+        }
+    }
+}

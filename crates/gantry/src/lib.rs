@@ -1,0 +1,39 @@
+//! gantry: stream safetensors checkpoints from storage into GPU or host memory at the disk's
+//! limit, with bounded host memory.
+//!
+//! A [`Loader`] built from a [`Config`] reads a checkpoint (a `.safetensors` file, a directory
+//! or a `model.safetensors.index.json`) as it is: it parses the headers
+//! ([`gantry_format`]), plans aligned reads of `chunk_bytes` ([`plan`]), chooses a reader per
+//! file ([`schedule`]: io_uring `O_DIRECT` for cold files, threads of buffered `pread` for
+//! files in the page cache), and streams the bytes through one staging ring of fixed size
+//! into their destinations, telling the caller as each tensor lands.
+//!
+//! ```no_run
+//! use gantry::{Config, Loader};
+//!
+//! let loader = Loader::new(Config::default().queue_depth(8).chunk_bytes(16 << 20))?;
+//! let model = loader.load("model/")?;
+//! for t in model.tensors() {
+//!     println!("{} {} {:?}: {} bytes", t.entry.name, t.entry.dtype, t.entry.shape, t.bytes.len());
+//! }
+//! println!("{:.2} GB/s", model.report().gb_per_s());
+//! # Ok::<(), gantry::Error>(())
+//! ```
+
+pub mod baseline;
+pub mod config;
+pub mod error;
+pub mod io;
+mod loader;
+pub mod pipeline;
+pub mod plan;
+pub mod schedule;
+pub mod sink;
+pub mod staging;
+pub mod synth;
+
+pub use config::{Config, PathChoice};
+pub use error::{Error, Result};
+pub use gantry_format::{Checkpoint, Dtype, FileId, FileInfo, FormatError, TensorEntry};
+pub use loader::{FileReport, HostModel, HostTensor, LoadReport, Loader, Ready};
+pub use schedule::ReaderKind;

@@ -1,0 +1,416 @@
+//! The public entry point: a [`Loader`] built from a [`Config`] loads checkpoints into host
+//! memory (this module) and, with a GPU, into device memory.
+//!
+//! A loader owns one staging arena, allocated at its first load and reused by later ones, so
+//! the memory it holds is the ring plus the destinations, never proportional to the model.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use gantry_format::{Checkpoint, TensorEntry};
+use parking_lot::Mutex;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::io::{probe, OpenFile};
+use crate::pipeline::{self, Files, Jobs, Staging};
+use crate::plan::{Plan, PlanParams};
+use crate::schedule::{self, Choice, FileFacts, ReaderKind};
+use crate::sink::host::{HostBuffer, HostSink};
+use crate::sink::Sink;
+use crate::staging::{Arena, Pool};
+
+/// Loads safetensors checkpoints. Cheap to share between threads; loads run one at a time per
+/// loader (they share its staging ring), so use one loader per concurrent load.
+#[derive(Debug)]
+pub struct Loader {
+    config: Config,
+    arena: Mutex<Option<Arc<Arena>>>,
+}
+
+/// What happened to one file in a load.
+#[derive(Debug, Clone)]
+pub struct FileReport {
+    /// The file.
+    pub path: PathBuf,
+    /// The reader used, or `None` when no tensor of the file was wanted.
+    pub reader: Option<ReaderKind>,
+    /// Why that reader.
+    pub reason: String,
+    /// Bytes read from the file (tensor bytes plus alignment and skipped gaps).
+    pub read_bytes: u64,
+}
+
+/// Figures of one load.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Per file: reader, reason, bytes read.
+    pub files: Vec<FileReport>,
+    /// Bytes of the tensors delivered.
+    pub tensor_bytes: u64,
+    /// Bytes read from storage.
+    pub read_bytes: u64,
+    /// Wall-clock seconds from the start of reading to the last byte landing.
+    pub seconds: f64,
+    /// Bytes of staging memory the load used.
+    pub staging_bytes: u64,
+    /// Whether the staging buffers were registered with io_uring.
+    pub registered_buffers: bool,
+}
+
+impl LoadReport {
+    /// Tensor bytes per second, in GB/s (10^9).
+    pub fn gb_per_s(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.tensor_bytes as f64 / self.seconds / 1e9
+        } else {
+            0.0
+        }
+    }
+}
+
+/// A tensor whose bytes have landed, as handed to the ready callback.
+#[derive(Debug, Clone, Copy)]
+pub struct Ready<'a> {
+    /// Position in the checkpoint's tensor table.
+    pub index: usize,
+    /// Name, dtype, shape, file and offset.
+    pub entry: &'a TensorEntry,
+    /// The bytes (host loads).
+    pub bytes: &'a [u8],
+}
+
+/// A checkpoint loaded into host memory: one buffer per file's data section.
+#[derive(Debug)]
+pub struct HostModel {
+    checkpoint: Checkpoint,
+    buffers: Vec<HostBuffer>,
+    wanted: Vec<bool>,
+    report: LoadReport,
+}
+
+/// A loaded tensor in host memory.
+#[derive(Debug, Clone, Copy)]
+pub struct HostTensor<'a> {
+    /// Name, dtype, shape, file and offset.
+    pub entry: &'a TensorEntry,
+    /// The tensor's bytes.
+    pub bytes: &'a [u8],
+}
+
+impl HostModel {
+    /// The checkpoint's table.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
+
+    /// Figures of the load.
+    pub fn report(&self) -> &LoadReport {
+        &self.report
+    }
+
+    /// Every loaded tensor, in file and offset order.
+    pub fn tensors(&self) -> impl Iterator<Item = HostTensor<'_>> {
+        (0..self.checkpoint.tensors.len())
+            .filter(|&i| self.wanted[i])
+            .map(|i| self.at(i))
+    }
+
+    /// The loaded tensor called `name`.
+    pub fn tensor(&self, name: &str) -> Option<HostTensor<'_>> {
+        let i = self
+            .checkpoint
+            .tensors
+            .iter()
+            .position(|t| t.name == name)?;
+        self.wanted[i].then(|| self.at(i))
+    }
+
+    fn at(&self, i: usize) -> HostTensor<'_> {
+        let entry = &self.checkpoint.tensors[i];
+        let file = &self.checkpoint.files[entry.file.0];
+        let begin = (entry.offset - file.header.data_offset) as usize;
+        HostTensor {
+            entry,
+            bytes: &self.buffers[entry.file.0][begin..begin + entry.len as usize],
+        }
+    }
+}
+
+impl Loader {
+    /// A loader with `config`, checked.
+    pub fn new(config: Config) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            arena: Mutex::new(None),
+        })
+    }
+
+    /// The loader's settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Loads every tensor of the checkpoint at `path` (file, directory or index) into host
+    /// memory.
+    pub fn load(&self, path: impl AsRef<Path>) -> Result<HostModel> {
+        self.load_with(Checkpoint::open(path)?, |_| true, |_| {})
+    }
+
+    /// Loads the tensors of `checkpoint` that `filter` keeps into host memory, calling
+    /// `on_ready` on this thread as each one lands. Nothing is read for a file whose tensors
+    /// are all skipped.
+    pub fn load_with(
+        &self,
+        checkpoint: Checkpoint,
+        filter: impl Fn(&TensorEntry) -> bool,
+        mut on_ready: impl FnMut(Ready<'_>),
+    ) -> Result<HostModel> {
+        let wanted: Vec<bool> = checkpoint.tensors.iter().map(&filter).collect();
+        let mut buffers: Vec<HostBuffer> = checkpoint
+            .files
+            .iter()
+            .enumerate()
+            .map(|(f, file)| {
+                let any = checkpoint
+                    .tensors
+                    .iter()
+                    .zip(&wanted)
+                    .any(|(t, &w)| w && t.file.0 == f);
+                HostBuffer::new(if any {
+                    file.header.data_len as usize
+                } else {
+                    0
+                })
+            })
+            .collect::<Result<_>>()?;
+        let mut sink = HostSink::for_file_buffers(&checkpoint, &wanted, &mut buffers);
+        let views = sink.views();
+        let report = self.run(&checkpoint, &wanted, &mut sink, &mut |i| {
+            // SAFETY: `run` reports a tensor only once all of its steps have landed, and the
+            // buffers live until this function returns.
+            let bytes = unsafe { views.bytes(i) };
+            on_ready(Ready {
+                index: i,
+                entry: &checkpoint.tensors[i],
+                bytes,
+            });
+        })?;
+        Ok(HostModel {
+            checkpoint,
+            buffers,
+            wanted,
+            report,
+        })
+    }
+
+    /// Loads into the caller's own host memory: `target` gives each tensor's destination, a
+    /// slice of exactly its length, or `None` to skip it. `on_ready` is called on this thread
+    /// as each tensor lands.
+    pub fn load_into<'a>(
+        &self,
+        checkpoint: &Checkpoint,
+        mut target: impl FnMut(&TensorEntry) -> Option<&'a mut [u8]>,
+        mut on_ready: impl FnMut(Ready<'_>),
+    ) -> Result<LoadReport> {
+        let targets = checkpoint.tensors.iter().map(&mut target).collect();
+        let mut sink = HostSink::for_slices(checkpoint, targets)?;
+        let wanted = sink.wanted();
+        let views = sink.views();
+        self.run(checkpoint, &wanted, &mut sink, &mut |i| {
+            // SAFETY: as in `load_with`; the slices outlive this call ('a).
+            let bytes = unsafe { views.bytes(i) };
+            on_ready(Ready {
+                index: i,
+                entry: &checkpoint.tensors[i],
+                bytes,
+            });
+        })
+    }
+
+    /// Chooses a reader per file, plans, and runs the pipeline into `sink`.
+    pub(crate) fn run(
+        &self,
+        checkpoint: &Checkpoint,
+        wanted: &[bool],
+        sink: &mut dyn Sink,
+        on_landed: &mut dyn FnMut(usize),
+    ) -> Result<LoadReport> {
+        let (files, choices) = self.open_files(checkpoint, wanted)?;
+        let align: Vec<u64> = (0..checkpoint.files.len())
+            .map(|f| match files.slot[f] {
+                Some((true, i)) => files.direct[i].align,
+                _ => 1,
+            })
+            .collect();
+        let params = PlanParams {
+            chunk_bytes: self.config.chunk_bytes as u64,
+            gap_bytes: self.config.gap_bytes,
+        };
+        let plan = Plan::new(checkpoint, wanted, &align, params);
+        let jobs = Jobs::new(&plan, &files, sink);
+        let (pool, registered) = self.staging(jobs.staged_count())?;
+        let start = Instant::now();
+        for (i, t) in checkpoint.tensors.iter().enumerate() {
+            if wanted[i] && t.len == 0 {
+                on_landed(i);
+            }
+        }
+        let staging = Staging {
+            pool: pool.clone(),
+            register_buffers: registered,
+        };
+        pipeline::run(&plan, &files, jobs, staging, &self.config, sink, on_landed)?;
+        let seconds = start.elapsed().as_secs_f64();
+        let mut report = LoadReport {
+            tensor_bytes: checkpoint
+                .tensors
+                .iter()
+                .zip(wanted)
+                .filter(|(_, &w)| w)
+                .map(|(t, _)| t.len)
+                .sum(),
+            read_bytes: plan.read_bytes(),
+            seconds,
+            staging_bytes: pool.as_ref().map_or(0, |p| p.arena().len() as u64),
+            registered_buffers: registered,
+            files: Vec::with_capacity(checkpoint.files.len()),
+        };
+        for (f, file) in checkpoint.files.iter().enumerate() {
+            let read_bytes = plan
+                .extents
+                .iter()
+                .filter(|e| e.file.0 == f)
+                .map(|e| e.len)
+                .sum();
+            let (reader, reason) = match &choices[f] {
+                Some(c) => (Some(c.reader), c.reason.clone()),
+                None => (None, "no tensor wanted: not read".to_owned()),
+            };
+            report.files.push(FileReport {
+                path: file.path.clone(),
+                reader,
+                reason,
+                read_bytes,
+            });
+        }
+        Ok(report)
+    }
+
+    /// Probes and opens every file that has a wanted tensor with bytes, with the reader the
+    /// schedule picks for it.
+    fn open_files(
+        &self,
+        checkpoint: &Checkpoint,
+        wanted: &[bool],
+    ) -> Result<(Files, Vec<Option<Choice>>)> {
+        let mut files = Files {
+            slot: vec![None; checkpoint.files.len()],
+            ..Files::default()
+        };
+        let mut choices = vec![None; checkpoint.files.len()];
+        for (f, info) in checkpoint.files.iter().enumerate() {
+            let needed = checkpoint
+                .tensors
+                .iter()
+                .zip(wanted)
+                .any(|(t, &w)| w && t.len > 0 && t.file.0 == f);
+            if !needed {
+                continue;
+            }
+            let io_err = |op, source| Error::Io {
+                op,
+                path: info.path.clone(),
+                offset: 0,
+                len: 0,
+                source,
+            };
+            let plain = std::fs::File::open(&info.path).map_err(|e| io_err("open", e))?;
+            let range = info.data_range();
+            let direct = probe::open_direct(&info.path);
+            let facts = FileFacts {
+                direct: direct
+                    .as_ref()
+                    .map(|(_, align)| *align)
+                    .map_err(Clone::clone),
+                io_uring: probe::io_uring(),
+                resident: probe::resident_fraction(&plain, range.start, range.end - range.start),
+            };
+            let mut choice = schedule::choose(self.config.path, self.config.hot_fraction, &facts)?;
+            if let (ReaderKind::Direct, Ok((_, align))) = (choice.reader, &direct) {
+                if self.config.chunk_bytes as u64 % align != 0 {
+                    let reason =
+                        format!("direct I/O alignment {align} does not divide the chunk size");
+                    if self.config.path == crate::PathChoice::Direct {
+                        return Err(Error::Unavailable {
+                            what: "O_DIRECT",
+                            reason,
+                        });
+                    }
+                    choice = Choice {
+                        reader: ReaderKind::Buffered,
+                        reason,
+                    };
+                }
+            }
+            log::debug!(
+                "{}: {} ({})",
+                info.path.display(),
+                choice.reader.name(),
+                choice.reason
+            );
+            let open = |file, align| OpenFile {
+                path: info.path.clone(),
+                file,
+                file_len: info.file_len,
+                align,
+            };
+            match (choice.reader, direct) {
+                (ReaderKind::Direct, Ok((file, align))) => {
+                    files.slot[f] = Some((true, files.direct.len()));
+                    files.direct.push(open(file, align));
+                    files.direct_ids.push(f);
+                }
+                _ => {
+                    files.slot[f] = Some((false, files.buffered.len()));
+                    files.buffered.push(open(plain, 1));
+                    files.buffered_ids.push(f);
+                }
+            }
+            choices[f] = Some(choice);
+        }
+        Ok((files, choices))
+    }
+
+    /// A pool of up to `extents` buffers over the loader's arena, and whether to register it
+    /// with io_uring.
+    fn staging(&self, extents: usize) -> Result<(Option<Arc<Pool>>, bool)> {
+        if extents == 0 {
+            return Ok((None, false));
+        }
+        let count = self.config.staging_buffers().min(extents);
+        let mut cached = self.arena.lock();
+        let arena = match &*cached {
+            Some(a) if a.buffer_bytes() == self.config.chunk_bytes && a.count() >= count => {
+                Arc::clone(a)
+            }
+            _ => {
+                *cached = None; // free the old ring before mapping the new one
+                let a = Arc::new(Arena::new(self.config.chunk_bytes, count)?);
+                *cached = Some(Arc::clone(&a));
+                a
+            }
+        };
+        let (limit, privileged) = probe::memlock();
+        let register = privileged || arena.len() as u64 <= limit;
+        if !register {
+            log::info!(
+                "RLIMIT_MEMLOCK is {limit} bytes, below the {}-byte staging ring: reading into unregistered buffers (raise memlock to register them)",
+                arena.len()
+            );
+        }
+        Ok((Some(Pool::new(arena)), register))
+    }
+}

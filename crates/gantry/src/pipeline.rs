@@ -1,0 +1,200 @@
+//! One load's moving parts: readers on their own threads, the consumer on the caller's.
+//!
+//! Readers send each finished extent over one channel. The consumer (the thread that called
+//! `load`) hands staged extents to the sink, counts down each tensor's outstanding copy steps
+//! as extents land, and calls the ready callback when a tensor's count reaches zero. So
+//! callbacks run on the caller's thread, never inside a reap loop, and the staging ring is the
+//! only memory in flight. On the first error every reader is told to stop (the pool is closed
+//! and the cancel flag set); the error is returned only after every thread has finished and
+//! every in-flight read has completed.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::io::{buffered, uring, Message, OpenFile};
+use crate::plan::Plan;
+use crate::sink::{RawTarget, Sink};
+use crate::staging::Pool;
+
+/// The files of one load, split by reader.
+#[derive(Debug, Default)]
+pub struct Files {
+    /// Files for the direct reader, and each one's position in the checkpoint.
+    pub direct: Vec<OpenFile>,
+    /// Checkpoint positions of `direct`.
+    pub direct_ids: Vec<usize>,
+    /// Files for the buffered reader.
+    pub buffered: Vec<OpenFile>,
+    /// Checkpoint positions of `buffered`.
+    pub buffered_ids: Vec<usize>,
+    /// Per checkpoint file: `Some((true, i))` for `direct[i]`, `Some((false, i))` for
+    /// `buffered[i]`, `None` when nothing is read from it.
+    pub slot: Vec<Option<(bool, usize)>>,
+}
+
+/// The jobs of one load, split by reader.
+#[derive(Debug, Default)]
+pub struct Jobs {
+    direct: Vec<uring::Job>,
+    staged: Vec<uring::Job>,
+    into: Vec<(uring::Job, RawTarget)>,
+}
+
+impl Jobs {
+    /// Sorts every extent of `plan` to its reader, asking the sink for direct targets for the
+    /// buffered files' extents.
+    pub fn new(plan: &Plan, files: &Files, sink: &mut dyn Sink) -> Self {
+        let mut jobs = Jobs::default();
+        for (i, e) in plan.extents.iter().enumerate() {
+            let (direct, file) = files.slot[e.file.0].expect("extent of a file that is not open");
+            let job = uring::Job {
+                extent: i,
+                file,
+                offset: e.offset,
+                len: e.len,
+            };
+            if direct {
+                jobs.direct.push(job);
+            } else if let Some(target) = sink.direct_target(e, &plan.steps[e.steps.clone()]) {
+                assert_eq!(target.len as u64, e.len);
+                jobs.into.push((job, target));
+            } else {
+                jobs.staged.push(job);
+            }
+        }
+        jobs
+    }
+
+    /// Extents that pass through the staging ring.
+    pub fn staged_count(&self) -> usize {
+        self.direct.len() + self.staged.len()
+    }
+}
+
+/// The staging ring of one load: its pool (absent when nothing is staged), and whether the
+/// direct reader should register it with io_uring.
+#[derive(Debug, Clone)]
+pub struct Staging {
+    /// Free list over the loader's arena.
+    pub pool: Option<Arc<Pool>>,
+    /// Register the arena as io_uring fixed buffers.
+    pub register_buffers: bool,
+}
+
+/// Runs a load to completion. `on_landed(t)` is called once for every tensor whose copy steps
+/// have all landed.
+pub fn run(
+    plan: &Plan,
+    files: &Files,
+    jobs: Jobs,
+    staging: Staging,
+    config: &Config,
+    sink: &mut dyn Sink,
+    on_landed: &mut dyn FnMut(usize),
+) -> Result<()> {
+    let Staging {
+        pool,
+        register_buffers,
+    } = staging;
+    assert!(
+        jobs.staged_count() == 0 || pool.is_some(),
+        "staged extents need a pool"
+    );
+    let (tx, rx) = mpsc::channel::<Result<Message>>();
+    let cancel = AtomicBool::new(false);
+    let fault = config.fault.as_deref();
+    let mut remaining: Vec<u32> = plan.steps_per_tensor.clone();
+    let mut outstanding = plan.extents.len();
+    let mut failure: Option<Error> = None;
+    std::thread::scope(|scope| {
+        if !jobs.direct.is_empty() {
+            let (tx, pool) = (tx.clone(), pool.clone().expect("pool"));
+            let settings = uring::Settings {
+                queue_depth: config.queue_depth,
+                register_buffers,
+                fault,
+            };
+            let direct = &jobs.direct;
+            scope.spawn(move || {
+                uring::run(
+                    &files.direct,
+                    &files.direct_ids,
+                    direct,
+                    &pool,
+                    settings,
+                    &tx,
+                )
+            });
+        }
+        let shared = buffered::Shared {
+            files: &files.buffered,
+            file_ids: &files.buffered_ids,
+            fault,
+            cancel: &cancel,
+        };
+        if !jobs.staged.is_empty() {
+            let (tx, pool, staged) = (tx.clone(), pool.clone().expect("pool"), &jobs.staged);
+            scope.spawn(move || buffered::run_staged(shared, staged, &pool, config.threads, &tx));
+        }
+        if !jobs.into.is_empty() {
+            let tx = tx.clone();
+            let into: Vec<_> = jobs
+                .into
+                .iter()
+                .map(|&(job, target)| {
+                    // SAFETY: targets of different extents never overlap (Sink::direct_target),
+                    // each goes to one thread, and the destination outlives this scope.
+                    (job, unsafe {
+                        std::slice::from_raw_parts_mut(target.ptr, target.len)
+                    })
+                })
+                .collect();
+            scope.spawn(move || buffered::run_into(shared, into, config.threads, &tx));
+        }
+
+        while outstanding > 0 {
+            let message = match rx.recv() {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => {
+                    failure = Some(e);
+                    break;
+                }
+                Err(_) => unreachable!("the consumer holds a sender"),
+            };
+            let extent = match message {
+                Message::Staged { extent, lease } => {
+                    let steps = &plan.steps[plan.extents[extent].steps.clone()];
+                    match sink.deliver(extent, steps, lease, &tx) {
+                        Ok(true) => extent,
+                        Ok(false) => continue,
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                }
+                Message::Direct { extent } | Message::Landed { extent } => extent,
+            };
+            outstanding -= 1;
+            for step in &plan.steps[plan.extents[extent].steps.clone()] {
+                remaining[step.tensor] -= 1;
+                if remaining[step.tensor] == 0 {
+                    on_landed(step.tensor);
+                }
+            }
+        }
+        if failure.is_some() {
+            cancel.store(true, Ordering::Relaxed);
+            if let Some(pool) = &pool {
+                pool.close();
+            }
+        }
+    });
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,358 @@
+//! From the tensor table to read extents and copy steps. Pure: no I/O, no `unsafe`.
+//!
+//! Per file, the wanted tensors are merged into runs of contiguous bytes (a gap of skipped
+//! bytes up to `gap_bytes` is read rather than split into two requests: one large request
+//! costs less than two small ones on every disk gantry targets). Each run is cut into extents
+//! of at most `chunk_bytes`, the first starting at the run's start rounded down to the file's
+//! alignment, so every extent of a direct-I/O file starts aligned and is at most one chunk.
+//! Extents end at the run's end, which is inside the file; a reader that needs whole aligned
+//! blocks rounds the request up itself and ignores what lies past `len`.
+//!
+//! Each extent lists its copy steps: which bytes of the extent go to which byte of which
+//! tensor. A tensor is ready when all of its steps have been carried out.
+
+use std::ops::Range;
+
+use gantry_format::{Checkpoint, FileId};
+
+/// One read: `len` bytes of `file` from `offset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extent {
+    /// The file.
+    pub file: FileId,
+    /// Absolute file offset of the first byte read; a multiple of the file's alignment.
+    pub offset: u64,
+    /// Bytes needed from `offset`; `offset + len` is inside the file.
+    pub len: u64,
+    /// This extent's copy steps, as a range of [`Plan::steps`].
+    pub steps: Range<usize>,
+}
+
+/// Bytes of one extent that belong to one tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyStep {
+    /// Position of the tensor in the checkpoint's tensor table.
+    pub tensor: usize,
+    /// Offset of the bytes within the extent.
+    pub source_offset: u64,
+    /// Offset of the bytes within the tensor.
+    pub target_offset: u64,
+    /// Byte count.
+    pub len: u64,
+}
+
+/// The reads and copies of one load.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Reads, sorted by file, then offset.
+    pub extents: Vec<Extent>,
+    /// Copy steps, grouped by extent.
+    pub steps: Vec<CopyStep>,
+    /// How many steps each tensor of the checkpoint has (0 for skipped or empty tensors).
+    pub steps_per_tensor: Vec<u32>,
+}
+
+/// Settings of the planner.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanParams {
+    /// Largest extent in bytes; a multiple of every file's alignment.
+    pub chunk_bytes: u64,
+    /// Skipped bytes between wanted tensors read anyway instead of splitting the run.
+    pub gap_bytes: u64,
+}
+
+impl Plan {
+    /// Plans reads of the tensors for which `wanted[i]` holds; `align[f]` is file `f`'s
+    /// alignment (1 for buffered reads).
+    pub fn new(
+        checkpoint: &Checkpoint,
+        wanted: &[bool],
+        align: &[u64],
+        params: PlanParams,
+    ) -> Self {
+        assert_eq!(wanted.len(), checkpoint.tensors.len());
+        assert_eq!(align.len(), checkpoint.files.len());
+        let mut plan = Plan {
+            steps_per_tensor: vec![0; wanted.len()],
+            ..Plan::default()
+        };
+        for (file, &a) in align.iter().enumerate() {
+            assert!(
+                a.is_power_of_two() && params.chunk_bytes % a == 0,
+                "chunk must be aligned"
+            );
+            let tensors: Vec<usize> = (0..wanted.len())
+                .filter(|&i| {
+                    let t = &checkpoint.tensors[i];
+                    t.file == FileId(file) && wanted[i] && t.len > 0
+                })
+                .collect();
+            for run in runs(checkpoint, &tensors, params.gap_bytes, a) {
+                plan.add_run(checkpoint, FileId(file), &run, a, params.chunk_bytes);
+            }
+        }
+        plan
+    }
+
+    /// Bytes read by all extents.
+    pub fn read_bytes(&self) -> u64 {
+        self.extents.iter().map(|e| e.len).sum()
+    }
+
+    fn add_run(
+        &mut self,
+        checkpoint: &Checkpoint,
+        file: FileId,
+        run: &[usize],
+        align: u64,
+        chunk: u64,
+    ) {
+        let tensor = |i: usize| &checkpoint.tensors[run[i]];
+        let run_begin = tensor(0).offset;
+        let run_end = tensor(run.len() - 1).offset + tensor(run.len() - 1).len;
+        let mut begin = run_begin - run_begin % align;
+        let mut first = 0; // first tensor of the run that may still overlap
+        while begin < run_end {
+            let end = (begin + chunk).min(run_end);
+            let steps_begin = self.steps.len();
+            let mut i = first;
+            while i < run.len() && tensor(i).offset < end {
+                let t = tensor(i);
+                let (s, e) = (t.offset.max(begin), (t.offset + t.len).min(end));
+                if s < e {
+                    self.steps.push(CopyStep {
+                        tensor: run[i],
+                        source_offset: s - begin,
+                        target_offset: s - t.offset,
+                        len: e - s,
+                    });
+                    self.steps_per_tensor[run[i]] += 1;
+                }
+                if t.offset + t.len <= end {
+                    first = i + 1;
+                }
+                i += 1;
+            }
+            let steps = steps_begin..self.steps.len();
+            self.extents.push(Extent {
+                file,
+                offset: begin,
+                len: end - begin,
+                steps,
+            });
+            begin = end;
+        }
+    }
+}
+
+/// Groups tensors (sorted by offset, non-empty) into runs separated by more than `gap_bytes`.
+/// A tensor whose aligned start falls inside the previous run joins it, so that extents of
+/// different runs never share a block.
+fn runs(checkpoint: &Checkpoint, tensors: &[usize], gap_bytes: u64, align: u64) -> Vec<Vec<usize>> {
+    let mut runs: Vec<Vec<usize>> = Vec::new();
+    let mut run_end = 0;
+    for &i in tensors {
+        let t = &checkpoint.tensors[i];
+        match runs.last_mut() {
+            Some(run) if t.offset - t.offset % align <= run_end + gap_bytes => run.push(i),
+            _ => runs.push(vec![i]),
+        }
+        run_end = t.offset + t.len;
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gantry_format::{Dtype, FileInfo, Header, TensorEntry};
+
+    /// A one-file checkpoint whose data section starts at `data_offset` and holds tensors of
+    /// the given byte lengths, back to back.
+    fn checkpoint(data_offset: u64, lens: &[u64]) -> Checkpoint {
+        let mut tensors = Vec::new();
+        let mut offset = data_offset;
+        for (i, &len) in lens.iter().enumerate() {
+            tensors.push(TensorEntry {
+                name: format!("t{i}"),
+                dtype: Dtype::U8,
+                shape: vec![len],
+                file: FileId(0),
+                offset,
+                len,
+            });
+            offset += len;
+        }
+        let data_len = offset - data_offset;
+        let header = Header {
+            header_len: data_offset - 8,
+            data_offset,
+            data_len,
+            metadata: None,
+            tensors: vec![],
+        };
+        let file = FileInfo {
+            path: "f".into(),
+            file_len: offset,
+            header,
+        };
+        Checkpoint {
+            files: vec![file],
+            tensors,
+            index_metadata: Default::default(),
+        }
+    }
+
+    /// Checks the invariants every plan must hold, and that the steps of every wanted tensor
+    /// cover its bytes exactly once, at the right place.
+    fn check(c: &Checkpoint, wanted: &[bool], align: u64, chunk: u64, plan: &Plan) {
+        let file_len = c.files[0].file_len;
+        for e in &plan.extents {
+            assert_eq!(e.offset % align, 0, "extent {e:?} unaligned");
+            assert!(e.len > 0 && e.len <= chunk, "extent {e:?} size");
+            assert!(
+                e.offset + e.len <= file_len,
+                "extent {e:?} past end of file {file_len}"
+            );
+        }
+        for w in plan.extents.windows(2) {
+            assert!(w[0].offset + w[0].len <= w[1].offset, "extents overlap");
+        }
+        let mut covered: Vec<Vec<bool>> = c
+            .tensors
+            .iter()
+            .map(|t| vec![false; t.len as usize])
+            .collect();
+        for e in &plan.extents {
+            for s in &plan.steps[e.steps.clone()] {
+                let t = &c.tensors[s.tensor];
+                assert!(wanted[s.tensor]);
+                assert!(s.source_offset + s.len <= e.len);
+                // The step's source bytes are the tensor's bytes in the file.
+                assert_eq!(e.offset + s.source_offset, t.offset + s.target_offset);
+                for b in s.target_offset..s.target_offset + s.len {
+                    assert!(!covered[s.tensor][b as usize], "byte covered twice");
+                    covered[s.tensor][b as usize] = true;
+                }
+            }
+        }
+        for (i, t) in c.tensors.iter().enumerate() {
+            let want = wanted[i] && t.len > 0;
+            assert_eq!(
+                covered[i].iter().all(|&b| b),
+                want || t.len == 0,
+                "tensor {i} coverage"
+            );
+            if !wanted[i] {
+                assert!(covered[i].iter().all(|&b| !b));
+                assert_eq!(plan.steps_per_tensor[i], 0);
+            }
+        }
+    }
+
+    #[test]
+    fn table() {
+        // (data_offset, tensor lengths, wanted mask (None = all), align, chunk, gap, extents)
+        type Case = (u64, Vec<u64>, Option<Vec<bool>>, u64, u64, u64, usize);
+        let cases: Vec<Case> = vec![
+            // One tensor, file size not a multiple of 4096: one extent ending at the file end.
+            (80, vec![5000], None, 4096, 1 << 20, 0, 1),
+            // Data section starts unaligned: first extent starts at 0 (covers the header too).
+            (136, vec![4096, 4096, 4096], None, 4096, 8192, 0, 2),
+            // Chunks split a large tensor.
+            (8, vec![100_000], None, 4096, 16384, 0, 7),
+            // Empty checkpoint and zero-size tensors.
+            (8, vec![], None, 4096, 4096, 0, 0),
+            (8, vec![0, 0, 10, 0], None, 4096, 4096, 0, 1),
+            // Skipped tensor in the middle: with no gap allowed, two runs.
+            (
+                8,
+                vec![4096, 1 << 20, 4096],
+                Some(vec![true, false, true]),
+                4096,
+                1 << 20,
+                0,
+                2,
+            ),
+            // ... and one run when the gap is allowed (the skipped bytes are read).
+            (
+                8,
+                vec![4096, 1 << 20, 4096],
+                Some(vec![true, false, true]),
+                4096,
+                4 << 20,
+                2 << 20,
+                1,
+            ),
+            // Nothing wanted: nothing read.
+            (
+                8,
+                vec![10, 20],
+                Some(vec![false, false]),
+                4096,
+                4096,
+                1 << 20,
+                0,
+            ),
+            // Buffered (align 1): extents start exactly at the data.
+            (13, vec![7, 9000, 3], None, 1, 4096, 0, 3),
+            // Many small tensors, one chunk.
+            (8, vec![3; 1000], None, 4096, 1 << 20, 0, 1),
+        ];
+        for (data_offset, lens, wanted, align, chunk, gap, extents) in cases {
+            let c = checkpoint(data_offset, &lens);
+            let wanted = wanted.unwrap_or(vec![true; lens.len()]);
+            let aligns = vec![align];
+            let plan = Plan::new(
+                &c,
+                &wanted,
+                &aligns,
+                PlanParams {
+                    chunk_bytes: chunk,
+                    gap_bytes: gap,
+                },
+            );
+            assert_eq!(
+                plan.extents.len(),
+                extents,
+                "case {lens:?} {wanted:?}: {plan:?}"
+            );
+            check(&c, &wanted, align, chunk, &plan);
+        }
+    }
+
+    #[test]
+    fn buffered_extents_start_at_data() {
+        let c = checkpoint(13, &[7, 9000]);
+        let p = Plan::new(
+            &c,
+            &[true, true],
+            &[1],
+            PlanParams {
+                chunk_bytes: 4096,
+                gap_bytes: 0,
+            },
+        );
+        assert_eq!(p.extents[0].offset, 13);
+        assert_eq!(p.read_bytes(), 9007);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_layouts(
+            data_offset in 8u64..10_000,
+            lens in proptest::collection::vec(0u64..50_000, 0..40),
+            mask in proptest::collection::vec(proptest::bool::weighted(0.7), 40),
+            align_shift in 0u32..13,
+            chunk_blocks in 1u64..40,
+            gap in 0u64..20_000,
+        ) {
+            let c = checkpoint(data_offset, &lens);
+            let wanted: Vec<bool> = mask[..lens.len()].to_vec();
+            let align = 1u64 << align_shift;
+            let chunk = chunk_blocks * 4096;
+            let plan = Plan::new(&c, &wanted, &[align], PlanParams { chunk_bytes: chunk, gap_bytes: gap });
+            check(&c, &wanted, align, chunk, &plan);
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Host memory destinations: one allocation per file's data section (the default), or the
+//! caller's own slice per tensor. This is how CI drives the whole pipeline without a GPU.
+//!
+//! Destinations are kept as raw pointers: readers write whole extents into them from several
+//! threads while the consumer copies other extents' bytes into other tensors, and a tensor's
+//! bytes are handed to the ready callback while the rest still load. Plain `&mut` borrows
+//! cannot express that; the plan can: extents never overlap, and a tensor is read only after
+//! all of its steps are done.
+
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+use std::sync::mpsc::Sender;
+
+use gantry_format::Checkpoint;
+
+use super::{RawTarget, Sink};
+use crate::error::{Error, Result};
+use crate::io::Message;
+use crate::plan::{CopyStep, Extent};
+use crate::staging::Lease;
+
+/// Page-aligned host memory for one file's data section, from an anonymous mapping with
+/// transparent huge pages requested: a 16 GB load into 4 KiB pages takes four million page
+/// faults, into 2 MiB pages eight thousand.
+#[derive(Debug)]
+pub struct HostBuffer {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: plain owned memory.
+unsafe impl Send for HostBuffer {}
+// SAFETY: shared access is read-only through `Deref`.
+unsafe impl Sync for HostBuffer {}
+
+impl HostBuffer {
+    /// `len` zeroed bytes (no memory is touched until written).
+    pub fn new(len: usize) -> Result<Self> {
+        if len == 0 {
+            return Ok(Self {
+                ptr: NonNull::dangling(),
+                len: 0,
+            });
+        }
+        // SAFETY: an anonymous private mapping with no address hint has no preconditions.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            let source = std::io::Error::last_os_error();
+            return Err(Error::Resource {
+                what: "allocating host memory for a data section",
+                source,
+            });
+        }
+        if len >= 2 << 20 {
+            // SAFETY: advice on the mapping just made; failure only loses the hint.
+            unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
+        }
+        Ok(Self {
+            ptr: NonNull::new(ptr.cast()).expect("mmap returned null"),
+            len,
+        })
+    }
+}
+
+impl Deref for HostBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr/len describe memory this buffer owns (or a dangling pointer with len 0).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for HostBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`.
+        if self.len > 0 && unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) } != 0 {
+            log::warn!(
+                "munmap of a host buffer failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Per-tensor raw destinations in host memory.
+#[derive(Debug)]
+pub struct HostSink {
+    /// `(ptr, len)` of each tensor's destination; null for skipped tensors.
+    tensors: Vec<(*mut u8, usize)>,
+    /// Per file, the start of a contiguous allocation for its data section, when the
+    /// destinations are the default ones; extents inside the data section can then be read
+    /// straight into place.
+    files: Vec<Option<(*mut u8, u64, u64)>>,
+}
+
+impl HostSink {
+    /// Destinations inside one buffer per file, `buffers[f]` holding file `f`'s data section.
+    pub fn for_file_buffers(
+        checkpoint: &Checkpoint,
+        wanted: &[bool],
+        buffers: &mut [HostBuffer],
+    ) -> Self {
+        let files: Vec<_> = checkpoint
+            .files
+            .iter()
+            .zip(buffers.iter_mut())
+            .map(|(f, b)| {
+                (b.len() as u64 == f.header.data_len)
+                    .then(|| (b.as_mut_ptr(), f.header.data_offset, f.header.data_len))
+            })
+            .collect();
+        let tensors = checkpoint
+            .tensors
+            .iter()
+            .zip(wanted)
+            .map(|(t, &w)| {
+                if w {
+                    let (base, data_offset, _) =
+                        files[t.file.0].expect("a buffer for every file with a wanted tensor");
+                    // SAFETY: the header check guarantees the tensor lies inside the data
+                    // section, and the buffer is exactly the data section.
+                    (
+                        unsafe { base.add((t.offset - data_offset) as usize) },
+                        t.len as usize,
+                    )
+                } else {
+                    (std::ptr::null_mut(), 0)
+                }
+            })
+            .collect();
+        Self { tensors, files }
+    }
+
+    /// Destinations the caller supplies per tensor; `None` skips the tensor. Each slice must
+    /// be exactly the tensor's length.
+    pub fn for_slices(checkpoint: &Checkpoint, targets: Vec<Option<&mut [u8]>>) -> Result<Self> {
+        let mut tensors = Vec::with_capacity(targets.len());
+        for (t, target) in checkpoint.tensors.iter().zip(targets) {
+            match target {
+                Some(s) if s.len() as u64 != t.len => {
+                    return Err(Error::Destination {
+                        tensor: t.name.clone(),
+                        message: format!("slice is {} bytes, the tensor is {}", s.len(), t.len),
+                    })
+                }
+                Some(s) => tensors.push((s.as_mut_ptr(), s.len())),
+                None => tensors.push((std::ptr::null_mut(), 0)),
+            }
+        }
+        Ok(Self {
+            tensors,
+            files: vec![None; checkpoint.files.len()],
+        })
+    }
+
+    /// Which tensors have a destination.
+    pub fn wanted(&self) -> Vec<bool> {
+        self.tensors.iter().map(|(p, _)| !p.is_null()).collect()
+    }
+
+    /// Read access to the destinations, for handing landed tensors to the caller while the
+    /// load goes on.
+    pub fn views(&self) -> LandedViews {
+        LandedViews {
+            tensors: self
+                .tensors
+                .iter()
+                .map(|&(p, l)| (p.cast_const(), l))
+                .collect(),
+        }
+    }
+}
+
+/// Raw read access to each tensor's destination.
+#[derive(Debug)]
+pub struct LandedViews {
+    tensors: Vec<(*const u8, usize)>,
+}
+
+impl LandedViews {
+    /// The bytes of tensor `index`.
+    ///
+    /// # Safety
+    /// All of the tensor's copy steps must have completed (nothing writes these bytes any
+    /// more), and the destination must still be alive.
+    pub unsafe fn bytes(&self, index: usize) -> &[u8] {
+        let (ptr, len) = self.tensors[index];
+        if ptr.is_null() {
+            return &[];
+        }
+        // SAFETY: per the contract.
+        unsafe { std::slice::from_raw_parts(ptr, len) }
+    }
+}
+
+impl Sink for HostSink {
+    fn direct_target(&mut self, extent: &Extent, steps: &[CopyStep]) -> Option<RawTarget> {
+        let len = extent.len as usize;
+        if let Some((base, data_offset, data_len)) = self.files[extent.file.0] {
+            let inside = extent.offset >= data_offset
+                && extent.offset + extent.len <= data_offset + data_len;
+            if !inside {
+                return None;
+            }
+            // SAFETY: inside the file's data-section buffer, checked just above.
+            let ptr = unsafe { base.add((extent.offset - data_offset) as usize) };
+            return Some(RawTarget { ptr, len });
+        }
+        match steps {
+            [s] if s.len == extent.len => {
+                let (ptr, _) = self.tensors[s.tensor];
+                // SAFETY: the step lies inside the tensor, whose destination is its full length.
+                let ptr = unsafe { ptr.add(s.target_offset as usize) };
+                Some(RawTarget { ptr, len })
+            }
+            _ => None,
+        }
+    }
+
+    fn deliver(
+        &mut self,
+        _extent: usize,
+        steps: &[CopyStep],
+        lease: Lease,
+        _landed: &Sender<Result<Message>>,
+    ) -> Result<bool> {
+        let source = lease.as_slice();
+        for s in steps {
+            let (ptr, len) = self.tensors[s.tensor];
+            assert!(!ptr.is_null() && s.target_offset + s.len <= len as u64);
+            let bytes = &source[s.source_offset as usize..(s.source_offset + s.len) as usize];
+            // SAFETY: the target range lies inside the tensor's destination (asserted), which
+            // no reader writes (only extents with a direct target are written by readers, and
+            // this one was staged), and it cannot overlap the staging buffer.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    bytes.as_ptr(),
+                    ptr.add(s.target_offset as usize),
+                    bytes.len(),
+                )
+            };
+        }
+        Ok(true)
+    }
+}

@@ -1,0 +1,67 @@
+//! Shared test helpers: random checkpoints written by the `safetensors` crate's serializer, and
+//! the reference reader (`read_exact_at` into a `Vec`).
+#![allow(dead_code)]
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use gantry::{Checkpoint, Dtype, TensorEntry};
+use safetensors::tensor::TensorView;
+
+/// A directory on the same file system as the build (not tmpfs), so `O_DIRECT` works.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
+/// A checkpoint file of tensors with the given dtypes and shapes; bytes from `seed`.
+pub fn write_file(path: &Path, tensors: &[(Dtype, Vec<usize>)], seed: u64) {
+    let mut state = seed;
+    let data: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(dtype, shape)| {
+            let mut v = vec![0u8; shape.iter().product::<usize>() * dtype.bitsize() / 8];
+            gantry::synth::fill_random(&mut v, &mut state);
+            v
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .zip(&data)
+        .enumerate()
+        .map(|(i, ((dtype, shape), d))| {
+            (
+                format!("t{i:05}"),
+                TensorView::new(*dtype, shape.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// The reference: a tensor's bytes read with a plain `read_exact_at`.
+pub fn reference(checkpoint: &Checkpoint, t: &TensorEntry) -> Vec<u8> {
+    let file = std::fs::File::open(&checkpoint.file(t.file).path).unwrap();
+    let mut v = vec![0u8; t.len as usize];
+    file.read_exact_at(&mut v, t.offset).unwrap();
+    v
+}
+
+/// Asserts that every tensor of `model` equals the reference, and that it loaded `expected`.
+pub fn assert_matches_reference(model: &gantry::HostModel, expected: usize) {
+    let c = model.checkpoint();
+    let mut n = 0;
+    for t in model.tensors() {
+        assert_eq!(t.bytes.len() as u64, t.entry.len);
+        assert!(
+            t.bytes == reference(c, t.entry).as_slice(),
+            "tensor {} differs from the reference",
+            t.entry.name
+        );
+        n += 1;
+    }
+    assert_eq!(n, expected);
+}
+
+pub fn path_of(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}
