@@ -17,7 +17,7 @@ use crate::io::{probe, OpenFile};
 use crate::pipeline::{self, Files, Jobs, Staging};
 use crate::plan::{Plan, PlanParams};
 use crate::schedule::{self, Choice, FileFacts, ReaderKind};
-use crate::sink::host::{HostBuffer, HostSink};
+use crate::sink::host::{file_buffer_layout, HostBuffer, HostSink};
 use crate::sink::Sink;
 use crate::staging::{Arena, Pool};
 
@@ -130,7 +130,8 @@ impl HostModel {
     fn at(&self, i: usize) -> HostTensor<'_> {
         let entry = &self.checkpoint.tensors[i];
         let file = &self.checkpoint.files[entry.file.0];
-        let begin = (entry.offset - file.header.data_offset) as usize;
+        let (lead, _) = file_buffer_layout(file.header.data_offset, file.header.data_len);
+        let begin = (lead + entry.offset - file.header.data_offset) as usize;
         HostTensor {
             entry,
             bytes: &self.buffers[entry.file.0][begin..begin + entry.len as usize],
@@ -179,30 +180,50 @@ impl Loader {
                     .iter()
                     .zip(&wanted)
                     .any(|(t, &w)| w && t.file.0 == f);
-                HostBuffer::new(if any {
-                    file.header.data_len as usize
-                } else {
-                    0
-                })
+                let (_, len) = file_buffer_layout(file.header.data_offset, file.header.data_len);
+                HostBuffer::new(if any { len as usize } else { 0 })
             })
             .collect::<Result<_>>()?;
-        let mut sink = HostSink::for_file_buffers(&checkpoint, &wanted, &mut buffers);
+        let report = self.fill(&checkpoint, &wanted, &mut buffers, &mut on_ready)?;
+        Ok(HostModel {
+            checkpoint,
+            buffers,
+            wanted,
+            report,
+        })
+    }
+
+    /// Reads `model`'s tensors again from its files into the memory it already holds (a
+    /// weights refresh: no allocation, no page faults), replacing its report.
+    pub fn reload(&self, model: &mut HostModel) -> Result<()> {
+        let HostModel {
+            checkpoint,
+            buffers,
+            wanted,
+            report,
+        } = model;
+        *report = self.fill(checkpoint, wanted, buffers, &mut |_| {})?;
+        Ok(())
+    }
+
+    fn fill(
+        &self,
+        checkpoint: &Checkpoint,
+        wanted: &[bool],
+        buffers: &mut [HostBuffer],
+        on_ready: &mut dyn FnMut(Ready<'_>),
+    ) -> Result<LoadReport> {
+        let mut sink = HostSink::for_file_buffers(checkpoint, wanted, buffers);
         let views = sink.views();
-        let report = self.run(&checkpoint, &wanted, &mut sink, &mut |i| {
+        self.run(checkpoint, wanted, &mut sink, &mut |i| {
             // SAFETY: `run` reports a tensor only once all of its steps have landed, and the
-            // buffers live until this function returns.
+            // buffers outlive this call.
             let bytes = unsafe { views.bytes(i) };
             on_ready(Ready {
                 index: i,
                 entry: &checkpoint.tensors[i],
                 bytes,
             });
-        })?;
-        Ok(HostModel {
-            checkpoint,
-            buffers,
-            wanted,
-            report,
         })
     }
 

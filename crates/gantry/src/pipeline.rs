@@ -44,21 +44,30 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    /// Sorts every extent of `plan` to its reader, asking the sink for direct targets for the
-    /// buffered files' extents.
+    /// Sorts every extent of `plan` to its reader, asking the sink where it can take an
+    /// extent in place.
     pub fn new(plan: &Plan, files: &Files, sink: &mut dyn Sink) -> Self {
         let mut jobs = Jobs::default();
         for (i, e) in plan.extents.iter().enumerate() {
             let (direct, file) = files.slot[e.file.0].expect("extent of a file that is not open");
+            let steps = &plan.steps[e.steps.clone()];
             let job = uring::Job {
                 extent: i,
                 file,
                 offset: e.offset,
                 len: e.len,
+                target: None,
             };
             if direct {
-                jobs.direct.push(job);
-            } else if let Some(target) = sink.direct_target(e, &plan.steps[e.steps.clone()]) {
+                let align = files.direct[file].align;
+                let target = sink.direct_target(e, steps, align);
+                if let Some(t) = target {
+                    assert!(
+                        t.len as u64 == e.len.next_multiple_of(align) && t.ptr as u64 % align == 0
+                    );
+                }
+                jobs.direct.push(uring::Job { target, ..job });
+            } else if let Some(target) = sink.direct_target(e, steps, 1) {
                 assert_eq!(target.len as u64, e.len);
                 jobs.into.push((job, target));
             } else {
@@ -70,7 +79,7 @@ impl Jobs {
 
     /// Extents that pass through the staging ring.
     pub fn staged_count(&self) -> usize {
-        self.direct.len() + self.staged.len()
+        self.direct.iter().filter(|j| j.target.is_none()).count() + self.staged.len()
     }
 }
 
@@ -111,7 +120,7 @@ pub fn run(
     let mut failure: Option<Error> = None;
     std::thread::scope(|scope| {
         if !jobs.direct.is_empty() {
-            let (tx, pool) = (tx.clone(), pool.clone().expect("pool"));
+            let (tx, pool) = (tx.clone(), pool.clone());
             let settings = uring::Settings {
                 queue_depth: config.queue_depth,
                 register_buffers,
@@ -123,7 +132,7 @@ pub fn run(
                     &files.direct,
                     &files.direct_ids,
                     direct,
-                    &pool,
+                    pool.as_ref(),
                     settings,
                     &tx,
                 )

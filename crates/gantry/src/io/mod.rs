@@ -34,6 +34,22 @@ pub struct OpenFile {
     pub align: u64,
 }
 
+/// A raw destination a reader writes one whole extent into, instead of a staging buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct RawTarget {
+    /// First byte; aligned as the file's reader requires.
+    pub ptr: *mut u8,
+    /// Bytes: the extent's length rounded up to the file's alignment.
+    pub len: usize,
+}
+
+// SAFETY: a target is handed to exactly one reader thread, which is the only writer of those
+// bytes until it reports the extent done.
+unsafe impl Send for RawTarget {}
+// SAFETY: sharing a target shares an address, not access: only the reader that owns its job
+// writes through it.
+unsafe impl Sync for RawTarget {}
+
 /// What readers and sinks tell the consumer.
 #[derive(Debug)]
 pub enum Message {

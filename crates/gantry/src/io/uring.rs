@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::{complete, fault::FaultInjector, read_error, Completion, Message, OpenFile};
+use super::{complete, fault::FaultInjector, read_error, Completion, Message, OpenFile, RawTarget};
 use crate::error::{Error, Result};
 use crate::staging::{Lease, Pool};
 
@@ -29,6 +29,8 @@ pub struct Job {
     pub offset: u64,
     /// Bytes needed.
     pub len: u64,
+    /// Where to read the extent to, when the sink can take it in place; else a staging buffer.
+    pub target: Option<RawTarget>,
 }
 
 /// Settings of one run of the direct reader.
@@ -42,9 +44,15 @@ pub struct Settings<'a> {
     pub fault: Option<&'a dyn FaultInjector>,
 }
 
+/// Where a read in flight lands.
+enum Buffer {
+    Staging(Lease),
+    Target(RawTarget),
+}
+
 struct Slot {
     job: Job,
-    lease: Lease,
+    buffer: Buffer,
     /// Bytes of the extent already in the buffer from its first byte.
     valid: u64,
     /// Where the request in flight starts, in bytes from the extent's start.
@@ -58,7 +66,7 @@ pub fn run(
     files: &[OpenFile],
     file_ids: &[usize],
     jobs: &[Job],
-    pool: &Arc<Pool>,
+    pool: Option<&Arc<Pool>>,
     settings: Settings<'_>,
     tx: &Sender<Result<Message>>,
 ) {
@@ -79,7 +87,7 @@ struct Reader<'a> {
     ring: IoUring,
     files: &'a [OpenFile],
     file_ids: &'a [usize],
-    pool: &'a Arc<Pool>,
+    pool: Option<&'a Arc<Pool>>,
     fixed_buffers: bool,
     fault: Option<&'a dyn FaultInjector>,
     queue_depth: usize,
@@ -91,7 +99,7 @@ impl<'a> Reader<'a> {
     fn new(
         files: &'a [OpenFile],
         file_ids: &'a [usize],
-        pool: &'a Arc<Pool>,
+        pool: Option<&'a Arc<Pool>>,
         settings: Settings<'a>,
     ) -> Result<Self> {
         let entries = settings.queue_depth.next_power_of_two() as u32;
@@ -112,8 +120,8 @@ impl<'a> Reader<'a> {
                 source,
             })?;
         let mut fixed_buffers = false;
-        if settings.register_buffers {
-            let iovecs = pool.arena().iovecs();
+        if settings.register_buffers && pool.is_some() {
+            let iovecs = pool.map_or_else(Vec::new, |p| p.arena().iovecs());
             // SAFETY: the iovecs describe the arena's mapping, which outlives the ring (the
             // pool holds an Arc to it and `pool` outlives `self`).
             match unsafe { ring.submitter().register_buffers(&iovecs) } {
@@ -143,12 +151,19 @@ impl<'a> Reader<'a> {
         let mut reaped = Vec::with_capacity(self.queue_depth);
         loop {
             while self.in_flight < self.queue_depth && next < jobs.len() {
-                let lease = if self.in_flight == 0 {
-                    self.pool.acquire()
-                } else {
-                    self.pool.try_acquire()
+                let buffer = match jobs[next].target {
+                    Some(target) => Buffer::Target(target),
+                    None if self.in_flight == 0 => {
+                        match self.pool.expect("staged jobs need a pool").acquire() {
+                            Some(lease) => Buffer::Staging(lease),
+                            None => break,
+                        }
+                    }
+                    None => match self.pool.expect("staged jobs need a pool").try_acquire() {
+                        Some(lease) => Buffer::Staging(lease),
+                        None => break,
+                    },
                 };
-                let Some(lease) = lease else { break };
                 let slot = self
                     .slots
                     .iter()
@@ -156,7 +171,7 @@ impl<'a> Reader<'a> {
                     .expect("a free slot");
                 self.slots[slot] = Some(Slot {
                     job: jobs[next],
-                    lease,
+                    buffer,
                     valid: 0,
                     start: 0,
                 });
@@ -232,9 +247,12 @@ impl<'a> Reader<'a> {
             Completion::Done => {
                 let s = self.slots[slot].take().expect("slot");
                 self.in_flight -= 1;
-                Ok(Some(Message::Staged {
-                    extent: job.extent,
-                    lease: s.lease,
+                Ok(Some(match s.buffer {
+                    Buffer::Staging(lease) => Message::Staged {
+                        extent: job.extent,
+                        lease,
+                    },
+                    Buffer::Target(_) => Message::Direct { extent: job.extent },
                 }))
             }
             Completion::Continue { valid } => {
@@ -266,25 +284,32 @@ impl<'a> Reader<'a> {
         let s = self.slots[slot].as_mut().expect("slot");
         let align = self.files[s.job.file].align;
         let len = (s.job.len.next_multiple_of(align) - s.start) as u32;
-        assert!(s.start as usize + len as usize <= s.lease.capacity());
-        // SAFETY: start + len is inside the leased buffer (asserted above).
-        let buf = unsafe { s.lease.as_mut_ptr().add(s.start as usize) };
+        let (base, capacity, fixed) = match &mut s.buffer {
+            Buffer::Staging(lease) => {
+                let fixed = self.fixed_buffers.then(|| lease.index() as u16);
+                (lease.as_mut_ptr(), lease.capacity(), fixed)
+            }
+            Buffer::Target(t) => (t.ptr, t.len, None),
+        };
+        assert!(s.start as usize + len as usize <= capacity);
+        // SAFETY: start + len is inside the buffer (asserted above).
+        let buf = unsafe { base.add(s.start as usize) };
         let fd = types::Fixed(s.job.file as u32);
         let offset = s.job.offset + s.start;
-        let entry = if self.fixed_buffers {
-            opcode::ReadFixed::new(fd, buf, len, s.lease.index() as u16)
+        let entry = match fixed {
+            Some(index) => opcode::ReadFixed::new(fd, buf, len, index)
                 .offset(offset)
-                .build()
-        } else {
-            opcode::Read::new(fd, buf, len).offset(offset).build()
+                .build(),
+            None => opcode::Read::new(fd, buf, len).offset(offset).build(),
         };
         self.submit_entry(entry.user_data(slot as u64));
     }
 
     fn submit_entry(&mut self, entry: squeue::Entry) {
         loop {
-            // SAFETY: the entry's buffer is a leased staging buffer held in `self.slots` until
-            // its completion is reaped (or the ring drained), and its file is registered.
+            // SAFETY: the entry's buffer is a leased staging buffer or a sink's target, held in
+            // `self.slots` until its completion is reaped (or the ring drained: `run` does not
+            // return before), and its file is registered.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return;
             }

@@ -103,26 +103,49 @@ impl Drop for HostBuffer {
 pub struct HostSink {
     /// `(ptr, len)` of each tensor's destination; null for skipped tensors.
     tensors: Vec<(*mut u8, usize)>,
-    /// Per file, the start of a contiguous allocation for its data section, when the
-    /// destinations are the default ones; extents inside the data section can then be read
-    /// straight into place.
-    files: Vec<Option<(*mut u8, u64, u64)>>,
+    /// Per file, when the destinations are the default ones: a page-aligned allocation
+    /// holding the file from `file_start` (its data section rounded down to 4096) on, so that
+    /// extents can be read straight into place, also with `O_DIRECT`.
+    files: Vec<Option<FileBuffer>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FileBuffer {
+    base: *mut u8,
+    file_start: u64,
+    len: u64,
+}
+
+/// Alignment of the file offset at which a file buffer starts.
+pub const FILE_BUFFER_ALIGN: u64 = 4096;
+
+/// For a data section at `data_offset` of `data_len` bytes: where its bytes start in a file
+/// buffer (`lead`), and the buffer's length, a multiple of 4096 covering the data section.
+pub fn file_buffer_layout(data_offset: u64, data_len: u64) -> (u64, u64) {
+    let lead = data_offset % FILE_BUFFER_ALIGN;
+    (lead, (lead + data_len).next_multiple_of(FILE_BUFFER_ALIGN))
 }
 
 impl HostSink {
-    /// Destinations inside one buffer per file, `buffers[f]` holding file `f`'s data section.
+    /// Destinations inside one buffer per file laid out by [`file_buffer_layout`]; a buffer of
+    /// another length (empty, for files with nothing wanted) gives that file no destinations.
     pub fn for_file_buffers(
         checkpoint: &Checkpoint,
         wanted: &[bool],
         buffers: &mut [HostBuffer],
     ) -> Self {
-        let files: Vec<_> = checkpoint
+        let files: Vec<Option<FileBuffer>> = checkpoint
             .files
             .iter()
             .zip(buffers.iter_mut())
             .map(|(f, b)| {
-                (b.len() as u64 == f.header.data_len)
-                    .then(|| (b.as_mut_ptr(), f.header.data_offset, f.header.data_len))
+                let (lead, len) = file_buffer_layout(f.header.data_offset, f.header.data_len);
+                let file_start = f.header.data_offset - lead;
+                (b.len() as u64 == len).then(|| FileBuffer {
+                    base: b.as_mut_ptr(),
+                    file_start,
+                    len,
+                })
             })
             .collect();
         let tensors = checkpoint
@@ -130,18 +153,14 @@ impl HostSink {
             .iter()
             .zip(wanted)
             .map(|(t, &w)| {
-                if w {
-                    let (base, data_offset, _) =
-                        files[t.file.0].expect("a buffer for every file with a wanted tensor");
-                    // SAFETY: the header check guarantees the tensor lies inside the data
-                    // section, and the buffer is exactly the data section.
-                    (
-                        unsafe { base.add((t.offset - data_offset) as usize) },
-                        t.len as usize,
-                    )
-                } else {
-                    (std::ptr::null_mut(), 0)
+                if !w {
+                    return (std::ptr::null_mut(), 0);
                 }
+                let fb = files[t.file.0].expect("a buffer for every file with a wanted tensor");
+                // SAFETY: the header check guarantees the tensor lies inside the data section,
+                // which the buffer covers from `file_start`.
+                let ptr = unsafe { fb.base.add((t.offset - fb.file_start) as usize) };
+                (ptr, t.len as usize)
             })
             .collect();
         Self { tensors, files }
@@ -210,24 +229,35 @@ impl LandedViews {
 }
 
 impl Sink for HostSink {
-    fn direct_target(&mut self, extent: &Extent, steps: &[CopyStep]) -> Option<RawTarget> {
-        let len = extent.len as usize;
-        if let Some((base, data_offset, data_len)) = self.files[extent.file.0] {
-            let inside = extent.offset >= data_offset
-                && extent.offset + extent.len <= data_offset + data_len;
-            if !inside {
+    fn direct_target(
+        &mut self,
+        extent: &Extent,
+        steps: &[CopyStep],
+        align: u64,
+    ) -> Option<RawTarget> {
+        let len = extent.len.next_multiple_of(align);
+        if let Some(fb) = self.files[extent.file.0] {
+            let inside =
+                extent.offset >= fb.file_start && extent.offset + len <= fb.file_start + fb.len;
+            if !inside || (extent.offset - fb.file_start) % align != 0 {
                 return None;
             }
-            // SAFETY: inside the file's data-section buffer, checked just above.
-            let ptr = unsafe { base.add((extent.offset - data_offset) as usize) };
-            return Some(RawTarget { ptr, len });
+            // SAFETY: inside the file buffer, checked just above.
+            let ptr = unsafe { fb.base.add((extent.offset - fb.file_start) as usize) };
+            return (ptr as u64 % align == 0).then_some(RawTarget {
+                ptr,
+                len: len as usize,
+            });
         }
         match steps {
-            [s] if s.len == extent.len => {
+            [s] if s.len == extent.len && len == extent.len => {
                 let (ptr, _) = self.tensors[s.tensor];
                 // SAFETY: the step lies inside the tensor, whose destination is its full length.
                 let ptr = unsafe { ptr.add(s.target_offset as usize) };
-                Some(RawTarget { ptr, len })
+                (ptr as u64 % align == 0).then_some(RawTarget {
+                    ptr,
+                    len: len as usize,
+                })
             }
             _ => None,
         }
