@@ -117,3 +117,156 @@ fn bad_input_is_one_error_line() {
         assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
     }
 }
+
+#[test]
+fn load_json_checksums_match_reference() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("model.safetensors");
+    let bytes = write_checkpoint(&path);
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    for reader in ["auto", "direct", "buffered"] {
+        let out = gantry(&[
+            "load",
+            path.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--json",
+            "--checksum",
+            "xxh3",
+            "--path",
+            reader,
+            "--chunk-mib",
+            "1",
+            "--staging-mib",
+            "4",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["bytes"], 30);
+        assert!(v["seconds"].as_f64().unwrap() >= 0.0 && v["gb_per_s"].is_number());
+        assert_eq!(v["files"][0]["path"], path.to_str().unwrap());
+        if reader != "auto" {
+            assert_eq!(v["files"][0]["reader"], reader);
+        }
+        let tensors = v["tensors"].as_array().unwrap();
+        assert_eq!(tensors.len(), 3);
+        for t in tensors {
+            let data = st
+                .tensor(t["name"].as_str().unwrap())
+                .unwrap()
+                .data()
+                .to_vec();
+            assert_eq!(
+                t["xxh3"],
+                format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&data))
+            );
+        }
+    }
+}
+
+#[test]
+fn load_explain_names_reader_and_reason() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("model.safetensors");
+    write_checkpoint(&path);
+    let out = gantry(&[
+        "load",
+        path.to_str().unwrap(),
+        "--explain",
+        "--path",
+        "buffered",
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("model.safetensors: buffered") && text.contains("forced by config"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bench_json_has_ceiling_and_ratio() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let out = gantry(&["synth", dir.path().to_str().unwrap(), "--size-gib", "0.01"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for cold in [false, true] {
+        let mut args = vec![
+            "bench",
+            dir.path().to_str().unwrap(),
+            "--repeat",
+            "2",
+            "--json",
+        ];
+        if cold {
+            args.push("--cold");
+        }
+        let out = gantry(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["cold"], cold);
+        assert_eq!(v["runs"].as_array().unwrap().len(), 2);
+        for key in [
+            "median_ceiling_gb_per_s",
+            "median_gantry_gb_per_s",
+            "median_ratio",
+            "median_reload_ratio",
+        ] {
+            assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
+        }
+        let read: u64 = v["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["bytes"].as_u64().unwrap())
+            .sum();
+        assert!(
+            read >= v["bytes"].as_u64().unwrap(),
+            "files read at least every tensor byte: {v}"
+        );
+    }
+}
+
+#[test]
+fn load_bad_input_is_one_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.safetensors");
+    let good = dir.path().join("good.safetensors");
+    write_checkpoint(&good);
+    for (args, needle) in [
+        (
+            vec!["load", missing.to_str().unwrap()],
+            "missing.safetensors",
+        ),
+        (
+            vec!["load", good.to_str().unwrap(), "--chunk-mib", "0"],
+            "chunk_bytes",
+        ),
+        (
+            vec!["load", good.to_str().unwrap(), "--checksum", "md5"],
+            "unknown checksum",
+        ),
+        (
+            vec!["bench", missing.to_str().unwrap(), "--json"],
+            "missing.safetensors",
+        ),
+    ] {
+        let out = gantry(&args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
+    }
+}
