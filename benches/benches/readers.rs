@@ -52,16 +52,10 @@ fn readers(c: &mut Criterion) {
             (PathChoice::Direct, 64, 4),
             (PathChoice::Buffered, 16, 0),
         ] {
-            let config = Config::default()
-                .path(reader)
-                .chunk_bytes(chunk_mib << 20)
-                .queue_depth(qd.max(1));
+            let config =
+                Config::default().path(reader).chunk_bytes(chunk_mib << 20).queue_depth(qd.max(1));
             let loader = Loader::new(config).expect("config");
-            let name = if reader == PathChoice::Direct {
-                "direct"
-            } else {
-                "buffered"
-            };
+            let name = if reader == PathChoice::Direct { "direct" } else { "buffered" };
             let id = BenchmarkId::new(name, format!("{chunk_mib}MiB/{qd}"));
             let mut model = loader.load(&path).expect("load");
             group.bench_function(id, |b| {

@@ -149,19 +149,10 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         "run", "ceiling GB/s", "gantry GB/s", "ratio", "reload GB/s", "ratio"
     );
     let row = |name: String, c: f64, g: f64, r: f64| {
-        println!(
-            "{name:>6}  {c:>12.2}  {g:>11.2}  {:>6.3}  {r:>11.2}  {:>6.3}",
-            g / c,
-            r / c
-        );
+        println!("{name:>6}  {c:>12.2}  {g:>11.2}  {:>6.3}  {r:>11.2}  {:>6.3}", g / c, r / c);
     };
     for (i, r) in out.runs.iter().enumerate() {
-        row(
-            (i + 1).to_string(),
-            r.ceiling_gb_per_s,
-            r.gantry_gb_per_s,
-            r.gantry_reload_gb_per_s,
-        );
+        row((i + 1).to_string(), r.ceiling_gb_per_s, r.gantry_gb_per_s, r.gantry_reload_gb_per_s);
     }
     row(
         "median".into(),
@@ -175,11 +166,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
 fn measure_ceiling(paths: &[&Path], cold: bool) -> Result<Measured, Box<dyn Error>> {
     if cold {
         baseline::evict(paths)?;
-        return Ok(baseline::read_direct(
-            paths,
-            CEILING_REQUEST_BYTES,
-            CEILING_DIRECT_THREADS,
-        )?);
+        return Ok(baseline::read_direct(paths, CEILING_REQUEST_BYTES, CEILING_DIRECT_THREADS)?);
     }
     let mut target = Prefaulted::new(paths)?;
     Ok(target.read(CEILING_BUFFERED_THREADS, 16 << 20)?)

@@ -56,11 +56,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         serde_json::to_writer(&mut out, &json(&checkpoint))?;
         writeln!(out)?;
     } else {
-        let rows = if args.all || !out.is_terminal() {
-            usize::MAX
-        } else {
-            TERMINAL_ROWS
-        };
+        let rows = if args.all || !out.is_terminal() { usize::MAX } else { TERMINAL_ROWS };
         table(&mut out, &checkpoint, rows)?;
     }
     Ok(())
@@ -89,29 +85,17 @@ fn json(checkpoint: &Checkpoint) -> JsonInspect<'_> {
             bytes: t.len,
         })
         .collect();
-    JsonInspect {
-        total_bytes: checkpoint.total_bytes(),
-        files,
-        tensors,
-    }
+    JsonInspect { total_bytes: checkpoint.total_bytes(), files, tensors }
 }
 
 fn table(out: &mut impl Write, checkpoint: &Checkpoint, rows: usize) -> std::io::Result<()> {
     let file_name = |t: &gantry_format::TensorEntry| {
         let path = &checkpoint.file(t.file).path;
-        path.file_name().map_or_else(
-            || path.display().to_string(),
-            |n| n.to_string_lossy().into(),
-        )
+        path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into())
     };
     let shown = &checkpoint.tensors[..checkpoint.tensors.len().min(rows)];
     let name_w = shown.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
-    let shape_w = shown
-        .iter()
-        .map(|t| format!("{:?}", t.shape).len())
-        .max()
-        .unwrap_or(5)
-        .max(5);
+    let shape_w = shown.iter().map(|t| format!("{:?}", t.shape).len()).max().unwrap_or(5).max(5);
     writeln!(
         out,
         "{:<name_w$}  {:<8}  {:<shape_w$}  {:>12}  FILE",

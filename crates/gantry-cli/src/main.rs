@@ -15,11 +15,7 @@ mod synth;
 mod units;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "gantry",
-    version,
-    about = "Stream safetensors checkpoints into GPU memory"
-)]
+#[command(name = "gantry", version, about = "Stream safetensors checkpoints into GPU memory")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

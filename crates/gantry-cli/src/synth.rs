@@ -21,11 +21,7 @@ pub struct Args {
 
 pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     if !(args.size_gib > 0.0 && args.size_gib <= 4096.0) {
-        return Err(format!(
-            "--size-gib {} must be above 0 and at most 4096",
-            args.size_gib
-        )
-        .into());
+        return Err(format!("--size-gib {} must be above 0 and at most 4096", args.size_gib).into());
     }
     let spec = if args.llama3_8b {
         SynthSpec::LLAMA3_8B

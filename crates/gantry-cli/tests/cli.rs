@@ -9,28 +9,16 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
 fn gantry(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gantry"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_gantry")).args(args).output().unwrap()
 }
 
 fn write_checkpoint(path: &Path) -> Vec<u8> {
     let a: Vec<u8> = (0..24u8).collect();
     let b: Vec<u8> = (0..6u8).collect();
     let views = vec![
-        (
-            "layers.0.weight",
-            TensorView::new(Dtype::BF16, vec![3, 4], &a).unwrap(),
-        ),
-        (
-            "layers.0.bias",
-            TensorView::new(Dtype::U8, vec![6], &b).unwrap(),
-        ),
-        (
-            "empty",
-            TensorView::new(Dtype::F32, vec![0, 5], &[]).unwrap(),
-        ),
+        ("layers.0.weight", TensorView::new(Dtype::BF16, vec![3, 4], &a).unwrap()),
+        ("layers.0.bias", TensorView::new(Dtype::U8, vec![6], &b).unwrap()),
+        ("empty", TensorView::new(Dtype::F32, vec![0, 5], &[]).unwrap()),
     ];
     let bytes = safetensors::serialize(views, None).unwrap();
     std::fs::write(path, &bytes).unwrap();
@@ -43,11 +31,7 @@ fn inspect_json_matches_reference() {
     let path = dir.path().join("model.safetensors");
     let bytes = write_checkpoint(&path);
     let out = gantry(&["inspect", "--json", path.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(v["total_bytes"], 30);
@@ -62,10 +46,8 @@ fn inspect_json_matches_reference() {
         assert_eq!(t["dtype"], reference.dtype().to_string());
         let shape: Vec<usize> = serde_json::from_value(t["shape"].clone()).unwrap();
         assert_eq!(shape, reference.shape());
-        let (offset, len) = (
-            t["offset"].as_u64().unwrap() as usize,
-            t["bytes"].as_u64().unwrap() as usize,
-        );
+        let (offset, len) =
+            (t["offset"].as_u64().unwrap() as usize, t["bytes"].as_u64().unwrap() as usize);
         assert_eq!(&bytes[offset..offset + len], reference.data());
         assert_eq!(t["file"], path.to_str().unwrap());
     }
@@ -83,10 +65,7 @@ fn inspect_table_has_totals() {
         text.contains("layers.0.weight") && text.contains("BF16") && text.contains("[3, 4]"),
         "{text}"
     );
-    assert!(
-        text.contains("3 tensors in 1 files, 30 B (30 bytes)"),
-        "{text}"
-    );
+    assert!(text.contains("3 tensors in 1 files, 30 B (30 bytes)"), "{text}");
 }
 
 #[test]
@@ -96,18 +75,9 @@ fn bad_input_is_one_error_line() {
     std::fs::write(&path, 1000u64.to_le_bytes()).unwrap();
     let missing = dir.path().join("missing.safetensors");
     for (args, needle) in [
-        (
-            vec!["inspect", path.to_str().unwrap()],
-            "header length prefix is 1000 bytes",
-        ),
-        (
-            vec!["inspect", "--json", path.to_str().unwrap()],
-            "bad.safetensors",
-        ),
-        (
-            vec!["inspect", missing.to_str().unwrap()],
-            "missing.safetensors",
-        ),
+        (vec!["inspect", path.to_str().unwrap()], "header length prefix is 1000 bytes"),
+        (vec!["inspect", "--json", path.to_str().unwrap()], "bad.safetensors"),
+        (vec!["inspect", missing.to_str().unwrap()], "missing.safetensors"),
     ] {
         let out = gantry(&args);
         assert!(!out.status.success());
@@ -140,11 +110,7 @@ fn load_json_checksums_match_reference() {
             "--staging-mib",
             "4",
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["bytes"], 30);
         assert!(v["seconds"].as_f64().unwrap() >= 0.0 && v["gb_per_s"].is_number());
@@ -155,15 +121,8 @@ fn load_json_checksums_match_reference() {
         let tensors = v["tensors"].as_array().unwrap();
         assert_eq!(tensors.len(), 3);
         for t in tensors {
-            let data = st
-                .tensor(t["name"].as_str().unwrap())
-                .unwrap()
-                .data()
-                .to_vec();
-            assert_eq!(
-                t["xxh3"],
-                format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&data))
-            );
+            let data = st.tensor(t["name"].as_str().unwrap()).unwrap().data().to_vec();
+            assert_eq!(t["xxh3"], format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&data)));
         }
     }
 }
@@ -173,13 +132,7 @@ fn load_explain_names_reader_and_reason() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let path = dir.path().join("model.safetensors");
     write_checkpoint(&path);
-    let out = gantry(&[
-        "load",
-        path.to_str().unwrap(),
-        "--explain",
-        "--path",
-        "buffered",
-    ]);
+    let out = gantry(&["load", path.to_str().unwrap(), "--explain", "--path", "buffered"]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
@@ -192,28 +145,14 @@ fn load_explain_names_reader_and_reason() {
 fn bench_json_has_ceiling_and_ratio() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let out = gantry(&["synth", dir.path().to_str().unwrap(), "--size-gib", "0.01"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for cold in [false, true] {
-        let mut args = vec![
-            "bench",
-            dir.path().to_str().unwrap(),
-            "--repeat",
-            "2",
-            "--json",
-        ];
+        let mut args = vec!["bench", dir.path().to_str().unwrap(), "--repeat", "2", "--json"];
         if cold {
             args.push("--cold");
         }
         let out = gantry(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["cold"], cold);
         assert_eq!(v["runs"].as_array().unwrap().len(), 2);
@@ -225,16 +164,9 @@ fn bench_json_has_ceiling_and_ratio() {
         ] {
             assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
         }
-        let read: u64 = v["files"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| f["bytes"].as_u64().unwrap())
-            .sum();
-        assert!(
-            read >= v["bytes"].as_u64().unwrap(),
-            "files read at least every tensor byte: {v}"
-        );
+        let read: u64 =
+            v["files"].as_array().unwrap().iter().map(|f| f["bytes"].as_u64().unwrap()).sum();
+        assert!(read >= v["bytes"].as_u64().unwrap(), "files read at least every tensor byte: {v}");
     }
 }
 
@@ -245,22 +177,10 @@ fn load_bad_input_is_one_error_line() {
     let good = dir.path().join("good.safetensors");
     write_checkpoint(&good);
     for (args, needle) in [
-        (
-            vec!["load", missing.to_str().unwrap()],
-            "missing.safetensors",
-        ),
-        (
-            vec!["load", good.to_str().unwrap(), "--chunk-mib", "0"],
-            "chunk_bytes",
-        ),
-        (
-            vec!["load", good.to_str().unwrap(), "--checksum", "md5"],
-            "unknown checksum",
-        ),
-        (
-            vec!["bench", missing.to_str().unwrap(), "--json"],
-            "missing.safetensors",
-        ),
+        (vec!["load", missing.to_str().unwrap()], "missing.safetensors"),
+        (vec!["load", good.to_str().unwrap(), "--chunk-mib", "0"], "chunk_bytes"),
+        (vec!["load", good.to_str().unwrap(), "--checksum", "md5"], "unknown checksum"),
+        (vec!["bench", missing.to_str().unwrap(), "--json"], "missing.safetensors"),
     ] {
         let out = gantry(&args);
         assert!(!out.status.success(), "{args:?}");

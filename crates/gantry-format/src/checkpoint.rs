@@ -96,23 +96,12 @@ impl Checkpoint {
         if index.is_file() {
             return Self::open_index(&index);
         }
-        let io_err = |source| {
-            FormatError::new(
-                dir,
-                ErrorKind::Io {
-                    op: "read directory",
-                    source,
-                },
-            )
-        };
+        let io_err = |source| FormatError::new(dir, ErrorKind::Io { op: "read directory", source });
         let mut files = Vec::new();
         let mut indexes = Vec::new();
         for entry in fs::read_dir(dir).map_err(io_err)? {
             let path = entry.map_err(io_err)?.path();
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             if name.ends_with(".safetensors.index.json") {
                 indexes.push(path);
             } else if name.ends_with(".safetensors") && path.is_file() {
@@ -125,10 +114,7 @@ impl Checkpoint {
             1 => return Self::open_index(&indexes[0]),
             _ => {
                 let candidates = indexes.iter().map(|p| p.display().to_string()).collect();
-                return Err(FormatError::new(
-                    dir,
-                    ErrorKind::AmbiguousIndex { candidates },
-                ));
+                return Err(FormatError::new(dir, ErrorKind::AmbiguousIndex { candidates }));
             }
         }
         if files.is_empty() {
@@ -142,15 +128,10 @@ impl Checkpoint {
         let io_err = |op, source| FormatError::new(index_path, ErrorKind::Io { op, source });
         let file = fs::File::open(index_path).map_err(|e| io_err("open", e))?;
         let mut bytes = Vec::new();
-        file.take(MAX_INDEX_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| io_err("read", e))?;
+        file.take(MAX_INDEX_BYTES + 1).read_to_end(&mut bytes).map_err(|e| io_err("read", e))?;
         if bytes.len() as u64 > MAX_INDEX_BYTES {
             let message = format!("larger than the cap of {MAX_INDEX_BYTES} bytes");
-            return Err(FormatError::new(
-                index_path,
-                ErrorKind::BadIndex { message },
-            ));
+            return Err(FormatError::new(index_path, ErrorKind::BadIndex { message }));
         }
         let index = parse_index(index_path, &bytes)?;
         let base = index_path.parent().unwrap_or(Path::new(""));
@@ -193,17 +174,9 @@ impl Checkpoint {
                     len: t.len,
                 });
             }
-            files.push(FileInfo {
-                path,
-                file_len,
-                header,
-            });
+            files.push(FileInfo { path, file_len, header });
         }
-        Ok(Self {
-            files,
-            tensors,
-            index_metadata: BTreeMap::new(),
-        })
+        Ok(Self { files, tensors, index_metadata: BTreeMap::new() })
     }
 }
 
@@ -217,10 +190,7 @@ fn check_shards_exist(index_path: &Path, base: &Path, index: &Index) -> Result<(
                 .map(|(t, _)| t.clone())
                 .unwrap_or_default();
             let shard = shard.clone();
-            return Err(FormatError::new(
-                index_path,
-                ErrorKind::MissingShard { shard, tensor },
-            ));
+            return Err(FormatError::new(index_path, ErrorKind::MissingShard { shard, tensor }));
         }
     }
     Ok(())
@@ -228,16 +198,10 @@ fn check_shards_exist(index_path: &Path, base: &Path, index: &Index) -> Result<(
 
 /// Every tensor of the map is in the shard it names, and every shard tensor is in the map.
 fn check_index_agrees(checkpoint: &Checkpoint, index: &Index) -> Result<(), FormatError> {
-    let held: HashMap<&str, usize> = checkpoint
-        .tensors
-        .iter()
-        .map(|t| (t.name.as_str(), t.file.0))
-        .collect();
-    let mapped: HashMap<&str, usize> = index
-        .weight_map
-        .iter()
-        .map(|(t, s)| (t.as_str(), *s))
-        .collect();
+    let held: HashMap<&str, usize> =
+        checkpoint.tensors.iter().map(|t| (t.name.as_str(), t.file.0)).collect();
+    let mapped: HashMap<&str, usize> =
+        index.weight_map.iter().map(|(t, s)| (t.as_str(), *s)).collect();
     for (tensor, shard) in &index.weight_map {
         if held.get(tensor.as_str()) != Some(shard) {
             let path = &checkpoint.files[*shard].path;

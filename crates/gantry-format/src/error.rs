@@ -17,10 +17,7 @@ pub struct FormatError {
 
 impl FormatError {
     pub(crate) fn new(path: &Path, kind: ErrorKind) -> Self {
-        Self {
-            path: path.to_path_buf(),
-            kind,
-        }
+        Self { path: path.to_path_buf(), kind }
     }
 
     /// The file the error is about (a `.safetensors` file, an index, or a directory).
@@ -51,10 +48,7 @@ pub enum ErrorKind {
     /// The file is shorter than the 8-byte header length prefix.
     TooSmall { file_len: u64 },
     /// The length prefix asks for a header larger than the cap.
-    HeaderTooLarge {
-        header_len: u64,
-        max_header_len: u64,
-    },
+    HeaderTooLarge { header_len: u64, max_header_len: u64 },
     /// The header would extend past the end of the file.
     HeaderPastEnd { header_len: u64, file_len: u64 },
     /// The header is not valid UTF-8.
@@ -70,24 +64,11 @@ pub enum ErrorKind {
     /// The same tensor name appears twice in one header.
     DuplicateTensor { tensor: String },
     /// A tensor's end offset is before its start offset.
-    OffsetsReversed {
-        tensor: String,
-        data_begin: u64,
-        data_end: u64,
-    },
+    OffsetsReversed { tensor: String, data_begin: u64, data_end: u64 },
     /// A tensor starts before the previous one (sorted by offset) ends.
-    Overlap {
-        tensor: String,
-        data_begin: u64,
-        previous: String,
-        previous_end: u64,
-    },
+    Overlap { tensor: String, data_begin: u64, previous: String, previous_end: u64 },
     /// A tensor starts after the previous one ends, leaving bytes that belong to nobody.
-    Gap {
-        tensor: String,
-        data_begin: u64,
-        expected_begin: u64,
-    },
+    Gap { tensor: String, data_begin: u64, expected_begin: u64 },
     /// The number of elements, or the byte size, overflows 64 bits.
     ShapeOverflow { tensor: String, shape: Vec<u64> },
     /// A sub-byte dtype whose element count does not fill whole bytes.
@@ -102,12 +83,7 @@ pub enum ErrorKind {
     },
     /// A tensor ends past the end of the data section: the file is truncated, or the offsets
     /// are wrong.
-    PastEnd {
-        tensor: String,
-        data_end: u64,
-        data_len: u64,
-        file_len: u64,
-    },
+    PastEnd { tensor: String, data_end: u64, data_len: u64, file_len: u64 },
     /// The data section has bytes after the last tensor.
     TrailingBytes { data_used: u64, data_len: u64 },
     /// The index file is malformed.
@@ -121,11 +97,7 @@ pub enum ErrorKind {
     /// A shard holds a tensor that the index does not map to it.
     ShardTensorNotInIndex { tensor: String, shard: String },
     /// Two shards hold a tensor of the same name.
-    TensorInTwoShards {
-        tensor: String,
-        first: PathBuf,
-        second: PathBuf,
-    },
+    TensorInTwoShards { tensor: String, first: PathBuf, second: PathBuf },
     /// A directory holds no index and no `.safetensors` file.
     NoCheckpoint,
     /// A directory holds several index files, and none is `model.safetensors.index.json`.

@@ -62,8 +62,7 @@ pub fn read_header(path: &Path) -> Result<Header, FormatError> {
     let file_len = file.metadata().map_err(|e| io_err("stat", e))?.len();
     let header_len = check_prefix(path, read_prefix(path, &mut file, file_len)?, file_len)?;
     let mut header = vec![0u8; header_len as usize];
-    file.read_exact(&mut header)
-        .map_err(|e| io_err("read header", e))?;
+    file.read_exact(&mut header).map_err(|e| io_err("read header", e))?;
     parse_header(path, &header, file_len)
 }
 
@@ -85,13 +84,7 @@ fn read_prefix(path: &Path, file: &mut File, file_len: u64) -> Result<u64, Forma
     }
     let mut prefix = [0u8; 8];
     file.read_exact(&mut prefix).map_err(|source| {
-        FormatError::new(
-            path,
-            ErrorKind::Io {
-                op: "read header length",
-                source,
-            },
-        )
+        FormatError::new(path, ErrorKind::Io { op: "read header length", source })
     })?;
     Ok(u64::from_le_bytes(prefix))
 }
@@ -102,20 +95,11 @@ fn check_prefix(path: &Path, header_len: u64, file_len: u64) -> Result<u64, Form
         let max_header_len = MAX_HEADER_BYTES;
         return Err(FormatError::new(
             path,
-            ErrorKind::HeaderTooLarge {
-                header_len,
-                max_header_len,
-            },
+            ErrorKind::HeaderTooLarge { header_len, max_header_len },
         ));
     }
     if PREFIX_BYTES + header_len > file_len {
-        return Err(FormatError::new(
-            path,
-            ErrorKind::HeaderPastEnd {
-                header_len,
-                file_len,
-            },
-        ));
+        return Err(FormatError::new(path, ErrorKind::HeaderPastEnd { header_len, file_len }));
     }
     Ok(header_len)
 }
@@ -125,16 +109,11 @@ pub fn parse_header(path: &Path, header: &[u8], file_len: u64) -> Result<Header,
     let err = |kind| FormatError::new(path, kind);
     let header_len = header.len() as u64;
     let data_offset = PREFIX_BYTES + header_len;
-    let data_len = file_len.checked_sub(data_offset).ok_or_else(|| {
-        err(ErrorKind::HeaderPastEnd {
-            header_len,
-            file_len,
-        })
-    })?;
+    let data_len = file_len
+        .checked_sub(data_offset)
+        .ok_or_else(|| err(ErrorKind::HeaderPastEnd { header_len, file_len }))?;
     let text = std::str::from_utf8(header).map_err(|e| {
-        err(ErrorKind::HeaderNotUtf8 {
-            file_offset: PREFIX_BYTES + e.valid_up_to() as u64,
-        })
+        err(ErrorKind::HeaderNotUtf8 { file_offset: PREFIX_BYTES + e.valid_up_to() as u64 })
     })?;
     let entries = parse_entries(text).map_err(|message| err(ErrorKind::HeaderJson { message }))?;
 
@@ -146,11 +125,8 @@ pub fn parse_header(path: &Path, header: &[u8], file_len: u64) -> Result<Header,
             return Err(err(ErrorKind::DuplicateTensor { tensor: name }));
         }
         if name == "__metadata__" {
-            let map = serde_json::from_value::<HashMap<String, String>>(value).map_err(|e| {
-                err(ErrorKind::BadMetadata {
-                    message: e.to_string(),
-                })
-            })?;
+            let map = serde_json::from_value::<HashMap<String, String>>(value)
+                .map_err(|e| err(ErrorKind::BadMetadata { message: e.to_string() }))?;
             metadata = Some(map);
             continue;
         }
@@ -158,13 +134,7 @@ pub fn parse_header(path: &Path, header: &[u8], file_len: u64) -> Result<Header,
     }
     tensors.sort_by_key(|(_, begin, end)| (*begin, *end));
     let tensors = check_layout(tensors, data_offset, data_len, file_len).map_err(err)?;
-    Ok(Header {
-        header_len,
-        data_offset,
-        data_len,
-        metadata,
-        tensors,
-    })
+    Ok(Header { header_len, data_offset, data_len, metadata, tensors })
 }
 
 /// A tensor before its offsets are checked against its neighbours: (tensor, begin, end) with
@@ -174,28 +144,16 @@ type Entry = (HeaderTensor, u64, u64);
 fn tensor_entry(name: String, value: Value) -> Result<Entry, ErrorKind> {
     if let Some(dtype) = value.get("dtype").and_then(Value::as_str) {
         if serde_json::from_value::<Dtype>(Value::String(dtype.to_owned())).is_err() {
-            return Err(ErrorKind::UnknownDtype {
-                tensor: name,
-                dtype: dtype.to_owned(),
-            });
+            return Err(ErrorKind::UnknownDtype { tensor: name, dtype: dtype.to_owned() });
         }
     }
     let info: TensorInfo = match serde_json::from_value(value) {
         Ok(info) => info,
-        Err(e) => {
-            return Err(ErrorKind::BadTensorEntry {
-                tensor: name,
-                message: e.to_string(),
-            })
-        }
+        Err(e) => return Err(ErrorKind::BadTensorEntry { tensor: name, message: e.to_string() }),
     };
     let (begin, end) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
     if end < begin {
-        return Err(ErrorKind::OffsetsReversed {
-            tensor: name,
-            data_begin: begin,
-            data_end: end,
-        });
+        return Err(ErrorKind::OffsetsReversed { tensor: name, data_begin: begin, data_end: end });
     }
     let shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
     let bits = shape
@@ -203,10 +161,7 @@ fn tensor_entry(name: String, value: Value) -> Result<Entry, ErrorKind> {
         .try_fold(1u64, |n, &d| n.checked_mul(d))
         .and_then(|n| n.checked_mul(info.dtype.bitsize() as u64));
     let Some(bits) = bits else {
-        return Err(ErrorKind::ShapeOverflow {
-            tensor: name,
-            shape,
-        });
+        return Err(ErrorKind::ShapeOverflow { tensor: name, shape });
     };
     if bits % 8 != 0 {
         return Err(ErrorKind::PartialByte { tensor: name, bits });
@@ -220,13 +175,7 @@ fn tensor_entry(name: String, value: Value) -> Result<Entry, ErrorKind> {
             data_bytes: end - begin,
         });
     }
-    let tensor = HeaderTensor {
-        name,
-        dtype: info.dtype,
-        shape,
-        offset: begin,
-        len: end - begin,
-    };
+    let tensor = HeaderTensor { name, dtype: info.dtype, shape, offset: begin, len: end - begin };
     Ok((tensor, begin, end))
 }
 
@@ -251,11 +200,7 @@ fn check_layout(
             });
         }
         if begin > expected_begin {
-            return Err(ErrorKind::Gap {
-                tensor: tensor.name,
-                data_begin: begin,
-                expected_begin,
-            });
+            return Err(ErrorKind::Gap { tensor: tensor.name, data_begin: begin, expected_begin });
         }
         if end > data_len {
             return Err(ErrorKind::PastEnd {
@@ -271,10 +216,7 @@ fn check_layout(
         tensors.push(tensor);
     }
     if expected_begin != data_len {
-        return Err(ErrorKind::TrailingBytes {
-            data_used: expected_begin,
-            data_len,
-        });
+        return Err(ErrorKind::TrailingBytes { data_used: expected_begin, data_len });
     }
     Ok(tensors)
 }
@@ -282,9 +224,7 @@ fn check_layout(
 /// Parses a JSON object into its entries in order, keeping duplicates so they can be reported.
 pub(crate) fn parse_entries(text: &str) -> Result<Vec<(String, Value)>, String> {
     let mut de = serde_json::Deserializer::from_str(text);
-    let entries = (&mut de)
-        .deserialize_map(EntriesVisitor)
-        .map_err(|e| e.to_string())?;
+    let entries = (&mut de).deserialize_map(EntriesVisitor).map_err(|e| e.to_string())?;
     de.end().map_err(|e| e.to_string())?;
     Ok(entries)
 }

@@ -51,15 +51,10 @@ pub fn parse_index(path: &Path, bytes: &[u8]) -> Result<Index, FormatError> {
             return Err(bad(format!("weight_map['{tensor}'] is not a string")));
         };
         if !seen.insert(tensor.clone()) {
-            return Err(bad(format!(
-                "tensor '{tensor}' appears twice in weight_map"
-            )));
+            return Err(bad(format!("tensor '{tensor}' appears twice in weight_map")));
         }
         if !is_inside(Path::new(&shard)) {
-            return Err(FormatError::new(
-                path,
-                ErrorKind::ShardOutsideDirectory { shard },
-            ));
+            return Err(FormatError::new(path, ErrorKind::ShardOutsideDirectory { shard }));
         }
         let position = match shards.iter().position(|s| *s == shard) {
             Some(p) => p,
@@ -70,11 +65,16 @@ pub fn parse_index(path: &Path, bytes: &[u8]) -> Result<Index, FormatError> {
         };
         weights.push((tensor, position));
     }
-    Ok(Index {
-        metadata,
-        shards,
-        weight_map: weights,
-    })
+    // Shards in name order (model-00001-of-00004 first), whatever order the map lists them in.
+    let mut order: Vec<usize> = (0..shards.len()).collect();
+    order.sort_by(|&a, &b| shards[a].cmp(&shards[b]));
+    let mut rank = vec![0; shards.len()];
+    for (new, &old) in order.iter().enumerate() {
+        rank[old] = new;
+    }
+    let shards = order.iter().map(|&i| shards[i].clone()).collect();
+    let weight_map = weights.into_iter().map(|(t, s)| (t, rank[s])).collect();
+    Ok(Index { metadata, shards, weight_map })
 }
 
 #[derive(serde::Deserialize)]
@@ -101,7 +101,5 @@ fn metadata_strings(value: Value) -> Result<BTreeMap<String, String>, String> {
 /// True when `shard` is a relative path that stays inside its base directory.
 fn is_inside(shard: &Path) -> bool {
     !shard.as_os_str().is_empty()
-        && shard
-            .components()
-            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+        && shard.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }

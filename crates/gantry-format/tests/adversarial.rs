@@ -51,10 +51,7 @@ rejects!(
 rejects!(
     huge_prefix,
     u64::MAX.to_le_bytes(),
-    ErrorKind::HeaderTooLarge {
-        header_len: u64::MAX,
-        ..
-    }
+    ErrorKind::HeaderTooLarge { header_len: u64::MAX, .. }
 );
 rejects!(
     prefix_just_over_cap,
@@ -70,21 +67,9 @@ rejects!(
     },
     ErrorKind::HeaderNotUtf8 { file_offset: 9 }
 );
-rejects!(
-    invalid_json,
-    file("{\"a\": ", 0),
-    ErrorKind::HeaderJson { .. }
-);
-rejects!(
-    json_not_object,
-    file("[1, 2]", 0),
-    ErrorKind::HeaderJson { .. }
-);
-rejects!(
-    trailing_garbage_json,
-    file("{} {}", 0),
-    ErrorKind::HeaderJson { .. }
-);
+rejects!(invalid_json, file("{\"a\": ", 0), ErrorKind::HeaderJson { .. });
+rejects!(json_not_object, file("[1, 2]", 0), ErrorKind::HeaderJson { .. });
+rejects!(trailing_garbage_json, file("{} {}", 0), ErrorKind::HeaderJson { .. });
 rejects!(
     overlapping,
     file(
@@ -92,11 +77,7 @@ rejects!(
             "b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
         6
     ),
-    ErrorKind::Overlap {
-        data_begin: 2,
-        previous_end: 4,
-        ..
-    }
+    ErrorKind::Overlap { data_begin: 2, previous_end: 4, .. }
 );
 rejects!(
     gap,
@@ -105,89 +86,45 @@ rejects!(
             "b":{"dtype":"U8","shape":[4],"data_offsets":[8,12]}}"#,
         12
     ),
-    ErrorKind::Gap {
-        data_begin: 8,
-        expected_begin: 4,
-        ..
-    }
+    ErrorKind::Gap { data_begin: 8, expected_begin: 4, .. }
 );
 rejects!(
     first_tensor_not_at_zero,
-    file(
-        r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[4,8]}}"#,
-        8
-    ),
-    ErrorKind::Gap {
-        data_begin: 4,
-        expected_begin: 0,
-        ..
-    }
+    file(r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[4,8]}}"#, 8),
+    ErrorKind::Gap { data_begin: 4, expected_begin: 0, .. }
 );
 rejects!(
     offsets_past_end,
-    file(
-        r#"{"a":{"dtype":"U8","shape":[4096],"data_offsets":[0,4096]}}"#,
-        16
-    ),
-    ErrorKind::PastEnd {
-        data_end: 4096,
-        data_len: 16,
-        ..
-    }
+    file(r#"{"a":{"dtype":"U8","shape":[4096],"data_offsets":[0,4096]}}"#, 16),
+    ErrorKind::PastEnd { data_end: 4096, data_len: 16, .. }
 );
 rejects!(
     truncated_data_section,
     {
-        let mut b = file(
-            r#"{"a":{"dtype":"F32","shape":[8],"data_offsets":[0,32]}}"#,
-            32,
-        );
+        let mut b = file(r#"{"a":{"dtype":"F32","shape":[8],"data_offsets":[0,32]}}"#, 32);
         b.truncate(b.len() - 1);
         b
     },
-    ErrorKind::PastEnd {
-        data_end: 32,
-        data_len: 31,
-        ..
-    }
+    ErrorKind::PastEnd { data_end: 32, data_len: 31, .. }
 );
 rejects!(
     trailing_bytes,
-    file(
-        r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#,
-        9
-    ),
-    ErrorKind::TrailingBytes {
-        data_used: 4,
-        data_len: 9
-    }
+    file(r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#, 9),
+    ErrorKind::TrailingBytes { data_used: 4, data_len: 9 }
 );
 rejects!(
     dtype_shape_length_mismatch,
-    file(
-        r#"{"a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]}}"#,
-        20
-    ),
-    ErrorKind::SizeMismatch {
-        expected_bytes: 24,
-        data_bytes: 20,
-        ..
-    }
+    file(r#"{"a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]}}"#, 20),
+    ErrorKind::SizeMismatch { expected_bytes: 24, data_bytes: 20, .. }
 );
 rejects!(
     shape_product_overflow,
-    file(
-        r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,0]}}"#,
-        0
-    ),
+    file(r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,0]}}"#, 0),
     ErrorKind::ShapeOverflow { .. }
 );
 rejects!(
     unknown_dtype,
-    file(
-        r#"{"a":{"dtype":"F128","shape":[1],"data_offsets":[0,16]}}"#,
-        16
-    ),
+    file(r#"{"a":{"dtype":"F128","shape":[1],"data_offsets":[0,16]}}"#, 16),
     ErrorKind::UnknownDtype { .. }
 );
 rejects!(
@@ -201,15 +138,8 @@ rejects!(
 );
 rejects!(
     reversed_offsets,
-    file(
-        r#"{"a":{"dtype":"U8","shape":[0],"data_offsets":[4,0]}}"#,
-        4
-    ),
-    ErrorKind::OffsetsReversed {
-        data_begin: 4,
-        data_end: 0,
-        ..
-    }
+    file(r#"{"a":{"dtype":"U8","shape":[0],"data_offsets":[4,0]}}"#, 4),
+    ErrorKind::OffsetsReversed { data_begin: 4, data_end: 0, .. }
 );
 rejects!(
     missing_field,
@@ -218,10 +148,7 @@ rejects!(
 );
 rejects!(
     negative_dimension,
-    file(
-        r#"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#,
-        1
-    ),
+    file(r#"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#, 1),
     ErrorKind::BadTensorEntry { .. }
 );
 rejects!(
@@ -231,10 +158,7 @@ rejects!(
 );
 rejects!(
     partial_byte,
-    file(
-        r#"{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,1]}}"#,
-        1
-    ),
+    file(r#"{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,1]}}"#, 1),
     ErrorKind::PartialByte { bits: 12, .. }
 );
 
@@ -246,10 +170,7 @@ fn messages_name_tensor_and_offset() {
         12,
     ));
     let m = e.to_string();
-    assert!(
-        m.contains("'w.1'") && m.contains("data offset 8") && m.contains("gap of 4"),
-        "{m}"
-    );
+    assert!(m.contains("'w.1'") && m.contains("data offset 8") && m.contains("gap of 4"), "{m}");
 }
 
 #[test]
@@ -272,11 +193,7 @@ fn zero_tensors_and_zero_size_tensors_are_valid() {
 
 #[test]
 fn sub_byte_dtype_accepted_when_whole_bytes() {
-    let h = parse(&file(
-        r#"{"a":{"dtype":"F4","shape":[4],"data_offsets":[0,2]}}"#,
-        2,
-    ))
-    .unwrap();
+    let h = parse(&file(r#"{"a":{"dtype":"F4","shape":[4],"data_offsets":[0,2]}}"#, 2)).unwrap();
     assert_eq!(h.tensors[0].len, 2);
 }
 
@@ -301,20 +218,14 @@ fn shard(dir: &Path, name: &str, tensors: &[(&str, usize)]) {
 
 fn index(dir: &Path, map: &[(&str, &str)]) {
     let entries: Vec<String> = map.iter().map(|(t, s)| format!(r#""{t}":"{s}""#)).collect();
-    let text = format!(
-        r#"{{"metadata":{{"total_size":12}},"weight_map":{{{}}}}}"#,
-        entries.join(",")
-    );
+    let text =
+        format!(r#"{{"metadata":{{"total_size":12}},"weight_map":{{{}}}}}"#, entries.join(","));
     fs::write(dir.join("model.safetensors.index.json"), text).unwrap();
 }
 
 fn sharded() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    shard(
-        dir.path(),
-        "model-00001-of-00002.safetensors",
-        &[("a", 4), ("b", 4)],
-    );
+    shard(dir.path(), "model-00001-of-00002.safetensors", &[("a", 4), ("b", 4)]);
     shard(dir.path(), "model-00002-of-00002.safetensors", &[("c", 4)]);
     dir
 }
@@ -333,10 +244,7 @@ fn open_err(path: &Path) -> FormatError {
 fn sharded_checkpoint_resolves_through_directory_and_index() {
     let dir = sharded();
     index(dir.path(), GOOD_MAP);
-    for path in [
-        dir.path().to_path_buf(),
-        dir.path().join("model.safetensors.index.json"),
-    ] {
+    for path in [dir.path().to_path_buf(), dir.path().join("model.safetensors.index.json")] {
         let c = Checkpoint::open(&path).unwrap();
         assert_eq!(c.files.len(), 2);
         let names: Vec<_> = c.tensors.iter().map(|t| t.name.as_str()).collect();
@@ -357,13 +265,7 @@ fn directory_without_index_uses_its_files() {
 #[test]
 fn index_naming_missing_shard() {
     let dir = sharded();
-    index(
-        dir.path(),
-        &[
-            ("a", "model-00001-of-00002.safetensors"),
-            ("c", "gone.safetensors"),
-        ],
-    );
+    index(dir.path(), &[("a", "model-00001-of-00002.safetensors"), ("c", "gone.safetensors")]);
     let e = open_err(dir.path());
     assert!(
         matches!(e.kind(), ErrorKind::MissingShard { shard, tensor } if shard == "gone.safetensors" && tensor == "c"),
@@ -379,10 +281,7 @@ fn index_maps_tensor_to_wrong_shard() {
     map.push(("d", "model-00002-of-00002.safetensors"));
     index(dir.path(), &map);
     let e = open_err(dir.path());
-    assert!(
-        matches!(e.kind(), ErrorKind::TensorNotInShard { tensor, .. } if tensor == "c"),
-        "{e}"
-    );
+    assert!(matches!(e.kind(), ErrorKind::TensorNotInShard { tensor, .. } if tensor == "c"), "{e}");
 }
 
 #[test]
@@ -412,37 +311,33 @@ fn tensor_in_two_shards() {
 fn index_rejects_escaping_and_duplicate_entries() {
     let dir = sharded();
     index(dir.path(), &[("a", "../model-00001-of-00002.safetensors")]);
-    assert!(matches!(
-        open_err(dir.path()).kind(),
-        ErrorKind::ShardOutsideDirectory { .. }
-    ));
+    assert!(matches!(open_err(dir.path()).kind(), ErrorKind::ShardOutsideDirectory { .. }));
     index(dir.path(), &[("a", "/etc/passwd")]);
-    assert!(matches!(
-        open_err(dir.path()).kind(),
-        ErrorKind::ShardOutsideDirectory { .. }
-    ));
+    assert!(matches!(open_err(dir.path()).kind(), ErrorKind::ShardOutsideDirectory { .. }));
     index(dir.path(), &[GOOD_MAP[0], GOOD_MAP[0]]);
     let e = open_err(dir.path());
     assert!(e.to_string().contains("appears twice in weight_map"), "{e}");
-    fs::write(
-        dir.path().join("model.safetensors.index.json"),
-        "{\"metadata\":{}}",
-    )
-    .unwrap();
-    assert!(matches!(
-        open_err(dir.path()).kind(),
-        ErrorKind::BadIndex { .. }
-    ));
+    fs::write(dir.path().join("model.safetensors.index.json"), "{\"metadata\":{}}").unwrap();
+    assert!(matches!(open_err(dir.path()).kind(), ErrorKind::BadIndex { .. }));
 }
 
 #[test]
 fn empty_directory_and_missing_path() {
     let dir = tempfile::tempdir().unwrap();
-    assert!(matches!(
-        open_err(dir.path()).kind(),
-        ErrorKind::NoCheckpoint
-    ));
+    assert!(matches!(open_err(dir.path()).kind(), ErrorKind::NoCheckpoint));
     let e = open_err(&dir.path().join("nope.safetensors"));
     assert!(matches!(e.kind(), ErrorKind::Io { .. }));
     assert!(e.to_string().contains("nope.safetensors"));
+}
+
+#[test]
+fn shards_are_in_name_order_whatever_the_map_order() {
+    let dir = sharded();
+    let mut map = GOOD_MAP.to_vec();
+    map.reverse();
+    index(dir.path(), &map);
+    let c = Checkpoint::open(dir.path()).unwrap();
+    let names: Vec<_> = c.files.iter().map(|f| f.path.file_name().unwrap().to_owned()).collect();
+    assert_eq!(names, ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]);
+    assert_eq!(c.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
 }

@@ -7,9 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 fn corpus(target: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fuzz/corpus")
-        .join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target);
     let mut files: Vec<_> = fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -28,10 +26,7 @@ fn header_corpus() {
             Ok(h) => {
                 accepted += 1;
                 assert_eq!(h.data_offset + h.data_len, bytes.len() as u64);
-                assert!(h
-                    .tensors
-                    .iter()
-                    .all(|t| t.offset + t.len <= bytes.len() as u64));
+                assert!(h.tensors.iter().all(|t| t.offset + t.len <= bytes.len() as u64));
             }
             Err(e) => assert!(e.to_string().contains(&*path.to_string_lossy())),
         }
@@ -46,10 +41,7 @@ fn index_corpus() {
         let bytes = fs::read(&path).unwrap();
         if let Ok(index) = gantry_format::parse_index(&path, &bytes) {
             accepted += 1;
-            assert!(index
-                .weight_map
-                .iter()
-                .all(|(_, s)| *s < index.shards.len()));
+            assert!(index.weight_map.iter().all(|(_, s)| *s < index.shards.len()));
         }
     }
     assert_eq!(accepted, 1, "only the valid seed parses");

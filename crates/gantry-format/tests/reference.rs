@@ -34,9 +34,7 @@ fn tensor_set() -> impl Strategy<Value = Vec<(String, Dtype, Vec<usize>)>> {
     );
     proptest::collection::vec(one, 0..24).prop_map(|v| {
         let mut seen = std::collections::HashSet::new();
-        v.into_iter()
-            .filter(|(n, _, _)| seen.insert(n.clone()))
-            .collect()
+        v.into_iter().filter(|(n, _, _)| seen.insert(n.clone())).collect()
     })
 }
 

@@ -72,15 +72,9 @@ pub fn read_direct(
                 })
             })
             .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().expect("reader thread"))
-            .sum()
+        workers.into_iter().map(|w| w.join().expect("reader thread")).sum()
     });
-    Ok(Measured {
-        bytes: bytes?,
-        seconds: start.elapsed().as_secs_f64(),
-    })
+    Ok(Measured { bytes: bytes?, seconds: start.elapsed().as_secs_f64() })
 }
 
 /// Files opened with buffers of their size, allocated and written once so that no page fault
@@ -134,15 +128,9 @@ impl Prefaulted {
                     })
                 })
                 .collect();
-            workers
-                .into_iter()
-                .map(|w| w.join().expect("reader thread"))
-                .sum()
+            workers.into_iter().map(|w| w.join().expect("reader thread")).sum()
         });
-        Ok(Measured {
-            bytes: bytes?,
-            seconds: start.elapsed().as_secs_f64(),
-        })
+        Ok(Measured { bytes: bytes?, seconds: start.elapsed().as_secs_f64() })
     }
 }
 

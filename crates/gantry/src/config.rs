@@ -29,9 +29,7 @@ impl std::str::FromStr for PathChoice {
             "auto" => Ok(Self::Auto),
             "direct" => Ok(Self::Direct),
             "buffered" => Ok(Self::Buffered),
-            _ => Err(Error::Config(format!(
-                "unknown path '{s}' (auto, direct, buffered)"
-            ))),
+            _ => Err(Error::Config(format!("unknown path '{s}' (auto, direct, buffered)"))),
         }
     }
 }
@@ -164,16 +162,10 @@ impl Config {
             ));
         }
         if !(1..=QUEUE_DEPTH_MAX).contains(&self.queue_depth) {
-            return bad(format!(
-                "queue_depth {} must be 1 to {QUEUE_DEPTH_MAX}",
-                self.queue_depth
-            ));
+            return bad(format!("queue_depth {} must be 1 to {QUEUE_DEPTH_MAX}", self.queue_depth));
         }
         if !(1..=THREADS_MAX).contains(&self.threads) {
-            return bad(format!(
-                "threads {} must be 1 to {THREADS_MAX}",
-                self.threads
-            ));
+            return bad(format!("threads {} must be 1 to {THREADS_MAX}", self.threads));
         }
         if !(0.0..=1.0).contains(&self.hot_fraction) {
             return bad(format!("hot_fraction {} must be 0 to 1", self.hot_fraction));

@@ -112,18 +112,12 @@ impl HostModel {
 
     /// Every loaded tensor, in file and offset order.
     pub fn tensors(&self) -> impl Iterator<Item = HostTensor<'_>> {
-        (0..self.checkpoint.tensors.len())
-            .filter(|&i| self.wanted[i])
-            .map(|i| self.at(i))
+        (0..self.checkpoint.tensors.len()).filter(|&i| self.wanted[i]).map(|i| self.at(i))
     }
 
     /// The loaded tensor called `name`.
     pub fn tensor(&self, name: &str) -> Option<HostTensor<'_>> {
-        let i = self
-            .checkpoint
-            .tensors
-            .iter()
-            .position(|t| t.name == name)?;
+        let i = self.checkpoint.tensors.iter().position(|t| t.name == name)?;
         self.wanted[i].then(|| self.at(i))
     }
 
@@ -132,10 +126,7 @@ impl HostModel {
         let file = &self.checkpoint.files[entry.file.0];
         let (lead, _) = file_buffer_layout(file.header.data_offset, file.header.data_len);
         let begin = (lead + entry.offset - file.header.data_offset) as usize;
-        HostTensor {
-            entry,
-            bytes: &self.buffers[entry.file.0][begin..begin + entry.len as usize],
-        }
+        HostTensor { entry, bytes: &self.buffers[entry.file.0][begin..begin + entry.len as usize] }
     }
 }
 
@@ -143,10 +134,7 @@ impl Loader {
     /// A loader with `config`, checked.
     pub fn new(config: Config) -> Result<Self> {
         config.validate()?;
-        Ok(Self {
-            config,
-            arena: Mutex::new(None),
-        })
+        Ok(Self { config, arena: Mutex::new(None) })
     }
 
     /// The loader's settings.
@@ -175,33 +163,19 @@ impl Loader {
             .iter()
             .enumerate()
             .map(|(f, file)| {
-                let any = checkpoint
-                    .tensors
-                    .iter()
-                    .zip(&wanted)
-                    .any(|(t, &w)| w && t.file.0 == f);
+                let any = checkpoint.tensors.iter().zip(&wanted).any(|(t, &w)| w && t.file.0 == f);
                 let (_, len) = file_buffer_layout(file.header.data_offset, file.header.data_len);
                 HostBuffer::new(if any { len as usize } else { 0 })
             })
             .collect::<Result<_>>()?;
         let report = self.fill(&checkpoint, &wanted, &mut buffers, &mut on_ready)?;
-        Ok(HostModel {
-            checkpoint,
-            buffers,
-            wanted,
-            report,
-        })
+        Ok(HostModel { checkpoint, buffers, wanted, report })
     }
 
     /// Reads `model`'s tensors again from its files into the memory it already holds (a
     /// weights refresh: no allocation, no page faults), replacing its report.
     pub fn reload(&self, model: &mut HostModel) -> Result<()> {
-        let HostModel {
-            checkpoint,
-            buffers,
-            wanted,
-            report,
-        } = model;
+        let HostModel { checkpoint, buffers, wanted, report } = model;
         *report = self.fill(checkpoint, wanted, buffers, &mut |_| {})?;
         Ok(())
     }
@@ -219,11 +193,7 @@ impl Loader {
             // SAFETY: `run` reports a tensor only once all of its steps have landed, and the
             // buffers outlive this call.
             let bytes = unsafe { views.bytes(i) };
-            on_ready(Ready {
-                index: i,
-                entry: &checkpoint.tensors[i],
-                bytes,
-            });
+            on_ready(Ready { index: i, entry: &checkpoint.tensors[i], bytes });
         })
     }
 
@@ -243,11 +213,7 @@ impl Loader {
         self.run(checkpoint, &wanted, &mut sink, &mut |i| {
             // SAFETY: as in `load_with`; the slices outlive this call ('a).
             let bytes = unsafe { views.bytes(i) };
-            on_ready(Ready {
-                index: i,
-                entry: &checkpoint.tensors[i],
-                bytes,
-            });
+            on_ready(Ready { index: i, entry: &checkpoint.tensors[i], bytes });
         })
     }
 
@@ -279,10 +245,7 @@ impl Loader {
                 on_landed(i);
             }
         }
-        let staging = Staging {
-            pool: pool.clone(),
-            register_buffers: registered,
-        };
+        let staging = Staging { pool: pool.clone(), register_buffers: registered };
         pipeline::run(&plan, &files, jobs, staging, &self.config, sink, on_landed)?;
         let seconds = start.elapsed().as_secs_f64();
         let mut report = LoadReport {
@@ -300,22 +263,12 @@ impl Loader {
             files: Vec::with_capacity(checkpoint.files.len()),
         };
         for (f, file) in checkpoint.files.iter().enumerate() {
-            let read_bytes = plan
-                .extents
-                .iter()
-                .filter(|e| e.file.0 == f)
-                .map(|e| e.len)
-                .sum();
+            let read_bytes = plan.extents.iter().filter(|e| e.file.0 == f).map(|e| e.len).sum();
             let (reader, reason) = match &choices[f] {
                 Some(c) => (Some(c.reader), c.reason.clone()),
                 None => (None, "no tensor wanted: not read".to_owned()),
             };
-            report.files.push(FileReport {
-                path: file.path.clone(),
-                reader,
-                reason,
-                read_bytes,
-            });
+            report.files.push(FileReport { path: file.path.clone(), reader, reason, read_bytes });
         }
         Ok(report)
     }
@@ -327,10 +280,7 @@ impl Loader {
         checkpoint: &Checkpoint,
         wanted: &[bool],
     ) -> Result<(Files, Vec<Option<Choice>>)> {
-        let mut files = Files {
-            slot: vec![None; checkpoint.files.len()],
-            ..Files::default()
-        };
+        let mut files = Files { slot: vec![None; checkpoint.files.len()], ..Files::default() };
         let mut choices = vec![None; checkpoint.files.len()];
         for (f, info) in checkpoint.files.iter().enumerate() {
             let needed = checkpoint
@@ -341,21 +291,13 @@ impl Loader {
             if !needed {
                 continue;
             }
-            let io_err = |op, source| Error::Io {
-                op,
-                path: info.path.clone(),
-                offset: 0,
-                len: 0,
-                source,
-            };
+            let io_err =
+                |op, source| Error::Io { op, path: info.path.clone(), offset: 0, len: 0, source };
             let plain = std::fs::File::open(&info.path).map_err(|e| io_err("open", e))?;
             let range = info.data_range();
             let direct = probe::open_direct(&info.path);
             let facts = FileFacts {
-                direct: direct
-                    .as_ref()
-                    .map(|(_, align)| *align)
-                    .map_err(Clone::clone),
+                direct: direct.as_ref().map(|(_, align)| *align).map_err(Clone::clone),
                 io_uring: probe::io_uring(),
                 resident: probe::resident_fraction(&plain, range.start, range.end - range.start),
             };
@@ -365,23 +307,12 @@ impl Loader {
                     let reason =
                         format!("direct I/O alignment {align} does not divide the chunk size");
                     if self.config.path == crate::PathChoice::Direct {
-                        return Err(Error::Unavailable {
-                            what: "O_DIRECT",
-                            reason,
-                        });
+                        return Err(Error::Unavailable { what: "O_DIRECT", reason });
                     }
-                    choice = Choice {
-                        reader: ReaderKind::Buffered,
-                        reason,
-                    };
+                    choice = Choice { reader: ReaderKind::Buffered, reason };
                 }
             }
-            log::debug!(
-                "{}: {} ({})",
-                info.path.display(),
-                choice.reader.name(),
-                choice.reason
-            );
+            log::debug!("{}: {} ({})", info.path.display(), choice.reader.name(), choice.reason);
             let open = |file, align| OpenFile {
                 path: info.path.clone(),
                 file,

@@ -51,13 +51,7 @@ impl Jobs {
         for (i, e) in plan.extents.iter().enumerate() {
             let (direct, file) = files.slot[e.file.0].expect("extent of a file that is not open");
             let steps = &plan.steps[e.steps.clone()];
-            let job = uring::Job {
-                extent: i,
-                file,
-                offset: e.offset,
-                len: e.len,
-                target: None,
-            };
+            let job = uring::Job { extent: i, file, offset: e.offset, len: e.len, target: None };
             if direct {
                 let align = files.direct[file].align;
                 let target = sink.direct_target(e, steps, align);
@@ -104,14 +98,8 @@ pub fn run(
     sink: &mut dyn Sink,
     on_landed: &mut dyn FnMut(usize),
 ) -> Result<()> {
-    let Staging {
-        pool,
-        register_buffers,
-    } = staging;
-    assert!(
-        jobs.staged_count() == 0 || pool.is_some(),
-        "staged extents need a pool"
-    );
+    let Staging { pool, register_buffers } = staging;
+    assert!(jobs.staged_count() == 0 || pool.is_some(), "staged extents need a pool");
     let (tx, rx) = mpsc::channel::<Result<Message>>();
     let cancel = AtomicBool::new(false);
     let fault = config.fault.as_deref();
@@ -121,21 +109,11 @@ pub fn run(
     std::thread::scope(|scope| {
         if !jobs.direct.is_empty() {
             let (tx, pool) = (tx.clone(), pool.clone());
-            let settings = uring::Settings {
-                queue_depth: config.queue_depth,
-                register_buffers,
-                fault,
-            };
+            let settings =
+                uring::Settings { queue_depth: config.queue_depth, register_buffers, fault };
             let direct = &jobs.direct;
             scope.spawn(move || {
-                uring::run(
-                    &files.direct,
-                    &files.direct_ids,
-                    direct,
-                    pool.as_ref(),
-                    settings,
-                    &tx,
-                )
+                uring::run(&files.direct, &files.direct_ids, direct, pool.as_ref(), settings, &tx)
             });
         }
         let shared = buffered::Shared {
@@ -156,9 +134,7 @@ pub fn run(
                 .map(|&(job, target)| {
                     // SAFETY: targets of different extents never overlap (Sink::direct_target),
                     // each goes to one thread, and the destination outlives this scope.
-                    (job, unsafe {
-                        std::slice::from_raw_parts_mut(target.ptr, target.len)
-                    })
+                    (job, unsafe { std::slice::from_raw_parts_mut(target.ptr, target.len) })
                 })
                 .collect();
             scope.spawn(move || buffered::run_into(shared, into, config.threads, &tx));

@@ -72,15 +72,9 @@ impl Plan {
     ) -> Self {
         assert_eq!(wanted.len(), checkpoint.tensors.len());
         assert_eq!(align.len(), checkpoint.files.len());
-        let mut plan = Plan {
-            steps_per_tensor: vec![0; wanted.len()],
-            ..Plan::default()
-        };
+        let mut plan = Plan { steps_per_tensor: vec![0; wanted.len()], ..Plan::default() };
         for (file, &a) in align.iter().enumerate() {
-            assert!(
-                a.is_power_of_two() && params.chunk_bytes % a == 0,
-                "chunk must be aligned"
-            );
+            assert!(a.is_power_of_two() && params.chunk_bytes % a == 0, "chunk must be aligned");
             let tensors: Vec<usize> = (0..wanted.len())
                 .filter(|&i| {
                     let t = &checkpoint.tensors[i];
@@ -134,12 +128,7 @@ impl Plan {
                 i += 1;
             }
             let steps = steps_begin..self.steps.len();
-            self.extents.push(Extent {
-                file,
-                offset: begin,
-                len: end - begin,
-                steps,
-            });
+            self.extents.push(Extent { file, offset: begin, len: end - begin, steps });
             begin = end;
         }
     }
@@ -191,16 +180,8 @@ mod tests {
             metadata: None,
             tensors: vec![],
         };
-        let file = FileInfo {
-            path: "f".into(),
-            file_len: offset,
-            header,
-        };
-        Checkpoint {
-            files: vec![file],
-            tensors,
-            index_metadata: Default::default(),
-        }
+        let file = FileInfo { path: "f".into(), file_len: offset, header };
+        Checkpoint { files: vec![file], tensors, index_metadata: Default::default() }
     }
 
     /// Checks the invariants every plan must hold, and that the steps of every wanted tensor
@@ -210,19 +191,13 @@ mod tests {
         for e in &plan.extents {
             assert_eq!(e.offset % align, 0, "extent {e:?} unaligned");
             assert!(e.len > 0 && e.len <= chunk, "extent {e:?} size");
-            assert!(
-                e.offset + e.len <= file_len,
-                "extent {e:?} past end of file {file_len}"
-            );
+            assert!(e.offset + e.len <= file_len, "extent {e:?} past end of file {file_len}");
         }
         for w in plan.extents.windows(2) {
             assert!(w[0].offset + w[0].len <= w[1].offset, "extents overlap");
         }
-        let mut covered: Vec<Vec<bool>> = c
-            .tensors
-            .iter()
-            .map(|t| vec![false; t.len as usize])
-            .collect();
+        let mut covered: Vec<Vec<bool>> =
+            c.tensors.iter().map(|t| vec![false; t.len as usize]).collect();
         for e in &plan.extents {
             for s in &plan.steps[e.steps.clone()] {
                 let t = &c.tensors[s.tensor];
@@ -238,11 +213,7 @@ mod tests {
         }
         for (i, t) in c.tensors.iter().enumerate() {
             let want = wanted[i] && t.len > 0;
-            assert_eq!(
-                covered[i].iter().all(|&b| b),
-                want || t.len == 0,
-                "tensor {i} coverage"
-            );
+            assert_eq!(covered[i].iter().all(|&b| b), want || t.len == 0, "tensor {i} coverage");
             if !wanted[i] {
                 assert!(covered[i].iter().all(|&b| !b));
                 assert_eq!(plan.steps_per_tensor[i], 0);
@@ -265,15 +236,7 @@ mod tests {
             (8, vec![], None, 4096, 4096, 0, 0),
             (8, vec![0, 0, 10, 0], None, 4096, 4096, 0, 1),
             // Skipped tensor in the middle: with no gap allowed, two runs.
-            (
-                8,
-                vec![4096, 1 << 20, 4096],
-                Some(vec![true, false, true]),
-                4096,
-                1 << 20,
-                0,
-                2,
-            ),
+            (8, vec![4096, 1 << 20, 4096], Some(vec![true, false, true]), 4096, 1 << 20, 0, 2),
             // ... and one run when the gap is allowed (the skipped bytes are read).
             (
                 8,
@@ -285,15 +248,7 @@ mod tests {
                 1,
             ),
             // Nothing wanted: nothing read.
-            (
-                8,
-                vec![10, 20],
-                Some(vec![false, false]),
-                4096,
-                4096,
-                1 << 20,
-                0,
-            ),
+            (8, vec![10, 20], Some(vec![false, false]), 4096, 4096, 1 << 20, 0),
             // Buffered (align 1): extents start exactly at the data.
             (13, vec![7, 9000, 3], None, 1, 4096, 0, 3),
             // Many small tensors, one chunk.
@@ -303,20 +258,9 @@ mod tests {
             let c = checkpoint(data_offset, &lens);
             let wanted = wanted.unwrap_or(vec![true; lens.len()]);
             let aligns = vec![align];
-            let plan = Plan::new(
-                &c,
-                &wanted,
-                &aligns,
-                PlanParams {
-                    chunk_bytes: chunk,
-                    gap_bytes: gap,
-                },
-            );
-            assert_eq!(
-                plan.extents.len(),
-                extents,
-                "case {lens:?} {wanted:?}: {plan:?}"
-            );
+            let plan =
+                Plan::new(&c, &wanted, &aligns, PlanParams { chunk_bytes: chunk, gap_bytes: gap });
+            assert_eq!(plan.extents.len(), extents, "case {lens:?} {wanted:?}: {plan:?}");
             check(&c, &wanted, align, chunk, &plan);
         }
     }
@@ -324,15 +268,7 @@ mod tests {
     #[test]
     fn buffered_extents_start_at_data() {
         let c = checkpoint(13, &[7, 9000]);
-        let p = Plan::new(
-            &c,
-            &[true, true],
-            &[1],
-            PlanParams {
-                chunk_bytes: 4096,
-                gap_bytes: 0,
-            },
-        );
+        let p = Plan::new(&c, &[true, true], &[1], PlanParams { chunk_bytes: 4096, gap_bytes: 0 });
         assert_eq!(p.extents[0].offset, 13);
         assert_eq!(p.read_bytes(), 9007);
     }

@@ -51,22 +51,15 @@ pub fn choose(path: PathChoice, hot_fraction: f64, facts: &FileFacts) -> Result<
     };
     let pick = |reader, reason: String| Ok(Choice { reader, reason });
     match path {
-        PathChoice::Buffered => pick(
-            ReaderKind::Buffered,
-            format!("forced by config ({resident})"),
-        ),
+        PathChoice::Buffered => {
+            pick(ReaderKind::Buffered, format!("forced by config ({resident})"))
+        }
         PathChoice::Direct => {
             if let Err(reason) = &facts.direct {
-                return Err(Error::Unavailable {
-                    what: "O_DIRECT",
-                    reason: reason.clone(),
-                });
+                return Err(Error::Unavailable { what: "O_DIRECT", reason: reason.clone() });
             }
             if let Err(reason) = &facts.io_uring {
-                return Err(Error::Unavailable {
-                    what: "io_uring",
-                    reason: reason.clone(),
-                });
+                return Err(Error::Unavailable { what: "io_uring", reason: reason.clone() });
             }
             pick(ReaderKind::Direct, format!("forced by config ({resident})"))
         }
@@ -83,10 +76,7 @@ pub fn choose(path: PathChoice, hot_fraction: f64, facts: &FileFacts) -> Result<
             if let Err(reason) = &facts.io_uring {
                 return pick(ReaderKind::Buffered, format!("{resident}, but {reason}"));
             }
-            pick(
-                ReaderKind::Direct,
-                format!("{resident}: cold, read around the page cache"),
-            )
+            pick(ReaderKind::Direct, format!("{resident}: cold, read around the page cache"))
         }
     }
 }
@@ -102,11 +92,7 @@ mod tests {
             } else {
                 Err("its file system does not support O_DIRECT".into())
             },
-            io_uring: if uring {
-                Ok(())
-            } else {
-                Err("kernel.io_uring_disabled is 2".into())
-            },
+            io_uring: if uring { Ok(()) } else { Err("kernel.io_uring_disabled is 2".into()) },
             resident,
         }
     }
@@ -117,66 +103,17 @@ mod tests {
         use ReaderKind::{Buffered, Direct};
         // (path, direct ok, io_uring ok, resident, expected reader or None for an error, reason contains)
         let cases = [
-            (
-                Auto,
-                true,
-                true,
-                Some(0.0),
-                Some(Direct),
-                "0% in page cache: cold",
-            ),
+            (Auto, true, true, Some(0.0), Some(Direct), "0% in page cache: cold"),
             (Auto, true, true, None, Some(Direct), "unknown"),
             (Auto, true, true, Some(0.49), Some(Direct), "49%"),
             (Auto, true, true, Some(0.5), Some(Buffered), "hot"),
-            (
-                Auto,
-                true,
-                true,
-                Some(1.0),
-                Some(Buffered),
-                "100% in page cache: hot",
-            ),
-            (
-                Auto,
-                false,
-                true,
-                Some(0.0),
-                Some(Buffered),
-                "does not support O_DIRECT",
-            ),
-            (
-                Auto,
-                true,
-                false,
-                Some(0.0),
-                Some(Buffered),
-                "io_uring_disabled",
-            ),
-            (
-                ForceBuffered,
-                true,
-                true,
-                Some(0.0),
-                Some(Buffered),
-                "forced",
-            ),
+            (Auto, true, true, Some(1.0), Some(Buffered), "100% in page cache: hot"),
+            (Auto, false, true, Some(0.0), Some(Buffered), "does not support O_DIRECT"),
+            (Auto, true, false, Some(0.0), Some(Buffered), "io_uring_disabled"),
+            (ForceBuffered, true, true, Some(0.0), Some(Buffered), "forced"),
             (ForceDirect, true, true, Some(1.0), Some(Direct), "forced"),
-            (
-                ForceDirect,
-                false,
-                true,
-                Some(0.0),
-                None,
-                "O_DIRECT is not available",
-            ),
-            (
-                ForceDirect,
-                true,
-                false,
-                Some(0.0),
-                None,
-                "io_uring is not available",
-            ),
+            (ForceDirect, false, true, Some(0.0), None, "O_DIRECT is not available"),
+            (ForceDirect, true, false, Some(0.0), None, "io_uring is not available"),
         ];
         for (path, direct, uring, resident, want, text) in cases {
             let got = choose(path, 0.5, &facts(direct, uring, resident));

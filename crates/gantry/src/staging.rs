@@ -35,9 +35,7 @@ impl Arena {
     /// Maps `count` buffers of `buffer_bytes` (a multiple of the page size).
     pub fn new(buffer_bytes: usize, count: usize) -> Result<Self> {
         assert!(buffer_bytes > 0 && buffer_bytes % 4096 == 0 && count > 0);
-        let len = buffer_bytes
-            .checked_mul(count)
-            .expect("staging size overflows");
+        let len = buffer_bytes.checked_mul(count).expect("staging size overflows");
         // SAFETY: an anonymous private mapping with no address hint has no preconditions.
         let ptr = unsafe {
             libc::mmap(
@@ -51,17 +49,10 @@ impl Arena {
         };
         if ptr == libc::MAP_FAILED {
             let source = std::io::Error::last_os_error();
-            return Err(Error::Resource {
-                what: "mapping the staging ring",
-                source,
-            });
+            return Err(Error::Resource { what: "mapping the staging ring", source });
         }
         let base = NonNull::new(ptr.cast()).expect("mmap returned null");
-        Ok(Self {
-            base,
-            buffer_bytes,
-            count,
-        })
+        Ok(Self { base, buffer_bytes, count })
     }
 
     /// Bytes per buffer.
@@ -112,10 +103,7 @@ impl Drop for Arena {
         // SAFETY: base/len are the mapping made in `new`; no lease outlives the pool that
         // holds an `Arc<Arena>`.
         if unsafe { libc::munmap(self.base.as_ptr().cast(), self.len()) } != 0 {
-            log::warn!(
-                "munmap of the staging ring failed: {}",
-                std::io::Error::last_os_error()
-            );
+            log::warn!("munmap of the staging ring failed: {}", std::io::Error::last_os_error());
         }
     }
 }
@@ -140,10 +128,7 @@ impl Pool {
         let free = (0..arena.count()).rev().collect();
         Arc::new(Self {
             arena,
-            state: Mutex::new(PoolState {
-                free,
-                closed: false,
-            }),
+            state: Mutex::new(PoolState { free, closed: false }),
             returned: Condvar::new(),
         })
     }
@@ -161,10 +146,7 @@ impl Pool {
                 return None;
             }
             if let Some(index) = state.free.pop() {
-                return Some(Lease {
-                    pool: Arc::clone(self),
-                    index,
-                });
+                return Some(Lease { pool: Arc::clone(self), index });
             }
             self.returned.wait(&mut state);
         }
@@ -176,10 +158,7 @@ impl Pool {
         if state.closed {
             return None;
         }
-        state.free.pop().map(|index| Lease {
-            pool: Arc::clone(self),
-            index,
-        })
+        state.free.pop().map(|index| Lease { pool: Arc::clone(self), index })
     }
 
     /// Wakes every waiter and makes later acquires return `None` (used on error).

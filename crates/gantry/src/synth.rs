@@ -46,14 +46,7 @@ impl SynthSpec {
         let h = ((-b + (b * b + 4.0 * a * params).sqrt()) / (2.0 * a)).max(64.0);
         let hidden = ((h / 64.0).round() as u64).max(1) * 64;
         let shards = (bytes.div_ceil(5_000_000_000) as usize).max(2);
-        SynthSpec {
-            vocab,
-            hidden,
-            intermediate: hidden * 7 / 2,
-            kv: hidden / 4,
-            layers,
-            shards,
-        }
+        SynthSpec { vocab, hidden, intermediate: hidden * 7 / 2, kv: hidden / 4, layers, shards }
     }
 
     /// Every tensor as (name, shape), in the order Hugging Face writes them.
@@ -79,10 +72,7 @@ impl SynthSpec {
 
     /// Total tensor bytes (bf16).
     pub fn total_bytes(&self) -> u64 {
-        self.tensors()
-            .iter()
-            .map(|(_, s)| 2 * s.iter().product::<u64>())
-            .sum()
+        self.tensors().iter().map(|(_, s)| 2 * s.iter().product::<u64>()).sum()
     }
 }
 
@@ -121,11 +111,7 @@ pub fn write_checkpoint(dir: &Path, spec: &SynthSpec, seed: u64) -> Result<PathB
     }
     let index = format!(
         "{{\"metadata\":{{\"total_size\":{total}}},\"weight_map\":{{{}}}}}\n",
-        weight_map
-            .iter()
-            .map(|(t, s)| format!("\"{t}\":\"{s}\""))
-            .collect::<Vec<_>>()
-            .join(",")
+        weight_map.iter().map(|(t, s)| format!("\"{t}\":\"{s}\"")).collect::<Vec<_>>().join(",")
     );
     fs::write(&index_path, index).map_err(io("writing the index"))?;
     fs::write(&stamp, stamp_text).map_err(io("writing the checkpoint stamp"))?;
@@ -197,10 +183,7 @@ mod tests {
         for gib in [1u64, 4, 16] {
             let target = gib << 30;
             let got = SynthSpec::for_bytes(target).total_bytes() as f64;
-            assert!(
-                (got / target as f64 - 1.0).abs() < 0.1,
-                "{gib} GiB -> {got}"
-            );
+            assert!((got / target as f64 - 1.0).abs() < 0.1, "{gib} GiB -> {got}");
         }
     }
 }

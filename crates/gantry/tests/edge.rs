@@ -9,25 +9,14 @@ use gantry::{Config, Dtype, Error, Loader, PathChoice};
 #[test]
 fn odd_file_sizes() {
     let dir = scratch();
-    for (i, n) in [1usize, 4095, 4097, 8191, 12289, 100_003]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, n) in [1usize, 4095, 4097, 8191, 12289, 100_003].into_iter().enumerate() {
         let path = path_of(&dir, &format!("odd{i}.safetensors"));
-        write_file(
-            &path,
-            &[(Dtype::U8, vec![n]), (Dtype::U8, vec![3])],
-            i as u64,
-        );
+        write_file(&path, &[(Dtype::U8, vec![n]), (Dtype::U8, vec![3])], i as u64);
         assert_ne!(std::fs::metadata(&path).unwrap().len() % 4096, 0);
         for reader in [PathChoice::Direct, PathChoice::Buffered] {
-            let loader = Loader::new(
-                Config::default()
-                    .path(reader)
-                    .chunk_bytes(8192)
-                    .staging_bytes(32768),
-            )
-            .unwrap();
+            let loader =
+                Loader::new(Config::default().path(reader).chunk_bytes(8192).staging_bytes(32768))
+                    .unwrap();
             assert_matches_reference(&loader.load(&path).unwrap(), 2);
         }
     }
@@ -37,19 +26,14 @@ fn odd_file_sizes() {
 fn ten_thousand_small_tensors() {
     let dir = scratch();
     let path = path_of(&dir, "many.safetensors");
-    let tensors: Vec<(Dtype, Vec<usize>)> = (0..10_000)
-        .map(|i| (Dtype::BF16, vec![1 + i % 17]))
-        .collect();
+    let tensors: Vec<(Dtype, Vec<usize>)> =
+        (0..10_000).map(|i| (Dtype::BF16, vec![1 + i % 17])).collect();
     write_file(&path, &tensors, 3);
     for reader in [PathChoice::Direct, PathChoice::Buffered] {
         let loader = Loader::new(Config::default().path(reader).chunk_bytes(64 << 10)).unwrap();
         let mut ready = 0;
         let model = loader
-            .load_with(
-                gantry::Checkpoint::open(&path).unwrap(),
-                |_| true,
-                |_| ready += 1,
-            )
+            .load_with(gantry::Checkpoint::open(&path).unwrap(), |_| true, |_| ready += 1)
             .unwrap();
         assert_matches_reference(&model, 10_000);
         assert_eq!(ready, 10_000);
@@ -60,23 +44,11 @@ fn ten_thousand_small_tensors() {
 fn zero_size_tensors_and_empty_checkpoint() {
     let dir = scratch();
     let path = path_of(&dir, "zero.safetensors");
-    write_file(
-        &path,
-        &[
-            (Dtype::F32, vec![0]),
-            (Dtype::U8, vec![5]),
-            (Dtype::F16, vec![3, 0]),
-        ],
-        1,
-    );
+    write_file(&path, &[(Dtype::F32, vec![0]), (Dtype::U8, vec![5]), (Dtype::F16, vec![3, 0])], 1);
     let loader = Loader::new(Config::default().path(PathChoice::Direct)).unwrap();
     let mut ready = 0;
     let model = loader
-        .load_with(
-            gantry::Checkpoint::open(&path).unwrap(),
-            |_| true,
-            |_| ready += 1,
-        )
+        .load_with(gantry::Checkpoint::open(&path).unwrap(), |_| true, |_| ready += 1)
         .unwrap();
     assert_matches_reference(&model, 3);
     assert_eq!(ready, 3);
@@ -97,35 +69,20 @@ fn tmpfs_is_read_buffered_and_forced_direct_never_falls_back() {
     };
     let path = dir.path().join("shm.safetensors");
     write_file(&path, &[(Dtype::F32, vec![5000])], 2);
-    std::fs::File::open(&path)
-        .map(|f| gantry::io::probe::evict(&f))
-        .unwrap()
-        .ok();
+    std::fs::File::open(&path).map(|f| gantry::io::probe::evict(&f)).unwrap().ok();
     let auto = Loader::new(Config::default()).unwrap().load(&path).unwrap();
     assert_matches_reference(&auto, 1);
     let file = &auto.report().files[0];
     assert_eq!(file.reader, Some(gantry::ReaderKind::Buffered));
     // tmpfs accepts O_DIRECT since Linux 6.6; before, forcing it is an error, not a fallback.
-    match Loader::new(Config::default().path(PathChoice::Direct))
-        .unwrap()
-        .load(&path)
-    {
+    match Loader::new(Config::default().path(PathChoice::Direct)).unwrap().load(&path) {
         Ok(model) => {
             assert!(gantry::io::probe::open_direct(&path).is_ok());
             assert_matches_reference(&model, 1);
         }
         Err(err) => {
             assert!(gantry::io::probe::open_direct(&path).is_err());
-            assert!(
-                matches!(
-                    err,
-                    Error::Unavailable {
-                        what: "O_DIRECT",
-                        ..
-                    }
-                ),
-                "{err}"
-            );
+            assert!(matches!(err, Error::Unavailable { what: "O_DIRECT", .. }), "{err}");
         }
     }
 }
@@ -135,14 +92,9 @@ fn io_uring_off_by_config_uses_threads() {
     let dir = scratch();
     let path = path_of(&dir, "m.safetensors");
     write_file(&path, &[(Dtype::F32, vec![70_000])], 5);
-    let model = Loader::new(Config::default().path(PathChoice::Buffered))
-        .unwrap()
-        .load(&path)
-        .unwrap();
-    assert_eq!(
-        model.report().files[0].reader,
-        Some(gantry::ReaderKind::Buffered)
-    );
+    let model =
+        Loader::new(Config::default().path(PathChoice::Buffered)).unwrap().load(&path).unwrap();
+    assert_eq!(model.report().files[0].reader, Some(gantry::ReaderKind::Buffered));
     assert!(!model.report().registered_buffers);
     assert_matches_reference(&model, 1);
 }

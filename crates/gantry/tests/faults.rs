@@ -52,9 +52,8 @@ impl FaultInjector for At {
 fn checkpoint() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = scratch();
     let path = path_of(&dir, "m.safetensors");
-    let tensors: Vec<(Dtype, Vec<usize>)> = (0..12)
-        .map(|i| (Dtype::F32, vec![1000 + 37 * i, 3]))
-        .collect();
+    let tensors: Vec<(Dtype, Vec<usize>)> =
+        (0..12).map(|i| (Dtype::F32, vec![1000 + 37 * i, 3])).collect();
     write_file(&path, &tensors, 9);
     (dir, path)
 }
@@ -84,8 +83,7 @@ fn with_deadline(
     std::thread::spawn(move || {
         let _ = tx.send(f());
     });
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("the load hung")
+    rx.recv_timeout(Duration::from_secs(60)).expect("the load hung")
 }
 
 const READERS: [PathChoice; 2] = [PathChoice::Direct, PathChoice::Buffered];
@@ -101,10 +99,7 @@ fn transient_faults_still_give_correct_data() {
     let (_dir, path) = checkpoint();
     for reader in READERS {
         for (name, kind) in kinds {
-            let fault = Arc::new(Once {
-                kind,
-                seen: Mutex::new(HashSet::new()),
-            });
+            let fault = Arc::new(Once { kind, seen: Mutex::new(HashSet::new()) });
             let model = load(&path, reader, fault.clone())
                 .unwrap_or_else(|e| panic!("{reader:?} {name}: {e}"));
             assert_matches_reference(&model, 12);
@@ -121,25 +116,10 @@ fn eio_names_file_and_offset() {
     let (_dir, path) = checkpoint();
     let at = 70_000;
     for reader in READERS {
-        let err = load(
-            &path,
-            reader,
-            Arc::new(At {
-                at,
-                errno: libc::EIO,
-            }),
-        )
-        .expect_err("EIO must fail the load");
+        let err = load(&path, reader, Arc::new(At { at, errno: libc::EIO }))
+            .expect_err("EIO must fail the load");
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-        let Error::Io {
-            path: p,
-            offset,
-            len,
-            ..
-        } = &err
-        else {
-            panic!("{err:?}")
-        };
+        let Error::Io { path: p, offset, len, .. } = &err else { panic!("{err:?}") };
         assert_eq!(p, &path);
         assert!(*offset <= at && at < offset + len, "{reader:?}: {err}");
         let message = err.to_string();
@@ -154,15 +134,8 @@ fn eio_names_file_and_offset() {
 fn early_end_of_file_is_truncation() {
     let (_dir, path) = checkpoint();
     for reader in READERS {
-        let err = load(
-            &path,
-            reader,
-            Arc::new(At {
-                at: 50_000,
-                errno: 0,
-            }),
-        )
-        .expect_err("EOF must fail the load");
+        let err = load(&path, reader, Arc::new(At { at: 50_000, errno: 0 }))
+            .expect_err("EOF must fail the load");
         assert!(matches!(err, Error::Truncated { .. }), "{reader:?}: {err}");
     }
 }
@@ -175,19 +148,11 @@ fn file_truncated_after_planning() {
         let len = std::fs::metadata(&path).unwrap().len();
         let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         file.set_len(len - 5000).unwrap();
-        let config = Config::default()
-            .path(reader)
-            .chunk_bytes(16 << 10)
-            .staging_bytes(64 << 10);
+        let config = Config::default().path(reader).chunk_bytes(16 << 10).staging_bytes(64 << 10);
         let err =
             with_deadline(move || Loader::new(config)?.load_with(checkpoint, |_| true, |_| {}))
                 .expect_err("truncated file must fail");
-        let Error::Truncated {
-            path: p,
-            offset,
-            expected_len,
-        } = &err
-        else {
+        let Error::Truncated { path: p, offset, expected_len } = &err else {
             panic!("{reader:?}: {err:?}")
         };
         assert_eq!((p, *expected_len), (&path, len));

@@ -9,14 +9,8 @@ use common::*;
 use gantry::{Checkpoint, Config, Dtype, Loader, PathChoice};
 use proptest::prelude::*;
 
-const DTYPES: &[Dtype] = &[
-    Dtype::U8,
-    Dtype::BF16,
-    Dtype::F32,
-    Dtype::F64,
-    Dtype::I16,
-    Dtype::F8_E4M3,
-];
+const DTYPES: &[Dtype] =
+    &[Dtype::U8, Dtype::BF16, Dtype::F32, Dtype::F64, Dtype::I16, Dtype::F8_E4M3];
 
 fn layout() -> impl Strategy<Value = Vec<(Dtype, Vec<usize>)>> {
     let dims = prop_oneof![
@@ -130,10 +124,7 @@ fn sharded_synthetic_checkpoint_both_readers() {
     let index = gantry::synth::write_checkpoint(dir.path(), &spec, 42).unwrap();
     for path in [PathChoice::Direct, PathChoice::Buffered, PathChoice::Auto] {
         let loader = Loader::new(
-            Config::default()
-                .path(path)
-                .chunk_bytes(64 << 10)
-                .staging_bytes(256 << 10),
+            Config::default().path(path).chunk_bytes(64 << 10).staging_bytes(256 << 10),
         )
         .unwrap();
         let model = loader.load(&index).unwrap();
@@ -157,19 +148,12 @@ fn files_with_nothing_wanted_are_not_read() {
     let index = gantry::synth::write_checkpoint(dir.path(), &spec, 1).unwrap();
     let checkpoint = Checkpoint::open(&index).unwrap();
     let loader = Loader::new(Config::default()).unwrap();
-    let model = loader
-        .load_with(checkpoint, |t| t.file.0 == 0, |_| {})
-        .unwrap();
+    let model = loader.load_with(checkpoint, |t| t.file.0 == 0, |_| {}).unwrap();
     let files = &model.report().files;
     assert!(files[0].reader.is_some() && files[0].read_bytes > 0);
     assert!(files[1].reader.is_none() && files[1].read_bytes == 0);
     assert_matches_reference(
         &model,
-        model
-            .checkpoint()
-            .tensors
-            .iter()
-            .filter(|t| t.file.0 == 0)
-            .count(),
+        model.checkpoint().tensors.iter().filter(|t| t.file.0 == 0).count(),
     );
 }

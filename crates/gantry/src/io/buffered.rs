@@ -58,10 +58,8 @@ pub fn run_staged(
                     };
                     let job = jobs[i];
                     let buf = &mut lease.as_mut_slice()[..job.len as usize];
-                    let message = read_full(shared, job, buf).map(|()| Message::Staged {
-                        extent: job.extent,
-                        lease,
-                    });
+                    let message = read_full(shared, job, buf)
+                        .map(|()| Message::Staged { extent: job.extent, lease });
                     let failed = message.is_err();
                     if tx.send(message).is_err() || failed {
                         return;

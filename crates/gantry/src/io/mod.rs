@@ -97,9 +97,7 @@ pub fn complete(result: i64, start: u64, needed: u64) -> Completion {
         },
         0 => Completion::Truncated { at: start },
         r if start + r as u64 >= needed => Completion::Done,
-        r => Completion::Continue {
-            valid: start + r as u64,
-        },
+        r => Completion::Continue { valid: start + r as u64 },
     }
 }
 
@@ -143,19 +141,10 @@ mod tests {
             (0, 300, 4096, Completion::Truncated { at: 300 }),
             (-(libc::EINTR as i64), 0, 10, Completion::Retry),
             (-(libc::EAGAIN as i64), 0, 10, Completion::Retry),
-            (
-                -(libc::EIO as i64),
-                0,
-                10,
-                Completion::Failed { errno: libc::EIO },
-            ),
+            (-(libc::EIO as i64), 0, 10, Completion::Failed { errno: libc::EIO }),
         ];
         for (result, start, needed, want) in cases {
-            assert_eq!(
-                complete(result, start, needed),
-                want,
-                "{result} {start} {needed}"
-            );
+            assert_eq!(complete(result, start, needed), want, "{result} {start} {needed}");
         }
     }
 }

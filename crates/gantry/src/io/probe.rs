@@ -31,14 +31,12 @@ pub fn io_uring() -> Result<(), String> {
 /// Opens `path` with `O_DIRECT` and returns it with the alignment its file system asks for
 /// (at least 4096); `Err` says why direct I/O cannot be used.
 pub fn open_direct(path: &Path) -> Result<(File, u64), String> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
+    let file = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).map_err(
+        |e| match e.raw_os_error() {
             Some(libc::EINVAL) => "its file system does not support O_DIRECT".to_owned(),
             _ => format!("open with O_DIRECT failed: {e}"),
-        })?;
+        },
+    )?;
     let align = dio_alignment(&file).max(4096);
     Ok((file, align))
 }
@@ -67,10 +65,7 @@ fn dio_alignment(file: &File) -> u64 {
 /// Soft `RLIMIT_MEMLOCK` in bytes (`u64::MAX` for unlimited) and whether the process may
 /// exceed it anyway (`CAP_IPC_LOCK`).
 pub fn memlock() -> (u64, bool) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: valid out pointer.
     let limit = if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } == 0 {
         if lim.rlim_cur == libc::RLIM_INFINITY {
@@ -132,10 +127,7 @@ fn cachestat(file: &File, offset: u64, len: u64) -> Option<f64> {
     }
     let page = page_size();
     let begin = offset - offset % page;
-    let range = Range {
-        off: begin,
-        len: offset + len - begin,
-    };
+    let range = Range { off: begin, len: offset + len - begin };
     let mut stat = Stat::default();
     // SAFETY: valid fd and pointers to properly laid-out structs; flags must be 0.
     let rc = unsafe { libc::syscall(SYS_CACHESTAT, file.as_raw_fd(), &range, &mut stat, 0) };

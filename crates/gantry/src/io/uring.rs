@@ -108,17 +108,11 @@ impl<'a> Reader<'a> {
             .setup_coop_taskrun()
             .build(entries)
             .or_else(|_| IoUring::new(entries))
-            .map_err(|source| Error::Resource {
-                what: "io_uring setup",
-                source,
-            })?;
+            .map_err(|source| Error::Resource { what: "io_uring setup", source })?;
         let fds: Vec<i32> = files.iter().map(|f| f.file.as_raw_fd()).collect();
         ring.submitter()
             .register_files(&fds)
-            .map_err(|source| Error::Resource {
-                what: "io_uring file registration",
-                source,
-            })?;
+            .map_err(|source| Error::Resource { what: "io_uring file registration", source })?;
         let mut fixed_buffers = false;
         if settings.register_buffers && pool.is_some() {
             let iovecs = pool.map_or_else(Vec::new, |p| p.arena().iovecs());
@@ -164,17 +158,8 @@ impl<'a> Reader<'a> {
                         None => break,
                     },
                 };
-                let slot = self
-                    .slots
-                    .iter()
-                    .position(Option::is_none)
-                    .expect("a free slot");
-                self.slots[slot] = Some(Slot {
-                    job: jobs[next],
-                    buffer,
-                    valid: 0,
-                    start: 0,
-                });
+                let slot = self.slots.iter().position(Option::is_none).expect("a free slot");
+                self.slots[slot] = Some(Slot { job: jobs[next], buffer, valid: 0, start: 0 });
                 self.push(slot);
                 self.in_flight += 1;
                 next += 1;
@@ -186,19 +171,10 @@ impl<'a> Reader<'a> {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(source) => {
-                    return Err(Error::Resource {
-                        what: "io_uring submit",
-                        source,
-                    })
-                }
+                Err(source) => return Err(Error::Resource { what: "io_uring submit", source }),
             }
             reaped.clear();
-            reaped.extend(
-                self.ring
-                    .completion()
-                    .map(|c| (c.user_data() as usize, c.result())),
-            );
+            reaped.extend(self.ring.completion().map(|c| (c.user_data() as usize, c.result())));
             for (i, &(slot, result)) in reaped.iter().enumerate() {
                 match self.on_completion(slot, result) {
                     Ok(None) => {}
@@ -221,19 +197,13 @@ impl<'a> Reader<'a> {
     /// Acts on one completion: a finished extent comes back for the consumer; a short read or
     /// an interrupted one is issued again.
     fn on_completion(&mut self, slot: usize, result: i32) -> Result<Option<Message>> {
-        let s = self.slots[slot]
-            .as_mut()
-            .expect("completion for an empty slot");
+        let s = self.slots[slot].as_mut().expect("completion for an empty slot");
         let (align, job) = (self.files[s.job.file].align, s.job);
         let request_len = job.len.next_multiple_of(align) - s.start;
         let mut result = i64::from(result);
         if let Some(fault) = self.fault {
-            result = fault.rewrite(
-                self.file_ids[job.file],
-                job.offset + s.start,
-                request_len,
-                result,
-            );
+            result =
+                fault.rewrite(self.file_ids[job.file], job.offset + s.start, request_len, result);
         }
         let mut completion = complete(result, s.start, job.len);
         if let Completion::Continue { valid } = completion {
@@ -248,10 +218,7 @@ impl<'a> Reader<'a> {
                 let s = self.slots[slot].take().expect("slot");
                 self.in_flight -= 1;
                 Ok(Some(match s.buffer {
-                    Buffer::Staging(lease) => Message::Staged {
-                        extent: job.extent,
-                        lease,
-                    },
+                    Buffer::Staging(lease) => Message::Staged { extent: job.extent, lease },
                     Buffer::Target(_) => Message::Direct { extent: job.extent },
                 }))
             }
@@ -268,13 +235,7 @@ impl<'a> Reader<'a> {
             failed => {
                 let start = s.start;
                 self.release(&[(slot, 0)]);
-                Err(read_error(
-                    &self.files[job.file],
-                    job.offset,
-                    start,
-                    request_len,
-                    failed,
-                ))
+                Err(read_error(&self.files[job.file], job.offset, start, request_len, failed))
             }
         }
     }
@@ -297,9 +258,7 @@ impl<'a> Reader<'a> {
         let fd = types::Fixed(s.job.file as u32);
         let offset = s.job.offset + s.start;
         let entry = match fixed {
-            Some(index) => opcode::ReadFixed::new(fd, buf, len, index)
-                .offset(offset)
-                .build(),
+            Some(index) => opcode::ReadFixed::new(fd, buf, len, index).offset(offset).build(),
             None => opcode::Read::new(fd, buf, len).offset(offset).build(),
         };
         self.submit_entry(entry.user_data(slot as u64));
@@ -342,18 +301,11 @@ impl<'a> Reader<'a> {
                         "io_uring wait while draining failed: {e}; leaking {} staging buffers",
                         self.in_flight
                     );
-                    self.slots
-                        .iter_mut()
-                        .filter_map(Option::take)
-                        .for_each(std::mem::forget);
+                    self.slots.iter_mut().filter_map(Option::take).for_each(std::mem::forget);
                     return;
                 }
             }
-            let done: Vec<usize> = self
-                .ring
-                .completion()
-                .map(|c| c.user_data() as usize)
-                .collect();
+            let done: Vec<usize> = self.ring.completion().map(|c| c.user_data() as usize).collect();
             for slot in done {
                 if self.slots[slot].take().is_some() {
                     self.in_flight -= 1;

@@ -37,10 +37,7 @@ impl HostBuffer {
     /// `len` zeroed bytes (no memory is touched until written).
     pub fn new(len: usize) -> Result<Self> {
         if len == 0 {
-            return Ok(Self {
-                ptr: NonNull::dangling(),
-                len: 0,
-            });
+            return Ok(Self { ptr: NonNull::dangling(), len: 0 });
         }
         // SAFETY: an anonymous private mapping with no address hint has no preconditions.
         let ptr = unsafe {
@@ -64,10 +61,7 @@ impl HostBuffer {
             // SAFETY: advice on the mapping just made; failure only loses the hint.
             unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
         }
-        Ok(Self {
-            ptr: NonNull::new(ptr.cast()).expect("mmap returned null"),
-            len,
-        })
+        Ok(Self { ptr: NonNull::new(ptr.cast()).expect("mmap returned null"), len })
     }
 }
 
@@ -90,10 +84,7 @@ impl Drop for HostBuffer {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`.
         if self.len > 0 && unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) } != 0 {
-            log::warn!(
-                "munmap of a host buffer failed: {}",
-                std::io::Error::last_os_error()
-            );
+            log::warn!("munmap of a host buffer failed: {}", std::io::Error::last_os_error());
         }
     }
 }
@@ -182,10 +173,7 @@ impl HostSink {
                 None => tensors.push((std::ptr::null_mut(), 0)),
             }
         }
-        Ok(Self {
-            tensors,
-            files: vec![None; checkpoint.files.len()],
-        })
+        Ok(Self { tensors, files: vec![None; checkpoint.files.len()] })
     }
 
     /// Which tensors have a destination.
@@ -196,13 +184,7 @@ impl HostSink {
     /// Read access to the destinations, for handing landed tensors to the caller while the
     /// load goes on.
     pub fn views(&self) -> LandedViews {
-        LandedViews {
-            tensors: self
-                .tensors
-                .iter()
-                .map(|&(p, l)| (p.cast_const(), l))
-                .collect(),
-        }
+        LandedViews { tensors: self.tensors.iter().map(|&(p, l)| (p.cast_const(), l)).collect() }
     }
 }
 
@@ -244,20 +226,14 @@ impl Sink for HostSink {
             }
             // SAFETY: inside the file buffer, checked just above.
             let ptr = unsafe { fb.base.add((extent.offset - fb.file_start) as usize) };
-            return (ptr as u64 % align == 0).then_some(RawTarget {
-                ptr,
-                len: len as usize,
-            });
+            return (ptr as u64 % align == 0).then_some(RawTarget { ptr, len: len as usize });
         }
         match steps {
             [s] if s.len == extent.len && len == extent.len => {
                 let (ptr, _) = self.tensors[s.tensor];
                 // SAFETY: the step lies inside the tensor, whose destination is its full length.
                 let ptr = unsafe { ptr.add(s.target_offset as usize) };
-                (ptr as u64 % align == 0).then_some(RawTarget {
-                    ptr,
-                    len: len as usize,
-                })
+                (ptr as u64 % align == 0).then_some(RawTarget { ptr, len: len as usize })
             }
             _ => None,
         }

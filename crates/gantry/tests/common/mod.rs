@@ -29,10 +29,7 @@ pub fn write_file(path: &Path, tensors: &[(Dtype, Vec<usize>)], seed: u64) {
         .zip(&data)
         .enumerate()
         .map(|(i, ((dtype, shape), d))| {
-            (
-                format!("t{i:05}"),
-                TensorView::new(*dtype, shape.clone(), d).unwrap(),
-            )
+            (format!("t{i:05}"), TensorView::new(*dtype, shape.clone(), d).unwrap())
         })
         .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
