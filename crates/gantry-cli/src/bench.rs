@@ -10,10 +10,10 @@ use std::error::Error;
 use std::path::Path;
 
 use gantry::baseline::{self, Measured, Prefaulted};
-use gantry::{Checkpoint, Loader};
+use gantry::{Checkpoint, CudaDevice, Loader};
 use serde::Serialize;
 
-use crate::load::{json_files, load_host, JsonFile};
+use crate::load::{json_files, load_device, load_host, JsonFile};
 use crate::options::{Device, LoadOptions};
 
 const CEILING_REQUEST_BYTES: usize = 64 << 20;
@@ -37,7 +37,11 @@ pub struct Args {
 
 #[derive(Serialize, Clone, Copy)]
 struct Run {
+    /// The lower of the storage ceiling and (on a GPU) the pinned host-to-device ceiling.
     ceiling_gb_per_s: f64,
+    storage_gb_per_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    h2d_gb_per_s: Option<f64>,
     gantry_gb_per_s: f64,
     ratio: f64,
     /// gantry re-reading into memory it already holds, like the ceiling's pre-faulted buffer.
@@ -61,14 +65,15 @@ struct JsonBench {
 }
 
 pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
-    if args.options.device != Device::Cpu {
-        return Err("CUDA devices are not supported by this build yet".into());
-    }
     if args.repeat == 0 {
         return Err("--repeat must be at least 1".into());
     }
     let loader = Loader::new(args.options.config()?)?;
     let checkpoint = Checkpoint::open(&args.options.path)?;
+    let gpu = match args.options.device {
+        Device::Cpu => None,
+        Device::Cuda(n) => Some(CudaDevice::open(n)?),
+    };
     let paths: Vec<&Path> = checkpoint.files.iter().map(|f| f.path.as_path()).collect();
     let ceiling_name = if args.cold {
         format!(
@@ -90,25 +95,47 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         let (mut ceiling, mut gantry, mut reload) = (None, None, None);
         for step in 0..2 {
             if (step == 0) == (r % 2 == 0) {
-                ceiling = Some(measure_ceiling(&paths, args.cold)?);
+                let storage = measure_ceiling(&paths, args.cold)?.gb_per_s();
+                let h2d = match &gpu {
+                    Some(gpu) => {
+                        let bytes = (checkpoint.total_bytes() as usize).clamp(1 << 30, 16 << 30);
+                        Some(baseline::pinned_h2d(gpu, bytes)?.gb_per_s())
+                    }
+                    None => None,
+                };
+                ceiling = Some((storage, h2d));
             } else {
-                if args.cold {
-                    baseline::evict(&paths)?;
-                }
-                let mut model = load_host(&loader, checkpoint.clone(), false)?;
-                files = json_files(model.report());
-                gantry = Some(model.report().gb_per_s());
-                if args.cold {
-                    baseline::evict(&paths)?;
-                }
-                loader.reload(&mut model)?;
-                reload = Some(model.report().gb_per_s());
+                let evict = || if args.cold { baseline::evict(&paths) } else { Ok(()) };
+                evict()?;
+                let (g, r) = match &gpu {
+                    None => {
+                        let mut model = load_host(&loader, checkpoint.clone(), false)?;
+                        files = json_files(model.report());
+                        let g = model.report().gb_per_s();
+                        evict()?;
+                        loader.reload(&mut model)?;
+                        (g, model.report().gb_per_s())
+                    }
+                    Some(gpu) => {
+                        let mut model = load_device(&loader, checkpoint.clone(), gpu, false)?;
+                        files = json_files(model.report());
+                        let g = model.report().gb_per_s();
+                        evict()?;
+                        loader.reload_device(&mut model)?;
+                        (g, model.report().gb_per_s())
+                    }
+                };
+                gantry = Some(g);
+                reload = Some(r);
             }
         }
-        let c = ceiling.expect("measured").gb_per_s();
+        let (storage, h2d) = ceiling.expect("measured");
+        let c = h2d.map_or(storage, |h| h.min(storage));
         let (g, r) = (gantry.expect("measured"), reload.expect("measured"));
         runs.push(Run {
             ceiling_gb_per_s: c,
+            storage_gb_per_s: storage,
+            h2d_gb_per_s: h2d,
             gantry_gb_per_s: g,
             ratio: g / c,
             gantry_reload_gb_per_s: r,
@@ -122,7 +149,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     };
     let out = JsonBench {
         cold: args.cold,
-        device: "cpu".to_owned(),
+        device: gpu.as_ref().map_or("cpu".to_owned(), |g| format!("cuda:{}", g.ordinal())),
         bytes: checkpoint.total_bytes(),
         ceiling: ceiling_name,
         median_ceiling_gb_per_s: median(|r| r.ceiling_gb_per_s),
@@ -137,12 +164,25 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         println!("{}", serde_json::to_string(&out)?);
         return Ok(());
     }
+    let target =
+        if gpu.is_some() { format!("{} memory", out.device) } else { "host memory".into() };
     println!(
-        "{} load of {} bytes into host memory; ceiling: {}",
+        "{} load of {} bytes into {target}; storage ceiling: {}{}",
         if args.cold { "cold" } else { "warm" },
         out.bytes,
-        out.ceiling
+        out.ceiling,
+        if gpu.is_some() { "; ceiling = lower of storage and pinned host-to-device" } else { "" }
     );
+    if gpu.is_some() {
+        for (i, r) in out.runs.iter().enumerate() {
+            println!(
+                "run {}: storage {:.2} GB/s, pinned host-to-device {:.2} GB/s",
+                i + 1,
+                r.storage_gb_per_s,
+                r.h2d_gb_per_s.unwrap_or(0.0)
+            );
+        }
+    }
     println!("gantry: into new memory; reload: into memory the model already holds");
     println!(
         "{:>6}  {:>12}  {:>11}  {:>6}  {:>11}  {:>6}",

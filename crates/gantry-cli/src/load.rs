@@ -3,7 +3,7 @@
 use std::error::Error;
 use std::io::IsTerminal;
 
-use gantry::{Checkpoint, HostModel, LoadReport, Loader};
+use gantry::{Checkpoint, CudaDevice, DeviceModel, HostModel, LoadReport, Loader};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -26,6 +26,9 @@ pub struct Args {
     /// Print, per file, the facts, the reader chosen and why.
     #[arg(long)]
     pub explain: bool,
+    /// Copy every tensor back and compare it with an independent buffered read of the file.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 #[derive(Serialize)]
@@ -49,6 +52,8 @@ struct JsonLoad<'a> {
     read_bytes: u64,
     seconds: f64,
     gb_per_s: f64,
+    /// Headers, allocation, staging set-up and the load, end to end.
+    total_seconds: f64,
     staging_bytes: u64,
     registered_buffers: bool,
     files: Vec<JsonFile>,
@@ -69,6 +74,9 @@ pub fn json_files(report: &LoadReport) -> Vec<JsonFile> {
         .collect()
 }
 
+/// Fetches the bytes of the i-th loaded tensor (from host or device memory).
+type TensorBytes = Box<dyn Fn(usize) -> Result<Vec<u8>, gantry::Error>>;
+
 pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     if let Some(c) = &args.checksum {
         if c != "xxh3" {
@@ -76,50 +84,125 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         }
     }
     let loader = Loader::new(args.options.config()?)?;
-    let checkpoint = Checkpoint::open(&args.options.path)?;
-    let model = match args.options.device {
-        Device::Cpu => load_host(&loader, checkpoint, !args.json)?,
-        Device::Cuda(_) => return Err("CUDA devices are not supported by this build yet".into()),
+    let gpu = match args.options.device {
+        Device::Cpu => None,
+        Device::Cuda(n) => Some(CudaDevice::open(n)?),
     };
-    let report = model.report();
-    let tensors = args.checksum.as_ref().map(|_| {
-        model
-            .tensors()
-            .map(|t| JsonTensor {
-                name: &t.entry.name,
-                xxh3: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(t.bytes)),
-            })
-            .collect::<Vec<_>>()
-    });
+    // From here: headers, allocation, pinning and the load (CUDA's own start-up excluded).
+    let start = std::time::Instant::now();
+    let checkpoint = Checkpoint::open(&args.options.path)?;
+    // (name, bytes) of every loaded tensor, fetched only when a checksum or check needs them.
+    let (report, device, count, bytes_of): (LoadReport, String, usize, TensorBytes);
+    let names: Vec<String>;
+    match &gpu {
+        None => {
+            let model = load_host(&loader, checkpoint, !args.json)?;
+            report = model.report().clone();
+            device = "cpu".to_owned();
+            names = model.tensors().map(|t| t.entry.name.clone()).collect();
+            count = names.len();
+            let model = std::rc::Rc::new(model);
+            let m = model.clone();
+            let names_c = names.clone();
+            bytes_of = Box::new(move |i| Ok(m.tensor(&names_c[i]).expect("loaded").bytes.to_vec()));
+        }
+        Some(gpu) => {
+            let model = load_device(&loader, checkpoint, gpu, !args.json)?;
+            report = model.report().clone();
+            device = format!("cuda:{}", gpu.ordinal());
+            names = model.tensors().map(|t| t.entry.name.clone()).collect();
+            count = names.len();
+            let names_c = names.clone();
+            bytes_of = Box::new(move |i| {
+                let t = model.tensor(&names_c[i]).expect("loaded");
+                model.copy_to_host(&t)
+            });
+        }
+    }
+    let total_seconds = start.elapsed().as_secs_f64();
+    if args.verify {
+        verify(&args.options.path, &names, &bytes_of)?;
+    }
+    let tensors = match &args.checksum {
+        Some(_) => Some(
+            (0..count)
+                .map(|i| {
+                    let bytes = bytes_of(i)?;
+                    Ok(JsonTensor {
+                        name: &names[i],
+                        xxh3: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)),
+                    })
+                })
+                .collect::<Result<Vec<_>, gantry::Error>>()?,
+        ),
+        None => None,
+    };
     if args.json {
         let out = JsonLoad {
-            device: "cpu".to_owned(),
+            device,
             bytes: report.tensor_bytes,
             read_bytes: report.read_bytes,
             seconds: report.seconds,
             gb_per_s: report.gb_per_s(),
+            total_seconds,
             staging_bytes: report.staging_bytes,
             registered_buffers: report.registered_buffers,
-            files: json_files(report),
+            files: json_files(&report),
             tensors,
         };
         println!("{}", serde_json::to_string(&out)?);
         return Ok(());
     }
     if args.explain {
-        explain(report);
+        explain(&report);
     }
     println!(
-        "loaded {} tensors, {} in {:.3} s: {:.2} GB/s into host memory ({} staging)",
-        model.tensors().count(),
+        "loaded {count} tensors, {} in {:.3} s: {:.2} GB/s into {device} ({} staging){}",
         units::bytes(report.tensor_bytes),
         report.seconds,
         report.gb_per_s(),
-        units::bytes(report.staging_bytes)
+        units::bytes(report.staging_bytes),
+        if args.verify { ", verified" } else { "" }
     );
     if let Some(tensors) = tensors {
         for t in tensors {
             println!("{}  {}", t.xxh3, t.name);
+        }
+    }
+    Ok(())
+}
+
+/// Compares every loaded tensor with an independent buffered read of its file; the first
+/// mismatch is an error naming the tensor, the byte and the file offset.
+fn verify(
+    path: &std::path::Path,
+    names: &[String],
+    bytes_of: &dyn Fn(usize) -> Result<Vec<u8>, gantry::Error>,
+) -> Result<(), Box<dyn Error>> {
+    use std::os::unix::fs::FileExt;
+    let checkpoint = Checkpoint::open(path)?;
+    for (i, name) in names.iter().enumerate() {
+        let t = checkpoint.tensors.iter().find(|t| &t.name == name).expect("same checkpoint");
+        let mut expected = vec![0u8; t.len as usize];
+        std::fs::File::open(&checkpoint.file(t.file).path)?
+            .read_exact_at(&mut expected, t.offset)?;
+        let got = bytes_of(i)?;
+        if let Some(at) = got.iter().zip(&expected).position(|(a, b)| a != b) {
+            return Err(format!(
+                "verify: tensor '{name}' differs at byte {at} (file offset {}): loaded {:#04x}, file has {:#04x}",
+                t.offset + at as u64,
+                got[at],
+                expected[at]
+            )
+            .into());
+        }
+        if got.len() != expected.len() {
+            return Err(format!(
+                "verify: tensor '{name}' has {} bytes, expected {}",
+                got.len(),
+                expected.len()
+            )
+            .into());
         }
     }
     Ok(())
@@ -143,20 +226,46 @@ pub fn load_host(
     checkpoint: Checkpoint,
     progress: bool,
 ) -> Result<HostModel, gantry::Error> {
-    let total = checkpoint.total_bytes();
-    let bar =
-        (progress && total >= PROGRESS_MIN_BYTES && std::io::stderr().is_terminal()).then(|| {
-            let bar = ProgressBar::new(total);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-                )
-                .expect("template"),
-            );
-            bar
-        });
+    let bar = progress_bar(checkpoint.total_bytes(), progress);
     let model = loader.load_with(
         checkpoint,
+        |_| true,
+        |ready| {
+            if let Some(bar) = &bar {
+                bar.inc(ready.entry.len);
+            }
+        },
+    );
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    model
+}
+
+fn progress_bar(total: u64, progress: bool) -> Option<ProgressBar> {
+    (progress && total >= PROGRESS_MIN_BYTES && std::io::stderr().is_terminal()).then(|| {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .expect("template"),
+        );
+        bar
+    })
+}
+
+/// Loads onto a GPU with a progress bar on a terminal for long loads.
+pub fn load_device(
+    loader: &Loader,
+    checkpoint: Checkpoint,
+    device: &std::sync::Arc<CudaDevice>,
+    progress: bool,
+) -> Result<DeviceModel, gantry::Error> {
+    let bar = progress_bar(checkpoint.total_bytes(), progress);
+    let model = loader.load_to_device_with(
+        checkpoint,
+        device,
         |_| true,
         |ready| {
             if let Some(bar) = &bar {

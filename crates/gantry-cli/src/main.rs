@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod demo;
 mod inspect;
 mod load;
 mod options;
@@ -23,6 +24,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Write a synthetic checkpoint once, load it cold and warm (GPU if there is one), and
+    /// print GB/s against the ceilings measured in the same run.
+    Demo(demo::Args),
     /// Print a checkpoint's tensor table, read from its headers alone.
     Inspect(inspect::Args),
     /// Load a checkpoint into host or GPU memory and report how fast.
@@ -37,6 +41,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => demo::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Load(args) => load::run(&args),
         Command::Bench(args) => bench::run(&args),

@@ -50,16 +50,21 @@ pub fn read_direct(
             (0..len.div_ceil(request_bytes as u64)).map(move |b| (f, b * request_bytes as u64))
         })
         .collect();
-    let arena = Arena::new(request_bytes, threads).map_err(std::io::Error::other)?;
+    let arena = Arena::new(request_bytes * threads, None).map_err(std::io::Error::other)?;
     let next = AtomicUsize::new(0);
     let start = Instant::now();
     let bytes: std::io::Result<u64> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
                 let (files, blocks, next, arena) = (&files, &blocks, &next, &arena);
-                // SAFETY: each thread uses only buffer `t` of the arena, which lives past the scope.
-                let buf =
-                    unsafe { std::slice::from_raw_parts_mut(arena.buffer_ptr(t), request_bytes) };
+                // SAFETY: each thread uses only its own slice `t` of the arena, which outlives the
+                // scope.
+                let buf = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        arena.base().add(t * request_bytes),
+                        request_bytes,
+                    )
+                };
                 s.spawn(move || {
                     let mut total = 0u64;
                     loop {
@@ -140,4 +145,59 @@ pub fn evict(paths: &[&Path]) -> std::io::Result<()> {
         probe::evict(&File::open(p)?)?;
     }
     Ok(())
+}
+
+/// The pinned host-to-device ceiling: `total_bytes` copied from page-locked host memory to
+/// device memory in 64 MiB pieces over 4 streams, timed after a warm-up copy.
+pub fn pinned_h2d(
+    device: &std::sync::Arc<crate::CudaDevice>,
+    total_bytes: usize,
+) -> crate::Result<Measured> {
+    use cudarc::driver::{result, sys};
+    const PIECE: usize = 64 << 20;
+    let buffer_bytes = 1 << 30;
+    let arena = std::sync::Arc::new(Arena::new(buffer_bytes, device.numa_node())?);
+    let _pinned = crate::sink::cuda::PinnedHost::new(std::sync::Arc::clone(&arena), device)?;
+    let target = device.alloc(buffer_bytes, "the host-to-device ceiling")?;
+    let cuda = |op: &str, e: cudarc::driver::DriverError| crate::Error::Cuda {
+        op: op.to_owned(),
+        code: e.0 as i32,
+        message: format!("{e:?}"),
+    };
+    let streams: Vec<sys::CUstream> = (0..4)
+        .map(|_| result::stream::create(result::stream::StreamKind::NonBlocking))
+        .collect::<Result<_, _>>()
+        .map_err(|e| cuda("cuStreamCreate", e))?;
+    // SAFETY: the arena is mapped and page-locked for `buffer_bytes`; nothing else uses it.
+    let source = unsafe { std::slice::from_raw_parts(arena.base(), buffer_bytes) };
+    let copy = |bytes: usize| -> crate::Result<()> {
+        for (i, offset) in (0..bytes).step_by(PIECE).enumerate() {
+            let o = offset % buffer_bytes;
+            let n = PIECE.min(bytes - offset).min(buffer_bytes - o);
+            // SAFETY: source and target ranges lie inside their buffers.
+            unsafe {
+                result::memcpy_htod_async(
+                    target.ptr() + o as u64,
+                    &source[o..o + n],
+                    streams[i % 4],
+                )
+            }
+            .map_err(|e| cuda("cuMemcpyHtoDAsync", e))?;
+        }
+        for &s in &streams {
+            // SAFETY: a stream created above.
+            unsafe { result::stream::synchronize(s) }
+                .map_err(|e| cuda("cuStreamSynchronize", e))?;
+        }
+        Ok(())
+    };
+    copy(buffer_bytes)?;
+    let start = Instant::now();
+    copy(total_bytes)?;
+    let seconds = start.elapsed().as_secs_f64();
+    for s in streams {
+        // SAFETY: synchronized above; destroyed once.
+        unsafe { result::stream::destroy(s) }.ok();
+    }
+    Ok(Measured { bytes: total_bytes as u64, seconds })
 }

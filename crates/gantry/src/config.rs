@@ -48,6 +48,7 @@ pub const THREADS_MAX: usize = 256;
 pub struct Config {
     pub(crate) queue_depth: usize,
     pub(crate) chunk_bytes: usize,
+    pub(crate) buffered_chunk_bytes: usize,
     pub(crate) staging_bytes: usize,
     pub(crate) threads: usize,
     pub(crate) path: PathChoice,
@@ -62,6 +63,7 @@ impl Default for Config {
         Self {
             queue_depth: 8,
             chunk_bytes: 64 << 20,
+            buffered_chunk_bytes: 8 << 20,
             staging_bytes: 512 << 20,
             threads: cores.clamp(2, 16),
             path: PathChoice::Auto,
@@ -77,6 +79,7 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("queue_depth", &self.queue_depth)
             .field("chunk_bytes", &self.chunk_bytes)
+            .field("buffered_chunk_bytes", &self.buffered_chunk_bytes)
             .field("staging_bytes", &self.staging_bytes)
             .field("threads", &self.threads)
             .field("path", &self.path)
@@ -96,6 +99,13 @@ impl Config {
     /// Bytes per read and per staging buffer, a multiple of 4096 up to 1 GiB (default 64 MiB).
     pub fn chunk_bytes(mut self, n: usize) -> Self {
         self.chunk_bytes = n;
+        self
+    }
+    /// Bytes per read of the buffered (page-cache) reader, a multiple of 4096; at most
+    /// `chunk_bytes` is used (default 8 MiB: many threads each copying a moderate piece keep the
+    /// memory system busiest).
+    pub fn buffered_chunk_bytes(mut self, n: usize) -> Self {
+        self.buffered_chunk_bytes = n;
         self
     }
     /// Total staging memory; at least one chunk (default 512 MiB).
@@ -136,6 +146,11 @@ impl Config {
         self.staging_bytes / self.chunk_bytes.max(1)
     }
 
+    /// Bytes per buffered read as used: `buffered_chunk_bytes`, at most `chunk_bytes`.
+    pub fn buffered_chunk(&self) -> usize {
+        self.buffered_chunk_bytes.min(self.chunk_bytes)
+    }
+
     /// Checks every value against its bounds.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
@@ -148,16 +163,22 @@ impl Config {
                 self.chunk_bytes
             ));
         }
+        if self.buffered_chunk_bytes == 0 || self.buffered_chunk_bytes % ALIGN_BYTES != 0 {
+            return bad(format!(
+                "buffered_chunk_bytes {} must be a positive multiple of {ALIGN_BYTES}",
+                self.buffered_chunk_bytes
+            ));
+        }
         if self.staging_bytes < self.chunk_bytes {
             return bad(format!(
                 "staging_bytes {} must hold at least one chunk of {}",
                 self.staging_bytes, self.chunk_bytes
             ));
         }
-        if self.staging_buffers() > u16::MAX as usize {
+        if self.staging_bytes / self.buffered_chunk().max(1) > u16::MAX as usize {
             return bad(format!(
                 "{} staging buffers is more than {} registered buffers",
-                self.staging_buffers(),
+                self.staging_bytes / self.buffered_chunk().max(1),
                 u16::MAX
             ));
         }

@@ -59,6 +59,15 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A CUDA driver call failed (out of device memory, bad device ordinal, ...).
+    Cuda {
+        /// What was being done.
+        op: String,
+        /// The `CUresult` code.
+        code: i32,
+        /// The driver's description of the code.
+        message: String,
+    },
     /// Setting up the loader's own resources (memory, threads, rings) failed.
     Resource {
         /// What was being set up.
@@ -95,6 +104,7 @@ impl fmt::Display for Error {
                 write!(f, "destination for tensor '{tensor}': {message}")
             }
             Error::Resource { what, source } => write!(f, "{what} failed: {source}"),
+            Error::Cuda { op, code, message } => write!(f, "CUDA: {op} failed: {message} (CUresult {code})"),
         }
     }
 }

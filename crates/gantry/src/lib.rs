@@ -22,6 +22,7 @@
 
 pub mod baseline;
 pub mod config;
+mod device;
 pub mod error;
 pub mod io;
 mod loader;
@@ -31,9 +32,12 @@ pub mod schedule;
 pub mod sink;
 pub mod staging;
 pub mod synth;
+pub mod topology;
 
 pub use config::{Config, PathChoice};
+pub use device::{DeviceModel, DeviceTensor, ReadyOnDevice};
 pub use error::{Error, Result};
 pub use gantry_format::{Checkpoint, Dtype, FileId, FileInfo, FormatError, TensorEntry};
 pub use loader::{FileReport, HostModel, HostTensor, LoadReport, Loader, Ready};
 pub use schedule::ReaderKind;
+pub use sink::cuda::CudaDevice;

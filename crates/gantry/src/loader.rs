@@ -15,8 +15,9 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::io::{probe, OpenFile};
 use crate::pipeline::{self, Files, Jobs, Staging};
-use crate::plan::{Plan, PlanParams};
+use crate::plan::{FilePlan, Plan};
 use crate::schedule::{self, Choice, FileFacts, ReaderKind};
+use crate::sink::cuda::{CudaDevice, PinnedHost};
 use crate::sink::host::{file_buffer_layout, HostBuffer, HostSink};
 use crate::sink::Sink;
 use crate::staging::{Arena, Pool};
@@ -26,7 +27,17 @@ use crate::staging::{Arena, Pool};
 #[derive(Debug)]
 pub struct Loader {
     config: Config,
-    arena: Mutex<Option<Arc<Arena>>>,
+    /// The staging arena, kept between loads; the lock also makes loads run one at a time.
+    staging: Mutex<Option<StagingArena>>,
+}
+
+/// The arena and, once a load went to a GPU, its page-locking. Field order matters: the
+/// registration is dropped before the mapping.
+#[derive(Debug)]
+struct StagingArena {
+    pinned: Option<PinnedHost>,
+    arena: Arc<Arena>,
+    node: Option<u32>,
 }
 
 /// What happened to one file in a load.
@@ -134,7 +145,7 @@ impl Loader {
     /// A loader with `config`, checked.
     pub fn new(config: Config) -> Result<Self> {
         config.validate()?;
-        Ok(Self { config, arena: Mutex::new(None) })
+        Ok(Self { config, staging: Mutex::new(None) })
     }
 
     /// The loader's settings.
@@ -189,7 +200,7 @@ impl Loader {
     ) -> Result<LoadReport> {
         let mut sink = HostSink::for_file_buffers(checkpoint, wanted, buffers);
         let views = sink.views();
-        self.run(checkpoint, wanted, &mut sink, &mut |i| {
+        self.run(checkpoint, wanted, &mut sink, None, &mut |i| {
             // SAFETY: `run` reports a tensor only once all of its steps have landed, and the
             // buffers outlive this call.
             let bytes = unsafe { views.bytes(i) };
@@ -210,55 +221,61 @@ impl Loader {
         let mut sink = HostSink::for_slices(checkpoint, targets)?;
         let wanted = sink.wanted();
         let views = sink.views();
-        self.run(checkpoint, &wanted, &mut sink, &mut |i| {
+        self.run(checkpoint, &wanted, &mut sink, None, &mut |i| {
             // SAFETY: as in `load_with`; the slices outlive this call ('a).
             let bytes = unsafe { views.bytes(i) };
             on_ready(Ready { index: i, entry: &checkpoint.tensors[i], bytes });
         })
     }
 
-    /// Chooses a reader per file, plans, and runs the pipeline into `sink`.
+    /// Chooses a reader per file, plans, and runs the pipeline into `sink`; with `device`,
+    /// staging is page-locked for it and placed on its NUMA node.
     pub(crate) fn run(
         &self,
         checkpoint: &Checkpoint,
         wanted: &[bool],
         sink: &mut dyn Sink,
+        device: Option<&Arc<CudaDevice>>,
         on_landed: &mut dyn FnMut(usize),
     ) -> Result<LoadReport> {
+        let mut cached = self.staging.lock();
         let (files, choices) = self.open_files(checkpoint, wanted)?;
-        let align: Vec<u64> = (0..checkpoint.files.len())
+        let file_plans: Vec<FilePlan> = (0..checkpoint.files.len())
             .map(|f| match files.slot[f] {
-                Some((true, i)) => files.direct[i].align,
-                _ => 1,
+                Some((true, i)) => FilePlan {
+                    align: files.direct[i].align,
+                    chunk_bytes: self.config.chunk_bytes as u64,
+                },
+                _ => FilePlan { align: 1, chunk_bytes: self.config.buffered_chunk() as u64 },
             })
             .collect();
-        let params = PlanParams {
-            chunk_bytes: self.config.chunk_bytes as u64,
-            gap_bytes: self.config.gap_bytes,
-        };
-        let plan = Plan::new(checkpoint, wanted, &align, params);
+        let plan = Plan::new(checkpoint, wanted, &file_plans, self.config.gap_bytes);
         let jobs = Jobs::new(&plan, &files, sink);
-        let (pool, registered) = self.staging(jobs.staged_count())?;
+        let node = device.and_then(|d| d.numa_node());
+        let slot_bytes = if jobs.staged_direct_count() > 0 {
+            self.config.chunk_bytes
+        } else {
+            self.config.buffered_chunk()
+        };
+        let count = (self.config.staging_bytes / slot_bytes).min(jobs.staged_count());
+        let staging = self.staging(&mut cached, slot_bytes, count, device, node)?;
+        let staging_bytes = staging.pool.as_ref().map_or(0, |p| p.used_bytes() as u64);
+        let registered = staging.register_buffers;
         let start = Instant::now();
         for (i, t) in checkpoint.tensors.iter().enumerate() {
             if wanted[i] && t.len == 0 {
                 on_landed(i);
             }
         }
-        let staging = Staging { pool: pool.clone(), register_buffers: registered };
         pipeline::run(&plan, &files, jobs, staging, &self.config, sink, on_landed)?;
         let seconds = start.elapsed().as_secs_f64();
+        let tensor_bytes =
+            checkpoint.tensors.iter().zip(wanted).filter(|(_, &w)| w).map(|(t, _)| t.len).sum();
         let mut report = LoadReport {
-            tensor_bytes: checkpoint
-                .tensors
-                .iter()
-                .zip(wanted)
-                .filter(|(_, &w)| w)
-                .map(|(t, _)| t.len)
-                .sum(),
+            tensor_bytes,
             read_bytes: plan.read_bytes(),
             seconds,
-            staging_bytes: pool.as_ref().map_or(0, |p| p.arena().len() as u64),
+            staging_bytes,
             registered_buffers: registered,
             files: Vec::with_capacity(checkpoint.files.len()),
         };
@@ -336,33 +353,41 @@ impl Loader {
         Ok((files, choices))
     }
 
-    /// A pool of up to `extents` buffers over the loader's arena, and whether to register it
+    /// `count` slots of `slot_bytes` over the loader's arena (mapped, bound to `node` and
+    /// page-locked for `device` the first time they are needed), and whether to register them
     /// with io_uring.
-    fn staging(&self, extents: usize) -> Result<(Option<Arc<Pool>>, bool)> {
-        if extents == 0 {
-            return Ok((None, false));
+    fn staging(
+        &self,
+        cached: &mut Option<StagingArena>,
+        slot_bytes: usize,
+        count: usize,
+        device: Option<&Arc<CudaDevice>>,
+        node: Option<u32>,
+    ) -> Result<Staging> {
+        let cpus = node.map(crate::topology::node_cpus).unwrap_or_default();
+        if count == 0 {
+            return Ok(Staging { pool: None, register_buffers: false, cpus });
         }
-        let count = self.config.staging_buffers().min(extents);
-        let mut cached = self.arena.lock();
-        let arena = match &*cached {
-            Some(a) if a.buffer_bytes() == self.config.chunk_bytes && a.count() >= count => {
-                Arc::clone(a)
-            }
-            _ => {
-                *cached = None; // free the old ring before mapping the new one
-                let a = Arc::new(Arena::new(self.config.chunk_bytes, count)?);
-                *cached = Some(Arc::clone(&a));
-                a
-            }
-        };
+        let need = slot_bytes * count;
+        if cached.as_ref().is_some_and(|c| c.arena.len() < need || c.node != node) {
+            *cached = None; // unpin and unmap the old ring before mapping the new one
+        }
+        if cached.is_none() {
+            let arena = Arc::new(Arena::new(need, node)?);
+            *cached = Some(StagingArena { pinned: None, arena, node });
+        }
+        let staging = cached.as_mut().expect("just set");
+        if let (Some(device), None) = (device, &staging.pinned) {
+            staging.pinned = Some(PinnedHost::new(Arc::clone(&staging.arena), device)?);
+        }
         let (limit, privileged) = probe::memlock();
-        let register = privileged || arena.len() as u64 <= limit;
+        let register = privileged || need as u64 <= limit;
         if !register {
             log::info!(
-                "RLIMIT_MEMLOCK is {limit} bytes, below the {}-byte staging ring: reading into unregistered buffers (raise memlock to register them)",
-                arena.len()
+                "RLIMIT_MEMLOCK is {limit} bytes, below the {need}-byte staging ring: reading into unregistered buffers (raise memlock to register them)"
             );
         }
-        Ok((Some(Pool::new(arena)), register))
+        let pool = Pool::new(Arc::clone(&staging.arena), slot_bytes, count);
+        Ok(Staging { pool: Some(pool), register_buffers: register, cpus })
     }
 }

@@ -71,6 +71,11 @@ impl Jobs {
         jobs
     }
 
+    /// Extents of the direct reader that pass through the staging ring.
+    pub fn staged_direct_count(&self) -> usize {
+        self.direct.iter().filter(|j| j.target.is_none()).count()
+    }
+
     /// Extents that pass through the staging ring.
     pub fn staged_count(&self) -> usize {
         self.direct.iter().filter(|j| j.target.is_none()).count() + self.staged.len()
@@ -85,6 +90,8 @@ pub struct Staging {
     pub pool: Option<Arc<Pool>>,
     /// Register the arena as io_uring fixed buffers.
     pub register_buffers: bool,
+    /// CPUs the reader threads run on (the staging memory's NUMA node); empty: any.
+    pub cpus: Vec<usize>,
 }
 
 /// Runs a load to completion. `on_landed(t)` is called once for every tensor whose copy steps
@@ -98,7 +105,8 @@ pub fn run(
     sink: &mut dyn Sink,
     on_landed: &mut dyn FnMut(usize),
 ) -> Result<()> {
-    let Staging { pool, register_buffers } = staging;
+    let Staging { pool, register_buffers, cpus } = staging;
+    let cpus = cpus.as_slice();
     assert!(jobs.staged_count() == 0 || pool.is_some(), "staged extents need a pool");
     let (tx, rx) = mpsc::channel::<Result<Message>>();
     let cancel = AtomicBool::new(false);
@@ -110,7 +118,7 @@ pub fn run(
         if !jobs.direct.is_empty() {
             let (tx, pool) = (tx.clone(), pool.clone());
             let settings =
-                uring::Settings { queue_depth: config.queue_depth, register_buffers, fault };
+                uring::Settings { queue_depth: config.queue_depth, register_buffers, fault, cpus };
             let direct = &jobs.direct;
             scope.spawn(move || {
                 uring::run(&files.direct, &files.direct_ids, direct, pool.as_ref(), settings, &tx)
@@ -121,6 +129,7 @@ pub fn run(
             file_ids: &files.buffered_ids,
             fault,
             cancel: &cancel,
+            cpus,
         };
         if !jobs.staged.is_empty() {
             let (tx, pool, staged) = (tx.clone(), pool.clone().expect("pool"), &jobs.staged);

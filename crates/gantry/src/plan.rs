@@ -52,37 +52,38 @@ pub struct Plan {
     pub steps_per_tensor: Vec<u32>,
 }
 
-/// Settings of the planner.
-#[derive(Debug, Clone, Copy)]
-pub struct PlanParams {
-    /// Largest extent in bytes; a multiple of every file's alignment.
+/// How one file is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilePlan {
+    /// Alignment of extent starts (1 for buffered reads).
+    pub align: u64,
+    /// Largest extent in bytes; a multiple of `align`.
     pub chunk_bytes: u64,
-    /// Skipped bytes between wanted tensors read anyway instead of splitting the run.
-    pub gap_bytes: u64,
 }
 
 impl Plan {
-    /// Plans reads of the tensors for which `wanted[i]` holds; `align[f]` is file `f`'s
-    /// alignment (1 for buffered reads).
+    /// Plans reads of the tensors for which `wanted[i]` holds, file `f` as `files[f]` says;
+    /// skipped bytes up to `gap_bytes` between wanted tensors are read rather than split.
     pub fn new(
         checkpoint: &Checkpoint,
         wanted: &[bool],
-        align: &[u64],
-        params: PlanParams,
+        files: &[FilePlan],
+        gap_bytes: u64,
     ) -> Self {
         assert_eq!(wanted.len(), checkpoint.tensors.len());
-        assert_eq!(align.len(), checkpoint.files.len());
+        assert_eq!(files.len(), checkpoint.files.len());
         let mut plan = Plan { steps_per_tensor: vec![0; wanted.len()], ..Plan::default() };
-        for (file, &a) in align.iter().enumerate() {
-            assert!(a.is_power_of_two() && params.chunk_bytes % a == 0, "chunk must be aligned");
+        for (file, fp) in files.iter().enumerate() {
+            let (a, chunk) = (fp.align, fp.chunk_bytes);
+            assert!(a.is_power_of_two() && chunk > 0 && chunk % a == 0, "chunk must be aligned");
             let tensors: Vec<usize> = (0..wanted.len())
                 .filter(|&i| {
                     let t = &checkpoint.tensors[i];
                     t.file == FileId(file) && wanted[i] && t.len > 0
                 })
                 .collect();
-            for run in runs(checkpoint, &tensors, params.gap_bytes, a) {
-                plan.add_run(checkpoint, FileId(file), &run, a, params.chunk_bytes);
+            for run in runs(checkpoint, &tensors, gap_bytes, a) {
+                plan.add_run(checkpoint, FileId(file), &run, a, chunk);
             }
         }
         plan
@@ -257,9 +258,7 @@ mod tests {
         for (data_offset, lens, wanted, align, chunk, gap, extents) in cases {
             let c = checkpoint(data_offset, &lens);
             let wanted = wanted.unwrap_or(vec![true; lens.len()]);
-            let aligns = vec![align];
-            let plan =
-                Plan::new(&c, &wanted, &aligns, PlanParams { chunk_bytes: chunk, gap_bytes: gap });
+            let plan = Plan::new(&c, &wanted, &[FilePlan { align, chunk_bytes: chunk }], gap);
             assert_eq!(plan.extents.len(), extents, "case {lens:?} {wanted:?}: {plan:?}");
             check(&c, &wanted, align, chunk, &plan);
         }
@@ -268,7 +267,7 @@ mod tests {
     #[test]
     fn buffered_extents_start_at_data() {
         let c = checkpoint(13, &[7, 9000]);
-        let p = Plan::new(&c, &[true, true], &[1], PlanParams { chunk_bytes: 4096, gap_bytes: 0 });
+        let p = Plan::new(&c, &[true, true], &[FilePlan { align: 1, chunk_bytes: 4096 }], 0);
         assert_eq!(p.extents[0].offset, 13);
         assert_eq!(p.read_bytes(), 9007);
     }
@@ -287,7 +286,7 @@ mod tests {
             let wanted: Vec<bool> = mask[..lens.len()].to_vec();
             let align = 1u64 << align_shift;
             let chunk = chunk_blocks * 4096;
-            let plan = Plan::new(&c, &wanted, &[align], PlanParams { chunk_bytes: chunk, gap_bytes: gap });
+            let plan = Plan::new(&c, &wanted, &[FilePlan { align, chunk_bytes: chunk }], gap);
             check(&c, &wanted, align, chunk, &plan);
         }
     }

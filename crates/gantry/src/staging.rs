@@ -1,6 +1,10 @@
 //! The staging ring: one anonymous mapping, allocated once, cut into equal buffers that are
 //! handed out as leases.
 //!
+//! The arena is one mapping, allocated once per loader (and page-locked once for CUDA); each
+//! load cuts it into slots of its own size (large for cold reads, smaller for page-cache
+//! reads) as a [`Pool`].
+//!
 //! A lease is the only way to touch a buffer: the reader holds it while the kernel fills the
 //! buffer, the consumer holds it while copying out, and dropping it puts the buffer back on
 //! the free list. So a buffer goes back to the ring only when both its completion and its
@@ -18,31 +22,30 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
 
-/// An anonymous mapping of `count` buffers of `buffer_bytes` each.
+/// One anonymous mapping, allocated once and reused by every load of a loader.
 #[derive(Debug)]
 pub struct Arena {
     base: NonNull<u8>,
-    buffer_bytes: usize,
-    count: usize,
+    len: usize,
 }
 
-// SAFETY: the arena is plain memory; access to each buffer is arbitrated by leases.
+// SAFETY: the arena is plain memory; access to each slot is arbitrated by leases.
 unsafe impl Send for Arena {}
 // SAFETY: as above; `&Arena` only gives out addresses, never references to the bytes.
 unsafe impl Sync for Arena {}
 
 impl Arena {
-    /// Maps `count` buffers of `buffer_bytes` (a multiple of the page size).
-    pub fn new(buffer_bytes: usize, count: usize) -> Result<Self> {
-        assert!(buffer_bytes > 0 && buffer_bytes % 4096 == 0 && count > 0);
-        let len = buffer_bytes.checked_mul(count).expect("staging size overflows");
+    /// Maps `len` bytes (a multiple of the page size), bound to NUMA node `node` when given,
+    /// and touches every page so that no load pays for a page fault in it.
+    pub fn new(len: usize, node: Option<u32>) -> Result<Self> {
+        assert!(len > 0 && len % 4096 == 0);
         // SAFETY: an anonymous private mapping with no address hint has no preconditions.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
                 0,
             )
@@ -52,25 +55,26 @@ impl Arena {
             return Err(Error::Resource { what: "mapping the staging ring", source });
         }
         let base = NonNull::new(ptr.cast()).expect("mmap returned null");
-        Ok(Self { base, buffer_bytes, count })
+        let arena = Self { base, len };
+        if let Some(node) = node {
+            // SAFETY: the mapping made above, not yet touched.
+            unsafe { crate::topology::bind_to_node(arena.base(), len, node) };
+        }
+        // SAFETY: advice on the mapping just made; failure only loses the hint.
+        unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
+        for page in (0..len).step_by(4096) {
+            // SAFETY: inside the mapping, which nothing else uses yet.
+            unsafe { arena.base().add(page).write_volatile(0) };
+        }
+        Ok(arena)
     }
 
-    /// Bytes per buffer.
-    pub fn buffer_bytes(&self) -> usize {
-        self.buffer_bytes
-    }
-
-    /// Number of buffers.
-    pub fn count(&self) -> usize {
-        self.count
-    }
-
-    /// Total bytes mapped.
+    /// Bytes mapped.
     pub fn len(&self) -> usize {
-        self.buffer_bytes * self.count
+        self.len
     }
 
-    /// Always false: an arena holds at least one buffer.
+    /// Always false: an arena holds at least one page.
     pub fn is_empty(&self) -> bool {
         false
     }
@@ -79,39 +83,24 @@ impl Arena {
     pub fn base(&self) -> *mut u8 {
         self.base.as_ptr()
     }
-
-    /// Address of buffer `index`.
-    pub fn buffer_ptr(&self, index: usize) -> *mut u8 {
-        assert!(index < self.count);
-        // SAFETY: index < count, so the offset stays inside the mapping.
-        unsafe { self.base.as_ptr().add(index * self.buffer_bytes) }
-    }
-
-    /// One iovec per buffer, for io_uring's fixed-buffer registration.
-    pub fn iovecs(&self) -> Vec<libc::iovec> {
-        (0..self.count)
-            .map(|i| libc::iovec {
-                iov_base: self.buffer_ptr(i).cast(),
-                iov_len: self.buffer_bytes,
-            })
-            .collect()
-    }
 }
 
 impl Drop for Arena {
     fn drop(&mut self) {
         // SAFETY: base/len are the mapping made in `new`; no lease outlives the pool that
         // holds an `Arc<Arena>`.
-        if unsafe { libc::munmap(self.base.as_ptr().cast(), self.len()) } != 0 {
+        if unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) } != 0 {
             log::warn!("munmap of the staging ring failed: {}", std::io::Error::last_os_error());
         }
     }
 }
 
-/// Free list of an arena's buffers, shared by readers and consumers.
+/// An arena cut into equal slots for one load, with their free list.
 #[derive(Debug)]
 pub struct Pool {
     arena: Arc<Arena>,
+    slot_bytes: usize,
+    count: usize,
     state: Mutex<PoolState>,
     returned: Condvar,
 }
@@ -123,14 +112,13 @@ struct PoolState {
 }
 
 impl Pool {
-    /// A pool over every buffer of `arena`.
-    pub fn new(arena: Arc<Arena>) -> Arc<Self> {
-        let free = (0..arena.count()).rev().collect();
-        Arc::new(Self {
-            arena,
-            state: Mutex::new(PoolState { free, closed: false }),
-            returned: Condvar::new(),
-        })
+    /// `count` slots of `slot_bytes` (a multiple of 4096) from the start of `arena`.
+    pub fn new(arena: Arc<Arena>, slot_bytes: usize, count: usize) -> Arc<Self> {
+        assert!(slot_bytes > 0 && slot_bytes % 4096 == 0 && count > 0);
+        assert!(slot_bytes.checked_mul(count).is_some_and(|n| n <= arena.len()));
+        let free = (0..count).rev().collect();
+        let state = Mutex::new(PoolState { free, closed: false });
+        Arc::new(Self { arena, slot_bytes, count, state, returned: Condvar::new() })
     }
 
     /// The arena behind the pool.
@@ -138,7 +126,36 @@ impl Pool {
         &self.arena
     }
 
-    /// A free buffer, waiting for one to come back; `None` once the pool is closed.
+    /// Bytes per slot.
+    pub fn slot_bytes(&self) -> usize {
+        self.slot_bytes
+    }
+
+    /// Number of slots.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Bytes of the arena the slots use.
+    pub fn used_bytes(&self) -> usize {
+        self.slot_bytes * self.count
+    }
+
+    /// Address of slot `index`.
+    pub fn slot_ptr(&self, index: usize) -> *mut u8 {
+        assert!(index < self.count);
+        // SAFETY: index < count and count * slot_bytes <= arena length (checked in `new`).
+        unsafe { self.arena.base().add(index * self.slot_bytes) }
+    }
+
+    /// One iovec per slot, for io_uring's fixed-buffer registration.
+    pub fn iovecs(&self) -> Vec<libc::iovec> {
+        (0..self.count)
+            .map(|i| libc::iovec { iov_base: self.slot_ptr(i).cast(), iov_len: self.slot_bytes })
+            .collect()
+    }
+
+    /// A free slot, waiting for one to come back; `None` once the pool is closed.
     pub fn acquire(self: &Arc<Self>) -> Option<Lease> {
         let mut state = self.state.lock();
         loop {
@@ -152,7 +169,7 @@ impl Pool {
         }
     }
 
-    /// A free buffer if there is one now.
+    /// A free slot if there is one now.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Lease> {
         let mut state = self.state.lock();
         if state.closed {
@@ -173,7 +190,7 @@ impl Pool {
     }
 }
 
-/// Exclusive use of one staging buffer until dropped.
+/// Exclusive use of one staging slot until dropped.
 #[derive(Debug)]
 pub struct Lease {
     pool: Arc<Pool>,
@@ -181,31 +198,29 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// The buffer's position in the arena (its io_uring fixed-buffer index).
+    /// The slot's position in the pool (its io_uring fixed-buffer index).
     pub fn index(&self) -> usize {
         self.index
     }
 
-    /// Address of the buffer, to hand to the kernel or the device.
+    /// Address of the slot, to hand to the kernel or the device.
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.pool.arena.buffer_ptr(self.index)
+        self.pool.slot_ptr(self.index)
     }
 
-    /// Bytes the buffer holds.
+    /// Bytes the slot holds.
     pub fn capacity(&self) -> usize {
-        self.pool.arena.buffer_bytes()
+        self.pool.slot_bytes
     }
 
-    /// The buffer's bytes.
+    /// The slot's bytes.
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: the lease is the only handle to this buffer, so nothing writes it while the
+        // SAFETY: the lease is the only handle to this slot, so nothing writes it while the
         // returned borrow of `self` lives; the memory is mapped for the pool's lifetime.
-        unsafe {
-            std::slice::from_raw_parts(self.pool.arena.buffer_ptr(self.index), self.capacity())
-        }
+        unsafe { std::slice::from_raw_parts(self.pool.slot_ptr(self.index), self.capacity()) }
     }
 
-    /// The buffer's bytes, writable.
+    /// The slot's bytes, writable.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`, and `&mut self` makes the borrow unique.
         unsafe { std::slice::from_raw_parts_mut(self.as_mut_ptr(), self.capacity()) }
@@ -224,7 +239,7 @@ mod tests {
 
     #[test]
     fn leases_are_exclusive_and_come_back() {
-        let pool = Pool::new(Arc::new(Arena::new(4096, 2).unwrap()));
+        let pool = Pool::new(Arc::new(Arena::new(3 * 4096, None).unwrap()), 4096, 2);
         let mut a = pool.acquire().unwrap();
         let b = pool.try_acquire().unwrap();
         assert_ne!(a.index(), b.index());

@@ -32,6 +32,8 @@ pub struct Shared<'a> {
     pub fault: Option<&'a dyn FaultInjector>,
     /// Set when the load failed: threads stop taking work.
     pub cancel: &'a AtomicBool,
+    /// CPUs to run on (the staging memory's NUMA node); empty: any.
+    pub cpus: &'a [usize],
 }
 
 /// Reads `jobs` into leased staging buffers on `threads` threads.
@@ -48,6 +50,7 @@ pub fn run_staged(
             let tx = tx.clone();
             scope.spawn(|| {
                 let tx = tx;
+                crate::topology::pin_current_thread(shared.cpus);
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= jobs.len() || shared.cancel.load(Ordering::Relaxed) {
@@ -83,18 +86,19 @@ pub fn run_into(
         for _ in 0..threads {
             let tx = tx.clone();
             let queue = &queue;
-            scope.spawn(move || loop {
-                if shared.cancel.load(Ordering::Relaxed) {
-                    return;
-                }
-                let Some((job, target)) = queue.lock().next() else {
-                    return;
-                };
-                let message =
-                    read_full(shared, job, target).map(|()| Message::Direct { extent: job.extent });
-                let failed = message.is_err();
-                if tx.send(message).is_err() || failed {
-                    return;
+            scope.spawn(move || {
+                crate::topology::pin_current_thread(shared.cpus);
+                loop {
+                    if shared.cancel.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let Some((job, target)) = queue.lock().next() else { return };
+                    let message = read_full(shared, job, target)
+                        .map(|()| Message::Direct { extent: job.extent });
+                    let failed = message.is_err();
+                    if tx.send(message).is_err() || failed {
+                        return;
+                    }
                 }
             });
         }

@@ -42,6 +42,8 @@ pub struct Settings<'a> {
     pub register_buffers: bool,
     /// Rewrites results, for tests.
     pub fault: Option<&'a dyn FaultInjector>,
+    /// CPUs to run on (the staging memory's NUMA node); empty: any.
+    pub cpus: &'a [usize],
 }
 
 /// Where a read in flight lands.
@@ -70,6 +72,7 @@ pub fn run(
     settings: Settings<'_>,
     tx: &Sender<Result<Message>>,
 ) {
+    crate::topology::pin_current_thread(settings.cpus);
     let mut reader = match Reader::new(files, file_ids, pool, settings) {
         Ok(r) => r,
         Err(e) => {
@@ -115,7 +118,7 @@ impl<'a> Reader<'a> {
             .map_err(|source| Error::Resource { what: "io_uring file registration", source })?;
         let mut fixed_buffers = false;
         if settings.register_buffers && pool.is_some() {
-            let iovecs = pool.map_or_else(Vec::new, |p| p.arena().iovecs());
+            let iovecs = pool.map_or_else(Vec::new, |p| p.iovecs());
             // SAFETY: the iovecs describe the arena's mapping, which outlives the ring (the
             // pool holds an Arc to it and `pool` outlives `self`).
             match unsafe { ring.submitter().register_buffers(&iovecs) } {

@@ -1,6 +1,7 @@
 //! Where bytes land. A sink receives each staged extent with its copy steps on the consumer
 //! thread, and may offer readers a place to write an extent directly.
 
+pub mod cuda;
 pub mod host;
 
 use std::sync::mpsc::Sender;

@@ -8,9 +8,13 @@ use std::path::{Path, PathBuf};
 use gantry::{Checkpoint, Dtype, TensorEntry};
 use safetensors::tensor::TensorView;
 
-/// A directory on the same file system as the build (not tmpfs), so `O_DIRECT` works.
+/// A directory on a disk file system (not tmpfs), so `O_DIRECT` reads go to the device:
+/// `GANTRY_TEST_TMPDIR` when set (test binaries run on another machine), else the build's.
 pub fn scratch() -> tempfile::TempDir {
-    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+    let base = std::env::var_os("GANTRY_TEST_TMPDIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")), PathBuf::from);
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::tempdir_in(base).unwrap()
 }
 
 /// A checkpoint file of tensors with the given dtypes and shapes; bytes from `seed`.

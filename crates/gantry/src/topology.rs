@@ -1,0 +1,104 @@
+//! GPU -> PCI bus -> NUMA node -> CPUs, from sysfs; and binding memory and threads to a node.
+//!
+//! Staging memory on the GPU's node and reader threads on that node's CPUs keep every byte on
+//! one socket: the disk DMA, the page-cache copy and the GPU's DMA all hit local memory. On a
+//! single-node machine (sysfs `numa_node` is -1) there is nothing to do.
+
+use std::path::Path;
+
+/// The NUMA node of the PCI device `bus_id` (as CUDA prints it, e.g. `0000:3B:00.0`), or
+/// `None` when the machine has one node or sysfs does not say.
+pub fn pci_numa_node(bus_id: &str) -> Option<u32> {
+    let path =
+        Path::new("/sys/bus/pci/devices").join(bus_id.to_ascii_lowercase()).join("numa_node");
+    parse_numa_node(&std::fs::read_to_string(path).ok()?)
+}
+
+/// `"-1\n"` -> `None`, `"1\n"` -> `Some(1)`.
+pub fn parse_numa_node(text: &str) -> Option<u32> {
+    text.trim().parse::<i64>().ok().filter(|&n| n >= 0).map(|n| n as u32)
+}
+
+/// The CPUs of NUMA node `node`.
+pub fn node_cpus(node: u32) -> Vec<usize> {
+    let path = format!("/sys/devices/system/node/node{node}/cpulist");
+    std::fs::read_to_string(path).map(|s| parse_cpulist(&s)).unwrap_or_default()
+}
+
+/// `"0-3,8,10-11"` -> `[0, 1, 2, 3, 8, 10, 11]`; malformed parts are skipped.
+pub fn parse_cpulist(text: &str) -> Vec<usize> {
+    let mut cpus = Vec::new();
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                if let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) {
+                    cpus.extend(a..=b.min(a + 65_536));
+                }
+            }
+            None => cpus.extend(part.parse::<usize>().ok()),
+        }
+    }
+    cpus
+}
+
+/// Asks the kernel to place `[ptr, ptr + len)` on `node` (preferred, so a full node falls
+/// back instead of failing). Must run before the pages are touched. Logged, never fatal.
+///
+/// # Safety
+/// `[ptr, ptr + len)` must be a mapping the caller owns.
+pub unsafe fn bind_to_node(ptr: *mut u8, len: usize, node: u32) {
+    const MPOL_PREFERRED: libc::c_long = 1;
+    if node >= 64 {
+        log::info!("NUMA node {node} is beyond the 64-node mask: staging left unbound");
+        return;
+    }
+    let mask: u64 = 1 << node;
+    // SAFETY: mbind only changes the placement policy of our own mapping; the mask pointer is
+    // valid for the 64 bits given as maxnode.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_mbind, ptr, len, MPOL_PREFERRED, &mask as *const u64, 64u64, 0u32)
+    };
+    if rc != 0 {
+        log::info!("mbind to NUMA node {node} failed: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// Restricts the calling thread to `cpus` (no-op for an empty list). Logged, never fatal.
+pub fn pin_current_thread(cpus: &[usize]) {
+    if cpus.is_empty() {
+        return;
+    }
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
+        // SAFETY: cpu is below CPU_SETSIZE.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: pid 0 is the calling thread; the set is valid for its size.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        log::info!("pinning a reader thread failed: {}", std::io::Error::last_os_error());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numa_nodes_and_cpulists() {
+        assert_eq!(parse_numa_node("-1\n"), None);
+        assert_eq!(parse_numa_node("1\n"), Some(1));
+        assert_eq!(parse_numa_node("junk"), None);
+        assert_eq!(parse_cpulist("0-3,8,10-11\n"), [0, 1, 2, 3, 8, 10, 11]);
+        assert_eq!(parse_cpulist(""), Vec::<usize>::new());
+        assert_eq!(parse_cpulist("5,x,7"), [5, 7]);
+    }
+
+    #[test]
+    fn binding_and_pinning_do_not_fail_the_caller() {
+        let arena = crate::staging::Arena::new(1 << 20, Some(0)).unwrap();
+        assert_eq!(arena.len(), 1 << 20);
+        std::thread::spawn(|| pin_current_thread(&[0])).join().unwrap();
+    }
+}

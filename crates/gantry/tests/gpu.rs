@@ -1,0 +1,191 @@
+//! GPU trials. Without a GPU they print one line with the reason and pass, unless
+//! `GANTRY_REQUIRE_GPU=1`, which turns a skip into a failure (set it on GPU machines).
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use gantry::sink::cuda::driver_available;
+use gantry::{Checkpoint, Config, CudaDevice, Dtype, Error, Loader, PathChoice};
+use proptest::prelude::*;
+
+fn gpu() -> Option<Arc<CudaDevice>> {
+    match CudaDevice::open(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            assert!(
+                std::env::var("GANTRY_REQUIRE_GPU").as_deref() != Ok("1"),
+                "GANTRY_REQUIRE_GPU=1 but: {e}"
+            );
+            println!("skipped: no GPU ({e})");
+            None
+        }
+    }
+}
+
+fn assert_device_matches(model: &gantry::DeviceModel, expected: usize) {
+    let mut n = 0;
+    for t in model.tensors() {
+        let got = model.copy_to_host(&t).unwrap();
+        assert!(got == reference(model.checkpoint(), t.entry), "tensor {} differs", t.entry.name);
+        n += 1;
+    }
+    assert_eq!(n, expected);
+}
+
+#[test]
+fn missing_driver_is_an_error_not_a_panic() {
+    match driver_available() {
+        Err(reason) => {
+            let err = CudaDevice::open(0).expect_err("no driver, no device");
+            assert!(matches!(err, Error::Unavailable { what: "CUDA", .. }), "{err}");
+            assert!(err.to_string().contains("libcuda"), "{err} / {reason}");
+        }
+        Ok(()) => {
+            let err = CudaDevice::open(9999).expect_err("no such device");
+            assert!(
+                matches!(err, Error::Cuda { .. }) && err.to_string().contains("no such device"),
+                "{err}"
+            );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn random_layouts_bit_exact(
+        tensors in proptest::collection::vec(
+            (proptest::sample::select(&[Dtype::BF16, Dtype::F32, Dtype::U8][..]), proptest::collection::vec(1usize..300, 1..3)),
+            1..20,
+        ),
+        chunk_blocks in 1usize..64,
+        queue_depth in 1usize..9,
+        direct in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let Some(dev) = gpu() else { return Ok(()) };
+        let dir = scratch();
+        let path = path_of(&dir, "m.safetensors");
+        write_file(&path, &tensors, seed);
+        let reader = if direct { PathChoice::Direct } else { PathChoice::Buffered };
+        let config = Config::default()
+            .path(reader)
+            .chunk_bytes(chunk_blocks * 4096)
+            .buffered_chunk_bytes(chunk_blocks * 4096)
+            .staging_bytes(4 * chunk_blocks * 4096)
+            .queue_depth(queue_depth);
+        let loader = Loader::new(config).unwrap();
+        let mut ready = 0;
+        let model = loader.load_to_device_with(Checkpoint::open(&path).unwrap(), &dev, |_| true, |_| ready += 1).unwrap();
+        assert_device_matches(&model, tensors.len());
+        prop_assert_eq!(ready, tensors.len());
+    }
+}
+
+#[test]
+fn synthetic_sharded_checkpoint_subset_and_reload() {
+    let Some(dev) = gpu() else { return };
+    let dir = scratch();
+    let spec = gantry::synth::SynthSpec {
+        vocab: 4000,
+        hidden: 256,
+        intermediate: 896,
+        kv: 64,
+        layers: 4,
+        shards: 3,
+    };
+    let index = gantry::synth::write_checkpoint(dir.path(), &spec, 11).unwrap();
+    let loader =
+        Loader::new(Config::default().chunk_bytes(1 << 20).staging_bytes(8 << 20)).unwrap();
+    let mut model = loader.load_to_device(&index, &dev).unwrap();
+    assert_device_matches(&model, spec.tensors().len());
+    loader.reload_device(&mut model).unwrap();
+    assert_device_matches(&model, spec.tensors().len());
+    let subset = loader
+        .load_to_device_with(
+            Checkpoint::open(&index).unwrap(),
+            &dev,
+            |t| t.name.contains("mlp"),
+            |_| {},
+        )
+        .unwrap();
+    assert_device_matches(&subset, 3 * spec.layers as usize);
+}
+
+#[test]
+fn caller_destinations() {
+    let Some(dev) = gpu() else { return };
+    let dir = scratch();
+    let path = path_of(&dir, "m.safetensors");
+    write_file(
+        &path,
+        &[(Dtype::F32, vec![1000, 3]), (Dtype::BF16, vec![77]), (Dtype::U8, vec![5000])],
+        5,
+    );
+    let checkpoint = Checkpoint::open(&path).unwrap();
+    let buffers: Vec<_> =
+        checkpoint.tensors.iter().map(|t| dev.alloc(t.len as usize, &t.name).unwrap()).collect();
+    let loader = Loader::new(Config::default()).unwrap();
+    let mut ready = Vec::new();
+    loader
+        .load_into_device(
+            &checkpoint,
+            &dev,
+            |t| (t.name != "t00001").then(|| buffers[t.name[1..].parse::<usize>().unwrap()].ptr()),
+            |r| ready.push(r.index),
+        )
+        .unwrap();
+    ready.sort();
+    assert_eq!(ready, [0, 2]);
+    for i in [0, 2] {
+        let t = &checkpoint.tensors[i];
+        assert_eq!(
+            dev.copy_to_host(buffers[i].ptr(), t.len as usize).unwrap(),
+            reference(&checkpoint, t)
+        );
+    }
+    // A destination smaller than its tensor is refused before anything is read.
+    let err = loader
+        .load_into_device(
+            &checkpoint,
+            &dev,
+            |t| Some(buffers[1].ptr()).filter(|_| t.name == "t00000"),
+            |_| {},
+        )
+        .expect_err("too small");
+    assert!(matches!(err, Error::Destination { .. }), "{err}");
+}
+
+#[test]
+fn out_of_memory_is_an_error_and_frees_what_was_allocated() {
+    let Some(dev) = gpu() else { return };
+    let dir = scratch();
+    let spec = gantry::synth::SynthSpec {
+        vocab: 8192,
+        hidden: 2048,
+        intermediate: 7168,
+        kv: 512,
+        layers: 1,
+        shards: 2,
+    };
+    let index = gantry::synth::write_checkpoint(dir.path(), &spec, 3).unwrap();
+    let checkpoint = Checkpoint::open(&index).unwrap();
+    let first = checkpoint.files[0].header.data_len as usize;
+    let (free, _) = dev.memory().unwrap();
+    // Leave room for the first file but not the second.
+    let filler = dev.alloc(free - first - (48 << 20), "filler").unwrap();
+    let (before, _) = dev.memory().unwrap();
+    let loader = Loader::new(Config::default()).unwrap();
+    let err = loader
+        .load_to_device_with(checkpoint, &dev, |_| true, |_| {})
+        .expect_err("must run out of memory");
+    assert!(matches!(err, Error::Cuda { .. }) && err.to_string().contains("allocating"), "{err}");
+    let (after, _) = dev.memory().unwrap();
+    assert!(
+        after + (4 << 20) >= before,
+        "device memory leaked: {before} free before, {after} after"
+    );
+    drop(filler);
+}
