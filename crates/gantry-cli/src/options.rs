@@ -45,6 +45,9 @@ pub struct LoadOptions {
     /// Bytes per read and staging buffer, in MiB.
     #[arg(long)]
     pub chunk_mib: Option<usize>,
+    /// Bytes per read of the buffered (page-cache) reader, in MiB.
+    #[arg(long)]
+    pub buffered_chunk_mib: Option<usize>,
     /// Staging ring size, in MiB.
     #[arg(long)]
     pub staging_mib: Option<usize>,
@@ -64,6 +67,9 @@ impl LoadOptions {
         }
         if let Some(n) = self.chunk_mib {
             c = c.chunk_bytes(n << 20);
+        }
+        if let Some(n) = self.buffered_chunk_mib {
+            c = c.buffered_chunk_bytes(n << 20);
         }
         if let Some(n) = self.staging_mib {
             c = c.staging_bytes(n << 20);
