@@ -220,61 +220,50 @@ pub fn explain(report: &LoadReport) {
     }
 }
 
-/// Loads into host memory with a progress bar on a terminal for long loads.
+/// Runs `load` with a progress bar on a terminal for long loads; `load` gets the callback
+/// to call with each landed tensor's byte count.
+fn with_progress<T>(
+    total: u64,
+    progress: bool,
+    load: impl FnOnce(&mut dyn FnMut(u64)) -> Result<T, gantry::Error>,
+) -> Result<T, gantry::Error> {
+    let bar =
+        (progress && total >= PROGRESS_MIN_BYTES && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::new(total);
+            let template = "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}";
+            bar.set_style(ProgressStyle::with_template(template).expect("template"));
+            bar
+        });
+    let result = load(&mut |bytes| {
+        if let Some(bar) = &bar {
+            bar.inc(bytes);
+        }
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    result
+}
+
+/// Loads into host memory, with a progress bar on a terminal for long loads.
 pub fn load_host(
     loader: &Loader,
     checkpoint: Checkpoint,
     progress: bool,
 ) -> Result<HostModel, gantry::Error> {
-    let bar = progress_bar(checkpoint.total_bytes(), progress);
-    let model = loader.load_with(
-        checkpoint,
-        |_| true,
-        |ready| {
-            if let Some(bar) = &bar {
-                bar.inc(ready.entry.len);
-            }
-        },
-    );
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    model
-}
-
-fn progress_bar(total: u64, progress: bool) -> Option<ProgressBar> {
-    (progress && total >= PROGRESS_MIN_BYTES && std::io::stderr().is_terminal()).then(|| {
-        let bar = ProgressBar::new(total);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-            )
-            .expect("template"),
-        );
-        bar
+    with_progress(checkpoint.total_bytes(), progress, |tick| {
+        loader.load_with(checkpoint, |_| true, |ready| tick(ready.entry.len))
     })
 }
 
-/// Loads onto a GPU with a progress bar on a terminal for long loads.
+/// Loads onto a GPU, with a progress bar on a terminal for long loads.
 pub fn load_device(
     loader: &Loader,
     checkpoint: Checkpoint,
     device: &std::sync::Arc<CudaDevice>,
     progress: bool,
 ) -> Result<DeviceModel, gantry::Error> {
-    let bar = progress_bar(checkpoint.total_bytes(), progress);
-    let model = loader.load_to_device_with(
-        checkpoint,
-        device,
-        |_| true,
-        |ready| {
-            if let Some(bar) = &bar {
-                bar.inc(ready.entry.len);
-            }
-        },
-    );
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    model
+    with_progress(checkpoint.total_bytes(), progress, |tick| {
+        loader.load_to_device_with(checkpoint, device, |_| true, |ready| tick(ready.entry.len))
+    })
 }

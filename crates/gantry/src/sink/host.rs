@@ -39,29 +39,8 @@ impl HostBuffer {
         if len == 0 {
             return Ok(Self { ptr: NonNull::dangling(), len: 0 });
         }
-        // SAFETY: an anonymous private mapping with no address hint has no preconditions.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            let source = std::io::Error::last_os_error();
-            return Err(Error::Resource {
-                what: "allocating host memory for a data section",
-                source,
-            });
-        }
-        if len >= 2 << 20 {
-            // SAFETY: advice on the mapping just made; failure only loses the hint.
-            unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
-        }
-        Ok(Self { ptr: NonNull::new(ptr.cast()).expect("mmap returned null"), len })
+        let ptr = crate::staging::map_anonymous(len, "allocating host memory for a data section")?;
+        Ok(Self { ptr, len })
     }
 }
 
