@@ -43,6 +43,18 @@ pub const QUEUE_DEPTH_MAX: usize = 4096;
 /// Most reader threads.
 pub const THREADS_MAX: usize = 256;
 
+/// A snapshot of a [`Config`]'s values (see the setters for their meaning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct ConfigValues {
+    pub queue_depth: usize,
+    pub chunk_bytes: usize,
+    pub buffered_chunk_bytes: usize,
+    pub staging_bytes: usize,
+    pub threads: usize,
+    pub path: PathChoice,
+}
+
 /// Loader settings. Build with [`Config::default`] and the setters.
 #[derive(Clone)]
 pub struct Config {
@@ -139,6 +151,18 @@ impl Config {
     pub fn fault_injector(mut self, fault: Arc<dyn FaultInjector>) -> Self {
         self.fault = Some(fault);
         self
+    }
+
+    /// The current values, for reporting and for bindings in other languages.
+    pub fn values(&self) -> ConfigValues {
+        ConfigValues {
+            queue_depth: self.queue_depth,
+            chunk_bytes: self.chunk_bytes,
+            buffered_chunk_bytes: self.buffered_chunk_bytes,
+            staging_bytes: self.staging_bytes,
+            threads: self.threads,
+            path: self.path,
+        }
     }
 
     /// Staging buffers the ring holds.

@@ -34,10 +34,12 @@ pub mod staging;
 pub mod synth;
 pub mod topology;
 
-pub use config::{Config, PathChoice};
+pub use config::{Config, ConfigValues, PathChoice};
 pub use device::{DeviceModel, DeviceTensor, ReadyOnDevice};
 pub use error::{Error, Result};
-pub use gantry_format::{Checkpoint, Dtype, FileId, FileInfo, FormatError, TensorEntry};
+pub use gantry_format::{
+    Checkpoint, Dtype, ErrorKind as FormatErrorKind, FileId, FileInfo, FormatError, TensorEntry,
+};
 pub use loader::{FileReport, HostModel, HostTensor, LoadReport, Loader, Ready};
 pub use schedule::ReaderKind;
 pub use sink::cuda::CudaDevice;

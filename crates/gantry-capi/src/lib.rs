@@ -1,0 +1,309 @@
+//! The C ABI of gantry, for inference servers written in C and C++ (`include/gantry.h`).
+//!
+//! Conventions (rustls-ffi's): opaque handles (`gantry_loader`, `gantry_model`),
+//! `gantry_<object>_<verb>` names, every fallible call returns a [`gantry_status`], outputs
+//! are `*_out` pointers written only on success, every pointer is checked for NULL, and every
+//! body runs inside one `catch_unwind` boundary: a panic becomes `GANTRY_E_PANIC` with a
+//! message, never an unwind into C. The message of the last failure on the calling thread is
+//! kept for `gantry_last_error_message`.
+//!
+//! Threads: a `gantry_loader` may be used from any thread, one load at a time (loads on one
+//! loader are serialised); use one loader per concurrent load. A `gantry_model` is read-only
+//! and may be shared between threads; free it once.
+//!
+//! CUDA: device loads use the device's primary context (the one the CUDA runtime uses), so
+//! the device pointers gantry returns or fills are valid in the caller's `cudaMalloc` world.
+//! Synchronisation point: when a load call returns `GANTRY_OK`, every copy has completed;
+//! the memory may be used on any stream. The ready callback is called on the loading thread
+//! as each tensor's copies complete, before the call returns.
+#![allow(non_camel_case_types)]
+
+mod error;
+mod model;
+
+use std::ffi::{c_char, c_void};
+use std::sync::Arc;
+
+use error::{ffi_boundary, CallError};
+pub use error::{
+    gantry_last_error_cuda_code, gantry_last_error_errno, gantry_last_error_message, gantry_status,
+};
+pub use model::{gantry_model, gantry_report, gantry_tensor};
+
+/// The ABI version: bumped when a signature or a struct layout changes incompatibly.
+pub const GANTRY_ABI_VERSION: u32 = 1;
+
+/// Device number meaning host memory.
+pub const GANTRY_DEVICE_HOST: i32 = -1;
+
+/// Which reader a load uses.
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum gantry_path {
+    /// Per file, from page-cache residency and what the file system supports.
+    GANTRY_PATH_AUTO = 0,
+    /// io_uring with O_DIRECT for every file; an error where unavailable.
+    GANTRY_PATH_DIRECT = 1,
+    /// Threads of buffered pread for every file.
+    GANTRY_PATH_BUFFERED = 2,
+}
+
+/// Loader settings. Fill with `gantry_config_init`, then change what you need.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct gantry_config {
+    /// Reads in flight on the io_uring (1 to 4096).
+    pub queue_depth: u32,
+    /// Threads of the buffered reader (1 to 256).
+    pub threads: u32,
+    /// Bytes per direct read and staging slot (multiple of 4096, up to 1 GiB).
+    pub chunk_bytes: u64,
+    /// Bytes per buffered read (multiple of 4096).
+    pub buffered_chunk_bytes: u64,
+    /// Staging ring size in bytes (at least one chunk).
+    pub staging_bytes: u64,
+    /// Reader choice, a `gantry_path` value.
+    pub path: i32,
+    /// Reserved, set to 0.
+    pub reserved: u32,
+}
+
+/// An opaque loader: settings and the staging ring, reused across loads.
+#[derive(Debug)]
+pub struct gantry_loader {
+    loader: engine::Loader,
+}
+
+/// Chooses each tensor's destination for `gantry_loader_load_into`: write its address (host
+/// pointer for `GANTRY_DEVICE_HOST`, else a device pointer with at least `tensor->bytes`
+/// bytes) to `*dest_out` and return 1 to load it, or return 0 to skip it.
+pub type gantry_target_fn = Option<
+    unsafe extern "C" fn(
+        user_data: *mut c_void,
+        tensor: *const gantry_tensor,
+        dest_out: *mut u64,
+    ) -> i32,
+>;
+
+/// Called on the loading thread as each tensor's bytes have landed (`tensor->data` is its
+/// destination).
+pub type gantry_ready_fn =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, tensor: *const gantry_tensor)>;
+
+/// The library's version, `"MAJOR.MINOR.PATCH"` (static string).
+#[no_mangle]
+pub extern "C" fn gantry_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// The library's ABI version (`GANTRY_ABI_VERSION` of the header it was built with).
+#[no_mangle]
+pub extern "C" fn gantry_abi_version() -> u32 {
+    GANTRY_ABI_VERSION
+}
+
+/// Writes the default settings to `*config_out`.
+///
+/// # Safety
+/// `config_out` is NULL or points to writable memory for one `gantry_config`.
+#[no_mangle]
+pub unsafe extern "C" fn gantry_config_init(config_out: *mut gantry_config) -> gantry_status {
+    ffi_boundary(|| {
+        let out = error::out_ptr(config_out, "config_out")?;
+        let d = engine::Config::default();
+        let config = gantry_config {
+            queue_depth: d.values().queue_depth as u32,
+            threads: d.values().threads as u32,
+            chunk_bytes: d.values().chunk_bytes as u64,
+            buffered_chunk_bytes: d.values().buffered_chunk_bytes as u64,
+            staging_bytes: d.values().staging_bytes as u64,
+            path: gantry_path::GANTRY_PATH_AUTO as i32,
+            reserved: 0,
+        };
+        // SAFETY: checked non-NULL; the caller gives writable memory.
+        unsafe { out.write(config) };
+        Ok(())
+    })
+}
+
+/// Creates a loader. `config` may be NULL for the defaults.
+///
+/// # Safety
+/// `config` is NULL or a valid `gantry_config`; `loader_out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn gantry_loader_new(
+    config: *const gantry_config,
+    loader_out: *mut *mut gantry_loader,
+) -> gantry_status {
+    ffi_boundary(|| {
+        let out = error::out_ptr(loader_out, "loader_out")?;
+        let mut c = engine::Config::default();
+        // SAFETY: NULL or a valid config, per the contract.
+        if let Some(cfg) = unsafe { config.as_ref() } {
+            let path = match cfg.path {
+                0 => engine::PathChoice::Auto,
+                1 => engine::PathChoice::Direct,
+                2 => engine::PathChoice::Buffered,
+                other => {
+                    return Err(CallError::invalid(format!(
+                        "config.path {other} is not a gantry_path"
+                    )))
+                }
+            };
+            c = c
+                .queue_depth(cfg.queue_depth as usize)
+                .threads(cfg.threads as usize)
+                .chunk_bytes(cfg.chunk_bytes as usize)
+                .buffered_chunk_bytes(cfg.buffered_chunk_bytes as usize)
+                .staging_bytes(cfg.staging_bytes as usize)
+                .path(path);
+        }
+        let loader = engine::Loader::new(c)?;
+        // SAFETY: checked non-NULL.
+        unsafe { out.write(Box::into_raw(Box::new(gantry_loader { loader }))) };
+        Ok(())
+    })
+}
+
+/// Frees a loader (NULL is ignored). Models it loaded stay valid.
+///
+/// # Safety
+/// `loader` is NULL or came from `gantry_loader_new` and is not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn gantry_loader_free(loader: *mut gantry_loader) {
+    let _ = ffi_boundary(|| {
+        if !loader.is_null() {
+            // SAFETY: per the contract, a live loader from gantry_loader_new, freed once.
+            drop(unsafe { Box::from_raw(loader) });
+        }
+        Ok(())
+    });
+}
+
+/// Loads every tensor of `path` (a `.safetensors` file, a directory, or an index) into host
+/// memory (`device == GANTRY_DEVICE_HOST`) or onto GPU `device`, into memory gantry owns.
+/// Free the model with `gantry_model_free`.
+///
+/// # Safety
+/// `loader` is a live loader; `path` a NUL-terminated string; `model_out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn gantry_loader_load(
+    loader: *const gantry_loader,
+    path: *const c_char,
+    device: i32,
+    model_out: *mut *mut gantry_model,
+) -> gantry_status {
+    ffi_boundary(|| {
+        // SAFETY: per the contract.
+        let loader = &unsafe { error::in_ref(loader, "loader")? }.loader;
+        // SAFETY: per the contract.
+        let path = unsafe { error::in_str(path, "path")? };
+        let out = error::out_ptr(model_out, "model_out")?;
+        let model = match device {
+            GANTRY_DEVICE_HOST => model::gantry_model::host(loader.load(path)?),
+            n if n >= 0 => {
+                let gpu = engine::CudaDevice::open(n as u32)?;
+                model::gantry_model::device(loader.load_to_device(path, &gpu)?)
+            }
+            n => {
+                return Err(CallError::invalid(format!(
+                    "device {n} is neither GANTRY_DEVICE_HOST nor a GPU"
+                )))
+            }
+        };
+        // SAFETY: checked non-NULL.
+        unsafe { out.write(Box::into_raw(Box::new(model))) };
+        Ok(())
+    })
+}
+
+/// Loads `path` into destinations the caller chooses: `target` is asked for each tensor (see
+/// `gantry_target_fn`), `ready` (may be NULL) is told as each lands. For a GPU, destinations
+/// are device pointers in the device's primary context; each is checked against its
+/// allocation before anything is read. Figures go to `*report_out` (may be NULL).
+///
+/// # Safety
+/// `loader` live; `path` NUL-terminated; `target` non-NULL; the callbacks follow their
+/// contracts and do not unwind; destinations stay valid and unused until the call returns.
+#[no_mangle]
+pub unsafe extern "C" fn gantry_loader_load_into(
+    loader: *const gantry_loader,
+    path: *const c_char,
+    device: i32,
+    target: gantry_target_fn,
+    ready: gantry_ready_fn,
+    user_data: *mut c_void,
+    report_out: *mut gantry_report,
+) -> gantry_status {
+    ffi_boundary(|| {
+        // SAFETY: per the contract.
+        let loader = &unsafe { error::in_ref(loader, "loader")? }.loader;
+        // SAFETY: per the contract.
+        let path = unsafe { error::in_str(path, "path")? };
+        let target = target.ok_or_else(|| CallError::null("target"))?;
+        let checkpoint = engine::Checkpoint::open(path)?;
+        let infos = model::TensorInfos::new(&checkpoint);
+        let mut dests = vec![0u64; checkpoint.tensors.len()];
+        let mut wanted = vec![false; checkpoint.tensors.len()];
+        for (i, _) in checkpoint.tensors.iter().enumerate() {
+            let info = infos.tensor(i, 0);
+            // SAFETY: the callback's contract; `info` and `dests[i]` are valid for the call.
+            wanted[i] = unsafe { target(user_data, &info, &mut dests[i]) } != 0;
+            if wanted[i] && dests[i] == 0 && checkpoint.tensors[i].len > 0 {
+                return Err(CallError::invalid(format!(
+                    "target gave a NULL destination for '{}'",
+                    checkpoint.tensors[i].name
+                )));
+            }
+        }
+        let on_ready = |index: usize| {
+            if let Some(ready) = ready {
+                let info = infos.tensor(index, dests[index]);
+                // SAFETY: the callback's contract; `info` is valid for the call.
+                unsafe { ready(user_data, &info) };
+            }
+        };
+        let report = if device == GANTRY_DEVICE_HOST {
+            let mut slices: Vec<Option<&mut [u8]>> = Vec::with_capacity(dests.len());
+            for (i, t) in checkpoint.tensors.iter().enumerate() {
+                slices.push(wanted[i].then(|| {
+                    // SAFETY: the caller promises `bytes` writable bytes at the destination,
+                    // unused by anyone else until the call returns.
+                    unsafe {
+                        std::slice::from_raw_parts_mut(dests[i] as usize as *mut u8, t.len as usize)
+                    }
+                }));
+            }
+            let mut slices = slices.into_iter();
+            loader.load_into(&checkpoint, |_| slices.next().flatten(), |r| on_ready(r.index))?
+        } else if device >= 0 {
+            let gpu: Arc<engine::CudaDevice> = engine::CudaDevice::open(device as u32)?;
+            let mut i = 0;
+            loader.load_into_device(
+                &checkpoint,
+                &gpu,
+                |_| {
+                    let d = wanted[i].then_some(dests[i]);
+                    i += 1;
+                    d
+                },
+                |r| on_ready(r.index),
+            )?
+        } else {
+            return Err(CallError::invalid(format!(
+                "device {device} is neither GANTRY_DEVICE_HOST nor a GPU"
+            )));
+        };
+        // SAFETY: NULL or writable, per the contract.
+        if let Some(out) = unsafe { report_out.as_mut() } {
+            *out = gantry_report::from(&report);
+        }
+        Ok(())
+    })
+}
+
+/// The name of a status code (`"GANTRY_E_IO"`), a static string.
+#[no_mangle]
+pub extern "C" fn gantry_status_name(status: i32) -> *const c_char {
+    error::status_name(status).as_ptr()
+}

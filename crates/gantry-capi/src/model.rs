@@ -1,0 +1,241 @@
+//! `gantry_model`: a loaded checkpoint, and the tensor descriptions handed to C.
+
+use std::ffi::{c_char, CString};
+
+use crate::error::{self, ffi_boundary, gantry_status, CallError};
+
+/// One tensor as C sees it. Strings and `shape` stay valid while the model lives (or, in
+/// callbacks, for the duration of the callback).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct gantry_tensor {
+    /// NUL-terminated name.
+    pub name: *const c_char,
+    /// NUL-terminated safetensors dtype (`"BF16"`, `"F32"`, ...).
+    pub dtype: *const c_char,
+    /// `ndim` dimensions, outermost first.
+    pub shape: *const u64,
+    /// Number of dimensions.
+    pub ndim: u32,
+    /// Reserved, 0.
+    pub reserved: u32,
+    /// Address of the first byte: a host pointer, or a device pointer (`CUdeviceptr`) for a
+    /// GPU load; 0 where none is assigned yet.
+    pub data: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// Absolute offset of the first byte in its file.
+    pub file_offset: u64,
+    /// Position in the checkpoint's tensor table.
+    pub index: u64,
+}
+
+/// Figures of one load.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct gantry_report {
+    /// Bytes of the tensors delivered.
+    pub tensor_bytes: u64,
+    /// Bytes read from storage.
+    pub read_bytes: u64,
+    /// Staging memory used.
+    pub staging_bytes: u64,
+    /// Seconds from the first read to the last byte landing.
+    pub seconds: f64,
+}
+
+impl From<&engine::LoadReport> for gantry_report {
+    fn from(r: &engine::LoadReport) -> Self {
+        Self {
+            tensor_bytes: r.tensor_bytes,
+            read_bytes: r.read_bytes,
+            staging_bytes: r.staging_bytes,
+            seconds: r.seconds,
+        }
+    }
+}
+
+/// C strings and shapes of a checkpoint's tensors.
+#[derive(Debug)]
+pub(crate) struct TensorInfos {
+    names: Vec<CString>,
+    dtypes: Vec<CString>,
+    shapes: Vec<Vec<u64>>,
+    entries: Vec<(u64, u64)>,
+}
+
+impl TensorInfos {
+    pub(crate) fn new(checkpoint: &engine::Checkpoint) -> Self {
+        let c = |s: &str| CString::new(s.replace('\0', "?")).expect("no NUL after replace");
+        Self {
+            names: checkpoint.tensors.iter().map(|t| c(&t.name)).collect(),
+            dtypes: checkpoint.tensors.iter().map(|t| c(&t.dtype.to_string())).collect(),
+            shapes: checkpoint.tensors.iter().map(|t| t.shape.clone()).collect(),
+            entries: checkpoint.tensors.iter().map(|t| (t.len, t.offset)).collect(),
+        }
+    }
+
+    pub(crate) fn tensor(&self, i: usize, data: u64) -> gantry_tensor {
+        gantry_tensor {
+            name: self.names[i].as_ptr(),
+            dtype: self.dtypes[i].as_ptr(),
+            shape: self.shapes[i].as_ptr(),
+            ndim: self.shapes[i].len() as u32,
+            reserved: 0,
+            data,
+            bytes: self.entries[i].0,
+            file_offset: self.entries[i].1,
+            index: i as u64,
+        }
+    }
+}
+
+/// What owns the tensors' memory; held only to be dropped with the model.
+#[derive(Debug)]
+#[allow(dead_code)]
+enum Loaded {
+    Host(engine::HostModel),
+    Device(engine::DeviceModel),
+}
+
+/// An opaque loaded checkpoint; its memory (host or device) is freed by `gantry_model_free`.
+#[derive(Debug)]
+pub struct gantry_model {
+    _loaded: Loaded,
+    infos: TensorInfos,
+    /// (checkpoint index, data address) of every loaded tensor, in file and offset order.
+    tensors: Vec<(usize, u64)>,
+    report: gantry_report,
+}
+
+impl gantry_model {
+    pub(crate) fn host(m: engine::HostModel) -> Self {
+        let index = |name: &str| {
+            m.checkpoint().tensors.iter().position(|t| t.name == name).expect("own tensor")
+        };
+        let tensors =
+            m.tensors().map(|t| (index(&t.entry.name), t.bytes.as_ptr() as u64)).collect();
+        let (infos, report) = (TensorInfos::new(m.checkpoint()), m.report().into());
+        Self { _loaded: Loaded::Host(m), infos, tensors, report }
+    }
+
+    pub(crate) fn device(m: engine::DeviceModel) -> Self {
+        let index = |name: &str| {
+            m.checkpoint().tensors.iter().position(|t| t.name == name).expect("own tensor")
+        };
+        let tensors = m.tensors().map(|t| (index(&t.entry.name), t.ptr)).collect();
+        let (infos, report) = (TensorInfos::new(m.checkpoint()), m.report().into());
+        Self { _loaded: Loaded::Device(m), infos, tensors, report }
+    }
+
+    fn describe(&self, position: usize) -> gantry_tensor {
+        let (i, data) = self.tensors[position];
+        self.infos.tensor(i, data)
+    }
+}
+
+/// The number of loaded tensors.
+///
+/// # Safety
+/// `model` is a live model; `count_out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn gantry_model_tensor_count(
+    model: *const gantry_model,
+    count_out: *mut usize,
+) -> gantry_status {
+    ffi_boundary(|| {
+        // SAFETY: per the contract.
+        let model = unsafe { error::in_ref(model, "model")? };
+        let out = error::out_ptr(count_out, "count_out")?;
+        // SAFETY: checked non-NULL.
+        unsafe { out.write(model.tensors.len()) };
+        Ok(())
+    })
+}
+
+/// The loaded tensor at `position` (0 to count - 1, file and offset order).
+///
+/// # Safety
+/// `model` is a live model; `tensor_out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn gantry_model_tensor(
+    model: *const gantry_model,
+    position: usize,
+    tensor_out: *mut gantry_tensor,
+) -> gantry_status {
+    ffi_boundary(|| {
+        // SAFETY: per the contract.
+        let model = unsafe { error::in_ref(model, "model")? };
+        let out = error::out_ptr(tensor_out, "tensor_out")?;
+        if position >= model.tensors.len() {
+            return Err(CallError::not_found(format!(
+                "position {position} of {} tensors",
+                model.tensors.len()
+            )));
+        }
+        // SAFETY: checked non-NULL.
+        unsafe { out.write(model.describe(position)) };
+        Ok(())
+    })
+}
+
+/// The loaded tensor called `name`.
+///
+/// # Safety
+/// `model` is a live model; `name` NUL-terminated; `tensor_out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn gantry_model_find(
+    model: *const gantry_model,
+    name: *const c_char,
+    tensor_out: *mut gantry_tensor,
+) -> gantry_status {
+    ffi_boundary(|| {
+        // SAFETY: per the contract.
+        let model = unsafe { error::in_ref(model, "model")? };
+        // SAFETY: per the contract.
+        let name = unsafe { error::in_str(name, "name")? };
+        let out = error::out_ptr(tensor_out, "tensor_out")?;
+        let position = model
+            .tensors
+            .iter()
+            .position(|&(i, _)| model.infos.names[i].to_bytes() == name.as_bytes())
+            .ok_or_else(|| CallError::not_found(format!("no loaded tensor '{name}'")))?;
+        // SAFETY: checked non-NULL.
+        unsafe { out.write(model.describe(position)) };
+        Ok(())
+    })
+}
+
+/// Figures of the load that made `model`.
+///
+/// # Safety
+/// `model` is a live model; `report_out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn gantry_model_report(
+    model: *const gantry_model,
+    report_out: *mut gantry_report,
+) -> gantry_status {
+    ffi_boundary(|| {
+        // SAFETY: per the contract.
+        let model = unsafe { error::in_ref(model, "model")? };
+        let out = error::out_ptr(report_out, "report_out")?;
+        // SAFETY: checked non-NULL.
+        unsafe { out.write(model.report) };
+        Ok(())
+    })
+}
+
+/// Frees a model and the memory holding its tensors (NULL is ignored).
+///
+/// # Safety
+/// `model` is NULL or a live model from gantry, not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn gantry_model_free(model: *mut gantry_model) {
+    let _ = ffi_boundary(|| {
+        if !model.is_null() {
+            // SAFETY: per the contract, freed once.
+            drop(unsafe { Box::from_raw(model) });
+        }
+        Ok(())
+    });
+}

@@ -1,0 +1,169 @@
+/* C11 smoke client of the gantry C ABI: load a checkpoint into host memory, enumerate its
+ * tensors, check every byte against this program's own read of the file, load into its own
+ * buffers through the callback API, and hit every error family. Without CUDA, a GPU load must
+ * return a status, not abort. Usage: smoke GOOD.safetensors CORRUPT.safetensors */
+#include "gantry.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+_Static_assert(sizeof(gantry_tensor) == 64, "gantry_tensor layout");
+_Static_assert(sizeof(gantry_config) == 40, "gantry_config layout");
+_Static_assert(sizeof(gantry_report) == 32, "gantry_report layout");
+_Static_assert(GANTRY_OK == 0 && GANTRY_E_NULL_ARGUMENT == 100 && GANTRY_E_INVALID_ARGUMENT == 101 &&
+                   GANTRY_E_NOT_FOUND == 102 && GANTRY_E_DESTINATION == 103 && GANTRY_E_FORMAT == 200 &&
+                   GANTRY_E_IO == 300 && GANTRY_E_TRUNCATED == 301 && GANTRY_E_CUDA == 400 &&
+                   GANTRY_E_CUFILE == 500 && GANTRY_E_UNAVAILABLE == 600 && GANTRY_E_RESOURCE == 601 &&
+                   GANTRY_E_PANIC == 900,
+               "status values are stable");
+_Static_assert(GANTRY_PATH_AUTO == 0 && GANTRY_PATH_DIRECT == 1 && GANTRY_PATH_BUFFERED == 2, "paths");
+
+#define CHECK(cond, ...)                                                                  \
+    do {                                                                                  \
+        if (!(cond)) {                                                                    \
+            fprintf(stderr, "%s:%d: ", __FILE__, __LINE__);                               \
+            fprintf(stderr, __VA_ARGS__);                                                 \
+            fputc('\n', stderr);                                                          \
+            exit(1);                                                                      \
+        }                                                                                 \
+    } while (0)
+
+static void expect(gantry_status got, gantry_status want, const char *what) {
+    char message[512];
+    gantry_last_error_message(message, sizeof message);
+    CHECK(got == want, "%s: got %s (%s), want %s", what, gantry_status_name(got), message,
+          gantry_status_name(want));
+}
+
+static unsigned char *read_file_range(const char *path, uint64_t offset, uint64_t len) {
+    FILE *f = fopen(path, "rb");
+    CHECK(f != NULL, "open %s", path);
+    unsigned char *buf = malloc(len ? len : 1);
+    CHECK(fseek(f, (long)offset, SEEK_SET) == 0 && fread(buf, 1, len, f) == len, "read %s", path);
+    fclose(f);
+    return buf;
+}
+
+struct targets {
+    unsigned char *buffers[16];
+    int ready;
+};
+
+static int32_t choose(void *user, const gantry_tensor *t, uint64_t *dest_out) {
+    struct targets *targets = user;
+    CHECK(t->index < 16, "index");
+    targets->buffers[t->index] = malloc(t->bytes ? t->bytes : 1);
+    *dest_out = (uint64_t)(uintptr_t)targets->buffers[t->index];
+    return 1;
+}
+
+static void landed(void *user, const gantry_tensor *t) {
+    struct targets *targets = user;
+    CHECK(t->data == (uint64_t)(uintptr_t)targets->buffers[t->index], "ready names its destination");
+    targets->ready++;
+}
+
+int main(int argc, char **argv) {
+    CHECK(argc == 3, "usage: smoke GOOD CORRUPT");
+    const char *good = argv[1], *corrupt = argv[2];
+    CHECK(gantry_abi_version() == GANTRY_ABI_VERSION, "ABI version");
+    CHECK(strcmp(gantry_version(), GANTRY_VERSION) == 0, "version %s vs %s", gantry_version(), GANTRY_VERSION);
+
+    gantry_config config;
+    expect(gantry_config_init(&config), GANTRY_OK, "config_init");
+    config.chunk_bytes = 1 << 20;
+    config.staging_bytes = 4 << 20;
+    gantry_loader *loader = NULL;
+    expect(gantry_loader_new(&config, &loader), GANTRY_OK, "loader_new");
+
+    /* Host load, every byte against our own read. */
+    gantry_model *model = NULL;
+    expect(gantry_loader_load(loader, good, GANTRY_DEVICE_HOST, &model), GANTRY_OK, "load");
+    size_t count = 0;
+    expect(gantry_model_tensor_count(model, &count), GANTRY_OK, "count");
+    CHECK(count == 2, "2 tensors, got %zu", count);
+    for (size_t i = 0; i < count; i++) {
+        gantry_tensor t;
+        expect(gantry_model_tensor(model, i, &t), GANTRY_OK, "tensor");
+        unsigned char *expected = read_file_range(good, t.file_offset, t.bytes);
+        CHECK(memcmp((const void *)(uintptr_t)t.data, expected, t.bytes) == 0, "bytes of %s", t.name);
+        free(expected);
+    }
+    gantry_tensor w;
+    expect(gantry_model_find(model, "w", &w), GANTRY_OK, "find");
+    CHECK(strcmp(w.dtype, "BF16") == 0 && w.ndim == 2 && w.shape[0] == 32 && w.shape[1] == 64 && w.bytes == 4096,
+          "w described");
+    gantry_report report;
+    expect(gantry_model_report(model, &report), GANTRY_OK, "report");
+    CHECK(report.tensor_bytes == 4096 + 20, "report bytes");
+    gantry_tensor untouched = w;
+    expect(gantry_model_find(model, "nope", &untouched), GANTRY_E_NOT_FOUND, "find missing");
+    CHECK(untouched.data == w.data, "outputs are written only on success");
+    expect(gantry_model_tensor(model, 2, &untouched), GANTRY_E_NOT_FOUND, "position out of range");
+    gantry_model_free(model);
+
+    /* Into our own buffers, through the callbacks. */
+    struct targets targets = {{0}, 0};
+    expect(gantry_loader_load_into(loader, good, GANTRY_DEVICE_HOST, choose, landed, &targets, &report), GANTRY_OK,
+           "load_into");
+    CHECK(targets.ready == 2, "ready twice, got %d", targets.ready);
+    /* A fresh load gives each tensor's file offset for the comparison. */
+    expect(gantry_loader_load(loader, good, GANTRY_DEVICE_HOST, &model), GANTRY_OK, "reload");
+    for (size_t i = 0; i < 2; i++) {
+        gantry_tensor t;
+        expect(gantry_model_tensor(model, i, &t), GANTRY_OK, "tensor");
+        unsigned char *expected = read_file_range(good, t.file_offset, t.bytes);
+        CHECK(memcmp(targets.buffers[t.index], expected, t.bytes) == 0, "caller buffer of %s", t.name);
+        free(expected);
+        free(targets.buffers[t.index]);
+    }
+    gantry_model_free(model);
+
+    /* Error families. */
+    gantry_model *sentinel = (gantry_model *)(uintptr_t)0x1;
+    gantry_model *out = sentinel;
+    expect(gantry_loader_load(loader, "/nonexistent/model.safetensors", GANTRY_DEVICE_HOST, &out), GANTRY_E_IO,
+           "missing file");
+    CHECK(out == sentinel, "model_out untouched on failure");
+    size_t full = gantry_last_error_message(NULL, 0);
+    char small[8];
+    CHECK(gantry_last_error_message(small, sizeof small) == full && full > 7 && strlen(small) == 7,
+          "snprintf semantics");
+    expect(gantry_loader_load(loader, corrupt, GANTRY_DEVICE_HOST, &out), GANTRY_E_FORMAT, "corrupt header");
+    expect(gantry_loader_load(NULL, good, GANTRY_DEVICE_HOST, &out), GANTRY_E_NULL_ARGUMENT, "NULL loader");
+    expect(gantry_loader_load(loader, NULL, GANTRY_DEVICE_HOST, &out), GANTRY_E_NULL_ARGUMENT, "NULL path");
+    expect(gantry_loader_load(loader, good, GANTRY_DEVICE_HOST, NULL), GANTRY_E_NULL_ARGUMENT, "NULL model_out");
+    expect(gantry_loader_load(loader, good, -7, &out), GANTRY_E_INVALID_ARGUMENT, "bad device");
+    expect(gantry_loader_load_into(loader, good, GANTRY_DEVICE_HOST, NULL, NULL, NULL, NULL), GANTRY_E_NULL_ARGUMENT,
+           "NULL target");
+    expect(gantry_config_init(NULL), GANTRY_E_NULL_ARGUMENT, "NULL config_out");
+    gantry_config bad = config;
+    bad.chunk_bytes = 1000;
+    gantry_loader *bad_loader = NULL;
+    expect(gantry_loader_new(&bad, &bad_loader), GANTRY_E_INVALID_ARGUMENT, "chunk not aligned");
+    bad = config;
+    bad.path = 7;
+    expect(gantry_loader_new(&bad, &bad_loader), GANTRY_E_INVALID_ARGUMENT, "unknown path");
+    CHECK(bad_loader == NULL, "loader_out untouched on failure");
+    gantry_loader_free(NULL);
+    gantry_model_free(NULL);
+
+    /* A GPU load returns a status whatever the machine has. */
+    gantry_status gpu = gantry_loader_load(loader, good, 0, &out);
+    if (gpu == GANTRY_OK) {
+        expect(gantry_model_tensor_count(out, &count), GANTRY_OK, "gpu count");
+        CHECK(count == 2, "gpu tensors");
+        gantry_model_free(out);
+        printf("GPU load: ok\n");
+    } else {
+        char message[512];
+        gantry_last_error_message(message, sizeof message);
+        CHECK(gpu == GANTRY_E_UNAVAILABLE || gpu == GANTRY_E_CUDA, "GPU load: %s", gantry_status_name(gpu));
+        printf("GPU load: %s (%s)\n", gantry_status_name(gpu), message);
+    }
+    gantry_loader_free(loader);
+    printf("smoke: ok\n");
+    return 0;
+}
