@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-_Static_assert(sizeof(gantry_tensor) == 64, "gantry_tensor layout");
+_Static_assert(sizeof(gantry_tensor) == 72, "gantry_tensor layout");
 _Static_assert(sizeof(gantry_config) == 40, "gantry_config layout");
 _Static_assert(sizeof(gantry_report) == 32, "gantry_report layout");
 _Static_assert(GANTRY_OK == 0 && GANTRY_E_NULL_ARGUMENT == 100 && GANTRY_E_INVALID_ARGUMENT == 101 &&
@@ -87,7 +87,8 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < count; i++) {
         gantry_tensor t;
         expect(gantry_model_tensor(model, i, &t), GANTRY_OK, "tensor");
-        unsigned char *expected = read_file_range(good, t.file_offset, t.bytes);
+        CHECK(strcmp(t.file, good) == 0, "file of %s: %s", t.name, t.file);
+        unsigned char *expected = read_file_range(t.file, t.file_offset, t.bytes);
         CHECK(memcmp((const void *)(uintptr_t)t.data, expected, t.bytes) == 0, "bytes of %s", t.name);
         free(expected);
     }

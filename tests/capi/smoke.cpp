@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-static_assert(sizeof(gantry_tensor) == 64, "gantry_tensor layout");
+static_assert(sizeof(gantry_tensor) == 72, "gantry_tensor layout");
 static_assert(sizeof(gantry_config) == 40, "gantry_config layout");
 static_assert(GANTRY_E_PANIC == 900 && GANTRY_E_UNAVAILABLE == 600, "status values are stable");
 

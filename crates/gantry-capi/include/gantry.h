@@ -113,6 +113,8 @@ typedef struct gantry_tensor {
   const char *name;
   // NUL-terminated safetensors dtype (`"BF16"`, `"F32"`, ...).
   const char *dtype;
+  // NUL-terminated path of the file that holds it.
+  const char *file;
   // `ndim` dimensions, outermost first.
   const uint64_t *shape;
   // Number of dimensions.

@@ -13,6 +13,8 @@ pub struct gantry_tensor {
     pub name: *const c_char,
     /// NUL-terminated safetensors dtype (`"BF16"`, `"F32"`, ...).
     pub dtype: *const c_char,
+    /// NUL-terminated path of the file that holds it.
+    pub file: *const c_char,
     /// `ndim` dimensions, outermost first.
     pub shape: *const u64,
     /// Number of dimensions.
@@ -60,6 +62,8 @@ impl From<&engine::LoadReport> for gantry_report {
 pub(crate) struct TensorInfos {
     names: Vec<CString>,
     dtypes: Vec<CString>,
+    files: Vec<CString>,
+    file_of: Vec<usize>,
     shapes: Vec<Vec<u64>>,
     entries: Vec<(u64, u64)>,
 }
@@ -70,6 +74,8 @@ impl TensorInfos {
         Self {
             names: checkpoint.tensors.iter().map(|t| c(&t.name)).collect(),
             dtypes: checkpoint.tensors.iter().map(|t| c(&t.dtype.to_string())).collect(),
+            files: checkpoint.files.iter().map(|f| c(&f.path.to_string_lossy())).collect(),
+            file_of: checkpoint.tensors.iter().map(|t| t.file.0).collect(),
             shapes: checkpoint.tensors.iter().map(|t| t.shape.clone()).collect(),
             entries: checkpoint.tensors.iter().map(|t| (t.len, t.offset)).collect(),
         }
@@ -79,6 +85,7 @@ impl TensorInfos {
         gantry_tensor {
             name: self.names[i].as_ptr(),
             dtype: self.dtypes[i].as_ptr(),
+            file: self.files[self.file_of[i]].as_ptr(),
             shape: self.shapes[i].as_ptr(),
             ndim: self.shapes[i].len() as u32,
             reserved: 0,

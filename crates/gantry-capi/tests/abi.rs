@@ -56,10 +56,24 @@ fn version_macros_match_cargo() {
     assert!(header.contains("#define GANTRY_ABI_VERSION 1"));
 }
 
-/// The directory cargo put libgantry.so and libgantry.a in.
+/// The directory holding libgantry.so and libgantry.a, built for these tests: `cargo test`
+/// builds no `cdylib` for integration tests, so the tests build it, once, in a target
+/// directory of their own (the outer cargo holds the lock on the main one).
 fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("capi-target");
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "-p", "gantry-capi", "--target-dir"])
+                .arg(&target)
+                .current_dir(manifest())
+                .status()
+                .expect("cargo");
+            assert!(status.success(), "building libgantry failed");
+            target.join("debug")
+        })
+        .clone()
 }
 
 fn compile(compiler: &str, std: &str, source: &Path, out: &Path) {
@@ -113,4 +127,85 @@ fn c11_and_cpp17_smoke_clients() {
         assert!(out.status.success(), "{source}:\n{text}");
         assert!(text.contains("smoke: ok"), "{source}:\n{text}");
     }
+}
+
+/// Installs into a temporary prefix, then builds the C smoke client the ways consumers do:
+/// with pkg-config's flags, and with CMake's `find_package(gantry)` (static library).
+#[test]
+fn install_layout_pkg_config_and_cmake() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("prefix");
+    let status = Command::new("bash")
+        .arg(manifest().join("install.sh"))
+        .arg(&prefix)
+        .env("GANTRY_LIB_DIR", lib_dir())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for f in [
+        "include/gantry.h",
+        "lib/libgantry.so",
+        "lib/libgantry.a",
+        "lib/pkgconfig/gantry.pc",
+        "lib/cmake/gantry/gantryConfig.cmake",
+    ] {
+        assert!(prefix.join(f).is_file(), "{f} missing");
+    }
+    let (good, bad) = checkpoint(dir.path());
+    let smoke = manifest().join("../../tests/capi/smoke.c");
+    let run = |exe: &Path| {
+        let out = Command::new(exe)
+            .arg(&good)
+            .arg(&bad)
+            .env("LD_LIBRARY_PATH", prefix.join("lib"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("smoke: ok"),
+            "{out:?}"
+        );
+    };
+
+    let flags = Command::new("pkg-config")
+        .args(["--cflags", "--libs", "gantry"])
+        .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig"))
+        .output()
+        .expect("pkg-config (CI installs it)");
+    assert!(flags.status.success(), "{flags:?}");
+    let flags = String::from_utf8(flags.stdout).unwrap();
+    let exe = dir.path().join("smoke_pkgconfig");
+    let status = Command::new("cc")
+        .args(["-std=c11", "-Wall", "-Werror", "-o"])
+        .arg(&exe)
+        .arg(&smoke)
+        .args(flags.split_whitespace())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    run(&exe);
+
+    let project = dir.path().join("cmake-project");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(
+        project.join("CMakeLists.txt"),
+        format!(
+            "cmake_minimum_required(VERSION 3.16)\nproject(smoke C)\nset(CMAKE_C_STANDARD 11)\nfind_package(gantry {} REQUIRED)\nadd_executable(smoke {})\ntarget_link_libraries(smoke PRIVATE gantry::gantry_static)\n",
+            env!("CARGO_PKG_VERSION"),
+            smoke.display()
+        ),
+    )
+    .unwrap();
+    let build = project.join("build");
+    let configure = Command::new("cmake")
+        .arg("-S")
+        .arg(&project)
+        .arg("-B")
+        .arg(&build)
+        .arg(format!("-DCMAKE_PREFIX_PATH={}", prefix.display()))
+        .output()
+        .expect("cmake (CI installs it)");
+    assert!(configure.status.success(), "{configure:?}");
+    let compile = Command::new("cmake").arg("--build").arg(&build).output().unwrap();
+    assert!(compile.status.success(), "{compile:?}");
+    run(&build.join("smoke"));
 }

@@ -98,6 +98,17 @@ impl Loader {
     /// Loads the tensors `filter` keeps onto `device`, into one allocation per file, calling
     /// `on_ready` on this thread as each one's copies complete. On error every allocation
     /// made so far is freed.
+    ///
+    /// ```no_run
+    /// let loader = gantry::Loader::new(gantry::Config::default())?;
+    /// let gpu = gantry::CudaDevice::open(0)?; // an error, not a panic, without a driver
+    /// let checkpoint = gantry::Checkpoint::open("model/")?;
+    /// let model = loader.load_to_device_with(checkpoint, &gpu, |t| !t.name.starts_with("lm_head"), |ready| {
+    ///     println!("{} at {:#x}", ready.entry.name, ready.ptr); // usable on any stream now
+    /// })?;
+    /// println!("{:.2} GB/s", model.report().gb_per_s());
+    /// # Ok::<(), gantry::Error>(())
+    /// ```
     pub fn load_to_device_with(
         &self,
         checkpoint: Checkpoint,

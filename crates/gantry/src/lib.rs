@@ -20,6 +20,8 @@
 //! # Ok::<(), gantry::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod baseline;
 pub mod config;
 mod device;

@@ -155,6 +155,18 @@ impl Loader {
 
     /// Loads every tensor of the checkpoint at `path` (file, directory or index) into host
     /// memory.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// # let spec = gantry::synth::SynthSpec { vocab: 64, hidden: 64, intermediate: 224, kv: 16, layers: 1, shards: 2 };
+    /// # gantry::synth::write_checkpoint(dir.path(), &spec, 0)?;
+    /// let loader = gantry::Loader::new(gantry::Config::default())?;
+    /// let model = loader.load(dir.path())?;
+    /// let norm = model.tensor("model.norm.weight").expect("loaded");
+    /// assert_eq!(norm.bytes.len() as u64, norm.entry.len);
+    /// assert_eq!(model.tensors().count(), spec.tensors().len());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn load(&self, path: impl AsRef<Path>) -> Result<HostModel> {
         self.load_with(Checkpoint::open(path)?, |_| true, |_| {})
     }
@@ -162,6 +174,21 @@ impl Loader {
     /// Loads the tensors of `checkpoint` that `filter` keeps into host memory, calling
     /// `on_ready` on this thread as each one lands. Nothing is read for a file whose tensors
     /// are all skipped.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// # let spec = gantry::synth::SynthSpec { vocab: 64, hidden: 64, intermediate: 224, kv: 16, layers: 2, shards: 2 };
+    /// # gantry::synth::write_checkpoint(dir.path(), &spec, 0)?;
+    /// let loader = gantry::Loader::new(gantry::Config::default())?;
+    /// let checkpoint = gantry::Checkpoint::open(dir.path())?;
+    /// let mut landed = Vec::new();
+    /// let model = loader.load_with(checkpoint, |t| t.name.contains("layers.0."), |ready| {
+    ///     landed.push(ready.entry.name.clone()); // bytes are in `ready.bytes` already
+    /// })?;
+    /// assert_eq!(landed.len(), 9);
+    /// assert!(model.tensor("model.layers.1.mlp.up_proj.weight").is_none());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn load_with(
         &self,
         checkpoint: Checkpoint,
@@ -211,6 +238,20 @@ impl Loader {
     /// Loads into the caller's own host memory: `target` gives each tensor's destination, a
     /// slice of exactly its length, or `None` to skip it. `on_ready` is called on this thread
     /// as each tensor lands.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// # let spec = gantry::synth::SynthSpec { vocab: 64, hidden: 64, intermediate: 224, kv: 16, layers: 1, shards: 1 };
+    /// # gantry::synth::write_checkpoint(dir.path(), &spec, 0)?;
+    /// let loader = gantry::Loader::new(gantry::Config::default())?;
+    /// let checkpoint = gantry::Checkpoint::open(dir.path())?;
+    /// // The engine's own parameter storage, one buffer per tensor.
+    /// let mut params: Vec<Vec<u8>> = checkpoint.tensors.iter().map(|t| vec![0; t.len as usize]).collect();
+    /// let mut slots = params.iter_mut();
+    /// let report = loader.load_into(&checkpoint, |_| slots.next().map(|p| p.as_mut_slice()), |_| {})?;
+    /// assert_eq!(report.tensor_bytes, checkpoint.total_bytes());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn load_into<'a>(
         &self,
         checkpoint: &Checkpoint,

@@ -77,14 +77,23 @@ pub enum Message {
 pub enum Completion {
     /// Every needed byte is in.
     Done,
-    /// Some bytes are in: `valid` bytes from the extent's start; issue the rest.
-    Continue { valid: u64 },
+    /// Some bytes are in; issue the rest.
+    Continue {
+        /// Bytes in from the extent's start.
+        valid: u64,
+    },
     /// Interrupted or would block: issue the same request again.
     Retry,
     /// End of file before the needed bytes: the file shrank.
-    Truncated { at: u64 },
-    /// The read failed with this errno.
-    Failed { errno: i32 },
+    Truncated {
+        /// Bytes from the extent's start where the file ended.
+        at: u64,
+    },
+    /// The read failed.
+    Failed {
+        /// The errno.
+        errno: i32,
+    },
 }
 
 /// Interprets `result` (bytes or negated errno) of a request that started `start` bytes into
