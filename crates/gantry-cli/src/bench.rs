@@ -84,9 +84,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         format!("buffered pread, {CEILING_BUFFERED_THREADS} threads, pre-faulted buffer")
     };
     if !args.cold {
-        for p in &paths {
-            std::fs::read(p).map(drop)?; // warm the page cache
-        }
+        baseline::warm(&paths)?;
     }
     let mut runs = Vec::with_capacity(args.repeat);
     let mut files = Vec::new();

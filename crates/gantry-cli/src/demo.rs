@@ -84,9 +84,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     // gantry first, so the ceilings' own buffers do not count in its peak RSS.
     let cold = load(true)?;
     let cold_rss = peak_rss_bytes();
-    for p in &paths {
-        std::fs::read(p).map(drop)?; // into the page cache
-    }
+    baseline::warm(&paths)?;
     let warm = load(false)?;
     let rows = [
         Row { name: "cold", report: cold, rss: cold_rss },
@@ -95,6 +93,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
 
     baseline::evict(&paths)?;
     let disk = baseline::read_direct(&paths, 64 << 20, 8).map(|m| m.gb_per_s()).ok();
+    baseline::warm(&paths)?;
     let cache = Prefaulted::new(&paths)?.read(16, 16 << 20)?.gb_per_s();
     let h2d = match &gpu {
         Some(g) => Some(

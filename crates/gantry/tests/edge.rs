@@ -138,3 +138,14 @@ fn bad_configuration_is_an_error() {
     }
     assert!("sideways".parse::<PathChoice>().is_err());
 }
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Loader>();
+    send_sync::<gantry::HostModel>();
+    send_sync::<gantry::DeviceModel>();
+    send_sync::<gantry::CudaDevice>();
+    send_sync::<Config>();
+    send_sync::<Error>();
+}
