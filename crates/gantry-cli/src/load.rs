@@ -91,45 +91,48 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     // From here: headers, allocation, pinning and the load (CUDA's own start-up excluded).
     let start = std::time::Instant::now();
     let checkpoint = Checkpoint::open(&args.options.path)?;
-    // (name, bytes) of every loaded tensor, fetched only when a checksum or check needs them.
-    let (report, device, count, bytes_of): (LoadReport, String, usize, TensorBytes);
-    let names: Vec<String>;
+    // The loaded tensors' table positions and names; their bytes are fetched (from host or
+    // device memory) only when a checksum or a check needs them.
+    let (report, device, loaded, bytes_of): (
+        LoadReport,
+        String,
+        Vec<(usize, String)>,
+        TensorBytes,
+    );
+    let table = |c: &Checkpoint, wanted: &dyn Fn(usize) -> bool| -> Vec<(usize, String)> {
+        c.tensors
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| wanted(*i))
+            .map(|(i, t)| (i, t.name.clone()))
+            .collect()
+    };
     match &gpu {
         None => {
             let model = load_host(&loader, checkpoint, !args.json)?;
-            report = model.report().clone();
-            device = "cpu".to_owned();
-            names = model.tensors().map(|t| t.entry.name.clone()).collect();
-            count = names.len();
-            let model = std::rc::Rc::new(model);
-            let m = model.clone();
-            let names_c = names.clone();
-            bytes_of = Box::new(move |i| Ok(m.tensor(&names_c[i]).expect("loaded").bytes.to_vec()));
+            (report, device) = (model.report().clone(), "cpu".to_owned());
+            loaded = table(model.checkpoint(), &|i| model.get(i).is_some());
+            bytes_of = Box::new(move |i| Ok(model.get(i).expect("loaded").bytes.to_vec()));
         }
         Some(gpu) => {
             let model = load_device(&loader, checkpoint, gpu, !args.json)?;
-            report = model.report().clone();
-            device = format!("cuda:{}", gpu.ordinal());
-            names = model.tensors().map(|t| t.entry.name.clone()).collect();
-            count = names.len();
-            let names_c = names.clone();
-            bytes_of = Box::new(move |i| {
-                let t = model.tensor(&names_c[i]).expect("loaded");
-                model.copy_to_host(&t)
-            });
+            (report, device) = (model.report().clone(), format!("cuda:{}", gpu.ordinal()));
+            loaded = table(model.checkpoint(), &|i| model.get(i).is_some());
+            bytes_of = Box::new(move |i| model.copy_to_host(&model.get(i).expect("loaded")));
         }
     }
     let total_seconds = start.elapsed().as_secs_f64();
     if args.verify {
-        verify(&args.options.path, &names, &bytes_of)?;
+        verify(&args.options.path, &loaded, &bytes_of)?;
     }
     let tensors = match &args.checksum {
         Some(_) => Some(
-            (0..count)
-                .map(|i| {
-                    let bytes = bytes_of(i)?;
+            loaded
+                .iter()
+                .map(|(i, name)| {
+                    let bytes = bytes_of(*i)?;
                     Ok(JsonTensor {
-                        name: &names[i],
+                        name,
                         xxh3: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)),
                     })
                 })
@@ -157,7 +160,8 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         explain(&report);
     }
     println!(
-        "loaded {count} tensors, {} in {:.3} s: {:.2} GB/s into {device} ({} staging){}",
+        "loaded {} tensors, {} in {:.3} s: {:.2} GB/s into {device} ({} staging){}",
+        loaded.len(),
         units::bytes(report.tensor_bytes),
         report.seconds,
         report.gb_per_s(),
@@ -176,13 +180,15 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
 /// mismatch is an error naming the tensor, the byte and the file offset.
 fn verify(
     path: &std::path::Path,
-    names: &[String],
+    loaded: &[(usize, String)],
     bytes_of: &dyn Fn(usize) -> Result<Vec<u8>, gantry::Error>,
 ) -> Result<(), Box<dyn Error>> {
     use std::os::unix::fs::FileExt;
+    // The table again, from the files, independent of the load.
     let checkpoint = Checkpoint::open(path)?;
-    for (i, name) in names.iter().enumerate() {
-        let t = checkpoint.tensors.iter().find(|t| &t.name == name).expect("same checkpoint");
+    for &(i, ref name) in loaded {
+        let t = &checkpoint.tensors[i];
+        assert_eq!(&t.name, name, "the same checkpoint gives the same table");
         let mut expected = vec![0u8; t.len as usize];
         std::fs::File::open(&checkpoint.file(t.file).path)?
             .read_exact_at(&mut expected, t.offset)?;

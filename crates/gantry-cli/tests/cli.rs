@@ -128,6 +128,20 @@ fn load_json_checksums_match_reference() {
 }
 
 #[test]
+fn load_verify_and_sharded_index() {
+    let index = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/tiny-llama/model.safetensors.index.json"
+    );
+    for reader in ["direct", "buffered"] {
+        let out = gantry(&["load", index, "--verify", "--path", reader]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.starts_with("loaded 12 tensors") && text.contains("verified"), "{text}");
+    }
+}
+
+#[test]
 fn load_explain_names_reader_and_reason() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let path = dir.path().join("model.safetensors");

@@ -77,6 +77,11 @@ impl DeviceModel {
         self.buffers.iter().map(|b| b.len() as u64).sum()
     }
 
+    /// The tensor at position `index` of the checkpoint's table, if it was loaded.
+    pub fn get(&self, index: usize) -> Option<DeviceTensor<'_>> {
+        (*self.wanted.get(index)?).then(|| self.at(index))
+    }
+
     fn at(&self, i: usize) -> DeviceTensor<'_> {
         let entry = &self.checkpoint.tensors[i];
         let file = &self.checkpoint.files[entry.file.0];

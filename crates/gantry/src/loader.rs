@@ -132,6 +132,11 @@ impl HostModel {
         self.wanted[i].then(|| self.at(i))
     }
 
+    /// The tensor at position `index` of the checkpoint's table, if it was loaded.
+    pub fn get(&self, index: usize) -> Option<HostTensor<'_>> {
+        (*self.wanted.get(index)?).then(|| self.at(index))
+    }
+
     fn at(&self, i: usize) -> HostTensor<'_> {
         let entry = &self.checkpoint.tensors[i];
         let file = &self.checkpoint.files[entry.file.0];
