@@ -36,6 +36,7 @@ pub struct JsonFile {
     pub path: String,
     pub reader: &'static str,
     pub reason: String,
+    pub facts: String,
     pub bytes: u64,
 }
 
@@ -69,6 +70,7 @@ pub fn json_files(report: &LoadReport) -> Vec<JsonFile> {
             path: f.path.display().to_string(),
             reader: f.reader.map_or("none", |r| r.name()),
             reason: f.reason.clone(),
+            facts: f.facts.clone(),
             bytes: f.read_bytes,
         })
         .collect()
@@ -223,6 +225,9 @@ pub fn explain(report: &LoadReport) {
             units::bytes(f.read_bytes),
             f.reason
         );
+        if !f.facts.is_empty() {
+            println!("    facts: {}", f.facts);
+        }
     }
 }
 

@@ -36,8 +36,9 @@ pub struct LoadOptions {
     /// Where tensors go: cpu, or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
-    /// Reader: auto (per file, from page-cache residency), direct (io_uring O_DIRECT) or buffered.
-    #[arg(long = "path", value_name = "auto|direct|buffered")]
+    /// Reader: auto (per file, from the probed facts), direct (io_uring O_DIRECT), buffered
+    /// (threads of pread) or gds (cuFile into GPU memory).
+    #[arg(long = "path", value_name = "auto|direct|buffered|gds")]
     pub path_choice: Option<String>,
     /// Reads in flight on the io_uring.
     #[arg(long)]

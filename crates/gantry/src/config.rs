@@ -20,6 +20,9 @@ pub enum PathChoice {
     Direct,
     /// Several threads of buffered `pread` for every file.
     Buffered,
+    /// cuFile (GPUDirect Storage) for every file of a GPU load, compatibility mode included;
+    /// an error where cuFile is unavailable or the load goes to host memory.
+    Gds,
 }
 
 impl std::str::FromStr for PathChoice {
@@ -29,7 +32,8 @@ impl std::str::FromStr for PathChoice {
             "auto" => Ok(Self::Auto),
             "direct" => Ok(Self::Direct),
             "buffered" => Ok(Self::Buffered),
-            _ => Err(Error::Config(format!("unknown path '{s}' (auto, direct, buffered)"))),
+            "gds" => Ok(Self::Gds),
+            _ => Err(Error::Config(format!("unknown path '{s}' (auto, direct, buffered, gds)"))),
         }
     }
 }

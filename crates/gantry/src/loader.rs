@@ -49,6 +49,8 @@ pub struct FileReport {
     pub reader: Option<ReaderKind>,
     /// Why that reader.
     pub reason: String,
+    /// The probed facts the choice was made from, in one line.
+    pub facts: String,
     /// Bytes read from the file (tensor bytes plus alignment and skipped gaps).
     pub read_bytes: u64,
 }
@@ -285,14 +287,19 @@ impl Loader {
         on_landed: &mut dyn FnMut(usize),
     ) -> Result<LoadReport> {
         let mut cached = self.staging.lock();
-        let (files, choices) = self.open_files(checkpoint, wanted)?;
+        let (files, choices) = self.open_files(checkpoint, wanted, device.is_some())?;
         let file_plans: Vec<FilePlan> = (0..checkpoint.files.len())
-            .map(|f| match files.slot[f] {
-                Some((true, i)) => FilePlan {
-                    align: files.direct[i].align,
-                    chunk_bytes: self.config.chunk_bytes as u64,
-                },
-                _ => FilePlan { align: 1, chunk_bytes: self.config.buffered_chunk() as u64 },
+            .map(|f| {
+                let chunk_bytes = self.config.chunk_bytes as u64;
+                match files.slot[f] {
+                    Some((ReaderKind::Direct, i)) => {
+                        FilePlan { align: files.direct[i].align, chunk_bytes }
+                    }
+                    Some((ReaderKind::Gds, i)) => {
+                        FilePlan { align: files.gds[i].align, chunk_bytes }
+                    }
+                    _ => FilePlan { align: 1, chunk_bytes: self.config.buffered_chunk() as u64 },
+                }
             })
             .collect();
         let plan = Plan::new(checkpoint, wanted, &file_plans, self.config.gap_bytes);
@@ -327,11 +334,17 @@ impl Loader {
         };
         for (f, file) in checkpoint.files.iter().enumerate() {
             let read_bytes = plan.extents.iter().filter(|e| e.file.0 == f).map(|e| e.len).sum();
-            let (reader, reason) = match &choices[f] {
-                Some(c) => (Some(c.reader), c.reason.clone()),
-                None => (None, "no tensor wanted: not read".to_owned()),
+            let (reader, reason, facts) = match &choices[f] {
+                Some((c, facts)) => (Some(c.reader), c.reason.clone(), facts.clone()),
+                None => (None, "no tensor wanted: not read".to_owned(), String::new()),
             };
-            report.files.push(FileReport { path: file.path.clone(), reader, reason, read_bytes });
+            report.files.push(FileReport {
+                path: file.path.clone(),
+                reader,
+                reason,
+                facts,
+                read_bytes,
+            });
         }
         Ok(report)
     }
@@ -342,7 +355,8 @@ impl Loader {
         &self,
         checkpoint: &Checkpoint,
         wanted: &[bool],
-    ) -> Result<(Files, Vec<Option<Choice>>)> {
+        to_device: bool,
+    ) -> Result<(Files, Vec<Option<FileChoice>>)> {
         let mut files = Files { slot: vec![None; checkpoint.files.len()], ..Files::default() };
         let mut choices = vec![None; checkpoint.files.len()];
         for (f, info) in checkpoint.files.iter().enumerate() {
@@ -363,6 +377,8 @@ impl Loader {
                 direct: direct.as_ref().map(|(_, align)| *align).map_err(Clone::clone),
                 io_uring: probe::io_uring(),
                 resident: probe::resident_fraction(&plain, range.start, range.end - range.start),
+                to_device,
+                gds: gds_facts(to_device, &plain),
             };
             let mut choice = schedule::choose(self.config.path, self.config.hot_fraction, &facts)?;
             if let (ReaderKind::Direct, Ok((_, align))) = (choice.reader, &direct) {
@@ -384,17 +400,23 @@ impl Loader {
             };
             match (choice.reader, direct) {
                 (ReaderKind::Direct, Ok((file, align))) => {
-                    files.slot[f] = Some((true, files.direct.len()));
+                    files.slot[f] = Some((ReaderKind::Direct, files.direct.len()));
                     files.direct.push(open(file, align));
                     files.direct_ids.push(f);
                 }
+                (ReaderKind::Gds, direct) => {
+                    // cuFile wants an O_DIRECT descriptor; in compatibility mode a plain one works.
+                    let (file, align) = direct.unwrap_or((plain, 4096));
+                    files.slot[f] = Some((ReaderKind::Gds, files.gds.len()));
+                    files.gds.push(open(file, align));
+                }
                 _ => {
-                    files.slot[f] = Some((false, files.buffered.len()));
+                    files.slot[f] = Some((ReaderKind::Buffered, files.buffered.len()));
                     files.buffered.push(open(plain, 1));
                     files.buffered_ids.push(f);
                 }
             }
-            choices[f] = Some(choice);
+            choices[f] = Some((choice, facts.summary()));
         }
         Ok((files, choices))
     }
@@ -412,7 +434,12 @@ impl Loader {
     ) -> Result<Staging> {
         let cpus = node.map(crate::topology::node_cpus).unwrap_or_default();
         if count == 0 {
-            return Ok(Staging { pool: None, register_buffers: false, cpus });
+            return Ok(Staging {
+                pool: None,
+                register_buffers: false,
+                cpus,
+                device: device.cloned(),
+            });
         }
         let need = slot_bytes * count;
         if cached.as_ref().is_some_and(|c| c.arena.len() < need || c.node != node) {
@@ -434,6 +461,31 @@ impl Loader {
             );
         }
         let pool = Pool::new(Arc::clone(&staging.arena), slot_bytes, count);
-        Ok(Staging { pool: Some(pool), register_buffers: register, cpus })
+        Ok(Staging { pool: Some(pool), register_buffers: register, cpus, device: device.cloned() })
+    }
+}
+
+/// A file's reader, why, and the facts (in one line) it was chosen from.
+type FileChoice = (Choice, String);
+
+/// cuFile's facts for one file of a load: unavailable for host loads, real GPUDirect Storage
+/// only when the driver supports it and the file is on NVMe, else compatibility mode (when
+/// the driver allows it).
+fn gds_facts(to_device: bool, file: &std::fs::File) -> Result<bool, String> {
+    if !to_device {
+        return Err("host load".to_owned());
+    }
+    let facts = crate::io::gds::facts();
+    facts.available.clone()?;
+    if facts.real() && crate::io::gds::file_on_nvme(file) {
+        return Ok(true);
+    }
+    if facts.compat_allowed {
+        Ok(false)
+    } else {
+        Err(format!(
+            "nvidia-fs {}.{}, no P2PDMA for this file, and allow_compat_mode is off",
+            facts.nvfs_version.0, facts.nvfs_version.1
+        ))
     }
 }

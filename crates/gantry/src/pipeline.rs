@@ -14,8 +14,10 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::io::{buffered, uring, Message, OpenFile};
+use crate::io::{buffered, gds, uring, Message, OpenFile};
 use crate::plan::Plan;
+use crate::schedule::ReaderKind;
+use crate::sink::cuda::CudaDevice;
 use crate::sink::{RawTarget, Sink};
 use crate::staging::Pool;
 
@@ -30,9 +32,11 @@ pub struct Files {
     pub buffered: Vec<OpenFile>,
     /// Checkpoint positions of `buffered`.
     pub buffered_ids: Vec<usize>,
-    /// Per checkpoint file: `Some((true, i))` for `direct[i]`, `Some((false, i))` for
-    /// `buffered[i]`, `None` when nothing is read from it.
-    pub slot: Vec<Option<(bool, usize)>>,
+    /// Files for cuFile.
+    pub gds: Vec<OpenFile>,
+    /// Per checkpoint file: its reader and its position in that reader's list (`direct`,
+    /// `buffered` or `gds`), `None` when nothing is read from it.
+    pub slot: Vec<Option<(ReaderKind, usize)>>,
 }
 
 /// The jobs of one load, split by reader.
@@ -41,6 +45,8 @@ pub struct Jobs {
     direct: Vec<uring::Job>,
     staged: Vec<uring::Job>,
     into: Vec<(uring::Job, RawTarget)>,
+    /// Per extent of a cuFile file, its reads (one per copy step, straight to the tensor).
+    gds: Vec<Vec<gds::GdsRead>>,
 }
 
 impl Jobs {
@@ -49,10 +55,27 @@ impl Jobs {
     pub fn new(plan: &Plan, files: &Files, sink: &mut dyn Sink) -> Self {
         let mut jobs = Jobs::default();
         for (i, e) in plan.extents.iter().enumerate() {
-            let (direct, file) = files.slot[e.file.0].expect("extent of a file that is not open");
+            let (reader, file) = files.slot[e.file.0].expect("extent of a file that is not open");
             let steps = &plan.steps[e.steps.clone()];
             let job = uring::Job { extent: i, file, offset: e.offset, len: e.len, target: None };
-            if direct {
+            if reader == ReaderKind::Gds {
+                let reads: Vec<gds::GdsRead> = steps
+                    .iter()
+                    .enumerate()
+                    .map(|(k, s)| gds::GdsRead {
+                        extent: i,
+                        file,
+                        file_offset: e.offset + s.source_offset,
+                        len: s.len,
+                        device_base: sink
+                            .device_pointer(s.tensor)
+                            .expect("cuFile loads go to a GPU"),
+                        device_offset: s.target_offset,
+                        last_of_extent: k + 1 == steps.len(),
+                    })
+                    .collect();
+                jobs.gds.push(reads);
+            } else if reader == ReaderKind::Direct {
                 let align = files.direct[file].align;
                 let target = sink.direct_target(e, steps, align);
                 if let Some(t) = target {
@@ -92,6 +115,8 @@ pub struct Staging {
     pub register_buffers: bool,
     /// CPUs the reader threads run on (the staging memory's NUMA node); empty: any.
     pub cpus: Vec<usize>,
+    /// The GPU of a device load (cuFile reads need its context).
+    pub device: Option<Arc<CudaDevice>>,
 }
 
 /// Runs a load to completion. `on_landed(t)` is called once for every tensor whose copy steps
@@ -105,7 +130,7 @@ pub fn run(
     sink: &mut dyn Sink,
     on_landed: &mut dyn FnMut(usize),
 ) -> Result<()> {
-    let Staging { pool, register_buffers, cpus } = staging;
+    let Staging { pool, register_buffers, cpus, device } = staging;
     let cpus = cpus.as_slice();
     assert!(jobs.staged_count() == 0 || pool.is_some(), "staged extents need a pool");
     let (tx, rx) = mpsc::channel::<Result<Message>>();
@@ -134,6 +159,12 @@ pub fn run(
         if !jobs.staged.is_empty() {
             let (tx, pool, staged) = (tx.clone(), pool.clone().expect("pool"), &jobs.staged);
             scope.spawn(move || buffered::run_staged(shared, staged, &pool, config.threads, &tx));
+        }
+        if !jobs.gds.is_empty() {
+            let (tx, reads, cancel) = (tx.clone(), &jobs.gds, &cancel);
+            let device = device.clone().expect("cuFile loads go to a GPU");
+            let threads = config.queue_depth;
+            scope.spawn(move || gds::run(&files.gds, reads, &device, threads, cancel, &tx));
         }
         if !jobs.into.is_empty() {
             let tx = tx.clone();

@@ -13,6 +13,34 @@ pub struct FileFacts {
     pub io_uring: Result<(), String>,
     /// Fraction of the file's data section in the page cache, if it could be measured.
     pub resident: Option<f64>,
+    /// The load goes to a GPU (cuFile reads into device memory only).
+    pub to_device: bool,
+    /// cuFile: `Err` when it cannot be used at all; `Ok(true)` for real GPUDirect Storage to
+    /// this file (nvidia-fs or P2PDMA, file on NVMe), `Ok(false)` for compatibility mode only.
+    pub gds: Result<bool, String>,
+}
+
+impl FileFacts {
+    /// The facts in one line, for `--explain`.
+    pub fn summary(&self) -> String {
+        let resident = self.resident.map_or("unknown".to_owned(), |r| format!("{:.0}%", r * 100.0));
+        let direct = match &self.direct {
+            Ok(align) => format!("yes (align {align})"),
+            Err(e) => format!("no ({e})"),
+        };
+        let uring = match &self.io_uring {
+            Ok(()) => "yes".to_owned(),
+            Err(e) => format!("no ({e})"),
+        };
+        let gds = match &self.gds {
+            Ok(true) => "real GPUDirect Storage".to_owned(),
+            Ok(false) => {
+                "compatibility mode only (no nvidia-fs or P2PDMA for this file)".to_owned()
+            }
+            Err(e) => format!("unavailable ({e})"),
+        };
+        format!("page cache {resident}; O_DIRECT {direct}; io_uring {uring}; cuFile {gds}")
+    }
 }
 
 /// The readers gantry has.
@@ -22,6 +50,8 @@ pub enum ReaderKind {
     Direct,
     /// Threads of buffered `pread`.
     Buffered,
+    /// cuFile straight into device memory.
+    Gds,
 }
 
 impl ReaderKind {
@@ -30,6 +60,7 @@ impl ReaderKind {
         match self {
             ReaderKind::Direct => "direct",
             ReaderKind::Buffered => "buffered",
+            ReaderKind::Gds => "gds",
         }
     }
 }
@@ -51,6 +82,21 @@ pub fn choose(path: PathChoice, hot_fraction: f64, facts: &FileFacts) -> Result<
     };
     let pick = |reader, reason: String| Ok(Choice { reader, reason });
     match path {
+        PathChoice::Gds => {
+            if !facts.to_device {
+                let reason =
+                    "cuFile reads into GPU memory; this load goes to host memory".to_owned();
+                return Err(Error::Unavailable { what: "cuFile", reason });
+            }
+            match &facts.gds {
+                Err(reason) => Err(Error::Unavailable { what: "cuFile", reason: reason.clone() }),
+                Ok(true) => pick(ReaderKind::Gds, format!("forced by config: real GPUDirect Storage ({resident})")),
+                Ok(false) => pick(
+                    ReaderKind::Gds,
+                    format!("forced by config, compatibility mode: cuFile reads through its own bounce buffer, what the pinned staging path does faster ({resident})"),
+                ),
+            }
+        }
         PathChoice::Buffered => {
             pick(ReaderKind::Buffered, format!("forced by config ({resident})"))
         }
@@ -73,6 +119,12 @@ pub fn choose(path: PathChoice, hot_fraction: f64, facts: &FileFacts) -> Result<
             if let Err(reason) = &facts.direct {
                 return pick(ReaderKind::Buffered, format!("{resident}, but {reason}"));
             }
+            if facts.to_device && facts.gds == Ok(true) {
+                return pick(
+                    ReaderKind::Gds,
+                    format!("{resident}: cold, GPUDirect Storage from NVMe to the GPU"),
+                );
+            }
             if let Err(reason) = &facts.io_uring {
                 return pick(ReaderKind::Buffered, format!("{resident}, but {reason}"));
             }
@@ -94,6 +146,8 @@ mod tests {
             },
             io_uring: if uring { Ok(()) } else { Err("kernel.io_uring_disabled is 2".into()) },
             resident,
+            to_device: false,
+            gds: Err("libcufile could not be loaded".into()),
         }
     }
 
@@ -128,5 +182,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn gds_table() {
+        use PathChoice::{Auto, Gds};
+        let with = |to_device: bool, gds: Result<bool, String>, resident: f64| FileFacts {
+            to_device,
+            gds,
+            ..facts(true, true, Some(resident))
+        };
+        // (path, facts, expected reader or None for an error, text)
+        let cases = [
+            (Auto, with(true, Ok(true), 0.0), Some(ReaderKind::Gds), "GPUDirect Storage"),
+            (Auto, with(true, Ok(true), 1.0), Some(ReaderKind::Buffered), "hot"),
+            (Auto, with(true, Ok(false), 0.0), Some(ReaderKind::Direct), "cold"),
+            (Auto, with(false, Ok(true), 0.0), Some(ReaderKind::Direct), "cold"),
+            (Auto, with(true, Err("no libcufile".into()), 0.0), Some(ReaderKind::Direct), "cold"),
+            (Gds, with(true, Ok(true), 0.0), Some(ReaderKind::Gds), "real GPUDirect"),
+            (Gds, with(true, Ok(false), 0.0), Some(ReaderKind::Gds), "compatibility mode"),
+            (
+                Gds,
+                with(true, Err("no libcufile".into()), 0.0),
+                None,
+                "cuFile is not available: no libcufile",
+            ),
+            (Gds, with(false, Ok(true), 0.0), None, "host memory"),
+        ];
+        for (path, f, want, text) in cases {
+            match (want, choose(path, 0.5, &f)) {
+                (Some(r), Ok(c)) => {
+                    assert!(c.reader == r && c.reason.contains(text), "{path:?} {f:?}: {c:?}")
+                }
+                (None, Err(e)) => assert!(e.to_string().contains(text), "{e}"),
+                (want, got) => panic!("{path:?} {f:?}: want {want:?}, got {got:?}"),
+            }
+        }
+        let line = with(true, Ok(false), 0.25).summary();
+        assert!(line.contains("page cache 25%; O_DIRECT yes (align 4096)"), "{line}");
+        assert!(line.contains("cuFile compatibility mode only"), "{line}");
     }
 }

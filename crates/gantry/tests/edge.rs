@@ -149,3 +149,21 @@ fn handles_are_send_and_sync() {
     send_sync::<Config>();
     send_sync::<Error>();
 }
+
+#[test]
+fn gds_on_a_host_load_is_unavailable_not_a_fallback() {
+    let dir = scratch();
+    let path = path_of(&dir, "m.safetensors");
+    write_file(&path, &[(Dtype::F32, vec![100])], 8);
+    let err = Loader::new(Config::default().path(PathChoice::Gds))
+        .unwrap()
+        .load(&path)
+        .expect_err("host");
+    assert!(matches!(err, Error::Unavailable { what: "cuFile", .. }), "{err}");
+    let model = Loader::new(Config::default()).unwrap().load(&path).unwrap();
+    assert!(
+        model.report().files[0].facts.contains("cuFile unavailable (host load)"),
+        "{:?}",
+        model.report().files[0]
+    );
+}

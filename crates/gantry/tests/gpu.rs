@@ -189,3 +189,48 @@ fn out_of_memory_is_an_error_and_frees_what_was_allocated() {
     );
     drop(filler);
 }
+
+#[test]
+fn cufile_path_bit_exact_and_reports_its_mode() {
+    let Some(dev) = gpu() else { return };
+    let facts = gantry::io::gds::facts();
+    if let Err(reason) = &facts.available {
+        assert!(
+            std::env::var("GANTRY_REQUIRE_GDS").as_deref() != Ok("1"),
+            "GANTRY_REQUIRE_GDS=1 but: {reason}"
+        );
+        println!("skipped: cuFile unavailable ({reason})");
+        return;
+    }
+    let dir = scratch();
+    let spec = gantry::synth::SynthSpec {
+        vocab: 3000,
+        hidden: 256,
+        intermediate: 896,
+        kv: 64,
+        layers: 2,
+        shards: 2,
+    };
+    let index = gantry::synth::write_checkpoint(dir.path(), &spec, 21).unwrap();
+    let loader =
+        Loader::new(Config::default().path(PathChoice::Gds).chunk_bytes(1 << 20).queue_depth(4))
+            .unwrap();
+    let model = loader.load_to_device(&index, &dev).unwrap();
+    assert_device_matches(&model, spec.tensors().len());
+    for f in &model.report().files {
+        assert_eq!(f.reader, Some(gantry::ReaderKind::Gds));
+        let mode = if facts.real() { "real GPUDirect" } else { "compatibility mode" };
+        assert!(f.reason.contains(mode) || f.reason.contains("real GPUDirect"), "{f:?}");
+        println!("{}: {} | {}", f.path.display(), f.reason, f.facts);
+    }
+    // A subset through cuFile too (steps of partial extents).
+    let subset = loader
+        .load_to_device_with(
+            Checkpoint::open(&index).unwrap(),
+            &dev,
+            |t| t.name.contains("k_proj"),
+            |_| {},
+        )
+        .unwrap();
+    assert_device_matches(&subset, spec.layers as usize);
+}

@@ -12,6 +12,7 @@
 
 pub mod buffered;
 pub mod fault;
+pub mod gds;
 pub mod probe;
 pub mod uring;
 

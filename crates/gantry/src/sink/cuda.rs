@@ -380,6 +380,10 @@ impl Sink for CudaSink {
         None // device memory: every extent goes through pinned staging
     }
 
+    fn device_pointer(&self, tensor: usize) -> Option<u64> {
+        Some(self.tensors[tensor].0).filter(|&p| p != 0)
+    }
+
     fn deliver(
         &mut self,
         extent: usize,

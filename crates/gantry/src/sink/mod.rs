@@ -25,6 +25,12 @@ pub trait Sink {
         align: u64,
     ) -> Option<RawTarget>;
 
+    /// The device address of tensor `tensor`'s destination, for readers that write device
+    /// memory themselves (cuFile); `None` for host sinks.
+    fn device_pointer(&self, _tensor: usize) -> Option<u64> {
+        None
+    }
+
     /// Carries out the copy steps of a staged extent, whose bytes start at the lease's first
     /// byte. Returns `true` when the copies are complete on return; `false` when the sink will
     /// send `Message::Landed` on `landed` once they are (and drop the lease then).
