@@ -129,6 +129,11 @@ pub fn run(
             return;
         }
     };
+    // cuFile checks descriptors against the GPU of the calling thread's context.
+    if let Err(e) = device.bind() {
+        let _ = tx.send(Err(e));
+        return;
+    }
     let handles = match register(&driver.cufile, files) {
         Ok(h) => h,
         Err(e) => {
