@@ -40,6 +40,10 @@ pub struct LoadOptions {
     /// (threads of pread) or gds (cuFile into GPU memory).
     #[arg(long = "path", value_name = "auto|direct|buffered|gds")]
     pub path_choice: Option<String>,
+    /// Volume profile: request size and queue depth for auto, gp3, io2 or nvme (explicit
+    /// --chunk-mib / --queue-depth override it).
+    #[arg(long, value_name = "auto|gp3|io2|nvme")]
+    pub profile: Option<String>,
     /// Reads in flight on the io_uring.
     #[arg(long)]
     pub queue_depth: Option<usize>,
@@ -62,6 +66,9 @@ impl LoadOptions {
         let mut c = Config::default();
         if let Some(p) = &self.path_choice {
             c = c.path(p.parse::<PathChoice>()?);
+        }
+        if let Some(p) = &self.profile {
+            c = c.profile(p.parse()?);
         }
         if let Some(n) = self.queue_depth {
             c = c.queue_depth(n);

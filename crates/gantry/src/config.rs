@@ -150,6 +150,15 @@ impl Config {
         self.gap_bytes = n;
         self
     }
+    /// Request size and queue depth for a class of volume (`gp3`, `io2`, `nvme`; `auto` is
+    /// the default 64 MiB x 8); staging grows to hold the queue if it must.
+    pub fn profile(mut self, profile: crate::profile::VolumeProfile) -> Self {
+        let (chunk_bytes, queue_depth) = profile.settings();
+        self.chunk_bytes = chunk_bytes;
+        self.queue_depth = queue_depth;
+        self.staging_bytes = self.staging_bytes.max(chunk_bytes * queue_depth);
+        self
+    }
     /// Rewrites read results to inject faults (tests of the error paths).
     #[doc(hidden)]
     pub fn fault_injector(mut self, fault: Arc<dyn FaultInjector>) -> Self {

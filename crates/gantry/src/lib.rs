@@ -30,6 +30,7 @@ pub mod io;
 mod loader;
 pub mod pipeline;
 pub mod plan;
+pub mod profile;
 pub mod schedule;
 pub mod sink;
 pub mod staging;

@@ -1,0 +1,155 @@
+//! Volume profiles: the request size and queue depth that reach a class of volume's
+//! throughput cap with the fewest I/O operations.
+//!
+//! Cloud block volumes (EBS) count I/O in units of up to 256 KiB against an IOPS cap and cap
+//! throughput per volume; a request is served after the volume's latency. So the bytes in
+//! flight must cover `throughput x latency`, each request should be as large as the volume
+//! takes whole (fewer submissions, fewer completions), and the IOPS cap must not bind first.
+//! [`VolumeModel`] is that arithmetic, used by the tests to check every profile.
+
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+
+/// A class of volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VolumeProfile {
+    /// gantry's measured default: 64 MiB x 8 (what virtual disks and large volumes want).
+    #[default]
+    Auto,
+    /// AWS gp3: up to 1,000 MB/s and 16,000 IOPS per volume, ~1 ms.
+    Gp3,
+    /// AWS io2 Block Express: up to 4,000 MB/s and 256,000 IOPS, sub-millisecond.
+    Io2,
+    /// Local NVMe: several GB/s, ~0.1 ms, no IOPS cap that matters.
+    Nvme,
+}
+
+impl VolumeProfile {
+    /// Request size in bytes and queue depth.
+    pub fn settings(self) -> (usize, usize) {
+        match self {
+            VolumeProfile::Auto => (64 << 20, 8),
+            VolumeProfile::Gp3 => (16 << 20, 4),
+            VolumeProfile::Io2 => (16 << 20, 8),
+            VolumeProfile::Nvme => (8 << 20, 16),
+        }
+    }
+
+    /// Name as the CLI spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            VolumeProfile::Auto => "auto",
+            VolumeProfile::Gp3 => "gp3",
+            VolumeProfile::Io2 => "io2",
+            VolumeProfile::Nvme => "nvme",
+        }
+    }
+}
+
+impl FromStr for VolumeProfile {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "gp3" => Ok(Self::Gp3),
+            "io2" => Ok(Self::Io2),
+            "nvme" => Ok(Self::Nvme),
+            _ => Err(Error::Config(format!("unknown volume profile '{s}' (auto, gp3, io2, nvme)"))),
+        }
+    }
+}
+
+/// A volume as its provider meters it.
+#[derive(Debug, Clone, Copy)]
+pub struct VolumeModel {
+    /// Throughput cap, bytes per second.
+    pub throughput_bytes_per_s: f64,
+    /// IOPS cap, in I/O units per second.
+    pub iops: f64,
+    /// Bytes per I/O unit (256 KiB on EBS): a larger request counts as several.
+    pub io_unit_bytes: f64,
+    /// Service time of one request, seconds.
+    pub latency_s: f64,
+}
+
+impl VolumeModel {
+    /// gp3 provisioned at its maximum.
+    pub const GP3: VolumeModel = VolumeModel {
+        throughput_bytes_per_s: 1.0e9,
+        iops: 16_000.0,
+        io_unit_bytes: 262_144.0,
+        latency_s: 1.0e-3,
+    };
+    /// io2 Block Express at its maximum.
+    pub const IO2: VolumeModel = VolumeModel {
+        throughput_bytes_per_s: 4.0e9,
+        iops: 256_000.0,
+        io_unit_bytes: 262_144.0,
+        latency_s: 0.5e-3,
+    };
+    /// A local NVMe drive.
+    pub const NVME: VolumeModel = VolumeModel {
+        throughput_bytes_per_s: 7.0e9,
+        iops: 1.5e6,
+        io_unit_bytes: 131_072.0,
+        latency_s: 0.1e-3,
+    };
+
+    /// Bytes per second reached with `queue_depth` requests of `request_bytes` in flight: the
+    /// least of the latency bound, the throughput cap and the IOPS cap.
+    pub fn throughput(&self, request_bytes: usize, queue_depth: usize) -> f64 {
+        let r = request_bytes as f64;
+        let service_s = self.latency_s + r / self.throughput_bytes_per_s;
+        let latency_bound = queue_depth as f64 * r / service_s;
+        let units = (r / self.io_unit_bytes).ceil();
+        let iops_bound = self.iops / units * r;
+        latency_bound.min(self.throughput_bytes_per_s).min(iops_bound)
+    }
+
+    /// Requests needed to read `bytes`.
+    pub fn requests(&self, bytes: u64, request_bytes: usize) -> u64 {
+        bytes.div_ceil(request_bytes as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A common "naive" setting: 128 KiB requests, 32 in flight.
+    const NAIVE: (usize, usize) = (128 << 10, 32);
+
+    #[test]
+    fn every_profile_reaches_its_cap_with_fewer_requests_than_naive() {
+        let bytes = 16_060_522_496u64; // Llama-3-8B in bf16
+        for (profile, volume) in [
+            (VolumeProfile::Gp3, VolumeModel::GP3),
+            (VolumeProfile::Io2, VolumeModel::IO2),
+            (VolumeProfile::Nvme, VolumeModel::NVME),
+        ] {
+            let (r, q) = profile.settings();
+            let reached = volume.throughput(r, q) / volume.throughput_bytes_per_s;
+            assert!(reached >= 0.95, "{profile:?} reaches only {reached:.2} of its cap");
+            assert!(
+                volume.requests(bytes, r) * 10 < volume.requests(bytes, NAIVE.0),
+                "{profile:?}"
+            );
+            // Staging stays bounded: the profile's bytes in flight fit the default ring.
+            assert!(r * q <= 512 << 20, "{profile:?}");
+        }
+    }
+
+    #[test]
+    fn model_binds_where_it_should() {
+        let v = VolumeModel::GP3;
+        // Small requests on gp3 hit the IOPS cap: 16,000 x 16 KiB = 262 MB/s.
+        assert!((v.throughput(16 << 10, 64) - 16_000.0 * 16_384.0).abs() < 1.0);
+        // One request in flight is latency bound.
+        assert!(v.throughput(1 << 20, 1) < 0.6 * v.throughput_bytes_per_s);
+        // Enough large requests reach the throughput cap.
+        assert_eq!(v.throughput(16 << 20, 4), v.throughput_bytes_per_s);
+        assert!("gp2".parse::<VolumeProfile>().is_err());
+        assert_eq!("io2".parse::<VolumeProfile>().unwrap().name(), "io2");
+    }
+}
