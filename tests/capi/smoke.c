@@ -128,6 +128,8 @@ int main(int argc, char **argv) {
     expect(gantry_loader_load(loader, "/nonexistent/model.safetensors", GANTRY_DEVICE_HOST, &out), GANTRY_E_IO,
            "missing file");
     CHECK(out == sentinel, "model_out untouched on failure");
+    CHECK(gantry_last_error_errno() == 2 /* ENOENT */, "errno of a missing file: %d", gantry_last_error_errno());
+    CHECK(gantry_last_error_cuda_code() == 0 && gantry_last_error_cufile_code() == 0, "no CUDA or cuFile code");
     size_t full = gantry_last_error_message(NULL, 0);
     char small[8];
     CHECK(gantry_last_error_message(small, sizeof small) == full && full > 7 && strlen(small) == 7,

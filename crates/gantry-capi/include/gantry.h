@@ -228,6 +228,10 @@ int32_t gantry_last_error_errno(void);
 // The `CUresult` behind the last failure on this thread (0 if none).
 int32_t gantry_last_error_cuda_code(void);
 
+// The cuFile status (`CU_FILE_*`, 5000 + n) behind the last failure on this thread (0 if
+// none).
+int32_t gantry_last_error_cufile_code(void);
+
 // The number of loaded tensors.
 //
 // # Safety

@@ -64,6 +64,7 @@ pub(crate) struct CallError {
     message: String,
     errno: i32,
     cuda_code: i32,
+    cufile_code: i32,
 }
 
 impl CallError {
@@ -77,7 +78,7 @@ impl CallError {
         Self::new(gantry_status::GANTRY_E_NOT_FOUND, message)
     }
     fn new(status: gantry_status, message: String) -> Self {
-        Self { status, message, errno: 0, cuda_code: 0 }
+        Self { status, message, errno: 0, cuda_code: 0, cufile_code: 0 }
     }
 }
 
@@ -96,11 +97,13 @@ impl From<engine::Error> for CallError {
             engine::Error::Config(_) => GANTRY_E_INVALID_ARGUMENT,
             engine::Error::Destination { .. } => GANTRY_E_DESTINATION,
             engine::Error::Cuda { .. } => GANTRY_E_CUDA,
+            engine::Error::CuFile { .. } => GANTRY_E_CUFILE,
             _ => GANTRY_E_RESOURCE,
         };
         let errno = e.raw_os_error().unwrap_or(0);
         let cuda_code = if let engine::Error::Cuda { code, .. } = &e { *code } else { 0 };
-        Self { status, message: e.to_string(), errno, cuda_code }
+        let cufile_code = e.cufile_code().unwrap_or(0);
+        Self { status, message: e.to_string(), errno, cuda_code, cufile_code }
     }
 }
 
@@ -204,4 +207,11 @@ pub extern "C" fn gantry_last_error_errno() -> i32 {
 #[no_mangle]
 pub extern "C" fn gantry_last_error_cuda_code() -> i32 {
     LAST.try_with(|l| l.borrow().as_ref().map_or(0, |e| e.cuda_code)).unwrap_or(0)
+}
+
+/// The cuFile status (`CU_FILE_*`, 5000 + n) behind the last failure on this thread (0 if
+/// none).
+#[no_mangle]
+pub extern "C" fn gantry_last_error_cufile_code() -> i32 {
+    LAST.try_with(|l| l.borrow().as_ref().map_or(0, |e| e.cufile_code)).unwrap_or(0)
 }

@@ -26,7 +26,8 @@ use std::sync::Arc;
 
 use error::{ffi_boundary, CallError};
 pub use error::{
-    gantry_last_error_cuda_code, gantry_last_error_errno, gantry_last_error_message, gantry_status,
+    gantry_last_error_cuda_code, gantry_last_error_cufile_code, gantry_last_error_errno,
+    gantry_last_error_message, gantry_status,
 };
 pub use model::{gantry_model, gantry_report, gantry_tensor};
 

@@ -68,6 +68,19 @@ pub enum Error {
         /// The driver's description of the code.
         message: String,
     },
+    /// A cuFile (GPUDirect Storage) call failed with a cuFile status.
+    CuFile {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// File offset of the request.
+        offset: u64,
+        /// The cuFile status code (`CU_FILE_*`, 5000 + n).
+        code: i32,
+        /// Its name and cuFile's description.
+        message: String,
+    },
     /// Setting up the loader's own resources (memory, threads, rings) failed.
     Resource {
         /// What was being set up.
@@ -104,6 +117,9 @@ impl fmt::Display for Error {
                 write!(f, "destination for tensor '{tensor}': {message}")
             }
             Error::Resource { what, source } => write!(f, "{what} failed: {source}"),
+            Error::CuFile { op, path, offset, message, .. } => {
+                write!(f, "{}: {op} at offset {offset} failed: {message}", path.display())
+            }
             Error::Cuda { op, code, message } => write!(f, "CUDA: {op} failed: {message} (CUresult {code})"),
         }
     }
@@ -126,10 +142,22 @@ impl From<FormatError> for Error {
 }
 
 impl Error {
+    /// The cuFile status behind a cuFile error, when there is one.
+    pub fn cufile_code(&self) -> Option<i32> {
+        match self {
+            Error::CuFile { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
     /// The errno behind an I/O error, when there is one.
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
             Error::Io { source, .. } | Error::Resource { source, .. } => source.raw_os_error(),
+            Error::Format(f) => match f.kind() {
+                gantry_format::ErrorKind::Io { source, .. } => source.raw_os_error(),
+                _ => None,
+            },
             _ => None,
         }
     }

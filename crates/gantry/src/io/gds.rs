@@ -249,7 +249,13 @@ fn read_one(
             IoReturn::Errno(libc::EINTR) | IoReturn::Errno(libc::EAGAIN) => {}
             IoReturn::Errno(e) => return Err(io(std::io::Error::from_raw_os_error(e))),
             IoReturn::CuFile(code) => {
-                return Err(io(std::io::Error::other(format!("cuFile: {code}"))));
+                return Err(Error::CuFile {
+                    op: "cuFileRead",
+                    path: file.path.clone(),
+                    offset: r.file_offset + done,
+                    code: code.0,
+                    message: code.to_string(),
+                });
             }
         }
     }
