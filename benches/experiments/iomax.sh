@@ -1,7 +1,7 @@
 #!/bin/bash
 # Usage (root, cgroup v2): DISK=vda DEVNO=254:0 benches/experiments/iomax.sh [CHECKPOINT_DIR]
 # Emulate a capped volume with cgroup v2 io.max and compare request settings under it.
-G=${GANTRY:-target/release/gantry}; G=$(realpath $G); CK=${1:-/tmp/gantry-iomax-ckpt}
+G=${GANTRY:-target/release/gantry}; G=$(realpath $G); CK=${1:-${TMPDIR:-/tmp}/gantry-iomax-ckpt}
 $G synth $CK --size-gib 2 >/dev/null
 CG=/sys/fs/cgroup/gantry-volume
 echo "+io" > /sys/fs/cgroup/cgroup.subtree_control 2>&1
