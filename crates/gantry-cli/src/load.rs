@@ -57,6 +57,9 @@ struct JsonLoad<'a> {
     total_seconds: f64,
     staging_bytes: u64,
     registered_buffers: bool,
+    /// What the `auto` volume profile measured and picked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    volume: Option<String>,
     files: Vec<JsonFile>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tensors: Option<Vec<JsonTensor<'a>>>,
@@ -152,6 +155,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             total_seconds,
             staging_bytes: report.staging_bytes,
             registered_buffers: report.registered_buffers,
+            volume: report.volume.clone(),
             files: json_files(&report),
             tensors,
         };
@@ -217,6 +221,9 @@ fn verify(
 }
 
 pub fn explain(report: &LoadReport) {
+    if let Some(volume) = &report.volume {
+        println!("volume {volume}");
+    }
     for f in &report.files {
         let reader = f.reader.map_or("none", |r| r.name());
         println!(

@@ -70,6 +70,9 @@ pub struct Config {
     pub(crate) path: PathChoice,
     pub(crate) hot_fraction: f64,
     pub(crate) gap_bytes: u64,
+    /// `auto` volume profile: request size and queue depth still to be picked from the
+    /// volume (no explicit chunk size, queue depth or profile was set).
+    pub(crate) measure_volume: bool,
     pub(crate) fault: Option<Arc<dyn FaultInjector>>,
 }
 
@@ -85,6 +88,7 @@ impl Default for Config {
             path: PathChoice::Auto,
             hot_fraction: 0.5,
             gap_bytes: 1 << 20,
+            measure_volume: true,
             fault: None,
         }
     }
@@ -101,20 +105,25 @@ impl fmt::Debug for Config {
             .field("path", &self.path)
             .field("hot_fraction", &self.hot_fraction)
             .field("gap_bytes", &self.gap_bytes)
+            .field("measure_volume", &self.measure_volume)
             .field("fault", &self.fault.is_some())
             .finish()
     }
 }
 
 impl Config {
-    /// Reads in flight on the io_uring (1 to 4096; default 8).
+    /// Reads in flight on the io_uring (1 to 4096; default 8, or what the `auto` volume
+    /// profile picks). Setting it turns the profile's measuring off.
     pub fn queue_depth(mut self, n: usize) -> Self {
         self.queue_depth = n;
+        self.measure_volume = false;
         self
     }
-    /// Bytes per read and per staging buffer, a multiple of 4096 up to 1 GiB (default 64 MiB).
+    /// Bytes per read and per staging buffer, a multiple of 4096 up to 1 GiB (default 64 MiB,
+    /// or what the `auto` volume profile picks). Setting it turns the profile's measuring off.
     pub fn chunk_bytes(mut self, n: usize) -> Self {
         self.chunk_bytes = n;
+        self.measure_volume = false;
         self
     }
     /// Bytes per read of the buffered (page-cache) reader, a multiple of 4096; at most
@@ -150,12 +159,14 @@ impl Config {
         self.gap_bytes = n;
         self
     }
-    /// Request size and queue depth for a class of volume (`gp3`, `io2`, `nvme`; `auto` is
-    /// the default 64 MiB x 8); staging grows to hold the queue if it must.
+    /// Request size and queue depth for a class of volume (`gp3`, `io2`, `nvme`); staging
+    /// grows to hold the queue if it must. `auto` (the default) measures the volume under the
+    /// first file read with `O_DIRECT` and picks (see [`crate::profile::pick`]).
     pub fn profile(mut self, profile: crate::profile::VolumeProfile) -> Self {
         let (chunk_bytes, queue_depth) = profile.settings();
         self.chunk_bytes = chunk_bytes;
         self.queue_depth = queue_depth;
+        self.measure_volume = profile == crate::profile::VolumeProfile::Auto;
         self.staging_bytes = self.staging_bytes.max(chunk_bytes * queue_depth);
         self
     }

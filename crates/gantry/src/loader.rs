@@ -70,6 +70,8 @@ pub struct LoadReport {
     pub staging_bytes: u64,
     /// Whether the staging buffers were registered with io_uring.
     pub registered_buffers: bool,
+    /// What the `auto` volume profile measured and picked, when it ran.
+    pub volume: Option<String>,
 }
 
 impl LoadReport {
@@ -288,9 +290,11 @@ impl Loader {
     ) -> Result<LoadReport> {
         let mut cached = self.staging.lock();
         let (files, choices) = self.open_files(checkpoint, wanted, device.is_some())?;
+        let (config, volume) = self.volume_settings(checkpoint, &files);
+        let config = &config;
         let file_plans: Vec<FilePlan> = (0..checkpoint.files.len())
             .map(|f| {
-                let chunk_bytes = self.config.chunk_bytes as u64;
+                let chunk_bytes = config.chunk_bytes as u64;
                 match files.slot[f] {
                     Some((ReaderKind::Direct, i)) => {
                         FilePlan { align: files.direct[i].align, chunk_bytes }
@@ -298,19 +302,19 @@ impl Loader {
                     Some((ReaderKind::Gds, i)) => {
                         FilePlan { align: files.gds[i].align, chunk_bytes }
                     }
-                    _ => FilePlan { align: 1, chunk_bytes: self.config.buffered_chunk() as u64 },
+                    _ => FilePlan { align: 1, chunk_bytes: config.buffered_chunk() as u64 },
                 }
             })
             .collect();
-        let plan = Plan::new(checkpoint, wanted, &file_plans, self.config.gap_bytes);
+        let plan = Plan::new(checkpoint, wanted, &file_plans, config.gap_bytes);
         let jobs = Jobs::new(&plan, &files, sink);
         let node = device.and_then(|d| d.numa_node());
         let slot_bytes = if jobs.staged_direct_count() > 0 {
-            self.config.chunk_bytes
+            config.chunk_bytes
         } else {
-            self.config.buffered_chunk()
+            config.buffered_chunk()
         };
-        let count = (self.config.staging_bytes / slot_bytes).min(jobs.staged_count());
+        let count = (config.staging_bytes / slot_bytes).min(jobs.staged_count());
         let staging = self.staging(&mut cached, slot_bytes, count, device, node)?;
         let staging_bytes = staging.pool.as_ref().map_or(0, |p| p.used_bytes() as u64);
         let registered = staging.register_buffers;
@@ -320,7 +324,7 @@ impl Loader {
                 on_landed(i);
             }
         }
-        pipeline::run(&plan, &files, jobs, staging, &self.config, sink, on_landed)?;
+        pipeline::run(&plan, &files, jobs, staging, config, sink, on_landed)?;
         let seconds = start.elapsed().as_secs_f64();
         let tensor_bytes =
             checkpoint.tensors.iter().zip(wanted).filter(|(_, &w)| w).map(|(t, _)| t.len).sum();
@@ -330,6 +334,7 @@ impl Loader {
             seconds,
             staging_bytes,
             registered_buffers: registered,
+            volume,
             files: Vec::with_capacity(checkpoint.files.len()),
         };
         for (f, file) in checkpoint.files.iter().enumerate() {
@@ -347,6 +352,29 @@ impl Loader {
             });
         }
         Ok(report)
+    }
+
+    /// The loader's config with the request size and queue depth the `auto` volume profile
+    /// picks for the volume under the first file read with `O_DIRECT`, and the line that says
+    /// what it measured and chose; the config as it is when nothing is to be measured.
+    fn volume_settings(&self, checkpoint: &Checkpoint, files: &Files) -> (Config, Option<String>) {
+        let mut config = self.config.clone();
+        let (Some(open), Some(&f), true) =
+            (files.direct.first(), files.direct_ids.first(), config.measure_volume)
+        else {
+            return (config, None);
+        };
+        let range = checkpoint.files[f].data_range();
+        let facts = probe::volume(&open.file, range.start, range.end - range.start);
+        let (profile, reason) = crate::profile::pick(&facts);
+        let (chunk_bytes, queue_depth) = profile.settings();
+        if chunk_bytes <= config.staging_bytes && chunk_bytes % open.align as usize == 0 {
+            config.chunk_bytes = chunk_bytes;
+            config.queue_depth = queue_depth;
+        }
+        let line = format!("{} -> {reason}", facts.summary());
+        log::debug!("volume {line}");
+        (config, Some(line))
     }
 
     /// Probes and opens every file that has a wanted tensor with bytes, with the reader the

@@ -6,6 +6,11 @@
 //! flight must cover `throughput x latency`, each request should be as large as the volume
 //! takes whole (fewer submissions, fewer completions), and the IOPS cap must not bind first.
 //! [`VolumeModel`] is that arithmetic, used by the tests to check every profile.
+//!
+//! `auto` looks at the block device under the first file read with `O_DIRECT` (its driver
+//! and model from sysfs) and times a few 4 KiB direct reads of it, then [`pick`]s: EBS volumes
+//! by their latency (gp3 around a millisecond, io2 Block Express below), local NVMe, and for
+//! virtual or unknown disks the large requests measured best on them.
 
 use std::str::FromStr;
 
@@ -14,7 +19,8 @@ use crate::error::{Error, Result};
 /// A class of volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum VolumeProfile {
-    /// gantry's measured default: 64 MiB x 8 (what virtual disks and large volumes want).
+    /// Measure the volume at the first cold load and pick (see [`pick`]); its settings
+    /// before that, and for virtual or unknown disks, are 64 MiB x 8.
     #[default]
     Auto,
     /// AWS gp3: up to 1,000 MB/s and 16,000 IOPS per volume, ~1 ms.
@@ -57,6 +63,78 @@ impl FromStr for VolumeProfile {
             "nvme" => Ok(Self::Nvme),
             _ => Err(Error::Config(format!("unknown volume profile '{s}' (auto, gp3, io2, nvme)"))),
         }
+    }
+}
+
+/// The kind of block device under a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskKind {
+    /// An AWS EBS volume (NVMe with model "Amazon Elastic Block Store", or Xen `xvd*`).
+    Ebs,
+    /// A local NVMe drive.
+    Nvme,
+    /// A virtio block device (`virtio_blk`).
+    Virtio,
+    /// Something else (loop, device-mapper, md, SCSI...), by its sysfs name.
+    Other(String),
+}
+
+/// What `auto` learns about the volume under a file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumeFacts {
+    /// The block device's name (`nvme0n1`, `vda`), or `"unknown"`.
+    pub device: String,
+    /// Its kind.
+    pub kind: DiskKind,
+    /// Median time of a 4 KiB `O_DIRECT` read at queue depth 1, seconds, if measured.
+    pub latency_s: Option<f64>,
+}
+
+impl VolumeFacts {
+    /// The facts in a few words, for `--explain`.
+    pub fn summary(&self) -> String {
+        let kind = match &self.kind {
+            DiskKind::Ebs => "EBS volume".to_owned(),
+            DiskKind::Nvme => "local NVMe".to_owned(),
+            DiskKind::Virtio => "virtio disk".to_owned(),
+            DiskKind::Other(name) => format!("{name} device"),
+        };
+        match self.latency_s {
+            Some(l) => format!("{} ({kind}, 4 KiB read {:.3} ms)", self.device, l * 1e3),
+            None => format!("{} ({kind}, latency not measured)", self.device),
+        }
+    }
+}
+
+/// EBS latency that separates io2 Block Express (below) from gp3 (above), seconds.
+pub const IO2_LATENCY_S: f64 = 0.6e-3;
+
+/// What `auto` picks for a volume, and why: a pure function of the facts.
+pub fn pick(facts: &VolumeFacts) -> (VolumeProfile, String) {
+    let with = |p: VolumeProfile, why: String| {
+        let (mib, qd) = (p.settings().0 >> 20, p.settings().1);
+        let name = if p == VolumeProfile::Auto { "large-request" } else { p.name() };
+        (p, format!("{why}: {name} profile, {mib} MiB x {qd}"))
+    };
+    match (&facts.kind, facts.latency_s) {
+        (DiskKind::Ebs, Some(l)) if l < IO2_LATENCY_S => with(
+            VolumeProfile::Io2,
+            format!("EBS answering in {:.2} ms is io2 Block Express class", l * 1e3),
+        ),
+        (DiskKind::Ebs, Some(l)) => {
+            with(VolumeProfile::Gp3, format!("EBS answering in {:.2} ms is gp3 class", l * 1e3))
+        }
+        (DiskKind::Ebs, None) => {
+            with(VolumeProfile::Gp3, "EBS of unknown latency: the lower class, gp3".to_owned())
+        }
+        (DiskKind::Nvme, _) => {
+            with(VolumeProfile::Nvme, "local NVMe: moderate requests, deep queue".to_owned())
+        }
+        (DiskKind::Virtio, _) | (DiskKind::Other(_), _) => with(
+            VolumeProfile::Auto,
+            "virtual or unknown disk: few, very large requests (1.5x faster than small ones on virtio)"
+                .to_owned(),
+        ),
     }
 }
 
@@ -138,6 +216,36 @@ mod tests {
             // Staging stays bounded: the profile's bytes in flight fit the default ring.
             assert!(r * q <= 512 << 20, "{profile:?}");
         }
+    }
+
+    #[test]
+    fn pick_table() {
+        use DiskKind::{Ebs, Other, Virtio};
+        use VolumeProfile::{Auto, Gp3, Io2};
+        let facts = |kind, latency_ms: Option<f64>| VolumeFacts {
+            device: "d".into(),
+            kind,
+            latency_s: latency_ms.map(|l| l / 1e3),
+        };
+        // (kind, latency ms, profile, reason contains)
+        let cases = [
+            (Ebs, Some(0.3), Io2, "0.30 ms is io2 Block Express class: io2 profile, 16 MiB x 8"),
+            (Ebs, Some(0.59), Io2, "io2"),
+            (Ebs, Some(0.6), Gp3, "0.60 ms is gp3 class: gp3 profile, 16 MiB x 4"),
+            (Ebs, Some(2.0), Gp3, "gp3 class"),
+            (Ebs, None, Gp3, "unknown latency"),
+            (DiskKind::Nvme, Some(0.08), VolumeProfile::Nvme, "nvme profile, 8 MiB x 16"),
+            (DiskKind::Nvme, None, VolumeProfile::Nvme, "local NVMe"),
+            (Virtio, Some(0.2), Auto, "large-request profile, 64 MiB x 8"),
+            (Other("loop".into()), Some(0.01), Auto, "virtual or unknown"),
+        ];
+        for (kind, latency, want, text) in cases {
+            let (got, reason) = pick(&facts(kind.clone(), latency));
+            assert_eq!(got, want, "{kind:?} {latency:?}: {reason}");
+            assert!(reason.contains(text), "{kind:?} {latency:?}: {reason}");
+        }
+        let line = facts(Virtio, Some(0.25)).summary();
+        assert_eq!(line, "d (virtio disk, 4 KiB read 0.250 ms)");
     }
 
     #[test]

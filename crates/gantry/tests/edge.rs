@@ -123,6 +123,32 @@ fn cold_file_takes_the_direct_path_under_auto() {
 }
 
 #[test]
+fn auto_volume_profile_measures_the_disk_and_explicit_settings_turn_it_off() {
+    let dir = scratch();
+    let path = path_of(&dir, "v.safetensors");
+    write_file(&path, &[(Dtype::F32, vec![3 << 20]), (Dtype::U8, vec![5])], 7);
+    if let Err(reason) = gantry::io::probe::open_direct(&path) {
+        println!("skipped: {reason}");
+        return;
+    }
+    let load = |config: Config| {
+        let model = Loader::new(config.path(PathChoice::Direct)).unwrap().load(&path).unwrap();
+        assert_matches_reference(&model, 2);
+        model.report().volume.clone()
+    };
+    let line = load(Config::default()).expect("auto measured the volume");
+    // "<device> (<kind>, 4 KiB read <ms> ms) -> <why>: <profile>, <MiB> MiB x <depth>"
+    assert!(line.contains("4 KiB read") && line.contains(" ms) -> "), "{line}");
+    assert!(line.contains(" MiB x "), "{line}");
+    let device = line.split(' ').next().unwrap();
+    assert!(std::path::Path::new("/sys/class/block").join(device).exists(), "{line}");
+    assert_eq!(load(Config::default().chunk_bytes(8 << 20)), None);
+    assert_eq!(load(Config::default().profile(gantry::profile::VolumeProfile::Gp3)), None);
+    let auto = Config::default().chunk_bytes(8 << 20).profile(gantry::profile::VolumeProfile::Auto);
+    assert!(load(auto).is_some());
+}
+
+#[test]
 fn bad_configuration_is_an_error() {
     for config in [
         Config::default().chunk_bytes(1000),
