@@ -109,6 +109,11 @@ impl VolumeFacts {
 /// EBS latency that separates io2 Block Express (below) from gp3 (above), seconds.
 pub const IO2_LATENCY_S: f64 = 0.6e-3;
 
+/// Latency under which a device that is neither EBS, NVMe nor virtio (loop, device-mapper,
+/// md over fast drives) is read like NVMe: 8-16 MiB requests beat 64 MiB ones by 15% on a
+/// memory-backed loop device (benches/README.md), seconds.
+pub const FAST_LATENCY_S: f64 = 0.1e-3;
+
 /// What `auto` picks for a volume, and why: a pure function of the facts.
 pub fn pick(facts: &VolumeFacts) -> (VolumeProfile, String) {
     let with = |p: VolumeProfile, why: String| {
@@ -130,6 +135,10 @@ pub fn pick(facts: &VolumeFacts) -> (VolumeProfile, String) {
         (DiskKind::Nvme, _) => {
             with(VolumeProfile::Nvme, "local NVMe: moderate requests, deep queue".to_owned())
         }
+        (DiskKind::Other(name), Some(l)) if l < FAST_LATENCY_S => with(
+            VolumeProfile::Nvme,
+            format!("{name} device answering in {:.3} ms: moderate requests, deep queue", l * 1e3),
+        ),
         (DiskKind::Virtio, _) | (DiskKind::Other(_), _) => with(
             VolumeProfile::Auto,
             "virtual or unknown disk: few, very large requests (1.5x faster than small ones on virtio)"
@@ -237,7 +246,15 @@ mod tests {
             (DiskKind::Nvme, Some(0.08), VolumeProfile::Nvme, "nvme profile, 8 MiB x 16"),
             (DiskKind::Nvme, None, VolumeProfile::Nvme, "local NVMe"),
             (Virtio, Some(0.2), Auto, "large-request profile, 64 MiB x 8"),
-            (Other("loop".into()), Some(0.01), Auto, "virtual or unknown"),
+            (Virtio, Some(0.02), Auto, "large-request"),
+            (
+                Other("loop".into()),
+                Some(0.02),
+                VolumeProfile::Nvme,
+                "loop device answering in 0.020 ms",
+            ),
+            (Other("sda".into()), Some(0.5), Auto, "virtual or unknown"),
+            (Other("dm".into()), None, Auto, "virtual or unknown"),
         ];
         for (kind, latency, want, text) in cases {
             let (got, reason) = pick(&facts(kind.clone(), latency));

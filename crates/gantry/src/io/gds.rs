@@ -201,12 +201,29 @@ fn register(cufile: &CuFile, files: &[OpenFile]) -> Result<Handles> {
             }
             return Err(Error::Unavailable {
                 what: "cuFile",
-                reason: format!("{}: cuFileHandleRegister failed: {code}", f.path.display()),
+                reason: format!(
+                    "{}: cuFileHandleRegister failed: {code}{}",
+                    f.path.display(),
+                    udev_hint(&f.file)
+                ),
             });
         }
         handles.push(handle);
     }
     Ok(Handles(handles))
+}
+
+/// Why cuFile may refuse a file on a machine without udev: it identifies the file system from
+/// udev's database, which containers and some VMs do not have for their disks.
+fn udev_hint(file: &std::fs::File) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dev) = file.metadata().map(|m| m.dev()) else { return String::new() };
+    let entry = format!("/run/udev/data/b{}:{}", libc::major(dev), libc::minor(dev));
+    if std::path::Path::new(&entry).exists() {
+        String::new()
+    } else {
+        format!(" ({entry} is missing: cuFile finds the file system through udev's database)")
+    }
 }
 
 fn read_one(
