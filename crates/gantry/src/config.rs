@@ -4,6 +4,7 @@
 //! checked by [`Config::validate`] before a loader uses it.
 
 use std::fmt;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -73,6 +74,7 @@ pub struct Config {
     /// `auto` volume profile: request size and queue depth still to be picked from the
     /// volume (no explicit chunk size, queue depth or profile was set).
     pub(crate) measure_volume: bool,
+    pub(crate) cancel: Option<Arc<AtomicBool>>,
     pub(crate) fault: Option<Arc<dyn FaultInjector>>,
 }
 
@@ -89,6 +91,7 @@ impl Default for Config {
             hot_fraction: 0.5,
             gap_bytes: 1 << 20,
             measure_volume: true,
+            cancel: None,
             fault: None,
         }
     }
@@ -106,6 +109,7 @@ impl fmt::Debug for Config {
             .field("hot_fraction", &self.hot_fraction)
             .field("gap_bytes", &self.gap_bytes)
             .field("measure_volume", &self.measure_volume)
+            .field("cancel", &self.cancel.is_some())
             .field("fault", &self.fault.is_some())
             .finish()
     }
@@ -168,6 +172,12 @@ impl Config {
         self.queue_depth = queue_depth;
         self.measure_volume = profile == crate::profile::VolumeProfile::Auto;
         self.staging_bytes = self.staging_bytes.max(chunk_bytes * queue_depth);
+        self
+    }
+    /// A flag another thread may set to stop a load: it returns [`Error::Cancelled`] within
+    /// about 50 ms, after its reads in flight complete, and frees what it allocated.
+    pub fn cancel_flag(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.cancel = Some(flag);
         self
     }
     /// Rewrites read results to inject faults (tests of the error paths).

@@ -81,6 +81,9 @@ pub enum Error {
         /// Its name and cuFile's description.
         message: String,
     },
+    /// The caller's cancel flag ([`crate::Config::cancel_flag`]) was set during the load;
+    /// everything the load had allocated is freed.
+    Cancelled,
     /// Setting up the loader's own resources (memory, threads, rings) failed.
     Resource {
         /// What was being set up.
@@ -120,6 +123,7 @@ impl fmt::Display for Error {
             Error::CuFile { op, path, offset, message, .. } => {
                 write!(f, "{}: {op} at offset {offset} failed: {message}", path.display())
             }
+            Error::Cancelled => f.write_str("the load was cancelled"),
             Error::Cuda { op, code, message } => write!(f, "CUDA: {op} failed: {message} (CUresult {code})"),
         }
     }

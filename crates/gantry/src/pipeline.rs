@@ -11,6 +11,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -180,14 +181,24 @@ pub fn run(
             scope.spawn(move || buffered::run_into(shared, into, config.threads, &tx));
         }
 
+        // Owned here, so that dropping it on failure stops the readers at their next send.
+        let rx = rx;
+        let cancelled = || config.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
         while outstanding > 0 {
-            let message = match rx.recv() {
+            if cancelled() {
+                failure = Some(Error::Cancelled);
+                break;
+            }
+            let message = match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(Ok(m)) => m,
                 Ok(Err(e)) => {
                     failure = Some(e);
                     break;
                 }
-                Err(_) => unreachable!("the consumer holds a sender"),
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    unreachable!("the consumer holds a sender")
+                }
             };
             let extent = match message {
                 Message::Staged { extent, lease } => {
@@ -212,6 +223,7 @@ pub fn run(
             }
         }
         if failure.is_some() {
+            drop(rx);
             cancel.store(true, Ordering::Relaxed);
             if let Some(pool) = &pool {
                 pool.close();

@@ -161,3 +161,36 @@ fn file_truncated_after_planning() {
         file.set_len(len).unwrap(); // zeros: a later load reads wrong bytes but the right length
     }
 }
+
+/// Sets the cancel flag at the first read it sees, then slows every read down, so the load
+/// could only succeed by ignoring the flag for seconds.
+struct CancelAtFirstRead(Arc<std::sync::atomic::AtomicBool>);
+
+impl FaultInjector for CancelAtFirstRead {
+    fn rewrite(&self, _file: usize, _offset: u64, _len: u64, result: i64) -> i64 {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(20));
+        result
+    }
+}
+
+#[test]
+fn cancel_flag_stops_the_load_with_an_error() {
+    let (_dir, path) = checkpoint();
+    for reader in READERS {
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let config = Config::default()
+            .path(reader)
+            .chunk_bytes(4096)
+            .staging_bytes(16384)
+            .queue_depth(2)
+            .threads(2)
+            .cancel_flag(Arc::clone(&flag))
+            .fault_injector(Arc::new(CancelAtFirstRead(Arc::clone(&flag))));
+        let path = path.clone();
+        match with_deadline(move || Loader::new(config)?.load(&path)) {
+            Err(Error::Cancelled) => {}
+            other => panic!("{reader:?}: {:?}", other.map(|m| m.report().clone())),
+        }
+    }
+}
