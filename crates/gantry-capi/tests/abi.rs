@@ -63,7 +63,7 @@ fn lib_dir() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("capi-target");
+            let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ffi-target");
             let status = Command::new(env!("CARGO"))
                 .args(["build", "-p", "gantry-capi", "--target-dir"])
                 .arg(&target)

@@ -1,0 +1,254 @@
+"""gantry: stream safetensors checkpoints into GPU (or host) memory at the disk's limit.
+
+    import gantry
+    state_dict = gantry.load("model/", device="cuda:0")      # dict of torch tensors
+    for name, tensor in gantry.stream("model/"):              # as each tensor lands
+        ...
+    for info in gantry.inspect("model/"):                    # the table, from headers alone
+        print(info.name, info.dtype, info.shape)
+
+Tensors are handed over without a copy through DLPack. With torch installed, ``load`` and
+``stream`` return ``torch.Tensor``; otherwise (or with ``framework="dlpack"``) they return
+:class:`gantry.Tensor`, which ``torch.from_dlpack``, ``numpy.from_dlpack``,
+``cupy.from_dlpack`` and ``jax.dlpack.from_dlpack`` take as they are. Memory gantry allocated
+is freed when the last tensor using it is released.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
+
+from . import _gantry
+from ._gantry import (
+    CancelledError,
+    ConfigError,
+    CudaError,
+    FormatError,
+    GantryError,
+    IoError,
+    Tensor,
+    UnavailableError,
+)
+
+__version__: str = _gantry.__version__
+
+__all__ = [
+    "load",
+    "stream",
+    "inspect",
+    "Stream",
+    "Tensor",
+    "TensorInfo",
+    "GantryError",
+    "FormatError",
+    "IoError",
+    "CudaError",
+    "UnavailableError",
+    "ConfigError",
+    "CancelledError",
+    "DtypeError",
+    "to_torch",
+]
+
+
+class DtypeError(GantryError, TypeError):
+    """A tensor's dtype has no equivalent in the framework asked for."""
+
+
+class TensorInfo(NamedTuple):
+    """One row of a checkpoint's tensor table."""
+
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    file: str
+    offset: int
+    nbytes: int
+
+
+Source = Union[str, "os.PathLike[str]"]
+Skip = Union[Iterable[str], Callable[[str], bool], None]
+
+# safetensors dtype -> torch dtype attribute. float4 is packed two to a byte
+# (torch.float4_e2m1fn_x2); float6 has no torch dtype.
+_TORCH_DTYPES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "I32": "int32",
+    "U32": "uint32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F4": "float4_e2m1fn_x2",
+}
+
+
+def inspect(source: Source) -> List[TensorInfo]:
+    """The tensor table of a checkpoint (a ``.safetensors`` file, a folder, or a
+    ``model.safetensors.index.json``), read from its headers alone."""
+    return [
+        TensorInfo(name, dtype, tuple(shape), file, offset, nbytes)
+        for name, dtype, shape, file, offset, nbytes in _gantry.inspect(os.fspath(source))
+    ]
+
+
+def _device(device: Any) -> str:
+    if isinstance(device, int):
+        return f"cuda:{device}"
+    text = str(device)  # also takes torch.device
+    return "cuda:0" if text == "cuda" else text
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def to_torch(tensor: Tensor):
+    """A ``torch.Tensor`` over the same memory as a :class:`gantry.Tensor` (no copy)."""
+    torch = _torch()
+    if torch is None:
+        raise ImportError("gantry.to_torch needs torch")
+    name = _TORCH_DTYPES.get(tensor.dtype)
+    dtype = getattr(torch, name, None) if name else None
+    if dtype is None:
+        raise DtypeError(
+            f"{tensor.name}: dtype {tensor.dtype} has no torch dtype in torch {torch.__version__}"
+        )
+    shape = tuple(tensor.shape)
+    if tensor.dtype == "F4":
+        if not shape or shape[-1] % 2:
+            raise DtypeError(f"{tensor.name}: F4 tensor of shape {shape} is not whole bytes")
+        shape = shape[:-1] + (shape[-1] // 2,)
+    # Bytes through DLPack, then reinterpreted: every dtype, whatever torch's DLPack takes.
+    return torch.from_dlpack(tensor.raw()).view(dtype).reshape(shape)
+
+
+def _numpy(tensor: Tensor):
+    import numpy
+
+    try:
+        return numpy.from_dlpack(tensor)
+    except (BufferError, TypeError, RuntimeError) as e:
+        raise DtypeError(f"{tensor.name}: numpy cannot take dtype {tensor.dtype}: {e}") from e
+
+
+def _converter(framework: Optional[str]) -> Callable[[Tensor], Any]:
+    if framework is None:
+        framework = "torch" if _torch() is not None else "dlpack"
+    if framework == "torch":
+        if _torch() is None:
+            raise ImportError("framework='torch' needs torch installed")
+        return to_torch
+    if framework == "numpy":
+        return _numpy
+    if framework == "dlpack":
+        return lambda t: t
+    raise ValueError(f"unknown framework {framework!r} (torch, numpy, dlpack)")
+
+
+def _skip_names(source: Source, skip: Skip) -> Optional[List[str]]:
+    if skip is None:
+        return None
+    if callable(skip):
+        return [info.name for info in inspect(source) if skip(info.name)]
+    if isinstance(skip, str):
+        return [skip]
+    return list(skip)
+
+
+class Stream:
+    """A load in progress: iterate it for ``(name, tensor)`` as each tensor lands, while the
+    rest are still loading. Made by :func:`stream`.
+
+    The load runs on a thread of its own without the GIL. Ctrl-C while waiting stops it and
+    frees its memory; so does leaving a ``with`` block early, or :meth:`cancel`. Tensors
+    already handed out stay valid.
+    """
+
+    def __init__(self, inner: "_gantry.Stream", convert: Callable[[Tensor], Any]):
+        self._inner = inner
+        self._convert = convert
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> Tuple[str, Any]:
+        name, tensor = next(self._inner)
+        return name, self._convert(tensor)
+
+    def __len__(self) -> int:
+        """Tensors the load delivers."""
+        return len(self._inner)
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._inner.cancel()
+
+    def cancel(self) -> None:
+        """Stops the load and frees what it no longer needs."""
+        self._inner.cancel()
+
+    def report(self) -> Optional[Dict[str, Any]]:
+        """Figures of the finished load (bytes, seconds, GB/s, per file the reader and why);
+        ``None`` until the last tensor has been taken."""
+        return self._inner.report()
+
+
+def stream(
+    source: Source,
+    device: Any = "cuda:0",
+    *,
+    skip: Skip = None,
+    framework: Optional[str] = None,
+    **config: Any,
+) -> Stream:
+    """Starts loading ``source`` onto ``device`` and returns an iterator of ``(name, tensor)``
+    that yields each tensor as soon as its bytes have landed.
+
+    ``device``: ``"cuda:N"``, ``"cuda"``, an int, a ``torch.device``, or ``"cpu"``.
+    ``skip``: names of tensors not to load, or a predicate on the name.
+    ``framework``: ``"torch"`` (the default when torch is installed), ``"numpy"`` (host
+    loads), or ``"dlpack"`` for :class:`gantry.Tensor`.
+    ``config``: ``path`` (``"auto"``, ``"direct"``, ``"buffered"``, ``"gds"``), ``profile``
+    (``"auto"``, ``"gp3"``, ``"io2"``, ``"nvme"``), ``queue_depth``, ``chunk_bytes``,
+    ``buffered_chunk_bytes``, ``staging_bytes``, ``threads``, ``hot_fraction``, as the Rust
+    ``Config`` names them.
+    """
+    convert = _converter(framework)
+    inner = _gantry.Stream(
+        os.fspath(source), _device(device), config, _skip_names(source, skip)
+    )
+    return Stream(inner, convert)
+
+
+def load(
+    source: Source,
+    device: Any = "cuda:0",
+    *,
+    skip: Skip = None,
+    framework: Optional[str] = None,
+    **config: Any,
+) -> Dict[str, Any]:
+    """Loads ``source`` (a ``.safetensors`` file, a folder, or an index) onto ``device`` and
+    returns ``{name: tensor}``. Options as for :func:`stream`."""
+    with stream(source, device, skip=skip, framework=framework, **config) as s:
+        return dict(s)

@@ -1,0 +1,95 @@
+"""vLLM load format ``gantry``: ``vllm serve MODEL --load-format gantry``.
+
+Installed with the package, vLLM finds :func:`register` through the ``vllm.general_plugins``
+entry point in every process it starts, and the ``gantry`` load format then feeds the model's
+``load_weights`` from :func:`gantry.stream`: tensors go straight from the files into this
+rank's GPU and are handed to the model as they land.
+
+With tensor parallelism each rank streams the checkpoint into its own GPU and its parameters'
+weight loaders keep the slices that rank owns; the loaded checkpoint is freed file by file as
+its tensors are consumed. Where the whole checkpoint does not fit beside the model on one
+GPU, stream through host memory instead:
+``--model-loader-extra-config '{"device": "cpu"}'``. Any other key of that JSON is passed to
+:func:`gantry.stream` as a config keyword (``path``, ``queue_depth``, ``chunk_bytes``, ...).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any, Dict
+
+import gantry
+
+LOAD_FORMAT = "gantry"
+
+
+def _model_folder(model_config: Any) -> str:
+    """The local folder of the model's safetensors files (downloaded from the Hub if vLLM
+    was given a repository id)."""
+    model = model_config.model
+    if os.path.isdir(model):
+        folder = model
+    else:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            model,
+            revision=getattr(model_config, "revision", None),
+            allow_patterns=["*.safetensors", "*.json"],
+        )
+    if not glob.glob(os.path.join(folder, "*.safetensors")):
+        raise gantry.FormatError(f"{folder}: no .safetensors files for load format 'gantry'")
+    return folder
+
+
+def make_loader_class(base: type) -> type:
+    """The gantry loader as a subclass of vLLM's ``BaseModelLoader`` (passed in, so that this
+    module imports without vLLM)."""
+
+    class GantryModelLoader(base):  # type: ignore[misc, valid-type]
+        """Loads weights with gantry."""
+
+        def __init__(self, load_config: Any):
+            super().__init__(load_config)
+            options: Dict[str, Any] = dict(getattr(load_config, "model_loader_extra_config", None) or {})
+            self.device = options.pop("device", None)
+            self.options = options
+
+        def download_model(self, model_config: Any) -> None:
+            _model_folder(model_config)
+
+        def load_weights(self, model: Any, model_config: Any) -> None:
+            import torch
+
+            folder = _model_folder(model_config)
+            device = self.device or f"cuda:{torch.cuda.current_device()}"
+            weights = gantry.stream(folder, device=device, framework="torch", **self.options)
+            loaded = model.load_weights(weights)
+            report = weights.report()
+            if report is not None:
+                import logging
+
+                logging.getLogger("gantry").info(
+                    "gantry loaded %.2f GB in %.2f s (%.2f GB/s)",
+                    report["tensor_bytes"] / 1e9,
+                    report["seconds"],
+                    report["gb_per_s"],
+                )
+            if loaded is not None:
+                missing = {n for n, _ in model.named_parameters()} - set(loaded)
+                if missing:
+                    raise gantry.GantryError(
+                        f"{folder}: weights not loaded for {sorted(missing)[:5]}"
+                        f"{' ...' if len(missing) > 5 else ''}"
+                    )
+
+    return GantryModelLoader
+
+
+def register() -> None:
+    """vLLM plugin entry point: registers the ``gantry`` load format."""
+    from vllm.model_executor.model_loader import register_model_loader
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    register_model_loader(LOAD_FORMAT)(make_loader_class(BaseModelLoader))

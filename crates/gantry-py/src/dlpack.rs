@@ -1,0 +1,173 @@
+//! The DLPack exchange: `DLManagedTensor` (DLPack 0.8 ABI, which every consumer accepts)
+//! wrapped in a `"dltensor"` capsule. The managed tensor keeps the memory it points into alive
+//! until the consumer calls its deleter; a capsule nobody consumed deletes it itself.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use gantry::Dtype;
+use pyo3::exceptions::PyBufferError;
+use pyo3::ffi;
+use pyo3::prelude::*;
+
+use crate::memory::Memory;
+
+/// `DLDeviceType` values gantry produces.
+pub const DEVICE_CPU: i32 = 1;
+/// `kDLCUDA`.
+pub const DEVICE_CUDA: i32 = 2;
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct DLDevice {
+    device_type: i32,
+    device_id: i32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct DLDataType {
+    code: u8,
+    bits: u8,
+    lanes: u16,
+}
+
+#[repr(C)]
+#[derive(Debug)]
+struct DLTensor {
+    data: *mut c_void,
+    device: DLDevice,
+    ndim: i32,
+    dtype: DLDataType,
+    shape: *mut i64,
+    strides: *mut i64,
+    byte_offset: u64,
+}
+
+#[repr(C)]
+#[derive(Debug)]
+struct DLManagedTensor {
+    dl_tensor: DLTensor,
+    manager_ctx: *mut c_void,
+    deleter: Option<unsafe extern "C" fn(*mut DLManagedTensor)>,
+}
+
+/// What a managed tensor keeps alive: its shape array and the memory it points into.
+struct Context {
+    shape: Vec<i64>,
+    _memory: Arc<Memory>,
+}
+
+// Layout checks against dlpack.h on x86-64.
+const _: () = assert!(std::mem::size_of::<DLTensor>() == 48);
+const _: () = assert!(std::mem::size_of::<DLManagedTensor>() == 64);
+
+/// DLPack's type code and bits for a safetensors dtype; `None` for those DLPack cannot
+/// describe as whole elements (the sub-byte float4 and float6).
+pub fn dl_dtype(dtype: Dtype) -> Option<(u8, u8)> {
+    const INT: u8 = 0;
+    const UINT: u8 = 1;
+    const FLOAT: u8 = 2;
+    const BFLOAT: u8 = 4;
+    const COMPLEX: u8 = 5;
+    const BOOL: u8 = 6;
+    Some(match dtype {
+        Dtype::BOOL => (BOOL, 8),
+        Dtype::U8 => (UINT, 8),
+        Dtype::I8 => (INT, 8),
+        Dtype::I16 => (INT, 16),
+        Dtype::U16 => (UINT, 16),
+        Dtype::I32 => (INT, 32),
+        Dtype::U32 => (UINT, 32),
+        Dtype::I64 => (INT, 64),
+        Dtype::U64 => (UINT, 64),
+        Dtype::F16 => (FLOAT, 16),
+        Dtype::BF16 => (BFLOAT, 16),
+        Dtype::F32 => (FLOAT, 32),
+        Dtype::F64 => (FLOAT, 64),
+        Dtype::C64 => (COMPLEX, 64),
+        // DLPack 1.1 codes: kDLFloat8_e4m3fn, _e4m3fnuz, _e5m2, _e5m2fnuz, _e8m0fnu.
+        Dtype::F8_E4M3 => (10, 8),
+        Dtype::F8_E4M3FNUZ => (11, 8),
+        Dtype::F8_E5M2 => (12, 8),
+        Dtype::F8_E5M2FNUZ => (13, 8),
+        Dtype::F8_E8M0 => (14, 8),
+        _ => return None,
+    })
+}
+
+unsafe extern "C" fn delete_managed(managed: *mut DLManagedTensor) {
+    if managed.is_null() {
+        return;
+    }
+    // SAFETY: `managed` and its context were made by `Box::into_raw` in `capsule`, and DLPack
+    // calls the deleter once.
+    unsafe {
+        drop(Box::from_raw((*managed).manager_ctx.cast::<Context>()));
+        drop(Box::from_raw(managed));
+    }
+}
+
+const NAME: &std::ffi::CStr = c"dltensor";
+
+unsafe extern "C" fn delete_capsule(capsule: *mut ffi::PyObject) {
+    // A consumer renames the capsule to "used_dltensor" and owns the tensor from then on; a
+    // capsule still named "dltensor" was never consumed and deletes its tensor here.
+    // SAFETY: called by Python with the capsule being destroyed; both calls accept any object.
+    unsafe {
+        if ffi::PyCapsule_IsValid(capsule, NAME.as_ptr()) == 1 {
+            let managed = ffi::PyCapsule_GetPointer(capsule, NAME.as_ptr()).cast();
+            delete_managed(managed);
+        } else {
+            ffi::PyErr_Clear();
+        }
+    }
+}
+
+/// A tensor's description for DLPack.
+#[derive(Debug, Clone, Copy)]
+pub struct Export<'a> {
+    /// Address of the first byte.
+    pub data: u64,
+    /// `(device type, device id)`.
+    pub device: (i32, i32),
+    /// DLPack type code and bits.
+    pub dtype: (u8, u8),
+    /// Shape, C-contiguous.
+    pub shape: &'a [u64],
+}
+
+/// A `"dltensor"` capsule for `export`, keeping `memory` alive until it is deleted.
+pub fn capsule(py: Python<'_>, export: Export<'_>, memory: &Arc<Memory>) -> PyResult<Py<PyAny>> {
+    let mut context = Box::new(Context {
+        shape: export.shape.iter().map(|&d| d as i64).collect(),
+        _memory: Arc::clone(memory),
+    });
+    let ndim = i32::try_from(context.shape.len())
+        .map_err(|_| PyBufferError::new_err("too many dimensions"))?;
+    let shape = context.shape.as_mut_ptr();
+    let managed = Box::into_raw(Box::new(DLManagedTensor {
+        dl_tensor: DLTensor {
+            data: export.data as *mut c_void,
+            device: DLDevice { device_type: export.device.0, device_id: export.device.1 },
+            ndim,
+            dtype: DLDataType { code: export.dtype.0, bits: export.dtype.1, lanes: 1 },
+            shape,
+            strides: std::ptr::null_mut(),
+            byte_offset: 0,
+        },
+        manager_ctx: Box::into_raw(context).cast(),
+        deleter: Some(delete_managed),
+    }));
+    // SAFETY: a valid pointer, a static name, and a destructor that handles both the consumed
+    // and the unconsumed capsule.
+    let capsule =
+        unsafe { ffi::PyCapsule_New(managed.cast(), NAME.as_ptr(), Some(delete_capsule)) };
+    if capsule.is_null() {
+        // SAFETY: the capsule was not made, so nobody else owns `managed`.
+        unsafe { delete_managed(managed) };
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: PyCapsule_New returned a new reference.
+    Ok(unsafe { Bound::from_owned_ptr(py, capsule) }.unbind())
+}

@@ -1,0 +1,99 @@
+//! `gantry._gantry`, the extension behind the `gantry` Python package: a load runs on a thread
+//! of its own (the GIL released), tensors come out as they land, and each is handed over
+//! without a copy through DLPack. The Python layer (`python/gantry`) turns them into torch
+//! tensors when torch is installed.
+
+mod dlpack;
+mod memory;
+mod stream;
+
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+
+create_exception!(_gantry, GantryError, PyException, "Base class of gantry's errors.");
+create_exception!(
+    _gantry,
+    FormatError,
+    GantryError,
+    "A checkpoint's header or index is malformed or inconsistent."
+);
+create_exception!(_gantry, IoError, GantryError, "Reading a file failed, or it was truncated.");
+create_exception!(_gantry, CudaError, GantryError, "A CUDA or cuFile call failed.");
+create_exception!(
+    _gantry,
+    UnavailableError,
+    GantryError,
+    "A path or library that was asked for is not available here."
+);
+create_exception!(_gantry, ConfigError, GantryError, "An option or destination is invalid.");
+create_exception!(_gantry, CancelledError, GantryError, "The load was cancelled.");
+
+/// The Python exception for a gantry error, carrying its message (and `errno` where known).
+pub(crate) fn to_py(e: gantry::Error) -> PyErr {
+    use gantry::Error as E;
+    let message = e.to_string();
+    match e {
+        E::Format(f) if matches!(f.kind(), gantry::FormatErrorKind::Io { .. }) => {
+            IoError::new_err(message)
+        }
+        E::Format(_) => FormatError::new_err(message),
+        E::Io { .. } | E::Truncated { .. } => IoError::new_err(message),
+        E::Cuda { .. } | E::CuFile { .. } => CudaError::new_err(message),
+        E::Unavailable { .. } => UnavailableError::new_err(message),
+        E::Config(_) | E::Destination { .. } => ConfigError::new_err(message),
+        E::Cancelled => CancelledError::new_err(message),
+        _ => GantryError::new_err(message),
+    }
+}
+
+/// `(name, dtype, shape, file, offset, nbytes)`.
+type TensorRow = (String, String, Vec<u64>, String, u64, u64);
+
+/// The tensor table of a checkpoint (file, directory or index), from its headers alone:
+/// a list of `(name, dtype, shape, file, offset, nbytes)`.
+#[pyfunction]
+fn inspect(py: Python<'_>, source: std::path::PathBuf) -> PyResult<Vec<TensorRow>> {
+    let checkpoint =
+        py.detach(|| gantry::Checkpoint::open(&source)).map_err(|e| to_py(e.into()))?;
+    Ok(checkpoint
+        .tensors
+        .iter()
+        .map(|t| {
+            let file = checkpoint.files[t.file.0].path.display().to_string();
+            (t.name.clone(), t.dtype.to_string(), t.shape.clone(), file, t.offset, t.len)
+        })
+        .collect())
+}
+
+/// Free and total bytes of GPU `ordinal`'s memory.
+#[pyfunction]
+fn device_memory(py: Python<'_>, ordinal: u32) -> PyResult<(usize, usize)> {
+    py.detach(|| stream::open_device(ordinal)?.memory()).map_err(to_py)
+}
+
+/// Buffers gantry holds for Python now (each load holds one per file until its last tensor
+/// is released).
+#[pyfunction]
+fn live_buffers() -> usize {
+    memory::live_buffers()
+}
+
+#[pymodule]
+fn _gantry(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("GantryError", py.get_type::<GantryError>())?;
+    m.add("FormatError", py.get_type::<FormatError>())?;
+    m.add("IoError", py.get_type::<IoError>())?;
+    m.add("CudaError", py.get_type::<CudaError>())?;
+    m.add("UnavailableError", py.get_type::<UnavailableError>())?;
+    m.add("ConfigError", py.get_type::<ConfigError>())?;
+    m.add("CancelledError", py.get_type::<CancelledError>())?;
+    m.add_class::<stream::Tensor>()?;
+    m.add_class::<stream::Stream>()?;
+    m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(device_memory, m)?)?;
+    m.add_function(wrap_pyfunction!(live_buffers, m)?)?;
+    Ok(())
+}

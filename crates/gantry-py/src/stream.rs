@@ -1,0 +1,502 @@
+//! A load in progress, iterated from Python: `(name, Tensor)` as each tensor lands.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use gantry::sink::host::file_buffer_layout;
+use gantry::{Checkpoint, Config, CudaDevice, Dtype, LoadReport, Loader, PathChoice};
+use parking_lot::Mutex;
+use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+use crate::dlpack::{self, Export, DEVICE_CPU, DEVICE_CUDA};
+use crate::memory::Memory;
+use crate::to_py;
+
+/// GPU `ordinal`, opened once per process.
+pub fn open_device(ordinal: u32) -> gantry::Result<Arc<CudaDevice>> {
+    static OPEN: Mutex<Option<HashMap<u32, Arc<CudaDevice>>>> = Mutex::new(None);
+    let mut open = OPEN.lock();
+    let open = open.get_or_insert_with(HashMap::new);
+    if let Some(d) = open.get(&ordinal) {
+        return Ok(Arc::clone(d));
+    }
+    let device = CudaDevice::open(ordinal)?;
+    open.insert(ordinal, Arc::clone(&device));
+    Ok(device)
+}
+
+/// `"cpu"`, `"cuda"` or `"cuda:N"`.
+fn parse_device(device: &str) -> PyResult<Option<u32>> {
+    match device {
+        "cpu" => Ok(None),
+        "cuda" => Ok(Some(0)),
+        _ => device.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Some).ok_or_else(|| {
+            PyValueError::new_err(format!("'{device}' is not a device (cpu, cuda, cuda:N)"))
+        }),
+    }
+}
+
+/// The config keywords, as `Config`'s setters name them.
+const KEYWORDS: &str = "path, profile, queue_depth, chunk_bytes, buffered_chunk_bytes, staging_bytes, threads, hot_fraction";
+
+fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Config> {
+    let mut c = Config::default();
+    let Some(options) = options else { return Ok(c) };
+    for (key, value) in options.iter() {
+        let key: String = key.extract()?;
+        c = match key.as_str() {
+            "path" => c.path(value.extract::<String>()?.parse::<PathChoice>().map_err(to_py)?),
+            "profile" => c.profile(value.extract::<String>()?.parse().map_err(to_py)?),
+            "queue_depth" => c.queue_depth(value.extract()?),
+            "chunk_bytes" => c.chunk_bytes(value.extract()?),
+            "buffered_chunk_bytes" => c.buffered_chunk_bytes(value.extract()?),
+            "staging_bytes" => c.staging_bytes(value.extract()?),
+            "threads" => c.threads(value.extract()?),
+            "hot_fraction" => c.hot_fraction(value.extract()?),
+            "_read_delay_ms" => c.fault_injector(Arc::new(Delay(value.extract()?))),
+            _ => {
+                return Err(PyTypeError::new_err(format!(
+                    "unknown config keyword '{key}' (one of: {KEYWORDS}, skip)"
+                )))
+            }
+        };
+    }
+    c.validate().map_err(to_py)?;
+    Ok(c)
+}
+
+/// Slows every read down (tests of interruption).
+struct Delay(u64);
+
+impl gantry::io::fault::FaultInjector for Delay {
+    fn rewrite(&self, _file: usize, _offset: u64, _len: u64, result: i64) -> i64 {
+        std::thread::sleep(Duration::from_millis(self.0));
+        result
+    }
+}
+
+/// A tensor that has landed, in memory gantry owns; exported without a copy through DLPack
+/// (`torch.from_dlpack`, `numpy.from_dlpack`, `cupy.from_dlpack`, `jax.dlpack`).
+#[pyclass(frozen, module = "gantry._gantry")]
+#[derive(Debug)]
+pub struct Tensor {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<u64>,
+    nbytes: usize,
+    data: u64,
+    device: (i32, i32),
+    memory: Arc<Memory>,
+    /// Export as one-dimensional bytes (`uint8`) instead of its dtype.
+    raw: bool,
+}
+
+#[pymethods]
+impl Tensor {
+    /// The tensor's name in the checkpoint.
+    #[getter]
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its safetensors dtype (`"BF16"`, `"F8_E4M3"`, ...); `"U8"` for a raw view.
+    #[getter]
+    fn dtype(&self) -> String {
+        if self.raw {
+            "U8".to_owned()
+        } else {
+            self.dtype.to_string()
+        }
+    }
+
+    /// Its shape; `(nbytes,)` for a raw view.
+    #[getter]
+    fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        if self.raw {
+            PyTuple::new(py, [self.nbytes as u64])
+        } else {
+            PyTuple::new(py, &self.shape)
+        }
+    }
+
+    /// Bytes.
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.nbytes
+    }
+
+    /// `"cpu"` or `"cuda:N"`.
+    #[getter]
+    fn device(&self) -> String {
+        match self.device {
+            (DEVICE_CUDA, n) => format!("cuda:{n}"),
+            _ => "cpu".to_owned(),
+        }
+    }
+
+    /// Address of the first byte (host, or device in the GPU's primary context).
+    fn data_ptr(&self) -> u64 {
+        self.data
+    }
+
+    /// The same bytes as a one-dimensional `uint8` tensor: for dtypes a consumer cannot take
+    /// through DLPack, to be reinterpreted on its side (`.view(dtype)`).
+    fn raw(&self) -> Tensor {
+        Tensor {
+            name: self.name.clone(),
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            nbytes: self.nbytes,
+            data: self.data,
+            device: self.device,
+            memory: Arc::clone(&self.memory),
+            raw: true,
+        }
+    }
+
+    /// A copy of the bytes in host memory.
+    fn tobytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let bytes = match &*self.memory {
+            Memory::Host { .. } => {
+                // SAFETY: `data..data + nbytes` lies inside the host buffer `memory` keeps
+                // alive, and the tensor has landed (it is only handed out after that).
+                unsafe { std::slice::from_raw_parts(self.data as *const u8, self.nbytes) }.to_vec()
+            }
+            Memory::Device(d) => {
+                let device = Arc::clone(d.device());
+                let (data, nbytes) = (self.data, self.nbytes);
+                py.detach(|| device.copy_to_host(data, nbytes)).map_err(to_py)?
+            }
+        };
+        Ok(pyo3::types::PyBytes::new(py, &bytes))
+    }
+
+    /// `(device type, device id)` as DLPack numbers them.
+    fn __dlpack_device__(&self) -> (i32, i32) {
+        self.device
+    }
+
+    /// A DLPack capsule of the tensor. The bytes are complete before the tensor is handed out,
+    /// so there is nothing to order on the consumer's `stream`.
+    #[pyo3(signature = (*, stream = None, max_version = None, dl_device = None, copy = None))]
+    fn __dlpack__(
+        &self,
+        py: Python<'_>,
+        stream: Option<Bound<'_, PyAny>>,
+        max_version: Option<Bound<'_, PyAny>>,
+        dl_device: Option<(i32, i32)>,
+        copy: Option<bool>,
+    ) -> PyResult<Py<PyAny>> {
+        let _ = (stream, max_version);
+        if copy == Some(true) {
+            return Err(PyBufferError::new_err("gantry exports its tensors without copying"));
+        }
+        if dl_device.is_some_and(|d| d != self.device) {
+            return Err(PyBufferError::new_err(format!(
+                "the tensor is on {}; gantry does not move it",
+                self.device()
+            )));
+        }
+        let (dtype, shape) = if self.raw {
+            ((1, 8), vec![self.nbytes as u64])
+        } else {
+            let dtype = dlpack::dl_dtype(self.dtype).ok_or_else(|| {
+                PyBufferError::new_err(format!(
+                    "{}: DLPack has no whole-element type for {}; use .raw()",
+                    self.name, self.dtype
+                ))
+            })?;
+            (dtype, self.shape.clone())
+        };
+        let export = Export { data: self.data, device: self.device, dtype, shape: &shape };
+        dlpack::capsule(py, export, &self.memory)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "gantry.Tensor(name={:?}, dtype={}, shape={:?}, device={})",
+            self.name,
+            self.dtype(),
+            self.shape,
+            self.device()
+        )
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    Ready(usize),
+    Done(gantry::Result<LoadReport>),
+}
+
+#[derive(Debug)]
+struct State {
+    rx: Option<Receiver<Event>>,
+    thread: Option<JoinHandle<()>>,
+    /// One buffer per file with a wanted tensor; dropped when the load ends, after which only
+    /// the tensors handed out hold them.
+    memory: Vec<Option<Arc<Memory>>>,
+    report: Option<LoadReport>,
+}
+
+/// A load running on its own thread; iterate it for `(name, Tensor)` as tensors land.
+#[pyclass(module = "gantry._gantry")]
+#[derive(Debug)]
+pub struct Stream {
+    checkpoint: Arc<Checkpoint>,
+    /// Tensors the load delivers.
+    count: usize,
+    device: (i32, i32),
+    cancel: Arc<AtomicBool>,
+    state: Mutex<State>,
+}
+
+#[pymethods]
+impl Stream {
+    /// Opens `source`, allocates its destinations on `device` and starts loading; `skip`
+    /// names tensors not to load.
+    #[new]
+    #[pyo3(signature = (source, device = "cuda:0", config = None, skip = None))]
+    fn new(
+        py: Python<'_>,
+        source: PathBuf,
+        device: &str,
+        config: Option<&Bound<'_, PyDict>>,
+        skip: Option<Vec<String>>,
+    ) -> PyResult<Self> {
+        let ordinal = parse_device(device)?;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let config = parse_config(config)?.cancel_flag(Arc::clone(&cancel));
+        let skip: std::collections::HashSet<String> =
+            skip.unwrap_or_default().into_iter().collect();
+        py.detach(|| start(&source, ordinal, config, &skip, cancel)).map_err(to_py)
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<(String, Tensor)>> {
+        loop {
+            let Some(mut state) = self.state.try_lock() else {
+                return Err(PyRuntimeError::new_err(
+                    "this stream is being iterated on another thread",
+                ));
+            };
+            let Some(rx) = state.rx.take() else { return Ok(None) };
+            let (rx, event) = py.detach(move || {
+                let event = rx.recv_timeout(Duration::from_millis(50));
+                (rx, event)
+            });
+            state.rx = Some(rx);
+            match event {
+                Ok(Event::Ready(i)) => {
+                    let tensor = self.tensor(&state, i);
+                    return Ok(Some((tensor.name.clone(), tensor)));
+                }
+                Ok(Event::Done(result)) => {
+                    finish(py, &mut state);
+                    return match result {
+                        Ok(report) => {
+                            state.report = Some(report);
+                            Ok(None)
+                        }
+                        Err(e) => Err(to_py(e)),
+                    };
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Err(e) = py.check_signals() {
+                        // Ctrl-C: stop the load, wait for its reads in flight, free its memory.
+                        self.cancel.store(true, Ordering::Relaxed);
+                        finish(py, &mut state);
+                        return Err(e);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    finish(py, &mut state);
+                    return Err(crate::GantryError::new_err("the load thread ended unexpectedly"));
+                }
+            }
+        }
+    }
+
+    /// Stops the load; the tensors already handed out stay valid.
+    fn cancel(&self, py: Python<'_>) {
+        self.cancel.store(true, Ordering::Relaxed);
+        if let Some(mut state) = self.state.try_lock() {
+            finish(py, &mut state);
+        }
+    }
+
+    /// Figures of the finished load: a dict of `tensor_bytes`, `read_bytes`, `seconds`,
+    /// `gb_per_s`, `staging_bytes` and, per file, its reader and why; `None` before the end.
+    fn report<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let state = self.state.lock();
+        let Some(r) = &state.report else { return Ok(None) };
+        let d = PyDict::new(py);
+        d.set_item("tensor_bytes", r.tensor_bytes)?;
+        d.set_item("read_bytes", r.read_bytes)?;
+        d.set_item("seconds", r.seconds)?;
+        d.set_item("gb_per_s", r.gb_per_s())?;
+        d.set_item("staging_bytes", r.staging_bytes)?;
+        d.set_item("volume", r.volume.clone())?;
+        let files: Vec<(String, &str, String)> = r
+            .files
+            .iter()
+            .map(|f| {
+                (
+                    f.path.display().to_string(),
+                    f.reader.map_or("none", |k| k.name()),
+                    f.reason.clone(),
+                )
+            })
+            .collect();
+        d.set_item("files", files)?;
+        Ok(Some(d))
+    }
+
+    /// Tensors the load will deliver.
+    fn __len__(&self) -> usize {
+        self.count
+    }
+}
+
+impl Stream {
+    fn tensor(&self, state: &State, i: usize) -> Tensor {
+        let t = &self.checkpoint.tensors[i];
+        let file = &self.checkpoint.files[t.file.0];
+        let memory = Arc::clone(state.memory[t.file.0].as_ref().expect("memory of a wanted file"));
+        let data = memory.base() + offset_in_buffer(file, t.offset, self.device.0 == DEVICE_CPU);
+        Tensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            nbytes: t.len as usize,
+            data,
+            device: self.device,
+            memory,
+            raw: false,
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // An abandoned stream stops its load; the thread frees the memory when it ends.
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Waits for the load thread and lets go of the stream's hold on the memory.
+fn finish(py: Python<'_>, state: &mut State) {
+    state.rx = None;
+    if let Some(thread) = state.thread.take() {
+        py.detach(|| {
+            let _ = thread.join();
+        });
+    }
+    state.memory.clear();
+}
+
+/// Where a tensor at file `offset` starts in its file's buffer: host buffers are laid out as
+/// [`file_buffer_layout`] says (so direct reads can land in them), device buffers hold the
+/// data section from its first byte.
+fn offset_in_buffer(file: &gantry::FileInfo, offset: u64, host: bool) -> u64 {
+    let data_offset = file.header.data_offset;
+    if host {
+        let (lead, _) = file_buffer_layout(data_offset, file.header.data_len);
+        offset - (data_offset - lead)
+    } else {
+        offset - data_offset
+    }
+}
+
+fn start(
+    source: &std::path::Path,
+    ordinal: Option<u32>,
+    config: Config,
+    skip: &std::collections::HashSet<String>,
+    cancel: Arc<AtomicBool>,
+) -> gantry::Result<Stream> {
+    let checkpoint = Arc::new(Checkpoint::open(source)?);
+    let wanted: Vec<bool> = checkpoint.tensors.iter().map(|t| !skip.contains(&t.name)).collect();
+    let device = ordinal.map(open_device).transpose()?;
+    let mut memory = Vec::with_capacity(checkpoint.files.len());
+    for (f, file) in checkpoint.files.iter().enumerate() {
+        if !checkpoint.tensors.iter().zip(&wanted).any(|(t, &w)| w && t.file.0 == f) {
+            memory.push(None);
+            continue;
+        }
+        let m = match &device {
+            Some(d) => {
+                let what = file.path.display().to_string();
+                Memory::device(d.alloc(file.header.data_len as usize, &what)?)
+            }
+            None => {
+                let (_, len) = file_buffer_layout(file.header.data_offset, file.header.data_len);
+                Memory::host(len as usize)?
+            }
+        };
+        memory.push(Some(Arc::new(m)));
+    }
+    let loader = Loader::new(config)?;
+    let (tx, rx) = mpsc::channel();
+    let held = memory.clone();
+    let table = Arc::clone(&checkpoint);
+    let skip = skip.clone();
+    let on_device = device.clone();
+    let thread = std::thread::Builder::new()
+        .name("gantry-load".to_owned())
+        .spawn(move || {
+            let target = |t: &gantry::TensorEntry| {
+                if skip.contains(&t.name) {
+                    return None;
+                }
+                let m = held[t.file.0].as_ref()?;
+                let file = &table.files[t.file.0];
+                Some(m.base() + offset_in_buffer(file, t.offset, on_device.is_none()))
+            };
+            let result = match &on_device {
+                Some(d) => loader.load_into_device(&table, d, target, |ready| {
+                    let _ = tx.send(Event::Ready(ready.index));
+                }),
+                None => {
+                    let slices = table.tensors.iter().map(|t| {
+                        target(t).map(|ptr| {
+                            // SAFETY: the address lies in a host buffer `held` keeps alive for
+                            // the whole load; tensors never overlap, so each slice is the only
+                            // reference to its bytes until the tensor is handed out, after
+                            // which the load no longer writes them.
+                            unsafe {
+                                std::slice::from_raw_parts_mut(ptr as *mut u8, t.len as usize)
+                            }
+                        })
+                    });
+                    let mut slices: Vec<Option<&mut [u8]>> = slices.collect();
+                    let mut next = slices.iter_mut().map(Option::take);
+                    loader.load_into(
+                        &table,
+                        |_| next.next().flatten(),
+                        |ready| {
+                            let _ = tx.send(Event::Ready(ready.index));
+                        },
+                    )
+                }
+            };
+            drop(held);
+            let _ = tx.send(Event::Done(result));
+        })
+        .map_err(|source| gantry::Error::Resource { what: "starting the load thread", source })?;
+    let device_id =
+        (if device.is_some() { DEVICE_CUDA } else { DEVICE_CPU }, ordinal.map_or(0, |n| n as i32));
+    let state = State { rx: Some(rx), thread: Some(thread), memory, report: None };
+    let count = wanted.iter().filter(|&&w| w).count();
+    Ok(Stream { checkpoint, count, device: device_id, cancel, state: Mutex::new(state) })
+}

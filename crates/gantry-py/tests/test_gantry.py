@@ -1,0 +1,404 @@
+"""Tests of the gantry Python package, run by tests/python.rs against the freshly built
+extension (`cargo test -p gantry-py`), or directly with the package on PYTHONPATH.
+
+Every check compares with a reference read of the file (plain `open().read()`), never with
+gantry itself. GPU tests run when a GPU is there, and must run under GANTRY_REQUIRE_GPU=1;
+torch tests likewise need torch under that variable.
+"""
+
+import _thread
+import gc
+import json
+import os
+import struct
+import sys
+import tempfile
+import threading
+import types
+import unittest
+
+import numpy as np
+
+import gantry
+from gantry import _gantry
+
+REQUIRE_GPU = os.environ.get("GANTRY_REQUIRE_GPU") == "1"
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4,
+    "U32": 4, "F32": 4, "C64": 8, "F64": 8, "I64": 8, "U64": 8, "F8_E4M3": 1,
+    "F8_E5M2": 1, "F8_E8M0": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1,
+}
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """A minimal safetensors writer: tensors is [(name, dtype, shape, bytes)]."""
+    header = {}
+    offset = 0
+    for name, dtype, shape, data in tensors:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, _, _, data in tensors:
+            f.write(data)
+
+
+def random_bytes(rng, n, dtype):
+    data = bytearray(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+    if dtype == "BOOL":
+        data = bytearray(b & 1 for b in data)
+    return bytes(data)
+
+
+def reference(info):
+    with open(info.file, "rb") as f:
+        f.seek(info.offset)
+        return f.read(info.nbytes)
+
+
+class Checkpoint:
+    """A two-file checkpoint with an index, every dtype, odd sizes, a 0-d and an empty
+    tensor."""
+
+    def __init__(self, scale=1):
+        self.dir = tempfile.TemporaryDirectory(dir=os.environ.get("GANTRY_TEST_TMPDIR"))
+        rng = np.random.default_rng(7)
+        files = {"a.safetensors": [], "b.safetensors": []}
+        for i, dtype in enumerate(sorted(SIZES)):
+            shape = (3, 5 + i) if i % 3 else (7 * scale, 129)
+            n = int(np.prod(shape)) * SIZES[dtype]
+            target = "a.safetensors" if i % 2 else "b.safetensors"
+            files[target].append((f"t{i:02}.{dtype.lower()}", dtype, shape, random_bytes(rng, n, dtype)))
+        files["a.safetensors"].append(("scalar", "F32", (), struct.pack("<f", 1.5)))
+        files["b.safetensors"].append(("empty", "F16", (0, 4), b""))
+        files["b.safetensors"].append(("big", "F32", (256 * scale, 1024), random_bytes(rng, 1024 * 1024 * scale, "F32")))
+        weight_map = {}
+        for fname, tensors in files.items():
+            write_safetensors(os.path.join(self.dir.name, fname), tensors)
+            weight_map.update({t[0]: fname for t in tensors})
+        with open(os.path.join(self.dir.name, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+        self.path = self.dir.name
+        self.table = {info.name: info for info in gantry.inspect(self.path)}
+
+    def close(self):
+        self.dir.cleanup()
+
+
+def gpu_available():
+    try:
+        _gantry.device_memory(0)
+        return True
+    except gantry.GantryError:
+        return False
+
+
+class HostTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.ck = Checkpoint()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.ck.close()
+
+    def test_inspect_matches_the_written_headers(self):
+        table = self.ck.table
+        self.assertEqual(len(table), len(SIZES) + 3)
+        self.assertEqual(table["scalar"].shape, ())
+        self.assertEqual(table["empty"].nbytes, 0)
+        for info in table.values():
+            self.assertTrue(info.file.endswith(".safetensors"))
+            if info.name.startswith("t"):
+                self.assertEqual(info.dtype, info.name.split(".")[1].upper())
+                self.assertEqual(info.nbytes, int(np.prod(info.shape)) * SIZES[info.dtype])
+
+    def test_load_to_host_is_bit_exact(self):
+        for path in ("auto", "buffered", "direct"):
+            try:
+                tensors = gantry.load(self.ck.path, device="cpu", framework="dlpack", path=path)
+            except gantry.UnavailableError as e:  # e.g. O_DIRECT on tmpfs
+                self.assertEqual(path, "direct", e)
+                continue
+            self.assertEqual(set(tensors), set(self.ck.table))
+            for name, t in tensors.items():
+                info = self.ck.table[name]
+                self.assertEqual((t.dtype, t.shape, t.nbytes, t.device), (info.dtype, info.shape, info.nbytes, "cpu"))
+                self.assertEqual(t.tobytes(), reference(info), f"{name} via {path}")
+
+    def test_numpy_takes_tensors_through_dlpack(self):
+        tensors = gantry.load(self.ck.path, device="cpu", framework="dlpack")
+        kinds = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16,
+                 "F16": np.float16, "I32": np.int32, "U32": np.uint32, "F32": np.float32,
+                 "F64": np.float64, "I64": np.int64, "U64": np.uint64, "C64": np.complex64}
+        checked = 0
+        for name, t in tensors.items():
+            info = self.ck.table[name]
+            if info.dtype not in kinds:
+                continue
+            arr = np.from_dlpack(t)
+            expected = np.frombuffer(reference(info), dtype=kinds[info.dtype]).reshape(info.shape)
+            self.assertEqual(arr.dtype, expected.dtype, name)
+            self.assertEqual(arr.shape, info.shape, name)
+            self.assertEqual(arr.tobytes(), expected.tobytes(), name)
+            checked += 1
+        self.assertEqual(checked, len(kinds) + 3)  # + scalar, empty and big
+        bf16 = next(t for t in tensors.values() if t.dtype == "BF16")
+        raw = np.from_dlpack(bf16.raw())
+        self.assertEqual((raw.dtype, raw.shape), (np.uint8, (bf16.nbytes,)))
+        self.assertEqual(raw.tobytes(), reference(self.ck.table[bf16.name]))
+        with self.assertRaises(gantry.DtypeError):
+            gantry.load(self.ck.path, device="cpu", framework="numpy")
+
+    def test_dlpack_protocol(self):
+        t = gantry.load(self.ck.path, device="cpu", framework="dlpack")["big"]
+        self.assertEqual(t.__dlpack_device__(), (1, 0))
+        capsule = t.__dlpack__()
+        self.assertIn("dltensor", repr(capsule))
+        del capsule  # an unconsumed capsule frees its tensor (no leak, no crash)
+        with self.assertRaises(BufferError):
+            t.__dlpack__(copy=True)
+        with self.assertRaises(BufferError):
+            t.__dlpack__(dl_device=(2, 0))
+        self.assertIn("big", repr(t))
+
+    def test_skip_by_name_and_predicate(self):
+        names = ["big", "scalar"]
+        got = gantry.load(self.ck.path, device="cpu", framework="dlpack", skip=names)
+        self.assertEqual(set(got), set(self.ck.table) - set(names))
+        got = gantry.load(self.ck.path, device="cpu", framework="dlpack", skip=lambda n: n.startswith("t"))
+        self.assertEqual(set(got), {"scalar", "empty", "big"})
+        with gantry.stream(self.ck.path, device="cpu", framework="dlpack", skip=names) as s:
+            self.assertEqual(len(s), len(self.ck.table) - 2)
+
+    def test_stream_yields_before_the_load_ends(self):
+        s = gantry.stream(self.ck.path, device="cpu", framework="dlpack", path="buffered",
+                          buffered_chunk_bytes=4096, chunk_bytes=4096, staging_bytes=16384,
+                          threads=1, _read_delay_ms=5)
+        name, first = next(s)
+        self.assertIsNone(s.report(), "the load had finished before the first tensor came out")
+        self.assertEqual(first.tobytes(), reference(self.ck.table[name]))
+        rest = dict(s)
+        self.assertEqual(len(rest) + 1, len(self.ck.table))
+        report = s.report()
+        self.assertEqual(report["tensor_bytes"], sum(i.nbytes for i in self.ck.table.values()))
+        self.assertEqual({f[1] for f in report["files"]}, {"buffered"})
+
+    def test_memory_is_freed_with_the_last_tensor(self):
+        gc.collect()
+        base = _gantry.live_buffers()
+        tensors = gantry.load(self.ck.path, device="cpu", framework="dlpack")
+        self.assertEqual(_gantry.live_buffers(), base + 2)  # one buffer per file
+        arr = np.from_dlpack(tensors["big"])
+        del tensors
+        gc.collect()
+        self.assertEqual(_gantry.live_buffers(), base + 1, "the array keeps its file's buffer")
+        self.assertEqual((arr.dtype, arr.shape), (np.float32, (256, 1024)))
+        self.assertEqual(arr.tobytes(), reference(self.ck.table["big"]))
+        del arr
+        gc.collect()
+        self.assertEqual(_gantry.live_buffers(), base)
+
+    def test_host_memory_returns_to_the_system(self):
+        ck = Checkpoint(scale=64)  # 64 MiB "big"
+        try:
+            def rss():
+                with open("/proc/self/statm") as f:
+                    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+            gc.collect()
+            before = rss()
+            tensors = gantry.load(ck.path, device="cpu", framework="dlpack")
+            self.assertEqual(tensors["big"].tobytes()[:64], reference(ck.table["big"])[:64])
+            loaded = rss()
+            self.assertGreater(loaded - before, 48 << 20)
+            del tensors
+            gc.collect()
+            self.assertLess(rss() - before, 16 << 20)
+        finally:
+            ck.close()
+
+    def test_ctrl_c_stops_the_load_and_frees_its_memory(self):
+        gc.collect()
+        base = _gantry.live_buffers()
+        timer = threading.Timer(0.3, _thread.interrupt_main)
+        got = []
+        s = gantry.stream(self.ck.path, device="cpu", framework="dlpack", path="buffered",
+                          buffered_chunk_bytes=4096, chunk_bytes=4096, staging_bytes=16384,
+                          threads=1, _read_delay_ms=20)
+        timer.start()
+        try:
+            got.extend(s)
+            self.fail("no KeyboardInterrupt")
+        except KeyboardInterrupt:
+            pass
+        timer.cancel()
+        self.assertTrue(all(t.tobytes() == reference(self.ck.table[n]) for n, t in got))
+        self.assertLess(len(got), len(self.ck.table), "the load finished before the interrupt")
+        self.assertIsNone(s.report())
+        del s, got
+        gc.collect()
+        self.assertEqual(_gantry.live_buffers(), base)
+
+    def test_errors_are_exceptions_with_the_message(self):
+        with self.assertRaises(gantry.IoError) as e:
+            gantry.load("/nonexistent/model.safetensors", device="cpu")
+        self.assertIn("/nonexistent/model.safetensors", str(e.exception))
+        with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+            f.write(struct.pack("<Q", 999_999) + b"{")
+            f.flush()
+            with self.assertRaises(gantry.FormatError) as e:
+                gantry.load(f.name, device="cpu")
+            self.assertIn(f.name, str(e.exception))
+        with self.assertRaises(gantry.ConfigError):
+            gantry.load(self.ck.path, device="cpu", queue_depth=0)
+        with self.assertRaises(TypeError):
+            gantry.load(self.ck.path, device="cpu", queue_dept=4)
+        with self.assertRaises(ValueError):
+            gantry.load(self.ck.path, device="tpu:0")
+        with self.assertRaises(gantry.ConfigError):
+            gantry.load(self.ck.path, device="cpu", path="sideways")
+        with self.assertRaises(ValueError):
+            gantry.load(self.ck.path, device="cpu", framework="tensorflow")
+        for cls in (gantry.IoError, gantry.FormatError, gantry.CudaError, gantry.UnavailableError,
+                    gantry.ConfigError, gantry.CancelledError, gantry.DtypeError):
+            self.assertTrue(issubclass(cls, gantry.GantryError), cls)
+
+    def test_gpu_load_without_a_gpu_is_an_error_not_a_crash(self):
+        if gpu_available():
+            self.skipTest("this machine has a GPU")
+        with self.assertRaises((gantry.UnavailableError, gantry.CudaError)):
+            gantry.load(self.ck.path, device="cuda:0", framework="dlpack")
+
+    def test_version(self):
+        self.assertRegex(gantry.__version__, r"^\d+\.\d+\.\d+")
+
+
+@unittest.skipUnless(torch is not None or REQUIRE_GPU, "torch is not installed")
+class TorchTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.ck = Checkpoint()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.ck.close()
+
+    def check_torch(self, tensors, device):
+        self.assertEqual(set(tensors), set(self.ck.table))
+        for name, t in tensors.items():
+            info = self.ck.table[name]
+            self.assertIsInstance(t, torch.Tensor)
+            self.assertEqual(tuple(t.shape), info.shape, name)
+            self.assertEqual(str(t.device), device, name)
+            self.assertEqual(str(t.dtype), "torch." + gantry._TORCH_DTYPES[info.dtype], name)
+            got = t.contiguous().view(torch.uint8).reshape(-1).cpu().numpy().tobytes() if t.numel() else b""
+            self.assertEqual(got, reference(info), name)
+
+    def test_host_load_gives_torch_tensors(self):
+        self.check_torch(gantry.load(self.ck.path, device="cpu"), "cpu")
+
+    @unittest.skipUnless(REQUIRE_GPU or gpu_available(), "no GPU")
+    def test_gpu_load_is_bit_exact_and_frees_device_memory(self):
+        torch.cuda.init()
+        free_before, _ = _gantry.device_memory(0)
+        tensors = gantry.load(self.ck.path, device="cuda:0")
+        self.check_torch(tensors, "cuda:0")
+        x = tensors["big"] * 2  # torch kernels work on gantry's memory
+        self.assertTrue(torch.equal(x / 2, tensors["big"]))
+        free_loaded, _ = _gantry.device_memory(0)
+        self.assertGreater(free_before - free_loaded, 4 << 20)
+        del tensors, x
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        free_after, _ = _gantry.device_memory(0)
+        self.assertLess(abs(free_before - free_after), 4 << 20)
+
+    @unittest.skipUnless(REQUIRE_GPU or gpu_available(), "no GPU")
+    def test_gpu_stream_yields_ready_tensors_early(self):
+        s = gantry.stream(self.ck.path, device=torch.device("cuda", 0), path="buffered",
+                          buffered_chunk_bytes=4096, chunk_bytes=4096, staging_bytes=16384,
+                          threads=1, _read_delay_ms=5)
+        name, first = next(s)
+        self.assertIsNone(s.report())
+        self.assertEqual(first.contiguous().view(torch.uint8).reshape(-1).cpu().numpy().tobytes(),
+                         reference(self.ck.table[name]))
+        self.assertEqual(len(dict(s)) + 1, len(self.ck.table))
+
+    @unittest.skipUnless(REQUIRE_GPU or gpu_available(), "no GPU")
+    def test_vllm_plugin_feeds_load_weights(self):
+        registry = {}
+
+        class BaseModelLoader:
+            def __init__(self, load_config):
+                self.load_config = load_config
+
+        def register_model_loader(name):
+            def wrap(cls):
+                registry[name] = cls
+                return cls
+            return wrap
+
+        loader_mod = types.ModuleType("vllm.model_executor.model_loader")
+        loader_mod.register_model_loader = register_model_loader
+        base_mod = types.ModuleType("vllm.model_executor.model_loader.base_loader")
+        base_mod.BaseModelLoader = BaseModelLoader
+        fake = {"vllm": types.ModuleType("vllm"),
+                "vllm.model_executor": types.ModuleType("vllm.model_executor"),
+                "vllm.model_executor.model_loader": loader_mod,
+                "vllm.model_executor.model_loader.base_loader": base_mod}
+        saved = {k: sys.modules.get(k) for k in fake}
+        sys.modules.update(fake)
+        try:
+            import gantry.vllm
+            gantry.vllm.register()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    sys.modules.pop(k)
+                else:
+                    sys.modules[k] = v
+        cls = registry["gantry"]
+        self.assertTrue(issubclass(cls, BaseModelLoader))
+        table = self.ck.table
+
+        class Model(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.big = torch.nn.Parameter(torch.empty(256, 1024, device="cuda:0"), requires_grad=False)
+                self.seen = {}
+
+            def load_weights(self, weights):
+                for name, t in weights:
+                    self.assertion(t)
+                    self.seen[name] = t.contiguous().view(torch.uint8).reshape(-1).cpu().numpy().tobytes() if t.numel() else b""
+                    if name == "big":
+                        self.big.copy_(t)
+                return {"big"}
+
+        model = Model()
+        model.assertion = lambda t: self.assertEqual(str(t.device), "cuda:0")
+        config = types.SimpleNamespace(model=self.ck.path, revision=None)
+        loader = cls(types.SimpleNamespace(model_loader_extra_config={"path": "buffered"}))
+        loader.download_model(config)
+        loader.load_weights(model, config)
+        self.assertEqual(set(model.seen), set(table))
+        for name, data in model.seen.items():
+            self.assertEqual(data, reference(table[name]), name)
+        self.assertEqual(model.big.cpu().numpy().tobytes(), reference(table["big"]))
+
+
+if __name__ == "__main__":
+    unittest.main()
