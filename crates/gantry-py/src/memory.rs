@@ -17,10 +17,11 @@ pub fn live_buffers() -> usize {
 /// One buffer.
 #[derive(Debug)]
 pub enum Memory {
-    /// Host memory; `base` is where the buffer's bytes start.
+    /// Host memory at `base`. The load writing it owns the buffer while it runs and leaves it
+    /// here when it ends (whatever its outcome), so it lives as long as this does.
     Host {
-        /// Owned, unmapped on drop.
-        _buffer: HostBuffer,
+        /// The buffer, once the load has let go of it.
+        slot: parking_lot::Mutex<Option<HostBuffer>>,
         /// Its first byte's address.
         base: u64,
     },
@@ -29,18 +30,24 @@ pub enum Memory {
 }
 
 impl Memory {
-    /// Host memory of `len` bytes.
-    pub fn host(len: usize) -> gantry::Result<Self> {
-        let mut buffer = HostBuffer::new(len)?;
-        let base = buffer.as_mut_ptr() as u64;
+    /// A handle on host buffer `buffer`, which the load keeps until it calls [`Memory::keep`].
+    pub fn host(buffer: &mut HostBuffer) -> Self {
         LIVE.fetch_add(1, Ordering::Relaxed);
-        Ok(Memory::Host { _buffer: buffer, base })
+        Memory::Host { slot: parking_lot::Mutex::new(None), base: buffer.as_mut_ptr() as u64 }
     }
 
     /// Device memory.
     pub fn device(buffer: DeviceBuffer) -> Self {
         LIVE.fetch_add(1, Ordering::Relaxed);
         Memory::Device(buffer)
+    }
+
+    /// Takes ownership of the host buffer this handle points into.
+    pub fn keep(&self, buffer: HostBuffer) {
+        if let Memory::Host { slot, base } = self {
+            debug_assert_eq!(buffer.as_ptr() as u64, *base);
+            *slot.lock() = Some(buffer);
+        }
     }
 
     /// Address of the first byte (host or device).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use gantry::sink::host::file_buffer_layout;
+use gantry::sink::host::{file_buffer_layout, HostBuffer};
 use gantry::{Checkpoint, Config, CudaDevice, Dtype, LoadReport, Loader, PathChoice};
 use parking_lot::Mutex;
 use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError};
@@ -429,9 +429,12 @@ fn start(
     let wanted: Vec<bool> = checkpoint.tensors.iter().map(|t| !skip.contains(&t.name)).collect();
     let device = ordinal.map(open_device).transpose()?;
     let mut memory = Vec::with_capacity(checkpoint.files.len());
+    // Host buffers stay with the load thread until it ends, then go to their `Memory`.
+    let mut host_buffers = Vec::with_capacity(checkpoint.files.len());
     for (f, file) in checkpoint.files.iter().enumerate() {
         if !checkpoint.tensors.iter().zip(&wanted).any(|(t, &w)| w && t.file.0 == f) {
             memory.push(None);
+            host_buffers.push(HostBuffer::new(0)?);
             continue;
         }
         let m = match &device {
@@ -441,11 +444,15 @@ fn start(
             }
             None => {
                 let (_, len) = file_buffer_layout(file.header.data_offset, file.header.data_len);
-                Memory::host(len as usize)?
+                let mut buffer = HostBuffer::new(len as usize)?;
+                let m = Memory::host(&mut buffer);
+                host_buffers.push(buffer);
+                m
             }
         };
         memory.push(Some(Arc::new(m)));
     }
+    let count = wanted.iter().filter(|&&w| w).count();
     let loader = Loader::new(config)?;
     let (tx, rx) = mpsc::channel();
     let held = memory.clone();
@@ -468,26 +475,20 @@ fn start(
                     let _ = tx.send(Event::Ready(ready.index));
                 }),
                 None => {
-                    let slices = table.tensors.iter().map(|t| {
-                        target(t).map(|ptr| {
-                            // SAFETY: the address lies in a host buffer `held` keeps alive for
-                            // the whole load; tensors never overlap, so each slice is the only
-                            // reference to its bytes until the tensor is handed out, after
-                            // which the load no longer writes them.
-                            unsafe {
-                                std::slice::from_raw_parts_mut(ptr as *mut u8, t.len as usize)
-                            }
-                        })
-                    });
-                    let mut slices: Vec<Option<&mut [u8]>> = slices.collect();
-                    let mut next = slices.iter_mut().map(Option::take);
-                    loader.load_into(
+                    let result = loader.load_into_file_buffers(
                         &table,
-                        |_| next.next().flatten(),
+                        &wanted,
+                        &mut host_buffers,
                         |ready| {
                             let _ = tx.send(Event::Ready(ready.index));
                         },
-                    )
+                    );
+                    for (m, buffer) in held.iter().zip(host_buffers) {
+                        if let Some(m) = m {
+                            m.keep(buffer);
+                        }
+                    }
+                    result
                 }
             };
             drop(held);
@@ -497,6 +498,5 @@ fn start(
     let device_id =
         (if device.is_some() { DEVICE_CUDA } else { DEVICE_CPU }, ordinal.map_or(0, |n| n as i32));
     let state = State { rx: Some(rx), thread: Some(thread), memory, report: None };
-    let count = wanted.iter().filter(|&&w| w).count();
     Ok(Stream { checkpoint, count, device: device_id, cancel, state: Mutex::new(state) })
 }

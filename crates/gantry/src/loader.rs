@@ -227,6 +227,43 @@ impl Loader {
         Ok(())
     }
 
+    /// Loads the `wanted` tensors into the caller's file buffers: one per file, laid out by
+    /// [`file_buffer_layout`] (an empty buffer for a file with nothing wanted), so that
+    /// direct reads land in them without a staging copy. `on_ready` is called as each
+    /// tensor lands; its bytes are in `ready.bytes`. For bindings that hand tensors out while
+    /// the load goes on and own the memory themselves.
+    pub fn load_into_file_buffers(
+        &self,
+        checkpoint: &Checkpoint,
+        wanted: &[bool],
+        buffers: &mut [HostBuffer],
+        mut on_ready: impl FnMut(Ready<'_>),
+    ) -> Result<LoadReport> {
+        if wanted.len() != checkpoint.tensors.len() || buffers.len() != checkpoint.files.len() {
+            return Err(Error::Config(format!(
+                "{} wanted flags and {} buffers for {} tensors in {} files",
+                wanted.len(),
+                buffers.len(),
+                checkpoint.tensors.len(),
+                checkpoint.files.len()
+            )));
+        }
+        for (f, file) in checkpoint.files.iter().enumerate() {
+            let any = checkpoint.tensors.iter().zip(wanted).any(|(t, &w)| w && t.file.0 == f);
+            let (_, len) = file_buffer_layout(file.header.data_offset, file.header.data_len);
+            if any && buffers[f].len() as u64 != len {
+                return Err(Error::Destination {
+                    tensor: file.path.display().to_string(),
+                    message: format!(
+                        "file buffer is {} bytes, its layout needs {len}",
+                        buffers[f].len()
+                    ),
+                });
+            }
+        }
+        self.fill(checkpoint, wanted, buffers, &mut on_ready)
+    }
+
     fn fill(
         &self,
         checkpoint: &Checkpoint,
