@@ -102,6 +102,11 @@ class Checkpoint:
         self.dir.cleanup()
 
 
+def torch_bytes(t):
+    """A torch tensor's bytes, copied to the host."""
+    return t.reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes() if t.numel() else b""
+
+
 def gpu_available():
     try:
         _gantry.device_memory(0)
@@ -311,28 +316,39 @@ class TorchTests(unittest.TestCase):
             self.assertEqual(tuple(t.shape), info.shape, name)
             self.assertEqual(str(t.device), device, name)
             self.assertEqual(str(t.dtype), "torch." + gantry._TORCH_DTYPES[info.dtype], name)
-            got = t.contiguous().view(torch.uint8).reshape(-1).cpu().numpy().tobytes() if t.numel() else b""
-            self.assertEqual(got, reference(info), name)
+            self.assertEqual(torch_bytes(t), reference(info), name)
 
     def test_host_load_gives_torch_tensors(self):
         self.check_torch(gantry.load(self.ck.path, device="cpu"), "cpu")
 
     @unittest.skipUnless(REQUIRE_GPU or gpu_available(), "no GPU")
     def test_gpu_load_is_bit_exact_and_frees_device_memory(self):
-        torch.cuda.init()
-        free_before, _ = _gantry.device_memory(0)
-        tensors = gantry.load(self.ck.path, device="cuda:0")
-        self.check_torch(tensors, "cuda:0")
-        x = tensors["big"] * 2  # torch kernels work on gantry's memory
-        self.assertTrue(torch.equal(x / 2, tensors["big"]))
-        free_loaded, _ = _gantry.device_memory(0)
-        self.assertGreater(free_before - free_loaded, 4 << 20)
-        del tensors, x
-        gc.collect()
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        free_after, _ = _gantry.device_memory(0)
-        self.assertLess(abs(free_before - free_after), 4 << 20)
+        self.check_torch(gantry.load(self.ck.path, device="cuda:0"), "cuda:0")
+        ck = Checkpoint(scale=64)  # 64 MiB "big"
+        try:
+            warm = torch.ones(1 << 20, device="cuda:0") * 2  # torch's own start-up allocations
+            del warm
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            free_before, _ = _gantry.device_memory(0)
+            tensors = gantry.load(ck.path, device="cuda:0")
+            big = tensors["big"]
+            self.assertEqual(torch_bytes(big), reference(ck.table["big"]))
+            # "big" sits at an odd offset in its file: torch gets it 4-byte aligned.
+            self.assertNotEqual(ck.table["big"].offset % 4, 0)
+            self.assertEqual(big.data_ptr() % 4, 0)
+            y = big.view(torch.int32) ^ 0x5A5A5A5A  # torch kernels work on gantry's memory
+            self.assertTrue(torch.equal(y ^ 0x5A5A5A5A, big.view(torch.int32)))
+            free_loaded, _ = _gantry.device_memory(0)
+            self.assertGreater(free_before - free_loaded, 64 << 20)
+            del tensors, big, y
+            gc.collect()
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            free_after, _ = _gantry.device_memory(0)
+            self.assertLess(abs(free_before - free_after), 8 << 20)
+        finally:
+            ck.close()
 
     @unittest.skipUnless(REQUIRE_GPU or gpu_available(), "no GPU")
     def test_gpu_stream_yields_ready_tensors_early(self):
@@ -341,8 +357,7 @@ class TorchTests(unittest.TestCase):
                           threads=1, _read_delay_ms=5)
         name, first = next(s)
         self.assertIsNone(s.report())
-        self.assertEqual(first.contiguous().view(torch.uint8).reshape(-1).cpu().numpy().tobytes(),
-                         reference(self.ck.table[name]))
+        self.assertEqual(torch_bytes(first), reference(self.ck.table[name]))
         self.assertEqual(len(dict(s)) + 1, len(self.ck.table))
 
     @unittest.skipUnless(REQUIRE_GPU or gpu_available(), "no GPU")
@@ -391,7 +406,7 @@ class TorchTests(unittest.TestCase):
             def load_weights(self, weights):
                 for name, t in weights:
                     self.assertion(t)
-                    self.seen[name] = t.contiguous().view(torch.uint8).reshape(-1).cpu().numpy().tobytes() if t.numel() else b""
+                    self.seen[name] = torch_bytes(t)
                     if name == "big":
                         self.big.copy_(t)
                 return {"big"}
