@@ -1,8 +1,9 @@
 //! Runs the Python tests (`tests/test_gantry.py`) against the extension built from this
 //! source: the test builds it (in a target directory of its own, since the outer cargo holds
 //! the main one), lays the package out as an install would, and runs `python3 -m unittest`.
-//! Needs `python3` with numpy; torch and a GPU are used when present, and required under
-//! `GANTRY_REQUIRE_GPU=1`.
+//! With pytest, numpy and safetensors installed (`.ci/run` installs them) every host test
+//! runs; without them those that need them say so. torch and a GPU are used when present, and
+//! required under `GANTRY_REQUIRE_GPU=1`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,8 +43,16 @@ fn copy(from: &Path, to: &Path) {
 fn python_package() {
     let site = package();
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    // pytest where it is installed (CI), else the standard library's runner.
+    let has_pytest =
+        Command::new(&python).args(["-c", "import pytest"]).status().is_ok_and(|s| s.success());
+    let args: &[&str] = if has_pytest {
+        &["-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", "test_gantry.py"]
+    } else {
+        &["-m", "unittest", "-v", "test_gantry"]
+    };
     let status = Command::new(&python)
-        .args(["-m", "unittest", "-v", "test_gantry"])
+        .args(args)
         .current_dir(manifest().join("tests"))
         .env("PYTHONPATH", &site)
         .env("PYTHONDONTWRITEBYTECODE", "1")

@@ -35,6 +35,15 @@ try:
 except ImportError:
     torch = None
 
+try:
+    import safetensors
+    import safetensors.numpy
+except ImportError:  # .ci/run installs it: the reference the loads are compared with
+    safetensors = None
+needs_safetensors = unittest.skipUnless(
+    safetensors is not None and np is not None, "safetensors and numpy are not installed"
+)
+
 SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4,
     "U32": 4, "F32": 4, "C64": 8, "F64": 8, "I64": 8, "U64": 8, "F8_E4M3": 1,
@@ -201,8 +210,11 @@ class HostTests(unittest.TestCase):
         name, first = next(s)
         self.assertIsNone(s.report(), "the load had finished before the first tensor came out")
         self.assertEqual(first.tobytes(), reference(self.ck.table[name]))
-        rest = dict(s)
-        self.assertEqual(len(rest) + 1, len(self.ck.table))
+        seen = [name]
+        for name, t in s:  # each tensor is complete when it comes out
+            self.assertEqual(t.tobytes(), reference(self.ck.table[name]), name)
+            seen.append(name)
+        self.assertEqual(sorted(seen), sorted(self.ck.table), "every tensor exactly once")
         report = s.report()
         self.assertEqual(report["tensor_bytes"], sum(i.nbytes for i in self.ck.table.values()))
         self.assertEqual({f[1] for f in report["files"]}, {"buffered"})
@@ -264,6 +276,58 @@ class HostTests(unittest.TestCase):
         gc.collect()
         self.assertEqual(_gantry.live_buffers(), base)
 
+    def test_tensors_outlive_their_stream(self):
+        s = gantry.stream(self.ck.path, device="cpu", framework="dlpack")
+        tensors = dict(s)
+        del s
+        gc.collect()
+        for name, t in tensors.items():
+            self.assertEqual(t.tobytes(), reference(self.ck.table[name]), name)
+
+    def test_cancel_and_leaving_with_early_stop_the_load(self):
+        gc.collect()
+        base = _gantry.live_buffers()
+        slow = dict(path="buffered", buffered_chunk_bytes=4096, chunk_bytes=4096,
+                    staging_bytes=16384, threads=1, _read_delay_ms=20)
+        with gantry.stream(self.ck.path, device="cpu", framework="dlpack", **slow) as s:
+            name, first = next(s)
+        self.assertIsNone(s.report())
+        self.assertEqual(list(s), [], "a cancelled stream yields nothing more")
+        self.assertEqual(first.tobytes(), reference(self.ck.table[name]))
+        s2 = gantry.stream(self.ck.path, device="cpu", framework="dlpack", **slow)
+        next(s2)
+        s2.cancel()
+        self.assertEqual(list(s2), [])
+        del s, s2, first
+        gc.collect()
+        self.assertEqual(_gantry.live_buffers(), base)
+
+    @needs_safetensors
+    def test_random_layouts_match_safetensors(self):
+        rng = random.Random(11)
+        kinds = [np.bool_, np.uint8, np.int8, np.int16, np.uint16, np.float16, np.int32,
+                 np.uint32, np.float32, np.float64, np.int64, np.uint64, np.complex64]
+        with tempfile.TemporaryDirectory(dir=os.environ.get("GANTRY_TEST_TMPDIR")) as d:
+            for case in range(16):
+                arrays = {}
+                for i in range(rng.randint(1, 9)):
+                    kind = rng.choice(kinds)
+                    shape = tuple(rng.randint(0, 17) for _ in range(rng.randint(0, 3)))
+                    n = math.prod(shape) * np.dtype(kind).itemsize
+                    data = np.frombuffer(rng.randbytes(n), dtype=np.uint8)
+                    if kind is np.bool_:
+                        data = data & 1
+                    arrays[f"layer.{rng.randint(0, 99)}.w{i}"] = data.view(kind).reshape(shape)
+                path = os.path.join(d, f"case{case}.safetensors")
+                safetensors.numpy.save_file(arrays, path, metadata={"case": str(case)})
+                expected = safetensors.numpy.load_file(path)
+                got = gantry.load(path, device="cpu", framework="numpy")
+                self.assertEqual(sorted(got), sorted(expected), case)
+                for name, arr in expected.items():
+                    g = got[name]
+                    self.assertEqual((g.dtype, g.shape), (arr.dtype, arr.shape), (case, name))
+                    self.assertEqual(g.tobytes(), arr.tobytes(), (case, name))
+
     def test_errors_are_exceptions_with_the_message(self):
         with self.assertRaises(gantry.IoError) as e:
             gantry.load("/nonexistent/model.safetensors", device="cpu")
@@ -320,6 +384,27 @@ class TorchTests(unittest.TestCase):
 
     def test_host_load_gives_torch_tensors(self):
         self.check_torch(gantry.load(self.ck.path, device="cpu"), "cpu")
+
+    def check_against_safetensors_torch(self, device):
+        import safetensors.torch
+
+        for fname in ("a.safetensors", "b.safetensors"):
+            path = os.path.join(self.ck.path, fname)
+            expected = safetensors.torch.load_file(path, device=device)
+            got = gantry.load(path, device=device)
+            self.assertEqual(sorted(got), sorted(expected))
+            for name, e in expected.items():
+                g = got[name]
+                self.assertEqual((g.dtype, g.shape, str(g.device)), (e.dtype, e.shape, str(e.device)), name)
+                self.assertEqual(torch_bytes(g), torch_bytes(e), name)
+
+    @unittest.skipUnless(safetensors is not None or REQUIRE_GPU, "safetensors is not installed")
+    def test_host_tensors_equal_safetensors_torch(self):
+        self.check_against_safetensors_torch("cpu")
+
+    @unittest.skipUnless(REQUIRE_GPU or gpu_available(), "no GPU")
+    def test_gpu_tensors_equal_safetensors_torch(self):
+        self.check_against_safetensors_torch("cuda:0")
 
     @unittest.skipUnless(REQUIRE_GPU or gpu_available(), "no GPU")
     def test_gpu_load_is_bit_exact_and_frees_device_memory(self):
