@@ -7,6 +7,10 @@ sample) and must agree with the first loader's. Output: a table of median second
 
     python3 benches/peers/race.py CHECKPOINT_DIR --gantry target/release/gantry [--cold 1] [--warm 3]
 
+"gantry" is the CLI (its own process, no Python); "gantry-python" is the Python package
+(`gantry.stream`, importable from PYTHONPATH or installed), which also reports the time to its
+first tensor, as Run:ai's streamer does.
+
 Timing starts after the process has initialised CUDA (every loader pays that once, gantry
 included) and ends when every tensor is in GPU memory (synchronised).
 """
@@ -20,7 +24,7 @@ import subprocess
 import sys
 import time
 
-LOADERS = ["gantry", "safetensors-load_file", "safetensors-safe_open", "runai", "fastsafetensors"]
+LOADERS = ["gantry", "gantry-python", "safetensors-load_file", "safetensors-safe_open", "runai", "fastsafetensors"]
 
 
 def shards(ckpt):
@@ -47,8 +51,16 @@ def run_peer(name, ckpt, device, want_digest):
     torch.cuda.synchronize()
     files = shards(ckpt)
     tensors = {}
+    first = None
     start = time.perf_counter()
-    if name == "safetensors-load_file":
+    if name == "gantry-python":
+        import gantry
+
+        for k, t in gantry.stream(ckpt, device=device):
+            if first is None:
+                first = time.perf_counter() - start
+            tensors[k] = t
+    elif name == "safetensors-load_file":
         from safetensors.torch import load_file
 
         for f in files:
@@ -67,6 +79,9 @@ def run_peer(name, ckpt, device, want_digest):
             streamer.stream_files(files)
             for k, t in streamer.get_tensors():
                 tensors[k] = t.to(device, non_blocking=True)
+                if first is None:
+                    torch.cuda.synchronize()
+                    first = time.perf_counter() - start
     elif name == "fastsafetensors":
         from fastsafetensors import SafeTensorsFileLoader
 
@@ -79,7 +94,8 @@ def run_peer(name, ckpt, device, want_digest):
         raise SystemExit(f"unknown loader {name}")
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+    print(json.dumps({"seconds": seconds, "first_seconds": first,
+                      "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
                       "xxh3": digest(tensors) if want_digest else None}))
 
 
@@ -121,7 +137,7 @@ def run_one(name, args, want_digest):
     r = json.loads(out.decode().strip().splitlines()[-1])
     if name == "gantry":
         xxh3 = {t["name"]: t["xxh3"] for t in r["tensors"]} if want_digest else None
-        r = {"seconds": r["total_seconds"], "bytes": r["bytes"], "xxh3": xxh3}
+        r = {"seconds": r["total_seconds"], "bytes": r["bytes"], "xxh3": xxh3, "first_seconds": None}
     return r, usage.ru_maxrss * 1024, wall
 
 
@@ -157,9 +173,10 @@ def main():
                 if first and r["xxh3"] != reference:
                     bad = sorted(k for k in reference if r["xxh3"].get(k) != reference[k])[:5]
                     raise SystemExit(f"{name} produced different bytes: {bad}")
-                results[(name, mode)].append((r["seconds"], r["bytes"], rss, wall))
+                results[(name, mode)].append((r["seconds"], r["bytes"], rss, wall, r.get("first_seconds")))
+                first_s = f", first tensor {r['first_seconds']:.3f} s" if r.get("first_seconds") is not None else ""
                 print(f"{mode} {name}: {r['seconds']:.2f} s, {r['bytes'] / r['seconds'] / 1e9:.2f} GB/s, "
-                      f"peak RSS {rss / 2**30:.2f} GiB, process {wall:.1f} s", flush=True)
+                      f"peak RSS {rss / 2**30:.2f} GiB, process {wall:.1f} s{first_s}", flush=True)
     rows = []
     print(f"\n{'mode':<5} {'loader':<22} {'n':>2} {'seconds':>8} {'GB/s':>7} {'peak RSS GiB':>12} {'process s':>9} {'gantry speed-up':>15}")
     for mode in ("cold", "warm"):
@@ -172,8 +189,10 @@ def main():
             rss = max(x[2] for x in s) / 2**30
             wall = statistics.median(x[3] for x in s)
             speedup = med[n] / med["gantry"] if "gantry" in med else float("nan")
+            firsts = [x[4] for x in s if x[4] is not None]
             rows.append({"mode": mode, "loader": n, "samples": len(s), "seconds": secs, "gb_per_s": nbytes / secs / 1e9,
-                         "peak_rss_gib": rss, "process_seconds": wall, "gantry_speedup": speedup})
+                         "peak_rss_gib": rss, "process_seconds": wall, "gantry_speedup": speedup,
+                         "first_tensor_seconds": statistics.median(firsts) if firsts else None})
             print(f"{mode:<5} {n:<22} {len(s):>2} {secs:>8.2f} {nbytes / secs / 1e9:>7.2f} {rss:>12.2f} {wall:>9.1f} {speedup:>14.2f}x")
     if args.json_out:
         with open(args.json_out, "w") as f:
