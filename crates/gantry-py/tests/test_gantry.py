@@ -124,7 +124,9 @@ def gpu_available():
         return False
 
 
-class HostTests(unittest.TestCase):
+class WithCheckpoint(unittest.TestCase):
+    """Tests sharing one checkpoint, written once per class."""
+
     @classmethod
     def setUpClass(cls):
         cls.ck = Checkpoint()
@@ -133,6 +135,8 @@ class HostTests(unittest.TestCase):
     def tearDownClass(cls):
         cls.ck.close()
 
+
+class HostTests(WithCheckpoint):
     def test_inspect_matches_the_written_headers(self):
         table = self.ck.table
         self.assertEqual(len(table), len(SIZES) + 3)
@@ -363,15 +367,7 @@ class HostTests(unittest.TestCase):
 
 
 @unittest.skipUnless(torch is not None or REQUIRE_GPU, "torch is not installed")
-class TorchTests(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.ck = Checkpoint()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.ck.close()
-
+class TorchTests(WithCheckpoint):
     def check_torch(self, tensors, device):
         self.assertEqual(set(tensors), set(self.ck.table))
         for name, t in tensors.items():
