@@ -10,7 +10,7 @@ use std::error::Error;
 use std::path::Path;
 
 use gantry::baseline::{self, Measured, Prefaulted};
-use gantry::{Checkpoint, CudaDevice, Loader};
+use gantry::{CudaDevice, Loader};
 use serde::Serialize;
 
 use crate::load::{json_files, load_device, load_host, JsonFile};
@@ -69,7 +69,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         return Err("--repeat must be at least 1".into());
     }
     let loader = Loader::new(args.options.config()?)?;
-    let checkpoint = Checkpoint::open(&args.options.path)?;
+    let checkpoint = gantry::open(&args.options.path)?;
     let gpu = match args.options.device {
         Device::Cpu => None,
         Device::Cuda(n) => Some(CudaDevice::open(n)?),

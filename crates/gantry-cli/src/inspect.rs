@@ -49,7 +49,7 @@ struct JsonInspect<'a> {
 }
 
 pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
-    let checkpoint = Checkpoint::open(&args.path)?;
+    let checkpoint = gantry::open(&args.path)?;
     let out = std::io::stdout();
     let mut out = out.lock();
     if args.json {

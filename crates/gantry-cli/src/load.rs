@@ -95,7 +95,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     };
     // From here: headers, allocation, pinning and the load (CUDA's own start-up excluded).
     let start = std::time::Instant::now();
-    let checkpoint = Checkpoint::open(&args.options.path)?;
+    let checkpoint = gantry::open(&args.options.path)?;
     // The loaded tensors' table positions and names; their bytes are fetched (from host or
     // device memory) only when a checksum or a check needs them.
     let (report, device, loaded, bytes_of): (
@@ -191,7 +191,7 @@ fn verify(
 ) -> Result<(), Box<dyn Error>> {
     use std::os::unix::fs::FileExt;
     // The table again, from the files, independent of the load.
-    let checkpoint = Checkpoint::open(path)?;
+    let checkpoint = gantry::open(path)?;
     for &(i, ref name) in loaded {
         let t = &checkpoint.tensors[i];
         assert_eq!(&t.name, name, "the same checkpoint gives the same table");

@@ -137,20 +137,34 @@ impl Checkpoint {
         let base = index_path.parent().unwrap_or(Path::new(""));
         check_shards_exist(index_path, base, &index)?;
         let paths = index.shards.iter().map(|s| base.join(s)).collect();
-        let mut checkpoint = Self::from_files(paths)?;
-        check_index_agrees(&checkpoint, &index)?;
-        checkpoint.index_metadata = index.metadata;
-        Ok(checkpoint)
+        Self::from_files(paths)?.with_index(index)
+    }
+
+    /// Checks this table, built from an index's shards in its order, against the index's
+    /// `weight_map`, and keeps the index's metadata.
+    pub fn with_index(mut self, index: Index) -> Result<Self, FormatError> {
+        check_index_agrees(&self, &index)?;
+        self.index_metadata = index.metadata;
+        Ok(self)
     }
 
     /// Builds the table from a list of `.safetensors` files, rejecting a tensor name held by
     /// two files.
     fn from_files(paths: Vec<PathBuf>) -> Result<Self, FormatError> {
-        let mut files = Vec::with_capacity(paths.len());
+        let headers = paths
+            .into_iter()
+            .map(|path| read_header(&path).map(|h| (path, h)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::from_headers(headers)
+    }
+
+    /// Builds the table from headers read elsewhere (object storage, say), one per file in
+    /// shard order, rejecting a tensor name held by two files.
+    pub fn from_headers(headers: Vec<(PathBuf, Header)>) -> Result<Self, FormatError> {
+        let mut files = Vec::with_capacity(headers.len());
         let mut tensors = Vec::new();
         let mut owner: HashMap<String, usize> = HashMap::new();
-        for (i, path) in paths.into_iter().enumerate() {
-            let header = read_header(&path)?;
+        for (i, (path, header)) in headers.into_iter().enumerate() {
             let file_len = header.data_offset + header.data_len;
             for t in &header.tensors {
                 if let Some(&first) = owner.get(&t.name) {

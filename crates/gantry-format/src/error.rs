@@ -16,7 +16,8 @@ pub struct FormatError {
 }
 
 impl FormatError {
-    pub(crate) fn new(path: &Path, kind: ErrorKind) -> Self {
+    /// An error about `path` (for sources outside this crate, such as object storage).
+    pub fn new(path: &Path, kind: ErrorKind) -> Self {
         Self { path: path.to_path_buf(), kind }
     }
 

@@ -90,7 +90,7 @@ fn read_prefix(path: &Path, file: &mut File, file_len: u64) -> Result<u64, Forma
 }
 
 /// Checks the length prefix against the cap and the file's length; returns the header length.
-fn check_prefix(path: &Path, header_len: u64, file_len: u64) -> Result<u64, FormatError> {
+pub fn check_prefix(path: &Path, header_len: u64, file_len: u64) -> Result<u64, FormatError> {
     if header_len > MAX_HEADER_BYTES {
         let max_header_len = MAX_HEADER_BYTES;
         return Err(FormatError::new(

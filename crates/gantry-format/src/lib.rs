@@ -27,8 +27,8 @@ mod index;
 pub use checkpoint::{Checkpoint, FileId, FileInfo, TensorEntry, INDEX_FILE_NAME};
 pub use error::{ErrorKind, FormatError};
 pub use header::{
-    parse_file_bytes, parse_header, read_header, Header, HeaderTensor, MAX_HEADER_BYTES,
-    PREFIX_BYTES,
+    check_prefix, parse_file_bytes, parse_header, read_header, Header, HeaderTensor,
+    MAX_HEADER_BYTES, PREFIX_BYTES,
 };
 pub use index::{parse_index, Index, MAX_INDEX_BYTES};
 pub use safetensors::Dtype;

@@ -54,8 +54,7 @@ type TensorRow = (String, String, Vec<u64>, String, u64, u64);
 /// a list of `(name, dtype, shape, file, offset, nbytes)`.
 #[pyfunction]
 fn inspect(py: Python<'_>, source: std::path::PathBuf) -> PyResult<Vec<TensorRow>> {
-    let checkpoint =
-        py.detach(|| gantry::Checkpoint::open(&source)).map_err(|e| to_py(e.into()))?;
+    let checkpoint = py.detach(|| gantry::open(&source)).map_err(to_py)?;
     Ok(checkpoint
         .tensors
         .iter()

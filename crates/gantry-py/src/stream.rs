@@ -425,7 +425,7 @@ fn start(
     skip: &std::collections::HashSet<String>,
     cancel: Arc<AtomicBool>,
 ) -> gantry::Result<Stream> {
-    let checkpoint = Arc::new(Checkpoint::open(source)?);
+    let checkpoint = Arc::new(gantry::open(source)?);
     let wanted: Vec<bool> = checkpoint.tensors.iter().map(|t| !skip.contains(&t.name)).collect();
     let device = ordinal.map(open_device).transpose()?;
     let mut memory = Vec::with_capacity(checkpoint.files.len());

@@ -58,6 +58,8 @@ pub struct ConfigValues {
     pub staging_bytes: usize,
     pub threads: usize,
     pub path: PathChoice,
+    pub object_part_bytes: usize,
+    pub object_concurrency: usize,
 }
 
 /// Loader settings. Build with [`Config::default`] and the setters.
@@ -74,6 +76,8 @@ pub struct Config {
     /// `auto` volume profile: request size and queue depth still to be picked from the
     /// volume (no explicit chunk size, queue depth or profile was set).
     pub(crate) measure_volume: bool,
+    pub(crate) object_part_bytes: usize,
+    pub(crate) object_concurrency: usize,
     pub(crate) cancel: Option<Arc<AtomicBool>>,
     pub(crate) fault: Option<Arc<dyn FaultInjector>>,
 }
@@ -91,6 +95,8 @@ impl Default for Config {
             hot_fraction: 0.5,
             gap_bytes: 1 << 20,
             measure_volume: true,
+            object_part_bytes: 16 << 20,
+            object_concurrency: 16,
             cancel: None,
             fault: None,
         }
@@ -109,6 +115,8 @@ impl fmt::Debug for Config {
             .field("hot_fraction", &self.hot_fraction)
             .field("gap_bytes", &self.gap_bytes)
             .field("measure_volume", &self.measure_volume)
+            .field("object_part_bytes", &self.object_part_bytes)
+            .field("object_concurrency", &self.object_concurrency)
             .field("cancel", &self.cancel.is_some())
             .field("fault", &self.fault.is_some())
             .finish()
@@ -174,6 +182,17 @@ impl Config {
         self.staging_bytes = self.staging_bytes.max(chunk_bytes * queue_depth);
         self
     }
+    /// Bytes per ranged GET from object storage, a multiple of 4096 (default 16 MiB, the part
+    /// size S3 serves at full speed); staging buffers take this size for object loads.
+    pub fn object_part_bytes(mut self, n: usize) -> Self {
+        self.object_part_bytes = n;
+        self
+    }
+    /// Ranged GETs in flight per load (default 16; at most the staging buffers).
+    pub fn object_concurrency(mut self, n: usize) -> Self {
+        self.object_concurrency = n;
+        self
+    }
     /// A flag another thread may set to stop a load: it returns [`Error::Cancelled`] within
     /// about 50 ms, after its reads in flight complete, and frees what it allocated.
     pub fn cancel_flag(mut self, flag: Arc<AtomicBool>) -> Self {
@@ -196,6 +215,8 @@ impl Config {
             staging_bytes: self.staging_bytes,
             threads: self.threads,
             path: self.path,
+            object_part_bytes: self.object_part_bytes,
+            object_concurrency: self.object_concurrency,
         }
     }
 
@@ -238,6 +259,21 @@ impl Config {
                 "{} staging buffers is more than {} registered buffers",
                 self.staging_bytes / self.buffered_chunk().max(1),
                 u16::MAX
+            ));
+        }
+        if self.object_part_bytes == 0
+            || self.object_part_bytes % ALIGN_BYTES != 0
+            || self.object_part_bytes > self.staging_bytes
+        {
+            return bad(format!(
+                "object_part_bytes {} must be a multiple of {ALIGN_BYTES} up to staging_bytes",
+                self.object_part_bytes
+            ));
+        }
+        if !(1..=QUEUE_DEPTH_MAX).contains(&self.object_concurrency) {
+            return bad(format!(
+                "object_concurrency {} must be 1 to {QUEUE_DEPTH_MAX}",
+                self.object_concurrency
             ));
         }
         if !(1..=QUEUE_DEPTH_MAX).contains(&self.queue_depth) {

@@ -46,3 +46,22 @@ pub use gantry_format::{
 pub use loader::{FileReport, HostModel, HostTensor, LoadReport, Loader, Ready};
 pub use schedule::ReaderKind;
 pub use sink::cuda::CudaDevice;
+
+/// Opens a checkpoint and validates every header, reading no tensor data: a local
+/// `.safetensors` file, directory or index, or an object source (`s3://bucket/key`,
+/// `s3://bucket/prefix/`; see [`io::object`]).
+///
+/// ```no_run
+/// let local = gantry::open("model/")?;
+/// let remote = gantry::open("s3://weights/llama-3-8b/")?;
+/// assert_eq!(local.tensors.len(), remote.tensors.len());
+/// # Ok::<(), gantry::Error>(())
+/// ```
+pub fn open(source: impl AsRef<std::path::Path>) -> Result<Checkpoint> {
+    let source = source.as_ref();
+    if io::object::is_url(source) {
+        io::object::open_checkpoint(source)
+    } else {
+        Ok(Checkpoint::open(source)?)
+    }
+}

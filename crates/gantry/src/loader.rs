@@ -177,7 +177,7 @@ impl Loader {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn load(&self, path: impl AsRef<Path>) -> Result<HostModel> {
-        self.load_with(Checkpoint::open(path)?, |_| true, |_| {})
+        self.load_with(crate::open(path)?, |_| true, |_| {})
     }
 
     /// Loads the tensors of `checkpoint` that `filter` keeps into host memory, calling
@@ -339,6 +339,9 @@ impl Loader {
                     Some((ReaderKind::Gds, i)) => {
                         FilePlan { align: files.gds[i].align, chunk_bytes }
                     }
+                    Some((ReaderKind::Object, _)) => {
+                        FilePlan { align: 1, chunk_bytes: config.object_part_bytes as u64 }
+                    }
                     _ => FilePlan { align: 1, chunk_bytes: config.buffered_chunk() as u64 },
                 }
             })
@@ -346,7 +349,9 @@ impl Loader {
         let plan = Plan::new(checkpoint, wanted, &file_plans, config.gap_bytes);
         let jobs = Jobs::new(&plan, &files, sink);
         let node = device.and_then(|d| d.numa_node());
-        let slot_bytes = if jobs.staged_direct_count() > 0 {
+        let slot_bytes = if jobs.has_objects() {
+            config.object_part_bytes
+        } else if jobs.staged_direct_count() > 0 {
             config.chunk_bytes
         } else {
             config.buffered_chunk()
@@ -431,6 +436,23 @@ impl Loader {
                 .zip(wanted)
                 .any(|(t, &w)| w && t.len > 0 && t.file.0 == f);
             if !needed {
+                continue;
+            }
+            if crate::io::object::is_url(&info.path) {
+                let object = crate::io::object::open_for_load(&info.path, info.file_len)?;
+                let facts = format!(
+                    "object of {} bytes, ETag {}",
+                    object.size,
+                    object.etag.as_deref().unwrap_or("none")
+                );
+                let reason = format!(
+                    "object storage: ranged GETs of {} MiB, {} in flight, each conditioned on the ETag",
+                    self.config.object_part_bytes >> 20,
+                    self.config.object_concurrency
+                );
+                files.slot[f] = Some((ReaderKind::Object, files.objects.len()));
+                files.objects.push(object);
+                choices[f] = Some((Choice { reader: ReaderKind::Object, reason }, facts));
                 continue;
             }
             let io_err =

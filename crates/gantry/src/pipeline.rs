@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::io::{buffered, gds, uring, Message, OpenFile};
+use crate::io::{buffered, gds, object, uring, Message, OpenFile};
 use crate::plan::Plan;
 use crate::schedule::ReaderKind;
 use crate::sink::cuda::CudaDevice;
@@ -35,6 +35,8 @@ pub struct Files {
     pub buffered_ids: Vec<usize>,
     /// Files for cuFile.
     pub gds: Vec<OpenFile>,
+    /// Objects in object storage.
+    pub objects: Vec<object::ObjectFile>,
     /// Per checkpoint file: its reader and its position in that reader's list (`direct`,
     /// `buffered` or `gds`), `None` when nothing is read from it.
     pub slot: Vec<Option<(ReaderKind, usize)>>,
@@ -48,6 +50,7 @@ pub struct Jobs {
     into: Vec<(uring::Job, RawTarget)>,
     /// Per extent of a cuFile file, its reads (one per copy step, straight to the tensor).
     gds: Vec<Vec<gds::GdsRead>>,
+    object: Vec<uring::Job>,
 }
 
 impl Jobs {
@@ -59,7 +62,9 @@ impl Jobs {
             let (reader, file) = files.slot[e.file.0].expect("extent of a file that is not open");
             let steps = &plan.steps[e.steps.clone()];
             let job = uring::Job { extent: i, file, offset: e.offset, len: e.len, target: None };
-            if reader == ReaderKind::Gds {
+            if reader == ReaderKind::Object {
+                jobs.object.push(job);
+            } else if reader == ReaderKind::Gds {
                 let reads: Vec<gds::GdsRead> = steps
                     .iter()
                     .enumerate()
@@ -102,7 +107,14 @@ impl Jobs {
 
     /// Extents that pass through the staging ring.
     pub fn staged_count(&self) -> usize {
-        self.direct.iter().filter(|j| j.target.is_none()).count() + self.staged.len()
+        self.direct.iter().filter(|j| j.target.is_none()).count()
+            + self.staged.len()
+            + self.object.len()
+    }
+
+    /// Whether any extent comes from object storage.
+    pub fn has_objects(&self) -> bool {
+        !self.object.is_empty()
     }
 }
 
@@ -166,6 +178,12 @@ pub fn run(
             let device = device.clone().expect("cuFile loads go to a GPU");
             let threads = config.queue_depth;
             scope.spawn(move || gds::run(&files.gds, reads, &device, threads, cancel, &tx));
+        }
+        if !jobs.object.is_empty() {
+            let (tx, pool, jobs, cancel) =
+                (tx.clone(), pool.clone().expect("pool"), &jobs.object, &cancel);
+            let concurrency = config.object_concurrency;
+            scope.spawn(move || object::run(&files.objects, jobs, &pool, concurrency, cancel, &tx));
         }
         if !jobs.into.is_empty() {
             let tx = tx.clone();

@@ -52,6 +52,8 @@ pub enum ReaderKind {
     Buffered,
     /// cuFile straight into device memory.
     Gds,
+    /// Ranged GETs from object storage into the staging ring.
+    Object,
 }
 
 impl ReaderKind {
@@ -61,6 +63,7 @@ impl ReaderKind {
             ReaderKind::Direct => "direct",
             ReaderKind::Buffered => "buffered",
             ReaderKind::Gds => "gds",
+            ReaderKind::Object => "object",
         }
     }
 }

