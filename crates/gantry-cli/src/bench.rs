@@ -69,13 +69,21 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         return Err("--repeat must be at least 1".into());
     }
     let loader = Loader::new(args.options.config()?)?;
-    let checkpoint = gantry::open(&args.options.path)?;
+    let checkpoint = gantry::open_with(&args.options.path, loader.config())?;
+    let remote = gantry::io::object::is_url(&args.options.path);
     let gpu = match args.options.device {
         Device::Cpu => None,
         Device::Cuda(n) => Some(CudaDevice::open(n)?),
     };
     let paths: Vec<&Path> = checkpoint.files.iter().map(|f| f.path.as_path()).collect();
-    let ceiling_name = if args.cold {
+    let ceiling_name = if remote {
+        let v = loader.config().values();
+        format!(
+            "ranged GETs of {} MiB, {} in flight, drained",
+            v.object_part_bytes >> 20,
+            v.object_concurrency
+        )
+    } else if args.cold {
         format!(
             "O_DIRECT pread, {} MiB requests, {CEILING_DIRECT_THREADS} in flight",
             CEILING_REQUEST_BYTES >> 20
@@ -83,7 +91,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     } else {
         format!("buffered pread, {CEILING_BUFFERED_THREADS} threads, pre-faulted buffer")
     };
-    if !args.cold {
+    if !args.cold && !remote {
         baseline::warm(&paths)?;
     }
     let mut runs = Vec::with_capacity(args.repeat);
@@ -93,7 +101,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         let (mut ceiling, mut gantry, mut reload) = (None, None, None);
         for step in 0..2 {
             if (step == 0) == (r % 2 == 0) {
-                let storage = measure_ceiling(&paths, args.cold)?.gb_per_s();
+                let storage = measure_ceiling(&paths, args.cold, loader.config())?.gb_per_s();
                 let h2d = match &gpu {
                     Some(gpu) => {
                         let bytes = (checkpoint.total_bytes() as usize).clamp(1 << 30, 16 << 30);
@@ -103,7 +111,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
                 };
                 ceiling = Some((storage, h2d));
             } else {
-                let evict = || if args.cold { baseline::evict(&paths) } else { Ok(()) };
+                let evict = || if args.cold && !remote { baseline::evict(&paths) } else { Ok(()) };
                 evict()?;
                 let (g, r) = match &gpu {
                     None => {
@@ -166,7 +174,13 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         if gpu.is_some() { format!("{} memory", out.device) } else { "host memory".into() };
     println!(
         "{} load of {} bytes into {target}; storage ceiling: {}{}",
-        if args.cold { "cold" } else { "warm" },
+        if remote {
+            "object-storage"
+        } else if args.cold {
+            "cold"
+        } else {
+            "warm"
+        },
         out.bytes,
         out.ceiling,
         if gpu.is_some() { "; ceiling = lower of storage and pinned host-to-device" } else { "" }
@@ -201,7 +215,14 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-fn measure_ceiling(paths: &[&Path], cold: bool) -> Result<Measured, Box<dyn Error>> {
+fn measure_ceiling(
+    paths: &[&Path],
+    cold: bool,
+    config: &gantry::Config,
+) -> Result<Measured, Box<dyn Error>> {
+    if paths.first().is_some_and(|p| gantry::io::object::is_url(p)) {
+        return Ok(gantry::io::object::ceiling(paths, config)?);
+    }
     if cold {
         baseline::evict(paths)?;
         return Ok(baseline::read_direct(paths, CEILING_REQUEST_BYTES, CEILING_DIRECT_THREADS)?);

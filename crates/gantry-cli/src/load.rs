@@ -88,6 +88,9 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             return Err(format!("unknown checksum '{c}' (xxh3)").into());
         }
     }
+    if args.verify && gantry::io::object::is_url(&args.options.path) {
+        return Err("--verify compares with a plain read of local files; it does not take s3:// sources (use --checksum xxh3 against a local copy)".into());
+    }
     let loader = Loader::new(args.options.config()?)?;
     let gpu = match args.options.device {
         Device::Cpu => None,
@@ -95,7 +98,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     };
     // From here: headers, allocation, pinning and the load (CUDA's own start-up excluded).
     let start = std::time::Instant::now();
-    let checkpoint = gantry::open(&args.options.path)?;
+    let checkpoint = gantry::open_with(&args.options.path, loader.config())?;
     // The loaded tensors' table positions and names; their bytes are fetched (from host or
     // device memory) only when a checksum or a check needs them.
     let (report, device, loaded, bytes_of): (

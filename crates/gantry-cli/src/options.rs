@@ -59,6 +59,18 @@ pub struct LoadOptions {
     /// Threads of the buffered reader.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Object storage (s3:// sources): bytes per ranged GET, in MiB.
+    #[arg(long)]
+    pub object_part_mib: Option<usize>,
+    /// Object storage: ranged GETs in flight.
+    #[arg(long)]
+    pub object_concurrency: Option<usize>,
+    /// Object storage: the S3 endpoint (overrides AWS_ENDPOINT_URL); http:// allows plain HTTP.
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// Object storage: the region (overrides AWS_REGION).
+    #[arg(long)]
+    pub s3_region: Option<String>,
 }
 
 impl LoadOptions {
@@ -84,6 +96,21 @@ impl LoadOptions {
         }
         if let Some(n) = self.threads {
             c = c.threads(n);
+        }
+        if let Some(n) = self.object_part_mib {
+            c = c.object_part_bytes(n << 20);
+        }
+        if let Some(n) = self.object_concurrency {
+            c = c.object_concurrency(n);
+        }
+        if let Some(url) = &self.s3_endpoint {
+            c = c.object_option("aws_endpoint_url", url);
+            if url.starts_with("http://") {
+                c = c.object_option("aws_allow_http", "true");
+            }
+        }
+        if let Some(region) = &self.s3_region {
+            c = c.object_option("aws_region", region);
         }
         c.validate()?;
         Ok(c)

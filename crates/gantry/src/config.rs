@@ -78,6 +78,7 @@ pub struct Config {
     pub(crate) measure_volume: bool,
     pub(crate) object_part_bytes: usize,
     pub(crate) object_concurrency: usize,
+    pub(crate) object_options: Vec<(String, String)>,
     pub(crate) cancel: Option<Arc<AtomicBool>>,
     pub(crate) fault: Option<Arc<dyn FaultInjector>>,
 }
@@ -97,6 +98,7 @@ impl Default for Config {
             measure_volume: true,
             object_part_bytes: 16 << 20,
             object_concurrency: 16,
+            object_options: Vec::new(),
             cancel: None,
             fault: None,
         }
@@ -117,6 +119,10 @@ impl fmt::Debug for Config {
             .field("measure_volume", &self.measure_volume)
             .field("object_part_bytes", &self.object_part_bytes)
             .field("object_concurrency", &self.object_concurrency)
+            .field(
+                "object_options",
+                &self.object_options.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
             .field("cancel", &self.cancel.is_some())
             .field("fault", &self.fault.is_some())
             .finish()
@@ -191,6 +197,13 @@ impl Config {
     /// Ranged GETs in flight per load (default 16; at most the staging buffers).
     pub fn object_concurrency(mut self, n: usize) -> Self {
         self.object_concurrency = n;
+        self
+    }
+    /// An S3 client setting that overrides the environment's: an `object_store` configuration
+    /// key (`aws_endpoint_url`, `aws_region`, `aws_allow_http`, `aws_access_key_id`, ...) and
+    /// its value. Values are never logged.
+    pub fn object_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.object_options.push((key.into(), value.into()));
         self
     }
     /// A flag another thread may set to stop a load: it returns [`Error::Cancelled`] within

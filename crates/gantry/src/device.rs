@@ -97,7 +97,7 @@ impl Loader {
         path: impl AsRef<Path>,
         device: &Arc<CudaDevice>,
     ) -> Result<DeviceModel> {
-        self.load_to_device_with(crate::open(path)?, device, |_| true, |_| {})
+        self.load_to_device_with(crate::open_with(path, self.config())?, device, |_| true, |_| {})
     }
 
     /// Loads the tensors `filter` keeps onto `device`, into one allocation per file, calling

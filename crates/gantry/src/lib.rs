@@ -58,9 +58,14 @@ pub use sink::cuda::CudaDevice;
 /// # Ok::<(), gantry::Error>(())
 /// ```
 pub fn open(source: impl AsRef<std::path::Path>) -> Result<Checkpoint> {
+    open_with(source, &Config::default())
+}
+
+/// [`open`] with `config`'s object-storage options ([`Config::object_option`]).
+pub fn open_with(source: impl AsRef<std::path::Path>, config: &Config) -> Result<Checkpoint> {
     let source = source.as_ref();
     if io::object::is_url(source) {
-        io::object::open_checkpoint(source)
+        io::object::open_checkpoint(source, &config.object_options)
     } else {
         Ok(Checkpoint::open(source)?)
     }

@@ -177,7 +177,7 @@ impl Loader {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn load(&self, path: impl AsRef<Path>) -> Result<HostModel> {
-        self.load_with(crate::open(path)?, |_| true, |_| {})
+        self.load_with(crate::open_with(path, &self.config)?, |_| true, |_| {})
     }
 
     /// Loads the tensors of `checkpoint` that `filter` keeps into host memory, calling
@@ -439,7 +439,11 @@ impl Loader {
                 continue;
             }
             if crate::io::object::is_url(&info.path) {
-                let object = crate::io::object::open_for_load(&info.path, info.file_len)?;
+                let object = crate::io::object::open_for_load(
+                    &info.path,
+                    info.file_len,
+                    &self.config.object_options,
+                )?;
                 let facts = format!(
                     "object of {} bytes, ETag {}",
                     object.size,

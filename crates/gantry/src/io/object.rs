@@ -83,11 +83,18 @@ fn runtime() -> Result<&'static tokio::runtime::Runtime> {
         })
 }
 
-/// The client for `bucket`, made once per process from the environment.
-fn client(bucket: &str) -> Result<Arc<AmazonS3>> {
-    static CLIENTS: OnceLock<Mutex<HashMap<String, Arc<AmazonS3>>>> = OnceLock::new();
+/// Settings of the S3 client beyond the environment: `object_store` configuration keys
+/// (`aws_endpoint_url`, `aws_region`, `aws_allow_http`, `aws_skip_signature`, ...) and values,
+/// applied after the environment's.
+pub type Options = [(String, String)];
+
+/// The client for `bucket` with `options`, made once per process from the environment.
+fn client(bucket: &str, options: &Options) -> Result<Arc<AmazonS3>> {
+    type Key = (String, Vec<(String, String)>);
+    static CLIENTS: OnceLock<Mutex<HashMap<Key, Arc<AmazonS3>>>> = OnceLock::new();
     let clients = CLIENTS.get_or_init(Default::default);
-    if let Some(c) = clients.lock().get(bucket) {
+    let key = (bucket.to_owned(), options.to_vec());
+    if let Some(c) = clients.lock().get(&key) {
         return Ok(Arc::clone(c));
     }
     let retry = RetryConfig {
@@ -99,17 +106,23 @@ fn client(bucket: &str) -> Result<Arc<AmazonS3>> {
         max_retries: 5,
         retry_timeout: Duration::from_secs(60),
     };
-    let options = ClientOptions::new()
+    let client_options = ClientOptions::new()
         .with_connect_timeout(Duration::from_secs(10))
         .with_timeout(Duration::from_secs(300));
     // Client options first: the environment's (AWS_ALLOW_HTTP, proxies, ...) go into them.
-    let mut builder = AmazonS3Builder::new().with_client_options(options);
+    let mut builder = AmazonS3Builder::new().with_client_options(client_options);
     for (key, value) in std::env::vars() {
         if key.starts_with("AWS_") {
             if let Ok(key) = key.to_ascii_lowercase().parse() {
                 builder = builder.with_config(key, value);
             }
         }
+    }
+    for (key, value) in options {
+        let parsed = key.to_ascii_lowercase().parse().map_err(|_| {
+            Error::Config(format!("unknown object-storage option '{key}' (e.g. aws_endpoint_url)"))
+        })?;
+        builder = builder.with_config(parsed, value);
     }
     builder = builder.with_bucket_name(bucket).with_retry(retry);
     if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
@@ -118,7 +131,7 @@ fn client(bucket: &str) -> Result<Arc<AmazonS3>> {
     }
     let store = builder.build().map_err(|e| Error::Config(format!("s3://{bucket}: {e}")))?;
     let store = Arc::new(store);
-    clients.lock().insert(bucket.to_owned(), Arc::clone(&store));
+    clients.lock().insert(key, Arc::clone(&store));
     Ok(store)
 }
 
@@ -171,9 +184,9 @@ fn strip(e: &object_store::Error) -> String {
 }
 
 /// Opens an object source and validates every header, reading no tensor data.
-pub fn open_checkpoint(source: &Path) -> Result<Checkpoint> {
+pub fn open_checkpoint(source: &Path, options: &Options) -> Result<Checkpoint> {
     let (bucket, key) = split(source)?;
-    let store = client(&bucket)?;
+    let store = client(&bucket, options)?;
     runtime()?.block_on(async {
         let remote = Remote { store, bucket };
         if key.is_empty() || key.ends_with('/') {
@@ -330,7 +343,7 @@ impl Remote {
 pub struct ObjectFile {
     /// `s3://bucket/key`, for errors.
     pub path: PathBuf,
-    bucket: String,
+    store: Arc<AmazonS3>,
     location: ObjectPath,
     /// Bytes.
     pub size: u64,
@@ -339,14 +352,9 @@ pub struct ObjectFile {
 }
 
 /// Opens object `path` for a load whose header said it is `file_len` bytes.
-pub fn open_for_load(path: &Path, file_len: u64) -> Result<ObjectFile> {
-    let (bucket, key) = split(path)?;
-    let store = client(&bucket)?;
-    let location = ObjectPath::from(key.as_str());
-    let meta = runtime()?
-        .block_on(store.head(&location))
-        .map_err(|e| request_error("head", path, 0, 0, e))?;
-    if meta.size != file_len {
+pub fn open_for_load(path: &Path, file_len: u64, options: &Options) -> Result<ObjectFile> {
+    let object = open_for_load_unchecked(path, options)?;
+    if object.size != file_len {
         return Err(Error::Io {
             op: "head",
             path: path.to_path_buf(),
@@ -354,11 +362,11 @@ pub fn open_for_load(path: &Path, file_len: u64) -> Result<ObjectFile> {
             len: 0,
             source: io::Error::other(format!(
                 "the object is {} bytes now, its header was read from {file_len} bytes: it changed",
-                meta.size
+                object.size
             )),
         });
     }
-    Ok(ObjectFile { path: path.to_path_buf(), bucket, location, size: meta.size, etag: meta.e_tag })
+    Ok(object)
 }
 
 /// Fetches `jobs` (by `Job::file` into `files`) into leased staging buffers, `concurrency`
@@ -379,18 +387,6 @@ pub fn run(
             return;
         }
     };
-    let mut stores = HashMap::new();
-    for f in files {
-        match client(&f.bucket) {
-            Ok(c) => {
-                stores.insert(f.bucket.clone(), c);
-            }
-            Err(e) => {
-                let _ = tx.send(Err(e));
-                return;
-            }
-        }
-    }
     let failed = Arc::new(AtomicBool::new(false));
     runtime.block_on(async {
         let mut in_flight = tokio::task::JoinSet::new();
@@ -405,10 +401,9 @@ pub fn run(
             // hand their buffers to the consumer, which returns them to the pool.
             let Some(lease) = pool.acquire() else { break };
             let file = files[job.file].clone();
-            let store = Arc::clone(&stores[&file.bucket]);
             let (tx, failed) = (tx.clone(), Arc::clone(&failed));
             in_flight.spawn(async move {
-                let message = fetch(&store, &file, job, lease).await;
+                let message = fetch(&file, job, lease).await;
                 if message.is_err() {
                     failed.store(true, Ordering::Relaxed);
                 }
@@ -423,12 +418,7 @@ pub fn run(
 /// broke off mid-way.
 const PART_ATTEMPTS: u32 = 4;
 
-async fn fetch(
-    store: &AmazonS3,
-    file: &ObjectFile,
-    job: Job,
-    mut lease: crate::staging::Lease,
-) -> Result<Message> {
+async fn fetch(file: &ObjectFile, job: Job, mut lease: crate::staging::Lease) -> Result<Message> {
     let buf = &mut lease.as_mut_slice()[..job.len as usize];
     let mut filled = 0u64;
     let mut attempt = 0;
@@ -440,7 +430,7 @@ async fn fetch(
             if_match: file.etag.clone(),
             ..Default::default()
         };
-        let result = match store.get_opts(&file.location, options).await {
+        let result = match file.store.get_opts(&file.location, options).await {
             Ok(r) => r,
             Err(e) => return Err(request_error("get", &file.path, start, job.len - filled, e)),
         };
@@ -490,4 +480,78 @@ async fn fetch(
         }
     }
     Ok(Message::Staged { extent: job.extent, lease })
+}
+
+/// The object-storage ceiling: every object of `paths` fetched whole with ranged GETs of
+/// `config`'s part size, `config`'s concurrency in flight, each body drained into a reused
+/// buffer (no staging ring, no copies to destinations). What the store and the network give.
+pub fn ceiling(paths: &[&Path], config: &crate::Config) -> Result<crate::baseline::Measured> {
+    let values = config.values();
+    let (part, concurrency) = (values.object_part_bytes as u64, values.object_concurrency);
+    let mut requests = Vec::new();
+    for path in paths {
+        let meta = open_for_load_unchecked(path, &config.object_options)?;
+        let mut offset = 0;
+        while offset < meta.size {
+            let len = part.min(meta.size - offset);
+            requests.push((meta.clone(), offset, len));
+            offset += len;
+        }
+    }
+    let bytes: u64 = requests.iter().map(|r| r.2).sum();
+    let start = std::time::Instant::now();
+    runtime()?.block_on(async {
+        let mut in_flight = tokio::task::JoinSet::new();
+        let mut first_error = None;
+        for (file, offset, len) in requests {
+            while in_flight.len() >= concurrency.max(1) {
+                if let Some(Ok(Err(e))) = in_flight.join_next().await {
+                    first_error.get_or_insert(e);
+                }
+            }
+            in_flight.spawn(async move {
+                let options = GetOptions {
+                    range: Some(GetRange::Bounded(offset..offset + len)),
+                    ..Default::default()
+                };
+                let result = file
+                    .store
+                    .get_opts(&file.location, options)
+                    .await
+                    .map_err(|e| request_error("get", &file.path, offset, len, e))?;
+                let mut body = result.into_stream();
+                let mut n = 0u64;
+                while let Some(chunk) = body.next().await {
+                    n += chunk.map_err(|e| request_error("get", &file.path, offset, len, e))?.len()
+                        as u64;
+                }
+                if n < len {
+                    return Err(Error::Truncated {
+                        path: file.path.clone(),
+                        offset: offset + n,
+                        expected_len: file.size,
+                    });
+                }
+                Ok(())
+            });
+        }
+        while let Some(r) = in_flight.join_next().await {
+            if let Ok(Err(e)) = r {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    })?;
+    Ok(crate::baseline::Measured { bytes, seconds: start.elapsed().as_secs_f64() })
+}
+
+/// An object's size and ETag, whatever its size.
+fn open_for_load_unchecked(path: &Path, options: &Options) -> Result<ObjectFile> {
+    let (bucket, key) = split(path)?;
+    let store = client(&bucket, options)?;
+    let location = ObjectPath::from(key.as_str());
+    let meta = runtime()?
+        .block_on(store.head(&location))
+        .map_err(|e| request_error("head", path, 0, 0, e))?;
+    Ok(ObjectFile { path: path.to_path_buf(), store, location, size: meta.size, etag: meta.e_tag })
 }
