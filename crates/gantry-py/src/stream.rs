@@ -44,7 +44,7 @@ fn parse_device(device: &str) -> PyResult<Option<u32>> {
 }
 
 /// The config keywords, as `Config`'s setters name them.
-const KEYWORDS: &str = "path, profile, queue_depth, chunk_bytes, buffered_chunk_bytes, staging_bytes, threads, hot_fraction";
+const KEYWORDS: &str = "path, profile, queue_depth, chunk_bytes, buffered_chunk_bytes, staging_bytes, threads, hot_fraction, object_part_bytes, object_concurrency, s3_endpoint, s3_region";
 
 fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Config> {
     let mut c = Config::default();
@@ -60,6 +60,18 @@ fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Config> {
             "staging_bytes" => c.staging_bytes(value.extract()?),
             "threads" => c.threads(value.extract()?),
             "hot_fraction" => c.hot_fraction(value.extract()?),
+            "object_part_bytes" => c.object_part_bytes(value.extract()?),
+            "object_concurrency" => c.object_concurrency(value.extract()?),
+            "s3_endpoint" => {
+                let url: String = value.extract()?;
+                let c = c.object_option("aws_endpoint_url", &url);
+                if url.starts_with("http://") {
+                    c.object_option("aws_allow_http", "true")
+                } else {
+                    c
+                }
+            }
+            "s3_region" => c.object_option("aws_region", value.extract::<String>()?),
             "_read_delay_ms" => c.fault_injector(Arc::new(Delay(value.extract()?))),
             _ => {
                 return Err(PyTypeError::new_err(format!(
@@ -425,7 +437,7 @@ fn start(
     skip: &std::collections::HashSet<String>,
     cancel: Arc<AtomicBool>,
 ) -> gantry::Result<Stream> {
-    let checkpoint = Arc::new(gantry::open(source)?);
+    let checkpoint = Arc::new(gantry::open_with(source, &config)?);
     let wanted: Vec<bool> = checkpoint.tensors.iter().map(|t| !skip.contains(&t.name)).collect();
     let device = ordinal.map(open_device).transpose()?;
     let mut memory = Vec::with_capacity(checkpoint.files.len());

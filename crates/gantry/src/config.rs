@@ -238,6 +238,11 @@ impl Config {
         self.staging_bytes / self.chunk_bytes.max(1)
     }
 
+    /// Bytes per ranged GET as used: `object_part_bytes`, at most the staging ring.
+    pub fn object_part(&self) -> usize {
+        self.object_part_bytes.min(self.staging_bytes / ALIGN_BYTES * ALIGN_BYTES).max(ALIGN_BYTES)
+    }
+
     /// Bytes per buffered read as used: `buffered_chunk_bytes`, at most `chunk_bytes`.
     pub fn buffered_chunk(&self) -> usize {
         self.buffered_chunk_bytes.min(self.chunk_bytes)
@@ -276,10 +281,10 @@ impl Config {
         }
         if self.object_part_bytes == 0
             || self.object_part_bytes % ALIGN_BYTES != 0
-            || self.object_part_bytes > self.staging_bytes
+            || self.object_part_bytes > CHUNK_BYTES_MAX
         {
             return bad(format!(
-                "object_part_bytes {} must be a multiple of {ALIGN_BYTES} up to staging_bytes",
+                "object_part_bytes {} must be a multiple of {ALIGN_BYTES} up to {CHUNK_BYTES_MAX}",
                 self.object_part_bytes
             ));
         }

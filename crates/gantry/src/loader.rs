@@ -340,7 +340,7 @@ impl Loader {
                         FilePlan { align: files.gds[i].align, chunk_bytes }
                     }
                     Some((ReaderKind::Object, _)) => {
-                        FilePlan { align: 1, chunk_bytes: config.object_part_bytes as u64 }
+                        FilePlan { align: 1, chunk_bytes: config.object_part() as u64 }
                     }
                     _ => FilePlan { align: 1, chunk_bytes: config.buffered_chunk() as u64 },
                 }
@@ -350,7 +350,7 @@ impl Loader {
         let jobs = Jobs::new(&plan, &files, sink);
         let node = device.and_then(|d| d.numa_node());
         let slot_bytes = if jobs.has_objects() {
-            config.object_part_bytes
+            config.object_part()
         } else if jobs.staged_direct_count() > 0 {
             config.chunk_bytes
         } else {
@@ -449,9 +449,14 @@ impl Loader {
                     object.size,
                     object.etag.as_deref().unwrap_or("none")
                 );
+                let part = self.config.object_part();
+                let part = if part >= 1 << 20 {
+                    format!("{} MiB", part >> 20)
+                } else {
+                    format!("{} KiB", part >> 10)
+                };
                 let reason = format!(
-                    "object storage: ranged GETs of {} MiB, {} in flight, each conditioned on the ETag",
-                    self.config.object_part_bytes >> 20,
+                    "object storage: ranged GETs of {part}, {} in flight, each conditioned on the ETag",
                     self.config.object_concurrency
                 );
                 files.slot[f] = Some((ReaderKind::Object, files.objects.len()));

@@ -487,7 +487,7 @@ async fn fetch(file: &ObjectFile, job: Job, mut lease: crate::staging::Lease) ->
 /// buffer (no staging ring, no copies to destinations). What the store and the network give.
 pub fn ceiling(paths: &[&Path], config: &crate::Config) -> Result<crate::baseline::Measured> {
     let values = config.values();
-    let (part, concurrency) = (values.object_part_bytes as u64, values.object_concurrency);
+    let (part, concurrency) = (config.object_part() as u64, values.object_concurrency);
     let mut requests = Vec::new();
     for path in paths {
         let meta = open_for_load_unchecked(path, &config.object_options)?;
