@@ -349,7 +349,7 @@ impl Loader {
         let plan = Plan::new(checkpoint, wanted, &file_plans, config.gap_bytes);
         let jobs = Jobs::new(&plan, &files, sink);
         let node = device.and_then(|d| d.numa_node());
-        let slot_bytes = if jobs.has_objects() {
+        let slot_bytes = if jobs.has_staged_objects() {
             config.object_part()
         } else if jobs.staged_direct_count() > 0 {
             config.chunk_bytes

@@ -63,7 +63,9 @@ impl Jobs {
             let steps = &plan.steps[e.steps.clone()];
             let job = uring::Job { extent: i, file, offset: e.offset, len: e.len, target: None };
             if reader == ReaderKind::Object {
-                jobs.object.push(job);
+                // Host destinations take whole extents in place: no staging copy.
+                let target = sink.direct_target(e, steps, 1);
+                jobs.object.push(uring::Job { target, ..job });
             } else if reader == ReaderKind::Gds {
                 let reads: Vec<gds::GdsRead> = steps
                     .iter()
@@ -109,12 +111,12 @@ impl Jobs {
     pub fn staged_count(&self) -> usize {
         self.direct.iter().filter(|j| j.target.is_none()).count()
             + self.staged.len()
-            + self.object.len()
+            + self.object.iter().filter(|j| j.target.is_none()).count()
     }
 
-    /// Whether any extent comes from object storage.
-    pub fn has_objects(&self) -> bool {
-        !self.object.is_empty()
+    /// Whether any extent from object storage passes through the staging ring.
+    pub fn has_staged_objects(&self) -> bool {
+        self.object.iter().any(|j| j.target.is_none())
     }
 }
 
@@ -180,10 +182,11 @@ pub fn run(
             scope.spawn(move || gds::run(&files.gds, reads, &device, threads, cancel, &tx));
         }
         if !jobs.object.is_empty() {
-            let (tx, pool, jobs, cancel) =
-                (tx.clone(), pool.clone().expect("pool"), &jobs.object, &cancel);
+            let (tx, pool, jobs, cancel) = (tx.clone(), pool.clone(), &jobs.object, &cancel);
             let concurrency = config.object_concurrency;
-            scope.spawn(move || object::run(&files.objects, jobs, &pool, concurrency, cancel, &tx));
+            scope.spawn(move || {
+                object::run(&files.objects, jobs, pool.as_ref(), concurrency, cancel, &tx)
+            });
         }
         if !jobs.into.is_empty() {
             let tx = tx.clone();

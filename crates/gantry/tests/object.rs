@@ -198,6 +198,7 @@ fn object_storage_against_seaweedfs() {
 
     // Random layouts and part sizes, one file each.
     let mut state = 5u64;
+    let mut staged_any = false;
     for case in 0..6u64 {
         let dtypes = [Dtype::F32, Dtype::BF16, Dtype::U8, Dtype::I64, Dtype::F16];
         let tensors: Vec<(Dtype, Vec<usize>)> = (0..1 + case as usize * 3)
@@ -218,11 +219,29 @@ fn object_storage_against_seaweedfs() {
                 .object_concurrency(concurrency)
                 .chunk_bytes(part)
                 .staging_bytes(part * 8);
-            let model = Loader::new(config).unwrap().load(url(&key)).unwrap();
+            let loader = Loader::new(config).unwrap();
+            // Into gantry's file buffers: parts land in place.
+            let model = loader.load(url(&key)).unwrap();
             assert_matches_local(&model, &local);
             assert_eq!(model.report().files[0].reader, Some(gantry::ReaderKind::Object));
+            assert_eq!(model.report().staging_bytes, 0);
+            // Into the caller's own slices: parts spanning several tensors go through the
+            // staging ring.
+            let remote = gantry::open(url(&key)).unwrap();
+            let mut own: Vec<Vec<u8>> =
+                remote.tensors.iter().map(|t| vec![0; t.len as usize]).collect();
+            let mut slots = own.iter_mut();
+            let report = loader
+                .load_into(&remote, |_| slots.next().map(|v| v.as_mut_slice()), |_| {})
+                .unwrap();
+            staged_any |= report.staging_bytes > 0;
+            for (t, bytes) in local.tensors.iter().zip(&own) {
+                assert!(*bytes == reference(&local, t), "{} (staged, part {part})", t.name);
+            }
         }
     }
+
+    assert!(staged_any, "no load went through the staging ring");
 
     // A sharded checkpoint under a prefix: through its index, the prefix, and the index key;
     // and a prefix of plain shards.

@@ -375,7 +375,7 @@ pub fn open_for_load(path: &Path, file_len: u64, options: &Options) -> Result<Ob
 pub fn run(
     files: &[ObjectFile],
     jobs: &[Job],
-    pool: &Arc<Pool>,
+    pool: Option<&Arc<Pool>>,
     concurrency: usize,
     cancel: &AtomicBool,
     tx: &Sender<Result<Message>>,
@@ -397,13 +397,19 @@ pub fn run(
             if cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed) {
                 break;
             }
-            // Blocks this thread only: the GETs in flight run on the runtime's workers and
-            // hand their buffers to the consumer, which returns them to the pool.
-            let Some(lease) = pool.acquire() else { break };
+            let dest = match job.target {
+                Some(target) => Dest::Target(target),
+                // Blocks this thread only: the GETs in flight run on the runtime's workers
+                // and hand their buffers to the consumer, which returns them to the pool.
+                None => match pool.expect("staged object jobs need a pool").acquire() {
+                    Some(lease) => Dest::Staging(lease),
+                    None => break,
+                },
+            };
             let file = files[job.file].clone();
             let (tx, failed) = (tx.clone(), Arc::clone(&failed));
             in_flight.spawn(async move {
-                let message = fetch(&file, job, lease).await;
+                let message = fetch(&file, job, dest).await;
                 if message.is_err() {
                     failed.store(true, Ordering::Relaxed);
                 }
@@ -418,8 +424,21 @@ pub fn run(
 /// broke off mid-way.
 const PART_ATTEMPTS: u32 = 4;
 
-async fn fetch(file: &ObjectFile, job: Job, mut lease: crate::staging::Lease) -> Result<Message> {
-    let buf = &mut lease.as_mut_slice()[..job.len as usize];
+/// Where a part lands.
+enum Dest {
+    /// A staging buffer, handed to the consumer with the bytes.
+    Staging(crate::staging::Lease),
+    /// The extent's destination itself.
+    Target(super::RawTarget),
+}
+
+async fn fetch(file: &ObjectFile, job: Job, mut dest: Dest) -> Result<Message> {
+    let buf: &mut [u8] = match &mut dest {
+        Dest::Staging(lease) => &mut lease.as_mut_slice()[..job.len as usize],
+        // SAFETY: the target is this extent's alone (Sink::direct_target), exactly its
+        // length, and outlives the load.
+        Dest::Target(t) => unsafe { std::slice::from_raw_parts_mut(t.ptr, t.len) },
+    };
     let mut filled = 0u64;
     let mut attempt = 0;
     while filled < job.len {
@@ -479,7 +498,10 @@ async fn fetch(file: &ObjectFile, job: Job, mut lease: crate::staging::Lease) ->
             None => {}
         }
     }
-    Ok(Message::Staged { extent: job.extent, lease })
+    Ok(match dest {
+        Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
+        Dest::Target(_) => Message::Direct { extent: job.extent },
+    })
 }
 
 /// The object-storage ceiling: every object of `paths` fetched whole with ranged GETs of
