@@ -197,14 +197,7 @@ impl Checkpoint {
 fn check_shards_exist(index_path: &Path, base: &Path, index: &Index) -> Result<(), FormatError> {
     for (shard_pos, shard) in index.shards.iter().enumerate() {
         if !base.join(shard).is_file() {
-            let tensor = index
-                .weight_map
-                .iter()
-                .find(|(_, s)| *s == shard_pos)
-                .map(|(t, _)| t.clone())
-                .unwrap_or_default();
-            let shard = shard.clone();
-            return Err(FormatError::new(index_path, ErrorKind::MissingShard { shard, tensor }));
+            return Err(index.missing_shard(index_path, shard_pos));
         }
     }
     Ok(())

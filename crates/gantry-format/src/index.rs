@@ -26,6 +26,20 @@ pub struct Index {
     pub weight_map: Vec<(String, usize)>,
 }
 
+impl Index {
+    /// The error for shard `position` not existing, naming a tensor the index maps to it.
+    pub fn missing_shard(&self, index_path: &Path, position: usize) -> FormatError {
+        let tensor = self
+            .weight_map
+            .iter()
+            .find(|(_, s)| *s == position)
+            .map(|(t, _)| t.clone())
+            .unwrap_or_default();
+        let shard = self.shards[position].clone();
+        FormatError::new(index_path, ErrorKind::MissingShard { shard, tensor })
+    }
+}
+
 /// Parses an index file's bytes. `path` is used in errors only.
 pub fn parse_index(path: &Path, bytes: &[u8]) -> Result<Index, FormatError> {
     let bad = |message: String| FormatError::new(path, ErrorKind::BadIndex { message });

@@ -263,6 +263,9 @@ fn object_storage_against_seaweedfs() {
         if name.ends_with(".safetensors") {
             server.upload(&path, &format!("plain/{name}"));
         }
+        if !name.starts_with("model-00003") {
+            server.upload(&path, &format!("partial/{name}"));
+        }
     }
     let local = Checkpoint::open(&index).unwrap();
     let loader = Loader::new(Config::default()).unwrap();
@@ -272,6 +275,18 @@ fn object_storage_against_seaweedfs() {
         let model = loader.load(&source).unwrap();
         assert_matches_local(&model, &local);
     }
+
+    // Config options override the environment: with AWS_ENDPOINT_URL pointing nowhere, the
+    // endpoint given in the config reaches the store.
+    std::env::set_var("AWS_ENDPOINT_URL", "http://127.0.0.1:9");
+    let config = Config::default().object_option("aws_endpoint_url", &server.endpoint);
+    let model = Loader::new(config.clone()).unwrap().load(url("llama/")).unwrap();
+    assert_matches_local(&model, &local);
+    assert_eq!(gantry::open_with(url("plain/"), &config).unwrap().files.len(), 3);
+    let bad = Config::default().object_option("aws_no_such_option", "1");
+    let e = Loader::new(bad).unwrap().load(url("llama/")).map(|_| ()).unwrap_err();
+    assert!(e.to_string().contains("aws_no_such_option"), "{e}");
+    std::env::set_var("AWS_ENDPOINT_URL", &server.endpoint);
 
     // Missing bucket, missing key, missing shard, a corrupt header: clear errors naming them.
     let expect_err = |source: &str, wants: &[&str]| {
@@ -287,6 +302,7 @@ fn object_storage_against_seaweedfs() {
     );
     expect_err(&url("cases/missing.safetensors"), &["cases/missing.safetensors"]);
     expect_err(&url("nothing-here/"), &["nothing-here"]);
+    expect_err(&url("partial/"), &["partial/model.safetensors.index.json", "model-00003-of-00003"]);
     let broken = path_of(&dir, "broken.safetensors");
     std::fs::write(&broken, 999_999u64.to_le_bytes()).unwrap();
     server.upload(&broken, "broken.safetensors");

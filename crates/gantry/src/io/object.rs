@@ -269,14 +269,7 @@ impl Remote {
             let shard_key = if base.is_empty() { shard.clone() } else { format!("{base}/{shard}") };
             match self.header(&shard_key).await {
                 Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                    let tensor = index
-                        .weight_map
-                        .iter()
-                        .find(|(_, s)| *s == position)
-                        .map(|(t, _)| t.clone())
-                        .unwrap_or_default();
-                    let kind = ErrorKind::MissingShard { shard: shard.clone(), tensor };
-                    return Err(FormatError::new(&url, kind).into());
+                    return Err(index.missing_shard(&url, position).into());
                 }
                 Err(e) => return Err(e),
                 Ok(header) => headers.push((url_of(&self.bucket, &shard_key), header)),
