@@ -44,7 +44,7 @@ fn parse_device(device: &str) -> PyResult<Option<u32>> {
 }
 
 /// The config keywords, as `Config`'s setters name them.
-const KEYWORDS: &str = "path, profile, queue_depth, chunk_bytes, buffered_chunk_bytes, staging_bytes, threads, hot_fraction, object_part_bytes, object_concurrency, s3_endpoint, s3_region";
+const KEYWORDS: &str = "path, profile, queue_depth, chunk_bytes, buffered_chunk_bytes, staging_bytes, threads, hot_fraction, object_part_bytes, object_concurrency, s3_endpoint, s3_region, s3_options";
 
 fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Config> {
     let mut c = Config::default();
@@ -72,6 +72,10 @@ fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Config> {
                 }
             }
             "s3_region" => c.object_option("aws_region", value.extract::<String>()?),
+            "s3_options" => {
+                let options: std::collections::BTreeMap<String, String> = value.extract()?;
+                options.into_iter().fold(c, |c, (k, v)| c.object_option(k, v))
+            }
             "_read_delay_ms" => c.fault_injector(Arc::new(Delay(value.extract()?))),
             _ => {
                 return Err(PyTypeError::new_err(format!(

