@@ -386,11 +386,13 @@ pub fn run(
     let failed = Arc::new(AtomicBool::new(false));
     runtime.block_on(async {
         let mut in_flight = tokio::task::JoinSet::new();
+        let stop = || cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed);
         for &job in jobs {
-            while in_flight.len() >= concurrency.max(1) {
-                in_flight.join_next().await;
+            while in_flight.len() >= concurrency.max(1) && !stop() {
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(50), in_flight.join_next()).await;
             }
-            if cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed) {
+            if stop() {
                 break;
             }
             let dest = match job.target {
@@ -412,7 +414,15 @@ pub fn run(
                 let _ = tx.send(message);
             });
         }
-        while in_flight.join_next().await.is_some() {}
+        // Wait for the GETs in flight; once the load failed or was cancelled, abort them (a
+        // task is dropped at an await, never in the middle of a copy) rather than wait out
+        // their retries.
+        while !in_flight.is_empty() {
+            if stop() {
+                in_flight.abort_all();
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), in_flight.join_next()).await;
+        }
     });
 }
 
