@@ -29,6 +29,8 @@ pub mod error;
 pub mod io;
 mod loader;
 pub mod pipeline;
+mod placed;
+pub mod placement;
 pub mod plan;
 pub mod profile;
 pub mod schedule;
@@ -44,6 +46,7 @@ pub use gantry_format::{
     Checkpoint, Dtype, ErrorKind as FormatErrorKind, FileId, FileInfo, FormatError, TensorEntry,
 };
 pub use loader::{FileReport, HostModel, HostTensor, LoadReport, Loader, Ready};
+pub use placed::{PlacedModel, PlacedTensor};
 pub use schedule::ReaderKind;
 pub use sink::cuda::CudaDevice;
 

@@ -244,3 +244,57 @@ impl Sink for HostSink {
         Ok(true)
     }
 }
+
+/// Destinations of a placed load ([`crate::placement::Layout`]): one buffer per destination,
+/// each atom copied to every share that takes its bytes.
+#[derive(Debug)]
+pub struct PlacedSink<'a> {
+    layout: &'a crate::placement::Layout,
+    bases: Vec<*mut u8>,
+}
+
+impl<'a> PlacedSink<'a> {
+    /// Over `buffers`, one per destination, each at least `layout.buffer_bytes` long.
+    pub fn new(layout: &'a crate::placement::Layout, buffers: &mut [HostBuffer]) -> Self {
+        assert_eq!(buffers.len(), layout.buffer_bytes.len());
+        for (b, &need) in buffers.iter().zip(&layout.buffer_bytes) {
+            assert!(b.len() as u64 >= need, "a destination buffer is too small");
+        }
+        Self { layout, bases: buffers.iter_mut().map(|b| b.as_mut_ptr()).collect() }
+    }
+}
+
+impl Sink for PlacedSink<'_> {
+    fn direct_target(&mut self, _: &Extent, _: &[CopyStep], _: u64) -> Option<RawTarget> {
+        None
+    }
+
+    fn deliver(
+        &mut self,
+        _extent: usize,
+        steps: &[CopyStep],
+        lease: Lease,
+        _landed: &Sender<Result<Message>>,
+    ) -> Result<bool> {
+        let source = lease.as_slice();
+        for s in steps {
+            let bytes = &source[s.source_offset as usize..(s.source_offset + s.len) as usize];
+            for c in &self.layout.copies[s.tensor] {
+                let share = &self.layout.shares[c.device][c.share];
+                let at = share.offset + c.dest + s.target_offset;
+                assert!(c.dest + s.target_offset + s.len <= share.len);
+                // SAFETY: inside the share (asserted), which lies inside its destination's
+                // buffer (Layout::buffer_bytes, checked in `new`); shares never overlap and no
+                // reader writes these buffers directly.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        bytes.as_ptr(),
+                        self.bases[c.device].add(at as usize),
+                        bytes.len(),
+                    )
+                };
+            }
+        }
+        Ok(true)
+    }
+}

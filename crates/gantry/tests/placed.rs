@@ -1,0 +1,163 @@
+//! Placed loads into host memory: replicated and sharded across destinations, every share
+//! compared with a slice cut element by element from a plain read of the file.
+
+mod common;
+
+use common::*;
+use gantry::placement::{even, Share, Slice};
+use gantry::{Checkpoint, Config, Dtype, Loader, TensorEntry};
+
+/// The slice of a tensor cut element by element from the reference read (independent of the
+/// engine's runs).
+fn reference_slice(checkpoint: &Checkpoint, t: &TensorEntry, share: Share) -> Vec<u8> {
+    let full = reference(checkpoint, t);
+    let Share::Slice(s) = share else { return full };
+    let elem = (t.dtype.bitsize() / 8) as u64;
+    let shape = &t.shape;
+    let count: u64 = shape.iter().product();
+    let mut out = Vec::new();
+    for flat in 0..count {
+        // The multi-index of element `flat`, outermost first.
+        let mut rest = flat;
+        let mut index = vec![0u64; shape.len()];
+        for d in (0..shape.len()).rev() {
+            index[d] = rest % shape[d];
+            rest /= shape[d];
+        }
+        if index[s.dim] >= s.start && index[s.dim] < s.start + s.len {
+            let at = (flat * elem) as usize;
+            out.extend_from_slice(&full[at..at + elem as usize]);
+        }
+    }
+    out
+}
+
+fn checkpoint(dir: &tempfile::TempDir) -> Checkpoint {
+    let tensors = vec![
+        (Dtype::F32, vec![8, 12]),
+        (Dtype::BF16, vec![4, 6, 10]),
+        (Dtype::U8, vec![16]),
+        (Dtype::I64, vec![2, 3]),
+        (Dtype::F16, vec![0, 4]),
+        (Dtype::F32, vec![]),
+        (Dtype::BF16, vec![64, 40]),
+    ];
+    let a = path_of(dir, "a.safetensors");
+    write_file(&a, &tensors, 1);
+    Checkpoint::open(&a).unwrap()
+}
+
+fn check(model: &gantry::PlacedModel, want: &dyn Fn(&TensorEntry) -> Vec<(usize, Share)>) {
+    let c = model.checkpoint();
+    for device in 0..model.devices() {
+        let mut expected: Vec<(String, Share)> = c
+            .tensors
+            .iter()
+            .flat_map(|t| {
+                want(t).into_iter().filter(|(d, _)| *d == device).map(|(_, s)| (t.name.clone(), s))
+            })
+            .collect();
+        for t in model.tensors(device) {
+            let (name, share) = expected.remove(0);
+            assert_eq!((&t.entry.name, t.share.share), (&name, share));
+            assert!(
+                t.bytes == reference_slice(c, t.entry, share).as_slice(),
+                "{} on {device} ({share:?}) differs",
+                name
+            );
+        }
+        assert!(expected.is_empty(), "missing on {device}: {expected:?}");
+    }
+}
+
+#[test]
+fn replicated_and_sharded_shares_match_the_reference() {
+    let dir = scratch();
+    let ck = checkpoint(&dir);
+    let total: u64 = ck.tensors.iter().map(|t| t.len).sum();
+    let loader = Loader::new(Config::default().chunk_bytes(8192).staging_bytes(32768)).unwrap();
+    // A rule per case, with the devices it uses.
+    let replicated = |_: &TensorEntry| (0..3).map(|d| (d, Share::Whole)).collect::<Vec<_>>();
+    let rows = |t: &TensorEntry| -> Vec<(usize, Share)> {
+        match (0..2).map(|r| even(t, 0, 2, r).map(|s| (r as usize, Share::Slice(s)))).collect() {
+            Ok(v) => v,
+            Err(_) => vec![(0, Share::Whole), (1, Share::Whole)],
+        }
+    };
+    let columns_and_whole = |t: &TensorEntry| -> Vec<(usize, Share)> {
+        if t.shape.len() < 2 {
+            return if t.len % 2 == 0 { vec![(4, Share::Whole)] } else { Vec::new() };
+            // some skipped
+        }
+        let mut v: Vec<(usize, Share)> = (0..4)
+            .filter_map(|r| even(t, 1, 2, r % 2).ok().map(|s| (r as usize, Share::Slice(s))))
+            .collect();
+        v.push((4, Share::Whole));
+        v
+    };
+    let cases: [(usize, &dyn Fn(&TensorEntry) -> Vec<(usize, Share)>); 3] =
+        [(3, &replicated), (2, &rows), (5, &columns_and_whole)];
+    for (devices, rule) in cases {
+        let mut ready = Vec::new();
+        let model = loader
+            .load_placed(
+                ck.clone(),
+                devices,
+                |t| Ok(rule(t)),
+                |d, t| ready.push((d, t.name.clone())),
+            )
+            .unwrap();
+        check(&model, rule);
+        // Every share reported ready exactly once.
+        let shares: usize = (0..devices).map(|d| model.tensors(d).count()).sum();
+        ready.sort();
+        ready.dedup();
+        assert_eq!(ready.len(), shares);
+        // Bytes several destinations want are read once.
+        assert!(model.report().read_bytes <= total + 4096, "{}", model.report().read_bytes);
+    }
+}
+
+#[test]
+fn a_rank_reads_only_its_rows() {
+    let dir = scratch();
+    let ck = checkpoint(&dir);
+    let big = ck.tensors.iter().find(|t| t.shape == [64, 40]).unwrap().clone();
+    let loader = Loader::new(Config::default().chunk_bytes(4096).staging_bytes(16384)).unwrap();
+    // Rank 3 of 4 takes a quarter of the big tensor's rows and nothing else.
+    let rule = |t: &TensorEntry| -> gantry::Result<Vec<(usize, Share)>> {
+        Ok(if t.name == big.name { vec![(0, Share::Slice(even(t, 0, 4, 3)?))] } else { Vec::new() })
+    };
+    let model = loader.load_placed(ck.clone(), 1, rule, |_, _| {}).unwrap();
+    let share = model.tensor(0, &big.name).unwrap();
+    assert_eq!(share.share.shape, vec![16, 40]);
+    let slice = Share::Slice(Slice { dim: 0, start: 48, len: 16 });
+    assert!(share.bytes == reference_slice(&ck, &big, slice).as_slice());
+    assert_eq!(model.report().read_bytes, big.len / 4, "only the rank's rows are read");
+}
+
+#[test]
+fn bad_placements_are_errors() {
+    let dir = scratch();
+    let ck = checkpoint(&dir);
+    let loader = Loader::new(Config::default()).unwrap();
+    let outside = |t: &TensorEntry| -> gantry::Result<Vec<(usize, Share)>> {
+        Ok(vec![(
+            0,
+            Share::Slice(Slice {
+                dim: 0,
+                start: 0,
+                len: t.shape.first().copied().unwrap_or(0) + 1,
+            }),
+        )])
+    };
+    let e = loader.load_placed(ck.clone(), 1, outside, |_, _| {}).map(|_| ()).unwrap_err();
+    assert!(e.to_string().contains("outside"), "{e}");
+    let e = loader.load_placed(ck.clone(), 2, |_| Ok(vec![(2, Share::Whole)]), |_, _| {});
+    assert!(e.map(|_| ()).unwrap_err().to_string().contains("destination 2 of 2"));
+    let uneven = |t: &TensorEntry| -> gantry::Result<Vec<(usize, Share)>> {
+        Ok(vec![(0, Share::Slice(even(t, 0, 3, 0)?))])
+    };
+    let e = loader.load_placed(ck, 1, uneven, |_, _| {}).map(|_| ()).unwrap_err();
+    assert!(e.to_string().contains("does not split into 3"), "{e}");
+}
