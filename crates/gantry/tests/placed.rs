@@ -32,6 +32,9 @@ fn reference_slice(checkpoint: &Checkpoint, t: &TensorEntry, share: Share) -> Ve
     out
 }
 
+/// Which destinations get what of a tensor.
+type Rule = dyn Fn(&TensorEntry) -> Vec<(usize, Share)>;
+
 fn checkpoint(dir: &tempfile::TempDir) -> Checkpoint {
     let tensors = vec![
         (Dtype::F32, vec![8, 12]),
@@ -47,7 +50,7 @@ fn checkpoint(dir: &tempfile::TempDir) -> Checkpoint {
     Checkpoint::open(&a).unwrap()
 }
 
-fn check(model: &gantry::PlacedModel, want: &dyn Fn(&TensorEntry) -> Vec<(usize, Share)>) {
+fn check(model: &gantry::PlacedModel, want: &Rule) {
     let c = model.checkpoint();
     for device in 0..model.devices() {
         let mut expected: Vec<(String, Share)> = c
@@ -95,8 +98,7 @@ fn replicated_and_sharded_shares_match_the_reference() {
         v.push((4, Share::Whole));
         v
     };
-    let cases: [(usize, &dyn Fn(&TensorEntry) -> Vec<(usize, Share)>); 3] =
-        [(3, &replicated), (2, &rows), (5, &columns_and_whole)];
+    let cases: [(usize, &Rule); 3] = [(3, &replicated), (2, &rows), (5, &columns_and_whole)];
     for (devices, rule) in cases {
         let mut ready = Vec::new();
         let model = loader
