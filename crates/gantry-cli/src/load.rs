@@ -29,6 +29,79 @@ pub struct Args {
     /// Copy every tensor back and compare it with an independent buffered read of the file.
     #[arg(long)]
     pub verify: bool,
+    /// Place the checkpoint across N destinations in host memory, read once:
+    /// `replicate:N` (every tensor to each), `dim0:N` or `dim1:N` (tensors of two or more
+    /// dimensions split evenly along that dimension where it divides, the rest replicated).
+    #[arg(long, value_name = "replicate:N|dim0:N|dim1:N")]
+    pub shard: Option<String>,
+}
+
+/// `--shard`: the dimension to split (`None`: replicate) and the number of destinations.
+fn parse_shard(text: &str) -> Result<(Option<usize>, usize), Box<dyn Error>> {
+    let bad = || format!("--shard '{text}': expected replicate:N, dim0:N or dim1:N");
+    let (kind, n) = text.split_once(':').ok_or_else(bad)?;
+    let n: usize = n.parse().ok().filter(|&n| n > 0).ok_or_else(bad)?;
+    let dim = match kind {
+        "replicate" => None,
+        "dim0" => Some(0),
+        "dim1" => Some(1),
+        _ => return Err(bad().into()),
+    };
+    Ok((dim, n))
+}
+
+/// `gantry load --shard`: a placed load into host memory, one line per destination.
+fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
+    use gantry::placement::{even, Share};
+    let (dim, n) = parse_shard(shard)?;
+    if args.options.device != Device::Cpu {
+        return Err("--shard places across host-memory destinations (--device cpu); placing across GPUs is not built yet".into());
+    }
+    let loader = Loader::new(args.options.config()?)?;
+    let start = std::time::Instant::now();
+    let checkpoint = gantry::open_with(&args.options.path, loader.config())?;
+    let model = loader.load_placed(
+        checkpoint,
+        n,
+        |t| {
+            let split = dim.filter(|&d| t.shape.len() >= 2 && t.shape[d] % n as u64 == 0);
+            (0..n)
+                .map(|r| match split {
+                    Some(d) => Ok((r, Share::Slice(even(t, d, n as u64, r as u64)?))),
+                    None => Ok((r, Share::Whole)),
+                })
+                .collect()
+        },
+        |_, _| {},
+    )?;
+    let total_seconds = start.elapsed().as_secs_f64();
+    let report = model.report();
+    let per: Vec<(usize, u64)> = (0..n)
+        .map(|d| (model.tensors(d).count(), model.tensors(d).map(|t| t.share.len).sum()))
+        .collect();
+    if args.json {
+        let out = serde_json::json!({
+            "shard": shard,
+            "read_bytes": report.read_bytes,
+            "seconds": report.seconds,
+            "total_seconds": total_seconds,
+            "read_gb_per_s": report.read_bytes as f64 / report.seconds / 1e9,
+            "destinations": per.iter().map(|(t, b)| serde_json::json!({"tensors": t, "bytes": b})).collect::<Vec<_>>(),
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "placed {} ({shard}) in {:.3} s: read {} once at {:.2} GB/s",
+        args.options.path.display(),
+        report.seconds,
+        units::bytes(report.read_bytes),
+        report.read_bytes as f64 / report.seconds / 1e9
+    );
+    for (d, (tensors, bytes)) in per.iter().enumerate() {
+        println!("  destination {d}: {tensors} tensors, {}", units::bytes(*bytes));
+    }
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -87,6 +160,9 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         if c != "xxh3" {
             return Err(format!("unknown checksum '{c}' (xxh3)").into());
         }
+    }
+    if let Some(shard) = &args.shard {
+        return run_placed(args, shard);
     }
     if args.verify && gantry::io::object::is_url(&args.options.path) {
         return Err("--verify compares with a plain read of local files; it does not take s3:// sources (use --checksum xxh3 against a local copy)".into());

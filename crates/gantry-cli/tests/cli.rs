@@ -204,3 +204,29 @@ fn load_bad_input_is_one_error_line() {
         assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
     }
 }
+
+#[test]
+fn load_shard_places_across_destinations() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    write_checkpoint(&path);
+    let p = path.to_str().unwrap();
+    // dim0:3 splits the 3x4 weight in rows of 8 bytes; the 1-D and empty tensors go whole.
+    let out = gantry(&["load", p, "--shard", "dim0:3", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["read_bytes"], 30, "read once");
+    for d in 0..3 {
+        assert_eq!(v["destinations"][d]["tensors"], 3);
+        assert_eq!(v["destinations"][d]["bytes"], 8 + 6);
+    }
+    let out = gantry(&["load", p, "--shard", "replicate:2", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["destinations"][1]["bytes"], 30);
+    for bad in [["--shard", "dim2:2"], ["--shard", "dim0:0"]] {
+        let out = gantry(&["load", p, bad[0], bad[1]]);
+        assert!(!out.status.success() && out.stdout.is_empty());
+    }
+    let out = gantry(&["load", p, "--shard", "dim0:2", "--device", "cuda:0"]);
+    assert!(!out.status.success());
+}
