@@ -150,6 +150,22 @@ int main(int argc, char **argv) {
     bad.path = 7;
     expect(gantry_loader_new(&bad, &bad_loader), GANTRY_E_INVALID_ARGUMENT, "unknown path");
     CHECK(bad_loader == NULL, "loader_out untouched on failure");
+    /* Object-storage options: key=value with a known key. */
+    const char *good_options[] = {"aws_region=eu-west-1", "aws_allow_http=true"};
+    gantry_loader *s3_loader = NULL;
+    expect(gantry_loader_new_with_options(NULL, good_options, 2, &s3_loader), GANTRY_OK,
+           "object options");
+    CHECK(s3_loader != NULL, "loader with options");
+    gantry_loader_free(s3_loader);
+    const char *unknown[] = {"aws_no_such_key=1"};
+    expect(gantry_loader_new_with_options(NULL, unknown, 1, &bad_loader),
+           GANTRY_E_INVALID_ARGUMENT, "unknown object option");
+    const char *no_value[] = {"aws_region"};
+    expect(gantry_loader_new_with_options(NULL, no_value, 1, &bad_loader),
+           GANTRY_E_INVALID_ARGUMENT, "object option without =");
+    expect(gantry_loader_new_with_options(NULL, NULL, 1, &bad_loader), GANTRY_E_NULL_ARGUMENT,
+           "NULL options");
+    CHECK(bad_loader == NULL, "loader_out untouched on failure");
     gantry_loader_free(NULL);
     gantry_model_free(NULL);
 

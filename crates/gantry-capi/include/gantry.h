@@ -178,13 +178,28 @@ gantry_status gantry_config_init(struct gantry_config *config_out);
 gantry_status gantry_loader_new(const struct gantry_config *config,
                                 struct gantry_loader **loader_out);
 
+// Creates a loader with object-storage options for `s3://` sources, each `"key=value"`
+// with an `object_store` S3 key (`aws_endpoint_url`, `aws_region`, `aws_allow_http`,
+// `aws_access_key_id`, ...), applied over the standard AWS environment variables. An unknown
+// key is `GANTRY_E_INVALID_ARGUMENT`. `config` may be NULL for the defaults.
+//
+// # Safety
+// `config` is NULL or a valid `gantry_config`; `object_options` is NULL (with
+// `option_count` 0) or points to `option_count` NUL-terminated strings; `loader_out` is NULL
+// or writable.
+gantry_status gantry_loader_new_with_options(const struct gantry_config *config,
+                                             const char *const *object_options,
+                                             size_t option_count,
+                                             struct gantry_loader **loader_out);
+
 // Frees a loader (NULL is ignored). Models it loaded stay valid.
 //
 // # Safety
 // `loader` is NULL or came from `gantry_loader_new` and is not used afterwards.
 void gantry_loader_free(struct gantry_loader *loader);
 
-// Loads every tensor of `path` (a `.safetensors` file, a directory, or an index) into host
+// Loads every tensor of `path` (a `.safetensors` file, a directory, an index, or an `s3://`
+// source; see `gantry_loader_new_with_options`) into host
 // memory (`device == GANTRY_DEVICE_HOST`) or onto GPU `device`, into memory gantry owns.
 // Free the model with `gantry_model_free`.
 //

@@ -103,6 +103,23 @@ pub extern "C" fn gantry_abi_version() -> u32 {
     GANTRY_ABI_VERSION
 }
 
+/// The `count` strings at `ptr`.
+///
+/// # Safety
+/// `ptr` is NULL with `count` 0, or points to `count` NUL-terminated strings.
+unsafe fn options<'a>(ptr: *const *const c_char, count: usize) -> Result<Vec<&'a str>, CallError> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    if ptr.is_null() {
+        return Err(CallError::null("object_options"));
+    }
+    // SAFETY: `count` pointers, per the contract.
+    let ptrs = unsafe { std::slice::from_raw_parts(ptr, count) };
+    // SAFETY: each NULL or a NUL-terminated string, per the contract.
+    ptrs.iter().map(|&p| unsafe { error::in_str(p, "object option") }).collect()
+}
+
 /// Writes the default settings to `*config_out`.
 ///
 /// # Safety
@@ -136,6 +153,26 @@ pub unsafe extern "C" fn gantry_loader_new(
     config: *const gantry_config,
     loader_out: *mut *mut gantry_loader,
 ) -> gantry_status {
+    // SAFETY: the same contract, with no options.
+    unsafe { gantry_loader_new_with_options(config, std::ptr::null(), 0, loader_out) }
+}
+
+/// Creates a loader with object-storage options for `s3://` sources, each `"key=value"`
+/// with an `object_store` S3 key (`aws_endpoint_url`, `aws_region`, `aws_allow_http`,
+/// `aws_access_key_id`, ...), applied over the standard AWS environment variables. An unknown
+/// key is `GANTRY_E_INVALID_ARGUMENT`. `config` may be NULL for the defaults.
+///
+/// # Safety
+/// `config` is NULL or a valid `gantry_config`; `object_options` is NULL (with
+/// `option_count` 0) or points to `option_count` NUL-terminated strings; `loader_out` is NULL
+/// or writable.
+#[no_mangle]
+pub unsafe extern "C" fn gantry_loader_new_with_options(
+    config: *const gantry_config,
+    object_options: *const *const c_char,
+    option_count: usize,
+    loader_out: *mut *mut gantry_loader,
+) -> gantry_status {
     ffi_boundary(|| {
         let out = error::out_ptr(loader_out, "loader_out")?;
         let mut c = engine::Config::default();
@@ -151,13 +188,27 @@ pub unsafe extern "C" fn gantry_loader_new(
                     )))
                 }
             };
+            let defaults = c.values();
+            // Request size and queue depth left at their defaults keep the `auto` volume
+            // profile measuring; set either and both are taken as given.
+            if cfg.queue_depth as usize != defaults.queue_depth
+                || cfg.chunk_bytes as usize != defaults.chunk_bytes
+            {
+                c = c.queue_depth(cfg.queue_depth as usize).chunk_bytes(cfg.chunk_bytes as usize);
+            }
             c = c
-                .queue_depth(cfg.queue_depth as usize)
                 .threads(cfg.threads as usize)
-                .chunk_bytes(cfg.chunk_bytes as usize)
                 .buffered_chunk_bytes(cfg.buffered_chunk_bytes as usize)
                 .staging_bytes(cfg.staging_bytes as usize)
                 .path(path);
+        }
+        // SAFETY: NULL or `count` valid strings, per the contract (of the `_with_options` call;
+        // plain `gantry_loader_new` passes none).
+        for option in unsafe { options(object_options, option_count) }? {
+            let (key, value) = option.split_once('=').ok_or_else(|| {
+                CallError::invalid(format!("object option '{option}' is not key=value"))
+            })?;
+            c = c.object_option(key, value);
         }
         let loader = engine::Loader::new(c)?;
         // SAFETY: checked non-NULL.
@@ -181,7 +232,8 @@ pub unsafe extern "C" fn gantry_loader_free(loader: *mut gantry_loader) {
     });
 }
 
-/// Loads every tensor of `path` (a `.safetensors` file, a directory, or an index) into host
+/// Loads every tensor of `path` (a `.safetensors` file, a directory, an index, or an `s3://`
+/// source; see `gantry_loader_new_with_options`) into host
 /// memory (`device == GANTRY_DEVICE_HOST`) or onto GPU `device`, into memory gantry owns.
 /// Free the model with `gantry_model_free`.
 ///

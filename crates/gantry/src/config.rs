@@ -288,6 +288,13 @@ impl Config {
                 self.object_part_bytes
             ));
         }
+        for (key, _) in &self.object_options {
+            if key.to_ascii_lowercase().parse::<object_store::aws::AmazonS3ConfigKey>().is_err() {
+                return bad(format!(
+                    "unknown object-storage option '{key}' (aws_endpoint_url, aws_region, aws_allow_http, ...)"
+                ));
+            }
+        }
         if !(1..=QUEUE_DEPTH_MAX).contains(&self.object_concurrency) {
             return bad(format!(
                 "object_concurrency {} must be 1 to {QUEUE_DEPTH_MAX}",
