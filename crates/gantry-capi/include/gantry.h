@@ -199,8 +199,8 @@ gantry_status gantry_loader_new_with_options(const struct gantry_config *config,
 void gantry_loader_free(struct gantry_loader *loader);
 
 // Loads every tensor of `path` (a `.safetensors` file, a directory, an index, or an `s3://`
-// source; see `gantry_loader_new_with_options`) into host
-// memory (`device == GANTRY_DEVICE_HOST`) or onto GPU `device`, into memory gantry owns.
+// source; see `gantry_loader_new_with_options`) into host memory
+// (`device == GANTRY_DEVICE_HOST`) or onto GPU `device`, into memory gantry owns.
 // Free the model with `gantry_model_free`.
 //
 // # Safety

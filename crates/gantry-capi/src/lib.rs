@@ -233,8 +233,8 @@ pub unsafe extern "C" fn gantry_loader_free(loader: *mut gantry_loader) {
 }
 
 /// Loads every tensor of `path` (a `.safetensors` file, a directory, an index, or an `s3://`
-/// source; see `gantry_loader_new_with_options`) into host
-/// memory (`device == GANTRY_DEVICE_HOST`) or onto GPU `device`, into memory gantry owns.
+/// source; see `gantry_loader_new_with_options`) into host memory
+/// (`device == GANTRY_DEVICE_HOST`) or onto GPU `device`, into memory gantry owns.
 /// Free the model with `gantry_model_free`.
 ///
 /// # Safety
