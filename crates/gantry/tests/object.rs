@@ -284,8 +284,9 @@ fn object_storage_against_seaweedfs() {
     assert_matches_local(&model, &local);
     assert_eq!(gantry::open_with(url("plain/"), &config).unwrap().files.len(), 3);
     let bad = Config::default().object_option("aws_no_such_option", "1");
-    let e = Loader::new(bad).unwrap().load(url("llama/")).map(|_| ()).unwrap_err();
+    let e = Loader::new(bad.clone()).map(|_| ()).unwrap_err();
     assert!(e.to_string().contains("aws_no_such_option"), "{e}");
+    assert!(gantry::open_with(url("llama/"), &bad).is_err());
     std::env::set_var("AWS_ENDPOINT_URL", &server.endpoint);
 
     // Missing bucket, missing key, missing shard, a corrupt header: clear errors naming them.
