@@ -8,8 +8,8 @@ sample) and must agree with the first loader's. Output: a table of median second
     python3 benches/peers/race.py CHECKPOINT_DIR --gantry target/release/gantry [--cold 1] [--warm 3]
 
 "gantry" is the CLI (its own process, no Python); "gantry-python" is the Python package
-(`gantry.stream`, importable from PYTHONPATH or installed), which also reports the time to its
-first tensor, as Run:ai's streamer does.
+(`gantry.stream`, importable from PYTHONPATH or installed). Both report the time to their
+first tensor, as does Run:ai's streamer.
 
 Timing starts after the process has initialised CUDA (every loader pays that once, gantry
 included) and ends when every tensor is in GPU memory (synchronised).
@@ -137,7 +137,11 @@ def run_one(name, args, want_digest):
     r = json.loads(out.decode().strip().splitlines()[-1])
     if name == "gantry":
         xxh3 = {t["name"]: t["xxh3"] for t in r["tensors"]} if want_digest else None
-        r = {"seconds": r["total_seconds"], "bytes": r["bytes"], "xxh3": xxh3, "first_seconds": None}
+        # The engine's first-tensor time counts from the start of reading; add what came before.
+        first = r.get("first_tensor_seconds")
+        before = r["total_seconds"] - r["seconds"]
+        r = {"seconds": r["total_seconds"], "bytes": r["bytes"], "xxh3": xxh3,
+             "first_seconds": None if first is None else before + first}
     return r, usage.ru_maxrss * 1024, wall
 
 

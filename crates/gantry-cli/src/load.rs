@@ -128,6 +128,8 @@ struct JsonLoad<'a> {
     gb_per_s: f64,
     /// Headers, allocation, staging set-up and the load, end to end.
     total_seconds: f64,
+    /// From the start of reading until the first tensor had landed.
+    first_tensor_seconds: Option<f64>,
     staging_bytes: u64,
     registered_buffers: bool,
     /// What the `auto` volume profile measured and picked.
@@ -232,6 +234,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             seconds: report.seconds,
             gb_per_s: report.gb_per_s(),
             total_seconds,
+            first_tensor_seconds: report.first_tensor_seconds,
             staging_bytes: report.staging_bytes,
             registered_buffers: report.registered_buffers,
             volume: report.volume.clone(),

@@ -360,6 +360,7 @@ impl Stream {
         d.set_item("tensor_bytes", r.tensor_bytes)?;
         d.set_item("read_bytes", r.read_bytes)?;
         d.set_item("seconds", r.seconds)?;
+        d.set_item("first_tensor_seconds", r.first_tensor_seconds)?;
         d.set_item("gb_per_s", r.gb_per_s())?;
         d.set_item("staging_bytes", r.staging_bytes)?;
         d.set_item("volume", r.volume.clone())?;

@@ -66,6 +66,9 @@ pub struct LoadReport {
     pub read_bytes: u64,
     /// Wall-clock seconds from the start of reading to the last byte landing.
     pub seconds: f64,
+    /// Seconds from the start of reading until the first tensor with bytes had landed (what a
+    /// streaming consumer waits before it can start); `None` when no tensor had bytes.
+    pub first_tensor_seconds: Option<f64>,
     /// Bytes of staging memory the load used.
     pub staging_bytes: u64,
     /// Whether the staging buffers were registered with io_uring.
@@ -366,7 +369,11 @@ impl Loader {
                 on_landed(i);
             }
         }
-        pipeline::run(&plan, &files, jobs, staging, config, sink, on_landed)?;
+        let mut first_tensor_seconds = None;
+        pipeline::run(&plan, &files, jobs, staging, config, sink, &mut |i| {
+            first_tensor_seconds.get_or_insert_with(|| start.elapsed().as_secs_f64());
+            on_landed(i);
+        })?;
         let seconds = start.elapsed().as_secs_f64();
         let tensor_bytes =
             checkpoint.tensors.iter().zip(wanted).filter(|(_, &w)| w).map(|(t, _)| t.len).sum();
@@ -374,6 +381,7 @@ impl Loader {
             tensor_bytes,
             read_bytes: plan.read_bytes(),
             seconds,
+            first_tensor_seconds,
             staging_bytes,
             registered_buffers: registered,
             volume,

@@ -193,3 +193,24 @@ fn gds_on_a_host_load_is_unavailable_not_a_fallback() {
         model.report().files[0]
     );
 }
+
+#[test]
+fn report_says_when_the_first_tensor_landed() {
+    let dir = scratch();
+    let path = path_of(&dir, "f.safetensors");
+    write_file(
+        &path,
+        &[(Dtype::F32, vec![0]), (Dtype::F32, vec![1 << 16]), (Dtype::U8, vec![9])],
+        4,
+    );
+    for reader in [PathChoice::Direct, PathChoice::Buffered] {
+        let model = Loader::new(Config::default().path(reader)).unwrap().load(&path).unwrap();
+        let r = model.report();
+        let first = r.first_tensor_seconds.expect("tensors with bytes landed");
+        assert!(first > 0.0 && first <= r.seconds, "{first} vs {}", r.seconds);
+    }
+    let empty = path_of(&dir, "e.safetensors");
+    write_file(&empty, &[(Dtype::F32, vec![0])], 5);
+    let model = Loader::new(Config::default()).unwrap().load(&empty).unwrap();
+    assert_eq!(model.report().first_tensor_seconds, None);
+}
