@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::load::{json_files, load_device, load_host, JsonFile};
 use crate::options::{Device, LoadOptions};
+use crate::units;
 
 const CEILING_REQUEST_BYTES: usize = 64 << 20;
 const CEILING_DIRECT_THREADS: usize = 8;
@@ -77,11 +78,11 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     };
     let paths: Vec<&Path> = checkpoint.files.iter().map(|f| f.path.as_path()).collect();
     let ceiling_name = if remote {
-        let v = loader.config().values();
+        let config = loader.config();
         format!(
-            "ranged GETs of {} MiB, {} in flight, drained",
-            v.object_part_bytes >> 20,
-            v.object_concurrency
+            "ranged GETs of {}, {} in flight, drained",
+            units::bytes(config.object_part() as u64),
+            config.values().object_concurrency
         )
     } else if args.cold {
         format!(

@@ -91,6 +91,11 @@ impl Checkpoint {
         &self.files[id.0]
     }
 
+    /// Whether file `file` holds a tensor for which `wanted` (one flag per tensor) is set.
+    pub fn file_wanted(&self, wanted: &[bool], file: usize) -> bool {
+        self.tensors.iter().zip(wanted).any(|(t, &w)| w && t.file.0 == file)
+    }
+
     fn open_dir(dir: &Path) -> Result<Self, FormatError> {
         let index = dir.join(INDEX_FILE_NAME);
         if index.is_file() {

@@ -159,10 +159,10 @@ pub fn capsule(py: Python<'_>, export: Export<'_>, memory: &Arc<Memory>) -> PyRe
         manager_ctx: Box::into_raw(context).cast(),
         deleter: Some(delete_managed),
     }));
+    let destructor = Some(delete_capsule as unsafe extern "C" fn(*mut ffi::PyObject));
     // SAFETY: a valid pointer, a static name, and a destructor that handles both the consumed
     // and the unconsumed capsule.
-    let capsule =
-        unsafe { ffi::PyCapsule_New(managed.cast(), NAME.as_ptr(), Some(delete_capsule)) };
+    let capsule = unsafe { ffi::PyCapsule_New(managed.cast(), NAME.as_ptr(), destructor) };
     if capsule.is_null() {
         // SAFETY: the capsule was not made, so nobody else owns `managed`.
         unsafe { delete_managed(managed) };

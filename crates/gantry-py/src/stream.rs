@@ -449,7 +449,7 @@ fn start(
     // Host buffers stay with the load thread until it ends, then go to their `Memory`.
     let mut host_buffers = Vec::with_capacity(checkpoint.files.len());
     for (f, file) in checkpoint.files.iter().enumerate() {
-        if !checkpoint.tensors.iter().zip(&wanted).any(|(t, &w)| w && t.file.0 == f) {
+        if !checkpoint.file_wanted(&wanted, f) {
             memory.push(None);
             host_buffers.push(HostBuffer::new(0)?);
             continue;
@@ -479,18 +479,19 @@ fn start(
     let thread = std::thread::Builder::new()
         .name("gantry-load".to_owned())
         .spawn(move || {
-            let target = |t: &gantry::TensorEntry| {
-                if skip.contains(&t.name) {
-                    return None;
-                }
-                let m = held[t.file.0].as_ref()?;
-                let file = &table.files[t.file.0];
-                Some(m.base() + offset_in_buffer(file, t.offset, on_device.is_none()))
-            };
             let result = match &on_device {
-                Some(d) => loader.load_into_device(&table, d, target, |ready| {
-                    let _ = tx.send(Event::Ready(ready.index));
-                }),
+                Some(d) => {
+                    let target = |t: &gantry::TensorEntry| {
+                        if skip.contains(&t.name) {
+                            return None;
+                        }
+                        let m = held[t.file.0].as_ref()?;
+                        Some(m.base() + offset_in_buffer(&table.files[t.file.0], t.offset, false))
+                    };
+                    loader.load_into_device(&table, d, target, |ready| {
+                        let _ = tx.send(Event::Ready(ready.index));
+                    })
+                }
                 None => {
                     let result = loader.load_into_file_buffers(
                         &table,

@@ -289,11 +289,7 @@ impl Config {
             ));
         }
         for (key, _) in &self.object_options {
-            if key.to_ascii_lowercase().parse::<object_store::aws::AmazonS3ConfigKey>().is_err() {
-                return bad(format!(
-                    "unknown object-storage option '{key}' (aws_endpoint_url, aws_region, aws_allow_http, ...)"
-                ));
-            }
+            crate::io::object::option_key(key)?;
         }
         if !(1..=QUEUE_DEPTH_MAX).contains(&self.object_concurrency) {
             return bad(format!(

@@ -124,8 +124,8 @@ impl Loader {
         let wanted: Vec<bool> = checkpoint.tensors.iter().map(&filter).collect();
         let mut buffers = Vec::with_capacity(checkpoint.files.len());
         for (f, file) in checkpoint.files.iter().enumerate() {
-            let any = checkpoint.tensors.iter().zip(&wanted).any(|(t, &w)| w && t.file.0 == f);
-            let len = if any { file.header.data_len as usize } else { 0 };
+            let len =
+                if checkpoint.file_wanted(&wanted, f) { file.header.data_len as usize } else { 0 };
             buffers.push(device.alloc(len, &file.path.display().to_string())?);
         }
         let targets: Vec<Option<u64>> = checkpoint

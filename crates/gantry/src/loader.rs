@@ -213,9 +213,8 @@ impl Loader {
             .iter()
             .enumerate()
             .map(|(f, file)| {
-                let any = checkpoint.tensors.iter().zip(&wanted).any(|(t, &w)| w && t.file.0 == f);
                 let (_, len) = file_buffer_layout(file.header.data_offset, file.header.data_len);
-                HostBuffer::new(if any { len as usize } else { 0 })
+                HostBuffer::new(if checkpoint.file_wanted(&wanted, f) { len as usize } else { 0 })
             })
             .collect::<Result<_>>()?;
         let report = self.fill(&checkpoint, &wanted, &mut buffers, &mut on_ready)?;
@@ -252,9 +251,8 @@ impl Loader {
             )));
         }
         for (f, file) in checkpoint.files.iter().enumerate() {
-            let any = checkpoint.tensors.iter().zip(wanted).any(|(t, &w)| w && t.file.0 == f);
             let (_, len) = file_buffer_layout(file.header.data_offset, file.header.data_len);
-            if any && buffers[f].len() as u64 != len {
+            if checkpoint.file_wanted(wanted, f) && buffers[f].len() as u64 != len {
                 return Err(Error::Destination {
                     tensor: file.path.display().to_string(),
                     message: format!(

@@ -138,8 +138,7 @@ def to_torch(tensor: Tensor):
         shape = shape[:-1] + (shape[-1] // 2,)
     # Bytes through DLPack, then reinterpreted: every dtype, whatever torch's DLPack takes.
     raw = torch.from_dlpack(tensor.raw())
-    itemsize = torch.empty((), dtype=dtype).element_size() if dtype is not torch.bool else 1
-    if tensor.data_ptr() % itemsize:
+    if tensor.data_ptr() % torch.empty((), dtype=dtype).element_size():
         # The file puts this tensor at an offset that is not a multiple of its element size
         # (the safetensors library never does; hand-made files can): torch's kernels fault on
         # such addresses, so it gets its own aligned copy.

@@ -91,6 +91,16 @@ fn runtime() -> Result<&'static tokio::runtime::Runtime> {
 /// applied after the environment's.
 pub type Options = [(String, String)];
 
+/// The client's configuration key for option `key` (case-insensitive); an error naming it
+/// when the client has no such key.
+pub(crate) fn option_key(key: &str) -> Result<object_store::aws::AmazonS3ConfigKey> {
+    key.to_ascii_lowercase().parse().map_err(|_| {
+        Error::Config(format!(
+            "unknown object-storage option '{key}' (aws_endpoint_url, aws_region, aws_allow_http, ...)"
+        ))
+    })
+}
+
 /// The client for `bucket` with `options`, made once per process from the environment.
 fn client(bucket: &str, options: &Options) -> Result<Arc<AmazonS3>> {
     type Key = (String, Vec<(String, String)>);
@@ -122,10 +132,7 @@ fn client(bucket: &str, options: &Options) -> Result<Arc<AmazonS3>> {
         }
     }
     for (key, value) in options {
-        let parsed = key.to_ascii_lowercase().parse().map_err(|_| {
-            Error::Config(format!("unknown object-storage option '{key}' (e.g. aws_endpoint_url)"))
-        })?;
-        builder = builder.with_config(parsed, value);
+        builder = builder.with_config(option_key(key)?, value);
     }
     builder = builder.with_bucket_name(bucket).with_retry(retry);
     if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()

@@ -219,25 +219,18 @@ pub(crate) fn disk_kind(name: &str, driver: &str, model: &str) -> DiskKind {
 
 /// Median time of eight 4 KiB reads at queue depth 1, spread over the range.
 fn read_latency(direct: &File, offset: u64, len: u64) -> Option<f64> {
+    use std::os::unix::fs::FileExt;
     const N: u64 = 8;
-    let layout = std::alloc::Layout::from_size_align(4096, 4096).ok()?;
-    // SAFETY: a non-zero size; freed below with the same layout.
-    let buf = unsafe { std::alloc::alloc(layout) };
-    if buf.is_null() {
-        return None;
-    }
+    // A page of its own: aligned as O_DIRECT asks.
+    let mut buf = crate::sink::host::HostBuffer::new(4096).ok()?;
     let mut times = Vec::with_capacity(N as usize);
     for i in 0..N {
         let at = (offset + len / N * i) / 4096 * 4096;
         let start = std::time::Instant::now();
-        // SAFETY: buf holds 4096 writable bytes, aligned as O_DIRECT asks.
-        let n = unsafe { libc::pread(direct.as_raw_fd(), buf.cast(), 4096, at as libc::off_t) };
-        if n > 0 {
+        if direct.read_at(&mut buf, at).is_ok_and(|n| n > 0) {
             times.push(start.elapsed().as_secs_f64());
         }
     }
-    // SAFETY: allocated above with this layout.
-    unsafe { std::alloc::dealloc(buf, layout) };
     times.sort_by(f64::total_cmp);
     times.get(times.len() / 2).copied()
 }
