@@ -292,7 +292,7 @@ impl Stream {
         let config = parse_config(config)?.cancel_flag(Arc::clone(&cancel));
         let skip: std::collections::HashSet<String> =
             skip.unwrap_or_default().into_iter().collect();
-        py.detach(|| start(&source, ordinal, config, &skip, cancel)).map_err(to_py)
+        py.detach(|| start(&source, ordinal, config, skip, cancel)).map_err(to_py)
     }
 
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -439,7 +439,7 @@ fn start(
     source: &std::path::Path,
     ordinal: Option<u32>,
     config: Config,
-    skip: &std::collections::HashSet<String>,
+    skip: std::collections::HashSet<String>,
     cancel: Arc<AtomicBool>,
 ) -> gantry::Result<Stream> {
     let checkpoint = Arc::new(gantry::open_with(source, &config)?);
@@ -474,7 +474,6 @@ fn start(
     let (tx, rx) = mpsc::channel();
     let held = memory.clone();
     let table = Arc::clone(&checkpoint);
-    let skip = skip.clone();
     let on_device = device.clone();
     let thread = std::thread::Builder::new()
         .name("gantry-load".to_owned())

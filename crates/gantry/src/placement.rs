@@ -125,7 +125,7 @@ pub fn runs(entry: &TensorEntry, share: Share) -> Result<Vec<Run>> {
 
 /// One destination's copy of an atom: which share, and where in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Copy {
+pub struct Delivery {
     /// The destination.
     pub device: usize,
     /// Position of the share in that destination's [`Layout::shares`].
@@ -155,7 +155,7 @@ pub struct Layout {
     /// The atoms as a tensor table over the same files: disjoint byte ranges, each read once.
     pub atoms: Checkpoint,
     /// Per atom, every destination that takes its bytes.
-    pub copies: Vec<Vec<Copy>>,
+    pub copies: Vec<Vec<Delivery>>,
     /// Per destination, its shares in checkpoint order.
     pub shares: Vec<Vec<ShareEntry>>,
     /// Per destination, the bytes its buffer needs.
@@ -176,7 +176,7 @@ impl Layout {
         let mut shares: Vec<Vec<ShareEntry>> = vec![Vec::new(); devices];
         let mut buffer_bytes = vec![0u64; devices];
         // Per file: (start, end, copy) of every wanted run.
-        let mut wanted: BTreeMap<usize, Vec<(u64, u64, Copy)>> = BTreeMap::new();
+        let mut wanted: BTreeMap<usize, Vec<(u64, u64, Delivery)>> = BTreeMap::new();
         for (i, t) in checkpoint.tensors.iter().enumerate() {
             for (device, share) in place(t)? {
                 if device >= devices {
@@ -207,7 +207,7 @@ impl Layout {
                     offset,
                 });
                 for r in runs {
-                    let copy = Copy { device, share: share_index, dest: r.dest };
+                    let copy = Delivery { device, share: share_index, dest: r.dest };
                     wanted.entry(t.file.0).or_default().push((r.offset, r.offset + r.len, copy));
                 }
             }
@@ -221,7 +221,7 @@ impl Layout {
             cuts.dedup();
             // Sweep the cuts: each interval between two cuts that some run covers is an atom,
             // copied to every run covering it.
-            let mut active: Vec<(u64, u64, Copy)> = Vec::new();
+            let mut active: Vec<(u64, u64, Delivery)> = Vec::new();
             let mut next = 0;
             for w in cuts.windows(2) {
                 let (a, b) = (w[0], w[1]);
@@ -244,7 +244,10 @@ impl Layout {
                     len: b - a,
                 });
                 copies.push(
-                    active.iter().map(|&(s, _, c)| Copy { dest: c.dest + (a - s), ..c }).collect(),
+                    active
+                        .iter()
+                        .map(|&(s, _, c)| Delivery { dest: c.dest + (a - s), ..c })
+                        .collect(),
                 );
             }
         }
