@@ -327,8 +327,11 @@ impl Loader {
         on_landed: &mut dyn FnMut(usize),
     ) -> Result<LoadReport> {
         let mut cached = self.staging.lock();
+        let setup = Instant::now();
         let (files, choices) = self.open_files(checkpoint, wanted, device.is_some())?;
+        let opened = setup.elapsed().as_secs_f64();
         let (config, volume) = self.volume_settings(checkpoint, &files);
+        let measured = setup.elapsed().as_secs_f64();
         let config = &config;
         let file_plans: Vec<FilePlan> = (0..checkpoint.files.len())
             .map(|f| {
@@ -361,6 +364,11 @@ impl Loader {
         let staging = self.staging(&mut cached, slot_bytes, count, device, node)?;
         let staging_bytes = staging.pool.as_ref().map_or(0, |p| p.used_bytes() as u64);
         let registered = staging.register_buffers;
+        log::debug!(
+            "setup: files opened and probed {opened:.3} s, volume {:.3} s, staging {:.3} s",
+            measured - opened,
+            setup.elapsed().as_secs_f64() - measured
+        );
         let start = Instant::now();
         for (i, t) in checkpoint.tensors.iter().enumerate() {
             if wanted[i] && t.len == 0 {
@@ -480,7 +488,7 @@ impl Loader {
                 io_uring: probe::io_uring(),
                 resident: probe::resident_fraction(&plain, range.start, range.end - range.start),
                 to_device,
-                gds: gds_facts(to_device, &plain),
+                gds: gds_facts(to_device, self.config.path, &plain),
             };
             let mut choice = schedule::choose(self.config.path, self.config.hot_fraction, &facts)?;
             if let (ReaderKind::Direct, Ok((_, align))) = (choice.reader, &direct) {
@@ -572,14 +580,23 @@ type FileChoice = (Choice, String);
 
 /// cuFile's facts for one file of a load: unavailable for host loads, real GPUDirect Storage
 /// only when the driver supports it and the file is on NVMe, else compatibility mode (when
-/// the driver allows it).
-fn gds_facts(to_device: bool, file: &std::fs::File) -> Result<bool, String> {
+/// the driver allows it). Opening the cuFile driver takes hundreds of milliseconds, so `auto`
+/// opens it only for files on NVMe, the only ones it could choose cuFile for.
+fn gds_facts(
+    to_device: bool,
+    path: crate::PathChoice,
+    file: &std::fs::File,
+) -> Result<bool, String> {
     if !to_device {
         return Err("host load".to_owned());
     }
+    let on_nvme = crate::io::gds::file_on_nvme(file);
+    if path == crate::PathChoice::Auto && !on_nvme {
+        return Err("not on NVMe, so no GPUDirect Storage (driver not opened)".to_owned());
+    }
     let facts = crate::io::gds::facts();
     facts.available.clone()?;
-    if facts.real() && crate::io::gds::file_on_nvme(file) {
+    if facts.real() && on_nvme {
         return Ok(true);
     }
     if facts.compat_allowed {

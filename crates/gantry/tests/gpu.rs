@@ -10,9 +10,25 @@ use gantry::sink::cuda::driver_available;
 use gantry::{Checkpoint, Config, CudaDevice, Dtype, Error, Loader, PathChoice};
 use proptest::prelude::*;
 
-fn gpu() -> Option<Arc<CudaDevice>> {
+/// The GPU, held by one test at a time: tests that measure free device memory must not see
+/// another test's allocations come and go.
+struct Gpu {
+    device: Arc<CudaDevice>,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for Gpu {
+    type Target = Arc<CudaDevice>;
+    fn deref(&self) -> &Arc<CudaDevice> {
+        &self.device
+    }
+}
+
+fn gpu() -> Option<Gpu> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     match CudaDevice::open(0) {
-        Ok(d) => Some(d),
+        Ok(device) => Some(Gpu { device, _serial: serial }),
         Err(e) => {
             assert!(
                 std::env::var("GANTRY_REQUIRE_GPU").as_deref() != Ok("1"),
@@ -101,6 +117,12 @@ fn synthetic_sharded_checkpoint_subset_and_reload() {
         Loader::new(Config::default().chunk_bytes(1 << 20).staging_bytes(8 << 20)).unwrap();
     let mut model = loader.load_to_device(&index, &dev).unwrap();
     assert_device_matches(&model, spec.tensors().len());
+    // `auto` opens the cuFile driver (hundreds of milliseconds) only for files on NVMe.
+    let on_nvme = gantry::io::gds::file_on_nvme(&std::fs::File::open(&index).unwrap());
+    for f in &model.report().files {
+        assert_ne!(f.reader, Some(gantry::ReaderKind::Gds), "{}", f.reason);
+        assert_eq!(f.facts.contains("driver not opened"), !on_nvme, "{}", f.facts);
+    }
     loader.reload_device(&mut model).unwrap();
     assert_device_matches(&model, spec.tensors().len());
     let subset = loader

@@ -120,6 +120,11 @@ def _torch():
     return torch
 
 
+def _itemsize(torch, dtype) -> int:
+    # dtype.itemsize since torch 2.1; one scalar's size before (per tensor, so not by default).
+    return getattr(dtype, "itemsize", None) or torch.empty((), dtype=dtype).element_size()
+
+
 def to_torch(tensor: Tensor):
     """A ``torch.Tensor`` over the same memory as a :class:`gantry.Tensor` (no copy)."""
     torch = _torch()
@@ -138,7 +143,7 @@ def to_torch(tensor: Tensor):
         shape = shape[:-1] + (shape[-1] // 2,)
     # Bytes through DLPack, then reinterpreted: every dtype, whatever torch's DLPack takes.
     raw = torch.from_dlpack(tensor.raw())
-    if tensor.data_ptr() % torch.empty((), dtype=dtype).element_size():
+    if tensor.data_ptr() % _itemsize(torch, dtype):
         # The file puts this tensor at an offset that is not a multiple of its element size
         # (the safetensors library never does; hand-made files can): torch's kernels fault on
         # such addresses, so it gets its own aligned copy.
