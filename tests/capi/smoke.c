@@ -1,7 +1,10 @@
 /* C11 smoke client of the gantry C ABI: load a checkpoint into host memory, enumerate its
  * tensors, check every byte against this program's own read of the file, load into its own
  * buffers through the callback API, and hit every error family. Without CUDA, a GPU load must
- * return a status, not abort. Usage: smoke GOOD.safetensors CORRUPT.safetensors */
+ * return a status, not abort. With five more arguments, the same file from an S3 store: loaded
+ * through key=value options, compared with the local file, a missing object and wrong
+ * credentials as errors (the secret never in the message).
+ * Usage: smoke GOOD.safetensors CORRUPT.safetensors [URL MISSING_URL ENDPOINT KEY_ID SECRET] */
 #include "gantry.h"
 
 #include <stdint.h>
@@ -65,8 +68,70 @@ static void landed(void *user, const gantry_tensor *t) {
     targets->ready++;
 }
 
+/* GOOD was uploaded to URL; MISSING_URL names no object. */
+static void object_storage(const char *good, char **args) {
+    const char *url = args[0], *missing = args[1];
+    char endpoint[256], key_id[128], secret[128];
+    snprintf(endpoint, sizeof endpoint, "aws_endpoint=%s", args[2]);
+    snprintf(key_id, sizeof key_id, "aws_access_key_id=%s", args[3]);
+    snprintf(secret, sizeof secret, "aws_secret_access_key=%s", args[4]);
+    const char *options[] = {endpoint, key_id, secret, "aws_region=us-east-1", "aws_allow_http=true"};
+    gantry_loader *loader = NULL;
+    expect(gantry_loader_new_with_options(NULL, options, 5, &loader), GANTRY_OK, "loader for the store");
+
+    gantry_model *model = NULL;
+    expect(gantry_loader_load(loader, url, GANTRY_DEVICE_HOST, &model), GANTRY_OK, "load from the store");
+    size_t count = 0;
+    expect(gantry_model_tensor_count(model, &count), GANTRY_OK, "object count");
+    CHECK(count == 2, "2 tensors from the store, got %zu", count);
+    for (size_t i = 0; i < count; i++) {
+        gantry_tensor t;
+        expect(gantry_model_tensor(model, i, &t), GANTRY_OK, "object tensor");
+        CHECK(strcmp(t.file, url) == 0, "file of %s: %s", t.name, t.file);
+        unsigned char *expected = read_file_range(good, t.file_offset, t.bytes);
+        CHECK(memcmp((const void *)(uintptr_t)t.data, expected, t.bytes) == 0, "object bytes of %s", t.name);
+        free(expected);
+    }
+    gantry_model_free(model);
+
+    /* Into this program's buffers, straight from the ranged GETs. */
+    struct targets targets = {{0}, 0};
+    gantry_report report;
+    expect(gantry_loader_load_into(loader, url, GANTRY_DEVICE_HOST, choose, landed, &targets, &report), GANTRY_OK,
+           "object load_into");
+    CHECK(targets.ready == 2 && report.tensor_bytes == 4096 + 20, "object load_into delivered both");
+    expect(gantry_loader_load(loader, good, GANTRY_DEVICE_HOST, &model), GANTRY_OK, "offsets from the local file");
+    for (size_t i = 0; i < 2; i++) {
+        gantry_tensor t;
+        expect(gantry_model_tensor(model, i, &t), GANTRY_OK, "tensor");
+        unsigned char *expected = read_file_range(good, t.file_offset, t.bytes);
+        CHECK(memcmp(targets.buffers[t.index], expected, t.bytes) == 0, "object into buffer of %s", t.name);
+        free(expected);
+        free(targets.buffers[t.index]);
+    }
+    gantry_model_free(model);
+
+    char message[1024];
+    gantry_model *out = NULL;
+    expect(gantry_loader_load(loader, missing, GANTRY_DEVICE_HOST, &out), GANTRY_E_IO, "missing object");
+    gantry_last_error_message(message, sizeof message);
+    CHECK(strstr(message, missing) != NULL, "the error names the object: %s", message);
+    CHECK(out == NULL, "no model for a missing object");
+    gantry_loader_free(loader);
+
+    const char *wrong_secret = "aws_secret_access_key=not-the-secret-5d1c";
+    const char *wrong[] = {endpoint, key_id, wrong_secret, "aws_region=us-east-1", "aws_allow_http=true"};
+    expect(gantry_loader_new_with_options(NULL, wrong, 5, &loader), GANTRY_OK, "loader with a wrong secret");
+    expect(gantry_loader_load(loader, url, GANTRY_DEVICE_HOST, &out), GANTRY_E_IO, "wrong credentials");
+    gantry_last_error_message(message, sizeof message);
+    CHECK(strstr(message, "not-the-secret-5d1c") == NULL && strstr(message, args[4]) == NULL,
+          "no secret in the error: %s", message);
+    gantry_loader_free(loader);
+    printf("object storage: ok\n");
+}
+
 int main(int argc, char **argv) {
-    CHECK(argc == 3, "usage: smoke GOOD CORRUPT");
+    CHECK(argc == 3 || argc == 8, "usage: smoke GOOD CORRUPT [URL MISSING_URL ENDPOINT KEY_ID SECRET]");
     const char *good = argv[1], *corrupt = argv[2];
     CHECK(gantry_abi_version() == GANTRY_ABI_VERSION, "ABI version");
     CHECK(strcmp(gantry_version(), GANTRY_VERSION) == 0, "version %s vs %s", gantry_version(), GANTRY_VERSION);
@@ -183,6 +248,9 @@ int main(int argc, char **argv) {
         printf("GPU load: %s (%s)\n", gantry_status_name(gpu), message);
     }
     gantry_loader_free(loader);
+    if (argc == 8) {
+        object_storage(good, argv + 3);
+    }
     printf("smoke: ok\n");
     return 0;
 }

@@ -294,7 +294,7 @@ pub unsafe extern "C" fn gantry_loader_load_into(
         // SAFETY: per the contract.
         let path = unsafe { error::in_str(path, "path")? };
         let target = target.ok_or_else(|| CallError::null("target"))?;
-        let checkpoint = engine::open(path)?;
+        let checkpoint = engine::open_with(path, loader.config())?;
         let infos = model::TensorInfos::new(&checkpoint);
         let mut dests = vec![0u64; checkpoint.tensors.len()];
         let mut wanted = vec![false; checkpoint.tensors.len()];

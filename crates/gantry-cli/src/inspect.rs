@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use gantry_format::Checkpoint;
 use serde::Serialize;
 
+use crate::options::StoreOptions;
 use crate::units;
 
 /// Rows shown on a terminal before the listing is cut short (`--all` shows every row).
@@ -22,6 +23,8 @@ pub struct Args {
     /// List every tensor, also on a terminal.
     #[arg(long)]
     all: bool,
+    #[command(flatten)]
+    store: StoreOptions,
 }
 
 #[derive(Serialize)]
@@ -49,7 +52,9 @@ struct JsonInspect<'a> {
 }
 
 pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
-    let checkpoint = gantry::open(&args.path)?;
+    let config = args.store.apply(gantry::Config::default());
+    config.validate()?;
+    let checkpoint = gantry::open_with(&args.path, &config)?;
     let out = std::io::stdout();
     let mut out = out.lock();
     if args.json {

@@ -65,12 +65,35 @@ pub struct LoadOptions {
     /// Object storage: ranged GETs in flight.
     #[arg(long)]
     pub object_concurrency: Option<usize>,
+    #[command(flatten)]
+    pub store: StoreOptions,
+}
+
+/// Where s3:// sources live, over the standard AWS variables.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreOptions {
     /// Object storage: the S3 endpoint (overrides AWS_ENDPOINT_URL); http:// allows plain HTTP.
     #[arg(long, value_name = "URL")]
     pub s3_endpoint: Option<String>,
     /// Object storage: the region (overrides AWS_REGION).
     #[arg(long)]
     pub s3_region: Option<String>,
+}
+
+impl StoreOptions {
+    /// `c` with these options set.
+    pub fn apply(&self, mut c: Config) -> Config {
+        if let Some(url) = &self.s3_endpoint {
+            c = c.object_option("aws_endpoint_url", url);
+            if url.starts_with("http://") {
+                c = c.object_option("aws_allow_http", "true");
+            }
+        }
+        if let Some(region) = &self.s3_region {
+            c = c.object_option("aws_region", region);
+        }
+        c
+    }
 }
 
 impl LoadOptions {
@@ -103,15 +126,7 @@ impl LoadOptions {
         if let Some(n) = self.object_concurrency {
             c = c.object_concurrency(n);
         }
-        if let Some(url) = &self.s3_endpoint {
-            c = c.object_option("aws_endpoint_url", url);
-            if url.starts_with("http://") {
-                c = c.object_option("aws_allow_http", "true");
-            }
-        }
-        if let Some(region) = &self.s3_region {
-            c = c.object_option("aws_region", region);
-        }
+        let c = self.store.apply(c);
         c.validate()?;
         Ok(c)
     }

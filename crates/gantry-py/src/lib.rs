@@ -53,8 +53,14 @@ type TensorRow = (String, String, Vec<u64>, String, u64, u64);
 /// The tensor table of a checkpoint (file, directory or index), from its headers alone:
 /// a list of `(name, dtype, shape, file, offset, nbytes)`.
 #[pyfunction]
-fn inspect(py: Python<'_>, source: std::path::PathBuf) -> PyResult<Vec<TensorRow>> {
-    let checkpoint = py.detach(|| gantry::open(&source)).map_err(to_py)?;
+#[pyo3(signature = (source, config = None))]
+fn inspect(
+    py: Python<'_>,
+    source: std::path::PathBuf,
+    config: Option<&Bound<'_, pyo3::types::PyDict>>,
+) -> PyResult<Vec<TensorRow>> {
+    let config = stream::parse_config(config)?;
+    let checkpoint = py.detach(|| gantry::open_with(&source, &config)).map_err(to_py)?;
     Ok(checkpoint
         .tensors
         .iter()

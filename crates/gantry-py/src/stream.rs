@@ -46,7 +46,7 @@ fn parse_device(device: &str) -> PyResult<Option<u32>> {
 /// The config keywords, as `Config`'s setters name them.
 const KEYWORDS: &str = "path, profile, queue_depth, chunk_bytes, buffered_chunk_bytes, staging_bytes, threads, hot_fraction, object_part_bytes, object_concurrency, s3_endpoint, s3_region, s3_options";
 
-fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Config> {
+pub(crate) fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Config> {
     let mut c = Config::default();
     let Some(options) = options else { return Ok(c) };
     for (key, value) in options.iter() {

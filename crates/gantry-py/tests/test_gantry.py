@@ -445,6 +445,19 @@ class ObjectStorageTests(WithCheckpoint):
         self.assertEqual(seen, {n: reference(i) for n, i in table.items()})
         self.assertEqual({f[1] for f in s.report()["files"]}, {"object"})
 
+    def test_inspect_and_skip_predicates_take_the_store_options(self):
+        remote = gantry.inspect("s3://weights/ck/", **self.options())
+        local = gantry.inspect(self.ck.path)
+        self.assertEqual([(i.name, i.dtype, i.shape, i.offset, i.nbytes) for i in remote],
+                         [(i.name, i.dtype, i.shape, i.offset, i.nbytes) for i in local])
+        self.assertTrue(all(i.file.startswith("s3://weights/ck/") for i in remote))
+        keep = sorted(self.ck.table)[::2]
+        got = gantry.load("s3://weights/ck/", device="cpu", framework="dlpack",
+                          skip=lambda name: name not in keep, **self.options())
+        self.assertEqual(sorted(got), keep)
+        for name, t in got.items():
+            self.assertEqual(t.tobytes(), reference(self.ck.table[name]), name)
+
     def test_object_errors_are_exceptions(self):
         with self.assertRaises(gantry.IoError) as e:
             gantry.load("s3://weights/ck/missing.safetensors", device="cpu", **self.options())

@@ -96,12 +96,13 @@ _TORCH_DTYPES = {
 }
 
 
-def inspect(source: Source) -> List[TensorInfo]:
+def inspect(source: Source, **config: Any) -> List[TensorInfo]:
     """The tensor table of a checkpoint (a ``.safetensors`` file, a folder, or a
-    ``model.safetensors.index.json``), read from its headers alone."""
+    ``model.safetensors.index.json``), read from its headers alone. ``config``: for ``s3://``
+    sources, ``s3_endpoint``, ``s3_region`` and ``s3_options`` as for :func:`stream`."""
     return [
         TensorInfo(name, dtype, tuple(shape), file, offset, nbytes)
-        for name, dtype, shape, file, offset, nbytes in _gantry.inspect(os.fspath(source))
+        for name, dtype, shape, file, offset, nbytes in _gantry.inspect(os.fspath(source), config)
     ]
 
 
@@ -174,11 +175,11 @@ def _converter(framework: Optional[str]) -> Callable[[Tensor], Any]:
     raise ValueError(f"unknown framework {framework!r} (torch, numpy, dlpack)")
 
 
-def _skip_names(source: Source, skip: Skip) -> Optional[List[str]]:
+def _skip_names(source: Source, skip: Skip, config: Dict[str, Any]) -> Optional[List[str]]:
     if skip is None:
         return None
     if callable(skip):
-        return [info.name for info in inspect(source) if skip(info.name)]
+        return [info.name for info in inspect(source, **config) if skip(info.name)]
     if isinstance(skip, str):
         return [skip]
     return list(skip)
@@ -248,7 +249,7 @@ def stream(
     """
     convert = _converter(framework)
     inner = _gantry.Stream(
-        os.fspath(source), _device(device), config, _skip_names(source, skip)
+        os.fspath(source), _device(device), config, _skip_names(source, skip, config)
     )
     return Stream(inner, convert)
 
