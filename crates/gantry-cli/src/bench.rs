@@ -72,7 +72,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     let loader = Loader::new(args.options.config()?)?;
     let checkpoint = gantry::open_with(&args.options.path, loader.config())?;
     let remote = gantry::io::object::is_url(&args.options.path);
-    let gpu = match args.options.device {
+    let gpu = match args.options.device.one()? {
         Device::Cpu => None,
         Device::Cuda(n) => Some(CudaDevice::open(n)?),
     };

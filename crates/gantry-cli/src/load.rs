@@ -29,9 +29,10 @@ pub struct Args {
     /// Copy every tensor back and compare it with an independent buffered read of the file.
     #[arg(long)]
     pub verify: bool,
-    /// Place the checkpoint across N destinations in host memory, read once:
-    /// `replicate:N` (every tensor to each), `dim0:N` or `dim1:N` (tensors of two or more
-    /// dimensions split evenly along that dimension where it divides, the rest replicated).
+    /// Place the checkpoint across N destinations, read once: in host memory, or on the N
+    /// GPUs --device names (cuda:0,cuda:1): `replicate:N` (every tensor to each), `dim0:N` or
+    /// `dim1:N` (tensors of two or more dimensions split evenly along that dimension where it
+    /// divides, the rest replicated).
     #[arg(long, value_name = "replicate:N|dim0:N|dim1:N")]
     pub shard: Option<String>,
 }
@@ -50,56 +51,95 @@ fn parse_shard(text: &str) -> Result<(Option<usize>, usize), Box<dyn Error>> {
     Ok((dim, n))
 }
 
-/// `gantry load --shard`: a placed load into host memory, one line per destination.
+/// `gantry load --shard`: a placed load into host memory (`--device cpu`) or across GPUs
+/// (`--device cuda:0,cuda:1,...`, one destination per GPU named), one line per destination.
 fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
     use gantry::placement::{even, Share};
     let (dim, n) = parse_shard(shard)?;
-    if args.options.device != Device::Cpu {
-        return Err("--shard places across host-memory destinations (--device cpu); placing across GPUs is not built yet".into());
+    let gpus: Vec<u32> = args
+        .options
+        .device
+        .0
+        .iter()
+        .filter_map(|d| match d {
+            Device::Cuda(n) => Some(*n),
+            Device::Cpu => None,
+        })
+        .collect();
+    if !gpus.is_empty() && gpus.len() != n {
+        return Err(format!(
+            "--shard {shard} places across {n} destinations but --device names {} GPU(s)",
+            gpus.len()
+        )
+        .into());
     }
     let loader = Loader::new(args.options.config()?)?;
+    let devices = gpus.iter().map(|&g| CudaDevice::open(g)).collect::<Result<Vec<_>, _>>()?;
+    let place = |t: &gantry::TensorEntry| -> gantry::Result<Vec<(usize, Share)>> {
+        let split = dim.filter(|&d| t.shape.len() >= 2 && t.shape[d] % n as u64 == 0);
+        (0..n)
+            .map(|r| match split {
+                Some(d) => Ok((r, Share::Slice(even(t, d, n as u64, r as u64)?))),
+                None => Ok((r, Share::Whole)),
+            })
+            .collect()
+    };
     let start = std::time::Instant::now();
     let checkpoint = gantry::open_with(&args.options.path, loader.config())?;
-    let model = loader.load_placed(
-        checkpoint,
-        n,
-        |t| {
-            let split = dim.filter(|&d| t.shape.len() >= 2 && t.shape[d] % n as u64 == 0);
-            (0..n)
-                .map(|r| match split {
-                    Some(d) => Ok((r, Share::Slice(even(t, d, n as u64, r as u64)?))),
-                    None => Ok((r, Share::Whole)),
-                })
-                .collect()
-        },
-        |_, _| {},
-    )?;
+    // Per destination: where, tensors, bytes.
+    let (report, per): (LoadReport, Vec<(String, usize, u64)>) = if devices.is_empty() {
+        let model = loader.load_placed(checkpoint, n, place, |_, _| {})?;
+        let per = (0..n)
+            .map(|d| {
+                let shares = model.tensors(d).map(|t| t.share.len);
+                ("cpu".to_owned(), model.tensors(d).count(), shares.sum())
+            })
+            .collect();
+        (model.report().clone(), per)
+    } else {
+        let model = loader.load_placed_to_devices(checkpoint, &devices, place, |_, _| {})?;
+        let per = (0..n)
+            .map(|d| {
+                let shares = model.tensors(d).map(|t| t.share.len);
+                (format!("cuda:{}", gpus[d]), model.tensors(d).count(), shares.sum())
+            })
+            .collect();
+        (model.report().clone(), per)
+    };
     let total_seconds = start.elapsed().as_secs_f64();
-    let report = model.report();
-    let per: Vec<(usize, u64)> = (0..n)
-        .map(|d| (model.tensors(d).count(), model.tensors(d).map(|t| t.share.len).sum()))
-        .collect();
+    let delivered: u64 = per.iter().map(|p| p.2).sum();
     if args.json {
         let out = serde_json::json!({
             "shard": shard,
             "read_bytes": report.read_bytes,
+            "delivered_bytes": delivered,
             "seconds": report.seconds,
             "total_seconds": total_seconds,
             "read_gb_per_s": report.read_bytes as f64 / report.seconds / 1e9,
-            "destinations": per.iter().map(|(t, b)| serde_json::json!({"tensors": t, "bytes": b})).collect::<Vec<_>>(),
+            "delivered_gb_per_s": delivered as f64 / report.seconds / 1e9,
+            "destinations": per.iter().map(|(at, t, b)| serde_json::json!({
+                "device": at, "tensors": t, "bytes": b,
+                "gb_per_s": *b as f64 / report.seconds / 1e9,
+            })).collect::<Vec<_>>(),
         });
         println!("{out}");
         return Ok(());
     }
     println!(
-        "placed {} ({shard}) in {:.3} s: read {} once at {:.2} GB/s",
+        "placed {} ({shard}) in {:.3} s: read {} once at {:.2} GB/s, delivered {} ({:.2} GB/s)",
         args.options.path.display(),
         report.seconds,
         units::bytes(report.read_bytes),
-        report.read_bytes as f64 / report.seconds / 1e9
+        report.read_bytes as f64 / report.seconds / 1e9,
+        units::bytes(delivered),
+        delivered as f64 / report.seconds / 1e9
     );
-    for (d, (tensors, bytes)) in per.iter().enumerate() {
-        println!("  destination {d}: {tensors} tensors, {}", units::bytes(*bytes));
+    for (d, (at, tensors, bytes)) in per.iter().enumerate() {
+        println!(
+            "  destination {d} ({at}): {tensors} tensors, {} ({:.2} GB/s)",
+            units::bytes(*bytes),
+            *bytes as f64 / report.seconds / 1e9
+        );
     }
     Ok(())
 }
@@ -170,7 +210,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         return Err("--verify compares with a plain read of local files; it does not take s3:// sources (use --checksum xxh3 against a local copy)".into());
     }
     let loader = Loader::new(args.options.config()?)?;
-    let gpu = match args.options.device {
+    let gpu = match args.options.device.one()? {
         Device::Cpu => None,
         Device::Cuda(n) => Some(CudaDevice::open(n)?),
     };

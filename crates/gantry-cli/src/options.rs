@@ -29,13 +29,38 @@ impl std::str::FromStr for Device {
     }
 }
 
+/// `--device`: `cpu`, `cuda:N`, or several GPUs `cuda:0,cuda:1` (placed loads).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Devices(pub Vec<Device>);
+
+impl std::str::FromStr for Devices {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let list = s.split(',').map(str::parse).collect::<Result<Vec<Device>, String>>()?;
+        if list.len() > 1 && list.contains(&Device::Cpu) {
+            return Err(format!("'{s}': a device list names GPUs only (cuda:0,cuda:1)"));
+        }
+        Ok(Devices(list))
+    }
+}
+
+impl Devices {
+    /// The one device of a plain load.
+    pub fn one(&self) -> Result<Device, String> {
+        match self.0.as_slice() {
+            [d] => Ok(*d),
+            _ => Err("--device names several GPUs: that needs --shard".to_owned()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadOptions {
     /// A .safetensors file, a directory, or a model.safetensors.index.json.
     pub path: PathBuf,
-    /// Where tensors go: cpu, or cuda:N.
+    /// Where tensors go: cpu, or cuda:N (with --shard: cuda:0,cuda:1,...).
     #[arg(long, default_value = "cpu")]
-    pub device: Device,
+    pub device: Devices,
     /// Reader: auto (per file, from the probed facts), direct (io_uring O_DIRECT), buffered
     /// (threads of pread) or gds (cuFile into GPU memory).
     #[arg(long = "path", value_name = "auto|direct|buffered|gds")]

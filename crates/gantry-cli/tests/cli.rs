@@ -227,6 +227,14 @@ fn load_shard_places_across_destinations() {
         let out = gantry(&["load", p, bad[0], bad[1]]);
         assert!(!out.status.success() && out.stdout.is_empty());
     }
+    // One destination per GPU named; several GPUs only with --shard; no host in a GPU list.
     let out = gantry(&["load", p, "--shard", "dim0:2", "--device", "cuda:0"]);
     assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("names 1 GPU"));
+    let out = gantry(&["load", p, "--device", "cuda:0,cuda:1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --shard"));
+    let out = gantry(&["load", p, "--shard", "dim0:2", "--device", "cpu,cuda:0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("GPUs only"));
 }

@@ -328,7 +328,12 @@ impl Loader {
     ) -> Result<LoadReport> {
         let mut cached = self.staging.lock();
         let setup = Instant::now();
-        let (files, choices) = self.open_files(checkpoint, wanted, device.is_some())?;
+        let target = match device {
+            None => Target::Host,
+            Some(_) if sink.device_reads() => Target::Device,
+            Some(_) => Target::Devices,
+        };
+        let (files, choices) = self.open_files(checkpoint, wanted, target)?;
         let opened = setup.elapsed().as_secs_f64();
         let (config, volume) = self.volume_settings(checkpoint, &files);
         let measured = setup.elapsed().as_secs_f64();
@@ -439,8 +444,9 @@ impl Loader {
         &self,
         checkpoint: &Checkpoint,
         wanted: &[bool],
-        to_device: bool,
+        target: Target,
     ) -> Result<(Files, Vec<Option<FileChoice>>)> {
+        let to_device = target != Target::Host;
         let mut files = Files { slot: vec![None; checkpoint.files.len()], ..Files::default() };
         let mut choices = vec![None; checkpoint.files.len()];
         for (f, info) in checkpoint.files.iter().enumerate() {
@@ -488,7 +494,7 @@ impl Loader {
                 io_uring: probe::io_uring(),
                 resident: probe::resident_fraction(&plain, range.start, range.end - range.start),
                 to_device,
-                gds: gds_facts(to_device, self.config.path, &plain),
+                gds: gds_facts(target, self.config.path, &plain),
             };
             let mut choice = schedule::choose(self.config.path, self.config.hot_fraction, &facts)?;
             if let (ReaderKind::Direct, Ok((_, align))) = (choice.reader, &direct) {
@@ -575,6 +581,17 @@ impl Loader {
     }
 }
 
+/// Where a load's bytes go, as far as choosing readers is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// Host memory.
+    Host,
+    /// Device memory, one destination per tensor (readers may write it themselves).
+    Device,
+    /// Device memory, some tensors to several destinations (through staging only).
+    Devices,
+}
+
 /// A file's reader, why, and the facts (in one line) it was chosen from.
 type FileChoice = (Choice, String);
 
@@ -583,12 +600,17 @@ type FileChoice = (Choice, String);
 /// the driver allows it). Opening the cuFile driver takes hundreds of milliseconds, so `auto`
 /// opens it only for files on NVMe, the only ones it could choose cuFile for.
 fn gds_facts(
-    to_device: bool,
+    target: Target,
     path: crate::PathChoice,
     file: &std::fs::File,
 ) -> Result<bool, String> {
-    if !to_device {
-        return Err("host load".to_owned());
+    match target {
+        Target::Host => return Err("host load".to_owned()),
+        Target::Devices => {
+            return Err("bytes go to several destinations: read once into staging, copied to each"
+                .to_owned())
+        }
+        Target::Device => {}
     }
     let on_nvme = crate::io::gds::file_on_nvme(file);
     if path == crate::PathChoice::Auto && !on_nvme {

@@ -1,12 +1,17 @@
-//! Placed loads into host memory: a checkpoint read once, its tensors replicated or sliced
-//! across several destinations ([`crate::placement`]).
+//! Placed loads: a checkpoint read once, its tensors replicated or sliced across several
+//! destinations ([`crate::placement`]), in host memory or on GPUs (one read feeds every GPU
+//! that wants those bytes).
+
+use std::sync::Arc;
 
 use gantry_format::{Checkpoint, TensorEntry};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::loader::{LoadReport, Loader};
 use crate::placement::{Layout, Share, ShareEntry};
+use crate::sink::cuda::{CudaDevice, CudaSink, DeviceBuffer, DeviceTarget};
 use crate::sink::host::{HostBuffer, PlacedSink};
+use crate::sink::Sink;
 
 /// A checkpoint placed across destinations in host memory: one buffer per destination.
 #[derive(Debug)]
@@ -99,6 +104,69 @@ impl Loader {
             .iter()
             .map(|&n| HostBuffer::new(n as usize))
             .collect::<Result<Vec<_>>>()?;
+        let mut sink = PlacedSink::new(&layout, &mut buffers);
+        let report = self.run_placed(&checkpoint, &layout, &mut sink, None, &mut on_ready)?;
+        Ok(PlacedModel { checkpoint, layout, buffers, report })
+    }
+
+    /// Loads `checkpoint` across GPUs: destination `d` is `devices[d]` (the same GPU may be
+    /// named more than once), with shares as for [`Loader::load_placed`]. Each destination's
+    /// shares live in one device allocation; every byte is read once into pinned staging and
+    /// copied to each destination that wants it. `on_ready(destination, tensor)` is called on
+    /// this thread once a share's copies have completed.
+    pub fn load_placed_to_devices(
+        &self,
+        checkpoint: Checkpoint,
+        devices: &[Arc<CudaDevice>],
+        place: impl FnMut(&TensorEntry) -> Result<Vec<(usize, Share)>>,
+        mut on_ready: impl FnMut(usize, &TensorEntry),
+    ) -> Result<PlacedDeviceModel> {
+        let Some(first) = devices.first() else {
+            return Err(Error::Config("a placed load onto GPUs needs at least one GPU".into()));
+        };
+        let layout = Layout::new(&checkpoint, devices.len(), place)?;
+        let buffers = devices
+            .iter()
+            .zip(&layout.buffer_bytes)
+            .enumerate()
+            .map(|(d, (device, &n))| device.alloc(n as usize, &format!("placed destination {d}")))
+            .collect::<Result<Vec<_>>>()?;
+        let targets = layout
+            .copies
+            .iter()
+            .zip(&layout.atoms.tensors)
+            .map(|(copies, atom)| {
+                copies
+                    .iter()
+                    .map(|c| {
+                        let share = &layout.shares[c.device][c.share];
+                        debug_assert!(c.dest + atom.len <= share.len);
+                        DeviceTarget {
+                            gpu: c.device,
+                            ptr: buffers[c.device].ptr() + share.offset + c.dest,
+                            len: atom.len,
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut sink = CudaSink::fan_out(devices, targets)?;
+        let report =
+            self.run_placed(&checkpoint, &layout, &mut sink, Some(first), &mut on_ready)?;
+        drop(sink);
+        Ok(PlacedDeviceModel { checkpoint, layout, buffers, report })
+    }
+
+    /// Runs a placed load into `sink`, calling `on_ready(destination, tensor)` as each share's
+    /// last atom lands (at once for empty shares).
+    fn run_placed(
+        &self,
+        checkpoint: &Checkpoint,
+        layout: &Layout,
+        sink: &mut dyn Sink,
+        device: Option<&Arc<CudaDevice>>,
+        on_ready: &mut dyn FnMut(usize, &TensorEntry),
+    ) -> Result<LoadReport> {
         // Atoms feeding each share; a share is ready when its last atom has landed.
         let mut pending: Vec<Vec<u32>> = layout.shares.iter().map(|s| vec![0; s.len()]).collect();
         for copies in &layout.copies {
@@ -106,16 +174,15 @@ impl Loader {
                 pending[c.device][c.share] += 1;
             }
         }
-        for (device, shares) in layout.shares.iter().enumerate() {
+        for (d, shares) in layout.shares.iter().enumerate() {
             for (s, share) in shares.iter().enumerate() {
-                if pending[device][s] == 0 {
-                    on_ready(device, &checkpoint.tensors[share.tensor]);
+                if pending[d][s] == 0 {
+                    on_ready(d, &checkpoint.tensors[share.tensor]);
                 }
             }
         }
         let wanted = vec![true; layout.atoms.tensors.len()];
-        let mut sink = PlacedSink::new(&layout, &mut buffers);
-        let report = self.run(&layout.atoms, &wanted, &mut sink, None, &mut |atom| {
+        self.run(&layout.atoms, &wanted, sink, device, &mut |atom| {
             for c in &layout.copies[atom] {
                 pending[c.device][c.share] -= 1;
                 if pending[c.device][c.share] == 0 {
@@ -123,7 +190,73 @@ impl Loader {
                     on_ready(c.device, &checkpoint.tensors[share.tensor]);
                 }
             }
-        })?;
-        Ok(PlacedModel { checkpoint, layout, buffers, report })
+        })
+    }
+}
+
+/// A checkpoint placed across GPUs: one device allocation per destination.
+#[derive(Debug)]
+pub struct PlacedDeviceModel {
+    checkpoint: Checkpoint,
+    layout: Layout,
+    buffers: Vec<DeviceBuffer>,
+    report: LoadReport,
+}
+
+/// One tensor's share on one destination GPU.
+#[derive(Debug, Clone, Copy)]
+pub struct PlacedDeviceTensor<'a> {
+    /// The tensor.
+    pub entry: &'a TensorEntry,
+    /// Its share: shape, length, what of the tensor.
+    pub share: &'a ShareEntry,
+    /// Device address of the share's first byte (C order of its shape).
+    pub ptr: u64,
+}
+
+impl PlacedDeviceModel {
+    /// The checkpoint's table.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
+
+    /// Figures of the load (bytes read count each atom once).
+    pub fn report(&self) -> &LoadReport {
+        &self.report
+    }
+
+    /// Destinations.
+    pub fn devices(&self) -> usize {
+        self.buffers.len()
+    }
+
+    /// The GPU of destination `destination`.
+    pub fn device(&self, destination: usize) -> &Arc<CudaDevice> {
+        self.buffers[destination].device()
+    }
+
+    /// The shares destination `destination` holds, in checkpoint order.
+    pub fn tensors(&self, destination: usize) -> impl Iterator<Item = PlacedDeviceTensor<'_>> {
+        let base = self.buffers[destination].ptr();
+        self.layout.shares[destination].iter().map(move |share| PlacedDeviceTensor {
+            entry: &self.checkpoint.tensors[share.tensor],
+            share,
+            ptr: base + share.offset,
+        })
+    }
+
+    /// Destination `destination`'s share of the tensor called `name`.
+    pub fn tensor(&self, destination: usize, name: &str) -> Option<PlacedDeviceTensor<'_>> {
+        self.tensors(destination).find(|t| t.entry.name == name)
+    }
+
+    /// Copies a share back to host memory (for checks).
+    pub fn copy_to_host(&self, destination: usize, t: &PlacedDeviceTensor<'_>) -> Result<Vec<u8>> {
+        self.device(destination).copy_to_host(t.ptr, t.share.len as usize)
+    }
+
+    /// Device bytes per destination.
+    pub fn device_bytes(&self, destination: usize) -> u64 {
+        self.buffers[destination].len() as u64
     }
 }

@@ -3,42 +3,10 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
 use gantry::sink::cuda::driver_available;
 use gantry::{Checkpoint, Config, CudaDevice, Dtype, Error, Loader, PathChoice};
 use proptest::prelude::*;
-
-/// The GPU, held by one test at a time: tests that measure free device memory must not see
-/// another test's allocations come and go.
-struct Gpu {
-    device: Arc<CudaDevice>,
-    _serial: std::sync::MutexGuard<'static, ()>,
-}
-
-impl std::ops::Deref for Gpu {
-    type Target = Arc<CudaDevice>;
-    fn deref(&self) -> &Arc<CudaDevice> {
-        &self.device
-    }
-}
-
-fn gpu() -> Option<Gpu> {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    match CudaDevice::open(0) {
-        Ok(device) => Some(Gpu { device, _serial: serial }),
-        Err(e) => {
-            assert!(
-                std::env::var("GANTRY_REQUIRE_GPU").as_deref() != Ok("1"),
-                "GANTRY_REQUIRE_GPU=1 but: {e}"
-            );
-            println!("skipped: no GPU ({e})");
-            None
-        }
-    }
-}
 
 fn assert_device_matches(model: &gantry::DeviceModel, expected: usize) {
     let mut n = 0;

@@ -9,9 +9,10 @@
 //! - [`PinnedHost`] page-locks the staging arena with `cuMemHostRegister` (not
 //!   `cuMemHostAlloc`, so io_uring can register the same pages): O_DIRECT reads land in memory
 //!   the GPU DMAs from, and each byte crosses the host once.
-//! - [`CudaSink`] queues each staged extent's copies on one of a few streams, records an event,
-//!   and hands (event, lease) to a poller thread. The poller waits for the event, then returns
-//!   the staging slot to the pool and tells the consumer the extent landed. So a buffer is
+//! - [`CudaSink`] queues each staged extent's copies on one of a few streams per GPU (one
+//!   read can feed several GPUs), records an event per GPU, and hands (events, lease) to a
+//!   poller thread. The poller waits for the events, then returns the staging slot to the
+//!   pool and tells the consumer the extent landed. So a buffer is
 //!   reused only after the GPU has finished reading it, and a tensor is reported ready only
 //!   after its copies completed.
 
@@ -276,33 +277,53 @@ impl Drop for PinnedHost {
     }
 }
 
-/// A raw CUDA handle sent to the poller thread.
+/// Handles sent to the poller thread: one event per GPU the extent was copied to.
 struct Pending {
-    event: sys::CUevent,
+    events: Vec<(usize, sys::CUevent)>,
     lease: Lease,
     extent: usize,
 }
 
-// SAFETY: events may be used from any thread with the context current (the poller binds it).
+// SAFETY: events may be used from any thread with their context current (the poller binds it).
 unsafe impl Send for Pending {}
 
-/// Streams whose handles travel between threads.
-struct Streams(Vec<sys::CUstream>);
+/// One destination of a tensor's bytes: `len` bytes of device memory at `ptr` on the sink's
+/// GPU number `gpu`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceTarget {
+    /// Position of the GPU in the sink's device list.
+    pub gpu: usize,
+    /// Device address of the tensor's first byte there.
+    pub ptr: u64,
+    /// Bytes available there.
+    pub len: u64,
+}
 
-/// Copies staged extents to per-tensor device addresses.
-pub struct CudaSink {
+/// A GPU of the sink and its copy streams.
+struct Gpu {
     device: Arc<CudaDevice>,
-    streams: Streams,
+    streams: Vec<sys::CUstream>,
     next_stream: usize,
-    /// Device address and length of each tensor's destination; 0 when skipped.
-    tensors: Vec<(u64, u64)>,
+}
+
+/// Copies staged extents to device addresses on one or several GPUs: each staged byte is read
+/// once and copied to every destination that wants it.
+pub struct CudaSink {
+    gpus: Vec<Gpu>,
+    /// Per tensor, every place its bytes go (empty when skipped).
+    targets: Vec<Vec<DeviceTarget>>,
+    /// The GPU whose context is current on the consumer thread.
+    bound: usize,
+    /// Per GPU, the stream this extent's copies use (scratch for `deliver`).
+    chosen: Vec<Option<sys::CUstream>>,
     poller: Option<(Sender<Pending>, JoinHandle<()>)>,
     previous_context: Option<sys::CUcontext>,
 }
 
 impl std::fmt::Debug for CudaSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaSink").field("device", &self.device.ordinal).finish_non_exhaustive()
+        let ordinals: Vec<u32> = self.gpus.iter().map(|g| g.device.ordinal).collect();
+        f.debug_struct("CudaSink").field("devices", &ordinals).finish_non_exhaustive()
     }
 }
 
@@ -314,57 +335,78 @@ impl CudaSink {
         targets: Vec<Option<u64>>,
         checkpoint: &Checkpoint,
     ) -> Result<Self> {
-        let previous_context = result::ctx::get_current().ok().flatten();
-        device.bind()?;
-        let mut streams = Vec::with_capacity(STREAMS);
-        for _ in 0..STREAMS {
-            let s = result::stream::create(result::stream::StreamKind::NonBlocking)
-                .map_err(cuda_error("cuStreamCreate"))?;
-            streams.push(s);
-        }
-        let tensors = targets
+        let targets = targets
             .iter()
             .zip(&checkpoint.tensors)
-            .map(|(t, e)| t.map_or((0, 0), |p| (p, e.len)))
+            .map(|(t, e)| {
+                t.map(|ptr| DeviceTarget { gpu: 0, ptr, len: e.len }).into_iter().collect()
+            })
             .collect();
-        let streams = Streams(streams);
-        Ok(Self {
-            device: Arc::clone(device),
-            streams,
-            next_stream: 0,
-            tensors,
+        Self::fan_out(std::slice::from_ref(device), targets)
+    }
+
+    /// A sink copying tensor `i` to every place in `targets[i]`, on the GPUs `devices` (the
+    /// same GPU may appear more than once: each entry gets its own streams).
+    pub fn fan_out(devices: &[Arc<CudaDevice>], targets: Vec<Vec<DeviceTarget>>) -> Result<Self> {
+        assert!(!devices.is_empty(), "a CUDA sink needs a GPU");
+        assert!(targets.iter().flatten().all(|t| t.gpu < devices.len()), "target on no GPU");
+        let previous_context = result::ctx::get_current().ok().flatten();
+        let mut sink = Self {
+            gpus: Vec::with_capacity(devices.len()),
+            targets,
+            bound: usize::MAX,
+            chosen: vec![None; devices.len()],
             poller: None,
             previous_context,
-        })
+        };
+        for device in devices {
+            device.bind()?;
+            let mut gpu = Gpu { device: Arc::clone(device), streams: Vec::new(), next_stream: 0 };
+            for _ in 0..STREAMS {
+                let s = result::stream::create(result::stream::StreamKind::NonBlocking)
+                    .map_err(cuda_error("cuStreamCreate"))?;
+                gpu.streams.push(s);
+            }
+            sink.gpus.push(gpu); // pushed at once: Drop destroys what was created so far
+        }
+        sink.bind(0)?;
+        Ok(sink)
+    }
+
+    /// Makes GPU `gpu`'s context current on this thread.
+    fn bind(&mut self, gpu: usize) -> Result<()> {
+        if self.bound != gpu {
+            self.gpus[gpu].device.bind()?;
+            self.bound = gpu;
+        }
+        Ok(())
     }
 
     fn poller(&mut self, landed: &Sender<Result<Message>>) -> Result<&Sender<Pending>> {
         if self.poller.is_none() {
             let (tx, rx) = mpsc::channel::<Pending>();
-            let (device, landed) = (Arc::clone(&self.device), landed.clone());
+            let devices: Vec<Arc<CudaDevice>> =
+                self.gpus.iter().map(|g| Arc::clone(&g.device)).collect();
+            let landed = landed.clone();
             let handle = std::thread::Builder::new()
                 .name("gantry-cuda-poll".into())
                 .spawn(move || {
-                    let bound = device.bind();
                     for p in rx {
-                        let synced = match &bound {
-                            Ok(()) => {
+                        let mut synced = Ok(());
+                        for &(gpu, event) in &p.events {
+                            let done = devices[gpu].bind().and_then(|()| {
                                 // SAFETY: the event was recorded in this context.
-                                unsafe { result::event::synchronize(p.event) }
+                                unsafe { result::event::synchronize(event) }
                                     .map_err(cuda_error("cuEventSynchronize"))
-                            }
-                            Err(e) => Err(Error::Cuda {
-                                op: "binding the poller".into(),
-                                code: -1,
-                                message: e.to_string(),
-                            }),
-                        };
-                        // SAFETY: the event is not used after this.
-                        unsafe { result::event::destroy(p.event) }.ok();
-                        drop(p.lease); // the GPU is done reading it (or failed: nothing reads it now)
+                            });
+                            // SAFETY: the event is not used after this.
+                            unsafe { result::event::destroy(event) }.ok();
+                            synced = synced.and(done);
+                        }
+                        drop(p.lease); // the GPUs are done reading it (or failed: nothing reads it now)
                         let message = synced.map(|()| Message::Landed { extent: p.extent });
                         // A failed send means the load was abandoned; keep syncing so every
-                        // lease comes back only after its copy is finished.
+                        // lease comes back only after its copies are finished.
                         let _ = landed.send(message);
                     }
                 })
@@ -373,6 +415,83 @@ impl CudaSink {
         }
         Ok(&self.poller.as_ref().expect("just set").0)
     }
+
+    /// Queues the copies of `steps` from `source`; the streams used are left in `chosen`.
+    fn queue_copies(&mut self, steps: &[CopyStep], source: &[u8]) -> Result<()> {
+        for s in steps {
+            let bytes = &source[s.source_offset as usize..(s.source_offset + s.len) as usize];
+            for k in 0..self.targets[s.tensor].len() {
+                let t = self.targets[s.tensor][k];
+                assert!(s.target_offset + s.len <= t.len);
+                self.bind(t.gpu)?;
+                let stream = match self.chosen[t.gpu] {
+                    Some(stream) => stream,
+                    None => {
+                        let gpu = &mut self.gpus[t.gpu];
+                        let stream = gpu.streams[gpu.next_stream];
+                        gpu.next_stream = (gpu.next_stream + 1) % gpu.streams.len();
+                        *self.chosen[t.gpu].insert(stream)
+                    }
+                };
+                // SAFETY: the destination range is inside the target's device memory
+                // (asserted); the source is pinned staging held by the lease until the events
+                // recorded after these copies complete.
+                unsafe { result::memcpy_htod_async(t.ptr + s.target_offset, bytes, stream) }
+                    .map_err(cuda_error("cuMemcpyHtoDAsync"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records an event after this extent's copies on every stream in `chosen`; on failure,
+    /// waits for the copies instead (the lease must not come back before they finish).
+    fn record_events(&mut self) -> Result<Vec<(usize, sys::CUevent)>> {
+        let mut events = Vec::new();
+        let mut failed = None;
+        for gpu in 0..self.chosen.len() {
+            let Some(stream) = self.chosen[gpu].take() else { continue };
+            if failed.is_some() {
+                let _ = self.bind(gpu);
+                // SAFETY: waiting for copies queued on this GPU's stream.
+                unsafe { result::stream::synchronize(stream) }.ok();
+                continue;
+            }
+            let recorded = self.bind(gpu).and_then(|()| {
+                let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                    .map_err(cuda_error("cuEventCreate"))?;
+                // SAFETY: event and stream belong to the bound context.
+                match unsafe { result::event::record(event, stream) } {
+                    Ok(()) => Ok(event),
+                    Err(e) => {
+                        // SAFETY: never recorded, destroyed once.
+                        unsafe { result::event::destroy(event) }.ok();
+                        Err(cuda_error("cuEventRecord")(e))
+                    }
+                }
+            });
+            match recorded {
+                Ok(event) => events.push((gpu, event)),
+                Err(e) => {
+                    // SAFETY: waiting for the copies queued on this stream.
+                    unsafe { result::stream::synchronize(stream) }.ok();
+                    failed = Some(e);
+                }
+            }
+        }
+        match failed {
+            None => Ok(events),
+            Some(e) => {
+                for (gpu, event) in events {
+                    let _ = self.bind(gpu);
+                    // SAFETY: recorded above; waited for, then destroyed once.
+                    unsafe { result::event::synchronize(event) }.ok();
+                    // SAFETY: as above.
+                    unsafe { result::event::destroy(event) }.ok();
+                }
+                Err(e)
+            }
+        }
+    }
 }
 
 impl Sink for CudaSink {
@@ -380,8 +499,15 @@ impl Sink for CudaSink {
         None // device memory: every extent goes through pinned staging
     }
 
+    fn device_reads(&self) -> bool {
+        self.gpus.len() == 1 && self.targets.iter().all(|t| t.len() <= 1)
+    }
+
     fn device_pointer(&self, tensor: usize) -> Option<u64> {
-        Some(self.tensors[tensor].0).filter(|&p| p != 0)
+        match self.targets[tensor].as_slice() {
+            [only] if self.device_reads() => Some(only.ptr),
+            _ => None,
+        }
     }
 
     fn deliver(
@@ -391,34 +517,28 @@ impl Sink for CudaSink {
         lease: Lease,
         landed: &Sender<Result<Message>>,
     ) -> Result<bool> {
-        let stream = self.streams.0[self.next_stream];
-        self.next_stream = (self.next_stream + 1) % self.streams.0.len();
-        let source = lease.as_slice();
-        for s in steps {
-            let (ptr, len) = self.tensors[s.tensor];
-            assert!(ptr != 0 && s.target_offset + s.len <= len);
-            let bytes = &source[s.source_offset as usize..(s.source_offset + s.len) as usize];
-            // SAFETY: the destination range is inside the tensor's device memory (asserted);
-            // the source is pinned staging held by `lease` until the event below completes.
-            unsafe { result::memcpy_htod_async(ptr + s.target_offset, bytes, stream) }
-                .map_err(cuda_error("cuMemcpyHtoDAsync"))?;
+        let queued = self.queue_copies(steps, lease.as_slice());
+        if let Err(e) = queued {
+            for gpu in 0..self.chosen.len() {
+                if let Some(stream) = self.chosen[gpu].take() {
+                    let _ = self.bind(gpu);
+                    // SAFETY: the copies already queued must finish before the lease drops.
+                    unsafe { result::stream::synchronize(stream) }.ok();
+                }
+            }
+            return Err(e);
         }
-        let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
-            .map_err(cuda_error("cuEventCreate"))?;
-        // SAFETY: event and stream belong to the bound context.
-        if let Err(e) = unsafe { result::event::record(event, stream) } {
-            // SAFETY: never recorded, destroyed once.
-            unsafe { result::event::destroy(event) }.ok();
-            // SAFETY: the copies queued above must finish before the lease can be dropped.
-            unsafe { result::stream::synchronize(stream) }.ok();
-            return Err(cuda_error("cuEventRecord")(e));
-        }
-        let pending = Pending { event, lease, extent };
+        let events = self.record_events()?;
+        let pending = Pending { events, lease, extent };
         if let Err(mpsc::SendError(p)) = self.poller(landed)?.send(pending) {
-            // SAFETY: the poller is gone; wait here instead.
-            unsafe { result::event::synchronize(p.event) }.ok();
-            // SAFETY: destroyed once.
-            unsafe { result::event::destroy(p.event) }.ok();
+            // The poller is gone; wait here instead.
+            for (gpu, event) in p.events {
+                let _ = self.bind(gpu);
+                // SAFETY: recorded in that context; waited for, then destroyed once.
+                unsafe { result::event::synchronize(event) }.ok();
+                // SAFETY: as above.
+                unsafe { result::event::destroy(event) }.ok();
+            }
         }
         Ok(false)
     }
@@ -432,12 +552,14 @@ impl Drop for CudaSink {
                 log::error!("the CUDA poller thread panicked");
             }
         }
-        let _ = self.device.bind();
-        for &s in &self.streams.0 {
-            // SAFETY: every copy on it has been waited for (poller joined); destroyed once.
-            unsafe { result::stream::synchronize(s) }.ok();
-            // SAFETY: as above.
-            unsafe { result::stream::destroy(s) }.ok();
+        for gpu in &self.gpus {
+            let _ = gpu.device.bind();
+            for &s in &gpu.streams {
+                // SAFETY: every copy on it has been waited for (poller joined); destroyed once.
+                unsafe { result::stream::synchronize(s) }.ok();
+                // SAFETY: as above.
+                unsafe { result::stream::destroy(s) }.ok();
+            }
         }
         if let Some(ctx) = self.previous_context {
             // SAFETY: restoring the caller's context, which it still holds.

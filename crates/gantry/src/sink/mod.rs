@@ -25,6 +25,12 @@ pub trait Sink {
         align: u64,
     ) -> Option<RawTarget>;
 
+    /// Whether readers may write device memory themselves (cuFile): every wanted tensor has
+    /// one destination, given by [`Sink::device_pointer`].
+    fn device_reads(&self) -> bool {
+        false
+    }
+
     /// The device address of tensor `tensor`'s destination, for readers that write device
     /// memory themselves (cuFile); `None` for host sinks.
     fn device_pointer(&self, _tensor: usize) -> Option<u64> {

@@ -66,3 +66,34 @@ pub fn assert_matches_reference(model: &gantry::HostModel, expected: usize) {
 pub fn path_of(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
+
+/// GPU 0, held by one test at a time: tests that measure free device memory must not see
+/// another test's allocations come and go. `None` (with a line saying why) without a GPU,
+/// unless `GANTRY_REQUIRE_GPU=1`, which turns the skip into a failure.
+pub struct Gpu {
+    device: std::sync::Arc<gantry::CudaDevice>,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for Gpu {
+    type Target = std::sync::Arc<gantry::CudaDevice>;
+    fn deref(&self) -> &std::sync::Arc<gantry::CudaDevice> {
+        &self.device
+    }
+}
+
+pub fn gpu() -> Option<Gpu> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    match gantry::CudaDevice::open(0) {
+        Ok(device) => Some(Gpu { device, _serial: serial }),
+        Err(e) => {
+            assert!(
+                std::env::var("GANTRY_REQUIRE_GPU").as_deref() != Ok("1"),
+                "GANTRY_REQUIRE_GPU=1 but: {e}"
+            );
+            println!("skipped: no GPU ({e})");
+            None
+        }
+    }
+}
