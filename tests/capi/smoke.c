@@ -1,6 +1,7 @@
 /* C11 smoke client of the gantry C ABI: load a checkpoint into host memory, enumerate its
  * tensors, check every byte against this program's own read of the file, load into its own
- * buffers through the callback API, and hit every error family. Without CUDA, a GPU load must
+ * buffers through the callback API, place it across two destinations (split by rows, and by
+ * a callback), and hit every error family. Without CUDA, a GPU load must
  * return a status, not abort. With five more arguments, the same file from an S3 store: loaded
  * through key=value options, compared with the local file, a missing object and wrong
  * credentials as errors (the secret never in the message).
@@ -66,6 +67,106 @@ static void landed(void *user, const gantry_tensor *t) {
     struct targets *targets = user;
     CHECK(t->data == (uint64_t)(uintptr_t)targets->buffers[t->index], "ready names its destination");
     targets->ready++;
+}
+
+/* Destination 0: rows 8..12 of w; destination 1: b whole; nothing else. */
+static int32_t place_some(void *user, const gantry_tensor *t, size_t destination, gantry_share *share) {
+    int *calls = user;
+    (*calls)++;
+    if (strcmp(t->name, "w") == 0 && destination == 0) {
+        share->whole = 0;
+        share->dim = 0;
+        share->start = 8;
+        share->len = 4;
+        return 1;
+    }
+    if (strcmp(t->name, "b") == 0 && destination == 1) {
+        share->whole = 1;
+        return 1;
+    }
+    return 0;
+}
+
+static int32_t place_refuse(void *user, const gantry_tensor *t, size_t destination, gantry_share *share) {
+    (void)user, (void)t, (void)destination, (void)share;
+    return -1;
+}
+
+/* Placed loads across two host destinations, each share against the file's bytes. */
+static void placed(gantry_loader *loader, const char *good) {
+    const int32_t host[2] = {GANTRY_DEVICE_HOST, GANTRY_DEVICE_HOST};
+    gantry_placed *p = NULL;
+    expect(gantry_loader_load_split(loader, good, host, 2, GANTRY_SPLIT_DIM0, &p), GANTRY_OK, "split by rows");
+    size_t n = 0;
+    expect(gantry_placed_destinations(p, &n), GANTRY_OK, "destinations");
+    CHECK(n == 2, "2 destinations, got %zu", n);
+    for (size_t d = 0; d < 2; d++) {
+        size_t count = 0;
+        expect(gantry_placed_tensor_count(p, d, &count), GANTRY_OK, "share count");
+        CHECK(count == 2, "2 shares on %zu, got %zu", d, count);
+        gantry_tensor w, b;
+        expect(gantry_placed_find(p, d, "w", &w), GANTRY_OK, "find w share");
+        CHECK(w.ndim == 2 && w.shape[0] == 16 && w.shape[1] == 64 && w.bytes == 2048, "w share shape on %zu", d);
+        unsigned char *rows = read_file_range(good, w.file_offset + d * 2048, 2048);
+        CHECK(memcmp((const void *)(uintptr_t)w.data, rows, 2048) == 0, "rows of w on %zu", d);
+        free(rows);
+        expect(gantry_placed_find(p, d, "b", &b), GANTRY_OK, "find b");
+        unsigned char *whole = read_file_range(good, b.file_offset, 20);
+        CHECK(b.bytes == 20 && memcmp((const void *)(uintptr_t)b.data, whole, 20) == 0, "b whole on %zu", d);
+        free(whole);
+    }
+    gantry_report report;
+    expect(gantry_placed_report(p, &report), GANTRY_OK, "placed report");
+    CHECK(report.read_bytes == 4096 + 20, "read once: %llu", (unsigned long long)report.read_bytes);
+    gantry_tensor none;
+    expect(gantry_placed_tensor(p, 2, 0, &none), GANTRY_E_NOT_FOUND, "destination out of range");
+    expect(gantry_placed_tensor(p, 0, 2, &none), GANTRY_E_NOT_FOUND, "share out of range");
+    gantry_placed_free(p);
+
+    int calls = 0;
+    expect(gantry_loader_load_placed(loader, good, host, 2, place_some, &calls, &p), GANTRY_OK, "placed by callback");
+    CHECK(calls == 4, "asked once per tensor and destination: %d", calls);
+    size_t count = 0;
+    expect(gantry_placed_tensor_count(p, 0, &count), GANTRY_OK, "count 0");
+    CHECK(count == 1, "one share on 0");
+    gantry_tensor w;
+    expect(gantry_placed_tensor(p, 0, 0, &w), GANTRY_OK, "share 0");
+    CHECK(strcmp(w.name, "w") == 0 && w.shape[0] == 4 && w.bytes == 512, "rows 8..12 of w");
+    unsigned char *rows = read_file_range(good, w.file_offset + 8 * 128, 512);
+    CHECK(memcmp((const void *)(uintptr_t)w.data, rows, 512) == 0, "bytes of rows 8..12");
+    free(rows);
+    expect(gantry_placed_find(p, 0, "b", &w), GANTRY_E_NOT_FOUND, "b is not on 0");
+    expect(gantry_placed_report(p, &report), GANTRY_OK, "report");
+    CHECK(report.read_bytes < 4096, "only the rows and b are read: %llu", (unsigned long long)report.read_bytes);
+    gantry_placed_free(p);
+
+    gantry_placed *untouched = (gantry_placed *)(uintptr_t)0x1;
+    p = untouched;
+    expect(gantry_loader_load_placed(loader, good, host, 2, place_refuse, NULL, &p), GANTRY_E_INVALID_ARGUMENT,
+           "refused by the callback");
+    const int32_t mixed[2] = {GANTRY_DEVICE_HOST, 0};
+    expect(gantry_loader_load_split(loader, good, mixed, 2, GANTRY_SPLIT_DIM0, &p), GANTRY_E_INVALID_ARGUMENT,
+           "host and GPU mixed");
+    expect(gantry_loader_load_split(loader, good, host, 0, GANTRY_SPLIT_DIM0, &p), GANTRY_E_INVALID_ARGUMENT,
+           "no destination");
+    expect(gantry_loader_load_split(loader, good, host, 2, 9, &p), GANTRY_E_INVALID_ARGUMENT, "unknown split");
+    expect(gantry_loader_load_placed(loader, good, host, 2, NULL, NULL, &p), GANTRY_E_NULL_ARGUMENT, "NULL place");
+    expect(gantry_loader_load_split(loader, good, NULL, 2, GANTRY_SPLIT_DIM0, &p), GANTRY_E_NULL_ARGUMENT,
+           "NULL devices");
+    CHECK(p == untouched, "placed_out untouched on failure");
+    gantry_placed_free(NULL);
+
+    /* On GPUs: one GPU named twice where there is one; a status whatever the machine has. */
+    const int32_t gpus[2] = {0, 0};
+    gantry_status gpu = gantry_loader_load_split(loader, good, gpus, 2, GANTRY_SPLIT_DIM1, &p);
+    if (gpu == GANTRY_OK) {
+        expect(gantry_placed_find(p, 1, "w", &w), GANTRY_OK, "w on the second destination");
+        CHECK(w.shape[0] == 32 && w.shape[1] == 32 && w.bytes == 2048, "columns of w");
+        gantry_placed_free(p);
+        printf("GPU placed load: ok\n");
+    } else {
+        CHECK(gpu == GANTRY_E_UNAVAILABLE || gpu == GANTRY_E_CUDA, "GPU placed load: %s", gantry_status_name(gpu));
+    }
 }
 
 /* GOOD was uploaded to URL; MISSING_URL names no object. */
@@ -247,6 +348,7 @@ int main(int argc, char **argv) {
         CHECK(gpu == GANTRY_E_UNAVAILABLE || gpu == GANTRY_E_CUDA, "GPU load: %s", gantry_status_name(gpu));
         printf("GPU load: %s (%s)\n", gantry_status_name(gpu), message);
     }
+    placed(loader, good);
     gantry_loader_free(loader);
     if (argc == 8) {
         object_storage(good, argv + 3);

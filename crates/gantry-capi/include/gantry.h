@@ -82,11 +82,36 @@ typedef int32_t gantry_path;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+// The common placements of `gantry_loader_load_split`.
+enum gantry_split
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // Every tensor whole to every destination.
+  GANTRY_SPLIT_REPLICATE = 0,
+  // Tensors of two or more dimensions split evenly by rows (dimension 0) where the
+  // destinations divide it; the rest whole to each.
+  GANTRY_SPLIT_DIM0 = 1,
+  // As `GANTRY_SPLIT_DIM0`, by columns (dimension 1).
+  GANTRY_SPLIT_DIM1 = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum gantry_split gantry_split;
+#else
+typedef int32_t gantry_split;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
 // An opaque loader: settings and the staging ring, reused across loads.
 typedef struct gantry_loader gantry_loader;
 
 // An opaque loaded checkpoint; its memory (host or device) is freed by `gantry_model_free`.
 typedef struct gantry_model gantry_model;
+
+// An opaque placed checkpoint; its memory is freed by `gantry_placed_free`.
+typedef struct gantry_placed gantry_placed;
 
 // Loader settings. Fill with `gantry_config_init`, then change what you need.
 typedef struct gantry_config {
@@ -154,6 +179,26 @@ typedef struct gantry_report {
   // Seconds from the first read to the last byte landing.
   double seconds;
 } gantry_report;
+
+// What of a tensor one destination gets, as a `gantry_place_fn` fills it.
+typedef struct gantry_share {
+  // 1: the whole tensor (the other fields are ignored); 0: a slice.
+  uint32_t whole;
+  // The dimension sliced.
+  uint32_t dim;
+  // First index taken along `dim`.
+  uint64_t start;
+  // Indices taken along `dim`.
+  uint64_t len;
+} gantry_share;
+
+// Says what destination `destination` gets of `tensor` (data is 0): fill `*share_out` and
+// return 1, return 0 for nothing, or a negative value to fail the load
+// (`GANTRY_E_INVALID_ARGUMENT`). Called once per tensor and destination, before any read.
+typedef int32_t (*gantry_place_fn)(void *user_data,
+                                   const struct gantry_tensor *tensor,
+                                   size_t destination,
+                                   struct gantry_share *share_out);
 
 #ifdef __cplusplus
 extern "C" {
@@ -281,6 +326,82 @@ gantry_status gantry_model_report(const struct gantry_model *model,
 // # Safety
 // `model` is NULL or a live model from gantry, not used afterwards.
 void gantry_model_free(struct gantry_model *model);
+
+// Loads `path` across `destinations` places: `devices` lists one per destination, either
+// all `GANTRY_DEVICE_HOST` (host memory) or all GPU ordinals (the same GPU may appear more
+// than once). `place` says what each destination gets of each tensor. Bytes several
+// destinations want are read once; a slice along dimension 0 reads only its bytes.
+//
+// # Safety
+// `loader` live; `path` NUL-terminated; `devices` points to `destinations` values; `place`
+// follows its contract and does not unwind; `placed_out` writable.
+gantry_status gantry_loader_load_placed(const struct gantry_loader *loader,
+                                        const char *path,
+                                        const int32_t *devices,
+                                        size_t destinations,
+                                        gantry_place_fn place,
+                                        void *user_data,
+                                        struct gantry_placed **placed_out);
+
+// Loads `path` across `destinations` places (as `gantry_loader_load_placed`) with one of the
+// common placements: replicated, or split by rows or columns for tensor parallelism.
+//
+// # Safety
+// `loader` live; `path` NUL-terminated; `devices` points to `destinations` values;
+// `placed_out` writable.
+gantry_status gantry_loader_load_split(const struct gantry_loader *loader,
+                                       const char *path,
+                                       const int32_t *devices,
+                                       size_t destinations,
+                                       int32_t split,
+                                       struct gantry_placed **placed_out);
+
+// The number of destinations.
+//
+// # Safety
+// `placed` live; `count_out` writable.
+gantry_status gantry_placed_destinations(const struct gantry_placed *placed, size_t *count_out);
+
+// The number of shares destination `destination` holds.
+//
+// # Safety
+// `placed` live; `count_out` writable.
+gantry_status gantry_placed_tensor_count(const struct gantry_placed *placed,
+                                         size_t destination,
+                                         size_t *count_out);
+
+// Share `position` (checkpoint order) of destination `destination`: `shape`, `ndim` and
+// `bytes` are the share's, `data` its address (host pointer or device pointer);
+// `file_offset` and `index` are the whole tensor's.
+//
+// # Safety
+// `placed` live; `tensor_out` writable.
+gantry_status gantry_placed_tensor(const struct gantry_placed *placed,
+                                   size_t destination,
+                                   size_t position,
+                                   struct gantry_tensor *tensor_out);
+
+// Destination `destination`'s share of the tensor called `name`.
+//
+// # Safety
+// `placed` live; `name` NUL-terminated; `tensor_out` writable.
+gantry_status gantry_placed_find(const struct gantry_placed *placed,
+                                 size_t destination,
+                                 const char *name,
+                                 struct gantry_tensor *tensor_out);
+
+// Figures of the load (bytes read count each byte once, whatever the destinations).
+//
+// # Safety
+// `placed` live; `report_out` writable.
+gantry_status gantry_placed_report(const struct gantry_placed *placed,
+                                   struct gantry_report *report_out);
+
+// Frees a placed checkpoint and the memory of its shares (NULL is ignored).
+//
+// # Safety
+// `placed` NULL or live, not used afterwards.
+void gantry_placed_free(struct gantry_placed *placed);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -20,6 +20,7 @@
 
 mod error;
 mod model;
+mod placed;
 
 use std::ffi::{c_char, c_void};
 use std::sync::Arc;
@@ -30,6 +31,7 @@ pub use error::{
     gantry_last_error_message, gantry_status,
 };
 pub use model::{gantry_model, gantry_report, gantry_tensor};
+pub use placed::{gantry_place_fn, gantry_placed, gantry_share, gantry_split};
 
 /// The ABI version: bumped when a signature or a struct layout changes incompatibly.
 pub const GANTRY_ABI_VERSION: u32 = 1;

@@ -82,18 +82,29 @@ impl TensorInfos {
     }
 
     pub(crate) fn tensor(&self, i: usize, data: u64) -> gantry_tensor {
+        self.share(i, data, &self.shapes[i], self.entries[i].0)
+    }
+
+    /// Tensor `i` with its own name, dtype, file and offset, but `shape` and `bytes` of a
+    /// share of it (`shape` must outlive the description).
+    pub(crate) fn share(&self, i: usize, data: u64, shape: &[u64], bytes: u64) -> gantry_tensor {
         gantry_tensor {
             name: self.names[i].as_ptr(),
             dtype: self.dtypes[i].as_ptr(),
             file: self.files[self.file_of[i]].as_ptr(),
-            shape: self.shapes[i].as_ptr(),
-            ndim: self.shapes[i].len() as u32,
+            shape: shape.as_ptr(),
+            ndim: shape.len() as u32,
             reserved: 0,
             data,
-            bytes: self.entries[i].0,
+            bytes,
             file_offset: self.entries[i].1,
             index: i as u64,
         }
+    }
+
+    /// Tensor `i`'s name, without the NUL.
+    pub(crate) fn name(&self, i: usize) -> &[u8] {
+        self.names[i].to_bytes()
     }
 }
 
@@ -205,7 +216,7 @@ pub unsafe extern "C" fn gantry_model_find(
         let position = model
             .tensors
             .iter()
-            .position(|&(i, _)| model.infos.names[i].to_bytes() == name.as_bytes())
+            .position(|&(i, _)| model.infos.name(i) == name.as_bytes())
             .ok_or_else(|| CallError::not_found(format!("no loaded tensor '{name}'")))?;
         // SAFETY: checked non-NULL.
         unsafe { out.write(model.describe(position)) };

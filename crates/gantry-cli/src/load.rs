@@ -54,7 +54,6 @@ fn parse_shard(text: &str) -> Result<(Option<usize>, usize), Box<dyn Error>> {
 /// `gantry load --shard`: a placed load into host memory (`--device cpu`) or across GPUs
 /// (`--device cuda:0,cuda:1,...`, one destination per GPU named), one line per destination.
 fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
-    use gantry::placement::{even, Share};
     let (dim, n) = parse_shard(shard)?;
     let gpus: Vec<u32> = args
         .options
@@ -75,15 +74,7 @@ fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
     }
     let loader = Loader::new(args.options.config()?)?;
     let devices = gpus.iter().map(|&g| CudaDevice::open(g)).collect::<Result<Vec<_>, _>>()?;
-    let place = |t: &gantry::TensorEntry| -> gantry::Result<Vec<(usize, Share)>> {
-        let split = dim.filter(|&d| t.shape.len() >= 2 && t.shape[d] % n as u64 == 0);
-        (0..n)
-            .map(|r| match split {
-                Some(d) => Ok((r, Share::Slice(even(t, d, n as u64, r as u64)?))),
-                None => Ok((r, Share::Whole)),
-            })
-            .collect()
-    };
+    let place = |t: &gantry::TensorEntry| gantry::placement::split(t, dim, n);
     let start = std::time::Instant::now();
     let checkpoint = gantry::open_with(&args.options.path, loader.config())?;
     // Per destination: where, tensors, bytes.

@@ -55,6 +55,22 @@ pub fn even(entry: &TensorEntry, dim: usize, parts: u64, index: u64) -> Result<S
     Ok(Slice { dim, start: index * len, len })
 }
 
+/// The common tensor-parallel placement over `parts` destinations: a tensor of two or more
+/// dimensions is split evenly along `dim` where `parts` divides that dimension; everything
+/// else (every tensor when `dim` is `None`) goes whole to each destination.
+pub fn split(entry: &TensorEntry, dim: Option<usize>, parts: usize) -> Result<Vec<(usize, Share)>> {
+    let cut = dim.filter(|&d| {
+        entry.shape.len() >= 2
+            && entry.shape.get(d).is_some_and(|&n| parts > 0 && n % parts as u64 == 0)
+    });
+    (0..parts)
+        .map(|r| match cut {
+            Some(d) => Ok((r, Share::Slice(even(entry, d, parts as u64, r as u64)?))),
+            None => Ok((r, Share::Whole)),
+        })
+        .collect()
+}
+
 /// One contiguous run of a tensor's share: `len` bytes at absolute file offset `offset`, which
 /// land at `dest` bytes into the share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
