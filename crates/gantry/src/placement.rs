@@ -292,6 +292,24 @@ mod tests {
     }
 
     #[test]
+    fn split_divides_where_it_can_and_replicates_the_rest() {
+        let m = entry(&[6, 4], Dtype::F32, 0);
+        let slice = |dim, start, len| Share::Slice(Slice { dim, start, len });
+        assert_eq!(
+            split(&m, Some(0), 3).unwrap(),
+            vec![(0, slice(0, 0, 2)), (1, slice(0, 2, 2)), (2, slice(0, 4, 2))]
+        );
+        assert_eq!(split(&m, Some(1), 2).unwrap(), vec![(0, slice(1, 0, 2)), (1, slice(1, 2, 2))]);
+        // 4 columns do not split in 3; 1-D tensors and dimensions past the shape go whole.
+        let whole = |n| (0..n).map(|d| (d, Share::Whole)).collect::<Vec<_>>();
+        assert_eq!(split(&m, Some(1), 3).unwrap(), whole(3));
+        assert_eq!(split(&entry(&[8], Dtype::F32, 0), Some(0), 2).unwrap(), whole(2));
+        assert_eq!(split(&m, Some(5), 2).unwrap(), whole(2));
+        assert_eq!(split(&m, None, 4).unwrap(), whole(4));
+        assert!(split(&m, Some(0), 0).unwrap().is_empty());
+    }
+
+    #[test]
     fn runs_of_slices() {
         let t = entry(&[4, 6], Dtype::F32, 1000); // rows of 24 bytes
         let whole = runs(&t, Share::Whole).unwrap();
