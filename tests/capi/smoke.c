@@ -69,6 +69,22 @@ static void landed(void *user, const gantry_tensor *t) {
     targets->ready++;
 }
 
+/* Each of the two buffers `choose` handed out holds its tensor's bytes of GOOD (a fresh load
+ * of the local file gives each tensor's offset); frees them. */
+static void check_and_free(gantry_loader *loader, const char *good, struct targets *targets, const char *what) {
+    gantry_model *model = NULL;
+    expect(gantry_loader_load(loader, good, GANTRY_DEVICE_HOST, &model), GANTRY_OK, "offsets from the local file");
+    for (size_t i = 0; i < 2; i++) {
+        gantry_tensor t;
+        expect(gantry_model_tensor(model, i, &t), GANTRY_OK, "tensor");
+        unsigned char *expected = read_file_range(good, t.file_offset, t.bytes);
+        CHECK(memcmp(targets->buffers[t.index], expected, t.bytes) == 0, "%s of %s", what, t.name);
+        free(expected);
+        free(targets->buffers[t.index]);
+    }
+    gantry_model_free(model);
+}
+
 /* Destination 0: rows 8..12 of w; destination 1: b whole; nothing else. */
 static int32_t place_some(void *user, const gantry_tensor *t, size_t destination, gantry_share *share) {
     int *calls = user;
@@ -201,16 +217,7 @@ static void object_storage(const char *good, char **args) {
     expect(gantry_loader_load_into(loader, url, GANTRY_DEVICE_HOST, choose, landed, &targets, &report), GANTRY_OK,
            "object load_into");
     CHECK(targets.ready == 2 && report.tensor_bytes == 4096 + 20, "object load_into delivered both");
-    expect(gantry_loader_load(loader, good, GANTRY_DEVICE_HOST, &model), GANTRY_OK, "offsets from the local file");
-    for (size_t i = 0; i < 2; i++) {
-        gantry_tensor t;
-        expect(gantry_model_tensor(model, i, &t), GANTRY_OK, "tensor");
-        unsigned char *expected = read_file_range(good, t.file_offset, t.bytes);
-        CHECK(memcmp(targets.buffers[t.index], expected, t.bytes) == 0, "object into buffer of %s", t.name);
-        free(expected);
-        free(targets.buffers[t.index]);
-    }
-    gantry_model_free(model);
+    check_and_free(loader, good, &targets, "object into buffer");
 
     char message[1024];
     gantry_model *out = NULL;
@@ -276,17 +283,7 @@ int main(int argc, char **argv) {
     expect(gantry_loader_load_into(loader, good, GANTRY_DEVICE_HOST, choose, landed, &targets, &report), GANTRY_OK,
            "load_into");
     CHECK(targets.ready == 2, "ready twice, got %d", targets.ready);
-    /* A fresh load gives each tensor's file offset for the comparison. */
-    expect(gantry_loader_load(loader, good, GANTRY_DEVICE_HOST, &model), GANTRY_OK, "reload");
-    for (size_t i = 0; i < 2; i++) {
-        gantry_tensor t;
-        expect(gantry_model_tensor(model, i, &t), GANTRY_OK, "tensor");
-        unsigned char *expected = read_file_range(good, t.file_offset, t.bytes);
-        CHECK(memcmp(targets.buffers[t.index], expected, t.bytes) == 0, "caller buffer of %s", t.name);
-        free(expected);
-        free(targets.buffers[t.index]);
-    }
-    gantry_model_free(model);
+    check_and_free(loader, good, &targets, "caller buffer");
 
     /* Error families. */
     gantry_model *sentinel = (gantry_model *)(uintptr_t)0x1;

@@ -46,7 +46,7 @@ pub use gantry_format::{
     Checkpoint, Dtype, ErrorKind as FormatErrorKind, FileId, FileInfo, FormatError, TensorEntry,
 };
 pub use loader::{FileReport, HostModel, HostTensor, LoadReport, Loader, Ready};
-pub use placed::{PlacedDeviceModel, PlacedDeviceTensor, PlacedModel, PlacedTensor};
+pub use placed::{Placed, PlacedDeviceModel, PlacedDeviceTensor, PlacedModel, PlacedTensor};
 pub use schedule::ReaderKind;
 pub use sink::cuda::CudaDevice;
 

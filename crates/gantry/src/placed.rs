@@ -13,27 +13,23 @@ use crate::sink::cuda::{CudaDevice, CudaSink, DeviceBuffer, DeviceTarget};
 use crate::sink::host::{HostBuffer, PlacedSink};
 use crate::sink::Sink;
 
-/// A checkpoint placed across destinations in host memory: one buffer per destination.
+/// A checkpoint placed across destinations, one buffer `B` per destination: host memory
+/// ([`PlacedModel`]) or device memory ([`PlacedDeviceModel`]).
 #[derive(Debug)]
-pub struct PlacedModel {
+pub struct Placed<B> {
     checkpoint: Checkpoint,
     layout: Layout,
-    buffers: Vec<HostBuffer>,
+    buffers: Vec<B>,
     report: LoadReport,
 }
 
-/// One tensor's share at one destination.
-#[derive(Debug, Clone, Copy)]
-pub struct PlacedTensor<'a> {
-    /// The tensor.
-    pub entry: &'a TensorEntry,
-    /// Its share: shape, length, what of the tensor.
-    pub share: &'a ShareEntry,
-    /// The share's bytes (C order of its shape).
-    pub bytes: &'a [u8],
-}
+/// A checkpoint placed across destinations in host memory.
+pub type PlacedModel = Placed<HostBuffer>;
 
-impl PlacedModel {
+/// A checkpoint placed across GPUs: one device allocation per destination.
+pub type PlacedDeviceModel = Placed<DeviceBuffer>;
+
+impl<B> Placed<B> {
     /// The checkpoint's table.
     pub fn checkpoint(&self) -> &Checkpoint {
         &self.checkpoint
@@ -49,13 +45,31 @@ impl PlacedModel {
         self.buffers.len()
     }
 
+    /// Destination `destination`'s shares in checkpoint order, each with its tensor.
+    fn shares(&self, destination: usize) -> impl Iterator<Item = (&TensorEntry, &ShareEntry)> {
+        self.layout.shares[destination].iter().map(|s| (&self.checkpoint.tensors[s.tensor], s))
+    }
+}
+
+/// One tensor's share at one destination in host memory.
+#[derive(Debug, Clone, Copy)]
+pub struct PlacedTensor<'a> {
+    /// The tensor.
+    pub entry: &'a TensorEntry,
+    /// Its share: shape, length, what of the tensor.
+    pub share: &'a ShareEntry,
+    /// The share's bytes (C order of its shape).
+    pub bytes: &'a [u8],
+}
+
+impl Placed<HostBuffer> {
     /// The shares destination `device` holds, in checkpoint order.
     pub fn tensors(&self, device: usize) -> impl Iterator<Item = PlacedTensor<'_>> {
-        self.layout.shares[device].iter().map(move |share| PlacedTensor {
-            entry: &self.checkpoint.tensors[share.tensor],
+        let buffer = &self.buffers[device];
+        self.shares(device).map(move |(entry, share)| PlacedTensor {
+            entry,
             share,
-            bytes: &self.buffers[device]
-                [share.offset as usize..(share.offset + share.len) as usize],
+            bytes: &buffer[share.offset as usize..(share.offset + share.len) as usize],
         })
     }
 
@@ -194,15 +208,6 @@ impl Loader {
     }
 }
 
-/// A checkpoint placed across GPUs: one device allocation per destination.
-#[derive(Debug)]
-pub struct PlacedDeviceModel {
-    checkpoint: Checkpoint,
-    layout: Layout,
-    buffers: Vec<DeviceBuffer>,
-    report: LoadReport,
-}
-
 /// One tensor's share on one destination GPU.
 #[derive(Debug, Clone, Copy)]
 pub struct PlacedDeviceTensor<'a> {
@@ -214,22 +219,7 @@ pub struct PlacedDeviceTensor<'a> {
     pub ptr: u64,
 }
 
-impl PlacedDeviceModel {
-    /// The checkpoint's table.
-    pub fn checkpoint(&self) -> &Checkpoint {
-        &self.checkpoint
-    }
-
-    /// Figures of the load (bytes read count each atom once).
-    pub fn report(&self) -> &LoadReport {
-        &self.report
-    }
-
-    /// Destinations.
-    pub fn devices(&self) -> usize {
-        self.buffers.len()
-    }
-
+impl Placed<DeviceBuffer> {
     /// The GPU of destination `destination`.
     pub fn device(&self, destination: usize) -> &Arc<CudaDevice> {
         self.buffers[destination].device()
@@ -238,8 +228,8 @@ impl PlacedDeviceModel {
     /// The shares destination `destination` holds, in checkpoint order.
     pub fn tensors(&self, destination: usize) -> impl Iterator<Item = PlacedDeviceTensor<'_>> {
         let base = self.buffers[destination].ptr();
-        self.layout.shares[destination].iter().map(move |share| PlacedDeviceTensor {
-            entry: &self.checkpoint.tensors[share.tensor],
+        self.shares(destination).map(move |(entry, share)| PlacedDeviceTensor {
+            entry,
             share,
             ptr: base + share.offset,
         })
