@@ -69,6 +69,25 @@ static void landed(void *user, const gantry_tensor *t) {
     targets->ready++;
 }
 
+/* Loads SOURCE into host memory: two tensors, each naming SOURCE as its file and holding the
+ * bytes of LOCAL (the same file, or its local copy) at its offset. */
+static gantry_model *load_and_check(gantry_loader *loader, const char *source, const char *local) {
+    gantry_model *model = NULL;
+    expect(gantry_loader_load(loader, source, GANTRY_DEVICE_HOST, &model), GANTRY_OK, source);
+    size_t count = 0;
+    expect(gantry_model_tensor_count(model, &count), GANTRY_OK, "count");
+    CHECK(count == 2, "2 tensors from %s, got %zu", source, count);
+    for (size_t i = 0; i < count; i++) {
+        gantry_tensor t;
+        expect(gantry_model_tensor(model, i, &t), GANTRY_OK, "tensor");
+        CHECK(strcmp(t.file, source) == 0, "file of %s: %s", t.name, t.file);
+        unsigned char *expected = read_file_range(local, t.file_offset, t.bytes);
+        CHECK(memcmp((const void *)(uintptr_t)t.data, expected, t.bytes) == 0, "bytes of %s from %s", t.name, source);
+        free(expected);
+    }
+    return model;
+}
+
 /* Each of the two buffers `choose` handed out holds its tensor's bytes of GOOD (a fresh load
  * of the local file gives each tensor's offset); frees them. */
 static void check_and_free(gantry_loader *loader, const char *good, struct targets *targets, const char *what) {
@@ -196,19 +215,7 @@ static void object_storage(const char *good, char **args) {
     gantry_loader *loader = NULL;
     expect(gantry_loader_new_with_options(NULL, options, 5, &loader), GANTRY_OK, "loader for the store");
 
-    gantry_model *model = NULL;
-    expect(gantry_loader_load(loader, url, GANTRY_DEVICE_HOST, &model), GANTRY_OK, "load from the store");
-    size_t count = 0;
-    expect(gantry_model_tensor_count(model, &count), GANTRY_OK, "object count");
-    CHECK(count == 2, "2 tensors from the store, got %zu", count);
-    for (size_t i = 0; i < count; i++) {
-        gantry_tensor t;
-        expect(gantry_model_tensor(model, i, &t), GANTRY_OK, "object tensor");
-        CHECK(strcmp(t.file, url) == 0, "file of %s: %s", t.name, t.file);
-        unsigned char *expected = read_file_range(good, t.file_offset, t.bytes);
-        CHECK(memcmp((const void *)(uintptr_t)t.data, expected, t.bytes) == 0, "object bytes of %s", t.name);
-        free(expected);
-    }
+    gantry_model *model = load_and_check(loader, url, good);
     gantry_model_free(model);
 
     /* Into this program's buffers, straight from the ranged GETs. */
@@ -252,19 +259,8 @@ int main(int argc, char **argv) {
     expect(gantry_loader_new(&config, &loader), GANTRY_OK, "loader_new");
 
     /* Host load, every byte against our own read. */
-    gantry_model *model = NULL;
-    expect(gantry_loader_load(loader, good, GANTRY_DEVICE_HOST, &model), GANTRY_OK, "load");
+    gantry_model *model = load_and_check(loader, good, good);
     size_t count = 0;
-    expect(gantry_model_tensor_count(model, &count), GANTRY_OK, "count");
-    CHECK(count == 2, "2 tensors, got %zu", count);
-    for (size_t i = 0; i < count; i++) {
-        gantry_tensor t;
-        expect(gantry_model_tensor(model, i, &t), GANTRY_OK, "tensor");
-        CHECK(strcmp(t.file, good) == 0, "file of %s: %s", t.name, t.file);
-        unsigned char *expected = read_file_range(t.file, t.file_offset, t.bytes);
-        CHECK(memcmp((const void *)(uintptr_t)t.data, expected, t.bytes) == 0, "bytes of %s", t.name);
-        free(expected);
-    }
     gantry_tensor w;
     expect(gantry_model_find(model, "w", &w), GANTRY_OK, "find");
     CHECK(strcmp(w.dtype, "BF16") == 0 && w.ndim == 2 && w.shape[0] == 32 && w.shape[1] == 64 && w.bytes == 4096,
