@@ -9,7 +9,7 @@ use gantry_format::{Checkpoint, TensorEntry};
 use crate::error::{Error, Result};
 use crate::loader::{LoadReport, Loader};
 use crate::placement::{Layout, Share, ShareEntry};
-use crate::sink::cuda::{CudaDevice, CudaSink, DeviceBuffer, DeviceTarget};
+use crate::sink::cuda::{CudaDevice, CudaSink, DeviceBuffer};
 use crate::sink::host::{HostBuffer, PlacedSink};
 use crate::sink::Sink;
 
@@ -145,26 +145,8 @@ impl Loader {
             .enumerate()
             .map(|(d, (device, &n))| device.alloc(n as usize, &format!("placed destination {d}")))
             .collect::<Result<Vec<_>>>()?;
-        let targets = layout
-            .copies
-            .iter()
-            .zip(&layout.atoms.tensors)
-            .map(|(copies, atom)| {
-                copies
-                    .iter()
-                    .map(|c| {
-                        let share = &layout.shares[c.device][c.share];
-                        debug_assert!(c.dest + atom.len <= share.len);
-                        DeviceTarget {
-                            gpu: c.device,
-                            ptr: buffers[c.device].ptr() + share.offset + c.dest,
-                            len: atom.len,
-                        }
-                    })
-                    .collect()
-            })
-            .collect();
-        let mut sink = CudaSink::fan_out(devices, targets)?;
+        let bases: Vec<u64> = buffers.iter().map(DeviceBuffer::ptr).collect();
+        let mut sink = CudaSink::fan_out(devices, layout.places(&bases))?;
         let report =
             self.run_placed(&checkpoint, &layout, &mut sink, Some(first), &mut on_ready)?;
         drop(sink);

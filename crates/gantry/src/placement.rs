@@ -279,6 +279,42 @@ impl Layout {
     pub fn atom_bytes(&self) -> u64 {
         self.atoms.tensors.iter().map(|a| a.len).sum()
     }
+
+    /// Per atom, every place its bytes go, with destination `d`'s buffer at address
+    /// `bases[d]` (a host pointer or a device address).
+    pub fn places(&self, bases: &[u64]) -> Vec<Vec<Place>> {
+        assert_eq!(bases.len(), self.shares.len(), "one base per destination");
+        self.copies
+            .iter()
+            .zip(&self.atoms.tensors)
+            .map(|(copies, atom)| {
+                copies
+                    .iter()
+                    .map(|c| {
+                        let share = &self.shares[c.device][c.share];
+                        debug_assert!(c.dest + atom.len <= share.len);
+                        Place {
+                            destination: c.device,
+                            addr: bases[c.device] + share.offset + c.dest,
+                            len: atom.len,
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// Where one tensor's (or atom's) bytes go: `len` bytes at address `addr` of destination
+/// `destination`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place {
+    /// Position of the destination (a GPU of a sink's device list, a host buffer).
+    pub destination: usize,
+    /// Address of the first byte there: a host pointer or a device address.
+    pub addr: u64,
+    /// Bytes available there.
+    pub len: u64,
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ use gantry_format::Checkpoint;
 use super::{RawTarget, Sink};
 use crate::error::{Error, Result};
 use crate::io::Message;
+use crate::placement::Place;
 use crate::plan::{CopyStep, Extent};
 use crate::staging::{Arena, Lease};
 
@@ -287,18 +288,6 @@ struct Pending {
 // SAFETY: events may be used from any thread with their context current (the poller binds it).
 unsafe impl Send for Pending {}
 
-/// One destination of a tensor's bytes: `len` bytes of device memory at `ptr` on the sink's
-/// GPU number `gpu`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeviceTarget {
-    /// Position of the GPU in the sink's device list.
-    pub gpu: usize,
-    /// Device address of the tensor's first byte there.
-    pub ptr: u64,
-    /// Bytes available there.
-    pub len: u64,
-}
-
 /// A GPU of the sink and its copy streams.
 struct Gpu {
     device: Arc<CudaDevice>,
@@ -311,7 +300,7 @@ struct Gpu {
 pub struct CudaSink {
     gpus: Vec<Gpu>,
     /// Per tensor, every place its bytes go (empty when skipped).
-    targets: Vec<Vec<DeviceTarget>>,
+    targets: Vec<Vec<Place>>,
     /// The GPU whose context is current on the consumer thread.
     bound: usize,
     /// Per GPU, the stream this extent's copies use (scratch for `deliver`).
@@ -339,17 +328,21 @@ impl CudaSink {
             .iter()
             .zip(&checkpoint.tensors)
             .map(|(t, e)| {
-                t.map(|ptr| DeviceTarget { gpu: 0, ptr, len: e.len }).into_iter().collect()
+                t.map(|addr| Place { destination: 0, addr, len: e.len }).into_iter().collect()
             })
             .collect();
         Self::fan_out(std::slice::from_ref(device), targets)
     }
 
-    /// A sink copying tensor `i` to every place in `targets[i]`, on the GPUs `devices` (the
-    /// same GPU may appear more than once: each entry gets its own streams).
-    pub fn fan_out(devices: &[Arc<CudaDevice>], targets: Vec<Vec<DeviceTarget>>) -> Result<Self> {
+    /// A sink copying tensor `i` to every place in `targets[i]`, whose destination is a
+    /// position in `devices` (the same GPU may appear more than once: each entry gets its own
+    /// streams).
+    pub fn fan_out(devices: &[Arc<CudaDevice>], targets: Vec<Vec<Place>>) -> Result<Self> {
         assert!(!devices.is_empty(), "a CUDA sink needs a GPU");
-        assert!(targets.iter().flatten().all(|t| t.gpu < devices.len()), "target on no GPU");
+        assert!(
+            targets.iter().flatten().all(|t| t.destination < devices.len()),
+            "target on no GPU"
+        );
         let previous_context = result::ctx::get_current().ok().flatten();
         let mut sink = Self {
             gpus: Vec::with_capacity(devices.len()),
@@ -423,20 +416,20 @@ impl CudaSink {
             for k in 0..self.targets[s.tensor].len() {
                 let t = self.targets[s.tensor][k];
                 assert!(s.target_offset + s.len <= t.len);
-                self.bind(t.gpu)?;
-                let stream = match self.chosen[t.gpu] {
+                self.bind(t.destination)?;
+                let stream = match self.chosen[t.destination] {
                     Some(stream) => stream,
                     None => {
-                        let gpu = &mut self.gpus[t.gpu];
+                        let gpu = &mut self.gpus[t.destination];
                         let stream = gpu.streams[gpu.next_stream];
                         gpu.next_stream = (gpu.next_stream + 1) % gpu.streams.len();
-                        *self.chosen[t.gpu].insert(stream)
+                        *self.chosen[t.destination].insert(stream)
                     }
                 };
                 // SAFETY: the destination range is inside the target's device memory
                 // (asserted); the source is pinned staging held by the lease until the events
                 // recorded after these copies complete.
-                unsafe { result::memcpy_htod_async(t.ptr + s.target_offset, bytes, stream) }
+                unsafe { result::memcpy_htod_async(t.addr + s.target_offset, bytes, stream) }
                     .map_err(cuda_error("cuMemcpyHtoDAsync"))?;
             }
         }
@@ -505,7 +498,7 @@ impl Sink for CudaSink {
 
     fn device_pointer(&self, tensor: usize) -> Option<u64> {
         match self.targets[tensor].as_slice() {
-            [only] if self.device_reads() => Some(only.ptr),
+            [only] if self.device_reads() => Some(only.addr),
             _ => None,
         }
     }

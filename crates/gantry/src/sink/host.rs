@@ -228,43 +228,55 @@ impl Sink for HostSink {
         let source = lease.as_slice();
         for s in steps {
             let (ptr, len) = self.tensors[s.tensor];
-            assert!(!ptr.is_null() && s.target_offset + s.len <= len as u64);
-            let bytes = &source[s.source_offset as usize..(s.source_offset + s.len) as usize];
-            // SAFETY: the target range lies inside the tensor's destination (asserted), which
-            // no reader writes (only extents with a direct target are written by readers, and
-            // this one was staged), and it cannot overlap the staging buffer.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    bytes.as_ptr(),
-                    ptr.add(s.target_offset as usize),
-                    bytes.len(),
-                )
-            };
+            assert!(!ptr.is_null());
+            // SAFETY: the tensor's destination is `len` bytes at `ptr`, which no reader writes
+            // (only extents with a direct target are written by readers, and this one was
+            // staged), and it cannot overlap the staging buffer.
+            unsafe { copy_step(source, s, ptr, len as u64) };
         }
         Ok(true)
     }
 }
 
-/// Destinations of a placed load ([`crate::placement::Layout`]): one buffer per destination,
-/// each atom copied to every share that takes its bytes.
-#[derive(Debug)]
-pub struct PlacedSink<'a> {
-    layout: &'a crate::placement::Layout,
-    bases: Vec<*mut u8>,
+/// Copies step `s` of a staged extent (`source`) into the `len` bytes at `ptr` that take its
+/// tensor; panics if the step does not fit there.
+///
+/// # Safety
+/// `ptr..ptr + len` is writable, written by nobody else during the call, and does not overlap
+/// `source`.
+unsafe fn copy_step(source: &[u8], s: &CopyStep, ptr: *mut u8, len: u64) {
+    assert!(s.target_offset + s.len <= len);
+    let bytes = &source[s.source_offset as usize..(s.source_offset + s.len) as usize];
+    // SAFETY: inside `len` bytes at `ptr` (asserted), per the contract.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            ptr.add(s.target_offset as usize),
+            bytes.len(),
+        )
+    };
 }
 
-impl<'a> PlacedSink<'a> {
+/// Destinations of a placed load ([`crate::placement::Layout`]): one buffer per destination,
+/// each atom copied to every place that takes its bytes.
+#[derive(Debug)]
+pub struct PlacedSink {
+    places: Vec<Vec<crate::placement::Place>>,
+}
+
+impl PlacedSink {
     /// Over `buffers`, one per destination, each at least `layout.buffer_bytes` long.
-    pub fn new(layout: &'a crate::placement::Layout, buffers: &mut [HostBuffer]) -> Self {
+    pub fn new(layout: &crate::placement::Layout, buffers: &mut [HostBuffer]) -> Self {
         assert_eq!(buffers.len(), layout.buffer_bytes.len());
         for (b, &need) in buffers.iter().zip(&layout.buffer_bytes) {
             assert!(b.len() as u64 >= need, "a destination buffer is too small");
         }
-        Self { layout, bases: buffers.iter_mut().map(|b| b.as_mut_ptr()).collect() }
+        let bases: Vec<u64> = buffers.iter_mut().map(|b| b.as_mut_ptr() as u64).collect();
+        Self { places: layout.places(&bases) }
     }
 }
 
-impl Sink for PlacedSink<'_> {
+impl Sink for PlacedSink {
     fn direct_target(&mut self, _: &Extent, _: &[CopyStep], _: u64) -> Option<RawTarget> {
         None
     }
@@ -278,21 +290,11 @@ impl Sink for PlacedSink<'_> {
     ) -> Result<bool> {
         let source = lease.as_slice();
         for s in steps {
-            let bytes = &source[s.source_offset as usize..(s.source_offset + s.len) as usize];
-            for c in &self.layout.copies[s.tensor] {
-                let share = &self.layout.shares[c.device][c.share];
-                let at = share.offset + c.dest + s.target_offset;
-                assert!(c.dest + s.target_offset + s.len <= share.len);
-                // SAFETY: inside the share (asserted), which lies inside its destination's
-                // buffer (Layout::buffer_bytes, checked in `new`); shares never overlap and no
-                // reader writes these buffers directly.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        bytes.as_ptr(),
-                        self.bases[c.device].add(at as usize),
-                        bytes.len(),
-                    )
-                };
+            for p in &self.places[s.tensor] {
+                // SAFETY: each place is its atom's length inside its share, which lies inside
+                // its destination's buffer (Layout::buffer_bytes, checked in `new`); shares
+                // never overlap and no reader writes these buffers directly.
+                unsafe { copy_step(source, s, p.addr as *mut u8, p.len) };
             }
         }
         Ok(true)
