@@ -66,6 +66,13 @@ struct ShareInfo {
     bytes: u64,
 }
 
+impl ShareInfo {
+    /// `share`, whose first byte is at `data`.
+    fn new(share: &engine::placement::ShareEntry, data: u64) -> Self {
+        Self { tensor: share.tensor, shape: share.shape.clone(), data, bytes: share.len }
+    }
+}
+
 /// An opaque placed checkpoint; its memory is freed by `gantry_placed_free`.
 #[derive(Debug)]
 pub struct gantry_placed {
@@ -231,22 +238,12 @@ fn load(
     devices: &Devices,
     rule: impl FnMut(&engine::TensorEntry) -> engine::Result<Vec<(usize, Share)>>,
 ) -> Result<gantry_placed, CallError> {
-    let index = |c: &engine::Checkpoint, name: &str| {
-        c.tensors.iter().position(|t| t.name == name).expect("own tensor")
-    };
     Ok(match devices {
         Devices::Host(n) => {
             let m = loader.load_placed(checkpoint, *n, rule, |_, _| {})?;
             let shares = (0..m.devices())
                 .map(|d| {
-                    m.tensors(d)
-                        .map(|t| ShareInfo {
-                            tensor: index(m.checkpoint(), &t.entry.name),
-                            shape: t.share.shape.clone(),
-                            data: t.bytes.as_ptr() as u64,
-                            bytes: t.share.len,
-                        })
-                        .collect()
+                    m.tensors(d).map(|t| ShareInfo::new(t.share, t.bytes.as_ptr() as u64)).collect()
                 })
                 .collect();
             let (infos, report) = (TensorInfos::new(m.checkpoint()), m.report().into());
@@ -259,16 +256,7 @@ fn load(
                 .collect::<engine::Result<Vec<Arc<engine::CudaDevice>>>>()?;
             let m = loader.load_placed_to_devices(checkpoint, &gpus, rule, |_, _| {})?;
             let shares = (0..m.devices())
-                .map(|d| {
-                    m.tensors(d)
-                        .map(|t| ShareInfo {
-                            tensor: index(m.checkpoint(), &t.entry.name),
-                            shape: t.share.shape.clone(),
-                            data: t.ptr,
-                            bytes: t.share.len,
-                        })
-                        .collect()
-                })
+                .map(|d| m.tensors(d).map(|t| ShareInfo::new(t.share, t.ptr)).collect())
                 .collect();
             let (infos, report) = (TensorInfos::new(m.checkpoint()), m.report().into());
             gantry_placed { _loaded: Loaded::Device(m), infos, shares, report }
