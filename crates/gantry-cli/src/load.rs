@@ -78,24 +78,24 @@ fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
     let start = std::time::Instant::now();
     let checkpoint = gantry::open_with(&args.options.path, loader.config())?;
     // Per destination: where, tensors, bytes.
-    let (report, per): (LoadReport, Vec<(String, usize, u64)>) = if devices.is_empty() {
-        let model = loader.load_placed(checkpoint, n, place, |_, _| {})?;
-        let per = (0..n)
+    // Per destination: where, shares, bytes.
+    fn per_destination<B>(
+        m: &gantry::Placed<B>,
+        name: impl Fn(usize) -> String,
+    ) -> Vec<(String, usize, u64)> {
+        (0..m.devices())
             .map(|d| {
-                let shares = model.tensors(d).map(|t| t.share.len);
-                ("cpu".to_owned(), model.tensors(d).count(), shares.sum())
+                let shares = m.share_entries(d);
+                (name(d), shares.len(), shares.iter().map(|s| s.len).sum())
             })
-            .collect();
-        (model.report().clone(), per)
+            .collect()
+    }
+    let (report, per) = if devices.is_empty() {
+        let model = loader.load_placed(checkpoint, n, place, |_, _| {})?;
+        (model.report().clone(), per_destination(&model, |_| "cpu".to_owned()))
     } else {
         let model = loader.load_placed_to_devices(checkpoint, &devices, place, |_, _| {})?;
-        let per = (0..n)
-            .map(|d| {
-                let shares = model.tensors(d).map(|t| t.share.len);
-                (format!("cuda:{}", gpus[d]), model.tensors(d).count(), shares.sum())
-            })
-            .collect();
-        (model.report().clone(), per)
+        (model.report().clone(), per_destination(&model, |d| format!("cuda:{}", gpus[d])))
     };
     let total_seconds = start.elapsed().as_secs_f64();
     let delivered: u64 = per.iter().map(|p| p.2).sum();

@@ -45,9 +45,14 @@ impl<B> Placed<B> {
         self.buffers.len()
     }
 
+    /// Destination `destination`'s shares, in checkpoint order.
+    pub fn share_entries(&self, destination: usize) -> &[ShareEntry] {
+        &self.layout.shares[destination]
+    }
+
     /// Destination `destination`'s shares in checkpoint order, each with its tensor.
     fn shares(&self, destination: usize) -> impl Iterator<Item = (&TensorEntry, &ShareEntry)> {
-        self.layout.shares[destination].iter().map(|s| (&self.checkpoint.tensors[s.tensor], s))
+        self.share_entries(destination).iter().map(|s| (&self.checkpoint.tensors[s.tensor], s))
     }
 }
 
