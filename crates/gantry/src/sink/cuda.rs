@@ -440,15 +440,8 @@ impl CudaSink {
     /// waits for the copies instead (the lease must not come back before they finish).
     fn record_events(&mut self) -> Result<Vec<(usize, sys::CUevent)>> {
         let mut events = Vec::new();
-        let mut failed = None;
         for gpu in 0..self.chosen.len() {
-            let Some(stream) = self.chosen[gpu].take() else { continue };
-            if failed.is_some() {
-                let _ = self.bind(gpu);
-                // SAFETY: waiting for copies queued on this GPU's stream.
-                unsafe { result::stream::synchronize(stream) }.ok();
-                continue;
-            }
+            let Some(stream) = self.chosen[gpu] else { continue };
             let recorded = self.bind(gpu).and_then(|()| {
                 let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
                     .map_err(cuda_error("cuEventCreate"))?;
@@ -463,26 +456,39 @@ impl CudaSink {
                 }
             });
             match recorded {
-                Ok(event) => events.push((gpu, event)),
+                Ok(event) => {
+                    self.chosen[gpu] = None;
+                    events.push((gpu, event));
+                }
                 Err(e) => {
-                    // SAFETY: waiting for the copies queued on this stream.
-                    unsafe { result::stream::synchronize(stream) }.ok();
-                    failed = Some(e);
+                    self.wait_chosen(); // this stream and those not reached yet
+                    self.wait_events(events);
+                    return Err(e);
                 }
             }
         }
-        match failed {
-            None => Ok(events),
-            Some(e) => {
-                for (gpu, event) in events {
-                    let _ = self.bind(gpu);
-                    // SAFETY: recorded above; waited for, then destroyed once.
-                    unsafe { result::event::synchronize(event) }.ok();
-                    // SAFETY: as above.
-                    unsafe { result::event::destroy(event) }.ok();
-                }
-                Err(e)
+        Ok(events)
+    }
+
+    /// Waits for the copies queued on every stream in `chosen`, and clears it.
+    fn wait_chosen(&mut self) {
+        for gpu in 0..self.chosen.len() {
+            if let Some(stream) = self.chosen[gpu].take() {
+                let _ = self.bind(gpu);
+                // SAFETY: a stream of this GPU's context, waited for only.
+                unsafe { result::stream::synchronize(stream) }.ok();
             }
+        }
+    }
+
+    /// Waits for recorded `events`, then destroys them.
+    fn wait_events(&mut self, events: Vec<(usize, sys::CUevent)>) {
+        for (gpu, event) in events {
+            let _ = self.bind(gpu);
+            // SAFETY: recorded in that GPU's context; waited for, then destroyed once.
+            unsafe { result::event::synchronize(event) }.ok();
+            // SAFETY: as above.
+            unsafe { result::event::destroy(event) }.ok();
         }
     }
 }
@@ -510,28 +516,14 @@ impl Sink for CudaSink {
         lease: Lease,
         landed: &Sender<Result<Message>>,
     ) -> Result<bool> {
-        let queued = self.queue_copies(steps, lease.as_slice());
-        if let Err(e) = queued {
-            for gpu in 0..self.chosen.len() {
-                if let Some(stream) = self.chosen[gpu].take() {
-                    let _ = self.bind(gpu);
-                    // SAFETY: the copies already queued must finish before the lease drops.
-                    unsafe { result::stream::synchronize(stream) }.ok();
-                }
-            }
+        if let Err(e) = self.queue_copies(steps, lease.as_slice()) {
+            self.wait_chosen(); // the copies already queued must finish before the lease drops
             return Err(e);
         }
         let events = self.record_events()?;
         let pending = Pending { events, lease, extent };
         if let Err(mpsc::SendError(p)) = self.poller(landed)?.send(pending) {
-            // The poller is gone; wait here instead.
-            for (gpu, event) in p.events {
-                let _ = self.bind(gpu);
-                // SAFETY: recorded in that context; waited for, then destroyed once.
-                unsafe { result::event::synchronize(event) }.ok();
-                // SAFETY: as above.
-                unsafe { result::event::destroy(event) }.ok();
-            }
+            self.wait_events(p.events); // the poller is gone; wait here instead
         }
         Ok(false)
     }
