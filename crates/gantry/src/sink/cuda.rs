@@ -516,6 +516,8 @@ impl Sink for CudaSink {
         lease: Lease,
         landed: &Sender<Result<Message>>,
     ) -> Result<bool> {
+        // The poller first: once copies are queued, the lease may only go back through it.
+        self.poller(landed)?;
         if let Err(e) = self.queue_copies(steps, lease.as_slice()) {
             self.wait_chosen(); // the copies already queued must finish before the lease drops
             return Err(e);
