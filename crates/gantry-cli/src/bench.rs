@@ -2,7 +2,8 @@
 //! load, measured in the same run, interleaved, and their ratio.
 //!
 //! Cold (`--cold`): every file is evicted from the page cache before each measurement, and the
-//! ceiling is the disk's: `O_DIRECT` `pread` of 64 MiB, 8 in flight. Warm: the files are read
+//! ceiling is the storage's: `O_DIRECT` `pread` of 64 MiB, 8 in flight or four per file (up to
+//! 32), handed out round robin across the files so that every file is in flight. Warm: the files are read
 //! once first so they are in the page cache, and the ceiling is 16 threads of buffered `pread`
 //! into a pre-faulted buffer.
 
@@ -19,6 +20,7 @@ use crate::units;
 
 const CEILING_REQUEST_BYTES: usize = 64 << 20;
 const CEILING_DIRECT_THREADS: usize = 8;
+const CEILING_DIRECT_THREADS_MAX: usize = 32;
 const CEILING_BUFFERED_THREADS: usize = 16;
 
 #[derive(Debug, clap::Args)]
@@ -226,7 +228,10 @@ fn measure_ceiling(
     }
     if cold {
         baseline::evict(paths)?;
-        return Ok(baseline::read_direct(paths, CEILING_REQUEST_BYTES, CEILING_DIRECT_THREADS)?);
+        // At least four requests in flight per file, so that files on separate volumes are
+        // all read at once.
+        let threads = CEILING_DIRECT_THREADS.max(4 * paths.len()).min(CEILING_DIRECT_THREADS_MAX);
+        return Ok(baseline::read_direct(paths, CEILING_REQUEST_BYTES, threads)?);
     }
     let mut target = Prefaulted::new(paths)?;
     Ok(target.read(CEILING_BUFFERED_THREADS, 16 << 20)?)

@@ -334,7 +334,7 @@ fn verify(
 }
 
 pub fn explain(report: &LoadReport) {
-    if let Some(volume) = &report.volume {
+    for volume in report.volume.iter().flat_map(|v| v.split("; ")) {
         println!("volume {volume}");
     }
     for f in &report.files {

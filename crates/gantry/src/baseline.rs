@@ -29,7 +29,9 @@ impl Measured {
 }
 
 /// Reads `paths` whole with `O_DIRECT` `pread` requests of `request_bytes`, one in flight on
-/// each of `threads` threads, blocks handed out in file order.
+/// each of `threads` threads, blocks handed out round robin across the files (the first block
+/// of each file, then the second of each...), so that every file, and every volume under
+/// them, is in flight at once.
 pub fn read_direct(
     paths: &[&Path],
     request_bytes: usize,
@@ -43,11 +45,15 @@ pub fn read_direct(
             Ok((file, len))
         })
         .collect::<std::io::Result<_>>()?;
-    let blocks: Vec<(usize, u64)> = files
-        .iter()
-        .enumerate()
-        .flat_map(|(f, (_, len))| {
-            (0..len.div_ceil(request_bytes as u64)).map(move |b| (f, b * request_bytes as u64))
+    let request = request_bytes as u64;
+    let most = files.iter().map(|(_, len)| len.div_ceil(request)).max().unwrap_or(0);
+    let blocks: Vec<(usize, u64)> = (0..most)
+        .flat_map(|b| {
+            files
+                .iter()
+                .enumerate()
+                .filter(move |(_, (_, len))| b < len.div_ceil(request))
+                .map(move |(f, _)| (f, b * request))
         })
         .collect();
     let arena = Arena::new(request_bytes * threads, None).map_err(std::io::Error::other)?;

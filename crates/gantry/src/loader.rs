@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::io::{probe, OpenFile};
-use crate::pipeline::{self, Files, Jobs, Staging};
+use crate::pipeline::{self, Files, Jobs, Staging, Volume};
 use crate::plan::{FilePlan, Plan};
 use crate::schedule::{self, Choice, FileFacts, ReaderKind};
 use crate::sink::cuda::{CudaDevice, PinnedHost};
@@ -333,18 +333,23 @@ impl Loader {
             Some(_) if sink.device_reads() => Target::Device,
             Some(_) => Target::Devices,
         };
-        let (files, choices) = self.open_files(checkpoint, wanted, target)?;
+        let (mut files, choices) = self.open_files(checkpoint, wanted, target)?;
         let opened = setup.elapsed().as_secs_f64();
-        let (config, volume) = self.volume_settings(checkpoint, &files);
+        let volume = self.volume_settings(checkpoint, &mut files);
         let measured = setup.elapsed().as_secs_f64();
+        let mut config = self.config.clone();
+        if let Some(largest) = files.volumes.iter().map(|v| v.chunk_bytes).max() {
+            config.chunk_bytes = largest;
+        }
         let config = &config;
         let file_plans: Vec<FilePlan> = (0..checkpoint.files.len())
             .map(|f| {
                 let chunk_bytes = config.chunk_bytes as u64;
                 match files.slot[f] {
-                    Some((ReaderKind::Direct, i)) => {
-                        FilePlan { align: files.direct[i].align, chunk_bytes }
-                    }
+                    Some((ReaderKind::Direct, i)) => FilePlan {
+                        align: files.direct[i].align,
+                        chunk_bytes: files.volumes[files.direct_volumes[i]].chunk_bytes as u64,
+                    },
                     Some((ReaderKind::Gds, i)) => {
                         FilePlan { align: files.gds[i].align, chunk_bytes }
                     }
@@ -367,6 +372,9 @@ impl Loader {
         };
         let count = (config.staging_bytes / slot_bytes).min(jobs.staged_count());
         let staging = self.staging(&mut cached, slot_bytes, count, device, node)?;
+        if jobs.staged_direct_count() > 0 {
+            fit_depths(&mut files.volumes, count);
+        }
         let staging_bytes = staging.pool.as_ref().map_or(0, |p| p.used_bytes() as u64);
         let registered = staging.register_buffers;
         log::debug!(
@@ -400,10 +408,21 @@ impl Loader {
         };
         for (f, file) in checkpoint.files.iter().enumerate() {
             let read_bytes = plan.extents.iter().filter(|e| e.file.0 == f).map(|e| e.len).sum();
-            let (reader, reason, facts) = match &choices[f] {
+            let (reader, mut reason, facts) = match &choices[f] {
                 Some((c, facts)) => (Some(c.reader), c.reason.clone(), facts.clone()),
                 None => (None, "no tensor wanted: not read".to_owned(), String::new()),
             };
+            if let Some((ReaderKind::Direct, i)) = files.slot[f] {
+                let v = &files.volumes[files.direct_volumes[i]];
+                reason.push_str(&format!(
+                    "; on {}: {} KiB reads, {} in flight, {} of {} volume(s) read side by side",
+                    v.name,
+                    v.chunk_bytes >> 10,
+                    v.queue_depth,
+                    files.direct_volumes[i] + 1,
+                    files.volumes.len()
+                ));
+            }
             report.files.push(FileReport {
                 path: file.path.clone(),
                 reader,
@@ -415,27 +434,34 @@ impl Loader {
         Ok(report)
     }
 
-    /// The loader's config with the request size and queue depth the `auto` volume profile
-    /// picks for the volume under the first file read with `O_DIRECT`, and the line that says
-    /// what it measured and chose; the config as it is when nothing is to be measured.
-    fn volume_settings(&self, checkpoint: &Checkpoint, files: &Files) -> (Config, Option<String>) {
-        let mut config = self.config.clone();
-        let (Some(open), Some(&f), true) =
-            (files.direct.first(), files.direct_ids.first(), config.measure_volume)
-        else {
-            return (config, None);
-        };
-        let range = checkpoint.files[f].data_range();
-        let facts = probe::volume(&open.file, range.start, range.end - range.start);
-        let (profile, reason) = crate::profile::pick(&facts);
-        let (chunk_bytes, queue_depth) = profile.settings();
-        if chunk_bytes <= config.staging_bytes && chunk_bytes % open.align as usize == 0 {
-            config.chunk_bytes = chunk_bytes;
-            config.queue_depth = queue_depth;
+    /// Sets each volume's request size and queue depth: the `auto` profile's pick for it,
+    /// measured through its first direct file (one line per volume, joined, says what was
+    /// measured and chosen), or the config's settings when they were given explicitly.
+    fn volume_settings(&self, checkpoint: &Checkpoint, files: &mut Files) -> Option<String> {
+        if !self.config.measure_volume || files.volumes.is_empty() {
+            return None;
         }
-        let line = format!("{} -> {reason}", facts.summary());
-        log::debug!("volume {line}");
-        (config, Some(line))
+        let mut lines = Vec::with_capacity(files.volumes.len());
+        for (v, volume) in files.volumes.iter_mut().enumerate() {
+            let members: Vec<usize> =
+                (0..files.direct.len()).filter(|&i| files.direct_volumes[i] == v).collect();
+            let first = members[0];
+            let range = checkpoint.files[files.direct_ids[first]].data_range();
+            let facts =
+                probe::volume(&files.direct[first].file, range.start, range.end - range.start);
+            let (profile, reason) = crate::profile::pick(&facts);
+            let (chunk_bytes, queue_depth) = profile.settings();
+            let aligned = members.iter().all(|&i| chunk_bytes as u64 % files.direct[i].align == 0);
+            if chunk_bytes <= self.config.staging_bytes && aligned {
+                volume.chunk_bytes = chunk_bytes;
+                volume.queue_depth = queue_depth;
+            }
+            let line = format!("{} -> {reason}", facts.summary());
+            log::debug!("volume {line}");
+            volume.choice = Some(line.clone());
+            lines.push(line);
+        }
+        Some(lines.join("; "))
     }
 
     /// Probes and opens every file that has a wanted tensor with bytes, with the reader the
@@ -489,10 +515,12 @@ impl Loader {
             let plain = std::fs::File::open(&info.path).map_err(|e| io_err("open", e))?;
             let range = info.data_range();
             let direct = probe::open_direct(&info.path);
+            let residency = probe::residency(&plain, range.start, range.end - range.start);
             let facts = FileFacts {
                 direct: direct.as_ref().map(|(_, align)| *align).map_err(Clone::clone),
                 io_uring: probe::io_uring(),
-                resident: probe::resident_fraction(&plain, range.start, range.end - range.start),
+                resident: residency.map(|(fraction, _)| fraction),
+                resident_probe: residency.map_or("none", |(_, probe)| probe),
                 to_device,
                 gds: gds_facts(target, self.config.path, &plain),
             };
@@ -517,6 +545,8 @@ impl Loader {
             match (choice.reader, direct) {
                 (ReaderKind::Direct, Ok((file, align))) => {
                     files.slot[f] = Some((ReaderKind::Direct, files.direct.len()));
+                    let volume = self.volume_of(&mut files.volumes, &file);
+                    files.direct_volumes.push(volume);
                     files.direct.push(open(file, align));
                     files.direct_ids.push(f);
                 }
@@ -535,6 +565,25 @@ impl Loader {
             choices[f] = Some((choice, facts.summary()));
         }
         Ok((files, choices))
+    }
+
+    /// The position in `volumes` of the disk under `file`, added with the config's request
+    /// size and queue depth if it is new. Files on one disk share its queue; files on
+    /// different disks (or network file systems) are read side by side.
+    fn volume_of(&self, volumes: &mut Vec<Volume>, file: &std::fs::File) -> usize {
+        use std::os::unix::fs::MetadataExt;
+        let name =
+            file.metadata().map_or_else(|_| "unknown".to_owned(), |m| probe::disk(m.dev()).0);
+        if let Some(v) = volumes.iter().position(|v| v.name == name) {
+            return v;
+        }
+        volumes.push(Volume {
+            name,
+            chunk_bytes: self.config.chunk_bytes,
+            queue_depth: self.config.queue_depth,
+            choice: None,
+        });
+        volumes.len() - 1
     }
 
     /// `count` slots of `slot_bytes` over the loader's arena (mapped, bound to `node` and
@@ -578,6 +627,19 @@ impl Loader {
         }
         let pool = Pool::new(Arc::clone(&staging.arena), slot_bytes, count);
         Ok(Staging { pool: Some(pool), register_buffers: register, cpus, device: device.cloned() })
+    }
+}
+
+/// Shares `buffers` staging buffers out between the volumes' queues when they cannot all
+/// have their depth (see [`crate::interleave::fit_depths`]).
+fn fit_depths(volumes: &mut [Volume], buffers: usize) {
+    let wanted: Vec<usize> = volumes.iter().map(|v| v.queue_depth).collect();
+    let fitted = crate::interleave::fit_depths(&wanted, buffers);
+    if fitted != wanted {
+        log::debug!("{buffers} staging buffers for {wanted:?} reads in flight: {fitted:?}");
+    }
+    for (v, depth) in volumes.iter_mut().zip(fitted) {
+        v.queue_depth = depth;
     }
 }
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::interleave::{interleave, Read};
 use crate::io::{buffered, gds, object, uring, Message, OpenFile};
 use crate::plan::Plan;
 use crate::schedule::ReaderKind;
@@ -29,6 +30,10 @@ pub struct Files {
     pub direct: Vec<OpenFile>,
     /// Checkpoint positions of `direct`.
     pub direct_ids: Vec<usize>,
+    /// The volume under each of `direct`, a position in `volumes`.
+    pub direct_volumes: Vec<usize>,
+    /// The volumes under the direct files, each read with its own queue.
+    pub volumes: Vec<Volume>,
     /// Files for the buffered reader.
     pub buffered: Vec<OpenFile>,
     /// Checkpoint positions of `buffered`.
@@ -40,6 +45,20 @@ pub struct Files {
     /// Per checkpoint file: its reader and its position in that reader's list (`direct`,
     /// `buffered` or `gds`), `None` when nothing is read from it.
     pub slot: Vec<Option<(ReaderKind, usize)>>,
+}
+
+/// A volume under the direct files of a load, and how it is read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Volume {
+    /// The whole disk's name (`nvme0n1`, `vda`, `loop3`), or its device number.
+    pub name: String,
+    /// Bytes per read.
+    pub chunk_bytes: usize,
+    /// Reads in flight.
+    pub queue_depth: usize,
+    /// What the `auto` profile measured and picked, in one line; `None` for settings given
+    /// explicitly.
+    pub choice: Option<String>,
 }
 
 /// The jobs of one load, split by reader.
@@ -99,7 +118,30 @@ impl Jobs {
                 jobs.staged.push(job);
             }
         }
+        jobs.interleave_buffered(files);
         jobs
+    }
+
+    /// Orders the buffered reader's jobs so that every file is in flight: files advance
+    /// together, each front to back (their volumes are not measured: one queue).
+    fn interleave_buffered(&mut self, files: &Files) {
+        let volume_of = vec![0; files.buffered.len()];
+        let reads: Vec<Read> =
+            self.staged.iter().map(|j| Read { file: j.file, len: j.len }).collect();
+        let order = interleave(&reads, &volume_of, 1).swap_remove(0);
+        self.staged = order.iter().map(|&i| self.staged[i]).collect();
+        let reads: Vec<Read> =
+            self.into.iter().map(|(j, _)| Read { file: j.file, len: j.len }).collect();
+        let order = interleave(&reads, &volume_of, 1).swap_remove(0);
+        self.into = order.iter().map(|&i| self.into[i]).collect();
+    }
+
+    /// The direct reader's jobs as one queue per volume of `files`, files interleaved within
+    /// each (positions in the direct jobs).
+    fn direct_queues(&self, files: &Files) -> Vec<Vec<usize>> {
+        let reads: Vec<Read> =
+            self.direct.iter().map(|j| Read { file: j.file, len: j.len }).collect();
+        interleave(&reads, &files.direct_volumes, files.volumes.len())
     }
 
     /// Extents of the direct reader that pass through the staging ring.
@@ -157,11 +199,13 @@ pub fn run(
     std::thread::scope(|scope| {
         if !jobs.direct.is_empty() {
             let (tx, pool) = (tx.clone(), pool.clone());
-            let settings =
-                uring::Settings { queue_depth: config.queue_depth, register_buffers, fault, cpus };
+            let queues = jobs.direct_queues(files);
+            let depths: Vec<usize> = files.volumes.iter().map(|v| v.queue_depth).collect();
             let direct = &jobs.direct;
             scope.spawn(move || {
-                uring::run(&files.direct, &files.direct_ids, direct, pool.as_ref(), settings, &tx)
+                let settings = uring::Settings { depths: &depths, register_buffers, fault, cpus };
+                let (files, ids) = (&files.direct, &files.direct_ids);
+                uring::run(files, ids, direct, &queues, pool.as_ref(), settings, &tx)
             });
         }
         let shared = buffered::Shared {

@@ -13,6 +13,8 @@ pub struct FileFacts {
     pub io_uring: Result<(), String>,
     /// Fraction of the file's data section in the page cache, if it could be measured.
     pub resident: Option<f64>,
+    /// The probe that measured `resident` (`cachestat`, `mincore`, `RWF_NOWAIT sample`).
+    pub resident_probe: &'static str,
     /// The load goes to a GPU (cuFile reads into device memory only).
     pub to_device: bool,
     /// cuFile: `Err` when it cannot be used at all; `Ok(true)` for real GPUDirect Storage to
@@ -23,7 +25,9 @@ pub struct FileFacts {
 impl FileFacts {
     /// The facts in one line, for `--explain`.
     pub fn summary(&self) -> String {
-        let resident = self.resident.map_or("unknown".to_owned(), |r| format!("{:.0}%", r * 100.0));
+        let resident = self.resident.map_or("unknown (no probe answered)".to_owned(), |r| {
+            format!("{:.0}% ({})", r * 100.0, self.resident_probe)
+        });
         let direct = match &self.direct {
             Ok(align) => format!("yes (align {align})"),
             Err(e) => format!("no ({e})"),
@@ -149,6 +153,7 @@ mod tests {
             },
             io_uring: if uring { Ok(()) } else { Err("kernel.io_uring_disabled is 2".into()) },
             resident,
+            resident_probe: "cachestat",
             to_device: false,
             gds: Err("libcufile could not be loaded".into()),
         }
@@ -222,7 +227,7 @@ mod tests {
             }
         }
         let line = with(true, Ok(false), 0.25).summary();
-        assert!(line.contains("page cache 25%; O_DIRECT yes (align 4096)"), "{line}");
+        assert!(line.contains("page cache 25% (cachestat); O_DIRECT yes (align 4096)"), "{line}");
         assert!(line.contains("cuFile compatibility mode only"), "{line}");
     }
 }

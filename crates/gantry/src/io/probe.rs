@@ -94,13 +94,78 @@ fn has_cap_ipc_lock() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
 }
 
-/// Fraction of `[offset, offset + len)` of `file` resident in the page cache, from
-/// `cachestat(2)` (Linux 6.5+) or `mincore(2)`; `None` if neither answers.
+/// Fraction of `[offset, offset + len)` of `file` resident in the page cache (see
+/// [`residency`]); `None` if no probe answers.
 pub fn resident_fraction(file: &File, offset: u64, len: u64) -> Option<f64> {
+    residency(file, offset, len).map(|(fraction, _)| fraction)
+}
+
+/// Fraction of `[offset, offset + len)` of `file` resident in the page cache, and the probe
+/// that answered; `None` if none does.
+///
+/// `cachestat(2)` (Linux 6.5+) counts exactly, but newer kernels refuse it (`EPERM`) for a
+/// file the caller neither owns nor may write, and `mincore(2)` on such a file reports every
+/// page resident whatever the truth (both close a side channel). That is the usual
+/// deployment: a service user reading read-only weights. So `mincore` is asked only where it
+/// tells the truth (the caller owns the file or is root), and otherwise reads of one byte
+/// with `RWF_NOWAIT` at pages spread over the range answer: the kernel serves them only from
+/// the page cache and starts no I/O for them (`EAGAIN` when a page is not there).
+pub fn residency(file: &File, offset: u64, len: u64) -> Option<(f64, &'static str)> {
     if len == 0 {
-        return Some(1.0);
+        return Some((1.0, "empty range"));
     }
-    cachestat(file, offset, len).or_else(|| mincore(file, offset, len))
+    if let Some(f) = cachestat(file, offset, len) {
+        return Some((f, "cachestat"));
+    }
+    if mincore_is_truthful(file) {
+        if let Some(f) = mincore(file, offset, len) {
+            return Some((f, "mincore"));
+        }
+    }
+    nowait_sample(file, offset, len).map(|f| (f, "RWF_NOWAIT sample"))
+}
+
+/// Whether `mincore` reports the truth for mappings of `file`: the kernel answers for files
+/// the caller owns (or has `CAP_FOWNER` over, as root has) or could open for writing; for the
+/// rest it reports every page resident.
+fn mincore_is_truthful(file: &File) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = file.metadata() else { return false };
+    // SAFETY: geteuid and getegid have no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let mode = meta.permissions().mode();
+    uid == 0 || meta.uid() == uid || (meta.gid() == gid && mode & 0o020 != 0) || mode & 0o002 != 0
+}
+
+/// Pages of a range sampled by [`nowait_sample`].
+pub const NOWAIT_SAMPLES: u64 = 64;
+
+/// Fraction of [`NOWAIT_SAMPLES`] pages spread evenly over the range that a one-byte
+/// `preadv2(RWF_NOWAIT)` reads from the page cache; `None` where the kernel or file system
+/// does not support the flag. A page the kernel would start readahead from answers `EAGAIN`
+/// too, so a hot file can read a little under 100%.
+pub fn nowait_sample(file: &File, offset: u64, len: u64) -> Option<f64> {
+    let page = page_size();
+    let first = offset / page;
+    let pages = (offset + len).div_ceil(page) - first;
+    let samples = NOWAIT_SAMPLES.min(pages);
+    let mut byte = 0u8;
+    let mut hits = 0u64;
+    for i in 0..samples {
+        let at = ((first + pages * i / samples) * page).max(offset);
+        let iov = libc::iovec { iov_base: (&raw mut byte).cast(), iov_len: 1 };
+        // SAFETY: one iovec over a live byte; a plain read of an open file.
+        let rc = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, at as i64, libc::RWF_NOWAIT) };
+        if rc >= 0 {
+            hits += 1;
+            continue;
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EAGAIN) => {}
+            _ => return None, // EOPNOTSUPP, EINVAL: the flag is not supported here
+        }
+    }
+    Some(hits as f64 / samples as f64)
 }
 
 fn page_size() -> u64 {
@@ -178,17 +243,19 @@ pub fn volume(direct: &File, offset: u64, len: u64) -> VolumeFacts {
     if let Some(facts) = seen.lock().get(&dev) {
         return facts.clone();
     }
-    let (device, kind) = block_device(dev);
+    let (device, kind) = disk(dev);
     let facts = VolumeFacts { device, kind, latency_s: read_latency(direct, offset, len) };
     seen.lock().insert(dev, facts.clone());
     facts
 }
 
-/// Name and kind of the whole disk holding device number `dev`, from sysfs.
-fn block_device(dev: u64) -> (String, DiskKind) {
-    let sys = PathBuf::from(format!("/sys/dev/block/{}:{}", libc::major(dev), libc::minor(dev)));
+/// Name and kind of the whole disk holding device number `dev`, from sysfs; a device with no
+/// block device behind it (a network or FUSE file system) is named by its number.
+pub fn disk(dev: u64) -> (String, DiskKind) {
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
     let Ok(mut dir) = std::fs::canonicalize(&sys) else {
-        return ("unknown".to_owned(), DiskKind::Other("unknown".to_owned()));
+        return (format!("{major}:{minor}"), DiskKind::Other("unknown".to_owned()));
     };
     if dir.join("partition").exists() {
         dir.pop();

@@ -1,8 +1,10 @@
 //! The cold-file reader: io_uring, `O_DIRECT`, registered files, and `ReadFixed` into the
 //! staging ring's registered buffers.
 //!
-//! One thread owns the ring (so `SINGLE_ISSUER` holds) and keeps `queue_depth` reads in
-//! flight, each one extent into one leased buffer. Completions are reaped in a batch and
+//! One thread owns the ring (so `SINGLE_ISSUER` holds) and keeps every volume of the load
+//! busy: the reads come in one queue per volume (see [`crate::interleave`]), each with its own
+//! depth, and the reader tops every queue up in turn, one extent into one leased buffer per
+//! read. A volume that answers slowly holds only its own depth of buffers. Completions are reaped in a batch and
 //! acted on after the batch, never inside the reap loop. A finished extent's lease travels to
 //! the consumer, which drops it when its copies are done; only then can the buffer be filled
 //! again. On any error the ring is drained before the function returns, so the kernel never
@@ -36,8 +38,8 @@ pub struct Job {
 /// Settings of one run of the direct reader.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings<'a> {
-    /// Reads in flight.
-    pub queue_depth: usize,
+    /// Reads in flight per volume, by volume.
+    pub depths: &'a [usize],
     /// Register the arena as fixed buffers (falls back, logged, if the kernel refuses).
     pub register_buffers: bool,
     /// Rewrites results, for tests.
@@ -54,6 +56,8 @@ enum Buffer {
 
 struct Slot {
     job: Job,
+    /// The volume whose queue the job came from.
+    volume: usize,
     buffer: Buffer,
     /// Bytes of the extent already in the buffer from its first byte.
     valid: u64,
@@ -61,17 +65,19 @@ struct Slot {
     start: u64,
 }
 
-/// Reads `jobs` in order, `queue_depth` at a time, sending each finished extent (or the first
-/// error) to `tx`. Returns when every job is sent, on the first error, or when the consumer
-/// has gone away.
+/// Reads `jobs`, volume `v`'s in the order `queues[v]` lists them, `settings.depths[v]` at a
+/// time, sending each finished extent (or the first error) to `tx`. Returns when every job is
+/// sent, on the first error, or when the consumer has gone away.
 pub fn run(
     files: &[OpenFile],
     file_ids: &[usize],
     jobs: &[Job],
+    queues: &[Vec<usize>],
     pool: Option<&Arc<Pool>>,
     settings: Settings<'_>,
     tx: &Sender<Result<Message>>,
 ) {
+    assert_eq!(queues.len(), settings.depths.len(), "one depth per volume");
     crate::topology::pin_current_thread(settings.cpus);
     let mut reader = match Reader::new(files, file_ids, pool, settings) {
         Ok(r) => r,
@@ -80,7 +86,7 @@ pub fn run(
             return;
         }
     };
-    if let Err(e) = reader.read_all(jobs, tx) {
+    if let Err(e) = reader.read_all(jobs, queues, tx) {
         let _ = tx.send(Err(e));
     }
     reader.drain();
@@ -93,9 +99,11 @@ struct Reader<'a> {
     pool: Option<&'a Arc<Pool>>,
     fixed_buffers: bool,
     fault: Option<&'a dyn FaultInjector>,
-    queue_depth: usize,
+    depths: &'a [usize],
     slots: Vec<Option<Slot>>,
     in_flight: usize,
+    /// Reads in flight per volume.
+    volume_in_flight: Vec<usize>,
 }
 
 impl<'a> Reader<'a> {
@@ -105,7 +113,8 @@ impl<'a> Reader<'a> {
         pool: Option<&'a Arc<Pool>>,
         settings: Settings<'a>,
     ) -> Result<Self> {
-        let entries = settings.queue_depth.next_power_of_two() as u32;
+        let queue_depth: usize = settings.depths.iter().sum::<usize>().max(1);
+        let entries = queue_depth.next_power_of_two() as u32;
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_coop_taskrun()
@@ -128,7 +137,6 @@ impl<'a> Reader<'a> {
                 ),
             }
         }
-        let queue_depth = settings.queue_depth;
         let slots = (0..queue_depth).map(|_| None).collect();
         Ok(Self {
             ring,
@@ -137,36 +145,24 @@ impl<'a> Reader<'a> {
             pool,
             fixed_buffers,
             fault: settings.fault,
-            queue_depth,
+            depths: settings.depths,
             slots,
             in_flight: 0,
+            volume_in_flight: vec![0; settings.depths.len()],
         })
     }
 
-    fn read_all(&mut self, jobs: &[Job], tx: &Sender<Result<Message>>) -> Result<()> {
-        let mut next = 0;
-        let mut reaped = Vec::with_capacity(self.queue_depth);
+    fn read_all(
+        &mut self,
+        jobs: &[Job],
+        queues: &[Vec<usize>],
+        tx: &Sender<Result<Message>>,
+    ) -> Result<()> {
+        let mut next = vec![0usize; queues.len()];
+        let mut turn = 0usize;
+        let mut reaped = Vec::with_capacity(self.slots.len());
         loop {
-            while self.in_flight < self.queue_depth && next < jobs.len() {
-                let buffer = match jobs[next].target {
-                    Some(target) => Buffer::Target(target),
-                    None if self.in_flight == 0 => {
-                        match self.pool.expect("staged jobs need a pool").acquire() {
-                            Some(lease) => Buffer::Staging(lease),
-                            None => break,
-                        }
-                    }
-                    None => match self.pool.expect("staged jobs need a pool").try_acquire() {
-                        Some(lease) => Buffer::Staging(lease),
-                        None => break,
-                    },
-                };
-                let slot = self.slots.iter().position(Option::is_none).expect("a free slot");
-                self.slots[slot] = Some(Slot { job: jobs[next], buffer, valid: 0, start: 0 });
-                self.push(slot);
-                self.in_flight += 1;
-                next += 1;
-            }
+            self.issue(jobs, queues, &mut next, &mut turn);
             if self.in_flight == 0 {
                 // Every job sent, or the pool was closed because the load failed elsewhere.
                 return Ok(());
@@ -197,6 +193,43 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Tops every volume's queue up to its depth, one read per volume in turn (starting where
+    /// the last call stopped), until no volume can take another read or the ring has no free
+    /// buffer. Blocks for a buffer only when nothing is in flight.
+    fn issue(&mut self, jobs: &[Job], queues: &[Vec<usize>], next: &mut [usize], turn: &mut usize) {
+        let volumes = queues.len();
+        let mut idle = 0;
+        while idle < volumes {
+            let v = *turn % volumes;
+            *turn = turn.wrapping_add(1);
+            if self.volume_in_flight[v] >= self.depths[v] || next[v] >= queues[v].len() {
+                idle += 1;
+                continue;
+            }
+            let job = jobs[queues[v][next[v]]];
+            let buffer = match job.target {
+                Some(target) => Buffer::Target(target),
+                None => {
+                    let pool = self.pool.expect("staged jobs need a pool");
+                    let lease =
+                        if self.in_flight == 0 { pool.acquire() } else { pool.try_acquire() };
+                    match lease {
+                        Some(lease) => Buffer::Staging(lease),
+                        // No buffer free (or the pool was closed): wait for a completion.
+                        None => return,
+                    }
+                }
+            };
+            let slot = self.slots.iter().position(Option::is_none).expect("a free slot");
+            self.slots[slot] = Some(Slot { job, volume: v, buffer, valid: 0, start: 0 });
+            self.push(slot);
+            self.in_flight += 1;
+            self.volume_in_flight[v] += 1;
+            next[v] += 1;
+            idle = 0;
+        }
+    }
+
     /// Acts on one completion: a finished extent comes back for the consumer; a short read or
     /// an interrupted one is issued again.
     fn on_completion(&mut self, slot: usize, result: i32) -> Result<Option<Message>> {
@@ -220,6 +253,7 @@ impl<'a> Reader<'a> {
             Completion::Done => {
                 let s = self.slots[slot].take().expect("slot");
                 self.in_flight -= 1;
+                self.volume_in_flight[s.volume] -= 1;
                 Ok(Some(match s.buffer {
                     Buffer::Staging(lease) => Message::Staged { extent: job.extent, lease },
                     Buffer::Target(_) => Message::Direct { extent: job.extent },
@@ -285,8 +319,9 @@ impl<'a> Reader<'a> {
     /// Frees the slots of reaped completions that will not be acted on.
     fn release(&mut self, reaped: &[(usize, i32)]) {
         for &(slot, _) in reaped {
-            if self.slots[slot].take().is_some() {
+            if let Some(s) = self.slots[slot].take() {
                 self.in_flight -= 1;
+                self.volume_in_flight[s.volume] -= 1;
             }
         }
     }

@@ -1,0 +1,232 @@
+//! Loads that span several volumes, and page-cache probes as a user who does not own the
+//! weights. Both need root to set up (loop devices and mounts; files owned by another user)
+//! and fail without it, naming what to do, unless `GANTRY_SKIP_ROOT_TESTS=1`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use gantry::{Checkpoint, Config, Dtype, Loader, PathChoice, ReaderKind};
+use safetensors::tensor::TensorView;
+
+/// Whether this test may run: root, or a failure that says how to run it (or skip it).
+fn root_or_skip(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("GANTRY_SKIP_ROOT_TESTS").as_deref() == Ok("1"),
+        "{what} needs root: run the tests as root (sudo -E cargo test ...), or set GANTRY_SKIP_ROOT_TESTS=1 to skip it"
+    );
+    println!("skipped: {what} needs root (GANTRY_SKIP_ROOT_TESTS=1)");
+    false
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| {
+        panic!("{cmd} could not be started ({e}): install it (apt-get install util-linux e2fsprogs mount)")
+    });
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// ext4 volumes on loop devices over files in memory, mounted at `root/v0`, `root/v1`...;
+/// unmounted and detached on drop.
+struct Volumes {
+    mounts: Vec<PathBuf>,
+    loops: Vec<String>,
+    images: Vec<PathBuf>,
+}
+
+impl Volumes {
+    fn new(root: &Path, count: usize, mib: usize) -> Self {
+        let mut v = Volumes { mounts: Vec::new(), loops: Vec::new(), images: Vec::new() };
+        let shm = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        for i in 0..count {
+            let image = shm.join(format!("gantry-volume-{}-{i}.img", std::process::id()));
+            std::fs::File::create(&image).unwrap().set_len((mib as u64) << 20).unwrap();
+            v.images.push(image.clone());
+            run("mkfs.ext4", &["-q", "-F", image.to_str().unwrap()]);
+            let dev =
+                run("losetup", &["--find", "--show", "--direct-io=off", image.to_str().unwrap()]);
+            v.loops.push(dev.clone());
+            let mount = root.join(format!("v{i}"));
+            std::fs::create_dir_all(&mount).unwrap();
+            run("mount", &[&dev, mount.to_str().unwrap()]);
+            v.mounts.push(mount);
+        }
+        v
+    }
+
+    /// `/sys/block/loopN/inflight` of each volume.
+    fn inflight_paths(&self) -> Vec<PathBuf> {
+        self.loops
+            .iter()
+            .map(|d| {
+                Path::new("/sys/block").join(Path::new(d).file_name().unwrap()).join("inflight")
+            })
+            .collect()
+    }
+}
+
+impl Drop for Volumes {
+    fn drop(&mut self) {
+        for m in &self.mounts {
+            let _ = Command::new("umount").arg(m).status();
+        }
+        for l in &self.loops {
+            let _ = Command::new("losetup").args(["-d", l]).status();
+        }
+        for i in &self.images {
+            let _ = std::fs::remove_file(i);
+        }
+    }
+}
+
+/// Writes one shard of `tensors` tensors of `elems` bf16 each into each mount, and an index
+/// naming them, in `root`; returns the index's path.
+fn write_sharded(root: &Path, mounts: &[PathBuf], tensors: usize, elems: usize) -> PathBuf {
+    let mut weight_map = serde_json::Map::new();
+    let mut state = 7u64;
+    for (s, mount) in mounts.iter().enumerate() {
+        let data: Vec<Vec<u8>> = (0..tensors)
+            .map(|_| {
+                let mut v = vec![0u8; elems * 2];
+                gantry::synth::fill_random(&mut v, &mut state);
+                v
+            })
+            .collect();
+        let views: Vec<(String, TensorView<'_>)> = data
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                (format!("s{s}.t{i:04}"), TensorView::new(Dtype::BF16, vec![elems], d).unwrap())
+            })
+            .collect();
+        let file = mount.join("shard.safetensors");
+        safetensors::serialize_to_file(views, None, &file).unwrap();
+        let rel = format!("{}/shard.safetensors", mount.file_name().unwrap().to_str().unwrap());
+        for i in 0..tensors {
+            weight_map.insert(format!("s{s}.t{i:04}"), rel.clone().into());
+        }
+        let f = std::fs::File::open(&file).unwrap();
+        f.sync_all().unwrap();
+        gantry::io::probe::evict(&f).unwrap();
+    }
+    let index = root.join("model.safetensors.index.json");
+    let json = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(&index, serde_json::to_vec(&json).unwrap()).unwrap();
+    index
+}
+
+#[test]
+fn every_volume_is_read_at_once() {
+    if !root_or_skip("loading from several loop volumes") {
+        return;
+    }
+    let dir = common::scratch();
+    let volumes = Volumes::new(dir.path(), 4, 96);
+    let index = write_sharded(dir.path(), &volumes.mounts, 32, 1 << 20); // 64 MiB a shard
+                                                                         // Small reads and a shallow queue: a reader that went file by file would have at most
+                                                                         // two volumes busy at once (at a file boundary).
+    let config = Config::default().path(PathChoice::Direct).chunk_bytes(1 << 20).queue_depth(4);
+    let loader = Loader::new(config).unwrap();
+    let checkpoint = Checkpoint::open(&index).unwrap();
+    let done = AtomicBool::new(false);
+    let inflight = volumes.inflight_paths();
+    let (model, most_busy) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut most = 0;
+            while !done.load(Ordering::Relaxed) {
+                let busy = inflight
+                    .iter()
+                    .filter(|p| {
+                        let text = std::fs::read_to_string(p).unwrap();
+                        text.split_whitespace().next().is_some_and(|reads| reads != "0")
+                    })
+                    .count();
+                most = most.max(busy);
+                std::thread::sleep(Duration::from_micros(20));
+            }
+            most
+        });
+        let model = loader.load_with(checkpoint, |_| true, |_| {});
+        done.store(true, Ordering::Relaxed);
+        (model.unwrap(), sampler.join().unwrap())
+    });
+    common::assert_matches_reference(&model, 4 * 32);
+    let report = model.report();
+    for f in &report.files {
+        assert_eq!(f.reader, Some(ReaderKind::Direct), "{f:?}");
+        assert!(f.reason.contains("of 4 volume(s) read side by side"), "{}", f.reason);
+    }
+    assert!(most_busy >= 3, "at most {most_busy} of 4 volumes had reads in flight at once");
+}
+
+/// The child half of `cold_and_hot_files_as_a_user_who_does_not_own_them`: loads the file
+/// named by `GANTRY_PROBE_CHILD` and prints its reader and facts.
+#[test]
+fn probe_child() {
+    let Ok(path) = std::env::var("GANTRY_PROBE_CHILD") else { return };
+    let model = Loader::new(Config::default()).unwrap().load(&path).unwrap();
+    let f = &model.report().files[0];
+    println!("READER={}", f.reader.map_or("none", |r| r.name()));
+    println!("FACTS={}", f.facts);
+}
+
+#[test]
+fn cold_and_hot_files_as_a_user_who_does_not_own_them() {
+    use std::os::unix::fs::PermissionsExt;
+    if !root_or_skip("reading as another user") {
+        return;
+    }
+    // Under the system's temporary directory, which every user may enter.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.path().join("probe-child");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let file = dir.path().join("m.safetensors");
+    common::write_file(&file, &[(Dtype::F32, vec![8 << 20])], 3); // 32 MiB
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let f = std::fs::File::open(&file).unwrap();
+    f.sync_all().unwrap();
+    let child = || {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&exe)
+            .args(["--exact", "probe_child", "--nocapture", "--test-threads=1"])
+            .env("GANTRY_PROBE_CHILD", &file)
+            .output()
+            .expect("setpriv (util-linux) could not be started: apt-get install util-linux");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "child failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let field = |key: &str| {
+            let value = text.lines().find_map(|l| l.split(key).nth(1));
+            value.unwrap_or_else(|| panic!("no {key} in {text}")).to_owned()
+        };
+        (field("READER="), field("FACTS="))
+    };
+    gantry::io::probe::evict(&f).unwrap();
+    let (reader, facts) = child();
+    assert_eq!(reader, "direct", "cold file as another user: {facts}");
+    gantry::baseline::warm(&[file.as_path()]).unwrap();
+    let (reader, facts) = child();
+    assert_eq!(reader, "buffered", "hot file as another user: {facts}");
+}
