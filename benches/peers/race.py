@@ -28,6 +28,13 @@ LOADERS = ["gantry", "gantry-python", "safetensors-load_file", "safetensors-safe
 
 
 def shards(ckpt):
+    """The checkpoint's files: those its index names (shards may sit in subdirectories, one
+    volume each), else its *.safetensors files."""
+    index = os.path.join(ckpt, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(ckpt, n) for n in names]
     return sorted(glob.glob(os.path.join(ckpt, "*.safetensors")))
 
 

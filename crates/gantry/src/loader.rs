@@ -40,6 +40,16 @@ struct StagingArena {
     node: Option<u32>,
 }
 
+impl StagingArena {
+    /// `bytes` of staging on `device`'s NUMA node, page-locked for it.
+    fn new(bytes: usize, device: &Arc<CudaDevice>) -> Result<Self> {
+        let node = device.numa_node();
+        let arena = Arc::new(Arena::new(bytes, node)?);
+        let pinned = Some(PinnedHost::new(Arc::clone(&arena), device)?);
+        Ok(Self { pinned, arena, node })
+    }
+}
+
 /// What happened to one file in a load.
 #[derive(Debug, Clone)]
 pub struct FileReport {
@@ -333,7 +343,25 @@ impl Loader {
             Some(_) if sink.device_reads() => Target::Device,
             Some(_) => Target::Devices,
         };
-        let (mut files, choices) = self.open_files(checkpoint, wanted, target)?;
+        let (opened, early) = std::thread::scope(|s| {
+            // A device load that will fill the ring maps, touches and page-locks it while the
+            // files are opened and probed, instead of after.
+            let wanted_bytes: u64 =
+                checkpoint.tensors.iter().zip(wanted).filter(|(_, &w)| w).map(|(t, _)| t.len).sum();
+            let early = match device {
+                Some(d) if cached.is_none() && wanted_bytes >= self.config.staging_bytes as u64 => {
+                    let bytes = self.config.staging_bytes;
+                    Some(s.spawn(move || StagingArena::new(bytes, d)))
+                }
+                _ => None,
+            };
+            let opened = self.open_files(checkpoint, wanted, target);
+            (opened, early.map(|h| h.join().expect("staging set-up thread")))
+        });
+        if let Some(arena) = early {
+            *cached = Some(arena?);
+        }
+        let (mut files, choices) = opened?;
         let opened = setup.elapsed().as_secs_f64();
         let volume = self.volume_settings(checkpoint, &mut files);
         let measured = setup.elapsed().as_secs_f64();
