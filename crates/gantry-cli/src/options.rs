@@ -69,7 +69,7 @@ pub struct LoadOptions {
     /// --chunk-mib / --queue-depth override it).
     #[arg(long, value_name = "auto|gp3|io2|nvme")]
     pub profile: Option<String>,
-    /// Reads in flight on the io_uring.
+    /// Reads in flight per volume (every volume under the checkpoint is read at once).
     #[arg(long)]
     pub queue_depth: Option<usize>,
     /// Bytes per read and staging buffer, in MiB.

@@ -130,8 +130,10 @@ impl fmt::Debug for Config {
 }
 
 impl Config {
-    /// Reads in flight on the io_uring (1 to 4096; default 8, or what the `auto` volume
-    /// profile picks). Setting it turns the profile's measuring off.
+    /// Reads in flight per volume (1 to 4096; default 8, or what the `auto` volume profile
+    /// picks for each volume): a load reads every volume under its files at once, each with
+    /// this depth, shared out when the staging ring cannot hold them all. Setting it turns
+    /// the profile's measuring off.
     pub fn queue_depth(mut self, n: usize) -> Self {
         self.queue_depth = n;
         self.measure_volume = false;
