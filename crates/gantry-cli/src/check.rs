@@ -25,6 +25,13 @@ pub const CHECK_CHUNK_BYTES: usize = 8 << 20;
 /// Fills a buffer with bytes of a loaded tensor (or share), from `at` bytes into it.
 pub type ReadAt<'a> = dyn FnMut(u64, &mut [u8]) -> Result<(), gantry::Error> + 'a;
 
+/// `read(i, at, buf)`: bytes of loaded tensor `i` (its position in the table).
+pub type ReadTensor<'a> = dyn FnMut(usize, u64, &mut [u8]) -> Result<(), gantry::Error> + 'a;
+
+/// `read(destination, share, at, buf)`: bytes of a placed load's share (its position in
+/// the destination's share list).
+pub type ReadShare<'a> = dyn FnMut(usize, usize, u64, &mut [u8]) -> Result<(), gantry::Error> + 'a;
+
 /// XXH3-64 of `len` bytes that `read` gives, hashed in pieces of at most `chunk_bytes`.
 pub fn xxh3(len: u64, chunk_bytes: usize, read: &mut ReadAt<'_>) -> Result<u64, gantry::Error> {
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
@@ -134,10 +141,10 @@ impl<'a> Files<'a> {
     fn locate(&mut self, i: usize) -> Result<(&Path, &File, u64), Box<dyn Error>> {
         let t = &self.checkpoint.tensors[i];
         let path = &self.checkpoint.file(t.file).path;
-        if !self.open.contains_key(&t.file.0) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.open.entry(t.file.0) {
             let (file, _) = gantry_format::open_regular(path)?;
             let table = reference_table(path, &file)?;
-            self.open.insert(t.file.0, (file, table));
+            slot.insert((file, table));
         }
         let (file, table) = &self.open[&t.file.0];
         match table.get(&t.name) {
@@ -163,7 +170,7 @@ impl<'a> Files<'a> {
 pub fn verify(
     checkpoint: &Checkpoint,
     loaded: &[usize],
-    read: &mut dyn FnMut(usize, u64, &mut [u8]) -> Result<(), gantry::Error>,
+    read: &mut ReadTensor<'_>,
 ) -> Result<(), Box<dyn Error>> {
     let mut files = Files::new(checkpoint);
     for &i in loaded {
@@ -200,7 +207,7 @@ pub fn share_runs(entry: &gantry::TensorEntry, share: Share) -> Vec<(u64, u64, u
 pub fn verify_placed(
     checkpoint: &Checkpoint,
     shares: &[Vec<(usize, Share)>],
-    read: &mut dyn FnMut(usize, usize, u64, &mut [u8]) -> Result<(), gantry::Error>,
+    read: &mut ReadShare<'_>,
 ) -> Result<(), Box<dyn Error>> {
     let mut files = Files::new(checkpoint);
     for (d, list) in shares.iter().enumerate() {

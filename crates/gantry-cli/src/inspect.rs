@@ -97,7 +97,7 @@ fn table(out: &mut impl Write, checkpoint: &Checkpoint, rows: usize) -> std::io:
     // Names come from the file: escaped, so a name cannot break a row or drive the terminal.
     let file_name = |t: &gantry_format::TensorEntry| {
         let path = &checkpoint.file(t.file).path;
-        let name = path.file_name().map_or_else(|| path.as_os_str(), |n| n);
+        let name = path.file_name().unwrap_or_else(|| path.as_os_str());
         escape_path(Path::new(name))
     };
     let shown = &checkpoint.tensors[..checkpoint.tensors.len().min(rows)];

@@ -165,14 +165,17 @@ fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
+/// One destination's checksums: (tensor name, XXH3-64 in hex) per share.
+type ShareHashes = Vec<(String, String)>;
+
 /// `--verify` and `--checksum` for a placed load: every share compared with its file, and
 /// hashed; `read(destination, share, at, buf)` gives a share's loaded bytes. Returns, per
 /// destination, each share's tensor name and XXH3-64 (empty without `--checksum`).
 fn check_placed<B>(
     args: &Args,
     model: &gantry::Placed<B>,
-    read: &mut dyn FnMut(usize, usize, u64, &mut [u8]) -> Result<(), gantry::Error>,
-) -> Result<Vec<Vec<(String, String)>>, Box<dyn Error>> {
+    read: &mut check::ReadShare<'_>,
+) -> Result<Vec<ShareHashes>, Box<dyn Error>> {
     let checkpoint = model.checkpoint();
     let shares: Vec<Vec<(usize, gantry::placement::Share)>> = (0..model.devices())
         .map(|d| model.share_entries(d).iter().map(|s| (s.tensor, s.share)).collect())

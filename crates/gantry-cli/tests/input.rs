@@ -165,7 +165,7 @@ fn permission_errors_are_said_as_they_are() {
     assert!(ok.status.success(), "setpriv to uid 65534: {}", String::from_utf8_lossy(&ok.stderr));
 
     // A shard the user may not read: not "does not exist".
-    std::fs::set_permissions(model.join("b.safetensors"), std::fs::Permissions::from_mode(0))
+    std::fs::set_permissions(model.join("b.safetensors"), std::fs::Permissions::from_mode(0o000))
         .unwrap();
     let err = error_line(&gantry_unprivileged(&["inspect", s(&model)]));
     assert!(err.contains("Permission denied") && err.contains("b.safetensors"), "{err}");
