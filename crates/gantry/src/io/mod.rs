@@ -138,28 +138,6 @@ pub fn read_error(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn completions() {
-        let cases = [
-            (4096, 0, 4096, Completion::Done),
-            (8192, 0, 5000, Completion::Done), // aligned request past the needed bytes
-            (100, 0, 4096, Completion::Continue { valid: 100 }),
-            (100, 4000, 4096, Completion::Done),
-            (0, 300, 4096, Completion::Truncated { at: 300 }),
-            (-(libc::EINTR as i64), 0, 10, Completion::Retry),
-            (-(libc::EAGAIN as i64), 0, 10, Completion::Retry),
-            (-(libc::EIO as i64), 0, 10, Completion::Failed { errno: libc::EIO }),
-        ];
-        for (result, start, needed, want) in cases {
-            assert_eq!(complete(result, start, needed), want, "{result} {start} {needed}");
-        }
-    }
-}
-
 /// Opens a checkpoint file for its data: never blocking on a FIFO or a device put where the
 /// file was (`O_NONBLOCK` until `fstat` says it is a regular file), and only if it is the very
 /// file whose header was read (device, inode, length, modification time). The returned file
@@ -196,5 +174,27 @@ pub fn reopen_path(file: &File, path: &std::path::Path) -> PathBuf {
         link
     } else {
         path.to_path_buf()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completions() {
+        let cases = [
+            (4096, 0, 4096, Completion::Done),
+            (8192, 0, 5000, Completion::Done), // aligned request past the needed bytes
+            (100, 0, 4096, Completion::Continue { valid: 100 }),
+            (100, 4000, 4096, Completion::Done),
+            (0, 300, 4096, Completion::Truncated { at: 300 }),
+            (-(libc::EINTR as i64), 0, 10, Completion::Retry),
+            (-(libc::EAGAIN as i64), 0, 10, Completion::Retry),
+            (-(libc::EIO as i64), 0, 10, Completion::Failed { errno: libc::EIO }),
+        ];
+        for (result, start, needed, want) in cases {
+            assert_eq!(complete(result, start, needed), want, "{result} {start} {needed}");
+        }
     }
 }
