@@ -222,7 +222,9 @@ impl Loader {
     }
 
     /// Reads `model`'s tensors again from its files into the memory it already holds (a
-    /// weights refresh: no allocation, no page faults), replacing its report.
+    /// weights refresh: no allocation, no page faults), replacing its report. A file replaced
+    /// or rewritten since its header was read is an error (its layout may differ): open the
+    /// checkpoint again to load new weights.
     pub fn reload(&self, model: &mut HostModel) -> Result<()> {
         let HostModel { checkpoint, buffers, wanted, report } = model;
         *report = self.fill(checkpoint, wanted, buffers, &mut |_| {})?;
