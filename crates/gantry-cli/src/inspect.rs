@@ -2,9 +2,9 @@
 
 use std::error::Error;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use gantry_format::Checkpoint;
+use gantry_format::{escape, escape_path, Checkpoint};
 use serde::Serialize;
 
 use crate::options::StoreOptions;
@@ -94,25 +94,28 @@ fn json(checkpoint: &Checkpoint) -> JsonInspect<'_> {
 }
 
 fn table(out: &mut impl Write, checkpoint: &Checkpoint, rows: usize) -> std::io::Result<()> {
+    // Names come from the file: escaped, so a name cannot break a row or drive the terminal.
     let file_name = |t: &gantry_format::TensorEntry| {
         let path = &checkpoint.file(t.file).path;
-        path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into())
+        let name = path.file_name().unwrap_or_else(|| path.as_os_str());
+        escape_path(Path::new(name))
     };
     let shown = &checkpoint.tensors[..checkpoint.tensors.len().min(rows)];
-    let name_w = shown.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+    let names: Vec<String> = shown.iter().map(|t| escape(&t.name).to_string()).collect();
+    let name_w = names.iter().map(|n| n.chars().count()).max().unwrap_or(4).max(4);
     let shape_w = shown.iter().map(|t| format!("{:?}", t.shape).len()).max().unwrap_or(5).max(5);
     writeln!(
         out,
         "{:<name_w$}  {:<8}  {:<shape_w$}  {:>12}  FILE",
         "NAME", "DTYPE", "SHAPE", "SIZE"
     )?;
-    for t in shown {
+    for (t, name) in shown.iter().zip(&names) {
         let shape = format!("{:?}", t.shape);
         let size = units::bytes(t.len);
         writeln!(
             out,
             "{:<name_w$}  {:<8}  {shape:<shape_w$}  {size:>12}  {}",
-            t.name,
+            name,
             t.dtype.to_string(),
             file_name(t)
         )?;

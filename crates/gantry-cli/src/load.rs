@@ -7,6 +7,9 @@ use gantry::{Checkpoint, CudaDevice, DeviceModel, HostModel, LoadReport, Loader}
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use gantry_format::{escape, escape_path};
+
+use crate::check;
 use crate::options::{Device, LoadOptions};
 use crate::units;
 
@@ -77,7 +80,6 @@ fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
     let place = |t: &gantry::TensorEntry| gantry::placement::split(t, dim, n);
     let start = std::time::Instant::now();
     let checkpoint = gantry::open_with(&args.options.path, loader.config())?;
-    // Per destination: where, tensors, bytes.
     // Per destination: where, shares, bytes.
     fn per_destination<B>(
         m: &gantry::Placed<B>,
@@ -90,14 +92,30 @@ fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
             })
             .collect()
     }
-    let (report, per) = if devices.is_empty() {
+    let (report, per, hashes) = if devices.is_empty() {
         let model = loader.load_placed(checkpoint, n, place, |_, _| {})?;
-        (model.report().clone(), per_destination(&model, |_| "cpu".to_owned()))
+        let total_seconds = start.elapsed().as_secs_f64();
+        let views: Vec<Vec<&[u8]>> =
+            (0..n).map(|d| model.tensors(d).map(|t| t.bytes).collect()).collect();
+        let hashes = check_placed(args, &model, &mut |d, s, at, buf| {
+            buf.copy_from_slice(&views[d][s][at as usize..at as usize + buf.len()]);
+            Ok(())
+        })?;
+        let per = per_destination(&model, |_| "cpu".to_owned());
+        ((model.report().clone(), total_seconds), per, hashes)
     } else {
         let model = loader.load_placed_to_devices(checkpoint, &devices, place, |_, _| {})?;
-        (model.report().clone(), per_destination(&model, |d| format!("cuda:{}", gpus[d])))
+        let total_seconds = start.elapsed().as_secs_f64();
+        let ptrs: Vec<Vec<u64>> =
+            (0..n).map(|d| model.tensors(d).map(|t| t.ptr).collect()).collect();
+        let hashes = check_placed(args, &model, &mut |d, s, at, buf| {
+            buf.copy_from_slice(&model.device(d).copy_to_host(ptrs[d][s] + at, buf.len())?);
+            Ok(())
+        })?;
+        let per = per_destination(&model, |d| format!("cuda:{}", gpus[d]));
+        ((model.report().clone(), total_seconds), per, hashes)
     };
-    let total_seconds = start.elapsed().as_secs_f64();
+    let (report, total_seconds) = report;
     let delivered: u64 = per.iter().map(|p| p.2).sum();
     if args.json {
         let out = serde_json::json!({
@@ -108,10 +126,18 @@ fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
             "total_seconds": total_seconds,
             "read_gb_per_s": report.read_bytes as f64 / report.seconds / 1e9,
             "delivered_gb_per_s": delivered as f64 / report.seconds / 1e9,
-            "destinations": per.iter().map(|(at, t, b)| serde_json::json!({
-                "device": at, "tensors": t, "bytes": b,
-                "gb_per_s": *b as f64 / report.seconds / 1e9,
-            })).collect::<Vec<_>>(),
+            "destinations": per.iter().zip(&hashes).map(|((at, t, b), hashes)| {
+                let mut d = serde_json::json!({
+                    "device": at, "tensors": t, "bytes": b,
+                    "gb_per_s": *b as f64 / report.seconds / 1e9,
+                });
+                if args.checksum.is_some() {
+                    d["checksums"] = hashes.iter().map(|(name, xxh3)| {
+                        serde_json::json!({"name": name, "xxh3": xxh3})
+                    }).collect();
+                }
+                d
+            }).collect::<Vec<_>>(),
         });
         println!("{out}");
         return Ok(());
@@ -127,12 +153,47 @@ fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
     );
     for (d, (at, tensors, bytes)) in per.iter().enumerate() {
         println!(
-            "  destination {d} ({at}): {tensors} tensors, {} ({:.2} GB/s)",
+            "  destination {d} ({at}): {tensors} tensors, {} ({:.2} GB/s){}",
             units::bytes(*bytes),
-            *bytes as f64 / report.seconds / 1e9
+            *bytes as f64 / report.seconds / 1e9,
+            if args.verify { ", verified" } else { "" }
         );
+        for (name, xxh3) in &hashes[d] {
+            println!("    {xxh3}  {}", escape(name));
+        }
     }
     Ok(())
+}
+
+/// One destination's checksums: (tensor name, XXH3-64 in hex) per share.
+type ShareHashes = Vec<(String, String)>;
+
+/// `--verify` and `--checksum` for a placed load: every share compared with its file, and
+/// hashed; `read(destination, share, at, buf)` gives a share's loaded bytes. Returns, per
+/// destination, each share's tensor name and XXH3-64 (empty without `--checksum`).
+fn check_placed<B>(
+    args: &Args,
+    model: &gantry::Placed<B>,
+    read: &mut check::ReadShare<'_>,
+) -> Result<Vec<ShareHashes>, Box<dyn Error>> {
+    let checkpoint = model.checkpoint();
+    let shares: Vec<Vec<(usize, gantry::placement::Share)>> = (0..model.devices())
+        .map(|d| model.share_entries(d).iter().map(|s| (s.tensor, s.share)).collect())
+        .collect();
+    if args.verify {
+        check::verify_placed(checkpoint, &shares, read)?;
+    }
+    let mut hashes = vec![Vec::new(); model.devices()];
+    if args.checksum.is_some() {
+        for (d, list) in hashes.iter_mut().enumerate() {
+            for (s, share) in model.share_entries(d).iter().enumerate() {
+                let mut piece = |at, buf: &mut [u8]| read(d, s, at, buf);
+                let hash = check::xxh3(share.len, check::CHECK_CHUNK_BYTES, &mut piece)?;
+                list.push((checkpoint.tensors[share.tensor].name.clone(), format!("{hash:016x}")));
+            }
+        }
+    }
+    Ok(hashes)
 }
 
 #[derive(Serialize)]
@@ -185,8 +246,54 @@ pub fn json_files(report: &LoadReport) -> Vec<JsonFile> {
         .collect()
 }
 
-/// Fetches the bytes of the i-th loaded tensor (from host or device memory).
-type TensorBytes = Box<dyn Fn(usize) -> Result<Vec<u8>, gantry::Error>>;
+/// A loaded model, in host or device memory.
+enum Loaded {
+    Host(HostModel),
+    Device(DeviceModel),
+}
+
+impl Loaded {
+    fn checkpoint(&self) -> &Checkpoint {
+        match self {
+            Loaded::Host(m) => m.checkpoint(),
+            Loaded::Device(m) => m.checkpoint(),
+        }
+    }
+
+    fn report(&self) -> &LoadReport {
+        match self {
+            Loaded::Host(m) => m.report(),
+            Loaded::Device(m) => m.report(),
+        }
+    }
+
+    /// Table positions of the loaded tensors.
+    fn loaded(&self) -> Vec<usize> {
+        let n = self.checkpoint().tensors.len();
+        (0..n)
+            .filter(|&i| match self {
+                Loaded::Host(m) => m.get(i).is_some(),
+                Loaded::Device(m) => m.get(i).is_some(),
+            })
+            .collect()
+    }
+
+    /// Fills `buf` with the loaded bytes of tensor `i` from `at` bytes into it (a GPU
+    /// tensor is copied back a piece at a time).
+    fn read(&self, i: usize, at: u64, buf: &mut [u8]) -> Result<(), gantry::Error> {
+        match self {
+            Loaded::Host(m) => {
+                let bytes = m.get(i).expect("a loaded tensor").bytes;
+                buf.copy_from_slice(&bytes[at as usize..at as usize + buf.len()]);
+            }
+            Loaded::Device(m) => {
+                let t = m.get(i).expect("a loaded tensor");
+                buf.copy_from_slice(&m.device().copy_to_host(t.ptr + at, buf.len())?);
+            }
+        }
+        Ok(())
+    }
+}
 
 pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     if let Some(c) = &args.checksum {
@@ -194,11 +301,11 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             return Err(format!("unknown checksum '{c}' (xxh3)").into());
         }
     }
-    if let Some(shard) = &args.shard {
-        return run_placed(args, shard);
-    }
     if args.verify && gantry::io::object::is_url(&args.options.path) {
         return Err("--verify compares with a plain read of local files; it does not take s3:// sources (use --checksum xxh3 against a local copy)".into());
+    }
+    if let Some(shard) = &args.shard {
+        return run_placed(args, shard);
     }
     let loader = Loader::new(args.options.config()?)?;
     let device = args.options.device.one()?;
@@ -215,50 +322,28 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     });
     let (gpu, checkpoint) = (gpu?, checkpoint?);
     log::debug!("headers read and CUDA started: {:.3} s", start.elapsed().as_secs_f64());
-    // The loaded tensors' table positions and names; their bytes are fetched (from host or
-    // device memory) only when a checksum or a check needs them.
-    let (report, device, loaded, bytes_of): (
-        LoadReport,
-        String,
-        Vec<(usize, String)>,
-        TensorBytes,
-    );
-    let table = |c: &Checkpoint, wanted: &dyn Fn(usize) -> bool| -> Vec<(usize, String)> {
-        c.tensors
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| wanted(*i))
-            .map(|(i, t)| (i, t.name.clone()))
-            .collect()
+    let (model, device) = match &gpu {
+        None => (Loaded::Host(load_host(&loader, checkpoint, !args.json)?), "cpu".to_owned()),
+        Some(gpu) => (
+            Loaded::Device(load_device(&loader, checkpoint, gpu, !args.json)?),
+            format!("cuda:{}", gpu.ordinal()),
+        ),
     };
-    match &gpu {
-        None => {
-            let model = load_host(&loader, checkpoint, !args.json)?;
-            (report, device) = (model.report().clone(), "cpu".to_owned());
-            loaded = table(model.checkpoint(), &|i| model.get(i).is_some());
-            bytes_of = Box::new(move |i| Ok(model.get(i).expect("loaded").bytes.to_vec()));
-        }
-        Some(gpu) => {
-            let model = load_device(&loader, checkpoint, gpu, !args.json)?;
-            (report, device) = (model.report().clone(), format!("cuda:{}", gpu.ordinal()));
-            loaded = table(model.checkpoint(), &|i| model.get(i).is_some());
-            bytes_of = Box::new(move |i| model.copy_to_host(&model.get(i).expect("loaded")));
-        }
-    }
     let total_seconds = start.elapsed().as_secs_f64();
+    let report = model.report().clone();
+    let loaded = model.loaded();
     if args.verify {
-        verify(&args.options.path, &loaded, &bytes_of)?;
+        check::verify(model.checkpoint(), &loaded, &mut |i, at, buf| model.read(i, at, buf))?;
     }
     let tensors = match &args.checksum {
         Some(_) => Some(
             loaded
                 .iter()
-                .map(|(i, name)| {
-                    let bytes = bytes_of(*i)?;
-                    Ok(JsonTensor {
-                        name,
-                        xxh3: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)),
-                    })
+                .map(|&i| {
+                    let t = &model.checkpoint().tensors[i];
+                    let mut read = |at, buf: &mut [u8]| model.read(i, at, buf);
+                    let hash = check::xxh3(t.len, check::CHECK_CHUNK_BYTES, &mut read)?;
+                    Ok(JsonTensor { name: &t.name, xxh3: format!("{hash:016x}") })
                 })
                 .collect::<Result<Vec<_>, gantry::Error>>()?,
         ),
@@ -294,48 +379,8 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         units::bytes(report.staging_bytes),
         if args.verify { ", verified" } else { "" }
     );
-    if let Some(tensors) = tensors {
-        for t in tensors {
-            println!("{}  {}", t.xxh3, t.name);
-        }
-    }
-    Ok(())
-}
-
-/// Compares every loaded tensor with an independent buffered read of its file; the first
-/// mismatch is an error naming the tensor, the byte and the file offset.
-fn verify(
-    path: &std::path::Path,
-    loaded: &[(usize, String)],
-    bytes_of: &dyn Fn(usize) -> Result<Vec<u8>, gantry::Error>,
-) -> Result<(), Box<dyn Error>> {
-    use std::os::unix::fs::FileExt;
-    // The table again, from the files, independent of the load.
-    let checkpoint = gantry::open(path)?;
-    for &(i, ref name) in loaded {
-        let t = &checkpoint.tensors[i];
-        assert_eq!(&t.name, name, "the same checkpoint gives the same table");
-        let mut expected = vec![0u8; t.len as usize];
-        std::fs::File::open(&checkpoint.file(t.file).path)?
-            .read_exact_at(&mut expected, t.offset)?;
-        let got = bytes_of(i)?;
-        if let Some(at) = got.iter().zip(&expected).position(|(a, b)| a != b) {
-            return Err(format!(
-                "verify: tensor '{name}' differs at byte {at} (file offset {}): loaded {:#04x}, file has {:#04x}",
-                t.offset + at as u64,
-                got[at],
-                expected[at]
-            )
-            .into());
-        }
-        if got.len() != expected.len() {
-            return Err(format!(
-                "verify: tensor '{name}' has {} bytes, expected {}",
-                got.len(),
-                expected.len()
-            )
-            .into());
-        }
+    for t in tensors.into_iter().flatten() {
+        println!("{}  {}", t.xxh3, escape(t.name));
     }
     Ok(())
 }
@@ -348,7 +393,7 @@ pub fn explain(report: &LoadReport) {
         let reader = f.reader.map_or("none", |r| r.name());
         println!(
             "{}: {reader}, {} read: {}",
-            f.path.display(),
+            escape_path(&f.path),
             units::bytes(f.read_bytes),
             f.reason
         );

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use safetensors::Dtype;
 
 use crate::error::{ErrorKind, FormatError};
-use crate::header::{read_header, Header};
+use crate::header::{read_header_identified, Header};
 use crate::index::{parse_index, Index, MAX_INDEX_BYTES};
+use crate::open::{check_contained, file_kind, open_regular, shard_error, FileIdentity};
 
 /// The index file name that Hugging Face tools write for sharded checkpoints.
 pub const INDEX_FILE_NAME: &str = "model.safetensors.index.json";
@@ -28,12 +29,31 @@ pub struct FileInfo {
     pub file_len: u64,
     /// The parsed header.
     pub header: Header,
+    /// The file's identity when its header was read (`None` for sources that are not local
+    /// files): compare with [`FileInfo::check_unchanged`] after opening it for its data.
+    pub identity: Option<FileIdentity>,
 }
 
 impl FileInfo {
     /// Absolute file offset range of the data section.
     pub fn data_range(&self) -> std::ops::Range<u64> {
         self.header.data_offset..self.header.data_offset + self.header.data_len
+    }
+
+    /// Checks that `file`, opened for this file's data, is a regular file and the very one
+    /// whose header was read (same device, inode, length and modification time).
+    pub fn check_unchanged(&self, file: &fs::File) -> Result<(), FormatError> {
+        let meta = file
+            .metadata()
+            .map_err(|source| FormatError::new(&self.path, ErrorKind::Io { op: "stat", source }))?;
+        if !meta.is_file() {
+            let kind = ErrorKind::NotRegularFile { kind: file_kind(&meta) };
+            return Err(FormatError::new(&self.path, kind));
+        }
+        match &self.identity {
+            Some(identity) => identity.check(&self.path, &meta),
+            None => Ok(()),
+        }
     }
 }
 
@@ -98,8 +118,14 @@ impl Checkpoint {
 
     fn open_dir(dir: &Path) -> Result<Self, FormatError> {
         let index = dir.join(INDEX_FILE_NAME);
-        if index.is_file() {
-            return Self::open_index(&index);
+        // Anything but "not found" (no search permission, a symlink loop) is said as it is,
+        // not taken for a missing index.
+        match fs::metadata(&index) {
+            Ok(_) => return Self::open_index(&index),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(FormatError::new(&index, ErrorKind::Io { op: "stat", source }))
+            }
         }
         let io_err = |source| FormatError::new(dir, ErrorKind::Io { op: "read directory", source });
         let mut files = Vec::new();
@@ -109,7 +135,10 @@ impl Checkpoint {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             if name.ends_with(".safetensors.index.json") {
                 indexes.push(path);
-            } else if name.ends_with(".safetensors") && path.is_file() {
+            } else if name.ends_with(".safetensors") {
+                // A FIFO, a dangling symlink or an unreadable entry is an error, not a file
+                // silently left out of the checkpoint.
+                crate::open::stat_regular(&path)?;
                 files.push(path);
             }
         }
@@ -131,7 +160,7 @@ impl Checkpoint {
 
     fn open_index(index_path: &Path) -> Result<Self, FormatError> {
         let io_err = |op, source| FormatError::new(index_path, ErrorKind::Io { op, source });
-        let file = fs::File::open(index_path).map_err(|e| io_err("open", e))?;
+        let (file, _) = open_regular(index_path)?;
         let mut bytes = Vec::new();
         file.take(MAX_INDEX_BYTES + 1).read_to_end(&mut bytes).map_err(|e| io_err("read", e))?;
         if bytes.len() as u64 > MAX_INDEX_BYTES {
@@ -156,11 +185,18 @@ impl Checkpoint {
     /// Builds the table from a list of `.safetensors` files, rejecting a tensor name held by
     /// two files.
     fn from_files(paths: Vec<PathBuf>) -> Result<Self, FormatError> {
-        let headers = paths
-            .into_iter()
-            .map(|path| read_header(&path).map(|h| (path, h)))
-            .collect::<Result<Vec<_>, _>>()?;
-        Self::from_headers(headers)
+        let mut identities = Vec::with_capacity(paths.len());
+        let mut headers = Vec::with_capacity(paths.len());
+        for path in paths {
+            let (header, identity) = read_header_identified(&path)?;
+            identities.push(identity);
+            headers.push((path, header));
+        }
+        let mut checkpoint = Self::from_headers(headers)?;
+        for (file, identity) in checkpoint.files.iter_mut().zip(identities) {
+            file.identity = Some(identity);
+        }
+        Ok(checkpoint)
     }
 
     /// Builds the table from headers read elsewhere (object storage, say), one per file in
@@ -193,16 +229,24 @@ impl Checkpoint {
                     len: t.len,
                 });
             }
-            files.push(FileInfo { path, file_len, header });
+            files.push(FileInfo { path, file_len, header, identity: None });
         }
         Ok(Self { files, tensors, index_metadata: BTreeMap::new() })
     }
 }
 
+/// Every shard stays inside the index's directory (see `open`'s containment rule) and is a
+/// regular file; a missing shard is named with a tensor the index maps to it, anything else
+/// (no permission, a symlink loop, a FIFO) is said as it is.
 fn check_shards_exist(index_path: &Path, base: &Path, index: &Index) -> Result<(), FormatError> {
     for (shard_pos, shard) in index.shards.iter().enumerate() {
-        if !base.join(shard).is_file() {
-            return Err(index.missing_shard(index_path, shard_pos));
+        check_contained(index_path, base, shard)?;
+        let path = base.join(shard);
+        let meta = fs::metadata(&path)
+            .map_err(|e| shard_error(&path, e, index.missing_shard(index_path, shard_pos)))?;
+        if !meta.is_file() {
+            let kind = ErrorKind::NotRegularFile { kind: file_kind(&meta) };
+            return Err(FormatError::new(&path, kind));
         }
     }
     Ok(())

@@ -89,8 +89,9 @@ pub enum ErrorKind {
     TrailingBytes { data_used: u64, data_len: u64 },
     /// The index file is malformed.
     BadIndex { message: String },
-    /// A shard path in the index leaves the checkpoint's directory.
-    ShardOutsideDirectory { shard: String },
+    /// A shard path in the index leaves the checkpoint's directory: lexically (absolute,
+    /// `..`), or through a symlinked directory (`resolved` is where its directory leads).
+    ShardOutsideDirectory { shard: String, resolved: Option<PathBuf> },
     /// A shard the index names does not exist.
     MissingShard { shard: String, tensor: String },
     /// The index maps a tensor to a shard that does not hold it.
@@ -101,28 +102,70 @@ pub enum ErrorKind {
     TensorInTwoShards { tensor: String, first: PathBuf, second: PathBuf },
     /// A directory holds no index and no `.safetensors` file.
     NoCheckpoint,
+    /// The path is not a regular file (a FIFO, a device, a directory, ...): `kind` says
+    /// what it is.
+    NotRegularFile { kind: &'static str },
+    /// The file is not the one whose header was read: `what` says how it differs.
+    Changed { what: &'static str },
     /// A directory holds several index files, and none is `model.safetensors.index.json`.
     AmbiguousIndex { candidates: Vec<String> },
 }
 
 impl fmt::Display for FormatError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path.display(), self.kind)
+        write!(f, "{}: {}", escape_path(&self.path), self.kind)
+    }
+}
+
+/// Text from a file or a path, made safe to print on one line of a terminal: control
+/// characters (newlines, escape sequences), bidirectional overrides and backslashes are
+/// written as Rust escapes (`\n`, `\u{1b}`, `\\`); everything else as it is.
+#[derive(Debug, Clone, Copy)]
+pub struct Escaped<'a>(pub &'a str);
+
+/// [`Escaped`] `text`, for `Display` in messages and human-readable output.
+pub fn escape(text: &str) -> Escaped<'_> {
+    Escaped(text)
+}
+
+/// A path, [`Escaped`] (lossy for bytes that are not UTF-8).
+pub fn escape_path(path: &Path) -> String {
+    escape(&path.to_string_lossy()).to_string()
+}
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use fmt::Write;
+        for c in self.0.chars() {
+            let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if c == '\\' || c.is_control() || bidi {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
     }
 }
 
 impl fmt::Display for ErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use ErrorKind::*;
+        // Names and shard paths come from the file: escaped, so one error stays one line and
+        // a file cannot drive the terminal.
+        let e = |s: &str| escape(s).to_string();
+        let p = |p: &Path| escape_path(p);
         match self {
             Io { op, source } => write!(f, "{op} failed: {source}"),
             TooSmall { file_len } => write!(
                 f,
                 "file is {file_len} bytes, shorter than the 8-byte header length prefix"
             ),
-            HeaderTooLarge { header_len, max_header_len } => write!(
+            // A length this large is not a length: the file is something else, and the number
+            // would only show its first bytes.
+            HeaderTooLarge { max_header_len, .. } => write!(
                 f,
-                "header length prefix is {header_len} bytes, over the cap of {max_header_len} bytes"
+                "not a safetensors file: its header length field is over the cap of {max_header_len} bytes"
             ),
             HeaderPastEnd { header_len, file_len } => write!(
                 f,
@@ -132,71 +175,95 @@ impl fmt::Display for ErrorKind {
             HeaderNotUtf8 { file_offset } => {
                 write!(f, "header is not valid UTF-8 at file offset {file_offset}")
             }
-            HeaderJson { message } => write!(f, "header is not a valid JSON object: {message}"),
+            HeaderJson { message } => {
+                write!(f, "header is not a valid JSON object: {}", e(message))
+            }
             BadTensorEntry { tensor, message } => {
-                write!(f, "tensor '{tensor}': malformed entry: {message}")
+                write!(f, "tensor '{}': malformed entry: {}", e(tensor), e(message))
             }
             UnknownDtype { tensor, dtype } => {
-                write!(f, "tensor '{tensor}': unknown dtype '{dtype}'")
+                write!(f, "tensor '{}': unknown dtype '{}'", e(tensor), e(dtype))
             }
             BadMetadata { message } => {
-                write!(f, "__metadata__ must map strings to strings: {message}")
+                write!(f, "__metadata__ must map strings to strings: {}", e(message))
             }
-            DuplicateTensor { tensor } => write!(f, "tensor '{tensor}' appears twice in the header"),
+            DuplicateTensor { tensor } => {
+                write!(f, "tensor '{}' appears twice in the header", e(tensor))
+            }
             OffsetsReversed { tensor, data_begin, data_end } => write!(
                 f,
-                "tensor '{tensor}': data_offsets [{data_begin}, {data_end}] end before they begin"
+                "tensor '{}': data_offsets [{data_begin}, {data_end}] end before they begin",
+                e(tensor)
             ),
             Overlap { tensor, data_begin, previous, previous_end } => write!(
                 f,
-                "tensor '{tensor}' begins at data offset {data_begin}, inside tensor '{previous}' which ends at {previous_end}"
+                "tensor '{}' begins at data offset {data_begin}, inside tensor '{}' which ends at {previous_end}",
+                e(tensor),
+                e(previous)
             ),
             Gap { tensor, data_begin, expected_begin } => write!(
                 f,
-                "tensor '{tensor}' begins at data offset {data_begin}, leaving a gap of {} bytes after data offset {expected_begin}",
+                "tensor '{}' begins at data offset {data_begin}, leaving a gap of {} bytes after data offset {expected_begin}",
+                e(tensor),
                 data_begin - expected_begin
             ),
             ShapeOverflow { tensor, shape } => {
-                write!(f, "tensor '{tensor}': shape {shape:?} overflows 64 bits")
+                write!(f, "tensor '{}': shape {shape:?} overflows 64 bits", e(tensor))
             }
             PartialByte { tensor, bits } => write!(
                 f,
-                "tensor '{tensor}': {bits} bits of data do not fill whole bytes"
+                "tensor '{}': {bits} bits of data do not fill whole bytes",
+                e(tensor)
             ),
             SizeMismatch { tensor, dtype, shape, expected_bytes, data_bytes } => write!(
                 f,
-                "tensor '{tensor}': {dtype} x {shape:?} needs {expected_bytes} bytes, but its data_offsets span {data_bytes}"
+                "tensor '{}': {dtype} x {shape:?} needs {expected_bytes} bytes, but its data_offsets span {data_bytes}",
+                e(tensor)
             ),
             PastEnd { tensor, data_end, data_len, file_len } => write!(
                 f,
-                "tensor '{tensor}' ends at data offset {data_end}, past the end of the data section ({data_len} bytes, file is {file_len} bytes): the file is truncated or the offsets are wrong"
+                "tensor '{}' ends at data offset {data_end}, past the end of the data section ({data_len} bytes, file is {file_len} bytes): the file is truncated or the offsets are wrong",
+                e(tensor)
             ),
             TrailingBytes { data_used, data_len } => write!(
                 f,
                 "data section is {data_len} bytes but the tensors use only {data_used}: {} trailing bytes",
                 data_len - data_used
             ),
-            BadIndex { message } => write!(f, "malformed index: {message}"),
-            ShardOutsideDirectory { shard } => {
-                write!(f, "shard '{shard}' is outside the index's directory")
+            BadIndex { message } => write!(f, "malformed index: {}", e(message)),
+            ShardOutsideDirectory { shard, resolved: None } => {
+                write!(f, "shard '{}' is outside the index's directory", e(shard))
             }
+            ShardOutsideDirectory { shard, resolved: Some(dir) } => write!(
+                f,
+                "shard '{}' is outside the index's directory: its directory resolves to {}",
+                e(shard),
+                p(dir)
+            ),
             MissingShard { shard, tensor } => write!(
                 f,
-                "shard '{shard}' (named for tensor '{tensor}') does not exist"
+                "shard '{}' (named for tensor '{}') does not exist",
+                e(shard),
+                e(tensor)
             ),
             TensorNotInShard { tensor, shard } => write!(
                 f,
-                "index maps tensor '{tensor}' to shard '{shard}', which does not hold it"
+                "index maps tensor '{}' to shard '{}', which does not hold it",
+                e(tensor),
+                e(shard)
             ),
             ShardTensorNotInIndex { tensor, shard } => write!(
                 f,
-                "shard '{shard}' holds tensor '{tensor}', which the index does not map to it"
+                "shard '{}' holds tensor '{}', which the index does not map to it",
+                e(shard),
+                e(tensor)
             ),
             TensorInTwoShards { tensor, first, second } => write!(
                 f,
-                "tensor '{tensor}' is in two shards: {} and {}",
-                first.display(),
-                second.display()
+                "tensor '{}' is in two shards: {} and {}",
+                e(tensor),
+                p(first),
+                p(second)
             ),
             NoCheckpoint => write!(
                 f,
@@ -205,7 +272,12 @@ impl fmt::Display for ErrorKind {
             AmbiguousIndex { candidates } => write!(
                 f,
                 "several index files and none is model.safetensors.index.json: {}",
-                candidates.join(", ")
+                e(&candidates.join(", "))
+            ),
+            NotRegularFile { kind } => write!(f, "not a regular file ({kind})"),
+            Changed { what } => write!(
+                f,
+                "file changed since its header was read ({what}): open the checkpoint again"
             ),
         }
     }

@@ -14,10 +14,11 @@ use std::path::Path;
 
 use safetensors::tensor::TensorInfo;
 use safetensors::Dtype;
-use serde::de::{Deserializer, MapAccess, Visitor};
-use serde_json::Value;
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
 
 use crate::error::{ErrorKind, FormatError};
+use crate::open::{open_regular, FileIdentity};
 
 /// Bytes of the little-endian header length that opens every file.
 pub const PREFIX_BYTES: u64 = 8;
@@ -56,14 +57,21 @@ pub struct Header {
 }
 
 /// Reads and validates the header of the file at `path`, never reading its data section.
+/// Only a regular file is read (a FIFO or a device is an error, never a wait).
 pub fn read_header(path: &Path) -> Result<Header, FormatError> {
-    let io_err = |op, source| FormatError::new(path, ErrorKind::Io { op, source });
-    let mut file = File::open(path).map_err(|e| io_err("open", e))?;
-    let file_len = file.metadata().map_err(|e| io_err("stat", e))?.len();
+    read_header_identified(path).map(|(header, _)| header)
+}
+
+/// [`read_header`], and the identity of the file it was read from, for checking later that
+/// the file opened for its data is the same one.
+pub fn read_header_identified(path: &Path) -> Result<(Header, FileIdentity), FormatError> {
+    let (mut file, meta) = open_regular(path)?;
+    let file_len = meta.len();
     let header_len = check_prefix(path, read_prefix(path, &mut file, file_len)?, file_len)?;
     let mut header = vec![0u8; header_len as usize];
-    file.read_exact(&mut header).map_err(|e| io_err("read header", e))?;
-    parse_header(path, &header, file_len)
+    file.read_exact(&mut header)
+        .map_err(|source| FormatError::new(path, ErrorKind::Io { op: "read header", source }))?;
+    Ok((parse_header(path, &header, file_len)?, FileIdentity::of(&meta)))
 }
 
 /// Parses a whole file held in memory (prefix, header and data). Used by fuzzing and tests.
@@ -125,7 +133,7 @@ pub fn parse_header(path: &Path, header: &[u8], file_len: u64) -> Result<Header,
             return Err(err(ErrorKind::DuplicateTensor { tensor: name }));
         }
         if name == "__metadata__" {
-            let map = serde_json::from_value::<HashMap<String, String>>(value)
+            let map = serde_json::from_str::<HashMap<String, String>>(value.get())
                 .map_err(|e| err(ErrorKind::BadMetadata { message: e.to_string() }))?;
             metadata = Some(map);
             continue;
@@ -141,13 +149,24 @@ pub fn parse_header(path: &Path, header: &[u8], file_len: u64) -> Result<Header,
 /// begin and end relative to the data section.
 type Entry = (HeaderTensor, u64, u64);
 
-fn tensor_entry(name: String, value: Value) -> Result<Entry, ErrorKind> {
-    if let Some(dtype) = value.get("dtype").and_then(Value::as_str) {
-        if serde_json::from_value::<Dtype>(Value::String(dtype.to_owned())).is_err() {
-            return Err(ErrorKind::UnknownDtype { tensor: name, dtype: dtype.to_owned() });
+/// Only the `dtype` of a tensor entry, read first so that an unknown dtype is reported as such
+/// whatever else is wrong with the entry. Other fields are skipped without being stored.
+#[derive(serde::Deserialize)]
+struct DtypeOnly<'a> {
+    #[serde(borrow)]
+    dtype: Option<std::borrow::Cow<'a, str>>,
+}
+
+fn tensor_entry(name: String, value: &RawValue) -> Result<Entry, ErrorKind> {
+    if let Ok(DtypeOnly { dtype: Some(dtype) }) = serde_json::from_str(value.get()) {
+        let known = serde::de::value::StrDeserializer::<serde::de::value::Error>::new(&dtype);
+        if Dtype::deserialize(known).is_err() {
+            return Err(ErrorKind::UnknownDtype { tensor: name, dtype: dtype.into_owned() });
         }
     }
-    let info: TensorInfo = match serde_json::from_value(value) {
+    // Typed: fields the spec does not define are skipped (serde's `IgnoredAny`), never
+    // built into a tree, so a header's memory stays close to its size.
+    let info: TensorInfo = match serde_json::from_str(value.get()) {
         Ok(info) => info,
         Err(e) => return Err(ErrorKind::BadTensorEntry { tensor: name, message: e.to_string() }),
     };
@@ -222,7 +241,9 @@ fn check_layout(
 }
 
 /// Parses a JSON object into its entries in order, keeping duplicates so they can be reported.
-pub(crate) fn parse_entries(text: &str) -> Result<Vec<(String, Value)>, String> {
+/// Each value is kept as its raw JSON text (a slice of `text`, nothing copied) to be parsed
+/// into its own type by the caller.
+pub(crate) fn parse_entries(text: &str) -> Result<Vec<(String, &RawValue)>, String> {
     let mut de = serde_json::Deserializer::from_str(text);
     let entries = (&mut de).deserialize_map(EntriesVisitor).map_err(|e| e.to_string())?;
     de.end().map_err(|e| e.to_string())?;
@@ -232,7 +253,7 @@ pub(crate) fn parse_entries(text: &str) -> Result<Vec<(String, Value)>, String> 
 struct EntriesVisitor;
 
 impl<'de> Visitor<'de> for EntriesVisitor {
-    type Value = Vec<(String, Value)>;
+    type Value = Vec<(String, &'de RawValue)>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
@@ -240,7 +261,7 @@ impl<'de> Visitor<'de> for EntriesVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(4096));
-        while let Some(entry) = map.next_entry::<String, Value>()? {
+        while let Some(entry) = map.next_entry::<String, &'de RawValue>()? {
             entries.push(entry);
         }
         Ok(entries)

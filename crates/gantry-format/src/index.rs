@@ -5,12 +5,13 @@
 //! shards' own headers happens in `checkpoint`, which has read them.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Component, Path};
+use std::path::Path;
 
 use serde_json::Value;
 
 use crate::error::{ErrorKind, FormatError};
 use crate::header::parse_entries;
+use crate::open::normalize_shard;
 
 /// Largest index file read, so a hostile file cannot make us allocate without bound.
 pub const MAX_INDEX_BYTES: u64 = 256 << 20;
@@ -61,15 +62,17 @@ pub fn parse_index(path: &Path, bytes: &[u8]) -> Result<Index, FormatError> {
     let mut seen = HashSet::with_capacity(map_entries.len());
     let mut weights = Vec::with_capacity(map_entries.len());
     for (tensor, shard) in map_entries {
-        let Value::String(shard) = shard else {
+        let Ok(shard) = serde_json::from_str::<String>(shard.get()) else {
             return Err(bad(format!("weight_map['{tensor}'] is not a string")));
         };
         if !seen.insert(tensor.clone()) {
             return Err(bad(format!("tensor '{tensor}' appears twice in weight_map")));
         }
-        if !is_inside(Path::new(&shard)) {
-            return Err(FormatError::new(path, ErrorKind::ShardOutsideDirectory { shard }));
-        }
+        // `a.safetensors` and `./a.safetensors` are one shard.
+        let Some(shard) = normalize_shard(&shard) else {
+            let kind = ErrorKind::ShardOutsideDirectory { shard, resolved: None };
+            return Err(FormatError::new(path, kind));
+        };
         let position = match shards.iter().position(|s| *s == shard) {
             Some(p) => p,
             None => {
@@ -78,6 +81,9 @@ pub fn parse_index(path: &Path, bytes: &[u8]) -> Result<Index, FormatError> {
             }
         };
         weights.push((tensor, position));
+    }
+    if weights.is_empty() {
+        return Err(bad("\"weight_map\" is empty: the index names no tensor".to_owned()));
     }
     // Shards in name order (model-00001-of-00004 first), whatever order the map lists them in.
     let mut order: Vec<usize> = (0..shards.len()).collect();
@@ -110,10 +116,4 @@ fn metadata_strings(value: Value) -> Result<BTreeMap<String, String>, String> {
             other => (k, other.to_string()),
         })
         .collect())
-}
-
-/// True when `shard` is a relative path that stays inside its base directory.
-fn is_inside(shard: &Path) -> bool {
-    !shard.as_os_str().is_empty()
-        && shard.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }

@@ -23,12 +23,14 @@ mod checkpoint;
 mod error;
 mod header;
 mod index;
+mod open;
 
 pub use checkpoint::{Checkpoint, FileId, FileInfo, TensorEntry, INDEX_FILE_NAME};
-pub use error::{ErrorKind, FormatError};
+pub use error::{escape, escape_path, ErrorKind, Escaped, FormatError};
 pub use header::{
-    check_prefix, parse_file_bytes, parse_header, read_header, Header, HeaderTensor,
-    MAX_HEADER_BYTES, PREFIX_BYTES,
+    check_prefix, parse_file_bytes, parse_header, read_header, read_header_identified, Header,
+    HeaderTensor, MAX_HEADER_BYTES, PREFIX_BYTES,
 };
 pub use index::{parse_index, Index, MAX_INDEX_BYTES};
+pub use open::{open_regular, FileIdentity};
 pub use safetensors::Dtype;

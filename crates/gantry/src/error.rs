@@ -98,17 +98,19 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Paths and tensor names come from checkpoints: escaped, so one error stays one line.
+        let p = |path: &PathBuf| gantry_format::escape_path(path);
         match self {
             Error::Format(e) => e.fmt(f),
             Error::Io { op, path, offset, len, source } => write!(
                 f,
                 "{}: {op} of {len} bytes at offset {offset} failed: {source}",
-                path.display()
+                p(path)
             ),
             Error::Truncated { path, offset, expected_len } => write!(
                 f,
                 "{}: file ends before offset {offset}, but its header says it is {expected_len} bytes: it was truncated or is being rewritten",
-                path.display()
+                p(path)
             ),
             Error::Unavailable { what, reason } => write!(f, "{what} is not available: {reason}"),
             Error::Memlock { needed_bytes, limit_bytes } => write!(
@@ -117,11 +119,11 @@ impl fmt::Display for Error {
             ),
             Error::Config(message) => write!(f, "invalid configuration: {message}"),
             Error::Destination { tensor, message } => {
-                write!(f, "destination for tensor '{tensor}': {message}")
+                write!(f, "destination for tensor '{}': {message}", gantry_format::escape(tensor))
             }
             Error::Resource { what, source } => write!(f, "{what} failed: {source}"),
             Error::CuFile { op, path, offset, message, .. } => {
-                write!(f, "{}: {op} at offset {offset} failed: {message}", path.display())
+                write!(f, "{}: {op} at offset {offset} failed: {message}", p(path))
             }
             Error::Cancelled => f.write_str("the load was cancelled"),
             Error::Cuda { op, code, message } => write!(f, "CUDA: {op} failed: {message} (CUresult {code})"),

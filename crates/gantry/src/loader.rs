@@ -232,7 +232,9 @@ impl Loader {
     }
 
     /// Reads `model`'s tensors again from its files into the memory it already holds (a
-    /// weights refresh: no allocation, no page faults), replacing its report.
+    /// weights refresh: no allocation, no page faults), replacing its report. A file replaced
+    /// or rewritten since its header was read is an error (its layout may differ): open the
+    /// checkpoint again to load new weights.
     pub fn reload(&self, model: &mut HostModel) -> Result<()> {
         let HostModel { checkpoint, buffers, wanted, report } = model;
         *report = self.fill(checkpoint, wanted, buffers, &mut |_| {})?;
@@ -538,11 +540,11 @@ impl Loader {
                 choices[f] = Some((Choice { reader: ReaderKind::Object, reason }, facts));
                 continue;
             }
-            let io_err =
-                |op, source| Error::Io { op, path: info.path.clone(), offset: 0, len: 0, source };
-            let plain = std::fs::File::open(&info.path).map_err(|e| io_err("open", e))?;
+            // A regular file, and the one whose header was read; O_DIRECT opens that same
+            // file again through its descriptor, never whatever is at the path by now.
+            let plain = crate::io::open_for_data(info)?;
             let range = info.data_range();
-            let direct = probe::open_direct(&info.path);
+            let direct = probe::open_direct(&crate::io::reopen_path(&plain, &info.path));
             let residency = probe::residency(&plain, range.start, range.end - range.start);
             let facts = FileFacts {
                 direct: direct.as_ref().map(|(_, align)| *align).map_err(Clone::clone),

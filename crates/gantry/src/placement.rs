@@ -380,6 +380,7 @@ mod tests {
                     metadata: None,
                     tensors: Vec::new(),
                 },
+                identity: None,
             }],
             tensors: vec![t],
             index_metadata: Default::default(),

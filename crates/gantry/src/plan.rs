@@ -181,7 +181,7 @@ mod tests {
             metadata: None,
             tensors: vec![],
         };
-        let file = FileInfo { path: "f".into(), file_len: offset, header };
+        let file = FileInfo { path: "f".into(), file_len: offset, header, identity: None };
         Checkpoint { files: vec![file], tensors, index_metadata: Default::default() }
     }
 

@@ -214,3 +214,30 @@ fn report_says_when_the_first_tensor_landed() {
     let model = Loader::new(Config::default()).unwrap().load(&empty).unwrap();
     assert_eq!(model.report().first_tensor_seconds, None);
 }
+
+/// A file replaced (or rewritten) after its header was read is an error when it is opened for
+/// its data, on every reader and on `reload`, never a load of the other file's bytes.
+#[test]
+fn a_file_replaced_after_its_header_was_read_is_an_error() {
+    let dir = scratch();
+    let path = path_of(&dir, "replaced.safetensors");
+    let other = path_of(&dir, "other.safetensors");
+    for reader in [PathChoice::Direct, PathChoice::Buffered] {
+        write_file(&path, &[(Dtype::F32, vec![1000])], 1);
+        let loader = Loader::new(Config::default().path(reader)).unwrap();
+        let checkpoint = gantry::Checkpoint::open(&path).unwrap();
+        let mut model = loader.load_with(checkpoint.clone(), |_| true, |_| {}).unwrap();
+        // Same layout, other bytes, another inode: what a trainer's atomic save leaves.
+        write_file(&other, &[(Dtype::F32, vec![1000])], 2);
+        std::fs::rename(&other, &path).unwrap();
+        for result in [
+            loader.load_with(checkpoint.clone(), |_| true, |_| {}).map(drop),
+            loader.reload(&mut model),
+        ] {
+            let e = result.expect_err("a replaced file must not be loaded");
+            let message = e.to_string();
+            assert!(message.contains("file changed since its header was read"), "{message}");
+            assert!(message.contains("replaced.safetensors"), "{message}");
+        }
+    }
+}

@@ -138,6 +138,45 @@ pub fn read_error(
     }
 }
 
+/// Opens a checkpoint file for its data: never blocking on a FIFO or a device put where the
+/// file was (`O_NONBLOCK` until `fstat` says it is a regular file), and only if it is the very
+/// file whose header was read (device, inode, length, modification time). The returned file
+/// is blocking again, as the readers expect.
+pub fn open_for_data(info: &gantry_format::FileInfo) -> Result<File, Error> {
+    let (file, meta) = gantry_format::open_regular(&info.path)?;
+    if meta.len() < info.file_len {
+        // Shorter than its header says: said as truncation, with where the file now ends.
+        let (path, offset, expected_len) = (info.path.clone(), meta.len(), info.file_len);
+        return Err(Error::Truncated { path, offset, expected_len });
+    }
+    info.check_unchanged(&file)?;
+    let io_err =
+        |source| Error::Io { op: "fcntl", path: info.path.clone(), offset: 0, len: 0, source };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    // SAFETY: `fd` is open for as long as `file` lives; F_GETFL and F_SETFL take no pointer.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io_err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io_err(std::io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
+/// The path that opens `file` itself again (its `/proc/self/fd` link), so that a second open
+/// (with `O_DIRECT`, say) cannot land on another file put at `path` meanwhile; `path` where
+/// `/proc` is not mounted.
+pub fn reopen_path(file: &File, path: &std::path::Path) -> PathBuf {
+    let link = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file)));
+    if link.exists() {
+        link
+    } else {
+        path.to_path_buf()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,14 +22,23 @@ pub fn io_uring() -> Result<(), String> {
                     return Err("kernel.io_uring_disabled is 2".to_owned());
                 }
             }
-            match io_uring::IoUring::new(2) {
-                Ok(_) => Ok(()),
-                Err(e) => Err(format!(
-                    "io_uring_setup failed: {e} (seccomp, or kernel.io_uring_disabled)"
-                )),
-            }
+            io_uring::IoUring::new(2).map(drop).map_err(|e| uring_setup_reason(&e))
         })
         .clone()
+}
+
+/// Why `io_uring_setup` failed, from its errno: kernels before 5.12 charge the rings to
+/// `RLIMIT_MEMLOCK` and fail with `ENOMEM` when it is too small; `EPERM` and `ENOSYS` come
+/// from seccomp or `kernel.io_uring_disabled`.
+fn uring_setup_reason(e: &std::io::Error) -> String {
+    let why = match e.raw_os_error() {
+        Some(libc::ENOMEM) => {
+            "memlock limit too small for the rings: raise RLIMIT_MEMLOCK (ulimit -l)"
+        }
+        Some(libc::EPERM | libc::ENOSYS) => "seccomp, or kernel.io_uring_disabled",
+        _ => "seccomp, kernel.io_uring_disabled, or a memlock limit too small for the rings",
+    };
+    format!("io_uring_setup failed: {e} ({why})")
 }
 
 /// Opens `path` with `O_DIRECT` and returns it with the alignment its file system asks for
@@ -334,5 +343,13 @@ mod tests {
         for (name, driver, model, want) in cases {
             assert_eq!(disk_kind(name, driver, model), want, "{name} {driver} {model}");
         }
+    }
+
+    #[test]
+    fn uring_setup_enomem_is_blamed_on_memlock() {
+        let reason = uring_setup_reason(&std::io::Error::from_raw_os_error(libc::ENOMEM));
+        assert!(reason.contains("RLIMIT_MEMLOCK") && !reason.contains("seccomp"), "{reason}");
+        let reason = uring_setup_reason(&std::io::Error::from_raw_os_error(libc::EPERM));
+        assert!(reason.contains("seccomp"), "{reason}");
     }
 }
