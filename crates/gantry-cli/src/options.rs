@@ -90,6 +90,11 @@ pub struct LoadOptions {
     /// Object storage: ranged GETs in flight.
     #[arg(long)]
     pub object_concurrency: Option<usize>,
+    /// Hash every file read (SHA-256, while it streams) and check it against the digest known
+    /// for it (Hugging Face blob name, SHA256SUMS beside it, object metadata sha256); a
+    /// mismatch fails the load. Files are then read whole.
+    #[arg(long)]
+    pub verify_sha256: bool,
     #[command(flatten)]
     pub store: StoreOptions,
 }
@@ -151,7 +156,7 @@ impl LoadOptions {
         if let Some(n) = self.object_concurrency {
             c = c.object_concurrency(n);
         }
-        let c = self.store.apply(c);
+        let c = self.store.apply(c).verify_sha256(self.verify_sha256);
         c.validate()?;
         Ok(c)
     }

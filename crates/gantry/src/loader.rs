@@ -53,6 +53,9 @@ pub struct FileReport {
     pub facts: String,
     /// Bytes read from the file (tensor bytes plus alignment and skipped gaps).
     pub read_bytes: u64,
+    /// With [`Config::verify_sha256`], the file's SHA-256 and what it was checked against
+    /// (`None` when the check is off or nothing of the file was read).
+    pub integrity: Option<crate::integrity::FileCheck>,
 }
 
 /// Figures of one load.
@@ -338,23 +341,25 @@ impl Loader {
         let (config, volume) = self.volume_settings(checkpoint, &files);
         let measured = setup.elapsed().as_secs_f64();
         let config = &config;
+        let whole = config.verify_sha256;
         let file_plans: Vec<FilePlan> = (0..checkpoint.files.len())
             .map(|f| {
                 let chunk_bytes = config.chunk_bytes as u64;
                 match files.slot[f] {
                     Some((ReaderKind::Direct, i)) => {
-                        FilePlan { align: files.direct[i].align, chunk_bytes }
+                        FilePlan { align: files.direct[i].align, chunk_bytes, whole }
                     }
                     Some((ReaderKind::Gds, i)) => {
-                        FilePlan { align: files.gds[i].align, chunk_bytes }
+                        FilePlan { align: files.gds[i].align, chunk_bytes, whole }
                     }
                     Some((ReaderKind::Object, _)) => {
-                        FilePlan { align: 1, chunk_bytes: config.object_part() as u64 }
+                        FilePlan { align: 1, chunk_bytes: config.object_part() as u64, whole }
                     }
-                    _ => FilePlan { align: 1, chunk_bytes: config.buffered_chunk() as u64 },
+                    _ => FilePlan { align: 1, chunk_bytes: config.buffered_chunk() as u64, whole },
                 }
             })
             .collect();
+        let mut checks = config.verify_sha256.then(|| self.checks(checkpoint, &files));
         let plan = Plan::new(checkpoint, wanted, &file_plans, config.gap_bytes);
         let jobs = Jobs::new(&plan, &files, sink);
         let node = device.and_then(|d| d.numa_node());
@@ -381,7 +386,7 @@ impl Loader {
             }
         }
         let mut first_tensor_seconds = None;
-        pipeline::run(&plan, &files, jobs, staging, config, sink, &mut |i| {
+        pipeline::run(&plan, &files, jobs, staging, config, sink, checks.as_mut(), &mut |i| {
             first_tensor_seconds.get_or_insert_with(|| start.elapsed().as_secs_f64());
             on_landed(i);
         })?;
@@ -404,15 +409,42 @@ impl Loader {
                 Some((c, facts)) => (Some(c.reader), c.reason.clone(), facts.clone()),
                 None => (None, "no tensor wanted: not read".to_owned(), String::new()),
             };
+            let integrity = checks.as_mut().and_then(|c| c[f].take());
             report.files.push(FileReport {
                 path: file.path.clone(),
                 reader,
                 reason,
                 facts,
                 read_bytes,
+                integrity,
             });
         }
         Ok(report)
+    }
+
+    /// The integrity checks of a load: every file it reads, with the digest known for it.
+    fn checks(&self, checkpoint: &Checkpoint, files: &Files) -> crate::integrity::Checks {
+        let local = "no Hugging Face blob link, no SHA256SUMS entry beside it";
+        (0..checkpoint.files.len())
+            .map(|f| {
+                let info = &checkpoint.files[f];
+                let known = match files.slot[f]? {
+                    (ReaderKind::Object, i) => crate::io::object::known_digest(&files.objects[i]),
+                    _ => crate::integrity::known_local(&info.path).ok_or(local.to_owned()),
+                };
+                let (known, unknown_reason) = match known {
+                    Ok(k) => (Some(k), String::new()),
+                    Err(reason) => (None, reason),
+                };
+                Some(crate::integrity::FileCheck {
+                    path: info.path.clone(),
+                    file_len: info.file_len,
+                    known,
+                    unknown_reason,
+                    sha256: None,
+                })
+            })
+            .collect()
     }
 
     /// The loader's config with the request size and queue depth the `auto` volume profile
@@ -494,7 +526,7 @@ impl Loader {
                 io_uring: probe::io_uring(),
                 resident: probe::resident_fraction(&plain, range.start, range.end - range.start),
                 to_device,
-                gds: gds_facts(target, self.config.path, &plain),
+                gds: gds_facts(target, self.config.path, self.config.verify_sha256, &plain),
             };
             let mut choice = schedule::choose(self.config.path, self.config.hot_fraction, &facts)?;
             if let (ReaderKind::Direct, Ok((_, align))) = (choice.reader, &direct) {
@@ -602,6 +634,7 @@ type FileChoice = (Choice, String);
 fn gds_facts(
     target: Target,
     path: crate::PathChoice,
+    verify_sha256: bool,
     file: &std::fs::File,
 ) -> Result<bool, String> {
     match target {
@@ -611,6 +644,11 @@ fn gds_facts(
                 .to_owned())
         }
         Target::Device => {}
+    }
+    if verify_sha256 {
+        return Err(
+            "the SHA-256 check hashes bytes in host memory; cuFile reads past it".to_owned()
+        );
     }
     let on_nvme = crate::io::gds::file_on_nvme(file);
     if path == crate::PathChoice::Auto && !on_nvme {

@@ -72,6 +72,14 @@ pub enum Message {
         /// Position in the plan.
         extent: usize,
     },
+    /// The integrity check hashed a `Staged` (with its lease) or `Direct` (without) extent;
+    /// it goes on to the sink as that message.
+    Hashed {
+        /// Position in the plan.
+        extent: usize,
+        /// The staging buffer of a staged extent.
+        lease: Option<Lease>,
+    },
 }
 
 /// What a read result means for the request it completes.
