@@ -81,6 +81,7 @@ pub struct Config {
     pub(crate) object_concurrency: usize,
     pub(crate) object_options: Vec<(String, String)>,
     pub(crate) verify_sha256: bool,
+    pub(crate) cache_dir: Option<std::path::PathBuf>,
     pub(crate) cancel: Option<Arc<AtomicBool>>,
     pub(crate) fault: Option<Arc<dyn FaultInjector>>,
 }
@@ -102,6 +103,7 @@ impl Default for Config {
             object_concurrency: 16,
             object_options: Vec::new(),
             verify_sha256: false,
+            cache_dir: None,
             cancel: None,
             fault: None,
         }
@@ -127,6 +129,7 @@ impl fmt::Debug for Config {
                 &self.object_options.iter().map(|(k, _)| k).collect::<Vec<_>>(),
             )
             .field("verify_sha256", &self.verify_sha256)
+            .field("cache_dir", &self.cache_dir)
             .field("cancel", &self.cancel.is_some())
             .field("fault", &self.fault.is_some())
             .finish()
@@ -217,6 +220,15 @@ impl Config {
     /// too), and never with cuFile. Default off. See [`crate::integrity`].
     pub fn verify_sha256(mut self, on: bool) -> Self {
         self.verify_sha256 = on;
+        self
+    }
+    /// A local directory that keeps a copy of every object a load reads (see
+    /// [`crate::io::cache`]): a load from object storage writes each object there as it
+    /// streams (objects are then read whole), and a later load reads the copy with the local
+    /// readers once a HEAD shows the object unchanged. A cache that cannot be written costs a
+    /// warning, never the load. Default: none.
+    pub fn cache_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.cache_dir = Some(dir.into());
         self
     }
     /// A flag another thread may set to stop a load: it returns [`Error::Cancelled`] within

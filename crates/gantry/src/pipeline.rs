@@ -38,6 +38,9 @@ pub struct Files {
     pub gds: Vec<OpenFile>,
     /// Objects in object storage.
     pub objects: Vec<object::ObjectFile>,
+    /// Per checkpoint file from object storage, the object as the load opened it (also when
+    /// it is read from its local copy).
+    pub remote: Vec<Option<object::ObjectFile>>,
     /// Per checkpoint file: its reader and its position in that reader's list (`direct`,
     /// `buffered` or `gds`), `None` when nothing is read from it.
     pub slot: Vec<Option<(ReaderKind, usize)>>,

@@ -354,6 +354,31 @@ pub struct ObjectFile {
     pub size: u64,
     /// The ETag every part is conditioned on.
     pub etag: Option<String>,
+    /// Its bucket, and its key (`location`).
+    pub bucket: String,
+    /// The local copy being written as the parts arrive ([`super::cache`]), if any.
+    pub cache: Option<Arc<super::cache::Writer>>,
+}
+
+impl ObjectFile {
+    /// The object's key.
+    pub fn key(&self) -> &str {
+        self.location.as_ref()
+    }
+
+    /// A copy of this handle that writes no cache copy.
+    pub fn without_cache(&self) -> Self {
+        Self { cache: None, ..self.clone() }
+    }
+
+    /// Whether a HEAD now shows the ETag and size the load saw.
+    pub fn unchanged(&self) -> std::result::Result<bool, String> {
+        let runtime = runtime().map_err(|e| e.to_string())?;
+        let meta = runtime
+            .block_on(self.store.head(&self.location))
+            .map_err(|e| request_error("head", &self.path, 0, 0, e).to_string())?;
+        Ok(meta.e_tag == self.etag && meta.size == self.size)
+    }
 }
 
 /// Opens object `path` for a load whose header said it is `file_len` bytes.
@@ -513,6 +538,9 @@ async fn fetch(file: &ObjectFile, job: Job, mut dest: Dest) -> Result<Message> {
             None => {}
         }
     }
+    if let Some(cache) = &file.cache {
+        cache.write_at(&buf[..job.len as usize], job.offset);
+    }
     Ok(match dest {
         Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
         Dest::Target(_) => Message::Direct { extent: job.extent },
@@ -635,5 +663,13 @@ fn open_for_load_unchecked(path: &Path, options: &Options) -> Result<ObjectFile>
     let meta = runtime()?
         .block_on(store.head(&location))
         .map_err(|e| request_error("head", path, 0, 0, e))?;
-    Ok(ObjectFile { path: path.to_path_buf(), store, location, size: meta.size, etag: meta.e_tag })
+    Ok(ObjectFile {
+        path: path.to_path_buf(),
+        store,
+        location,
+        size: meta.size,
+        etag: meta.e_tag,
+        bucket,
+        cache: None,
+    })
 }
