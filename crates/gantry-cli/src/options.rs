@@ -95,6 +95,10 @@ pub struct LoadOptions {
     /// mismatch fails the load. Files are then read whole.
     #[arg(long)]
     pub verify_sha256: bool,
+    /// Object storage: keep a local copy of every object read in DIR (written while it
+    /// streams), and read that copy on later loads while the object's ETag is unchanged.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub store: StoreOptions,
 }
@@ -156,7 +160,10 @@ impl LoadOptions {
         if let Some(n) = self.object_concurrency {
             c = c.object_concurrency(n);
         }
-        let c = self.store.apply(c).verify_sha256(self.verify_sha256);
+        let mut c = self.store.apply(c).verify_sha256(self.verify_sha256);
+        if let Some(dir) = &self.cache_dir {
+            c = c.cache_dir(dir);
+        }
         c.validate()?;
         Ok(c)
     }
