@@ -227,7 +227,9 @@ gantry_status gantry_loader_new(const struct gantry_config *config,
 
 // Creates a loader with options, each `"key=value"`: `verify_sha256=1` (hash every file read
 // while it streams and check it against the digest known for it: Hugging Face blob name,
-// `SHA256SUMS` beside it, object metadata `sha256`; a mismatch is `GANTRY_E_INTEGRITY`), or
+// `SHA256SUMS` beside it, object metadata `sha256`; a mismatch is `GANTRY_E_INTEGRITY`),
+// `cache_dir=DIR` (keep a local copy of every object read, written while it streams, and
+// read it on later loads while the object's ETag is unchanged), or
 // for `s3://` sources an `object_store` S3 key (`aws_endpoint_url`, `aws_region`,
 // `aws_allow_http`, `aws_access_key_id`, ...), applied over the standard AWS environment
 // variables. An unknown key is `GANTRY_E_INVALID_ARGUMENT`. `config` may be NULL for the
