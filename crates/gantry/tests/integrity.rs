@@ -256,12 +256,13 @@ fn caller_slices_are_hashed_too() {
         let c = gantry::open(dir.path()).unwrap();
         let mut params: Vec<Vec<u8>> = c.tensors.iter().map(|t| vec![0; t.len as usize]).collect();
         let mut slots = params.iter_mut();
-        loader.load_into(&c, |_| slots.next().map(|p| p.as_mut_slice()), |_| {}).map(|r| {
+        let report = loader.load_into(&c, |_| slots.next().map(|p| p.as_mut_slice()), |_| {});
+        if report.is_ok() {
             for (t, p) in c.tensors.iter().zip(&params) {
                 assert!(p == &reference(&c, t), "{}", t.name);
             }
-            r
-        })
+        }
+        report
     };
     let report = load(&loader).unwrap();
     let check = report.files[1].integrity.clone().unwrap();
