@@ -18,7 +18,8 @@ _Static_assert(sizeof(gantry_config) == 40, "gantry_config layout");
 _Static_assert(sizeof(gantry_report) == 32, "gantry_report layout");
 _Static_assert(GANTRY_OK == 0 && GANTRY_E_NULL_ARGUMENT == 100 && GANTRY_E_INVALID_ARGUMENT == 101 &&
                    GANTRY_E_NOT_FOUND == 102 && GANTRY_E_DESTINATION == 103 && GANTRY_E_FORMAT == 200 &&
-                   GANTRY_E_IO == 300 && GANTRY_E_TRUNCATED == 301 && GANTRY_E_CUDA == 400 &&
+                   GANTRY_E_IO == 300 && GANTRY_E_TRUNCATED == 301 && GANTRY_E_INTEGRITY == 302 &&
+                   GANTRY_E_CUDA == 400 &&
                    GANTRY_E_CUFILE == 500 && GANTRY_E_UNAVAILABLE == 600 && GANTRY_E_RESOURCE == 601 &&
                    GANTRY_E_PANIC == 900,
                "status values are stable");
@@ -245,6 +246,40 @@ static void object_storage(const char *good, char **args) {
     printf("object storage: ok\n");
 }
 
+/* verify_sha256=1: with no digest known the load succeeds; a SHA256SUMS beside the file with
+ * another digest for it fails the load with GANTRY_E_INTEGRITY, naming both digests. */
+static void sha256_check(const char *good) {
+    const char *on[] = {"verify_sha256=1"};
+    gantry_loader *loader = NULL;
+    expect(gantry_loader_new_with_options(NULL, on, 1, &loader), GANTRY_OK, "verify_sha256 loader");
+    gantry_model *model = load_and_check(loader, good, good);
+    gantry_model_free(model);
+
+    char sums[4096];
+    const char *slash = strrchr(good, '/');
+    const char *name = slash ? slash + 1 : good;
+    int dir_len = slash ? (int)(slash - good + 1) : 0;
+    CHECK(snprintf(sums, sizeof sums, "%.*sSHA256SUMS", dir_len, good) < (int)sizeof sums, "path length");
+    FILE *f = fopen(sums, "w");
+    CHECK(f != NULL, "writing %s", sums);
+    const char *zeros = "0000000000000000000000000000000000000000000000000000000000000000";
+    fprintf(f, "%s  %s\n", zeros, name);
+    fclose(f);
+    gantry_model *out = NULL;
+    expect(gantry_loader_load(loader, good, GANTRY_DEVICE_HOST, &out), GANTRY_E_INTEGRITY, "wrong digest");
+    char message[1024];
+    gantry_last_error_message(message, sizeof message);
+    CHECK(strstr(message, zeros) != NULL && strstr(message, name) != NULL, "message: %s", message);
+    remove(sums);
+    gantry_loader_free(loader);
+
+    const char *bad[] = {"verify_sha256=maybe"};
+    gantry_loader *bad_loader = NULL;
+    expect(gantry_loader_new_with_options(NULL, bad, 1, &bad_loader), GANTRY_E_INVALID_ARGUMENT,
+           "verify_sha256 value");
+    CHECK(bad_loader == NULL, "loader_out untouched on failure");
+}
+
 int main(int argc, char **argv) {
     CHECK(argc == 3 || argc == 8, "usage: smoke GOOD CORRUPT [URL MISSING_URL ENDPOINT KEY_ID SECRET]");
     const char *good = argv[1], *corrupt = argv[2];
@@ -280,6 +315,8 @@ int main(int argc, char **argv) {
            "load_into");
     CHECK(targets.ready == 2, "ready twice, got %d", targets.ready);
     check_and_free(loader, good, &targets, "caller buffer");
+
+    sha256_check(good);
 
     /* Error families. */
     gantry_model *sentinel = (gantry_model *)(uintptr_t)0x1;

@@ -42,6 +42,8 @@ enum gantry_status
   GANTRY_E_IO = 300,
   // A file ended before the bytes its header promises.
   GANTRY_E_TRUNCATED = 301,
+  // A file's SHA-256 is not the digest known for it (verify_sha256): it is corrupted.
+  GANTRY_E_INTEGRITY = 302,
   // A CUDA call failed (code in `gantry_last_error_cuda_code`).
   GANTRY_E_CUDA = 400,
   // A cuFile call failed.
@@ -223,10 +225,15 @@ gantry_status gantry_config_init(struct gantry_config *config_out);
 gantry_status gantry_loader_new(const struct gantry_config *config,
                                 struct gantry_loader **loader_out);
 
-// Creates a loader with object-storage options for `s3://` sources, each `"key=value"`
-// with an `object_store` S3 key (`aws_endpoint_url`, `aws_region`, `aws_allow_http`,
-// `aws_access_key_id`, ...), applied over the standard AWS environment variables. An unknown
-// key is `GANTRY_E_INVALID_ARGUMENT`. `config` may be NULL for the defaults.
+// Creates a loader with options, each `"key=value"`: `verify_sha256=1` (hash every file read
+// while it streams and check it against the digest known for it: Hugging Face blob name,
+// `SHA256SUMS` beside it, object metadata `sha256`; a mismatch is `GANTRY_E_INTEGRITY`),
+// `cache_dir=DIR` (keep a local copy of every object read, written while it streams, and
+// read it on later loads while the object's ETag is unchanged), or
+// for `s3://` sources an `object_store` S3 key (`aws_endpoint_url`, `aws_region`,
+// `aws_allow_http`, `aws_access_key_id`, ...), applied over the standard AWS environment
+// variables. An unknown key is `GANTRY_E_INVALID_ARGUMENT`. `config` may be NULL for the
+// defaults.
 //
 // # Safety
 // `config` is NULL or a valid `gantry_config`; `object_options` is NULL (with

@@ -26,6 +26,8 @@ pub enum gantry_status {
     GANTRY_E_IO = 300,
     /// A file ended before the bytes its header promises.
     GANTRY_E_TRUNCATED = 301,
+    /// A file's SHA-256 is not the digest known for it (verify_sha256): it is corrupted.
+    GANTRY_E_INTEGRITY = 302,
     /// A CUDA call failed (code in `gantry_last_error_cuda_code`).
     GANTRY_E_CUDA = 400,
     /// A cuFile call failed.
@@ -48,6 +50,7 @@ pub(crate) fn status_name(status: i32) -> &'static CStr {
         200 => c"GANTRY_E_FORMAT",
         300 => c"GANTRY_E_IO",
         301 => c"GANTRY_E_TRUNCATED",
+        302 => c"GANTRY_E_INTEGRITY",
         400 => c"GANTRY_E_CUDA",
         500 => c"GANTRY_E_CUFILE",
         600 => c"GANTRY_E_UNAVAILABLE",
@@ -92,6 +95,7 @@ impl From<engine::Error> for CallError {
             engine::Error::Format(_) => GANTRY_E_FORMAT,
             engine::Error::Io { .. } => GANTRY_E_IO,
             engine::Error::Truncated { .. } => GANTRY_E_TRUNCATED,
+            engine::Error::Integrity { .. } => GANTRY_E_INTEGRITY,
             engine::Error::Unavailable { .. } => GANTRY_E_UNAVAILABLE,
             engine::Error::Memlock { .. } | engine::Error::Resource { .. } => GANTRY_E_RESOURCE,
             engine::Error::Config(_) => GANTRY_E_INVALID_ARGUMENT,

@@ -159,10 +159,15 @@ pub unsafe extern "C" fn gantry_loader_new(
     unsafe { gantry_loader_new_with_options(config, std::ptr::null(), 0, loader_out) }
 }
 
-/// Creates a loader with object-storage options for `s3://` sources, each `"key=value"`
-/// with an `object_store` S3 key (`aws_endpoint_url`, `aws_region`, `aws_allow_http`,
-/// `aws_access_key_id`, ...), applied over the standard AWS environment variables. An unknown
-/// key is `GANTRY_E_INVALID_ARGUMENT`. `config` may be NULL for the defaults.
+/// Creates a loader with options, each `"key=value"`: `verify_sha256=1` (hash every file read
+/// while it streams and check it against the digest known for it: Hugging Face blob name,
+/// `SHA256SUMS` beside it, object metadata `sha256`; a mismatch is `GANTRY_E_INTEGRITY`),
+/// `cache_dir=DIR` (keep a local copy of every object read, written while it streams, and
+/// read it on later loads while the object's ETag is unchanged), or
+/// for `s3://` sources an `object_store` S3 key (`aws_endpoint_url`, `aws_region`,
+/// `aws_allow_http`, `aws_access_key_id`, ...), applied over the standard AWS environment
+/// variables. An unknown key is `GANTRY_E_INVALID_ARGUMENT`. `config` may be NULL for the
+/// defaults.
 ///
 /// # Safety
 /// `config` is NULL or a valid `gantry_config`; `object_options` is NULL (with
@@ -210,13 +215,26 @@ pub unsafe extern "C" fn gantry_loader_new_with_options(
             let (key, value) = option.split_once('=').ok_or_else(|| {
                 CallError::invalid(format!("object option '{option}' is not key=value"))
             })?;
-            c = c.object_option(key, value);
+            c = match key {
+                "verify_sha256" => c.verify_sha256(parse_flag(key, value)?),
+                "cache_dir" => c.cache_dir(value),
+                _ => c.object_option(key, value),
+            };
         }
         let loader = engine::Loader::new(c)?;
         // SAFETY: checked non-NULL.
         unsafe { out.write(Box::into_raw(Box::new(gantry_loader { loader }))) };
         Ok(())
     })
+}
+
+/// A boolean option's value: `1`/`true` or `0`/`false`.
+fn parse_flag(key: &str, value: &str) -> Result<bool, CallError> {
+    match value {
+        "1" | "true" => Ok(true),
+        "0" | "false" => Ok(false),
+        _ => Err(CallError::invalid(format!("option {key}={value}: expected 1, 0, true or false"))),
+    }
 }
 
 /// Frees a loader (NULL is ignored). Models it loaded stay valid.

@@ -203,6 +203,12 @@ pub struct JsonFile {
     pub reason: String,
     pub facts: String,
     pub bytes: u64,
+    /// With --verify-sha256: the file's SHA-256 (64 hex digits).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// With --verify-sha256: what the digest was checked against, or why nothing was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256_check: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -242,6 +248,15 @@ pub fn json_files(report: &LoadReport) -> Vec<JsonFile> {
             reason: f.reason.clone(),
             facts: f.facts.clone(),
             bytes: f.read_bytes,
+            sha256: f
+                .integrity
+                .as_ref()
+                .and_then(|c| c.sha256.as_ref())
+                .map(gantry::integrity::to_hex),
+            sha256_check: f.integrity.as_ref().map(|c| match &c.known {
+                Some(k) => format!("matches {}", k.source),
+                None => format!("not verified: no digest known ({})", c.unknown_reason),
+            }),
         })
         .collect()
 }
@@ -370,6 +385,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     if args.explain {
         explain(&report);
     }
+    warn_unverified(&report);
     println!(
         "loaded {} tensors, {} in {:.3} s: {:.2} GB/s into {device} ({} staging){}",
         loaded.len(),
@@ -383,6 +399,15 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         println!("{}  {}", t.xxh3, escape(t.name));
     }
     Ok(())
+}
+
+/// With --verify-sha256, one warning line on stderr per file read that had no known digest.
+pub fn warn_unverified(report: &LoadReport) {
+    for f in &report.files {
+        if let Some(check) = f.integrity.as_ref().filter(|c| c.known.is_none()) {
+            eprintln!("warning: {}: {}", f.path.display(), check.explain());
+        }
+    }
 }
 
 pub fn explain(report: &LoadReport) {
@@ -399,6 +424,9 @@ pub fn explain(report: &LoadReport) {
         );
         if !f.facts.is_empty() {
             println!("    facts: {}", f.facts);
+        }
+        if let Some(check) = &f.integrity {
+            println!("    {}", check.explain());
         }
     }
 }

@@ -90,6 +90,15 @@ pub struct LoadOptions {
     /// Object storage: ranged GETs in flight.
     #[arg(long)]
     pub object_concurrency: Option<usize>,
+    /// Hash every file read (SHA-256, while it streams) and check it against the digest known
+    /// for it (Hugging Face blob name, SHA256SUMS beside it, object metadata sha256); a
+    /// mismatch fails the load. Files are then read whole.
+    #[arg(long)]
+    pub verify_sha256: bool,
+    /// Object storage: keep a local copy of every object read in DIR (written while it
+    /// streams), and read that copy on later loads while the object's ETag is unchanged.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub store: StoreOptions,
 }
@@ -151,7 +160,10 @@ impl LoadOptions {
         if let Some(n) = self.object_concurrency {
             c = c.object_concurrency(n);
         }
-        let c = self.store.apply(c);
+        let mut c = self.store.apply(c).verify_sha256(self.verify_sha256);
+        if let Some(dir) = &self.cache_dir {
+            c = c.cache_dir(dir);
+        }
         c.validate()?;
         Ok(c)
     }

@@ -38,7 +38,7 @@ pub(crate) fn to_py(e: gantry::Error) -> PyErr {
             IoError::new_err(message)
         }
         E::Format(_) => FormatError::new_err(message),
-        E::Io { .. } | E::Truncated { .. } => IoError::new_err(message),
+        E::Io { .. } | E::Truncated { .. } | E::Integrity { .. } => IoError::new_err(message),
         E::Cuda { .. } | E::CuFile { .. } => CudaError::new_err(message),
         E::Unavailable { .. } => UnavailableError::new_err(message),
         E::Config(_) | E::Destination { .. } => ConfigError::new_err(message),

@@ -44,7 +44,7 @@ fn parse_device(device: &str) -> PyResult<Option<u32>> {
 }
 
 /// The config keywords, as `Config`'s setters name them.
-const KEYWORDS: &str = "path, profile, queue_depth, chunk_bytes, buffered_chunk_bytes, staging_bytes, threads, hot_fraction, object_part_bytes, object_concurrency, s3_endpoint, s3_region, s3_options";
+const KEYWORDS: &str = "path, profile, queue_depth, chunk_bytes, buffered_chunk_bytes, staging_bytes, threads, hot_fraction, verify_sha256, cache_dir, object_part_bytes, object_concurrency, s3_endpoint, s3_region, s3_options";
 
 pub(crate) fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Config> {
     let mut c = Config::default();
@@ -60,6 +60,8 @@ pub(crate) fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Conf
             "staging_bytes" => c.staging_bytes(value.extract()?),
             "threads" => c.threads(value.extract()?),
             "hot_fraction" => c.hot_fraction(value.extract()?),
+            "verify_sha256" => c.verify_sha256(value.extract()?),
+            "cache_dir" => c.cache_dir(value.extract::<std::path::PathBuf>()?),
             "object_part_bytes" => c.object_part_bytes(value.extract()?),
             "object_concurrency" => c.object_concurrency(value.extract()?),
             "s3_endpoint" => {

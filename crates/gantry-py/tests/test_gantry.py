@@ -361,6 +361,35 @@ class HostTests(WithCheckpoint):
                     gantry.ConfigError, gantry.CancelledError, gantry.DtypeError):
             self.assertTrue(issubclass(cls, gantry.GantryError), cls)
 
+    def test_verify_sha256_checks_sums_and_names_a_corrupted_file(self):
+        import hashlib
+        with tempfile.TemporaryDirectory(dir=os.environ.get("GANTRY_TEST_TMPDIR")) as d:
+            for name in ("a.safetensors", "b.safetensors"):
+                shutil.copy(os.path.join(self.ck.path, name), d)
+            lines = []
+            for name in ("a.safetensors", "b.safetensors"):
+                with open(os.path.join(d, name), "rb") as f:
+                    lines.append(f"{hashlib.sha256(f.read()).hexdigest()}  {name}\n")
+            with open(os.path.join(d, "SHA256SUMS"), "w") as f:
+                f.writelines(lines)
+            got = gantry.load(d, device="cpu", framework="dlpack", verify_sha256=True)
+            self.assertEqual(sorted(got), sorted(self.ck.table))
+            path = os.path.join(d, "b.safetensors")
+            with open(path, "r+b") as f:
+                f.seek(-1, os.SEEK_END)
+                last = f.read(1)
+                f.seek(-1, os.SEEK_END)
+                f.write(bytes([last[0] ^ 1]))
+            with open(path, "rb") as f:
+                bad = hashlib.sha256(f.read()).hexdigest()
+            with self.assertRaises(gantry.IoError) as e:
+                gantry.load(d, device="cpu", framework="dlpack", verify_sha256=True)
+            self.assertIn(path, str(e.exception))
+            self.assertIn(bad, str(e.exception))
+            self.assertIn(lines[1].split()[0], str(e.exception))
+            # Without the check, the same load succeeds (the flipped byte is in tensor data).
+            gantry.load(d, device="cpu", framework="dlpack")
+
     def test_gpu_load_without_a_gpu_is_an_error_not_a_crash(self):
         if gpu_available():
             self.skipTest("this machine has a GPU")

@@ -60,6 +60,7 @@ pub struct ConfigValues {
     pub path: PathChoice,
     pub object_part_bytes: usize,
     pub object_concurrency: usize,
+    pub verify_sha256: bool,
 }
 
 /// Loader settings. Build with [`Config::default`] and the setters.
@@ -79,6 +80,8 @@ pub struct Config {
     pub(crate) object_part_bytes: usize,
     pub(crate) object_concurrency: usize,
     pub(crate) object_options: Vec<(String, String)>,
+    pub(crate) verify_sha256: bool,
+    pub(crate) cache_dir: Option<std::path::PathBuf>,
     pub(crate) cancel: Option<Arc<AtomicBool>>,
     pub(crate) fault: Option<Arc<dyn FaultInjector>>,
 }
@@ -99,6 +102,8 @@ impl Default for Config {
             object_part_bytes: 16 << 20,
             object_concurrency: 16,
             object_options: Vec::new(),
+            verify_sha256: false,
+            cache_dir: None,
             cancel: None,
             fault: None,
         }
@@ -123,6 +128,8 @@ impl fmt::Debug for Config {
                 "object_options",
                 &self.object_options.iter().map(|(k, _)| k).collect::<Vec<_>>(),
             )
+            .field("verify_sha256", &self.verify_sha256)
+            .field("cache_dir", &self.cache_dir)
             .field("cancel", &self.cancel.is_some())
             .field("fault", &self.fault.is_some())
             .finish()
@@ -208,6 +215,24 @@ impl Config {
         self.object_options.push((key.into(), value.into()));
         self
     }
+    /// Computes the SHA-256 of every file the load reads, from the bytes as they are read, and
+    /// checks it against the digest known for the file (Hugging Face blob name, `SHA256SUMS`
+    /// beside it, object metadata `sha256`): a mismatch fails the load with
+    /// [`Error::Integrity`]. Each file read is then read whole (header and skipped tensors
+    /// too), and never with cuFile. Default off. See [`crate::integrity`].
+    pub fn verify_sha256(mut self, on: bool) -> Self {
+        self.verify_sha256 = on;
+        self
+    }
+    /// A local directory that keeps a copy of every object a load reads (see
+    /// [`crate::io::cache`]): a load from object storage writes each object there as it
+    /// streams (objects are then read whole), and a later load reads the copy with the local
+    /// readers once a HEAD shows the object unchanged. A cache that cannot be written costs a
+    /// warning, never the load. Default: none.
+    pub fn cache_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.cache_dir = Some(dir.into());
+        self
+    }
     /// A flag another thread may set to stop a load: it returns [`Error::Cancelled`] within
     /// about 50 ms, after its reads in flight complete, and frees what it allocated.
     pub fn cancel_flag(mut self, flag: Arc<AtomicBool>) -> Self {
@@ -232,6 +257,7 @@ impl Config {
             path: self.path,
             object_part_bytes: self.object_part_bytes,
             object_concurrency: self.object_concurrency,
+            verify_sha256: self.verify_sha256,
         }
     }
 

@@ -81,6 +81,18 @@ pub enum Error {
         /// Its name and cuFile's description.
         message: String,
     },
+    /// A file's SHA-256, computed from the bytes the load read, is not the digest known for it:
+    /// the file is corrupted (or the known digest is stale). The load did not succeed.
+    Integrity {
+        /// The file.
+        path: PathBuf,
+        /// The digest known for it, 64 hex digits.
+        expected: String,
+        /// The digest of the bytes read, 64 hex digits.
+        actual: String,
+        /// Where the expected digest came from.
+        expected_from: String,
+    },
     /// The caller's cancel flag ([`crate::Config::cancel_flag`]) was set during the load;
     /// everything the load had allocated is freed.
     Cancelled,
@@ -125,6 +137,11 @@ impl fmt::Display for Error {
             Error::CuFile { op, path, offset, message, .. } => {
                 write!(f, "{}: {op} at offset {offset} failed: {message}", p(path))
             }
+            Error::Integrity { path, expected, actual, expected_from } => write!(
+                f,
+                "{}: SHA-256 mismatch: the bytes read hash to {actual}, {expected_from} says {expected}: the file is corrupted",
+                path.display()
+            ),
             Error::Cancelled => f.write_str("the load was cancelled"),
             Error::Cuda { op, code, message } => write!(f, "CUDA: {op} failed: {message} (CUresult {code})"),
         }

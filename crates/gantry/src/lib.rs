@@ -26,6 +26,7 @@ pub mod baseline;
 pub mod config;
 mod device;
 pub mod error;
+pub mod integrity;
 pub mod interleave;
 pub mod io;
 mod loader;

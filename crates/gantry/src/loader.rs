@@ -63,6 +63,9 @@ pub struct FileReport {
     pub facts: String,
     /// Bytes read from the file (tensor bytes plus alignment and skipped gaps).
     pub read_bytes: u64,
+    /// With [`Config::verify_sha256`], the file's SHA-256 and what it was checked against
+    /// (`None` when the check is off or nothing of the file was read).
+    pub integrity: Option<crate::integrity::FileCheck>,
 }
 
 /// Figures of one load.
@@ -372,24 +375,30 @@ impl Loader {
             config.chunk_bytes = largest;
         }
         let config = &config;
+        // Hashing needs every byte of a file; so does a complete copy in the cache.
+        let whole = config.verify_sha256;
+        let copied = |f: usize| matches!(files.slot[f], Some((ReaderKind::Object, i)) if files.objects[i].cache.is_some());
         let file_plans: Vec<FilePlan> = (0..checkpoint.files.len())
             .map(|f| {
                 let chunk_bytes = config.chunk_bytes as u64;
+                let whole = whole || copied(f);
                 match files.slot[f] {
                     Some((ReaderKind::Direct, i)) => FilePlan {
                         align: files.direct[i].align,
                         chunk_bytes: files.volumes[files.direct_volumes[i]].chunk_bytes as u64,
+                        whole,
                     },
                     Some((ReaderKind::Gds, i)) => {
-                        FilePlan { align: files.gds[i].align, chunk_bytes }
+                        FilePlan { align: files.gds[i].align, chunk_bytes, whole }
                     }
                     Some((ReaderKind::Object, _)) => {
-                        FilePlan { align: 1, chunk_bytes: config.object_part() as u64 }
+                        FilePlan { align: 1, chunk_bytes: config.object_part() as u64, whole }
                     }
-                    _ => FilePlan { align: 1, chunk_bytes: config.buffered_chunk() as u64 },
+                    _ => FilePlan { align: 1, chunk_bytes: config.buffered_chunk() as u64, whole },
                 }
             })
             .collect();
+        let mut checks = config.verify_sha256.then(|| self.checks(checkpoint, &files));
         let plan = Plan::new(checkpoint, wanted, &file_plans, config.gap_bytes);
         let jobs = Jobs::new(&plan, &files, sink);
         let node = device.and_then(|d| d.numa_node());
@@ -419,11 +428,13 @@ impl Loader {
             }
         }
         let mut first_tensor_seconds = None;
-        pipeline::run(&plan, &files, jobs, staging, config, sink, &mut |i| {
+        pipeline::run(&plan, &files, jobs, staging, config, sink, checks.as_mut(), &mut |i| {
             first_tensor_seconds.get_or_insert_with(|| start.elapsed().as_secs_f64());
             on_landed(i);
         })?;
         let seconds = start.elapsed().as_secs_f64();
+        let volume_notes = volume_notes(&files);
+        let cache_notes = finish_cache(files);
         let tensor_bytes =
             checkpoint.tensors.iter().zip(wanted).filter(|(_, &w)| w).map(|(t, _)| t.len).sum();
         let mut report = LoadReport {
@@ -439,29 +450,53 @@ impl Loader {
         for (f, file) in checkpoint.files.iter().enumerate() {
             let read_bytes = plan.extents.iter().filter(|e| e.file.0 == f).map(|e| e.len).sum();
             let (reader, mut reason, facts) = match &choices[f] {
-                Some((c, facts)) => (Some(c.reader), c.reason.clone(), facts.clone()),
+                Some((c, facts)) => {
+                    let note = cache_notes.get(&f).map_or(String::new(), |n| format!("; {n}"));
+                    (Some(c.reader), format!("{}{note}", c.reason), facts.clone())
+                }
                 None => (None, "no tensor wanted: not read".to_owned(), String::new()),
             };
-            if let Some((ReaderKind::Direct, i)) = files.slot[f] {
-                let v = &files.volumes[files.direct_volumes[i]];
-                reason.push_str(&format!(
-                    "; on {}: {} KiB reads, {} in flight, {} of {} volume(s) read side by side",
-                    v.name,
-                    v.chunk_bytes >> 10,
-                    v.queue_depth,
-                    files.direct_volumes[i] + 1,
-                    files.volumes.len()
-                ));
+            if let Some(suffix) = volume_notes.get(&f) {
+                reason.push_str(suffix);
             }
+            let integrity = checks.as_mut().and_then(|c| c[f].take());
             report.files.push(FileReport {
                 path: file.path.clone(),
                 reader,
                 reason,
                 facts,
                 read_bytes,
+                integrity,
             });
         }
         Ok(report)
+    }
+
+    /// The integrity checks of a load: every file it reads, with the digest known for it.
+    fn checks(&self, checkpoint: &Checkpoint, files: &Files) -> crate::integrity::Checks {
+        let local = "no Hugging Face blob link, no SHA256SUMS entry beside it";
+        (0..checkpoint.files.len())
+            .map(|f| {
+                let info = &checkpoint.files[f];
+                let known = match files.slot[f]? {
+                    _ if files.remote[f].is_some() => {
+                        crate::io::object::known_digest(files.remote[f].as_ref().expect("remote"))
+                    }
+                    _ => crate::integrity::known_local(&info.path).ok_or(local.to_owned()),
+                };
+                let (known, unknown_reason) = match known {
+                    Ok(k) => (Some(k), String::new()),
+                    Err(reason) => (None, reason),
+                };
+                Some(crate::integrity::FileCheck {
+                    path: info.path.clone(),
+                    file_len: info.file_len,
+                    known,
+                    unknown_reason,
+                    sha256: None,
+                })
+            })
+            .collect()
     }
 
     /// Sets each volume's request size and queue depth: the `auto` profile's pick for it,
@@ -502,8 +537,8 @@ impl Loader {
         wanted: &[bool],
         target: Target,
     ) -> Result<(Files, Vec<Option<FileChoice>>)> {
-        let to_device = target != Target::Host;
         let mut files = Files { slot: vec![None; checkpoint.files.len()], ..Files::default() };
+        files.remote = vec![None; checkpoint.files.len()];
         let mut choices = vec![None; checkpoint.files.len()];
         for (f, info) in checkpoint.files.iter().enumerate() {
             let needed = checkpoint
@@ -514,85 +549,11 @@ impl Loader {
             if !needed {
                 continue;
             }
-            if crate::io::object::is_url(&info.path) {
-                let object = crate::io::object::open_for_load(
-                    &info.path,
-                    info.file_len,
-                    &self.config.object_options,
-                )?;
-                let facts = format!(
-                    "object of {} bytes, ETag {}",
-                    object.size,
-                    object.etag.as_deref().unwrap_or("none")
-                );
-                let part = self.config.object_part();
-                let part = if part >= 1 << 20 {
-                    format!("{} MiB", part >> 20)
-                } else {
-                    format!("{} KiB", part >> 10)
-                };
-                let reason = format!(
-                    "object storage: ranged GETs of {part}, {} in flight, each conditioned on the ETag",
-                    self.config.object_concurrency
-                );
-                files.slot[f] = Some((ReaderKind::Object, files.objects.len()));
-                files.objects.push(object);
-                choices[f] = Some((Choice { reader: ReaderKind::Object, reason }, facts));
-                continue;
-            }
-            // A regular file, and the one whose header was read; O_DIRECT opens that same
-            // file again through its descriptor, never whatever is at the path by now.
-            let plain = crate::io::open_for_data(info)?;
-            let range = info.data_range();
-            let direct = probe::open_direct(&crate::io::reopen_path(&plain, &info.path));
-            let residency = probe::residency(&plain, range.start, range.end - range.start);
-            let facts = FileFacts {
-                direct: direct.as_ref().map(|(_, align)| *align).map_err(Clone::clone),
-                io_uring: probe::io_uring(),
-                resident: residency.map(|(fraction, _)| fraction),
-                resident_probe: residency.map_or("none", |(_, probe)| probe),
-                to_device,
-                gds: gds_facts(target, self.config.path, &plain),
-            };
-            let mut choice = schedule::choose(self.config.path, self.config.hot_fraction, &facts)?;
-            if let (ReaderKind::Direct, Ok((_, align))) = (choice.reader, &direct) {
-                if self.config.chunk_bytes as u64 % align != 0 {
-                    let reason =
-                        format!("direct I/O alignment {align} does not divide the chunk size");
-                    if self.config.path == crate::PathChoice::Direct {
-                        return Err(Error::Unavailable { what: "O_DIRECT", reason });
-                    }
-                    choice = Choice { reader: ReaderKind::Buffered, reason };
-                }
-            }
-            log::debug!("{}: {} ({})", info.path.display(), choice.reader.name(), choice.reason);
-            let open = |file, align| OpenFile {
-                path: info.path.clone(),
-                file,
-                file_len: info.file_len,
-                align,
-            };
-            match (choice.reader, direct) {
-                (ReaderKind::Direct, Ok((file, align))) => {
-                    files.slot[f] = Some((ReaderKind::Direct, files.direct.len()));
-                    let volume = self.volume_of(&mut files.volumes, &file);
-                    files.direct_volumes.push(volume);
-                    files.direct.push(open(file, align));
-                    files.direct_ids.push(f);
-                }
-                (ReaderKind::Gds, direct) => {
-                    // cuFile wants an O_DIRECT descriptor; in compatibility mode a plain one works.
-                    let (file, align) = direct.unwrap_or((plain, 4096));
-                    files.slot[f] = Some((ReaderKind::Gds, files.gds.len()));
-                    files.gds.push(open(file, align));
-                }
-                _ => {
-                    files.slot[f] = Some((ReaderKind::Buffered, files.buffered.len()));
-                    files.buffered.push(open(plain, 1));
-                    files.buffered_ids.push(f);
-                }
-            }
-            choices[f] = Some((choice, facts.summary()));
+            choices[f] = Some(if crate::io::object::is_url(&info.path) {
+                self.open_object(f, info, target, &mut files)?
+            } else {
+                self.open_local(f, &info.path, info, target, &mut files)?
+            });
         }
         Ok((files, choices))
     }
@@ -614,6 +575,147 @@ impl Loader {
             choice: None,
         });
         volumes.len() - 1
+    }
+
+    /// Opens object `info` for a load: from the cache when it holds a copy of the object as a
+    /// HEAD shows it now (read as a local file), else from the store (written through to the
+    /// cache when there is one).
+    fn open_object(
+        &self,
+        f: usize,
+        info: &gantry_format::FileInfo,
+        target: Target,
+        files: &mut Files,
+    ) -> Result<FileChoice> {
+        use crate::io::cache;
+        use crate::io::object;
+        let mut object =
+            object::open_for_load(&info.path, info.file_len, &self.config.object_options)?;
+        let etag = object.etag.clone();
+        let mut cache_note = String::new();
+        if let Some(dir) = &self.config.cache_dir {
+            match cache::lookup(dir, &object.bucket, object.key(), etag.as_deref(), object.size) {
+                cache::Lookup::Hit(path) => {
+                    let (mut choice, facts) = self.open_local(f, &path, info, target, files)?;
+                    choice.reason = format!(
+                        "from the cache ({}: ETag {} and size unchanged on the store): {}",
+                        path.display(),
+                        etag.as_deref().unwrap_or_default(),
+                        choice.reason
+                    );
+                    files.remote[f] = Some(object);
+                    return Ok((choice, facts));
+                }
+                cache::Lookup::Miss(why) => {
+                    let key = object.key().to_owned();
+                    match cache::Writer::create(
+                        dir,
+                        &object.bucket,
+                        &key,
+                        etag.as_deref(),
+                        object.size,
+                    ) {
+                        Ok(w) => {
+                            cache_note = format!("; not in the cache ({why}), written through");
+                            object.cache = Some(Arc::new(w));
+                        }
+                        Err(e) => {
+                            log::warn!("cache: {}: not cached: {e}", info.path.display());
+                            cache_note = format!("; not in the cache ({why}), and not cached: {e}");
+                        }
+                    }
+                }
+            }
+        }
+        let facts = format!(
+            "object of {} bytes, ETag {}",
+            object.size,
+            object.etag.as_deref().unwrap_or("none")
+        );
+        let part = self.config.object_part();
+        let part = if part >= 1 << 20 {
+            format!("{} MiB", part >> 20)
+        } else {
+            format!("{} KiB", part >> 10)
+        };
+        let reason = format!(
+            "object storage: ranged GETs of {part}, {} in flight, each conditioned on the ETag{cache_note}",
+            self.config.object_concurrency
+        );
+        files.slot[f] = Some((ReaderKind::Object, files.objects.len()));
+        files.remote[f] = Some(object.without_cache());
+        files.objects.push(object);
+        Ok((Choice { reader: ReaderKind::Object, reason }, facts))
+    }
+
+    /// Probes and opens local file `path` (checkpoint file `f`, `info`; `path` is `info.path`
+    /// or its local copy) with the reader the schedule picks.
+    fn open_local(
+        &self,
+        f: usize,
+        path: &Path,
+        info: &gantry_format::FileInfo,
+        target: Target,
+        files: &mut Files,
+    ) -> Result<FileChoice> {
+        let to_device = target != Target::Host;
+        // A regular file, and the one whose header was read (a cache copy: a regular file);
+        // O_DIRECT opens that same file again through its descriptor, never whatever is at
+        // the path by now.
+        let plain = if path == info.path {
+            crate::io::open_for_data(info)?
+        } else {
+            gantry_format::open_regular(path)?.0
+        };
+        let range = info.data_range();
+        let direct = probe::open_direct(&crate::io::reopen_path(&plain, path));
+        let residency = probe::residency(&plain, range.start, range.end - range.start);
+        let facts = FileFacts {
+            direct: direct.as_ref().map(|(_, align)| *align).map_err(Clone::clone),
+            io_uring: probe::io_uring(),
+            resident: residency.map(|(fraction, _)| fraction),
+            resident_probe: residency.map_or("none", |(_, probe)| probe),
+            to_device,
+            gds: gds_facts(target, self.config.path, self.config.verify_sha256, &plain),
+        };
+        let mut choice = schedule::choose(self.config.path, self.config.hot_fraction, &facts)?;
+        if let (ReaderKind::Direct, Ok((_, align))) = (choice.reader, &direct) {
+            if self.config.chunk_bytes as u64 % align != 0 {
+                let reason = format!("direct I/O alignment {align} does not divide the chunk size");
+                if self.config.path == crate::PathChoice::Direct {
+                    return Err(Error::Unavailable { what: "O_DIRECT", reason });
+                }
+                choice = Choice { reader: ReaderKind::Buffered, reason };
+            }
+        }
+        log::debug!("{}: {} ({})", path.display(), choice.reader.name(), choice.reason);
+        let open = |file, align| OpenFile {
+            path: path.to_path_buf(),
+            file,
+            file_len: info.file_len,
+            align,
+        };
+        match (choice.reader, direct) {
+            (ReaderKind::Direct, Ok((file, align))) => {
+                files.slot[f] = Some((ReaderKind::Direct, files.direct.len()));
+                let volume = self.volume_of(&mut files.volumes, &file);
+                files.direct_volumes.push(volume);
+                files.direct.push(open(file, align));
+                files.direct_ids.push(f);
+            }
+            (ReaderKind::Gds, direct) => {
+                // cuFile wants an O_DIRECT descriptor; in compatibility mode a plain one works.
+                let (file, align) = direct.unwrap_or((plain, 4096));
+                files.slot[f] = Some((ReaderKind::Gds, files.gds.len()));
+                files.gds.push(open(file, align));
+            }
+            _ => {
+                files.slot[f] = Some((ReaderKind::Buffered, files.buffered.len()));
+                files.buffered.push(open(plain, 1));
+                files.buffered_ids.push(f);
+            }
+        }
+        Ok((choice, facts.summary()))
     }
 
     /// `count` slots of `slot_bytes` over the loader's arena (mapped, bound to `node` and
@@ -660,6 +762,27 @@ impl Loader {
     }
 }
 
+/// Per checkpoint file read with `O_DIRECT`, the volume it is on and how that is read, for
+/// its report.
+fn volume_notes(files: &Files) -> std::collections::HashMap<usize, String> {
+    let mut notes = std::collections::HashMap::new();
+    for (i, &f) in files.direct_ids.iter().enumerate() {
+        let v = &files.volumes[files.direct_volumes[i]];
+        notes.insert(
+            f,
+            format!(
+                "; on {}: {} KiB reads, {} in flight, {} of {} volume(s) read side by side",
+                v.name,
+                v.chunk_bytes >> 10,
+                v.queue_depth,
+                files.direct_volumes[i] + 1,
+                files.volumes.len()
+            ),
+        );
+    }
+    notes
+}
+
 /// Shares `buffers` staging buffers out between the volumes' queues when they cannot all
 /// have their depth (see [`crate::interleave::fit_depths`]).
 fn fit_depths(volumes: &mut [Volume], buffers: usize) {
@@ -671,6 +794,24 @@ fn fit_depths(volumes: &mut [Volume], buffers: usize) {
     for (v, depth) in volumes.iter_mut().zip(fitted) {
         v.queue_depth = depth;
     }
+}
+
+/// Renames the complete cache copies of a finished load into place (each after a HEAD shows
+/// its object unchanged); per checkpoint file, what became of its copy.
+fn finish_cache(files: Files) -> std::collections::HashMap<usize, String> {
+    let mut notes = std::collections::HashMap::new();
+    let ids = files.slot.iter().enumerate().filter_map(|(f, s)| match s {
+        Some((ReaderKind::Object, i)) => Some((*i, f)),
+        _ => None,
+    });
+    let ids: std::collections::HashMap<usize, usize> = ids.collect();
+    for (i, mut object) in files.objects.into_iter().enumerate() {
+        let Some(writer) = object.cache.take().and_then(Arc::into_inner) else { continue };
+        let note = writer.finish(object.unchanged());
+        log::debug!("{}: {note}", object.path.display());
+        notes.insert(ids[&i], note);
+    }
+    notes
 }
 
 /// Where a load's bytes go, as far as choosing readers is concerned.
@@ -694,6 +835,7 @@ type FileChoice = (Choice, String);
 fn gds_facts(
     target: Target,
     path: crate::PathChoice,
+    verify_sha256: bool,
     file: &std::fs::File,
 ) -> Result<bool, String> {
     match target {
@@ -703,6 +845,11 @@ fn gds_facts(
                 .to_owned())
         }
         Target::Device => {}
+    }
+    if verify_sha256 {
+        return Err(
+            "the SHA-256 check hashes bytes in host memory; cuFile reads past it".to_owned()
+        );
     }
     let on_nvme = crate::io::gds::file_on_nvme(file);
     if path == crate::PathChoice::Auto && !on_nvme {

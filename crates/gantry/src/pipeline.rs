@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::integrity::{self, Verifier};
 use crate::interleave::{interleave, Read};
 use crate::io::{buffered, gds, object, uring, Message, OpenFile};
 use crate::plan::Plan;
@@ -42,6 +43,9 @@ pub struct Files {
     pub gds: Vec<OpenFile>,
     /// Objects in object storage.
     pub objects: Vec<object::ObjectFile>,
+    /// Per checkpoint file from object storage, the object as the load opened it (also when
+    /// it is read from its local copy).
+    pub remote: Vec<Option<object::ObjectFile>>,
     /// Per checkpoint file: its reader and its position in that reader's list (`direct`,
     /// `buffered` or `gds`), `None` when nothing is read from it.
     pub slot: Vec<Option<(ReaderKind, usize)>>,
@@ -156,6 +160,18 @@ impl Jobs {
             + self.object.iter().filter(|j| j.target.is_none()).count()
     }
 
+    /// Per extent of `plan`, the destination a reader writes it to, if any.
+    pub fn targets(&self, plan: &Plan) -> Vec<Option<RawTarget>> {
+        let mut targets = vec![None; plan.extents.len()];
+        for job in self.direct.iter().chain(&self.object) {
+            targets[job.extent] = job.target;
+        }
+        for (job, target) in &self.into {
+            targets[job.extent] = Some(*target);
+        }
+        targets
+    }
+
     /// Whether any extent from object storage passes through the staging ring.
     pub fn has_staged_objects(&self) -> bool {
         self.object.iter().any(|j| j.target.is_none())
@@ -177,7 +193,9 @@ pub struct Staging {
 }
 
 /// Runs a load to completion. `on_landed(t)` is called once for every tensor whose copy steps
-/// have all landed.
+/// have all landed. With `checks`, the files they name (planned whole) are hashed on the way
+/// ([`crate::integrity`]) and their digests filled in.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     plan: &Plan,
     files: &Files,
@@ -185,6 +203,7 @@ pub fn run(
     staging: Staging,
     config: &Config,
     sink: &mut dyn Sink,
+    checks: Option<&mut integrity::Checks>,
     on_landed: &mut dyn FnMut(usize),
 ) -> Result<()> {
     let Staging { pool, register_buffers, cpus, device } = staging;
@@ -196,6 +215,10 @@ pub fn run(
     let mut remaining: Vec<u32> = plan.steps_per_tensor.clone();
     let mut outstanding = plan.extents.len();
     let mut failure: Option<Error> = None;
+    let verifier = match &checks {
+        Some(c) => Some(Verifier::start(plan, c, jobs.targets(plan), cpus, &tx)?),
+        None => None,
+    };
     std::thread::scope(|scope| {
         if !jobs.direct.is_empty() {
             let (tx, pool) = (tx.clone(), pool.clone());
@@ -265,6 +288,18 @@ pub fn run(
                     unreachable!("the consumer holds a sender")
                 }
             };
+            // Extents of verified files go to be hashed first, and come back as `Hashed`.
+            let message = match &verifier {
+                None => message,
+                Some(v) => match v.admit(plan, message) {
+                    Ok(Some(m)) => m,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                },
+            };
             let extent = match message {
                 Message::Staged { extent, lease } => {
                     let steps = &plan.steps[plan.extents[extent].steps.clone()];
@@ -278,6 +313,7 @@ pub fn run(
                     }
                 }
                 Message::Direct { extent } | Message::Landed { extent } => extent,
+                Message::Hashed { .. } => unreachable!("the verifier turns hashed extents back"),
             };
             outstanding -= 1;
             for step in &plan.steps[plan.extents[extent].steps.clone()] {
@@ -295,8 +331,16 @@ pub fn run(
             }
         }
     });
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
+    if let Some(e) = failure {
+        drop(verifier); // its threads end and drop the leases they held
+        return Err(e);
     }
+    if let (Some(verifier), Some(checks)) = (verifier, checks) {
+        for (check, digest) in checks.iter_mut().zip(verifier.finish()) {
+            if let Some(check) = check {
+                check.sha256 = digest;
+            }
+        }
+    }
+    Ok(())
 }

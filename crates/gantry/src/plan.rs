@@ -59,6 +59,9 @@ pub struct FilePlan {
     pub align: u64,
     /// Largest extent in bytes; a multiple of `align`.
     pub chunk_bytes: u64,
+    /// Read the whole file, header and unwanted tensors included, as one run from offset 0
+    /// to its end (when any tensor of it is wanted): what hashing the file needs.
+    pub whole: bool,
 }
 
 impl Plan {
@@ -82,8 +85,16 @@ impl Plan {
                     t.file == FileId(file) && wanted[i] && t.len > 0
                 })
                 .collect();
+            if fp.whole && !tensors.is_empty() {
+                let span = 0..checkpoint.files[file].file_len;
+                plan.add_run(checkpoint, FileId(file), &tensors, span, chunk);
+                continue;
+            }
             for run in runs(checkpoint, &tensors, gap_bytes, a) {
-                plan.add_run(checkpoint, FileId(file), &run, a, chunk);
+                let first = &checkpoint.tensors[run[0]];
+                let last = &checkpoint.tensors[run[run.len() - 1]];
+                let span = first.offset - first.offset % a..last.offset + last.len;
+                plan.add_run(checkpoint, FileId(file), &run, span, chunk);
             }
         }
         plan
@@ -94,18 +105,19 @@ impl Plan {
         self.extents.iter().map(|e| e.len).sum()
     }
 
+    /// Cuts `span` (aligned start, end inside the file) into extents of at most `chunk`
+    /// bytes, with the copy steps of the tensors of `run` (sorted by offset) inside it.
     fn add_run(
         &mut self,
         checkpoint: &Checkpoint,
         file: FileId,
         run: &[usize],
-        align: u64,
+        span: Range<u64>,
         chunk: u64,
     ) {
         let tensor = |i: usize| &checkpoint.tensors[run[i]];
-        let run_begin = tensor(0).offset;
-        let run_end = tensor(run.len() - 1).offset + tensor(run.len() - 1).len;
-        let mut begin = run_begin - run_begin % align;
+        let run_end = span.end;
+        let mut begin = span.start;
         let mut first = 0; // first tensor of the run that may still overlap
         while begin < run_end {
             let end = (begin + chunk).min(run_end);
@@ -258,7 +270,12 @@ mod tests {
         for (data_offset, lens, wanted, align, chunk, gap, extents) in cases {
             let c = checkpoint(data_offset, &lens);
             let wanted = wanted.unwrap_or(vec![true; lens.len()]);
-            let plan = Plan::new(&c, &wanted, &[FilePlan { align, chunk_bytes: chunk }], gap);
+            let plan = Plan::new(
+                &c,
+                &wanted,
+                &[FilePlan { align, chunk_bytes: chunk, whole: false }],
+                gap,
+            );
             assert_eq!(plan.extents.len(), extents, "case {lens:?} {wanted:?}: {plan:?}");
             check(&c, &wanted, align, chunk, &plan);
         }
@@ -267,7 +284,12 @@ mod tests {
     #[test]
     fn buffered_extents_start_at_data() {
         let c = checkpoint(13, &[7, 9000]);
-        let p = Plan::new(&c, &[true, true], &[FilePlan { align: 1, chunk_bytes: 4096 }], 0);
+        let p = Plan::new(
+            &c,
+            &[true, true],
+            &[FilePlan { align: 1, chunk_bytes: 4096, whole: false }],
+            0,
+        );
         assert_eq!(p.extents[0].offset, 13);
         assert_eq!(p.read_bytes(), 9007);
     }
@@ -281,13 +303,24 @@ mod tests {
             align_shift in 0u32..13,
             chunk_blocks in 1u64..40,
             gap in 0u64..20_000,
+            whole in proptest::bool::ANY,
         ) {
             let c = checkpoint(data_offset, &lens);
             let wanted: Vec<bool> = mask[..lens.len()].to_vec();
             let align = 1u64 << align_shift;
             let chunk = chunk_blocks * 4096;
-            let plan = Plan::new(&c, &wanted, &[FilePlan { align, chunk_bytes: chunk }], gap);
+            let plan = Plan::new(&c, &wanted, &[FilePlan { align, chunk_bytes: chunk, whole }], gap);
             check(&c, &wanted, align, chunk, &plan);
+            let any = c.tensors.iter().zip(&wanted).any(|(t, &w)| w && t.len > 0);
+            if whole && any {
+                // One run over the whole file: extents tile it from 0 to its end.
+                let mut next = 0;
+                for e in &plan.extents {
+                    proptest::prop_assert_eq!(e.offset, next);
+                    next += e.len;
+                }
+                proptest::prop_assert_eq!(next, c.files[0].file_len);
+            }
         }
     }
 }

@@ -233,3 +233,54 @@ fn cufile_path_bit_exact_and_reports_its_mode() {
         .unwrap();
     assert_device_matches(&subset, spec.layers as usize);
 }
+
+/// `verify_sha256` on a GPU load: staged extents are hashed before their copies are queued and
+/// their leases held until then; digests equal `sha256sum`'s; a flipped byte fails the load;
+/// a forced cuFile path is refused (cuFile reads past host memory).
+#[test]
+fn sha256_check_on_device_loads() {
+    let Some(dev) = gpu() else { return };
+    let dir = scratch();
+    let spec = gantry::synth::SynthSpec {
+        vocab: 4000,
+        hidden: 256,
+        intermediate: 896,
+        kv: 64,
+        layers: 2,
+        shards: 2,
+    };
+    let index = gantry::synth::write_checkpoint(dir.path(), &spec, 5).unwrap();
+    let out = std::process::Command::new("sh")
+        .args(["-c", "sha256sum *.safetensors > SHA256SUMS"])
+        .current_dir(dir.path())
+        .status()
+        .expect("sha256sum (coreutils) must be installed");
+    assert!(out.success());
+    let sums = std::fs::read_to_string(dir.path().join("SHA256SUMS")).unwrap();
+    for path in [PathChoice::Auto, PathChoice::Direct, PathChoice::Buffered] {
+        let config = Config::default()
+            .verify_sha256(true)
+            .path(path)
+            .chunk_bytes(1 << 20)
+            .staging_bytes(4 << 20);
+        let loader = Loader::new(config).unwrap();
+        let model = loader.load_to_device(&index, &dev).unwrap();
+        assert_device_matches(&model, spec.tensors().len());
+        for f in &model.report().files {
+            let check = f.integrity.as_ref().unwrap();
+            let hex = gantry::integrity::to_hex(&check.sha256.unwrap());
+            let name = f.path.file_name().unwrap().to_str().unwrap();
+            assert!(sums.contains(&format!("{hex}  {name}")), "{path:?} {name}: {hex}\n{sums}");
+        }
+    }
+    let forced = Loader::new(Config::default().verify_sha256(true).path(PathChoice::Gds)).unwrap();
+    assert!(forced.load_to_device(&index, &dev).is_err());
+    let shard = Checkpoint::open(&index).unwrap().files[1].path.clone();
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&shard, bytes).unwrap();
+    let loader = Loader::new(Config::default().verify_sha256(true)).unwrap();
+    let e = loader.load_to_device(&index, &dev).unwrap_err();
+    assert!(matches!(&e, Error::Integrity { path, .. } if *path == shard), "{e}");
+}

@@ -242,8 +242,11 @@ def stream(
     loads), or ``"dlpack"`` for :class:`gantry.Tensor`.
     ``config``: ``path`` (``"auto"``, ``"direct"``, ``"buffered"``, ``"gds"``), ``profile``
     (``"auto"``, ``"gp3"``, ``"io2"``, ``"nvme"``), ``queue_depth``, ``chunk_bytes``,
-    ``buffered_chunk_bytes``, ``staging_bytes``, ``threads``, ``hot_fraction``, as the Rust
-    ``Config`` names them; for ``s3://`` sources ``object_part_bytes``, ``object_concurrency``,
+    ``buffered_chunk_bytes``, ``staging_bytes``, ``threads``, ``hot_fraction``,
+    ``verify_sha256`` (hash every file read and check it against the digest known for it; a
+    mismatch raises :class:`IoError` naming the file and both digests), as the Rust
+    ``Config`` names them; for ``s3://`` sources ``cache_dir`` (a local copy of every object
+    read, reused while its ETag is unchanged), ``object_part_bytes``, ``object_concurrency``,
     ``s3_endpoint``, ``s3_region`` and ``s3_options`` (a dict of ``object_store`` keys such as
     ``aws_skip_signature``), over the standard AWS environment variables.
     """

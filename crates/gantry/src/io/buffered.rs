@@ -52,13 +52,16 @@ pub fn run_staged(
                 let tx = tx;
                 crate::topology::pin_current_thread(shared.cpus);
                 loop {
+                    // The lease before the job: jobs then hold leases in job order, so the
+                    // earliest extent not yet done always holds one (the integrity check
+                    // waits for a file's extents in order while holding later ones).
+                    let Some(mut lease) = pool.acquire() else {
+                        return;
+                    };
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= jobs.len() || shared.cancel.load(Ordering::Relaxed) {
                         return;
                     }
-                    let Some(mut lease) = pool.acquire() else {
-                        return;
-                    };
                     let job = jobs[i];
                     let buf = &mut lease.as_mut_slice()[..job.len as usize];
                     let message = read_full(shared, job, buf)

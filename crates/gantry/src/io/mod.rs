@@ -6,11 +6,14 @@
 //!   would throw that memory bandwidth away), for file systems without `O_DIRECT` (tmpfs),
 //!   and as the fallback where io_uring is unavailable.
 //!
-//! Both report each finished extent to the consumer and share `Completion`, the one place
+//! - `object`: ranged GETs from object storage; `cache`: its local write-through copies.
+//!
+//! All report each finished extent to the consumer and share `Completion`, the one place
 //! where a read result becomes "done", "continue", "retry" or an error, so that short reads,
 //! `EINTR`, `EAGAIN` and end of file behave the same in both.
 
 pub mod buffered;
+pub mod cache;
 pub mod fault;
 pub mod gds;
 pub mod object;
@@ -71,6 +74,14 @@ pub enum Message {
     Landed {
         /// Position in the plan.
         extent: usize,
+    },
+    /// The integrity check hashed a `Staged` (with its lease) or `Direct` (without) extent;
+    /// it goes on to the sink as that message.
+    Hashed {
+        /// Position in the plan.
+        extent: usize,
+        /// The staging buffer of a staged extent.
+        lease: Option<Lease>,
     },
 }
 

@@ -31,13 +31,15 @@ use gantry_format::{
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig,
+    Attribute, BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt,
+    RetryConfig,
 };
 use parking_lot::Mutex;
 
 use super::uring::Job;
 use super::Message;
 use crate::error::{Error, Result};
+use crate::integrity::{self, Known, SUMS_FILE_NAME};
 use crate::staging::Pool;
 
 /// URL scheme of object sources.
@@ -352,6 +354,31 @@ pub struct ObjectFile {
     pub size: u64,
     /// The ETag every part is conditioned on.
     pub etag: Option<String>,
+    /// Its bucket, and its key (`location`).
+    pub bucket: String,
+    /// The local copy being written as the parts arrive ([`super::cache`]), if any.
+    pub cache: Option<Arc<super::cache::Writer>>,
+}
+
+impl ObjectFile {
+    /// The object's key.
+    pub fn key(&self) -> &str {
+        self.location.as_ref()
+    }
+
+    /// A copy of this handle that writes no cache copy.
+    pub fn without_cache(&self) -> Self {
+        Self { cache: None, ..self.clone() }
+    }
+
+    /// Whether a HEAD now shows the ETag and size the load saw.
+    pub fn unchanged(&self) -> std::result::Result<bool, String> {
+        let runtime = runtime().map_err(|e| e.to_string())?;
+        let meta = runtime
+            .block_on(self.store.head(&self.location))
+            .map_err(|e| request_error("head", &self.path, 0, 0, e).to_string())?;
+        Ok(meta.e_tag == self.etag && meta.size == self.size)
+    }
 }
 
 /// Opens object `path` for a load whose header said it is `file_len` bytes.
@@ -511,9 +538,57 @@ async fn fetch(file: &ObjectFile, job: Job, mut dest: Dest) -> Result<Message> {
             None => {}
         }
     }
+    if let Some(cache) = &file.cache {
+        cache.write_at(&buf[..job.len as usize], job.offset);
+    }
     Ok(match dest {
         Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
         Dest::Target(_) => Message::Direct { extent: job.extent },
+    })
+}
+
+/// Largest `SHA256SUMS` object read.
+const SUMS_BYTES_MAX: u64 = 16 << 20;
+
+/// The digest known for `object`: its `sha256` metadata, else its line in a `SHA256SUMS`
+/// object beside it; else what was looked for and why nothing was found.
+pub fn known_digest(object: &ObjectFile) -> std::result::Result<Known, String> {
+    let runtime = runtime().map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let key = "sha256";
+        let options = GetOptions {
+            range: Some(GetRange::Bounded(0..1)),
+            if_match: object.etag.clone(),
+            ..Default::default()
+        };
+        let result = object.store.get_opts(&object.location, options).await;
+        let result = result.map_err(|e| request_error("get", &object.path, 0, 1, e).to_string())?;
+        let meta = result.attributes.get(&Attribute::Metadata(key.into()));
+        if let Some(digest) = meta.and_then(|v| integrity::from_hex(v.as_ref())) {
+            let source = format!("its object metadata '{key}'");
+            return Ok(Known { digest, source });
+        }
+        let text = object.location.as_ref();
+        let (dir, name) = text.rsplit_once('/').unwrap_or(("", text));
+        let sums_key = if dir.is_empty() {
+            SUMS_FILE_NAME.to_owned()
+        } else {
+            format!("{dir}/{SUMS_FILE_NAME}")
+        };
+        let sums = ObjectPath::from(sums_key.as_str());
+        let sums_url = object.path.with_file_name(SUMS_FILE_NAME);
+        let none = || format!("no '{key}' object metadata, no {SUMS_FILE_NAME} entry beside it");
+        let options =
+            GetOptions { range: Some(GetRange::Bounded(0..SUMS_BYTES_MAX)), ..Default::default() };
+        let text = match object.store.get_opts(&sums, options).await {
+            Ok(r) => r.bytes().await.map_err(|e| request_error("get", &sums_url, 0, 0, e)),
+            Err(object_store::Error::NotFound { .. }) => return Err(none()),
+            Err(e) => Err(request_error("get", &sums_url, 0, 0, e)),
+        };
+        let text = text.map_err(|e| format!("{}; {e}", none()))?;
+        let digest =
+            integrity::parse_sums(&String::from_utf8_lossy(&text), name).ok_or_else(none)?;
+        Ok(Known { digest, source: sums_url.display().to_string() })
     })
 }
 
@@ -588,5 +663,13 @@ fn open_for_load_unchecked(path: &Path, options: &Options) -> Result<ObjectFile>
     let meta = runtime()?
         .block_on(store.head(&location))
         .map_err(|e| request_error("head", path, 0, 0, e))?;
-    Ok(ObjectFile { path: path.to_path_buf(), store, location, size: meta.size, etag: meta.e_tag })
+    Ok(ObjectFile {
+        path: path.to_path_buf(),
+        store,
+        location,
+        size: meta.size,
+        etag: meta.e_tag,
+        bucket,
+        cache: None,
+    })
 }

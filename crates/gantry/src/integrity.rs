@@ -1,0 +1,379 @@
+//! SHA-256 of every file a load reads, computed from the bytes as they are read (never a second
+//! read), and checked against a digest known from elsewhere.
+//!
+//! Where a digest is known from: in the Hugging Face cache a snapshot's files are symlinks to
+//! `blobs/<sha256>`; a `SHA256SUMS` file beside the shards (`sha256sum` format); for objects,
+//! their `sha256` metadata. With none of these, the load still computes the digest and says
+//! that nothing was known to check it against.
+//!
+//! SHA-256 is sequential, and extents complete out of order on many threads. So a file to be
+//! verified is planned whole (header, unwanted tensors and gaps included: one run from offset 0
+//! to its end), and the consumer hands each of its extents, as it arrives, to one of a few
+//! hashing threads, which hash each file in offset order and hand the extent back to the
+//! consumer (`Message::Hashed`), which only then gives it to the sink. A staged extent keeps its
+//! lease while it waits for the extents before it, so the reorder window is bounded by the
+//! staging ring and no bytes are copied. That cannot deadlock because every reader leases
+//! buffers for one file's extents in offset order: the first extent not yet hashed always holds
+//! a lease or needs none. The last extent of a file goes on only if the digest matches, so a
+//! load with a corrupted file never reports success.
+//!
+//! Files are hashed in parallel (one file at a time per hashing thread), each file by one
+//! thread: a file's digest costs its size at one core's SHA-256 rate (about 2 GB/s with the
+//! CPU's SHA extensions, which `sha2` uses when the CPU has them).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{Error, Result};
+use crate::io::{Message, RawTarget};
+use crate::plan::Plan;
+use crate::staging::Lease;
+
+/// A SHA-256 digest.
+pub type Digest = [u8; 32];
+
+/// Name of the checksum file looked for beside the shards.
+pub const SUMS_FILE_NAME: &str = "SHA256SUMS";
+
+/// Most hashing threads of one load.
+pub const HASH_THREADS_MAX: usize = 16;
+
+/// `digest` as 64 lowercase hex digits.
+pub fn to_hex(digest: &Digest) -> String {
+    digest.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// 64 hex digits (either case) as a digest.
+pub fn from_hex(text: &str) -> Option<Digest> {
+    let text = text.as_bytes();
+    if text.len() != 64 {
+        return None;
+    }
+    let mut digest = [0u8; 32];
+    for (i, pair) in text.chunks(2).enumerate() {
+        let pair = std::str::from_utf8(pair).ok()?;
+        digest[i] = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some(digest)
+}
+
+/// The SHA-256 of `bytes` (a reference for tests and small inputs).
+pub fn sha256(bytes: &[u8]) -> Digest {
+    Sha256::digest(bytes).into()
+}
+
+/// The digest `text` (a `SHA256SUMS` file: `<hex>  <name>` or `<hex> *<name>` per line) gives
+/// for file `name`; a name may carry a leading `./`.
+pub fn parse_sums(text: &str, name: &str) -> Option<Digest> {
+    text.lines().find_map(|line| {
+        let (hex, rest) = line.trim_end().split_once(char::is_whitespace)?;
+        let listed = rest.trim_start().trim_start_matches('*');
+        let listed = listed.strip_prefix("./").unwrap_or(listed);
+        (listed == name).then(|| from_hex(hex)).flatten()
+    })
+}
+
+/// A digest a file is expected to have, and where it was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    /// The digest.
+    pub digest: Digest,
+    /// Where it came from, for reports and errors.
+    pub source: String,
+}
+
+/// The digest known for local file `path`: the name of the Hugging Face cache blob it links
+/// to, else its line in a `SHA256SUMS` beside it.
+pub fn known_local(path: &Path) -> Option<Known> {
+    if let Ok(target) = std::fs::read_link(path) {
+        let name = target.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if let Some(digest) = from_hex(name) {
+            let source = format!("the Hugging Face blob it links to ({})", target.display());
+            return Some(Known { digest, source });
+        }
+    }
+    let name = path.file_name()?.to_str()?;
+    let sums = path.with_file_name(SUMS_FILE_NAME);
+    let text = std::fs::read_to_string(&sums).ok()?;
+    let digest = parse_sums(&text, name)?;
+    Some(Known { digest, source: sums.display().to_string() })
+}
+
+/// The check of one file of a load.
+#[derive(Debug, Clone)]
+pub struct FileCheck {
+    /// The file, for errors.
+    pub path: PathBuf,
+    /// Its length: the bytes hashed.
+    pub file_len: u64,
+    /// The digest it should have, when one is known.
+    pub known: Option<Known>,
+    /// Why none is known (what was looked for), when none is.
+    pub unknown_reason: String,
+    /// The digest computed from the bytes read, once the load has finished.
+    pub sha256: Option<Digest>,
+}
+
+impl FileCheck {
+    /// One line for reports: the digest, and what it was checked against.
+    pub fn explain(&self) -> String {
+        let computed = self.sha256.as_ref().map_or("not computed".to_owned(), to_hex);
+        match &self.known {
+            Some(k) => format!("sha256 {computed}: matches {}", k.source),
+            None => format!(
+                "sha256 {computed}: not verified, no digest known ({})",
+                self.unknown_reason
+            ),
+        }
+    }
+}
+
+/// Per checkpoint file, its check (`None`: the file is not verified, nothing of it is read).
+pub type Checks = Vec<Option<FileCheck>>;
+
+/// Where the bytes of an extent waiting to be hashed are.
+enum Bytes {
+    Staged(Lease),
+    Direct(RawTarget),
+}
+
+struct Work {
+    file: usize,
+    extent: usize,
+    offset: u64,
+    len: u64,
+    bytes: Bytes,
+}
+
+/// The consumer's side of the hashing threads of one load.
+pub(crate) struct Verifier {
+    /// Per checkpoint file, the hashing thread it goes to (`None`: not verified).
+    worker_of: Vec<Option<usize>>,
+    inputs: Vec<Sender<Work>>,
+    handles: Vec<JoinHandle<()>>,
+    /// Per extent, the destination a reader wrote it to, if any.
+    targets: Vec<Option<RawTarget>>,
+    digests: Arc<Mutex<Vec<Option<Digest>>>>,
+}
+
+impl Verifier {
+    /// Starts the hashing threads for the files `checks` verifies; each hashed extent (or the
+    /// mismatch error) goes back on `tx`. `targets` gives each extent's direct destination.
+    pub(crate) fn start(
+        plan: &Plan,
+        checks: &Checks,
+        targets: Vec<Option<RawTarget>>,
+        cpus: &[usize],
+        tx: &Sender<Result<Message>>,
+    ) -> Result<Self> {
+        assert_eq!(targets.len(), plan.extents.len());
+        let verified: Vec<usize> = (0..checks.len()).filter(|&f| checks[f].is_some()).collect();
+        for &f in &verified {
+            let mut next = 0;
+            for e in plan.extents.iter().filter(|e| e.file.0 == f) {
+                assert_eq!(e.offset, next, "a verified file must be planned whole");
+                next += e.len;
+            }
+            assert_eq!(next, checks[f].as_ref().expect("verified").file_len);
+        }
+        let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+        let workers = verified.len().min(cores).min(HASH_THREADS_MAX);
+        let mut worker_of = vec![None; checks.len()];
+        for (k, &f) in verified.iter().enumerate() {
+            worker_of[f] = Some(k % workers.max(1));
+        }
+        let digests = Arc::new(Mutex::new(vec![None; checks.len()]));
+        let mut verifier =
+            Verifier { worker_of, inputs: Vec::new(), handles: Vec::new(), targets, digests };
+        for _ in 0..workers {
+            let (input, rx) = mpsc::channel();
+            let worker = Worker {
+                files: checks.iter().map(|c| c.as_ref().map(FileState::new)).collect(),
+                tx: tx.clone(),
+                digests: Arc::clone(&verifier.digests),
+            };
+            let cpus = cpus.to_vec();
+            let handle = std::thread::Builder::new()
+                .name("gantry-sha256".to_owned())
+                .spawn(move || {
+                    crate::topology::pin_current_thread(&cpus);
+                    worker.run(rx)
+                })
+                .map_err(|source| Error::Resource { what: "starting a hashing thread", source })?;
+            verifier.inputs.push(input);
+            verifier.handles.push(handle);
+        }
+        Ok(verifier)
+    }
+
+    /// The consumer's hook: takes a read extent of a verified file to be hashed first (`None`),
+    /// turns a hashed one back into the message it was, passes anything else on.
+    pub(crate) fn admit(&self, plan: &Plan, message: Message) -> Result<Option<Message>> {
+        let (extent, bytes) = match message {
+            Message::Hashed { extent, lease: Some(lease) } => {
+                return Ok(Some(Message::Staged { extent, lease }))
+            }
+            Message::Hashed { extent, lease: None } => return Ok(Some(Message::Direct { extent })),
+            Message::Staged { extent, lease } => (extent, Bytes::Staged(lease)),
+            Message::Direct { extent } => match self.targets[extent] {
+                Some(target) => (extent, Bytes::Direct(target)),
+                None => return Ok(Some(Message::Direct { extent })),
+            },
+            other @ Message::Landed { .. } => return Ok(Some(other)),
+        };
+        let e = &plan.extents[extent];
+        let Some(worker) = self.worker_of[e.file.0] else {
+            return Ok(Some(match bytes {
+                Bytes::Staged(lease) => Message::Staged { extent, lease },
+                Bytes::Direct(_) => Message::Direct { extent },
+            }));
+        };
+        let work = Work { file: e.file.0, extent, offset: e.offset, len: e.len, bytes };
+        self.inputs[worker].send(work).map_err(|_| Error::Resource {
+            what: "hashing an extent",
+            source: std::io::Error::other("a hashing thread ended early"),
+        })?;
+        Ok(None)
+    }
+
+    /// Stops the hashing threads and returns each file's digest (`None` where not computed).
+    pub(crate) fn finish(mut self) -> Vec<Option<Digest>> {
+        self.stop();
+        std::mem::take(&mut *self.digests.lock())
+    }
+
+    fn stop(&mut self) {
+        self.inputs.clear(); // the threads end when their input closes, dropping held leases
+        for handle in self.handles.drain(..) {
+            if handle.join().is_err() {
+                log::error!("a hashing thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One file's hashing state on its thread.
+struct FileState {
+    path: PathBuf,
+    end: u64,
+    known: Option<Known>,
+    next: u64,
+    hasher: Sha256,
+    /// Extents that arrived before the ones in front of them, by offset.
+    waiting: BTreeMap<u64, Work>,
+}
+
+impl FileState {
+    fn new(check: &FileCheck) -> Self {
+        Self {
+            path: check.path.clone(),
+            end: check.file_len,
+            known: check.known.clone(),
+            next: 0,
+            hasher: Sha256::new(),
+            waiting: BTreeMap::new(),
+        }
+    }
+}
+
+struct Worker {
+    files: Vec<Option<FileState>>,
+    tx: Sender<Result<Message>>,
+    digests: Arc<Mutex<Vec<Option<Digest>>>>,
+}
+
+impl Worker {
+    fn run(mut self, rx: Receiver<Work>) {
+        for work in rx {
+            let file = work.file;
+            let state = self.files[file].as_mut().expect("work for a verified file");
+            state.waiting.insert(work.offset, work);
+            while let Some(entry) = state.waiting.first_entry() {
+                if *entry.key() != state.next {
+                    break;
+                }
+                let work = entry.remove();
+                let bytes: &[u8] = match &work.bytes {
+                    Bytes::Staged(lease) => &lease.as_slice()[..work.len as usize],
+                    // SAFETY: the reader reported this extent written; nothing writes its
+                    // destination again during the load, which outlives this thread (the
+                    // consumer joins it before the load returns).
+                    Bytes::Direct(t) => unsafe {
+                        std::slice::from_raw_parts(t.ptr, work.len as usize)
+                    },
+                };
+                state.hasher.update(bytes);
+                state.next += work.len;
+                let lease = match work.bytes {
+                    Bytes::Staged(lease) => Some(lease),
+                    Bytes::Direct(_) => None,
+                };
+                let mut message = Ok(Message::Hashed { extent: work.extent, lease });
+                if state.next == state.end {
+                    let digest: Digest = std::mem::take(&mut state.hasher).finalize().into();
+                    self.digests.lock()[file] = Some(digest);
+                    if let Some(known) = state.known.as_ref().filter(|k| k.digest != digest) {
+                        message = Err(Error::Integrity {
+                            path: state.path.clone(),
+                            expected: to_hex(&known.digest),
+                            actual: to_hex(&digest),
+                            expected_from: known.source.clone(),
+                        });
+                    }
+                }
+                if self.tx.send(message).is_err() {
+                    return; // the load failed: the consumer is gone
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip() {
+        let d = sha256(b"abc");
+        let hex = to_hex(&d);
+        assert_eq!(hex, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(from_hex(&hex), Some(d));
+        assert_eq!(from_hex(&hex.to_uppercase()), Some(d));
+        assert_eq!(from_hex(&hex[1..]), None);
+        assert_eq!(from_hex(&format!("{}g", &hex[1..])), None);
+    }
+
+    #[test]
+    fn sums_lines() {
+        let a = to_hex(&sha256(b"a"));
+        let b = to_hex(&sha256(b"b"));
+        let text =
+            format!("{a}  model-00001.safetensors\n{b} *./model-00002.safetensors\nbad line\n");
+        let cases = [
+            ("model-00001.safetensors", Some(sha256(b"a"))),
+            ("model-00002.safetensors", Some(sha256(b"b"))),
+            ("model-00003.safetensors", None),
+            ("model-00001", None),
+        ];
+        for (name, want) in cases {
+            assert_eq!(parse_sums(&text, name), want, "{name}");
+        }
+    }
+}
