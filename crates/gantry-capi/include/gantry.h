@@ -136,7 +136,7 @@ typedef struct gantry_config {
 // One tensor as C sees it. Strings and `shape` stay valid while the model lives (or, in
 // callbacks, for the duration of the callback).
 typedef struct gantry_tensor {
-  // NUL-terminated name.
+  // NUL-terminated name (a NUL inside the name itself shows as `?`).
   const char *name;
   // NUL-terminated safetensors dtype (`"BF16"`, `"F32"`, ...).
   const char *dtype;
@@ -161,7 +161,8 @@ typedef struct gantry_tensor {
 
 // Chooses each tensor's destination for `gantry_loader_load_into`: write its address (host
 // pointer for `GANTRY_DEVICE_HOST`, else a device pointer with at least `tensor->bytes`
-// bytes) to `*dest_out` and return 1 to load it, or return 0 to skip it.
+// bytes; any value, NULL included, for a tensor of 0 bytes) to `*dest_out` and return 1 to
+// load it, or return 0 to skip it. Each tensor loaded is reported ready exactly once.
 typedef int32_t (*gantry_target_fn)(void *user_data,
                                     const struct gantry_tensor *tensor,
                                     uint64_t *dest_out);
@@ -313,13 +314,25 @@ gantry_status gantry_model_tensor(const struct gantry_model *model,
                                   size_t position,
                                   struct gantry_tensor *tensor_out);
 
-// The loaded tensor called `name`.
+// The loaded tensor called `name` (matched exactly; see `gantry_model_find_bytes` for a name
+// with a NUL inside).
 //
 // # Safety
 // `model` is a live model; `name` NUL-terminated; `tensor_out` writable.
 gantry_status gantry_model_find(const struct gantry_model *model,
                                 const char *name,
                                 struct gantry_tensor *tensor_out);
+
+// The loaded tensor whose name is exactly the `name_len` bytes at `name`, which may hold
+// NULs (a safetensors name may; `gantry_model_find` cannot express such a name).
+//
+// # Safety
+// `model` is a live model; `name` points to `name_len` readable bytes (or `name_len` is 0);
+// `tensor_out` writable.
+gantry_status gantry_model_find_bytes(const struct gantry_model *model,
+                                      const char *name,
+                                      size_t name_len,
+                                      struct gantry_tensor *tensor_out);
 
 // Figures of the load that made `model`.
 //
@@ -388,7 +401,7 @@ gantry_status gantry_placed_tensor(const struct gantry_placed *placed,
                                    size_t position,
                                    struct gantry_tensor *tensor_out);
 
-// Destination `destination`'s share of the tensor called `name`.
+// Destination `destination`'s share of the tensor called `name` (matched exactly).
 //
 // # Safety
 // `placed` live; `name` NUL-terminated; `tensor_out` writable.

@@ -175,6 +175,25 @@ pub(crate) unsafe fn in_str<'a>(ptr: *const c_char, what: &str) -> Result<&'a st
         .map_err(|_| CallError::invalid(format!("{what} is not valid UTF-8")))
 }
 
+/// The `len` bytes at `ptr` (NULL allowed when `len` is 0).
+///
+/// # Safety
+/// `ptr` points to `len` readable bytes that outlive `'a`, or `len` is 0.
+pub(crate) unsafe fn in_bytes<'a>(
+    ptr: *const c_char,
+    len: usize,
+    what: &str,
+) -> Result<&'a [u8], CallError> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if ptr.is_null() {
+        return Err(CallError::null(what));
+    }
+    // SAFETY: non-NULL, `len` readable bytes per the contract.
+    Ok(unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len) })
+}
+
 /// Copies the last failure's message on this thread into `buf` (`len` bytes), NUL-terminated
 /// and truncated like `snprintf`; returns the message's full length (0 when the last call
 /// succeeded). `buf` may be NULL when `len` is 0, to ask for the length.

@@ -79,7 +79,8 @@ pub struct gantry_loader {
 
 /// Chooses each tensor's destination for `gantry_loader_load_into`: write its address (host
 /// pointer for `GANTRY_DEVICE_HOST`, else a device pointer with at least `tensor->bytes`
-/// bytes) to `*dest_out` and return 1 to load it, or return 0 to skip it.
+/// bytes; any value, NULL included, for a tensor of 0 bytes) to `*dest_out` and return 1 to
+/// load it, or return 0 to skip it. Each tensor loaded is reported ready exactly once.
 pub type gantry_target_fn = Option<
     unsafe extern "C" fn(
         user_data: *mut c_void,
@@ -342,9 +343,7 @@ pub unsafe extern "C" fn gantry_loader_load_into(
                 slices.push(wanted[i].then(|| {
                     // SAFETY: the caller promises `bytes` writable bytes at the destination,
                     // unused by anyone else until the call returns.
-                    unsafe {
-                        std::slice::from_raw_parts_mut(dests[i] as usize as *mut u8, t.len as usize)
-                    }
+                    unsafe { destination(dests[i], t.len) }
                 }));
             }
             let mut slices = slices.into_iter();
@@ -373,6 +372,21 @@ pub unsafe extern "C" fn gantry_loader_load_into(
         }
         Ok(())
     })
+}
+
+/// The caller's host destination of `len` bytes at address `dest`. An empty tensor gets an
+/// empty slice whatever its address (NULL included: no slice may be built from NULL), and so
+/// still counts as wanted and is reported ready once.
+///
+/// # Safety
+/// For `len` > 0, `dest` is non-zero and points to `len` writable bytes that nobody else uses
+/// during `'a`.
+unsafe fn destination<'a>(dest: u64, len: u64) -> &'a mut [u8] {
+    if len == 0 {
+        return &mut [];
+    }
+    // SAFETY: per the contract.
+    unsafe { std::slice::from_raw_parts_mut(dest as usize as *mut u8, len as usize) }
 }
 
 /// The name of a status code (`"GANTRY_E_IO"`), a static string.

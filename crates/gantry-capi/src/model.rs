@@ -1,5 +1,13 @@
 //! `gantry_model`: a loaded checkpoint, and the tensor descriptions handed to C.
+//!
+//! Lookups are by position: a model lists its tensors by their place in the checkpoint's
+//! table, and a name leads to that place through one hash map built with the descriptions, so
+//! building a model and finding every tensor by name both take time linear in the tensors.
+//! Names are matched on their exact bytes. A name with an interior NUL cannot be a C string:
+//! its `name` field shows each NUL as `?`, and only `gantry_model_find_bytes` (which takes a
+//! length) finds it, so `"a?b"` never finds the tensor called `"a\0b"`.
 
+use std::collections::HashMap;
 use std::ffi::{c_char, CString};
 
 use crate::error::{self, ffi_boundary, gantry_status, CallError};
@@ -9,7 +17,7 @@ use crate::error::{self, ffi_boundary, gantry_status, CallError};
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct gantry_tensor {
-    /// NUL-terminated name.
+    /// NUL-terminated name (a NUL inside the name itself shows as `?`).
     pub name: *const c_char,
     /// NUL-terminated safetensors dtype (`"BF16"`, `"F32"`, ...).
     pub dtype: *const c_char,
@@ -57,7 +65,7 @@ impl From<&engine::LoadReport> for gantry_report {
     }
 }
 
-/// C strings and shapes of a checkpoint's tensors.
+/// C strings and shapes of a checkpoint's tensors, and each tensor's position by name.
 #[derive(Debug)]
 pub(crate) struct TensorInfos {
     names: Vec<CString>,
@@ -66,6 +74,8 @@ pub(crate) struct TensorInfos {
     file_of: Vec<usize>,
     shapes: Vec<Vec<u64>>,
     entries: Vec<(u64, u64)>,
+    /// Position in the checkpoint's table of each exact name (interior NULs included).
+    positions: HashMap<Box<[u8]>, usize>,
 }
 
 impl TensorInfos {
@@ -78,6 +88,12 @@ impl TensorInfos {
             file_of: checkpoint.tensors.iter().map(|t| t.file.0).collect(),
             shapes: checkpoint.tensors.iter().map(|t| t.shape.clone()).collect(),
             entries: checkpoint.tensors.iter().map(|t| (t.len, t.offset)).collect(),
+            positions: checkpoint
+                .tensors
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.as_bytes().into(), i))
+                .collect(),
         }
     }
 
@@ -102,10 +118,15 @@ impl TensorInfos {
         }
     }
 
-    /// Tensor `i`'s name, without the NUL.
-    pub(crate) fn name(&self, i: usize) -> &[u8] {
-        self.names[i].to_bytes()
+    /// The position in the checkpoint's table of the tensor whose name is exactly `name`.
+    pub(crate) fn position(&self, name: &[u8]) -> Option<usize> {
+        self.positions.get(name).copied()
     }
+}
+
+/// `name` for an error message: lossy UTF-8, control characters (NUL included) escaped.
+pub(crate) fn shown(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).escape_debug().to_string()
 }
 
 /// What owns the tensors' memory; held only to be dropped with the model.
@@ -128,20 +149,17 @@ pub struct gantry_model {
 
 impl gantry_model {
     pub(crate) fn host(m: engine::HostModel) -> Self {
-        let index = |name: &str| {
-            m.checkpoint().tensors.iter().position(|t| t.name == name).expect("own tensor")
-        };
-        let tensors =
-            m.tensors().map(|t| (index(&t.entry.name), t.bytes.as_ptr() as u64)).collect();
+        let tensors = (0..m.checkpoint().tensors.len())
+            .filter_map(|i| m.get(i).map(|t| (i, t.bytes.as_ptr() as u64)))
+            .collect();
         let (infos, report) = (TensorInfos::new(m.checkpoint()), m.report().into());
         Self { _loaded: Loaded::Host(m), infos, tensors, report }
     }
 
     pub(crate) fn device(m: engine::DeviceModel) -> Self {
-        let index = |name: &str| {
-            m.checkpoint().tensors.iter().position(|t| t.name == name).expect("own tensor")
-        };
-        let tensors = m.tensors().map(|t| (index(&t.entry.name), t.ptr)).collect();
+        let tensors = (0..m.checkpoint().tensors.len())
+            .filter_map(|i| m.get(i).map(|t| (i, t.ptr)))
+            .collect();
         let (infos, report) = (TensorInfos::new(m.checkpoint()), m.report().into());
         Self { _loaded: Loaded::Device(m), infos, tensors, report }
     }
@@ -149,6 +167,14 @@ impl gantry_model {
     fn describe(&self, position: usize) -> gantry_tensor {
         let (i, data) = self.tensors[position];
         self.infos.tensor(i, data)
+    }
+
+    /// The position among the loaded tensors of the one called exactly `name`.
+    fn find(&self, name: &[u8]) -> Result<usize, CallError> {
+        let i = self.infos.position(name);
+        // `tensors` is in checkpoint order.
+        i.and_then(|i| self.tensors.binary_search_by_key(&i, |&(t, _)| t).ok())
+            .ok_or_else(|| CallError::not_found(format!("no loaded tensor '{}'", shown(name))))
     }
 }
 
@@ -197,7 +223,8 @@ pub unsafe extern "C" fn gantry_model_tensor(
     })
 }
 
-/// The loaded tensor called `name`.
+/// The loaded tensor called `name` (matched exactly; see `gantry_model_find_bytes` for a name
+/// with a NUL inside).
 ///
 /// # Safety
 /// `model` is a live model; `name` NUL-terminated; `tensor_out` writable.
@@ -213,11 +240,33 @@ pub unsafe extern "C" fn gantry_model_find(
         // SAFETY: per the contract.
         let name = unsafe { error::in_str(name, "name")? };
         let out = error::out_ptr(tensor_out, "tensor_out")?;
-        let position = model
-            .tensors
-            .iter()
-            .position(|&(i, _)| model.infos.name(i) == name.as_bytes())
-            .ok_or_else(|| CallError::not_found(format!("no loaded tensor '{name}'")))?;
+        let position = model.find(name.as_bytes())?;
+        // SAFETY: checked non-NULL.
+        unsafe { out.write(model.describe(position)) };
+        Ok(())
+    })
+}
+
+/// The loaded tensor whose name is exactly the `name_len` bytes at `name`, which may hold
+/// NULs (a safetensors name may; `gantry_model_find` cannot express such a name).
+///
+/// # Safety
+/// `model` is a live model; `name` points to `name_len` readable bytes (or `name_len` is 0);
+/// `tensor_out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn gantry_model_find_bytes(
+    model: *const gantry_model,
+    name: *const c_char,
+    name_len: usize,
+    tensor_out: *mut gantry_tensor,
+) -> gantry_status {
+    ffi_boundary(|| {
+        // SAFETY: per the contract.
+        let model = unsafe { error::in_ref(model, "model")? };
+        // SAFETY: per the contract.
+        let name = unsafe { error::in_bytes(name, name_len, "name")? };
+        let out = error::out_ptr(tensor_out, "tensor_out")?;
+        let position = model.find(name)?;
         // SAFETY: checked non-NULL.
         unsafe { out.write(model.describe(position)) };
         Ok(())

@@ -124,10 +124,9 @@ pub unsafe extern "C" fn gantry_loader_load_placed(
         let checkpoint = engine::open_with(path, loader.config())?;
         // Descriptions for the callback, which sees each tensor as `gantry_load_into`'s do.
         let infos = TensorInfos::new(&checkpoint);
-        let position: std::collections::HashMap<String, usize> =
-            checkpoint.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         let rule = |t: &engine::TensorEntry| -> engine::Result<Vec<(usize, Share)>> {
-            let described = infos.tensor(position[&t.name], 0);
+            let i = infos.position(t.name.as_bytes()).expect("a tensor of this checkpoint");
+            let described = infos.tensor(i, 0);
             let mut placed = Vec::new();
             for d in 0..destinations {
                 let mut share = gantry_share::default();
@@ -334,7 +333,7 @@ pub unsafe extern "C" fn gantry_placed_tensor(
     })
 }
 
-/// Destination `destination`'s share of the tensor called `name`.
+/// Destination `destination`'s share of the tensor called `name` (matched exactly).
 ///
 /// # Safety
 /// `placed` live; `name` NUL-terminated; `tensor_out` writable.
@@ -351,12 +350,15 @@ pub unsafe extern "C" fn gantry_placed_find(
         // SAFETY: per the contract.
         let name = unsafe { error::in_str(name, "name")? };
         let out = error::out_ptr(tensor_out, "tensor_out")?;
-        let position = placed
-            .destination(destination)?
-            .iter()
-            .position(|s| placed.infos.name(s.tensor) == name.as_bytes())
+        let shares = placed.destination(destination)?;
+        // Shares are in checkpoint order; the name is matched exactly.
+        let position = (placed.infos.position(name.as_bytes()))
+            .and_then(|i| shares.binary_search_by_key(&i, |s| s.tensor).ok())
             .ok_or_else(|| {
-                CallError::not_found(format!("no share of '{name}' on destination {destination}"))
+                CallError::not_found(format!(
+                    "no share of '{}' on destination {destination}",
+                    crate::model::shown(name.as_bytes())
+                ))
             })?;
         // SAFETY: checked non-NULL.
         unsafe { out.write(placed.describe(destination, position)) };

@@ -132,6 +132,75 @@ fn c11_and_cpp17_smoke_clients() {
     }
 }
 
+/// Writes `tensors` (name, dtype, shape, bytes) with the safetensors crate.
+fn write_tensors(path: &Path, tensors: &[(String, safetensors::Dtype, Vec<usize>, Vec<u8>)]) {
+    use safetensors::tensor::TensorView;
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, dtype, shape, data)| {
+            (name.clone(), TensorView::new(*dtype, shape.clone(), data).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// Tensors this many make the C ABI's per-tensor costs show: one that grows with the count
+/// (a search by name per tensor) turns this load from seconds into many minutes.
+const MANY_TENSORS: usize = 100_000;
+
+/// The edges of the C ABI's contract (tests/capi/edge.c): empty tensors given a NULL
+/// destination by `load_into` are loaded and reported ready once each; names with a NUL inside
+/// are matched exactly (`find("a?b")` never finds `"a\0b"`, `find_bytes` does); a checkpoint of
+/// 100k tensors loads and every tensor is found by its name.
+#[test]
+fn c_client_edge_cases() {
+    use safetensors::Dtype;
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.safetensors");
+    write_tensors(
+        &empty,
+        &[
+            ("w".into(), Dtype::F32, vec![4], (1..=16).collect()),
+            ("e1".into(), Dtype::F32, vec![0], vec![]),
+            ("e2".into(), Dtype::F16, vec![0, 4], vec![]),
+        ],
+    );
+    let nul = dir.path().join("nul.safetensors");
+    write_tensors(
+        &nul,
+        &[
+            ("a\0b".into(), Dtype::U8, vec![3], vec![7, 8, 9]),
+            ("c".into(), Dtype::U8, vec![1], vec![42]),
+        ],
+    );
+    let both = dir.path().join("both.safetensors");
+    write_tensors(
+        &both,
+        &[
+            ("a\0b".into(), Dtype::U8, vec![3], vec![7, 8, 9]),
+            ("a?b".into(), Dtype::U8, vec![5], vec![1, 2, 3, 4, 5]),
+        ],
+    );
+    let many = dir.path().join("many.safetensors");
+    let tensors: Vec<_> = (0..MANY_TENSORS)
+        .map(|i| (format!("t.{i}"), Dtype::U8, vec![1], vec![(i % 251) as u8]))
+        .collect();
+    write_tensors(&many, &tensors);
+    let exe = dir.path().join("edge");
+    compile("cc", "-std=c11", &manifest().join("../../tests/capi/edge.c"), &exe);
+    let out = Command::new(&exe)
+        .args([&empty, &nul, &both, &many])
+        .arg(MANY_TENSORS.to_string())
+        .env("LD_LIBRARY_PATH", lib_dir())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    println!("{text}");
+    assert!(out.status.success(), "edge.c:\n{text}");
+    assert!(text.contains("edge: ok"), "edge.c:\n{text}");
+}
+
 /// The C client loads from an S3 store (SeaweedFS on loopback) configured through
 /// `gantry_loader_new_with_options` alone: bytes against the local file, a missing object and
 /// wrong credentials as `GANTRY_E_IO` (see `object_storage` in smoke.c).

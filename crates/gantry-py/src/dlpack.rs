@@ -112,15 +112,20 @@ const NAME: &std::ffi::CStr = c"dltensor";
 
 unsafe extern "C" fn delete_capsule(capsule: *mut ffi::PyObject) {
     // A consumer renames the capsule to "used_dltensor" and owns the tensor from then on; a
-    // capsule still named "dltensor" was never consumed and deletes its tensor here.
-    // SAFETY: called by Python with the capsule being destroyed; both calls accept any object.
+    // capsule still named "dltensor" was never consumed and deletes its tensor here. The
+    // destructor may run while an exception is in flight (a capsule dropped as the stack
+    // unwinds), so the error state is saved first and put back as it was: whatever these
+    // calls leave in it is dropped, and the exception reaches the caller unchanged.
+    let mut error = [std::ptr::null_mut(); 3];
+    // SAFETY: called by Python, with the GIL, for the capsule being destroyed; the three
+    // pointers are writable. PyErr_Restore takes back the references PyErr_Fetch handed out.
     unsafe {
+        ffi::PyErr_Fetch(&mut error[0], &mut error[1], &mut error[2]);
         if ffi::PyCapsule_IsValid(capsule, NAME.as_ptr()) == 1 {
             let managed = ffi::PyCapsule_GetPointer(capsule, NAME.as_ptr()).cast();
             delete_managed(managed);
-        } else {
-            ffi::PyErr_Clear();
         }
+        ffi::PyErr_Restore(error[0], error[1], error[2]);
     }
 }
 

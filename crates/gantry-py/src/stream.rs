@@ -90,6 +90,23 @@ pub(crate) fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Conf
     Ok(c)
 }
 
+/// The config keyword of a test hook: the load thread panics once it has handed out this
+/// many tensors (tests of what a panic in the load leaves behind).
+const PANIC_AFTER_READY: &str = "_panic_after_ready";
+
+/// `options` without the panic hook, and the hook's count.
+fn take_panic_hook<'py>(
+    options: Option<&Bound<'py, PyDict>>,
+) -> PyResult<(Option<Bound<'py, PyDict>>, Option<usize>)> {
+    let Some(options) = options else { return Ok((None, None)) };
+    let Some(count) = options.get_item(PANIC_AFTER_READY)? else {
+        return Ok((Some(options.clone()), None));
+    };
+    let rest = options.copy()?;
+    rest.del_item(PANIC_AFTER_READY)?;
+    Ok((Some(rest), Some(count.extract()?)))
+}
+
 /// Slows every read down (tests of interruption).
 struct Delay(u64);
 
@@ -261,10 +278,13 @@ struct State {
     /// One buffer per file with a wanted tensor; dropped when the load ends, after which only
     /// the tensors handed out hold them.
     memory: Vec<Option<Arc<Memory>>>,
-    report: Option<LoadReport>,
 }
 
 /// A load running on its own thread; iterate it for `(name, Tensor)` as tensors land.
+///
+/// Locks: `state` is held by the iterating thread while it waits for the next tensor with the
+/// GIL released, so nothing that holds the GIL may wait for it (only `try_lock` it);
+/// `report` is held only for a moment and never while the GIL is released or acquired.
 #[pyclass(module = "gantry._gantry")]
 #[derive(Debug)]
 pub struct Stream {
@@ -274,6 +294,7 @@ pub struct Stream {
     device: (i32, i32),
     cancel: Arc<AtomicBool>,
     state: Mutex<State>,
+    report: Mutex<Option<LoadReport>>,
 }
 
 #[pymethods]
@@ -291,10 +312,11 @@ impl Stream {
     ) -> PyResult<Self> {
         let ordinal = parse_device(device)?;
         let cancel = Arc::new(AtomicBool::new(false));
-        let config = parse_config(config)?.cancel_flag(Arc::clone(&cancel));
+        let (config, panic_after) = take_panic_hook(config)?;
+        let config = parse_config(config.as_ref())?.cancel_flag(Arc::clone(&cancel));
         let skip: std::collections::HashSet<String> =
             skip.unwrap_or_default().into_iter().collect();
-        py.detach(|| start(&source, ordinal, config, skip, cancel)).map_err(to_py)
+        py.detach(|| start(&source, ordinal, config, skip, cancel, panic_after)).map_err(to_py)
     }
 
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -323,7 +345,7 @@ impl Stream {
                     finish(py, &mut state);
                     return match result {
                         Ok(report) => {
-                            state.report = Some(report);
+                            *self.report.lock() = Some(report);
                             Ok(None)
                         }
                         Err(e) => Err(to_py(e)),
@@ -356,8 +378,8 @@ impl Stream {
     /// Figures of the finished load: a dict of `tensor_bytes`, `read_bytes`, `seconds`,
     /// `gb_per_s`, `staging_bytes` and, per file, its reader and why; `None` before the end.
     fn report<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
-        let state = self.state.lock();
-        let Some(r) = &state.report else { return Ok(None) };
+        // A copy, so that no lock is held while Python objects are made.
+        let Some(r) = self.report.lock().clone() else { return Ok(None) };
         let d = PyDict::new(py);
         d.set_item("tensor_bytes", r.tensor_bytes)?;
         d.set_item("read_bytes", r.read_bytes)?;
@@ -437,12 +459,32 @@ fn offset_in_buffer(file: &gantry::FileInfo, offset: u64, host: bool) -> u64 {
     }
 }
 
+/// The load thread's hold on the memory it writes. Dropped when the thread lets go, however
+/// it ends (returns, or unwinds from a panic), it hands each host buffer to its `Memory`:
+/// tensors already handed out point into them, so they must stay mapped.
+struct Handover {
+    memory: Vec<Option<Arc<Memory>>>,
+    /// One per file (empty for a file with nothing wanted).
+    buffers: Vec<HostBuffer>,
+}
+
+impl Drop for Handover {
+    fn drop(&mut self) {
+        for (m, buffer) in self.memory.iter().zip(self.buffers.drain(..)) {
+            if let Some(m) = m {
+                m.keep(buffer);
+            }
+        }
+    }
+}
+
 fn start(
     source: &std::path::Path,
     ordinal: Option<u32>,
     config: Config,
     skip: std::collections::HashSet<String>,
     cancel: Arc<AtomicBool>,
+    panic_after: Option<usize>,
 ) -> gantry::Result<Stream> {
     let checkpoint = Arc::new(gantry::open_with(source, &config)?);
     let wanted: Vec<bool> = checkpoint.tensors.iter().map(|t| !skip.contains(&t.name)).collect();
@@ -474,48 +516,48 @@ fn start(
     let count = wanted.iter().filter(|&&w| w).count();
     let loader = Loader::new(config)?;
     let (tx, rx) = mpsc::channel();
-    let held = memory.clone();
+    let mut handover = Handover { memory: memory.clone(), buffers: host_buffers };
     let table = Arc::clone(&checkpoint);
     let on_device = device.clone();
     let thread = std::thread::Builder::new()
         .name("gantry-load".to_owned())
         .spawn(move || {
+            let mut sent = 0;
+            let mut notify = |index: usize| {
+                assert!(panic_after != Some(sent), "{PANIC_AFTER_READY}: {sent} tensors out");
+                sent += 1;
+                let _ = tx.send(Event::Ready(index));
+            };
             let result = match &on_device {
                 Some(d) => {
                     let target = |t: &gantry::TensorEntry| {
                         if skip.contains(&t.name) {
                             return None;
                         }
-                        let m = held[t.file.0].as_ref()?;
+                        let m = handover.memory[t.file.0].as_ref()?;
                         Some(m.base() + offset_in_buffer(&table.files[t.file.0], t.offset, false))
                     };
-                    loader.load_into_device(&table, d, target, |ready| {
-                        let _ = tx.send(Event::Ready(ready.index));
-                    })
+                    loader.load_into_device(&table, d, target, |ready| notify(ready.index))
                 }
                 None => {
-                    let result = loader.load_into_file_buffers(
-                        &table,
-                        &wanted,
-                        &mut host_buffers,
-                        |ready| {
-                            let _ = tx.send(Event::Ready(ready.index));
-                        },
-                    );
-                    for (m, buffer) in held.iter().zip(host_buffers) {
-                        if let Some(m) = m {
-                            m.keep(buffer);
-                        }
-                    }
-                    result
+                    loader.load_into_file_buffers(&table, &wanted, &mut handover.buffers, |ready| {
+                        notify(ready.index)
+                    })
                 }
             };
-            drop(held);
+            drop(handover);
             let _ = tx.send(Event::Done(result));
         })
         .map_err(|source| gantry::Error::Resource { what: "starting the load thread", source })?;
     let device_id =
         (if device.is_some() { DEVICE_CUDA } else { DEVICE_CPU }, ordinal.map_or(0, |n| n as i32));
-    let state = State { rx: Some(rx), thread: Some(thread), memory, report: None };
-    Ok(Stream { checkpoint, count, device: device_id, cancel, state: Mutex::new(state) })
+    let state = State { rx: Some(rx), thread: Some(thread), memory };
+    Ok(Stream {
+        checkpoint,
+        count,
+        device: device_id,
+        cancel,
+        state: Mutex::new(state),
+        report: Mutex::new(None),
+    })
 }

@@ -129,6 +129,108 @@ def gpu_available():
         return False
 
 
+def run_child(test, code, *args, limit_s=60):
+    """Runs `code` in a fresh interpreter with `args` and returns its stdout: a regression
+    that deadlocks (faulthandler dumps every thread's stack and exits) or crashes fails the
+    test instead of stopping the suite."""
+    guard = f"import faulthandler; faulthandler.dump_traceback_later({limit_s}, exit=True)\n"
+    try:
+        out = subprocess.run([sys.executable, "-c", guard + code, *args], capture_output=True,
+                             text=True, timeout=2 * limit_s)
+    except subprocess.TimeoutExpired as e:
+        test.fail(f"the child did not end:\n{e.stdout}\n{e.stderr}")
+    test.assertEqual(out.returncode, 0, f"the child failed (a deadlock dumps its stacks):\n{out.stdout}\n{out.stderr}")
+    return out.stdout
+
+
+# Streams a checkpoint slowly (a few ms per 4 KiB read) so that other threads overlap it.
+SLOW_STREAM = """
+import sys, threading
+import gantry
+path = sys.argv[1]
+slow = dict(path="buffered", buffered_chunk_bytes=4096, chunk_bytes=4096, staging_bytes=16384,
+            threads=1, _read_delay_ms=2)
+"""
+
+# report() in a loop on one thread while the main thread iterates: both must finish.
+REPORT_WHILE_ITERATING = SLOW_STREAM + """
+s = gantry.stream(path, device="cpu", framework="dlpack", **slow)
+stop = threading.Event()
+calls = [0]
+def poll():
+    while not stop.is_set():
+        s.report()
+        calls[0] += 1
+poller = threading.Thread(target=poll)
+poller.start()
+n = sum(1 for _ in s)
+stop.set()
+poller.join()
+print(n, calls[0], s.report() is not None)
+"""
+
+# The load thread panics after handing out a few tensors: the stream raises, and the tensors
+# already handed out still read as the file holds them.
+PANIC_AFTER_READY = SLOW_STREAM + """
+s = gantry.stream(path, device="cpu", framework="dlpack", _panic_after_ready=3, **slow)
+got = []
+try:
+    for item in s:
+        got.append(item)
+    raise SystemExit("the stream ended without an error")
+except gantry.GantryError as e:
+    print("error:", e)
+table = {info.name: info for info in gantry.inspect(path)}
+for name, t in got:
+    info = table[name]
+    with open(info.file, "rb") as f:
+        f.seek(info.offset)
+        assert t.tobytes() == f.read(info.nbytes), name
+print("tensors", len(got))
+"""
+
+# A DLPack consumer takes the managed tensor out of a capsule and renames it "used_dltensor"
+# (the name must outlive the capsule); the capsule is then destroyed while an exception is in
+# flight, which must reach the caller as it was. The consumer keeps the tensor's memory alive
+# until it calls the tensor's deleter.
+CONSUMED_CAPSULE = """
+import ctypes, gc, sys
+import gantry
+from gantry import _gantry
+path = sys.argv[1]
+api = ctypes.pythonapi
+api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+api.PyCapsule_SetName.restype = ctypes.c_int
+api.PyCapsule_SetName.argtypes = [ctypes.py_object, ctypes.c_void_p]
+used = ctypes.create_string_buffer(b"used_dltensor")
+taken = []
+def consume(capsule):
+    taken.append(api.PyCapsule_GetPointer(capsule, b"dltensor"))
+    assert api.PyCapsule_SetName(capsule, ctypes.addressof(used)) == 0
+    return capsule
+gc.collect()
+base = _gantry.live_buffers()
+t = gantry.load(path, device="cpu", framework="dlpack")["big"]
+one, zero = 1, 0
+try:
+    [consume(t.__dlpack__()), one / zero]
+except ZeroDivisionError:
+    print("ZeroDivisionError")
+info = next(i for i in gantry.inspect(path) if i.name == "big")
+with open(info.file, "rb") as f:
+    f.seek(info.offset)
+    expected = f.read(64)
+data = ctypes.c_void_p.from_address(taken[0]).value  # DLTensor.data, first field
+assert ctypes.string_at(data, 64) == expected
+del t
+gc.collect()
+held = _gantry.live_buffers() - base  # the consumer holds the buffer
+deleter = ctypes.c_void_p.from_address(taken[0] + 56).value  # after dl_tensor and manager_ctx
+ctypes.CFUNCTYPE(None, ctypes.c_void_p)(deleter)(taken[0])
+print("buffers", held, _gantry.live_buffers() - base)
+"""
+
 class WithCheckpoint(unittest.TestCase):
     """Tests sharing one checkpoint, written once per class."""
 
@@ -395,6 +497,23 @@ class HostTests(WithCheckpoint):
             self.skipTest("this machine has a GPU")
         with self.assertRaises((gantry.UnavailableError, gantry.CudaError)):
             gantry.load(self.ck.path, device="cuda:0", framework="dlpack")
+
+    def test_report_from_another_thread_while_iterating(self):
+        out = run_child(self, REPORT_WHILE_ITERATING, self.ck.path)
+        n, calls, done = out.split()
+        self.assertEqual(int(n), len(self.ck.table))
+        self.assertGreater(int(calls), 0)
+        self.assertEqual(done, "True")
+
+    def test_tensors_handed_out_survive_a_panicking_load_thread(self):
+        out = run_child(self, PANIC_AFTER_READY, self.ck.path)
+        self.assertIn("error: the load thread ended unexpectedly", out)
+        self.assertIn("tensors 3", out)
+
+    def test_a_consumed_capsule_keeps_the_exception_in_flight(self):
+        out = run_child(self, CONSUMED_CAPSULE, self.ck.path)
+        self.assertIn("ZeroDivisionError", out)
+        self.assertIn("buffers 1 0", out)
 
     def test_version(self):
         self.assertRegex(gantry.__version__, r"^\d+\.\d+\.\d+")

@@ -161,7 +161,9 @@ impl Loader {
         mut target: impl FnMut(&TensorEntry) -> Option<u64>,
         mut on_ready: impl FnMut(ReadyOnDevice<'_>),
     ) -> Result<LoadReport> {
-        device.bind()?;
+        // Checking the caller's pointers needs the context current; the caller's own is
+        // current again when this returns.
+        let _bound = device.bind_scoped()?;
         let targets: Vec<Option<u64>> = checkpoint.tensors.iter().map(&mut target).collect();
         for (t, ptr) in checkpoint.tensors.iter().zip(&targets) {
             if let Some(ptr) = *ptr {
@@ -185,6 +187,9 @@ impl Loader {
     ) -> Result<LoadReport> {
         let wanted: Vec<bool> = targets.iter().map(Option::is_some).collect();
         let ptrs = targets.clone();
+        // The caller's context is current again when this returns (the sink binds the
+        // device's for its streams and copies).
+        let _bound = device.bind_scoped()?;
         let mut sink = CudaSink::new(device, targets, checkpoint)?;
         self.run(checkpoint, &wanted, &mut sink, Some(device), &mut |i| {
             let ptr = ptrs[i].expect("only wanted tensors land");

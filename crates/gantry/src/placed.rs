@@ -151,6 +151,8 @@ impl Loader {
             .map(|(d, (device, &n))| device.alloc(n as usize, &format!("placed destination {d}")))
             .collect::<Result<Vec<_>>>()?;
         let bases: Vec<u64> = buffers.iter().map(DeviceBuffer::ptr).collect();
+        // The caller's context is current again when this returns.
+        let _bound = first.bind_scoped()?;
         let mut sink = CudaSink::fan_out(devices, layout.places(&bases))?;
         let report =
             self.run_placed(&checkpoint, &layout, &mut sink, Some(first), &mut on_ready)?;

@@ -284,3 +284,84 @@ fn sha256_check_on_device_loads() {
     let e = loader.load_to_device(&index, &dev).unwrap_err();
     assert!(matches!(&e, Error::Integrity { path, .. } if *path == shard), "{e}");
 }
+
+/// The CUDA context current on the calling thread.
+fn current_context() -> cudarc::driver::sys::CUcontext {
+    let current = cudarc::driver::result::ctx::get_current().expect("cuCtxGetCurrent");
+    current.unwrap_or(std::ptr::null_mut())
+}
+
+/// gantry binds its GPU's primary context for its own work and leaves the caller's thread as
+/// it found it: a context of the caller's own (one it created, as a server bound to another
+/// device would have one current), or none, is current again after every call that touches
+/// the device, whether it allocates, copies, loads, reloads, places or frees.
+#[test]
+fn the_callers_context_is_current_again_after_every_call() {
+    use cudarc::driver::{result, sys};
+    let Some(dev) = gpu() else { return };
+    let device = std::sync::Arc::clone(&*dev);
+    let dir = scratch();
+    let path = path_of(&dir, "m.safetensors");
+    write_file(&path, &[(Dtype::F32, vec![300, 7]), (Dtype::U8, vec![4097])], 9);
+    std::thread::spawn(move || {
+        let mut mine: sys::CUcontext = std::ptr::null_mut();
+        let ordinal = result::device::get(0).expect("cuDeviceGet");
+        // SAFETY: a valid out pointer; the new context becomes current on this thread and is
+        // destroyed below.
+        let rc = unsafe { sys::cuCtxCreate_v2(&mut mine, 0, ordinal) };
+        assert_eq!(rc, sys::cudaError_enum::CUDA_SUCCESS, "cuCtxCreate");
+        let check =
+            |what: &str| assert!(current_context() == mine, "{what} left gantry's context current");
+        assert!(current_context() == mine);
+        device.memory().unwrap();
+        check("memory");
+        let checkpoint = Checkpoint::open(&path).unwrap();
+        let total: u64 = checkpoint.tensors.iter().map(|t| t.len).sum();
+        let own = device.alloc(total as usize, "the caller's parameters").unwrap();
+        check("alloc");
+        let loader = Loader::new(Config::default()).unwrap();
+        let mut next = own.ptr();
+        let mut placed_at = Vec::new();
+        let target = |t: &gantry::TensorEntry| {
+            placed_at.push(next);
+            next += t.len;
+            placed_at.last().copied()
+        };
+        loader.load_into_device(&checkpoint, &device, target, |_| {}).unwrap();
+        check("load_into_device");
+        let t = &checkpoint.tensors[1];
+        let got = device.copy_to_host(placed_at[1], t.len as usize).unwrap();
+        check("copy_to_host");
+        assert!(got == reference(&checkpoint, t), "bytes of {}", t.name);
+        let mut model = loader.load_to_device(&path, &device).unwrap();
+        check("load_to_device");
+        loader.reload_device(&mut model).unwrap();
+        check("reload_device");
+        assert_device_matches(&model, 2);
+        check("DeviceModel::copy_to_host");
+        let whole = |_: &gantry::TensorEntry| Ok(vec![(0, gantry::placement::Share::Whole)]);
+        let placed = loader
+            .load_placed_to_devices(
+                Checkpoint::open(&path).unwrap(),
+                std::slice::from_ref(&device),
+                whole,
+                |_, _| {},
+            )
+            .unwrap();
+        check("load_placed_to_devices");
+        drop((placed, model, own));
+        check("freeing device memory");
+        drop(loader);
+        check("unpinning the staging");
+        // SAFETY: no context current; gantry must leave it so.
+        unsafe { result::ctx::set_current(std::ptr::null_mut()) }.unwrap();
+        let buffer = device.alloc(4096, "with no context current").unwrap();
+        drop(buffer);
+        assert!(current_context().is_null(), "a thread with no context was left bound");
+        // SAFETY: the context created above, no longer current nor used.
+        let rc = unsafe { sys::cuCtxDestroy_v2(mine) };
+        assert_eq!(rc, sys::cudaError_enum::CUDA_SUCCESS, "cuCtxDestroy");
+    })
+    .join()
+    .expect("the caller's thread");
+}

@@ -114,6 +114,15 @@ impl CudaDevice {
         unsafe { result::ctx::set_current(self.context) }.map_err(cuda_error("cuCtxSetCurrent"))
     }
 
+    /// Makes the device's primary context current on the calling thread until the guard is
+    /// dropped, which makes current again the context that was (or none): a caller's thread
+    /// is left bound as gantry found it. Every call on a caller's thread binds through this.
+    pub fn bind_scoped(&self) -> Result<ContextGuard> {
+        let previous = result::ctx::get_current().map_err(cuda_error("cuCtxGetCurrent"))?;
+        self.bind()?;
+        Ok(ContextGuard { previous: previous.unwrap_or(std::ptr::null_mut()) })
+    }
+
     /// The ordinal (`N` of `cuda:N`).
     pub fn ordinal(&self) -> u32 {
         self.ordinal
@@ -136,13 +145,13 @@ impl CudaDevice {
 
     /// Free and total device memory in bytes.
     pub fn memory(&self) -> Result<(usize, usize)> {
-        self.bind()?;
+        let _bound = self.bind_scoped()?;
         result::mem_get_info().map_err(cuda_error("cuMemGetInfo"))
     }
 
     /// Allocates `len` bytes of device memory; `what` names the allocation in errors.
     pub fn alloc(self: &Arc<Self>, len: usize, what: &str) -> Result<DeviceBuffer> {
-        self.bind()?;
+        let _bound = self.bind_scoped()?;
         if len == 0 {
             return Ok(DeviceBuffer { ptr: 0, len: 0, device: Arc::clone(self) });
         }
@@ -156,7 +165,7 @@ impl CudaDevice {
 
     /// Copies `len` bytes at device address `ptr` to a new host vector (checks and tools).
     pub fn copy_to_host(&self, ptr: u64, len: usize) -> Result<Vec<u8>> {
-        self.bind()?;
+        let _bound = self.bind_scoped()?;
         let mut out = vec![0u8; len];
         if len > 0 {
             // SAFETY: the caller names device memory of at least `len` bytes; out is `len` bytes.
@@ -186,6 +195,25 @@ impl Drop for CudaDevice {
         // SAFETY: balances the retain in `open`.
         if let Err(e) = unsafe { result::primary_ctx::release(self.device) } {
             log::warn!("releasing the primary context of cuda:{} failed: {e:?}", self.ordinal);
+        }
+    }
+}
+
+/// The context that was current on a thread before [`CudaDevice::bind_scoped`]; made current
+/// again on drop.
+#[derive(Debug)]
+#[must_use = "dropping the guard at once unbinds the device again"]
+pub struct ContextGuard {
+    /// NULL when no context was current.
+    previous: sys::CUcontext,
+}
+
+impl Drop for ContextGuard {
+    fn drop(&mut self) {
+        // SAFETY: the context was current on this thread when the guard was made; a caller
+        // that destroys its context while gantry runs on its thread breaks CUDA's own rules.
+        if let Err(e) = unsafe { result::ctx::set_current(self.previous) } {
+            log::warn!("restoring the caller's CUDA context failed: {e:?}");
         }
     }
 }
@@ -225,9 +253,8 @@ impl Drop for DeviceBuffer {
         if self.len == 0 {
             return;
         }
-        if let Err(e) = self.device.bind() {
-            log::warn!("freeing device memory: {e}");
-        }
+        let _bound =
+            self.device.bind_scoped().map_err(|e| log::warn!("freeing device memory: {e}"));
         // SAFETY: ptr came from cuMemAlloc in this context and is freed once.
         if let Err(e) = unsafe { result::free_sync(self.ptr) } {
             log::warn!("cuMemFree of {} bytes failed: {e:?}", self.len);
@@ -246,7 +273,7 @@ pub struct PinnedHost {
 impl PinnedHost {
     /// Page-locks all of `arena` for every CUDA context (`PORTABLE`).
     pub fn new(arena: Arc<Arena>, device: &Arc<CudaDevice>) -> Result<Self> {
-        device.bind()?;
+        let _bound = device.bind_scoped()?;
         // SAFETY: the arena's mapping is valid for its length and outlives the registration
         // (self holds the Arc).
         let rc = unsafe {
@@ -269,7 +296,7 @@ impl PinnedHost {
 
 impl Drop for PinnedHost {
     fn drop(&mut self) {
-        let _ = self.device.bind();
+        let _bound = self.device.bind_scoped();
         // SAFETY: the registration made in `new`.
         let rc = unsafe { sys::cuMemHostUnregister(self.arena.base().cast()) };
         if rc != sys::cudaError_enum::CUDA_SUCCESS {
