@@ -178,6 +178,23 @@ impl CudaDevice {
         Ok(out)
     }
 
+    /// The ordinal of the GPU whose memory device address `ptr` is (checks that a share landed
+    /// on the GPU it was meant for).
+    pub fn pointer_ordinal(ptr: u64) -> Result<u32> {
+        let mut ordinal: i32 = -1;
+        // SAFETY: the out pointer is a local of the size the attribute writes (an int); the
+        // driver only reads `ptr`.
+        let rc = unsafe {
+            sys::cuPointerGetAttribute(
+                (&mut ordinal as *mut i32).cast(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                ptr,
+            )
+        };
+        rc.result().map_err(cuda_error(format!("cuPointerGetAttribute({ptr:#x})")))?;
+        Ok(ordinal.max(0) as u32)
+    }
+
     /// Checks that `[ptr, ptr + len)` lies inside one device allocation.
     pub fn check_range(&self, ptr: u64, len: u64) -> Result<(), String> {
         let (mut base, mut size) = (0u64, 0usize);
