@@ -48,6 +48,12 @@ impl<B> Placed<B> {
         self.buffers.len()
     }
 
+    /// The checkpoint's table, each destination's shares (checkpoint order) and buffer, and the
+    /// figures: for bindings that hand each destination's memory to its own owner.
+    pub fn into_parts(self) -> (Checkpoint, Vec<Vec<ShareEntry>>, Vec<B>, LoadReport) {
+        (self.checkpoint, self.layout.shares, self.buffers, self.report)
+    }
+
     /// Destination `destination`'s shares, in checkpoint order.
     pub fn share_entries(&self, destination: usize) -> &[ShareEntry] {
         &self.layout.shares[destination]
