@@ -141,8 +141,13 @@ impl Loader {
     /// Loads `checkpoint` across GPUs: destination `d` is `devices[d]` (the same GPU may be
     /// named more than once), with shares as for [`Loader::load_placed`]. Each destination's
     /// shares live in one device allocation; every byte is read once into pinned staging and
-    /// copied to each destination that wants it. `on_ready(destination, tensor)` is called on
-    /// this thread once a share's copies have completed.
+    /// copied to each destination that wants it (strided shares with one 2-D copy per staged
+    /// read). Each destination's streams and allocation are made on a thread of its own while
+    /// the files are opened and the first extents read; staging sits on the NUMA node of the
+    /// GPUs taking the most bytes. Replicated bytes go to each GPU from the host, or once to
+    /// one GPU and on over peer copies ([`crate::Config::replicate_via`]).
+    /// `on_ready(destination, tensor)` is called on this thread once a share's copies have
+    /// completed.
     pub fn load_placed_to_devices(
         &self,
         checkpoint: Checkpoint,

@@ -134,7 +134,8 @@ mod tests {
             bytes,
         };
         // (nodes per GPU, bytes per GPU, groups)
-        let cases: Vec<(Vec<Option<u32>>, Vec<u64>, Vec<StagingGroup>)> = vec![
+        type Case = (Vec<Option<u32>>, Vec<u64>, Vec<StagingGroup>);
+        let cases: Vec<Case> = vec![
             // One node (the lent 4-GPU machines): one group, sysfs says -1.
             (vec![None; 4], vec![10; 4], vec![g(None, &[0, 1, 2, 3], 40)]),
             // Two sockets, two GPUs each, even split: node 0 first on the tie.

@@ -127,11 +127,11 @@ fn cut(shape: &[usize], elem: usize, data: &[u8], share: Share) -> Vec<u8> {
     out
 }
 
+/// A placement rule: which destinations get what of a tensor.
+type PlaceFn = dyn Fn(&TensorEntry) -> gantry::Result<Vec<(usize, Share)>>;
+
 /// A rule under test, by its CLI name.
-fn rule(
-    mode: &str,
-    parts: usize,
-) -> Box<dyn Fn(&TensorEntry) -> gantry::Result<Vec<(usize, Share)>>> {
+fn rule(mode: &str, parts: usize) -> Box<PlaceFn> {
     match mode {
         "tp" => {
             let tp = tensor_parallel(parts);
@@ -151,7 +151,7 @@ const MODES: [&str; 4] = ["tp", "dim0", "dim1", "dim2"];
 fn check(
     path: &std::path::Path,
     c: &Checkpoint,
-    want: &dyn Fn(&TensorEntry) -> gantry::Result<Vec<(usize, Share)>>,
+    want: &PlaceFn,
     placed: &[Vec<(String, Share, Vec<u8>)>],
     mut ready: Vec<(usize, String)>,
     what: &str,
@@ -234,7 +234,7 @@ fn gpu_trial(dir: &tempfile::TempDir, seed: u64, parts: usize, via: ReplicateVia
     let config = Config::default().chunk_bytes(4096).buffered_chunk_bytes(4096);
     let loader = Loader::new(config.staging_bytes(16384).replicate_via(via)).unwrap();
     for mode in ["replicate"].into_iter().chain(MODES) {
-        let want: Box<dyn Fn(&TensorEntry) -> gantry::Result<Vec<(usize, Share)>>> = match mode {
+        let want: Box<PlaceFn> = match mode {
             "replicate" => Box::new(move |t| placement::split(t, None, parts)),
             _ => rule(mode, parts),
         };
@@ -245,13 +245,13 @@ fn gpu_trial(dir: &tempfile::TempDir, seed: u64, parts: usize, via: ReplicateVia
             })
             .unwrap();
         let mut placed = Vec::new();
-        for d in 0..parts {
-            assert_eq!(m.device(d).ordinal(), devices[d].ordinal());
+        for (d, device) in devices.iter().enumerate() {
+            assert_eq!(m.device(d).ordinal(), device.ordinal());
             let mut shares = Vec::new();
             for t in m.tensors(d) {
                 if t.share.len > 0 {
                     let on = CudaDevice::pointer_ordinal(t.ptr).unwrap();
-                    assert_eq!(on, devices[d].ordinal(), "{} of destination {d}", t.entry.name);
+                    assert_eq!(on, device.ordinal(), "{} of destination {d}", t.entry.name);
                 }
                 shares.push((t.entry.name.clone(), t.share.share, m.copy_to_host(d, &t).unwrap()));
             }
