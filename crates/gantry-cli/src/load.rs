@@ -88,14 +88,29 @@ fn tp_rule(
     Ok(tp)
 }
 
-/// `gantry load --shard`: a placed load into host memory (`--device cpu`) or across GPUs
-/// (`--device cuda:0,cuda:1,...`, one destination per GPU named), one line per destination.
-fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
-    let (rule, n) = parse_shard(shard)?;
-    if !args.tp_rule.is_empty() && rule != Rule::TensorParallel {
-        return Err("--tp-rule goes with --shard tp:N".into());
-    }
-    let tp = tp_rule(&args.tp_rule, n)?;
+/// Per destination of a placed model: where, shares, bytes.
+fn per_destination<B>(
+    m: &gantry::Placed<B>,
+    name: impl Fn(usize) -> String,
+) -> Vec<(String, usize, u64)> {
+    (0..m.devices())
+        .map(|d| {
+            let shares = m.share_entries(d);
+            (name(d), shares.len(), shares.iter().map(|s| s.len).sum())
+        })
+        .collect()
+}
+
+/// Opened GPUs, one per destination.
+type Gpus = Vec<std::sync::Arc<CudaDevice>>;
+
+/// The loader of a placed load, the GPU ordinals `--device` names (none for host memory), and
+/// those GPUs opened side by side.
+fn placed_setup(
+    args: &Args,
+    shard: &str,
+    n: usize,
+) -> Result<(Loader, Vec<u32>, Gpus), Box<dyn Error>> {
     let gpus: Vec<u32> = args
         .options
         .device
@@ -118,27 +133,25 @@ fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
         config = config.replicate_via(via.parse()?);
     }
     let loader = Loader::new(config)?;
-    // Every GPU's context at once, one thread each.
     let devices = if gpus.is_empty() { Vec::new() } else { CudaDevice::open_all(&gpus)? };
+    Ok((loader, gpus, devices))
+}
+
+/// `gantry load --shard`: a placed load into host memory (`--device cpu`) or across GPUs
+/// (`--device cuda:0,cuda:1,...`, one destination per GPU named), one line per destination.
+fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
+    let (rule, n) = parse_shard(shard)?;
+    if !args.tp_rule.is_empty() && rule != Rule::TensorParallel {
+        return Err("--tp-rule goes with --shard tp:N".into());
+    }
+    let tp = tp_rule(&args.tp_rule, n)?;
+    let (loader, gpus, devices) = placed_setup(args, shard, n)?;
     let place = |t: &gantry::TensorEntry| match rule {
         Rule::Split(dim) => gantry::placement::split(t, dim, n),
         Rule::TensorParallel => tp.place(t),
     };
     let start = std::time::Instant::now();
     let checkpoint = gantry::open_with(&args.options.path, loader.config())?;
-    // Per destination: where, tensors, bytes.
-    // Per destination: where, shares, bytes.
-    fn per_destination<B>(
-        m: &gantry::Placed<B>,
-        name: impl Fn(usize) -> String,
-    ) -> Vec<(String, usize, u64)> {
-        (0..m.devices())
-            .map(|d| {
-                let shares = m.share_entries(d);
-                (name(d), shares.len(), shares.iter().map(|s| s.len).sum())
-            })
-            .collect()
-    }
     let (report, per) = if devices.is_empty() {
         let model = loader.load_placed(checkpoint, n, place, |_, _| {})?;
         (model.report().clone(), per_destination(&model, |_| "cpu".to_owned()))

@@ -706,6 +706,7 @@ impl Drop for CudaSink {
             drop(setup.finish()); // a load that never delivered: free what the threads made
         }
         self.gpus.clear(); // waits for each stream (the poller is joined), then destroys it
+        self.buffers.clear(); // a failed load's allocations, before the caller's context returns
         if let Some(ctx) = self.previous_context {
             // SAFETY: restoring the caller's context, which it still holds.
             unsafe { result::ctx::set_current(ctx) }.ok();
