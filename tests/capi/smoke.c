@@ -159,6 +159,33 @@ static void placed(gantry_loader *loader, const char *good) {
     expect(gantry_placed_tensor(p, 0, 2, &none), GANTRY_E_NOT_FOUND, "share out of range");
     gantry_placed_free(p);
 
+    /* By columns in host memory: each row of w's share is half a row of the file. */
+    expect(gantry_loader_load_split(loader, good, host, 2, GANTRY_SPLIT_DIM1, &p), GANTRY_OK, "split by columns");
+    for (size_t d = 0; d < 2; d++) {
+        gantry_tensor w;
+        expect(gantry_placed_find(p, d, "w", &w), GANTRY_OK, "find w columns");
+        CHECK(w.shape[0] == 32 && w.shape[1] == 32 && w.bytes == 2048, "w columns shape on %zu", d);
+        unsigned char *all = read_file_range(good, w.file_offset, 4096);
+        for (size_t r = 0; r < 32; r++) {
+            const unsigned char *row = (const unsigned char *)(uintptr_t)w.data + r * 64;
+            CHECK(memcmp(row, all + r * 128 + d * 64, 64) == 0, "row %zu of w's columns on %zu", r, d);
+        }
+        free(all);
+    }
+    gantry_placed_free(p);
+
+    /* The tensor-parallel rule: neither "w" nor "b" is a name it splits, so both go whole. */
+    expect(gantry_loader_load_split(loader, good, host, 2, GANTRY_SPLIT_TP, &p), GANTRY_OK, "tp split");
+    for (size_t d = 0; d < 2; d++) {
+        gantry_tensor w;
+        expect(gantry_placed_find(p, d, "w", &w), GANTRY_OK, "find w under tp");
+        CHECK(w.bytes == 4096, "w whole under tp on %zu", d);
+        unsigned char *all = read_file_range(good, w.file_offset, 4096);
+        CHECK(memcmp((const void *)(uintptr_t)w.data, all, 4096) == 0, "w bytes under tp on %zu", d);
+        free(all);
+    }
+    gantry_placed_free(p);
+
     int calls = 0;
     expect(gantry_loader_load_placed(loader, good, host, 2, place_some, &calls, &p), GANTRY_OK, "placed by callback");
     CHECK(calls == 4, "asked once per tensor and destination: %d", calls);

@@ -97,6 +97,12 @@ enum gantry_split
   GANTRY_SPLIT_DIM0 = 1,
   // As `GANTRY_SPLIT_DIM0`, by columns (dimension 1).
   GANTRY_SPLIT_DIM1 = 2,
+  // The tensor-parallel rule of vLLM and Megatron, by tensor name (Llama, Mistral,
+  // Qwen2/3, Mixtral): column-parallel weights (q/k/v, gate/up, experts' w1/w3, embedding,
+  // LM head) split by rows, row-parallel weights (o_proj, down_proj, experts' w2) by
+  // columns, norms, routers and unnamed tensors whole to each; a split that does not
+  // divide by the destinations is `GANTRY_E_INVALID_ARGUMENT` naming the tensor.
+  GANTRY_SPLIT_TP = 3,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -364,7 +370,9 @@ gantry_status gantry_loader_load_placed(const struct gantry_loader *loader,
                                         struct gantry_placed **placed_out);
 
 // Loads `path` across `destinations` places (as `gantry_loader_load_placed`) with one of the
-// common placements: replicated, or split by rows or columns for tensor parallelism.
+// common placements: replicated, split by rows or columns, or the tensor-parallel rule
+// (`GANTRY_SPLIT_TP`). Strided shares (columns) are copied with one 2-D copy per staged
+// read and destination.
 //
 // # Safety
 // `loader` live; `path` NUL-terminated; `devices` points to `destinations` values;

@@ -47,6 +47,12 @@ pub enum gantry_split {
     GANTRY_SPLIT_DIM0 = 1,
     /// As `GANTRY_SPLIT_DIM0`, by columns (dimension 1).
     GANTRY_SPLIT_DIM1 = 2,
+    /// The tensor-parallel rule of vLLM and Megatron, by tensor name (Llama, Mistral,
+    /// Qwen2/3, Mixtral): column-parallel weights (q/k/v, gate/up, experts' w1/w3, embedding,
+    /// LM head) split by rows, row-parallel weights (o_proj, down_proj, experts' w2) by
+    /// columns, norms, routers and unnamed tensors whole to each; a split that does not
+    /// divide by the destinations is `GANTRY_E_INVALID_ARGUMENT` naming the tensor.
+    GANTRY_SPLIT_TP = 3,
 }
 
 /// What owns the shares' memory; held only to be dropped with the handle.
@@ -160,7 +166,9 @@ pub unsafe extern "C" fn gantry_loader_load_placed(
 }
 
 /// Loads `path` across `destinations` places (as `gantry_loader_load_placed`) with one of the
-/// common placements: replicated, or split by rows or columns for tensor parallelism.
+/// common placements: replicated, split by rows or columns, or the tensor-parallel rule
+/// (`GANTRY_SPLIT_TP`). Strided shares (columns) are copied with one 2-D copy per staged
+/// read and destination.
 ///
 /// # Safety
 /// `loader` live; `path` NUL-terminated; `devices` points to `destinations` values;
@@ -184,10 +192,16 @@ pub unsafe extern "C" fn gantry_loader_load_split(
             s if s == gantry_split::GANTRY_SPLIT_REPLICATE as i32 => None,
             s if s == gantry_split::GANTRY_SPLIT_DIM0 as i32 => Some(0),
             s if s == gantry_split::GANTRY_SPLIT_DIM1 as i32 => Some(1),
+            s if s == gantry_split::GANTRY_SPLIT_TP as i32 => None,
             s => return Err(CallError::invalid(format!("split {s} is not a gantry_split"))),
         };
+        let tp = (split == gantry_split::GANTRY_SPLIT_TP as i32)
+            .then(|| engine::placement::tensor_parallel(destinations));
         let checkpoint = engine::open_with(path, loader.config())?;
-        let rule = |t: &engine::TensorEntry| engine::placement::split(t, dim, destinations);
+        let rule = |t: &engine::TensorEntry| match &tp {
+            Some(tp) => tp.place(t),
+            None => engine::placement::split(t, dim, destinations),
+        };
         let placed = load(loader, checkpoint, &devices, rule)?;
         // SAFETY: checked non-NULL.
         unsafe { out.write(Box::into_raw(Box::new(placed))) };
@@ -249,10 +263,7 @@ fn load(
             gantry_placed { _loaded: Loaded::Host(m), infos, shares, report }
         }
         Devices::Gpus(ordinals) => {
-            let gpus = ordinals
-                .iter()
-                .map(|&n| engine::CudaDevice::open(n))
-                .collect::<engine::Result<Vec<Arc<engine::CudaDevice>>>>()?;
+            let gpus: Vec<Arc<engine::CudaDevice>> = engine::CudaDevice::open_all(ordinals)?;
             let m = loader.load_placed_to_devices(checkpoint, &gpus, rule, |_, _| {})?;
             let shares = (0..m.devices())
                 .map(|d| m.tensors(d).map(|t| ShareInfo::new(t.share, t.ptr)).collect())

@@ -33,31 +33,87 @@ pub struct Args {
     #[arg(long)]
     pub verify: bool,
     /// Place the checkpoint across N destinations, read once: in host memory, or on the N
-    /// GPUs --device names (cuda:0,cuda:1): `replicate:N` (every tensor to each), `dim0:N` or
-    /// `dim1:N` (tensors of two or more dimensions split evenly along that dimension where it
-    /// divides, the rest replicated).
-    #[arg(long, value_name = "replicate:N|dim0:N|dim1:N")]
+    /// GPUs --device names (cuda:0,cuda:1): `replicate:N` (every tensor to each), `dimK:N`
+    /// (tensors of two or more dimensions split evenly along dimension K where it divides, the
+    /// rest replicated), or `tp:N`, the tensor-parallel rule of vLLM and Megatron by tensor
+    /// name (column-parallel weights along dimension 0, row-parallel along dimension 1, norms
+    /// and routers replicated; a split that does not divide is an error).
+    #[arg(long, value_name = "replicate:N|dimK:N|tp:N")]
     pub shard: Option<String>,
+    /// With --shard tp:N, a pattern of your own ahead of the built-in ones:
+    /// `PATTERN=column|row|replicate|dimK` (`*` matches any characters), repeatable.
+    #[arg(long, value_name = "PATTERN=SPLIT")]
+    pub tp_rule: Vec<String>,
+    /// How bytes several GPUs want whole reach them: `host` (one host-to-device copy per GPU)
+    /// or `peer` (one host-to-device copy, then device-to-device copies over NVLink); default
+    /// GANTRY_REPLICATE_VIA, else host.
+    #[arg(long, value_name = "host|peer")]
+    pub replicate_via: Option<String>,
 }
 
-/// `--shard`: the dimension to split (`None`: replicate) and the number of destinations.
-fn parse_shard(text: &str) -> Result<(Option<usize>, usize), Box<dyn Error>> {
-    let bad = || format!("--shard '{text}': expected replicate:N, dim0:N or dim1:N");
+/// A `--shard` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Rule {
+    /// Split along this dimension where it divides (`None`: replicate everything).
+    Split(Option<usize>),
+    /// The tensor-parallel rule by name.
+    TensorParallel,
+}
+
+/// `--shard`: the rule and the number of destinations.
+fn parse_shard(text: &str) -> Result<(Rule, usize), Box<dyn Error>> {
+    let bad = || format!("--shard '{text}': expected replicate:N, dimK:N or tp:N (N > 0)");
     let (kind, n) = text.split_once(':').ok_or_else(bad)?;
     let n: usize = n.parse().ok().filter(|&n| n > 0).ok_or_else(bad)?;
-    let dim = match kind {
-        "replicate" => None,
-        "dim0" => Some(0),
-        "dim1" => Some(1),
-        _ => return Err(bad().into()),
+    let rule = match kind {
+        "replicate" => Rule::Split(None),
+        "tp" => Rule::TensorParallel,
+        _ => match kind.strip_prefix("dim").and_then(|d| d.parse().ok()) {
+            Some(d) => Rule::Split(Some(d)),
+            None => return Err(bad().into()),
+        },
     };
-    Ok((dim, n))
+    Ok((rule, n))
 }
 
-/// `gantry load --shard`: a placed load into host memory (`--device cpu`) or across GPUs
-/// (`--device cuda:0,cuda:1,...`, one destination per GPU named), one line per destination.
-fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
-    let (dim, n) = parse_shard(shard)?;
+/// The tensor-parallel rule over `n` ranks with the caller's `--tp-rule` patterns first.
+fn tp_rule(
+    patterns: &[String],
+    n: usize,
+) -> Result<gantry::placement::TensorParallel, Box<dyn Error>> {
+    let mut tp = gantry::placement::tensor_parallel(n);
+    for p in patterns.iter().rev() {
+        let (pattern, split) = p.rsplit_once('=').ok_or_else(|| {
+            format!("--tp-rule '{p}': expected PATTERN=column|row|replicate|dimK")
+        })?;
+        tp = tp.with_rule(pattern, split.parse()?);
+    }
+    Ok(tp)
+}
+
+/// Per destination of a placed model: where, shares, bytes.
+fn per_destination<B>(
+    m: &gantry::Placed<B>,
+    name: impl Fn(usize) -> String,
+) -> Vec<(String, usize, u64)> {
+    (0..m.devices())
+        .map(|d| {
+            let shares = m.share_entries(d);
+            (name(d), shares.len(), shares.iter().map(|s| s.len).sum())
+        })
+        .collect()
+}
+
+/// Opened GPUs, one per destination.
+type Gpus = Vec<std::sync::Arc<CudaDevice>>;
+
+/// The loader of a placed load, the GPU ordinals `--device` names (none for host memory), and
+/// those GPUs opened side by side.
+fn placed_setup(
+    args: &Args,
+    shard: &str,
+    n: usize,
+) -> Result<(Loader, Vec<u32>, Gpus), Box<dyn Error>> {
     let gpus: Vec<u32> = args
         .options
         .device
@@ -75,23 +131,30 @@ fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
         )
         .into());
     }
-    let loader = Loader::new(args.options.config()?)?;
-    let devices = gpus.iter().map(|&g| CudaDevice::open(g)).collect::<Result<Vec<_>, _>>()?;
-    let place = |t: &gantry::TensorEntry| gantry::placement::split(t, dim, n);
+    let mut config = args.options.config()?;
+    if let Some(via) = &args.replicate_via {
+        config = config.replicate_via(via.parse()?);
+    }
+    let loader = Loader::new(config)?;
+    let devices = if gpus.is_empty() { Vec::new() } else { CudaDevice::open_all(&gpus)? };
+    Ok((loader, gpus, devices))
+}
+
+/// `gantry load --shard`: a placed load into host memory (`--device cpu`) or across GPUs
+/// (`--device cuda:0,cuda:1,...`, one destination per GPU named), one line per destination.
+fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
+    let (rule, n) = parse_shard(shard)?;
+    if !args.tp_rule.is_empty() && rule != Rule::TensorParallel {
+        return Err("--tp-rule goes with --shard tp:N".into());
+    }
+    let tp = tp_rule(&args.tp_rule, n)?;
+    let (loader, gpus, devices) = placed_setup(args, shard, n)?;
+    let place = |t: &gantry::TensorEntry| match rule {
+        Rule::Split(dim) => gantry::placement::split(t, dim, n),
+        Rule::TensorParallel => tp.place(t),
+    };
     let start = std::time::Instant::now();
     let checkpoint = gantry::open_with(&args.options.path, loader.config())?;
-    // Per destination: where, shares, bytes.
-    fn per_destination<B>(
-        m: &gantry::Placed<B>,
-        name: impl Fn(usize) -> String,
-    ) -> Vec<(String, usize, u64)> {
-        (0..m.devices())
-            .map(|d| {
-                let shares = m.share_entries(d);
-                (name(d), shares.len(), shares.iter().map(|s| s.len).sum())
-            })
-            .collect()
-    }
     let (report, per, hashes) = if devices.is_empty() {
         let model = loader.load_placed(checkpoint, n, place, |_, _| {})?;
         let total_seconds = start.elapsed().as_secs_f64();
@@ -123,6 +186,7 @@ fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
             "read_bytes": report.read_bytes,
             "delivered_bytes": delivered,
             "seconds": report.seconds,
+            "plan_seconds": report.plan_seconds,
             "total_seconds": total_seconds,
             "read_gb_per_s": report.read_bytes as f64 / report.seconds / 1e9,
             "delivered_gb_per_s": delivered as f64 / report.seconds / 1e9,
@@ -143,9 +207,10 @@ fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
         return Ok(());
     }
     println!(
-        "placed {} ({shard}) in {:.3} s: read {} once at {:.2} GB/s, delivered {} ({:.2} GB/s)",
+        "placed {} ({shard}) in {:.3} s (planned in {:.1} ms): read {} once at {:.2} GB/s, delivered {} ({:.2} GB/s)",
         args.options.path.display(),
         report.seconds,
+        report.plan_seconds * 1e3,
         units::bytes(report.read_bytes),
         report.read_bytes as f64 / report.seconds / 1e9,
         units::bytes(delivered),
@@ -223,6 +288,8 @@ struct JsonLoad<'a> {
     bytes: u64,
     read_bytes: u64,
     seconds: f64,
+    /// Planning reads and copies.
+    plan_seconds: f64,
     gb_per_s: f64,
     /// Headers, allocation, staging set-up and the load, end to end.
     total_seconds: f64,
@@ -370,6 +437,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             bytes: report.tensor_bytes,
             read_bytes: report.read_bytes,
             seconds: report.seconds,
+            plan_seconds: report.plan_seconds,
             gb_per_s: report.gb_per_s(),
             total_seconds,
             first_tensor_seconds: report.first_tensor_seconds,

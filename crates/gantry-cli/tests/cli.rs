@@ -223,7 +223,7 @@ fn load_shard_places_across_destinations() {
     let out = gantry(&["load", p, "--shard", "replicate:2", "--json"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["destinations"][1]["bytes"], 30);
-    for bad in [["--shard", "dim2:2"], ["--shard", "dim0:0"]] {
+    for bad in [["--shard", "dimx:2"], ["--shard", "dim0:0"], ["--shard", "tp:0"]] {
         let out = gantry(&["load", p, bad[0], bad[1]]);
         assert!(!out.status.success() && out.stdout.is_empty());
     }
@@ -237,4 +237,52 @@ fn load_shard_places_across_destinations() {
     let out = gantry(&["load", p, "--shard", "dim0:2", "--device", "cpu,cuda:0"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("GPUs only"));
+}
+
+#[test]
+fn load_shard_tp_follows_the_tensor_parallel_rule() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let out = gantry(&["synth", dir.path().to_str().unwrap(), "--size-gib", "0.01"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let p = dir.path().to_str().unwrap();
+    let inspect: Value = serde_json::from_slice(&gantry(&["inspect", p, "--json"]).stdout).unwrap();
+    let total = inspect["total_bytes"].as_u64().unwrap();
+    // Norms are replicated, everything else split in two: each rank holds half the split
+    // bytes and every norm.
+    let norms: u64 = inspect["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["name"].as_str().unwrap().contains("norm"))
+        .map(|t| t["bytes"].as_u64().unwrap())
+        .sum();
+    for shard in ["tp:2", "dim1:2"] {
+        let out = gantry(&["load", p, "--shard", shard, "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(v["plan_seconds"].as_f64().unwrap() >= 0.0);
+        assert!(v["read_bytes"].as_u64().unwrap() <= total + (1 << 20), "read once");
+        for d in 0..2 {
+            assert_eq!(
+                v["destinations"][d]["bytes"].as_u64().unwrap(),
+                (total - norms) / 2 + norms
+            );
+        }
+    }
+    // The caller's pattern first: a split the tensor cannot take is an error naming it.
+    let out = gantry(&["load", p, "--shard", "tp:2", "--tp-rule", "lm_head.weight=dim5"]);
+    assert!(!out.status.success() && out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error: ") && err.contains("lm_head.weight"), "{err}");
+    for bad in [
+        vec!["--shard", "tp:2", "--tp-rule", "no-equals"],
+        vec!["--shard", "tp:2", "--tp-rule", "*=sideways"],
+        vec!["--shard", "dim0:2", "--tp-rule", "*=row"],
+        vec!["--shard", "tp:3"], // hidden sizes are multiples of 64: 3 does not divide them
+        vec!["--shard", "tp:2", "--replicate-via", "carrier-pigeon"],
+    ] {
+        let out = gantry(&[&["load", p][..], &bad].concat());
+        assert!(!out.status.success() && out.stdout.is_empty(), "{bad:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "), "{bad:?}");
+    }
 }

@@ -5,6 +5,7 @@
 
 mod dlpack;
 mod memory;
+mod placed;
 mod stream;
 
 use pyo3::create_exception;
@@ -98,6 +99,7 @@ fn _gantry(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<stream::Tensor>()?;
     m.add_class::<stream::Stream>()?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(placed::load_placed, m)?)?;
     m.add_function(wrap_pyfunction!(device_memory, m)?)?;
     m.add_function(wrap_pyfunction!(live_buffers, m)?)?;
     Ok(())

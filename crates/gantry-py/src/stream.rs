@@ -33,7 +33,7 @@ pub fn open_device(ordinal: u32) -> gantry::Result<Arc<CudaDevice>> {
 }
 
 /// `"cpu"`, `"cuda"` or `"cuda:N"`.
-fn parse_device(device: &str) -> PyResult<Option<u32>> {
+pub(crate) fn parse_device(device: &str) -> PyResult<Option<u32>> {
     match device {
         "cpu" => Ok(None),
         "cuda" => Ok(Some(0)),
@@ -131,6 +131,20 @@ pub struct Tensor {
     memory: Arc<Memory>,
     /// Export as one-dimensional bytes (`uint8`) instead of its dtype.
     raw: bool,
+}
+
+impl Tensor {
+    /// A tensor of `shape` (`nbytes` at `data`) inside `memory`, on `device` (DLPack's numbers).
+    pub(crate) fn new(
+        name: String,
+        dtype: Dtype,
+        shape: Vec<u64>,
+        (data, nbytes): (u64, usize),
+        device: (i32, i32),
+        memory: Arc<Memory>,
+    ) -> Self {
+        Tensor { name, dtype, shape, nbytes, data, device, memory, raw: false }
+    }
 }
 
 #[pymethods]

@@ -614,6 +614,103 @@ class ObjectStorageTests(WithCheckpoint):
             gantry.load("s3://weights/ck/", device="cpu", s3_options={"aws_nonsense": "1"})
 
 
+@needs_safetensors
+class PlacedTests(unittest.TestCase):
+    """Placed loads (shard=...): every share against numpy slices of safetensors' arrays."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.TemporaryDirectory(dir=os.environ.get("GANTRY_TEST_TMPDIR"))
+        rng = np.random.default_rng(5)
+        h, i, kv, vocab = 12, 20, 4, 36
+        shapes = {
+            "model.embed_tokens.weight": ((vocab, h), np.float16),
+            "model.layers.0.input_layernorm.weight": ((h,), np.float32),
+            "model.layers.0.self_attn.q_proj.weight": ((h, h), np.float32),
+            "model.layers.0.self_attn.q_proj.bias": ((h,), np.float32),
+            "model.layers.0.self_attn.k_proj.weight": ((kv, h), np.int8),
+            "model.layers.0.self_attn.v_proj.weight": ((kv, h), np.float64),
+            "model.layers.0.self_attn.o_proj.weight": ((h, h), np.float16),
+            "model.layers.0.mlp.gate_proj.weight": ((i, h), np.float32),
+            "model.layers.0.mlp.up_proj.weight": ((i, h), np.uint8),
+            "model.layers.0.mlp.down_proj.weight": ((h, i), np.float32),
+            "model.norm.weight": ((h,), np.float32),
+            "lm_head.weight": ((vocab, h), np.float16),
+        }
+        arrays = {}
+        for name, (shape, kind) in shapes.items():
+            data = rng.integers(0, 256, size=math.prod(shape) * np.dtype(kind).itemsize, dtype=np.uint8)
+            arrays[name] = data.view(kind).reshape(shape)
+        cls.path = os.path.join(cls.dir.name, "model.safetensors")
+        safetensors.numpy.save_file(arrays, cls.path)
+        cls.expected = safetensors.numpy.load_file(cls.path)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.dir.cleanup()
+
+    def want(self, name, arr, rule, rank, parts):
+        """The numpy slice rank `rank` of `parts` should hold under `rule`."""
+        if rule == "tp":
+            if any(k in name for k in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed", "lm_head")):
+                dim = 0
+            elif any(k in name for k in ("o_proj", "down_proj")):
+                dim = 1
+            else:
+                return arr
+        else:
+            dim = int(rule[3:])
+            if arr.ndim < 2 or arr.ndim <= dim or arr.shape[dim] % parts:
+                return arr
+        n = arr.shape[dim] // parts
+        return np.take(arr, range(rank * n, (rank + 1) * n), axis=dim)
+
+    def check(self, got, rule, parts):
+        self.assertEqual(len(got), parts)
+        for rank, shares in enumerate(got):
+            self.assertEqual(sorted(shares), sorted(self.expected), rank)
+            for name, arr in self.expected.items():
+                want = self.want(name, arr, rule, rank, parts)
+                g = shares[name]
+                self.assertEqual(tuple(g.shape), want.shape, (rule, rank, name))
+                self.assertEqual(g.tobytes(), np.ascontiguousarray(want).tobytes(), (rule, rank, name))
+
+    def test_host_shares_match_numpy_slices(self):
+        for rule in ("tp", "dim0", "dim1"):
+            for parts in (1, 2, 4):
+                got = gantry.load(self.path, device="cpu", shard=f"{rule}:{parts}", framework="numpy")
+                self.check(got, rule, parts)
+
+    def test_gpu_shares_match_numpy_slices(self):
+        if not gpu_available():
+            if REQUIRE_GPU:
+                self.fail("GANTRY_REQUIRE_GPU=1 but no GPU")
+            self.skipTest("no GPU")
+        for rule in ("tp", "dim1"):
+            got = gantry.load(self.path, shard=f"{rule}:2", devices=["cuda:0", "cuda:0"], framework="dlpack")
+            for shares in got:
+                for t in shares.values():
+                    self.assertEqual(t.device, "cuda:0")
+            self.check(got, rule, 2)
+
+    def test_bad_rules_are_errors(self):
+        with self.assertRaises(gantry.ConfigError) as e:
+            gantry.load(self.path, device="cpu", shard="tp:5")  # 12 rows do not split in 5
+        self.assertIn("tp:5", str(e.exception))
+        with self.assertRaises(gantry.ConfigError) as e:
+            gantry.load(self.path, device="cpu", shard="tp:2", tp_rules=[("model.norm.weight", "dim3")])
+        self.assertIn("model.norm.weight", str(e.exception))
+        for bad in ("tp", "tp:0", "rows:2"):
+            with self.assertRaises(ValueError):
+                gantry.load(self.path, device="cpu", shard=bad)
+        with self.assertRaises(ValueError):
+            gantry.load(self.path, shard="tp:2", devices=["cpu", "cuda:0"])
+        with self.assertRaises(ValueError):
+            gantry.load(self.path, device="cpu", shard="tp:2", skip=["lm_head.weight"])
+        with self.assertRaises(gantry.ConfigError):
+            gantry.load(self.path, device="cpu", shard="tp:2", tp_rules=[("*", "sideways")])
+
+
 @unittest.skipUnless(torch is not None or REQUIRE_GPU, "torch is not installed")
 class TorchTests(WithCheckpoint):
     def check_torch(self, tensors, device):

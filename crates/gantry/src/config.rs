@@ -39,6 +39,33 @@ impl std::str::FromStr for PathChoice {
     }
 }
 
+/// How a placed load onto several GPUs delivers bytes that several GPUs want whole (replicated
+/// tensors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReplicateVia {
+    /// One host-to-device copy from pinned staging per GPU.
+    #[default]
+    Host,
+    /// One host-to-device copy (to a GPU chosen in turn, so every PCIe link takes its part),
+    /// then device-to-device copies to the others over NVLink (peer access); pairs of GPUs
+    /// without peer access get their own host-to-device copy.
+    Peer,
+}
+
+impl std::str::FromStr for ReplicateVia {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "host" => Ok(Self::Host),
+            "peer" => Ok(Self::Peer),
+            _ => Err(Error::Config(format!("unknown replication '{s}' (host, peer)"))),
+        }
+    }
+}
+
+/// The environment variable that picks [`ReplicateVia`] when the config does not.
+pub const REPLICATE_VIA_ENV: &str = "GANTRY_REPLICATE_VIA";
+
 /// Smallest unit of direct I/O and of chunk sizes.
 pub const ALIGN_BYTES: usize = 4096;
 /// Largest chunk: one io_uring read is at most this long.
@@ -82,6 +109,7 @@ pub struct Config {
     pub(crate) object_options: Vec<(String, String)>,
     pub(crate) verify_sha256: bool,
     pub(crate) cache_dir: Option<std::path::PathBuf>,
+    pub(crate) replicate_via: Option<ReplicateVia>,
     pub(crate) cancel: Option<Arc<AtomicBool>>,
     pub(crate) fault: Option<Arc<dyn FaultInjector>>,
 }
@@ -104,6 +132,7 @@ impl Default for Config {
             object_options: Vec::new(),
             verify_sha256: false,
             cache_dir: None,
+            replicate_via: None,
             cancel: None,
             fault: None,
         }
@@ -130,6 +159,7 @@ impl fmt::Debug for Config {
             )
             .field("verify_sha256", &self.verify_sha256)
             .field("cache_dir", &self.cache_dir)
+            .field("replicate_via", &self.replicate_via)
             .field("cancel", &self.cancel.is_some())
             .field("fault", &self.fault.is_some())
             .finish()
@@ -244,6 +274,27 @@ impl Config {
     pub fn fault_injector(mut self, fault: Arc<dyn FaultInjector>) -> Self {
         self.fault = Some(fault);
         self
+    }
+
+    /// How replicated bytes reach several GPUs (default: `GANTRY_REPLICATE_VIA` if set to
+    /// `host` or `peer`, else [`ReplicateVia::Host`]).
+    pub fn replicate_via(mut self, via: ReplicateVia) -> Self {
+        self.replicate_via = Some(via);
+        self
+    }
+
+    /// The replication in effect: the one set, else `GANTRY_REPLICATE_VIA`, else host; an
+    /// error for an unknown value in the variable.
+    pub fn replication(&self) -> Result<ReplicateVia> {
+        if let Some(via) = self.replicate_via {
+            return Ok(via);
+        }
+        match std::env::var(REPLICATE_VIA_ENV) {
+            Ok(v) => v.parse().map_err(|_| {
+                Error::Config(format!("{REPLICATE_VIA_ENV}='{v}': expected host or peer"))
+            }),
+            Err(_) => Ok(ReplicateVia::default()),
+        }
     }
 
     /// The current values, for reporting and for bindings in other languages.

@@ -41,7 +41,7 @@ pub mod staging;
 pub mod synth;
 pub mod topology;
 
-pub use config::{Config, ConfigValues, PathChoice};
+pub use config::{Config, ConfigValues, PathChoice, ReplicateVia};
 pub use device::{DeviceModel, DeviceTensor, ReadyOnDevice};
 pub use error::{Error, Result};
 pub use gantry_format::{

@@ -82,6 +82,8 @@ pub struct LoadReport {
     /// Seconds from the start of reading until the first tensor with bytes had landed (what a
     /// streaming consumer waits before it can start); `None` when no tensor had bytes.
     pub first_tensor_seconds: Option<f64>,
+    /// Seconds spent planning reads and copies (for placed loads, laying out the shares too).
+    pub plan_seconds: f64,
     /// Bytes of staging memory the load used.
     pub staging_bytes: u64,
     /// Whether the staging buffers were registered with io_uring.
@@ -399,8 +401,10 @@ impl Loader {
             })
             .collect();
         let mut checks = config.verify_sha256.then(|| self.checks(checkpoint, &files));
+        let planning = Instant::now();
         let plan = Plan::new(checkpoint, wanted, &file_plans, config.gap_bytes);
         let jobs = Jobs::new(&plan, &files, sink);
+        let plan_seconds = planning.elapsed().as_secs_f64();
         let node = device.and_then(|d| d.numa_node());
         let slot_bytes = if jobs.has_staged_objects() {
             config.object_part()
@@ -442,6 +446,7 @@ impl Loader {
             read_bytes: plan.read_bytes(),
             seconds,
             first_tensor_seconds,
+            plan_seconds,
             staging_bytes,
             registered_buffers: registered,
             volume,

@@ -3,15 +3,18 @@
 //! that wants those bytes).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use gantry_format::{Checkpoint, TensorEntry};
 
+use crate::config::ReplicateVia;
 use crate::error::{Error, Result};
 use crate::loader::{LoadReport, Loader};
 use crate::placement::{Layout, Share, ShareEntry};
 use crate::sink::cuda::{CudaDevice, CudaSink, DeviceBuffer};
 use crate::sink::host::{HostBuffer, PlacedSink};
 use crate::sink::Sink;
+use crate::topology::staging_groups;
 
 /// A checkpoint placed across destinations, one buffer `B` per destination: host memory
 /// ([`PlacedModel`]) or device memory ([`PlacedDeviceModel`]).
@@ -43,6 +46,12 @@ impl<B> Placed<B> {
     /// Destinations.
     pub fn devices(&self) -> usize {
         self.buffers.len()
+    }
+
+    /// The checkpoint's table, each destination's shares (checkpoint order) and buffer, and the
+    /// figures: for bindings that hand each destination's memory to its own owner.
+    pub fn into_parts(self) -> (Checkpoint, Vec<Vec<ShareEntry>>, Vec<B>, LoadReport) {
+        (self.checkpoint, self.layout.shares, self.buffers, self.report)
     }
 
     /// Destination `destination`'s shares, in checkpoint order.
@@ -117,22 +126,28 @@ impl Loader {
         place: impl FnMut(&TensorEntry) -> Result<Vec<(usize, Share)>>,
         mut on_ready: impl FnMut(usize, &TensorEntry),
     ) -> Result<PlacedModel> {
-        let layout = Layout::new(&checkpoint, devices, place)?;
+        let (layout, plan_seconds) = lay_out(&checkpoint, devices, place)?;
         let mut buffers = layout
             .buffer_bytes
             .iter()
             .map(|&n| HostBuffer::new(n as usize))
             .collect::<Result<Vec<_>>>()?;
         let mut sink = PlacedSink::new(&layout, &mut buffers);
-        let report = self.run_placed(&checkpoint, &layout, &mut sink, None, &mut on_ready)?;
+        let mut report = self.run_placed(&checkpoint, &layout, &mut sink, None, &mut on_ready)?;
+        report.plan_seconds += plan_seconds;
         Ok(PlacedModel { checkpoint, layout, buffers, report })
     }
 
     /// Loads `checkpoint` across GPUs: destination `d` is `devices[d]` (the same GPU may be
     /// named more than once), with shares as for [`Loader::load_placed`]. Each destination's
     /// shares live in one device allocation; every byte is read once into pinned staging and
-    /// copied to each destination that wants it. `on_ready(destination, tensor)` is called on
-    /// this thread once a share's copies have completed.
+    /// copied to each destination that wants it (strided shares with one 2-D copy per staged
+    /// read). Each destination's streams and allocation are made on a thread of its own while
+    /// the files are opened and the first extents read; staging sits on the NUMA node of the
+    /// GPUs taking the most bytes. Replicated bytes go to each GPU from the host, or once to
+    /// one GPU and on over peer copies ([`crate::Config::replicate_via`]).
+    /// `on_ready(destination, tensor)` is called on this thread once a share's copies have
+    /// completed.
     pub fn load_placed_to_devices(
         &self,
         checkpoint: Checkpoint,
@@ -140,22 +155,28 @@ impl Loader {
         place: impl FnMut(&TensorEntry) -> Result<Vec<(usize, Share)>>,
         mut on_ready: impl FnMut(usize, &TensorEntry),
     ) -> Result<PlacedDeviceModel> {
-        let Some(first) = devices.first() else {
+        if devices.is_empty() {
             return Err(Error::Config("a placed load onto GPUs needs at least one GPU".into()));
-        };
-        let layout = Layout::new(&checkpoint, devices.len(), place)?;
-        let buffers = devices
-            .iter()
-            .zip(&layout.buffer_bytes)
-            .enumerate()
-            .map(|(d, (device, &n))| device.alloc(n as usize, &format!("placed destination {d}")))
-            .collect::<Result<Vec<_>>>()?;
-        let bases: Vec<u64> = buffers.iter().map(DeviceBuffer::ptr).collect();
+        }
+        let (layout, plan_seconds) = lay_out(&checkpoint, devices.len(), place)?;
+        let relay = self.config().replication()? == ReplicateVia::Peer;
+        // Places relative to each destination's allocation, which the sink's set-up threads
+        // make while the files are opened and the first extents read.
+        let places = layout.places(&vec![0; devices.len()]);
         // The caller's context is current again when this returns.
-        let _bound = first.bind_scoped()?;
-        let mut sink = CudaSink::fan_out(devices, layout.places(&bases))?;
-        let report =
-            self.run_placed(&checkpoint, &layout, &mut sink, Some(first), &mut on_ready)?;
+        let _bound = devices[0].bind_scoped()?;
+        let mut sink = CudaSink::placed(devices, &layout.buffer_bytes, places, relay)?;
+        // Staging (and the reader threads) on the NUMA node of the GPUs taking the most bytes.
+        let nodes: Vec<Option<u32>> = devices.iter().map(|d| d.numa_node()).collect();
+        let groups = staging_groups(&nodes, &layout.buffer_bytes);
+        let stage_for = &devices[groups[0].destinations[0]];
+        if groups.len() > 1 {
+            log::debug!("GPUs on {} NUMA nodes: staging on {:?}", groups.len(), groups[0].node);
+        }
+        let mut report =
+            self.run_placed(&checkpoint, &layout, &mut sink, Some(stage_for), &mut on_ready)?;
+        report.plan_seconds += plan_seconds;
+        let buffers = sink.take_buffers()?;
         drop(sink);
         Ok(PlacedDeviceModel { checkpoint, layout, buffers, report })
     }
@@ -195,6 +216,25 @@ impl Loader {
             }
         })
     }
+}
+
+/// Lays out a placed load, timed (logged at debug).
+fn lay_out(
+    checkpoint: &Checkpoint,
+    devices: usize,
+    place: impl FnMut(&TensorEntry) -> Result<Vec<(usize, Share)>>,
+) -> Result<(Layout, f64)> {
+    let start = Instant::now();
+    let layout = Layout::new(checkpoint, devices, place)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let deliveries: usize = layout.copies.iter().map(Vec::len).sum();
+    log::debug!(
+        "placement: {} tensors on {devices} destinations, {} atoms, {deliveries} deliveries, planned in {:.3} ms",
+        checkpoint.tensors.len(),
+        layout.atoms.tensors.len(),
+        seconds * 1e3
+    );
+    Ok((layout, seconds))
 }
 
 /// One tensor's share on one destination GPU.

@@ -81,6 +81,37 @@ pub fn pin_current_thread(cpus: &[usize]) {
     }
 }
 
+/// The destinations of a placed load that share a NUMA node, and so one staging ring.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagingGroup {
+    /// The node (`None`: the machine has one, or sysfs does not say).
+    pub node: Option<u32>,
+    /// Positions of the destinations on it.
+    pub destinations: Vec<usize>,
+    /// Bytes they take.
+    pub bytes: u64,
+}
+
+/// Groups destinations by the NUMA node of their GPU (`nodes[d]`, with `bytes[d]` to take),
+/// the group taking the most bytes first (ties: lower node first). A machine of one node
+/// gives one group. The loader stages on the first group's node: its GPUs' copies read local
+/// memory, the others cross the interconnect once.
+pub fn staging_groups(nodes: &[Option<u32>], bytes: &[u64]) -> Vec<StagingGroup> {
+    assert_eq!(nodes.len(), bytes.len());
+    let mut groups: Vec<StagingGroup> = Vec::new();
+    for (d, (&node, &b)) in nodes.iter().zip(bytes).enumerate() {
+        match groups.iter_mut().find(|g| g.node == node) {
+            Some(g) => {
+                g.destinations.push(d);
+                g.bytes += b;
+            }
+            None => groups.push(StagingGroup { node, destinations: vec![d], bytes: b }),
+        }
+    }
+    groups.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.node.cmp(&b.node)));
+    groups
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +124,39 @@ mod tests {
         assert_eq!(parse_cpulist("0-3,8,10-11\n"), [0, 1, 2, 3, 8, 10, 11]);
         assert_eq!(parse_cpulist(""), Vec::<usize>::new());
         assert_eq!(parse_cpulist("5,x,7"), [5, 7]);
+    }
+
+    #[test]
+    fn staging_groups_by_node() {
+        let g = |node, destinations: &[usize], bytes| StagingGroup {
+            node,
+            destinations: destinations.to_vec(),
+            bytes,
+        };
+        // (nodes per GPU, bytes per GPU, groups)
+        type Case = (Vec<Option<u32>>, Vec<u64>, Vec<StagingGroup>);
+        let cases: Vec<Case> = vec![
+            // One node (the lent 4-GPU machines): one group, sysfs says -1.
+            (vec![None; 4], vec![10; 4], vec![g(None, &[0, 1, 2, 3], 40)]),
+            // Two sockets, two GPUs each, even split: node 0 first on the tie.
+            (
+                vec![Some(1), Some(0), Some(1), Some(0)],
+                vec![5, 5, 5, 5],
+                vec![g(Some(0), &[1, 3], 10), g(Some(1), &[0, 2], 10)],
+            ),
+            // Uneven: the node taking more bytes stages.
+            (
+                vec![Some(0), Some(1), Some(1)],
+                vec![100, 30, 30],
+                vec![g(Some(0), &[0], 100), g(Some(1), &[1, 2], 60)],
+            ),
+            // The same GPU named twice stays one group.
+            (vec![Some(3), Some(3)], vec![1, 2], vec![g(Some(3), &[0, 1], 3)]),
+            (vec![], vec![], vec![]),
+        ];
+        for (nodes, bytes, want) in cases {
+            assert_eq!(staging_groups(&nodes, &bytes), want, "{nodes:?} {bytes:?}");
+        }
     }
 
     #[test]

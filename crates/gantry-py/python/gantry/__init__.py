@@ -17,7 +17,7 @@ is freed when the last tensor using it is released.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from . import _gantry
 from ._gantry import (
@@ -263,9 +263,46 @@ def load(
     *,
     skip: Skip = None,
     framework: Optional[str] = None,
+    shard: Optional[str] = None,
+    devices: Optional[Sequence[Any]] = None,
+    tp_rules: Optional[Sequence[Tuple[str, str]]] = None,
     **config: Any,
-) -> Dict[str, Any]:
+) -> Any:
     """Loads ``source`` (a ``.safetensors`` file, a folder, or an index) onto ``device`` and
-    returns ``{name: tensor}``. Options as for :func:`stream`."""
-    with stream(source, device, skip=skip, framework=framework, **config) as s:
-        return dict(s)
+    returns ``{name: tensor}``. Options as for :func:`stream`.
+
+    With ``shard``, the checkpoint is read once and placed across several destinations, and
+    the result is a list with one ``{name: tensor}`` per destination:
+
+    - ``shard="tp:N"``: the tensor-parallel rule of vLLM and Megatron by tensor name
+      (column-parallel weights split along dimension 0, row-parallel along dimension 1, norms
+      and routers whole; a split that does not divide is a ``ConfigError`` naming the
+      tensor). ``tp_rules=[("*.my_proj.weight", "row"), ...]`` go ahead of the built-in
+      patterns (``column``, ``row``, ``replicate`` or ``dimK``).
+    - ``shard="dimK:N"``: tensors split evenly along dimension K where it divides, the rest
+      whole; ``shard="replicate:N"``: every tensor whole to each.
+
+    ``devices`` names the N destinations (``["cuda:0", "cuda:1"]``, the same GPU may appear
+    more than once); without it, ``N`` times ``"cpu"`` when ``device`` is ``"cpu"``, else
+    ``cuda:0`` to ``cuda:N-1``.
+    """
+    if shard is None:
+        if devices is not None or tp_rules is not None:
+            raise ValueError("devices and tp_rules go with shard")
+        with stream(source, device, skip=skip, framework=framework, **config) as s:
+            return dict(s)
+    if skip is not None:
+        raise ValueError("skip does not go with shard (the rule says what each destination takes)")
+    convert = _converter(framework)
+    parts = shard.rpartition(":")[2]
+    if devices is None:
+        count = int(parts) if parts.isdigit() else 0
+        if _device(device) == "cpu":
+            devices = ["cpu"] * count
+        else:
+            devices = [f"cuda:{i}" for i in range(count)]
+    names = [_device(d) for d in devices]
+    placed = _gantry.load_placed(
+        os.fspath(source), names, shard, config, [tuple(r) for r in tp_rules or []]
+    )
+    return [{name: convert(t) for name, t in shares} for shares in placed]

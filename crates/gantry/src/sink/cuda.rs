@@ -24,6 +24,7 @@ use std::thread::JoinHandle;
 use cudarc::driver::{result, sys, DriverError};
 use gantry_format::Checkpoint;
 
+use super::gpus::{Gpu, Setup};
 use super::{RawTarget, Sink};
 use crate::error::{Error, Result};
 use crate::io::Message;
@@ -52,7 +53,7 @@ pub fn driver_available() -> Result<(), String> {
         .clone()
 }
 
-fn cuda_error(op: impl Into<String>) -> impl FnOnce(DriverError) -> Error {
+pub(crate) fn cuda_error(op: impl Into<String>) -> impl FnOnce(DriverError) -> Error {
     let op = op.into();
     move |e: DriverError| {
         let message = e
@@ -106,6 +107,17 @@ impl CudaDevice {
             String::new()
         };
         Ok(Arc::new(Self { ordinal, device, context, bus_id, name }))
+    }
+
+    /// Opens GPUs `ordinals` side by side, one thread per distinct GPU; a GPU named twice is
+    /// opened once.
+    pub fn open_all(ordinals: &[u32]) -> Result<Vec<Arc<Self>>> {
+        super::gpus::open_all(ordinals)
+    }
+
+    /// The driver's handles: device and primary context.
+    pub(crate) fn raw(&self) -> (sys::CUdevice, sys::CUcontext) {
+        (self.device, self.context)
     }
 
     /// Makes the device's primary context current on the calling thread.
@@ -173,6 +185,23 @@ impl CudaDevice {
                 .map_err(cuda_error("cuMemcpyDtoH"))?;
         }
         Ok(out)
+    }
+
+    /// The ordinal of the GPU whose memory device address `ptr` is (checks that a share landed
+    /// on the GPU it was meant for).
+    pub fn pointer_ordinal(ptr: u64) -> Result<u32> {
+        let mut ordinal: i32 = -1;
+        // SAFETY: the out pointer is a local of the size the attribute writes (an int); the
+        // driver only reads `ptr`.
+        let rc = unsafe {
+            sys::cuPointerGetAttribute(
+                (&mut ordinal as *mut i32).cast(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                ptr,
+            )
+        };
+        rc.result().map_err(cuda_error(format!("cuPointerGetAttribute({ptr:#x})")))?;
+        Ok(ordinal.max(0) as u32)
     }
 
     /// Checks that `[ptr, ptr + len)` lies inside one device allocation.
@@ -315,19 +344,22 @@ struct Pending {
 // SAFETY: events may be used from any thread with their context current (the poller binds it).
 unsafe impl Send for Pending {}
 
-/// A GPU of the sink and its copy streams.
-struct Gpu {
-    device: Arc<CudaDevice>,
-    streams: Vec<sys::CUstream>,
-    next_stream: usize,
-}
-
 /// Copies staged extents to device addresses on one or several GPUs: each staged byte is read
-/// once and copied to every destination that wants it.
+/// once and copied to every destination that wants it, strided rows with one 2-D copy.
 pub struct CudaSink {
     gpus: Vec<Gpu>,
-    /// Per tensor, every place its bytes go (empty when skipped).
+    /// Per tensor, every place its bytes go (empty when skipped); addresses are relative to
+    /// `bases[place.destination]`.
     targets: Vec<Vec<Place>>,
+    /// Per destination, the address its places are relative to.
+    bases: Vec<u64>,
+    /// The destinations' set-up, still running on their threads (placed loads).
+    setup: Option<Setup>,
+    /// Allocations the set-up made, one per destination, until [`CudaSink::take_buffers`].
+    buffers: Vec<DeviceBuffer>,
+    /// With replication over peer copies: `relay[a][b]` when destination `a` can copy to `b`
+    /// without passing through host memory.
+    relay: Option<Vec<Vec<bool>>>,
     /// The GPU whose context is current on the consumer thread.
     bound: usize,
     /// Per GPU, the stream this extent's copies use (scratch for `deliver`).
@@ -343,6 +375,16 @@ impl std::fmt::Debug for CudaSink {
     }
 }
 
+/// A device-to-device copy queued after an extent's host-to-device copies.
+#[derive(Debug, Clone, Copy)]
+struct Relay {
+    from: usize,
+    to: usize,
+    source: u64,
+    dest: u64,
+    len: u64,
+}
+
 impl CudaSink {
     /// A sink writing tensor `i` to `targets[i]` (device address; `None` skips it). Binds the
     /// device's context on this thread until the sink is dropped.
@@ -354,43 +396,81 @@ impl CudaSink {
         let targets = targets
             .iter()
             .zip(&checkpoint.tensors)
-            .map(|(t, e)| {
-                t.map(|addr| Place { destination: 0, addr, len: e.len }).into_iter().collect()
-            })
+            .map(|(t, e)| t.map(|addr| Place::whole(0, addr, e.len)).into_iter().collect())
             .collect();
         Self::fan_out(std::slice::from_ref(device), targets)
     }
 
     /// A sink copying tensor `i` to every place in `targets[i]`, whose destination is a
     /// position in `devices` (the same GPU may appear more than once: each entry gets its own
-    /// streams).
+    /// streams) and whose address is absolute.
     pub fn fan_out(devices: &[Arc<CudaDevice>], targets: Vec<Vec<Place>>) -> Result<Self> {
+        let mut sink = Self::empty(devices, targets);
+        for device in devices {
+            sink.gpus.push(Gpu::new(device)?); // pushed at once: Drop destroys what was made
+        }
+        sink.bases = vec![0; devices.len()];
+        sink.bind(0)?;
+        Ok(sink)
+    }
+
+    /// A sink for a placed load: destination `d` gets `bytes[d]` of device memory on
+    /// `devices[d]`, and tensor `i`'s bytes go to `targets[i]`, addresses relative to their
+    /// destination's allocation. Streams and allocations are made one thread per
+    /// destination, side by side; the first delivery waits for them, so the loader opens
+    /// files and starts reading meanwhile. With `relay`, bytes several GPUs want whole are
+    /// copied to one of them from the host and relayed to the others over peer copies.
+    pub fn placed(
+        devices: &[Arc<CudaDevice>],
+        bytes: &[u64],
+        targets: Vec<Vec<Place>>,
+        relay: bool,
+    ) -> Result<Self> {
+        let mut sink = Self::empty(devices, targets);
+        sink.setup = Some(Setup::start(devices, bytes)?);
+        sink.relay = relay.then(Vec::new);
+        Ok(sink)
+    }
+
+    fn empty(devices: &[Arc<CudaDevice>], targets: Vec<Vec<Place>>) -> Self {
         assert!(!devices.is_empty(), "a CUDA sink needs a GPU");
         assert!(
             targets.iter().flatten().all(|t| t.destination < devices.len()),
             "target on no GPU"
         );
-        let previous_context = result::ctx::get_current().ok().flatten();
-        let mut sink = Self {
+        Self {
             gpus: Vec::with_capacity(devices.len()),
             targets,
+            bases: Vec::new(),
+            setup: None,
+            buffers: Vec::new(),
+            relay: None,
             bound: usize::MAX,
             chosen: vec![None; devices.len()],
             poller: None,
-            previous_context,
-        };
-        for device in devices {
-            device.bind()?;
-            let mut gpu = Gpu { device: Arc::clone(device), streams: Vec::new(), next_stream: 0 };
-            for _ in 0..STREAMS {
-                let s = result::stream::create(result::stream::StreamKind::NonBlocking)
-                    .map_err(cuda_error("cuStreamCreate"))?;
-                gpu.streams.push(s);
-            }
-            sink.gpus.push(gpu); // pushed at once: Drop destroys what was created so far
+            previous_context: result::ctx::get_current().ok().flatten(),
         }
-        sink.bind(0)?;
-        Ok(sink)
+    }
+
+    /// Waits for the destinations' set-up, if it is still running.
+    fn ready(&mut self) -> Result<()> {
+        let Some(setup) = self.setup.take() else { return Ok(()) };
+        for (gpu, buffer) in setup.finish()? {
+            self.gpus.push(gpu);
+            self.bases.push(buffer.ptr());
+            self.buffers.push(buffer);
+        }
+        if self.relay.is_some() {
+            self.relay = Some(super::gpus::enable_peers(&self.gpus));
+        }
+        self.bound = usize::MAX;
+        Ok(())
+    }
+
+    /// The destinations' allocations (placed loads), once: waits for their set-up.
+    pub fn take_buffers(&mut self) -> Result<Vec<DeviceBuffer>> {
+        self.ready()?;
+        Ok(std::mem::take(&mut self.buffers))
     }
 
     /// Makes GPU `gpu`'s context current on this thread.
@@ -400,6 +480,15 @@ impl CudaSink {
             self.bound = gpu;
         }
         Ok(())
+    }
+
+    /// Binds GPU `gpu` and returns the stream its copies of this extent use.
+    fn stream_for(&mut self, gpu: usize) -> Result<sys::CUstream> {
+        self.bind(gpu)?;
+        Ok(match self.chosen[gpu] {
+            Some(stream) => stream,
+            None => *self.chosen[gpu].insert(self.gpus[gpu].take_stream()),
+        })
     }
 
     fn poller(&mut self, landed: &Sender<Result<Message>>) -> Result<&Sender<Pending>> {
@@ -437,30 +526,100 @@ impl CudaSink {
     }
 
     /// Queues the copies of `steps` from `source`; the streams used are left in `chosen`.
-    fn queue_copies(&mut self, steps: &[CopyStep], source: &[u8]) -> Result<()> {
+    fn queue_copies(&mut self, extent: usize, steps: &[CopyStep], source: &[u8]) -> Result<()> {
+        let mut relays = Vec::new();
         for s in steps {
             let bytes = &source[s.source_offset as usize..(s.source_offset + s.len) as usize];
             for k in 0..self.targets[s.tensor].len() {
                 let t = self.targets[s.tensor][k];
-                assert!(s.target_offset + s.len <= t.len);
-                self.bind(t.destination)?;
-                let stream = match self.chosen[t.destination] {
-                    Some(stream) => stream,
-                    None => {
-                        let gpu = &mut self.gpus[t.destination];
-                        let stream = gpu.streams[gpu.next_stream];
-                        gpu.next_stream = (gpu.next_stream + 1) % gpu.streams.len();
-                        *self.chosen[t.destination].insert(stream)
+                let from = self.relay_source(s.tensor, k, extent);
+                for piece in t.rows.pieces(s.target_offset, s.len) {
+                    assert!(piece.dest + piece.len() <= t.rows.len(), "a piece past its share");
+                    let dest = self.bases[t.destination] + t.addr + piece.dest;
+                    if let Some(f) = from {
+                        let f = self.targets[s.tensor][f];
+                        let source = self.bases[f.destination] + f.addr + piece.dest;
+                        let (from, to, len) = (f.destination, t.destination, piece.len());
+                        relays.push(Relay { from, to, source, dest, len });
+                        continue;
                     }
-                };
-                // SAFETY: the destination range is inside the target's device memory
-                // (asserted); the source is pinned staging held by the lease until the events
-                // recorded after these copies complete.
-                unsafe { result::memcpy_htod_async(t.addr + s.target_offset, bytes, stream) }
-                    .map_err(cuda_error("cuMemcpyHtoDAsync"))?;
+                    let stream = self.stream_for(t.destination)?;
+                    // SAFETY: the destination lies inside the target's share (asserted), in
+                    // device memory of the bound context; the source is pinned staging held
+                    // by the lease until the events recorded after these copies complete.
+                    unsafe { super::gpus::copy_piece(bytes, &piece, dest, stream)? };
+                }
             }
         }
-        Ok(())
+        self.queue_relays(&relays)
+    }
+
+    /// With replication over peer copies, the place of `tensor` that place `k` copies from
+    /// (`None`: from the host). Places with the same rows form a group; one of them, in turn
+    /// by extent so that every GPU's link takes its part, is copied from the host.
+    fn relay_source(&self, tensor: usize, k: usize, extent: usize) -> Option<usize> {
+        let relay = self.relay.as_ref()?;
+        let places = &self.targets[tensor];
+        let group: Vec<usize> =
+            (0..places.len()).filter(|&j| places[j].rows == places[k].rows).collect();
+        let first = group[extent % group.len()];
+        (first != k && relay[places[first].destination][places[k].destination]).then_some(first)
+    }
+
+    /// Queues `relays` after the host-to-device copies already queued: each source GPU
+    /// records an event, each destination's stream waits for it, then copies.
+    fn queue_relays(&mut self, relays: &[Relay]) -> Result<()> {
+        if relays.is_empty() {
+            return Ok(());
+        }
+        let mut sources: Vec<(usize, sys::CUevent)> = Vec::new();
+        let mut waited: Vec<(usize, usize)> = Vec::new();
+        let mut outcome = Ok(());
+        for r in relays {
+            let queued = self.queue_relay(r, &mut sources, &mut waited);
+            if queued.is_err() {
+                outcome = queued;
+                break;
+            }
+        }
+        for (gpu, event) in sources {
+            let _ = self.bind(gpu);
+            // SAFETY: destroyed once; the driver keeps it until the waits on it are done.
+            unsafe { result::event::destroy(event) }.ok();
+        }
+        outcome
+    }
+
+    fn queue_relay(
+        &mut self,
+        r: &Relay,
+        sources: &mut Vec<(usize, sys::CUevent)>,
+        waited: &mut Vec<(usize, usize)>,
+    ) -> Result<()> {
+        let event = match sources.iter().find(|(g, _)| *g == r.from) {
+            Some(&(_, e)) => e,
+            None => {
+                let stream = self.stream_for(r.from)?;
+                let e = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                    .map_err(cuda_error("cuEventCreate"))?;
+                sources.push((r.from, e));
+                // SAFETY: event and stream belong to the bound context.
+                unsafe { result::event::record(e, stream) }.map_err(cuda_error("cuEventRecord"))?;
+                e
+            }
+        };
+        let stream = self.stream_for(r.to)?;
+        if !waited.contains(&(r.to, r.from)) {
+            // SAFETY: a recorded event of a live context; the stream is of the bound one.
+            unsafe { sys::cuStreamWaitEvent(stream, event, 0) }
+                .result()
+                .map_err(cuda_error("cuStreamWaitEvent"))?;
+            waited.push((r.to, r.from));
+        }
+        let (from, to) = (&self.gpus[r.from].device, &self.gpus[r.to].device);
+        // SAFETY: both ranges are shares in their destinations' allocations; the source's
+        // bytes are complete once the event waited for above has fired.
+        unsafe { super::gpus::relay(from, r.source, to, r.dest, r.len, stream) }
     }
 
     /// Records an event after this extent's copies on every stream in `chosen`; on failure,
@@ -543,9 +702,13 @@ impl Sink for CudaSink {
         lease: Lease,
         landed: &Sender<Result<Message>>,
     ) -> Result<bool> {
+        if let Err(e) = self.ready() {
+            drop(lease); // nothing was queued from it
+            return Err(e);
+        }
         // The poller first: once copies are queued, the lease may only go back through it.
         self.poller(landed)?;
-        if let Err(e) = self.queue_copies(steps, lease.as_slice()) {
+        if let Err(e) = self.queue_copies(extent, steps, lease.as_slice()) {
             self.wait_chosen(); // the copies already queued must finish before the lease drops
             return Err(e);
         }
@@ -566,15 +729,11 @@ impl Drop for CudaSink {
                 log::error!("the CUDA poller thread panicked");
             }
         }
-        for gpu in &self.gpus {
-            let _ = gpu.device.bind();
-            for &s in &gpu.streams {
-                // SAFETY: every copy on it has been waited for (poller joined); destroyed once.
-                unsafe { result::stream::synchronize(s) }.ok();
-                // SAFETY: as above.
-                unsafe { result::stream::destroy(s) }.ok();
-            }
+        if let Some(setup) = self.setup.take() {
+            drop(setup.finish()); // a load that never delivered: free what the threads made
         }
+        self.gpus.clear(); // waits for each stream (the poller is joined), then destroys it
+        self.buffers.clear(); // a failed load's allocations, before the caller's context returns
         if let Some(ctx) = self.previous_context {
             // SAFETY: restoring the caller's context, which it still holds.
             unsafe { result::ctx::set_current(ctx) }.ok();

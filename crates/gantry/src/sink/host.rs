@@ -290,13 +290,39 @@ impl Sink for PlacedSink {
     ) -> Result<bool> {
         let source = lease.as_slice();
         for s in steps {
+            let bytes = &source[s.source_offset as usize..(s.source_offset + s.len) as usize];
             for p in &self.places[s.tensor] {
-                // SAFETY: each place is its atom's length inside its share, which lies inside
-                // its destination's buffer (Layout::buffer_bytes, checked in `new`); shares
-                // never overlap and no reader writes these buffers directly.
-                unsafe { copy_step(source, s, p.addr as *mut u8, p.len) };
+                for piece in p.rows.pieces(s.target_offset, s.len) {
+                    // SAFETY: each place's rows are packed inside its share, which lies inside
+                    // its destination's buffer (Layout::buffer_bytes, checked in `new`);
+                    // shares never overlap and no reader writes these buffers directly.
+                    unsafe { copy_piece(bytes, &piece, p.addr as *mut u8, p.rows.len()) };
+                }
             }
         }
         Ok(true)
+    }
+}
+
+/// Copies `piece` of `source` (the bytes of one copy step) row by row into the `len` bytes at
+/// `ptr` (a share); panics if the piece does not fit there.
+///
+/// # Safety
+/// `ptr..ptr + len` is writable, written by nobody else during the call, and does not overlap
+/// `source`.
+unsafe fn copy_piece(source: &[u8], piece: &crate::placement::Piece, ptr: *mut u8, len: u64) {
+    assert!(piece.dest + piece.len() <= len, "a piece past its share");
+    let width = piece.width as usize;
+    for r in 0..piece.rows {
+        let from = (piece.source + r * piece.source_pitch) as usize;
+        let row = &source[from..from + width];
+        // SAFETY: inside `len` bytes at `ptr` (asserted), per the contract.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                row.as_ptr(),
+                ptr.add((piece.dest + r * piece.width) as usize),
+                width,
+            )
+        };
     }
 }

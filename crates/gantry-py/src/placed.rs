@@ -1,0 +1,141 @@
+//! Placed loads from Python: a checkpoint read once and placed across several destinations
+//! (host memory or GPUs), replicated, split along a dimension, or by the tensor-parallel rule
+//! (`tp:N`). Each destination's shares come back as tensors over one buffer of its own, freed
+//! when the last of them is released.
+
+use std::sync::Arc;
+
+use gantry::placement::{self, Share, TensorParallel};
+use gantry::{Loader, TensorEntry};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::dlpack::{DEVICE_CPU, DEVICE_CUDA};
+use crate::memory::Memory;
+use crate::stream::{open_device, parse_config, parse_device, Tensor};
+use crate::to_py;
+
+/// A `shard` rule: `replicate:N`, `dimK:N` or `tp:N`.
+enum Rule {
+    Split(Option<usize>),
+    Tp(TensorParallel),
+}
+
+fn parse_rule(shard: &str, tp_rules: &[(String, String)]) -> PyResult<(Rule, usize)> {
+    let bad = || {
+        PyValueError::new_err(format!(
+            "shard '{shard}': expected replicate:N, dimK:N or tp:N (N > 0)"
+        ))
+    };
+    let (kind, n) = shard.split_once(':').ok_or_else(bad)?;
+    let n: usize = n.parse().ok().filter(|&n| n > 0).ok_or_else(bad)?;
+    if !tp_rules.is_empty() && kind != "tp" {
+        return Err(PyValueError::new_err("tp_rules go with shard='tp:N'"));
+    }
+    let rule = match kind {
+        "replicate" => Rule::Split(None),
+        "tp" => {
+            let mut tp = placement::tensor_parallel(n);
+            for (pattern, split) in tp_rules.iter().rev() {
+                tp = tp.with_rule(pattern, split.parse().map_err(to_py)?);
+            }
+            Rule::Tp(tp)
+        }
+        _ => Rule::Split(Some(
+            kind.strip_prefix("dim").and_then(|d| d.parse().ok()).ok_or_else(bad)?,
+        )),
+    };
+    Ok((rule, n))
+}
+
+/// One destination's shares: `(name, Tensor)` in checkpoint order.
+type Shares = Vec<(String, Tensor)>;
+
+/// Loads `source` across `devices` (all `"cpu"`, or all GPUs; a GPU may be named more than
+/// once) by `shard`; returns each destination's shares.
+#[pyfunction]
+#[pyo3(signature = (source, devices, shard, config = None, tp_rules = None))]
+pub fn load_placed(
+    py: Python<'_>,
+    source: std::path::PathBuf,
+    devices: Vec<String>,
+    shard: &str,
+    config: Option<&Bound<'_, PyDict>>,
+    tp_rules: Option<Vec<(String, String)>>,
+) -> PyResult<Vec<Shares>> {
+    let (rule, n) = parse_rule(shard, &tp_rules.unwrap_or_default())?;
+    let ordinals = devices.iter().map(|d| parse_device(d)).collect::<PyResult<Vec<_>>>()?;
+    if ordinals.len() != n {
+        return Err(PyValueError::new_err(format!(
+            "shard '{shard}' places across {n} destinations but devices names {}",
+            ordinals.len()
+        )));
+    }
+    let gpus: Option<Vec<u32>> = ordinals.iter().copied().collect();
+    if gpus.is_none() && ordinals.iter().any(Option::is_some) {
+        return Err(PyValueError::new_err("devices are either all 'cpu' or all GPUs"));
+    }
+    let config = parse_config(config)?;
+    let place = move |t: &TensorEntry| -> gantry::Result<Vec<(usize, Share)>> {
+        match &rule {
+            Rule::Split(dim) => placement::split(t, *dim, n),
+            Rule::Tp(tp) => tp.place(t),
+        }
+    };
+    py.detach(|| -> gantry::Result<Vec<Shares>> {
+        let loader = Loader::new(config)?;
+        let checkpoint = gantry::open_with(&source, loader.config())?;
+        match gpus {
+            Some(gpus) => {
+                let devices =
+                    gpus.iter().map(|&g| open_device(g)).collect::<gantry::Result<Vec<_>>>()?;
+                let model =
+                    loader.load_placed_to_devices(checkpoint, &devices, place, |_, _| {})?;
+                let (checkpoint, shares, buffers, _) = model.into_parts();
+                let memory = buffers.into_iter().map(|b| Arc::new(Memory::device(b))).collect();
+                let ids = gpus.iter().map(|&g| (DEVICE_CUDA, g as i32)).collect();
+                Ok(tensors(&checkpoint.tensors, shares, memory, ids))
+            }
+            None => {
+                let model = loader.load_placed(checkpoint, n, place, |_, _| {})?;
+                let (checkpoint, shares, buffers, _) = model.into_parts();
+                let memory = buffers
+                    .into_iter()
+                    .map(|mut b| {
+                        let m = Memory::host(&mut b);
+                        m.keep(b);
+                        Arc::new(m)
+                    })
+                    .collect();
+                Ok(tensors(&checkpoint.tensors, shares, memory, vec![(DEVICE_CPU, 0); n]))
+            }
+        }
+    })
+    .map_err(to_py)
+}
+
+fn tensors(
+    table: &[TensorEntry],
+    shares: Vec<Vec<placement::ShareEntry>>,
+    memory: Vec<Arc<Memory>>,
+    ids: Vec<(i32, i32)>,
+) -> Vec<Shares> {
+    shares
+        .into_iter()
+        .zip(memory)
+        .zip(ids)
+        .map(|((shares, memory), id)| {
+            shares
+                .into_iter()
+                .map(|s| {
+                    let t = &table[s.tensor];
+                    let at = (memory.base() + s.offset, s.len as usize);
+                    let tensor =
+                        Tensor::new(t.name.clone(), t.dtype, s.shape, at, id, Arc::clone(&memory));
+                    (t.name.clone(), tensor)
+                })
+                .collect()
+        })
+        .collect()
+}
