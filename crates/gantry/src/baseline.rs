@@ -174,6 +174,9 @@ pub fn pinned_h2d(
     use cudarc::driver::{result, sys};
     const PIECE: usize = 64 << 20;
     let buffer_bytes = 1 << 30;
+    // The device's context is current for the streams and copies below, and the caller's
+    // again when this returns.
+    let _bound = device.bind_scoped()?;
     let arena = std::sync::Arc::new(Arena::new(buffer_bytes, device.numa_node())?);
     let _pinned = crate::sink::cuda::PinnedHost::new(std::sync::Arc::clone(&arena), device)?;
     let target = device.alloc(buffer_bytes, "the host-to-device ceiling")?;

@@ -120,9 +120,9 @@ impl Default for Config {
         Self {
             queue_depth: 8,
             chunk_bytes: 64 << 20,
-            buffered_chunk_bytes: 8 << 20,
+            buffered_chunk_bytes: 2 << 20,
             staging_bytes: 512 << 20,
-            threads: cores.clamp(2, 16),
+            threads: (cores * 3 / 4).clamp(2, 16),
             path: PathChoice::Auto,
             hot_fraction: 0.5,
             gap_bytes: 1 << 20,
@@ -184,8 +184,9 @@ impl Config {
         self
     }
     /// Bytes per read of the buffered (page-cache) reader, a multiple of 4096; at most
-    /// `chunk_bytes` is used (default 8 MiB: many threads each copying a moderate piece keep the
-    /// memory system busiest).
+    /// `chunk_bytes` is used (default 2 MiB: many threads each copying a small piece keep the
+    /// memory system busiest while the copies to a GPU read the ring; 2 MiB pieces loaded a
+    /// warm 16 GB checkpoint at 47-48 GB/s on a 16-core H100 machine, 8 MiB ones at 28-47).
     pub fn buffered_chunk_bytes(mut self, n: usize) -> Self {
         self.buffered_chunk_bytes = n;
         self
@@ -195,7 +196,9 @@ impl Config {
         self.staging_bytes = n;
         self
     }
-    /// Threads of the buffered reader (default: the cores, 2 to 16).
+    /// Threads of the buffered reader (default: three quarters of the cores, 2 to 16, so that
+    /// the consumer and the copy poller keep a core: 12 threads read a warm checkpoint onto an
+    /// H100 at 47-48 GB/s on 16 cores, 16 threads at 33-40).
     pub fn threads(mut self, n: usize) -> Self {
         self.threads = n;
         self
