@@ -252,7 +252,10 @@ pub fn run(
         }
     });
     match failure {
-        Some(e) => Err(e),
+        Some(e) => {
+            sink.settle(); // copies still in flight read staging: wait before the lock goes
+            Err(e)
+        }
         None => Ok(()),
     }
 }
