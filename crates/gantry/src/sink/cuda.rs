@@ -529,16 +529,22 @@ impl Sink for CudaSink {
         }
         Ok(false)
     }
-}
 
-impl Drop for CudaSink {
-    fn drop(&mut self) {
+    /// Stops the poller once it has waited for every extent sent to it (each lease is dropped
+    /// only after its copies completed).
+    fn settle(&mut self) {
         if let Some((tx, handle)) = self.poller.take() {
             drop(tx);
             if handle.join().is_err() {
                 log::error!("the CUDA poller thread panicked");
             }
         }
+    }
+}
+
+impl Drop for CudaSink {
+    fn drop(&mut self) {
+        self.settle();
         for gpu in &self.gpus {
             let _ = gpu.device.bind();
             for &s in &gpu.streams {
