@@ -57,7 +57,14 @@ fn python_package() {
         return;
     };
     let site = package();
-    let search = tools::prepend(&site, packages.map(PathBuf::into_os_string));
+    // The package, then the fetched packages, then the caller's PYTHONPATH (which may be
+    // where numpy and the others were found).
+    let rest = std::env::var_os("PYTHONPATH");
+    let rest = match packages {
+        Some(dir) => Some(tools::prepend(&dir, rest)),
+        None => rest,
+    };
+    let search = tools::prepend(&site, rest);
     let mut command = Command::new(&python);
     command
         .args(["-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", "test_gantry.py"])
