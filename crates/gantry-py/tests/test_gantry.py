@@ -13,6 +13,7 @@ import _thread
 import functools
 import gc
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -293,13 +294,18 @@ class HostTests(WithCheckpoint):
         s = gantry.stream(self.ck.path, device="cpu", framework="dlpack", path="buffered",
                           buffered_chunk_bytes=4096, chunk_bytes=4096, staging_bytes=16384,
                           threads=1, _read_delay_ms=20)
+        # A process started in the background by a shell inherits SIGINT ignored, and then
+        # interrupt_main does nothing: install Python's handler for the test.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         timer.start()
         try:
             got.extend(s)
             self.fail("no KeyboardInterrupt")
         except KeyboardInterrupt:
             pass
-        timer.cancel()
+        finally:
+            timer.cancel()
+            signal.signal(signal.SIGINT, previous)
         self.assertTrue(all(t.tobytes() == reference(self.ck.table[n]) for n, t in got))
         self.assertLess(len(got), len(self.ck.table), "the load finished before the interrupt")
         self.assertIsNone(s.report())
