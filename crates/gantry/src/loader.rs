@@ -744,6 +744,12 @@ impl Loader {
             });
         }
         let need = slot_bytes * count;
+        if cached.as_ref().is_some_and(|c| c.arena.is_poisoned()) {
+            // A read of an earlier load may still land in it (a leaked lease, which keeps
+            // the mapping alive): never hand its slots out again.
+            log::warn!("staging ring poisoned by an earlier load: mapping a new one");
+            *cached = None;
+        }
         if cached.as_ref().is_some_and(|c| c.arena.len() < need || c.node != node) {
             *cached = None; // unpin and unmap the old ring before mapping the new one
         }
@@ -872,5 +878,31 @@ fn gds_facts(
             "nvidia-fs {}.{}, no P2PDMA for this file, and allow_compat_mode is off",
             facts.nvfs_version.0, facts.nvfs_version.1
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A load after one whose reader leaked a lease (a read the kernel may still complete)
+    /// gets staging that does not overlap the leaked slot.
+    #[test]
+    fn a_poisoned_staging_ring_is_replaced_not_reused() {
+        let loader = Loader::new(Config::default()).unwrap();
+        let mut cached = loader.staging.lock();
+        let first = loader.staging(&mut cached, 4096, 2, None, None).unwrap();
+        let pool = first.pool.expect("a pool");
+        let old = Arc::clone(pool.arena());
+        let mut lease = pool.acquire().unwrap();
+        let leaked = lease.as_mut_ptr() as usize;
+        lease.leak();
+        drop(pool);
+        let second = loader.staging(&mut cached, 4096, 2, None, None).unwrap();
+        let pool = second.pool.expect("a pool");
+        assert!(!Arc::ptr_eq(pool.arena(), &old), "the poisoned arena was reused");
+        let base = pool.arena().base() as usize;
+        assert!(!(base..base + pool.arena().len()).contains(&leaked));
+        assert!(!pool.arena().is_poisoned());
     }
 }

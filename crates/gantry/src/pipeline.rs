@@ -333,6 +333,7 @@ pub fn run(
     });
     if let Some(e) = failure {
         drop(verifier); // its threads end and drop the leases they held
+        sink.settle(); // copies still in flight read staging: wait before the lock goes
         return Err(e);
     }
     if let (Some(verifier), Some(checks)) = (verifier, checks) {

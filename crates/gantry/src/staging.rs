@@ -11,11 +11,17 @@
 //! consumer are done, and no two parties ever see the same buffer at once (glommio's
 //! `UringBufferAllocator` works the same way).
 //!
+//! A lease whose buffer the kernel may still write (a read that could not be waited for) is
+//! leaked with [`Lease::leak`]: its slot never goes back, and its arena is poisoned, so the
+//! loader maps a new one for the next load instead of cutting the old one into a new pool
+//! whose slots would overlap the leaked one. The poisoned mapping is never unmapped.
+//!
 //! The mapping is page aligned, so every buffer is aligned for `O_DIRECT` when the buffer size
 //! is a multiple of 4096. It is anonymous memory rather than `cuMemHostAlloc` so that io_uring
 //! can register it as fixed buffers and CUDA can page-lock the same pages.
 
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
@@ -52,6 +58,8 @@ pub fn map_anonymous(len: usize, what: &'static str) -> Result<NonNull<u8>> {
 pub struct Arena {
     base: NonNull<u8>,
     len: usize,
+    /// A lease of it was leaked: the kernel may still write into it.
+    poisoned: AtomicBool,
 }
 
 // SAFETY: the arena is plain memory; access to each slot is arbitrated by leases.
@@ -65,7 +73,7 @@ impl Arena {
     pub fn new(len: usize, node: Option<u32>) -> Result<Self> {
         assert!(len > 0 && len % 4096 == 0);
         let base = map_anonymous(len, "mapping the staging ring")?;
-        let arena = Self { base, len };
+        let arena = Self { base, len, poisoned: AtomicBool::new(false) };
         if let Some(node) = node {
             // SAFETY: the mapping made above, not yet touched.
             unsafe { crate::topology::bind_to_node(arena.base(), len, node) };
@@ -91,10 +99,19 @@ impl Arena {
     pub fn base(&self) -> *mut u8 {
         self.base.as_ptr()
     }
+
+    /// Whether a lease of the arena was leaked ([`Lease::leak`]): no later load may use it.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for Arena {
     fn drop(&mut self) {
+        if self.is_poisoned() {
+            log::warn!("keeping a poisoned staging ring of {} bytes mapped", self.len);
+            return;
+        }
         // SAFETY: base/len are the mapping made in `new`; no lease outlives the pool that
         // holds an `Arc<Arena>`.
         if unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) } != 0 {
@@ -235,6 +252,17 @@ impl Lease {
     }
 }
 
+impl Lease {
+    /// Gives the slot up for good, for when the kernel may still write into it (a read that
+    /// could not be waited for): it never goes back to the free list, and its arena is
+    /// poisoned, so no later load hands out its memory again, and it stays mapped.
+    pub fn leak(self) {
+        self.pool.arena.poisoned.store(true, Ordering::Release);
+        // Keeps the pool, and so the arena's mapping, alive for good.
+        std::mem::forget(self);
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         self.pool.release(self.index);
@@ -259,5 +287,25 @@ mod tests {
         assert!(pool.try_acquire().is_some());
         pool.close();
         assert!(pool.acquire().is_none());
+    }
+
+    #[test]
+    fn a_leaked_lease_poisons_its_arena_and_keeps_it_mapped() {
+        let arena = Arc::new(Arena::new(2 * 4096, None).unwrap());
+        let pool = Pool::new(Arc::clone(&arena), 4096, 2);
+        let mut lease = pool.acquire().unwrap();
+        let leaked = lease.as_mut_ptr();
+        let other = pool.acquire().unwrap();
+        assert!(!arena.is_poisoned());
+        lease.leak();
+        assert!(arena.is_poisoned());
+        drop(other);
+        // The leaked slot never comes back; the other does.
+        assert_ne!(pool.try_acquire().unwrap().as_mut_ptr(), leaked);
+        drop(pool);
+        // The leaked lease holds the pool, so the mapping outlives every other handle.
+        assert_eq!(Arc::strong_count(&arena), 2);
+        // SAFETY: the leaked slot is still mapped (the write stands for the kernel's).
+        unsafe { leaked.write_volatile(1) };
     }
 }

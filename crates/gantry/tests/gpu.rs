@@ -104,6 +104,38 @@ fn synthetic_sharded_checkpoint_subset_and_reload() {
     assert_device_matches(&subset, 3 * spec.layers as usize);
 }
 
+/// A device load that fails with copies in flight (cancelled from the ready callback, as a
+/// CUDA error would end it) returns only after the sink waited for them: the same loader's
+/// next load, over the same staging ring, is bit-exact.
+#[test]
+fn failed_device_load_waits_for_its_copies_before_the_next_load() {
+    let Some(dev) = gpu() else { return };
+    let dir = scratch();
+    let path = path_of(&dir, "m.safetensors");
+    let tensors: Vec<(Dtype, Vec<usize>)> = (0..64).map(|_| (Dtype::F32, vec![64 << 10])).collect();
+    write_file(&path, &tensors, 9);
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let config = Config::default()
+        .path(PathChoice::Buffered)
+        .buffered_chunk_bytes(256 << 10)
+        .staging_bytes(2 << 20)
+        .cancel_flag(std::sync::Arc::clone(&flag));
+    let loader = Loader::new(config).unwrap();
+    for _ in 0..3 {
+        flag.store(false, std::sync::atomic::Ordering::Relaxed);
+        let cancel = |_: gantry::ReadyOnDevice<'_>| {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        };
+        let err = loader
+            .load_to_device_with(Checkpoint::open(&path).unwrap(), &dev, |_| true, cancel)
+            .expect_err("cancelled");
+        assert!(matches!(err, Error::Cancelled), "{err}");
+        flag.store(false, std::sync::atomic::Ordering::Relaxed);
+        let model = loader.load_to_device(&path, &dev).unwrap();
+        assert_device_matches(&model, tensors.len());
+    }
+}
+
 #[test]
 fn caller_destinations() {
     let Some(dev) = gpu() else { return };

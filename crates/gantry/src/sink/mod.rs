@@ -48,4 +48,71 @@ pub trait Sink {
         lease: Lease,
         landed: &Sender<Result<Message>>,
     ) -> Result<bool>;
+
+    /// Waits until every copy of a delivered extent has completed and every lease passed to
+    /// [`Sink::deliver`] has been dropped. A failed load calls it before it returns (and so
+    /// before the loader's staging lock is released), so that no later load unpins or reuses
+    /// staging memory a copy is still reading.
+    fn settle(&mut self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, Error, Loader, PathChoice};
+
+    /// Holds every lease it is given, as the CUDA sink's poller does while copies are in
+    /// flight, and fails the second delivery, as a CUDA error would.
+    #[derive(Default)]
+    struct HoldingSink {
+        held: Vec<Lease>,
+        delivered: usize,
+    }
+
+    impl Sink for HoldingSink {
+        fn direct_target(&mut self, _: &Extent, _: &[CopyStep], _: u64) -> Option<RawTarget> {
+            None
+        }
+
+        fn deliver(
+            &mut self,
+            _: usize,
+            _: &[CopyStep],
+            lease: Lease,
+            _: &Sender<Result<Message>>,
+        ) -> Result<bool> {
+            self.delivered += 1;
+            if self.delivered == 2 {
+                return Err(Error::Config("a copy failed".into()));
+            }
+            self.held.push(lease);
+            Ok(false)
+        }
+
+        fn settle(&mut self) {
+            self.held.clear();
+        }
+    }
+
+    #[test]
+    fn a_failed_load_returns_only_after_the_sink_let_go_of_its_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let tensors = [("a".to_owned(), vec![8192]), ("b".to_owned(), vec![8192])];
+        crate::synth::write_shard(&path, &tensors, &mut 3).unwrap();
+        let checkpoint = crate::open(&path).unwrap();
+        let config = Config::default()
+            .path(PathChoice::Buffered)
+            .chunk_bytes(4096)
+            .buffered_chunk_bytes(4096)
+            .staging_bytes(4 * 4096)
+            .threads(1);
+        let loader = Loader::new(config).unwrap();
+        let mut sink = HoldingSink::default();
+        let wanted = vec![true; checkpoint.tensors.len()];
+        let err = loader.run(&checkpoint, &wanted, &mut sink, None, &mut |_| {}).unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{err}");
+        assert_eq!(sink.delivered, 2);
+        assert!(sink.held.is_empty(), "the load returned while the sink still held staging");
+    }
 }

