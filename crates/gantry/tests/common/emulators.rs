@@ -201,7 +201,7 @@ pub fn start_azurite(bin: &Path) -> Emulator {
     let mut command = Command::new(bin);
     command.args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()]);
     command.args(["--inMemoryPersistence", "--skipApiVersionCheck", "--disableTelemetry"]);
-    command.arg("--location").arg(dir.path());
+    command.current_dir(dir.path());
     let mut server = Emulator::spawn(&mut command, port, dir);
     server.wait(|p| http(p, "GET", "/", &[], b"").0 != 0);
     let status =
