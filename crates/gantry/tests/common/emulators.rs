@@ -204,29 +204,51 @@ pub fn start_azurite(bin: &Path) -> Emulator {
     command.current_dir(dir.path());
     let mut server = Emulator::spawn(&mut command, port, dir);
     server.wait(|p| http(p, "GET", "/", &[], b"").0 != 0);
-    let status =
-        azure_request(port, "PUT", AZURE_CONTAINER, "restype:container", "restype=container");
+    let status = azure_request(port, AZURE_CONTAINER, "restype=container", &[], b"");
     assert_eq!(status, 201, "creating container {AZURE_CONTAINER}");
     server
 }
 
-/// A bodiless request to Azurite signed with the account key (Shared Key): the one request
-/// the tests need that the `object_store` client does not make (creating a container).
-fn azure_request(port: u16, method: &str, path: &str, canonical_query: &str, query: &str) -> u16 {
+/// Uploads `bytes` as blob `key` of the Azurite container.
+pub fn azure_put(server: &Emulator, key: &str, bytes: &[u8]) {
+    let path = format!("{AZURE_CONTAINER}/{key}");
+    let status = azure_request(server.port, &path, "", &[("x-ms-blob-type", "BlockBlob")], bytes);
+    assert_eq!(status, 201, "uploading {key}");
+}
+
+/// A PUT to Azurite signed with the account key (Shared Key): what the tests need without an
+/// Azure client. `query` is at most one `name=value`; `ms_headers` sorted by name, each
+/// before `x-ms-date`.
+fn azure_request(
+    port: u16,
+    path: &str,
+    query: &str,
+    ms_headers: &[(&str, &str)],
+    body: &[u8],
+) -> u16 {
     let date = "Thu, 01 Jan 2026 00:00:00 GMT".to_owned();
     let version = "2021-08-06";
-    let resource = format!("/{AZURE_ACCOUNT}/{AZURE_ACCOUNT}/{path}\n{canonical_query}");
+    let mut resource = format!("/{AZURE_ACCOUNT}/{AZURE_ACCOUNT}/{path}");
+    if let Some((name, value)) = query.split_once('=') {
+        resource.push_str(&format!("\n{name}:{value}"));
+    }
+    let length = if body.is_empty() { String::new() } else { body.len().to_string() };
+    let mut canonical = String::new();
+    for (k, v) in ms_headers {
+        canonical.push_str(&format!("{k}:{v}\n"));
+    }
     let to_sign = format!(
-        "{method}\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n{resource}"
+        "PUT\n\n\n{length}\n\n\n\n\n\n\n\n\n{canonical}x-ms-date:{date}\nx-ms-version:{version}\n{resource}"
     );
     let key = base64_decode(AZURE_KEY);
     let signature = base64_encode(&hmac_sha256(&key, to_sign.as_bytes()));
-    let headers = [
-        ("x-ms-date", date),
-        ("x-ms-version", version.to_owned()),
-        ("Authorization", format!("SharedKey {AZURE_ACCOUNT}:{signature}")),
-    ];
-    http(port, method, &format!("/{AZURE_ACCOUNT}/{path}?{query}"), &headers, b"").0
+    let mut headers: Vec<(&str, String)> =
+        ms_headers.iter().map(|(k, v)| (*k, v.to_string())).collect();
+    headers.push(("x-ms-date", date));
+    headers.push(("x-ms-version", version.to_owned()));
+    headers.push(("Authorization", format!("SharedKey {AZURE_ACCOUNT}:{signature}")));
+    let separator = if query.is_empty() { "" } else { "?" };
+    http(port, "PUT", &format!("/{AZURE_ACCOUNT}/{path}{separator}{query}"), &headers, body).0
 }
 
 fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
