@@ -139,7 +139,9 @@ mod tests {
     #[test]
     fn sources() {
         use Provider::*;
-        let cases: [(&str, Option<(Provider, Option<&str>, &str, &str, &str)>); 12] = [
+        /// Provider, account, bucket, key, and the URL of key `k` beside it.
+        type Split<'a> = (Provider, Option<&'a str>, &'a str, &'a str, &'a str);
+        let cases: [(&str, Option<Split>); 12] = [
             ("s3://b/m/x.safetensors", Some((S3, None, "b", "m/x.safetensors", "s3://b/k"))),
             ("s3://b", Some((S3, None, "b", "", "s3://b/k"))),
             ("gs://b/m/", Some((Gcs, None, "b", "m/", "gs://b/k"))),
