@@ -233,15 +233,14 @@ static void placed(gantry_loader *loader, const char *good) {
 }
 
 /* GOOD was uploaded to URL; MISSING_URL names no object. */
-static void object_storage(const char *good, char **args) {
-    const char *url = args[0], *missing = args[1];
-    char endpoint[256], key_id[128], secret[128];
-    snprintf(endpoint, sizeof endpoint, "aws_endpoint=%s", args[2]);
-    snprintf(key_id, sizeof key_id, "aws_access_key_id=%s", args[3]);
-    snprintf(secret, sizeof secret, "aws_secret_access_key=%s", args[4]);
-    const char *options[] = {endpoint, key_id, secret, "aws_region=us-east-1", "aws_allow_http=true"};
+/* args: the object's URL, a missing object's URL, an option with a wrong credential, the
+ * right credential's value, then the options that reach the store (any provider's keys). */
+static void object_storage(const char *good, char **args, int count) {
+    const char *url = args[0], *missing = args[1], *wrong_option = args[2], *secret = args[3];
+    const char **options = (const char **)(args + 4);
+    size_t option_count = (size_t)(count - 4);
     gantry_loader *loader = NULL;
-    expect(gantry_loader_new_with_options(NULL, options, 5, &loader), GANTRY_OK, "loader for the store");
+    expect(gantry_loader_new_with_options(NULL, options, option_count, &loader), GANTRY_OK, "loader for the store");
 
     gantry_model *model = load_and_check(loader, url, good);
     gantry_model_free(model);
@@ -262,12 +261,17 @@ static void object_storage(const char *good, char **args) {
     CHECK(out == NULL, "no model for a missing object");
     gantry_loader_free(loader);
 
-    const char *wrong_secret = "aws_secret_access_key=not-the-secret-5d1c";
-    const char *wrong[] = {endpoint, key_id, wrong_secret, "aws_region=us-east-1", "aws_allow_http=true"};
-    expect(gantry_loader_new_with_options(NULL, wrong, 5, &loader), GANTRY_OK, "loader with a wrong secret");
+    /* Later options override earlier ones: the wrong credential last. */
+    const char *wrong[32];
+    CHECK(option_count < 32, "at most 31 options");
+    memcpy(wrong, options, option_count * sizeof *options);
+    wrong[option_count] = wrong_option;
+    expect(gantry_loader_new_with_options(NULL, wrong, option_count + 1, &loader), GANTRY_OK,
+           "loader with a wrong credential");
     expect(gantry_loader_load(loader, url, GANTRY_DEVICE_HOST, &out), GANTRY_E_IO, "wrong credentials");
     gantry_last_error_message(message, sizeof message);
-    CHECK(strstr(message, "not-the-secret-5d1c") == NULL && strstr(message, args[4]) == NULL,
+    const char *wrong_value = strchr(wrong_option, '=') + 1;
+    CHECK(strstr(message, wrong_value) == NULL && strstr(message, secret) == NULL,
           "no secret in the error: %s", message);
     gantry_loader_free(loader);
     printf("object storage: ok\n");
@@ -308,7 +312,7 @@ static void sha256_check(const char *good) {
 }
 
 int main(int argc, char **argv) {
-    CHECK(argc == 3 || argc == 8, "usage: smoke GOOD CORRUPT [URL MISSING_URL ENDPOINT KEY_ID SECRET]");
+    CHECK(argc == 3 || argc >= 8, "usage: smoke GOOD CORRUPT [URL MISSING_URL WRONG_OPTION SECRET OPTION...]");
     const char *good = argv[1], *corrupt = argv[2];
     CHECK(gantry_abi_version() == GANTRY_ABI_VERSION, "ABI version");
     CHECK(strcmp(gantry_version(), GANTRY_VERSION) == 0, "version %s vs %s", gantry_version(), GANTRY_VERSION);
@@ -407,8 +411,8 @@ int main(int argc, char **argv) {
     }
     placed(loader, good);
     gantry_loader_free(loader);
-    if (argc == 8) {
-        object_storage(good, argv + 3);
+    if (argc >= 8) {
+        object_storage(good, argv + 3, argc - 3);
     }
     printf("smoke: ok\n");
     return 0;

@@ -237,8 +237,12 @@ gantry_status gantry_loader_new(const struct gantry_config *config,
 // `SHA256SUMS` beside it, object metadata `sha256`; a mismatch is `GANTRY_E_INTEGRITY`),
 // `cache_dir=DIR` (keep a local copy of every object read, written while it streams, and
 // read it on later loads while the object's ETag is unchanged), or
-// for `s3://` sources an `object_store` S3 key (`aws_endpoint_url`, `aws_region`,
-// `aws_allow_http`, `aws_access_key_id`, ...), applied over the standard AWS environment
+// for object sources an `object_store` client key: `aws_*` for `s3://` (`aws_endpoint_url`,
+// `aws_region`, `aws_allow_http`, `aws_access_key_id`, ...), `google_*` for `gs://`
+// (`google_service_account_key`, `google_base_url`, ...), `azure_*` for `az://`, `abfs://`
+// and `https://ACCOUNT.blob.core.windows.net/` (`azure_storage_account_name`,
+// `azure_storage_account_key`, `azure_storage_endpoint`, ...), or an HTTP client key for
+// every store (`allow_http`, `timeout`), each applied over its provider's environment
 // variables. An unknown key is `GANTRY_E_INVALID_ARGUMENT`. `config` may be NULL for the
 // defaults.
 //
@@ -257,8 +261,8 @@ gantry_status gantry_loader_new_with_options(const struct gantry_config *config,
 // `loader` is NULL or came from `gantry_loader_new` and is not used afterwards.
 void gantry_loader_free(struct gantry_loader *loader);
 
-// Loads every tensor of `path` (a `.safetensors` file, a directory, an index, or an `s3://`
-// source; see `gantry_loader_new_with_options`) into host memory
+// Loads every tensor of `path` (a `.safetensors` file, a directory, an index, or an object
+// source, `s3://`, `gs://` or `az://`; see `gantry_loader_new_with_options`) into host memory
 // (`device == GANTRY_DEVICE_HOST`) or onto GPU `device`, into memory gantry owns.
 // Free the model with `gantry_model_free`.
 //

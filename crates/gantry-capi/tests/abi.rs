@@ -9,6 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "../../gantry/tests/common/emulators.rs"]
+mod emulators;
 #[path = "../../gantry/tests/common/store.rs"]
 mod store;
 #[path = "../../gantry/tests/common/tools.rs"]
@@ -229,13 +231,53 @@ fn c_client_loads_from_object_storage() {
         .arg(&bad)
         .arg(format!("s3://{}/capi/model.safetensors", store::BUCKET))
         .arg(format!("s3://{}/capi/missing.safetensors", store::BUCKET))
-        .arg(&server.endpoint)
-        .args([store::ACCESS_KEY, store::SECRET_KEY])
+        .args(["aws_secret_access_key=not-the-secret-5d1c", store::SECRET_KEY])
+        .arg(format!("aws_endpoint={}", server.endpoint))
+        .arg(format!("aws_access_key_id={}", store::ACCESS_KEY))
+        .arg(format!("aws_secret_access_key={}", store::SECRET_KEY))
+        .args(["aws_region=us-east-1", "aws_allow_http=true"])
         .env("LD_LIBRARY_PATH", lib_dir());
     for var in ["AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"] {
         client.env_remove(var); // the options alone configure the client
     }
     let out = client.output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("object storage: ok") && text.contains("smoke: ok"), "{text}");
+}
+
+/// The same C client against Azure Blob Storage (Azurite on loopback), configured with
+/// `azure_*` options alone: an account endpoint, name and key; a wrong key is `GANTRY_E_IO`
+/// without the key in the message.
+#[test]
+fn c_client_loads_from_azure() {
+    let Some(cc) = tools::require_compiler("cc") else { return };
+    let Some(azurite) = emulators::azurite() else { return };
+    let server = emulators::start_azurite(&azurite);
+    let dir = tempfile::tempdir().unwrap();
+    let (good, bad) = checkpoint(dir.path());
+    emulators::azure_put(&server, "capi/model.safetensors", &std::fs::read(&good).unwrap());
+    let exe = dir.path().join("smoke_azure");
+    compile(&cc, "-std=c11", &manifest().join("../../tests/capi/smoke.c"), &exe);
+    let wrong =
+        emulators::base64_encode(b"not-the-account-key-but-64-bytes-long-0123456789abcdef012345");
+    let container = emulators::AZURE_CONTAINER;
+    let out = Command::new(&exe)
+        .arg(&good)
+        .arg(&bad)
+        .arg(format!("az://{container}/capi/model.safetensors"))
+        .arg(format!("az://{container}/capi/missing.safetensors"))
+        .arg(format!("azure_storage_account_key={wrong}"))
+        .arg(emulators::AZURE_KEY)
+        .arg(format!("azure_storage_endpoint={}/{}", server.endpoint(), emulators::AZURE_ACCOUNT))
+        .arg(format!("azure_storage_account_name={}", emulators::AZURE_ACCOUNT))
+        .arg(format!("azure_storage_account_key={}", emulators::AZURE_KEY))
+        .arg("azure_allow_http=true")
+        .env("LD_LIBRARY_PATH", lib_dir())
+        .env_remove("AZURE_STORAGE_USE_EMULATOR")
+        .output()
+        .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");

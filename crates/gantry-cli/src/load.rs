@@ -388,7 +388,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         }
     }
     if args.verify && gantry::io::object::is_url(&args.options.path) {
-        return Err("--verify compares with a plain read of local files; it does not take s3:// sources (use --checksum xxh3 against a local copy)".into());
+        return Err("--verify compares with a plain read of local files; it does not take object sources (s3://, gs://, az://; use --checksum xxh3 against a local copy)".into());
     }
     if let Some(shard) = &args.shard {
         return run_placed(args, shard);

@@ -84,7 +84,7 @@ pub struct LoadOptions {
     /// Threads of the buffered reader.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Object storage (s3:// sources): bytes per ranged GET, in MiB.
+    /// Object storage (s3://, gs://, az:// sources): bytes per ranged GET, in MiB.
     #[arg(long)]
     pub object_part_mib: Option<usize>,
     /// Object storage: ranged GETs in flight.
@@ -103,7 +103,7 @@ pub struct LoadOptions {
     pub store: StoreOptions,
 }
 
-/// Where s3:// sources live, over the standard AWS variables.
+/// Where s3://, gs:// and az:// sources live, over each provider's environment.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StoreOptions {
     /// Object storage: the S3 endpoint (overrides AWS_ENDPOINT_URL); http:// allows plain HTTP.
@@ -112,19 +112,48 @@ pub struct StoreOptions {
     /// Object storage: the region (overrides AWS_REGION).
     #[arg(long)]
     pub s3_region: Option<String>,
+    /// Object storage: the Google Cloud Storage endpoint (google_base_url); http:// allows
+    /// plain HTTP.
+    #[arg(long, value_name = "URL")]
+    pub gcs_endpoint: Option<String>,
+    /// Object storage: the Azure Blob Storage account endpoint (azure_storage_endpoint, e.g.
+    /// http://127.0.0.1:10000/devstoreaccount1 for Azurite); http:// allows plain HTTP.
+    #[arg(long, value_name = "URL")]
+    pub azure_endpoint: Option<String>,
+    /// Object storage: any object_store client key (aws_*, google_*, azure_*, or a client key
+    /// such as allow_http or timeout) and its value; repeatable.
+    #[arg(long = "object-option", value_name = "KEY=VALUE", value_parser = key_value)]
+    pub object_options: Vec<(String, String)>,
+}
+
+fn key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("'{text}' is not KEY=VALUE")),
+    }
 }
 
 impl StoreOptions {
     /// `c` with these options set.
     pub fn apply(&self, mut c: Config) -> Config {
-        if let Some(url) = &self.s3_endpoint {
-            c = c.object_option("aws_endpoint_url", url);
-            if url.starts_with("http://") {
-                c = c.object_option("aws_allow_http", "true");
+        let endpoints = [
+            (&self.s3_endpoint, "aws_endpoint_url", "aws_allow_http"),
+            (&self.gcs_endpoint, "google_base_url", "google_allow_http"),
+            (&self.azure_endpoint, "azure_storage_endpoint", "azure_allow_http"),
+        ];
+        for (url, key, allow_http) in endpoints {
+            if let Some(url) = url {
+                c = c.object_option(key, url);
+                if url.starts_with("http://") {
+                    c = c.object_option(allow_http, "true");
+                }
             }
         }
         if let Some(region) = &self.s3_region {
             c = c.object_option("aws_region", region);
+        }
+        for (key, value) in &self.object_options {
+            c = c.object_option(key, value);
         }
         c
     }

@@ -286,3 +286,58 @@ fn load_shard_tp_follows_the_tensor_parallel_rule() {
         assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "), "{bad:?}");
     }
 }
+
+#[path = "../../gantry/tests/common/emulators.rs"]
+mod emulators;
+
+/// `inspect`, `load` and `bench` of `gs://` and `az://` sources from the emulators, reached
+/// through the endpoint flags and `--object-option` alone: the same tensors and bytes as the
+/// local file; an unknown option is one error line.
+#[test]
+fn object_sources_from_emulators() {
+    let (Some(gcs_bin), Some(azurite_bin)) = (emulators::fake_gcs(), emulators::azurite()) else {
+        return;
+    };
+    let (gcs, azurite) =
+        (emulators::start_fake_gcs(&gcs_bin), emulators::start_azurite(&azurite_bin));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let bytes = write_checkpoint(&path);
+    emulators::gcs_put(&gcs, "m/model.safetensors", &bytes);
+    emulators::azure_put(&azurite, "m/model.safetensors", &bytes);
+    let gcs_flags =
+        ["--gcs-endpoint", &gcs.endpoint(), "--object-option", "google_skip_signature=true"];
+    let azure_endpoint = format!("{}/{}", azurite.endpoint(), emulators::AZURE_ACCOUNT);
+    let account = format!("azure_storage_account_name={}", emulators::AZURE_ACCOUNT);
+    let key = format!("azure_storage_account_key={}", emulators::AZURE_KEY);
+    let azure_flags =
+        ["--azure-endpoint", &azure_endpoint, "--object-option", &account, "--object-option", &key];
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    for (url, flags) in [
+        ("gs://weights/m/model.safetensors", &gcs_flags[..]),
+        ("az://weights/m/model.safetensors", &azure_flags[..]),
+    ] {
+        let out = gantry(&[&["inspect", "--json", url], flags].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (v["total_bytes"].as_u64(), v["files"][0]["path"].as_str()),
+            (Some(30), Some(url))
+        );
+        let load = ["load", url, "--device", "cpu", "--json", "--checksum", "xxh3"];
+        let out = gantry(&[&load[..], flags].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["files"][0]["reader"], "object");
+        for t in v["tensors"].as_array().unwrap() {
+            let data = st.tensor(t["name"].as_str().unwrap()).unwrap().data().to_vec();
+            assert_eq!(t["xxh3"], format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&data)), "{url}");
+        }
+        let out = gantry(&[&["bench", url, "--device", "cpu", "--json"], flags].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = gantry(&["inspect", "gs://weights/m/", "--object-option", "google_nonsense=1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && out.stdout.is_empty(), "{stderr}");
+    assert!(stderr.starts_with("error: ") && stderr.contains("google_nonsense"), "{stderr}");
+}

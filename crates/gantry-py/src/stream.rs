@@ -44,7 +44,7 @@ pub(crate) fn parse_device(device: &str) -> PyResult<Option<u32>> {
 }
 
 /// The config keywords, as `Config`'s setters name them.
-const KEYWORDS: &str = "path, profile, queue_depth, chunk_bytes, buffered_chunk_bytes, staging_bytes, threads, hot_fraction, verify_sha256, cache_dir, object_part_bytes, object_concurrency, s3_endpoint, s3_region, s3_options";
+const KEYWORDS: &str = "path, profile, queue_depth, chunk_bytes, buffered_chunk_bytes, staging_bytes, threads, hot_fraction, verify_sha256, cache_dir, object_part_bytes, object_concurrency, s3_endpoint, s3_region, s3_options, gcs_endpoint, azure_endpoint, object_options";
 
 pub(crate) fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Config> {
     let mut c = Config::default();
@@ -74,7 +74,10 @@ pub(crate) fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Conf
                 }
             }
             "s3_region" => c.object_option("aws_region", value.extract::<String>()?),
-            "s3_options" => {
+            "gcs_endpoint" => endpoint(c, "google", value.extract()?),
+            "azure_endpoint" => endpoint(c, "azure", value.extract()?),
+            // Any provider's keys; `s3_options` is the older name.
+            "object_options" | "s3_options" => {
                 let options: std::collections::BTreeMap<String, String> = value.extract()?;
                 options.into_iter().fold(c, |c, (k, v)| c.object_option(k, v))
             }
@@ -105,6 +108,18 @@ fn take_panic_hook<'py>(
     let rest = options.copy()?;
     rest.del_item(PANIC_AFTER_READY)?;
     Ok((Some(rest), Some(count.extract()?)))
+}
+
+/// `c` with the endpoint of `provider`'s store (`google_base_url`, `azure_storage_endpoint`);
+/// `http://` allows plain HTTP.
+fn endpoint(c: Config, provider: &str, url: String) -> Config {
+    let key = if provider == "google" { "google_base_url" } else { "azure_storage_endpoint" };
+    let c = c.object_option(key, &url);
+    if url.starts_with("http://") {
+        c.object_option(format!("{provider}_allow_http"), "true")
+    } else {
+        c
+    }
 }
 
 /// Slows every read down (tests of interruption).

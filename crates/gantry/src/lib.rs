@@ -54,7 +54,7 @@ pub use sink::cuda::CudaDevice;
 
 /// Opens a checkpoint and validates every header, reading no tensor data: a local
 /// `.safetensors` file, directory or index, or an object source (`s3://bucket/key`,
-/// `s3://bucket/prefix/`; see [`io::object`]).
+/// `s3://bucket/prefix/`, `gs://bucket/...`, `az://container/...`; see [`io::object`]).
 ///
 /// ```no_run
 /// let local = gantry::open("model/")?;

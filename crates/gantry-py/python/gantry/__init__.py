@@ -98,8 +98,10 @@ _TORCH_DTYPES = {
 
 def inspect(source: Source, **config: Any) -> List[TensorInfo]:
     """The tensor table of a checkpoint (a ``.safetensors`` file, a folder, or a
-    ``model.safetensors.index.json``), read from its headers alone. ``config``: for ``s3://``
-    sources, ``s3_endpoint``, ``s3_region`` and ``s3_options`` as for :func:`stream`."""
+    ``model.safetensors.index.json``, or an object source: ``s3://``, ``gs://``, ``az://``), read
+    from its headers alone. ``config``: for object sources, ``object_options``,
+    ``s3_endpoint``, ``s3_region``, ``gcs_endpoint`` and ``azure_endpoint`` as for
+    :func:`stream`."""
     return [
         TensorInfo(name, dtype, tuple(shape), file, offset, nbytes)
         for name, dtype, shape, file, offset, nbytes in _gantry.inspect(os.fspath(source), config)
@@ -245,10 +247,15 @@ def stream(
     ``buffered_chunk_bytes``, ``staging_bytes``, ``threads``, ``hot_fraction``,
     ``verify_sha256`` (hash every file read and check it against the digest known for it; a
     mismatch raises :class:`IoError` naming the file and both digests), as the Rust
-    ``Config`` names them; for ``s3://`` sources ``cache_dir`` (a local copy of every object
+    ``Config`` names them; for object sources (``s3://``, ``gs://``, ``az://``, ``abfs://``,
+    ``https://ACCOUNT.blob.core.windows.net/...``) ``cache_dir`` (a local copy of every object
     read, reused while its ETag is unchanged), ``object_part_bytes``, ``object_concurrency``,
-    ``s3_endpoint``, ``s3_region`` and ``s3_options`` (a dict of ``object_store`` keys such as
-    ``aws_skip_signature``), over the standard AWS environment variables.
+    ``object_options`` (a dict of ``object_store`` keys: ``aws_*``, ``google_*``, ``azure_*``,
+    or ``allow_http``, ``timeout``; ``s3_options`` is its older name), ``s3_endpoint``,
+    ``s3_region``, ``gcs_endpoint`` and ``azure_endpoint``, over each provider's environment
+    variables (``AWS_*``; ``GOOGLE_APPLICATION_CREDENTIALS``, ``GOOGLE_SERVICE_ACCOUNT``,
+    ``STORAGE_EMULATOR_HOST``; ``AZURE_STORAGE_ACCOUNT_NAME``, ``AZURE_STORAGE_ACCOUNT_KEY``,
+    ...).
     """
     convert = _converter(framework)
     inner = _gantry.Stream(

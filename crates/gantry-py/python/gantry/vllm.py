@@ -9,7 +9,10 @@ With tensor parallelism each rank streams the checkpoint into its own GPU and it
 weight loaders keep the slices that rank owns; the loaded checkpoint is freed file by file as
 its tensors are consumed. Where the whole checkpoint does not fit beside the model on one
 GPU, stream through host memory instead:
-``--model-loader-extra-config '{"device": "cpu"}'``. Any other key of that JSON is passed to
+``--model-loader-extra-config '{"device": "cpu"}'``. A model in object storage
+(``s3://``, ``gs://``, ``az://``, ``abfs://``, ``https://ACCOUNT.blob.core.windows.net/``)
+is streamed from the store, each provider configured from its environment or from
+``object_options`` in that JSON. Any other key of that JSON is passed to
 :func:`gantry.stream` as a config keyword (``path``, ``queue_depth``, ``chunk_bytes``, ...).
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from typing import Any, Dict
 
 import gantry
@@ -24,9 +28,20 @@ import gantry
 LOAD_FORMAT = "gantry"
 
 
+# Object sources gantry streams from directly (see gantry.inspect).
+_OBJECT_URL = re.compile(
+    r"^((s3|gs|az|abfs|abfss|azure)://|https://[^/]+\.(blob|dfs)\.core\.windows\.net/)"
+)
+
+
 def _model_folder(model_config: Any) -> str:
-    """The local folder of the model's safetensors files (downloaded from the Hub if vLLM
-    was given a repository id)."""
+    """Where the model's safetensors files are: an object source (``s3://``, ``gs://``,
+    ``az://``, ...) as vLLM was given it (``model_weights`` where vLLM keeps the remote
+    location of a model whose config it fetched, else ``model``), streamed from the store; else
+    the local folder (downloaded from the Hub if vLLM was given a repository id)."""
+    for remote in (getattr(model_config, "model_weights", None), model_config.model):
+        if isinstance(remote, str) and _OBJECT_URL.match(remote):
+            return remote if remote.endswith((".json", ".safetensors")) else remote.rstrip("/") + "/"
     model = model_config.model
     if os.path.isdir(model):
         folder = model

@@ -3,7 +3,9 @@
 //! second GET), and a later load of the same object reads the local copy with the local
 //! readers (io_uring `O_DIRECT` when cold) after a HEAD shows the object unchanged.
 //!
-//! An object's copy is `DIR/<bucket>/<key>@<ETag>`: the ETag in the name is what makes a copy
+//! An object's copy is `DIR/<bucket>/<key>@<ETag>` (the bucket as
+//! [`super::object::client::Client::cache_name`] spells it: `gs/<bucket>` for Google Cloud
+//! Storage, `az/<account>/<container>` for Azure): the ETag in the name is what makes a copy
 //! trustworthy, so a rewritten object (new ETag) never matches an old copy, and there is no
 //! separate metadata to keep consistent. A copy is written under a temporary name
 //! (`...@<ETag>.partial-<pid>-<n>`) and renamed into place only once every byte of the object
@@ -30,7 +32,7 @@ pub fn copy_path(dir: &Path, bucket: &str, key: &str, etag: Option<&str>) -> Opt
         .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
         .collect();
     let safe = |part: &str| !part.is_empty() && part != "." && part != "..";
-    if etag.is_empty() || !safe(bucket) || !key.split('/').all(safe) {
+    if etag.is_empty() || !bucket.split('/').all(safe) || !key.split('/').all(safe) {
         return None;
     }
     let mut path = dir.join(bucket).join(key);
@@ -182,6 +184,10 @@ mod tests {
             ("b", "../x.safetensors", Some("e"), None),
             ("b", "m//x.safetensors", Some("e"), None),
             ("..", "x.safetensors", Some("e"), None),
+            ("gs/b", "x.safetensors", Some("e"), Some("/c/gs/b/x.safetensors@e")),
+            ("az/a/c", "m/x", Some("\"0x8D\""), Some("/c/az/a/c/m/x@0x8D")),
+            ("gs/..", "x.safetensors", Some("e"), None),
+            ("gs//b", "x.safetensors", Some("e"), None),
         ];
         for (bucket, key, etag, want) in cases {
             assert_eq!(

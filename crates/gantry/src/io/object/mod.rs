@@ -1,26 +1,27 @@
-//! Object storage: checkpoints in S3 or an S3-compatible store, streamed into the staging ring
-//! with ranged GETs, many in flight.
+//! Object storage: checkpoints in S3 (or an S3-compatible store), Google Cloud Storage or
+//! Azure Blob Storage, streamed into the staging ring with ranged GETs, many in flight.
 //!
-//! A source `s3://bucket/key.safetensors` is one file; `s3://bucket/prefix/` is a checkpoint
-//! folder (its `model.safetensors.index.json`, else its `*.safetensors`); a key ending in
-//! `.json` is an index. Headers come from two small ranged GETs per file (the 8-byte length,
-//! then the header). At load time every part is a ranged GET conditioned on the ETag seen
-//! when the load opened the object, so an object rewritten during a load is an error, never a
-//! mix of two versions; each part lands in a staging buffer of the ring and goes through the
-//! same copy steps as a local read, so memory stays bounded by the ring.
+//! A source `s3://bucket/key.safetensors` (or `gs://`, `az://`, ... see [`source`]) is one
+//! file; `s3://bucket/prefix/` is a checkpoint folder (its `model.safetensors.index.json`,
+//! else its `*.safetensors`); a key ending in `.json` is an index. Headers come from two small
+//! ranged GETs per file (the 8-byte length, then the header). At load time every part is a
+//! ranged GET conditioned on the ETag seen when the load opened the object, and on Google
+//! Cloud Storage also pinned to its generation, so an object rewritten during a load is an
+//! error, never a mix of two versions; each part lands in a staging buffer of the ring and
+//! goes through the same copy steps as a local read, so memory stays bounded by the ring.
 //!
-//! The client is the `object_store` crate's S3 client, configured from the standard AWS
-//! environment (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
-//! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_ALLOW_HTTP`, instance and container
-//! credentials), path-style addressing, retries with backoff on 5xx and throttling. Its async
-//! runtime stays inside this module. Errors name the object, never the credentials.
+//! The clients are the `object_store` crate's ([`client`]: each provider's own environment
+//! and credential chain, retries with backoff on 5xx and throttling). Their async runtime
+//! stays inside this module. Errors name the object, never the credentials.
 
-use std::collections::HashMap;
+pub mod client;
+pub mod source;
+
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -28,198 +29,91 @@ use gantry_format::{
     check_prefix, parse_header, parse_index, Checkpoint, ErrorKind, FormatError, Header,
     INDEX_FILE_NAME, MAX_INDEX_BYTES, PREFIX_BYTES,
 };
-use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
-use object_store::{
-    Attribute, BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt,
-    RetryConfig,
-};
-use parking_lot::Mutex;
+use object_store::{Attribute, GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt};
 
 use super::uring::Job;
 use super::Message;
 use crate::error::{Error, Result};
 use crate::integrity::{self, Known, SUMS_FILE_NAME};
 use crate::staging::Pool;
-
-/// URL scheme of object sources.
-pub const SCHEME: &str = "s3://";
-
-/// Whether `source` names an object (`s3://...`) rather than a local path.
-pub fn is_url(source: &Path) -> bool {
-    source.to_str().is_some_and(|s| s.starts_with(SCHEME))
-}
-
-/// `s3://bucket/key` as `(bucket, key)`; the key may be empty or end in `/` (a prefix).
-fn split(url: &Path) -> Result<(String, String)> {
-    let text = url.to_str().unwrap_or_default();
-    let rest = text.strip_prefix(SCHEME).unwrap_or(text);
-    let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
-    if bucket.is_empty() {
-        return Err(Error::Config(format!("'{text}' names no bucket (s3://bucket/key)")));
-    }
-    Ok((bucket.to_owned(), key.to_owned()))
-}
-
-fn url_of(bucket: &str, key: &str) -> PathBuf {
-    PathBuf::from(format!("{SCHEME}{bucket}/{key}"))
-}
-
-/// The runtime the client's futures run on: a few threads, shared by every load.
-fn runtime() -> Result<&'static tokio::runtime::Runtime> {
-    static RUNTIME: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> =
-        OnceLock::new();
-    RUNTIME
-        .get_or_init(|| {
-            // The workers copy bodies into staging: enough of them to keep up with a fast
-            // network, not so many that they crowd the load's other threads.
-            let workers = std::thread::available_parallelism().map_or(4, |n| n.get().clamp(2, 8));
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(workers)
-                .thread_name("gantry-object")
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())
-        })
-        .as_ref()
-        .map_err(|e| Error::Resource {
-            what: "starting the object-storage runtime",
-            source: io::Error::other(e.clone()),
-        })
-}
-
-/// Settings of the S3 client beyond the environment: `object_store` configuration keys
-/// (`aws_endpoint_url`, `aws_region`, `aws_allow_http`, `aws_skip_signature`, ...) and values,
-/// applied after the environment's.
-pub type Options = [(String, String)];
-
-/// The client's configuration key for option `key` (case-insensitive); an error naming it
-/// when the client has no such key.
-pub(crate) fn option_key(key: &str) -> Result<object_store::aws::AmazonS3ConfigKey> {
-    key.to_ascii_lowercase().parse().map_err(|_| {
-        Error::Config(format!(
-            "unknown object-storage option '{key}' (aws_endpoint_url, aws_region, aws_allow_http, ...)"
-        ))
-    })
-}
-
-/// The client for `bucket` with `options`, made once per process from the environment.
-fn client(bucket: &str, options: &Options) -> Result<Arc<AmazonS3>> {
-    type Key = (String, Vec<(String, String)>);
-    static CLIENTS: OnceLock<Mutex<HashMap<Key, Arc<AmazonS3>>>> = OnceLock::new();
-    let clients = CLIENTS.get_or_init(Default::default);
-    let key = (bucket.to_owned(), options.to_vec());
-    if let Some(c) = clients.lock().get(&key) {
-        return Ok(Arc::clone(c));
-    }
-    let retry = RetryConfig {
-        backoff: BackoffConfig {
-            init_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(5),
-            base: 2.0,
-        },
-        max_retries: 5,
-        retry_timeout: Duration::from_secs(60),
-    };
-    let client_options = ClientOptions::new()
-        .with_connect_timeout(Duration::from_secs(10))
-        .with_timeout(Duration::from_secs(300));
-    // Client options first: the environment's (AWS_ALLOW_HTTP, proxies, ...) go into them.
-    let mut builder = AmazonS3Builder::new().with_client_options(client_options);
-    for (key, value) in std::env::vars() {
-        if key.starts_with("AWS_") {
-            if let Ok(key) = key.to_ascii_lowercase().parse() {
-                builder = builder.with_config(key, value);
-            }
-        }
-    }
-    for (key, value) in options {
-        builder = builder.with_config(option_key(key)?, value);
-    }
-    builder = builder.with_bucket_name(bucket).with_retry(retry);
-    if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
-    {
-        builder = builder.with_region("us-east-1");
-    }
-    let store = builder.build().map_err(|e| Error::Config(format!("s3://{bucket}: {e}")))?;
-    let store = Arc::new(store);
-    clients.lock().insert(key, Arc::clone(&store));
-    Ok(store)
-}
-
-/// The I/O error for a failed request on `url`: not-found and access-denied keep their kinds
-/// (the C ABI and Python map them), the message is the client's, which never holds secrets.
-fn request_error(
-    op: &'static str,
-    url: &Path,
-    offset: u64,
-    len: u64,
-    e: object_store::Error,
-) -> Error {
-    let kind = match &e {
-        object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
-        object_store::Error::PermissionDenied { .. }
-        | object_store::Error::Unauthenticated { .. } => io::ErrorKind::PermissionDenied,
-        object_store::Error::Precondition { .. } => {
-            return Error::Io {
-                op,
-                path: url.to_path_buf(),
-                offset,
-                len,
-                source: io::Error::other(
-                    "the object changed during the load (its ETag no longer matches)",
-                ),
-            }
-        }
-        _ => io::ErrorKind::Other,
-    };
-    Error::Io { op, path: url.to_path_buf(), offset, len, source: io::Error::new(kind, strip(&e)) }
-}
-
-/// The client's message, without anything that looks like a signature or a key.
-fn strip(e: &object_store::Error) -> String {
-    let text = e.to_string();
-    text.split_whitespace()
-        .map(|w| {
-            let lower = w.to_ascii_lowercase();
-            if lower.contains("signature=")
-                || lower.contains("credential=")
-                || lower.contains("x-amz-security-token")
-            {
-                "[redacted]"
-            } else {
-                w
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
+use client::{changed, request_error, runtime};
+pub(crate) use client::{option_key, Options};
+pub use source::{is_url, Provider, Source};
 
 /// Opens an object source and validates every header, reading no tensor data.
 pub fn open_checkpoint(source: &Path, options: &Options) -> Result<Checkpoint> {
-    let (bucket, key) = split(source)?;
-    let store = client(&bucket, options)?;
+    let source = parse(source)?;
+    let store = client::client(&source, options)?.store;
     runtime()?.block_on(async {
-        let remote = Remote { store, bucket };
-        if key.is_empty() || key.ends_with('/') {
+        let key = source.key.clone();
+        let remote = Remote { store, source };
+        if remote.source.is_prefix() {
             remote.open_prefix(&key).await
         } else if key.ends_with(".json") {
             remote.open_index(&key).await
         } else {
             let header = remote.header(&key).await?;
-            Ok(Checkpoint::from_headers(vec![(url_of(&remote.bucket, &key), header)])?)
+            Ok(Checkpoint::from_headers(vec![(remote.url_of(&key), header)])?)
         }
     })
 }
 
+/// `path` as an object source; an error when it names none.
+fn parse(path: &Path) -> Result<Source> {
+    let text = path.to_str().unwrap_or_default();
+    Source::parse(text)?.ok_or_else(|| Error::Config(format!("'{text}' is not an object URL")))
+}
+
+/// What every GET of one object is conditioned on: the ETag the load saw and, on Google Cloud
+/// Storage, its generation (a GET of a generation since overwritten finds nothing, and S3 and
+/// Azure versions are only there where versioning is on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pin {
+    etag: Option<String>,
+    generation: Option<String>,
+}
+
+impl Pin {
+    fn of(provider: Provider, meta: &ObjectMeta) -> Self {
+        let generation = meta.version.clone().filter(|_| provider == Provider::Gcs);
+        Self { etag: meta.e_tag.clone(), generation }
+    }
+
+    /// A ranged GET of `range` under this pin.
+    fn get(&self, range: std::ops::Range<u64>) -> GetOptions {
+        GetOptions {
+            range: Some(GetRange::Bounded(range)),
+            if_match: self.etag.clone(),
+            version: self.generation.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// The error for a failed GET under this pin: a pinned generation not found means the
+    /// object was rewritten.
+    fn error(&self, url: &Path, offset: u64, len: u64, e: object_store::Error) -> Error {
+        match (&e, &self.generation) {
+            (object_store::Error::NotFound { .. }, Some(g)) => {
+                changed("get", url, offset, len, &format!("its generation {g} is gone"))
+            }
+            _ => request_error("get", url, offset, len, e),
+        }
+    }
+}
+
 struct Remote {
-    store: Arc<AmazonS3>,
-    bucket: String,
+    store: Arc<dyn ObjectStore>,
+    source: Source,
 }
 
 impl Remote {
+    fn url_of(&self, key: &str) -> PathBuf {
+        self.source.url_of(key)
+    }
+
     async fn open_prefix(&self, prefix: &str) -> Result<Checkpoint> {
-        let url = url_of(&self.bucket, prefix);
+        let url = self.url_of(prefix);
         let location = ObjectPath::from(prefix.trim_end_matches('/'));
         let listing = self
             .store
@@ -252,13 +146,13 @@ impl Remote {
         shards.sort();
         let mut headers = Vec::with_capacity(shards.len());
         for key in shards {
-            headers.push((url_of(&self.bucket, &key), self.header(&key).await?));
+            headers.push((self.url_of(&key), self.header(&key).await?));
         }
         Ok(Checkpoint::from_headers(headers)?)
     }
 
     async fn open_index(&self, key: &str) -> Result<Checkpoint> {
-        let url = url_of(&self.bucket, key);
+        let url = self.url_of(key);
         let location = ObjectPath::from(key);
         let meta =
             self.store.head(&location).await.map_err(|e| request_error("head", &url, 0, 0, e))?;
@@ -284,7 +178,7 @@ impl Remote {
                     return Err(index.missing_shard(&url, position).into());
                 }
                 Err(e) => return Err(e),
-                Ok(header) => headers.push((url_of(&self.bucket, &shard_key), header)),
+                Ok(header) => headers.push((self.url_of(&shard_key), header)),
             }
         }
         Ok(Checkpoint::from_headers(headers)?.with_index(index)?)
@@ -292,7 +186,7 @@ impl Remote {
 
     /// The validated header of object `key`: its size, then two ranged GETs.
     async fn header(&self, key: &str) -> Result<Header> {
-        let url = url_of(&self.bucket, key);
+        let url = self.url_of(key);
         let location = ObjectPath::from(key);
         let meta =
             self.store.head(&location).await.map_err(|e| request_error("head", &url, 0, 0, e))?;
@@ -300,11 +194,11 @@ impl Remote {
         if size < PREFIX_BYTES {
             return Err(FormatError::new(&url, ErrorKind::TooSmall { file_len: size }).into());
         }
-        let prefix = self.range(&location, &url, 0, PREFIX_BYTES, meta.e_tag.clone()).await?;
+        let pin = Pin::of(self.source.provider, &meta);
+        let prefix = self.range(&location, &url, 0, PREFIX_BYTES, &pin).await?;
         let header_len = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
         let header_len = check_prefix(&url, header_len, size)?;
-        let header =
-            self.range(&location, &url, PREFIX_BYTES, header_len, meta.e_tag.clone()).await?;
+        let header = self.range(&location, &url, PREFIX_BYTES, header_len, &pin).await?;
         Ok(parse_header(&url, &header, size)?)
     }
 
@@ -314,24 +208,19 @@ impl Remote {
         url: &Path,
         offset: u64,
         len: u64,
-        etag: Option<String>,
+        pin: &Pin,
     ) -> Result<bytes::Bytes> {
         if len == 0 {
             return Ok(bytes::Bytes::new());
         }
-        let options = GetOptions {
-            range: Some(GetRange::Bounded(offset..offset + len)),
-            if_match: etag,
-            ..Default::default()
-        };
         let bytes = self
             .store
-            .get_opts(location, options)
+            .get_opts(location, pin.get(offset..offset + len))
             .await
-            .map_err(|e| request_error("get", url, offset, len, e))?
+            .map_err(|e| pin.error(url, offset, len, e))?
             .bytes()
             .await
-            .map_err(|e| request_error("get", url, offset, len, e))?;
+            .map_err(|e| pin.error(url, offset, len, e))?;
         if (bytes.len() as u64) < len {
             return Err(Error::Truncated {
                 path: url.to_path_buf(),
@@ -346,15 +235,18 @@ impl Remote {
 /// An object opened for a load: its size and ETag as the load saw them.
 #[derive(Debug, Clone)]
 pub struct ObjectFile {
-    /// `s3://bucket/key`, for errors.
+    /// `s3://bucket/key` (`gs://`, `az://`, ...), for errors.
     pub path: PathBuf,
-    store: Arc<AmazonS3>,
+    store: Arc<dyn ObjectStore>,
     location: ObjectPath,
     /// Bytes.
     pub size: u64,
     /// The ETag every part is conditioned on.
     pub etag: Option<String>,
-    /// Its bucket, and its key (`location`).
+    /// The generation every part is pinned to (Google Cloud Storage).
+    generation: Option<String>,
+    /// Where its bucket's copies go under a cache directory (`bucket`, `gs/bucket`,
+    /// `az/ACCOUNT/container`); its key is `location`.
     pub bucket: String,
     /// The local copy being written as the parts arrive ([`super::cache`]), if any.
     pub cache: Option<Arc<super::cache::Writer>>,
@@ -371,13 +263,18 @@ impl ObjectFile {
         Self { cache: None, ..self.clone() }
     }
 
-    /// Whether a HEAD now shows the ETag and size the load saw.
+    /// Whether a HEAD now shows the ETag (and generation) and size the load saw.
     pub fn unchanged(&self) -> std::result::Result<bool, String> {
         let runtime = runtime().map_err(|e| e.to_string())?;
         let meta = runtime
             .block_on(self.store.head(&self.location))
             .map_err(|e| request_error("head", &self.path, 0, 0, e).to_string())?;
-        Ok(meta.e_tag == self.etag && meta.size == self.size)
+        let generation_same = self.generation.is_none() || meta.version == self.generation;
+        Ok(meta.e_tag == self.etag && meta.size == self.size && generation_same)
+    }
+
+    fn pin(&self) -> Pin {
+        Pin { etag: self.etag.clone(), generation: self.generation.clone() }
     }
 }
 
@@ -484,15 +381,12 @@ async fn fetch(file: &ObjectFile, job: Job, mut dest: Dest) -> Result<Message> {
     while filled < job.len {
         attempt += 1;
         let start = job.offset + filled;
-        let options = GetOptions {
-            range: Some(GetRange::Bounded(start..job.offset + job.len)),
-            if_match: file.etag.clone(),
-            ..Default::default()
-        };
-        let result = match file.store.get_opts(&file.location, options).await {
-            Ok(r) => r,
-            Err(e) => return Err(request_error("get", &file.path, start, job.len - filled, e)),
-        };
+        let pin = file.pin();
+        let result =
+            match file.store.get_opts(&file.location, pin.get(start..job.offset + job.len)).await {
+                Ok(r) => r,
+                Err(e) => return Err(pin.error(&file.path, start, job.len - filled, e)),
+            };
         let mut body = result.into_stream();
         let mut broke = None;
         while let Some(chunk) = body.next().await {
@@ -519,13 +413,7 @@ async fn fetch(file: &ObjectFile, job: Job, mut dest: Dest) -> Result<Message> {
         }
         match broke {
             Some(e) if attempt >= PART_ATTEMPTS => {
-                return Err(request_error(
-                    "get",
-                    &file.path,
-                    job.offset + filled,
-                    job.len - filled,
-                    e,
-                ))
+                return Err(pin.error(&file.path, job.offset + filled, job.len - filled, e))
             }
             Some(_) => tokio::time::sleep(Duration::from_millis(100 << attempt)).await,
             None if filled < job.len => {
@@ -556,13 +444,9 @@ pub fn known_digest(object: &ObjectFile) -> std::result::Result<Known, String> {
     let runtime = runtime().map_err(|e| e.to_string())?;
     runtime.block_on(async {
         let key = "sha256";
-        let options = GetOptions {
-            range: Some(GetRange::Bounded(0..1)),
-            if_match: object.etag.clone(),
-            ..Default::default()
-        };
-        let result = object.store.get_opts(&object.location, options).await;
-        let result = result.map_err(|e| request_error("get", &object.path, 0, 1, e).to_string())?;
+        let pin = object.pin();
+        let result = object.store.get_opts(&object.location, pin.get(0..1)).await;
+        let result = result.map_err(|e| pin.error(&object.path, 0, 1, e).to_string())?;
         let meta = result.attributes.get(&Attribute::Metadata(key.into()));
         if let Some(digest) = meta.and_then(|v| integrity::from_hex(v.as_ref())) {
             let source = format!("its object metadata '{key}'");
@@ -657,19 +541,21 @@ pub fn ceiling(paths: &[&Path], config: &crate::Config) -> Result<crate::baselin
 
 /// An object's size and ETag, whatever its size.
 fn open_for_load_unchecked(path: &Path, options: &Options) -> Result<ObjectFile> {
-    let (bucket, key) = split(path)?;
-    let store = client(&bucket, options)?;
-    let location = ObjectPath::from(key.as_str());
+    let source = parse(path)?;
+    let client = client::client(&source, options)?;
+    let location = ObjectPath::from(source.key.as_str());
     let meta = runtime()?
-        .block_on(store.head(&location))
+        .block_on(client.store.head(&location))
         .map_err(|e| request_error("head", path, 0, 0, e))?;
+    let Pin { etag, generation } = Pin::of(source.provider, &meta);
     Ok(ObjectFile {
         path: path.to_path_buf(),
-        store,
+        store: client.store,
         location,
         size: meta.size,
-        etag: meta.e_tag,
-        bucket,
+        etag,
+        generation,
+        bucket: client.cache_name,
         cache: None,
     })
 }

@@ -1,0 +1,194 @@
+//! Object sources as users write them, split into the store they live in, the bucket (or
+//! container) and the key; and back: the URL of another key beside them, in the spelling the
+//! user chose, so that errors and reports name objects as the user would.
+//!
+//! Recognised: `s3://bucket/key`, `gs://bucket/key`, `az://container/key` (also `abfs://`,
+//! `abfss://`, `azure://`), `abfs[s]://container@ACCOUNT.dfs.core.windows.net/key` and
+//! `https://ACCOUNT.blob.core.windows.net/container/key` (or `.dfs.`). A key that is empty or
+//! ends in `/` is a prefix. Pure string work, no I/O.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Which object store a source lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Provider {
+    /// Amazon S3 or an S3-compatible store.
+    S3,
+    /// Google Cloud Storage.
+    Gcs,
+    /// Azure Blob Storage.
+    Azure,
+}
+
+impl Provider {
+    /// The name users know the store by, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::S3 => "S3",
+            Self::Gcs => "Google Cloud Storage",
+            Self::Azure => "Azure Blob Storage",
+        }
+    }
+}
+
+/// Schemes that name an Azure container as their host (fsspec's spellings).
+const AZURE_SCHEMES: [&str; 4] = ["az", "abfs", "abfss", "azure"];
+/// Host suffixes of Azure storage accounts.
+const AZURE_HOSTS: [&str; 2] = [".blob.core.windows.net", ".dfs.core.windows.net"];
+
+/// An object source, split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The store.
+    pub provider: Provider,
+    /// The Azure storage account, when the URL names it.
+    pub account: Option<String>,
+    /// The bucket (S3, GCS) or container (Azure).
+    pub bucket: String,
+    /// The key (or prefix) inside it.
+    pub key: String,
+    /// The URL of key `""` in the bucket, as the user spelled it (`gs://bucket/`).
+    base: String,
+}
+
+impl Source {
+    /// `text` split, `Ok(None)` when it names no object (a local path); an error naming the
+    /// URL when it uses an object scheme but names no bucket or account.
+    pub fn parse(text: &str) -> Result<Option<Source>> {
+        let Some((scheme, rest)) = text.split_once("://") else { return Ok(None) };
+        let (authority, key) = rest.split_once('/').unwrap_or((rest, ""));
+        let bad = |what: &str| {
+            Err(Error::Config(format!("'{text}' names no {what} ({})", example(scheme))))
+        };
+        let provider = match scheme {
+            "s3" => Provider::S3,
+            "gs" => Provider::Gcs,
+            s if AZURE_SCHEMES.contains(&s) => Provider::Azure,
+            "https" if AZURE_HOSTS.iter().any(|h| authority.ends_with(h)) => Provider::Azure,
+            _ => return Ok(None),
+        };
+        let (account, bucket, key) = if scheme == "https" {
+            // https://ACCOUNT.blob.core.windows.net/container/key
+            let account = authority.split('.').next().unwrap_or_default();
+            let (container, key) = key.split_once('/').unwrap_or((key, ""));
+            (Some(account), container, key)
+        } else if let Some((container, host)) = authority.split_once('@') {
+            // abfss://container@ACCOUNT.dfs.core.windows.net/key
+            if provider != Provider::Azure || !AZURE_HOSTS.iter().any(|h| host.ends_with(h)) {
+                return bad("bucket");
+            }
+            (Some(host.split('.').next().unwrap_or_default()), container, key)
+        } else {
+            (None, authority, key)
+        };
+        if account.is_some_and(|a| !name_ok(a)) {
+            return bad("storage account");
+        }
+        if !name_ok(bucket) {
+            return bad(if provider == Provider::Azure { "container" } else { "bucket" });
+        }
+        let mut base = text[..text.len() - key.len()].to_owned();
+        if !base.ends_with('/') {
+            base.push('/');
+        }
+        Ok(Some(Source {
+            provider,
+            account: account.map(str::to_owned),
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            base,
+        }))
+    }
+
+    /// The URL of `key` in the same bucket.
+    pub fn url_of(&self, key: &str) -> PathBuf {
+        PathBuf::from(format!("{}{key}", self.base))
+    }
+
+    /// Whether the key names a prefix (a checkpoint folder) rather than one object.
+    pub fn is_prefix(&self) -> bool {
+        self.key.is_empty() || self.key.ends_with('/')
+    }
+}
+
+/// Whether `source` names an object rather than a local path.
+pub fn is_url(source: &Path) -> bool {
+    source.to_str().is_some_and(|s| matches!(Source::parse(s), Ok(Some(_)) | Err(_)))
+}
+
+/// A bucket, container or account name: not empty, not `.` or `..`, no `/`, `@` or `:`.
+fn name_ok(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '@', ':'])
+}
+
+fn example(scheme: &str) -> &'static str {
+    match scheme {
+        "s3" => "s3://bucket/key",
+        "gs" => "gs://bucket/key",
+        "https" => "https://ACCOUNT.blob.core.windows.net/container/key",
+        _ => "az://container/key",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources() {
+        use Provider::*;
+        /// Provider, account, bucket, key, and the URL of key `k` beside it.
+        type Split<'a> = (Provider, Option<&'a str>, &'a str, &'a str, &'a str);
+        let cases: [(&str, Option<Split>); 12] = [
+            ("s3://b/m/x.safetensors", Some((S3, None, "b", "m/x.safetensors", "s3://b/k"))),
+            ("s3://b", Some((S3, None, "b", "", "s3://b/k"))),
+            ("gs://b/m/", Some((Gcs, None, "b", "m/", "gs://b/k"))),
+            ("az://c/m/x", Some((Azure, None, "c", "m/x", "az://c/k"))),
+            ("abfs://c/", Some((Azure, None, "c", "", "abfs://c/k"))),
+            (
+                "abfss://c@acct.dfs.core.windows.net/m/",
+                Some((Azure, Some("acct"), "c", "m/", "abfss://c@acct.dfs.core.windows.net/k")),
+            ),
+            (
+                "https://acct.blob.core.windows.net/c/m/x",
+                Some((Azure, Some("acct"), "c", "m/x", "https://acct.blob.core.windows.net/c/k")),
+            ),
+            ("https://example.com/c/m/x", None),
+            ("model/x.safetensors", None),
+            ("/abs/s3://x", None),
+            ("http://acct.blob.core.windows.net/c/x", None),
+            ("file:///x", None),
+        ];
+        for (text, want) in cases {
+            let got = Source::parse(text).unwrap();
+            let got = got.as_ref().map(|s| {
+                let url = s.url_of("k");
+                (s.provider, s.account.as_deref(), s.bucket.as_str(), s.key.as_str(), url)
+            });
+            let want = want.map(|(p, a, b, k, u)| (p, a, b, k, PathBuf::from(u)));
+            assert_eq!(got, want, "{text}");
+            assert_eq!(is_url(Path::new(text)), want.is_some(), "{text}");
+        }
+    }
+
+    #[test]
+    fn bad_sources_are_named() {
+        for text in [
+            "s3:///key",
+            "gs://",
+            "az:///m/x",
+            "https://acct.blob.core.windows.net/",
+            "https://acct.blob.core.windows.net//x",
+            "gs://c@acct.dfs.core.windows.net/x",
+            "abfss://c@example.com/x",
+            "abfss://@acct.dfs.core.windows.net/x",
+            "s3://../x",
+        ] {
+            let e = Source::parse(text).unwrap_err().to_string();
+            assert!(e.contains(text), "{e}");
+            assert!(is_url(Path::new(text)), "{text}");
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! The object-storage scenarios every store runs (Google Cloud Storage and Azure against their
+//! emulators): every load compared with a plain read of the local file it was uploaded from.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry::{Checkpoint, Config, Dtype, Error, Loader, ReaderKind};
+use parking_lot::Mutex;
+
+use crate::common::*;
+
+/// A store under test: URLs of its keys, uploads, and a crash.
+pub trait Store: Send + 'static {
+    fn url(&self, key: &str) -> String;
+    fn put(&self, key: &str, bytes: &[u8]);
+    /// Kills the server.
+    fn kill(&mut self);
+}
+
+/// Runs `f` on another thread and fails the test if it does not return within `limit`.
+pub fn with_deadline<T: Send + 'static>(
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).expect("the load hung")
+}
+
+/// Every tensor of `model` (loaded from object storage) equals the local file's bytes.
+pub fn assert_matches_local(model: &gantry::HostModel, local: &Checkpoint) {
+    assert_eq!(model.checkpoint().tensors.len(), local.tensors.len());
+    for (t, l) in model.tensors().zip(&local.tensors) {
+        assert_eq!((&t.entry.name, t.entry.len), (&l.name, l.len));
+        assert!(t.bytes == reference(local, l).as_slice(), "tensor {} differs", l.name);
+    }
+}
+
+/// Small parts, so that every file is many GETs.
+pub fn small_parts(config: Config, part: usize, concurrency: usize) -> Config {
+    config
+        .object_part_bytes(part)
+        .object_concurrency(concurrency)
+        .chunk_bytes(part)
+        .staging_bytes(part * 8)
+}
+
+/// Random layouts and part sizes, one file each: into gantry's buffers (parts land in place)
+/// and into the caller's slices (parts spanning tensors go through the staging ring).
+pub fn random_layouts(store: &impl Store, dir: &Path, config: &Config) {
+    let mut state = 11u64;
+    let mut staged_any = false;
+    for case in 0..4u64 {
+        let dtypes = [Dtype::F32, Dtype::BF16, Dtype::U8, Dtype::I64, Dtype::F16];
+        let tensors: Vec<(Dtype, Vec<usize>)> = (0..1 + case as usize * 3)
+            .map(|i| {
+                gantry::synth::fill_random(&mut [0u8; 1], &mut state);
+                (dtypes[(i + case as usize) % dtypes.len()], vec![1 + (state as usize % 70_000)])
+            })
+            .collect();
+        let local = dir.join(format!("case{case}.safetensors"));
+        write_file(&local, &tensors, case);
+        let key = format!("cases/case{case}.safetensors");
+        store.put(&key, &std::fs::read(&local).unwrap());
+        let local = Checkpoint::open(&local).unwrap();
+        for (part, concurrency) in [(4096, 3), (256 << 10, 16)] {
+            let loader = Loader::new(small_parts(config.clone(), part, concurrency)).unwrap();
+            let model = loader.load(store.url(&key)).unwrap();
+            assert_matches_local(&model, &local);
+            assert_eq!(model.report().files[0].reader, Some(ReaderKind::Object));
+            let remote = gantry::open_with(store.url(&key), loader.config()).unwrap();
+            let mut own: Vec<Vec<u8>> =
+                remote.tensors.iter().map(|t| vec![0; t.len as usize]).collect();
+            let mut slots = own.iter_mut();
+            let report = loader
+                .load_into(&remote, |_| slots.next().map(|v| v.as_mut_slice()), |_| {})
+                .unwrap();
+            staged_any |= report.staging_bytes > 0;
+            for (t, bytes) in local.tensors.iter().zip(&own) {
+                assert!(*bytes == reference(&local, t), "{} (staged, part {part})", t.name);
+            }
+        }
+    }
+    assert!(staged_any, "no load went through the staging ring");
+}
+
+/// A sharded checkpoint uploaded under `llama/` (with its index), `plain/` (shards only) and
+/// `partial/` (the last shard missing); the local checkpoint.
+pub fn upload_sharded(store: &impl Store, dir: &Path) -> Checkpoint {
+    let spec = gantry::synth::SynthSpec {
+        vocab: 300,
+        hidden: 64,
+        intermediate: 224,
+        kv: 16,
+        layers: 2,
+        shards: 3,
+    };
+    let ckpt = dir.join("llama");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    let index = gantry::synth::write_checkpoint(&ckpt, &spec, 3).unwrap();
+    for entry in std::fs::read_dir(&ckpt).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        let bytes = std::fs::read(&path).unwrap();
+        store.put(&format!("llama/{name}"), &bytes);
+        if name.ends_with(".safetensors") {
+            store.put(&format!("plain/{name}"), &bytes);
+        }
+        if !name.starts_with("model-00003") {
+            store.put(&format!("partial/{name}"), &bytes);
+        }
+    }
+    Checkpoint::open(&index).unwrap()
+}
+
+/// The sharded checkpoint through its prefix, its index key and a prefix of plain shards.
+pub fn sharded(store: &impl Store, config: &Config, local: &Checkpoint) {
+    let loader = Loader::new(config.clone()).unwrap();
+    for key in ["llama/", "llama/model.safetensors.index.json", "plain/"] {
+        let source = store.url(key);
+        let remote = gantry::open_with(&source, config).unwrap();
+        assert_eq!(remote.files.len(), 3, "{source}");
+        assert!(remote.files.iter().all(|f| f.path.to_str().unwrap().starts_with(&store.url(""))));
+        assert_matches_local(&loader.load(&source).unwrap(), local);
+    }
+}
+
+/// `source` fails to load, with an error containing every one of `wants` and no `secret`.
+pub fn expect_err(config: &Config, source: &str, wants: &[&str], secret: &str) -> Error {
+    let e = Loader::new(config.clone()).unwrap().load(source).map(|_| ()).unwrap_err();
+    let text = e.to_string();
+    for w in wants {
+        assert!(text.contains(w), "{source}: {text}");
+    }
+    assert!(!text.contains(secret), "{text}");
+    e
+}
+
+/// Missing key, empty prefix, missing shard, a corrupt header: errors naming them.
+pub fn missing(store: &impl Store, dir: &Path, config: &Config, secret: &str) {
+    let key = store.url("cases/missing.safetensors");
+    expect_err(config, &key, &["cases/missing.safetensors"], secret);
+    expect_err(config, &store.url("nothing-here/"), &["nothing-here"], secret);
+    let wants = ["partial/model.safetensors.index.json", "model-00003-of-00003"];
+    expect_err(config, &store.url("partial/"), &wants, secret);
+    let broken = dir.join("broken.safetensors");
+    std::fs::write(&broken, 999_999u64.to_le_bytes()).unwrap();
+    store.put("broken.safetensors", &std::fs::read(&broken).unwrap());
+    expect_err(config, &store.url("broken.safetensors"), &["broken.safetensors", "header"], secret);
+}
+
+/// Two files of the same size and different bytes.
+pub fn two_versions(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    let (a, b) = (dir.join("big-a.safetensors"), dir.join("big-b.safetensors"));
+    write_file(&a, &[(Dtype::F32, vec![1 << 17]), (Dtype::F32, vec![1 << 17])], 9);
+    write_file(&b, &[(Dtype::F32, vec![1 << 17]), (Dtype::F32, vec![1 << 17])], 10);
+    (std::fs::read(a).unwrap(), std::fs::read(b).unwrap())
+}
+
+/// An object rewritten during the load (same size, new bytes): an error, never a mix.
+pub fn rewritten_mid_load(store: &impl Store, dir: &Path, config: &Config) {
+    let (a, b) = two_versions(dir);
+    store.put("big.safetensors", &a);
+    let slow = small_parts(config.clone(), 4096, 1);
+    let checkpoint = gantry::open_with(store.url("big.safetensors"), &slow).unwrap();
+    let mut rewritten = false;
+    let result = Loader::new(slow).unwrap().load_with(
+        checkpoint,
+        |_| true,
+        |_| {
+            if !rewritten {
+                store.put("big.safetensors", &b);
+                rewritten = true;
+            }
+        },
+    );
+    let e = result.map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("changed") && e.contains("big.safetensors"), "{e}");
+}
+
+/// The cache: the first load writes each object through, the next reads the copies locally;
+/// with `SHA256SUMS` beside the shards the SHA-256 check passes, and names a shard whose
+/// listed digest is wrong.
+pub fn cache_and_sha256(store: &impl Store, dir: &Path, config: &Config, local: &Checkpoint) {
+    let cache = dir.join("cache");
+    let loader = Loader::new(small_parts(config.clone(), 64 << 10, 8).cache_dir(&cache)).unwrap();
+    let model = loader.load(store.url("llama/")).unwrap();
+    assert_matches_local(&model, local);
+    for f in &model.report().files {
+        assert!(f.reason.contains("written through to the cache"), "{}", f.reason);
+    }
+    let model = loader.load(store.url("llama/")).unwrap();
+    assert_matches_local(&model, local);
+    for f in &model.report().files {
+        assert_ne!(f.reader, Some(ReaderKind::Object), "{}", f.reason);
+        assert!(f.reason.contains("from the cache"), "{}", f.reason);
+    }
+    let mut sums = String::new();
+    for file in &local.files {
+        let digest = gantry::integrity::sha256(&std::fs::read(&file.path).unwrap());
+        let name = file.path.file_name().unwrap().to_str().unwrap();
+        sums.push_str(&format!("{}  {name}\n", gantry::integrity::to_hex(&digest)));
+    }
+    store.put("llama/SHA256SUMS", sums.as_bytes());
+    let verify = Loader::new(config.clone().verify_sha256(true)).unwrap();
+    assert_matches_local(&verify.load(store.url("llama/")).unwrap(), local);
+    let first = local.files[0].path.file_name().unwrap().to_str().unwrap();
+    let wrong = sums.replacen(&sums[..8], "00000000", 1);
+    store.put("llama/SHA256SUMS", wrong.as_bytes());
+    let e = verify.load(store.url("llama/")).map(|_| ()).unwrap_err();
+    assert!(matches!(&e, Error::Integrity { .. }) && e.to_string().contains(first), "{e}");
+    store.put("llama/SHA256SUMS", sums.as_bytes());
+}
+
+/// The server killed in the middle of a load: an I/O error naming the object within the retry
+/// budget, no hang.
+pub fn killed_mid_load<S: Store>(store: S, dir: &Path, config: &Config) {
+    let (a, _) = two_versions(dir);
+    store.put("big.safetensors", &a);
+    let slow = small_parts(config.clone(), 4096, 1);
+    let checkpoint = gantry::open_with(store.url("big.safetensors"), &slow).unwrap();
+    let store = Arc::new(Mutex::new(store));
+    let result = with_deadline(Duration::from_secs(180), move || {
+        let mut killed = false;
+        Loader::new(slow).unwrap().load_with(
+            checkpoint,
+            |_| true,
+            |_| {
+                if !killed {
+                    store.lock().kill();
+                    killed = true;
+                }
+            },
+        )
+    });
+    match result {
+        Err(Error::Io { path, .. }) => assert!(path.to_string_lossy().contains("big.safetensors")),
+        other => panic!("{:?}", other.map(|m| m.report().clone())),
+    }
+}
