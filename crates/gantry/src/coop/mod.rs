@@ -2,4 +2,9 @@
 //! reads of a checkpoint between them (every byte read from storage once across the ranks)
 //! and exchange what they read over NVLink with NCCL.
 
+pub mod comm;
+mod load;
 pub mod split;
+
+pub use comm::{load_nccl, Communicator, UniqueId};
+pub use load::{CoopReport, Cooperation, CooperativeModel, Link};
