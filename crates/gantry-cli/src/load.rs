@@ -35,6 +35,26 @@ pub struct Args {
     /// divides, the rest replicated).
     #[arg(long, value_name = "replicate:N|dim0:N|dim1:N")]
     pub shard: Option<String>,
+    /// Load with N processes, one per GPU that --device names (cuda:0,cuda:1,...), the way
+    /// tensor-parallel servers run: the ranks split the reads and exchange with NCCL (each
+    /// reads on its own without NCCL, or with --device cpu); per-rank and total figures.
+    #[arg(long, value_name = "N")]
+    pub ranks: Option<usize>,
+    /// With --ranks: seconds a rank waits for the others before it gives up.
+    #[arg(long, value_name = "S", default_value_t = 120)]
+    pub rank_timeout_s: u64,
+    /// This process is rank R of a --ranks load (set by the parent).
+    #[arg(long, hide = true, requires = "world")]
+    pub rank: Option<usize>,
+    /// Ranks of the load this rank belongs to (set by the parent).
+    #[arg(long, hide = true, requires = "rank")]
+    pub world: Option<usize>,
+    /// The NCCL unique id of the ranks, in hex (set by the parent).
+    #[arg(long, hide = true)]
+    pub nccl_id: Option<String>,
+    /// Why the ranks read on their own (set by the parent).
+    #[arg(long, hide = true)]
+    pub alone: Option<String>,
 }
 
 /// `--shard`: the dimension to split (`None`: replicate) and the number of destinations.
@@ -186,13 +206,25 @@ pub fn json_files(report: &LoadReport) -> Vec<JsonFile> {
 }
 
 /// Fetches the bytes of the i-th loaded tensor (from host or device memory).
-type TensorBytes = Box<dyn Fn(usize) -> Result<Vec<u8>, gantry::Error>>;
+pub type TensorBytes = Box<dyn Fn(usize) -> Result<Vec<u8>, gantry::Error>>;
 
 pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     if let Some(c) = &args.checksum {
         if c != "xxh3" {
             return Err(format!("unknown checksum '{c}' (xxh3)").into());
         }
+    }
+    if let (Some(rank), Some(world)) = (args.rank, args.world) {
+        let me = crate::ranks::RankArgs {
+            rank,
+            world,
+            nccl_id: args.nccl_id.as_deref(),
+            alone: args.alone.as_deref(),
+        };
+        return crate::ranks::run_rank(args, me);
+    }
+    if let Some(world) = args.ranks {
+        return crate::ranks::run_parent(args, world);
     }
     if let Some(shard) = &args.shard {
         return run_placed(args, shard);
@@ -304,7 +336,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
 
 /// Compares every loaded tensor with an independent buffered read of its file; the first
 /// mismatch is an error naming the tensor, the byte and the file offset.
-fn verify(
+pub fn verify(
     path: &std::path::Path,
     loaded: &[(usize, String)],
     bytes_of: &dyn Fn(usize) -> Result<Vec<u8>, gantry::Error>,

@@ -12,6 +12,7 @@ mod demo;
 mod inspect;
 mod load;
 mod options;
+mod ranks;
 mod synth;
 mod units;
 
