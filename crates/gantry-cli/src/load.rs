@@ -43,6 +43,9 @@ pub struct Args {
     /// With --ranks: seconds a rank waits for the others before it gives up.
     #[arg(long, value_name = "S", default_value_t = 120)]
     pub rank_timeout_s: u64,
+    /// With --ranks: the largest piece one rank reads and broadcasts, in MiB.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub piece_mib: u64,
     /// This process is rank R of a --ranks load (set by the parent).
     #[arg(long, hide = true, requires = "world")]
     pub rank: Option<usize>,

@@ -150,6 +150,9 @@ pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
     if world == 0 {
         return Err("--ranks must be at least 1".into());
     }
+    if args.piece_mib == 0 {
+        return Err("--piece-mib must be at least 1".into());
+    }
     if args.shard.is_some() {
         return Err("--ranks and --shard do not go together (--shard places across the GPUs of one process)".into());
     }
@@ -297,7 +300,7 @@ fn load_rank_device(
         None => None,
     };
     let coop = match &comm {
-        Some(c) => Cooperation::nccl(c).timeout(timeout),
+        Some(c) => Cooperation::nccl(c).timeout(timeout).piece_bytes(args.piece_mib << 20),
         None => Cooperation::alone(me.rank, me.world, me.alone.unwrap_or("no NCCL unique id")),
     };
     let world = me.world;
