@@ -563,3 +563,48 @@ impl State {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::{even, Slice};
+
+    #[test]
+    fn a_cooperative_load_takes_whole_tensors_on_every_rank_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = crate::synth::SynthSpec {
+            vocab: 64,
+            hidden: 64,
+            intermediate: 224,
+            kv: 16,
+            layers: 1,
+            shards: 1,
+        };
+        crate::synth::write_checkpoint(dir.path(), &spec, 0).unwrap();
+        let c = crate::open(dir.path()).unwrap();
+        let all = wanted_whole(&c, 3, |_| Ok((0..3).rev().map(|r| (r, Share::Whole)).collect()));
+        assert_eq!(all.unwrap(), vec![true; c.tensors.len()]);
+        let norms = wanted_whole(&c, 2, |t| {
+            Ok(if t.name.contains("norm") {
+                vec![(0, Share::Whole), (1, Share::Whole)]
+            } else {
+                vec![]
+            })
+        })
+        .unwrap();
+        let want: Vec<bool> = c.tensors.iter().map(|t| t.name.contains("norm")).collect();
+        assert_eq!(norms, want);
+        type Place = dyn Fn(&TensorEntry) -> Result<Vec<(usize, Share)>>;
+        let refused: &[&Place] = &[
+            &|_| Ok(vec![(0, Share::Whole)]),
+            &|_| Ok(vec![(0, Share::Whole), (0, Share::Whole)]),
+            &|_| Ok(vec![(0, Share::Whole), (2, Share::Whole)]),
+            &|t| Ok(vec![(0, Share::Slice(even(t, 0, 1, 0)?)), (1, Share::Whole)]),
+            &|_| Ok(vec![(0, Share::Slice(Slice { dim: 0, start: 0, len: 1 })), (1, Share::Whole)]),
+        ];
+        for place in refused {
+            let err = wanted_whole(&c, 2, place).unwrap_err();
+            assert!(err.to_string().contains("whole on all 2 ranks"), "{err}");
+        }
+    }
+}

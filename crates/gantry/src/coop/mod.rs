@@ -8,3 +8,4 @@ pub mod split;
 
 pub use comm::{load_nccl, Communicator, UniqueId};
 pub use load::{CoopReport, Cooperation, CooperativeModel, Link};
+pub use nccl_sys::Nccl;
