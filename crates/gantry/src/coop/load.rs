@@ -12,7 +12,6 @@
 //! they stop their readers and return [`Error::Rank`] naming it. A rank that dies or stalls is
 //! noticed by the others' timeout, which aborts the communicator.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -209,24 +208,104 @@ impl Loader {
         place: impl FnMut(&TensorEntry) -> Result<Vec<(usize, Share)>>,
         mut on_ready: impl FnMut(ReadyOnDevice<'_>),
     ) -> Result<CooperativeModel> {
+        let wanted = wanted_whole(&checkpoint, coop.world, place)?;
+        let mut buffers = Vec::with_capacity(checkpoint.files.len());
+        for (f, file) in checkpoint.files.iter().enumerate() {
+            let len =
+                if checkpoint.file_wanted(&wanted, f) { file.header.data_len as usize } else { 0 };
+            buffers.push(device.alloc(len, &file.path.display().to_string()));
+        }
+        // An allocation that failed is this rank's failure, which the others must hear of.
+        let (buffers, failed): (Vec<_>, Vec<_>) = buffers.into_iter().partition(Result::is_ok);
+        let failed = failed.into_iter().find_map(Result::err);
+        let buffers: Vec<DeviceBuffer> = buffers.into_iter().map(|b| b.expect("ok")).collect();
+        let addresses: Vec<u64> = buffers.iter().map(DeviceBuffer::ptr).collect();
+        let (report, coop) = self.run_cooperative(
+            &checkpoint,
+            device,
+            coop,
+            &wanted,
+            &addresses,
+            failed,
+            &mut on_ready,
+        )?;
+        let model =
+            DeviceModel::from_parts(checkpoint, buffers, wanted, report, Arc::clone(device));
+        Ok(CooperativeModel { model, coop })
+    }
+
+    /// [`Loader::load_cooperative`] into the caller's device memory: `file_buffers[f]` is the
+    /// device address of a copy of file `f`'s data section (`data_len` bytes, in `device`'s
+    /// primary context) for every file with a `wanted` tensor, 0 for the others. Every rank
+    /// must want the same tensors. For bindings that own the memory they hand out.
+    pub fn load_cooperative_into(
+        &self,
+        checkpoint: &Checkpoint,
+        device: &Arc<CudaDevice>,
+        coop: Cooperation<'_>,
+        wanted: &[bool],
+        file_buffers: &[u64],
+        mut on_ready: impl FnMut(ReadyOnDevice<'_>),
+    ) -> Result<(LoadReport, CoopReport)> {
+        if wanted.len() != checkpoint.tensors.len() || file_buffers.len() != checkpoint.files.len()
+        {
+            return Err(Error::Config(format!(
+                "{} wanted flags and {} file buffers for {} tensors in {} files",
+                wanted.len(),
+                file_buffers.len(),
+                checkpoint.tensors.len(),
+                checkpoint.files.len()
+            )));
+        }
+        device.bind()?;
+        for (f, file) in checkpoint.files.iter().enumerate() {
+            if checkpoint.file_wanted(wanted, f) && file.header.data_len > 0 {
+                device.check_range(file_buffers[f], file.header.data_len).map_err(|message| {
+                    Error::Destination { tensor: file.path.display().to_string(), message }
+                })?;
+            }
+        }
+        self.run_cooperative(checkpoint, device, coop, wanted, file_buffers, None, &mut on_ready)
+    }
+
+    /// Reads alone, or splits the reads and exchanges, into the file buffers at `addresses`;
+    /// `failed` is an error this rank already has (told to the others, then returned).
+    #[allow(clippy::too_many_arguments)]
+    fn run_cooperative(
+        &self,
+        checkpoint: &Checkpoint,
+        device: &Arc<CudaDevice>,
+        coop: Cooperation<'_>,
+        wanted: &[bool],
+        addresses: &[u64],
+        failed: Option<Error>,
+        on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
+    ) -> Result<(LoadReport, CoopReport)> {
         if coop.rank >= coop.world {
             return Err(Error::Config(format!(
                 "rank {} of {}: no such rank",
                 coop.rank, coop.world
             )));
         }
-        let wanted = wanted_whole(&checkpoint, coop.world, place)?;
+        let bases: Vec<u64> = checkpoint
+            .files
+            .iter()
+            .zip(addresses)
+            .map(|(f, &a)| a.wrapping_sub(f.header.data_offset))
+            .collect();
         let comm = match coop.link {
-            Link::Nccl(_) if coop.world == 1 => None,
-            Link::Nccl(comm) => Some(comm),
-            Link::Alone(_) => None,
-        };
-        let Some(comm) = comm else {
-            let reason = match &coop.link {
-                Link::Alone(reason) => format!("each rank reads on its own: {reason}"),
-                Link::Nccl(_) => "world size 1: nothing to share".to_owned(),
-            };
-            return self.load_alone(checkpoint, device, &coop, wanted, reason, &mut on_ready);
+            Link::Nccl(comm) if coop.world > 1 => comm,
+            _ => {
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                let reason = match &coop.link {
+                    Link::Alone(reason) => format!("each rank reads on its own: {reason}"),
+                    Link::Nccl(_) => "world size 1: nothing to share".to_owned(),
+                };
+                return self
+                    .read_alone(checkpoint, device, &coop, wanted, &bases, reason, on_ready);
+            }
         };
         if (comm.rank(), comm.world()) != (coop.rank, coop.world) {
             return Err(Error::Config(format!(
@@ -238,42 +317,42 @@ impl Loader {
             )));
         }
         let mut exchange = Exchange::new(comm, device, coop.timeout)?;
-        let mut state = State::new(&checkpoint, &wanted, &coop);
-        let outcome =
-            self.cooperate(&checkpoint, device, &wanted, &mut state, &mut exchange, &mut on_ready);
-        let (buffers, mut report) = match outcome {
-            Ok(done) => done,
+        let mut state = State::new(checkpoint, wanted, &coop);
+        let outcome = match failed {
+            Some(e) => Err(e),
+            None => self.cooperate(checkpoint, device, &bases, &mut state, &mut exchange, on_ready),
+        };
+        let mut report = match outcome {
+            Ok(report) => report,
             Err(e) => return Err(state.fail(&mut exchange, e)),
         };
         report.tensor_bytes =
-            checkpoint.tensors.iter().zip(&wanted).filter(|(_, &w)| w).map(|(t, _)| t.len).sum();
+            checkpoint.tensors.iter().zip(wanted).filter(|(_, &w)| w).map(|(t, _)| t.len).sum();
         let coop_report = state.report(comm, &report);
-        let model =
-            DeviceModel::from_parts(checkpoint, buffers, wanted, report, Arc::clone(device));
-        Ok(CooperativeModel { model, coop: coop_report })
+        Ok((report, coop_report))
     }
 
-    /// The fallback: this rank reads every tensor it wants on its own.
-    fn load_alone(
+    /// The fallback: this rank reads every tensor it wants on its own (`bases[f]` plus a
+    /// tensor's file offset is its address).
+    #[allow(clippy::too_many_arguments)]
+    fn read_alone(
         &self,
-        checkpoint: Checkpoint,
+        checkpoint: &Checkpoint,
         device: &Arc<CudaDevice>,
         coop: &Cooperation<'_>,
-        wanted: Vec<bool>,
+        wanted: &[bool],
+        bases: &[u64],
         reason: String,
         on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
-    ) -> Result<CooperativeModel> {
+    ) -> Result<(LoadReport, CoopReport)> {
         log::info!("rank {} of {}: {reason}", coop.rank, coop.world);
-        let names: HashSet<String> = checkpoint
-            .tensors
-            .iter()
-            .zip(&wanted)
-            .filter(|(_, &w)| w)
-            .map(|(t, _)| t.name.clone())
-            .collect();
-        let model =
-            self.load_to_device_with(checkpoint, device, |t| names.contains(&t.name), on_ready)?;
-        let report = model.report();
+        let mut i = 0;
+        let target = |t: &TensorEntry| {
+            let ptr = wanted[i].then(|| bases[t.file.0] + t.offset);
+            i += 1;
+            ptr
+        };
+        let report = self.load_into_device(checkpoint, device, target, on_ready)?;
         let coop = CoopReport {
             rank: coop.rank,
             world: coop.world,
@@ -283,32 +362,21 @@ impl Loader {
             owned_bytes: report.tensor_bytes,
             ..CoopReport::default()
         };
-        Ok(CooperativeModel { model, coop })
+        Ok((report, coop))
     }
 
-    /// Allocates the file buffers, reads this rank's pieces into them and runs the exchange.
+    /// Reads this rank's pieces into the file buffers at `bases` (plus file offsets) and
+    /// runs the exchange.
     fn cooperate(
         &self,
         checkpoint: &Checkpoint,
         device: &Arc<CudaDevice>,
-        wanted: &[bool],
+        bases: &[u64],
         state: &mut State,
         exchange: &mut Exchange<'_>,
         on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
-    ) -> Result<(Vec<DeviceBuffer>, LoadReport)> {
-        let mut buffers = Vec::with_capacity(checkpoint.files.len());
-        for (f, file) in checkpoint.files.iter().enumerate() {
-            let len =
-                if checkpoint.file_wanted(wanted, f) { file.header.data_len as usize } else { 0 };
-            buffers.push(device.alloc(len, &file.path.display().to_string())?);
-        }
-        let bases: Vec<u64> = checkpoint
-            .files
-            .iter()
-            .zip(&buffers)
-            .map(|(f, b)| b.ptr().wrapping_sub(f.header.data_offset))
-            .collect();
-        state.ready_at_once(checkpoint, &bases, on_ready);
+    ) -> Result<LoadReport> {
+        state.ready_at_once(checkpoint, bases, on_ready);
         let pieces = piece_table(checkpoint, &state.split);
         let mine: Vec<bool> = state.split.pieces.iter().map(|p| p.owner == state.rank).collect();
         let targets: Vec<Option<u64>> = pieces
@@ -326,8 +394,8 @@ impl Loader {
                     cancel.store(true, Ordering::Relaxed);
                     return;
                 }
-                state.landed(piece, checkpoint, &bases, on_ready);
-                if let Err(e) = state.advance(exchange, checkpoint, &bases, on_ready) {
+                state.landed(piece, checkpoint, bases, on_ready);
+                if let Err(e) = state.advance(exchange, checkpoint, bases, on_ready) {
                     state.failed = Some(e);
                     cancel.store(true, Ordering::Relaxed);
                 }
@@ -340,10 +408,10 @@ impl Loader {
             (Ok(report), None) => report,
         };
         let tail = Instant::now();
-        state.advance(exchange, checkpoint, &bases, on_ready)?;
-        state.finish(exchange, checkpoint, &bases, on_ready)?;
+        state.advance(exchange, checkpoint, bases, on_ready)?;
+        state.finish(exchange, checkpoint, bases, on_ready)?;
         state.tail_seconds = tail.elapsed().as_secs_f64();
-        Ok((buffers, LoadReport { seconds: report.seconds + state.tail_seconds, ..report }))
+        Ok(LoadReport { seconds: report.seconds + state.tail_seconds, ..report })
     }
 }
 
