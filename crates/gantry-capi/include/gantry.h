@@ -46,6 +46,11 @@ enum gantry_status
   GANTRY_E_INTEGRITY = 302,
   // A CUDA call failed (code in `gantry_last_error_cuda_code`).
   GANTRY_E_CUDA = 400,
+  // An NCCL call of a cooperative load failed, or the other ranks stopped answering (the
+  // communicator was aborted then).
+  GANTRY_E_NCCL = 401,
+  // Another rank of a cooperative load failed (the message names it and its error).
+  GANTRY_E_RANK = 402,
   // A cuFile call failed.
   GANTRY_E_CUFILE = 500,
   // Something the request needs is not available here (no CUDA driver, no O_DIRECT, ...).
@@ -189,6 +194,25 @@ typedef struct gantry_report {
   double seconds;
 } gantry_report;
 
+// What a cooperative load did on this rank.
+typedef struct gantry_coop_report {
+  // 1 when the ranks split the reads and exchanged over NCCL, 0 when this rank read
+  // everything itself (no communicator, world size 1; the log says why).
+  int32_t cooperative;
+  // This rank.
+  int32_t rank;
+  // Ranks in the load.
+  int32_t world;
+  // Reserved, 0.
+  int32_t reserved;
+  // Bytes this rank read from storage.
+  uint64_t read_bytes;
+  // Bytes of the pieces this rank read and broadcast to the others.
+  uint64_t owned_bytes;
+  // Bytes this rank received from the others.
+  uint64_t received_bytes;
+} gantry_coop_report;
+
 // What of a tensor one destination gets, as a `gantry_place_fn` fills it.
 typedef struct gantry_share {
   // 1: the whole tensor (the other fields are ignored); 0: a slice.
@@ -291,6 +315,32 @@ gantry_status gantry_loader_load_into(const struct gantry_loader *loader,
 
 // The name of a status code (`"GANTRY_E_IO"`), a static string.
 const char *gantry_status_name(int32_t status);
+
+// Loads every tensor of `path` onto GPU `device` as rank `rank` of `world`, whole tensors on
+// every rank: each byte is read from storage by one rank and broadcast to the others over
+// `nccl_comm`, the server's `ncclComm_t` (its tensor-parallel group, on `device`, from the
+// same `libnccl.so.2` the process has loaded). With `nccl_comm` NULL each rank reads
+// everything itself. Every rank of the group must make this call with the same `path` and
+// loader settings; nothing else may be issued on the communicator until it returns. `ready`
+// (may be NULL) is told as each tensor is complete on this rank. When a rank fails, every
+// rank fails: that one with its own error, the others with `GANTRY_E_RANK` naming it, or
+// `GANTRY_E_NCCL` when it stopped answering for 120 s (the communicator is then aborted and
+// must not be used again). Figures go to `*report_out` (may be NULL).
+//
+// # Safety
+// `loader` live; `path` NUL-terminated; `nccl_comm` NULL or a live `ncclComm_t`; `ready`
+// follows its contract and does not unwind; `model_out` writable; `report_out` NULL or
+// writable.
+gantry_status gantry_loader_load_cooperative(const struct gantry_loader *loader,
+                                             const char *path,
+                                             int32_t device,
+                                             void *nccl_comm,
+                                             int32_t rank,
+                                             int32_t world,
+                                             gantry_ready_fn ready,
+                                             void *user_data,
+                                             struct gantry_model **model_out,
+                                             struct gantry_coop_report *report_out);
 
 // Copies the last failure's message on this thread into `buf` (`len` bytes), NUL-terminated
 // and truncated like `snprintf`; returns the message's full length (0 when the last call

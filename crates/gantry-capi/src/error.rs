@@ -30,6 +30,11 @@ pub enum gantry_status {
     GANTRY_E_INTEGRITY = 302,
     /// A CUDA call failed (code in `gantry_last_error_cuda_code`).
     GANTRY_E_CUDA = 400,
+    /// An NCCL call of a cooperative load failed, or the other ranks stopped answering (the
+    /// communicator was aborted then).
+    GANTRY_E_NCCL = 401,
+    /// Another rank of a cooperative load failed (the message names it and its error).
+    GANTRY_E_RANK = 402,
     /// A cuFile call failed.
     GANTRY_E_CUFILE = 500,
     /// Something the request needs is not available here (no CUDA driver, no O_DIRECT, ...).
@@ -52,6 +57,8 @@ pub(crate) fn status_name(status: i32) -> &'static CStr {
         301 => c"GANTRY_E_TRUNCATED",
         302 => c"GANTRY_E_INTEGRITY",
         400 => c"GANTRY_E_CUDA",
+        401 => c"GANTRY_E_NCCL",
+        402 => c"GANTRY_E_RANK",
         500 => c"GANTRY_E_CUFILE",
         600 => c"GANTRY_E_UNAVAILABLE",
         601 => c"GANTRY_E_RESOURCE",
@@ -102,6 +109,8 @@ impl From<engine::Error> for CallError {
             engine::Error::Destination { .. } => GANTRY_E_DESTINATION,
             engine::Error::Cuda { .. } => GANTRY_E_CUDA,
             engine::Error::CuFile { .. } => GANTRY_E_CUFILE,
+            engine::Error::Nccl { .. } => GANTRY_E_NCCL,
+            engine::Error::Rank { .. } => GANTRY_E_RANK,
             _ => GANTRY_E_RESOURCE,
         };
         let errno = e.raw_os_error().unwrap_or(0);

@@ -18,6 +18,7 @@
 //! as each tensor's copies complete, before the call returns.
 #![allow(non_camel_case_types)]
 
+mod coop;
 mod error;
 mod model;
 mod placed;
@@ -25,6 +26,7 @@ mod placed;
 use std::ffi::{c_char, c_void};
 use std::sync::Arc;
 
+pub use coop::{gantry_coop_report, gantry_loader_load_cooperative};
 use error::{ffi_boundary, CallError};
 pub use error::{
     gantry_last_error_cuda_code, gantry_last_error_cufile_code, gantry_last_error_errno,

@@ -49,6 +49,29 @@ pub struct Args {
     /// GANTRY_REPLICATE_VIA, else host.
     #[arg(long, value_name = "host|peer")]
     pub replicate_via: Option<String>,
+    /// Load with N processes, one per GPU that --device names (cuda:0,cuda:1,...), the way
+    /// tensor-parallel servers run: the ranks split the reads and exchange with NCCL (each
+    /// reads on its own without NCCL, or with --device cpu); per-rank and total figures.
+    #[arg(long, value_name = "N")]
+    pub ranks: Option<usize>,
+    /// With --ranks: seconds a rank waits for the others before it gives up.
+    #[arg(long, value_name = "S", default_value_t = 120)]
+    pub rank_timeout_s: u64,
+    /// With --ranks: the largest piece one rank reads and broadcasts, in MiB.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub piece_mib: u64,
+    /// This process is rank R of a --ranks load (set by the parent).
+    #[arg(long, hide = true, requires = "world")]
+    pub rank: Option<usize>,
+    /// Ranks of the load this rank belongs to (set by the parent).
+    #[arg(long, hide = true, requires = "rank")]
+    pub world: Option<usize>,
+    /// The NCCL unique id of the ranks, in hex (set by the parent).
+    #[arg(long, hide = true)]
+    pub nccl_id: Option<String>,
+    /// Why the ranks read on their own (set by the parent).
+    #[arg(long, hide = true)]
+    pub alone: Option<String>,
 }
 
 /// A `--shard` rule.
@@ -389,6 +412,18 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     }
     if args.verify && gantry::io::object::is_url(&args.options.path) {
         return Err("--verify compares with a plain read of local files; it does not take object sources (s3://, gs://, az://; use --checksum xxh3 against a local copy)".into());
+    }
+    if let (Some(rank), Some(world)) = (args.rank, args.world) {
+        let me = crate::ranks::RankArgs {
+            rank,
+            world,
+            nccl_id: args.nccl_id.as_deref(),
+            alone: args.alone.as_deref(),
+        };
+        return crate::ranks::run_rank(args, me);
+    }
+    if let Some(world) = args.ranks {
+        return crate::ranks::run_parent(args, world);
     }
     if let Some(shard) = &args.shard {
         return run_placed(args, shard);

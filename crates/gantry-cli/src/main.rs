@@ -13,6 +13,7 @@ mod demo;
 mod inspect;
 mod load;
 mod options;
+mod ranks;
 mod synth;
 mod units;
 

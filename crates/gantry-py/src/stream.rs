@@ -297,8 +297,14 @@ impl Tensor {
 #[derive(Debug)]
 enum Event {
     Ready(usize),
+    /// What a cooperative load did on this rank (sent before `Done`).
+    Coop(gantry::coop::CoopReport),
     Done(gantry::Result<LoadReport>),
 }
+
+/// A cooperative load's rank, world size, and the NCCL unique id in hex, or why the ranks
+/// read on their own.
+pub type CoopArgs = (usize, usize, Result<String, String>);
 
 #[derive(Debug)]
 struct State {
@@ -324,28 +330,38 @@ pub struct Stream {
     cancel: Arc<AtomicBool>,
     state: Mutex<State>,
     report: Mutex<Option<LoadReport>>,
+    /// What a cooperative load did on this rank; held as briefly as `report`.
+    coop: Mutex<Option<gantry::coop::CoopReport>>,
 }
 
 #[pymethods]
 impl Stream {
     /// Opens `source`, allocates its destinations on `device` and starts loading; `skip`
-    /// names tensors not to load.
+    /// names tensors not to load. `coop` (GPU loads) makes the load one rank of a cooperative
+    /// load: `(rank, world, unique_id)` with the NCCL unique id in hex from
+    /// `nccl_unique_id()`, or `(rank, world, None, reason)` to read alone for that reason.
     #[new]
-    #[pyo3(signature = (source, device = "cuda:0", config = None, skip = None))]
+    #[pyo3(signature = (source, device = "cuda:0", config = None, skip = None, coop = None))]
     fn new(
         py: Python<'_>,
         source: PathBuf,
         device: &str,
         config: Option<&Bound<'_, PyDict>>,
         skip: Option<Vec<String>>,
+        coop: Option<(usize, usize, Option<String>, Option<String>)>,
     ) -> PyResult<Self> {
+        let coop: Option<CoopArgs> = coop.map(|(rank, world, id, reason)| {
+            let link = id.ok_or_else(|| reason.unwrap_or_else(|| "no NCCL unique id".into()));
+            (rank, world, link)
+        });
         let ordinal = parse_device(device)?;
         let cancel = Arc::new(AtomicBool::new(false));
         let (config, panic_after) = take_panic_hook(config)?;
         let config = parse_config(config.as_ref())?.cancel_flag(Arc::clone(&cancel));
         let skip: std::collections::HashSet<String> =
             skip.unwrap_or_default().into_iter().collect();
-        py.detach(|| start(&source, ordinal, config, skip, cancel, panic_after)).map_err(to_py)
+        py.detach(|| start(&source, ordinal, config, skip, cancel, panic_after, coop))
+            .map_err(to_py)
     }
 
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -370,6 +386,7 @@ impl Stream {
                     let tensor = self.tensor(&state, i);
                     return Ok(Some((tensor.name.clone(), tensor)));
                 }
+                Ok(Event::Coop(report)) => *self.coop.lock() = Some(report),
                 Ok(Event::Done(result)) => {
                     finish(py, &mut state);
                     return match result {
@@ -429,6 +446,14 @@ impl Stream {
             })
             .collect();
         d.set_item("files", files)?;
+        if let Some(c) = self.coop.lock().clone() {
+            d.set_item("cooperative", c.cooperative)?;
+            d.set_item("cooperative_reason", c.reason.clone())?;
+            d.set_item("rank", c.rank)?;
+            d.set_item("world", c.world)?;
+            d.set_item("owned_bytes", c.owned_bytes)?;
+            d.set_item("received_bytes", c.received_bytes)?;
+        }
         Ok(Some(d))
     }
 
@@ -514,6 +539,7 @@ fn start(
     skip: std::collections::HashSet<String>,
     cancel: Arc<AtomicBool>,
     panic_after: Option<usize>,
+    coop: Option<CoopArgs>,
 ) -> gantry::Result<Stream> {
     let checkpoint = Arc::new(gantry::open_with(source, &config)?);
     let wanted: Vec<bool> = checkpoint.tensors.iter().map(|t| !skip.contains(&t.name)).collect();
@@ -558,6 +584,20 @@ fn start(
                 let _ = tx.send(Event::Ready(index));
             };
             let result = match &on_device {
+                Some(d) if coop.is_some() => {
+                    let coop = coop.expect("checked");
+                    let addresses: Vec<u64> = handover
+                        .memory
+                        .iter()
+                        .map(|m| m.as_ref().map_or(0, |m| m.base()))
+                        .collect();
+                    let ready = |r: gantry::ReadyOnDevice<'_>| notify(r.index);
+                    let done = cooperative(&loader, &table, d, coop, &wanted, &addresses, ready);
+                    done.map(|(report, coop)| {
+                        let _ = tx.send(Event::Coop(coop));
+                        report
+                    })
+                }
                 Some(d) => {
                     let target = |t: &gantry::TensorEntry| {
                         if skip.contains(&t.name) {
@@ -588,5 +628,45 @@ fn start(
         cancel,
         state: Mutex::new(state),
         report: Mutex::new(None),
+        coop: Mutex::new(None),
     })
+}
+
+/// One rank of a cooperative load into the file buffers at `addresses`: joins the NCCL
+/// communicator of the unique id (on this thread), or reads alone for the reason given.
+fn cooperative(
+    loader: &Loader,
+    checkpoint: &Checkpoint,
+    device: &Arc<CudaDevice>,
+    (rank, world, link): CoopArgs,
+    wanted: &[bool],
+    addresses: &[u64],
+    ready: impl FnMut(gantry::ReadyOnDevice<'_>),
+) -> gantry::Result<(LoadReport, gantry::coop::CoopReport)> {
+    use gantry::coop::{Communicator, Cooperation, UniqueId};
+    let comm = match &link {
+        Ok(hex) => {
+            let nccl = gantry::coop::load_nccl()
+                .map_err(|reason| gantry::Error::Unavailable { what: "NCCL", reason })?;
+            let id = UniqueId::from_hex(hex)?;
+            let timeout = gantry::coop::comm::TIMEOUT;
+            Some(Communicator::init(nccl, &id, rank, world, device, timeout)?)
+        }
+        Err(_) => None,
+    };
+    let coop = match (&comm, link) {
+        (Some(c), _) => Cooperation::nccl(c),
+        (None, Err(reason)) => Cooperation::alone(rank, world, reason),
+        (None, Ok(_)) => unreachable!("a unique id makes a communicator"),
+    };
+    loader.load_cooperative_into(checkpoint, device, coop, wanted, addresses, ready)
+}
+
+/// A new NCCL unique id, in hex (rank 0 of a cooperative load creates it and hands it to the
+/// others); `UnavailableError` without NCCL.
+#[pyfunction]
+pub fn nccl_unique_id() -> PyResult<String> {
+    let nccl = gantry::coop::load_nccl()
+        .map_err(|reason| to_py(gantry::Error::Unavailable { what: "NCCL", reason }))?;
+    gantry::coop::UniqueId::new(&nccl).map(|id| id.to_hex()).map_err(to_py)
 }

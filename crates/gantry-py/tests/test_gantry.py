@@ -967,5 +967,65 @@ class TorchTests(WithCheckpoint):
         self.assertEqual(model.big.cpu().numpy().tobytes(), reference(table["big"]))
 
 
+class CooperativeTests(WithCheckpoint):
+    """One process per GPU: the arguments, NCCL missing, and with two GPUs and torch two
+    ranks over a torch.distributed group, each checked against the file."""
+
+    def test_arguments(self):
+        with self.assertRaisesRegex(gantry.ConfigError, "both rank= and world="):
+            gantry.load(self.ck.path, device="cpu", rank=0)
+        self.assertIsNone(gantry._coop(None, None, None, None))
+        self.assertEqual(gantry._coop(0, 1, None, None)[3], "world size 1: nothing to share")
+        self.assertIn("no unique_id=", gantry._coop(1, 2, None, None)[3])
+        self.assertEqual(gantry._coop(1, 2, None, "ab"), (1, 2, "ab", None))
+
+    def test_missing_nccl_is_unavailable(self):
+        missing = os.path.join(tempfile.gettempdir(), "no-such-libnccl.so.2")
+        old = os.environ.get("GANTRY_NCCL_LIB")
+        os.environ["GANTRY_NCCL_LIB"] = missing
+        try:
+            with self.assertRaisesRegex(gantry.UnavailableError, "no-such-libnccl"):
+                gantry.nccl_unique_id()
+        finally:
+            if old is None:
+                del os.environ["GANTRY_NCCL_LIB"]
+            else:
+                os.environ["GANTRY_NCCL_LIB"] = old
+
+    @unittest.skipUnless(torch is not None or REQUIRE_GPU, "torch is not installed")
+    def test_two_ranks_over_a_process_group(self):
+        if torch.cuda.device_count() < 2:
+            if REQUIRE_GPU:
+                self.fail(f"GANTRY_REQUIRE_GPU=1 but {torch.cuda.device_count()} GPU(s); this needs 2")
+            self.skipTest(f"{torch.cuda.device_count()} GPU(s); two ranks need two")
+        script = """
+import json, os, sys
+import torch, torch.distributed as dist
+import gantry
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+s = gantry.stream(sys.argv[1], device=f"cuda:{rank}", group=dist.group.WORLD, framework="dlpack")
+out = {name: t.tobytes().hex() for name, t in s}
+print(json.dumps({"report": s.report(), "tensors": out}))
+dist.destroy_process_group()
+"""
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+        env["PYTHONPATH"] = os.pathsep.join(sys.path)
+        procs = [
+            subprocess.Popen([sys.executable, "-c", script, self.ck.path], env=dict(env, RANK=str(r)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for r in range(2)
+        ]
+        results = [p.communicate(timeout=300) for p in procs]
+        table = {i.name: i for i in gantry.inspect(self.ck.path)}
+        for p, (out, err) in zip(procs, results):
+            self.assertEqual(p.returncode, 0, err.decode())
+            got = json.loads(out.decode().strip().splitlines()[-1])
+            self.assertTrue(got["report"]["cooperative"], got["report"])
+            self.assertEqual(set(got["tensors"]), set(table))
+            for name, data in got["tensors"].items():
+                self.assertEqual(bytes.fromhex(data), reference(table[name]), name)
+
+
 if __name__ == "__main__":
     unittest.main()

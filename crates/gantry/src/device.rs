@@ -82,6 +82,18 @@ impl DeviceModel {
         (*self.wanted.get(index)?).then(|| self.at(index))
     }
 
+    /// A model from its parts: `buffers[f]` holds file `f`'s data section (empty when none
+    /// of its tensors is wanted).
+    pub(crate) fn from_parts(
+        checkpoint: Checkpoint,
+        buffers: Vec<DeviceBuffer>,
+        wanted: Vec<bool>,
+        report: LoadReport,
+        device: Arc<CudaDevice>,
+    ) -> Self {
+        Self { checkpoint, buffers, wanted, report, device }
+    }
+
     fn at(&self, i: usize) -> DeviceTensor<'_> {
         let entry = &self.checkpoint.tensors[i];
         let file = &self.checkpoint.files[entry.file.0];

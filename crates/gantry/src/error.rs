@@ -96,6 +96,24 @@ pub enum Error {
     /// The caller's cancel flag ([`crate::Config::cancel_flag`]) was set during the load;
     /// everything the load had allocated is freed.
     Cancelled,
+    /// An NCCL call of a cooperative load failed, or timed out.
+    Nccl {
+        /// What was being done.
+        op: String,
+        /// The `ncclResult_t` (0 for a timeout).
+        code: i32,
+        /// NCCL's description, or what did not happen in time.
+        message: String,
+    },
+    /// Another rank of a cooperative load failed; this rank stopped with it.
+    Rank {
+        /// The rank that failed.
+        rank: usize,
+        /// Ranks in the load.
+        world: usize,
+        /// Its error, as it reported it.
+        message: String,
+    },
     /// Setting up the loader's own resources (memory, threads, rings) failed.
     Resource {
         /// What was being set up.
@@ -143,6 +161,10 @@ impl fmt::Display for Error {
                 path.display()
             ),
             Error::Cancelled => f.write_str("the load was cancelled"),
+            Error::Nccl { op, message, .. } => write!(f, "NCCL: {op} failed: {message}"),
+            Error::Rank { rank, world, message } => {
+                write!(f, "rank {rank} of {world} failed, so this rank stopped: {message}")
+            }
             Error::Cuda { op, code, message } => write!(f, "CUDA: {op} failed: {message} (CUresult {code})"),
         }
     }

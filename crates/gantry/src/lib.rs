@@ -24,6 +24,7 @@
 
 pub mod baseline;
 pub mod config;
+pub mod coop;
 mod device;
 pub mod error;
 pub mod integrity;

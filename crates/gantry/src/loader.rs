@@ -333,6 +333,19 @@ impl Loader {
         })
     }
 
+    /// A loader with this one's settings but `cancel` as its cancel flag, lent this loader's
+    /// staging arena (a cooperative load stops its own pipeline when another rank fails);
+    /// [`Loader::take_back`] returns the arena.
+    pub(crate) fn lend(&self, cancel: Arc<std::sync::atomic::AtomicBool>) -> Loader {
+        let config = self.config.clone().cancel_flag(cancel);
+        Loader { config, staging: Mutex::new(self.staging.lock().take()) }
+    }
+
+    /// Takes back the staging arena lent to `lent` by [`Loader::lend`].
+    pub(crate) fn take_back(&self, lent: Loader) {
+        *self.staging.lock() = lent.staging.into_inner();
+    }
+
     /// Chooses a reader per file, plans, and runs the pipeline into `sink`; with `device`,
     /// staging is page-locked for it and placed on its NUMA node.
     pub(crate) fn run(

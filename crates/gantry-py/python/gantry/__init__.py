@@ -49,7 +49,10 @@ __all__ = [
     "CancelledError",
     "DtypeError",
     "to_torch",
+    "nccl_unique_id",
 ]
+
+nccl_unique_id = _gantry.nccl_unique_id
 
 
 class DtypeError(GantryError, TypeError):
@@ -227,12 +230,51 @@ class Stream:
         return self._inner.report()
 
 
+def _coop(
+    rank: Optional[int], world: Optional[int], group: Any, unique_id: Optional[str]
+) -> Optional[Tuple[int, int, Optional[str], Optional[str]]]:
+    """The ``coop`` argument of ``_gantry.Stream``: ``(rank, world, unique id, reason)``.
+
+    With a ``torch.distributed`` process group, rank 0 of the group creates the NCCL unique id
+    and ``broadcast_object_list`` hands it to the others (torch does not expose its own NCCL
+    communicator, so gantry makes its own over the same GPUs); when rank 0 cannot load NCCL,
+    every rank is told why and reads on its own."""
+    if group is not None:
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        if world > 1:
+            offer: List[Any] = [None]
+            if rank == 0:
+                try:
+                    offer = [("id", _gantry.nccl_unique_id())]
+                except UnavailableError as e:
+                    offer = [("alone", f"rank 0: {e}")]
+            dist.broadcast_object_list(offer, src=dist.get_global_rank(group, 0), group=group)
+            kind, value = offer[0]
+            return (rank, world, value, None) if kind == "id" else (rank, world, None, value)
+        return (rank, world, None, "world size 1: nothing to share")
+    if rank is None and world is None:
+        return None
+    if rank is None or world is None:
+        raise ConfigError("a cooperative load needs both rank= and world= (or group=)")
+    if world == 1:
+        return (rank, world, None, "world size 1: nothing to share")
+    if unique_id is None:
+        return (rank, world, None, "no unique_id= given: each rank reads on its own")
+    return (rank, world, unique_id, None)
+
+
 def stream(
     source: Source,
     device: Any = "cuda:0",
     *,
     skip: Skip = None,
     framework: Optional[str] = None,
+    rank: Optional[int] = None,
+    world: Optional[int] = None,
+    group: Any = None,
+    unique_id: Optional[str] = None,
     **config: Any,
 ) -> Stream:
     """Starts loading ``source`` onto ``device`` and returns an iterator of ``(name, tensor)``
@@ -256,10 +298,19 @@ def stream(
     variables (``AWS_*``; ``GOOGLE_APPLICATION_CREDENTIALS``, ``GOOGLE_SERVICE_ACCOUNT``,
     ``STORAGE_EMULATOR_HOST``; ``AZURE_STORAGE_ACCOUNT_NAME``, ``AZURE_STORAGE_ACCOUNT_KEY``,
     ...).
+
+    One process per GPU (tensor parallelism): pass ``group=`` (a ``torch.distributed``
+    process group, e.g. the tensor-parallel group) or ``rank=``, ``world=`` and
+    ``unique_id=`` (from :func:`gantry.nccl_unique_id` on rank 0, handed to the others)
+    and every rank of the group makes the same call: the ranks split the reads (each byte read
+    from storage once across them) and exchange over NVLink with NCCL, and each rank gets
+    every tensor. Without NCCL each rank reads on its own; ``report()["cooperative_reason"]``
+    says why.
     """
     convert = _converter(framework)
+    coop = _coop(rank, world, group, unique_id)
     inner = _gantry.Stream(
-        os.fspath(source), _device(device), config, _skip_names(source, skip, config)
+        os.fspath(source), _device(device), config, _skip_names(source, skip, config), coop
     )
     return Stream(inner, convert)
 
@@ -273,6 +324,10 @@ def load(
     shard: Optional[str] = None,
     devices: Optional[Sequence[Any]] = None,
     tp_rules: Optional[Sequence[Tuple[str, str]]] = None,
+    rank: Optional[int] = None,
+    world: Optional[int] = None,
+    group: Any = None,
+    unique_id: Optional[str] = None,
     **config: Any,
 ) -> Any:
     """Loads ``source`` (a ``.safetensors`` file, a folder, or an index) onto ``device`` and
@@ -292,12 +347,18 @@ def load(
     ``devices`` names the N destinations (``["cuda:0", "cuda:1"]``, the same GPU may appear
     more than once); without it, ``N`` times ``"cpu"`` when ``device`` is ``"cpu"``, else
     ``cuda:0`` to ``cuda:N-1``.
+
+    The cooperative options (``group=``, or ``rank=``, ``world=`` and ``unique_id=``) are as
+    for :func:`stream`, without ``shard``.
     """
+    coop = dict(rank=rank, world=world, group=group, unique_id=unique_id)
     if shard is None:
         if devices is not None or tp_rules is not None:
             raise ValueError("devices and tp_rules go with shard")
-        with stream(source, device, skip=skip, framework=framework, **config) as s:
+        with stream(source, device, skip=skip, framework=framework, **coop, **config) as s:
             return dict(s)
+    if any(v is not None for v in coop.values()):
+        raise ValueError("rank, world, group and unique_id do not go with shard")
     if skip is not None:
         raise ValueError("skip does not go with shard (the rule says what each destination takes)")
     convert = _converter(framework)

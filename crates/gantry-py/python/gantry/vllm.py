@@ -5,9 +5,11 @@ entry point in every process it starts, and the ``gantry`` load format then feed
 ``load_weights`` from :func:`gantry.stream`: tensors go straight from the files into this
 rank's GPU and are handed to the model as they land.
 
-With tensor parallelism each rank streams the checkpoint into its own GPU and its parameters'
-weight loaders keep the slices that rank owns; the loaded checkpoint is freed file by file as
-its tensors are consumed. Where the whole checkpoint does not fit beside the model on one
+With tensor parallelism each rank gets every tensor in its own GPU and its parameters' weight
+loaders keep the slices that rank owns; the loaded checkpoint is freed file by file as its
+tensors are consumed. The ranks of the tensor-parallel group load cooperatively: each byte is
+read from storage by one rank and exchanged over NVLink with NCCL (``{"cooperative": false}``
+makes every rank read the whole checkpoint itself, as without NCCL). Where the whole checkpoint does not fit beside the model on one
 GPU, stream through host memory instead:
 ``--model-loader-extra-config '{"device": "cpu"}'``. A model in object storage
 (``s3://``, ``gs://``, ``az://``, ``abfs://``, ``https://ACCOUNT.blob.core.windows.net/``)
@@ -58,6 +60,21 @@ def _model_folder(model_config: Any) -> str:
     return folder
 
 
+def _tensor_parallel_group() -> Any:
+    """vLLM's tensor-parallel group as a CPU (gloo) process group, when it has more than one
+    rank; ``None`` otherwise. Its ranks are the processes that load the same checkpoint onto
+    different GPUs."""
+    try:
+        from vllm.distributed.parallel_state import get_tp_group
+    except ImportError:
+        return None
+    try:
+        tp = get_tp_group()
+    except AssertionError:  # no model parallelism initialised (a plain single-GPU run)
+        return None
+    return tp.cpu_group if tp.world_size > 1 else None
+
+
 def make_loader_class(base: type) -> type:
     """The gantry loader as a subclass of vLLM's ``BaseModelLoader`` (passed in, so that this
     module imports without vLLM)."""
@@ -69,6 +86,7 @@ def make_loader_class(base: type) -> type:
             super().__init__(load_config)
             options: Dict[str, Any] = dict(getattr(load_config, "model_loader_extra_config", None) or {})
             self.device = options.pop("device", None)
+            self.cooperative = bool(options.pop("cooperative", True))
             self.options = options
 
         def download_model(self, model_config: Any) -> None:
@@ -79,7 +97,11 @@ def make_loader_class(base: type) -> type:
 
             folder = _model_folder(model_config)
             device = self.device or f"cuda:{torch.cuda.current_device()}"
-            weights = gantry.stream(folder, device=device, framework="torch", **self.options)
+            options = dict(self.options)
+            group = _tensor_parallel_group() if self.cooperative and device != "cpu" else None
+            if group is not None:
+                options["group"] = group
+            weights = gantry.stream(folder, device=device, framework="torch", **options)
             loaded = model.load_weights(weights)
             report = weights.report()
             if report is not None:

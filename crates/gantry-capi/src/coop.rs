@@ -1,0 +1,119 @@
+//! Cooperative loads for servers that run one process per GPU (tensor parallelism under MPI
+//! or their own launcher): the server passes the `ncclComm_t` of its tensor-parallel group,
+//! the ranks split the checkpoint's reads and exchange them over it.
+
+use std::ffi::{c_char, c_void};
+
+use crate::error::{self, ffi_boundary, CallError};
+use crate::{gantry_loader, gantry_model, gantry_ready_fn, model};
+
+/// What a cooperative load did on this rank.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct gantry_coop_report {
+    /// 1 when the ranks split the reads and exchanged over NCCL, 0 when this rank read
+    /// everything itself (no communicator, world size 1; the log says why).
+    pub cooperative: i32,
+    /// This rank.
+    pub rank: i32,
+    /// Ranks in the load.
+    pub world: i32,
+    /// Reserved, 0.
+    pub reserved: i32,
+    /// Bytes this rank read from storage.
+    pub read_bytes: u64,
+    /// Bytes of the pieces this rank read and broadcast to the others.
+    pub owned_bytes: u64,
+    /// Bytes this rank received from the others.
+    pub received_bytes: u64,
+}
+
+/// Loads every tensor of `path` onto GPU `device` as rank `rank` of `world`, whole tensors on
+/// every rank: each byte is read from storage by one rank and broadcast to the others over
+/// `nccl_comm`, the server's `ncclComm_t` (its tensor-parallel group, on `device`, from the
+/// same `libnccl.so.2` the process has loaded). With `nccl_comm` NULL each rank reads
+/// everything itself. Every rank of the group must make this call with the same `path` and
+/// loader settings; nothing else may be issued on the communicator until it returns. `ready`
+/// (may be NULL) is told as each tensor is complete on this rank. When a rank fails, every
+/// rank fails: that one with its own error, the others with `GANTRY_E_RANK` naming it, or
+/// `GANTRY_E_NCCL` when it stopped answering for 120 s (the communicator is then aborted and
+/// must not be used again). Figures go to `*report_out` (may be NULL).
+///
+/// # Safety
+/// `loader` live; `path` NUL-terminated; `nccl_comm` NULL or a live `ncclComm_t`; `ready`
+/// follows its contract and does not unwind; `model_out` writable; `report_out` NULL or
+/// writable.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn gantry_loader_load_cooperative(
+    loader: *const gantry_loader,
+    path: *const c_char,
+    device: i32,
+    nccl_comm: *mut c_void,
+    rank: i32,
+    world: i32,
+    ready: gantry_ready_fn,
+    user_data: *mut c_void,
+    model_out: *mut *mut gantry_model,
+    report_out: *mut gantry_coop_report,
+) -> crate::gantry_status {
+    ffi_boundary(|| {
+        // SAFETY: per the contract.
+        let loader = &unsafe { error::in_ref(loader, "loader")? }.loader;
+        // SAFETY: per the contract.
+        let path = unsafe { error::in_str(path, "path")? };
+        let out = error::out_ptr(model_out, "model_out")?;
+        if device < 0 || rank < 0 || world < 1 || rank >= world {
+            return Err(CallError::invalid(format!(
+                "device {device}, rank {rank} of {world}: a cooperative load needs a GPU and 0 <= rank < world"
+            )));
+        }
+        let (rank, world) = (rank as usize, world as usize);
+        let gpu = engine::CudaDevice::open(device as u32)?;
+        let checkpoint = engine::open_with(path, loader.config())?;
+        let infos = model::TensorInfos::new(&checkpoint);
+        let comm = if nccl_comm.is_null() {
+            None
+        } else {
+            let nccl = engine::coop::load_nccl()
+                .map_err(|reason| engine::Error::Unavailable { what: "NCCL", reason })?;
+            // SAFETY: a live communicator of the process's libnccl.so.2, per the contract.
+            Some(unsafe { engine::coop::Communicator::from_raw(nccl, nccl_comm) }?)
+        };
+        let coop = match &comm {
+            Some(c) => engine::coop::Cooperation::nccl(c),
+            None => engine::coop::Cooperation::alone(rank, world, "no communicator given"),
+        };
+        if (coop.rank, coop.world) != (rank, world) {
+            return Err(CallError::invalid(format!(
+                "the communicator is rank {} of {}, the call says rank {rank} of {world}",
+                coop.rank, coop.world
+            )));
+        }
+        let whole = |_: &engine::TensorEntry| {
+            Ok((0..world).map(|r| (r, engine::placement::Share::Whole)).collect())
+        };
+        let done = loader.load_cooperative(checkpoint, &gpu, coop, whole, |r| {
+            if let Some(ready) = ready {
+                let info = infos.tensor(r.index, r.ptr);
+                // SAFETY: the callback's contract; `info` is valid for the call.
+                unsafe { ready(user_data, &info) };
+            }
+        })?;
+        // SAFETY: NULL or writable, per the contract.
+        if let Some(report) = unsafe { report_out.as_mut() } {
+            *report = gantry_coop_report {
+                cooperative: i32::from(done.coop.cooperative),
+                rank: rank as i32,
+                world: world as i32,
+                reserved: 0,
+                read_bytes: done.coop.read_bytes,
+                owned_bytes: done.coop.owned_bytes,
+                received_bytes: done.coop.received_bytes,
+            };
+        }
+        // SAFETY: checked non-NULL.
+        unsafe { out.write(Box::into_raw(Box::new(gantry_model::device(done.model)))) };
+        Ok(())
+    })
+}

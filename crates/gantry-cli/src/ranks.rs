@@ -1,0 +1,366 @@
+//! `gantry load PATH --ranks N --device cuda:0,cuda:1,...`: N processes, one per GPU, loading
+//! one checkpoint cooperatively (each byte read from storage once across the ranks, exchanged
+//! with NCCL), the way tensor-parallel inference servers run.
+//!
+//! The parent creates the NCCL unique id, starts itself again once per rank with hidden
+//! arguments (`--rank r --world N --nccl-id HEX`, or `--alone REASON` when NCCL is not
+//! available or the ranks load into host memory), collects each rank's JSON and prints the
+//! per-rank and total figures, including the bytes each process fetched from storage as the
+//! kernel counts them (`read_bytes` of `/proc/self/io`). When a rank fails, the parent waits
+//! for the others to notice (they fail on their own within their timeout), stops any that are
+//! still running after that, and reports every rank's outcome.
+
+use std::error::Error;
+use std::io::Read;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use gantry::coop::{Communicator, CoopReport, Cooperation, UniqueId};
+use gantry::placement::Share;
+use gantry::{CudaDevice, Loader};
+use serde_json::{json, Value};
+
+use crate::load::Args;
+use crate::options::Device;
+use crate::units;
+
+/// A rank aborts after its first tensor has landed when this variable names it (trials of a
+/// rank dying mid-load).
+pub const ABORT_RANK_VARIABLE: &str = "GANTRY_COOP_ABORT_RANK";
+
+/// Extra time the parent gives the other ranks to notice a failed rank, past their timeout.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// Bytes this process has fetched from storage so far (`read_bytes` of `/proc/self/io`).
+fn storage_read_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines().find_map(|l| l.strip_prefix("read_bytes:")).and_then(|v| v.trim().parse().ok())
+}
+
+/// Each rank's device: one GPU per rank from `--device`, or host memory for all.
+fn rank_devices(args: &Args, ranks: usize) -> Result<Vec<Device>, Box<dyn Error>> {
+    let list = &args.options.device.0;
+    match list.as_slice() {
+        [Device::Cpu] => Ok(vec![Device::Cpu; ranks]),
+        gpus if gpus.len() == ranks => Ok(gpus.to_vec()),
+        gpus => Err(format!(
+            "--ranks {ranks} starts one process per GPU: --device names {} GPU(s), it needs {ranks} (cuda:0,cuda:1,...) or cpu",
+            gpus.len()
+        )
+        .into()),
+    }
+}
+
+/// The parent's arguments for a rank: the command line without `--ranks`, `--device`,
+/// `--json` and `--explain` (and their values), then the rank's own.
+fn rank_arguments(
+    device: Device,
+    rank: usize,
+    world: usize,
+    link: &Result<String, String>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--ranks" | "--device" => {
+                args.next();
+            }
+            "--json" | "--explain" => {}
+            _ if a.starts_with("--ranks=") || a.starts_with("--device=") => {}
+            _ => out.push(a),
+        }
+    }
+    let device = match device {
+        Device::Cpu => "cpu".to_owned(),
+        Device::Cuda(n) => format!("cuda:{n}"),
+    };
+    out.extend(["--device".into(), device, "--json".into()]);
+    out.extend(["--rank".into(), rank.to_string(), "--world".into(), world.to_string()]);
+    match link {
+        Ok(id) => out.extend(["--nccl-id".into(), id.clone()]),
+        Err(reason) => out.extend(["--alone".into(), reason.clone()]),
+    }
+    out
+}
+
+/// How the ranks will reach each other: a unique id, or why each reads on its own.
+fn link(devices: &[Device]) -> Result<String, String> {
+    let nccl = gantry::coop::load_nccl().map_err(|e| format!("NCCL is not available: {e}"))?;
+    if devices.len() == 1 {
+        return Err("world size 1: nothing to share".into());
+    }
+    if devices.contains(&Device::Cpu) {
+        return Err("host memory: NCCL exchanges GPU memory only".into());
+    }
+    UniqueId::new(&nccl).map(|id| id.to_hex()).map_err(|e| format!("no NCCL unique id: {e}"))
+}
+
+/// One started rank and what it printed.
+struct Rank {
+    child: Child,
+    stdout: std::thread::JoinHandle<String>,
+    stderr: std::thread::JoinHandle<String>,
+    status: Option<ExitStatus>,
+}
+
+fn spawn(args: Vec<String>) -> Result<Rank, Box<dyn Error>> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped")));
+    Ok(Rank { child, stdout, stderr, status: None })
+}
+
+/// Waits for every rank; once one has failed, the others get their timeout plus a grace
+/// period to notice, then are killed.
+fn wait_all(ranks: &mut [Rank], timeout: Duration) {
+    let mut failed_at: Option<Instant> = None;
+    while ranks.iter().any(|r| r.status.is_none()) {
+        for r in ranks.iter_mut().filter(|r| r.status.is_none()) {
+            if let Ok(Some(status)) = r.child.try_wait() {
+                r.status = Some(status);
+                if !status.success() {
+                    failed_at.get_or_insert_with(Instant::now);
+                }
+            }
+        }
+        if failed_at.is_some_and(|t| t.elapsed() > timeout + GRACE) {
+            for r in ranks.iter_mut().filter(|r| r.status.is_none()) {
+                let _ = r.child.kill();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `gantry load --ranks N`: starts the ranks, collects and prints their figures.
+pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
+    if world == 0 {
+        return Err("--ranks must be at least 1".into());
+    }
+    if args.piece_mib == 0 {
+        return Err("--piece-mib must be at least 1".into());
+    }
+    if args.shard.is_some() {
+        return Err("--ranks and --shard do not go together (--shard places across the GPUs of one process)".into());
+    }
+    let devices = rank_devices(args, world)?;
+    let checkpoint = gantry::open_with(&args.options.path, &args.options.config()?)?;
+    let link = link(&devices);
+    let start = Instant::now();
+    let mut ranks = Vec::with_capacity(world);
+    for (r, &device) in devices.iter().enumerate() {
+        ranks.push(spawn(rank_arguments(device, r, world, &link))?);
+    }
+    wait_all(&mut ranks, Duration::from_secs(args.rank_timeout_s));
+    let wall = start.elapsed().as_secs_f64();
+    let mut outputs = Vec::with_capacity(world);
+    let mut failures = Vec::new();
+    for (r, rank) in ranks.into_iter().enumerate() {
+        let out = rank.stdout.join().unwrap_or_default();
+        let err = rank.stderr.join().unwrap_or_default();
+        let status = rank.status.expect("waited");
+        if status.success() {
+            outputs.push(serde_json::from_str::<Value>(out.trim())?);
+        } else {
+            let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no message");
+            failures.push(format!("rank {r} ({status}): {last}"));
+        }
+    }
+    if !failures.is_empty() {
+        return Err(
+            format!("{} of {world} ranks failed: {}", failures.len(), failures.join("; ")).into()
+        );
+    }
+    print_ranks(args, &outputs, checkpoint.total_bytes(), wall);
+    Ok(())
+}
+
+/// Per-rank lines and the totals (or one JSON object).
+fn print_ranks(args: &Args, ranks: &[Value], checkpoint_bytes: u64, wall: f64) {
+    let sum = |key: &str| ranks.iter().filter_map(|r| r[key].as_u64()).sum::<u64>();
+    let storage = ranks.iter().map(|r| r["storage_read_bytes"].as_u64()).sum::<Option<u64>>();
+    let seconds = ranks.iter().filter_map(|r| r["seconds"].as_f64()).fold(0.0, f64::max);
+    let total = ranks.iter().filter_map(|r| r["total_seconds"].as_f64()).fold(0.0, f64::max);
+    let cooperative = ranks.iter().all(|r| r["cooperative"] == json!(true));
+    let reason = ranks.first().map_or(Value::Null, |r| r["reason"].clone());
+    if args.json {
+        let out = json!({
+            "ranks": ranks.len(), "cooperative": cooperative, "reason": reason,
+            "checkpoint_bytes": checkpoint_bytes, "read_bytes": sum("read_bytes"),
+            "storage_read_bytes": storage, "seconds": seconds, "total_seconds": total,
+            "wall_seconds": wall, "per_rank": ranks,
+        });
+        println!("{out}");
+        return;
+    }
+    println!(
+        "{} ranks ({}): {}",
+        ranks.len(),
+        if cooperative { "cooperative" } else { "each on its own" },
+        reason.as_str().unwrap_or("")
+    );
+    for r in ranks {
+        println!(
+            "  rank {} ({}): {} in {:.3} s, read {} from storage (planned {}), received {}",
+            r["rank"],
+            r["device"].as_str().unwrap_or("?"),
+            units::bytes(r["bytes"].as_u64().unwrap_or(0)),
+            r["seconds"].as_f64().unwrap_or(0.0),
+            r["storage_read_bytes"].as_u64().map_or("?".to_owned(), units::bytes),
+            units::bytes(r["read_bytes"].as_u64().unwrap_or(0)),
+            units::bytes(r["received_bytes"].as_u64().unwrap_or(0)),
+        );
+    }
+    println!(
+        "total: checkpoint {}, read {} (planned {}) across ranks, slowest rank {seconds:.3} s, {total:.3} s end to end per process, {wall:.3} s for all processes",
+        units::bytes(checkpoint_bytes),
+        storage.map_or("?".to_owned(), units::bytes),
+        units::bytes(sum("read_bytes"))
+    );
+}
+
+/// What a rank was told by the parent.
+pub struct RankArgs<'a> {
+    pub rank: usize,
+    pub world: usize,
+    pub nccl_id: Option<&'a str>,
+    pub alone: Option<&'a str>,
+}
+
+/// Fills a buffer with the loaded bytes of tensor `i` from `at` bytes into it.
+type ReadLoaded = Box<dyn FnMut(usize, u64, &mut [u8]) -> Result<(), gantry::Error>>;
+
+/// A rank's load: its report, what it did, the checkpoint, the loaded tensors' positions and
+/// how to read their bytes back.
+type RankLoad = (gantry::LoadReport, CoopReport, gantry::Checkpoint, Vec<usize>, ReadLoaded);
+
+/// The positions of the tensors `loaded` says were loaded.
+fn loaded_table(c: &gantry::Checkpoint, loaded: impl Fn(usize) -> bool) -> Vec<usize> {
+    (0..c.tensors.len()).filter(|&i| loaded(i)).collect()
+}
+
+/// Calls `std::process::abort` when [`ABORT_RANK_VARIABLE`] names `rank`.
+fn abort_hook(rank: usize) -> impl Fn() {
+    let abort_here = std::env::var(ABORT_RANK_VARIABLE).ok() == Some(rank.to_string());
+    move || {
+        if abort_here {
+            std::process::abort(); // a trial of a rank dying mid-load
+        }
+    }
+}
+
+/// A rank loading into host memory: always on its own.
+fn load_rank_host(
+    loader: &Loader,
+    checkpoint: gantry::Checkpoint,
+    me: &RankArgs<'_>,
+) -> Result<RankLoad, gantry::Error> {
+    let hook = abort_hook(me.rank);
+    let model = loader.load_with(checkpoint, |_| true, |_| hook())?;
+    let report = model.report().clone();
+    let coop = CoopReport {
+        rank: me.rank,
+        world: me.world,
+        reason: me.alone.unwrap_or("host memory").to_owned(),
+        read_bytes: report.read_bytes,
+        owned_bytes: report.tensor_bytes,
+        ..Default::default()
+    };
+    let loaded = loaded_table(model.checkpoint(), |i| model.get(i).is_some());
+    let checkpoint = model.checkpoint().clone();
+    let read: ReadLoaded = Box::new(move |i, at, buf| {
+        let bytes = model.get(i).expect("loaded").bytes;
+        buf.copy_from_slice(&bytes[at as usize..at as usize + buf.len()]);
+        Ok(())
+    });
+    Ok((report, coop, checkpoint, loaded, read))
+}
+
+/// A rank loading onto GPU `ordinal`: over NCCL when the parent gave a unique id.
+fn load_rank_device(
+    args: &Args,
+    loader: &Loader,
+    checkpoint: gantry::Checkpoint,
+    ordinal: u32,
+    me: &RankArgs<'_>,
+) -> Result<RankLoad, Box<dyn Error>> {
+    let gpu = CudaDevice::open(ordinal)?;
+    let timeout = Duration::from_secs(args.rank_timeout_s);
+    let comm = match me.nccl_id {
+        Some(hex) => {
+            let nccl = gantry::coop::load_nccl()
+                .map_err(|e| format!("rank {}: NCCL is not available: {e}", me.rank))?;
+            let id = UniqueId::from_hex(hex)?;
+            Some(Communicator::init(nccl, &id, me.rank, me.world, &gpu, timeout)?)
+        }
+        None => None,
+    };
+    let coop = match &comm {
+        Some(c) => Cooperation::nccl(c).timeout(timeout).piece_bytes(args.piece_mib << 20),
+        None => Cooperation::alone(me.rank, me.world, me.alone.unwrap_or("no NCCL unique id")),
+    };
+    let world = me.world;
+    let whole = |_: &gantry::TensorEntry| Ok((0..world).map(|r| (r, Share::Whole)).collect());
+    let hook = abort_hook(me.rank);
+    let done = loader.load_cooperative(checkpoint, &gpu, coop, whole, |_| hook())?;
+    let model = done.model;
+    let loaded = loaded_table(model.checkpoint(), |i| model.get(i).is_some());
+    let report = model.report().clone();
+    let checkpoint = model.checkpoint().clone();
+    let read: ReadLoaded = Box::new(move |i, at, buf| {
+        let ptr = model.get(i).expect("loaded").ptr;
+        buf.copy_from_slice(&model.device().copy_to_host(ptr + at, buf.len())?);
+        Ok(())
+    });
+    Ok((report, done.coop, checkpoint, loaded, read))
+}
+
+/// One rank (a process started by [`run_parent`]): loads, optionally verifies, prints JSON.
+pub fn run_rank(args: &Args, me: RankArgs<'_>) -> Result<(), Box<dyn Error>> {
+    let storage_before = storage_read_bytes();
+    let start = Instant::now();
+    let loader = Loader::new(args.options.config()?)?;
+    let checkpoint = gantry::open_with(&args.options.path, loader.config())?;
+    let device = args.options.device.one()?;
+    let (report, coop, checkpoint, loaded, mut read) = match device {
+        Device::Cpu => load_rank_host(&loader, checkpoint, &me)?,
+        Device::Cuda(n) => load_rank_device(args, &loader, checkpoint, n, &me)?,
+    };
+    let total_seconds = start.elapsed().as_secs_f64();
+    if args.verify {
+        crate::check::verify(&checkpoint, &loaded, &mut read)?;
+    }
+    let storage = storage_read_bytes().zip(storage_before).map(|(a, b)| a.saturating_sub(b));
+    let out = json!({
+        "rank": me.rank, "world": me.world, "device": device_name(device),
+        "cooperative": coop.cooperative, "reason": coop.reason,
+        "bytes": report.tensor_bytes, "read_bytes": report.read_bytes,
+        "storage_read_bytes": storage, "owned_bytes": coop.owned_bytes,
+        "received_bytes": coop.received_bytes, "pieces": coop.pieces, "rounds": coop.rounds,
+        "seconds": report.seconds, "gb_per_s": report.gb_per_s(),
+        "total_seconds": total_seconds, "exchange_tail_seconds": coop.exchange_tail_seconds,
+        "verified": args.verify, "files": crate::load::json_files(&report),
+    });
+    println!("{out}");
+    Ok(())
+}
+
+fn device_name(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(n) => format!("cuda:{n}"),
+    }
+}

@@ -1,0 +1,210 @@
+//! `gantry load --ranks N`: one process per rank, started by the CLI. On any machine: the
+//! argument errors, ranks reading on their own (host memory, or NCCL missing) with the reason
+//! in the report, every rank's tensors checked against an independent read (`--verify`), and
+//! a rank that dies failing the load. With two or more GPUs and NCCL (`GANTRY_REQUIRE_GPU=1`
+//! makes their absence a failure): cooperative loads of 2 and 4 ranks, bit-exact on every
+//! rank, every byte read from storage once across the ranks, and a rank killed mid-load.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn gantry(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gantry"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+/// A small sharded Llama-shaped checkpoint (two files, a few MiB).
+fn checkpoint(dir: &Path) -> (String, u64) {
+    let spec = gantry::synth::SynthSpec {
+        vocab: 1024,
+        hidden: 256,
+        intermediate: 768,
+        kv: 64,
+        layers: 4,
+        shards: 2,
+    };
+    gantry::synth::write_checkpoint(dir, &spec, 7).unwrap();
+    let total = gantry::open(dir).unwrap().total_bytes();
+    (dir.display().to_string(), total)
+}
+
+fn json_of(out: &Output) -> Value {
+    assert!(out.status.success(), "gantry failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn error_of(out: &Output) -> String {
+    assert!(!out.status.success(), "expected a failure");
+    assert!(out.stdout.is_empty(), "nothing on stdout on failure");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn ranks_argument_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = checkpoint(dir.path());
+    let cases: &[(&[&str], &str)] = &[
+        (&["--ranks", "0"], "--ranks must be at least 1"),
+        (&["--ranks", "3", "--device", "cuda:0,cuda:1"], "it needs 3"),
+        (&["--ranks", "2", "--shard", "replicate:2"], "do not go together"),
+        (&["--ranks", "2", "--piece-mib", "0"], "--piece-mib must be at least 1"),
+        (&["--ranks", "x"], "invalid value 'x'"),
+        (&["--rank", "0"], "--world"),
+    ];
+    for (args, message) in cases {
+        let mut all = vec!["load", &path];
+        all.extend_from_slice(args);
+        let err = error_of(&gantry(&all, &[]));
+        assert!(err.contains(message), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn without_nccl_each_rank_reads_on_its_own_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, total) = checkpoint(dir.path());
+    let missing = dir.path().join("no-such-libnccl.so.2");
+    let missing = missing.to_str().unwrap();
+    let out = gantry(
+        &["load", &path, "--ranks", "3", "--device", "cpu", "--verify", "--json"],
+        &[("GANTRY_NCCL_LIB", missing)],
+    );
+    let v = json_of(&out);
+    assert_eq!(v["ranks"], 3);
+    assert_eq!(v["cooperative"], false);
+    let reason = v["reason"].as_str().unwrap();
+    assert!(reason.contains("NCCL is not available") && reason.contains(missing), "{reason}");
+    assert_eq!(v["checkpoint_bytes"], total);
+    let ranks = v["per_rank"].as_array().unwrap();
+    for (r, rank) in ranks.iter().enumerate() {
+        assert_eq!(rank["rank"], r);
+        assert_eq!(rank["reason"], v["reason"]);
+        assert_eq!(rank["verified"], true);
+        assert_eq!(rank["bytes"], total, "every rank has every tensor");
+    }
+    // Each rank read everything itself.
+    assert!(v["read_bytes"].as_u64().unwrap() >= 3 * total);
+}
+
+#[test]
+fn a_rank_that_dies_fails_the_load_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = checkpoint(dir.path());
+    let out = gantry(
+        &["load", &path, "--ranks", "2", "--device", "cpu"],
+        &[("GANTRY_COOP_ABORT_RANK", "1")],
+    );
+    let err = error_of(&out);
+    assert!(err.contains("1 of 2 ranks failed") && err.contains("rank 1"), "{err}");
+    assert!(err.contains("SIGABRT"), "{err}");
+}
+
+/// The number of GPUs, when there are at least two and NCCL loads; else `None` after saying
+/// why (a failure with `GANTRY_REQUIRE_GPU=1`).
+fn gpus_with_nccl() -> Option<usize> {
+    let why = match gantry::coop::load_nccl() {
+        Err(e) => format!("NCCL is not available: {e}"),
+        Ok(_) => {
+            let count = (0..8).take_while(|&n| gantry::CudaDevice::open(n).is_ok()).count();
+            if count >= 2 {
+                return Some(count);
+            }
+            format!("{count} GPU(s); a cooperative load needs at least 2")
+        }
+    };
+    assert!(
+        std::env::var("GANTRY_REQUIRE_GPU").as_deref() != Ok("1"),
+        "GANTRY_REQUIRE_GPU=1 but: {why}"
+    );
+    eprintln!("skipped: {why}");
+    None
+}
+
+fn devices(n: usize) -> String {
+    (0..n).map(|g| format!("cuda:{g}")).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn cooperative_ranks_are_bit_exact_and_read_each_byte_once() {
+    let Some(gpus) = gpus_with_nccl() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (path, total) = checkpoint(dir.path());
+    for world in [2, 4].into_iter().filter(|&w| w <= gpus) {
+        let devices = devices(world);
+        let w = world.to_string();
+        let args = [
+            "load",
+            &path,
+            "--ranks",
+            &w,
+            "--device",
+            &devices,
+            "--piece-mib",
+            "1",
+            "--verify",
+            "--json",
+        ];
+        let v = json_of(&gantry(&args, &[]));
+        assert_eq!(v["cooperative"], true, "{v}");
+        let ranks = v["per_rank"].as_array().unwrap();
+        assert_eq!(ranks.len(), world);
+        let (mut owned, mut read) = (0, 0);
+        for rank in ranks {
+            assert_eq!(rank["verified"], true);
+            assert_eq!(rank["bytes"], total);
+            let mine = rank["owned_bytes"].as_u64().unwrap();
+            assert_eq!(mine + rank["received_bytes"].as_u64().unwrap(), total, "{rank}");
+            owned += mine;
+            read += rank["read_bytes"].as_u64().unwrap();
+        }
+        assert_eq!(owned, total, "every byte owned by exactly one rank");
+        // Reads are aligned to 4 KiB at both ends of each run: within 1% of the checkpoint.
+        assert!(read >= total && read as f64 <= total as f64 * 1.01, "{read} for {total}");
+    }
+}
+
+#[test]
+fn without_nccl_gpu_ranks_read_on_their_own() {
+    let Some(_) = gpus_with_nccl() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (path, total) = checkpoint(dir.path());
+    let missing = dir.path().join("no-such-libnccl.so.2");
+    let args = ["load", &path, "--ranks", "2", "--device", "cuda:0,cuda:1", "--verify", "--json"];
+    let v = json_of(&gantry(&args, &[("GANTRY_NCCL_LIB", missing.to_str().unwrap())]));
+    assert_eq!(v["cooperative"], false);
+    assert!(v["reason"].as_str().unwrap().contains("no-such-libnccl"), "{v}");
+    for rank in v["per_rank"].as_array().unwrap() {
+        assert_eq!(rank["verified"], true);
+        assert_eq!(rank["bytes"], total);
+    }
+}
+
+#[test]
+fn a_rank_killed_mid_load_fails_the_others_without_a_hang() {
+    let Some(_) = gpus_with_nccl() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = checkpoint(dir.path());
+    let args = [
+        "load",
+        &path,
+        "--ranks",
+        "2",
+        "--device",
+        "cuda:0,cuda:1",
+        "--piece-mib",
+        "1",
+        "--rank-timeout-s",
+        "10",
+    ];
+    let err = error_of(&gantry(&args, &[("GANTRY_COOP_ABORT_RANK", "1")]));
+    // Rank 1 died; rank 0 gave up on it by its own timeout, with an error that says so.
+    assert!(err.contains("2 of 2 ranks failed"), "{err}");
+    assert!(err.contains("rank 1") && err.contains("SIGABRT"), "{err}");
+    assert!(err.contains("rank 0") && err.contains("did not answer"), "{err}");
+}

@@ -1,0 +1,11 @@
+//! Cooperative loads for one process per GPU: the ranks of a tensor-parallel group split the
+//! reads of a checkpoint between them (every byte read from storage once across the ranks)
+//! and exchange what they read over NVLink with NCCL.
+
+pub mod comm;
+mod load;
+pub mod split;
+
+pub use comm::{load_nccl, Communicator, UniqueId};
+pub use load::{CoopReport, Cooperation, CooperativeModel, Link};
+pub use nccl_sys::Nccl;
