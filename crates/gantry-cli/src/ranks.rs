@@ -90,9 +90,12 @@ fn link(devices: &[Device]) -> Result<String, String> {
     if devices.len() == 1 {
         return Err("world size 1: nothing to share".into());
     }
-    if devices.contains(&Device::Cpu) {
+    let Some(&Device::Cuda(first)) = devices.first().filter(|_| !devices.contains(&Device::Cpu))
+    else {
         return Err("host memory: NCCL exchanges GPU memory only".into());
-    }
+    };
+    // NCCL makes its unique id with CUDA started in the process, as the ranks will.
+    let _gpu = CudaDevice::open(first).map_err(|e| format!("CUDA: {e}"))?;
     UniqueId::new(&nccl).map(|id| id.to_hex()).map_err(|e| format!("no NCCL unique id: {e}"))
 }
 

@@ -44,11 +44,13 @@ impl std::str::FromStr for PathChoice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ReplicateVia {
     /// One host-to-device copy from pinned staging per GPU.
-    #[default]
     Host,
     /// One host-to-device copy (to a GPU chosen in turn, so every PCIe link takes its part),
     /// then device-to-device copies to the others over NVLink (peer access); pairs of GPUs
-    /// without peer access get their own host-to-device copy.
+    /// without peer access get their own host-to-device copy. The default: on 4 H100s with
+    /// NVLink, `replicate:4` warm delivered 162 GB/s this way against 151 GB/s by host
+    /// copies, with 169 GB/s the four GPUs' summed pinned host-to-device ceiling.
+    #[default]
     Peer,
 }
 

@@ -117,6 +117,7 @@ fn failed_device_load_waits_for_its_copies_before_the_next_load() {
     let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let config = Config::default()
         .path(PathChoice::Buffered)
+        .chunk_bytes(1 << 20)
         .buffered_chunk_bytes(256 << 10)
         .staging_bytes(2 << 20)
         .cancel_flag(std::sync::Arc::clone(&flag));
