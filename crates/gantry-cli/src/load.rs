@@ -69,6 +69,9 @@ pub struct Args {
     /// The NCCL unique id of the ranks, in hex (set by the parent).
     #[arg(long, hide = true)]
     pub nccl_id: Option<String>,
+    /// Where rank 0 publishes the NCCL unique id for the others (set by the parent).
+    #[arg(long, hide = true)]
+    pub nccl_id_file: Option<String>,
     /// Why the ranks read on their own (set by the parent).
     #[arg(long, hide = true)]
     pub alone: Option<String>,
@@ -418,6 +421,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             rank,
             world,
             nccl_id: args.nccl_id.as_deref(),
+            nccl_id_file: args.nccl_id_file.as_deref(),
             alone: args.alone.as_deref(),
         };
         return crate::ranks::run_rank(args, me);

@@ -2,9 +2,11 @@
 //! one checkpoint cooperatively (each byte read from storage once across the ranks, exchanged
 //! with NCCL), the way tensor-parallel inference servers run.
 //!
-//! The parent creates the NCCL unique id, starts itself again once per rank with hidden
-//! arguments (`--rank r --world N --nccl-id HEX`, or `--alone REASON` when NCCL is not
-//! available or the ranks load into host memory), collects each rank's JSON and prints the
+//! The parent starts itself again once per rank with hidden arguments (`--rank r --world N
+//! --nccl-id-file PATH`: rank 0 creates the NCCL unique id and publishes it there for the
+//! others, so NCCL's bootstrap root lives in a rank, as under torchrun; `--nccl-id HEX` takes
+//! an id made elsewhere; `--alone REASON` when NCCL is not available or the ranks load into
+//! host memory), collects each rank's JSON and prints the
 //! per-rank and total figures, including the bytes each process fetched from storage as the
 //! kernel counts them (`read_bytes` of `/proc/self/io`). When a rank fails, the parent waits
 //! for the others to notice (they fail on their own within their timeout), stops any that are
@@ -78,25 +80,58 @@ fn rank_arguments(
     out.extend(["--device".into(), device, "--json".into()]);
     out.extend(["--rank".into(), rank.to_string(), "--world".into(), world.to_string()]);
     match link {
-        Ok(id) => out.extend(["--nccl-id".into(), id.clone()]),
+        Ok(path) => out.extend(["--nccl-id-file".into(), path.clone()]),
         Err(reason) => out.extend(["--alone".into(), reason.clone()]),
     }
     out
 }
 
-/// How the ranks will reach each other: a unique id, or why each reads on its own.
+/// How the ranks will reach each other: the file where rank 0 publishes the NCCL unique id
+/// (NCCL's bootstrap root then lives in rank 0, as under torchrun, not in this parent), or
+/// why each reads on its own.
 fn link(devices: &[Device]) -> Result<String, String> {
-    let nccl = gantry::coop::load_nccl().map_err(|e| format!("NCCL is not available: {e}"))?;
+    gantry::coop::load_nccl().map_err(|e| format!("NCCL is not available: {e}"))?;
     if devices.len() == 1 {
         return Err("world size 1: nothing to share".into());
     }
-    let Some(&Device::Cuda(first)) = devices.first().filter(|_| !devices.contains(&Device::Cpu))
-    else {
+    if devices.contains(&Device::Cpu) {
         return Err("host memory: NCCL exchanges GPU memory only".into());
-    };
-    // NCCL makes its unique id with CUDA started in the process, as the ranks will.
-    let _gpu = CudaDevice::open(first).map_err(|e| format!("CUDA: {e}"))?;
-    UniqueId::new(&nccl).map(|id| id.to_hex()).map_err(|e| format!("no NCCL unique id: {e}"))
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let name = format!("gantry-nccl-id-{}-{nanos}", std::process::id());
+    Ok(std::env::temp_dir().join(name).display().to_string())
+}
+
+/// Rank 0: a new unique id, published at `path` (written beside it, then renamed, so the
+/// others never read half of it).
+fn publish_unique_id(
+    nccl: &std::sync::Arc<gantry::coop::Nccl>,
+    path: &str,
+) -> Result<UniqueId, Box<dyn Error>> {
+    let id = UniqueId::new(nccl)?;
+    let partial = format!("{path}.partial");
+    std::fs::write(&partial, id.to_hex())?;
+    std::fs::rename(&partial, path)?;
+    Ok(id)
+}
+
+/// The other ranks: the unique id rank 0 publishes at `path`, waited for up to `timeout`.
+fn await_unique_id(path: &str, timeout: Duration) -> Result<UniqueId, Box<dyn Error>> {
+    let start = Instant::now();
+    loop {
+        if let Ok(hex) = std::fs::read_to_string(path) {
+            return Ok(UniqueId::from_hex(hex.trim())?);
+        }
+        if start.elapsed() > timeout {
+            return Err(format!(
+                "rank 0 did not publish the NCCL unique id at {path} within {timeout:?}"
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// One started rank and what it printed.
@@ -168,6 +203,9 @@ pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
         ranks.push(spawn(rank_arguments(device, r, world, &link))?);
     }
     wait_all(&mut ranks, Duration::from_secs(args.rank_timeout_s));
+    if let Ok(path) = &link {
+        let _ = std::fs::remove_file(path);
+    }
     let wall = start.elapsed().as_secs_f64();
     let mut outputs = Vec::with_capacity(world);
     let mut failures = Vec::new();
@@ -240,6 +278,8 @@ pub struct RankArgs<'a> {
     pub rank: usize,
     pub world: usize,
     pub nccl_id: Option<&'a str>,
+    /// Where rank 0 publishes the unique id (set by the parent).
+    pub nccl_id_file: Option<&'a str>,
     pub alone: Option<&'a str>,
 }
 
@@ -302,14 +342,25 @@ fn load_rank_device(
 ) -> Result<RankLoad, Box<dyn Error>> {
     let gpu = CudaDevice::open(ordinal)?;
     let timeout = Duration::from_secs(args.rank_timeout_s);
-    let comm = match me.nccl_id {
-        Some(hex) => {
-            let nccl = gantry::coop::load_nccl()
-                .map_err(|e| format!("rank {}: NCCL is not available: {e}", me.rank))?;
+    let nccl = || {
+        gantry::coop::load_nccl()
+            .map_err(|e| format!("rank {}: NCCL is not available: {e}", me.rank))
+    };
+    let comm = match (me.nccl_id, me.nccl_id_file) {
+        (Some(hex), _) => {
             let id = UniqueId::from_hex(hex)?;
+            Some(Communicator::init(nccl()?, &id, me.rank, me.world, &gpu, timeout)?)
+        }
+        (None, Some(path)) => {
+            let nccl = nccl()?;
+            let id = if me.rank == 0 {
+                publish_unique_id(&nccl, path)?
+            } else {
+                await_unique_id(path, timeout)?
+            };
             Some(Communicator::init(nccl, &id, me.rank, me.world, &gpu, timeout)?)
         }
-        None => None,
+        (None, None) => None,
     };
     let coop = match &comm {
         Some(c) => Cooperation::nccl(c).timeout(timeout).piece_bytes(args.piece_mib << 20),
