@@ -15,7 +15,7 @@
 # cooperative rate >= 0.8x replicate.
 # Environment: GANTRY (default target/release/gantry), CKPT (/root/gantry-ckpt, written with
 # gantry synth --llama3-8b when absent), GPUS (cuda:0,cuda:1,cuda:2,cuda:3), ROUNDS (3),
-# OUT (where logs go, default .), DISK (the block device to count, default the one under CKPT).
+# MODES (default all four), OUT (where logs go, default .), DISK (the block device to count, default the one under CKPT).
 set -u
 G=$(realpath ${GANTRY:-target/release/gantry}); CKPT=${CKPT:-/root/gantry-ckpt}
 GPUS=${GPUS:-cuda:0,cuda:1,cuda:2,cuda:3}; ROUNDS=${ROUNDS:-3}; OUT=${OUT:-.}
@@ -56,7 +56,7 @@ PY
 race() { # race TEMPERATURE
   [ $1 = warm ] && cat $(find $CKPT -name "*.safetensors") > /dev/null # O_DIRECT loads would leave the page cache cold
   for r in $(seq $ROUNDS); do
-    for mode in single independent cooperative replicate; do sample $1 $mode $r; done
+    for mode in ${MODES:-single independent cooperative replicate}; do sample $1 $mode $r; done
   done
 }
 
