@@ -214,7 +214,9 @@ pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
         let err = rank.stderr.join().unwrap_or_default();
         let status = rank.status.expect("waited");
         if status.success() {
-            outputs.push(serde_json::from_str::<Value>(out.trim())?);
+            // The last line: libraries (NCCL with NCCL_DEBUG set) may print before it.
+            let line = out.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+            outputs.push(serde_json::from_str::<Value>(line)?);
         } else {
             let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no message");
             failures.push(format!("rank {r} ({status}): {last}"));
@@ -369,7 +371,12 @@ fn load_rank_device(
     let world = me.world;
     let whole = |_: &gantry::TensorEntry| Ok((0..world).map(|r| (r, Share::Whole)).collect());
     let hook = abort_hook(me.rank);
-    let done = loader.load_cooperative(checkpoint, &gpu, coop, whole, |_| hook())?;
+    let progress = Watchdog::start(me.rank, timeout);
+    let done = loader.load_cooperative(checkpoint, &gpu, coop, whole, |_| {
+        progress.beat();
+        hook()
+    })?;
+    progress.stop();
     let model = done.model;
     let loaded = loaded_table(model.checkpoint(), |i| model.get(i).is_some());
     let report = model.report().clone();
@@ -380,6 +387,50 @@ fn load_rank_device(
         Ok(())
     });
     Ok((report, done.coop, checkpoint, loaded, read))
+}
+
+/// Ends a rank process that has stopped making progress: NCCL's host calls (connection set-up
+/// inside a group, say) can block on a peer that died, beyond the reach of the load's own
+/// timeouts. When no tensor has landed for the rank timeout, the rank prints one error line
+/// naming itself and exits, so the parent and the other ranks see it fail instead of waiting.
+struct Watchdog {
+    last_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    start: Instant,
+}
+
+impl Watchdog {
+    fn start(rank: usize, timeout: Duration) -> Watchdog {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let start = Instant::now();
+        let (last, stop) = (std::sync::Arc::clone(&last_ms), std::sync::Arc::clone(&done));
+        std::thread::spawn(move || {
+            while !stop.load(Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                let idle =
+                    start.elapsed().saturating_sub(Duration::from_millis(last.load(Relaxed)));
+                if idle > timeout && !stop.load(Relaxed) {
+                    eprintln!(
+                        "error: rank {rank}: no tensor landed for {} s: another rank did not answer (the NCCL exchange is stuck)",
+                        timeout.as_secs()
+                    );
+                    std::process::exit(1);
+                }
+            }
+        });
+        Watchdog { last_ms, done, start }
+    }
+
+    fn beat(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn stop(&self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// One rank (a process started by [`run_parent`]): loads, optionally verifies, prints JSON.

@@ -337,7 +337,8 @@ impl Loader {
     /// staging arena (a cooperative load stops its own pipeline when another rank fails);
     /// [`Loader::take_back`] returns the arena.
     pub(crate) fn lend(&self, cancel: Arc<std::sync::atomic::AtomicBool>) -> Loader {
-        let config = self.config.clone().cancel_flag(cancel);
+        // A rank reads only its own pieces: the bytes between them are other ranks' to read.
+        let config = self.config.clone().cancel_flag(cancel).gap_bytes(0);
         Loader { config, staging: Mutex::new(self.staging.lock().take()) }
     }
 
