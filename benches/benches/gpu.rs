@@ -9,28 +9,15 @@
 //! `GANTRY_BENCH_DEVICE` (an ordinal, default 0); seconds measured per ID:
 //! `GANTRY_BENCH_SECONDS` (default 20).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::checkpoint;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use gantry::baseline;
 use gantry::{Checkpoint, Config, CudaDevice, Loader, PathChoice};
-
-/// Size of the generated checkpoint when none is given (MiB).
-const GENERATED_MIB: u64 = 512;
-
-fn checkpoint() -> (PathBuf, String) {
-    if let Some(p) = std::env::var_os("GANTRY_BENCH_CHECKPOINT") {
-        let p = PathBuf::from(p);
-        let why = format!("GANTRY_BENCH_CHECKPOINT={}", p.display());
-        return (p, why);
-    }
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-checkpoint");
-    let spec = gantry::synth::SynthSpec::for_bytes(GENERATED_MIB << 20);
-    let index =
-        gantry::synth::write_checkpoint(&dir, &spec, 7).expect("writing the bench checkpoint");
-    (index, format!("a generated {GENERATED_MIB} MiB checkpoint (set GANTRY_BENCH_CHECKPOINT to use another)"))
-}
 
 fn gpu_pipeline(c: &mut Criterion) {
     let ordinal =

@@ -5,29 +5,15 @@
 //! `read-buffered` (16 threads of `pread` into a pre-faulted buffer). `cold` evicts the files
 //! from the page cache before every iteration (outside the timing).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::checkpoint;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use gantry::baseline::{self, Prefaulted};
 use gantry::{Checkpoint, Config, Loader, PathChoice};
-
-/// Size of the generated checkpoint when none is given (MiB).
-const GENERATED_MIB: u64 = 512;
-
-/// The checkpoint to read, and a line saying where it came from.
-fn checkpoint() -> (PathBuf, String) {
-    if let Some(p) = std::env::var_os("GANTRY_BENCH_CHECKPOINT") {
-        let p = PathBuf::from(p);
-        let why = format!("GANTRY_BENCH_CHECKPOINT={}", p.display());
-        return (p, why);
-    }
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-checkpoint");
-    let spec = gantry::synth::SynthSpec::for_bytes(GENERATED_MIB << 20);
-    let index =
-        gantry::synth::write_checkpoint(&dir, &spec, 7).expect("writing the bench checkpoint");
-    (index, format!("a generated {GENERATED_MIB} MiB checkpoint (set GANTRY_BENCH_CHECKPOINT to use another)"))
-}
 
 fn readers(c: &mut Criterion) {
     let (path, source) = checkpoint();
