@@ -74,7 +74,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     }
     let loader = Loader::new(args.options.config()?)?;
     let checkpoint = gantry::open_with(&args.options.path, loader.config())?;
-    let remote = gantry::io::object::is_url(&args.options.path);
+    let remote = gantry::is_object_source(&args.options.path);
     let gpu = match args.options.device.one()? {
         Device::Cpu => None,
         Device::Cuda(n) => Some(CudaDevice::open(n)?),
@@ -224,8 +224,8 @@ fn measure_ceiling(
     cold: bool,
     config: &gantry::Config,
 ) -> Result<Measured, Box<dyn Error>> {
-    if paths.first().is_some_and(|p| gantry::io::object::is_url(p)) {
-        return Ok(gantry::io::object::ceiling(paths, config)?);
+    if paths.first().is_some_and(gantry::is_object_source) {
+        return Ok(gantry::baseline::object_ceiling(paths, config)?);
     }
     if cold {
         baseline::evict(paths)?;

@@ -4,8 +4,8 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use gantry::sink::cuda::DeviceBuffer;
-use gantry::sink::host::HostBuffer;
+use gantry::memory::DeviceBuffer;
+use gantry::memory::HostBuffer;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 

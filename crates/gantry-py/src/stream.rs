@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use gantry::sink::host::{file_buffer_layout, HostBuffer};
+use gantry::memory::host::{file_buffer_layout, HostBuffer};
 use gantry::{Checkpoint, Config, CudaDevice, Dtype, LoadReport, Loader, PathChoice};
 use parking_lot::Mutex;
 use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError};

@@ -88,6 +88,14 @@ pub fn read_direct(
     Ok(Measured { bytes: bytes?, seconds: start.elapsed().as_secs_f64() })
 }
 
+/// The object-storage ceiling: every object of `paths` fetched whole with ranged GETs, as
+/// [`crate::io::object::fetch_whole`] does, timed.
+pub fn object_ceiling(paths: &[&Path], config: &crate::Config) -> crate::Result<Measured> {
+    let start = Instant::now();
+    let bytes = crate::io::object::fetch_whole(paths, config)?;
+    Ok(Measured { bytes, seconds: start.elapsed().as_secs_f64() })
+}
+
 /// Files opened with buffers of their size, allocated and written once so that no page fault
 /// is left for the timed read.
 #[derive(Debug)]
@@ -178,7 +186,7 @@ pub fn pinned_h2d(
     // again when this returns.
     let _bound = device.bind_scoped()?;
     let arena = std::sync::Arc::new(Arena::new(buffer_bytes, device.numa_node())?);
-    let _pinned = crate::sink::cuda::PinnedHost::new(std::sync::Arc::clone(&arena), device)?;
+    let _pinned = crate::memory::PinnedHost::new(std::sync::Arc::clone(&arena), device)?;
     let target = device.alloc(buffer_bytes, "the host-to-device ceiling")?;
     let cuda = |op: &str, e: cudarc::driver::DriverError| crate::Error::Cuda {
         op: op.to_owned(),

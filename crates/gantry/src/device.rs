@@ -8,7 +8,8 @@ use gantry_format::{Checkpoint, TensorEntry};
 
 use crate::error::{Error, Result};
 use crate::loader::{LoadReport, Loader};
-use crate::sink::cuda::{CudaDevice, CudaSink, DeviceBuffer};
+use crate::memory::{CudaDevice, DeviceBuffer};
+use crate::sink::cuda::CudaSink;
 
 /// A tensor whose bytes have landed in device memory, as handed to the ready callback.
 #[derive(Debug, Clone, Copy)]

@@ -31,6 +31,7 @@ pub mod integrity;
 pub mod interleave;
 pub mod io;
 mod loader;
+pub mod memory;
 pub mod pipeline;
 mod placed;
 pub mod placement;
@@ -49,9 +50,9 @@ pub use gantry_format::{
     Checkpoint, Dtype, ErrorKind as FormatErrorKind, FileId, FileInfo, FormatError, TensorEntry,
 };
 pub use loader::{FileReport, HostModel, HostTensor, LoadReport, Loader, Ready};
+pub use memory::CudaDevice;
 pub use placed::{Placed, PlacedDeviceModel, PlacedDeviceTensor, PlacedModel, PlacedTensor};
 pub use schedule::ReaderKind;
-pub use sink::cuda::CudaDevice;
 
 /// Opens a checkpoint and validates every header, reading no tensor data: a local
 /// `.safetensors` file, directory or index, or an object source (`s3://bucket/key`,
@@ -65,6 +66,12 @@ pub use sink::cuda::CudaDevice;
 /// ```
 pub fn open(source: impl AsRef<std::path::Path>) -> Result<Checkpoint> {
     open_with(source, &Config::default())
+}
+
+/// Whether `source` names an object in object storage (`s3://`, `gs://`, `az://`, `abfs://`,
+/// `https://ACCOUNT.blob.core.windows.net/...`) rather than a local path.
+pub fn is_object_source(source: impl AsRef<std::path::Path>) -> bool {
+    io::object::is_url(source.as_ref())
 }
 
 /// [`open`] with `config`'s object-storage options ([`Config::object_option`]).

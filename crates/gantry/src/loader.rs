@@ -14,11 +14,11 @@ use parking_lot::Mutex;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::io::{probe, OpenFile};
+use crate::memory::{CudaDevice, HostBuffer, PinnedHost};
 use crate::pipeline::{self, Files, Jobs, Staging, Volume};
 use crate::plan::{FilePlan, Plan};
 use crate::schedule::{self, Choice, FileFacts, ReaderKind};
-use crate::sink::cuda::{CudaDevice, PinnedHost};
-use crate::sink::host::{file_buffer_layout, HostBuffer, HostSink};
+use crate::sink::host::{file_buffer_layout, HostSink};
 use crate::sink::Sink;
 use crate::staging::{Arena, Pool};
 

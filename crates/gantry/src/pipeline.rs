@@ -18,9 +18,9 @@ use crate::error::{Error, Result};
 use crate::integrity::{self, Verifier};
 use crate::interleave::{interleave, Read};
 use crate::io::{buffered, gds, object, uring, Message, OpenFile};
+use crate::memory::CudaDevice;
 use crate::plan::Plan;
 use crate::schedule::ReaderKind;
-use crate::sink::cuda::CudaDevice;
 use crate::sink::{RawTarget, Sink};
 use crate::staging::Pool;
 

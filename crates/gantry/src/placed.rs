@@ -10,9 +10,10 @@ use gantry_format::{Checkpoint, TensorEntry};
 use crate::config::ReplicateVia;
 use crate::error::{Error, Result};
 use crate::loader::{LoadReport, Loader};
+use crate::memory::{CudaDevice, DeviceBuffer, HostBuffer};
 use crate::placement::{Layout, Share, ShareEntry};
-use crate::sink::cuda::{CudaDevice, CudaSink, DeviceBuffer};
-use crate::sink::host::{HostBuffer, PlacedSink};
+use crate::sink::cuda::CudaSink;
+use crate::sink::host::PlacedSink;
 use crate::sink::Sink;
 use crate::topology::staging_groups;
 

@@ -19,7 +19,7 @@ use cudarc::driver::{result, sys, DriverError};
 use nccl_sys::{ncclComm_t, ncclUniqueId, Nccl, NcclCode};
 
 use crate::error::{Error, Result};
-use crate::sink::cuda::{CudaDevice, DeviceBuffer};
+use crate::memory::{CudaDevice, DeviceBuffer};
 
 /// Bytes each rank has in a status exchange: a failure flag and its error message.
 pub const STATUS_BYTES: usize = 512;

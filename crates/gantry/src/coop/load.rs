@@ -23,8 +23,9 @@ use super::split::{Split, PIECE_BYTES};
 use crate::device::{DeviceModel, ReadyOnDevice};
 use crate::error::{Error, Result};
 use crate::loader::{LoadReport, Loader};
+use crate::memory::{CudaDevice, DeviceBuffer};
 use crate::placement::Share;
-use crate::sink::cuda::{CudaDevice, CudaSink, DeviceBuffer};
+use crate::sink::cuda::CudaSink;
 
 /// How the ranks of a cooperative load reach each other.
 #[derive(Debug)]

@@ -19,7 +19,7 @@ use gds_sys::{decode_io, decode_status, CuFile, IoReturn};
 
 use super::{Message, OpenFile};
 use crate::error::{Error, Result};
-use crate::sink::cuda::CudaDevice;
+use crate::memory::CudaDevice;
 
 /// What cuFile can do on this machine, probed once.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -298,7 +298,7 @@ fn read_latency(direct: &File, offset: u64, len: u64) -> Option<f64> {
     use std::os::unix::fs::FileExt;
     const N: u64 = 8;
     // A page of its own: aligned as O_DIRECT asks.
-    let mut buf = crate::sink::host::HostBuffer::new(4096).ok()?;
+    let mut buf = crate::memory::HostBuffer::new(4096).ok()?;
     let mut times = Vec::with_capacity(N as usize);
     for i in 0..N {
         let at = (offset + len / N * i) / 4096 * 4096;

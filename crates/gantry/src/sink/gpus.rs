@@ -116,30 +116,6 @@ impl Setup {
     }
 }
 
-/// Opens GPUs `ordinals` side by side, one thread per distinct ordinal (creating a primary
-/// context takes a few hundred milliseconds per GPU); the same ordinal named twice is opened
-/// once and shared.
-pub fn open_all(ordinals: &[u32]) -> Result<Vec<Arc<CudaDevice>>> {
-    let mut distinct: Vec<u32> = ordinals.to_vec();
-    distinct.sort_unstable();
-    distinct.dedup();
-    let opened: Vec<Result<Arc<CudaDevice>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> =
-            distinct.iter().map(|&n| scope.spawn(move || CudaDevice::open(n))).collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| Err(Error::Config("opening a GPU panicked".into())))
-            })
-            .collect()
-    });
-    let opened = opened.into_iter().collect::<Result<Vec<_>>>()?;
-    Ok(ordinals
-        .iter()
-        .map(|n| Arc::clone(&opened[distinct.binary_search(n).expect("opened")]))
-        .collect())
-}
-
 /// Which destinations can relay bytes to which: `can[a][b]` when a device-to-device copy
 /// from destination `a` to `b` does not pass through host memory (the same GPU, or peer
 /// access enabled between the two). Enables peer access where the driver allows it.

@@ -476,10 +476,11 @@ pub fn known_digest(object: &ObjectFile) -> std::result::Result<Known, String> {
     })
 }
 
-/// The object-storage ceiling: every object of `paths` fetched whole with ranged GETs of
-/// `config`'s part size, `config`'s concurrency in flight, each body drained into a reused
-/// buffer (no staging ring, no copies to destinations). What the store and the network give.
-pub fn ceiling(paths: &[&Path], config: &crate::Config) -> Result<crate::baseline::Measured> {
+/// Fetches every object of `paths` whole with ranged GETs of `config`'s part size,
+/// `config`'s concurrency in flight, each body drained and dropped (no staging ring, no copies
+/// to destinations); the bytes fetched. What the store and the network give: the benchmarks'
+/// ceiling ([`crate::baseline::object_ceiling`]) times it.
+pub fn fetch_whole(paths: &[&Path], config: &crate::Config) -> Result<u64> {
     let values = config.values();
     let (part, concurrency) = (config.object_part() as u64, values.object_concurrency);
     let mut requests = Vec::new();
@@ -493,7 +494,6 @@ pub fn ceiling(paths: &[&Path], config: &crate::Config) -> Result<crate::baselin
         }
     }
     let bytes: u64 = requests.iter().map(|r| r.2).sum();
-    let start = std::time::Instant::now();
     runtime()?.block_on(async {
         let mut in_flight = tokio::task::JoinSet::new();
         let mut first_error = None;
@@ -536,7 +536,7 @@ pub fn ceiling(paths: &[&Path], config: &crate::Config) -> Result<crate::baselin
         }
         first_error.map_or(Ok(()), Err)
     })?;
-    Ok(crate::baseline::Measured { bytes, seconds: start.elapsed().as_secs_f64() })
+    Ok(bytes)
 }
 
 /// An object's size and ETag, whatever its size.
