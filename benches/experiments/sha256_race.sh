@@ -37,7 +37,11 @@ WEED=$!; trap "kill $WEED; rm -rf $W" EXIT
 export AWS_ENDPOINT_URL=http://127.0.0.1:$PORT AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret
 mkdir -p $W/data
 for i in $(seq 60); do python3 - <<PY && break; sleep 1; done
-import urllib.request; urllib.request.urlopen("http://127.0.0.1:$PORT", timeout=1)
+import urllib.error, urllib.request
+try:
+    urllib.request.urlopen("http://127.0.0.1:$PORT", timeout=1)
+except urllib.error.HTTPError:
+    pass  # any answer (403 to an unsigned request) means the server is up
 PY
 put() { curl -sf --aws-sigv4 "aws:amz:us-east-1:s3" --user bench:bench-secret "$@"; }
 put -X PUT $AWS_ENDPOINT_URL/weights >/dev/null
