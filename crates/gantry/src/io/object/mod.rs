@@ -427,7 +427,9 @@ async fn fetch(file: &ObjectFile, job: Job, mut dest: Dest) -> Result<Message> {
         }
     }
     if let Some(cache) = &file.cache {
-        cache.write_at(&buf[..job.len as usize], job.offset);
+        // A write can wait on the disk: the runtime moves its other GETs to other workers
+        // meanwhile instead of stalling them behind it.
+        tokio::task::block_in_place(|| cache.write_at(&buf[..job.len as usize], job.offset));
     }
     Ok(match dest {
         Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
