@@ -49,29 +49,6 @@ fn with_deadline<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Sen
     rx.recv_timeout(limit).expect("the load hung")
 }
 
-/// A checkpoint file as `write_file` writes it, its tensor names prefixed with `prefix`.
-fn write_shard(path: &Path, tensors: &[(Dtype, Vec<usize>)], seed: u64, prefix: &str) {
-    let mut state = seed;
-    let data: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(dtype, shape)| {
-            let mut v = vec![0u8; shape.iter().product::<usize>() * dtype.bitsize() / 8];
-            gantry::synth::fill_random(&mut v, &mut state);
-            v
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .zip(&data)
-        .enumerate()
-        .map(|(i, ((dtype, shape), d))| {
-            let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), d).unwrap();
-            (format!("{prefix}t{i:05}"), view)
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, path).unwrap();
-}
-
 /// A sharded checkpoint of `shards` random files in `dir`; returns their paths.
 fn shards(dir: &Path, shards: usize, seed: u64) -> Vec<PathBuf> {
     let mut state = seed;
@@ -87,7 +64,7 @@ fn shards(dir: &Path, shards: usize, seed: u64) -> Vec<PathBuf> {
                 })
                 .collect();
             let path = dir.join(format!("model-{s:05}.safetensors"));
-            write_shard(&path, &tensors, seed + s as u64, &format!("s{s}."));
+            write_file_named(&path, &tensors, seed + s as u64, &format!("s{s}."));
             path
         })
         .collect()

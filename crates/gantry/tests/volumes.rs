@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use gantry::{Checkpoint, Config, Dtype, Loader, PathChoice, ReaderKind};
-use safetensors::tensor::TensorView;
 
 /// Whether this test may run: root, or a failure that says how to run it (or skip it).
 fn root_or_skip(what: &str) -> bool {
@@ -99,27 +98,18 @@ impl Drop for Volumes {
 /// naming them, in `root`; returns the index's path.
 fn write_sharded(root: &Path, mounts: &[PathBuf], tensors: usize, elems: usize) -> PathBuf {
     let mut weight_map = serde_json::Map::new();
-    let mut state = 7u64;
     for (s, mount) in mounts.iter().enumerate() {
-        let data: Vec<Vec<u8>> = (0..tensors)
-            .map(|_| {
-                let mut v = vec![0u8; elems * 2];
-                gantry::synth::fill_random(&mut v, &mut state);
-                v
-            })
-            .collect();
-        let views: Vec<(String, TensorView<'_>)> = data
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                (format!("s{s}.t{i:04}"), TensorView::new(Dtype::BF16, vec![elems], d).unwrap())
-            })
-            .collect();
         let file = mount.join("shard.safetensors");
-        safetensors::serialize_to_file(views, None, &file).unwrap();
+        let prefix = format!("s{s}.");
+        common::write_file_named(
+            &file,
+            &vec![(Dtype::BF16, vec![elems]); tensors],
+            7 + s as u64,
+            &prefix,
+        );
         let rel = format!("{}/shard.safetensors", mount.file_name().unwrap().to_str().unwrap());
         for i in 0..tensors {
-            weight_map.insert(format!("s{s}.t{i:04}"), rel.clone().into());
+            weight_map.insert(format!("{prefix}t{i:05}"), rel.clone().into());
         }
         let f = std::fs::File::open(&file).unwrap();
         f.sync_all().unwrap();

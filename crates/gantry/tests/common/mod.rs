@@ -19,6 +19,12 @@ pub fn scratch() -> tempfile::TempDir {
 
 /// A checkpoint file of tensors with the given dtypes and shapes; bytes from `seed`.
 pub fn write_file(path: &Path, tensors: &[(Dtype, Vec<usize>)], seed: u64) {
+    write_file_named(path, tensors, seed, "");
+}
+
+/// [`write_file`] with every tensor name (`t00000`, `t00001`...) prefixed with `prefix`, so
+/// that the shards of one checkpoint name their tensors apart.
+pub fn write_file_named(path: &Path, tensors: &[(Dtype, Vec<usize>)], seed: u64, prefix: &str) {
     let mut state = seed;
     let data: Vec<Vec<u8>> = tensors
         .iter()
@@ -33,7 +39,7 @@ pub fn write_file(path: &Path, tensors: &[(Dtype, Vec<usize>)], seed: u64) {
         .zip(&data)
         .enumerate()
         .map(|(i, ((dtype, shape), d))| {
-            (format!("t{i:05}"), TensorView::new(*dtype, shape.clone(), d).unwrap())
+            (format!("{prefix}t{i:05}"), TensorView::new(*dtype, shape.clone(), d).unwrap())
         })
         .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
