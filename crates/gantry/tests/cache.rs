@@ -38,14 +38,6 @@ fn config(server: &Server) -> Config {
         .staging_bytes(8 * (64 << 10))
 }
 
-/// Every tensor of `model` equals the local checkpoint's bytes.
-fn assert_matches_local(model: &gantry::HostModel, local: &Checkpoint) {
-    assert_eq!(model.checkpoint().tensors.len(), local.tensors.len());
-    for (t, l) in model.tensors().zip(&local.tensors) {
-        assert!(t.bytes == reference(local, l).as_slice(), "tensor {} differs", l.name);
-    }
-}
-
 /// Files under `dir`, recursively, by name.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

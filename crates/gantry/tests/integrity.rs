@@ -40,15 +40,6 @@ fn flip_byte(path: &Path, offset: u64) {
     file.write_all_at(&[flipped], offset).unwrap();
 }
 
-/// Runs `f` on another thread; fails the test if it does not return within `limit`.
-fn with_deadline<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(limit).expect("the load hung")
-}
-
 /// A sharded checkpoint of `shards` random files in `dir`; returns their paths.
 fn shards(dir: &Path, shards: usize, seed: u64) -> Vec<PathBuf> {
     let mut state = seed;

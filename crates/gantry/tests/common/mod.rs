@@ -69,6 +69,27 @@ pub fn assert_matches_reference(model: &gantry::HostModel, expected: usize) {
     assert_eq!(n, expected);
 }
 
+/// Runs `f` on another thread and fails the test if it does not return within `limit`.
+pub fn with_deadline<T: Send + 'static>(
+    limit: std::time::Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).expect("the load hung")
+}
+
+/// Every tensor of `model` (loaded from object storage) equals the local file's bytes.
+pub fn assert_matches_local(model: &gantry::HostModel, local: &Checkpoint) {
+    assert_eq!(model.checkpoint().tensors.len(), local.tensors.len());
+    for (t, l) in model.tensors().zip(&local.tensors) {
+        assert_eq!((&t.entry.name, t.entry.len), (&l.name, l.len));
+        assert!(t.bytes == reference(local, l).as_slice(), "tensor {} differs", l.name);
+    }
+}
+
 pub fn path_of(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
