@@ -1,21 +1,12 @@
 //! The adversarial corpus: each malformed checkpoint, and the error it must give.
 
+mod common;
+
+use common::file;
 use std::fs;
 use std::path::Path;
 
 use gantry_format::{parse_file_bytes, Checkpoint, ErrorKind, FormatError, MAX_HEADER_BYTES};
-
-/// A file from a JSON header and a data section, padded like the reference serializer.
-fn file(header: &str, data_len: usize) -> Vec<u8> {
-    let mut h = header.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
-    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
-    bytes.extend(h);
-    bytes.extend((0..data_len).map(|i| i as u8));
-    bytes
-}
 
 fn parse(bytes: &[u8]) -> Result<gantry_format::Header, FormatError> {
     parse_file_bytes(Path::new("bad.safetensors"), bytes)

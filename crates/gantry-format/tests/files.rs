@@ -2,6 +2,9 @@
 //! wait), inside the checkpoint's directory once resolved, the same file when it is opened
 //! again; and errors that never print what a file holds, with names escaped.
 
+mod common;
+
+use common::file;
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -10,18 +13,6 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use gantry_format::{Checkpoint, ErrorKind, FormatError};
-
-/// A file from a JSON header and a data section.
-fn file(header: &str, data_len: usize) -> Vec<u8> {
-    let mut h = header.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
-    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
-    bytes.extend(h);
-    bytes.extend((0..data_len).map(|i| i as u8));
-    bytes
-}
 
 fn shard(path: &Path, tensor: &str) {
     let header = format!(r#"{{"{tensor}":{{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}}}"#);
