@@ -364,13 +364,13 @@ impl Loader {
             Some(_) if sink.device_reads() => Target::Device,
             Some(_) => Target::Devices,
         };
+        let tensor_bytes: u64 =
+            checkpoint.tensors.iter().zip(wanted).filter(|(_, &w)| w).map(|(t, _)| t.len).sum();
         let (opened, early) = std::thread::scope(|s| {
             // A device load that will fill the ring maps, touches and page-locks it while the
             // files are opened and probed, instead of after.
-            let wanted_bytes: u64 =
-                checkpoint.tensors.iter().zip(wanted).filter(|(_, &w)| w).map(|(t, _)| t.len).sum();
             let early = match device {
-                Some(d) if cached.is_none() && wanted_bytes >= self.config.staging_bytes as u64 => {
+                Some(d) if cached.is_none() && tensor_bytes >= self.config.staging_bytes as u64 => {
                     let bytes = self.config.staging_bytes;
                     Some(s.spawn(move || StagingArena::new(bytes, d)))
                 }
@@ -391,29 +391,7 @@ impl Loader {
             config.chunk_bytes = largest;
         }
         let config = &config;
-        // Hashing needs every byte of a file; so does a complete copy in the cache.
-        let whole = config.verify_sha256;
-        let copied = |f: usize| matches!(files.slot[f], Some((ReaderKind::Object, i)) if files.objects[i].cache.is_some());
-        let file_plans: Vec<FilePlan> = (0..checkpoint.files.len())
-            .map(|f| {
-                let chunk_bytes = config.chunk_bytes as u64;
-                let whole = whole || copied(f);
-                match files.slot[f] {
-                    Some((ReaderKind::Direct, i)) => FilePlan {
-                        align: files.direct[i].align,
-                        chunk_bytes: files.volumes[files.direct_volumes[i]].chunk_bytes as u64,
-                        whole,
-                    },
-                    Some((ReaderKind::Gds, i)) => {
-                        FilePlan { align: files.gds[i].align, chunk_bytes, whole }
-                    }
-                    Some((ReaderKind::Object, _)) => {
-                        FilePlan { align: 1, chunk_bytes: config.object_part() as u64, whole }
-                    }
-                    _ => FilePlan { align: 1, chunk_bytes: config.buffered_chunk() as u64, whole },
-                }
-            })
-            .collect();
+        let file_plans = file_plans(checkpoint.files.len(), &files, config);
         let mut checks = config.verify_sha256.then(|| self.checks(checkpoint, &files));
         let planning = Instant::now();
         let plan = Plan::new(checkpoint, wanted, &file_plans, config.gap_bytes);
@@ -451,10 +429,7 @@ impl Loader {
             on_landed(i);
         })?;
         let seconds = start.elapsed().as_secs_f64();
-        let volume_notes = volume_notes(&files);
-        let cache_notes = finish_cache(files);
-        let tensor_bytes =
-            checkpoint.tensors.iter().zip(wanted).filter(|(_, &w)| w).map(|(t, _)| t.len).sum();
+        let notes = FileNotes { volume: volume_notes(&files), cache: finish_cache(files) };
         let mut report = LoadReport {
             tensor_bytes,
             read_bytes: plan.read_bytes(),
@@ -464,30 +439,9 @@ impl Loader {
             staging_bytes,
             registered_buffers: registered,
             volume,
-            files: Vec::with_capacity(checkpoint.files.len()),
+            files: Vec::new(),
         };
-        for (f, file) in checkpoint.files.iter().enumerate() {
-            let read_bytes = plan.extents.iter().filter(|e| e.file.0 == f).map(|e| e.len).sum();
-            let (reader, mut reason, facts) = match &choices[f] {
-                Some((c, facts)) => {
-                    let note = cache_notes.get(&f).map_or(String::new(), |n| format!("; {n}"));
-                    (Some(c.reader), format!("{}{note}", c.reason), facts.clone())
-                }
-                None => (None, "no tensor wanted: not read".to_owned(), String::new()),
-            };
-            if let Some(suffix) = volume_notes.get(&f) {
-                reason.push_str(suffix);
-            }
-            let integrity = checks.as_mut().and_then(|c| c[f].take());
-            report.files.push(FileReport {
-                path: file.path.clone(),
-                reader,
-                reason,
-                facts,
-                read_bytes,
-                integrity,
-            });
-        }
+        report.files = file_reports(checkpoint, &plan, &choices, &notes, checks.as_mut());
         Ok(report)
     }
 
@@ -785,6 +739,76 @@ impl Loader {
         let pool = Pool::new(Arc::clone(&staging.arena), slot_bytes, count);
         Ok(Staging { pool: Some(pool), register_buffers: register, cpus, device: device.cloned() })
     }
+}
+
+/// What became of each file beside its reader's reason: its volume, its cache copy.
+struct FileNotes {
+    volume: std::collections::HashMap<usize, String>,
+    cache: std::collections::HashMap<usize, String>,
+}
+
+/// Per checkpoint file: its reader, why, the facts, the bytes read and its integrity check.
+fn file_reports(
+    checkpoint: &Checkpoint,
+    plan: &Plan,
+    choices: &[Option<FileChoice>],
+    notes: &FileNotes,
+    mut checks: Option<&mut crate::integrity::Checks>,
+) -> Vec<FileReport> {
+    let mut read_bytes = vec![0u64; checkpoint.files.len()];
+    for e in &plan.extents {
+        read_bytes[e.file.0] += e.len;
+    }
+    let mut reports = Vec::with_capacity(checkpoint.files.len());
+    for (f, file) in checkpoint.files.iter().enumerate() {
+        let (reader, mut reason, facts) = match &choices[f] {
+            Some((c, facts)) => {
+                let note = notes.cache.get(&f).map_or(String::new(), |n| format!("; {n}"));
+                (Some(c.reader), format!("{}{note}", c.reason), facts.clone())
+            }
+            None => (None, "no tensor wanted: not read".to_owned(), String::new()),
+        };
+        if let Some(suffix) = notes.volume.get(&f) {
+            reason.push_str(suffix);
+        }
+        let integrity = checks.as_mut().and_then(|c| c[f].take());
+        reports.push(FileReport {
+            path: file.path.clone(),
+            reader,
+            reason,
+            facts,
+            read_bytes: read_bytes[f],
+            integrity,
+        });
+    }
+    reports
+}
+
+/// How each file of a load is read: its reader's alignment and request size (a direct file's
+/// from its volume), whole when its bytes are hashed or copied to the cache.
+fn file_plans(count: usize, files: &Files, config: &Config) -> Vec<FilePlan> {
+    // Hashing needs every byte of a file; so does a complete copy in the cache.
+    let copied = |f: usize| matches!(files.slot[f], Some((ReaderKind::Object, i)) if files.objects[i].cache.is_some());
+    (0..count)
+        .map(|f| {
+            let chunk_bytes = config.chunk_bytes as u64;
+            let whole = config.verify_sha256 || copied(f);
+            match files.slot[f] {
+                Some((ReaderKind::Direct, i)) => FilePlan {
+                    align: files.direct[i].align,
+                    chunk_bytes: files.volumes[files.direct_volumes[i]].chunk_bytes as u64,
+                    whole,
+                },
+                Some((ReaderKind::Gds, i)) => {
+                    FilePlan { align: files.gds[i].align, chunk_bytes, whole }
+                }
+                Some((ReaderKind::Object, _)) => {
+                    FilePlan { align: 1, chunk_bytes: config.object_part() as u64, whole }
+                }
+                _ => FilePlan { align: 1, chunk_bytes: config.buffered_chunk() as u64, whole },
+            }
+        })
+        .collect()
 }
 
 /// Per checkpoint file read with `O_DIRECT`, the volume it is on and how that is read, for
