@@ -13,14 +13,17 @@ use parking_lot::Mutex;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::io::{probe, OpenFile};
+use crate::io::probe;
 use crate::memory::{CudaDevice, HostBuffer, PinnedHost};
 use crate::pipeline::{self, Files, Jobs, Staging, Volume};
 use crate::plan::{FilePlan, Plan};
-use crate::schedule::{self, Choice, FileFacts, ReaderKind};
+use crate::schedule::{Choice, ReaderKind};
 use crate::sink::host::{file_buffer_layout, HostSink};
 use crate::sink::Sink;
 use crate::staging::{Arena, Pool};
+
+mod open;
+use open::{volume_notes, FileChoice, Target};
 
 /// Loads safetensors checkpoints. Cheap to share between threads; loads run one at a time per
 /// loader (they share its staging ring), so use one loader per concurrent load.
@@ -472,225 +475,6 @@ impl Loader {
             .collect()
     }
 
-    /// Sets each volume's request size and queue depth: the `auto` profile's pick for it,
-    /// measured through its first direct file (one line per volume, joined, says what was
-    /// measured and chosen), or the config's settings when they were given explicitly.
-    fn volume_settings(&self, checkpoint: &Checkpoint, files: &mut Files) -> Option<String> {
-        if !self.config.measure_volume || files.volumes.is_empty() {
-            return None;
-        }
-        let mut lines = Vec::with_capacity(files.volumes.len());
-        for (v, volume) in files.volumes.iter_mut().enumerate() {
-            let members: Vec<usize> =
-                (0..files.direct.len()).filter(|&i| files.direct_volumes[i] == v).collect();
-            let first = members[0];
-            let range = checkpoint.files[files.direct_ids[first]].data_range();
-            let facts =
-                probe::volume(&files.direct[first].file, range.start, range.end - range.start);
-            let (profile, reason) = crate::profile::pick(&facts);
-            let (chunk_bytes, queue_depth) = profile.settings();
-            let aligned = members.iter().all(|&i| chunk_bytes as u64 % files.direct[i].align == 0);
-            if chunk_bytes <= self.config.staging_bytes && aligned {
-                volume.chunk_bytes = chunk_bytes;
-                volume.queue_depth = queue_depth;
-            }
-            let line = format!("{} -> {reason}", facts.summary());
-            log::debug!("volume {line}");
-            volume.choice = Some(line.clone());
-            lines.push(line);
-        }
-        Some(lines.join("; "))
-    }
-
-    /// Probes and opens every file that has a wanted tensor with bytes, with the reader the
-    /// schedule picks for it.
-    fn open_files(
-        &self,
-        checkpoint: &Checkpoint,
-        wanted: &[bool],
-        target: Target,
-    ) -> Result<(Files, Vec<Option<FileChoice>>)> {
-        let mut files = Files { slot: vec![None; checkpoint.files.len()], ..Files::default() };
-        files.remote = vec![None; checkpoint.files.len()];
-        let mut choices = vec![None; checkpoint.files.len()];
-        for (f, info) in checkpoint.files.iter().enumerate() {
-            let needed = checkpoint
-                .tensors
-                .iter()
-                .zip(wanted)
-                .any(|(t, &w)| w && t.len > 0 && t.file.0 == f);
-            if !needed {
-                continue;
-            }
-            choices[f] = Some(if crate::io::object::is_url(&info.path) {
-                self.open_object(f, info, target, &mut files)?
-            } else {
-                self.open_local(f, &info.path, info, target, &mut files)?
-            });
-        }
-        Ok((files, choices))
-    }
-
-    /// The position in `volumes` of the disk under `file`, added with the config's request
-    /// size and queue depth if it is new. Files on one disk share its queue; files on
-    /// different disks (or network file systems) are read side by side.
-    fn volume_of(&self, volumes: &mut Vec<Volume>, file: &std::fs::File) -> usize {
-        use std::os::unix::fs::MetadataExt;
-        let name =
-            file.metadata().map_or_else(|_| "unknown".to_owned(), |m| probe::disk(m.dev()).0);
-        if let Some(v) = volumes.iter().position(|v| v.name == name) {
-            return v;
-        }
-        volumes.push(Volume {
-            name,
-            chunk_bytes: self.config.chunk_bytes,
-            queue_depth: self.config.queue_depth,
-            choice: None,
-        });
-        volumes.len() - 1
-    }
-
-    /// Opens object `info` for a load: from the cache when it holds a copy of the object as a
-    /// HEAD shows it now (read as a local file), else from the store (written through to the
-    /// cache when there is one).
-    fn open_object(
-        &self,
-        f: usize,
-        info: &gantry_format::FileInfo,
-        target: Target,
-        files: &mut Files,
-    ) -> Result<FileChoice> {
-        use crate::io::cache;
-        use crate::io::object;
-        let mut object =
-            object::open_for_load(&info.path, info.file_len, &self.config.object_options)?;
-        let etag = object.etag.clone();
-        let mut cache_note = String::new();
-        if let Some(dir) = &self.config.cache_dir {
-            match cache::lookup(dir, &object.bucket, object.key(), etag.as_deref(), object.size) {
-                cache::Lookup::Hit(path) => {
-                    let (mut choice, facts) = self.open_local(f, &path, info, target, files)?;
-                    choice.reason = format!(
-                        "from the cache ({}: ETag {} and size unchanged on the store): {}",
-                        path.display(),
-                        etag.as_deref().unwrap_or_default(),
-                        choice.reason
-                    );
-                    files.remote[f] = Some(object);
-                    return Ok((choice, facts));
-                }
-                cache::Lookup::Miss(why) => {
-                    let key = object.key().to_owned();
-                    match cache::Writer::create(
-                        dir,
-                        &object.bucket,
-                        &key,
-                        etag.as_deref(),
-                        object.size,
-                    ) {
-                        Ok(w) => {
-                            cache_note = format!("; not in the cache ({why}), written through");
-                            object.cache = Some(Arc::new(w));
-                        }
-                        Err(e) => {
-                            log::warn!("cache: {}: not cached: {e}", info.path.display());
-                            cache_note = format!("; not in the cache ({why}), and not cached: {e}");
-                        }
-                    }
-                }
-            }
-        }
-        let facts = format!(
-            "object of {} bytes, ETag {}",
-            object.size,
-            object.etag.as_deref().unwrap_or("none")
-        );
-        let part = self.config.object_part();
-        let part = if part >= 1 << 20 {
-            format!("{} MiB", part >> 20)
-        } else {
-            format!("{} KiB", part >> 10)
-        };
-        let reason = format!(
-            "object storage: ranged GETs of {part}, {} in flight, each conditioned on the ETag{cache_note}",
-            self.config.object_concurrency
-        );
-        files.slot[f] = Some((ReaderKind::Object, files.objects.len()));
-        files.remote[f] = Some(object.without_cache());
-        files.objects.push(object);
-        Ok((Choice { reader: ReaderKind::Object, reason }, facts))
-    }
-
-    /// Probes and opens local file `path` (checkpoint file `f`, `info`; `path` is `info.path`
-    /// or its local copy) with the reader the schedule picks.
-    fn open_local(
-        &self,
-        f: usize,
-        path: &Path,
-        info: &gantry_format::FileInfo,
-        target: Target,
-        files: &mut Files,
-    ) -> Result<FileChoice> {
-        let to_device = target != Target::Host;
-        // A regular file, and the one whose header was read (a cache copy: a regular file);
-        // O_DIRECT opens that same file again through its descriptor, never whatever is at
-        // the path by now.
-        let plain = if path == info.path {
-            crate::io::open_for_data(info)?
-        } else {
-            gantry_format::open_regular(path)?.0
-        };
-        let range = info.data_range();
-        let direct = probe::open_direct(&crate::io::reopen_path(&plain, path));
-        let residency = probe::residency(&plain, range.start, range.end - range.start);
-        let facts = FileFacts {
-            direct: direct.as_ref().map(|(_, align)| *align).map_err(Clone::clone),
-            io_uring: probe::io_uring(),
-            resident: residency.map(|(fraction, _)| fraction),
-            resident_probe: residency.map_or("none", |(_, probe)| probe),
-            to_device,
-            gds: gds_facts(target, self.config.path, self.config.verify_sha256, &plain),
-        };
-        let mut choice = schedule::choose(self.config.path, self.config.hot_fraction, &facts)?;
-        if let (ReaderKind::Direct, Ok((_, align))) = (choice.reader, &direct) {
-            if self.config.chunk_bytes as u64 % align != 0 {
-                let reason = format!("direct I/O alignment {align} does not divide the chunk size");
-                if self.config.path == crate::PathChoice::Direct {
-                    return Err(Error::Unavailable { what: "O_DIRECT", reason });
-                }
-                choice = Choice { reader: ReaderKind::Buffered, reason };
-            }
-        }
-        log::debug!("{}: {} ({})", path.display(), choice.reader.name(), choice.reason);
-        let open = |file, align| OpenFile {
-            path: path.to_path_buf(),
-            file,
-            file_len: info.file_len,
-            align,
-        };
-        match (choice.reader, direct) {
-            (ReaderKind::Direct, Ok((file, align))) => {
-                files.slot[f] = Some((ReaderKind::Direct, files.direct.len()));
-                let volume = self.volume_of(&mut files.volumes, &file);
-                files.direct_volumes.push(volume);
-                files.direct.push(open(file, align));
-                files.direct_ids.push(f);
-            }
-            (ReaderKind::Gds, direct) => {
-                // cuFile wants an O_DIRECT descriptor; in compatibility mode a plain one works.
-                let (file, align) = direct.unwrap_or((plain, 4096));
-                files.slot[f] = Some((ReaderKind::Gds, files.gds.len()));
-                files.gds.push(open(file, align));
-            }
-            _ => {
-                files.slot[f] = Some((ReaderKind::Buffered, files.buffered.len()));
-                files.buffered.push(open(plain, 1));
-                files.buffered_ids.push(f);
-            }
-        }
-        Ok((choice, facts.summary()))
-    }
-
     /// `count` slots of `slot_bytes` over the loader's arena (mapped, bound to `node` and
     /// page-locked for `device` the first time they are needed), and whether to register them
     /// with io_uring.
@@ -811,27 +595,6 @@ fn file_plans(count: usize, files: &Files, config: &Config) -> Vec<FilePlan> {
         .collect()
 }
 
-/// Per checkpoint file read with `O_DIRECT`, the volume it is on and how that is read, for
-/// its report.
-fn volume_notes(files: &Files) -> std::collections::HashMap<usize, String> {
-    let mut notes = std::collections::HashMap::new();
-    for (i, &f) in files.direct_ids.iter().enumerate() {
-        let v = &files.volumes[files.direct_volumes[i]];
-        notes.insert(
-            f,
-            format!(
-                "; on {}: {} KiB reads, {} in flight, {} of {} volume(s) read side by side",
-                v.name,
-                v.chunk_bytes >> 10,
-                v.queue_depth,
-                files.direct_volumes[i] + 1,
-                files.volumes.len()
-            ),
-        );
-    }
-    notes
-}
-
 /// Shares `buffers` staging buffers out between the volumes' queues when they cannot all
 /// have their depth (see [`crate::interleave::fit_depths`]).
 fn fit_depths(volumes: &mut [Volume], buffers: usize) {
@@ -861,62 +624,6 @@ fn finish_cache(files: Files) -> std::collections::HashMap<usize, String> {
         notes.insert(ids[&i], note);
     }
     notes
-}
-
-/// Where a load's bytes go, as far as choosing readers is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Target {
-    /// Host memory.
-    Host,
-    /// Device memory, one destination per tensor (readers may write it themselves).
-    Device,
-    /// Device memory, some tensors to several destinations (through staging only).
-    Devices,
-}
-
-/// A file's reader, why, and the facts (in one line) it was chosen from.
-type FileChoice = (Choice, String);
-
-/// cuFile's facts for one file of a load: unavailable for host loads, real GPUDirect Storage
-/// only when the driver supports it and the file is on NVMe, else compatibility mode (when
-/// the driver allows it). Opening the cuFile driver takes hundreds of milliseconds, so `auto`
-/// opens it only for files on NVMe, the only ones it could choose cuFile for.
-fn gds_facts(
-    target: Target,
-    path: crate::PathChoice,
-    verify_sha256: bool,
-    file: &std::fs::File,
-) -> Result<bool, String> {
-    match target {
-        Target::Host => return Err("host load".to_owned()),
-        Target::Devices => {
-            return Err("bytes go to several destinations: read once into staging, copied to each"
-                .to_owned())
-        }
-        Target::Device => {}
-    }
-    if verify_sha256 {
-        return Err(
-            "the SHA-256 check hashes bytes in host memory; cuFile reads past it".to_owned()
-        );
-    }
-    let on_nvme = crate::io::gds::file_on_nvme(file);
-    if path == crate::PathChoice::Auto && !on_nvme {
-        return Err("not on NVMe, so no GPUDirect Storage (driver not opened)".to_owned());
-    }
-    let facts = crate::io::gds::facts();
-    facts.available.clone()?;
-    if facts.real() && on_nvme {
-        return Ok(true);
-    }
-    if facts.compat_allowed {
-        Ok(false)
-    } else {
-        Err(format!(
-            "nvidia-fs {}.{}, no P2PDMA for this file, and allow_compat_mode is off",
-            facts.nvfs_version.0, facts.nvfs_version.1
-        ))
-    }
 }
 
 #[cfg(test)]
