@@ -100,6 +100,8 @@ pub struct Config {
     pub(crate) buffered_chunk_bytes: usize,
     pub(crate) staging_bytes: usize,
     pub(crate) threads: usize,
+    /// Whether the caller chose `threads` (else it is this machine's default).
+    pub(crate) threads_chosen: bool,
     pub(crate) path: PathChoice,
     pub(crate) hot_fraction: f64,
     pub(crate) gap_bytes: u64,
@@ -116,6 +118,13 @@ pub struct Config {
     pub(crate) fault: Option<Arc<dyn FaultInjector>>,
 }
 
+/// Reader threads by default for one of `sharers` processes reading side by side on a machine
+/// of `cores` cores: 3/4 of its share of the cores (the consumer and the copy poller keep the
+/// rest), 2 to 16.
+pub(crate) fn default_threads(cores: usize, sharers: usize) -> usize {
+    (cores * 3 / 4 / sharers.max(1)).clamp(2, 16)
+}
+
 impl Default for Config {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
@@ -124,7 +133,8 @@ impl Default for Config {
             chunk_bytes: 64 << 20,
             buffered_chunk_bytes: 2 << 20,
             staging_bytes: 512 << 20,
-            threads: (cores * 3 / 4).clamp(2, 16),
+            threads: default_threads(cores, 1),
+            threads_chosen: false,
             path: PathChoice::Auto,
             hot_fraction: 0.5,
             gap_bytes: 1 << 20,
@@ -203,6 +213,7 @@ impl Config {
     /// H100 at 47-48 GB/s on 16 cores, 16 threads at 33-40).
     pub fn threads(mut self, n: usize) -> Self {
         self.threads = n;
+        self.threads_chosen = true;
         self
     }
     /// Which reader to use (default [`PathChoice::Auto`]).

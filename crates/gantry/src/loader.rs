@@ -337,11 +337,17 @@ impl Loader {
     }
 
     /// A loader with this one's settings but `cancel` as its cancel flag, lent this loader's
-    /// staging arena (a cooperative load stops its own pipeline when another rank fails);
-    /// [`Loader::take_back`] returns the arena.
-    pub(crate) fn lend(&self, cancel: Arc<std::sync::atomic::AtomicBool>) -> Loader {
+    /// staging arena (a cooperative load stops its own pipeline when another rank fails), for
+    /// one of `ranks` processes reading side by side (the default reader threads are its share
+    /// of the cores); [`Loader::take_back`] returns the arena.
+    pub(crate) fn lend(&self, cancel: Arc<std::sync::atomic::AtomicBool>, ranks: usize) -> Loader {
         // A rank reads only its own pieces: the bytes between them are other ranks' to read.
-        let config = self.config.clone().cancel_flag(cancel).gap_bytes(0);
+        let mut config = self.config.clone().cancel_flag(cancel).gap_bytes(0);
+        if !config.threads_chosen {
+            // The ranks' processes read side by side: each takes its share of the cores.
+            let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+            config.threads = crate::config::default_threads(cores, ranks);
+        }
         Loader { config, staging: Mutex::new(self.staging.lock().take()) }
     }
 

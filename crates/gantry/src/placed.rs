@@ -34,6 +34,18 @@ pub type PlacedModel = Placed<HostBuffer>;
 pub type PlacedDeviceModel = Placed<DeviceBuffer>;
 
 impl<B> Placed<B> {
+    /// A placed model from its parts: `buffers[d]` holds destination `d`'s shares as
+    /// `layout.shares[d]` lays them out.
+    pub(crate) fn from_parts(
+        checkpoint: Checkpoint,
+        layout: Layout,
+        buffers: Vec<B>,
+        report: LoadReport,
+    ) -> Self {
+        assert_eq!(layout.shares.len(), buffers.len(), "one buffer per destination");
+        Self { checkpoint, layout, buffers, report }
+    }
+
     /// The checkpoint's table.
     pub fn checkpoint(&self) -> &Checkpoint {
         &self.checkpoint

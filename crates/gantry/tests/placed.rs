@@ -8,31 +8,6 @@ use common::*;
 use gantry::placement::{even, Share, Slice};
 use gantry::{Checkpoint, Config, Dtype, Loader, TensorEntry};
 
-/// The slice of a tensor cut element by element from the reference read (independent of the
-/// engine's runs).
-fn reference_slice(checkpoint: &Checkpoint, t: &TensorEntry, share: Share) -> Vec<u8> {
-    let full = reference(checkpoint, t);
-    let Share::Slice(s) = share else { return full };
-    let elem = (t.dtype.bitsize() / 8) as u64;
-    let shape = &t.shape;
-    let count: u64 = shape.iter().product();
-    let mut out = Vec::new();
-    for flat in 0..count {
-        // The multi-index of element `flat`, outermost first.
-        let mut rest = flat;
-        let mut index = vec![0u64; shape.len()];
-        for d in (0..shape.len()).rev() {
-            index[d] = rest % shape[d];
-            rest /= shape[d];
-        }
-        if index[s.dim] >= s.start && index[s.dim] < s.start + s.len {
-            let at = (flat * elem) as usize;
-            out.extend_from_slice(&full[at..at + elem as usize]);
-        }
-    }
-    out
-}
-
 /// Which destinations get what of a tensor.
 type Rule = dyn Fn(&TensorEntry) -> Vec<(usize, Share)>;
 

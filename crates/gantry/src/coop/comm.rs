@@ -239,6 +239,11 @@ pub struct Exchange<'a> {
     timeout: Duration,
 }
 
+// SAFETY: an exchange is driven by one thread at a time (moved to the thread that runs the
+// rounds); its stream and status buffer belong to its device's primary context, which each
+// method binds on the calling thread first, and the communicator may be used from any thread.
+unsafe impl Send for Exchange<'_> {}
+
 impl<'a> Exchange<'a> {
     /// A stream and a status buffer on `device` for exchanges over `comm`.
     pub fn new(
@@ -350,6 +355,21 @@ impl<'a> Exchange<'a> {
     /// Aborts the communicator (see [`Communicator::abort`]).
     pub fn abort(&self) {
         self.comm.abort();
+    }
+
+    /// The communicator.
+    pub fn comm(&self) -> &Communicator {
+        self.comm
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.comm.rank
+    }
+
+    /// Ranks in the exchange.
+    pub fn world(&self) -> usize {
+        self.comm.world
     }
 
     /// Whether the communicator was aborted.

@@ -1,24 +1,21 @@
 //! [`Loader::load_cooperative`]: whole tensors on every rank, each piece read from storage by
 //! its owner straight into that rank's own device buffers (the normal pipeline, with targets
-//! only for its pieces), then broadcast in place from there into every other rank's buffers.
-//!
-//! The consumer thread drives the exchange: as this rank's piece of round `k` lands, it joins
-//! round `k`'s status exchange (every rank says whether it failed) and then issues round `k`'s
-//! broadcasts as one group, without waiting for them; the readers go on with the next pieces
-//! meanwhile. The status exchange of round `k + 1` completes only after round `k`'s broadcasts
-//! did (one stream), which is when the tensors received in round `k` are reported ready.
+//! only for its pieces), then broadcast in place from there into every other rank's buffers
+//! by the exchanger ([`super::rounds`]), which trails the reads by a round or two.
 //!
 //! A rank that fails tells the others in the next status exchange and returns its own error;
 //! they stop their readers and return [`Error::Rank`] naming it. A rank that dies or stalls is
 //! noticed by the others' timeout, which aborts the communicator.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use gantry_format::{Checkpoint, Dtype, FileId, TensorEntry};
 
 use super::comm::{Communicator, Exchange, TIMEOUT};
+use super::placed::WINDOW_BYTES;
+use super::rounds::{exchanger, Heard, Note, Tally};
 use super::split::{Split, PIECE_BYTES};
 use crate::device::{DeviceModel, ReadyOnDevice};
 use crate::error::{Error, Result};
@@ -49,6 +46,9 @@ pub struct Cooperation<'a> {
     pub piece_bytes: u64,
     /// How long a rank waits for the others before it gives up (default [`TIMEOUT`]).
     pub timeout: Duration,
+    /// Bytes of checkpoint exchanged at a time when ranks keep shares of tensors (default
+    /// [`WINDOW_BYTES`]): each rank holds one window of scratch beside its shares.
+    pub window_bytes: u64,
 }
 
 impl<'a> Cooperation<'a> {
@@ -60,6 +60,7 @@ impl<'a> Cooperation<'a> {
             link: Link::Nccl(comm),
             piece_bytes: PIECE_BYTES,
             timeout: TIMEOUT,
+            window_bytes: WINDOW_BYTES,
         }
     }
 
@@ -71,6 +72,7 @@ impl<'a> Cooperation<'a> {
             link: Link::Alone(reason.into()),
             piece_bytes: PIECE_BYTES,
             timeout: TIMEOUT,
+            window_bytes: WINDOW_BYTES,
         }
     }
 
@@ -83,6 +85,12 @@ impl<'a> Cooperation<'a> {
     /// Sets the largest piece one rank reads.
     pub fn piece_bytes(mut self, bytes: u64) -> Self {
         self.piece_bytes = bytes.max(1);
+        self
+    }
+
+    /// Sets the bytes exchanged at a time when ranks keep shares of tensors.
+    pub fn window_bytes(mut self, bytes: u64) -> Self {
+        self.window_bytes = bytes.max(1);
         self
     }
 }
@@ -108,6 +116,9 @@ pub struct CoopReport {
     pub pieces: usize,
     /// Exchange rounds.
     pub rounds: usize,
+    /// Windows the load went through (tensor-parallel shares: a window of the checkpoint at a
+    /// time is exchanged whole, then each rank keeps its shares of it); 1 for whole tensors.
+    pub windows: usize,
     /// Seconds from this rank's last read to the end of the exchange.
     pub exchange_tail_seconds: f64,
 }
@@ -146,7 +157,7 @@ fn wanted_whole(
 }
 
 /// Per file, a volume number: files on the same disk share one (object storage: one for all).
-fn volumes(checkpoint: &Checkpoint) -> Vec<usize> {
+pub(super) fn volumes(checkpoint: &Checkpoint) -> Vec<usize> {
     use std::os::unix::fs::MetadataExt;
     let mut names: Vec<String> = Vec::new();
     checkpoint
@@ -308,28 +319,24 @@ impl Loader {
                     .read_alone(checkpoint, device, &coop, wanted, &bases, reason, on_ready);
             }
         };
-        if (comm.rank(), comm.world()) != (coop.rank, coop.world) {
-            return Err(Error::Config(format!(
-                "the communicator is rank {} of {}, the load rank {} of {}",
-                comm.rank(),
-                comm.world(),
-                coop.rank,
-                coop.world
-            )));
-        }
+        check_comm(comm, &coop)?;
         let mut exchange = Exchange::new(comm, device, coop.timeout)?;
-        let mut state = State::new(checkpoint, wanted, &coop);
-        let outcome = match failed {
-            Some(e) => Err(e),
-            None => self.cooperate(checkpoint, device, &bases, &mut state, &mut exchange, on_ready),
-        };
-        let mut report = match outcome {
-            Ok(report) => report,
-            Err(e) => return Err(state.fail(&mut exchange, e)),
-        };
+        let split =
+            Split::new(checkpoint, wanted, &volumes(checkpoint), coop.world, coop.piece_bytes);
+        let (mut report, done) = self.cooperate(
+            checkpoint,
+            device,
+            &split,
+            (wanted, &bases),
+            &mut exchange,
+            failed,
+            on_ready,
+        )?;
         report.tensor_bytes =
             checkpoint.tensors.iter().zip(wanted).filter(|(_, &w)| w).map(|(t, _)| t.len).sum();
-        let coop_report = state.report(comm, &report);
+        let mut coop_report = CoopReport::cooperative(comm, &split, &report);
+        coop_report.received_bytes = done.received_bytes;
+        coop_report.exchange_tail_seconds = done.tail_seconds;
         Ok((report, coop_report))
     }
 
@@ -366,20 +373,87 @@ impl Loader {
         Ok((report, coop))
     }
 
-    /// Reads this rank's pieces into the file buffers at `bases` (plus file offsets) and
-    /// runs the exchange.
-    fn cooperate(
+    /// One exchange: reads this rank's pieces of `split` into the buffers at `bases` (plus
+    /// file offsets; `wanted` are the tensors the split covers) while the exchanger runs the
+    /// rounds, and reports each tensor as it is complete here. `failed` is an error this rank
+    /// already has: it is told to the others at the first round, then returned.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn cooperate(
         &self,
         checkpoint: &Checkpoint,
         device: &Arc<CudaDevice>,
-        bases: &[u64],
-        state: &mut State,
+        split: &Split,
+        (wanted, bases): (&[bool], &[u64]),
         exchange: &mut Exchange<'_>,
+        failed: Option<Error>,
+        on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
+    ) -> Result<(LoadReport, Exchanged)> {
+        let (rank, world) = (exchange.rank(), exchange.world());
+        let mut tally = Tally::new(checkpoint, split, rank);
+        let (notes, notes_rx) = mpsc::channel();
+        let (heard_tx, heard) = mpsc::channel();
+        std::thread::scope(|s| {
+            let thread = std::thread::Builder::new()
+                .name("gantry-coop-exchange".into())
+                .spawn_scoped(s, move || {
+                    exchanger(split, rank, world, bases, exchange, notes_rx, heard_tx)
+                })
+                .map_err(|source| Error::Resource {
+                    what: "spawning the exchange thread",
+                    source,
+                })?;
+            let mut stopped = false; // the readers stopped because the exchange failed
+            let read = match failed {
+                Some(e) => Err(e),
+                None => {
+                    tally.ready_at_once(checkpoint, wanted, bases, on_ready);
+                    let mut pipe = Pipe { notes: &notes, heard: &heard, stopped: &mut stopped };
+                    self.read_pieces(
+                        checkpoint, device, split, bases, &mut tally, &mut pipe, on_ready,
+                    )
+                }
+            };
+            let tail = Instant::now();
+            if let Err(e) = &read {
+                let _ = notes.send(Note::Failed(e.to_string()));
+            }
+            drop(notes);
+            tally.hear(&heard, true, checkpoint, bases, on_ready);
+            if thread.join().is_err() {
+                return Err(Error::Config("the exchange thread panicked".into()));
+            }
+            let done = Exchanged {
+                received_bytes: tally.received_bytes,
+                tail_seconds: tail.elapsed().as_secs_f64(),
+            };
+            match (read, tally.done.take()) {
+                (Ok(report), Some(Ok(()))) => {
+                    let seconds = report.seconds + done.tail_seconds;
+                    Ok((LoadReport { seconds, ..report }, done))
+                }
+                (Ok(_), outcome) => Err(exchange_failure(outcome)),
+                (Err(_), outcome @ Some(Err(_))) if stopped => Err(exchange_failure(outcome)),
+                (Err(own), _) => Err(own),
+            }
+        })
+    }
+
+    /// Runs the pipeline over this rank's pieces of `split`, telling the exchanger as each
+    /// lands and handling what it says between pieces.
+    #[allow(clippy::too_many_arguments)]
+    fn read_pieces(
+        &self,
+        checkpoint: &Checkpoint,
+        device: &Arc<CudaDevice>,
+        split: &Split,
+        bases: &[u64],
+        tally: &mut Tally<'_>,
+        pipe: &mut Pipe<'_>,
         on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
     ) -> Result<LoadReport> {
-        state.ready_at_once(checkpoint, bases, on_ready);
-        let pieces = piece_table(checkpoint, &state.split);
-        let mine: Vec<bool> = state.split.pieces.iter().map(|p| p.owner == state.rank).collect();
+        let rank = tally.rank();
+        let pieces = piece_table(checkpoint, split);
+        let mine: Vec<bool> = split.pieces.iter().map(|p| p.owner == rank).collect();
         let targets: Vec<Option<u64>> = pieces
             .tensors
             .iter()
@@ -387,7 +461,7 @@ impl Loader {
             .map(|(p, &m)| m.then(|| bases[p.file.0] + p.offset))
             .collect();
         let cancel = Arc::new(AtomicBool::new(false));
-        let lent = self.lend(Arc::clone(&cancel));
+        let lent = self.lend(Arc::clone(&cancel), split.rank_bytes.len());
         let user_cancel = self.config().cancel.clone();
         let run = CudaSink::new(device, targets, &pieces).and_then(|mut sink| {
             lent.run(&pieces, &mine, &mut sink, Some(device), &mut |piece| {
@@ -395,240 +469,78 @@ impl Loader {
                     cancel.store(true, Ordering::Relaxed);
                     return;
                 }
-                state.landed(piece, checkpoint, bases, on_ready);
-                if let Err(e) = state.advance(exchange, checkpoint, bases, on_ready) {
-                    state.failed = Some(e);
-                    cancel.store(true, Ordering::Relaxed);
+                tally.deliver(piece, checkpoint, bases, on_ready);
+                let _ = pipe.notes.send(Note::Landed(piece));
+                tally.hear(pipe.heard, false, checkpoint, bases, on_ready);
+                if tally.failure(&cancel).is_some() {
+                    *pipe.stopped = true;
                 }
             })
         });
         self.take_back(lent);
-        let report = match (run, state.failed.take()) {
-            (_, Some(e)) => return Err(e),
-            (Err(e), None) => return Err(e),
-            (Ok(report), None) => report,
-        };
-        let tail = Instant::now();
-        state.advance(exchange, checkpoint, bases, on_ready)?;
-        state.finish(exchange, checkpoint, bases, on_ready)?;
-        state.tail_seconds = tail.elapsed().as_secs_f64();
-        Ok(LoadReport { seconds: report.seconds + state.tail_seconds, ..report })
+        run
     }
 }
 
-/// Where one rank's cooperative load stands: which of its pieces landed, which round is
-/// next, which tensors are still incomplete.
-#[derive(Debug)]
-struct State {
-    split: Split,
-    rank: usize,
-    world: usize,
-    wanted: Vec<bool>,
-    /// Per tensor, pieces not yet in this rank's memory.
-    pending: Vec<u32>,
-    /// Per piece, its round.
-    round_of: Vec<usize>,
-    /// Per round, whether this rank's piece of it has landed (true when it has none).
-    mine_landed: Vec<bool>,
-    next_round: usize,
-    /// The error that stopped the load while the pipeline ran.
-    failed: Option<Error>,
-    /// Whether the error came from the exchange itself (then the status exchange cannot
-    /// carry it).
-    exchange_error: bool,
-    received_bytes: u64,
-    tail_seconds: f64,
+/// The channels between the caller's thread and the exchanger, and whether the exchange
+/// stopped the readers.
+struct Pipe<'a> {
+    notes: &'a mpsc::Sender<Note>,
+    heard: &'a mpsc::Receiver<Heard>,
+    stopped: &'a mut bool,
 }
 
-impl State {
-    fn new(checkpoint: &Checkpoint, wanted: &[bool], coop: &Cooperation<'_>) -> Self {
-        let split =
-            Split::new(checkpoint, wanted, &volumes(checkpoint), coop.world, coop.piece_bytes);
-        let mut pending = vec![0u32; checkpoint.tensors.len()];
-        for p in &split.pieces {
-            for t in p.tensors.clone() {
-                pending[t] += 1;
-            }
-        }
-        let mut round_of = vec![0; split.pieces.len()];
-        let mut mine_landed = vec![true; split.rounds.len()];
-        for (k, round) in split.rounds.iter().enumerate() {
-            for &i in round {
-                round_of[i] = k;
-                if split.pieces[i].owner == coop.rank {
-                    mine_landed[k] = false;
-                }
-            }
-        }
-        Self {
-            split,
-            rank: coop.rank,
-            world: coop.world,
-            wanted: wanted.to_vec(),
-            pending,
-            round_of,
-            mine_landed,
-            next_round: 0,
-            failed: None,
-            exchange_error: false,
-            received_bytes: 0,
-            tail_seconds: 0.0,
-        }
-    }
+/// What an exchange did beside the reads.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Exchanged {
+    /// Bytes received from the other ranks.
+    pub(super) received_bytes: u64,
+    /// Seconds from this rank's last read to the end of the exchange.
+    pub(super) tail_seconds: f64,
+}
 
-    /// Reports the wanted tensors that have no bytes to wait for.
-    fn ready_at_once(
-        &self,
-        checkpoint: &Checkpoint,
-        bases: &[u64],
-        on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
-    ) {
-        for (i, t) in checkpoint.tensors.iter().enumerate() {
-            if self.wanted[i] && self.pending[i] == 0 {
-                on_ready(ReadyOnDevice { index: i, entry: t, ptr: bases[t.file.0] + t.offset });
-            }
-        }
+/// The exchanger's error (it always says why it stopped).
+fn exchange_failure(outcome: Option<Result<()>>) -> Error {
+    match outcome {
+        Some(Err(e)) => e,
+        _ => Error::Config("the exchange ended before its last round".into()),
     }
+}
 
-    /// This rank's piece `piece` has landed in its memory.
-    fn landed(
-        &mut self,
-        piece: usize,
-        checkpoint: &Checkpoint,
-        bases: &[u64],
-        on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
-    ) {
-        self.mine_landed[self.round_of[piece]] = true;
-        self.deliver(piece, checkpoint, bases, on_ready);
+/// The communicator must be the load's rank and size.
+pub(super) fn check_comm(comm: &Communicator, coop: &Cooperation<'_>) -> Result<()> {
+    if (comm.rank(), comm.world()) != (coop.rank, coop.world) {
+        return Err(Error::Config(format!(
+            "the communicator is rank {} of {}, the load rank {} of {}",
+            comm.rank(),
+            comm.world(),
+            coop.rank,
+            coop.world
+        )));
     }
+    Ok(())
+}
 
-    fn deliver(
-        &mut self,
-        piece: usize,
-        checkpoint: &Checkpoint,
-        bases: &[u64],
-        on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
-    ) {
-        for i in self.split.pieces[piece].tensors.clone() {
-            self.pending[i] -= 1;
-            if self.pending[i] == 0 {
-                let t = &checkpoint.tensors[i];
-                on_ready(ReadyOnDevice { index: i, entry: t, ptr: bases[t.file.0] + t.offset });
-            }
-        }
-    }
-
-    /// The broadcasts of round `round` have completed: its pieces from other ranks are here.
-    fn received(
-        &mut self,
-        round: usize,
-        checkpoint: &Checkpoint,
-        bases: &[u64],
-        on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
-    ) {
-        for k in 0..self.split.rounds[round].len() {
-            let piece = self.split.rounds[round][k];
-            if self.split.pieces[piece].owner != self.rank {
-                self.received_bytes += self.split.pieces[piece].len;
-                self.deliver(piece, checkpoint, bases, on_ready);
-            }
-        }
-    }
-
-    /// Runs every round whose piece from this rank has landed: the status exchange, then the
-    /// round's broadcasts (issued, not waited for).
-    fn advance(
-        &mut self,
-        exchange: &mut Exchange<'_>,
-        checkpoint: &Checkpoint,
-        bases: &[u64],
-        on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
-    ) -> Result<()> {
-        while self.next_round < self.split.rounds.len() && self.mine_landed[self.next_round] {
-            let k = self.next_round;
-            let statuses = exchange.status(k, None).map_err(|e| self.broken(e))?;
-            if let Some((rank, message)) =
-                statuses.into_iter().enumerate().find_map(|(r, s)| s.map(|m| (r, m)))
-            {
-                return Err(Error::Rank { rank, world: self.world, message });
-            }
-            if k > 0 {
-                self.received(k - 1, checkpoint, bases, on_ready);
-            }
-            let ranges: Vec<(u64, u64, usize)> = self.split.rounds[k]
-                .iter()
-                .map(|&i| {
-                    let p = &self.split.pieces[i];
-                    (bases[p.file] + p.offset, p.len, p.owner)
-                })
-                .collect();
-            // SAFETY: each range is a piece of this rank's file buffers (which outlive the
-            // exchange: they are freed only after `finish` or an abort); the owner's piece
-            // has landed (this rank's, `mine_landed`; the others', their own status), and no
-            // copy of this load writes another rank's piece.
-            unsafe { exchange.broadcast(&ranges) }.map_err(|e| self.broken(e))?;
-            self.next_round += 1;
-        }
-        Ok(())
-    }
-
-    /// Waits for the last round's broadcasts.
-    fn finish(
-        &mut self,
-        exchange: &mut Exchange<'_>,
-        checkpoint: &Checkpoint,
-        bases: &[u64],
-        on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
-    ) -> Result<()> {
-        assert_eq!(self.next_round, self.split.rounds.len(), "every round issued");
-        if let Some(last) = self.split.rounds.len().checked_sub(1) {
-            exchange.finish().map_err(|e| self.broken(e))?;
-            self.received(last, checkpoint, bases, on_ready);
-        }
-        Ok(())
-    }
-
-    fn broken(&mut self, e: Error) -> Error {
-        self.exchange_error = true;
-        e
-    }
-
-    /// Ends a failed load: a failure of this rank's own is told to the others in the next
-    /// status exchange; a broken exchange aborts the communicator (the others give up after
-    /// their timeout); another rank's failure is known to all already.
-    fn fail(&mut self, exchange: &mut Exchange<'_>, e: Error) -> Error {
-        if matches!(e, Error::Rank { .. }) {
-            return e;
-        }
-        if self.exchange_error {
-            exchange.abort();
-            return e;
-        }
-        if !exchange.is_aborted() && self.next_round < self.split.rounds.len() {
-            let message = format!("{e}");
-            if let Err(told) = exchange.status(self.next_round, Some(&message)) {
-                log::warn!("rank {}: telling the other ranks of its failure: {told}", self.rank);
-            }
-        }
-        e
-    }
-
-    fn report(&self, comm: &Communicator, load: &LoadReport) -> CoopReport {
+impl CoopReport {
+    /// The report of a cooperative load over `comm` of `split`.
+    pub(super) fn cooperative(comm: &Communicator, split: &Split, load: &LoadReport) -> Self {
+        let rank = comm.rank();
         CoopReport {
-            rank: self.rank,
-            world: self.world,
+            rank,
+            world: comm.world(),
             cooperative: true,
             reason: format!(
                 "{} ranks split the reads and exchange over {}",
-                self.world,
+                comm.world(),
                 comm.describe()
             ),
             read_bytes: load.read_bytes,
-            owned_bytes: self.split.rank_bytes[self.rank],
-            received_bytes: self.received_bytes,
-            pieces: self.split.pieces.len(),
-            rounds: self.split.rounds.len(),
-            exchange_tail_seconds: self.tail_seconds,
+            owned_bytes: split.rank_bytes[rank],
+            received_bytes: 0,
+            pieces: split.pieces.len(),
+            rounds: split.rounds.len(),
+            windows: 1,
+            exchange_tail_seconds: 0.0,
         }
     }
 }

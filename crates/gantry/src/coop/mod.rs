@@ -4,8 +4,11 @@
 
 pub mod comm;
 mod load;
+pub mod placed;
+mod rounds;
 pub mod split;
 
 pub use comm::{load_nccl, Communicator, UniqueId};
 pub use load::{CoopReport, Cooperation, CooperativeModel, Link};
 pub use nccl_sys::Nccl;
+pub use placed::{CooperativePlacedModel, WINDOW_BYTES};

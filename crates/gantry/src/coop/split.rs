@@ -47,7 +47,7 @@ pub struct Piece {
 }
 
 /// The split of a cooperative load.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Split {
     /// Every piece, by file, then offset.
     pub pieces: Vec<Piece>,

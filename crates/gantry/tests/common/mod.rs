@@ -124,3 +124,62 @@ pub fn gpu() -> Option<Gpu> {
         }
     }
 }
+
+/// The slice of a tensor cut element by element from the reference read (independent of the
+/// engine's runs).
+pub fn reference_slice(
+    checkpoint: &Checkpoint,
+    t: &TensorEntry,
+    share: gantry::placement::Share,
+) -> Vec<u8> {
+    let full = reference(checkpoint, t);
+    let gantry::placement::Share::Slice(s) = share else { return full };
+    let elem = (t.dtype.bitsize() / 8) as u64;
+    let shape = &t.shape;
+    let count: u64 = shape.iter().product();
+    let mut out = Vec::new();
+    for flat in 0..count {
+        // The multi-index of element `flat`, outermost first.
+        let mut rest = flat;
+        let mut index = vec![0u64; shape.len()];
+        for d in (0..shape.len()).rev() {
+            index[d] = rest % shape[d];
+            rest /= shape[d];
+        }
+        if index[s.dim] >= s.start && index[s.dim] < s.start + s.len {
+            let at = (flat * elem) as usize;
+            out.extend_from_slice(&full[at..at + elem as usize]);
+        }
+    }
+    out
+}
+
+/// GPUs `0..n` and NCCL for ranks as threads, or `None` after saying why (a failure with
+/// `GANTRY_REQUIRE_GPU=1`).
+#[allow(dead_code)]
+pub fn gpus_and_nccl(
+    n: usize,
+) -> Option<(std::sync::Arc<gantry::coop::Nccl>, Vec<std::sync::Arc<gantry::CudaDevice>>)> {
+    let found = gantry::coop::load_nccl()
+        .map_err(|e| format!("NCCL is not available: {e}"))
+        .and_then(|nccl| {
+            let gpus: Vec<_> =
+                (0..n as u32).map_while(|g| gantry::CudaDevice::open(g).ok()).collect();
+            if gpus.len() == n {
+                Ok((nccl, gpus))
+            } else {
+                Err(format!("{} GPU(s); {n} ranks need {n}", gpus.len()))
+            }
+        });
+    match found {
+        Ok(found) => Some(found),
+        Err(why) => {
+            assert!(
+                std::env::var("GANTRY_REQUIRE_GPU").as_deref() != Ok("1"),
+                "GANTRY_REQUIRE_GPU=1 but: {why}"
+            );
+            println!("skipped: {why}");
+            None
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! One cooperative exchange on two threads. The caller's thread runs the pipeline over this
+//! rank's pieces and learns, piece by piece, what landed in its memory; a thread of its own
+//! (the *exchanger*) runs the rounds: round `k`'s status exchange (every rank says whether it
+//! failed), then its broadcasts as one group, issued as soon as this rank's piece of round `k`
+//! has landed and not waited for. So the readers never wait for the other ranks: only the
+//! exchanger does, and it trails the reads by a round or two.
+//!
+//! The status exchange of round `k + 1` completes only after round `k`'s broadcasts did (one
+//! stream), which is when the exchanger tells the caller's thread that the pieces received in
+//! round `k` are here; that thread reports their tensors ready.
+//!
+//! Failures: this rank's own error (a read, a copy, a cancel) goes to the exchanger, which
+//! tells the others in its next status exchange; another rank's failure comes back from a
+//! status exchange as [`Error::Rank`]; an exchange that broke (a timeout, an NCCL error) has
+//! aborted the communicator, which stops the others' collectives too.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+
+use gantry_format::Checkpoint;
+
+use super::comm::Exchange;
+use super::split::Split;
+use crate::device::ReadyOnDevice;
+use crate::error::{Error, Result};
+
+/// From the caller's thread to the exchanger.
+#[derive(Debug)]
+pub(super) enum Note {
+    /// This rank's piece (position in the split) is in its memory.
+    Landed(usize),
+    /// This rank failed: tell the others.
+    Failed(String),
+}
+
+/// From the exchanger to the caller's thread.
+#[derive(Debug)]
+pub(super) enum Heard {
+    /// The broadcasts of this round have completed.
+    Received(usize),
+    /// The exchange is over: every round done, or why not.
+    Done(Result<()>),
+}
+
+/// The caller's side: which tensors still wait for bytes, and what was received.
+#[derive(Debug)]
+pub(super) struct Tally<'s> {
+    split: &'s Split,
+    rank: usize,
+    /// Per tensor, pieces not yet in this rank's memory.
+    pending: Vec<u32>,
+    pub(super) received_bytes: u64,
+    /// Set once the exchanger has said it is done.
+    pub(super) done: Option<Result<()>>,
+}
+
+impl<'s> Tally<'s> {
+    pub(super) fn new(checkpoint: &Checkpoint, split: &'s Split, rank: usize) -> Self {
+        let mut pending = vec![0u32; checkpoint.tensors.len()];
+        for p in &split.pieces {
+            for t in p.tensors.clone() {
+                pending[t] += 1;
+            }
+        }
+        Self { split, rank, pending, received_bytes: 0, done: None }
+    }
+
+    /// This rank.
+    pub(super) fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Reports the `wanted` tensors that have no bytes to wait for.
+    pub(super) fn ready_at_once(
+        &self,
+        checkpoint: &Checkpoint,
+        wanted: &[bool],
+        bases: &[u64],
+        on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
+    ) {
+        for (i, t) in checkpoint.tensors.iter().enumerate() {
+            if wanted[i] && self.pending[i] == 0 {
+                on_ready(ReadyOnDevice { index: i, entry: t, ptr: bases[t.file.0] + t.offset });
+            }
+        }
+    }
+
+    /// Piece `piece` is in this rank's memory: reports the tensors it completes.
+    pub(super) fn deliver(
+        &mut self,
+        piece: usize,
+        checkpoint: &Checkpoint,
+        bases: &[u64],
+        on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
+    ) {
+        for i in self.split.pieces[piece].tensors.clone() {
+            self.pending[i] -= 1;
+            if self.pending[i] == 0 {
+                let t = &checkpoint.tensors[i];
+                on_ready(ReadyOnDevice { index: i, entry: t, ptr: bases[t.file.0] + t.offset });
+            }
+        }
+    }
+
+    /// Handles what the exchanger has said so far; with `until_done`, waits for the rest.
+    pub(super) fn hear(
+        &mut self,
+        heard: &Receiver<Heard>,
+        until_done: bool,
+        checkpoint: &Checkpoint,
+        bases: &[u64],
+        on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
+    ) {
+        loop {
+            let message = if until_done && self.done.is_none() {
+                match heard.recv() {
+                    Ok(m) => m,
+                    Err(_) => {
+                        let gone = Error::Config("the exchange thread ended without a word".into());
+                        self.done = Some(Err(gone));
+                        return;
+                    }
+                }
+            } else {
+                match heard.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => return,
+                }
+            };
+            match message {
+                Heard::Received(round) => {
+                    for k in 0..self.split.rounds[round].len() {
+                        let piece = self.split.rounds[round][k];
+                        if self.split.pieces[piece].owner != self.rank {
+                            self.received_bytes += self.split.pieces[piece].len;
+                            self.deliver(piece, checkpoint, bases, on_ready);
+                        }
+                    }
+                }
+                Heard::Done(outcome) => self.done = Some(outcome),
+            }
+        }
+    }
+
+    /// The exchanger's failure, if it has reported one; stops the readers then.
+    pub(super) fn failure(&self, cancel: &AtomicBool) -> Option<&Error> {
+        let e = self.done.as_ref()?.as_ref().err()?;
+        cancel.store(true, Ordering::Relaxed);
+        Some(e)
+    }
+}
+
+/// The exchanger: runs every round of `split` for rank `rank`, each once this rank's piece of
+/// it has landed (told by `notes`), and says so on `heard`. `bases[f]` plus a file offset is
+/// the device address of that byte on this rank.
+pub(super) fn exchanger(
+    split: &Split,
+    rank: usize,
+    world: usize,
+    bases: &[u64],
+    exchange: &mut Exchange<'_>,
+    notes: Receiver<Note>,
+    heard: Sender<Heard>,
+) {
+    let outcome = run_rounds(split, rank, world, bases, exchange, &notes, &heard);
+    let _ = heard.send(Heard::Done(outcome));
+}
+
+fn run_rounds(
+    split: &Split,
+    rank: usize,
+    world: usize,
+    bases: &[u64],
+    exchange: &mut Exchange<'_>,
+    notes: &Receiver<Note>,
+    heard: &Sender<Heard>,
+) -> Result<()> {
+    let rounds = split.rounds.len();
+    let mut round_of = vec![0; split.pieces.len()];
+    let mut mine_landed = vec![true; rounds];
+    for (k, round) in split.rounds.iter().enumerate() {
+        for &i in round {
+            round_of[i] = k;
+            if split.pieces[i].owner == rank {
+                mine_landed[k] = false;
+            }
+        }
+    }
+    let mut next = 0;
+    loop {
+        while next < rounds && mine_landed[next] {
+            let statuses = exchange.status(next, None).map_err(|e| broke(exchange, e))?;
+            if let Some((rank, message)) =
+                statuses.into_iter().enumerate().find_map(|(r, s)| s.map(|m| (r, m)))
+            {
+                return Err(Error::Rank { rank, world, message });
+            }
+            if next > 0 {
+                let _ = heard.send(Heard::Received(next - 1));
+            }
+            let ranges: Vec<(u64, u64, usize)> = split.rounds[next]
+                .iter()
+                .map(|&i| {
+                    let p = &split.pieces[i];
+                    (bases[p.file] + p.offset, p.len, p.owner)
+                })
+                .collect();
+            // SAFETY: each range is a piece of this rank's buffers, which outlive the exchange
+            // (the caller joins this thread before it frees them); the owner's piece has
+            // landed (this rank's: `mine_landed`; the others': their own status), and no copy
+            // of this load writes another rank's piece.
+            unsafe { exchange.broadcast(&ranges) }.map_err(|e| broke(exchange, e))?;
+            next += 1;
+        }
+        if next == rounds {
+            if rounds > 0 {
+                exchange.finish().map_err(|e| broke(exchange, e))?;
+                let _ = heard.send(Heard::Received(rounds - 1));
+            }
+            return Ok(());
+        }
+        let failure = match notes.recv() {
+            Ok(Note::Landed(piece)) => {
+                mine_landed[round_of[piece]] = true;
+                continue;
+            }
+            Ok(Note::Failed(message)) => message,
+            Err(_) => "the load ended before this rank's pieces were read".to_owned(),
+        };
+        if !exchange.is_aborted() {
+            if let Err(told) = exchange.status(next, Some(&failure)) {
+                log::warn!("rank {rank}: telling the other ranks of its failure: {told}");
+            }
+        }
+        // The caller returns its own error; this one only ends the exchange.
+        return Err(Error::Config(format!("rank {rank} failed: {failure}")));
+    }
+}
+
+/// An exchange that failed cannot be trusted to line up with the other ranks' any more:
+/// aborting the communicator stops their collectives too (they fail instead of waiting).
+fn broke(exchange: &Exchange<'_>, e: Error) -> Error {
+    exchange.abort();
+    e
+}
