@@ -52,8 +52,14 @@ pub struct Args {
     /// Load with N processes, one per GPU that --device names (cuda:0,cuda:1,...), the way
     /// tensor-parallel servers run: the ranks split the reads and exchange with NCCL (each
     /// reads on its own without NCCL, or with --device cpu); per-rank and total figures.
+    /// Every rank gets every tensor whole, or with --shard (tp:N, dimK:N with N ranks) only
+    /// its shares, the checkpoint exchanged a window at a time (--window-mib).
     #[arg(long, value_name = "N")]
     pub ranks: Option<usize>,
+    /// With --ranks and --shard: the bytes of checkpoint exchanged at a time, in MiB (each
+    /// rank holds one window beside its shares).
+    #[arg(long, value_name = "N", default_value_t = 2048)]
+    pub window_mib: u64,
     /// With --ranks: seconds a rank waits for the others before it gives up.
     #[arg(long, value_name = "S", default_value_t = 120)]
     pub rank_timeout_s: u64,
@@ -79,7 +85,7 @@ pub struct Args {
 
 /// A `--shard` rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Rule {
+pub(crate) enum Rule {
     /// Split along this dimension where it divides (`None`: replicate everything).
     Split(Option<usize>),
     /// The tensor-parallel rule by name.
@@ -87,7 +93,7 @@ enum Rule {
 }
 
 /// `--shard`: the rule and the number of destinations.
-fn parse_shard(text: &str) -> Result<(Rule, usize), Box<dyn Error>> {
+pub(crate) fn parse_shard(text: &str) -> Result<(Rule, usize), Box<dyn Error>> {
     let bad = || format!("--shard '{text}': expected replicate:N, dimK:N or tp:N (N > 0)");
     let (kind, n) = text.split_once(':').ok_or_else(bad)?;
     let n: usize = n.parse().ok().filter(|&n| n > 0).ok_or_else(bad)?;
@@ -115,6 +121,24 @@ fn tp_rule(
         tp = tp.with_rule(pattern, split.parse()?);
     }
     Ok(tp)
+}
+
+/// A placement rule: which destinations get what of a tensor.
+pub(crate) type PlaceFn =
+    dyn Fn(&gantry::TensorEntry) -> gantry::Result<Vec<(usize, gantry::placement::Share)>>;
+
+/// `--shard` (with `--tp-rule`) as a placement over its destinations, and their number.
+pub(crate) fn placement(args: &Args, shard: &str) -> Result<(Box<PlaceFn>, usize), Box<dyn Error>> {
+    let (rule, n) = parse_shard(shard)?;
+    if !args.tp_rule.is_empty() && rule != Rule::TensorParallel {
+        return Err("--tp-rule goes with --shard tp:N".into());
+    }
+    let tp = tp_rule(&args.tp_rule, n)?;
+    let place: Box<PlaceFn> = match rule {
+        Rule::Split(dim) => Box::new(move |t| gantry::placement::split(t, dim, n)),
+        Rule::TensorParallel => Box::new(move |t| tp.place(t)),
+    };
+    Ok((place, n))
 }
 
 /// Per destination of a placed model: where, shares, bytes.
@@ -169,20 +193,12 @@ fn placed_setup(
 /// `gantry load --shard`: a placed load into host memory (`--device cpu`) or across GPUs
 /// (`--device cuda:0,cuda:1,...`, one destination per GPU named), one line per destination.
 fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
-    let (rule, n) = parse_shard(shard)?;
-    if !args.tp_rule.is_empty() && rule != Rule::TensorParallel {
-        return Err("--tp-rule goes with --shard tp:N".into());
-    }
-    let tp = tp_rule(&args.tp_rule, n)?;
+    let (place, n) = placement(args, shard)?;
     let (loader, gpus, devices) = placed_setup(args, shard, n)?;
-    let place = |t: &gantry::TensorEntry| match rule {
-        Rule::Split(dim) => gantry::placement::split(t, dim, n),
-        Rule::TensorParallel => tp.place(t),
-    };
     let start = std::time::Instant::now();
     let checkpoint = gantry::open_with(&args.options.path, loader.config())?;
     let (report, per, hashes) = if devices.is_empty() {
-        let model = loader.load_placed(checkpoint, n, place, |_, _| {})?;
+        let model = loader.load_placed(checkpoint, n, &place, |_, _| {})?;
         let total_seconds = start.elapsed().as_secs_f64();
         let views: Vec<Vec<&[u8]>> =
             (0..n).map(|d| model.tensors(d).map(|t| t.bytes).collect()).collect();
@@ -193,7 +209,7 @@ fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
         let per = per_destination(&model, |_| "cpu".to_owned());
         ((model.report().clone(), total_seconds), per, hashes)
     } else {
-        let model = loader.load_placed_to_devices(checkpoint, &devices, place, |_, _| {})?;
+        let model = loader.load_placed_to_devices(checkpoint, &devices, &place, |_, _| {})?;
         let total_seconds = start.elapsed().as_secs_f64();
         let ptrs: Vec<Vec<u64>> =
             (0..n).map(|d| model.tensors(d).map(|t| t.ptr).collect()).collect();

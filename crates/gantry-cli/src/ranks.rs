@@ -188,13 +188,21 @@ pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
     if world == 0 {
         return Err("--ranks must be at least 1".into());
     }
-    if args.piece_mib == 0 {
-        return Err("--piece-mib must be at least 1".into());
-    }
-    if args.shard.is_some() {
-        return Err("--ranks and --shard do not go together (--shard places across the GPUs of one process)".into());
+    if args.piece_mib == 0 || args.window_mib == 0 {
+        return Err("--piece-mib and --window-mib must be at least 1".into());
     }
     let devices = rank_devices(args, world)?;
+    if let Some(shard) = &args.shard {
+        let (_, n) = crate::load::placement(args, shard)?;
+        if n != world {
+            return Err(
+                format!("--shard {shard} places across {n} ranks but --ranks is {world}").into()
+            );
+        }
+        if devices.contains(&Device::Cpu) {
+            return Err("--ranks with --shard keeps shares on GPUs: name one GPU per rank".into());
+        }
+    }
     let checkpoint = gantry::open_with(&args.options.path, &args.options.config()?)?;
     let link = link(&devices);
     let start = Instant::now();
@@ -285,12 +293,11 @@ pub struct RankArgs<'a> {
     pub alone: Option<&'a str>,
 }
 
-/// Fills a buffer with the loaded bytes of tensor `i` from `at` bytes into it.
-type ReadLoaded = Box<dyn FnMut(usize, u64, &mut [u8]) -> Result<(), gantry::Error>>;
+/// Compares what a rank loaded with the files (`--verify`).
+type Verify = Box<dyn FnOnce() -> Result<(), Box<dyn Error>>>;
 
-/// A rank's load: its report, what it did, the checkpoint, the loaded tensors' positions and
-/// how to read their bytes back.
-type RankLoad = (gantry::LoadReport, CoopReport, gantry::Checkpoint, Vec<usize>, ReadLoaded);
+/// A rank's load: its report, what it did, and how to check it against the files.
+type RankLoad = (gantry::LoadReport, CoopReport, Verify);
 
 /// The positions of the tensors `loaded` says were loaded.
 fn loaded_table(c: &gantry::Checkpoint, loaded: impl Fn(usize) -> bool) -> Vec<usize> {
@@ -324,14 +331,15 @@ fn load_rank_host(
         owned_bytes: report.tensor_bytes,
         ..Default::default()
     };
-    let loaded = loaded_table(model.checkpoint(), |i| model.get(i).is_some());
-    let checkpoint = model.checkpoint().clone();
-    let read: ReadLoaded = Box::new(move |i, at, buf| {
-        let bytes = model.get(i).expect("loaded").bytes;
-        buf.copy_from_slice(&bytes[at as usize..at as usize + buf.len()]);
-        Ok(())
+    let verify: Verify = Box::new(move || {
+        let loaded = loaded_table(model.checkpoint(), |i| model.get(i).is_some());
+        crate::check::verify(model.checkpoint(), &loaded, &mut |i, at, buf| {
+            let bytes = model.get(i).expect("loaded").bytes;
+            buf.copy_from_slice(&bytes[at as usize..at as usize + buf.len()]);
+            Ok(())
+        })
     });
-    Ok((report, coop, checkpoint, loaded, read))
+    Ok((report, coop, verify))
 }
 
 /// A rank loading onto GPU `ordinal`: over NCCL when the parent gave a unique id.
@@ -365,28 +373,74 @@ fn load_rank_device(
         (None, None) => None,
     };
     let coop = match &comm {
-        Some(c) => Cooperation::nccl(c).timeout(timeout).piece_bytes(args.piece_mib << 20),
+        Some(c) => Cooperation::nccl(c)
+            .timeout(timeout)
+            .piece_bytes(args.piece_mib << 20)
+            .window_bytes(args.window_mib << 20),
         None => Cooperation::alone(me.rank, me.world, me.alone.unwrap_or("no NCCL unique id")),
     };
-    let world = me.world;
-    let whole = |_: &gantry::TensorEntry| Ok((0..world).map(|r| (r, Share::Whole)).collect());
     let hook = abort_hook(me.rank);
     let progress = Watchdog::start(me.rank, timeout);
-    let done = loader.load_cooperative(checkpoint, &gpu, coop, whole, |_| {
+    let beat = || {
         progress.beat();
         hook()
-    })?;
+    };
+    let loaded = match &args.shard {
+        Some(shard) => shares_on_device(args, loader, checkpoint, &gpu, coop, shard, beat),
+        None => whole_on_device(loader, checkpoint, &gpu, coop, me.world, beat),
+    };
     progress.stop();
+    loaded
+}
+
+/// Every tensor whole on this rank's GPU.
+fn whole_on_device(
+    loader: &Loader,
+    checkpoint: gantry::Checkpoint,
+    gpu: &std::sync::Arc<CudaDevice>,
+    coop: Cooperation<'_>,
+    world: usize,
+    mut beat: impl FnMut(),
+) -> Result<RankLoad, Box<dyn Error>> {
+    let whole = |_: &gantry::TensorEntry| Ok((0..world).map(|r| (r, Share::Whole)).collect());
+    let done = loader.load_cooperative(checkpoint, gpu, coop, whole, |_| beat())?;
     let model = done.model;
-    let loaded = loaded_table(model.checkpoint(), |i| model.get(i).is_some());
     let report = model.report().clone();
-    let checkpoint = model.checkpoint().clone();
-    let read: ReadLoaded = Box::new(move |i, at, buf| {
-        let ptr = model.get(i).expect("loaded").ptr;
-        buf.copy_from_slice(&model.device().copy_to_host(ptr + at, buf.len())?);
-        Ok(())
+    let verify: Verify = Box::new(move || {
+        let loaded = loaded_table(model.checkpoint(), |i| model.get(i).is_some());
+        crate::check::verify(model.checkpoint(), &loaded, &mut |i, at, buf| {
+            let ptr = model.get(i).expect("loaded").ptr;
+            buf.copy_from_slice(&model.device().copy_to_host(ptr + at, buf.len())?);
+            Ok(())
+        })
     });
-    Ok((report, done.coop, checkpoint, loaded, read))
+    Ok((report, done.coop, verify))
+}
+
+/// This rank's shares under `--shard` on its GPU.
+fn shares_on_device(
+    args: &Args,
+    loader: &Loader,
+    checkpoint: gantry::Checkpoint,
+    gpu: &std::sync::Arc<CudaDevice>,
+    coop: Cooperation<'_>,
+    shard: &str,
+    mut beat: impl FnMut(),
+) -> Result<RankLoad, Box<dyn Error>> {
+    let (place, _) = crate::load::placement(args, shard)?;
+    let done = loader.load_cooperative_placed(checkpoint, gpu, coop, &place, |_| beat())?;
+    let model = done.model;
+    let report = model.report().clone();
+    let verify: Verify = Box::new(move || {
+        let shares: Vec<(usize, Share)> =
+            model.share_entries(0).iter().map(|s| (s.tensor, s.share)).collect();
+        let ptrs: Vec<u64> = model.tensors(0).map(|t| t.ptr).collect();
+        crate::check::verify_placed(model.checkpoint(), &[shares], &mut |_, s, at, buf| {
+            buf.copy_from_slice(&model.device(0).copy_to_host(ptrs[s] + at, buf.len())?);
+            Ok(())
+        })
+    });
+    Ok((report, done.coop, verify))
 }
 
 /// Ends a rank process that has stopped making progress: NCCL's host calls (connection set-up
@@ -440,13 +494,13 @@ pub fn run_rank(args: &Args, me: RankArgs<'_>) -> Result<(), Box<dyn Error>> {
     let loader = Loader::new(args.options.config()?)?;
     let checkpoint = gantry::open_with(&args.options.path, loader.config())?;
     let device = args.options.device.one()?;
-    let (report, coop, checkpoint, loaded, mut read) = match device {
+    let (report, coop, verify) = match device {
         Device::Cpu => load_rank_host(&loader, checkpoint, &me)?,
         Device::Cuda(n) => load_rank_device(args, &loader, checkpoint, n, &me)?,
     };
     let total_seconds = start.elapsed().as_secs_f64();
     if args.verify {
-        crate::check::verify(&checkpoint, &loaded, &mut read)?;
+        verify()?;
     }
     let storage = storage_read_bytes().zip(storage_before).map(|(a, b)| a.saturating_sub(b));
     let out = json!({
@@ -454,7 +508,8 @@ pub fn run_rank(args: &Args, me: RankArgs<'_>) -> Result<(), Box<dyn Error>> {
         "cooperative": coop.cooperative, "reason": coop.reason,
         "bytes": report.tensor_bytes, "read_bytes": report.read_bytes,
         "storage_read_bytes": storage, "owned_bytes": coop.owned_bytes,
-        "received_bytes": coop.received_bytes, "pieces": coop.pieces, "rounds": coop.rounds,
+        "received_bytes": coop.received_bytes, "pieces": coop.pieces, "rounds": coop.rounds, "windows": coop.windows,
+        "shard": args.shard,
         "seconds": report.seconds, "gb_per_s": report.gb_per_s(),
         "total_seconds": total_seconds, "exchange_tail_seconds": coop.exchange_tail_seconds,
         "verified": args.verify, "files": crate::load::json_files(&report),

@@ -3,7 +3,8 @@
 //! in the report, every rank's tensors checked against an independent read (`--verify`), and
 //! a rank that dies failing the load. With two or more GPUs and NCCL (`GANTRY_REQUIRE_GPU=1`
 //! makes their absence a failure): cooperative loads of 2 and 4 ranks, bit-exact on every
-//! rank, every byte read from storage once across the ranks, and a rank killed mid-load.
+//! rank (whole tensors, and tensor-parallel shares through many windows), every byte read from
+//! storage once across the ranks, and a rank killed mid-load.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -54,8 +55,10 @@ fn ranks_argument_errors() {
     let cases: &[(&[&str], &str)] = &[
         (&["--ranks", "0"], "--ranks must be at least 1"),
         (&["--ranks", "3", "--device", "cuda:0,cuda:1"], "it needs 3"),
-        (&["--ranks", "2", "--shard", "replicate:2"], "do not go together"),
-        (&["--ranks", "2", "--piece-mib", "0"], "--piece-mib must be at least 1"),
+        (&["--ranks", "2", "--device", "cuda:0,cuda:1", "--shard", "tp:3"], "--ranks is 2"),
+        (&["--ranks", "2", "--device", "cpu", "--shard", "tp:2"], "name one GPU per rank"),
+        (&["--ranks", "2", "--window-mib", "0"], "--window-mib must be at least 1"),
+        (&["--ranks", "2", "--piece-mib", "0"], "--piece-mib and --window-mib must be at least 1"),
         (&["--ranks", "x"], "invalid value 'x'"),
         (&["--rank", "0"], "--world"),
     ];
@@ -168,6 +171,47 @@ fn cooperative_ranks_are_bit_exact_and_read_each_byte_once() {
         assert_eq!(owned, total, "every byte owned by exactly one rank");
         // Reads are aligned to 4 KiB at both ends of each run: within 1% of the checkpoint.
         assert!(read >= total && read as f64 <= total as f64 * 1.01, "{read} for {total}");
+    }
+}
+
+#[test]
+fn cooperative_ranks_keep_their_tensor_parallel_shares_bit_exact() {
+    let Some(gpus) = gpus_with_nccl() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (path, total) = checkpoint(dir.path());
+    for world in [2, 4].into_iter().filter(|&w| w <= gpus) {
+        let devices = devices(world);
+        let (w, shard) = (world.to_string(), format!("tp:{world}"));
+        let args = [
+            "load",
+            &path,
+            "--ranks",
+            &w,
+            "--device",
+            &devices,
+            "--shard",
+            &shard,
+            "--piece-mib",
+            "1",
+            "--window-mib",
+            "2",
+            "--verify",
+            "--json",
+        ];
+        let v = json_of(&gantry(&args, &[]));
+        assert_eq!(v["cooperative"], true, "{v}");
+        let ranks = v["per_rank"].as_array().unwrap();
+        assert_eq!(ranks.len(), world);
+        let mut owned = 0;
+        for rank in ranks {
+            // --verify compared every share with the file (check::verify_placed).
+            assert_eq!(rank["verified"], true);
+            assert!(rank["windows"].as_u64().unwrap() > 2, "{rank}");
+            // A rank holds its shares: less than the whole checkpoint.
+            assert!(rank["bytes"].as_u64().unwrap() < total, "{rank}");
+            owned += rank["owned_bytes"].as_u64().unwrap();
+        }
+        assert_eq!(owned, total, "every byte read by exactly one rank");
     }
 }
 
