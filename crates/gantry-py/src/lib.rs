@@ -100,6 +100,7 @@ fn _gantry(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<stream::Stream>()?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(placed::load_placed, m)?)?;
+    m.add_function(wrap_pyfunction!(placed::load_cooperative_placed, m)?)?;
     m.add_function(wrap_pyfunction!(device_memory, m)?)?;
     m.add_function(wrap_pyfunction!(live_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(stream::nccl_unique_id, m)?)?;

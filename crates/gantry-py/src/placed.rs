@@ -115,6 +115,77 @@ pub fn load_placed(
     .map_err(to_py)
 }
 
+/// One rank of a cooperative load of shares (`shard` over `world` ranks): rank `rank` on
+/// GPU `device` joins the NCCL communicator of `unique_id` (hex), or reads its shares on its
+/// own for `alone` (the reason); returns its shares and the report's cooperative part.
+#[pyfunction]
+#[pyo3(signature = (source, device, shard, rank, world, unique_id, alone, config = None, tp_rules = None, window_mib = None))]
+#[allow(clippy::too_many_arguments)]
+pub fn load_cooperative_placed(
+    py: Python<'_>,
+    source: std::path::PathBuf,
+    device: &str,
+    shard: &str,
+    rank: usize,
+    world: usize,
+    unique_id: Option<String>,
+    alone: Option<String>,
+    config: Option<&Bound<'_, PyDict>>,
+    tp_rules: Option<Vec<(String, String)>>,
+    window_mib: Option<u64>,
+) -> PyResult<(Shares, bool, String)> {
+    if window_mib == Some(0) {
+        return Err(PyValueError::new_err("window_mib must be at least 1"));
+    }
+    let (rule, n) = parse_rule(shard, &tp_rules.unwrap_or_default())?;
+    if n != world {
+        return Err(PyValueError::new_err(format!(
+            "shard '{shard}' places across {n} ranks but world is {world}"
+        )));
+    }
+    let Some(ordinal) = parse_device(device)? else {
+        return Err(PyValueError::new_err("a cooperative load of shares needs a GPU device"));
+    };
+    let config = parse_config(config)?;
+    let place = move |t: &TensorEntry| -> gantry::Result<Vec<(usize, Share)>> {
+        match &rule {
+            Rule::Split(dim) => placement::split(t, *dim, n),
+            Rule::Tp(tp) => tp.place(t),
+        }
+    };
+    py.detach(|| -> gantry::Result<(Shares, bool, String)> {
+        use gantry::coop::{Communicator, Cooperation, UniqueId};
+        let loader = Loader::new(config)?;
+        let checkpoint = gantry::open_with(&source, loader.config())?;
+        let gpu = open_device(ordinal)?;
+        let comm = match &unique_id {
+            Some(hex) => {
+                let nccl = gantry::coop::load_nccl()
+                    .map_err(|reason| gantry::Error::Unavailable { what: "NCCL", reason })?;
+                let id = UniqueId::from_hex(hex)?;
+                let timeout = gantry::coop::comm::TIMEOUT;
+                Some(Communicator::init(nccl, &id, rank, world, &gpu, timeout)?)
+            }
+            None => None,
+        };
+        let coop = match &comm {
+            Some(c) => Cooperation::nccl(c),
+            None => Cooperation::alone(rank, world, alone.unwrap_or_else(|| "no unique id".into())),
+        };
+        let coop = match window_mib {
+            Some(mib) => coop.window_bytes(mib << 20),
+            None => coop,
+        };
+        let done = loader.load_cooperative_placed(checkpoint, &gpu, coop, place, |_| {})?;
+        let (checkpoint, shares, buffers, _) = done.model.into_parts();
+        let memory = buffers.into_iter().map(|b| Arc::new(Memory::device(b))).collect();
+        let ids = vec![(DEVICE_CUDA, ordinal as i32)];
+        let mine = tensors(&checkpoint.tensors, shares, memory, ids).pop().unwrap_or_default();
+        Ok((mine, done.coop.cooperative, done.coop.reason))
+    })
+    .map_err(to_py)
+}
+
 fn tensors(
     table: &[TensorEntry],
     shares: Vec<Vec<placement::ShareEntry>>,

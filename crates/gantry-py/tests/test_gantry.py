@@ -978,6 +978,12 @@ class CooperativeTests(WithCheckpoint):
         self.assertEqual(gantry._coop(0, 1, None, None)[3], "world size 1: nothing to share")
         self.assertIn("no unique_id=", gantry._coop(1, 2, None, None)[3])
         self.assertEqual(gantry._coop(1, 2, None, "ab"), (1, 2, "ab", None))
+        with self.assertRaisesRegex(ValueError, "across 3 ranks but world is 2"):
+            gantry.load(self.ck.path, device="cuda:0", shard="tp:3", rank=0, world=2)
+        with self.assertRaisesRegex(ValueError, "needs a GPU"):
+            gantry.load(self.ck.path, device="cpu", shard="tp:2", rank=0, world=2)
+        with self.assertRaisesRegex(ValueError, "devices does not go"):
+            gantry.load(self.ck.path, shard="tp:2", rank=0, world=2, devices=["cuda:0"])
 
     def test_missing_nccl_is_unavailable(self):
         missing = os.path.join(tempfile.gettempdir(), "no-such-libnccl.so.2")
@@ -1025,6 +1031,50 @@ dist.destroy_process_group()
             self.assertEqual(set(got["tensors"]), set(table))
             for name, data in got["tensors"].items():
                 self.assertEqual(bytes.fromhex(data), reference(table[name]), name)
+
+    @unittest.skipUnless(torch is not None or REQUIRE_GPU, "torch is not installed")
+    def test_two_ranks_keep_their_shares_over_a_process_group(self):
+        if torch.cuda.device_count() < 2:
+            if REQUIRE_GPU:
+                self.fail(f"GANTRY_REQUIRE_GPU=1 but {torch.cuda.device_count()} GPU(s); this needs 2")
+            self.skipTest(f"{torch.cuda.device_count()} GPU(s); two ranks need two")
+        script = """
+import json, sys
+import torch.distributed as dist
+import gantry
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+shares = gantry.load(sys.argv[1], device=f"cuda:{rank}", shard="dim0:2", group=dist.group.WORLD,
+                     framework="dlpack", window_mib=1)
+out = {name: [list(t.shape), t.tobytes().hex()] for name, t in shares.items()}
+print(json.dumps(out))
+dist.destroy_process_group()
+"""
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+        env["PYTHONPATH"] = os.pathsep.join(sys.path)
+        procs = [
+            subprocess.Popen([sys.executable, "-c", script, self.ck.path], env=dict(env, RANK=str(r)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for r in range(2)
+        ]
+        results = [p.communicate(timeout=300) for p in procs]
+        table = {i.name: i for i in gantry.inspect(self.ck.path)}
+        for rank, (p, (out, err)) in enumerate(zip(procs, results)):
+            self.assertEqual(p.returncode, 0, err.decode())
+            got = json.loads(out.decode().strip().splitlines()[-1])
+            self.assertEqual(set(got), set(table))
+            for name, (shape, data) in got.items():
+                info, whole = table[name], reference(table[name])
+                # dim0:2 halves the rows of tensors of two or more dimensions where they
+                # divide; the rest stays whole. Rows are contiguous: rank r's half is a slice.
+                if len(info.shape) >= 2 and info.shape[0] % 2 == 0:
+                    half = len(whole) // 2
+                    expected = whole[rank * half:(rank + 1) * half]
+                    self.assertEqual(shape, [info.shape[0] // 2] + list(info.shape[1:]), name)
+                else:
+                    expected = whole
+                    self.assertEqual(shape, list(info.shape), name)
+                self.assertEqual(bytes.fromhex(data), expected, name)
 
 
 if __name__ == "__main__":

@@ -349,7 +349,10 @@ def load(
     ``cuda:0`` to ``cuda:N-1``.
 
     The cooperative options (``group=``, or ``rank=``, ``world=`` and ``unique_id=``) are as
-    for :func:`stream`, without ``shard``.
+    for :func:`stream`. With ``shard`` as well (``shard="tp:N"`` over the N ranks), each rank
+    gets only its shares, as one ``{name: tensor}`` on ``device``: the ranks still read each
+    byte once and exchange the checkpoint a window at a time (``window_mib``, default 2048, of
+    scratch on each GPU beside its shares).
     """
     coop = dict(rank=rank, world=world, group=group, unique_id=unique_id)
     if shard is None:
@@ -357,11 +360,27 @@ def load(
             raise ValueError("devices and tp_rules go with shard")
         with stream(source, device, skip=skip, framework=framework, **coop, **config) as s:
             return dict(s)
-    if any(v is not None for v in coop.values()):
-        raise ValueError("rank, world, group and unique_id do not go with shard")
     if skip is not None:
         raise ValueError("skip does not go with shard (the rule says what each destination takes)")
     convert = _converter(framework)
+    if any(v is not None for v in coop.values()):
+        if devices is not None:
+            raise ValueError("devices does not go with a cooperative load (each rank has one)")
+        rank_, world_, unique, alone = _coop(rank, world, group, unique_id) or (0, 1, None, None)
+        window = config.pop("window_mib", None)
+        shares, _cooperative, _reason = _gantry.load_cooperative_placed(
+            os.fspath(source),
+            _device(device),
+            shard,
+            rank_,
+            world_,
+            unique,
+            alone,
+            config,
+            [tuple(r) for r in tp_rules or []],
+            window,
+        )
+        return {name: convert(t) for name, t in shares}
     parts = shard.rpartition(":")[2]
     if devices is None:
         count = int(parts) if parts.isdigit() else 0

@@ -64,6 +64,18 @@ def load_placed(
     config: Optional[Dict[str, Any]] = None,
     tp_rules: Optional[Sequence[Tuple[str, str]]] = None,
 ) -> List[List[Tuple[str, Tensor]]]: ...
+def load_cooperative_placed(
+    source: str,
+    device: str,
+    shard: str,
+    rank: int,
+    world: int,
+    unique_id: Optional[str],
+    alone: Optional[str],
+    config: Optional[Dict[str, Any]] = None,
+    tp_rules: Optional[Sequence[Tuple[str, str]]] = None,
+    window_mib: Optional[int] = None,
+) -> Tuple[List[Tuple[str, Tensor]], bool, str]: ...
 def device_memory(ordinal: int) -> Tuple[int, int]: ...
 def live_buffers() -> int: ...
 def nccl_unique_id() -> str: ...
