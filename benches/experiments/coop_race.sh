@@ -7,6 +7,9 @@
 #                gantry load --ranks 4 with NCCL switched off, GANTRY_NCCL_LIB=/nonexistent)
 #   cooperative  4 processes splitting the reads and exchanging with NCCL (--ranks 4)
 #   replicate    one process feeding 4 GPUs from one read (--shard replicate:4): warm target
+#   cooptp       4 cooperative processes each keeping its tensor-parallel shares
+#                (--ranks 4 --shard tp:4, exchanged a window at a time)
+#   tp           one process placing the tp:4 shares on 4 GPUs (--shard tp:4)
 # cold drops the page cache before every sample; warm reads the checkpoint once first.
 # Per sample: load seconds (the slowest rank's), whole-command seconds (process start to
 # exit, every rank), bytes read from the block device under CKPT (/sys/block/DEV/stat
@@ -15,7 +18,7 @@
 # cooperative rate >= 0.8x replicate.
 # Environment: GANTRY (default target/release/gantry), CKPT (/root/gantry-ckpt, written with
 # gantry synth --llama3-8b when absent), GPUS (cuda:0,cuda:1,cuda:2,cuda:3), ROUNDS (3),
-# MODES (default all four), OUT (where logs go, default .), DISK (the block device to count, default the one under CKPT).
+# MODES (default single independent cooperative replicate), OUT (where logs go, default .), DISK (the block device to count, default the one under CKPT).
 set -u
 G=$(realpath ${GANTRY:-target/release/gantry}); CKPT=${CKPT:-/root/gantry-ckpt}
 GPUS=${GPUS:-cuda:0,cuda:1,cuda:2,cuda:3}; ROUNDS=${ROUNDS:-3}; OUT=${OUT:-.}
@@ -34,6 +37,8 @@ command_of() { # command_of MODE
     independent) echo "env GANTRY_NCCL_LIB=/nonexistent $G load $CKPT --ranks $N --device $GPUS --json" ;;
     cooperative) echo "$G load $CKPT --ranks $N --device $GPUS --json" ;;
     replicate) echo "$G load $CKPT --shard replicate:$N --device $GPUS --json" ;;
+    cooptp) echo "$G load $CKPT --ranks $N --shard tp:$N --device $GPUS --json" ;;
+    tp) echo "$G load $CKPT --shard tp:$N --device $GPUS --json" ;;
   esac
 }
 
@@ -70,7 +75,7 @@ print(f"checkpoint {size/1e9:.2f} GB; medians of {max(r['round'] for r in rows)}
 print(f"{'':5} {'mode':12} {'load s':>8} {'command s':>10} {'GB/s':>7} {'disk GB':>8} {'ranks GB':>9}")
 for temp in ("cold", "warm"):
     base = {}
-    for mode in ("single", "independent", "cooperative", "replicate"):
+    for mode in ("single", "independent", "cooperative", "replicate", "cooptp", "tp"):
         rs = [r for r in rows if r["temperature"] == temp and r["mode"] == mode]
         if not rs:
             continue
@@ -84,6 +89,10 @@ for temp in ("cold", "warm"):
         print(f"{temp:5} cooperative / single load time: {base['cooperative']/base['single']:.3f}")
     if "cooperative" in base and "replicate" in base:
         print(f"{temp:5} cooperative rate / replicate rate: {base['replicate']/base['cooperative']:.3f}")
+    if "cooptp" in base and "tp" in base:
+        print(f"{temp:5} cooperative tp shares rate / one-process tp rate: {base['tp']/base['cooptp']:.3f}")
+    if "cooptp" in base and "single" in base:
+        print(f"{temp:5} cooperative tp shares / single load time: {base['cooptp']/base['single']:.3f}")
 PY
 }
 
