@@ -272,7 +272,7 @@ fn a_rank_that_stalls_mid_load_fails_the_other_within_its_timeout() {
     let dir = common::scratch();
     checkpoint(dir.path());
     let path = dir.path().to_owned();
-    let stall = Arc::new(Stall { after: 2, ..Stall::default() });
+    let stall = Arc::new(Stall { after: 1, ..Stall::default() });
     let held = Arc::clone(&stall);
     let results = common::with_deadline(HANG, move || {
         let id = UniqueId::new(&nccl).unwrap();
@@ -288,8 +288,9 @@ fn a_rank_that_stalls_mid_load_fails_the_other_within_its_timeout() {
                         let config = Config::default();
                         let config = if r == 1 { config.fault_injector(stall) } else { config };
                         let loader = Loader::new(config).unwrap();
+                        // Small pieces: rank 1 has many reads, and stalls after its first.
                         let coop =
-                            Cooperation::nccl(&comm).timeout(STALL_TIMEOUT).piece_bytes(1 << 20);
+                            Cooperation::nccl(&comm).timeout(STALL_TIMEOUT).piece_bytes(256 << 10);
                         let c = gantry::open(path).unwrap();
                         let done = loader.load_cooperative(c, gpu, coop, whole(2), |_| {});
                         done.map(|_| ())

@@ -179,7 +179,7 @@ impl Communicator {
                 } else {
                     format!("{} has no ncclCommInitRankConfig (NCCL < 2.14)", nccl.loaded_from)
                 };
-                log::info!(
+                log::warn!(
                     "rank {rank} of {world}: a blocking NCCL communicator ({why}): a peer that dies mid-call can leave this rank waiting inside NCCL"
                 );
                 Self::init_blocking(nccl, id, rank, world, device, timeout)
