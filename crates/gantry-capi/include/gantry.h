@@ -325,7 +325,11 @@ const char *gantry_status_name(int32_t status);
 // (may be NULL) is told as each tensor is complete on this rank. When a rank fails, every
 // rank fails: that one with its own error, the others with `GANTRY_E_RANK` naming it, or
 // `GANTRY_E_NCCL` when it stopped answering for 120 s (the communicator is then aborted and
-// must not be used again). Figures go to `*report_out` (may be NULL).
+// must not be used again). A communicator created non-blocking (`ncclConfig_t.blocking = 0`,
+// NCCL >= 2.14) keeps that bound everywhere; with a blocking one, NCCL's own host calls (the
+// first connection to a peer, the end of a group) can wait without limit for a peer that
+// died, until the server aborts the communicator from another thread. Figures go to
+// `*report_out` (may be NULL).
 //
 // # Safety
 // `loader` live; `path` NUL-terminated; `nccl_comm` NULL or a live `ncclComm_t`; `ready`

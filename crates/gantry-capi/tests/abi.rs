@@ -16,9 +16,8 @@ mod store;
 #[path = "../../gantry/tests/common/tools.rs"]
 mod tools;
 
-fn manifest() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod ffi;
+use ffi::{compile, lib_dir, manifest};
 
 fn generated_header() -> String {
     let dir = manifest();
@@ -64,40 +63,6 @@ fn version_macros_match_cargo() {
     let header = std::fs::read_to_string(manifest().join("include/gantry.h")).unwrap();
     assert!(header.contains(&format!("#define GANTRY_VERSION \"{}\"", env!("CARGO_PKG_VERSION"))));
     assert!(header.contains("#define GANTRY_ABI_VERSION 1"));
-}
-
-/// The directory holding libgantry.so and libgantry.a, built for these tests: `cargo test`
-/// builds no `cdylib` for integration tests, so the tests build it, once, in a target
-/// directory of their own (the outer cargo holds the lock on the main one).
-fn lib_dir() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ffi-target");
-            let status = Command::new(env!("CARGO"))
-                .args(["build", "-p", "gantry-capi", "--target-dir"])
-                .arg(&target)
-                .current_dir(manifest())
-                .status()
-                .expect("cargo");
-            assert!(status.success(), "building libgantry failed");
-            target.join("debug")
-        })
-        .clone()
-}
-
-fn compile(compiler: &Path, std: &str, source: &Path, out: &Path) {
-    let include = manifest().join("include");
-    let status = Command::new(compiler)
-        .args([std, "-Wall", "-Wextra", "-Werror", "-o"])
-        .arg(out)
-        .arg(source)
-        .arg(format!("-I{}", include.display()))
-        .arg(format!("-L{}", lib_dir().display()))
-        .arg("-lgantry")
-        .status()
-        .unwrap_or_else(|e| panic!("{}: {e}", compiler.display()));
-    assert!(status.success(), "{} {std} failed on {}", compiler.display(), source.display());
 }
 
 fn checkpoint(dir: &Path) -> (PathBuf, PathBuf) {

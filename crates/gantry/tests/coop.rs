@@ -1,12 +1,15 @@
 //! Cooperative loads through the Rust API, checked against the reference reader. With one GPU:
 //! a rank told to read alone. With two GPUs and NCCL: two ranks as two threads of this process
 //! (one GPU each), bit-exact with every tensor reported ready once, and a rank whose read fails
-//! making the other fail with an error naming it. Skipped with the reason otherwise, unless
-//! `GANTRY_REQUIRE_GPU=1`.
+//! making the other fail with an error naming it. A rank that joined and then never loads, or
+//! stalls mid-load, makes the other fail within its timeout, not hang (`GANTRY_NCCL_BLOCKING=1`
+//! shows what blocking communicators do there); a rank whose peers never join fails to join
+//! within its timeout. Skipped with the reason otherwise, unless `GANTRY_REQUIRE_GPU=1`.
 
 mod common;
 
-use std::sync::{Arc, Barrier};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Barrier, Condvar, Mutex};
 use std::time::Duration;
 
 use gantry::coop::{Communicator, Cooperation, CooperativeModel, UniqueId};
@@ -68,14 +71,19 @@ fn a_rank_told_to_read_alone_loads_everything_and_says_why() {
 
 /// Two GPUs and NCCL, or `None` after saying why (a failure with `GANTRY_REQUIRE_GPU=1`).
 fn two_gpus() -> Option<(Arc<gantry::coop::Nccl>, Vec<Arc<CudaDevice>>)> {
+    gpus_and_nccl(2)
+}
+
+/// `count` GPUs and NCCL, or `None` after saying why (a failure with `GANTRY_REQUIRE_GPU=1`).
+fn gpus_and_nccl(count: u32) -> Option<(Arc<gantry::coop::Nccl>, Vec<Arc<CudaDevice>>)> {
     let found = gantry::coop::load_nccl()
         .map_err(|e| format!("NCCL is not available: {e}"))
         .and_then(|nccl| {
-            let gpus: Vec<_> = (0..2).map_while(|n| CudaDevice::open(n).ok()).collect();
-            if gpus.len() == 2 {
+            let gpus: Vec<_> = (0..count).map_while(|n| CudaDevice::open(n).ok()).collect();
+            if gpus.len() == count as usize {
                 Ok((nccl, gpus))
             } else {
-                Err(format!("{} GPU(s); two ranks need two", gpus.len()))
+                Err(format!("{} GPU(s); this test needs {count}", gpus.len()))
             }
         });
     match found {
@@ -170,5 +178,149 @@ fn a_rank_whose_read_fails_fails_the_other_naming_it() {
             assert!(message.contains("Input/output error"), "{message}")
         }
         other => panic!("rank 0: {other:?}"),
+    }
+}
+
+/// How long a rank waits for the other in the tests where the other never answers.
+const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the ranks of those tests wait for each other to join (and to finalize).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Far past [`STALL_TIMEOUT`] (and the teardown it allows): only a hang takes this long.
+const HANG: Duration = Duration::from_secs(120);
+
+/// Asserts that `err` is the NCCL error of rank 0 of 2 giving up on the other rank.
+fn assert_gave_up_on_the_other(err: &Error) {
+    match err {
+        Error::Nccl { op, message, .. } => {
+            assert!(op.contains("rank 0 of 2"), "the error names the rank: {err}");
+            assert!(!message.is_empty(), "the error says what happened: {err}");
+        }
+        other => panic!("rank 0: {other:?}"),
+    }
+}
+
+/// Rank 1 joins the communicator and never starts the load; rank 0's load gives up on it
+/// within its timeout with an NCCL error naming rank 0 and the operation, instead of waiting
+/// in NCCL forever (connecting to a peer that never arrives, with blocking communicators).
+/// Rank 1 then closes its communicator within the same deadline.
+#[test]
+fn a_rank_that_joins_and_never_loads_fails_the_other_within_its_timeout() {
+    let Some((nccl, gpus)) = two_gpus() else { return };
+    let dir = common::scratch();
+    checkpoint(dir.path());
+    let path = dir.path().to_owned();
+    let result = common::with_deadline(HANG, move || {
+        let id = UniqueId::new(&nccl).unwrap();
+        let (loaded, told) = mpsc::channel::<()>();
+        let (nccl1, gpu1) = (Arc::clone(&nccl), Arc::clone(&gpus[1]));
+        let idle = std::thread::spawn(move || {
+            let comm = Communicator::init(nccl1, &id, 1, 2, &gpu1, JOIN_TIMEOUT).unwrap();
+            let _ = told.recv();
+            drop(comm);
+        });
+        let comm = Communicator::init(nccl, &id, 0, 2, &gpus[0], JOIN_TIMEOUT).unwrap();
+        let loader = Loader::new(Config::default()).unwrap();
+        let coop = Cooperation::nccl(&comm).timeout(STALL_TIMEOUT).piece_bytes(1 << 20);
+        let c = gantry::open(&path).unwrap();
+        let done = loader.load_cooperative(c, &gpus[0], coop, whole(2), |_| {}).map(|_| ());
+        let aborted = comm.is_aborted();
+        drop(comm);
+        loaded.send(()).unwrap();
+        idle.join().unwrap();
+        (done, aborted)
+    });
+    let (done, aborted) = result;
+    assert_gave_up_on_the_other(&done.expect_err("rank 1 never loads"));
+    assert!(aborted, "rank 0's communicator was aborted");
+}
+
+/// Lets reads through until `after` of them completed, then holds every later one until
+/// released (or a minute passed): a rank that stops answering mid-load.
+#[derive(Default)]
+struct Stall {
+    after: usize,
+    reads: AtomicUsize,
+    released: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Stall {
+    fn release(&self) {
+        *self.released.lock().unwrap() = true;
+        self.wake.notify_all();
+    }
+}
+
+impl FaultInjector for Stall {
+    fn rewrite(&self, _: usize, _: u64, _: u64, result: i64) -> i64 {
+        if self.reads.fetch_add(1, Ordering::SeqCst) >= self.after {
+            let released = self.released.lock().unwrap();
+            let limit = Duration::from_secs(60);
+            drop(self.wake.wait_timeout_while(released, limit, |r| !*r).unwrap());
+        }
+        result
+    }
+}
+
+/// Rank 1 stops answering after its first reads; rank 0 gives up on it within its timeout
+/// (aborting the communicator) with an NCCL error naming rank 0. Released, rank 1 fails too.
+#[test]
+fn a_rank_that_stalls_mid_load_fails_the_other_within_its_timeout() {
+    let Some((nccl, gpus)) = two_gpus() else { return };
+    let dir = common::scratch();
+    checkpoint(dir.path());
+    let path = dir.path().to_owned();
+    let stall = Arc::new(Stall { after: 1, ..Stall::default() });
+    let held = Arc::clone(&stall);
+    let results = common::with_deadline(HANG, move || {
+        let id = UniqueId::new(&nccl).unwrap();
+        let barrier = Barrier::new(2);
+        std::thread::scope(|s| {
+            let ranks: Vec<_> = (0..2)
+                .map(|r| {
+                    let (nccl, gpu, path, barrier) = (Arc::clone(&nccl), &gpus[r], &path, &barrier);
+                    let stall = Arc::clone(&held);
+                    s.spawn(move || {
+                        let comm = Communicator::init(nccl, &id, r, 2, gpu, JOIN_TIMEOUT).unwrap();
+                        barrier.wait();
+                        let config = Config::default();
+                        let config = if r == 1 { config.fault_injector(stall) } else { config };
+                        let loader = Loader::new(config).unwrap();
+                        // Small pieces: rank 1 has many reads, and stalls after its first.
+                        let coop =
+                            Cooperation::nccl(&comm).timeout(STALL_TIMEOUT).piece_bytes(256 << 10);
+                        let c = gantry::open(path).unwrap();
+                        let done = loader.load_cooperative(c, gpu, coop, whole(2), |_| {});
+                        done.map(|_| ())
+                    })
+                })
+                .collect();
+            let mut ranks = ranks.into_iter();
+            let rank0 = ranks.next().unwrap().join().unwrap();
+            held.release();
+            let rank1 = ranks.next().unwrap().join().unwrap();
+            (rank0, rank1)
+        })
+    });
+    stall.release();
+    let (rank0, rank1) = results;
+    assert_gave_up_on_the_other(&rank0.expect_err("rank 1 stalled"));
+    assert!(rank1.is_err(), "rank 1 goes on after rank 0 gave up, and fails too");
+}
+
+/// Rank 0 of 2 joins a communicator that rank 1 never joins: joining fails within its timeout
+/// with an error, instead of waiting for rank 1 forever. One GPU is enough.
+#[test]
+fn a_rank_whose_peer_never_joins_fails_to_join_within_its_timeout() {
+    let Some((nccl, gpus)) = gpus_and_nccl(1) else { return };
+    let joined = common::with_deadline(HANG, move || {
+        let id = UniqueId::new(&nccl).unwrap();
+        Communicator::init(nccl, &id, 0, 2, &gpus[0], STALL_TIMEOUT).map(|_| ())
+    });
+    match joined {
+        Err(Error::Nccl { op, .. }) => assert!(op.contains("rank 0 of 2"), "{op}"),
+        other => panic!("joining alone: {other:?}"),
     }
 }

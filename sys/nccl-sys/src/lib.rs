@@ -64,6 +64,79 @@ impl ncclUniqueId {
     }
 }
 
+/// `NCCL_CONFIG_UNDEF_INT` (`INT_MIN`): a config field left to NCCL's default.
+pub const NCCL_CONFIG_UNDEF_INT: c_int = c_int::MIN;
+/// `NCCL_API_MAGIC`: what `NCCL_CONFIG_INITIALIZER` puts in `magic`.
+pub const NCCL_API_MAGIC: u32 = 0xcafe_beef;
+/// `NCCL_VERSION(2, 30, 7)`: the `nccl.h` whose [`ncclConfig_t`] is declared here. NCCL reads
+/// `min(size, its own size)` bytes of a config and defaults every field the declared version
+/// predates, so one layout serves older and newer libraries alike (fields are only appended).
+pub const NCCL_CONFIG_VERSION: u32 = 2 * 10000 + 30 * 100 + 7;
+
+/// `ncclConfig_t` (`ncclConfig_v23000` of NCCL 2.30): how `ncclCommInitRankConfig` creates a
+/// communicator. Build it with [`ncclConfig_t::default`] (`NCCL_CONFIG_INITIALIZER`: every
+/// attribute undefined) and set only what is wanted.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(non_snake_case, missing_docs)]
+pub struct ncclConfig_t {
+    /// `sizeof(ncclConfig_t)`.
+    pub size: usize,
+    /// [`NCCL_API_MAGIC`].
+    pub magic: u32,
+    /// [`NCCL_CONFIG_VERSION`].
+    pub version: u32,
+    /// 0: calls return `ncclInProgress` and finish in the background (NCCL >= 2.14).
+    pub blocking: c_int,
+    pub cgaClusterSize: c_int,
+    pub minCTAs: c_int,
+    pub maxCTAs: c_int,
+    pub netName: *const c_char,
+    pub splitShare: c_int,
+    pub trafficClass: c_int,
+    pub commName: *const c_char,
+    pub collnetEnable: c_int,
+    pub CTAPolicy: c_int,
+    pub shrinkShare: c_int,
+    pub nvlsCTAs: c_int,
+    pub nChannelsPerNetPeer: c_int,
+    pub nvlinkCentricSched: c_int,
+    pub graphUsageMode: c_int,
+    pub numRmaCtx: c_int,
+    pub maxP2pPeers: c_int,
+    pub graphStreamOrdering: c_int,
+}
+
+impl Default for ncclConfig_t {
+    /// `NCCL_CONFIG_INITIALIZER`.
+    fn default() -> Self {
+        const UNDEF: c_int = NCCL_CONFIG_UNDEF_INT;
+        Self {
+            size: std::mem::size_of::<Self>(),
+            magic: NCCL_API_MAGIC,
+            version: NCCL_CONFIG_VERSION,
+            blocking: UNDEF,
+            cgaClusterSize: UNDEF,
+            minCTAs: UNDEF,
+            maxCTAs: UNDEF,
+            netName: std::ptr::null(),
+            splitShare: UNDEF,
+            trafficClass: UNDEF,
+            commName: std::ptr::null(),
+            collnetEnable: UNDEF,
+            CTAPolicy: UNDEF,
+            shrinkShare: UNDEF,
+            nvlsCTAs: UNDEF,
+            nChannelsPerNetPeer: UNDEF,
+            nvlinkCentricSched: UNDEF,
+            graphUsageMode: UNDEF,
+            numRmaCtx: UNDEF,
+            maxP2pPeers: UNDEF,
+            graphStreamOrdering: UNDEF,
+        }
+    }
+}
+
 /// `ncclComm_t`: an opaque communicator handle.
 pub type ncclComm_t = *mut c_void;
 /// `cudaStream_t` (the same handle as the driver's `CUstream`).
@@ -139,6 +212,18 @@ pub struct Nccl {
     pub get_unique_id: unsafe extern "C" fn(*mut ncclUniqueId) -> ncclResult_t,
     pub comm_init_rank:
         unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int) -> ncclResult_t,
+    /// `ncclCommInitRankConfig` (NCCL >= 2.14; `None` before).
+    pub comm_init_rank_config: Option<
+        unsafe extern "C" fn(
+            *mut ncclComm_t,
+            c_int,
+            ncclUniqueId,
+            c_int,
+            *mut ncclConfig_t,
+        ) -> ncclResult_t,
+    >,
+    /// `ncclCommFinalize` (NCCL >= 2.14; `None` before).
+    pub comm_finalize: Option<unsafe extern "C" fn(ncclComm_t) -> ncclResult_t>,
     pub comm_destroy: unsafe extern "C" fn(ncclComm_t) -> ncclResult_t,
     pub comm_abort: unsafe extern "C" fn(ncclComm_t) -> ncclResult_t,
     pub comm_get_async_error: unsafe extern "C" fn(ncclComm_t, *mut ncclResult_t) -> ncclResult_t,
@@ -270,10 +355,19 @@ impl Nccl {
                 *unsafe { lib.get(concat!($name, "\0").as_bytes()) }?
             };
         }
+        // Entry points that older libraries lack: absent, not an error.
+        macro_rules! optional {
+            ($name:literal) => {
+                // SAFETY: as `sym!`.
+                unsafe { lib.get(concat!($name, "\0").as_bytes()) }.ok().map(|s| *s)
+            };
+        }
         Ok(Self {
             get_version: sym!("ncclGetVersion"),
             get_unique_id: sym!("ncclGetUniqueId"),
             comm_init_rank: sym!("ncclCommInitRank"),
+            comm_init_rank_config: optional!("ncclCommInitRankConfig"),
+            comm_finalize: optional!("ncclCommFinalize"),
             comm_destroy: sym!("ncclCommDestroy"),
             comm_abort: sym!("ncclCommAbort"),
             comm_get_async_error: sym!("ncclCommGetAsyncError"),
@@ -324,6 +418,13 @@ const _: () = {
     assert!(std::mem::align_of::<ncclUniqueId>() == 1);
 };
 
+// `ncclConfig_t` is passed by pointer and read up to its `size`: its offsets are the ABI.
+#[cfg(target_pointer_width = "64")]
+const _: () = {
+    assert!(std::mem::size_of::<ncclConfig_t>() == 96);
+    assert!(std::mem::align_of::<ncclConfig_t>() == 8);
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,6 +452,68 @@ mod tests {
         assert!(ncclUniqueId::from_hex("00").unwrap_err().contains("256 hex digits"));
         let bad = format!("zz{}", &hex[2..]);
         assert!(ncclUniqueId::from_hex(&bad).unwrap_err().contains("position 0"));
+    }
+
+    /// Offsets of `ncclConfig_v23000` as a C compiler lays out `src/nccl.h.in` of NCCL 2.30.7
+    /// on a 64-bit target: `size_t`, two `unsigned int`, then `int`s and pointers in order,
+    /// each pointer aligned to 8. NCCL 2.14 to 2.16 read `blocking` at 16 whatever the size.
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn config_layout_matches_nccl_h() {
+        use std::mem::offset_of;
+        let offsets = [
+            (offset_of!(ncclConfig_t, size), 0),
+            (offset_of!(ncclConfig_t, magic), 8),
+            (offset_of!(ncclConfig_t, version), 12),
+            (offset_of!(ncclConfig_t, blocking), 16),
+            (offset_of!(ncclConfig_t, cgaClusterSize), 20),
+            (offset_of!(ncclConfig_t, minCTAs), 24),
+            (offset_of!(ncclConfig_t, maxCTAs), 28),
+            (offset_of!(ncclConfig_t, netName), 32),
+            (offset_of!(ncclConfig_t, splitShare), 40),
+            (offset_of!(ncclConfig_t, trafficClass), 44),
+            (offset_of!(ncclConfig_t, commName), 48),
+            (offset_of!(ncclConfig_t, collnetEnable), 56),
+            (offset_of!(ncclConfig_t, CTAPolicy), 60),
+            (offset_of!(ncclConfig_t, shrinkShare), 64),
+            (offset_of!(ncclConfig_t, nvlsCTAs), 68),
+            (offset_of!(ncclConfig_t, nChannelsPerNetPeer), 72),
+            (offset_of!(ncclConfig_t, nvlinkCentricSched), 76),
+            (offset_of!(ncclConfig_t, graphUsageMode), 80),
+            (offset_of!(ncclConfig_t, numRmaCtx), 84),
+            (offset_of!(ncclConfig_t, maxP2pPeers), 88),
+            (offset_of!(ncclConfig_t, graphStreamOrdering), 92),
+        ];
+        for (i, (got, want)) in offsets.iter().enumerate() {
+            assert_eq!(got, want, "field {i} of ncclConfig_t");
+        }
+        assert_eq!(std::mem::size_of::<ncclConfig_t>(), 96);
+    }
+
+    /// `NCCL_CONFIG_INITIALIZER`, byte for byte: the size, the magic, the version, and every
+    /// other field undefined (`INT_MIN`, NULL), read back from the struct's memory.
+    #[test]
+    fn the_default_config_is_nccl_config_initializer() {
+        let config = ncclConfig_t { blocking: 0, ..ncclConfig_t::default() };
+        // SAFETY: a plain repr(C) struct read as its bytes.
+        let bytes: &[u8] = unsafe {
+            std::slice::from_raw_parts(
+                (&config as *const ncclConfig_t).cast(),
+                std::mem::size_of::<ncclConfig_t>(),
+            )
+        };
+        let word = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap());
+        assert_eq!(u64::from_ne_bytes(bytes[..8].try_into().unwrap()), bytes.len() as u64);
+        assert_eq!(word(8), 0xcafe_beef);
+        assert_eq!(word(12), 23007, "NCCL_VERSION(2, 30, 7)");
+        assert_eq!(word(16), 0, "blocking = 0");
+        let undefined = [20, 24, 28, 40, 44, 56, 60, 64, 68, 72, 76, 80, 84, 88, 92];
+        for at in undefined {
+            assert_eq!(word(at), 0x8000_0000, "int at {at}: NCCL_CONFIG_UNDEF_INT");
+        }
+        for at in [32, 48] {
+            assert!(bytes[at..at + 8].iter().all(|&b| b == 0), "pointer at {at}: NULL");
+        }
     }
 
     #[test]
