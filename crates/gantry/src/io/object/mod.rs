@@ -338,11 +338,18 @@ pub fn run(
             let file = files[job.file].clone();
             let (tx, failed) = (tx.clone(), Arc::clone(&failed));
             in_flight.spawn(async move {
-                let message = fetch(&file, job, dest).await;
+                let (message, copy) = fetch(&file, job, dest).await;
                 if message.is_err() {
                     failed.store(true, Ordering::Relaxed);
                 }
                 let _ = tx.send(message);
+                // The bytes went on to their destination; the copy's thread writes them to
+                // the cache from the body's own buffers. This GET's slot stays taken until
+                // the cache takes them, so a disk far behind the store slows the GETs
+                // rather than growing memory.
+                if let (Some(cache), Some(chunks)) = (&file.cache, copy) {
+                    cache.write(job.offset, chunks).await;
+                }
             });
         }
         // Wait for the GETs in flight; once the load failed or was cancelled, abort them (a
@@ -369,8 +376,31 @@ enum Dest {
     Target(super::RawTarget),
 }
 
-async fn fetch(file: &ObjectFile, job: Job, mut dest: Dest) -> Result<Message> {
-    let buf: &mut [u8] = match &mut dest {
+/// Fetches one part into `dest`; with the message, the body chunks of the part when the
+/// object's cache copy wants them (the buffers the bytes came in, kept rather than copied).
+async fn fetch(file: &ObjectFile, job: Job, mut dest: Dest) -> (Result<Message>, Option<Chunks>) {
+    let mut copy = file.cache.as_ref().filter(|c| c.wants_bytes()).map(|_| Vec::new());
+    let message = fetch_into(file, job, &mut dest, &mut copy).await;
+    let message = message.map(|()| match dest {
+        Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
+        Dest::Target(_) => Message::Direct { extent: job.extent },
+    });
+    let copy = copy.filter(|_| message.is_ok());
+    (message, copy)
+}
+
+/// A part's body chunks, in order.
+type Chunks = Vec<bytes::Bytes>;
+
+/// Fills `dest` with part `job`, resuming a body that broke off; with `copy`, keeps each body
+/// chunk there too.
+async fn fetch_into(
+    file: &ObjectFile,
+    job: Job,
+    dest: &mut Dest,
+    copy: &mut Option<Chunks>,
+) -> Result<()> {
+    let buf: &mut [u8] = match dest {
         Dest::Staging(lease) => &mut lease.as_mut_slice()[..job.len as usize],
         // SAFETY: the target is this extent's alone (Sink::direct_target), exactly its
         // length, and outlives the load.
@@ -404,6 +434,9 @@ async fn fetch(file: &ObjectFile, job: Job, mut dest: Dest) -> Result<Message> {
                     }
                     buf[filled as usize..end].copy_from_slice(&bytes);
                     filled = end as u64;
+                    if let Some(copy) = copy.as_mut() {
+                        copy.push(bytes);
+                    }
                 }
                 Err(e) => {
                     broke = Some(e);
@@ -426,15 +459,7 @@ async fn fetch(file: &ObjectFile, job: Job, mut dest: Dest) -> Result<Message> {
             None => {}
         }
     }
-    if let Some(cache) = &file.cache {
-        // A write can wait on the disk: the runtime moves its other GETs to other workers
-        // meanwhile instead of stalling them behind it.
-        tokio::task::block_in_place(|| cache.write_at(&buf[..job.len as usize], job.offset));
-    }
-    Ok(match dest {
-        Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
-        Dest::Target(_) => Message::Direct { extent: job.extent },
-    })
+    Ok(())
 }
 
 /// Largest `SHA256SUMS` object read.
