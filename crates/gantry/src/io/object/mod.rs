@@ -59,6 +59,10 @@ pub fn open_checkpoint(source: &Path, options: &Options) -> Result<Checkpoint> {
     })
 }
 
+/// Most shard headers read at once when a checkpoint is opened: each costs a HEAD and two small
+/// GETs, a few round trips that would otherwise add up shard after shard.
+const HEADER_READS_MAX: usize = 16;
+
 /// `path` as an object source; an error when it names none.
 fn parse(path: &Path) -> Result<Source> {
     let text = path.to_str().unwrap_or_default();
@@ -144,11 +148,12 @@ impl Remote {
             return Err(FormatError::new(&url, ErrorKind::NoCheckpoint).into());
         }
         shards.sort();
-        let mut headers = Vec::with_capacity(shards.len());
-        for key in shards {
-            headers.push((self.url_of(&key), self.header(&key).await?));
-        }
-        Ok(Checkpoint::from_headers(headers)?)
+        let headers = futures::stream::iter(&shards)
+            .map(|key| async move { Ok((self.url_of(key), self.header(key).await?)) })
+            .buffered(HEADER_READS_MAX)
+            .collect::<Vec<Result<_>>>()
+            .await;
+        Ok(Checkpoint::from_headers(headers.into_iter().collect::<Result<Vec<_>>>()?)?)
     }
 
     async fn open_index(&self, key: &str) -> Result<Checkpoint> {
@@ -170,15 +175,24 @@ impl Remote {
             .map_err(|e| request_error("get", &url, 0, meta.size, e))?;
         let index = parse_index(&url, &bytes)?;
         let base = key.rsplit_once('/').map_or("", |(dir, _)| dir);
-        let mut headers = Vec::with_capacity(index.shards.len());
-        for (position, shard) in index.shards.iter().enumerate() {
-            let shard_key = if base.is_empty() { shard.clone() } else { format!("{base}/{shard}") };
-            match self.header(&shard_key).await {
+        let keys: Vec<String> = index
+            .shards
+            .iter()
+            .map(|shard| if base.is_empty() { shard.clone() } else { format!("{base}/{shard}") })
+            .collect();
+        let results = futures::stream::iter(&keys)
+            .map(|key| self.header(key))
+            .buffered(HEADER_READS_MAX)
+            .collect::<Vec<_>>()
+            .await;
+        let mut headers = Vec::with_capacity(keys.len());
+        for (position, (key, result)) in keys.iter().zip(results).enumerate() {
+            match result {
                 Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                     return Err(index.missing_shard(&url, position).into());
                 }
                 Err(e) => return Err(e),
-                Ok(header) => headers.push((self.url_of(&shard_key), header)),
+                Ok(header) => headers.push((self.url_of(key), header)),
             }
         }
         Ok(Checkpoint::from_headers(headers)?.with_index(index)?)
@@ -338,11 +352,18 @@ pub fn run(
             let file = files[job.file].clone();
             let (tx, failed) = (tx.clone(), Arc::clone(&failed));
             in_flight.spawn(async move {
-                let message = fetch(&file, job, dest).await;
+                let (message, copy) = fetch(&file, job, dest).await;
                 if message.is_err() {
                     failed.store(true, Ordering::Relaxed);
                 }
                 let _ = tx.send(message);
+                // The bytes went on to their destination; the copy's thread writes them to
+                // the cache from the body's own buffers. This GET's slot stays taken until
+                // the cache takes them, so a disk far behind the store slows the GETs
+                // rather than growing memory.
+                if let (Some(cache), Some(chunks)) = (&file.cache, copy) {
+                    cache.write(job.offset, chunks).await;
+                }
             });
         }
         // Wait for the GETs in flight; once the load failed or was cancelled, abort them (a
@@ -369,8 +390,31 @@ enum Dest {
     Target(super::RawTarget),
 }
 
-async fn fetch(file: &ObjectFile, job: Job, mut dest: Dest) -> Result<Message> {
-    let buf: &mut [u8] = match &mut dest {
+/// Fetches one part into `dest`; with the message, the body chunks of the part when the
+/// object's cache copy wants them (the buffers the bytes came in, kept rather than copied).
+async fn fetch(file: &ObjectFile, job: Job, mut dest: Dest) -> (Result<Message>, Option<Chunks>) {
+    let mut copy = file.cache.as_ref().filter(|c| c.wants_bytes()).map(|_| Vec::new());
+    let message = fetch_into(file, job, &mut dest, &mut copy).await;
+    let message = message.map(|()| match dest {
+        Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
+        Dest::Target(_) => Message::Direct { extent: job.extent },
+    });
+    let copy = copy.filter(|_| message.is_ok());
+    (message, copy)
+}
+
+/// A part's body chunks, in order.
+type Chunks = Vec<bytes::Bytes>;
+
+/// Fills `dest` with part `job`, resuming a body that broke off; with `copy`, keeps each body
+/// chunk there too.
+async fn fetch_into(
+    file: &ObjectFile,
+    job: Job,
+    dest: &mut Dest,
+    copy: &mut Option<Chunks>,
+) -> Result<()> {
+    let buf: &mut [u8] = match dest {
         Dest::Staging(lease) => &mut lease.as_mut_slice()[..job.len as usize],
         // SAFETY: the target is this extent's alone (Sink::direct_target), exactly its
         // length, and outlives the load.
@@ -404,6 +448,9 @@ async fn fetch(file: &ObjectFile, job: Job, mut dest: Dest) -> Result<Message> {
                     }
                     buf[filled as usize..end].copy_from_slice(&bytes);
                     filled = end as u64;
+                    if let Some(copy) = copy.as_mut() {
+                        copy.push(bytes);
+                    }
                 }
                 Err(e) => {
                     broke = Some(e);
@@ -426,15 +473,7 @@ async fn fetch(file: &ObjectFile, job: Job, mut dest: Dest) -> Result<Message> {
             None => {}
         }
     }
-    if let Some(cache) = &file.cache {
-        // A write can wait on the disk: the runtime moves its other GETs to other workers
-        // meanwhile instead of stalling them behind it.
-        tokio::task::block_in_place(|| cache.write_at(&buf[..job.len as usize], job.offset));
-    }
-    Ok(match dest {
-        Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
-        Dest::Target(_) => Message::Direct { extent: job.extent },
-    })
+    Ok(())
 }
 
 /// Largest `SHA256SUMS` object read.
