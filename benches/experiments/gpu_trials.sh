@@ -2,12 +2,14 @@
 # Usage (on the GPU machine, from the repository root): benches/experiments/gpu_trials.sh DIR [TEST ...]
 # Runs the test binaries benches/experiments/pack.sh put in DIR/t (all of them by default)
 # with GANTRY_REQUIRE_GPU=1, so a trial that cannot find its GPUs fails instead of skipping;
-# the CLI tests use DIR/bin/gantry (GANTRY_TEST_BIN); PYTHON_TESTS (unittest names, e.g.
+# the CLI tests use DIR/bin/gantry (GANTRY_TEST_BIN), the C clients DIR/lib (GANTRY_LIB_DIR;
+# they compile against the headers of the path the tests were built at, so the checkout must
+# sit there too, a symbolic link will do); PYTHON_TESTS (unittest names, e.g.
 # CooperativeTests) also runs those Python tests against DIR/py. NCCL comes from torch's
 # wheel when GANTRY_NCCL_LIB is unset. Prints one line per test binary and a total.
 set -u
 DIR=$(realpath "$1"); shift
-export GANTRY_REQUIRE_GPU=1 GANTRY_TEST_BIN=$DIR/bin/gantry
+export GANTRY_REQUIRE_GPU=1 GANTRY_TEST_BIN=$DIR/bin/gantry GANTRY_LIB_DIR=$DIR/lib
 export GANTRY_TEST_TMPDIR=${GANTRY_TEST_TMPDIR:-/tmp/gantry-trials}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 [ -n "${GANTRY_NCCL_LIB:-}" ] || export GANTRY_NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(nvidia.nccl.__path__[0], "lib", "libnccl.so.2"))' 2>/dev/null || find / -name libnccl.so.2 2>/dev/null | head -1)

@@ -1,28 +1,32 @@
 #!/bin/bash
-# Usage: benches/experiments/pack.sh DIR [TEST ...]
+# Usage: benches/experiments/pack.sh DIR [CRATE/TEST ...]   (e.g. gantry/coop gantry-cli/ranks)
 # Builds, on a machine with the Rust toolchain, what a GPU machine without one needs to run the
 # trials and races, stripped, into DIR (at most tens of MiB):
 #   DIR/bin/gantry        the release CLI
-#   DIR/t/TEST            each named integration test (a file crates/*/tests/TEST.rs), built
+#   DIR/t/CRATE-TEST      each named integration test (crates/CRATE/tests/TEST.rs), built
 #                         with `cargo test --release --no-run`
+#   DIR/lib/libgantry.so  the C ABI's library (the C clients' tests: GANTRY_LIB_DIR=DIR/lib)
 #   DIR/py/gantry/        the Python package with its release extension (PYTHONPATH=DIR/py)
-# then DIR/../$(basename DIR).tgz. Run the trials there with benches/experiments/gpu_trials.sh.
+# then packs DIR into DIR.tgz. Run the trials there with benches/experiments/gpu_trials.sh.
 set -eu
 DIR=$1; shift
-rm -rf "$DIR"; mkdir -p "$DIR/bin" "$DIR/t" "$DIR/py/gantry"
-cargo build --release -p gantry-cli -p gantry-py
+rm -rf "$DIR"; mkdir -p "$DIR/bin" "$DIR/t" "$DIR/py/gantry" "$DIR/lib"
+cargo build --release -p gantry-cli -p gantry-py -p gantry-capi
 cp target/release/gantry "$DIR/bin/"
+cp target/release/libgantry.so "$DIR/lib/"
 cp crates/gantry-py/python/gantry/* "$DIR/py/gantry/"
 cp target/release/lib_gantry.so "$DIR/py/gantry/_gantry.abi3.so"
-for t in "$@"; do
-  src=$(ls crates/*/tests/$t.rs | head -1)
-  pkg=$(sed -n 's/^name = "\(.*\)"/\1/p' "$(dirname "$(dirname "$src")")/Cargo.toml" | head -1)
+for ct in "$@"; do
+  crate=${ct%%/*}; t=${ct#*/}
+  pkg=$(sed -n 's/^name = "\(.*\)"/\1/p' "crates/$crate/Cargo.toml" | head -1)
   exe=$(cargo test --release -p "$pkg" --test "$t" --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("executable"): print(m["executable"])' | tail -1)
-  cp "$exe" "$DIR/t/$t"
+    if m.get("executable") and m["target"]["kind"] == ["test"] and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$t" | tail -1)
+  cp "$exe" "$DIR/t/$crate-$t"
 done
-strip "$DIR"/bin/* "$DIR"/t/* "$DIR/py/gantry/_gantry.abi3.so" 2>/dev/null || true
-du -sh "$DIR"
+strip "$DIR"/bin/* "$DIR"/t/* "$DIR/py/gantry/_gantry.abi3.so" "$DIR/lib/libgantry.so" 2>/dev/null || true
+tar czf "$DIR.tgz" -C "$(dirname "$DIR")" "$(basename "$DIR")"
+du -sh "$DIR" "$DIR.tgz"
