@@ -346,6 +346,24 @@ gantry_status gantry_loader_load_cooperative(const struct gantry_loader *loader,
                                              struct gantry_model **model_out,
                                              struct gantry_coop_report *report_out);
 
+// As `gantry_loader_load_cooperative`, but each rank keeps only its shares under `split` (a
+// `gantry_split`, over `world` ranks: `GANTRY_SPLIT_TP` is the tensor-parallel rule): the
+// ranks still read each byte once, and exchange a window of the checkpoint at a time
+// (2 GiB of scratch on each GPU beside its shares). The result is a `gantry_placed` with one
+// destination, this rank's GPU (`gantry_placed_tensor(placed, 0, i, ...)`).
+//
+// # Safety
+// As `gantry_loader_load_cooperative`; `placed_out` writable.
+gantry_status gantry_loader_load_cooperative_split(const struct gantry_loader *loader,
+                                                   const char *path,
+                                                   int32_t device,
+                                                   void *nccl_comm,
+                                                   int32_t rank,
+                                                   int32_t world,
+                                                   int32_t split,
+                                                   struct gantry_placed **placed_out,
+                                                   struct gantry_coop_report *report_out);
+
 // Copies the last failure's message on this thread into `buf` (`len` bytes), NUL-terminated
 // and truncated like `snprintf`; returns the message's full length (0 when the last call
 // succeeded). `buf` may be NULL when `len` is 0, to ask for the length.

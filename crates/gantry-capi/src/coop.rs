@@ -5,6 +5,7 @@
 use std::ffi::{c_char, c_void};
 
 use crate::error::{self, ffi_boundary, CallError};
+use crate::placed::{gantry_placed, split_rule};
 use crate::{gantry_loader, gantry_model, gantry_ready_fn, model};
 
 /// What a cooperative load did on this rank.
@@ -67,33 +68,13 @@ pub unsafe extern "C" fn gantry_loader_load_cooperative(
         // SAFETY: per the contract.
         let path = unsafe { error::in_str(path, "path")? };
         let out = error::out_ptr(model_out, "model_out")?;
-        if device < 0 || rank < 0 || world < 1 || rank >= world {
-            return Err(CallError::invalid(format!(
-                "device {device}, rank {rank} of {world}: a cooperative load needs a GPU and 0 <= rank < world"
-            )));
-        }
-        let (rank, world) = (rank as usize, world as usize);
+        let (rank, world) = rank_of(device, rank, world)?;
         let gpu = engine::CudaDevice::open(device as u32)?;
         let checkpoint = engine::open_with(path, loader.config())?;
         let infos = model::TensorInfos::new(&checkpoint);
-        let comm = if nccl_comm.is_null() {
-            None
-        } else {
-            let nccl = engine::coop::load_nccl()
-                .map_err(|reason| engine::Error::Unavailable { what: "NCCL", reason })?;
-            // SAFETY: a live communicator of the process's libnccl.so.2, per the contract.
-            Some(unsafe { engine::coop::Communicator::from_raw(nccl, nccl_comm) }?)
-        };
-        let coop = match &comm {
-            Some(c) => engine::coop::Cooperation::nccl(c),
-            None => engine::coop::Cooperation::alone(rank, world, "no communicator given"),
-        };
-        if (coop.rank, coop.world) != (rank, world) {
-            return Err(CallError::invalid(format!(
-                "the communicator is rank {} of {}, the call says rank {rank} of {world}",
-                coop.rank, coop.world
-            )));
-        }
+        // SAFETY: per the contract.
+        let comm = unsafe { communicator(nccl_comm) }?;
+        let coop = cooperation(comm.as_ref(), rank, world)?;
         let whole = |_: &engine::TensorEntry| {
             Ok((0..world).map(|r| (r, engine::placement::Share::Whole)).collect())
         };
@@ -105,19 +86,116 @@ pub unsafe extern "C" fn gantry_loader_load_cooperative(
             }
         })?;
         // SAFETY: NULL or writable, per the contract.
-        if let Some(report) = unsafe { report_out.as_mut() } {
-            *report = gantry_coop_report {
-                cooperative: i32::from(done.coop.cooperative),
-                rank: rank as i32,
-                world: world as i32,
-                reserved: 0,
-                read_bytes: done.coop.read_bytes,
-                owned_bytes: done.coop.owned_bytes,
-                received_bytes: done.coop.received_bytes,
-            };
-        }
+        unsafe { write_report(report_out, &done.coop) };
         // SAFETY: checked non-NULL.
         unsafe { out.write(Box::into_raw(Box::new(gantry_model::device(done.model)))) };
         Ok(())
     })
+}
+
+/// As `gantry_loader_load_cooperative`, but each rank keeps only its shares under `split` (a
+/// `gantry_split`, over `world` ranks: `GANTRY_SPLIT_TP` is the tensor-parallel rule): the
+/// ranks still read each byte once, and exchange a window of the checkpoint at a time
+/// (2 GiB of scratch on each GPU beside its shares). The result is a `gantry_placed` with one
+/// destination, this rank's GPU (`gantry_placed_tensor(placed, 0, i, ...)`).
+///
+/// # Safety
+/// As `gantry_loader_load_cooperative`; `placed_out` writable.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn gantry_loader_load_cooperative_split(
+    loader: *const gantry_loader,
+    path: *const c_char,
+    device: i32,
+    nccl_comm: *mut c_void,
+    rank: i32,
+    world: i32,
+    split: i32,
+    placed_out: *mut *mut gantry_placed,
+    report_out: *mut gantry_coop_report,
+) -> crate::gantry_status {
+    ffi_boundary(|| {
+        // SAFETY: per the contract.
+        let loader = &unsafe { error::in_ref(loader, "loader")? }.loader;
+        // SAFETY: per the contract.
+        let path = unsafe { error::in_str(path, "path")? };
+        let out = error::out_ptr(placed_out, "placed_out")?;
+        let (rank, world) = rank_of(device, rank, world)?;
+        let rule = split_rule(split, world)?;
+        let gpu = engine::CudaDevice::open(device as u32)?;
+        let checkpoint = engine::open_with(path, loader.config())?;
+        // SAFETY: per the contract.
+        let comm = unsafe { communicator(nccl_comm) }?;
+        let coop = cooperation(comm.as_ref(), rank, world)?;
+        let done = loader.load_cooperative_placed(checkpoint, &gpu, coop, rule, |_| {})?;
+        // SAFETY: NULL or writable, per the contract.
+        unsafe { write_report(report_out, &done.coop) };
+        // SAFETY: checked non-NULL.
+        unsafe { out.write(Box::into_raw(Box::new(gantry_placed::on_devices(done.model)))) };
+        Ok(())
+    })
+}
+
+/// The rank and world of a call, checked.
+fn rank_of(device: i32, rank: i32, world: i32) -> Result<(usize, usize), CallError> {
+    if device < 0 || rank < 0 || world < 1 || rank >= world {
+        return Err(CallError::invalid(format!(
+            "device {device}, rank {rank} of {world}: a cooperative load needs a GPU and 0 <= rank < world"
+        )));
+    }
+    Ok((rank as usize, world as usize))
+}
+
+/// The caller's communicator (none for NULL).
+///
+/// # Safety
+/// `nccl_comm` NULL or a live `ncclComm_t` of the process's `libnccl.so.2`.
+unsafe fn communicator(
+    nccl_comm: *mut c_void,
+) -> Result<Option<engine::coop::Communicator>, CallError> {
+    if nccl_comm.is_null() {
+        return Ok(None);
+    }
+    let nccl = engine::coop::load_nccl()
+        .map_err(|reason| engine::Error::Unavailable { what: "NCCL", reason })?;
+    // SAFETY: per the contract.
+    Ok(Some(unsafe { engine::coop::Communicator::from_raw(nccl, nccl_comm) }?))
+}
+
+/// Rank `rank` of `world` over `comm`, or alone without one.
+fn cooperation(
+    comm: Option<&engine::coop::Communicator>,
+    rank: usize,
+    world: usize,
+) -> Result<engine::coop::Cooperation<'_>, CallError> {
+    let coop = match comm {
+        Some(c) => engine::coop::Cooperation::nccl(c),
+        None => engine::coop::Cooperation::alone(rank, world, "no communicator given"),
+    };
+    if (coop.rank, coop.world) != (rank, world) {
+        return Err(CallError::invalid(format!(
+            "the communicator is rank {} of {}, the call says rank {rank} of {world}",
+            coop.rank, coop.world
+        )));
+    }
+    Ok(coop)
+}
+
+/// Writes what the load did on this rank to `report_out`.
+///
+/// # Safety
+/// `report_out` NULL or writable.
+unsafe fn write_report(report_out: *mut gantry_coop_report, coop: &engine::coop::CoopReport) {
+    // SAFETY: per the contract.
+    if let Some(report) = unsafe { report_out.as_mut() } {
+        *report = gantry_coop_report {
+            cooperative: i32::from(coop.cooperative),
+            rank: coop.rank as i32,
+            world: coop.world as i32,
+            reserved: 0,
+            read_bytes: coop.read_bytes,
+            owned_bytes: coop.owned_bytes,
+            received_bytes: coop.received_bytes,
+        };
+    }
 }

@@ -188,25 +188,32 @@ pub unsafe extern "C" fn gantry_loader_load_split(
         // SAFETY: per the contract.
         let path = unsafe { error::in_str(path, "path")? };
         let out = error::out_ptr(placed_out, "placed_out")?;
-        let dim = match split {
-            s if s == gantry_split::GANTRY_SPLIT_REPLICATE as i32 => None,
-            s if s == gantry_split::GANTRY_SPLIT_DIM0 as i32 => Some(0),
-            s if s == gantry_split::GANTRY_SPLIT_DIM1 as i32 => Some(1),
-            s if s == gantry_split::GANTRY_SPLIT_TP as i32 => None,
-            s => return Err(CallError::invalid(format!("split {s} is not a gantry_split"))),
-        };
-        let tp = (split == gantry_split::GANTRY_SPLIT_TP as i32)
-            .then(|| engine::placement::tensor_parallel(destinations));
+        let rule = split_rule(split, destinations)?;
         let checkpoint = engine::open_with(path, loader.config())?;
-        let rule = |t: &engine::TensorEntry| match &tp {
-            Some(tp) => tp.place(t),
-            None => engine::placement::split(t, dim, destinations),
-        };
         let placed = load(loader, checkpoint, &devices, rule)?;
         // SAFETY: checked non-NULL.
         unsafe { out.write(Box::into_raw(Box::new(placed))) };
         Ok(())
     })
+}
+
+/// A placement rule: what each destination gets of a tensor.
+pub(crate) type Rule =
+    Box<dyn Fn(&engine::TensorEntry) -> engine::Result<Vec<(usize, Share)>> + Send + Sync>;
+
+/// The rule of a `gantry_split` over `destinations`.
+pub(crate) fn split_rule(split: i32, destinations: usize) -> Result<Rule, CallError> {
+    let dim = match split {
+        s if s == gantry_split::GANTRY_SPLIT_REPLICATE as i32 => None,
+        s if s == gantry_split::GANTRY_SPLIT_DIM0 as i32 => Some(0),
+        s if s == gantry_split::GANTRY_SPLIT_DIM1 as i32 => Some(1),
+        s if s == gantry_split::GANTRY_SPLIT_TP as i32 => {
+            let tp = engine::placement::tensor_parallel(destinations);
+            return Ok(Box::new(move |t| tp.place(t)));
+        }
+        s => return Err(CallError::invalid(format!("split {s} is not a gantry_split"))),
+    };
+    Ok(Box::new(move |t| engine::placement::split(t, dim, destinations)))
 }
 
 /// Where the destinations are.
@@ -264,14 +271,25 @@ fn load(
         }
         Devices::Gpus(ordinals) => {
             let gpus: Vec<Arc<engine::CudaDevice>> = engine::CudaDevice::open_all(ordinals)?;
-            let m = loader.load_placed_to_devices(checkpoint, &gpus, rule, |_, _| {})?;
-            let shares = (0..m.devices())
-                .map(|d| m.tensors(d).map(|t| ShareInfo::new(t.share, t.ptr)).collect())
-                .collect();
-            let (infos, report) = (TensorInfos::new(m.checkpoint()), m.report().into());
-            gantry_placed { _loaded: Loaded::Device(m), infos, shares, report }
+            gantry_placed::on_devices(loader.load_placed_to_devices(
+                checkpoint,
+                &gpus,
+                rule,
+                |_, _| {},
+            )?)
         }
     })
+}
+
+impl gantry_placed {
+    /// A handle on shares placed on GPUs.
+    pub(crate) fn on_devices(m: engine::PlacedDeviceModel) -> Self {
+        let shares = (0..m.devices())
+            .map(|d| m.tensors(d).map(|t| ShareInfo::new(t.share, t.ptr)).collect())
+            .collect();
+        let (infos, report) = (TensorInfos::new(m.checkpoint()), m.report().into());
+        gantry_placed { _loaded: Loaded::Device(m), infos, shares, report }
+    }
 }
 
 /// The number of destinations.

@@ -1,5 +1,5 @@
-/* C11 client of gantry_loader_load_cooperative, as a server running one process (here: one
- * thread) per GPU calls it. It opens the CUDA driver and NCCL itself with dlopen (no CUDA
+/* C11 client of gantry_loader_load_cooperative and gantry_loader_load_cooperative_split, as a
+ * server running one process (here: one thread) per GPU calls them. It opens the CUDA driver and NCCL itself with dlopen (no CUDA
  * headers or libraries at build time), reads every tensor back from the GPU and compares it
  * with its own read of the file.
  *
@@ -7,7 +7,8 @@
  *   coop alone FILE                rank 1 of 2 without a communicator reads everything itself
  *   coop world1 FILE LIBNCCL       a communicator of one rank: nothing to share, read alone
  *   coop pair FILE LIBNCCL         two ranks on GPUs 0 and 1 (two threads) share a unique id,
- *                                  split the reads and exchange them over NCCL
+ *                                  split the reads and exchange them over NCCL: whole tensors,
+ *                                  then each rank keeping its rows (GANTRY_SPLIT_DIM0)
  *
  * Each mode prints "coop MODE: ok", or "skipped: REASON" and exits 0 when the machine lacks
  * what it needs (the test harness decides whether a skip is allowed). */
@@ -124,6 +125,13 @@ static unsigned char *read_file_range(const char *path, uint64_t offset, uint64_
     return buf;
 }
 
+/* A tensor as a verified whole load saw it: bytes, dimensions and rows. */
+struct whole {
+    uint64_t bytes;
+    uint32_t ndim;
+    uint64_t rows;
+};
+
 /* One rank's call and what came of it. */
 struct rank {
     const char *path;
@@ -136,6 +144,8 @@ struct rank {
     char message[512];
     gantry_coop_report report;
     uint64_t tensor_bytes;
+    struct whole *table; /* per tensor index, from the whole load */
+    size_t count;
 };
 
 static void on_ready(void *user, const gantry_tensor *t) {
@@ -144,25 +154,55 @@ static void on_ready(void *user, const gantry_tensor *t) {
     r->ready++;
 }
 
-/* Every tensor of `model`, copied back from GPU memory, equals this program's read. */
-static uint64_t check_bytes(const gantry_model *model, size_t *count_out) {
+/* The `t.bytes` bytes at GPU address `t.data` equal the file's at `at`. */
+static void compare(const gantry_tensor *t, uint64_t at) {
+    unsigned char *want = read_file_range(t->file, at, t->bytes);
+    unsigned char *got = malloc(t->bytes ? t->bytes : 1);
+    if (t->bytes) {
+        CHECK(cu.memcpy_dtoh(got, t->data, t->bytes) == 0, "cuMemcpyDtoH of %s", t->name);
+    }
+    CHECK(memcmp(got, want, t->bytes) == 0, "tensor %s differs from the file", t->name);
+    free(got);
+    free(want);
+}
+
+/* Every tensor of `model`, copied back from GPU memory, equals this program's read; their
+ * sizes go to `r->table`. */
+static uint64_t check_bytes(struct rank *r, const gantry_model *model) {
     size_t count = 0;
     uint64_t total = 0;
     expect(gantry_model_tensor_count(model, &count), GANTRY_OK, "tensor count");
+    r->table = calloc(count ? count : 1, sizeof *r->table);
+    r->count = count;
     for (size_t i = 0; i < count; i++) {
         gantry_tensor t;
         expect(gantry_model_tensor(model, i, &t), GANTRY_OK, "tensor");
-        unsigned char *want = read_file_range(t.file, t.file_offset, t.bytes);
-        unsigned char *got = malloc(t.bytes ? t.bytes : 1);
-        if (t.bytes) {
-            CHECK(cu.memcpy_dtoh(got, t.data, t.bytes) == 0, "cuMemcpyDtoH of %s", t.name);
-        }
-        CHECK(memcmp(got, want, t.bytes) == 0, "tensor %s differs from the file", t.name);
+        compare(&t, t.file_offset);
+        r->table[t.index] = (struct whole){t.bytes, t.ndim, t.ndim ? t.shape[0] : 0};
         total += t.bytes;
-        free(got);
-        free(want);
     }
-    *count_out = count;
+    return total;
+}
+
+/* Each share of `placed` (rank `r->rank` of 2 under GANTRY_SPLIT_DIM0) equals its rows of the
+ * file: half the rows of a tensor of two or more dimensions with even rows, else all of it. */
+static uint64_t check_shares(const struct rank *r, const struct whole *table, const gantry_placed *placed) {
+    size_t count = 0;
+    uint64_t total = 0;
+    expect(gantry_placed_tensor_count(placed, 0, &count), GANTRY_OK, "share count");
+    for (size_t i = 0; i < count; i++) {
+        gantry_tensor t;
+        expect(gantry_placed_tensor(placed, 0, i, &t), GANTRY_OK, "share");
+        const struct whole *w = &table[t.index];
+        int split = w->ndim >= 2 && w->rows % 2 == 0;
+        uint64_t want = split ? w->bytes / 2 : w->bytes;
+        CHECK(t.bytes == want, "rank %d: share of %s has %llu bytes, want %llu", r->rank, t.name,
+              (unsigned long long)t.bytes, (unsigned long long)want);
+        CHECK(!split || t.shape[0] == w->rows / 2, "rank %d: %s has %llu rows", r->rank, t.name,
+              (unsigned long long)t.shape[0]);
+        compare(&t, t.file_offset + (split ? (uint64_t)r->rank * want : 0));
+        total += t.bytes;
+    }
     return total;
 }
 
@@ -177,10 +217,38 @@ static void *run_rank(void *arg) {
                                                r->world, on_ready, r, &model, &r->report);
     gantry_last_error_message(r->message, sizeof r->message);
     if (r->status == GANTRY_OK) {
-        size_t count = 0;
-        r->tensor_bytes = check_bytes(model, &count);
-        CHECK(r->ready == count, "rank %d: %zu tensors ready, %zu loaded", r->rank, r->ready, count);
+        r->tensor_bytes = check_bytes(r, model);
+        CHECK(r->ready == r->count, "rank %d: %zu tensors ready, %zu loaded", r->rank, r->ready,
+              r->count);
         gantry_model_free(model);
+    }
+    gantry_loader_free(loader);
+    return NULL;
+}
+
+/* One rank keeping its rows, after its whole load (`whole->table`: the tensors' sizes). */
+struct split_rank {
+    struct rank *whole;
+    gantry_status status;
+    char message[512];
+    gantry_coop_report report;
+    uint64_t share_bytes;
+};
+
+static void *run_split(void *arg) {
+    struct split_rank *s = arg;
+    struct rank *r = s->whole;
+    bind(r->ordinal);
+    gantry_loader *loader = NULL;
+    expect(gantry_loader_new(NULL, &loader), GANTRY_OK, "loader");
+    gantry_placed *placed = NULL;
+    s->status = gantry_loader_load_cooperative_split(loader, r->path, r->ordinal, r->comm, r->rank,
+                                                     r->world, GANTRY_SPLIT_DIM0, &placed,
+                                                     &s->report);
+    gantry_last_error_message(s->message, sizeof s->message);
+    if (s->status == GANTRY_OK) {
+        s->share_bytes = check_shares(r, r->table, placed);
+        gantry_placed_free(placed);
     }
     gantry_loader_free(loader);
     return NULL;
@@ -207,6 +275,16 @@ static void args(const char *path) {
                                           &model, NULL),
            GANTRY_E_INVALID_ARGUMENT, "host destination");
     CHECK(model == NULL, "model_out untouched on failure");
+    gantry_placed *placed = NULL;
+    expect(gantry_loader_load_cooperative_split(loader, path, 0, NULL, 0, 2, 7, &placed, NULL),
+           GANTRY_E_INVALID_ARGUMENT, "split 7");
+    expect(gantry_loader_load_cooperative_split(loader, path, 0, NULL, 0, 2, GANTRY_SPLIT_TP, NULL,
+                                                NULL),
+           GANTRY_E_NULL_ARGUMENT, "NULL placed_out");
+    expect(gantry_loader_load_cooperative_split(loader, path, 0, NULL, 3, 2, GANTRY_SPLIT_TP,
+                                                &placed, NULL),
+           GANTRY_E_INVALID_ARGUMENT, "rank 3 of 2");
+    CHECK(placed == NULL, "placed_out untouched on failure");
     gantry_loader_free(loader);
 }
 
@@ -219,6 +297,7 @@ static void alone(struct rank *r) {
     CHECK(r->report.received_bytes == 0, "nothing received");
     CHECK(r->report.owned_bytes == r->tensor_bytes, "every byte its own: %llu of %llu",
           (unsigned long long)r->report.owned_bytes, (unsigned long long)r->tensor_bytes);
+    free(r->table);
 }
 
 static void world1(const char *path, const char *libnccl) {
@@ -284,9 +363,30 @@ static void pair(const char *path, const char *libnccl) {
               (unsigned long long)r->report.owned_bytes,
               (unsigned long long)r->report.received_bytes, (unsigned long long)r->tensor_bytes);
         owned += r->report.owned_bytes;
-        CHECK(nccl.comm_destroy(comms[i]) == 0, "ncclCommDestroy rank %d", i);
     }
     CHECK(owned == ranks[0].tensor_bytes, "every byte read by one rank: %llu of %llu",
+          (unsigned long long)owned, (unsigned long long)ranks[0].tensor_bytes);
+    /* The same communicators again, each rank keeping its rows. */
+    struct split_rank splits[2];
+    for (int i = 0; i < 2; i++) {
+        splits[i] = (struct split_rank){.whole = &ranks[i]};
+        CHECK(pthread_create(&threads[i], NULL, run_split, &splits[i]) == 0, "pthread_create");
+    }
+    for (int i = 0; i < 2; i++) {
+        pthread_join(threads[i], NULL);
+    }
+    owned = 0;
+    for (int i = 0; i < 2; i++) {
+        struct split_rank *s = &splits[i];
+        CHECK(s->status == GANTRY_OK, "split rank %d: %s: %s", i, gantry_status_name(s->status),
+              s->message);
+        CHECK(s->report.cooperative == 1, "split rank %d cooperated", i);
+        CHECK(s->share_bytes < ranks[i].tensor_bytes, "rank %d keeps less than everything", i);
+        owned += s->report.owned_bytes;
+        CHECK(nccl.comm_destroy(comms[i]) == 0, "ncclCommDestroy rank %d", i);
+        free(ranks[i].table);
+    }
+    CHECK(owned == ranks[0].tensor_bytes, "split: every byte read by one rank: %llu of %llu",
           (unsigned long long)owned, (unsigned long long)ranks[0].tensor_bytes);
 }
 

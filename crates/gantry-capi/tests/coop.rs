@@ -1,8 +1,9 @@
-//! `gantry_loader_load_cooperative` from C (`tests/coop.c`, C11, `-Wall -Wextra -Werror`): its
-//! argument errors, which need no GPU; a rank without a communicator, and one with a
-//! communicator of one rank, reading everything alone; and two ranks on two GPUs (two threads
-//! of the client) that share an NCCL unique id, split the reads and are bit-exact against the
-//! client's own read of the file. The client opens the CUDA driver and NCCL itself, as a
+//! `gantry_loader_load_cooperative` and `gantry_loader_load_cooperative_split` from C
+//! (`tests/coop.c`, C11, `-Wall -Wextra -Werror`): their argument errors, which need no GPU; a
+//! rank without a communicator, and one with a communicator of one rank, reading everything
+//! alone; and two ranks on two GPUs (two threads of the client) that share an NCCL unique id,
+//! split the reads and are bit-exact against the client's own read of the file, with whole
+//! tensors and then each keeping its rows. The client opens the CUDA driver and NCCL itself, as a
 //! server does. What needs a GPU, two GPUs or NCCL is skipped with the reason when the
 //! machine lacks it, and fails under `GANTRY_REQUIRE_GPU=1`.
 
