@@ -9,6 +9,7 @@
 #   replicate    one process feeding 4 GPUs from one read (--shard replicate:4): warm target
 #   cooptp       4 cooperative processes each keeping its tensor-parallel shares
 #                (--ranks 4 --shard tp:4, exchanged a window at a time)
+#   cooptp8g     the same with 8 GiB windows (--window-mib 8192) instead of 2 GiB
 #   tp           one process placing the tp:4 shares on 4 GPUs (--shard tp:4)
 # cold drops the page cache before every sample; warm reads the checkpoint once first.
 # Per sample: load seconds (the slowest rank's), whole-command seconds (process start to
@@ -38,6 +39,7 @@ command_of() { # command_of MODE
     cooperative) echo "$G load $CKPT --ranks $N --device $GPUS --json" ;;
     replicate) echo "$G load $CKPT --shard replicate:$N --device $GPUS --json" ;;
     cooptp) echo "$G load $CKPT --ranks $N --shard tp:$N --device $GPUS --json" ;;
+    cooptp8g) echo "$G load $CKPT --ranks $N --shard tp:$N --window-mib 8192 --device $GPUS --json" ;;
     tp) echo "$G load $CKPT --shard tp:$N --device $GPUS --json" ;;
   esac
 }
@@ -54,7 +56,9 @@ o = json.loads(out)
 print(json.dumps({"temperature": temp, "mode": mode, "round": int(rnd),
     "load_s": o["seconds"], "command_s": float(end) - float(start), "disk_read_bytes": int(disk),
     "ranks_read_bytes": o.get("storage_read_bytes"), "bytes": o.get("checkpoint_bytes", o.get("bytes")),
-    "cooperative": o.get("cooperative")}))
+    "cooperative": o.get("cooperative"),
+    "per_rank": [{k: r.get(k) for k in ("seconds", "read_seconds", "exchange_tail_seconds",
+        "share_copy_seconds", "windows", "rounds")} for r in o.get("per_rank", [])]}))
 PY
 }
 
@@ -75,7 +79,7 @@ print(f"checkpoint {size/1e9:.2f} GB; medians of {max(r['round'] for r in rows)}
 print(f"{'':5} {'mode':12} {'load s':>8} {'command s':>10} {'GB/s':>7} {'disk GB':>8} {'ranks GB':>9}")
 for temp in ("cold", "warm"):
     base = {}
-    for mode in ("single", "independent", "cooperative", "replicate", "cooptp", "tp"):
+    for mode in ("single", "independent", "cooperative", "replicate", "cooptp", "cooptp8g", "tp"):
         rs = [r for r in rows if r["temperature"] == temp and r["mode"] == mode]
         if not rs:
             continue
@@ -85,6 +89,13 @@ for temp in ("cold", "warm"):
         print(f"{temp:5} {mode:12} {load:8.3f} {med([r['command_s'] for r in rs]):10.3f} "
               f"{size/load/1e9:7.2f} {med([r['disk_read_bytes'] for r in rs])/1e9:8.2f} "
               f"{(med(ranks)/1e9 if ranks else float('nan')):9.2f}")
+        per = [r["per_rank"][0] for r in rs if r.get("per_rank") and r["per_rank"][0].get("read_seconds") is not None]
+        if per:
+            print(f"{'':5}   rank 0: load {med([p['seconds'] for p in per]):.3f} s = reads "
+                  f"{med([p['read_seconds'] for p in per]):.3f} + exchange tails "
+                  f"{med([p['exchange_tail_seconds'] for p in per]):.3f} + share copies "
+                  f"{med([p['share_copy_seconds'] for p in per]):.3f} + the rest; "
+                  f"{per[0]['windows']} windows, {per[0]['rounds']} rounds")
     if "cooperative" in base and "single" in base:
         print(f"{temp:5} cooperative / single load time: {base['cooperative']/base['single']:.3f}")
     if "cooperative" in base and "replicate" in base:

@@ -512,6 +512,7 @@ pub fn run_rank(args: &Args, me: RankArgs<'_>) -> Result<(), Box<dyn Error>> {
         "shard": args.shard,
         "seconds": report.seconds, "gb_per_s": report.gb_per_s(),
         "total_seconds": total_seconds, "exchange_tail_seconds": coop.exchange_tail_seconds,
+        "read_seconds": coop.read_seconds, "share_copy_seconds": coop.share_copy_seconds,
         "verified": args.verify, "files": crate::load::json_files(&report),
     });
     println!("{out}");

@@ -119,8 +119,13 @@ pub struct CoopReport {
     /// Windows the load went through (tensor-parallel shares: a window of the checkpoint at a
     /// time is exchanged whole, then each rank keeps its shares of it); 1 for whole tensors.
     pub windows: usize,
-    /// Seconds from this rank's last read to the end of the exchange.
+    /// Seconds from this rank's last read to the end of the exchange (summed over windows).
     pub exchange_tail_seconds: f64,
+    /// Seconds this rank's pipeline ran, from its first read to its last piece landing
+    /// (summed over windows).
+    pub read_seconds: f64,
+    /// Seconds copying this rank's shares out of the windows.
+    pub share_copy_seconds: f64,
 }
 
 /// A checkpoint loaded cooperatively: this rank's tensors on its GPU, and what it did.
@@ -337,6 +342,7 @@ impl Loader {
         let mut coop_report = CoopReport::cooperative(comm, &split, &report);
         coop_report.received_bytes = done.received_bytes;
         coop_report.exchange_tail_seconds = done.tail_seconds;
+        coop_report.read_seconds = report.seconds - done.tail_seconds;
         Ok((report, coop_report))
     }
 
@@ -541,6 +547,8 @@ impl CoopReport {
             rounds: split.rounds.len(),
             windows: 1,
             exchange_tail_seconds: 0.0,
+            read_seconds: 0.0,
+            share_copy_seconds: 0.0,
         }
     }
 }

@@ -261,6 +261,7 @@ impl Windows<'_> {
                 &mut |_| {},
             )?;
             rounds += split.rounds.len();
+            let copy = Instant::now();
             match self.copy_shares(&window.wanted, &bases) {
                 Ok(()) => self.report_ready(&window.wanted, on_ready),
                 Err(e) => failed = Some(e), // told to the others in the next exchange
@@ -268,6 +269,8 @@ impl Windows<'_> {
             let mut step = CoopReport::cooperative(exchange.comm(), &split, &report);
             step.received_bytes = done.received_bytes;
             step.exchange_tail_seconds = done.tail_seconds;
+            step.read_seconds = report.seconds - done.tail_seconds;
+            step.share_copy_seconds = copy.elapsed().as_secs_f64();
             total = Some(match total {
                 None => (report, step),
                 Some(sum) => add(sum, (report, step)),
@@ -347,6 +350,8 @@ fn add(a: (LoadReport, CoopReport), b: (LoadReport, CoopReport)) -> (LoadReport,
     coop.pieces += b.1.pieces;
     coop.rounds += b.1.rounds;
     coop.exchange_tail_seconds += b.1.exchange_tail_seconds;
+    coop.read_seconds += b.1.read_seconds;
+    coop.share_copy_seconds += b.1.share_copy_seconds;
     (load, coop)
 }
 
