@@ -31,22 +31,27 @@ fn client() -> Option<&'static Path> {
     .map(|(_, exe)| exe.as_path())
 }
 
-/// A checkpoint of tensors of several sizes (one of them empty), written by the safetensors
-/// crate, in a fresh directory.
+/// A checkpoint of tensors of several sizes and shapes (one of them empty; matrices with even
+/// rows, which `GANTRY_SPLIT_DIM0` halves, one with odd rows and vectors, which it keeps
+/// whole), written by the safetensors crate, in a fresh directory.
 fn checkpoint() -> (tempfile::TempDir, PathBuf) {
     use safetensors::tensor::TensorView;
     use safetensors::Dtype;
     let dir = tempfile::tempdir().unwrap();
-    let sizes = [1 << 20, 300 << 10, 2 << 20, 20, 0, 700 << 10];
-    let data: Vec<Vec<u8>> = sizes
+    let shapes: [&[usize]; 6] =
+        [&[1024, 1024], &[75, 4096], &[2048, 1024], &[20], &[0], &[700, 1024]];
+    let data: Vec<Vec<u8>> = shapes
         .iter()
         .enumerate()
-        .map(|(t, &n)| (0..n).map(|i| ((i * 131 + t * 17) % 251) as u8).collect())
+        .map(|(t, s)| {
+            (0..s.iter().product()).map(|i: usize| ((i * 131 + t * 17) % 251) as u8).collect()
+        })
         .collect();
     let views: Vec<(String, TensorView<'_>)> = data
         .iter()
+        .zip(shapes)
         .enumerate()
-        .map(|(t, d)| (format!("layer.{t}.weight"), TensorView::new(Dtype::U8, vec![d.len()], d)))
+        .map(|(t, (d, s))| (format!("layer.{t}.weight"), TensorView::new(Dtype::U8, s.to_vec(), d)))
         .map(|(name, view)| (name, view.unwrap()))
         .collect();
     let path = dir.path().join("model.safetensors");
