@@ -126,18 +126,23 @@ impl Jobs {
         jobs
     }
 
-    /// Orders the buffered reader's jobs so that every file is in flight: files advance
-    /// together, each front to back (their volumes are not measured: one queue).
+    /// Orders the buffered reader's and the object reader's jobs so that every file is in
+    /// flight: files advance together, each front to back (their volumes are not measured:
+    /// one queue). For objects this also keeps every cache copy's writer busy at once, rather
+    /// than one file's after another's (a copy is written by one thread).
     fn interleave_buffered(&mut self, files: &Files) {
-        let volume_of = vec![0; files.buffered.len()];
-        let reads: Vec<Read> =
-            self.staged.iter().map(|j| Read { file: j.file, len: j.len }).collect();
-        let order = interleave(&reads, &volume_of, 1).swap_remove(0);
+        fn one_queue(files: usize, jobs: &[uring::Job]) -> Vec<usize> {
+            let volume_of = vec![0; files];
+            let reads: Vec<Read> = jobs.iter().map(|j| Read { file: j.file, len: j.len }).collect();
+            interleave(&reads, &volume_of, 1).swap_remove(0)
+        }
+        let order = one_queue(files.buffered.len(), &self.staged);
         self.staged = order.iter().map(|&i| self.staged[i]).collect();
-        let reads: Vec<Read> =
-            self.into.iter().map(|(j, _)| Read { file: j.file, len: j.len }).collect();
-        let order = interleave(&reads, &volume_of, 1).swap_remove(0);
+        let into: Vec<uring::Job> = self.into.iter().map(|(j, _)| *j).collect();
+        let order = one_queue(files.buffered.len(), &into);
         self.into = order.iter().map(|&i| self.into[i]).collect();
+        let order = one_queue(files.objects.len(), &self.object);
+        self.object = order.iter().map(|&i| self.object[i]).collect();
     }
 
     /// The direct reader's jobs as one queue per volume of `files`, files interleaved within
