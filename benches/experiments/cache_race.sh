@@ -65,7 +65,7 @@ t0=$(date +%s.%N)
 for f in $CK/*; do
   put -T $f $AWS_ENDPOINT_URL/weights/race/$(basename $f) >/dev/null || { echo "upload of $f failed"; tail -n 20 $OUT/weed.log; exit 1; }
 done
-echo "uploaded $CK ($BYTES bytes) to s3://weights/race/ in $(echo "$(date +%s.%N) - $t0" | bc) s; store data in $STORE_DIR, cache in $CACHE, device $DEV"
+echo "uploaded $CK ($BYTES bytes) to s3://weights/race/ in $(awk "BEGIN {printf \"%.2f\", $(date +%s.%N) - $t0}") s; store data in $STORE_DIR, cache in $CACHE, device $DEV"
 
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 load() { # load ROUND KIND ARGS...: one load, its JSON kept, one line printed
@@ -81,7 +81,7 @@ PY
 for round in $(seq $ROUNDS); do
   drop; load $round store s3://weights/race/
   rm -rf $CACHE; drop; load $round first s3://weights/race/ --cache-dir $CACHE
-  t0=$(date +%s.%N); sync; echo "$round (the first load's copies reached the disk $(echo "$(date +%s.%N) - $t0" | bc) s after it returned)"
+  t0=$(date +%s.%N); sync; echo "$round (the first load's copies reached the disk $(awk "BEGIN {printf \"%.2f\", $(date +%s.%N) - $t0}") s after it returned)"
   drop; load $round cached s3://weights/race/ --cache-dir $CACHE
   grep -q '"reason":"from the cache' $OUT/cached-$round.json || { echo "the cached load did not read the cache"; exit 1; }
   drop; load $round local $CK
