@@ -971,6 +971,22 @@ class CooperativeTests(WithCheckpoint):
     """One process per GPU: the arguments, NCCL missing, and with two GPUs and torch two
     ranks over a torch.distributed group, each checked against the file."""
 
+    def _two_ranks(self, script):
+        """Runs `script` (given the checkpoint's path) as ranks 0 and 1 of a gloo process
+        group, each in its own process; returns the processes and their (stdout, stderr)."""
+        if torch.cuda.device_count() < 2:
+            if REQUIRE_GPU:
+                self.fail(f"GANTRY_REQUIRE_GPU=1 but {torch.cuda.device_count()} GPU(s); this needs 2")
+            self.skipTest(f"{torch.cuda.device_count()} GPU(s); two ranks need two")
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+        env["PYTHONPATH"] = os.pathsep.join(sys.path)
+        procs = [
+            subprocess.Popen([sys.executable, "-c", script, self.ck.path], env=dict(env, RANK=str(r)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for r in range(2)
+        ]
+        return procs, [p.communicate(timeout=300) for p in procs]
+
     def test_arguments(self):
         with self.assertRaisesRegex(gantry.ConfigError, "both rank= and world="):
             gantry.load(self.ck.path, device="cpu", rank=0)
@@ -1000,10 +1016,6 @@ class CooperativeTests(WithCheckpoint):
 
     @unittest.skipUnless(torch is not None or REQUIRE_GPU, "torch is not installed")
     def test_two_ranks_over_a_process_group(self):
-        if torch.cuda.device_count() < 2:
-            if REQUIRE_GPU:
-                self.fail(f"GANTRY_REQUIRE_GPU=1 but {torch.cuda.device_count()} GPU(s); this needs 2")
-            self.skipTest(f"{torch.cuda.device_count()} GPU(s); two ranks need two")
         script = """
 import json, os, sys
 import torch, torch.distributed as dist
@@ -1015,14 +1027,7 @@ out = {name: t.tobytes().hex() for name, t in s}
 print(json.dumps({"report": s.report(), "tensors": out}))
 dist.destroy_process_group()
 """
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
-        env["PYTHONPATH"] = os.pathsep.join(sys.path)
-        procs = [
-            subprocess.Popen([sys.executable, "-c", script, self.ck.path], env=dict(env, RANK=str(r)),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            for r in range(2)
-        ]
-        results = [p.communicate(timeout=300) for p in procs]
+        procs, results = self._two_ranks(script)
         table = {i.name: i for i in gantry.inspect(self.ck.path)}
         for p, (out, err) in zip(procs, results):
             self.assertEqual(p.returncode, 0, err.decode())
@@ -1034,10 +1039,6 @@ dist.destroy_process_group()
 
     @unittest.skipUnless(torch is not None or REQUIRE_GPU, "torch is not installed")
     def test_two_ranks_keep_their_shares_over_a_process_group(self):
-        if torch.cuda.device_count() < 2:
-            if REQUIRE_GPU:
-                self.fail(f"GANTRY_REQUIRE_GPU=1 but {torch.cuda.device_count()} GPU(s); this needs 2")
-            self.skipTest(f"{torch.cuda.device_count()} GPU(s); two ranks need two")
         script = """
 import json, sys
 import torch.distributed as dist
@@ -1050,14 +1051,7 @@ out = {name: [list(t.shape), t.tobytes().hex()] for name, t in shares.items()}
 print(json.dumps(out))
 dist.destroy_process_group()
 """
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
-        env["PYTHONPATH"] = os.pathsep.join(sys.path)
-        procs = [
-            subprocess.Popen([sys.executable, "-c", script, self.ck.path], env=dict(env, RANK=str(r)),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            for r in range(2)
-        ]
-        results = [p.communicate(timeout=300) for p in procs]
+        procs, results = self._two_ranks(script)
         table = {i.name: i for i in gantry.inspect(self.ck.path)}
         for rank, (p, (out, err)) in enumerate(zip(procs, results)):
             self.assertEqual(p.returncode, 0, err.decode())

@@ -69,11 +69,6 @@ fn a_rank_told_to_read_alone_loads_everything_and_says_why() {
     assert!(matches!(err, Err(Error::Config(m)) if m.contains("whole on all 2 ranks")));
 }
 
-/// Two GPUs and NCCL, or `None` after saying why (a failure with `GANTRY_REQUIRE_GPU=1`).
-fn two_gpus() -> Option<(Arc<gantry::coop::Nccl>, Vec<Arc<CudaDevice>>)> {
-    gpus_and_nccl(2)
-}
-
 /// `count` GPUs and NCCL, or `None` after saying why (a failure with `GANTRY_REQUIRE_GPU=1`).
 fn gpus_and_nccl(count: u32) -> Option<(Arc<gantry::coop::Nccl>, Vec<Arc<CudaDevice>>)> {
     let found = gantry::coop::load_nccl()
@@ -104,7 +99,7 @@ fn two_ranks(
     dir: &std::path::Path,
     config: impl Fn(usize) -> Config + Sync,
 ) -> Vec<(gantry::Result<CooperativeModel>, Vec<usize>)> {
-    let Some((nccl, gpus)) = two_gpus() else { return Vec::new() };
+    let Some((nccl, gpus)) = common::gpus_and_nccl(2) else { return Vec::new() };
     let id = UniqueId::new(&nccl).unwrap();
     let barrier = Barrier::new(2);
     std::thread::scope(|s| {
@@ -148,14 +143,6 @@ fn two_ranks_share_the_reads_and_are_bit_exact() {
     }
 }
 
-/// Fails every read with EIO.
-struct Eio;
-impl FaultInjector for Eio {
-    fn rewrite(&self, _: usize, _: u64, _: u64, _: i64) -> i64 {
-        -(libc::EIO as i64)
-    }
-}
-
 #[test]
 fn a_rank_whose_read_fails_fails_the_other_naming_it() {
     let dir = common::scratch();
@@ -163,7 +150,7 @@ fn a_rank_whose_read_fails_fails_the_other_naming_it() {
     let ranks = two_ranks(dir.path(), |r| {
         let c = Config::default();
         if r == 1 {
-            c.fault_injector(Arc::new(Eio))
+            c.fault_injector(Arc::new(common::Eio))
         } else {
             c
         }
@@ -207,7 +194,7 @@ fn assert_gave_up_on_the_other(err: &Error) {
 /// Rank 1 then closes its communicator within the same deadline.
 #[test]
 fn a_rank_that_joins_and_never_loads_fails_the_other_within_its_timeout() {
-    let Some((nccl, gpus)) = two_gpus() else { return };
+    let Some((nccl, gpus)) = common::gpus_and_nccl(2) else { return };
     let dir = common::scratch();
     checkpoint(dir.path());
     let path = dir.path().to_owned();
@@ -268,7 +255,7 @@ impl FaultInjector for Stall {
 /// (aborting the communicator) with an NCCL error naming rank 0. Released, rank 1 fails too.
 #[test]
 fn a_rank_that_stalls_mid_load_fails_the_other_within_its_timeout() {
-    let Some((nccl, gpus)) = two_gpus() else { return };
+    let Some((nccl, gpus)) = common::gpus_and_nccl(2) else { return };
     let dir = common::scratch();
     checkpoint(dir.path());
     let path = dir.path().to_owned();

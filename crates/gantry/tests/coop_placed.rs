@@ -11,7 +11,6 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use gantry::coop::{Communicator, Cooperation, CooperativePlacedModel, UniqueId};
-use gantry::io::fault::FaultInjector;
 use gantry::placement::tensor_parallel;
 use gantry::{Config, Error, Loader};
 
@@ -131,14 +130,6 @@ fn two_ranks_keep_their_shares_bit_exact_reading_each_byte_once() {
     }
 }
 
-/// Fails every read with EIO.
-struct Eio;
-impl FaultInjector for Eio {
-    fn rewrite(&self, _: usize, _: u64, _: u64, _: i64) -> i64 {
-        -(libc::EIO as i64)
-    }
-}
-
 #[test]
 fn a_rank_whose_read_fails_fails_the_other_naming_it() {
     let dir = common::scratch();
@@ -146,7 +137,7 @@ fn a_rank_whose_read_fails_fails_the_other_naming_it() {
     let ranks = two_ranks(dir.path(), 1 << 20, |r| {
         let c = Config::default();
         if r == 1 {
-            c.fault_injector(Arc::new(Eio))
+            c.fault_injector(Arc::new(common::Eio))
         } else {
             c
         }

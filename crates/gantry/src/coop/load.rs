@@ -88,6 +88,23 @@ impl<'a> Cooperation<'a> {
         self
     }
 
+    /// An error unless `rank < world`.
+    pub(super) fn check_rank(&self) -> Result<()> {
+        if self.rank >= self.world {
+            let (rank, world) = (self.rank, self.world);
+            return Err(Error::Config(format!("rank {rank} of {world}: no such rank")));
+        }
+        Ok(())
+    }
+
+    /// Why this rank reads on its own (when it does).
+    pub(super) fn alone_reason(&self) -> String {
+        match &self.link {
+            Link::Alone(reason) => format!("each rank reads on its own: {reason}"),
+            Link::Nccl(_) => "world size 1: nothing to share".to_owned(),
+        }
+    }
+
     /// Sets the bytes exchanged at a time when ranks keep shares of tensors.
     pub fn window_bytes(mut self, bytes: u64) -> Self {
         self.window_bytes = bytes.max(1);
@@ -298,12 +315,7 @@ impl Loader {
         failed: Option<Error>,
         on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
     ) -> Result<(LoadReport, CoopReport)> {
-        if coop.rank >= coop.world {
-            return Err(Error::Config(format!(
-                "rank {} of {}: no such rank",
-                coop.rank, coop.world
-            )));
-        }
+        coop.check_rank()?;
         let bases: Vec<u64> = checkpoint
             .files
             .iter()
@@ -316,10 +328,7 @@ impl Loader {
                 if let Some(e) = failed {
                     return Err(e);
                 }
-                let reason = match &coop.link {
-                    Link::Alone(reason) => format!("each rank reads on its own: {reason}"),
-                    Link::Nccl(_) => "world size 1: nothing to share".to_owned(),
-                };
+                let reason = coop.alone_reason();
                 return self
                     .read_alone(checkpoint, device, &coop, wanted, &bases, reason, on_ready);
             }

@@ -27,15 +27,13 @@ use crate::memory::cuda::cuda_error;
 use crate::memory::{CudaDevice, DeviceBuffer};
 use crate::placed::PlacedDeviceModel;
 use crate::placement::{rows_of, Layout, Share, ShareEntry};
+use crate::sink::gpus::{copy_2d, Source2d, PITCH_BYTES_MAX};
 
 /// Bytes of one window by default (a window holding one tensor larger than this is larger).
 pub const WINDOW_BYTES: u64 = 2 << 30;
 
 /// Alignment of each file's slab in the scratch buffer.
 const SLAB_ALIGN: u64 = 4096;
-
-/// Largest row pitch of one 2-D copy (the driver's limit); wider shares are copied row by row.
-const PITCH_BYTES_MAX: u64 = (1 << 31) - 1;
 
 /// One rank's shares of a checkpoint loaded cooperatively, and what it did.
 #[derive(Debug)]
@@ -131,10 +129,7 @@ impl Loader {
         place: impl FnMut(&TensorEntry) -> Result<Vec<(usize, Share)>>,
         mut on_ready: impl FnMut(&TensorEntry),
     ) -> Result<CooperativePlacedModel> {
-        if coop.rank >= coop.world {
-            let (rank, world) = (coop.rank, coop.world);
-            return Err(Error::Config(format!("rank {rank} of {world}: no such rank")));
-        }
+        coop.check_rank()?;
         let layout = Layout::new(&checkpoint, coop.world, place)?;
         let mine = layout.shares[coop.rank].clone();
         let comm = match coop.link {
@@ -185,10 +180,7 @@ impl Loader {
         mine: Vec<ShareEntry>,
         on_ready: &mut dyn FnMut(&TensorEntry),
     ) -> Result<CooperativePlacedModel> {
-        let reason = match &coop.link {
-            Link::Alone(reason) => format!("each rank reads on its own: {reason}"),
-            Link::Nccl(_) => "world size 1: nothing to share".to_owned(),
-        };
+        let reason = coop.alone_reason();
         log::info!("rank {} of {}: {reason}", coop.rank, coop.world);
         let mut share_of = vec![None; checkpoint.tensors.len()];
         for s in &mine {
@@ -384,28 +376,9 @@ unsafe fn copy_rows(
         }
         return Ok(());
     }
-    let copy = sys::CUDA_MEMCPY2D {
-        srcXInBytes: 0,
-        srcY: 0,
-        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-        srcHost: std::ptr::null(),
-        srcDevice: source,
-        srcArray: std::ptr::null_mut(),
-        srcPitch: pitch as usize,
-        dstXInBytes: 0,
-        dstY: 0,
-        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-        dstHost: std::ptr::null_mut(),
-        dstDevice: dest,
-        dstArray: std::ptr::null_mut(),
-        dstPitch: width as usize,
-        WidthInBytes: width as usize,
-        Height: count as usize,
-    };
-    // SAFETY: per the contract; the struct lives for the call.
-    unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream) }.result().map_err(cuda_error(format!(
-        "cuMemcpy2DAsync ({count} rows of {width} bytes, device to device)"
-    )))
+    let from = Source2d::Device(source);
+    // SAFETY: per the contract; the pitch is within the driver's limit (checked above).
+    unsafe { copy_2d(from, pitch, width, count, dest, stream) }
 }
 
 #[cfg(test)]

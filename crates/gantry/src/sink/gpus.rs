@@ -185,30 +185,61 @@ pub(crate) unsafe fn copy_piece(
         }
         return Ok(());
     }
+    let from = Source2d::Host(source[piece.source as usize..].as_ptr());
+    // SAFETY: the source rows lie inside `source` (asserted), the destination is
+    // `piece.len()` bytes at `dest` per the contract.
+    unsafe { copy_2d(from, piece.source_pitch, piece.width, piece.rows, dest, stream) }
+}
+
+/// Where a 2-D copy reads from: page-locked host memory or device memory.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Source2d {
+    Host(*const u8),
+    Device(u64),
+}
+
+/// Queues one `cuMemcpy2DAsync` of `rows` rows of `width` bytes, `pitch` apart from `source`,
+/// packed at device address `dest`, on `stream`.
+///
+/// # Safety
+/// The rows at `source` are readable (page-locked host memory or device memory of the
+/// stream's context) until the stream has passed the copy; the `rows * width` bytes at `dest`
+/// are device memory of the stream's (current) context that nothing else writes meanwhile;
+/// `pitch` is at most [`PITCH_BYTES_MAX`].
+pub(crate) unsafe fn copy_2d(
+    source: Source2d,
+    pitch: u64,
+    width: u64,
+    rows: u64,
+    dest: u64,
+    stream: sys::CUstream,
+) -> Result<()> {
+    let (kind, host, device) = match source {
+        Source2d::Host(p) => (sys::CUmemorytype::CU_MEMORYTYPE_HOST, p.cast(), 0),
+        Source2d::Device(p) => (sys::CUmemorytype::CU_MEMORYTYPE_DEVICE, std::ptr::null(), p),
+    };
     let copy = sys::CUDA_MEMCPY2D {
         srcXInBytes: 0,
         srcY: 0,
-        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_HOST,
-        srcHost: source[piece.source as usize..].as_ptr().cast(),
-        srcDevice: 0,
+        srcMemoryType: kind,
+        srcHost: host,
+        srcDevice: device,
         srcArray: std::ptr::null_mut(),
-        srcPitch: piece.source_pitch as usize,
+        srcPitch: pitch as usize,
         dstXInBytes: 0,
         dstY: 0,
         dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
         dstHost: std::ptr::null_mut(),
         dstDevice: dest,
         dstArray: std::ptr::null_mut(),
-        dstPitch: piece.width as usize,
-        WidthInBytes: piece.width as usize,
-        Height: piece.rows as usize,
+        dstPitch: width as usize,
+        WidthInBytes: width as usize,
+        Height: rows as usize,
     };
-    // SAFETY: the source rows lie inside `source` (asserted), the destination is
-    // `piece.len()` bytes at `dest` per the contract; the struct lives for the call.
-    unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream) }.result().map_err(cuda_error(format!(
-        "cuMemcpy2DAsync ({} rows of {} bytes)",
-        piece.rows, piece.width
-    )))
+    // SAFETY: per the contract; the struct lives for the call.
+    unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream) }
+        .result()
+        .map_err(cuda_error(format!("cuMemcpy2DAsync ({rows} rows of {width} bytes)")))
 }
 
 /// Queues a device-to-device copy of `len` bytes from `source` on `from` to `dest` on `to`, on

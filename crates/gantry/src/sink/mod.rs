@@ -2,7 +2,7 @@
 //! thread, and may offer readers a place to write an extent directly.
 
 pub mod cuda;
-mod gpus;
+pub(crate) mod gpus;
 pub mod host;
 
 use std::sync::mpsc::Sender;

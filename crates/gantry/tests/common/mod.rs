@@ -183,3 +183,12 @@ pub fn gpus_and_nccl(
         }
     }
 }
+
+/// Fails every read with EIO (a rank whose storage fails).
+pub struct Eio;
+
+impl gantry::io::fault::FaultInjector for Eio {
+    fn rewrite(&self, _: usize, _: u64, _: u64, _: i64) -> i64 {
+        -(libc::EIO as i64)
+    }
+}
