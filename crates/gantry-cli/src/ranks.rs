@@ -30,6 +30,10 @@ use crate::units;
 /// rank dying mid-load).
 pub const ABORT_RANK_VARIABLE: &str = "GANTRY_COOP_ABORT_RANK";
 
+/// Where the parent writes each rank's output (`rank-R.log`: its stdout, then its stderr, with
+/// `RUST_LOG` or `NCCL_DEBUG` messages) when this variable names a directory.
+pub const RANK_LOG_DIR_VARIABLE: &str = "GANTRY_RANK_LOG_DIR";
+
 /// Extra time the parent gives the other ranks to notice a failed rank, past their timeout.
 const GRACE: Duration = Duration::from_secs(10);
 
@@ -217,9 +221,16 @@ pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
     let wall = start.elapsed().as_secs_f64();
     let mut outputs = Vec::with_capacity(world);
     let mut failures = Vec::new();
+    let logs = std::env::var_os(RANK_LOG_DIR_VARIABLE).map(std::path::PathBuf::from);
     for (r, rank) in ranks.into_iter().enumerate() {
         let out = rank.stdout.join().unwrap_or_default();
         let err = rank.stderr.join().unwrap_or_default();
+        if let Some(dir) = &logs {
+            let path = dir.join(format!("rank-{r}.log"));
+            if let Err(e) = std::fs::write(&path, format!("{out}{err}")) {
+                eprintln!("warning: writing {}: {e}", path.display());
+            }
+        }
         let status = rank.status.expect("waited");
         if status.success() {
             // The last line: libraries (NCCL with NCCL_DEBUG set) may print before it.

@@ -98,6 +98,25 @@ fn without_nccl_each_rank_reads_on_its_own_and_says_why() {
 }
 
 #[test]
+fn each_ranks_output_is_kept_where_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = checkpoint(dir.path());
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let out = gantry(
+        &["load", &path, "--ranks", "2", "--device", "cpu", "--json"],
+        &[("GANTRY_RANK_LOG_DIR", logs.to_str().unwrap()), ("RUST_LOG", "gantry=debug")],
+    );
+    json_of(&out);
+    for r in 0..2 {
+        let log = std::fs::read_to_string(logs.join(format!("rank-{r}.log"))).unwrap();
+        // The rank's own JSON line (stdout), then its log (stderr).
+        assert!(log.contains(&format!("\"rank\":{r}")), "rank {r}: {log}");
+        assert!(log.contains("DEBUG"), "rank {r}: {log}");
+    }
+}
+
+#[test]
 fn a_rank_that_dies_fails_the_load_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let (path, _) = checkpoint(dir.path());
