@@ -81,6 +81,9 @@ pub struct Args {
     /// Why the ranks read on their own (set by the parent).
     #[arg(long, hide = true)]
     pub alone: Option<String>,
+    /// Where this rank writes its JSON figures (set by the parent; else stdout).
+    #[arg(long, hide = true)]
+    pub result_file: Option<String>,
 }
 
 /// A `--shard` rule.
@@ -439,6 +442,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             nccl_id: args.nccl_id.as_deref(),
             nccl_id_file: args.nccl_id_file.as_deref(),
             alone: args.alone.as_deref(),
+            result_file: args.result_file.as_deref(),
         };
         return crate::ranks::run_rank(args, me);
     }

@@ -64,6 +64,7 @@ fn rank_arguments(
     rank: usize,
     world: usize,
     link: &Result<String, String>,
+    result: &std::path::Path,
 ) -> Vec<String> {
     let mut out = Vec::new();
     let mut args = std::env::args().skip(1);
@@ -83,6 +84,7 @@ fn rank_arguments(
     };
     out.extend(["--device".into(), device, "--json".into()]);
     out.extend(["--rank".into(), rank.to_string(), "--world".into(), world.to_string()]);
+    out.extend(["--result-file".into(), result.display().to_string()]);
     match link {
         Ok(path) => out.extend(["--nccl-id-file".into(), path.clone()]),
         Err(reason) => out.extend(["--alone".into(), reason.clone()]),
@@ -210,9 +212,11 @@ pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
     let checkpoint = gantry::open_with(&args.options.path, &args.options.config()?)?;
     let link = link(&devices);
     let start = Instant::now();
+    let results = tempfile::tempdir()?;
+    let result_of = |r: usize| results.path().join(format!("rank-{r}.json"));
     let mut ranks = Vec::with_capacity(world);
     for (r, &device) in devices.iter().enumerate() {
-        ranks.push(spawn(rank_arguments(device, r, world, &link))?);
+        ranks.push(spawn(rank_arguments(device, r, world, &link, &result_of(r)))?);
     }
     wait_all(&mut ranks, Duration::from_secs(args.rank_timeout_s));
     if let Ok(path) = &link {
@@ -233,9 +237,10 @@ pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
         }
         let status = rank.status.expect("waited");
         if status.success() {
-            // The last line: libraries (NCCL with NCCL_DEBUG set) may print before it.
-            let line = out.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
-            outputs.push(serde_json::from_str::<Value>(line)?);
+            let path = result_of(r);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("rank {r}: its figures at {}: {e}", path.display()))?;
+            outputs.push(serde_json::from_str::<Value>(&text)?);
         } else {
             let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no message");
             failures.push(format!("rank {r} ({status}): {last}"));
@@ -302,6 +307,8 @@ pub struct RankArgs<'a> {
     /// Where rank 0 publishes the unique id (set by the parent).
     pub nccl_id_file: Option<&'a str>,
     pub alone: Option<&'a str>,
+    /// Where to write the JSON figures (else stdout).
+    pub result_file: Option<&'a str>,
 }
 
 /// Compares what a rank loaded with the files (`--verify`).
@@ -526,7 +533,12 @@ pub fn run_rank(args: &Args, me: RankArgs<'_>) -> Result<(), Box<dyn Error>> {
         "read_seconds": coop.read_seconds, "share_copy_seconds": coop.share_copy_seconds,
         "verified": args.verify, "files": crate::load::json_files(&report),
     });
-    println!("{out}");
+    match me.result_file {
+        // A file of its own: libraries (NCCL with NCCL_DEBUG set) print on stdout too, even
+        // in the middle of a line.
+        Some(path) => std::fs::write(path, out.to_string())?,
+        None => println!("{out}"),
+    }
     Ok(())
 }
 

@@ -187,9 +187,12 @@ fn run_rounds(
         }
     }
     let mut next = 0;
+    let mut spent = Spent::default();
     loop {
         while next < rounds && mine_landed[next] {
+            let clock = std::time::Instant::now();
             let statuses = exchange.status(next, None).map_err(|e| broke(exchange, e))?;
+            spent.status += clock.elapsed();
             if let Some((rank, message)) =
                 statuses.into_iter().enumerate().find_map(|(r, s)| s.map(|m| (r, m)))
             {
@@ -205,21 +208,29 @@ fn run_rounds(
                     (bases[p.file] + p.offset, p.len, p.owner)
                 })
                 .collect();
+            let clock = std::time::Instant::now();
             // SAFETY: each range is a piece of this rank's buffers, which outlive the exchange
             // (the caller joins this thread before it frees them); the owner's piece has
             // landed (this rank's: `mine_landed`; the others': their own status), and no copy
             // of this load writes another rank's piece.
             unsafe { exchange.broadcast(&ranges) }.map_err(|e| broke(exchange, e))?;
+            spent.broadcast += clock.elapsed();
             next += 1;
         }
         if next == rounds {
+            let clock = std::time::Instant::now();
             if rounds > 0 {
                 exchange.finish().map_err(|e| broke(exchange, e))?;
                 let _ = heard.send(Heard::Received(rounds - 1));
             }
+            spent.finish += clock.elapsed();
+            log::debug!("rank {rank}: {rounds} rounds: {spent:?}");
             return Ok(());
         }
-        let failure = match notes.recv() {
+        let clock = std::time::Instant::now();
+        let note = notes.recv();
+        spent.pieces += clock.elapsed();
+        let failure = match note {
             Ok(Note::Landed(piece)) => {
                 mine_landed[round_of[piece]] = true;
                 continue;
@@ -235,6 +246,17 @@ fn run_rounds(
         // The caller returns its own error; this one only ends the exchange.
         return Err(Error::Config(format!("rank {rank} failed: {failure}")));
     }
+}
+
+/// Where the exchanger's time went: waiting for this rank's pieces, in the rounds' status
+/// exchanges (each waits for the previous round's broadcasts), issuing the broadcasts, and in
+/// the wait for the last ones (logged at debug).
+#[derive(Debug, Default)]
+struct Spent {
+    pieces: std::time::Duration,
+    status: std::time::Duration,
+    broadcast: std::time::Duration,
+    finish: std::time::Duration,
 }
 
 /// An exchange that failed cannot be trusted to line up with the other ranks' any more:
