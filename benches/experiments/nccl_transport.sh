@@ -5,8 +5,9 @@
 # tp:N shares, with NCCL's defaults and with NCCL_CUMEM_ENABLE=0 (legacy CUDA IPC handles,
 # for containers where NCCL's cuMem handles cannot be shared between processes), each rank's
 # output kept (GANTRY_RANK_LOG_DIR, NCCL_DEBUG=INFO, RUST_LOG=gantry=debug) under $OUT.
-# Prints, per load, the slowest rank's seconds, rank 0's read and exchange-tail seconds, and
-# the transport lines NCCL logged ("via P2P/IPC", "via SHM", ...).
+# Prints, per load, the slowest rank's seconds, rank 0's read and exchange-tail seconds, where
+# rank 0's exchanger spent its time, and the transport lines NCCL logged ("via P2P/IPC",
+# "via SHM", ...). PIECE_MIB (default 64) sets the pieces (--piece-mib).
 set -u
 G=$(realpath ${GANTRY:-target/release/gantry}); CK=$1; N=${2:-2}; OUT=${OUT:-$(mktemp -d)}
 GPUS=$(seq -s, -f 'cuda:%g' 0 $((N - 1)))
@@ -18,13 +19,14 @@ for env in "" "NCCL_CUMEM_ENABLE=0"; do
     for round in 1 2; do
       i=$((i + 1)); d=$OUT/load-$i; mkdir -p $d
       json=$(env $env NCCL_DEBUG=INFO RUST_LOG=gantry=debug GANTRY_RANK_LOG_DIR=$d \
-        $G load $CK --ranks $N --device $GPUS $shard --json) || { echo "load $i failed"; continue; }
+        $G load $CK --ranks $N --device $GPUS $shard --piece-mib ${PIECE_MIB:-64} --json) || { echo "load $i failed"; continue; }
       echo "$json" | python3 -c '
 import json, sys
 o = json.load(sys.stdin); r = o["per_rank"][0]
 print(f"{sys.argv[1]:24} {sys.argv[2]:12} slowest {o[\"seconds\"]:.3f} s; rank 0 reads {r[\"read_seconds\"]:.3f} s, exchange tail {r[\"exchange_tail_seconds\"]:.3f} s, {r[\"windows\"]} windows")' "${env:-defaults}" "${shard:-whole}"
     done
-    grep -ho "via [A-Za-z/]*" $d/rank-0.log | sort | uniq -c | head -5
+    grep -h "rounds: Spent" $d/rank-0.log | sed 's/.*DEBUG gantry::coop::rounds. //'
+    grep -ho "via [A-Za-z0-9/]*" $d/rank-0.log | sort | uniq -c | head -5
   done
 done
 echo "logs in $OUT"
