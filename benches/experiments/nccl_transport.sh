@@ -23,7 +23,8 @@ for env in "" "NCCL_CUMEM_ENABLE=0"; do
       echo "$json" | python3 -c '
 import json, sys
 o = json.load(sys.stdin); r = o["per_rank"][0]
-print(f"{sys.argv[1]:24} {sys.argv[2]:12} slowest {o[\"seconds\"]:.3f} s; rank 0 reads {r[\"read_seconds\"]:.3f} s, exchange tail {r[\"exchange_tail_seconds\"]:.3f} s, {r[\"windows\"]} windows")' "${env:-defaults}" "${shard:-whole}"
+print("%-24s %-12s slowest %.3f s; rank 0 reads %.3f s, exchange tail %.3f s, %d windows" % (
+    sys.argv[1], sys.argv[2], o["seconds"], r["read_seconds"], r["exchange_tail_seconds"], r["windows"]))' "${env:-defaults}" "${shard:-whole}"
     done
     grep -h "rounds: Spent" $d/rank-0.log | sed 's/.*DEBUG gantry::coop::rounds. //'
     grep -ho "via [A-Za-z0-9/]*" $d/rank-0.log | sort | uniq -c | head -5

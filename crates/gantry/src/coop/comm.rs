@@ -453,6 +453,8 @@ pub struct Exchange<'a> {
     stream: sys::CUstream,
     status: DeviceBuffer,
     timeout: Duration,
+    /// Whether [`Exchange::connect`] has run.
+    connected: bool,
 }
 
 // SAFETY: the stream and the status buffer belong to `device`'s primary context, which every
@@ -471,20 +473,45 @@ impl<'a> Exchange<'a> {
         device.bind()?;
         let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
             .map_err(cuda_error("cuStreamCreate"))?;
-        Ok(Self { comm, device: Arc::clone(device), stream, status, timeout })
+        Ok(Self { comm, device: Arc::clone(device), stream, status, timeout, connected: false })
     }
 
     /// Every rank's status of round `round`: this rank's `failure` in, per rank its failure
     /// message (`None`: fine) out. Everything issued before it on the stream (the previous
     /// rounds' broadcasts) has completed when it returns `Ok`.
     pub fn status(&mut self, round: usize, failure: Option<&str>) -> Result<Vec<Option<String>>> {
+        self.status_of(&format!("round {round}"), failure)
+    }
+
+    /// Connects the ranks for the exchange's collectives, once per exchange: one tiny
+    /// broadcast from every rank (as a round's) and a status exchange, whose results do not
+    /// matter. NCCL connects peers at their first collective, which costs a tenth of a second
+    /// or more per process; every rank calls this first thing (before its first piece is
+    /// read), so that it overlaps the reads instead of adding itself to the first round.
+    pub fn connect(&mut self) -> Result<()> {
+        if self.connected {
+            return Ok(());
+        }
+        let ranges: Vec<(u64, u64, usize)> = (0..self.comm.world)
+            .map(|r| (self.status.ptr() + (r * STATUS_BYTES) as u64, STATUS_BYTES as u64, r))
+            .collect();
+        // SAFETY: each range is a slot of the status buffer, which nothing else uses until
+        // the status exchange below (same stream) has waited for the broadcasts.
+        unsafe { self.broadcast(&ranges) }?;
+        self.status_of("the first exchange (connecting the ranks)", None)?;
+        self.connected = true;
+        Ok(())
+    }
+
+    /// The status exchange behind [`Exchange::status`], named `what` in errors.
+    fn status_of(&mut self, what: &str, failure: Option<&str>) -> Result<Vec<Option<String>>> {
         let mut slots = status_slots(self.comm.world, self.comm.rank, failure);
         self.device.bind()?;
         // SAFETY: the status buffer holds `slots.len()` bytes; nothing on the stream uses it
         // (the previous status exchange was waited for).
         unsafe { result::memcpy_htod_sync(self.status.ptr(), &slots) }
             .map_err(cuda_error("cuMemcpyHtoD (status)"))?;
-        let op = format!("ncclAllReduce (status of round {round})");
+        let op = format!("ncclAllReduce (status of {what})");
         let (ptr, stream, len) =
             (self.status.ptr() as *mut c_void, self.stream.cast(), slots.len());
         let nccl = &self.comm.nccl;
@@ -504,7 +531,7 @@ impl<'a> Exchange<'a> {
             }
         })?;
         self.comm.settle(&op, rc, self.timeout)?;
-        self.wait(&format!("the status of round {round}"))?;
+        self.wait(&format!("the status of {what}"))?;
         // SAFETY: the all-reduce has completed; `slots` is as long as the buffer.
         unsafe { result::memcpy_dtoh_sync(&mut slots, self.status.ptr()) }
             .map_err(cuda_error("cuMemcpyDtoH (status)"))?;

@@ -1,9 +1,11 @@
 //! One cooperative exchange on two threads. The caller's thread runs the pipeline over this
 //! rank's pieces and learns, piece by piece, what landed in its memory; a thread of its own
-//! (the *exchanger*) runs the rounds: round `k`'s status exchange (every rank says whether it
-//! failed), then its broadcasts as one group, issued as soon as this rank's piece of round `k`
-//! has landed and not waited for. So the readers never wait for the other ranks: only the
-//! exchanger does, and it trails the reads by a round or two.
+//! (the *exchanger*) first connects the ranks (NCCL connects peers at their first collective,
+//! a tenth of a second or more: done while the first pieces are read), then runs the rounds:
+//! round `k`'s status exchange (every rank says whether it failed), then its broadcasts as one
+//! group, issued as soon as this rank's piece of round `k` has landed and not waited for. So
+//! the readers never wait for the other ranks: only the exchanger does, and it trails the
+//! reads by a round or two.
 //!
 //! The status exchange of round `k + 1` completes only after round `k`'s broadcasts did (one
 //! stream), which is when the exchanger tells the caller's thread that the pieces received in
@@ -188,6 +190,9 @@ fn run_rounds(
     }
     let mut next = 0;
     let mut spent = Spent::default();
+    let clock = std::time::Instant::now();
+    exchange.connect().map_err(|e| broke(exchange, e))?;
+    spent.connect = clock.elapsed();
     loop {
         while next < rounds && mine_landed[next] {
             let clock = std::time::Instant::now();
@@ -248,11 +253,12 @@ fn run_rounds(
     }
 }
 
-/// Where the exchanger's time went: waiting for this rank's pieces, in the rounds' status
-/// exchanges (each waits for the previous round's broadcasts), issuing the broadcasts, and in
-/// the wait for the last ones (logged at debug).
+/// Where the exchanger's time went: connecting the ranks, waiting for this rank's pieces, in
+/// the rounds' status exchanges (each waits for the previous round's broadcasts), issuing the
+/// broadcasts, and in the wait for the last ones (logged at debug).
 #[derive(Debug, Default)]
 struct Spent {
+    connect: std::time::Duration,
     pieces: std::time::Duration,
     status: std::time::Duration,
     broadcast: std::time::Duration,
