@@ -15,7 +15,7 @@ use std::time::Duration;
 use gantry::coop::{Communicator, Cooperation, CooperativeModel, UniqueId};
 use gantry::io::fault::FaultInjector;
 use gantry::placement::Share;
-use gantry::{Config, CudaDevice, Error, Loader, TensorEntry};
+use gantry::{Config, Error, Loader, TensorEntry};
 
 fn checkpoint(dir: &std::path::Path) -> gantry::Checkpoint {
     let spec = gantry::synth::SynthSpec {
@@ -67,31 +67,6 @@ fn a_rank_told_to_read_alone_loads_everything_and_says_why() {
     let half = |_: &TensorEntry| Ok(vec![(0, Share::Whole)]);
     let err = loader.load_cooperative(c, &gpu, Cooperation::alone(0, 2, "x"), half, |_| {});
     assert!(matches!(err, Err(Error::Config(m)) if m.contains("whole on all 2 ranks")));
-}
-
-/// `count` GPUs and NCCL, or `None` after saying why (a failure with `GANTRY_REQUIRE_GPU=1`).
-fn gpus_and_nccl(count: u32) -> Option<(Arc<gantry::coop::Nccl>, Vec<Arc<CudaDevice>>)> {
-    let found = gantry::coop::load_nccl()
-        .map_err(|e| format!("NCCL is not available: {e}"))
-        .and_then(|nccl| {
-            let gpus: Vec<_> = (0..count).map_while(|n| CudaDevice::open(n).ok()).collect();
-            if gpus.len() == count as usize {
-                Ok((nccl, gpus))
-            } else {
-                Err(format!("{} GPU(s); this test needs {count}", gpus.len()))
-            }
-        });
-    match found {
-        Ok(found) => Some(found),
-        Err(why) => {
-            assert!(
-                std::env::var("GANTRY_REQUIRE_GPU").as_deref() != Ok("1"),
-                "GANTRY_REQUIRE_GPU=1 but: {why}"
-            );
-            println!("skipped: {why}");
-            None
-        }
-    }
 }
 
 /// Runs rank `r` of two on `gpus[r]`, each in its own thread, with `config(r)`.
@@ -158,14 +133,7 @@ fn a_rank_whose_read_fails_fails_the_other_naming_it() {
     if ranks.is_empty() {
         return;
     }
-    let own = ranks[1].0.as_ref().expect_err("rank 1's reads fail");
-    assert!(own.to_string().contains("Input/output error"), "{own}");
-    match &ranks[0].0 {
-        Err(Error::Rank { rank: 1, world: 2, message }) => {
-            assert!(message.contains("Input/output error"), "{message}")
-        }
-        other => panic!("rank 0: {other:?}"),
-    }
+    common::assert_rank_1_failed_with_eio(&ranks[1].0, &ranks[0].0);
 }
 
 /// How long a rank waits for the other in the tests where the other never answers.
@@ -301,7 +269,7 @@ fn a_rank_that_stalls_mid_load_fails_the_other_within_its_timeout() {
 /// with an error, instead of waiting for rank 1 forever. One GPU is enough.
 #[test]
 fn a_rank_whose_peer_never_joins_fails_to_join_within_its_timeout() {
-    let Some((nccl, gpus)) = gpus_and_nccl(1) else { return };
+    let Some((nccl, gpus)) = common::gpus_and_nccl(1) else { return };
     let joined = common::with_deadline(HANG, move || {
         let id = UniqueId::new(&nccl).unwrap();
         Communicator::init(nccl, &id, 0, 2, &gpus[0], STALL_TIMEOUT).map(|_| ())

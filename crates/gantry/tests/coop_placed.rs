@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use gantry::coop::{Communicator, Cooperation, CooperativePlacedModel, UniqueId};
 use gantry::placement::tensor_parallel;
-use gantry::{Config, Error, Loader};
+use gantry::{Config, Loader};
 
 fn checkpoint(dir: &std::path::Path) -> gantry::Checkpoint {
     let spec = gantry::synth::SynthSpec {
@@ -145,12 +145,5 @@ fn a_rank_whose_read_fails_fails_the_other_naming_it() {
     if ranks.is_empty() {
         return;
     }
-    let own = ranks[1].0.as_ref().expect_err("rank 1's reads fail");
-    assert!(own.to_string().contains("Input/output error"), "{own}");
-    match &ranks[0].0 {
-        Err(Error::Rank { rank: 1, world: 2, message }) => {
-            assert!(message.contains("Input/output error"), "{message}")
-        }
-        other => panic!("rank 0: {other:?}"),
-    }
+    common::assert_rank_1_failed_with_eio(&ranks[1].0, &ranks[0].0);
 }

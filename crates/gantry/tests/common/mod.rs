@@ -192,3 +192,18 @@ impl gantry::io::fault::FaultInjector for Eio {
         -(libc::EIO as i64)
     }
 }
+
+/// Rank 1 of 2 failed with its reads' EIO (`own`), and rank 0 (`other`) failed naming it.
+pub fn assert_rank_1_failed_with_eio<T: std::fmt::Debug, U: std::fmt::Debug>(
+    own: &gantry::Result<T>,
+    other: &gantry::Result<U>,
+) {
+    let own = own.as_ref().expect_err("rank 1's reads fail");
+    assert!(own.to_string().contains("Input/output error"), "{own}");
+    match other {
+        Err(gantry::Error::Rank { rank: 1, world: 2, message }) => {
+            assert!(message.contains("Input/output error"), "{message}")
+        }
+        other => panic!("rank 0: {other:?}"),
+    }
+}
