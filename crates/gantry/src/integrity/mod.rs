@@ -26,20 +26,22 @@
 //! when the page cache is warm (Llama-3-8B's 5 GB shards take 2.5 s or more to hash, the
 //! warm 16 GB load 0.4 s at 45 GB/s) and above it from a cold disk.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
 
+pub mod states;
+mod worker;
+
 use crate::error::{Error, Result};
 use crate::io::{Message, RawTarget};
 use crate::plan::Plan;
-use crate::staging::Lease;
+use worker::{Bytes, FileJob, Held, Mode, Outcome, Part, Progress, Worker};
 
 /// A SHA-256 digest.
 pub type Digest = [u8; 32];
@@ -114,6 +116,44 @@ pub fn known_local(path: &Path) -> Option<Known> {
     Some(Known { digest, source: sums.display().to_string() })
 }
 
+/// How a file's SHA-256 was computed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hashing {
+    /// In offset order on one thread; the note says whether its segment states were recorded
+    /// for later loads, or why not.
+    Sequential {
+        /// `sequential, states recorded`, or why none were.
+        note: String,
+    },
+    /// In segments on several threads, each from its recorded starting state, all linked.
+    Parallel {
+        /// Segments hashed.
+        segments: usize,
+    },
+    /// In segments that did not link up (a stale or damaged record, or bytes not the file's),
+    /// then hashed again from the file, sequentially.
+    Reread {
+        /// Segments hashed in the first pass.
+        segments: usize,
+    },
+}
+
+impl std::fmt::Display for Hashing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Hashing::Sequential { note } => f.write_str(note),
+            Hashing::Parallel { segments } => {
+                write!(f, "{segments} segments in parallel from recorded states")
+            }
+            Hashing::Reread { segments } => write!(
+                f,
+                "{segments} segments in parallel did not link up with the recorded states: \
+                 hashed again from the file, sequentially"
+            ),
+        }
+    }
+}
+
 /// The check of one file of a load.
 #[derive(Debug, Clone)]
 pub struct FileCheck {
@@ -125,18 +165,24 @@ pub struct FileCheck {
     pub known: Option<Known>,
     /// Why none is known (what was looked for), when none is.
     pub unknown_reason: String,
+    /// Whether `path` is a local file that can be read again (segment states are kept and
+    /// used for local files only).
+    pub local: bool,
     /// The digest computed from the bytes read, once the load has finished.
     pub sha256: Option<Digest>,
+    /// How it was computed, once the load has finished.
+    pub hashing: Option<Hashing>,
 }
 
 impl FileCheck {
-    /// One line for reports: the digest, and what it was checked against.
+    /// One line for reports: the digest, what it was checked against, and how it was hashed.
     pub fn explain(&self) -> String {
         let computed = self.sha256.as_ref().map_or("not computed".to_owned(), to_hex);
+        let how = self.hashing.as_ref().map(|h| format!("; {h}")).unwrap_or_default();
         match &self.known {
-            Some(k) => format!("sha256 {computed}: matches {}", k.source),
+            Some(k) => format!("sha256 {computed}: matches {}{how}", k.source),
             None => format!(
-                "sha256 {computed}: not verified, no digest known ({})",
+                "sha256 {computed}: not verified, no digest known ({}){how}",
                 self.unknown_reason
             ),
         }
@@ -146,29 +192,31 @@ impl FileCheck {
 /// Per checkpoint file, its check (`None`: the file is not verified, nothing of it is read).
 pub type Checks = Vec<Option<FileCheck>>;
 
-/// Where the bytes of an extent waiting to be hashed are.
-enum Bytes {
-    Staged(Lease),
-    Direct(RawTarget),
+/// Where segment states are kept, and the segment size.
+#[derive(Debug, Clone)]
+pub(crate) struct StatesSettings {
+    pub dir: Option<PathBuf>,
+    pub segment_bytes: u64,
 }
 
-struct Work {
-    file: usize,
-    extent: usize,
-    offset: u64,
-    len: u64,
-    bytes: Bytes,
+impl StatesSettings {
+    pub(crate) fn new(config: &crate::Config) -> Self {
+        let dir = states::states_dir(config.cache_dir.as_deref());
+        Self { dir, segment_bytes: config.sha256_segment_bytes }
+    }
 }
 
 /// The consumer's side of the hashing threads of one load.
 pub(crate) struct Verifier {
-    /// Per checkpoint file, the hashing thread it goes to (`None`: not verified).
-    worker_of: Vec<Option<usize>>,
-    inputs: Vec<Sender<Work>>,
+    jobs: Vec<Option<Arc<FileJob>>>,
+    /// Per verified file, the position of its lane 0 among all lanes (threads take lanes in
+    /// turn, so a file's consecutive segments go to different threads).
+    first_lane: Vec<usize>,
+    inputs: Vec<Sender<Part>>,
     handles: Vec<JoinHandle<()>>,
     /// Per extent, the destination a reader wrote it to, if any.
     targets: Vec<Option<RawTarget>>,
-    digests: Arc<Mutex<Vec<Option<Digest>>>>,
+    outcomes: Arc<Mutex<Vec<Option<Outcome>>>>,
 }
 
 impl Verifier {
@@ -179,34 +227,44 @@ impl Verifier {
         checks: &Checks,
         targets: Vec<Option<RawTarget>>,
         cpus: &[usize],
+        settings: &StatesSettings,
         tx: &Sender<Result<Message>>,
     ) -> Result<Self> {
         assert_eq!(targets.len(), plan.extents.len());
-        let verified: Vec<usize> = (0..checks.len()).filter(|&f| checks[f].is_some()).collect();
-        for &f in &verified {
-            let mut next = 0;
-            for e in plan.extents.iter().filter(|e| e.file.0 == f) {
-                assert_eq!(e.offset, next, "a verified file must be planned whole");
-                next += e.len;
+        let jobs: Vec<Option<Arc<FileJob>>> = checks
+            .iter()
+            .enumerate()
+            .map(|(f, c)| c.as_ref().map(|c| Arc::new(file_job(plan, f, c, settings))))
+            .collect();
+        let mut first_lane = vec![0; jobs.len()];
+        let mut lanes = Vec::new();
+        for (f, job) in jobs.iter().enumerate() {
+            if let Some(job) = job {
+                first_lane[f] = lanes.len();
+                lanes.extend((0..job.lanes()).map(|lane| (f, lane)));
             }
-            assert_eq!(next, checks[f].as_ref().expect("verified").file_len);
         }
         let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
-        let workers = verified.len().min(cores).min(HASH_THREADS_MAX);
-        let mut worker_of = vec![None; checks.len()];
-        for (k, &f) in verified.iter().enumerate() {
-            worker_of[f] = Some(k % workers.max(1));
-        }
-        let digests = Arc::new(Mutex::new(vec![None; checks.len()]));
-        let mut verifier =
-            Verifier { worker_of, inputs: Vec::new(), handles: Vec::new(), targets, digests };
-        for _ in 0..workers {
+        let workers = lanes.len().min(cores).clamp(1, HASH_THREADS_MAX);
+        let outcomes = Arc::new(Mutex::new(vec![None; checks.len()]));
+        let mut verifier = Verifier {
+            jobs,
+            first_lane,
+            inputs: Vec::new(),
+            handles: Vec::new(),
+            targets,
+            outcomes,
+        };
+        for w in 0..workers {
+            let mine: Vec<(usize, usize)> =
+                lanes.iter().skip(w).step_by(workers).copied().collect();
             let (input, rx) = mpsc::channel();
-            let worker = Worker {
-                files: checks.iter().map(|c| c.as_ref().map(FileState::new)).collect(),
-                tx: tx.clone(),
-                digests: Arc::clone(&verifier.digests),
-            };
+            let worker = Worker::new(
+                verifier.jobs.clone(),
+                &mine,
+                tx.clone(),
+                Arc::clone(&verifier.outcomes),
+            );
             let cpus = cpus.to_vec();
             let handle = std::thread::Builder::new()
                 .name("gantry-sha256".to_owned())
@@ -237,28 +295,45 @@ impl Verifier {
             other @ Message::Landed { .. } => return Ok(Some(other)),
         };
         let e = &plan.extents[extent];
-        let Some(worker) = self.worker_of[e.file.0] else {
+        let file = e.file.0;
+        let Some(job) = &self.jobs[file] else {
             return Ok(Some(match bytes {
                 Bytes::Staged(lease) => Message::Staged { extent, lease },
                 Bytes::Direct(_) => Message::Direct { extent },
             }));
         };
-        let work = Work { file: e.file.0, extent, offset: e.offset, len: e.len, bytes };
-        self.inputs[worker].send(work).map_err(|_| Error::Resource {
-            what: "hashing an extent",
-            source: std::io::Error::other("a hashing thread ended early"),
-        })?;
+        // The last part takes the consumer's handle, so that the thread that drops the last
+        // handle (and only it) gives the extent back.
+        let mut held = Some(Arc::new(Held { extent, offset: e.offset, len: e.len, bytes }));
+        let lanes = job.lanes_of(e.offset, e.len);
+        let last_lane = *lanes.end();
+        for lane in lanes {
+            let (start, end) = job.lane_range(lane);
+            let offset = e.offset.max(start);
+            let len = (e.offset + e.len).min(end) - offset;
+            let held = match lane == last_lane {
+                true => held.take().expect("one last part"),
+                false => Arc::clone(held.as_ref().expect("before the last part")),
+            };
+            let part = Part { file, lane, offset, len, held };
+            let worker = (self.first_lane[file] + lane) % self.inputs.len();
+            self.inputs[worker].send(part).map_err(|_| Error::Resource {
+                what: "hashing an extent",
+                source: std::io::Error::other("a hashing thread ended early"),
+            })?;
+        }
         Ok(None)
     }
 
-    /// Stops the hashing threads and returns each file's digest (`None` where not computed).
-    pub(crate) fn finish(mut self) -> Vec<Option<Digest>> {
+    /// Stops the hashing threads and returns each file's digest and how it was computed
+    /// (`None` where not computed).
+    pub(crate) fn finish(mut self) -> Vec<Option<(Digest, Hashing)>> {
         self.stop();
-        std::mem::take(&mut *self.digests.lock())
+        std::mem::take(&mut *self.outcomes.lock())
     }
 
     fn stop(&mut self) {
-        self.inputs.clear(); // the threads end when their input closes, dropping held leases
+        self.inputs.clear(); // the threads end when their input closes, dropping held parts
         for handle in self.handles.drain(..) {
             if handle.join().is_err() {
                 log::error!("a hashing thread panicked");
@@ -273,81 +348,52 @@ impl Drop for Verifier {
     }
 }
 
-/// One file's hashing state on its thread.
-struct FileState {
-    path: PathBuf,
-    end: u64,
-    known: Option<Known>,
-    next: u64,
-    hasher: Sha256,
-    /// Extents that arrived before the ones in front of them, by offset.
-    waiting: BTreeMap<u64, Work>,
-}
-
-impl FileState {
-    fn new(check: &FileCheck) -> Self {
-        Self {
-            path: check.path.clone(),
-            end: check.file_len,
-            known: check.known.clone(),
-            next: 0,
-            hasher: Sha256::new(),
-            waiting: BTreeMap::new(),
+/// File `f`'s job: hashed in parallel from its record when one fits, else sequentially.
+fn file_job(plan: &Plan, f: usize, check: &FileCheck, settings: &StatesSettings) -> FileJob {
+    let mut next = 0;
+    let extents: Vec<(u64, u64)> = plan
+        .extents
+        .iter()
+        .filter(|e| e.file.0 == f)
+        .map(|e| {
+            assert_eq!(e.offset, next, "a verified file must be planned whole");
+            assert!(e.len > 0, "extents are not empty");
+            next += e.len;
+            (e.offset, e.len)
+        })
+        .collect();
+    assert_eq!(next, check.file_len);
+    let segment_bytes = settings.segment_bytes;
+    let dir = settings.dir.clone();
+    let segments = states::segment_count(check.file_len, segment_bytes);
+    let record = match (&check.known, &dir) {
+        (Some(known), Some(dir)) if check.local && segments > 1 => {
+            states::load(dir, &known.digest, check.file_len, segment_bytes)
         }
-    }
-}
-
-struct Worker {
-    files: Vec<Option<FileState>>,
-    tx: Sender<Result<Message>>,
-    digests: Arc<Mutex<Vec<Option<Digest>>>>,
-}
-
-impl Worker {
-    fn run(mut self, rx: Receiver<Work>) {
-        for work in rx {
-            let file = work.file;
-            let state = self.files[file].as_mut().expect("work for a verified file");
-            state.waiting.insert(work.offset, work);
-            while let Some(entry) = state.waiting.first_entry() {
-                if *entry.key() != state.next {
-                    break;
-                }
-                let work = entry.remove();
-                let bytes: &[u8] = match &work.bytes {
-                    Bytes::Staged(lease) => &lease.as_slice()[..work.len as usize],
-                    // SAFETY: the reader reported this extent written; nothing writes its
-                    // destination again during the load, which outlives this thread (the
-                    // consumer joins it before the load returns).
-                    Bytes::Direct(t) => unsafe {
-                        std::slice::from_raw_parts(t.ptr, work.len as usize)
-                    },
-                };
-                state.hasher.update(bytes);
-                state.next += work.len;
-                let lease = match work.bytes {
-                    Bytes::Staged(lease) => Some(lease),
-                    Bytes::Direct(_) => None,
-                };
-                let mut message = Ok(Message::Hashed { extent: work.extent, lease });
-                if state.next == state.end {
-                    let digest: Digest = std::mem::take(&mut state.hasher).finalize().into();
-                    self.digests.lock()[file] = Some(digest);
-                    if let Some(known) = state.known.as_ref().filter(|k| k.digest != digest) {
-                        message = Err(Error::Integrity {
-                            path: state.path.clone(),
-                            expected: to_hex(&known.digest),
-                            actual: to_hex(&digest),
-                            expected_from: known.source.clone(),
-                        });
-                    }
-                }
-                if self.tx.send(message).is_err() {
-                    return; // the load failed: the consumer is gone
-                }
-            }
-        }
-    }
+        _ => None,
+    };
+    let mode = match record {
+        Some(record) => Mode::Parallel { record, dir },
+        None => Mode::Sequential { dir },
+    };
+    let mut job = FileJob {
+        path: check.path.clone(),
+        file_bytes: check.file_len,
+        known: check.known.clone(),
+        segment_bytes,
+        rereadable: check.local,
+        mode,
+        progress: Mutex::new(Progress {
+            parts_left: 0,
+            outcomes: Vec::new(),
+            recorded: Vec::new(),
+        }),
+    };
+    let parts = extents.iter().map(|&(offset, len)| job.lanes_of(offset, len).count()).sum();
+    let lanes = job.lanes();
+    *job.progress.get_mut() =
+        Progress { parts_left: parts, outcomes: vec![None; lanes], recorded: Vec::new() };
+    job
 }
 
 #[cfg(test)]
