@@ -272,7 +272,10 @@ impl Config {
     /// checks it against the digest known for the file (Hugging Face blob name, `SHA256SUMS`
     /// beside it, object metadata `sha256`): a mismatch fails the load with
     /// [`Error::Integrity`]. Each file read is then read whole (header and skipped tensors
-    /// too), and never with cuFile. Default off. See [`crate::integrity`].
+    /// too), and never with cuFile. A local file whose digest matched keeps its SHA-256
+    /// segment states (in `GANTRY_SHA256_STATES_DIR`, else `.sha256-states` in
+    /// [`Config::cache_dir`], else the user's cache directory), so that later loads hash it on
+    /// several threads. Default off. See [`crate::integrity`].
     pub fn verify_sha256(mut self, on: bool) -> Self {
         self.verify_sha256 = on;
         self

@@ -337,7 +337,7 @@ fn one_segment_and_no_known_digest_record_nothing() {
         assert_eq!(h, Hashing::Sequential { note });
     }
     let dir_entries = |p: &Path| std::fs::read_dir(p).map_or(0, |d| d.count());
-    assert_eq!(dir_entries(&states.path().join("sha256")), 0);
+    assert_eq!(dir_entries(&states.path().join(".sha256-states")), 0);
 }
 
 #[test]

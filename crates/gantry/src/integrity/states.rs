@@ -207,8 +207,9 @@ pub fn record_path(dir: &Path, digest: &Digest, file_bytes: u64) -> PathBuf {
     dir.join(format!("{}-{file_bytes}.states", to_hex(digest)))
 }
 
-/// The directory of the records: `GANTRY_SHA256_STATES_DIR`, else `sha256` in `cache_dir`,
-/// else `$XDG_CACHE_HOME/gantry/sha256`, else `$HOME/.cache/gantry/sha256`.
+/// The directory of the records: `GANTRY_SHA256_STATES_DIR`, else `.sha256-states` in
+/// `cache_dir` (a name no bucket of the object cache can have), else
+/// `$XDG_CACHE_HOME/gantry/sha256`, else `$HOME/.cache/gantry/sha256`.
 pub fn states_dir(cache_dir: Option<&Path>) -> Option<PathBuf> {
     let var = |name| std::env::var_os(name);
     resolve_dir(var(STATES_DIR_ENV), cache_dir, var("XDG_CACHE_HOME"), var("HOME"))
@@ -225,7 +226,7 @@ fn resolve_dir(
         return Some(dir);
     }
     if let Some(dir) = cache_dir {
-        return Some(dir.join("sha256"));
+        return Some(dir.join(".sha256-states"));
     }
     let xdg = set(xdg).filter(|d| d.is_absolute());
     xdg.or_else(|| set(home).map(|h| h.join(".cache"))).map(|c| c.join("gantry").join("sha256"))

@@ -32,8 +32,8 @@ pub(super) struct Held {
 
 impl Held {
     fn slice(&self, offset: u64, len: u64) -> &[u8] {
-        let at = (offset - self.offset) as usize;
         assert!(offset >= self.offset && offset + len <= self.offset + self.len);
+        let at = (offset - self.offset) as usize;
         match &self.bytes {
             Bytes::Staged(lease) => &lease.as_slice()[at..at + len as usize],
             // SAFETY: the reader reported this extent written; nothing writes its destination

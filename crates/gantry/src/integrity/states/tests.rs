@@ -164,7 +164,7 @@ fn directory_precedence() {
     let cache = Path::new("/c");
     let cases = [
         (os("/o"), Some(cache), os("/x"), os("/h"), Some("/o")),
-        (os(""), Some(cache), os("/x"), os("/h"), Some("/c/sha256")),
+        (os(""), Some(cache), os("/x"), os("/h"), Some("/c/.sha256-states")),
         (None, None, os("/x"), os("/h"), Some("/x/gantry/sha256")),
         (None, None, os("relative"), os("/h"), Some("/h/.cache/gantry/sha256")),
         (None, None, None, os("/h"), Some("/h/.cache/gantry/sha256")),
