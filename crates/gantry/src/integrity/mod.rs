@@ -21,8 +21,9 @@
 //! is hashed as soon as it arrives. The extent whose part completes a file goes back only with
 //! the file's verdict, so a load with a corrupted file never reports success.
 //!
-//! Lanes go to the threads in turn (a file's consecutive segments on different threads), up
-//! to one thread per core and [`HASH_THREADS_MAX`]. One SHA-256 lane runs at one core's rate
+//! Lanes go to the threads in turn, files interleaved (a file's consecutive segments, and the
+//! segments of files read side by side, on different threads), up to one thread per core and
+//! [`HASH_THREADS_MAX`]. One SHA-256 lane runs at one core's rate
 //! (1-2 GB/s with the CPU's SHA extensions, which `sha2` detects and uses at run time;
 //! AWS-LC's assembly runs at the same rate). The first verified load of a file hashes it in
 //! one lane, so it cannot end before its largest file is hashed: a load that takes `T` seconds
@@ -218,9 +219,11 @@ impl StatesSettings {
 /// The consumer's side of the hashing threads of one load.
 pub(crate) struct Verifier {
     jobs: Vec<Option<Arc<FileJob>>>,
-    /// Per verified file, the position of its lane 0 among all lanes (threads take lanes in
-    /// turn, so a file's consecutive segments go to different threads).
-    first_lane: Vec<usize>,
+    /// Per verified file, its rank among them: lane `k` of the file of rank `r` goes to thread
+    /// `(k x verified files + r) mod threads`, so that a file's consecutive segments, and the
+    /// segments of files read side by side at the same offsets, go to different threads.
+    rank: Vec<usize>,
+    verified: usize,
     inputs: Vec<Sender<Part>>,
     handles: Vec<JoinHandle<()>>,
     /// Per extent, the destination a reader wrote it to, if any.
@@ -245,20 +248,23 @@ impl Verifier {
             .enumerate()
             .map(|(f, c)| c.as_ref().map(|c| Arc::new(file_job(plan, f, c, settings))))
             .collect();
-        let mut first_lane = vec![0; jobs.len()];
+        let mut rank = vec![0; jobs.len()];
         let mut lanes = Vec::new();
-        for (f, job) in jobs.iter().enumerate() {
-            if let Some(job) = job {
-                first_lane[f] = lanes.len();
-                lanes.extend((0..job.lanes()).map(|lane| (f, lane)));
-            }
+        let verified = jobs.iter().flatten().count();
+        for (r, (f, job)) in
+            jobs.iter().enumerate().filter_map(|(f, j)| Some((f, j.as_ref()?))).enumerate()
+        {
+            rank[f] = r;
+            lanes.extend((0..job.lanes()).map(|lane| (f, lane)));
         }
         let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
         let workers = lanes.len().min(cores).clamp(1, HASH_THREADS_MAX);
+        let worker_of = |f: usize, lane: usize| (lane * verified + rank[f]) % workers;
         let outcomes = Arc::new(Mutex::new(vec![None; checks.len()]));
         let mut verifier = Verifier {
             jobs,
-            first_lane,
+            rank: rank.clone(),
+            verified,
             inputs: Vec::new(),
             handles: Vec::new(),
             targets,
@@ -266,7 +272,7 @@ impl Verifier {
         };
         for w in 0..workers {
             let mine: Vec<(usize, usize)> =
-                lanes.iter().skip(w).step_by(workers).copied().collect();
+                lanes.iter().filter(|&&(f, lane)| worker_of(f, lane) == w).copied().collect();
             let (input, rx) = mpsc::channel();
             let worker = Worker::new(
                 verifier.jobs.clone(),
@@ -325,7 +331,7 @@ impl Verifier {
                 false => Arc::clone(held.as_ref().expect("before the last part")),
             };
             let part = Part { file, lane, offset, len, held };
-            let worker = (self.first_lane[file] + lane) % self.inputs.len();
+            let worker = (lane * self.verified + self.rank[file]) % self.inputs.len();
             self.inputs[worker].send(part).map_err(|_| Error::Resource {
                 what: "hashing an extent",
                 source: std::io::Error::other("a hashing thread ended early"),
