@@ -319,6 +319,10 @@ pub struct JsonFile {
     /// With --verify-sha256: what the digest was checked against, or why nothing was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sha256_check: Option<String>,
+    /// With --verify-sha256: how the digest was computed (sequentially, or in segments in
+    /// parallel from recorded states).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256_hashing: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -373,6 +377,11 @@ pub fn json_files(report: &LoadReport) -> Vec<JsonFile> {
                 Some(k) => format!("matches {}", k.source),
                 None => format!("not verified: no digest known ({})", c.unknown_reason),
             }),
+            sha256_hashing: f
+                .integrity
+                .as_ref()
+                .and_then(|c| c.hashing.as_ref())
+                .map(ToString::to_string),
         })
         .collect()
 }

@@ -113,6 +113,7 @@ pub struct Config {
     pub(crate) object_options: Vec<(String, String)>,
     pub(crate) verify_sha256: bool,
     pub(crate) cache_dir: Option<std::path::PathBuf>,
+    pub(crate) sha256_segment_bytes: u64,
     pub(crate) replicate_via: Option<ReplicateVia>,
     pub(crate) cancel: Option<Arc<AtomicBool>>,
     pub(crate) fault: Option<Arc<dyn FaultInjector>>,
@@ -144,6 +145,7 @@ impl Default for Config {
             object_options: Vec::new(),
             verify_sha256: false,
             cache_dir: None,
+            sha256_segment_bytes: crate::integrity::states::SEGMENT_BYTES_DEFAULT,
             replicate_via: None,
             cancel: None,
             fault: None,
@@ -171,6 +173,7 @@ impl fmt::Debug for Config {
             )
             .field("verify_sha256", &self.verify_sha256)
             .field("cache_dir", &self.cache_dir)
+            .field("sha256_segment_bytes", &self.sha256_segment_bytes)
             .field("replicate_via", &self.replicate_via)
             .field("cancel", &self.cancel.is_some())
             .field("fault", &self.fault.is_some())
@@ -269,9 +272,20 @@ impl Config {
     /// checks it against the digest known for the file (Hugging Face blob name, `SHA256SUMS`
     /// beside it, object metadata `sha256`): a mismatch fails the load with
     /// [`Error::Integrity`]. Each file read is then read whole (header and skipped tensors
-    /// too), and never with cuFile. Default off. See [`crate::integrity`].
+    /// too), and never with cuFile. A local file whose digest matched keeps its SHA-256
+    /// segment states (in `GANTRY_SHA256_STATES_DIR`, else `.sha256-states` in
+    /// [`Config::cache_dir`], else the user's cache directory), so that later loads hash it on
+    /// several threads. Default off. See [`crate::integrity`].
     pub fn verify_sha256(mut self, on: bool) -> Self {
         self.verify_sha256 = on;
+        self
+    }
+    /// Bytes per segment of the SHA-256 segment states kept for [`Config::verify_sha256`], a
+    /// positive multiple of 64 (default 16 MiB): a local file verified once is hashed in
+    /// segments of this size on several threads by later loads. States recorded with another
+    /// segment size are not used. See [`crate::integrity::states`].
+    pub fn sha256_segment_bytes(mut self, n: u64) -> Self {
+        self.sha256_segment_bytes = n;
         self
     }
     /// A local directory that keeps a copy of every object a load reads (see
@@ -376,6 +390,12 @@ impl Config {
                 "{} staging buffers is more than {} registered buffers",
                 self.staging_bytes / self.buffered_chunk().max(1),
                 u16::MAX
+            ));
+        }
+        if self.sha256_segment_bytes == 0 || self.sha256_segment_bytes % 64 != 0 {
+            return bad(format!(
+                "sha256_segment_bytes {} must be a positive multiple of 64",
+                self.sha256_segment_bytes
             ));
         }
         if self.object_part_bytes == 0

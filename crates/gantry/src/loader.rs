@@ -475,7 +475,9 @@ impl Loader {
                     file_len: info.file_len,
                     known,
                     unknown_reason,
+                    local: files.remote[f].is_none(),
                     sha256: None,
+                    hashing: None,
                 })
             })
             .collect()

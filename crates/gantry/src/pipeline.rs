@@ -221,7 +221,10 @@ pub fn run(
     let mut outstanding = plan.extents.len();
     let mut failure: Option<Error> = None;
     let verifier = match &checks {
-        Some(c) => Some(Verifier::start(plan, c, jobs.targets(plan), cpus, &tx)?),
+        Some(c) => {
+            let states = integrity::StatesSettings::new(config);
+            Some(Verifier::start(plan, c, jobs.targets(plan), cpus, &states, &tx)?)
+        }
         None => None,
     };
     std::thread::scope(|scope| {
@@ -342,9 +345,10 @@ pub fn run(
         return Err(e);
     }
     if let (Some(verifier), Some(checks)) = (verifier, checks) {
-        for (check, digest) in checks.iter_mut().zip(verifier.finish()) {
-            if let Some(check) = check {
-                check.sha256 = digest;
+        for (check, outcome) in checks.iter_mut().zip(verifier.finish()) {
+            if let (Some(check), Some((digest, hashing))) = (check, outcome) {
+                check.sha256 = Some(digest);
+                check.hashing = Some(hashing);
             }
         }
     }

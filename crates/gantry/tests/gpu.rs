@@ -290,20 +290,31 @@ fn sha256_check_on_device_loads() {
         .expect("sha256sum (coreutils) must be installed");
     assert!(out.success());
     let sums = std::fs::read_to_string(dir.path().join("SHA256SUMS")).unwrap();
+    // Segment states kept here, in segments of about 65 KiB (another size per path, so that
+    // the first load of each records its own): the second load of each path hashes every file
+    // in segments in parallel from the states the first recorded.
+    let states = scratch();
+    let segment_bytes = |path: PathChoice| 66_624 + 64 * path as u64;
+    let with_states =
+        |c: Config, path| c.cache_dir(states.path()).sha256_segment_bytes(segment_bytes(path));
     for path in [PathChoice::Auto, PathChoice::Direct, PathChoice::Buffered] {
         let config = Config::default()
             .verify_sha256(true)
             .path(path)
             .chunk_bytes(1 << 20)
             .staging_bytes(4 << 20);
-        let loader = Loader::new(config).unwrap();
-        let model = loader.load_to_device(&index, &dev).unwrap();
-        assert_device_matches(&model, spec.tensors().len());
-        for f in &model.report().files {
-            let check = f.integrity.as_ref().unwrap();
-            let hex = gantry::integrity::to_hex(&check.sha256.unwrap());
-            let name = f.path.file_name().unwrap().to_str().unwrap();
-            assert!(sums.contains(&format!("{hex}  {name}")), "{path:?} {name}: {hex}\n{sums}");
+        let config = with_states(config, path);
+        for round in ["sequential, states recorded", "segments in parallel"] {
+            let loader = Loader::new(config.clone()).unwrap();
+            let model = loader.load_to_device(&index, &dev).unwrap();
+            assert_device_matches(&model, spec.tensors().len());
+            for f in &model.report().files {
+                let check = f.integrity.as_ref().unwrap();
+                let hex = gantry::integrity::to_hex(&check.sha256.unwrap());
+                let name = f.path.file_name().unwrap().to_str().unwrap();
+                assert!(sums.contains(&format!("{hex}  {name}")), "{path:?} {name}: {hex}\n{sums}");
+                assert!(check.explain().contains(round), "{path:?}: {}", check.explain());
+            }
         }
     }
     let forced = Loader::new(Config::default().verify_sha256(true).path(PathChoice::Gds)).unwrap();
@@ -314,6 +325,12 @@ fn sha256_check_on_device_loads() {
     bytes[last] ^= 1;
     std::fs::write(&shard, bytes).unwrap();
     let loader = Loader::new(Config::default().verify_sha256(true)).unwrap();
+    let e = loader.load_to_device(&index, &dev).unwrap_err();
+    assert!(matches!(&e, Error::Integrity { path, .. } if *path == shard), "{e}");
+    // With valid recorded states for the file as it was: the segments do not link up, the
+    // file is hashed again, and the load fails all the same.
+    let config = with_states(Config::default().verify_sha256(true), PathChoice::Buffered);
+    let loader = Loader::new(config).unwrap();
     let e = loader.load_to_device(&index, &dev).unwrap_err();
     assert!(matches!(&e, Error::Integrity { path, .. } if *path == shard), "{e}");
 }

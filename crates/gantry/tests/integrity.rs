@@ -239,3 +239,190 @@ fn caller_slices_are_hashed_too() {
     let e = load(&loader).unwrap_err();
     assert!(matches!(&e, Error::Integrity { path, .. } if path == &paths[0]), "{e}");
 }
+
+/// Bytes per SHA-256 segment in the segment-state tests: 65 blocks, so that extents (multiples
+/// of 4096) cross segment boundaries, and the test files are many segments long.
+const SEGMENT_BYTES: u64 = 65 * 64;
+
+/// `config` keeping its segment states in `states` (as `Config::cache_dir` does).
+fn with_states(config: Config, states: &Path, segment_bytes: u64) -> Config {
+    config.cache_dir(states).sha256_segment_bytes(segment_bytes)
+}
+
+/// Where the load keeps the record of `path` (the `GANTRY_SHA256_STATES_DIR` of the
+/// environment wins over `cache_dir`, as in the loader).
+fn record_of(states: &Path, path: &Path) -> PathBuf {
+    let digest = gantry::integrity::from_hex(&sha256sum(path)).unwrap();
+    let dir = gantry::integrity::states::states_dir(Some(states)).unwrap();
+    gantry::integrity::states::record_path(&dir, &digest, std::fs::metadata(path).unwrap().len())
+}
+
+/// Loads the checkpoint in `dir`, checks its bytes against the reference and every file's
+/// digest against `sha256sum`; returns each file's hashing.
+fn verified_load(config: Config, dir: &Path, paths: &[PathBuf]) -> Vec<gantry::integrity::Hashing> {
+    let root = dir.to_path_buf();
+    let model =
+        with_deadline(Duration::from_secs(60), move || Loader::new(config).unwrap().load(&root))
+            .unwrap();
+    assert_matches_reference(&model, model.tensors().count());
+    let files = &model.report().files;
+    assert_eq!(files.len(), paths.len());
+    files
+        .iter()
+        .zip(paths)
+        .map(|(report, path)| {
+            let check = report.integrity.clone().expect("checked");
+            assert_eq!(gantry::integrity::to_hex(&check.sha256.unwrap()), sha256sum(path));
+            assert!(check.explain().contains("matches"), "{}", check.explain());
+            check.hashing.expect("hashed")
+        })
+        .collect()
+}
+
+fn sums_for(dir: &Path, paths: &[PathBuf]) {
+    let names: Vec<&str> = paths.iter().map(|p| p.file_name().unwrap().to_str().unwrap()).collect();
+    write_sums(dir, &names);
+}
+
+fn segments(path: &Path, segment_bytes: u64) -> usize {
+    std::fs::metadata(path).unwrap().len().div_ceil(segment_bytes) as usize
+}
+
+#[test]
+fn a_second_load_hashes_segments_in_parallel_from_recorded_states() {
+    use gantry::integrity::Hashing;
+    let dir = scratch();
+    let paths = shards(dir.path(), 3, 41);
+    sums_for(dir.path(), &paths);
+    for path in &paths {
+        // Not whole blocks, and a last segment shorter than the rest.
+        let len = std::fs::metadata(path).unwrap().len();
+        assert!(len % 64 != 0 && len % SEGMENT_BYTES != 0 && len > 4 * SEGMENT_BYTES, "{len}");
+    }
+    for (k, config) in configs().into_iter().enumerate() {
+        let states = scratch();
+        let config = with_states(config, states.path(), SEGMENT_BYTES);
+        for h in verified_load(config.clone(), dir.path(), &paths) {
+            assert_eq!(h, Hashing::Sequential { note: "sequential, states recorded".into() });
+        }
+        for path in &paths {
+            assert!(record_of(states.path(), path).is_file(), "config {k}: {}", path.display());
+        }
+        for (h, path) in verified_load(config, dir.path(), &paths).iter().zip(&paths) {
+            let segments = segments(path, SEGMENT_BYTES);
+            assert_eq!(h, &Hashing::Parallel { segments }, "config {k}");
+            assert!(h.to_string().contains("segments in parallel from recorded states"));
+        }
+    }
+}
+
+#[test]
+fn one_segment_and_no_known_digest_record_nothing() {
+    use gantry::integrity::Hashing;
+    let dir = scratch();
+    let paths = shards(dir.path(), 2, 43);
+    let states = scratch();
+    // No digest known: nothing to key a record by.
+    let config = with_states(Config::default().verify_sha256(true), states.path(), SEGMENT_BYTES);
+    let model = Loader::new(config).unwrap().load(dir.path()).unwrap();
+    for f in &model.report().files {
+        let h = f.integrity.as_ref().unwrap().hashing.clone().unwrap();
+        assert_eq!(h, Hashing::Sequential { note: "sequential".into() });
+    }
+    // Files of one segment: nothing worth recording.
+    sums_for(dir.path(), &paths);
+    let config = with_states(Config::default().verify_sha256(true), states.path(), 1 << 30);
+    for h in verified_load(config, dir.path(), &paths) {
+        let note = "sequential, one segment: nothing to record".into();
+        assert_eq!(h, Hashing::Sequential { note });
+    }
+    let dir_entries = |p: &Path| std::fs::read_dir(p).map_or(0, |d| d.count());
+    assert_eq!(dir_entries(&states.path().join(".sha256-states")), 0);
+}
+
+#[test]
+fn a_flipped_byte_with_a_valid_record_fails_naming_file_and_digests() {
+    let dir = scratch();
+    let paths = shards(dir.path(), 2, 47);
+    sums_for(dir.path(), &paths);
+    let good = std::fs::read(&paths[1]).unwrap();
+    let expected = sha256sum(&paths[1]);
+    let len = good.len() as u64;
+    let data = 8 + u64::from_le_bytes(good[..8].try_into().unwrap());
+    assert!(data + 10 < SEGMENT_BYTES);
+    // In the first segment, in the middle of a segment, at a boundary, in the last byte.
+    for offset in [data + 10, 2 * SEGMENT_BYTES + 700, 3 * SEGMENT_BYTES, len - 1] {
+        for (k, config) in configs().into_iter().enumerate() {
+            let states = scratch();
+            let config = with_states(config, states.path(), SEGMENT_BYTES);
+            verified_load(config.clone(), dir.path(), &paths);
+            flip_byte(&paths[1], offset);
+            let bad = sha256sum(&paths[1]);
+            let e = Loader::new(config).unwrap().load(dir.path()).expect_err("corrupted");
+            let Error::Integrity { path, expected: want, actual, .. } = &e else {
+                panic!("config {k} offset {offset}: wrong error: {e}");
+            };
+            assert_eq!((path, want, actual), (&paths[1], &expected, &bad), "config {k}");
+            let text = e.to_string();
+            assert!(text.contains("model-00001.safetensors") && text.contains(&bad), "{text}");
+            std::fs::write(&paths[1], &good).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_damaged_record_with_good_data_succeeds_and_is_rewritten() {
+    use gantry::integrity::Hashing;
+    let dir = scratch();
+    let paths = shards(dir.path(), 2, 53);
+    sums_for(dir.path(), &paths);
+    let segments: Vec<usize> = paths.iter().map(|p| segments(p, SEGMENT_BYTES)).collect();
+    for (k, config) in configs().into_iter().enumerate() {
+        let states = scratch();
+        let config = with_states(config, states.path(), SEGMENT_BYTES);
+        verified_load(config.clone(), dir.path(), &paths);
+        let record = record_of(states.path(), &paths[0]);
+        let good = std::fs::read(&record).unwrap();
+        // One bit of one recorded state (the format still reads): the chain breaks there.
+        let mut damaged = good.clone();
+        let at = damaged.len() - 32 * 2 + 5;
+        damaged[at] ^= 0x10;
+        std::fs::write(&record, &damaged).unwrap();
+        let hashing = verified_load(config.clone(), dir.path(), &paths);
+        assert_eq!(hashing[0], Hashing::Reread { segments: segments[0] }, "config {k}");
+        assert_eq!(hashing[1], Hashing::Parallel { segments: segments[1] }, "config {k}");
+        assert_eq!(std::fs::read(&record).unwrap(), good, "config {k}: the record is rewritten");
+        // A record that does not read at all is ignored: hashed sequentially, recorded again.
+        std::fs::write(&record, b"not a record").unwrap();
+        let hashing = verified_load(config.clone(), dir.path(), &paths);
+        let note = "sequential, states recorded".into();
+        assert_eq!(hashing[0], Hashing::Sequential { note }, "config {k}");
+        assert_eq!(std::fs::read(&record).unwrap(), good, "config {k}");
+        let hashing = verified_load(config, dir.path(), &paths);
+        assert_eq!(hashing[0], Hashing::Parallel { segments: segments[0] }, "config {k}");
+    }
+}
+
+#[test]
+fn a_record_of_another_segment_size_is_ignored() {
+    use gantry::integrity::Hashing;
+    let dir = scratch();
+    let paths = shards(dir.path(), 1, 59);
+    sums_for(dir.path(), &paths);
+    let states = scratch();
+    let base = || Config::default().verify_sha256(true);
+    let (first, second) = (SEGMENT_BYTES, 3 * 64);
+    verified_load(with_states(base(), states.path(), first), dir.path(), &paths);
+    let recorded = "sequential, states recorded".to_owned();
+    let h = verified_load(with_states(base(), states.path(), second), dir.path(), &paths);
+    assert_eq!(h[0], Hashing::Sequential { note: recorded.clone() });
+    let h = verified_load(with_states(base(), states.path(), second), dir.path(), &paths);
+    assert_eq!(h[0], Hashing::Parallel { segments: segments(&paths[0], second) });
+    // The file rewritten (another length and digest): the old record is not looked up.
+    let len = std::fs::metadata(&paths[0]).unwrap().len();
+    assert_eq!(shards(dir.path(), 1, 61), paths);
+    assert_ne!(std::fs::metadata(&paths[0]).unwrap().len(), len);
+    sums_for(dir.path(), &paths);
+    let h = verified_load(with_states(base(), states.path(), second), dir.path(), &paths);
+    assert_eq!(h[0], Hashing::Sequential { note: recorded });
+}
