@@ -69,33 +69,18 @@ fn a_rank_told_to_read_alone_loads_everything_and_says_why() {
     assert!(matches!(err, Err(Error::Config(m)) if m.contains("whole on all 2 ranks")));
 }
 
-/// Runs rank `r` of two on `gpus[r]`, each in its own thread, with `config(r)`.
+/// Runs rank `r` of two on GPU `r`, each in its own thread, with `config(r)`.
 fn two_ranks(
     dir: &std::path::Path,
     config: impl Fn(usize) -> Config + Sync,
 ) -> Vec<(gantry::Result<CooperativeModel>, Vec<usize>)> {
-    let Some((nccl, gpus)) = common::gpus_and_nccl(2) else { return Vec::new() };
-    let id = UniqueId::new(&nccl).unwrap();
-    let barrier = Barrier::new(2);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..2)
-            .map(|r| {
-                let (nccl, gpu, config, barrier) = (Arc::clone(&nccl), &gpus[r], &config, &barrier);
-                s.spawn(move || {
-                    let timeout = Duration::from_secs(60);
-                    let comm = Communicator::init(nccl, &id, r, 2, gpu, timeout).unwrap();
-                    barrier.wait();
-                    let loader = Loader::new(config(r)).unwrap();
-                    let coop = Cooperation::nccl(&comm).timeout(timeout).piece_bytes(1 << 20);
-                    let mut ready = Vec::new();
-                    let c = gantry::open(dir).unwrap();
-                    let done =
-                        loader.load_cooperative(c, gpu, coop, whole(2), |t| ready.push(t.index));
-                    (done, ready)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    common::two_ranks_with(|r, gpu, comm| {
+        let loader = Loader::new(config(r)).unwrap();
+        let coop = Cooperation::nccl(comm).timeout(Duration::from_secs(60)).piece_bytes(1 << 20);
+        let mut ready = Vec::new();
+        let c = gantry::open(dir).unwrap();
+        let done = loader.load_cooperative(c, gpu, coop, whole(2), |t| ready.push(t.index));
+        (done, ready)
     })
 }
 

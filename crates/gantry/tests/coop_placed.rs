@@ -7,10 +7,10 @@
 
 mod common;
 
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use std::time::Duration;
 
-use gantry::coop::{Communicator, Cooperation, CooperativePlacedModel, UniqueId};
+use gantry::coop::{Cooperation, CooperativePlacedModel};
 use gantry::placement::tensor_parallel;
 use gantry::{Config, Loader};
 
@@ -71,37 +71,23 @@ fn two_ranks(
     window_bytes: u64,
     config: impl Fn(usize) -> Config + Sync,
 ) -> Vec<(gantry::Result<CooperativePlacedModel>, Vec<String>)> {
-    let Some((nccl, gpus)) = common::gpus_and_nccl(2) else { return Vec::new() };
-    let id = UniqueId::new(&nccl).unwrap();
-    let barrier = Barrier::new(2);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..2)
-            .map(|r| {
-                let (nccl, gpu, config, barrier) = (Arc::clone(&nccl), &gpus[r], &config, &barrier);
-                s.spawn(move || {
-                    let timeout = Duration::from_secs(60);
-                    let comm = Communicator::init(nccl, &id, r, 2, gpu, timeout).unwrap();
-                    barrier.wait();
-                    let loader = Loader::new(config(r)).unwrap();
-                    let coop = Cooperation::nccl(&comm)
-                        .timeout(timeout)
-                        .piece_bytes(256 << 10)
-                        .window_bytes(window_bytes);
-                    let tp = tensor_parallel(2);
-                    let mut ready = Vec::new();
-                    let c = gantry::open(dir).unwrap();
-                    let done = loader.load_cooperative_placed(
-                        c,
-                        gpu,
-                        coop,
-                        |t| tp.place(t),
-                        |t| ready.push(t.name.clone()),
-                    );
-                    (done, ready)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    common::two_ranks_with(|r, gpu, comm| {
+        let loader = Loader::new(config(r)).unwrap();
+        let coop = Cooperation::nccl(comm)
+            .timeout(Duration::from_secs(60))
+            .piece_bytes(256 << 10)
+            .window_bytes(window_bytes);
+        let tp = tensor_parallel(2);
+        let mut ready = Vec::new();
+        let c = gantry::open(dir).unwrap();
+        let done = loader.load_cooperative_placed(
+            c,
+            gpu,
+            coop,
+            |t| tp.place(t),
+            |t| ready.push(t.name.clone()),
+        );
+        (done, ready)
     })
 }
 

@@ -207,3 +207,31 @@ pub fn assert_rank_1_failed_with_eio<T: std::fmt::Debug, U: std::fmt::Debug>(
         other => panic!("rank 0: {other:?}"),
     }
 }
+
+/// Runs `rank(r, gpu, communicator)` for ranks 0 and 1 of a cooperative load on GPUs 0 and 1,
+/// each in a thread of its own, both communicators joined first (60 s timeout); returns each
+/// rank's result in rank order, or nothing when the machine lacks two GPUs or NCCL (after
+/// saying why; a failure with `GANTRY_REQUIRE_GPU=1`).
+pub fn two_ranks_with<T: Send>(
+    rank: impl Fn(usize, &std::sync::Arc<gantry::CudaDevice>, &gantry::coop::Communicator) -> T + Sync,
+) -> Vec<T> {
+    let Some((nccl, gpus)) = gpus_and_nccl(2) else { return Vec::new() };
+    let id = gantry::coop::UniqueId::new(&nccl).unwrap();
+    let barrier = std::sync::Barrier::new(2);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|r| {
+                let (nccl, gpu, rank, barrier) =
+                    (std::sync::Arc::clone(&nccl), &gpus[r], &rank, &barrier);
+                s.spawn(move || {
+                    let timeout = std::time::Duration::from_secs(60);
+                    let comm =
+                        gantry::coop::Communicator::init(nccl, &id, r, 2, gpu, timeout).unwrap();
+                    barrier.wait();
+                    rank(r, gpu, &comm)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
