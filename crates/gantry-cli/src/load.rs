@@ -144,6 +144,27 @@ pub(crate) fn placement(args: &Args, shard: &str) -> Result<(Box<PlaceFn>, usize
     Ok((place, n))
 }
 
+/// Under `--shard tp:N`, a warning naming the matrices no pattern names: they go whole to
+/// every destination, usually because the rule does not know the model's names.
+pub(crate) fn warn_unmatched(args: &Args, shard: &str, checkpoint: &Checkpoint) {
+    let Ok((Rule::TensorParallel, n)) = parse_shard(shard) else { return };
+    let Ok(tp) = tp_rule(&args.tp_rule, n) else { return };
+    let unmatched = tp.unmatched(&checkpoint.tensors);
+    if unmatched.is_empty() {
+        return;
+    }
+    let bytes: u64 = unmatched.iter().map(|t| t.len).sum();
+    let names: Vec<String> = unmatched.iter().take(3).map(|t| escape(&t.name).to_string()).collect();
+    let more = unmatched.len().saturating_sub(3);
+    eprintln!(
+        "warning: --shard {shard}: {} tensor(s) of two or more dimensions ({}) match no tensor-parallel pattern and go whole to every destination: {}{}; name them with --tp-rule PATTERN=column|row|replicate",
+        unmatched.len(),
+        units::bytes(bytes),
+        names.join(", "),
+        if more > 0 { format!(" and {more} more") } else { String::new() }
+    );
+}
+
 /// Per destination of a placed model: where, shares, bytes.
 fn per_destination<B>(
     m: &gantry::Placed<B>,
@@ -200,6 +221,7 @@ fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
     let (loader, gpus, devices) = placed_setup(args, shard, n)?;
     let start = std::time::Instant::now();
     let checkpoint = gantry::open_with(&args.options.path, loader.config())?;
+    warn_unmatched(args, shard, &checkpoint);
     let (report, per, hashes) = if devices.is_empty() {
         let model = loader.load_placed(checkpoint, n, &place, |_, _| {})?;
         let total_seconds = start.elapsed().as_secs_f64();

@@ -210,6 +210,9 @@ pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
         }
     }
     let checkpoint = gantry::open_with(&args.options.path, &args.options.config()?)?;
+    if let Some(shard) = &args.shard {
+        crate::load::warn_unmatched(args, shard, &checkpoint);
+    }
     let link = link(&devices);
     let start = Instant::now();
     let results = tempfile::tempdir()?;

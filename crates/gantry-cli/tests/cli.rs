@@ -269,6 +269,9 @@ fn load_shard_tp_follows_the_tensor_parallel_rule() {
             );
         }
     }
+    // The synthetic Llama's names are all known: no warning.
+    let out = gantry(&["load", p, "--shard", "tp:2"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"), "{out:?}");
     // The caller's pattern first: a split the tensor cannot take is an error naming it.
     let out = gantry(&["load", p, "--shard", "tp:2", "--tp-rule", "lm_head.weight=dim5"]);
     assert!(!out.status.success() && out.stdout.is_empty());
@@ -285,6 +288,42 @@ fn load_shard_tp_follows_the_tensor_parallel_rule() {
         assert!(!out.status.success() && out.stdout.is_empty(), "{bad:?}");
         assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "), "{bad:?}");
     }
+}
+
+#[test]
+fn load_shard_tp_warns_of_matrices_no_pattern_names() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("model.safetensors");
+    let data = vec![7u8; 64 * 32 * 2];
+    let views = [
+        ("transformer.h.0.attn.c_attn.weight", vec![64, 32]),
+        ("transformer.h.0.ln_1.weight", vec![32]),
+        ("model.layers.0.self_attn.q_proj.weight", vec![64, 16]),
+    ];
+    let tensors: Vec<(&str, safetensors::tensor::TensorView<'_>)> = views
+        .iter()
+        .map(|(name, shape)| {
+            let len = shape.iter().product::<usize>() * 2;
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::BF16,
+                shape.clone(),
+                &data[..len],
+            );
+            (*name, view.unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(tensors, None, &path).unwrap();
+    let p = path.to_str().unwrap();
+    let out = gantry(&["load", p, "--shard", "tp:2", "--device", "cpu"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1 tensor(s) of two or more dimensions"), "{err}");
+    assert!(err.contains("transformer.h.0.attn.c_attn.weight"), "{err}");
+    assert!(!err.contains("ln_1") && !err.contains("q_proj"), "{err}");
+    // Named by the caller: no warning.
+    let out = gantry(&["load", p, "--shard", "tp:2", "--tp-rule", "*.c_attn.weight=column"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"), "{out:?}");
 }
 
 #[path = "../../gantry/tests/common/emulators.rs"]

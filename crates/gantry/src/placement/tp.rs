@@ -139,6 +139,18 @@ impl TensorParallel {
             .map_or(Split::Replicate, |&(_, s)| s)
     }
 
+    /// The tensors among `entries` that no pattern names and that have two or more
+    /// dimensions: they go whole to every rank by default, which for a weight matrix usually
+    /// means a model whose names the rule does not know (its bytes copied `parts` times).
+    /// Vectors (norms, biases) are left out: replicating them is what tensor parallelism does.
+    pub fn unmatched<'a>(&self, entries: &'a [TensorEntry]) -> Vec<&'a TensorEntry> {
+        entries
+            .iter()
+            .filter(|t| t.shape.len() >= 2)
+            .filter(|t| !self.rules.iter().any(|(pattern, _)| glob(pattern, &t.name)))
+            .collect()
+    }
+
     /// Each rank's share of `entry`: an even slice along the rule's dimension, or the whole
     /// tensor; an error naming the tensor and its shape when that dimension does not divide.
     pub fn place(&self, entry: &TensorEntry) -> Result<Vec<(usize, Share)>> {
@@ -205,6 +217,34 @@ mod tests {
             offset: 0,
             len,
         }
+    }
+
+    #[test]
+    fn matrices_no_pattern_names_are_listed_and_vectors_are_not() {
+        let entries = [
+            entry("model.layers.0.self_attn.q_proj.weight", &[8, 8]),
+            entry("model.layers.0.input_layernorm.weight", &[8]),
+            entry("model.layers.0.attn.c_attn.weight", &[8, 24]),
+            entry("transformer.wte.weight", &[32, 8]),
+            entry("model.layers.0.mine.weight", &[8, 8]),
+        ];
+        let names = |tp: &TensorParallel| -> Vec<String> {
+            tp.unmatched(&entries).iter().map(|t| t.name.clone()).collect()
+        };
+        let tp = tensor_parallel(2);
+        assert_eq!(
+            names(&tp),
+            [
+                "model.layers.0.attn.c_attn.weight",
+                "transformer.wte.weight",
+                "model.layers.0.mine.weight"
+            ]
+        );
+        // A caller's pattern names a tensor, whatever its split (replicate included).
+        let tp = tp
+            .with_rule("*.mine.weight", Split::Replicate)
+            .with_rule("*.c_attn.weight", Split::Column);
+        assert_eq!(names(&tp), ["transformer.wte.weight"]);
     }
 
     #[test]
