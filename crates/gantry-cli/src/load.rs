@@ -154,7 +154,8 @@ pub(crate) fn warn_unmatched(args: &Args, shard: &str, checkpoint: &Checkpoint) 
         return;
     }
     let bytes: u64 = unmatched.iter().map(|t| t.len).sum();
-    let names: Vec<String> = unmatched.iter().take(3).map(|t| escape(&t.name).to_string()).collect();
+    let names: Vec<String> =
+        unmatched.iter().take(3).map(|t| escape(&t.name).to_string()).collect();
     let more = unmatched.len().saturating_sub(3);
     eprintln!(
         "warning: --shard {shard}: {} tensor(s) of two or more dimensions ({}) match no tensor-parallel pattern and go whole to every destination: {}{}; name them with --tp-rule PATTERN=column|row|replicate",
