@@ -10,6 +10,7 @@
  *   NUL: "a\0b" (U8 [3]), c (U8 [1]);  BOTH: "a\0b" (U8 [3]), "a?b" (U8 [5]);
  *   MANY: COUNT tensors of one byte. */
 #define _POSIX_C_SOURCE 199309L
+#include "check.h"
 #include "gantry.h"
 
 #include <stdint.h>
@@ -17,23 +18,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-#define CHECK(cond, ...)                                                                  \
-    do {                                                                                  \
-        if (!(cond)) {                                                                    \
-            fprintf(stderr, "%s:%d: ", __FILE__, __LINE__);                               \
-            fprintf(stderr, __VA_ARGS__);                                                 \
-            fputc('\n', stderr);                                                          \
-            exit(1);                                                                      \
-        }                                                                                 \
-    } while (0)
-
-static void expect(gantry_status got, gantry_status want, const char *what) {
-    char message[512];
-    gantry_last_error_message(message, sizeof message);
-    CHECK(got == want, "%s: got %s (%s), want %s", what, gantry_status_name(got), message,
-          gantry_status_name(want));
-}
 
 /* The whole file. */
 static unsigned char *read_all(const char *path, size_t *len_out) {

@@ -6,6 +6,7 @@
  * through key=value options, compared with the local file, a missing object and wrong
  * credentials as errors (the secret never in the message).
  * Usage: smoke GOOD.safetensors CORRUPT.safetensors [URL MISSING_URL ENDPOINT KEY_ID SECRET] */
+#include "check.h"
 #include "gantry.h"
 
 #include <stdint.h>
@@ -24,23 +25,6 @@ _Static_assert(GANTRY_OK == 0 && GANTRY_E_NULL_ARGUMENT == 100 && GANTRY_E_INVAL
                    GANTRY_E_PANIC == 900,
                "status values are stable");
 _Static_assert(GANTRY_PATH_AUTO == 0 && GANTRY_PATH_DIRECT == 1 && GANTRY_PATH_BUFFERED == 2, "paths");
-
-#define CHECK(cond, ...)                                                                  \
-    do {                                                                                  \
-        if (!(cond)) {                                                                    \
-            fprintf(stderr, "%s:%d: ", __FILE__, __LINE__);                               \
-            fprintf(stderr, __VA_ARGS__);                                                 \
-            fputc('\n', stderr);                                                          \
-            exit(1);                                                                      \
-        }                                                                                 \
-    } while (0)
-
-static void expect(gantry_status got, gantry_status want, const char *what) {
-    char message[512];
-    gantry_last_error_message(message, sizeof message);
-    CHECK(got == want, "%s: got %s (%s), want %s", what, gantry_status_name(got), message,
-          gantry_status_name(want));
-}
 
 static unsigned char *read_file_range(const char *path, uint64_t offset, uint64_t len) {
     FILE *f = fopen(path, "rb");

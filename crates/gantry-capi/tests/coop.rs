@@ -1,5 +1,5 @@
 //! `gantry_loader_load_cooperative` and `gantry_loader_load_cooperative_split` from C
-//! (`tests/coop.c`, C11, `-Wall -Wextra -Werror`): their argument errors, which need no GPU; a
+//! (`tests/capi/coop.c`, C11, `-Wall -Wextra -Werror`): their argument errors, which need no GPU; a
 //! rank without a communicator, and one with a communicator of one rank, reading everything
 //! alone; and two ranks on two GPUs (two threads of the client) that share an NCCL unique id,
 //! split the reads and are bit-exact against the client's own read of the file, with whole
@@ -23,7 +23,7 @@ fn client() -> Option<&'static Path> {
         let cc = tools::require_compiler("cc")?;
         let dir = tempfile::tempdir().unwrap();
         let exe = dir.path().join("coop");
-        let source = ffi::manifest().join("tests/coop.c");
+        let source = ffi::manifest().join("../../tests/capi/coop.c");
         ffi::compile_with(&cc, "-std=c11", &source, &exe, &["-lpthread", "-ldl"]);
         Some((dir, exe))
     })

@@ -12,6 +12,7 @@
  *
  * Each mode prints "coop MODE: ok", or "skipped: REASON" and exits 0 when the machine lacks
  * what it needs (the test harness decides whether a skip is allowed). */
+#include "check.h"
 #include "gantry.h"
 
 #include <dlfcn.h>
@@ -20,23 +21,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define CHECK(cond, ...)                                                \
-    do {                                                                \
-        if (!(cond)) {                                                  \
-            fprintf(stderr, "%s:%d: ", __FILE__, __LINE__);             \
-            fprintf(stderr, __VA_ARGS__);                               \
-            fputc('\n', stderr);                                        \
-            exit(1);                                                    \
-        }                                                               \
-    } while (0)
-
-static void expect(gantry_status got, gantry_status want, const char *what) {
-    char message[512];
-    gantry_last_error_message(message, sizeof message);
-    CHECK(got == want, "%s: got %s (%s), want %s", what, gantry_status_name(got), message,
-          gantry_status_name(want));
-}
 
 /* The few driver entry points used, as cuda.h declares them (CUresult is an int). */
 typedef int (*cu_init_fn)(unsigned);
