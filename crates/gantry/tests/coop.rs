@@ -18,16 +18,7 @@ use gantry::placement::Share;
 use gantry::{Config, Error, Loader, TensorEntry};
 
 fn checkpoint(dir: &std::path::Path) -> gantry::Checkpoint {
-    let spec = gantry::synth::SynthSpec {
-        vocab: 1024,
-        hidden: 256,
-        intermediate: 768,
-        kv: 64,
-        layers: 3,
-        shards: 2,
-    };
-    gantry::synth::write_checkpoint(dir, &spec, 11).unwrap();
-    gantry::open(dir).unwrap()
+    common::small_llama(dir, 11)
 }
 
 fn whole(world: usize) -> impl FnMut(&TensorEntry) -> gantry::Result<Vec<(usize, Share)>> {

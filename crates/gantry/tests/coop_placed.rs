@@ -15,16 +15,7 @@ use gantry::placement::tensor_parallel;
 use gantry::{Config, Loader};
 
 fn checkpoint(dir: &std::path::Path) -> gantry::Checkpoint {
-    let spec = gantry::synth::SynthSpec {
-        vocab: 1024,
-        hidden: 256,
-        intermediate: 768,
-        kv: 64,
-        layers: 3,
-        shards: 2,
-    };
-    gantry::synth::write_checkpoint(dir, &spec, 23).unwrap();
-    gantry::open(dir).unwrap()
+    common::small_llama(dir, 23)
 }
 
 /// Every share of `done` (rank `rank` of `world` under `tp:world`) equals the slice of the

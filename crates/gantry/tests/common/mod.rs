@@ -235,3 +235,18 @@ pub fn two_ranks_with<T: Send>(
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
 }
+
+/// A small Llama-shaped checkpoint in two shards (a few MiB, every tensor-parallel split
+/// divides by 2 and 4) written into `dir` from `seed`, opened.
+pub fn small_llama(dir: &Path, seed: u64) -> Checkpoint {
+    let spec = gantry::synth::SynthSpec {
+        vocab: 1024,
+        hidden: 256,
+        intermediate: 768,
+        kv: 64,
+        layers: 3,
+        shards: 2,
+    };
+    gantry::synth::write_checkpoint(dir, &spec, seed).unwrap();
+    gantry::open(dir).unwrap()
+}
