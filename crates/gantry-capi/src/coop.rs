@@ -3,6 +3,9 @@
 //! the ranks split the checkpoint's reads and exchange them over it.
 
 use std::ffi::{c_char, c_void};
+use std::sync::Arc;
+
+use engine::coop::Communicator;
 
 use crate::error::{self, ffi_boundary, CallError};
 use crate::placed::{gantry_placed, split_rule};
@@ -69,11 +72,9 @@ pub unsafe extern "C" fn gantry_loader_load_cooperative(
         let path = unsafe { error::in_str(path, "path")? };
         let out = error::out_ptr(model_out, "model_out")?;
         let (rank, world) = rank_of(device, rank, world)?;
-        let gpu = engine::CudaDevice::open(device as u32)?;
-        let checkpoint = engine::open_with(path, loader.config())?;
-        let infos = model::TensorInfos::new(&checkpoint);
         // SAFETY: per the contract.
-        let comm = unsafe { communicator(nccl_comm) }?;
+        let (gpu, checkpoint, comm) = unsafe { open_rank(loader, path, device, nccl_comm) }?;
+        let infos = model::TensorInfos::new(&checkpoint);
         let coop = cooperation(comm.as_ref(), rank, world)?;
         let whole = |_: &engine::TensorEntry| {
             Ok((0..world).map(|r| (r, engine::placement::Share::Whole)).collect())
@@ -122,10 +123,8 @@ pub unsafe extern "C" fn gantry_loader_load_cooperative_split(
         let out = error::out_ptr(placed_out, "placed_out")?;
         let (rank, world) = rank_of(device, rank, world)?;
         let rule = split_rule(split, world)?;
-        let gpu = engine::CudaDevice::open(device as u32)?;
-        let checkpoint = engine::open_with(path, loader.config())?;
         // SAFETY: per the contract.
-        let comm = unsafe { communicator(nccl_comm) }?;
+        let (gpu, checkpoint, comm) = unsafe { open_rank(loader, path, device, nccl_comm) }?;
         let coop = cooperation(comm.as_ref(), rank, world)?;
         let done = loader.load_cooperative_placed(checkpoint, &gpu, coop, rule, |_| {})?;
         // SAFETY: NULL or writable, per the contract.
@@ -146,20 +145,27 @@ fn rank_of(device: i32, rank: i32, world: i32) -> Result<(usize, usize), CallErr
     Ok((rank as usize, world as usize))
 }
 
-/// The caller's communicator (none for NULL).
+/// A rank's GPU `device` (checked by [`rank_of`]), the checkpoint at `path`, and the caller's
+/// communicator (none for NULL).
 ///
 /// # Safety
 /// `nccl_comm` NULL or a live `ncclComm_t` of the process's `libnccl.so.2`.
-unsafe fn communicator(
+unsafe fn open_rank(
+    loader: &engine::Loader,
+    path: &str,
+    device: i32,
     nccl_comm: *mut c_void,
-) -> Result<Option<engine::coop::Communicator>, CallError> {
+) -> Result<(Arc<engine::CudaDevice>, engine::Checkpoint, Option<Communicator>), CallError> {
+    let gpu = engine::CudaDevice::open(device as u32)?;
+    let checkpoint = engine::open_with(path, loader.config())?;
     if nccl_comm.is_null() {
-        return Ok(None);
+        return Ok((gpu, checkpoint, None));
     }
     let nccl = engine::coop::load_nccl()
         .map_err(|reason| engine::Error::Unavailable { what: "NCCL", reason })?;
     // SAFETY: per the contract.
-    Ok(Some(unsafe { engine::coop::Communicator::from_raw(nccl, nccl_comm) }?))
+    let comm = unsafe { engine::coop::Communicator::from_raw(nccl, nccl_comm) }?;
+    Ok((gpu, checkpoint, Some(comm)))
 }
 
 /// Rank `rank` of `world` over `comm`, or alone without one.
