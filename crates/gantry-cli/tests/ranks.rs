@@ -153,32 +153,29 @@ fn devices(n: usize) -> String {
     (0..n).map(|g| format!("cuda:{g}")).collect::<Vec<_>>().join(",")
 }
 
+/// `gantry load PATH --ranks WORLD` on GPUs 0.., 1 MiB pieces, `extra`, `--verify`: the ranks
+/// cooperated; each rank's figures.
+fn cooperative_verified(path: &str, world: usize, extra: &[&str]) -> Vec<Value> {
+    let (devices, w) = (devices(world), world.to_string());
+    let mut args = vec!["load", path, "--ranks", &w, "--device", &devices, "--piece-mib", "1"];
+    args.extend_from_slice(extra);
+    args.extend(["--verify", "--json"]);
+    let v = json_of(&gantry(&args, &[]));
+    assert_eq!(v["cooperative"], true, "{v}");
+    let ranks = v["per_rank"].as_array().unwrap().clone();
+    assert_eq!(ranks.len(), world);
+    ranks
+}
+
 #[test]
 fn cooperative_ranks_are_bit_exact_and_read_each_byte_once() {
     let Some(gpus) = gpus_with_nccl() else { return };
     let dir = tempfile::tempdir().unwrap();
     let (path, total) = checkpoint(dir.path());
     for world in [2, 4].into_iter().filter(|&w| w <= gpus) {
-        let devices = devices(world);
-        let w = world.to_string();
-        let args = [
-            "load",
-            &path,
-            "--ranks",
-            &w,
-            "--device",
-            &devices,
-            "--piece-mib",
-            "1",
-            "--verify",
-            "--json",
-        ];
-        let v = json_of(&gantry(&args, &[]));
-        assert_eq!(v["cooperative"], true, "{v}");
-        let ranks = v["per_rank"].as_array().unwrap();
-        assert_eq!(ranks.len(), world);
+        let ranks = cooperative_verified(&path, world, &[]);
         let (mut owned, mut read) = (0, 0);
-        for rank in ranks {
+        for rank in &ranks {
             assert_eq!(rank["verified"], true);
             assert_eq!(rank["bytes"], total);
             let mine = rank["owned_bytes"].as_u64().unwrap();
@@ -198,30 +195,10 @@ fn cooperative_ranks_keep_their_tensor_parallel_shares_bit_exact() {
     let dir = tempfile::tempdir().unwrap();
     let (path, total) = checkpoint(dir.path());
     for world in [2, 4].into_iter().filter(|&w| w <= gpus) {
-        let devices = devices(world);
-        let (w, shard) = (world.to_string(), format!("tp:{world}"));
-        let args = [
-            "load",
-            &path,
-            "--ranks",
-            &w,
-            "--device",
-            &devices,
-            "--shard",
-            &shard,
-            "--piece-mib",
-            "1",
-            "--window-mib",
-            "2",
-            "--verify",
-            "--json",
-        ];
-        let v = json_of(&gantry(&args, &[]));
-        assert_eq!(v["cooperative"], true, "{v}");
-        let ranks = v["per_rank"].as_array().unwrap();
-        assert_eq!(ranks.len(), world);
+        let shard = format!("tp:{world}");
+        let ranks = cooperative_verified(&path, world, &["--shard", &shard, "--window-mib", "2"]);
         let mut owned = 0;
-        for rank in ranks {
+        for rank in &ranks {
             // --verify compared every share with the file (check::verify_placed).
             assert_eq!(rank["verified"], true);
             assert!(rank["windows"].as_u64().unwrap() > 2, "{rank}");
