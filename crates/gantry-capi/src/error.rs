@@ -110,7 +110,7 @@ impl From<engine::Error> for CallError {
             engine::Error::Cuda { .. } => GANTRY_E_CUDA,
             engine::Error::CuFile { .. } => GANTRY_E_CUFILE,
             engine::Error::Nccl { .. } => GANTRY_E_NCCL,
-            engine::Error::Rank { .. } => GANTRY_E_RANK,
+            engine::Error::Rank { .. } | engine::Error::RanksDiffer { .. } => GANTRY_E_RANK,
             _ => GANTRY_E_RESOURCE,
         };
         let errno = e.raw_os_error().unwrap_or(0);

@@ -32,6 +32,10 @@ pub struct FileInfo {
     /// The file's identity when its header was read (`None` for sources that are not local
     /// files): compare with [`FileInfo::check_unchanged`] after opening it for its data.
     pub identity: Option<FileIdentity>,
+    /// The version of an object whose header was read from object storage (its ETag, and on
+    /// Google Cloud Storage its generation, as `etag` or `etag#generation`): the reads of its
+    /// data are pinned to it. `None` for local files (see `identity`).
+    pub version: Option<String>,
 }
 
 impl FileInfo {
@@ -229,7 +233,7 @@ impl Checkpoint {
                     len: t.len,
                 });
             }
-            files.push(FileInfo { path, file_len, header, identity: None });
+            files.push(FileInfo { path, file_len, header, identity: None, version: None });
         }
         Ok(Self { files, tensors, index_metadata: BTreeMap::new() })
     }

@@ -36,6 +36,12 @@ pub struct FileIdentity {
     pub len: u64,
     /// Modification time, nanoseconds since the epoch.
     pub mtime_ns: i128,
+    /// Status change time (`st_ctime`), nanoseconds since the epoch: changes with every
+    /// write, rename into place or change of owner or mode, and cannot be set back by a user
+    /// (`utimensat` sets only the modification and access times). Not compared by
+    /// [`FileIdentity::check`] (a `chmod` between two opens is no new version of the bytes);
+    /// cooperating ranks compare it.
+    pub ctime_ns: i128,
 }
 
 impl FileIdentity {
@@ -46,6 +52,7 @@ impl FileIdentity {
             ino: meta.ino(),
             len: meta.len(),
             mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
         }
     }
 

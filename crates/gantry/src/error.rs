@@ -114,6 +114,19 @@ pub enum Error {
         /// Its error, as it reported it.
         message: String,
     },
+    /// The ranks of a cooperative load did not open the same checkpoint (a file replaced
+    /// between two ranks' opens), or do not plan the same exchange: every rank fails before a
+    /// byte is exchanged.
+    RanksDiffer {
+        /// The first rank (after rank 0) that differs from rank 0.
+        rank: usize,
+        /// Ranks in the load.
+        world: usize,
+        /// The file that differs, when it is one file.
+        path: Option<PathBuf>,
+        /// What differs.
+        what: String,
+    },
     /// Setting up the loader's own resources (memory, threads, rings) failed.
     Resource {
         /// What was being set up.
@@ -164,6 +177,15 @@ impl fmt::Display for Error {
             Error::Nccl { op, message, .. } => write!(f, "NCCL: {op} failed: {message}"),
             Error::Rank { rank, world, message } => {
                 write!(f, "rank {rank} of {world} failed, so this rank stopped: {message}")
+            }
+            Error::RanksDiffer { rank, world, path, what } => {
+                if let Some(path) = path {
+                    write!(f, "{}: ", p(path))?;
+                }
+                write!(
+                    f,
+                    "rank {rank} of {world} opened another checkpoint than rank 0, so no rank exchanged a byte: {what}"
+                )
             }
             Error::Cuda { op, code, message } => write!(f, "CUDA: {op} failed: {message} (CUresult {code})"),
         }

@@ -193,7 +193,8 @@ mod tests {
             metadata: None,
             tensors: vec![],
         };
-        let file = FileInfo { path: "f".into(), file_len: offset, header, identity: None };
+        let file =
+            FileInfo { path: "f".into(), file_len: offset, header, identity: None, version: None };
         Checkpoint { files: vec![file], tensors, index_metadata: Default::default() }
     }
 

@@ -112,6 +112,7 @@ fn azure_blob_storage_against_azurite() {
     missing(&store, dir.path(), &config, AZURE_KEY);
 
     rewritten_mid_load(&store, dir.path(), &config);
+    rewritten_after_open(&store, dir.path(), &config);
     cache_and_sha256(&store, dir.path(), &config, &local);
     killed_mid_load(store, dir.path(), &config);
 }

@@ -255,3 +255,49 @@ fn a_rank_whose_peer_never_joins_fails_to_join_within_its_timeout() {
         other => panic!("joining alone: {other:?}"),
     }
 }
+
+/// Rank 0 loads a checkpoint, rank 1 the same checkpoint but for one shard, another version
+/// of it (same header and length, other bytes: what a shard replaced between two ranks' opens
+/// looks like). Both ranks must fail before a byte is exchanged, naming the shard, instead of
+/// each ending with a mix of both versions (rank 0 reads no piece of that shard in some
+/// splits, so its own checks never see the other version). Shares agree the same way.
+#[test]
+fn ranks_that_opened_different_versions_fail_naming_the_file() {
+    let dir = common::scratch();
+    let c = checkpoint(dir.path());
+    let other = common::scratch();
+    for (f, file) in c.files.iter().enumerate() {
+        let name = file.path.file_name().unwrap();
+        if f == 1 {
+            let mut bytes = std::fs::read(&file.path).unwrap();
+            bytes[file.header.data_offset as usize] ^= 0xff;
+            std::fs::write(other.path().join(name), bytes).unwrap();
+        } else {
+            std::fs::hard_link(&file.path, other.path().join(name)).unwrap();
+        }
+    }
+    let shard = c.files[1].path.file_name().unwrap().to_owned();
+    for placed in [false, true] {
+        let ranks = common::two_ranks_with(|r, gpu, comm| {
+            let c = gantry::open(if r == 0 { dir.path() } else { other.path() }).unwrap();
+            let loader = Loader::new(Config::default()).unwrap();
+            let coop =
+                Cooperation::nccl(comm).timeout(Duration::from_secs(60)).piece_bytes(1 << 20);
+            if placed {
+                let rows = |t: &TensorEntry| gantry::placement::split(t, Some(0), 2);
+                loader.load_cooperative_placed(c, gpu, coop, rows, |_| {}).map(|_| ())
+            } else {
+                loader.load_cooperative(c, gpu, coop, whole(2), |_| {}).map(|_| ())
+            }
+        });
+        for (r, done) in ranks.iter().enumerate() {
+            match done {
+                Err(Error::RanksDiffer { rank: 1, world: 2, path: Some(p), what }) => {
+                    assert_eq!(p.file_name(), Some(shard.as_os_str()), "rank {r}: {what}");
+                    assert!(what.contains("another version"), "rank {r}: {what}");
+                }
+                other => panic!("rank {r} (placed {placed}): {other:?}"),
+            }
+        }
+    }
+}

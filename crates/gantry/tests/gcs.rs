@@ -76,6 +76,7 @@ fn google_cloud_storage_against_fake_gcs_server() {
 
     // Rewritten mid-load: the emulator ignores If-Match, so this is the generation pin at work.
     rewritten_mid_load(&store, dir.path(), &config);
+    rewritten_after_open(&store, dir.path(), &config);
     cache_and_sha256(&store, dir.path(), &config, &local);
     killed_mid_load(store, dir.path(), &config);
 }

@@ -171,6 +171,13 @@ fn object_storage_against_seaweedfs() {
     );
     let e = result.map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("changed") && e.contains("big.safetensors"), "{e}");
+    // Rewritten between the open and the load (same size and header): an error too, never
+    // the other version's bytes under the header that was read.
+    let checkpoint = gantry::open(url("big.safetensors")).unwrap();
+    server.upload(&big, "big.safetensors");
+    let result = Loader::new(Config::default()).unwrap().load_with(checkpoint, |_| true, |_| {});
+    let e = result.map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("its header was read at") && e.contains("big.safetensors"), "{e}");
 
     // Wrong credentials: an error, and the secret is nowhere in it.
     std::env::set_var("AWS_SECRET_ACCESS_KEY", "not-the-secret");

@@ -311,6 +311,7 @@ fn llama_table() -> Checkpoint {
         file_len: offset,
         header,
         identity: None,
+        version: None,
     };
     Checkpoint { files: vec![file], tensors, index_metadata: Default::default() }
 }

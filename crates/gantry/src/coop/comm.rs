@@ -35,6 +35,7 @@ use cudarc::driver::{result, sys, DriverError};
 use nccl_sys::{ncclComm_t, ncclResult_t, ncclUniqueId, Nccl, NcclCode};
 use parking_lot::Mutex;
 
+use super::agree::{self, Agreement};
 use crate::error::{Error, Result};
 use crate::memory::{CudaDevice, DeviceBuffer};
 
@@ -455,6 +456,8 @@ pub struct Exchange<'a> {
     timeout: Duration,
     /// Whether [`Exchange::connect`] has run.
     connected: bool,
+    /// What the ranks must agree on at connect, before any byte is exchanged.
+    agreement: Option<Agreement>,
 }
 
 // SAFETY: the stream and the status buffer belong to `device`'s primary context, which every
@@ -473,7 +476,21 @@ impl<'a> Exchange<'a> {
         device.bind()?;
         let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
             .map_err(cuda_error("cuStreamCreate"))?;
-        Ok(Self { comm, device: Arc::clone(device), stream, status, timeout, connected: false })
+        Ok(Self {
+            comm,
+            device: Arc::clone(device),
+            stream,
+            status,
+            timeout,
+            connected: false,
+            agreement: None,
+        })
+    }
+
+    /// Makes [`Exchange::connect`] check that every rank holds the same `agreement`
+    /// (checkpoint and plan: [`super::agree`]) before the first exchange.
+    pub fn agree_on(&mut self, agreement: Agreement) {
+        self.agreement = Some(agreement);
     }
 
     /// Every rank's status of round `round`: this rank's `failure` in, per rank its failure
@@ -499,21 +516,62 @@ impl<'a> Exchange<'a> {
         // the status exchange below (same stream) has waited for the broadcasts.
         unsafe { self.broadcast(&ranges) }?;
         self.status_of("the first exchange (connecting the ranks)", None)?;
+        if let Some(agreement) = self.agreement.take() {
+            self.check_agreement(&agreement)?;
+        }
         self.connected = true;
         Ok(())
+    }
+
+    /// Every rank's identity against rank 0's: a fixed-size summary first, and the whole
+    /// identities only when the summaries differ (every rank sees the same summaries, so all
+    /// take the same step), then the same error on every rank.
+    fn check_agreement(&mut self, agreement: &Agreement) -> Result<()> {
+        let summary = agreement.identity.summary();
+        let summaries = self.gather("the checkpoint's identity", &summary)?;
+        if agree::compare_summaries(&summaries, self.comm.world)? {
+            return Ok(());
+        }
+        let all = self.gather("the checkpoint's files", &agreement.identity.to_bytes())?;
+        let all: Vec<agree::Identity> =
+            all.iter().filter_map(|bytes| agree::Identity::from_bytes(bytes)).collect();
+        Err(agree::disagreement(&all, &agreement.paths).unwrap_or_else(|| Error::RanksDiffer {
+            rank: 0,
+            world: self.comm.world,
+            path: None,
+            what: "the ranks' summaries differ but their identities agree".to_owned(),
+        }))
+    }
+
+    /// Every rank's `mine` (of equal length on every rank), in rank order: each rank's bytes
+    /// in its own slot, zero elsewhere, summed.
+    fn gather(&mut self, what: &str, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let (rank, world) = (self.comm.rank, self.comm.world);
+        let len = mine.len().max(1);
+        let mut slots = vec![0u8; len * world];
+        slots[rank * len..][..mine.len()].copy_from_slice(mine);
+        let buffer = self.device.alloc(slots.len(), "the cooperative agreement buffer")?;
+        self.all_reduce_bytes(buffer.ptr(), &mut slots, what)?;
+        Ok(slots.chunks(len).map(|c| c[..mine.len()].to_vec()).collect())
     }
 
     /// The status exchange behind [`Exchange::status`], named `what` in errors.
     fn status_of(&mut self, what: &str, failure: Option<&str>) -> Result<Vec<Option<String>>> {
         let mut slots = status_slots(self.comm.world, self.comm.rank, failure);
+        self.all_reduce_bytes(self.status.ptr(), &mut slots, &format!("status of {what}"))?;
+        Ok(read_status(&slots))
+    }
+
+    /// Sums `slots` byte-wise across the ranks through `buffer` (device memory of at least
+    /// `slots.len()` bytes that nothing else on the stream uses), in place.
+    fn all_reduce_bytes(&mut self, buffer: u64, slots: &mut [u8], what: &str) -> Result<()> {
         self.device.bind()?;
-        // SAFETY: the status buffer holds `slots.len()` bytes; nothing on the stream uses it
-        // (the previous status exchange was waited for).
-        unsafe { result::memcpy_htod_sync(self.status.ptr(), &slots) }
+        // SAFETY: the buffer holds `slots.len()` bytes; nothing on the stream uses it (the
+        // previous exchange through it was waited for).
+        unsafe { result::memcpy_htod_sync(buffer, slots) }
             .map_err(cuda_error("cuMemcpyHtoD (status)"))?;
-        let op = format!("ncclAllReduce (status of {what})");
-        let (ptr, stream, len) =
-            (self.status.ptr() as *mut c_void, self.stream.cast(), slots.len());
+        let op = format!("ncclAllReduce ({what})");
+        let (ptr, stream, len) = (buffer as *mut c_void, self.stream.cast(), slots.len());
         let nccl = &self.comm.nccl;
         let rc = self.comm.with_comm(&op, |comm| {
             // SAFETY: in-place all-reduce over device memory of `len` bytes on this
@@ -531,11 +589,11 @@ impl<'a> Exchange<'a> {
             }
         })?;
         self.comm.settle(&op, rc, self.timeout)?;
-        self.wait(&format!("the status of {what}"))?;
-        // SAFETY: the all-reduce has completed; `slots` is as long as the buffer.
-        unsafe { result::memcpy_dtoh_sync(&mut slots, self.status.ptr()) }
+        self.wait(&format!("the {what}"))?;
+        // SAFETY: the all-reduce has completed; the buffer holds `slots.len()` bytes.
+        unsafe { result::memcpy_dtoh_sync(slots, buffer) }
             .map_err(cuda_error("cuMemcpyDtoH (status)"))?;
-        Ok(read_status(&slots))
+        Ok(())
     }
 
     /// Issues, as one group, an in-place broadcast of each `(address, bytes, root)` range of

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use gantry_format::{Checkpoint, Dtype, FileId, TensorEntry};
 
+use super::agree::{plan_word, Agreement};
 use super::comm::{Communicator, Exchange, TIMEOUT};
 use super::placed::WINDOW_BYTES;
 use super::rounds::{exchanger, Heard, Note, Tally};
@@ -335,8 +336,10 @@ impl Loader {
         };
         check_comm(comm, &coop)?;
         let mut exchange = Exchange::new(comm, device, coop.timeout)?;
-        let split =
-            Split::new(checkpoint, wanted, &volumes(checkpoint), coop.world, coop.piece_bytes);
+        let volume_of = volumes(checkpoint);
+        let plan = plan_word(coop.world, coop.piece_bytes, 0, wanted, &volume_of);
+        exchange.agree_on(Agreement::new(checkpoint, plan));
+        let split = Split::new(checkpoint, wanted, &volume_of, coop.world, coop.piece_bytes);
         let (mut report, done) = self.cooperate(
             checkpoint,
             device,

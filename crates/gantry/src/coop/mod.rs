@@ -2,6 +2,7 @@
 //! reads of a checkpoint between them (every byte read from storage once across the ranks)
 //! and exchange what they read over NVLink with NCCL.
 
+mod agree;
 pub mod comm;
 mod load;
 pub mod placed;

@@ -18,6 +18,7 @@ use std::time::Instant;
 use cudarc::driver::{result, sys};
 use gantry_format::{Checkpoint, TensorEntry};
 
+use super::agree::{plan_word, Agreement};
 use super::comm::Exchange;
 use super::load::{check_comm, volumes, CoopReport, Cooperation, Link};
 use super::split::Split;
@@ -147,6 +148,14 @@ impl Loader {
         let buffer = device.alloc(own_bytes as usize, "this rank's shares");
         let scratch = device.alloc(scratch_bytes as usize, "the exchange window");
         let mut exchange = Exchange::new(comm, device, coop.timeout)?;
+        let plan = plan_word(
+            coop.world,
+            coop.piece_bytes,
+            coop.window_bytes,
+            &wanted,
+            &volumes(&checkpoint),
+        );
+        exchange.agree_on(Agreement::new(&checkpoint, plan));
         let (buffer, scratch) = match (buffer, scratch) {
             (Ok(b), Ok(s)) => (b, s),
             (Err(e), _) | (_, Err(e)) => {

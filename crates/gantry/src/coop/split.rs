@@ -233,6 +233,7 @@ mod tests {
                 path: PathBuf::from(format!("model-{f}.safetensors")),
                 file_len: offset,
                 identity: None,
+                version: None,
                 header: Header {
                     header_len: 0,
                     data_offset: 8,

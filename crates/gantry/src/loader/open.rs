@@ -107,8 +107,7 @@ impl Loader {
     ) -> Result<FileChoice> {
         use crate::io::cache;
         use crate::io::object;
-        let mut object =
-            object::open_for_load(&info.path, info.file_len, &self.config.object_options)?;
+        let mut object = object::open_for_load(info, &self.config.object_options)?;
         let etag = object.etag.clone();
         let mut cache_note = String::new();
         if let Some(dir) = &self.config.cache_dir {

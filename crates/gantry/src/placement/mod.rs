@@ -397,6 +397,7 @@ mod tests {
                     tensors: Vec::new(),
                 },
                 identity: None,
+                version: None,
             }],
             tensors: vec![t],
             index_metadata: Default::default(),

@@ -160,6 +160,20 @@ pub fn rewritten_mid_load(store: &impl Store, dir: &Path, config: &Config) {
     assert!(e.contains("changed") && e.contains("big.safetensors"), "{e}");
 }
 
+/// An object rewritten between the checkpoint's open and its load (same size and header, new
+/// bytes): the load's reads would be of another version than the header it was opened with
+/// (and than what a cooperating rank opened), so it is an error naming the object.
+pub fn rewritten_after_open(store: &impl Store, dir: &Path, config: &Config) {
+    let (a, b) = two_versions(dir);
+    store.put("opened.safetensors", &a);
+    let checkpoint = gantry::open_with(store.url("opened.safetensors"), config).unwrap();
+    store.put("opened.safetensors", &b);
+    let result = Loader::new(config.clone()).unwrap().load_with(checkpoint, |_| true, |_| {});
+    let e = result.map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("changed") && e.contains("opened.safetensors"), "{e}");
+    assert!(e.contains("its header was read at"), "{e}");
+}
+
 /// The cache: the first load writes each object through, the next reads the copies locally;
 /// with `SHA256SUMS` beside the shards the SHA-256 check passes, and names a shard whose
 /// listed digest is wrong.

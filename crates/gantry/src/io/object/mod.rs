@@ -53,8 +53,9 @@ pub fn open_checkpoint(source: &Path, options: &Options) -> Result<Checkpoint> {
         } else if key.ends_with(".json") {
             remote.open_index(&key).await
         } else {
-            let header = remote.header(&key).await?;
-            Ok(Checkpoint::from_headers(vec![(remote.url_of(&key), header)])?)
+            let (header, pin) = remote.header(&key).await?;
+            let checkpoint = Checkpoint::from_headers(vec![(remote.url_of(&key), header)])?;
+            Ok(pinned(checkpoint, vec![pin]))
         }
     })
 }
@@ -79,6 +80,15 @@ struct Pin {
 }
 
 impl Pin {
+    /// The version this pin names, as [`gantry_format::FileInfo::version`] keeps it.
+    fn version(&self) -> Option<String> {
+        match (&self.etag, &self.generation) {
+            (None, None) => None,
+            (etag, None) => etag.clone(),
+            (etag, Some(g)) => Some(format!("{}#{g}", etag.as_deref().unwrap_or_default())),
+        }
+    }
+
     fn of(provider: Provider, meta: &ObjectMeta) -> Self {
         let generation = meta.version.clone().filter(|_| provider == Provider::Gcs);
         Self { etag: meta.e_tag.clone(), generation }
@@ -153,7 +163,13 @@ impl Remote {
             .buffered(HEADER_READS_MAX)
             .collect::<Vec<Result<_>>>()
             .await;
-        Ok(Checkpoint::from_headers(headers.into_iter().collect::<Result<Vec<_>>>()?)?)
+        let (headers, pins): (Vec<_>, Vec<_>) = headers
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .map(|(url, (header, pin))| ((url, header), pin))
+            .unzip();
+        Ok(pinned(Checkpoint::from_headers(headers)?, pins))
     }
 
     async fn open_index(&self, key: &str) -> Result<Checkpoint> {
@@ -186,20 +202,25 @@ impl Remote {
             .collect::<Vec<_>>()
             .await;
         let mut headers = Vec::with_capacity(keys.len());
+        let mut pins = Vec::with_capacity(keys.len());
         for (position, (key, result)) in keys.iter().zip(results).enumerate() {
             match result {
                 Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                     return Err(index.missing_shard(&url, position).into());
                 }
                 Err(e) => return Err(e),
-                Ok(header) => headers.push((self.url_of(key), header)),
+                Ok((header, pin)) => {
+                    headers.push((self.url_of(key), header));
+                    pins.push(pin);
+                }
             }
         }
-        Ok(Checkpoint::from_headers(headers)?.with_index(index)?)
+        Ok(pinned(Checkpoint::from_headers(headers)?.with_index(index)?, pins))
     }
 
-    /// The validated header of object `key`: its size, then two ranged GETs.
-    async fn header(&self, key: &str) -> Result<Header> {
+    /// The validated header of object `key` (its size, then two ranged GETs) and the version
+    /// both GETs were pinned to.
+    async fn header(&self, key: &str) -> Result<(Header, Pin)> {
         let url = self.url_of(key);
         let location = ObjectPath::from(key);
         let meta =
@@ -213,7 +234,7 @@ impl Remote {
         let header_len = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
         let header_len = check_prefix(&url, header_len, size)?;
         let header = self.range(&location, &url, PREFIX_BYTES, header_len, &pin).await?;
-        Ok(parse_header(&url, &header, size)?)
+        Ok((parse_header(&url, &header, size)?, pin))
     }
 
     async fn range(
@@ -292,9 +313,28 @@ impl ObjectFile {
     }
 }
 
-/// Opens object `path` for a load whose header said it is `file_len` bytes.
-pub fn open_for_load(path: &Path, file_len: u64, options: &Options) -> Result<ObjectFile> {
+/// Each file of `checkpoint` (in its order) with the version its header was read at.
+fn pinned(mut checkpoint: Checkpoint, pins: Vec<Pin>) -> Checkpoint {
+    for (file, pin) in checkpoint.files.iter_mut().zip(pins) {
+        file.version = pin.version();
+    }
+    checkpoint
+}
+
+/// Opens object `info.path` for a load: it must still be the version (size, ETag and
+/// generation) whose header was read, or its data would not be what the header describes.
+pub fn open_for_load(info: &gantry_format::FileInfo, options: &Options) -> Result<ObjectFile> {
+    let (path, file_len) = (info.path.as_path(), info.file_len);
     let object = open_for_load_unchecked(path, options)?;
+    let now = object.pin().version();
+    if info.version.is_some() && now != info.version {
+        let why = format!(
+            "its version is {} now, its header was read at {}",
+            now.as_deref().unwrap_or("none"),
+            info.version.as_deref().unwrap_or("none")
+        );
+        return Err(changed("head", path, 0, 0, &why));
+    }
     if object.size != file_len {
         return Err(Error::Io {
             op: "head",
