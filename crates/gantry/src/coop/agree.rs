@@ -311,7 +311,8 @@ mod tests {
     #[test]
     fn each_difference_names_the_file_and_what() {
         let a = checkpoint(vec![file("a", 64), file("b", 32)]);
-        let cases: Vec<(Box<dyn Fn(&mut Checkpoint)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut Checkpoint)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|c| c.files[1].identity.as_mut().unwrap().ino = 8), "another version"),
             (Box::new(|c| c.files[1].identity.as_mut().unwrap().ctime_ns += 1), "another version"),
             (Box::new(|c| c.files[1].identity.as_mut().unwrap().mtime_ns += 1), "another version"),

@@ -31,12 +31,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{result, sys, DriverError};
+use cudarc::driver::{result, sys};
 use nccl_sys::{ncclComm_t, ncclResult_t, ncclUniqueId, Nccl, NcclCode};
 use parking_lot::Mutex;
 
 use super::agree::{self, Agreement};
 use crate::error::{Error, Result};
+use crate::memory::cuda::cuda_error;
 use crate::memory::{CudaDevice, DeviceBuffer};
 
 mod poll;
@@ -62,15 +63,6 @@ pub fn load_nccl() -> Result<Arc<Nccl>, String> {
 
 fn nccl_error(nccl: &Nccl, op: impl Into<String>, code: NcclCode) -> Error {
     Error::Nccl { op: op.into(), code: code.0, message: nccl.describe(code) }
-}
-
-fn cuda_error(op: &str) -> impl FnOnce(DriverError) -> Error + '_ {
-    move |e: DriverError| {
-        let message = e
-            .error_string()
-            .map_or_else(|_| format!("{e:?}"), |s| s.to_string_lossy().into_owned());
-        Error::Cuda { op: op.to_owned(), code: e.0 as i32, message }
-    }
 }
 
 /// What rank 0 creates and every rank of a communicator is given.

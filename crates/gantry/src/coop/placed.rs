@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::{result, sys};
+use cudarc::driver::result;
 use gantry_format::{Checkpoint, TensorEntry};
 
 use super::agree::{plan_word, Agreement};
@@ -24,11 +24,11 @@ use super::load::{check_comm, volumes, CoopReport, Cooperation, Link};
 use super::split::Split;
 use crate::error::{Error, Result};
 use crate::loader::{LoadReport, Loader};
+use crate::memory::copy::{copy_rows, Source2d};
 use crate::memory::cuda::cuda_error;
 use crate::memory::{CudaDevice, DeviceBuffer};
 use crate::placed::PlacedDeviceModel;
 use crate::placement::{rows_of, Layout, Share, ShareEntry};
-use crate::sink::gpus::{copy_2d, Source2d, PITCH_BYTES_MAX};
 
 /// Bytes of one window by default (a window holding one tensor larger than this is larger).
 pub const WINDOW_BYTES: u64 = 2 << 30;
@@ -317,10 +317,11 @@ impl Windows<'_> {
             let rows = rows_of(t, s.share)?;
             let source = bases[t.file.0] + rows.first;
             let dest = self.buffer.ptr() + s.offset;
+            let from = Source2d::Device(source);
             // SAFETY: the rows lie inside the tensor's bytes, which the window put in the
             // scratch at `bases` (the exchange has completed); the destination is the share's
             // place in this rank's buffer; the stream is waited for below.
-            queued = unsafe { copy_rows(source, rows.width, rows.pitch, rows.count, dest, stream) };
+            queued = unsafe { copy_rows(from, rows.pitch, rows.width, rows.count, dest, stream) };
             if queued.is_err() {
                 break;
             }
@@ -361,40 +362,6 @@ fn add(a: (LoadReport, CoopReport), b: (LoadReport, CoopReport)) -> (LoadReport,
     coop.read_seconds += b.1.read_seconds;
     coop.share_copy_seconds += b.1.share_copy_seconds;
     (load, coop)
-}
-
-/// Queues a copy of `count` rows of `width` bytes, `pitch` apart from `source`, packed at
-/// `dest`, on `stream`.
-///
-/// # Safety
-/// Both ranges are device memory of the stream's (current) context; nothing writes them until
-/// the stream has passed the copy.
-unsafe fn copy_rows(
-    source: u64,
-    width: u64,
-    pitch: u64,
-    count: u64,
-    dest: u64,
-    stream: sys::CUstream,
-) -> Result<()> {
-    if count == 1 || pitch > PITCH_BYTES_MAX {
-        for r in 0..count {
-            // SAFETY: per the contract.
-            unsafe {
-                result::memcpy_dtod_async(
-                    dest + r * width,
-                    source + r * pitch,
-                    width as usize,
-                    stream,
-                )
-            }
-            .map_err(cuda_error("cuMemcpyDtoDAsync (a share)"))?;
-        }
-        return Ok(());
-    }
-    let from = Source2d::Device(source);
-    // SAFETY: per the contract; the pitch is within the driver's limit (checked above).
-    unsafe { copy_2d(from, pitch, width, count, dest, stream) }
 }
 
 #[cfg(test)]

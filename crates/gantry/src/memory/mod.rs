@@ -2,6 +2,7 @@
 //! device/context. Below `io` (readers) and `sink` (destinations), so that readers know
 //! nothing of destinations and both share one definition of each.
 
+pub(crate) mod copy;
 pub mod cuda;
 pub mod host;
 

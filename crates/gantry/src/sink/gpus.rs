@@ -11,11 +11,8 @@ use cudarc::driver::{result, sys};
 
 use super::cuda::{cuda_error, CudaDevice, DeviceBuffer, STREAMS};
 use crate::error::{Error, Result};
+use crate::memory::copy::{copy_rows, Source2d};
 use crate::placement::Piece;
-
-/// Largest pitch handed to `cuMemcpy2DAsync` (the driver's `MAX_PITCH` is 2^31 - 1 on every
-/// current GPU); rows further apart than this are copied one by one (they are then long).
-pub const PITCH_BYTES_MAX: u64 = (1 << 31) - 1;
 
 /// A destination GPU of a sink and its copy streams (destroyed on drop, after waiting).
 pub(crate) struct Gpu {
@@ -160,8 +157,8 @@ fn peer_access(from: &CudaDevice, to: &CudaDevice) -> bool {
 }
 
 /// Queues the host-to-device copy of `piece` of `source` (a copy step's staged bytes) to
-/// device address `dest` on `stream`: one plain copy for a row, one 2-D copy for a block of
-/// rows.
+/// device address `dest` on `stream` (one plain copy for a row, one 2-D copy for a block of
+/// rows: [`copy_rows`]).
 ///
 /// # Safety
 /// `source` is page-locked and stays untouched until the stream has passed this copy; the
@@ -175,71 +172,10 @@ pub(crate) unsafe fn copy_piece(
 ) -> Result<()> {
     let last = piece.source + (piece.rows - 1) * piece.source_pitch + piece.width;
     assert!(last <= source.len() as u64, "a piece past its staged bytes");
-    if piece.rows == 1 || piece.source_pitch > PITCH_BYTES_MAX {
-        for r in 0..piece.rows {
-            let from = (piece.source + r * piece.source_pitch) as usize;
-            let row = &source[from..from + piece.width as usize];
-            // SAFETY: per the contract.
-            unsafe { result::memcpy_htod_async(dest + r * piece.width, row, stream) }
-                .map_err(cuda_error("cuMemcpyHtoDAsync"))?;
-        }
-        return Ok(());
-    }
     let from = Source2d::Host(source[piece.source as usize..].as_ptr());
     // SAFETY: the source rows lie inside `source` (asserted), the destination is
     // `piece.len()` bytes at `dest` per the contract.
-    unsafe { copy_2d(from, piece.source_pitch, piece.width, piece.rows, dest, stream) }
-}
-
-/// Where a 2-D copy reads from: page-locked host memory or device memory.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Source2d {
-    Host(*const u8),
-    Device(u64),
-}
-
-/// Queues one `cuMemcpy2DAsync` of `rows` rows of `width` bytes, `pitch` apart from `source`,
-/// packed at device address `dest`, on `stream`.
-///
-/// # Safety
-/// The rows at `source` are readable (page-locked host memory or device memory of the
-/// stream's context) until the stream has passed the copy; the `rows * width` bytes at `dest`
-/// are device memory of the stream's (current) context that nothing else writes meanwhile;
-/// `pitch` is at most [`PITCH_BYTES_MAX`].
-pub(crate) unsafe fn copy_2d(
-    source: Source2d,
-    pitch: u64,
-    width: u64,
-    rows: u64,
-    dest: u64,
-    stream: sys::CUstream,
-) -> Result<()> {
-    let (kind, host, device) = match source {
-        Source2d::Host(p) => (sys::CUmemorytype::CU_MEMORYTYPE_HOST, p.cast(), 0),
-        Source2d::Device(p) => (sys::CUmemorytype::CU_MEMORYTYPE_DEVICE, std::ptr::null(), p),
-    };
-    let copy = sys::CUDA_MEMCPY2D {
-        srcXInBytes: 0,
-        srcY: 0,
-        srcMemoryType: kind,
-        srcHost: host,
-        srcDevice: device,
-        srcArray: std::ptr::null_mut(),
-        srcPitch: pitch as usize,
-        dstXInBytes: 0,
-        dstY: 0,
-        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-        dstHost: std::ptr::null_mut(),
-        dstDevice: dest,
-        dstArray: std::ptr::null_mut(),
-        dstPitch: width as usize,
-        WidthInBytes: width as usize,
-        Height: rows as usize,
-    };
-    // SAFETY: per the contract; the struct lives for the call.
-    unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream) }
-        .result()
-        .map_err(cuda_error(format!("cuMemcpy2DAsync ({rows} rows of {width} bytes)")))
+    unsafe { copy_rows(from, piece.source_pitch, piece.width, piece.rows, dest, stream) }
 }
 
 /// Queues a device-to-device copy of `len` bytes from `source` on `from` to `dest` on `to`, on
