@@ -111,6 +111,7 @@ impl From<engine::Error> for CallError {
             engine::Error::CuFile { .. } => GANTRY_E_CUFILE,
             engine::Error::Nccl { .. } => GANTRY_E_NCCL,
             engine::Error::Rank { .. } | engine::Error::RanksDiffer { .. } => GANTRY_E_RANK,
+            engine::Error::Internal(_) => GANTRY_E_PANIC,
             _ => GANTRY_E_RESOURCE,
         };
         let errno = e.raw_os_error().unwrap_or(0);

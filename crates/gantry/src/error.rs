@@ -127,6 +127,9 @@ pub enum Error {
         /// What differs.
         what: String,
     },
+    /// A bug in gantry: one of its own threads panicked, or an invariant did not hold. Never
+    /// the caller's input; the message says where.
+    Internal(String),
     /// Setting up the loader's own resources (memory, threads, rings) failed.
     Resource {
         /// What was being set up.
@@ -161,6 +164,9 @@ impl fmt::Display for Error {
                 "registering {needed_bytes} bytes of staging memory passes RLIMIT_MEMLOCK ({limit_bytes} bytes): raise it (ulimit -l, or --ulimit memlock=-1 for containers) or lower the staging size"
             ),
             Error::Config(message) => write!(f, "invalid configuration: {message}"),
+            Error::Internal(message) => {
+                write!(f, "internal error (a bug in gantry, please report it): {message}")
+            }
             Error::Destination { tensor, message } => {
                 write!(f, "destination for tensor '{}': {message}", gantry_format::escape(tensor))
             }

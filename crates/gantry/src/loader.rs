@@ -386,7 +386,8 @@ impl Loader {
                 _ => None,
             };
             let opened = self.open_files(checkpoint, wanted, target);
-            (opened, early.map(|h| h.join().expect("staging set-up thread")))
+            let panicked = || Err(Error::Internal("the staging set-up thread panicked".into()));
+            (opened, early.map(|h| h.join().unwrap_or_else(|_| panicked())))
         });
         if let Some(arena) = early {
             *cached = Some(arena?);

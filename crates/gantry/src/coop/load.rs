@@ -438,7 +438,7 @@ impl Loader {
             drop(notes);
             tally.hear(&heard, true, checkpoint, bases, on_ready);
             if thread.join().is_err() {
-                return Err(Error::Config("the exchange thread panicked".into()));
+                return Err(Error::Internal("the exchange thread panicked".into()));
             }
             let done = Exchanged {
                 received_bytes: tally.received_bytes,
@@ -521,7 +521,7 @@ pub(super) struct Exchanged {
 fn exchange_failure(outcome: Option<Result<()>>) -> Error {
     match outcome {
         Some(Err(e)) => e,
-        _ => Error::Config("the exchange ended before its last round".into()),
+        _ => Error::Internal("the exchange ended before its last round".into()),
     }
 }
 

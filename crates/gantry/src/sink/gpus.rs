@@ -102,7 +102,8 @@ impl Setup {
                 Ok(Ok(m)) => made.push(m),
                 Ok(Err(e)) => failure = failure.or(Some(e)),
                 Err(_) => {
-                    failure = failure.or(Some(Error::Config("a GPU set-up thread panicked".into())))
+                    failure =
+                        failure.or(Some(Error::Internal("a GPU set-up thread panicked".into())))
                 }
             }
         }
