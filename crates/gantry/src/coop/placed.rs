@@ -24,7 +24,7 @@ use super::load::{check_comm, volumes, CoopReport, Cooperation, Link};
 use super::split::Split;
 use crate::error::{Error, Result};
 use crate::loader::{LoadReport, Loader};
-use crate::memory::copy::{copy_rows, Source2d};
+use crate::memory::copy::{copy_rows, Rows, Source2d};
 use crate::memory::cuda::cuda_error;
 use crate::memory::{CudaDevice, DeviceBuffer};
 use crate::placed::PlacedDeviceModel;
@@ -317,11 +317,16 @@ impl Windows<'_> {
             let rows = rows_of(t, s.share)?;
             let source = bases[t.file.0] + rows.first;
             let dest = self.buffer.ptr() + s.offset;
-            let from = Source2d::Device(source);
+            let rows = Rows {
+                source: Source2d::Device(source),
+                pitch: rows.pitch,
+                width: rows.width,
+                count: rows.count,
+            };
             // SAFETY: the rows lie inside the tensor's bytes, which the window put in the
             // scratch at `bases` (the exchange has completed); the destination is the share's
             // place in this rank's buffer; the stream is waited for below.
-            queued = unsafe { copy_rows(from, rows.pitch, rows.width, rows.count, dest, stream) };
+            queued = unsafe { copy_rows(rows, dest, stream) };
             if queued.is_err() {
                 break;
             }

@@ -30,24 +30,26 @@ impl Source2d {
     }
 }
 
-/// Queues the copy of `rows` rows of `width` bytes, `pitch` apart from `source`, packed at
-/// device address `dest`, on `stream`: one plain copy per row when there is one row or the
-/// pitch passes [`PITCH_BYTES_MAX`], else one 2-D copy.
+/// Rows to copy: `count` rows of `width` bytes, `pitch` apart from `source`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rows {
+    pub(crate) source: Source2d,
+    pub(crate) pitch: u64,
+    pub(crate) width: u64,
+    pub(crate) count: u64,
+}
+
+/// Queues the copy of `rows`, packed at device address `dest`, on `stream`: one plain copy per
+/// row when there is one row or the pitch passes [`PITCH_BYTES_MAX`], else one 2-D copy.
 ///
 /// # Safety
-/// The rows at `source` are readable (page-locked host memory, or device memory of the
-/// stream's context) until the stream has passed the copy; the `rows * width` bytes at `dest`
-/// are device memory of the stream's (current) context that nothing else writes meanwhile.
-pub(crate) unsafe fn copy_rows(
-    source: Source2d,
-    pitch: u64,
-    width: u64,
-    rows: u64,
-    dest: u64,
-    stream: sys::CUstream,
-) -> Result<()> {
-    if rows == 1 || pitch > PITCH_BYTES_MAX {
-        for r in 0..rows {
+/// The rows are readable (page-locked host memory, or device memory of the stream's context)
+/// until the stream has passed the copy; the `count * width` bytes at `dest` are device
+/// memory of the stream's (current) context that nothing else writes meanwhile.
+pub(crate) unsafe fn copy_rows(rows: Rows, dest: u64, stream: sys::CUstream) -> Result<()> {
+    let Rows { source, pitch, width, count } = rows;
+    if count == 1 || pitch > PITCH_BYTES_MAX {
+        for r in 0..count {
             let (from, to) = (source.at(r * pitch), dest + r * width);
             let rc = match from {
                 // SAFETY: per the contract: row `r` lies in the readable rows.
@@ -68,22 +70,15 @@ pub(crate) unsafe fn copy_rows(
         return Ok(());
     }
     // SAFETY: per the contract; the pitch is within the driver's limit (checked above).
-    unsafe { copy_2d(source, pitch, width, rows, dest, stream) }
+    unsafe { copy_2d(rows, dest, stream) }
 }
 
-/// Queues one `cuMemcpy2DAsync` of `rows` rows of `width` bytes, `pitch` apart from `source`,
-/// packed at device address `dest`, on `stream`.
+/// Queues one `cuMemcpy2DAsync` of `rows`, packed at device address `dest`, on `stream`.
 ///
 /// # Safety
-/// As [`copy_rows`], and `pitch` is at most [`PITCH_BYTES_MAX`].
-unsafe fn copy_2d(
-    source: Source2d,
-    pitch: u64,
-    width: u64,
-    rows: u64,
-    dest: u64,
-    stream: sys::CUstream,
-) -> Result<()> {
+/// As [`copy_rows`], and the pitch is at most [`PITCH_BYTES_MAX`].
+unsafe fn copy_2d(rows: Rows, dest: u64, stream: sys::CUstream) -> Result<()> {
+    let Rows { source, pitch, width, count } = rows;
     let (kind, host, device) = match source {
         Source2d::Host(p) => (sys::CUmemorytype::CU_MEMORYTYPE_HOST, p.cast(), 0),
         Source2d::Device(p) => (sys::CUmemorytype::CU_MEMORYTYPE_DEVICE, std::ptr::null(), p),
@@ -104,10 +99,10 @@ unsafe fn copy_2d(
         dstArray: std::ptr::null_mut(),
         dstPitch: width as usize,
         WidthInBytes: width as usize,
-        Height: rows as usize,
+        Height: count as usize,
     };
     // SAFETY: per the contract; the struct lives for the call.
     unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream) }
         .result()
-        .map_err(cuda_error(format!("cuMemcpy2DAsync ({rows} rows of {width} bytes)")))
+        .map_err(cuda_error(format!("cuMemcpy2DAsync ({count} rows of {width} bytes)")))
 }

@@ -11,7 +11,7 @@ use cudarc::driver::{result, sys};
 
 use super::cuda::{cuda_error, CudaDevice, DeviceBuffer, STREAMS};
 use crate::error::{Error, Result};
-use crate::memory::copy::{copy_rows, Source2d};
+use crate::memory::copy::{copy_rows, Rows, Source2d};
 use crate::placement::Piece;
 
 /// A destination GPU of a sink and its copy streams (destroyed on drop, after waiting).
@@ -173,10 +173,15 @@ pub(crate) unsafe fn copy_piece(
 ) -> Result<()> {
     let last = piece.source + (piece.rows - 1) * piece.source_pitch + piece.width;
     assert!(last <= source.len() as u64, "a piece past its staged bytes");
-    let from = Source2d::Host(source[piece.source as usize..].as_ptr());
+    let rows = Rows {
+        source: Source2d::Host(source[piece.source as usize..].as_ptr()),
+        pitch: piece.source_pitch,
+        width: piece.width,
+        count: piece.rows,
+    };
     // SAFETY: the source rows lie inside `source` (asserted), the destination is
     // `piece.len()` bytes at `dest` per the contract.
-    unsafe { copy_rows(from, piece.source_pitch, piece.width, piece.rows, dest, stream) }
+    unsafe { copy_rows(rows, dest, stream) }
 }
 
 /// Queues a device-to-device copy of `len` bytes from `source` on `from` to `dest` on `to`, on
