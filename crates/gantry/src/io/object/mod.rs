@@ -15,6 +15,7 @@
 //! stays inside this module. Errors name the object, never the credentials.
 
 pub mod client;
+pub mod settings;
 pub mod source;
 
 use std::io;
@@ -24,7 +25,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use gantry_format::{
     check_prefix, parse_header, parse_index, Checkpoint, ErrorKind, FormatError, Header,
     INDEX_FILE_NAME, MAX_INDEX_BYTES, PREFIX_BYTES,
@@ -37,15 +38,16 @@ use super::Message;
 use crate::error::{Error, Result};
 use crate::integrity::{self, Known, SUMS_FILE_NAME};
 use crate::staging::Pool;
-use client::{changed, request_error, runtime};
-pub(crate) use client::{option_key, Options};
+pub(crate) use client::Options;
+use client::{block_on, changed, panicked, request_error, runtime};
+pub use settings::endpoint_options;
 pub use source::{is_url, Provider, Source};
 
 /// Opens an object source and validates every header, reading no tensor data.
-pub fn open_checkpoint(source: &Path, options: &Options) -> Result<Checkpoint> {
-    let source = parse(source)?;
+pub fn open_checkpoint(path: &Path, options: &Options) -> Result<Checkpoint> {
+    let source = parse(path)?;
     let store = client::client(&source, options)?.store;
-    runtime()?.block_on(async {
+    block_on(path, async {
         let key = source.key.clone();
         let remote = Remote { store, source };
         if remote.source.is_prefix() {
@@ -56,7 +58,7 @@ pub fn open_checkpoint(source: &Path, options: &Options) -> Result<Checkpoint> {
             let header = remote.header(&key).await?;
             Ok(Checkpoint::from_headers(vec![(remote.url_of(&key), header)])?)
         }
-    })
+    })?
 }
 
 /// Most shard headers read at once when a checkpoint is opened: each costs a HEAD and two small
@@ -279,9 +281,8 @@ impl ObjectFile {
 
     /// Whether a HEAD now shows the ETag (and generation) and size the load saw.
     pub fn unchanged(&self) -> std::result::Result<bool, String> {
-        let runtime = runtime().map_err(|e| e.to_string())?;
-        let meta = runtime
-            .block_on(self.store.head(&self.location))
+        let meta = block_on(&self.path, self.store.head(&self.location))
+            .map_err(|e| e.to_string())?
             .map_err(|e| request_error("head", &self.path, 0, 0, e).to_string())?;
         let generation_same = self.generation.is_none() || meta.version == self.generation;
         Ok(meta.e_tag == self.etag && meta.size == self.size && generation_same)
@@ -352,7 +353,12 @@ pub fn run(
             let file = files[job.file].clone();
             let (tx, failed) = (tx.clone(), Arc::clone(&failed));
             in_flight.spawn(async move {
-                let (message, copy) = fetch(&file, job, dest).await;
+                // A panic inside the client (a backstop: its settings were checked) fails
+                // the load with an error rather than losing the part.
+                let caught = std::panic::AssertUnwindSafe(fetch(&file, job, dest)).catch_unwind();
+                let (message, copy) = caught
+                    .await
+                    .unwrap_or_else(|panic| (Err(panicked(&file.path, panic.as_ref())), None));
                 if message.is_err() {
                     failed.store(true, Ordering::Relaxed);
                 }
@@ -482,8 +488,7 @@ const SUMS_BYTES_MAX: u64 = 16 << 20;
 /// The digest known for `object`: its `sha256` metadata, else its line in a `SHA256SUMS`
 /// object beside it; else what was looked for and why nothing was found.
 pub fn known_digest(object: &ObjectFile) -> std::result::Result<Known, String> {
-    let runtime = runtime().map_err(|e| e.to_string())?;
-    runtime.block_on(async {
+    block_on(&object.path, async {
         let key = "sha256";
         let pin = object.pin();
         let result = object.store.get_opts(&object.location, pin.get(0..1)).await;
@@ -515,6 +520,7 @@ pub fn known_digest(object: &ObjectFile) -> std::result::Result<Known, String> {
             integrity::parse_sums(&String::from_utf8_lossy(&text), name).ok_or_else(none)?;
         Ok(Known { digest, source: sums_url.display().to_string() })
     })
+    .map_err(|e| e.to_string())?
 }
 
 /// Fetches every object of `paths` whole with ranged GETs of `config`'s part size,
@@ -535,12 +541,13 @@ pub fn fetch_whole(paths: &[&Path], config: &crate::Config) -> Result<u64> {
         }
     }
     let bytes: u64 = requests.iter().map(|r| r.2).sum();
-    runtime()?.block_on(async {
+    let first = paths.first().map_or(Path::new(""), |p| *p);
+    block_on(first, async {
         let mut in_flight = tokio::task::JoinSet::new();
         let mut first_error = None;
         for (file, offset, len) in requests {
             while in_flight.len() >= concurrency.max(1) {
-                if let Some(Ok(Err(e))) = in_flight.join_next().await {
+                if let Some(Err(e)) = in_flight.join_next().await.map(joined) {
                     first_error.get_or_insert(e);
                 }
             }
@@ -571,13 +578,21 @@ pub fn fetch_whole(paths: &[&Path], config: &crate::Config) -> Result<u64> {
             });
         }
         while let Some(r) = in_flight.join_next().await {
-            if let Ok(Err(e)) = r {
+            if let Err(e) = joined(r) {
                 first_error.get_or_insert(e);
             }
         }
         first_error.map_or(Ok(()), Err)
-    })?;
+    })??;
     Ok(bytes)
+}
+
+/// A finished task's result; a task that panicked (inside the client) is an error.
+fn joined(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    r.unwrap_or_else(|e| {
+        let what = if e.is_panic() { "panicked" } else { "was cancelled" };
+        Err(Error::Config(format!("an object-storage request {what}: {e}")))
+    })
 }
 
 /// An object's size and ETag, whatever its size.
@@ -585,8 +600,7 @@ fn open_for_load_unchecked(path: &Path, options: &Options) -> Result<ObjectFile>
     let source = parse(path)?;
     let client = client::client(&source, options)?;
     let location = ObjectPath::from(source.key.as_str());
-    let meta = runtime()?
-        .block_on(client.store.head(&location))
+    let meta = block_on(path, client.store.head(&location))?
         .map_err(|e| request_error("head", path, 0, 0, e))?;
     let Pin { etag, generation } = Pin::of(source.provider, &meta);
     Ok(ObjectFile {

@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::settings;
 use crate::error::{Error, Result};
 
 /// Which object store a source lives in.
@@ -83,11 +84,14 @@ impl Source {
         } else {
             (None, authority, key)
         };
-        if account.is_some_and(|a| !name_ok(a)) {
-            return bad("storage account");
-        }
-        if !name_ok(bucket) {
-            return bad(if provider == Provider::Azure { "container" } else { "bucket" });
+        let bucket_word = if provider == Provider::Azure { "container" } else { "bucket" };
+        for (name, what) in [(account.unwrap_or("-"), "storage account"), (bucket, bucket_word)] {
+            if name.is_empty() {
+                return bad(what);
+            }
+            if let Some(problem) = settings::name_problem(name, what) {
+                return Err(Error::Config(format!("'{text}': {problem} ({})", example(scheme))));
+            }
         }
         let mut base = text[..text.len() - key.len()].to_owned();
         if !base.ends_with('/') {
@@ -116,11 +120,6 @@ impl Source {
 /// Whether `source` names an object rather than a local path.
 pub fn is_url(source: &Path) -> bool {
     source.to_str().is_some_and(|s| matches!(Source::parse(s), Ok(Some(_)) | Err(_)))
-}
-
-/// A bucket, container or account name: not empty, not `.` or `..`, no `/`, `@` or `:`.
-fn name_ok(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '@', ':'])
 }
 
 fn example(scheme: &str) -> &'static str {
