@@ -7,6 +7,9 @@
 mod common;
 #[path = "common/store.rs"]
 mod store;
+#[path = "common/suite.rs"]
+#[allow(dead_code)]
+mod suite;
 #[path = "common/tools.rs"]
 mod tools;
 
@@ -15,10 +18,27 @@ use std::time::Duration;
 
 use common::*;
 use gantry::{Checkpoint, Config, Dtype, Error, Loader};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use store::*;
 
 fn url(key: &str) -> String {
     format!("s3://{BUCKET}/{key}")
+}
+
+/// The server's bucket for the shared scenarios ([`suite`]): uploads with the key as it is
+/// (`ObjectPath::from` would escape reserved characters).
+struct S3(Box<dyn ObjectStore>);
+
+impl suite::Store for S3 {
+    fn url(&self, key: &str) -> String {
+        url(key)
+    }
+    fn put(&self, key: &str, bytes: &[u8]) {
+        let key = ObjectPath::parse(key).unwrap();
+        runtime().block_on(self.0.put(&key, PutPayload::from(bytes.to_vec()))).unwrap();
+    }
+    fn kill(&mut self) {}
 }
 
 #[test]
@@ -112,6 +132,9 @@ fn object_storage_against_seaweedfs() {
         let model = loader.load(&source).unwrap();
         assert_matches_local(&model, &local);
     }
+
+    // Keys with non-ASCII and reserved characters, by URL and by listing.
+    suite::odd_keys(&S3(Box::new(server.store(BUCKET))), dir.path(), &Config::default());
 
     // Config options override the environment: with AWS_ENDPOINT_URL pointing nowhere, the
     // endpoint given in the config reaches the store.

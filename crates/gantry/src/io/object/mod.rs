@@ -10,6 +10,12 @@
 //! error, never a mix of two versions; each part lands in a staging buffer of the ring and
 //! goes through the same copy steps as a local read, so memory stays bounded by the ring.
 //!
+//! A key is what the store holds, byte for byte: the one from the URL as written (see
+//! [`source`]), from an index, or from a listing, never escaped by us (the client encodes it
+//! once on the wire; `object_store`'s `Path::from` would escape reserved characters a second
+//! time and name another object). Keys the client cannot address at all (`a//b`, a leading
+//! `/`, `.` or `..` segments, control characters) are an error naming the key.
+//!
 //! The clients are the `object_store` crate's ([`client`]: each provider's own environment
 //! and credential chain, retries with backoff on 5xx and throttling). Their async runtime
 //! stays inside this module. Errors name the object, never the credentials.
@@ -71,6 +77,22 @@ fn parse(path: &Path) -> Result<Source> {
     Source::parse(text)?.ok_or_else(|| Error::Config(format!("'{text}' is not an object URL")))
 }
 
+/// Object `key` (at `url`, for errors) as the client addresses it: the key exactly as it is,
+/// never escaped again (the client percent-encodes it once, on the wire). A key the client
+/// cannot address (an empty segment `a//b`, a leading `/`, a `.` or `..` segment, a control
+/// character) is an error naming it, never another object.
+fn location(url: &Path, key: &str) -> Result<ObjectPath> {
+    let parsed = ObjectPath::parse(key).ok().filter(|p| p.as_ref() == key || key.is_empty());
+    parsed.ok_or_else(|| {
+        Error::Config(format!(
+            "{}: the key '{}' cannot be read: object keys with an empty segment ('//'), a \
+             leading '/', a '.' or '..' segment or a control character are not supported",
+            url.display(),
+            key.escape_debug()
+        ))
+    })
+}
+
 /// What every GET of one object is conditioned on: the ETag the load saw and, on Google Cloud
 /// Storage, its generation (a GET of a generation since overwritten finds nothing, and S3 and
 /// Azure versions are only there where versioning is on).
@@ -120,7 +142,7 @@ impl Remote {
 
     async fn open_prefix(&self, prefix: &str) -> Result<Checkpoint> {
         let url = self.url_of(prefix);
-        let location = ObjectPath::from(prefix.trim_end_matches('/'));
+        let location = location(&url, prefix.trim_end_matches('/'))?;
         let listing = self
             .store
             .list_with_delimiter(Some(&location))
@@ -160,7 +182,7 @@ impl Remote {
 
     async fn open_index(&self, key: &str) -> Result<Checkpoint> {
         let url = self.url_of(key);
-        let location = ObjectPath::from(key);
+        let location = location(&url, key)?;
         let meta =
             self.store.head(&location).await.map_err(|e| request_error("head", &url, 0, 0, e))?;
         if meta.size > MAX_INDEX_BYTES {
@@ -203,7 +225,7 @@ impl Remote {
     /// The validated header of object `key`: its size, then two ranged GETs.
     async fn header(&self, key: &str) -> Result<Header> {
         let url = self.url_of(key);
-        let location = ObjectPath::from(key);
+        let location = location(&url, key)?;
         let meta =
             self.store.head(&location).await.map_err(|e| request_error("head", &url, 0, 0, e))?;
         let size = meta.size;
@@ -505,8 +527,8 @@ pub fn known_digest(object: &ObjectFile) -> std::result::Result<Known, String> {
         } else {
             format!("{dir}/{SUMS_FILE_NAME}")
         };
-        let sums = ObjectPath::from(sums_key.as_str());
         let sums_url = object.path.with_file_name(SUMS_FILE_NAME);
+        let sums = location(&sums_url, &sums_key).map_err(|e| e.to_string())?;
         let none = || format!("no '{key}' object metadata, no {SUMS_FILE_NAME} entry beside it");
         let options =
             GetOptions { range: Some(GetRange::Bounded(0..SUMS_BYTES_MAX)), ..Default::default() };
@@ -599,7 +621,7 @@ fn joined(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<
 fn open_for_load_unchecked(path: &Path, options: &Options) -> Result<ObjectFile> {
     let source = parse(path)?;
     let client = client::client(&source, options)?;
-    let location = ObjectPath::from(source.key.as_str());
+    let location = location(path, &source.key)?;
     let meta = block_on(path, client.store.head(&location))?
         .map_err(|e| request_error("head", path, 0, 0, e))?;
     let Pin { etag, generation } = Pin::of(source.provider, &meta);
@@ -613,4 +635,23 @@ fn open_for_load_unchecked(path: &Path, options: &Options) -> Result<ObjectFile>
         bucket: client.cache_name,
         cache: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_addressed_as_they_are() {
+        let url = Path::new("s3://b/");
+        for key in
+            ["caf\u{e9}/x", "a~b", "layer[1]", "two words", "a+b", "100%", "x#1", "why?", "%41", ""]
+        {
+            assert_eq!(location(url, key).unwrap().as_ref(), key);
+        }
+        for key in ["a//b", "/a", "a/./b", "a/../b", "..", "a\nb"] {
+            let e = location(url, key).unwrap_err().to_string();
+            assert!(e.contains(&key.escape_debug().to_string()) && e.contains("s3://b/"), "{e}");
+        }
+    }
 }

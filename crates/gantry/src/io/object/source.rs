@@ -52,6 +52,8 @@ pub struct Source {
     pub key: String,
     /// The URL of key `""` in the bucket, as the user spelled it (`gs://bucket/`).
     base: String,
+    /// Whether keys are percent-encoded in this spelling (`https://`).
+    encoded: bool,
 }
 
 impl Source {
@@ -97,18 +99,37 @@ impl Source {
         if !base.ends_with('/') {
             base.push('/');
         }
+        // An https:// URL is a web address: its key is percent-encoded, as the portal and
+        // every HTTP tool write it. The other schemes take the key as it is written.
+        let encoded = scheme == "https";
+        let key = if encoded {
+            percent_decode(key).ok_or_else(|| {
+                Error::Config(format!(
+                    "'{text}': the key of an https:// URL is percent-encoded, and '{key}' has a \
+                     '%' that is not followed by two hex digits of UTF-8 (write '%' as %25)"
+                ))
+            })?
+        } else {
+            key.to_owned()
+        };
         Ok(Some(Source {
             provider,
             account: account.map(str::to_owned),
             bucket: bucket.to_owned(),
-            key: key.to_owned(),
+            key,
             base,
+            encoded,
         }))
     }
 
-    /// The URL of `key` in the same bucket.
+    /// The URL of `key` in the same bucket, spelled as the source was (percent-encoded in an
+    /// https:// URL).
     pub fn url_of(&self, key: &str) -> PathBuf {
-        PathBuf::from(format!("{}{key}", self.base))
+        if self.encoded {
+            PathBuf::from(format!("{}{}", self.base, percent_encode(key)))
+        } else {
+            PathBuf::from(format!("{}{key}", self.base))
+        }
     }
 
     /// Whether the key names a prefix (a checkpoint folder) rather than one object.
@@ -120,6 +141,37 @@ impl Source {
 /// Whether `source` names an object rather than a local path.
 pub fn is_url(source: &Path) -> bool {
     source.to_str().is_some_and(|s| matches!(Source::parse(s), Ok(Some(_)) | Err(_)))
+}
+
+/// `text` with every `%XY` decoded; `None` when an escape is malformed or the bytes are not
+/// UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `key` percent-encoded for a URL path: every byte but letters, digits, `-._~` and `/`.
+fn percent_encode(key: &str) -> String {
+    key.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn example(scheme: &str) -> &'static str {
@@ -169,6 +221,33 @@ mod tests {
             let want = want.map(|(p, a, b, k, u)| (p, a, b, k, PathBuf::from(u)));
             assert_eq!(got, want, "{text}");
             assert_eq!(is_url(Path::new(text)), want.is_some(), "{text}");
+        }
+    }
+
+    #[test]
+    fn keys_as_written_except_in_https_urls() {
+        let cases = [
+            ("s3://b/a%20b/caf\u{e9} ~[1]+#?.safetensors", "a%20b/caf\u{e9} ~[1]+#?.safetensors"),
+            ("gs://b/100%", "100%"),
+            ("az://c/%zz", "%zz"),
+            ("https://acct.blob.core.windows.net/c/a%20b/caf%C3%A9%3F", "a b/caf\u{e9}?"),
+            ("https://acct.blob.core.windows.net/c/%2541", "%41"),
+        ];
+        for (text, key) in cases {
+            let source = Source::parse(text).unwrap().unwrap();
+            assert_eq!(source.key, key, "{text}");
+            // The URL of its own key is the text again (encoded alike).
+            let again = source.url_of(key);
+            let decoded = Source::parse(again.to_str().unwrap()).unwrap().unwrap();
+            assert_eq!(decoded.key, key, "{text}");
+        }
+        let https = Source::parse("https://acct.blob.core.windows.net/c/").unwrap().unwrap();
+        let url = https.url_of("x y/caf\u{e9}%");
+        assert_eq!(url, PathBuf::from("https://acct.blob.core.windows.net/c/x%20y/caf%C3%A9%25"));
+        for bad in ["/c/100%", "/c/%4", "/c/%zz", "/c/%+1", "/c/%FF"] {
+            let text = format!("https://acct.blob.core.windows.net{bad}");
+            let e = Source::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(&text) && e.contains("%25"), "{e}");
         }
     }
 
