@@ -24,7 +24,7 @@ fn bad_endpoints_name_their_flag() {
     let s3 = "s3://weights/m.safetensors";
     let gs = "gs://weights/m.safetensors";
     let az = "az://weights/m.safetensors";
-    let cases: [(&[&str], &[&str]); 9] = [
+    let cases: [(&[&str], &[&str]); 11] = [
         (&["inspect", s3, "--s3-endpoint", "not a url"], &["--s3-endpoint", "'not a url'"]),
         (&["inspect", s3, "--s3-endpoint", "127.0.0.1:9000"], &["--s3-endpoint", "no scheme"]),
         (&["inspect", s3, "--s3-endpoint", "ftp://127.0.0.1:21"], &["--s3-endpoint", "ftp://"]),
@@ -34,6 +34,8 @@ fn bad_endpoints_name_their_flag() {
         (&["inspect", s3, "--s3-region", "us east 1"], &["--s3-region", "' '"]),
         (&["inspect", s3, "--object-option", "proxy_url=not a url"], &["proxy_url", "no"]),
         (&["inspect", "s3://my bucket/m.safetensors"], &["bucket name 'my bucket'"]),
+        (&["inspect", "ftp://host/m.safetensors"], &["not an object source", "'ftp://'"]),
+        (&["inspect", "https://example.com/m.safetensors"], &["not an object source", "s3://"]),
     ];
     for (args, wants) in cases {
         let (status, stderr) = gantry(args);

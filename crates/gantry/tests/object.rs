@@ -162,6 +162,7 @@ fn object_storage_against_seaweedfs() {
         &["no-such-bucket"],
     );
     expect_err(&url("cases/missing.safetensors"), &["cases/missing.safetensors"]);
+    expect_err(&url("llama"), &["no object 'llama'", &url("llama/")]);
     expect_err(&url("nothing-here/"), &["nothing-here"]);
     expect_err(&url("partial/"), &["partial/model.safetensors.index.json", "model-00003-of-00003"]);
     let broken = path_of(&dir, "broken.safetensors");

@@ -90,6 +90,58 @@ fn settings_that_cannot_work_are_errors_naming_them() {
     std::env::set_var("AWS_ENDPOINT_URL", "not a url");
     refused(s3, &option("aws_endpoint_url", "nowhere"), &["aws_endpoint_url", "nowhere"], true);
     std::env::remove_var("AWS_ENDPOINT_URL");
+
+    no_credentials();
+}
+
+/// A server on loopback that refuses every request (403), as an instance metadata address
+/// does off a cloud instance; its address.
+fn refusing_server() -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let response =
+                "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+            let _ = stream.write_all(response.as_bytes());
+        }
+    });
+    address
+}
+
+/// No credentials anywhere: the client asks the instance metadata service, which refuses.
+/// The error says that no credentials were found and how to give them, not only "403".
+fn no_credentials() {
+    for var in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "GOOGLE_SKIP_SIGNATURE"] {
+        std::env::remove_var(var);
+    }
+    let metadata = refusing_server();
+    let s3 = Config::default()
+        .object_option("aws_endpoint_url", format!("http://{}", refusing_server()))
+        .object_option("aws_allow_http", "true")
+        .object_option("aws_metadata_endpoint", format!("http://{metadata}"));
+    let e = gantry::open_with("s3://weights/m.safetensors", &s3).map(|_| ()).unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("no S3 credentials were found"), "{text}");
+    assert!(text.contains("AWS_ACCESS_KEY_ID") && text.contains("m.safetensors"), "{text}");
+    std::env::set_var("GCE_METADATA_HOST", &metadata);
+    std::env::set_var("GCE_METADATA_IP", &metadata);
+    let gcs = Config::default()
+        .object_option("google_base_url", format!("http://{}", refusing_server()))
+        .object_option("google_allow_http", "true");
+    let e = gantry::open_with("gs://weights/m.safetensors", &gcs).map(|_| ()).unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("no Google Cloud Storage credentials were found"), "{text}");
+    assert!(text.contains("GOOGLE_APPLICATION_CREDENTIALS"), "{text}");
 }
 
 #[test]

@@ -125,10 +125,15 @@ pub fn expect_err(config: &Config, source: &str, wants: &[&str], secret: &str) -
     e
 }
 
-/// Missing key, empty prefix, missing shard, a corrupt header: errors naming them.
+/// Missing key, empty prefix, missing shard, a corrupt header, a prefix without its slash:
+/// errors naming them.
 pub fn missing(store: &impl Store, dir: &Path, config: &Config, secret: &str) {
     let key = store.url("cases/missing.safetensors");
     expect_err(config, &key, &["cases/missing.safetensors"], secret);
+    // A checkpoint folder written without its trailing slash: the error names the prefix
+    // that was meant (after `upload_sharded`).
+    let folder = store.url("llama/");
+    expect_err(config, &store.url("llama"), &["no object 'llama'", &folder], secret);
     expect_err(config, &store.url("nothing-here/"), &["nothing-here"], secret);
     let wants = ["partial/model.safetensors.index.json", "model-00003-of-00003"];
     expect_err(config, &store.url("partial/"), &wants, secret);

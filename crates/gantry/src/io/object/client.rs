@@ -366,6 +366,11 @@ pub fn request_error(
     len: u64,
     e: object_store::Error,
 ) -> Error {
+    let message = strip(&e.to_string());
+    if let Some(hint) = no_credentials(url, &message) {
+        let source = io::Error::new(io::ErrorKind::PermissionDenied, format!("{hint} ({message})"));
+        return Error::Io { op, path: url.to_path_buf(), offset, len, source };
+    }
     let kind = match &e {
         object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
         object_store::Error::PermissionDenied { .. }
@@ -375,8 +380,51 @@ pub fn request_error(
         }
         _ => io::ErrorKind::Other,
     };
-    let source = io::Error::new(kind, strip(&e.to_string()));
+    let source = io::Error::new(kind, message);
     Error::Io { op, path: url.to_path_buf(), offset, len, source }
+}
+
+/// Paths of the instance metadata services (EC2 and ECS, Google Compute Engine, Azure
+/// managed identity): a client asks them for credentials only when it was given none.
+const METADATA_PATHS: [&str; 6] = [
+    "/latest/api/token",
+    "/latest/meta-data/iam",
+    "169.254.170.2",
+    "/computeMetadata/",
+    "metadata.google.internal",
+    "/metadata/identity/oauth2/token",
+];
+
+/// When `message` is a failed request for credentials to an instance metadata service (what
+/// a client does when it found none, and what a 403 from that address means off a cloud
+/// instance): a message that says no credentials were found and how to give them.
+fn no_credentials(url: &Path, message: &str) -> Option<String> {
+    if !METADATA_PATHS.iter().any(|p| message.contains(p)) {
+        return None;
+    }
+    let provider = url.to_str().and_then(|u| Source::parse(u).ok().flatten())?.provider;
+    let how = match provider {
+        Provider::S3 => {
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_WEB_IDENTITY_TOKEN_FILE and \
+             AWS_ROLE_ARN), or the options aws_access_key_id and aws_secret_access_key; for a \
+             public bucket, aws_skip_signature=true"
+        }
+        Provider::Gcs => {
+            "set GOOGLE_APPLICATION_CREDENTIALS or GOOGLE_SERVICE_ACCOUNT (a key file), run \
+             'gcloud auth application-default login', or give the option \
+             google_service_account_key; for a public bucket, google_skip_signature=true"
+        }
+        Provider::Azure => {
+            "set AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_KEY or AZURE_STORAGE_CLIENT_ID, \
+             _SECRET and _TENANT_ID, or the matching azure_* options (azure_use_azure_cli=true \
+             for the Azure CLI's login); for a public container, azure_skip_signature=true"
+        }
+    };
+    Some(format!(
+        "no {} credentials were found, and the instance metadata service the client then asked \
+         gave none: {how}",
+        provider.name()
+    ))
 }
 
 /// The error for an object that changed during a load.

@@ -61,7 +61,10 @@ pub fn open_checkpoint(path: &Path, options: &Options) -> Result<Checkpoint> {
         } else if key.ends_with(".json") {
             remote.open_index(&key).await
         } else {
-            let header = remote.header(&key).await?;
+            let header = match remote.header(&key).await {
+                Err(e) if is_not_found(&e) => return Err(remote.did_you_mean(&key, e).await),
+                result => result?,
+            };
             Ok(Checkpoint::from_headers(vec![(remote.url_of(&key), header)])?)
         }
     })?
@@ -75,6 +78,11 @@ const HEADER_READS_MAX: usize = 16;
 fn parse(path: &Path) -> Result<Source> {
     let text = path.to_str().unwrap_or_default();
     Source::parse(text)?.ok_or_else(|| Error::Config(format!("'{text}' is not an object URL")))
+}
+
+/// Whether `e` says an object is not there.
+fn is_not_found(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
 }
 
 /// Object `key` (at `url`, for errors) as the client addresses it: the key exactly as it is,
@@ -178,6 +186,36 @@ impl Remote {
             .collect::<Vec<Result<_>>>()
             .await;
         Ok(Checkpoint::from_headers(headers.into_iter().collect::<Result<Vec<_>>>()?)?)
+    }
+
+    /// `not_found`, for object `key` that is not there; when `key/` is a prefix that holds a
+    /// checkpoint (what was meant, without its trailing slash), an error that says so.
+    async fn did_you_mean(&self, key: &str, not_found: Error) -> Error {
+        let folder = format!("{key}/");
+        let Ok(prefix) = ObjectPath::parse(&folder) else { return not_found };
+        let Ok(listing) = self.store.list_with_delimiter(Some(&prefix)).await else {
+            return not_found;
+        };
+        let checkpoint = listing.objects.iter().any(|o| {
+            let name = o.location.filename().unwrap_or_default();
+            name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json")
+        });
+        if !checkpoint {
+            return not_found;
+        }
+        let url = self.url_of(key);
+        let why = format!(
+            "there is no object '{key}', but the prefix {} holds a checkpoint: write the \
+             source with its trailing '/'",
+            self.url_of(&folder).display()
+        );
+        Error::Io {
+            op: "head",
+            path: url,
+            offset: 0,
+            len: 0,
+            source: io::Error::new(io::ErrorKind::NotFound, why),
+        }
     }
 
     async fn open_index(&self, key: &str) -> Result<Checkpoint> {
