@@ -52,7 +52,7 @@ struct JsonInspect<'a> {
 }
 
 pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
-    let config = args.store.apply(gantry::Config::default());
+    let config = args.store.apply(gantry::Config::default())?;
     config.validate()?;
     let checkpoint = gantry::open_with(&args.path, &config)?;
     let out = std::io::stdout();

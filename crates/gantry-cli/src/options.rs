@@ -134,28 +134,32 @@ fn key_value(text: &str) -> Result<(String, String), String> {
 }
 
 impl StoreOptions {
-    /// `c` with these options set.
-    pub fn apply(&self, mut c: Config) -> Config {
+    /// `c` with these options set; an error naming the flag whose value is no endpoint.
+    pub fn apply(&self, mut c: Config) -> Result<Config, gantry::Error> {
+        use gantry::io::object::{endpoint_options, Provider};
         let endpoints = [
-            (&self.s3_endpoint, "aws_endpoint_url", "aws_allow_http"),
-            (&self.gcs_endpoint, "google_base_url", "google_allow_http"),
-            (&self.azure_endpoint, "azure_storage_endpoint", "azure_allow_http"),
+            (&self.s3_endpoint, Provider::S3, "--s3-endpoint"),
+            (&self.gcs_endpoint, Provider::Gcs, "--gcs-endpoint"),
+            (&self.azure_endpoint, Provider::Azure, "--azure-endpoint"),
         ];
-        for (url, key, allow_http) in endpoints {
+        for (url, provider, flag) in endpoints {
             if let Some(url) = url {
-                c = c.object_option(key, url);
-                if url.starts_with("http://") {
-                    c = c.object_option(allow_http, "true");
+                let options = endpoint_options(provider, url)
+                    .map_err(|e| gantry::Error::Config(format!("{flag}: {e}")))?;
+                for (key, value) in options {
+                    c = c.object_option(key, value);
                 }
             }
         }
         if let Some(region) = &self.s3_region {
+            gantry::io::object::settings::check_option("aws_region", region)
+                .map_err(|e| gantry::Error::Config(format!("--s3-region: {e}")))?;
             c = c.object_option("aws_region", region);
         }
         for (key, value) in &self.object_options {
             c = c.object_option(key, value);
         }
-        c
+        Ok(c)
     }
 }
 
@@ -189,7 +193,7 @@ impl LoadOptions {
         if let Some(n) = self.object_concurrency {
             c = c.object_concurrency(n);
         }
-        let mut c = self.store.apply(c).verify_sha256(self.verify_sha256);
+        let mut c = self.store.apply(c)?.verify_sha256(self.verify_sha256);
         if let Some(dir) = &self.cache_dir {
             c = c.cache_dir(dir);
         }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use gantry::io::object::Provider;
 use gantry::memory::host::{file_buffer_layout, HostBuffer};
 use gantry::{Checkpoint, Config, CudaDevice, Dtype, LoadReport, Loader, PathChoice};
 use parking_lot::Mutex;
@@ -64,18 +65,10 @@ pub(crate) fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Conf
             "cache_dir" => c.cache_dir(value.extract::<std::path::PathBuf>()?),
             "object_part_bytes" => c.object_part_bytes(value.extract()?),
             "object_concurrency" => c.object_concurrency(value.extract()?),
-            "s3_endpoint" => {
-                let url: String = value.extract()?;
-                let c = c.object_option("aws_endpoint_url", &url);
-                if url.starts_with("http://") {
-                    c.object_option("aws_allow_http", "true")
-                } else {
-                    c
-                }
-            }
+            "s3_endpoint" => endpoint(c, "s3_endpoint", Provider::S3, value.extract()?)?,
             "s3_region" => c.object_option("aws_region", value.extract::<String>()?),
-            "gcs_endpoint" => endpoint(c, "google", value.extract()?),
-            "azure_endpoint" => endpoint(c, "azure", value.extract()?),
+            "gcs_endpoint" => endpoint(c, "gcs_endpoint", Provider::Gcs, value.extract()?)?,
+            "azure_endpoint" => endpoint(c, "azure_endpoint", Provider::Azure, value.extract()?)?,
             // Any provider's keys; `s3_options` is the older name.
             "object_options" | "s3_options" => {
                 let options: std::collections::BTreeMap<String, String> = value.extract()?;
@@ -110,16 +103,13 @@ fn take_panic_hook<'py>(
     Ok((Some(rest), Some(count.extract()?)))
 }
 
-/// `c` with the endpoint of `provider`'s store (`google_base_url`, `azure_storage_endpoint`);
-/// `http://` allows plain HTTP.
-fn endpoint(c: Config, provider: &str, url: String) -> Config {
-    let key = if provider == "google" { "google_base_url" } else { "azure_storage_endpoint" };
-    let c = c.object_option(key, &url);
-    if url.starts_with("http://") {
-        c.object_option(format!("{provider}_allow_http"), "true")
-    } else {
-        c
-    }
+/// `c` with the endpoint of `provider`'s store, given as keyword `keyword`
+/// ([`gantry::io::object::endpoint_options`]: the same settings as the CLI's flags); an error
+/// naming the keyword when `url` is no endpoint.
+fn endpoint(c: Config, keyword: &str, provider: Provider, url: String) -> PyResult<Config> {
+    let options = gantry::io::object::endpoint_options(provider, &url)
+        .map_err(|e| to_py(gantry::Error::Config(format!("{keyword}: {e}"))))?;
+    Ok(options.into_iter().fold(c, |c, (k, v)| c.object_option(k, v)))
 }
 
 /// Slows every read down (tests of interruption).

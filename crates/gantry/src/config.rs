@@ -407,8 +407,8 @@ impl Config {
                 self.object_part_bytes
             ));
         }
-        for (key, _) in &self.object_options {
-            crate::io::object::option_key(key)?;
+        for (key, value) in &self.object_options {
+            crate::io::object::settings::check_option(key, value)?;
         }
         if !(1..=QUEUE_DEPTH_MAX).contains(&self.object_concurrency) {
             return bad(format!(

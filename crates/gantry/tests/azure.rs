@@ -13,7 +13,7 @@ mod suite;
 
 use common::*;
 use emulators::*;
-use gantry::{Config, Loader};
+use gantry::{Checkpoint, Config, Loader};
 use object_store::azure::{MicrosoftAzure, MicrosoftAzureBuilder};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, PutPayload};
@@ -31,7 +31,9 @@ impl Store for Azure {
     }
     fn put(&self, key: &str, bytes: &[u8]) {
         let payload = PutPayload::from(bytes.to_vec());
-        self.runtime.block_on(self.client.put(&ObjectPath::from(key), payload)).unwrap();
+        // The key as it is (`ObjectPath::from` would escape reserved characters).
+        let key = ObjectPath::parse(key).unwrap();
+        self.runtime.block_on(self.client.put(&key, payload)).unwrap();
     }
     fn kill(&mut self) {
         self.server.stop();
@@ -72,6 +74,7 @@ fn azure_blob_storage_against_azurite() {
     random_layouts(&store, dir.path(), &config);
     let local = upload_sharded(&store, dir.path());
     sharded(&store, &config, &local);
+    odd_keys(&store, dir.path(), &config);
     // Every spelling of the same prefix.
     let loader = Loader::new(config.clone()).unwrap();
     for source in [
@@ -84,6 +87,17 @@ fn azure_blob_storage_against_azurite() {
         let file = model.report().files[0].path.to_str().unwrap().to_owned();
         assert!(file.starts_with(&source), "{file} is not under {source}");
     }
+
+    // An https:// URL is a web address: its key is percent-encoded, as the portal writes it
+    // (here `odd é ~[1]+%#?/café.safetensors`, uploaded by `odd_keys`).
+    let https = format!("https://{AZURE_ACCOUNT}.blob.core.windows.net/{AZURE_CONTAINER}/");
+    let encoded = format!("{https}odd%20%C3%A9%20~%5B1%5D%2B%25%23%3F/caf%C3%A9.safetensors");
+    let local_odd = Checkpoint::open(dir.path().join("odd/caf\u{e9}.safetensors")).unwrap();
+    let model = loader.load(&encoded).unwrap();
+    assert_matches_local(&model, &local_odd);
+    assert_eq!(model.report().files[0].path.to_str(), Some(encoded.as_str()));
+    let e = loader.load(format!("{https}odd/100%.safetensors")).map(|_| ()).unwrap_err();
+    assert!(e.to_string().contains("%25"), "{e}");
 
     // Options go over the environment: with the emulator variable pointing nowhere, an
     // endpoint, account and key given as options reach the server.

@@ -43,6 +43,7 @@ fn google_cloud_storage_against_fake_gcs_server() {
     random_layouts(&store, dir.path(), &config);
     let local = upload_sharded(&store, dir.path());
     sharded(&store, &config, &local);
+    odd_keys(&store, dir.path(), &config);
 
     // Options go over the environment: with the emulator variable pointing nowhere, the base
     // URL given as an option reaches the server.

@@ -7,6 +7,9 @@
 mod common;
 #[path = "common/store.rs"]
 mod store;
+#[path = "common/suite.rs"]
+#[allow(dead_code)]
+mod suite;
 #[path = "common/tools.rs"]
 mod tools;
 
@@ -15,10 +18,27 @@ use std::time::Duration;
 
 use common::*;
 use gantry::{Checkpoint, Config, Dtype, Error, Loader};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use store::*;
 
 fn url(key: &str) -> String {
     format!("s3://{BUCKET}/{key}")
+}
+
+/// The server's bucket for the shared scenarios ([`suite`]): uploads with the key as it is
+/// (`ObjectPath::from` would escape reserved characters).
+struct S3(Box<dyn ObjectStore>);
+
+impl suite::Store for S3 {
+    fn url(&self, key: &str) -> String {
+        url(key)
+    }
+    fn put(&self, key: &str, bytes: &[u8]) {
+        let key = ObjectPath::parse(key).unwrap();
+        runtime().block_on(self.0.put(&key, PutPayload::from(bytes.to_vec()))).unwrap();
+    }
+    fn kill(&mut self) {}
 }
 
 #[test]
@@ -113,6 +133,9 @@ fn object_storage_against_seaweedfs() {
         assert_matches_local(&model, &local);
     }
 
+    // Keys with non-ASCII and reserved characters, by URL and by listing.
+    suite::odd_keys(&S3(Box::new(server.store(BUCKET))), dir.path(), &Config::default());
+
     // Config options override the environment: with AWS_ENDPOINT_URL pointing nowhere, the
     // endpoint given in the config reaches the store.
     std::env::set_var("AWS_ENDPOINT_URL", "http://127.0.0.1:9");
@@ -139,6 +162,7 @@ fn object_storage_against_seaweedfs() {
         &["no-such-bucket"],
     );
     expect_err(&url("cases/missing.safetensors"), &["cases/missing.safetensors"]);
+    expect_err(&url("llama"), &["no object 'llama'", &url("llama/")]);
     expect_err(&url("nothing-here/"), &["nothing-here"]);
     expect_err(&url("partial/"), &["partial/model.safetensors.index.json", "model-00003-of-00003"]);
     let broken = path_of(&dir, "broken.safetensors");

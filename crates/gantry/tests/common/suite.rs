@@ -10,6 +10,13 @@ use parking_lot::Mutex;
 
 use crate::common::*;
 
+/// Object names with non-ASCII and reserved characters: each must load as it is written.
+pub const ODD_NAMES: [&str; 9] =
+    ["caf\u{e9}", "a~b", "layer[1]", "two words", "a+b", "100%", "x#1", "why?", "%41"];
+
+/// A prefix with such characters too.
+pub const ODD_PREFIX: &str = "odd \u{e9} ~[1]+%#?/";
+
 /// A store under test: URLs of its keys, uploads, and a crash.
 pub trait Store: Send + 'static {
     fn url(&self, key: &str) -> String;
@@ -118,10 +125,15 @@ pub fn expect_err(config: &Config, source: &str, wants: &[&str], secret: &str) -
     e
 }
 
-/// Missing key, empty prefix, missing shard, a corrupt header: errors naming them.
+/// Missing key, empty prefix, missing shard, a corrupt header, a prefix without its slash:
+/// errors naming them.
 pub fn missing(store: &impl Store, dir: &Path, config: &Config, secret: &str) {
     let key = store.url("cases/missing.safetensors");
     expect_err(config, &key, &["cases/missing.safetensors"], secret);
+    // A checkpoint folder written without its trailing slash: the error names the prefix
+    // that was meant (after `upload_sharded`).
+    let folder = store.url("llama/");
+    expect_err(config, &store.url("llama"), &["no object 'llama'", &folder], secret);
     expect_err(config, &store.url("nothing-here/"), &["nothing-here"], secret);
     let wants = ["partial/model.safetensors.index.json", "model-00003-of-00003"];
     expect_err(config, &store.url("partial/"), &wants, secret);
@@ -232,5 +244,41 @@ pub fn killed_mid_load<S: Store>(store: S, dir: &Path, config: &Config) {
     match result {
         Err(Error::Io { path, .. }) => assert!(path.to_string_lossy().contains("big.safetensors")),
         other => panic!("{:?}", other.map(|m| m.report().clone())),
+    }
+}
+
+/// Keys with non-ASCII and reserved characters ([`ODD_NAMES`] under [`ODD_PREFIX`]): each
+/// loads by its URL as written, all of them by listing the prefix, and with `--verify-sha256`
+/// through a `SHA256SUMS` beside them; every load compared with the local files.
+pub fn odd_keys(store: &impl Store, dir: &Path, config: &Config) {
+    let local_dir = dir.join("odd");
+    std::fs::create_dir_all(&local_dir).unwrap();
+    let loader = Loader::new(config.clone()).unwrap();
+    let mut sums = String::new();
+    for (i, name) in ODD_NAMES.iter().enumerate() {
+        let file = format!("{name}.safetensors");
+        let local = local_dir.join(&file);
+        write_file_named(&local, &[(Dtype::F32, vec![100 + i])], 40 + i as u64, &format!("o{i}."));
+        let bytes = std::fs::read(&local).unwrap();
+        store.put(&format!("{ODD_PREFIX}{file}"), &bytes);
+        let digest = gantry::integrity::to_hex(&gantry::integrity::sha256(&bytes));
+        sums.push_str(&format!("{digest}  {file}\n"));
+        let url = store.url(&format!("{ODD_PREFIX}{file}"));
+        let model = loader.load(&url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert_matches_local(&model, &Checkpoint::open(&local).unwrap());
+        assert_eq!(model.checkpoint().files[0].path.to_str(), Some(url.as_str()));
+    }
+    let local = Checkpoint::open(&local_dir).unwrap();
+    let url = store.url(ODD_PREFIX);
+    let remote = gantry::open_with(&url, config).unwrap_or_else(|e| panic!("{url}: {e}"));
+    assert_eq!(remote.files.len(), ODD_NAMES.len(), "{url}");
+    assert_matches_local(&loader.load(&url).unwrap(), &local);
+    store.put(&format!("{ODD_PREFIX}SHA256SUMS"), sums.as_bytes());
+    let verify = Loader::new(config.clone().verify_sha256(true)).unwrap();
+    let model = verify.load(&url).unwrap();
+    assert_matches_local(&model, &local);
+    for f in &model.report().files {
+        let known = f.integrity.as_ref().and_then(|check| check.known.as_ref());
+        assert!(known.is_some(), "{}: no digest found in its SHA256SUMS", f.path.display());
     }
 }

@@ -29,6 +29,7 @@ use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::{BackoffConfig, ClientConfigKey, ClientOptions, ObjectStore, RetryConfig};
 use parking_lot::Mutex;
 
+use super::settings;
 use super::source::{Provider, Source};
 use crate::error::{Error, Result};
 
@@ -60,7 +61,7 @@ pub fn runtime() -> Result<&'static tokio::runtime::Runtime> {
 pub type Options = [(String, String)];
 
 /// An option's key, and the stores it applies to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum OptionKey {
     S3(AmazonS3ConfigKey),
     Gcs(GoogleConfigKey),
@@ -104,7 +105,9 @@ pub struct Client {
     pub cache_name: String,
 }
 
-/// The client for `source`'s bucket with `options`, made once per process.
+/// The client for `source`'s bucket with `options`, made once per process. Every setting it
+/// is made from (options and environment) is checked first ([`super::settings`]); a panic
+/// inside the client's builder, which those checks leave no reason for, is an error too.
 pub fn client(source: &Source, options: &Options) -> Result<Client> {
     type Key = (Provider, Option<String>, String, Vec<(String, String)>);
     static CLIENTS: OnceLock<Mutex<HashMap<Key, Client>>> = OnceLock::new();
@@ -116,19 +119,63 @@ pub fn client(source: &Source, options: &Options) -> Result<Client> {
     for (key, value) in options {
         remember_secret(key, value);
     }
-    let bucket = &source.bucket;
-    let built = match source.provider {
-        Provider::S3 => s3(bucket, options).map(|s| (s, bucket.clone())),
-        Provider::Gcs => gcs(bucket, options).map(|s| (s, format!("gs/{bucket}"))),
+    let url = source.url_of("");
+    let build = || match source.provider {
+        Provider::S3 => s3(&source.bucket, options).map(|s| (s, source.bucket.clone())),
+        Provider::Gcs => gcs(&source.bucket, options).map(|s| (s, format!("gs/{}", source.bucket))),
         Provider::Azure => azure(source, options),
     };
-    let (store, cache_name) = built.map_err(|e| {
-        let url = source.url_of("");
-        Error::Config(format!("{}: {}", url.display(), strip(&e.to_string())))
+    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(build))
+        .map_err(|panic| panicked(&url, panic.as_ref()))?;
+    let (store, cache_name) = built.map_err(|e| match e {
+        Built::Setting(e) => e,
+        Built::Client(e) => Error::Config(format!("{}: {}", url.display(), strip(&e.to_string()))),
     })?;
     let client = Client { store, cache_name };
     clients.lock().insert(key, client.clone());
     Ok(client)
+}
+
+/// The error for a panic inside an `object_store` client at `url` (a backstop: the settings
+/// are checked before a client is built).
+pub(crate) fn panicked(url: &Path, panic: &(dyn std::any::Any + Send)) -> Error {
+    let what = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("no message");
+    Error::Config(format!(
+        "{}: the object-storage client failed on its settings ({}); check the endpoint, region \
+         and proxy options and the provider's environment variables (AWS_*, GOOGLE_*, AZURE_*)",
+        url.display(),
+        strip(what)
+    ))
+}
+
+/// Runs `future` on the clients' runtime; a panic inside the client becomes an error naming
+/// `url` rather than unwinding into the caller.
+pub fn block_on<F: std::future::Future>(url: &Path, future: F) -> Result<F::Output> {
+    use futures::FutureExt;
+    let caught = runtime()?.block_on(std::panic::AssertUnwindSafe(future).catch_unwind());
+    caught.map_err(|panic| panicked(url, panic.as_ref()))
+}
+
+/// Why a client was not built: a setting that fails its check, or the client's own error.
+enum Built {
+    Setting(Error),
+    Client(object_store::Error),
+}
+
+impl From<Error> for Built {
+    fn from(e: Error) -> Self {
+        Self::Setting(e)
+    }
+}
+
+impl From<object_store::Error> for Built {
+    fn from(e: object_store::Error) -> Self {
+        Self::Client(e)
+    }
 }
 
 fn retry() -> RetryConfig {
@@ -149,35 +196,56 @@ fn client_options() -> ClientOptions {
         .with_timeout(Duration::from_secs(300))
 }
 
-/// The environment's variables starting with `prefix`, as lowercase keys and values; secret
-/// ones are remembered for [`strip`].
-fn env_with(prefix: &str) -> Vec<(String, String)> {
-    let vars = std::env::vars().filter(|(k, _)| k.starts_with(prefix));
-    let vars: Vec<_> = vars.map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
-    for (key, value) in &vars {
-        remember_secret(key, value);
-    }
-    vars
+/// One setting of a client: where it came from (for messages), its key, its value.
+struct Setting<K> {
+    origin: String,
+    key: K,
+    value: String,
 }
 
-type Store = object_store::Result<Arc<dyn ObjectStore>>;
-
-fn s3(bucket: &str, options: &Options) -> Store {
-    // Client options first: the environment's (AWS_ALLOW_HTTP, proxies, ...) go into them.
-    let mut builder = AmazonS3Builder::new().with_client_options(client_options());
-    for (key, value) in env_with("AWS_") {
-        if let Ok(key) = key.parse() {
-            builder = builder.with_config(key, value);
+/// The settings of one store's client, in the order they apply: the environment's variables
+/// starting with `prefix` that `key_of` knows, then the options it knows (secret values are
+/// remembered for [`strip`]). Each value that takes effect (the last of its key) is checked.
+fn settings<K: Clone + PartialEq>(
+    prefix: &str,
+    options: &Options,
+    key_of: impl Fn(OptionKey) -> Option<K>,
+    wrap: impl Fn(K) -> OptionKey,
+) -> Result<Vec<Setting<K>>> {
+    let mut all = Vec::new();
+    for (name, value) in std::env::vars().filter(|(k, _)| k.starts_with(prefix)) {
+        let lower = name.to_ascii_lowercase();
+        remember_secret(&lower, &value);
+        if let Some(key) = option_key(&lower).ok().and_then(&key_of) {
+            all.push(Setting { origin: format!("environment variable {name}"), key, value });
         }
     }
-    for (key, value) in options {
-        builder = match option_key(key) {
-            Ok(OptionKey::S3(key)) => builder.with_config(key, value),
-            Ok(OptionKey::Client(key)) => {
-                builder.with_config(AmazonS3ConfigKey::Client(key), value)
-            }
-            _ => builder,
-        };
+    for (name, value) in options {
+        if let Some(key) = option_key(name).ok().and_then(&key_of) {
+            let origin = format!("object-storage option {name}");
+            all.push(Setting { origin, key, value: value.clone() });
+        }
+    }
+    for (i, s) in all.iter().enumerate() {
+        if !all[i + 1..].iter().any(|later| later.key == s.key) {
+            settings::check_setting(&s.origin, &wrap(s.key.clone()), &s.value)?;
+        }
+    }
+    Ok(all)
+}
+
+type Store = std::result::Result<Arc<dyn ObjectStore>, Built>;
+
+fn s3(bucket: &str, options: &Options) -> Store {
+    let key_of = |k| match k {
+        OptionKey::S3(k) => Some(k),
+        OptionKey::Client(k) => Some(AmazonS3ConfigKey::Client(k)),
+        _ => None,
+    };
+    // Client options first: the environment's (AWS_ALLOW_HTTP, proxies, ...) go into them.
+    let mut builder = AmazonS3Builder::new().with_client_options(client_options());
+    for s in settings("AWS_", options, key_of, OptionKey::S3)? {
+        builder = builder.with_config(s.key, s.value);
     }
     builder = builder.with_bucket_name(bucket).with_retry(retry());
     if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
@@ -188,25 +256,28 @@ fn s3(bucket: &str, options: &Options) -> Store {
 }
 
 fn gcs(bucket: &str, options: &Options) -> Store {
+    let key_of = |k| match k {
+        OptionKey::Gcs(k) => Some(k),
+        OptionKey::Client(k) => Some(GoogleConfigKey::Client(k)),
+        _ => None,
+    };
+    let settings = settings("GOOGLE_", options, key_of, OptionKey::Gcs)?;
+    let (env, options): (Vec<_>, Vec<_>) =
+        settings.into_iter().partition(|s| s.origin.starts_with("environment"));
     let mut builder = GoogleCloudStorageBuilder::new().with_client_options(client_options());
-    for (key, value) in env_with("GOOGLE_") {
-        if let Ok(key) = key.parse() {
-            builder = builder.with_config(key, value);
-        }
+    for s in env {
+        builder = builder.with_config(s.key, s.value);
     }
     // The emulator convention of Google's own clients: requests go there, unsigned.
     if let Some(host) = std::env::var("STORAGE_EMULATOR_HOST").ok().filter(|h| !h.is_empty()) {
         let url = if host.contains("://") { host } else { format!("http://{host}") };
+        settings::check_endpoint("environment variable STORAGE_EMULATOR_HOST", &url)?;
         let allow_http = GoogleConfigKey::Client(ClientConfigKey::AllowHttp);
         builder = builder.with_base_url(&url).with_skip_signature(true);
         builder = builder.with_config(allow_http, url.starts_with("http://").to_string());
     }
-    for (key, value) in options {
-        builder = match option_key(key) {
-            Ok(OptionKey::Gcs(key)) => builder.with_config(key, value),
-            Ok(OptionKey::Client(key)) => builder.with_config(GoogleConfigKey::Client(key), value),
-            _ => builder,
-        };
+    for s in options {
+        builder = builder.with_config(s.key, s.value);
     }
     Ok(Arc::new(builder.with_bucket_name(bucket).with_retry(retry()).build()?))
 }
@@ -214,28 +285,34 @@ fn gcs(bucket: &str, options: &Options) -> Store {
 fn azure(
     source: &Source,
     options: &Options,
-) -> object_store::Result<(Arc<dyn ObjectStore>, String)> {
+) -> std::result::Result<(Arc<dyn ObjectStore>, String), Built> {
+    let key_of = |k| match k {
+        OptionKey::Azure(k) => Some(k),
+        OptionKey::Client(k) => Some(AzureConfigKey::Client(k)),
+        _ => None,
+    };
     let mut builder = MicrosoftAzureBuilder::new().with_client_options(client_options());
-    for (key, value) in env_with("AZURE_") {
-        if let Ok(key) = key.parse() {
-            builder = builder.with_config(key, value);
-        }
+    let settings = settings("AZURE_", options, key_of, OptionKey::Azure)?;
+    let (env, options): (Vec<_>, Vec<_>) =
+        settings.into_iter().partition(|s| s.origin.starts_with("environment"));
+    for s in env {
+        builder = builder.with_config(s.key, s.value);
     }
     if let Ok(endpoint) = std::env::var("IDENTITY_ENDPOINT") {
+        settings::check_endpoint("environment variable IDENTITY_ENDPOINT", &endpoint)?;
         builder = builder.with_msi_endpoint(endpoint);
     }
-    for (key, value) in options {
-        builder = match option_key(key) {
-            Ok(OptionKey::Azure(key)) => builder.with_config(key, value),
-            Ok(OptionKey::Client(key)) => builder.with_config(AzureConfigKey::Client(key), value),
-            _ => builder,
-        };
+    for s in options {
+        builder = builder.with_config(s.key, s.value);
     }
     if let Some(account) = &source.account {
         builder = builder.with_account(account);
     }
     let emulator =
         builder.get_config_value(&AzureConfigKey::UseEmulator).as_deref() == Some("true");
+    if let (true, Ok(url)) = (emulator, std::env::var("AZURITE_BLOB_STORAGE_URL")) {
+        settings::check_endpoint("environment variable AZURITE_BLOB_STORAGE_URL", &url)?;
+    }
     let account = builder.get_config_value(&AzureConfigKey::AccountName);
     let account = account.unwrap_or_else(|| if emulator { "devstoreaccount1" } else { "_" }.into());
     let store = builder.with_container_name(&source.bucket).with_retry(retry()).build()?;
@@ -289,6 +366,11 @@ pub fn request_error(
     len: u64,
     e: object_store::Error,
 ) -> Error {
+    let message = strip(&e.to_string());
+    if let Some(hint) = no_credentials(url, &message) {
+        let source = io::Error::new(io::ErrorKind::PermissionDenied, format!("{hint} ({message})"));
+        return Error::Io { op, path: url.to_path_buf(), offset, len, source };
+    }
     let kind = match &e {
         object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
         object_store::Error::PermissionDenied { .. }
@@ -298,8 +380,51 @@ pub fn request_error(
         }
         _ => io::ErrorKind::Other,
     };
-    let source = io::Error::new(kind, strip(&e.to_string()));
+    let source = io::Error::new(kind, message);
     Error::Io { op, path: url.to_path_buf(), offset, len, source }
+}
+
+/// Paths of the instance metadata services (EC2 and ECS, Google Compute Engine, Azure
+/// managed identity): a client asks them for credentials only when it was given none.
+const METADATA_PATHS: [&str; 6] = [
+    "/latest/api/token",
+    "/latest/meta-data/iam",
+    "169.254.170.2",
+    "/computeMetadata/",
+    "metadata.google.internal",
+    "/metadata/identity/oauth2/token",
+];
+
+/// When `message` is a failed request for credentials to an instance metadata service (what
+/// a client does when it found none, and what a 403 from that address means off a cloud
+/// instance): a message that says no credentials were found and how to give them.
+fn no_credentials(url: &Path, message: &str) -> Option<String> {
+    if !METADATA_PATHS.iter().any(|p| message.contains(p)) {
+        return None;
+    }
+    let provider = url.to_str().and_then(|u| Source::parse(u).ok().flatten())?.provider;
+    let how = match provider {
+        Provider::S3 => {
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_WEB_IDENTITY_TOKEN_FILE and \
+             AWS_ROLE_ARN), or the options aws_access_key_id and aws_secret_access_key; for a \
+             public bucket, aws_skip_signature=true"
+        }
+        Provider::Gcs => {
+            "set GOOGLE_APPLICATION_CREDENTIALS or GOOGLE_SERVICE_ACCOUNT (a key file), run \
+             'gcloud auth application-default login', or give the option \
+             google_service_account_key; for a public bucket, google_skip_signature=true"
+        }
+        Provider::Azure => {
+            "set AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_KEY or AZURE_STORAGE_CLIENT_ID, \
+             _SECRET and _TENANT_ID, or the matching azure_* options (azure_use_azure_cli=true \
+             for the Azure CLI's login); for a public container, azure_skip_signature=true"
+        }
+    };
+    Some(format!(
+        "no {} credentials were found, and the instance metadata service the client then asked \
+         gave none: {how}",
+        provider.name()
+    ))
 }
 
 /// The error for an object that changed during a load.

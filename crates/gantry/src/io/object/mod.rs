@@ -10,11 +10,18 @@
 //! error, never a mix of two versions; each part lands in a staging buffer of the ring and
 //! goes through the same copy steps as a local read, so memory stays bounded by the ring.
 //!
+//! A key is what the store holds, byte for byte: the one from the URL as written (see
+//! [`source`]), from an index, or from a listing, never escaped by us (the client encodes it
+//! once on the wire; `object_store`'s `Path::from` would escape reserved characters a second
+//! time and name another object). Keys the client cannot address at all (`a//b`, a leading
+//! `/`, `.` or `..` segments, control characters) are an error naming the key.
+//!
 //! The clients are the `object_store` crate's ([`client`]: each provider's own environment
 //! and credential chain, retries with backoff on 5xx and throttling). Their async runtime
 //! stays inside this module. Errors name the object, never the credentials.
 
 pub mod client;
+pub mod settings;
 pub mod source;
 
 use std::io;
@@ -24,7 +31,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use gantry_format::{
     check_prefix, parse_header, parse_index, Checkpoint, ErrorKind, FormatError, Header,
     INDEX_FILE_NAME, MAX_INDEX_BYTES, PREFIX_BYTES,
@@ -37,15 +44,16 @@ use super::Message;
 use crate::error::{Error, Result};
 use crate::integrity::{self, Known, SUMS_FILE_NAME};
 use crate::staging::Pool;
-use client::{changed, request_error, runtime};
-pub(crate) use client::{option_key, Options};
+pub(crate) use client::Options;
+use client::{block_on, changed, panicked, request_error, runtime};
+pub use settings::endpoint_options;
 pub use source::{is_url, Provider, Source};
 
 /// Opens an object source and validates every header, reading no tensor data.
-pub fn open_checkpoint(source: &Path, options: &Options) -> Result<Checkpoint> {
-    let source = parse(source)?;
+pub fn open_checkpoint(path: &Path, options: &Options) -> Result<Checkpoint> {
+    let source = parse(path)?;
     let store = client::client(&source, options)?.store;
-    runtime()?.block_on(async {
+    block_on(path, async {
         let key = source.key.clone();
         let remote = Remote { store, source };
         if remote.source.is_prefix() {
@@ -53,11 +61,14 @@ pub fn open_checkpoint(source: &Path, options: &Options) -> Result<Checkpoint> {
         } else if key.ends_with(".json") {
             remote.open_index(&key).await
         } else {
-            let (header, pin) = remote.header(&key).await?;
+            let (header, pin) = match remote.header(&key).await {
+                Err(e) if is_not_found(&e) => return Err(remote.did_you_mean(&key, e).await),
+                result => result?,
+            };
             let checkpoint = Checkpoint::from_headers(vec![(remote.url_of(&key), header)])?;
             Ok(pinned(checkpoint, vec![pin]))
         }
-    })
+    })?
 }
 
 /// Most shard headers read at once when a checkpoint is opened: each costs a HEAD and two small
@@ -68,6 +79,27 @@ const HEADER_READS_MAX: usize = 16;
 fn parse(path: &Path) -> Result<Source> {
     let text = path.to_str().unwrap_or_default();
     Source::parse(text)?.ok_or_else(|| Error::Config(format!("'{text}' is not an object URL")))
+}
+
+/// Whether `e` says an object is not there.
+fn is_not_found(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
+}
+
+/// Object `key` (at `url`, for errors) as the client addresses it: the key exactly as it is,
+/// never escaped again (the client percent-encodes it once, on the wire). A key the client
+/// cannot address (an empty segment `a//b`, a leading `/`, a `.` or `..` segment, a control
+/// character) is an error naming it, never another object.
+fn location(url: &Path, key: &str) -> Result<ObjectPath> {
+    let parsed = ObjectPath::parse(key).ok().filter(|p| p.as_ref() == key || key.is_empty());
+    parsed.ok_or_else(|| {
+        Error::Config(format!(
+            "{}: the key '{}' cannot be read: object keys with an empty segment ('//'), a \
+             leading '/', a '.' or '..' segment or a control character are not supported",
+            url.display(),
+            key.escape_debug()
+        ))
+    })
 }
 
 /// What every GET of one object is conditioned on: the ETag the load saw and, on Google Cloud
@@ -128,7 +160,7 @@ impl Remote {
 
     async fn open_prefix(&self, prefix: &str) -> Result<Checkpoint> {
         let url = self.url_of(prefix);
-        let location = ObjectPath::from(prefix.trim_end_matches('/'));
+        let location = location(&url, prefix.trim_end_matches('/'))?;
         let listing = self
             .store
             .list_with_delimiter(Some(&location))
@@ -172,9 +204,39 @@ impl Remote {
         Ok(pinned(Checkpoint::from_headers(headers)?, pins))
     }
 
+    /// `not_found`, for object `key` that is not there; when `key/` is a prefix that holds a
+    /// checkpoint (what was meant, without its trailing slash), an error that says so.
+    async fn did_you_mean(&self, key: &str, not_found: Error) -> Error {
+        let folder = format!("{key}/");
+        let Ok(prefix) = ObjectPath::parse(&folder) else { return not_found };
+        let Ok(listing) = self.store.list_with_delimiter(Some(&prefix)).await else {
+            return not_found;
+        };
+        let checkpoint = listing.objects.iter().any(|o| {
+            let name = o.location.filename().unwrap_or_default();
+            name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json")
+        });
+        if !checkpoint {
+            return not_found;
+        }
+        let url = self.url_of(key);
+        let why = format!(
+            "there is no object '{key}', but the prefix {} holds a checkpoint: write the \
+             source with its trailing '/'",
+            self.url_of(&folder).display()
+        );
+        Error::Io {
+            op: "head",
+            path: url,
+            offset: 0,
+            len: 0,
+            source: io::Error::new(io::ErrorKind::NotFound, why),
+        }
+    }
+
     async fn open_index(&self, key: &str) -> Result<Checkpoint> {
         let url = self.url_of(key);
-        let location = ObjectPath::from(key);
+        let location = location(&url, key)?;
         let meta =
             self.store.head(&location).await.map_err(|e| request_error("head", &url, 0, 0, e))?;
         if meta.size > MAX_INDEX_BYTES {
@@ -222,7 +284,7 @@ impl Remote {
     /// both GETs were pinned to.
     async fn header(&self, key: &str) -> Result<(Header, Pin)> {
         let url = self.url_of(key);
-        let location = ObjectPath::from(key);
+        let location = location(&url, key)?;
         let meta =
             self.store.head(&location).await.map_err(|e| request_error("head", &url, 0, 0, e))?;
         let size = meta.size;
@@ -300,9 +362,8 @@ impl ObjectFile {
 
     /// Whether a HEAD now shows the ETag (and generation) and size the load saw.
     pub fn unchanged(&self) -> std::result::Result<bool, String> {
-        let runtime = runtime().map_err(|e| e.to_string())?;
-        let meta = runtime
-            .block_on(self.store.head(&self.location))
+        let meta = block_on(&self.path, self.store.head(&self.location))
+            .map_err(|e| e.to_string())?
             .map_err(|e| request_error("head", &self.path, 0, 0, e).to_string())?;
         let generation_same = self.generation.is_none() || meta.version == self.generation;
         Ok(meta.e_tag == self.etag && meta.size == self.size && generation_same)
@@ -392,7 +453,12 @@ pub fn run(
             let file = files[job.file].clone();
             let (tx, failed) = (tx.clone(), Arc::clone(&failed));
             in_flight.spawn(async move {
-                let (message, copy) = fetch(&file, job, dest).await;
+                // A panic inside the client (a backstop: its settings were checked) fails
+                // the load with an error rather than losing the part.
+                let caught = std::panic::AssertUnwindSafe(fetch(&file, job, dest)).catch_unwind();
+                let (message, copy) = caught
+                    .await
+                    .unwrap_or_else(|panic| (Err(panicked(&file.path, panic.as_ref())), None));
                 if message.is_err() {
                     failed.store(true, Ordering::Relaxed);
                 }
@@ -522,8 +588,7 @@ const SUMS_BYTES_MAX: u64 = 16 << 20;
 /// The digest known for `object`: its `sha256` metadata, else its line in a `SHA256SUMS`
 /// object beside it; else what was looked for and why nothing was found.
 pub fn known_digest(object: &ObjectFile) -> std::result::Result<Known, String> {
-    let runtime = runtime().map_err(|e| e.to_string())?;
-    runtime.block_on(async {
+    block_on(&object.path, async {
         let key = "sha256";
         let pin = object.pin();
         let result = object.store.get_opts(&object.location, pin.get(0..1)).await;
@@ -540,8 +605,8 @@ pub fn known_digest(object: &ObjectFile) -> std::result::Result<Known, String> {
         } else {
             format!("{dir}/{SUMS_FILE_NAME}")
         };
-        let sums = ObjectPath::from(sums_key.as_str());
         let sums_url = object.path.with_file_name(SUMS_FILE_NAME);
+        let sums = location(&sums_url, &sums_key).map_err(|e| e.to_string())?;
         let none = || format!("no '{key}' object metadata, no {SUMS_FILE_NAME} entry beside it");
         let options =
             GetOptions { range: Some(GetRange::Bounded(0..SUMS_BYTES_MAX)), ..Default::default() };
@@ -555,6 +620,7 @@ pub fn known_digest(object: &ObjectFile) -> std::result::Result<Known, String> {
             integrity::parse_sums(&String::from_utf8_lossy(&text), name).ok_or_else(none)?;
         Ok(Known { digest, source: sums_url.display().to_string() })
     })
+    .map_err(|e| e.to_string())?
 }
 
 /// Fetches every object of `paths` whole with ranged GETs of `config`'s part size,
@@ -575,12 +641,13 @@ pub fn fetch_whole(paths: &[&Path], config: &crate::Config) -> Result<u64> {
         }
     }
     let bytes: u64 = requests.iter().map(|r| r.2).sum();
-    runtime()?.block_on(async {
+    let first = paths.first().map_or(Path::new(""), |p| *p);
+    block_on(first, async {
         let mut in_flight = tokio::task::JoinSet::new();
         let mut first_error = None;
         for (file, offset, len) in requests {
             while in_flight.len() >= concurrency.max(1) {
-                if let Some(Ok(Err(e))) = in_flight.join_next().await {
+                if let Some(Err(e)) = in_flight.join_next().await.map(joined) {
                     first_error.get_or_insert(e);
                 }
             }
@@ -611,22 +678,29 @@ pub fn fetch_whole(paths: &[&Path], config: &crate::Config) -> Result<u64> {
             });
         }
         while let Some(r) = in_flight.join_next().await {
-            if let Ok(Err(e)) = r {
+            if let Err(e) = joined(r) {
                 first_error.get_or_insert(e);
             }
         }
         first_error.map_or(Ok(()), Err)
-    })?;
+    })??;
     Ok(bytes)
+}
+
+/// A finished task's result; a task that panicked (inside the client) is an error.
+fn joined(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    r.unwrap_or_else(|e| {
+        let what = if e.is_panic() { "panicked" } else { "was cancelled" };
+        Err(Error::Config(format!("an object-storage request {what}: {e}")))
+    })
 }
 
 /// An object's size and ETag, whatever its size.
 fn open_for_load_unchecked(path: &Path, options: &Options) -> Result<ObjectFile> {
     let source = parse(path)?;
     let client = client::client(&source, options)?;
-    let location = ObjectPath::from(source.key.as_str());
-    let meta = runtime()?
-        .block_on(client.store.head(&location))
+    let location = location(path, &source.key)?;
+    let meta = block_on(path, client.store.head(&location))?
         .map_err(|e| request_error("head", path, 0, 0, e))?;
     let Pin { etag, generation } = Pin::of(source.provider, &meta);
     Ok(ObjectFile {
@@ -639,4 +713,23 @@ fn open_for_load_unchecked(path: &Path, options: &Options) -> Result<ObjectFile>
         bucket: client.cache_name,
         cache: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_addressed_as_they_are() {
+        let url = Path::new("s3://b/");
+        for key in
+            ["caf\u{e9}/x", "a~b", "layer[1]", "two words", "a+b", "100%", "x#1", "why?", "%41", ""]
+        {
+            assert_eq!(location(url, key).unwrap().as_ref(), key);
+        }
+        for key in ["a//b", "/a", "a/./b", "a/../b", "..", "a\nb"] {
+            let e = location(url, key).unwrap_err().to_string();
+            assert!(e.contains(&key.escape_debug().to_string()) && e.contains("s3://b/"), "{e}");
+        }
+    }
 }

@@ -2,13 +2,21 @@
 //! container) and the key; and back: the URL of another key beside them, in the spelling the
 //! user chose, so that errors and reports name objects as the user would.
 //!
-//! Recognised: `s3://bucket/key`, `gs://bucket/key`, `az://container/key` (also `abfs://`,
-//! `abfss://`, `azure://`), `abfs[s]://container@ACCOUNT.dfs.core.windows.net/key` and
-//! `https://ACCOUNT.blob.core.windows.net/container/key` (or `.dfs.`). A key that is empty or
+//! Recognised: `s3://bucket/key`, `gs://bucket/key` (also `gcs://`), `az://container/key`
+//! (also `abfs://`, `abfss://`, `azure://`), `abfs[s]://container@ACCOUNT.dfs.core.windows.net/key`
+//! and `https://ACCOUNT.blob.core.windows.net/container/key` (or `.dfs.`). Schemes and Azure
+//! hosts are read in any case, an Azure host with or without `:443`. A key that is empty or
 //! ends in `/` is a prefix. Pure string work, no I/O.
+//!
+//! The rules: a key is taken as it is written, so that every key a store can hold can be
+//! named (`%`, `?`, `#`, spaces are part of it); only an `https://` URL, a web address, is
+//! percent-decoded. Text that starts like a URL (`scheme://`) is never a local path: a scheme
+//! that names no store is an error saying what to write. Bucket, container and account names
+//! are checked here ([`super::settings`]), before any client sees them.
 
 use std::path::{Path, PathBuf};
 
+use super::settings;
 use crate::error::{Error, Result};
 
 /// Which object store a source lives in.
@@ -51,6 +59,8 @@ pub struct Source {
     pub key: String,
     /// The URL of key `""` in the bucket, as the user spelled it (`gs://bucket/`).
     base: String,
+    /// Whether keys are percent-encoded in this spelling (`https://`).
+    encoded: bool,
 }
 
 impl Source {
@@ -58,53 +68,73 @@ impl Source {
     /// URL when it uses an object scheme but names no bucket or account.
     pub fn parse(text: &str) -> Result<Option<Source>> {
         let Some((scheme, rest)) = text.split_once("://") else { return Ok(None) };
+        if !is_scheme(scheme) {
+            return Ok(None);
+        }
+        let lower = scheme.to_ascii_lowercase();
         let (authority, key) = rest.split_once('/').unwrap_or((rest, ""));
         let bad = |what: &str| {
-            Err(Error::Config(format!("'{text}' names no {what} ({})", example(scheme))))
+            Err(Error::Config(format!("'{text}' names no {what} ({})", example(&lower))))
         };
-        let provider = match scheme {
-            "s3" => Provider::S3,
-            "gs" => Provider::Gcs,
-            s if AZURE_SCHEMES.contains(&s) => Provider::Azure,
-            "https" if AZURE_HOSTS.iter().any(|h| authority.ends_with(h)) => Provider::Azure,
-            _ => return Ok(None),
-        };
-        let (account, bucket, key) = if scheme == "https" {
+        let provider = provider_of(text, &lower, authority)?;
+        let (account, bucket, key) = if lower == "https" {
             // https://ACCOUNT.blob.core.windows.net/container/key
-            let account = authority.split('.').next().unwrap_or_default();
             let (container, key) = key.split_once('/').unwrap_or((key, ""));
-            (Some(account), container, key)
+            (azure_account(authority), container, key)
         } else if let Some((container, host)) = authority.split_once('@') {
             // abfss://container@ACCOUNT.dfs.core.windows.net/key
-            if provider != Provider::Azure || !AZURE_HOSTS.iter().any(|h| host.ends_with(h)) {
-                return bad("bucket");
+            match azure_account(host) {
+                Some(account) if provider == Provider::Azure => (Some(account), container, key),
+                _ => return bad("bucket"),
             }
-            (Some(host.split('.').next().unwrap_or_default()), container, key)
         } else {
             (None, authority, key)
         };
-        if account.is_some_and(|a| !name_ok(a)) {
-            return bad("storage account");
-        }
-        if !name_ok(bucket) {
-            return bad(if provider == Provider::Azure { "container" } else { "bucket" });
+        let account = account.as_deref();
+        let bucket_word = if provider == Provider::Azure { "container" } else { "bucket" };
+        for (name, what) in [(account.unwrap_or("-"), "storage account"), (bucket, bucket_word)] {
+            if name.is_empty() {
+                return bad(what);
+            }
+            if let Some(problem) = settings::name_problem(name, what) {
+                return Err(Error::Config(format!("'{text}': {problem} ({})", example(&lower))));
+            }
         }
         let mut base = text[..text.len() - key.len()].to_owned();
         if !base.ends_with('/') {
             base.push('/');
         }
+        // An https:// URL is a web address: its key is percent-encoded, as the portal and
+        // every HTTP tool write it. The other schemes take the key as it is written.
+        let encoded = lower == "https";
+        let key = if encoded {
+            percent_decode(key).ok_or_else(|| {
+                Error::Config(format!(
+                    "'{text}': the key of an https:// URL is percent-encoded, and '{key}' has a \
+                     '%' that is not followed by two hex digits of UTF-8 (write '%' as %25)"
+                ))
+            })?
+        } else {
+            key.to_owned()
+        };
         Ok(Some(Source {
             provider,
             account: account.map(str::to_owned),
             bucket: bucket.to_owned(),
-            key: key.to_owned(),
+            key,
             base,
+            encoded,
         }))
     }
 
-    /// The URL of `key` in the same bucket.
+    /// The URL of `key` in the same bucket, spelled as the source was (percent-encoded in an
+    /// https:// URL).
     pub fn url_of(&self, key: &str) -> PathBuf {
-        PathBuf::from(format!("{}{key}", self.base))
+        if self.encoded {
+            PathBuf::from(format!("{}{}", self.base, percent_encode(key)))
+        } else {
+            PathBuf::from(format!("{}{key}", self.base))
+        }
     }
 
     /// Whether the key names a prefix (a checkpoint folder) rather than one object.
@@ -118,15 +148,83 @@ pub fn is_url(source: &Path) -> bool {
     source.to_str().is_some_and(|s| matches!(Source::parse(s), Ok(Some(_)) | Err(_)))
 }
 
-/// A bucket, container or account name: not empty, not `.` or `..`, no `/`, `@` or `:`.
-fn name_ok(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '@', ':'])
+/// Whether `text` is a URL scheme (RFC 3986: a letter, then letters, digits, `+`, `-`, `.`);
+/// text before `://` that is none (`/data/s3`) makes a local path.
+fn is_scheme(text: &str) -> bool {
+    let mut chars = text.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+}
+
+/// The store a URL of scheme `lower` (lower case) and `authority` is in; an error saying what
+/// to write for a URL that is no object source (never a local path: the text is a URL).
+fn provider_of(text: &str, lower: &str, authority: &str) -> Result<Provider> {
+    let azure = azure_account(authority).is_some();
+    let why = match lower {
+        "s3" => return Ok(Provider::S3),
+        "gs" | "gcs" => return Ok(Provider::Gcs),
+        s if AZURE_SCHEMES.contains(&s) => return Ok(Provider::Azure),
+        "https" if azure => return Ok(Provider::Azure),
+        "http" if azure => "Azure Blob Storage is reached over https://".to_owned(),
+        "http" | "https" => "gantry reads https:// URLs of Azure storage accounts only \
+            (https://ACCOUNT.blob.core.windows.net/container/key); for an S3-compatible store \
+            write s3://bucket/key and give its endpoint (--s3-endpoint, aws_endpoint_url)"
+            .to_owned(),
+        _ => {
+            let scheme = &text[..lower.len()];
+            format!(
+                "the scheme '{scheme}://' is not one gantry reads: object sources are s3://, \
+                 gs:// (or gcs://), az:// (or abfs://, abfss://, azure://) and \
+                 https://ACCOUNT.blob.core.windows.net/; a local path is written without one"
+            )
+        }
+    };
+    Err(Error::Config(format!("'{text}' is not an object source: {why}")))
+}
+
+/// The storage account of Azure host `host` (`ACCOUNT.blob.core.windows.net` or `.dfs.`, in
+/// any case, with or without the port `:443`), lower case; `None` for any other host.
+fn azure_account(host: &str) -> Option<String> {
+    let host = host.strip_suffix(":443").unwrap_or(host).to_ascii_lowercase();
+    let account = AZURE_HOSTS.iter().find_map(|h| host.strip_suffix(h))?;
+    Some(account.to_owned())
+}
+
+/// `text` with every `%XY` decoded; `None` when an escape is malformed or the bytes are not
+/// UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `key` percent-encoded for a URL path: every byte but letters, digits, `-._~` and `/`.
+fn percent_encode(key: &str) -> String {
+    key.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn example(scheme: &str) -> &'static str {
     match scheme {
         "s3" => "s3://bucket/key",
-        "gs" => "gs://bucket/key",
+        "gs" | "gcs" => "gs://bucket/key",
         "https" => "https://ACCOUNT.blob.core.windows.net/container/key",
         _ => "az://container/key",
     }
@@ -141,7 +239,7 @@ mod tests {
         use Provider::*;
         /// Provider, account, bucket, key, and the URL of key `k` beside it.
         type Split<'a> = (Provider, Option<&'a str>, &'a str, &'a str, &'a str);
-        let cases: [(&str, Option<Split>); 12] = [
+        let cases: [(&str, Option<Split>); 14] = [
             ("s3://b/m/x.safetensors", Some((S3, None, "b", "m/x.safetensors", "s3://b/k"))),
             ("s3://b", Some((S3, None, "b", "", "s3://b/k"))),
             ("gs://b/m/", Some((Gcs, None, "b", "m/", "gs://b/k"))),
@@ -155,11 +253,25 @@ mod tests {
                 "https://acct.blob.core.windows.net/c/m/x",
                 Some((Azure, Some("acct"), "c", "m/x", "https://acct.blob.core.windows.net/c/k")),
             ),
-            ("https://example.com/c/m/x", None),
+            ("S3://b/m/", Some((S3, None, "b", "m/", "S3://b/k"))),
+            ("gcs://b/x", Some((Gcs, None, "b", "x", "gcs://b/k"))),
+            (
+                "https://ACCT.Blob.Core.Windows.NET:443/c/m/",
+                Some((
+                    Azure,
+                    Some("acct"),
+                    "c",
+                    "m/",
+                    "https://ACCT.Blob.Core.Windows.NET:443/c/k",
+                )),
+            ),
+            (
+                "ABFSS://c@Acct.DFS.core.windows.net:443/m",
+                Some((Azure, Some("acct"), "c", "m", "ABFSS://c@Acct.DFS.core.windows.net:443/k")),
+            ),
             ("model/x.safetensors", None),
             ("/abs/s3://x", None),
-            ("http://acct.blob.core.windows.net/c/x", None),
-            ("file:///x", None),
+            ("./1x://y", None),
         ];
         for (text, want) in cases {
             let got = Source::parse(text).unwrap();
@@ -170,6 +282,33 @@ mod tests {
             let want = want.map(|(p, a, b, k, u)| (p, a, b, k, PathBuf::from(u)));
             assert_eq!(got, want, "{text}");
             assert_eq!(is_url(Path::new(text)), want.is_some(), "{text}");
+        }
+    }
+
+    #[test]
+    fn keys_as_written_except_in_https_urls() {
+        let cases = [
+            ("s3://b/a%20b/caf\u{e9} ~[1]+#?.safetensors", "a%20b/caf\u{e9} ~[1]+#?.safetensors"),
+            ("gs://b/100%", "100%"),
+            ("az://c/%zz", "%zz"),
+            ("https://acct.blob.core.windows.net/c/a%20b/caf%C3%A9%3F", "a b/caf\u{e9}?"),
+            ("https://acct.blob.core.windows.net/c/%2541", "%41"),
+        ];
+        for (text, key) in cases {
+            let source = Source::parse(text).unwrap().unwrap();
+            assert_eq!(source.key, key, "{text}");
+            // The URL of its own key is the text again (encoded alike).
+            let again = source.url_of(key);
+            let decoded = Source::parse(again.to_str().unwrap()).unwrap().unwrap();
+            assert_eq!(decoded.key, key, "{text}");
+        }
+        let https = Source::parse("https://acct.blob.core.windows.net/c/").unwrap().unwrap();
+        let url = https.url_of("x y/caf\u{e9}%");
+        assert_eq!(url, PathBuf::from("https://acct.blob.core.windows.net/c/x%20y/caf%C3%A9%25"));
+        for bad in ["/c/100%", "/c/%4", "/c/%zz", "/c/%+1", "/c/%FF"] {
+            let text = format!("https://acct.blob.core.windows.net{bad}");
+            let e = Source::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(&text) && e.contains("%25"), "{e}");
         }
     }
 
@@ -185,6 +324,12 @@ mod tests {
             "abfss://c@example.com/x",
             "abfss://@acct.dfs.core.windows.net/x",
             "s3://../x",
+            "https://example.com/c/m/x",
+            "http://acct.blob.core.windows.net/c/x",
+            "file:///x",
+            "ftp://host/x",
+            "hf://org/model",
+            "https://acct.blob.core.windows.net:8443/c/x",
         ] {
             let e = Source::parse(text).unwrap_err().to_string();
             assert!(e.contains(text), "{e}");
