@@ -93,15 +93,15 @@ pub(crate) fn option_key(key: &str) -> Result<OptionKey> {
     })
 }
 
-/// A client, and the name its store gives the objects' account for the cache (Azure).
+/// A client, and where its bucket lives, for the cache.
 #[derive(Debug, Clone)]
 pub struct Client {
     /// The store, for this bucket.
     pub store: Arc<dyn ObjectStore>,
-    /// Where a local copy of this bucket's objects goes under a cache directory: `bucket`
-    /// (S3), `gs/bucket`, `az/ACCOUNT/container`. Bucket names are at least three characters,
-    /// so `gs` and `az` never collide with an S3 bucket.
-    pub cache_name: String,
+    /// What names this bucket's copies in a cache directory besides key and version: the
+    /// provider, the endpoint the client was configured with (normalized; empty for the
+    /// provider's default), the account (Azure) and the bucket.
+    pub cache_name: crate::io::cache::Origin,
 }
 
 /// The client for `source`'s bucket with `options`, made once per process.
@@ -118,8 +118,8 @@ pub fn client(source: &Source, options: &Options) -> Result<Client> {
     }
     let bucket = &source.bucket;
     let built = match source.provider {
-        Provider::S3 => s3(bucket, options).map(|s| (s, bucket.clone())),
-        Provider::Gcs => gcs(bucket, options).map(|s| (s, format!("gs/{bucket}"))),
+        Provider::S3 => s3(bucket, options),
+        Provider::Gcs => gcs(bucket, options),
         Provider::Azure => azure(source, options),
     };
     let (store, cache_name) = built.map_err(|e| {
@@ -160,7 +160,23 @@ fn env_with(prefix: &str) -> Vec<(String, String)> {
     vars
 }
 
-type Store = object_store::Result<Arc<dyn ObjectStore>>;
+/// A store and where its bucket lives.
+type Store = object_store::Result<(Arc<dyn ObjectStore>, crate::io::cache::Origin)>;
+
+/// The cache's name for `bucket` at `endpoint` (as configured) of `provider`.
+fn origin(
+    provider: &'static str,
+    endpoint: Option<String>,
+    account: Option<String>,
+    bucket: &str,
+) -> crate::io::cache::Origin {
+    crate::io::cache::Origin {
+        provider,
+        endpoint: crate::io::cache::normalize_endpoint(&endpoint.unwrap_or_default()),
+        account: account.unwrap_or_default(),
+        bucket: bucket.to_owned(),
+    }
+}
 
 fn s3(bucket: &str, options: &Options) -> Store {
     // Client options first: the environment's (AWS_ALLOW_HTTP, proxies, ...) go into them.
@@ -184,7 +200,8 @@ fn s3(bucket: &str, options: &Options) -> Store {
     {
         builder = builder.with_region("us-east-1");
     }
-    Ok(Arc::new(builder.build()?))
+    let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint);
+    Ok((Arc::new(builder.build()?), origin("s3", endpoint, None, bucket)))
 }
 
 fn gcs(bucket: &str, options: &Options) -> Store {
@@ -208,13 +225,12 @@ fn gcs(bucket: &str, options: &Options) -> Store {
             _ => builder,
         };
     }
-    Ok(Arc::new(builder.with_bucket_name(bucket).with_retry(retry()).build()?))
+    let endpoint = builder.get_config_value(&GoogleConfigKey::BaseUrl);
+    let store = builder.with_bucket_name(bucket).with_retry(retry()).build()?;
+    Ok((Arc::new(store), origin("gcs", endpoint, None, bucket)))
 }
 
-fn azure(
-    source: &Source,
-    options: &Options,
-) -> object_store::Result<(Arc<dyn ObjectStore>, String)> {
+fn azure(source: &Source, options: &Options) -> Store {
     let mut builder = MicrosoftAzureBuilder::new().with_client_options(client_options());
     for (key, value) in env_with("AZURE_") {
         if let Ok(key) = key.parse() {
@@ -238,8 +254,12 @@ fn azure(
         builder.get_config_value(&AzureConfigKey::UseEmulator).as_deref() == Some("true");
     let account = builder.get_config_value(&AzureConfigKey::AccountName);
     let account = account.unwrap_or_else(|| if emulator { "devstoreaccount1" } else { "_" }.into());
+    let endpoint = builder.get_config_value(&AzureConfigKey::Endpoint).or_else(|| {
+        let url = std::env::var("AZURITE_BLOB_STORAGE_URL").ok();
+        emulator.then(|| url.unwrap_or_else(|| "http://127.0.0.1:10000".to_owned()))
+    });
     let store = builder.with_container_name(&source.bucket).with_retry(retry()).build()?;
-    Ok((Arc::new(store), format!("az/{account}/{}", source.bucket)))
+    Ok((Arc::new(store), origin("azure", endpoint, Some(account), &source.bucket)))
 }
 
 /// Values cut out of every message.
