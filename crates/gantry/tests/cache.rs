@@ -46,6 +46,20 @@ fn config_at(endpoint: &str) -> Config {
         .staging_bytes(8 * (64 << 10))
 }
 
+/// Whether this runs as root; when not, a failure unless `GANTRY_SKIP_ROOT_TESTS=1`.
+fn root_or_skip(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("GANTRY_SKIP_ROOT_TESTS").as_deref() == Ok("1"),
+        "{what} needs root: run the tests as root, or set GANTRY_SKIP_ROOT_TESTS=1 to skip it"
+    );
+    println!("skipped: {what} needs root (GANTRY_SKIP_ROOT_TESTS=1)");
+    false
+}
+
 /// The copies in cache `dir`.
 fn copies(dir: &Path) -> Vec<PathBuf> {
     files_under(&dir.join("objects"))
@@ -385,7 +399,7 @@ fn untrusted_copies_are_dropped(server: &Server, root: &Path, shards: &[PathBuf]
         "is a directory, not a regular file",
     );
     // A copy of another user's (root only can make one).
-    if unsafe { libc::geteuid() } == 0 && std::env::var_os("GANTRY_SKIP_ROOT_TESTS").is_none() {
+    if root_or_skip("a copy owned by another user") {
         let cache = root.join("cache-owner");
         let copy = spoiled(
             server,
@@ -435,8 +449,7 @@ fn a_killed_writer_leaves_nothing_for_long(server: &Server, root: &Path, shards:
 /// with a warning, the object read from the store. Run as user 65534, since root reads all.
 fn an_unreadable_copy_costs_nothing(server: &Server, shards: &[PathBuf]) {
     use std::os::unix::fs::PermissionsExt;
-    if unsafe { libc::geteuid() } != 0 || std::env::var_os("GANTRY_SKIP_ROOT_TESTS").is_some() {
-        println!("skipped: reading as another user needs root");
+    if !root_or_skip("reading the cache as another user") {
         return;
     }
     // Under the system's temporary directory, which every user may enter.

@@ -117,27 +117,7 @@ impl Loader {
             let (cache, found) = cache::open_and_find(dir, shared, identity.clone(), object.size);
             match (found, cache, identity) {
                 (cache::Lookup::Hit(copy), Some(cache), _) => {
-                    let path = copy.path.clone();
-                    let opened = copy.file.try_clone().map_err(|source| Error::Io {
-                        op: "open",
-                        path: path.clone(),
-                        offset: 0,
-                        len: 0,
-                        source,
-                    })?;
-                    let (mut choice, facts) =
-                        self.open_local(f, &path, Some(opened), info, target, files)?;
-                    choice.reason = format!(
-                        "from the cache ({}: ETag {} and size unchanged on the store; every \
-                         extent checked against the copy's record): {}",
-                        path.display(),
-                        object.etag.as_deref().unwrap_or_default(),
-                        choice.reason
-                    );
-                    let checked = cache::check::Checked::new(copy, object.clone(), cache);
-                    files.copies[f] = Some(Arc::new(checked));
-                    files.remote[f] = Some(object);
-                    return Ok((choice, facts));
+                    return self.open_copy(f, info, target, files, copy, object, cache);
                 }
                 (cache::Lookup::Miss(why), Some(cache), Some(identity)) => {
                     match cache::Writer::create(cache, identity, object.size) {
@@ -175,6 +155,41 @@ impl Loader {
         files.remote[f] = Some(object.without_cache());
         files.objects.push(object);
         Ok((Choice { reader: ReaderKind::Object, reason }, facts))
+    }
+
+    /// Opens `copy` of object `info` (found in `cache`) for a load: read as a local file, each
+    /// extent checked against the copy's record, `object` kept to replace what fails.
+    #[allow(clippy::too_many_arguments)]
+    fn open_copy(
+        &self,
+        f: usize,
+        info: &gantry_format::FileInfo,
+        target: Target,
+        files: &mut Files,
+        copy: crate::io::cache::Copy,
+        object: crate::io::object::ObjectFile,
+        cache: Arc<crate::io::cache::CacheDir>,
+    ) -> Result<FileChoice> {
+        let path = copy.path.clone();
+        let opened = copy.file.try_clone().map_err(|source| Error::Io {
+            op: "open",
+            path: path.clone(),
+            offset: 0,
+            len: 0,
+            source,
+        })?;
+        let (mut choice, facts) = self.open_local(f, &path, Some(opened), info, target, files)?;
+        choice.reason = format!(
+            "from the cache ({}: ETag {} and size unchanged on the store; every extent checked \
+             against the copy's record): {}",
+            path.display(),
+            object.etag.as_deref().unwrap_or_default(),
+            choice.reason
+        );
+        let checked = crate::io::cache::check::Checked::new(copy, object.clone(), cache);
+        files.copies[f] = Some(Arc::new(checked));
+        files.remote[f] = Some(object);
+        Ok((choice, facts))
     }
 
     /// Probes and opens local file `path` (checkpoint file `f`, `info`; `path` is `info.path`,

@@ -153,8 +153,7 @@ impl Dir {
         let flags =
             libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         // SAFETY: a valid directory descriptor and a NUL-terminated one-component name.
-        let fd =
-            check(unsafe { libc::openat(self.fd.as_raw_fd(), c.as_ptr(), flags, mode as u32) })?;
+        let fd = check(unsafe { libc::openat(self.fd.as_raw_fd(), c.as_ptr(), flags, mode) })?;
         // SAFETY: `fd` was just opened and is owned by nothing else.
         let file = unsafe { File::from_raw_fd(fd) };
         fchmod(&file, mode)?;
