@@ -6,7 +6,9 @@
 //! callbacks run on the caller's thread, never inside a reap loop, and the staging ring is the
 //! only memory in flight. On the first error every reader is told to stop (the pool is closed
 //! and the cancel flag set); the error is returned only after every thread has finished and
-//! every in-flight read has completed.
+//! every in-flight read has completed. Extents read from a cache copy go to the copy's
+//! check first ([`crate::io::cache::check`]), then, when the load verifies SHA-256, to the
+//! hashing threads, and only then to the sink.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
