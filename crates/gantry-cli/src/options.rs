@@ -99,6 +99,11 @@ pub struct LoadOptions {
     /// streams), and read that copy on later loads while the object's ETag is unchanged.
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<std::path::PathBuf>,
+    /// Object storage: share --cache-dir with its group (directories 2770, copies 0640; copies
+    /// written by any member of the directory's group are trusted). Default: private to the
+    /// user (0700, 0600; only the user's and root's copies are read).
+    #[arg(long, requires = "cache_dir")]
+    pub cache_shared: bool,
     #[command(flatten)]
     pub store: StoreOptions,
 }
@@ -195,7 +200,7 @@ impl LoadOptions {
         }
         let mut c = self.store.apply(c)?.verify_sha256(self.verify_sha256);
         if let Some(dir) = &self.cache_dir {
-            c = c.cache_dir(dir);
+            c = c.cache_dir(dir).cache_shared(self.cache_shared);
         }
         c.validate()?;
         Ok(c)

@@ -113,6 +113,7 @@ pub struct Config {
     pub(crate) object_options: Vec<(String, String)>,
     pub(crate) verify_sha256: bool,
     pub(crate) cache_dir: Option<std::path::PathBuf>,
+    pub(crate) cache_shared: bool,
     pub(crate) sha256_segment_bytes: u64,
     pub(crate) replicate_via: Option<ReplicateVia>,
     pub(crate) cancel: Option<Arc<AtomicBool>>,
@@ -145,6 +146,7 @@ impl Default for Config {
             object_options: Vec::new(),
             verify_sha256: false,
             cache_dir: None,
+            cache_shared: false,
             sha256_segment_bytes: crate::integrity::states::SEGMENT_BYTES_DEFAULT,
             replicate_via: None,
             cancel: None,
@@ -173,6 +175,7 @@ impl fmt::Debug for Config {
             )
             .field("verify_sha256", &self.verify_sha256)
             .field("cache_dir", &self.cache_dir)
+            .field("cache_shared", &self.cache_shared)
             .field("sha256_segment_bytes", &self.sha256_segment_bytes)
             .field("replicate_via", &self.replicate_via)
             .field("cancel", &self.cancel.is_some())
@@ -295,6 +298,15 @@ impl Config {
     /// warning, never the load. Default: none.
     pub fn cache_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.cache_dir = Some(dir.into());
+        self
+    }
+    /// Shares [`Config::cache_dir`] with its group: directories the cache creates are `2770`
+    /// (setgid: everything in them takes the cache directory's group) and copies `0640`, and
+    /// copies written by any member of that group are trusted. Default off: directories
+    /// `0700`, copies `0600`, and only copies owned by the caller (or root) are read. See
+    /// [`crate::io::cache`].
+    pub fn cache_shared(mut self, on: bool) -> Self {
+        self.cache_shared = on;
         self
     }
     /// A flag another thread may set to stop a load: it returns [`Error::Cancelled`] within

@@ -434,10 +434,12 @@ impl Loader {
             }
         }
         let mut first_tensor_seconds = None;
-        pipeline::run(&plan, &files, jobs, staging, config, sink, checks.as_mut(), &mut |i| {
-            first_tensor_seconds.get_or_insert_with(|| start.elapsed().as_secs_f64());
-            on_landed(i);
-        })?;
+        let ran =
+            pipeline::run(&plan, &files, jobs, staging, config, sink, checks.as_mut(), &mut |i| {
+                first_tensor_seconds.get_or_insert_with(|| start.elapsed().as_secs_f64());
+                on_landed(i);
+            });
+        ran.map_err(|e| crate::io::cache::check::blame_copy(e, checkpoint, &files.copies))?;
         let seconds = start.elapsed().as_secs_f64();
         let notes = FileNotes { volume: volume_notes(&files), cache: finish_cache(files) };
         let mut report = LoadReport {
@@ -578,7 +580,8 @@ fn file_reports(
 }
 
 /// How each file of a load is read: its reader's alignment and request size (a direct file's
-/// from its volume), whole when its bytes are hashed or copied to the cache.
+/// from its volume), whole when its bytes are hashed or copied to the cache; a file read from
+/// a cache copy in whole segments of its record where its request size allows.
 fn file_plans(count: usize, files: &Files, config: &Config) -> Vec<FilePlan> {
     // Hashing needs every byte of a file; so does a complete copy in the cache.
     let copied = |f: usize| matches!(files.slot[f], Some((ReaderKind::Object, i)) if files.objects[i].cache.is_some());
@@ -586,7 +589,7 @@ fn file_plans(count: usize, files: &Files, config: &Config) -> Vec<FilePlan> {
         .map(|f| {
             let chunk_bytes = config.chunk_bytes as u64;
             let whole = config.verify_sha256 || copied(f);
-            match files.slot[f] {
+            let plan = match files.slot[f] {
                 Some((ReaderKind::Direct, i)) => FilePlan {
                     align: files.direct[i].align,
                     chunk_bytes: files.volumes[files.direct_volumes[i]].chunk_bytes as u64,
@@ -599,6 +602,10 @@ fn file_plans(count: usize, files: &Files, config: &Config) -> Vec<FilePlan> {
                     FilePlan { align: 1, chunk_bytes: config.object_part() as u64, whole }
                 }
                 _ => FilePlan { align: 1, chunk_bytes: config.buffered_chunk() as u64, whole },
+            };
+            match files.copies.get(f) {
+                Some(Some(_)) => crate::io::cache::check::segment_plan(plan),
+                _ => plan,
             }
         })
         .collect()
@@ -631,6 +638,11 @@ fn finish_cache(files: Files) -> std::collections::HashMap<usize, String> {
         let note = writer.finish(object.unchanged());
         log::debug!("{}: {note}", object.path.display());
         notes.insert(ids[&i], note);
+    }
+    for (f, copy) in files.copies.iter().enumerate() {
+        if let Some(failure) = copy.as_ref().and_then(|c| c.failure()) {
+            notes.insert(f, format!("{failure}: the extents that failed came from the store"));
+        }
     }
     notes
 }

@@ -6,7 +6,9 @@
 //! callbacks run on the caller's thread, never inside a reap loop, and the staging ring is the
 //! only memory in flight. On the first error every reader is told to stop (the pool is closed
 //! and the cancel flag set); the error is returned only after every thread has finished and
-//! every in-flight read has completed.
+//! every in-flight read has completed. Extents read from a cache copy go to the copy's
+//! check first ([`crate::io::cache::check`]), then, when the load verifies SHA-256, to the
+//! hashing threads, and only then to the sink.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -17,7 +19,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::integrity::{self, Verifier};
 use crate::interleave::{interleave, Read};
-use crate::io::{buffered, gds, object, uring, Message, OpenFile};
+use crate::io::{buffered, cache, gds, object, uring, Message, OpenFile};
 use crate::memory::CudaDevice;
 use crate::plan::Plan;
 use crate::schedule::ReaderKind;
@@ -49,6 +51,9 @@ pub struct Files {
     /// Per checkpoint file: its reader and its position in that reader's list (`direct`,
     /// `buffered` or `gds`), `None` when nothing is read from it.
     pub slot: Vec<Option<(ReaderKind, usize)>>,
+    /// Per checkpoint file read from a cache copy, the copy: each extent read from it is
+    /// checked against its record before anything else sees it ([`cache::check`]).
+    pub copies: Vec<Option<Arc<cache::check::Checked>>>,
 }
 
 /// A volume under the direct files of a load, and how it is read.
@@ -220,6 +225,7 @@ pub fn run(
     let mut remaining: Vec<u32> = plan.steps_per_tensor.clone();
     let mut outstanding = plan.extents.len();
     let mut failure: Option<Error> = None;
+    let checker = cache::check::Checker::start(plan, &files.copies, jobs.targets(plan), cpus, &tx)?;
     let verifier = match &checks {
         Some(c) => {
             let states = integrity::StatesSettings::new(config);
@@ -296,6 +302,18 @@ pub fn run(
                     unreachable!("the consumer holds a sender")
                 }
             };
+            // Extents read from cache copies are checked first, and come back checked.
+            let message = match &checker {
+                None => message,
+                Some(c) => match c.admit(plan, message) {
+                    Ok(Some(m)) => m,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                },
+            };
             // Extents of verified files go to be hashed first, and come back as `Hashed`.
             let message = match &verifier {
                 None => message,
@@ -340,6 +358,7 @@ pub fn run(
         }
     });
     if let Some(e) = failure {
+        drop(checker); // its threads end and drop the leases they held
         drop(verifier); // its threads end and drop the leases they held
         sink.settle(); // copies still in flight read staging: wait before the lock goes
         return Err(e);

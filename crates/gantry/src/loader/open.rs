@@ -57,6 +57,7 @@ impl Loader {
     ) -> Result<(Files, Vec<Option<FileChoice>>)> {
         let mut files = Files { slot: vec![None; checkpoint.files.len()], ..Files::default() };
         files.remote = vec![None; checkpoint.files.len()];
+        files.copies = vec![None; checkpoint.files.len()];
         let mut choices = vec![None; checkpoint.files.len()];
         for (f, info) in checkpoint.files.iter().enumerate() {
             let needed = checkpoint
@@ -70,7 +71,7 @@ impl Loader {
             choices[f] = Some(if crate::io::object::is_url(&info.path) {
                 self.open_object(f, info, target, &mut files)?
             } else {
-                self.open_local(f, &info.path, info, target, &mut files)?
+                self.open_local(f, &info.path, None, info, target, &mut files)?
             });
         }
         Ok((files, choices))
@@ -95,9 +96,9 @@ impl Loader {
         volumes.len() - 1
     }
 
-    /// Opens object `info` for a load: from the cache when it holds a copy of the object as a
-    /// HEAD shows it now (read as a local file), else from the store (written through to the
-    /// cache when there is one).
+    /// Opens object `info` for a load: from the cache when it holds a trusted copy of the
+    /// object as a HEAD shows it now (read as a local file, each extent checked against the
+    /// copy's record), else from the store (written through to the cache when there is one).
     fn open_object(
         &self,
         f: usize,
@@ -108,30 +109,17 @@ impl Loader {
         use crate::io::cache;
         use crate::io::object;
         let mut object = object::open_for_load(info, &self.config.object_options)?;
-        let etag = object.etag.clone();
         let mut cache_note = String::new();
         if let Some(dir) = &self.config.cache_dir {
-            match cache::lookup(dir, &object.bucket, object.key(), etag.as_deref(), object.size) {
-                cache::Lookup::Hit(path) => {
-                    let (mut choice, facts) = self.open_local(f, &path, info, target, files)?;
-                    choice.reason = format!(
-                        "from the cache ({}: ETag {} and size unchanged on the store): {}",
-                        path.display(),
-                        etag.as_deref().unwrap_or_default(),
-                        choice.reason
-                    );
-                    files.remote[f] = Some(object);
-                    return Ok((choice, facts));
+            let identity = object.cache_identity();
+            let shared = self.config.cache_shared;
+            let (cache, found) = cache::open_and_find(dir, shared, identity.clone(), object.size);
+            match (found, cache, identity) {
+                (cache::Lookup::Hit(copy), Some(cache), _) => {
+                    return self.open_copy(f, info, target, files, copy, object, cache);
                 }
-                cache::Lookup::Miss(why) => {
-                    let key = object.key().to_owned();
-                    match cache::Writer::create(
-                        dir,
-                        &object.bucket,
-                        &key,
-                        etag.as_deref(),
-                        object.size,
-                    ) {
+                (cache::Lookup::Miss(why), Some(cache), Some(identity)) => {
+                    match cache::Writer::create(cache, identity, object.size) {
                         Ok(w) => {
                             cache_note = format!("; not in the cache ({why}), written through");
                             object.cache = Some(Arc::new(w));
@@ -142,6 +130,9 @@ impl Loader {
                         }
                     }
                 }
+                // A hit comes only from an open cache.
+                (cache::Lookup::Hit(_), None, _) => {}
+                (cache::Lookup::Miss(why), _, _) => cache_note = format!("; {why}"),
             }
         }
         let facts = format!(
@@ -165,24 +156,61 @@ impl Loader {
         Ok((Choice { reader: ReaderKind::Object, reason }, facts))
     }
 
-    /// Probes and opens local file `path` (checkpoint file `f`, `info`; `path` is `info.path`
-    /// or its local copy) with the reader the schedule picks.
+    /// Opens `copy` of object `info` (found in `cache`) for a load: read as a local file, each
+    /// extent checked against the copy's record, `object` kept to replace what fails.
+    #[allow(clippy::too_many_arguments)]
+    fn open_copy(
+        &self,
+        f: usize,
+        info: &gantry_format::FileInfo,
+        target: Target,
+        files: &mut Files,
+        copy: crate::io::cache::Copy,
+        object: crate::io::object::ObjectFile,
+        cache: Arc<crate::io::cache::CacheDir>,
+    ) -> Result<FileChoice> {
+        let path = copy.path.clone();
+        let opened = copy.file.try_clone().map_err(|source| Error::Io {
+            op: "open",
+            path: path.clone(),
+            offset: 0,
+            len: 0,
+            source,
+        })?;
+        let (mut choice, facts) = self.open_local(f, &path, Some(opened), info, target, files)?;
+        choice.reason = format!(
+            "from the cache ({}: ETag {} and size unchanged on the store; every extent checked \
+             against the copy's record): {}",
+            path.display(),
+            object.etag.as_deref().unwrap_or_default(),
+            choice.reason
+        );
+        let checked = crate::io::cache::check::Checked::new(copy, object.clone(), cache);
+        files.copies[f] = Some(Arc::new(checked));
+        files.remote[f] = Some(object);
+        Ok((choice, facts))
+    }
+
+    /// Probes and opens local file `path` (checkpoint file `f`, `info`; `path` is `info.path`,
+    /// or a cache copy, `copy` as the cache opened and checked it) with the reader the
+    /// schedule picks.
     fn open_local(
         &self,
         f: usize,
         path: &Path,
+        copy: Option<std::fs::File>,
         info: &gantry_format::FileInfo,
         target: Target,
         files: &mut Files,
     ) -> Result<FileChoice> {
         let to_device = target != Target::Host;
-        // A regular file, and the one whose header was read (a cache copy: a regular file);
-        // O_DIRECT opens that same file again through its descriptor, never whatever is at
-        // the path by now.
-        let plain = if path == info.path {
-            crate::io::open_for_data(info)?
-        } else {
-            gantry_format::open_regular(path)?.0
+        // A regular file, and the one whose header was read (a cache copy: the file the cache
+        // opened and checked); O_DIRECT opens that same file again through its descriptor,
+        // never whatever is at the path by now.
+        let from_cache = copy.is_some();
+        let plain = match copy {
+            Some(file) => file,
+            None => crate::io::open_for_data(info)?,
         };
         let range = info.data_range();
         let direct = probe::open_direct(&crate::io::reopen_path(&plain, path));
@@ -193,7 +221,11 @@ impl Loader {
             resident: residency.map(|(fraction, _)| fraction),
             resident_probe: residency.map_or("none", |(_, probe)| probe),
             to_device,
-            gds: gds_facts(target, self.config.path, self.config.verify_sha256, &plain),
+            gds: match from_cache {
+                // cuFile reads straight to the GPU, where the copy's check cannot see them.
+                true => Err("a cache copy is checked in host memory as it is read".to_owned()),
+                false => gds_facts(target, self.config.path, self.config.verify_sha256, &plain),
+            },
         };
         let mut choice = schedule::choose(self.config.path, self.config.hot_fraction, &facts)?;
         if let (ReaderKind::Direct, Ok((_, align))) = (choice.reader, &direct) {

@@ -99,10 +99,10 @@ pub(crate) fn option_key(key: &str) -> Result<OptionKey> {
 pub struct Client {
     /// The store, for this bucket.
     pub store: Arc<dyn ObjectStore>,
-    /// Where a local copy of this bucket's objects goes under a cache directory: `bucket`
-    /// (S3), `gs/bucket`, `az/ACCOUNT/container`. Bucket names are at least three characters,
-    /// so `gs` and `az` never collide with an S3 bucket.
-    pub cache_name: String,
+    /// What names this bucket's copies in a cache directory besides key and version: the
+    /// provider, the endpoint the client was configured with (normalized; empty for the
+    /// provider's default), the account (Azure) and the bucket.
+    pub cache_name: crate::io::cache::Origin,
 }
 
 /// The client for `source`'s bucket with `options`, made once per process. Every setting it
@@ -121,8 +121,8 @@ pub fn client(source: &Source, options: &Options) -> Result<Client> {
     }
     let url = source.url_of("");
     let build = || match source.provider {
-        Provider::S3 => s3(&source.bucket, options).map(|s| (s, source.bucket.clone())),
-        Provider::Gcs => gcs(&source.bucket, options).map(|s| (s, format!("gs/{}", source.bucket))),
+        Provider::S3 => s3(&source.bucket, options),
+        Provider::Gcs => gcs(&source.bucket, options),
         Provider::Azure => azure(source, options),
     };
     let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(build))
@@ -234,7 +234,23 @@ fn settings<K: Clone + PartialEq>(
     Ok(all)
 }
 
-type Store = std::result::Result<Arc<dyn ObjectStore>, Built>;
+/// A store and where its bucket lives, or why it could not be made.
+type Store = std::result::Result<(Arc<dyn ObjectStore>, crate::io::cache::Origin), Built>;
+
+/// The cache's name for `bucket` at `endpoint` (as configured) of `provider`.
+fn origin(
+    provider: &'static str,
+    endpoint: Option<String>,
+    account: Option<String>,
+    bucket: &str,
+) -> crate::io::cache::Origin {
+    crate::io::cache::Origin {
+        provider,
+        endpoint: crate::io::cache::normalize_endpoint(&endpoint.unwrap_or_default()),
+        account: account.unwrap_or_default(),
+        bucket: bucket.to_owned(),
+    }
+}
 
 fn s3(bucket: &str, options: &Options) -> Store {
     let key_of = |k| match k {
@@ -252,7 +268,8 @@ fn s3(bucket: &str, options: &Options) -> Store {
     {
         builder = builder.with_region("us-east-1");
     }
-    Ok(Arc::new(builder.build()?))
+    let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint);
+    Ok((Arc::new(builder.build()?), origin("s3", endpoint, None, bucket)))
 }
 
 fn gcs(bucket: &str, options: &Options) -> Store {
@@ -279,13 +296,12 @@ fn gcs(bucket: &str, options: &Options) -> Store {
     for s in options {
         builder = builder.with_config(s.key, s.value);
     }
-    Ok(Arc::new(builder.with_bucket_name(bucket).with_retry(retry()).build()?))
+    let endpoint = builder.get_config_value(&GoogleConfigKey::BaseUrl);
+    let store = builder.with_bucket_name(bucket).with_retry(retry()).build()?;
+    Ok((Arc::new(store), origin("gcs", endpoint, None, bucket)))
 }
 
-fn azure(
-    source: &Source,
-    options: &Options,
-) -> std::result::Result<(Arc<dyn ObjectStore>, String), Built> {
+fn azure(source: &Source, options: &Options) -> Store {
     let key_of = |k| match k {
         OptionKey::Azure(k) => Some(k),
         OptionKey::Client(k) => Some(AzureConfigKey::Client(k)),
@@ -315,8 +331,12 @@ fn azure(
     }
     let account = builder.get_config_value(&AzureConfigKey::AccountName);
     let account = account.unwrap_or_else(|| if emulator { "devstoreaccount1" } else { "_" }.into());
+    let endpoint = builder.get_config_value(&AzureConfigKey::Endpoint).or_else(|| {
+        let url = std::env::var("AZURITE_BLOB_STORAGE_URL").ok();
+        emulator.then(|| url.unwrap_or_else(|| "http://127.0.0.1:10000".to_owned()))
+    });
     let store = builder.with_container_name(&source.bucket).with_retry(retry()).build()?;
-    Ok((Arc::new(store), format!("az/{account}/{}", source.bucket)))
+    Ok((Arc::new(store), origin("azure", endpoint, Some(account), &source.bucket)))
 }
 
 /// Values cut out of every message.

@@ -341,10 +341,9 @@ pub struct ObjectFile {
     /// The ETag every part is conditioned on.
     pub etag: Option<String>,
     /// The generation every part is pinned to (Google Cloud Storage).
-    generation: Option<String>,
-    /// Where its bucket's copies go under a cache directory (`bucket`, `gs/bucket`,
-    /// `az/ACCOUNT/container`); its key is `location`.
-    pub bucket: String,
+    pub generation: Option<String>,
+    /// Where its bucket lives, for the name of its copy in a cache directory.
+    pub origin: super::cache::Origin,
     /// The local copy being written as the parts arrive ([`super::cache`]), if any.
     pub cache: Option<Arc<super::cache::Writer>>,
 }
@@ -371,6 +370,21 @@ impl ObjectFile {
 
     fn pin(&self) -> Pin {
         Pin { etag: self.etag.clone(), generation: self.generation.clone() }
+    }
+
+    /// What names this version of the object in a cache directory (`None`: no version).
+    pub fn cache_identity(&self) -> Option<super::cache::Identity> {
+        let (etag, generation) = (self.etag.as_deref(), self.generation.as_deref());
+        super::cache::Identity::new(&self.origin, self.key(), etag, generation, self.size)
+    }
+
+    /// Fills `buf` with the object's bytes from `offset` (GETs conditioned on the version
+    /// the load saw), blocking this thread: how a cache copy's failed extent is replaced.
+    pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let job = Job { extent: 0, file: 0, offset, len: buf.len() as u64, target: None };
+        let target = super::RawTarget { ptr: buf.as_mut_ptr(), len: buf.len() };
+        let file = self.without_cache();
+        runtime()?.block_on(fetch_into(&file, job, &mut Dest::Target(target), &mut None))
     }
 }
 
@@ -522,8 +536,9 @@ async fn fetch_into(
 ) -> Result<()> {
     let buf: &mut [u8] = match dest {
         Dest::Staging(lease) => &mut lease.as_mut_slice()[..job.len as usize],
-        // SAFETY: the target is this extent's alone (Sink::direct_target), exactly its
-        // length, and outlives the load.
+        // SAFETY: the target is this extent's alone (Sink::direct_target) or a buffer
+        // borrowed for the call (ObjectFile::read_into), exactly its length, and outlives
+        // the fetch.
         Dest::Target(t) => unsafe { std::slice::from_raw_parts_mut(t.ptr, t.len) },
     };
     let mut filled = 0u64;
@@ -710,7 +725,7 @@ fn open_for_load_unchecked(path: &Path, options: &Options) -> Result<ObjectFile>
         size: meta.size,
         etag,
         generation,
-        bucket: client.cache_name,
+        origin: client.cache_name,
         cache: None,
     })
 }

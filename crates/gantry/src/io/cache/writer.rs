@@ -1,0 +1,423 @@
+//! Writing one copy as its object's parts arrive, on a thread of the copy's own.
+//!
+//! The thread does every file-system operation of the copy: it creates and locks the
+//! temporary file, reserves its space, writes the body chunks the GETs received (the same
+//! buffers, not copies of them) through the page cache, hashes each segment for the record,
+//! writes the record and renames the copy into place. The load's threads only queue chunks
+//! and, at the end, wait a bounded time for the verdict: a cache whose disk stalls or fills
+//! costs the copy and a warning, never the load.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{fs, record, CacheDir, Identity, FINISH_WAIT, WRITE_WAIT};
+
+/// Bytes of parts received but not yet written to their copies, across every copy of the
+/// process: what the cache may hold in memory while the disk catches up. A part waits for room
+/// (its GET's slot stays taken, never a staging buffer) only when the disk falls behind the
+/// store, and at most [`WRITE_WAIT`]. The count is of the bytes sent; the body chunks holding
+/// them may keep somewhat more memory alive.
+pub const PENDING_BYTES_MAX: usize = 256 << 20;
+
+/// Bytes per permit of the pending budget.
+const PERMIT_BYTES: usize = 64 << 10;
+
+/// The pending budget, in permits of [`PERMIT_BYTES`].
+static PENDING: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(PENDING_BYTES_MAX / PERMIT_BYTES);
+
+/// Most buffers handed to one `pwritev`.
+const IOVECS_MAX: usize = 512;
+
+/// Bytes of one part on their way to its copy: the body chunks as they came (no copy of them
+/// is made), contiguous from `offset`.
+#[derive(Debug)]
+struct Piece {
+    offset: u64,
+    chunks: Vec<bytes::Bytes>,
+    _budget: tokio::sync::SemaphorePermit<'static>,
+}
+
+/// What the load tells the copy's thread.
+#[derive(Debug)]
+enum Order {
+    Piece(Piece),
+    /// Every part was queued: rename the copy into place if it is complete and this says a
+    /// HEAD still shows the object unchanged.
+    Finish(Result<bool, String>),
+}
+
+/// How long the load waits on the copy's thread.
+#[derive(Debug, Clone, Copy)]
+struct Waits {
+    write: Duration,
+    finish: Duration,
+    /// Unit tests: the thread holds [`testing::STALL`] while it writes, as a frozen disk
+    /// would hold it.
+    stall: bool,
+}
+
+/// The copy of one object being written as its parts arrive.
+#[derive(Debug)]
+pub struct Writer {
+    /// The name it takes once complete, for messages.
+    pub path: PathBuf,
+    orders: Option<Sender<Order>>,
+    /// What the thread made of the copy (in a mutex only so that the writer is `Sync`).
+    verdict: parking_lot::Mutex<Receiver<String>>,
+    failed: Arc<AtomicBool>,
+    waits: Waits,
+}
+
+impl Writer {
+    /// Starts the thread that writes the copy of `identity`, `size` bytes, into `cache`; an
+    /// error message (for a warning) when no thread can be started. Nothing here touches the
+    /// cache's file system.
+    pub fn create(cache: Arc<CacheDir>, identity: Identity, size: u64) -> Result<Self, String> {
+        Self::with_waits(
+            cache,
+            identity,
+            size,
+            Waits { write: WRITE_WAIT, finish: FINISH_WAIT, stall: false },
+        )
+    }
+
+    fn with_waits(
+        cache: Arc<CacheDir>,
+        identity: Identity,
+        size: u64,
+        waits: Waits,
+    ) -> Result<Self, String> {
+        let (orders, rx) = std::sync::mpsc::channel();
+        let (verdict_tx, verdict) = std::sync::mpsc::channel();
+        let failed = Arc::new(AtomicBool::new(false));
+        let path = cache.copy_path(&identity.name());
+        let failed_too = Arc::clone(&failed);
+        let copy = Copy { cache, identity, size, failed: failed_too, stall: waits.stall };
+        std::thread::Builder::new()
+            .name("gantry-cache".to_owned())
+            .spawn(move || {
+                let text = copy.run(&rx);
+                let _ = verdict_tx.send(text);
+            })
+            .map_err(|e| format!("starting the thread that writes {}: {e}", path.display()))?;
+        let verdict = parking_lot::Mutex::new(verdict);
+        Ok(Self { path, orders: Some(orders), verdict, failed, waits })
+    }
+
+    /// Whether the copy still takes bytes (nothing has failed or stalled).
+    pub fn wants_bytes(&self) -> bool {
+        !self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Queues the bytes of one part, the body `chunks` as they came, contiguous from `offset`,
+    /// to be written by the copy's thread; waits (without blocking the runtime) only while
+    /// [`PENDING_BYTES_MAX`] bytes of all copies are waiting for the disk, and at most
+    /// [`WRITE_WAIT`]: then the copy stops, with a warning.
+    pub async fn write(&self, offset: u64, chunks: Vec<bytes::Bytes>) {
+        let len: usize = chunks.iter().map(|c| c.len()).sum();
+        if len == 0 || !self.wants_bytes() {
+            return;
+        }
+        let permits = len.div_ceil(PERMIT_BYTES).min(PENDING_BYTES_MAX / PERMIT_BYTES);
+        let acquire = PENDING.acquire_many(permits as u32);
+        let budget = match tokio::time::timeout(self.waits.write, acquire).await {
+            Ok(Ok(budget)) => budget,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                if !self.failed.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "cache: the disk under {} fell {} s behind the store; the load goes on \
+                         without this copy",
+                        self.path.display(),
+                        self.waits.write.as_secs_f64()
+                    );
+                }
+                return;
+            }
+        };
+        if let Some(orders) = &self.orders {
+            let _ = orders.send(Order::Piece(Piece { offset, chunks, _budget: budget }));
+        }
+    }
+
+    /// Tells the copy's thread to rename the copy into place if it is complete and
+    /// `still_same` (a HEAD now shows the same ETag and size), else to remove it; waits at
+    /// most [`FINISH_WAIT`] for it. Returns what happened, for the report.
+    pub fn finish(mut self, still_same: Result<bool, String>) -> String {
+        if let Some(orders) = self.orders.take() {
+            let _ = orders.send(Order::Finish(still_same));
+        }
+        let verdict = self.verdict.lock().recv_timeout(self.waits.finish);
+        match verdict {
+            Ok(text) => text,
+            Err(_) => {
+                let why = format!(
+                    "the cache's file system did not finish the copy {} within {} s",
+                    self.path.display(),
+                    self.waits.finish.as_secs_f64()
+                );
+                log::warn!("cache: {why}; the load goes on (the copy lands or is removed later)");
+                format!("not cached yet: {why}")
+            }
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the queue without `Finish` tells the thread to remove its temporary file.
+        drop(self.orders.take());
+    }
+}
+
+/// The thread's side of one copy.
+struct Copy {
+    cache: Arc<CacheDir>,
+    identity: Identity,
+    size: u64,
+    failed: Arc<AtomicBool>,
+    #[cfg_attr(not(test), allow(dead_code))]
+    stall: bool,
+}
+
+/// The temporary file of a copy, locked, and what has been written of it.
+struct Partial {
+    file: File,
+    name: String,
+    /// Per segment: bytes written so far, and its digest once whole.
+    filled: Vec<u64>,
+    digests: Vec<Option<u64>>,
+    written: u64,
+}
+
+impl Copy {
+    /// Writes the copy from `orders` and says what became of it.
+    fn run(&self, orders: &Receiver<Order>) -> String {
+        let mut partial = match self.create() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                self.fail(&e);
+                None
+            }
+        };
+        for order in orders {
+            match order {
+                Order::Piece(piece) => {
+                    #[cfg(test)]
+                    let _stalled = self.stall.then(|| testing::STALL.lock());
+                    let Some(p) = partial.as_mut().filter(|_| !self.failed()) else { continue };
+                    if let Err(e) = self.put(p, &piece) {
+                        self.fail(&format!("writing at offset {}: {e}", piece.offset));
+                    }
+                }
+                Order::Finish(still_same) => {
+                    let Some(p) = partial.take() else {
+                        return "not cached: the copy could not be written".to_owned();
+                    };
+                    return self.land(p, still_same);
+                }
+            }
+        }
+        // The load ended without finishing the copy: nothing may trust it.
+        if let Some(p) = partial {
+            let _ = self.cache.partial.unlink(&p.name);
+        }
+        "not cached: the load ended first".to_owned()
+    }
+
+    fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    fn fail(&self, why: &str) {
+        if !self.failed.swap(true, Ordering::Relaxed) {
+            let path = self.cache.copy_path(&self.identity.name());
+            log::warn!("cache: {}: {why}; the load goes on without caching it", path.display());
+        }
+    }
+
+    /// Creates, locks and sizes the temporary file.
+    fn create(&self) -> Result<Partial, String> {
+        let dir = &self.cache.partial;
+        for _ in 0..4 {
+            let name = format!("{}.{}.partial", self.identity.name(), fs::random_hex());
+            let file = dir
+                .create(&name, self.cache.file_mode())
+                .map_err(|e| format!("{}: {e}", dir.path_of(&name).display()))?;
+            fs::flock(&file, libc::LOCK_EX).map_err(|e| format!("locking {name}: {e}"))?;
+            // A sweep may have taken the file for a dead writer's before the lock was ours.
+            if !dir.names(&name, &file) {
+                continue;
+            }
+            // Reserve the space first, so that a full disk shows now rather than mid-copy.
+            // SAFETY: a valid descriptor; fallocate only changes the file's allocation.
+            let r = unsafe {
+                libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, self.size as i64)
+            };
+            if r != 0 && self.size > 0 {
+                let e = std::io::Error::last_os_error();
+                let _ = dir.unlink(&name);
+                return Err(format!("reserving {} bytes: {e}", self.size));
+            }
+            let segments = record::segments(self.size) as usize;
+            let (filled, digests) = (vec![0; segments], vec![None; segments]);
+            return Ok(Partial { file, name, filled, digests, written: 0 });
+        }
+        Err("its temporary files kept being removed".to_owned())
+    }
+
+    /// Writes one piece and hashes the segments it completes.
+    fn put(&self, p: &mut Partial, piece: &Piece) -> std::io::Result<()> {
+        let len = write_chunks(&p.file, piece.offset, &piece.chunks)?;
+        p.written += len;
+        let end = piece.offset + len;
+        if len == 0 || end > self.size {
+            return Err(std::io::Error::other("bytes past the object's end"));
+        }
+        for k in piece.offset / record::SEGMENT_BYTES..end.div_ceil(record::SEGMENT_BYTES) {
+            let range = record::segment_range(k, self.size);
+            let (from, to) = (range.start.max(piece.offset), range.end.min(end));
+            let k = k as usize;
+            p.filled[k] += to - from;
+            if p.filled[k] != range.end - range.start {
+                continue;
+            }
+            p.digests[k] = Some(if from == range.start && to == range.end {
+                record::digest_of(slices(&piece.chunks, range.start - piece.offset, to - from))
+            } else {
+                // Written by several pieces: read back from the page cache.
+                let mut bytes = vec![0; (range.end - range.start) as usize];
+                p.file.read_exact_at(&mut bytes, range.start)?;
+                record::digest(&bytes)
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes the record and renames the copy into place, when it is whole and unchanged.
+    fn land(&self, p: Partial, still_same: Result<bool, String>) -> String {
+        let remove = |text: String| {
+            let _ = self.cache.partial.unlink(&p.name);
+            text
+        };
+        let digests: Option<Vec<u64>> = p.digests.iter().copied().collect();
+        let digests = match digests {
+            Some(d) if !self.failed() && p.written == self.size => d,
+            _ => {
+                let path = self.cache.partial.path_of(&p.name);
+                return remove(format!("not cached: the copy at {} is incomplete", path.display()));
+            }
+        };
+        match still_same {
+            Ok(true) => {}
+            Ok(false) => {
+                return remove("not cached: the object changed since the load began".to_owned())
+            }
+            Err(e) => return remove(format!("not cached: the last HEAD failed: {e}")),
+        }
+        let trailer = record::encode(self.size, self.identity.bytes(), &digests);
+        if let Err(e) = p.file.write_all_at(&trailer, self.size) {
+            return remove(format!("not cached: writing its record: {e}"));
+        }
+        let name = self.identity.name();
+        let path = self.cache.copy_path(&name);
+        match self.cache.partial.rename(&p.name, &self.cache.objects, &name) {
+            Ok(()) => format!("written through to the cache at {}", path.display()),
+            Err(e) => {
+                log::warn!("cache: renaming a copy to {} failed: {e}", path.display());
+                remove(format!("not cached: renaming the copy to {} failed: {e}", path.display()))
+            }
+        }
+    }
+}
+
+/// The bytes `at..at + len` of `chunks` laid end to end, as slices.
+fn slices(chunks: &[bytes::Bytes], at: u64, len: u64) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0u64;
+    chunks.iter().filter_map(move |c| {
+        let (c_start, c_end) = (start, start + c.len() as u64);
+        start = c_end;
+        let (from, to) = (at.max(c_start), (at + len).min(c_end));
+        (from < to).then(|| &c[(from - c_start) as usize..(to - c_start) as usize])
+    })
+}
+
+/// Writes `chunks` back to back from `offset`, continuing short writes; the bytes written.
+fn write_chunks(file: &File, offset: u64, chunks: &[bytes::Bytes]) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+    let (mut done, mut first, mut skip) = (0u64, 0usize, 0usize);
+    while done < total {
+        while chunks[first].len() == skip {
+            first += 1;
+            skip = 0;
+        }
+        let iovecs: Vec<libc::iovec> = chunks[first..]
+            .iter()
+            .take(IOVECS_MAX)
+            .enumerate()
+            .map(|(i, c)| {
+                let c = if i == 0 { &c[skip..] } else { &c[..] };
+                libc::iovec { iov_base: c.as_ptr() as *mut libc::c_void, iov_len: c.len() }
+            })
+            .collect();
+        let at = (offset + done) as libc::off_t;
+        // SAFETY: every iovec points into a chunk borrowed for this call, which the kernel
+        // only reads; the descriptor is valid while `file` is.
+        let n = unsafe { libc::pwritev(file.as_raw_fd(), iovecs.as_ptr(), iovecs.len() as _, at) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                "pwritev wrote 0 bytes",
+            ));
+        }
+        done += n as u64;
+        let mut n = n as usize;
+        while n > 0 {
+            let left = chunks[first].len() - skip;
+            if n < left {
+                skip += n;
+                n = 0;
+            } else {
+                n -= left;
+                first += 1;
+                skip = 0;
+            }
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+pub(super) mod testing {
+    //! Hooks for the unit tests: short waits.
+    use super::*;
+
+    /// Held by a test to stall the threads of writers made with `stall`.
+    pub static STALL: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
+    /// A writer whose load-side waits are `wait`, stalled by [`STALL`] when `stall`.
+    pub fn writer(
+        cache: Arc<CacheDir>,
+        identity: Identity,
+        size: u64,
+        wait: Duration,
+        stall: bool,
+    ) -> Writer {
+        let waits = Waits { write: wait, finish: wait, stall };
+        Writer::with_waits(cache, identity, size, waits).unwrap()
+    }
+}
