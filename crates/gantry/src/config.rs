@@ -114,6 +114,9 @@ pub struct Config {
     pub(crate) verify_sha256: bool,
     pub(crate) cache_dir: Option<std::path::PathBuf>,
     pub(crate) cache_shared: bool,
+    /// Whether a load writes the objects it reads through to the cache (set by the engine,
+    /// never by a caller: a cooperative rank reads only its pieces, so it fills no copy).
+    pub(crate) cache_fill: bool,
     pub(crate) sha256_segment_bytes: u64,
     pub(crate) replicate_via: Option<ReplicateVia>,
     pub(crate) cancel: Option<Arc<AtomicBool>>,
@@ -147,6 +150,7 @@ impl Default for Config {
             verify_sha256: false,
             cache_dir: None,
             cache_shared: false,
+            cache_fill: true,
             sha256_segment_bytes: crate::integrity::states::SEGMENT_BYTES_DEFAULT,
             replicate_via: None,
             cancel: None,

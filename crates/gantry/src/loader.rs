@@ -343,6 +343,9 @@ impl Loader {
     pub(crate) fn lend(&self, cancel: Arc<std::sync::atomic::AtomicBool>, ranks: usize) -> Loader {
         // A rank reads only its own pieces: the bytes between them are other ranks' to read.
         let mut config = self.config.clone().cancel_flag(cancel).gap_bytes(0);
+        // Its own pieces are all a rank reads of an object: a copy written through would read
+        // the whole object on every rank (world times the egress) to fill it.
+        config.cache_fill = false;
         if !config.threads_chosen {
             // The ranks' processes read side by side: each takes its share of the cores.
             let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
@@ -650,6 +653,17 @@ fn finish_cache(files: Files) -> std::collections::HashMap<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rank's loader reads only its pieces (no gap reads) and fills no cache copy, which
+    /// would take whole objects (world times the reads across the ranks).
+    #[test]
+    fn a_lent_loader_reads_only_its_pieces() {
+        let config = Config::default().cache_dir("/nonexistent").gap_bytes(1 << 20);
+        let loader = Loader::new(config).unwrap();
+        let lent = loader.lend(Arc::new(std::sync::atomic::AtomicBool::new(false)), 2);
+        assert!(!lent.config.cache_fill && lent.config.gap_bytes == 0, "{:?}", lent.config);
+        assert!(loader.config.cache_fill, "the lender's own loads still fill the cache");
+    }
 
     /// A load after one whose reader leaked a lease (a read the kernel may still complete)
     /// gets staging that does not overlap the leaked slot.

@@ -118,6 +118,13 @@ impl Loader {
                 (cache::Lookup::Hit(copy), Some(cache), _) => {
                     return self.open_copy(f, info, target, files, copy, object, cache);
                 }
+                (cache::Lookup::Miss(why), Some(_), Some(_)) if !self.config.cache_fill => {
+                    cache_note = format!(
+                        "; not in the cache ({why}), and not written through: the ranks of a \
+                         cooperative load read each byte once between them, so none holds a \
+                         whole object (a load of one process fills the cache)"
+                    );
+                }
                 (cache::Lookup::Miss(why), Some(cache), Some(identity)) => {
                     match cache::Writer::create(cache, identity, object.size) {
                         Ok(w) => {
