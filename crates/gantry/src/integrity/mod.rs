@@ -219,6 +219,13 @@ pub struct FileCheck {
 }
 
 impl FileCheck {
+    /// Whether the file's SHA-256 was checked against a known digest (and matched: a file
+    /// whose digest did not match fails the load). `false`: computed, but nothing was known to
+    /// check it against.
+    pub fn verified(&self) -> bool {
+        self.known.is_some() && self.sha256.is_some()
+    }
+
     /// One line for reports: the digest, what it was checked against, and how it was hashed.
     pub fn explain(&self) -> String {
         let computed = self.sha256.as_ref().map_or("not computed".to_owned(), to_hex);
