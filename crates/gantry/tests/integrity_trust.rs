@@ -279,3 +279,20 @@ fn a_duplicate_name_or_a_malformed_line_is_an_error_naming_the_line() {
     let e = load_error(dir.path());
     assert!(e.to_string().contains("line 3"), "{e}");
 }
+
+#[test]
+fn require_sha256_fails_on_a_file_with_no_known_digest_before_reading_it() {
+    let (dir, path) = checkpoint("m.safetensors");
+    let cache = scratch();
+    // No SHA256SUMS: the check alone loads, saying nothing was known.
+    let check = load(config(cache.path()), dir.path()).unwrap();
+    assert!(!check.verified() && check.known.is_none(), "{}", check.explain());
+    assert_eq!(gantry::integrity::to_hex(&check.sha256.unwrap()), sha256sum(&path));
+    let e = load(config(cache.path()).require_sha256(true), dir.path()).unwrap_err();
+    assert!(matches!(&e, Error::Sha256 { path: p, .. } if p == &path), "{e}");
+    assert!(e.to_string().contains("require_sha256"), "{e}");
+    // require_sha256 alone turns the check on; listed, the file passes verified.
+    write_sums(dir.path(), &[], "m.safetensors");
+    let required = Config::default().require_sha256(true).cache_dir(cache.path());
+    assert!(load(required, dir.path()).unwrap().verified());
+}

@@ -2,9 +2,13 @@
 //! read), and checked against a digest known from elsewhere.
 //!
 //! Where a digest is known from: in the Hugging Face cache a snapshot's files are symlinks to
-//! `blobs/<sha256>`; a `SHA256SUMS` file beside the shards (`sha256sum` format); for objects,
-//! their `sha256` metadata. With none of these, the load still computes the digest and says
-//! that nothing was known to check it against.
+//! `blobs/<sha256>`; a `SHA256SUMS` file beside the shards, read as GNU `sha256sum -c` reads
+//! it ([`sums`]; a regular file of at most [`SUMS_BYTES_MAX`] bytes, opened without blocking:
+//! one that is not, or is malformed, fails the load naming it); for objects, their `sha256`
+//! metadata. With none of these, the load still computes the digest, logs a warning naming the
+//! file and reports that nothing was known to check it against ([`FileCheck::verified`]);
+//! with `Config::require_sha256` such a file fails the load before anything is read, for those
+//! who need every file checked.
 //!
 //! SHA-256 is sequential, and extents complete out of order on many threads. So a file to be
 //! verified is planned whole (header, unwanted tensors and gaps included: one run from offset 0

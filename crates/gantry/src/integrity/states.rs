@@ -24,7 +24,7 @@
 //! under a random temporary name with an exclusive, no-follow create and renamed into place,
 //! private to the user (0600 in a 0700 directory); the directory may sit in a cache shared with
 //! other users, so it is opened once and everything in it relative to it, never through a link
-//! ([`super::files`] states the rules). A record that is not trusted (a link, not a regular
+//! (the `files` module states the rules). A record that is not trusted (a link, not a regular
 //! file, owned or writable by another user, not the size its segment count needs) is ignored
 //! with a warning; one that does not fit (another segment size, digest or length, a bad magic)
 //! with a note in the debug log. Either way the file is hashed sequentially, and a record
@@ -253,7 +253,7 @@ fn resolve_dir(
     Some((cache, &["gantry", "sha256"]))
 }
 
-/// The records directory of a load (see [`super::files`] for how it is opened and what is
+/// The records directory of a load (see the `files` module for how it is opened and what is
 /// trusted in it). Opened once, when first needed.
 #[derive(Debug)]
 pub struct Records {
