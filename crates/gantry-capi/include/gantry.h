@@ -19,6 +19,17 @@
 // Device number meaning host memory.
 #define GANTRY_DEVICE_HOST -1
 
+// A file's SHA-256 was not computed: `verify_sha256` was off, or nothing of the file was read.
+#define GANTRY_SHA256_NOT_COMPUTED 0
+
+// A file's SHA-256 was checked against the digest known for it, and matched (a mismatch fails
+// the load with `GANTRY_E_INTEGRITY`).
+#define GANTRY_SHA256_VERIFIED 1
+
+// A file's SHA-256 was computed, but no digest was known to check it against
+// (`require_sha256=1` makes that an error instead).
+#define GANTRY_SHA256_UNVERIFIED 2
+
 // What a call did. Stable and append-only: values are never renumbered. Grouped by hundreds:
 // 1xx arguments, 2xx format, 3xx I/O, 4xx CUDA, 5xx cuFile, 6xx unavailable, 9xx panic.
 enum gantry_status
@@ -42,7 +53,9 @@ enum gantry_status
   GANTRY_E_IO = 300,
   // A file ended before the bytes its header promises.
   GANTRY_E_TRUNCATED = 301,
-  // A file's SHA-256 is not the digest known for it (verify_sha256): it is corrupted.
+  // A file's SHA-256 is not the digest known for it (verify_sha256): it is corrupted; or
+  // the check could not be made as asked (a SHA256SUMS that is malformed or not a regular
+  // file, no digest known for a file under require_sha256): the message names the file.
   GANTRY_E_INTEGRITY = 302,
   // A CUDA call failed (code in `gantry_last_error_cuda_code`).
   GANTRY_E_CUDA = 400,
@@ -233,6 +246,22 @@ typedef int32_t (*gantry_place_fn)(void *user_data,
                                    size_t destination,
                                    struct gantry_share *share_out);
 
+// The SHA-256 check of one file of a load.
+typedef struct gantry_file_sha256 {
+  // NUL-terminated path of the file.
+  const char *path;
+  // NUL-terminated: where the known digest came from (`GANTRY_SHA256_VERIFIED`), why no
+  // digest was known (`GANTRY_SHA256_UNVERIFIED`), or "" (`GANTRY_SHA256_NOT_COMPUTED`).
+  const char *source;
+  // One of `GANTRY_SHA256_NOT_COMPUTED`, `GANTRY_SHA256_VERIFIED`,
+  // `GANTRY_SHA256_UNVERIFIED`.
+  int32_t state;
+  // Reserved, 0.
+  int32_t reserved;
+  // The file's SHA-256 when computed, else zeros.
+  uint8_t sha256[32];
+} gantry_file_sha256;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -258,7 +287,9 @@ gantry_status gantry_loader_new(const struct gantry_config *config,
 
 // Creates a loader with options, each `"key=value"`: `verify_sha256=1` (hash every file read
 // while it streams and check it against the digest known for it: Hugging Face blob name,
-// `SHA256SUMS` beside it, object metadata `sha256`; a mismatch is `GANTRY_E_INTEGRITY`),
+// `SHA256SUMS` beside it, object metadata `sha256`; a mismatch is `GANTRY_E_INTEGRITY`;
+// `gantry_model_file_sha256` says per file whether it was checked), `require_sha256=1` (the
+// same, and a file with no known digest is `GANTRY_E_INTEGRITY` naming it),
 // `cache_dir=DIR` (keep a local copy of every object read, written while it streams, and
 // read it on later loads while the object's ETag is unchanged), or
 // for object sources an `object_store` client key: `aws_*` for `s3://` (`aws_endpoint_url`,
@@ -506,6 +537,35 @@ gantry_status gantry_placed_report(const struct gantry_placed *placed,
 // # Safety
 // `placed` NULL or live, not used afterwards.
 void gantry_placed_free(struct gantry_placed *placed);
+
+// Files of the checkpoint `model` was loaded from.
+//
+// # Safety
+// `model` is a live model; `count_out` writable.
+gantry_status gantry_model_file_count(const struct gantry_model *model, size_t *count_out);
+
+// Whether file `file` (0 to the file count - 1) of the load that made `model` had its SHA-256
+// checked, against what, and the digest; `GANTRY_E_NOT_FOUND` past the last file.
+//
+// # Safety
+// `model` is a live model; `check_out` writable.
+gantry_status gantry_model_file_sha256(const struct gantry_model *model,
+                                       size_t file,
+                                       struct gantry_file_sha256 *check_out);
+
+// Files of the checkpoint `placed` was loaded from.
+//
+// # Safety
+// `placed` live; `count_out` writable.
+gantry_status gantry_placed_file_count(const struct gantry_placed *placed, size_t *count_out);
+
+// [`gantry_model_file_sha256`] for a placed checkpoint.
+//
+// # Safety
+// `placed` live; `check_out` writable.
+gantry_status gantry_placed_file_sha256(const struct gantry_placed *placed,
+                                        size_t file,
+                                        struct gantry_file_sha256 *check_out);
 
 #ifdef __cplusplus
 }  // extern "C"

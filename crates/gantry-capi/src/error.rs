@@ -26,7 +26,9 @@ pub enum gantry_status {
     GANTRY_E_IO = 300,
     /// A file ended before the bytes its header promises.
     GANTRY_E_TRUNCATED = 301,
-    /// A file's SHA-256 is not the digest known for it (verify_sha256): it is corrupted.
+    /// A file's SHA-256 is not the digest known for it (verify_sha256): it is corrupted; or
+    /// the check could not be made as asked (a SHA256SUMS that is malformed or not a regular
+    /// file, no digest known for a file under require_sha256): the message names the file.
     GANTRY_E_INTEGRITY = 302,
     /// A CUDA call failed (code in `gantry_last_error_cuda_code`).
     GANTRY_E_CUDA = 400,
@@ -102,7 +104,7 @@ impl From<engine::Error> for CallError {
             engine::Error::Format(_) => GANTRY_E_FORMAT,
             engine::Error::Io { .. } => GANTRY_E_IO,
             engine::Error::Truncated { .. } => GANTRY_E_TRUNCATED,
-            engine::Error::Integrity { .. } => GANTRY_E_INTEGRITY,
+            engine::Error::Integrity { .. } | engine::Error::Sha256 { .. } => GANTRY_E_INTEGRITY,
             engine::Error::Unavailable { .. } => GANTRY_E_UNAVAILABLE,
             engine::Error::Memlock { .. } | engine::Error::Resource { .. } => GANTRY_E_RESOURCE,
             engine::Error::Config(_) => GANTRY_E_INVALID_ARGUMENT,

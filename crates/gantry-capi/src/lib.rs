@@ -22,6 +22,7 @@ mod coop;
 mod error;
 mod model;
 mod placed;
+mod sha256;
 
 use std::ffi::{c_char, c_void};
 use std::sync::Arc;
@@ -34,6 +35,7 @@ pub use error::{
 };
 pub use model::{gantry_model, gantry_report, gantry_tensor};
 pub use placed::{gantry_place_fn, gantry_placed, gantry_share, gantry_split};
+pub use sha256::gantry_file_sha256;
 
 /// The ABI version: bumped when a signature or a struct layout changes incompatibly.
 pub const GANTRY_ABI_VERSION: u32 = 1;
@@ -164,7 +166,9 @@ pub unsafe extern "C" fn gantry_loader_new(
 
 /// Creates a loader with options, each `"key=value"`: `verify_sha256=1` (hash every file read
 /// while it streams and check it against the digest known for it: Hugging Face blob name,
-/// `SHA256SUMS` beside it, object metadata `sha256`; a mismatch is `GANTRY_E_INTEGRITY`),
+/// `SHA256SUMS` beside it, object metadata `sha256`; a mismatch is `GANTRY_E_INTEGRITY`;
+/// `gantry_model_file_sha256` says per file whether it was checked), `require_sha256=1` (the
+/// same, and a file with no known digest is `GANTRY_E_INTEGRITY` naming it),
 /// `cache_dir=DIR` (keep a local copy of every object read, written while it streams, and
 /// read it on later loads while the object's ETag is unchanged), or
 /// for object sources an `object_store` client key: `aws_*` for `s3://` (`aws_endpoint_url`,
@@ -224,6 +228,7 @@ pub unsafe extern "C" fn gantry_loader_new_with_options(
             })?;
             c = match key {
                 "verify_sha256" => c.verify_sha256(parse_flag(key, value)?),
+                "require_sha256" => c.require_sha256(parse_flag(key, value)?),
                 "cache_dir" => c.cache_dir(value),
                 _ => c.object_option(key, value),
             };

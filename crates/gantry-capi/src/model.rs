@@ -145,6 +145,7 @@ pub struct gantry_model {
     /// (checkpoint index, data address) of every loaded tensor, in file and offset order.
     tensors: Vec<(usize, u64)>,
     report: gantry_report,
+    pub(crate) sha256: crate::sha256::Sha256Files,
 }
 
 impl gantry_model {
@@ -153,7 +154,8 @@ impl gantry_model {
             .filter_map(|i| m.get(i).map(|t| (i, t.bytes.as_ptr() as u64)))
             .collect();
         let (infos, report) = (TensorInfos::new(m.checkpoint()), m.report().into());
-        Self { _loaded: Loaded::Host(m), infos, tensors, report }
+        let sha256 = crate::sha256::Sha256Files::new(m.report());
+        Self { _loaded: Loaded::Host(m), infos, tensors, report, sha256 }
     }
 
     pub(crate) fn device(m: engine::DeviceModel) -> Self {
@@ -161,7 +163,8 @@ impl gantry_model {
             .filter_map(|i| m.get(i).map(|t| (i, t.ptr)))
             .collect();
         let (infos, report) = (TensorInfos::new(m.checkpoint()), m.report().into());
-        Self { _loaded: Loaded::Device(m), infos, tensors, report }
+        let sha256 = crate::sha256::Sha256Files::new(m.report());
+        Self { _loaded: Loaded::Device(m), infos, tensors, report, sha256 }
     }
 
     fn describe(&self, position: usize) -> gantry_tensor {

@@ -87,6 +87,7 @@ pub struct gantry_placed {
     /// Per destination, its shares in checkpoint order.
     shares: Vec<Vec<ShareInfo>>,
     report: gantry_report,
+    pub(crate) sha256: crate::sha256::Sha256Files,
 }
 
 impl gantry_placed {
@@ -267,7 +268,13 @@ fn load(
                 })
                 .collect();
             let (infos, report) = (TensorInfos::new(m.checkpoint()), m.report().into());
-            gantry_placed { _loaded: Loaded::Host(m), infos, shares, report }
+            gantry_placed {
+                sha256: crate::sha256::Sha256Files::new(m.report()),
+                _loaded: Loaded::Host(m),
+                infos,
+                shares,
+                report,
+            }
         }
         Devices::Gpus(ordinals) => {
             let gpus: Vec<Arc<engine::CudaDevice>> = engine::CudaDevice::open_all(ordinals)?;
@@ -288,7 +295,13 @@ impl gantry_placed {
             .map(|d| m.tensors(d).map(|t| ShareInfo::new(t.share, t.ptr)).collect())
             .collect();
         let (infos, report) = (TensorInfos::new(m.checkpoint()), m.report().into());
-        gantry_placed { _loaded: Loaded::Device(m), infos, shares, report }
+        gantry_placed {
+            sha256: crate::sha256::Sha256Files::new(m.report()),
+            _loaded: Loaded::Device(m),
+            infos,
+            shares,
+            report,
+        }
     }
 }
 

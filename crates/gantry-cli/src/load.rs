@@ -258,6 +258,7 @@ fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
             "total_seconds": total_seconds,
             "read_gb_per_s": report.read_bytes as f64 / report.seconds / 1e9,
             "delivered_gb_per_s": delivered as f64 / report.seconds / 1e9,
+            "files": json_files(&report),
             "destinations": per.iter().zip(&hashes).map(|((at, t, b), hashes)| {
                 let mut d = serde_json::json!({
                     "device": at, "tensors": t, "bytes": b,
@@ -284,6 +285,7 @@ fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
         units::bytes(delivered),
         delivered as f64 / report.seconds / 1e9
     );
+    print_sha256(&report, "  ");
     for (d, (at, tensors, bytes)) in per.iter().enumerate() {
         println!(
             "  destination {d} ({at}): {tensors} tensors, {} ({:.2} GB/s){}",
@@ -339,9 +341,10 @@ pub struct JsonFile {
     /// With --verify-sha256: the file's SHA-256 (64 hex digits).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
-    /// With --verify-sha256: what the digest was checked against, or why nothing was.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sha256_check: Option<String>,
+    /// Whether the file's SHA-256 was checked against a known digest (and matched).
+    pub sha256_verified: bool,
+    /// What the digest was checked against, why nothing was, or that it was not computed.
+    pub sha256_check: String,
     /// With --verify-sha256: how the digest was computed (sequentially, or in segments in
     /// parallel from recorded states).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -396,10 +399,14 @@ pub fn json_files(report: &LoadReport) -> Vec<JsonFile> {
                 .as_ref()
                 .and_then(|c| c.sha256.as_ref())
                 .map(gantry::integrity::to_hex),
-            sha256_check: f.integrity.as_ref().map(|c| match &c.known {
-                Some(k) => format!("matches {}", k.source),
-                None => format!("not verified: no digest known ({})", c.unknown_reason),
-            }),
+            sha256_verified: f.integrity.as_ref().is_some_and(|c| c.verified()),
+            sha256_check: match &f.integrity {
+                Some(c) => match &c.known {
+                    Some(k) => format!("matches {}", k.source),
+                    None => format!("not verified: no digest known ({})", c.unknown_reason),
+                },
+                None => NOT_CHECKED.to_owned(),
+            },
             sha256_hashing: f
                 .integrity
                 .as_ref()
@@ -407,6 +414,19 @@ pub fn json_files(report: &LoadReport) -> Vec<JsonFile> {
                 .map(ToString::to_string),
         })
         .collect()
+}
+
+/// `sha256_check` of a file whose SHA-256 was not computed.
+const NOT_CHECKED: &str = "not checked (--verify-sha256 is off, or nothing of the file was read)";
+
+/// With --verify-sha256, one line per file read: its SHA-256, what it was checked against (or
+/// that nothing was known to check it against) and how it was hashed.
+pub fn print_sha256(report: &LoadReport, indent: &str) {
+    for f in &report.files {
+        if let Some(check) = &f.integrity {
+            println!("{indent}{}: {}", escape_path(&f.path), check.explain());
+        }
+    }
 }
 
 /// A loaded model, in host or device memory.
@@ -553,7 +573,6 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         if args.explain {
             explain(&report);
         }
-        warn_unverified(&report);
         println!(
             "loaded {} tensors, {} in {:.3} s: {:.2} GB/s into {device} ({} staging){}",
             loaded.len(),
@@ -563,6 +582,9 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             units::bytes(report.staging_bytes),
             if args.verify { ", verified" } else { "" }
         );
+        if !args.explain {
+            print_sha256(&report, "  ");
+        }
         for t in tensors.into_iter().flatten() {
             println!("{}  {}", t.xxh3, escape(t.name));
         }
@@ -573,15 +595,6 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     std::mem::forget(model);
     std::mem::forget(loader);
     printed
-}
-
-/// With --verify-sha256, one warning line on stderr per file read that had no known digest.
-pub fn warn_unverified(report: &LoadReport) {
-    for f in &report.files {
-        if let Some(check) = f.integrity.as_ref().filter(|c| c.known.is_none()) {
-            eprintln!("warning: {}: {}", f.path.display(), check.explain());
-        }
-    }
 }
 
 pub fn explain(report: &LoadReport) {

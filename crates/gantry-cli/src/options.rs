@@ -95,6 +95,10 @@ pub struct LoadOptions {
     /// mismatch fails the load. Files are then read whole.
     #[arg(long)]
     pub verify_sha256: bool,
+    /// --verify-sha256, and every file must have a known digest: a file with none fails the
+    /// load (before anything is read) instead of loading with a warning.
+    #[arg(long)]
+    pub require_sha256: bool,
     /// Object storage: keep a local copy of every object read in DIR (written while it
     /// streams), and read that copy on later loads while the object's ETag is unchanged.
     #[arg(long, value_name = "DIR")]
@@ -199,6 +203,7 @@ impl LoadOptions {
             c = c.object_concurrency(n);
         }
         let mut c = self.store.apply(c)?.verify_sha256(self.verify_sha256);
+        c = c.require_sha256(self.require_sha256);
         if let Some(dir) = &self.cache_dir {
             c = c.cache_dir(dir).cache_shared(self.cache_shared);
         }

@@ -293,6 +293,7 @@ fn print_ranks(args: &Args, ranks: &[Value], checkpoint_bytes: u64, wall: f64) {
             units::bytes(r["read_bytes"].as_u64().unwrap_or(0)),
             units::bytes(r["received_bytes"].as_u64().unwrap_or(0)),
         );
+        print_sha256(r);
     }
     println!(
         "total: checkpoint {}, read {} (planned {}) across ranks, slowest rank {seconds:.3} s, {total:.3} s end to end per process, {wall:.3} s for all processes",
@@ -300,6 +301,20 @@ fn print_ranks(args: &Args, ranks: &[Value], checkpoint_bytes: u64, wall: f64) {
         storage.map_or("?".to_owned(), units::bytes),
         units::bytes(sum("read_bytes"))
     );
+}
+
+/// Under a rank's line, with --verify-sha256, one line per file it read: its SHA-256 and what
+/// it was checked against (or that nothing was known to check it against).
+fn print_sha256(rank: &Value) {
+    let files = rank["files"].as_array().map(Vec::as_slice).unwrap_or_default();
+    for f in files.iter().filter(|f| f["sha256"].is_string()) {
+        println!(
+            "    {}: sha256 {}: {}",
+            f["path"].as_str().unwrap_or("?").escape_debug(),
+            f["sha256"].as_str().unwrap_or("?"),
+            f["sha256_check"].as_str().unwrap_or("?")
+        );
+    }
 }
 
 /// What a rank was told by the parent.

@@ -39,7 +39,9 @@ pub(crate) fn to_py(e: gantry::Error) -> PyErr {
             IoError::new_err(message)
         }
         E::Format(_) => FormatError::new_err(message),
-        E::Io { .. } | E::Truncated { .. } | E::Integrity { .. } => IoError::new_err(message),
+        E::Io { .. } | E::Truncated { .. } | E::Integrity { .. } | E::Sha256 { .. } => {
+            IoError::new_err(message)
+        }
         E::Cuda { .. } | E::CuFile { .. } => CudaError::new_err(message),
         E::Unavailable { .. } => UnavailableError::new_err(message),
         E::Config(_) | E::Destination { .. } => ConfigError::new_err(message),

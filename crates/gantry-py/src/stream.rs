@@ -45,7 +45,7 @@ pub(crate) fn parse_device(device: &str) -> PyResult<Option<u32>> {
 }
 
 /// The config keywords, as `Config`'s setters name them.
-const KEYWORDS: &str = "path, profile, queue_depth, chunk_bytes, buffered_chunk_bytes, staging_bytes, threads, hot_fraction, verify_sha256, cache_dir, object_part_bytes, object_concurrency, s3_endpoint, s3_region, s3_options, gcs_endpoint, azure_endpoint, object_options";
+const KEYWORDS: &str = "path, profile, queue_depth, chunk_bytes, buffered_chunk_bytes, staging_bytes, threads, hot_fraction, verify_sha256, require_sha256, cache_dir, object_part_bytes, object_concurrency, s3_endpoint, s3_region, s3_options, gcs_endpoint, azure_endpoint, object_options";
 
 pub(crate) fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Config> {
     let mut c = Config::default();
@@ -62,6 +62,7 @@ pub(crate) fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Conf
             "threads" => c.threads(value.extract()?),
             "hot_fraction" => c.hot_fraction(value.extract()?),
             "verify_sha256" => c.verify_sha256(value.extract()?),
+            "require_sha256" => c.require_sha256(value.extract()?),
             "cache_dir" => c.cache_dir(value.extract::<std::path::PathBuf>()?),
             "object_part_bytes" => c.object_part_bytes(value.extract()?),
             "object_concurrency" => c.object_concurrency(value.extract()?),
@@ -412,7 +413,8 @@ impl Stream {
     }
 
     /// Figures of the finished load: a dict of `tensor_bytes`, `read_bytes`, `seconds`,
-    /// `gb_per_s`, `staging_bytes` and, per file, its reader and why; `None` before the end.
+    /// `gb_per_s`, `staging_bytes`, per file its reader and why (`files`) and its SHA-256 check
+    /// (`sha256`, see [`sha256_report`]); `None` before the end.
     fn report<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         // A copy, so that no lock is held while Python objects are made.
         let Some(r) = self.report.lock().clone() else { return Ok(None) };
@@ -436,6 +438,7 @@ impl Stream {
             })
             .collect();
         d.set_item("files", files)?;
+        d.set_item("sha256", sha256_report(py, &r)?)?;
         if let Some(c) = self.coop.lock().clone() {
             d.set_item("cooperative", c.cooperative)?;
             d.set_item("cooperative_reason", c.reason.clone())?;
@@ -451,6 +454,32 @@ impl Stream {
     fn __len__(&self) -> usize {
         self.count
     }
+}
+
+/// Per file of `report`, in the order of `files`, a dict: `path`; `verified` (its SHA-256 was
+/// checked against a known digest and matched); `sha256` (64 hex digits, `None` when not
+/// computed: `verify_sha256` off, or nothing of the file read); `checked_against` (where the
+/// known digest came from, or `None`); `not_verified_because` (why no digest was known, or
+/// `None`); `hashing` (how the digest was computed, or `None`).
+fn sha256_report<'py>(py: Python<'py>, report: &LoadReport) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    report
+        .files
+        .iter()
+        .map(|f| {
+            let d = PyDict::new(py);
+            let check = f.integrity.as_ref();
+            d.set_item("path", f.path.display().to_string())?;
+            d.set_item("verified", check.is_some_and(|c| c.verified()))?;
+            let digest = check.and_then(|c| c.sha256.as_ref()).map(gantry::integrity::to_hex);
+            d.set_item("sha256", digest)?;
+            let known = check.and_then(|c| c.known.as_ref());
+            d.set_item("checked_against", known.map(|k| k.source.clone()))?;
+            let why = check.filter(|c| c.known.is_none()).map(|c| c.unknown_reason.clone());
+            d.set_item("not_verified_because", why)?;
+            d.set_item("hashing", check.and_then(|c| c.hashing.as_ref()).map(|h| h.to_string()))?;
+            Ok(d)
+        })
+        .collect()
 }
 
 impl Stream {

@@ -491,6 +491,39 @@ class HostTests(WithCheckpoint):
                     gantry.ConfigError, gantry.CancelledError, gantry.DtypeError):
             self.assertTrue(issubclass(cls, gantry.GantryError), cls)
 
+    def check_sha256_report(self, d, lines):
+        """report()["sha256"] says per file whether it was checked, and against what;
+        require_sha256 makes a file with no known digest an error naming it."""
+        with gantry.stream(d, device="cpu", framework="dlpack", verify_sha256=True) as s:
+            for _ in s:
+                pass
+            report = s.report()["sha256"]
+        self.assertEqual([r["sha256"] for r in report], [l.split()[0] for l in lines])
+        self.assertEqual([r["verified"] for r in report], [True, True])
+        for r in report:
+            self.assertTrue(r["checked_against"].endswith("SHA256SUMS"), r)
+            self.assertIsNone(r["not_verified_because"], r)
+        with open(os.path.join(d, "SHA256SUMS"), "w") as f:
+            f.write(lines[0])
+        with gantry.stream(d, device="cpu", framework="dlpack", verify_sha256=True) as s:
+            for _ in s:
+                pass
+            report = s.report()["sha256"]
+        self.assertEqual([r["verified"] for r in report], [True, False])
+        self.assertEqual(report[1]["sha256"], lines[1].split()[0])
+        self.assertIsNone(report[1]["checked_against"])
+        self.assertIn("SHA256SUMS", report[1]["not_verified_because"])
+        with self.assertRaises(gantry.IoError) as e:
+            gantry.load(d, device="cpu", framework="dlpack", require_sha256=True)
+        self.assertIn(os.path.join(d, "b.safetensors"), str(e.exception))
+        with gantry.stream(d, device="cpu", framework="dlpack") as s:
+            for _ in s:
+                pass
+            report = s.report()["sha256"]
+        self.assertEqual([(r["verified"], r["sha256"]) for r in report], [(False, None)] * 2)
+        with open(os.path.join(d, "SHA256SUMS"), "w") as f:
+            f.writelines(lines)
+
     def test_verify_sha256_checks_sums_and_names_a_corrupted_file(self):
         import hashlib
         with tempfile.TemporaryDirectory(dir=os.environ.get("GANTRY_TEST_TMPDIR")) as d:
@@ -504,6 +537,7 @@ class HostTests(WithCheckpoint):
                 f.writelines(lines)
             got = gantry.load(d, device="cpu", framework="dlpack", verify_sha256=True)
             self.assertEqual(sorted(got), sorted(self.ck.table))
+            self.check_sha256_report(d, lines)
             path = os.path.join(d, "b.safetensors")
             with open(path, "r+b") as f:
                 f.seek(-1, os.SEEK_END)

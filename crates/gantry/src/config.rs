@@ -112,6 +112,7 @@ pub struct Config {
     pub(crate) object_concurrency: usize,
     pub(crate) object_options: Vec<(String, String)>,
     pub(crate) verify_sha256: bool,
+    pub(crate) require_sha256: bool,
     pub(crate) cache_dir: Option<std::path::PathBuf>,
     pub(crate) cache_shared: bool,
     /// Whether a load writes the objects it reads through to the cache (set by the engine,
@@ -148,6 +149,7 @@ impl Default for Config {
             object_concurrency: 16,
             object_options: Vec::new(),
             verify_sha256: false,
+            require_sha256: false,
             cache_dir: None,
             cache_shared: false,
             cache_fill: true,
@@ -178,6 +180,7 @@ impl fmt::Debug for Config {
                 &self.object_options.iter().map(|(k, _)| k).collect::<Vec<_>>(),
             )
             .field("verify_sha256", &self.verify_sha256)
+            .field("require_sha256", &self.require_sha256)
             .field("cache_dir", &self.cache_dir)
             .field("cache_shared", &self.cache_shared)
             .field("sha256_segment_bytes", &self.sha256_segment_bytes)
@@ -282,9 +285,20 @@ impl Config {
     /// too), and never with cuFile. A local file whose digest matched keeps its SHA-256
     /// segment states (in `GANTRY_SHA256_STATES_DIR`, else `.sha256-states` in
     /// [`Config::cache_dir`], else the user's cache directory), so that later loads hash it on
-    /// several threads. Default off. See [`crate::integrity`].
+    /// several threads. Turning it off turns [`Config::require_sha256`] off. Default off. See
+    /// [`crate::integrity`].
     pub fn verify_sha256(mut self, on: bool) -> Self {
         self.verify_sha256 = on;
+        self.require_sha256 &= on;
+        self
+    }
+    /// With `on`, every file a load reads must have a known digest ([`Config::verify_sha256`]
+    /// is turned on too): a file with none fails the load with [`Error::Sha256`] naming it,
+    /// before anything is read, instead of loading with a warning that it was not verified.
+    /// For those who need every file checked. Default off.
+    pub fn require_sha256(mut self, on: bool) -> Self {
+        self.require_sha256 = on;
+        self.verify_sha256 |= on;
         self
     }
     /// Bytes per segment of the SHA-256 segment states kept for [`Config::verify_sha256`], a

@@ -93,6 +93,15 @@ pub enum Error {
         /// Where the expected digest came from.
         expected_from: String,
     },
+    /// The SHA-256 check could not be made as asked: a `SHA256SUMS` that is not a regular
+    /// file, too large or malformed (the message names the line), or no digest known for a
+    /// file when [`crate::Config::require_sha256`] asks for one.
+    Sha256 {
+        /// The file (the checksum list, or the checkpoint file with no digest).
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// The caller's cancel flag ([`crate::Config::cancel_flag`]) was set during the load;
     /// everything the load had allocated is freed.
     Cancelled,
@@ -179,6 +188,7 @@ impl fmt::Display for Error {
                 "{}: SHA-256 mismatch: the bytes read hash to {actual}, {expected_from} says {expected}: the file is corrupted",
                 path.display()
             ),
+            Error::Sha256 { path, message } => write!(f, "{}: {message}", p(path)),
             Error::Cancelled => f.write_str("the load was cancelled"),
             Error::Nccl { op, message, .. } => write!(f, "NCCL: {op} failed: {message}"),
             Error::Rank { rank, world, message } => {

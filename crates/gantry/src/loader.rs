@@ -405,7 +405,10 @@ impl Loader {
         }
         let config = &config;
         let file_plans = file_plans(checkpoint.files.len(), &files, config);
-        let mut checks = config.verify_sha256.then(|| self.checks(checkpoint, &files));
+        let mut checks = match config.verify_sha256 {
+            true => Some(self.checks(checkpoint, &files)?),
+            false => None,
+        };
         let planning = Instant::now();
         let plan = Plan::new(checkpoint, wanted, &file_plans, config.gap_bytes);
         let jobs = Jobs::new(&plan, &files, sink);
@@ -461,32 +464,34 @@ impl Loader {
     }
 
     /// The integrity checks of a load: every file it reads, with the digest known for it.
-    fn checks(&self, checkpoint: &Checkpoint, files: &Files) -> crate::integrity::Checks {
+    fn checks(&self, checkpoint: &Checkpoint, files: &Files) -> Result<crate::integrity::Checks> {
         let local = "no Hugging Face blob link, no SHA256SUMS entry beside it";
-        (0..checkpoint.files.len())
-            .map(|f| {
-                let info = &checkpoint.files[f];
-                let known = match files.slot[f]? {
-                    _ if files.remote[f].is_some() => {
-                        crate::io::object::known_digest(files.remote[f].as_ref().expect("remote"))
-                    }
-                    _ => crate::integrity::known_local(&info.path).ok_or(local.to_owned()),
-                };
-                let (known, unknown_reason) = match known {
-                    Ok(k) => (Some(k), String::new()),
-                    Err(reason) => (None, reason),
-                };
-                Some(crate::integrity::FileCheck {
-                    path: info.path.clone(),
-                    file_len: info.file_len,
-                    known,
-                    unknown_reason,
-                    local: files.remote[f].is_none(),
-                    sha256: None,
-                    hashing: None,
-                })
-            })
-            .collect()
+        let mut checks = Vec::with_capacity(checkpoint.files.len());
+        for (f, info) in checkpoint.files.iter().enumerate() {
+            if files.slot[f].is_none() {
+                checks.push(None);
+                continue;
+            }
+            let known = match files.remote[f].as_ref() {
+                Some(remote) => crate::io::object::known_digest(remote)?,
+                None => crate::integrity::known_local(&info.path)?.ok_or(local.to_owned()),
+            };
+            let (known, unknown_reason) = match known {
+                Ok(k) => (Some(k), String::new()),
+                Err(reason) => (None, reason),
+            };
+            checks.push(Some(crate::integrity::FileCheck {
+                path: info.path.clone(),
+                file_len: info.file_len,
+                known,
+                unknown_reason,
+                local: files.remote[f].is_none(),
+                sha256: None,
+                hashing: None,
+            }));
+        }
+        crate::integrity::unknown_digests(&checks, self.config.require_sha256)?;
+        Ok(checks)
     }
 
     /// `count` slots of `slot_bytes` over the loader's arena (mapped, bound to `node` and

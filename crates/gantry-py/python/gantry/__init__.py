@@ -288,7 +288,9 @@ def stream(
     (``"auto"``, ``"gp3"``, ``"io2"``, ``"nvme"``), ``queue_depth``, ``chunk_bytes``,
     ``buffered_chunk_bytes``, ``staging_bytes``, ``threads``, ``hot_fraction``,
     ``verify_sha256`` (hash every file read and check it against the digest known for it; a
-    mismatch raises :class:`IoError` naming the file and both digests), as the Rust
+    mismatch raises :class:`IoError` naming the file and both digests; ``report()["sha256"]``
+    says per file whether it was checked and against what), ``require_sha256`` (the same,
+    and a file with no known digest raises :class:`IoError` naming it), as the Rust
     ``Config`` names them; for object sources (``s3://``, ``gs://``, ``az://``, ``abfs://``,
     ``https://ACCOUNT.blob.core.windows.net/...``) ``cache_dir`` (a local copy of every object
     read, reused while its ETag is unchanged), ``object_part_bytes``, ``object_concurrency``,

@@ -2,9 +2,13 @@
 //! read), and checked against a digest known from elsewhere.
 //!
 //! Where a digest is known from: in the Hugging Face cache a snapshot's files are symlinks to
-//! `blobs/<sha256>`; a `SHA256SUMS` file beside the shards (`sha256sum` format); for objects,
-//! their `sha256` metadata. With none of these, the load still computes the digest and says
-//! that nothing was known to check it against.
+//! `blobs/<sha256>`; a `SHA256SUMS` file beside the shards, read as GNU `sha256sum -c` reads
+//! it ([`sums`]; a regular file of at most [`SUMS_BYTES_MAX`] bytes, opened without blocking:
+//! one that is not, or is malformed, fails the load naming it); for objects, their `sha256`
+//! metadata. With none of these, the load still computes the digest, logs a warning naming the
+//! file and reports that nothing was known to check it against ([`FileCheck::verified`]);
+//! with `Config::require_sha256` such a file fails the load before anything is read, for those
+//! who need every file checked.
 //!
 //! SHA-256 is sequential, and extents complete out of order on many threads. So a file to be
 //! verified is planned whole (header, unwanted tensors and gaps included: one run from offset 0
@@ -37,6 +41,7 @@
 //! network), and only once a file's digest matched the digest known for it.
 
 use std::fmt::Write as _;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
@@ -45,7 +50,9 @@ use std::thread::JoinHandle;
 use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
 
+mod files;
 pub mod states;
+pub mod sums;
 mod worker;
 
 use crate::error::{Error, Result};
@@ -59,12 +66,21 @@ pub type Digest = [u8; 32];
 /// Name of the checksum file looked for beside the shards.
 pub const SUMS_FILE_NAME: &str = "SHA256SUMS";
 
+/// Most bytes of a `SHA256SUMS` (some 40 000 lines): a larger one is an error, never read
+/// whole.
+pub const SUMS_BYTES_MAX: u64 = 4 << 20;
+
 /// Most hashing threads of one load.
 pub const HASH_THREADS_MAX: usize = 16;
 
 /// `digest` as 64 lowercase hex digits.
 pub fn to_hex(digest: &Digest) -> String {
-    digest.iter().fold(String::with_capacity(64), |mut s, b| {
+    to_hex_bytes(digest)
+}
+
+/// `bytes` as lowercase hex digits.
+fn to_hex_bytes(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::with_capacity(2 * bytes.len()), |mut s, b| {
         let _ = write!(s, "{b:02x}");
         s
     })
@@ -89,17 +105,6 @@ pub fn sha256(bytes: &[u8]) -> Digest {
     Sha256::digest(bytes).into()
 }
 
-/// The digest `text` (a `SHA256SUMS` file: `<hex>  <name>` or `<hex> *<name>` per line) gives
-/// for file `name`; a name may carry a leading `./`.
-pub fn parse_sums(text: &str, name: &str) -> Option<Digest> {
-    text.lines().find_map(|line| {
-        let (hex, rest) = line.trim_end().split_once(char::is_whitespace)?;
-        let listed = rest.trim_start().trim_start_matches('*');
-        let listed = listed.strip_prefix("./").unwrap_or(listed);
-        (listed == name).then(|| from_hex(hex)).flatten()
-    })
-}
-
 /// A digest a file is expected to have, and where it was found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Known {
@@ -110,20 +115,53 @@ pub struct Known {
 }
 
 /// The digest known for local file `path`: the name of the Hugging Face cache blob it links
-/// to, else its line in a `SHA256SUMS` beside it.
-pub fn known_local(path: &Path) -> Option<Known> {
+/// to, else its line in a `SHA256SUMS` beside it; `None` when neither names it. A
+/// `SHA256SUMS` that is there but is not a regular file, holds more than [`SUMS_BYTES_MAX`]
+/// bytes, cannot be read or is malformed ([`sums`]) is an error naming it: it was put there
+/// to be checked against.
+pub fn known_local(path: &Path) -> Result<Option<Known>> {
     if let Ok(target) = std::fs::read_link(path) {
         let name = target.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         if let Some(digest) = from_hex(name) {
             let source = format!("the Hugging Face blob it links to ({})", target.display());
-            return Some(Known { digest, source });
+            return Ok(Some(Known { digest, source }));
         }
     }
-    let name = path.file_name()?.to_str()?;
-    let sums = path.with_file_name(SUMS_FILE_NAME);
-    let text = std::fs::read_to_string(&sums).ok()?;
-    let digest = parse_sums(&text, name)?;
-    Some(Known { digest, source: sums.display().to_string() })
+    let Some(name) = path.file_name() else { return Ok(None) };
+    let list = path.with_file_name(SUMS_FILE_NAME);
+    let bad = |message: String| Error::Sha256 { path: list.clone(), message };
+    let text = match files::read_own(&list, SUMS_BYTES_MAX) {
+        Ok(Some(text)) => text,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(bad(format!("cannot be read as a checksum list: {e}"))),
+    };
+    let listed = sums::parse(&text).map_err(bad)?;
+    let source = list.display().to_string();
+    Ok(listed.get(name.as_bytes()).map(|digest| Known { digest, source }))
+}
+
+/// Files of a load with no digest known: each is a warning naming it, or, when every file must
+/// be checked (`require`), the first is an error naming it and what was looked for.
+pub(crate) fn unknown_digests(checks: &Checks, require: bool) -> Result<()> {
+    for check in checks.iter().flatten().filter(|c| c.known.is_none()) {
+        let reason = &check.unknown_reason;
+        if require {
+            return Err(Error::Sha256 {
+                path: check.path.clone(),
+                message: format!(
+                    "no SHA-256 digest known to check it against ({reason}), and every file \
+                     must be checked (require_sha256): list it in a {SUMS_FILE_NAME} beside it \
+                     (sha256sum FILES > {SUMS_FILE_NAME}), or load without require_sha256"
+                ),
+            });
+        }
+        log::warn!(
+            "{}: SHA-256 not verified: no digest known ({reason}); its digest is computed and \
+             reported, but nothing checks it",
+            gantry_format::escape_path(&check.path)
+        );
+    }
+    Ok(())
 }
 
 /// How a file's SHA-256 was computed.
@@ -185,6 +223,13 @@ pub struct FileCheck {
 }
 
 impl FileCheck {
+    /// Whether the file's SHA-256 was checked against a known digest (and matched: a file
+    /// whose digest did not match fails the load). `false`: computed, but nothing was known to
+    /// check it against.
+    pub fn verified(&self) -> bool {
+        self.known.is_some() && self.sha256.is_some()
+    }
+
     /// One line for reports: the digest, what it was checked against, and how it was hashed.
     pub fn explain(&self) -> String {
         let computed = self.sha256.as_ref().map_or("not computed".to_owned(), to_hex);
@@ -205,13 +250,13 @@ pub type Checks = Vec<Option<FileCheck>>;
 /// Where segment states are kept, and the segment size.
 #[derive(Debug, Clone)]
 pub(crate) struct StatesSettings {
-    pub dir: Option<PathBuf>,
+    pub dir: Option<Arc<states::Records>>,
     pub segment_bytes: u64,
 }
 
 impl StatesSettings {
     pub(crate) fn new(config: &crate::Config) -> Self {
-        let dir = states::states_dir(config.cache_dir.as_deref());
+        let dir = states::Records::new(config.cache_dir.as_deref()).map(Arc::new);
         Self { dir, segment_bytes: config.sha256_segment_bytes }
     }
 }
@@ -383,7 +428,7 @@ fn file_job(plan: &Plan, f: usize, check: &FileCheck, settings: &StatesSettings)
     let segments = states::segment_count(check.file_len, segment_bytes);
     let record = match (&check.known, &dir) {
         (Some(known), Some(dir)) if check.local && segments > 1 => {
-            states::load(dir, &known.digest, check.file_len, segment_bytes)
+            dir.load(&known.digest, check.file_len, segment_bytes)
         }
         _ => None,
     };
@@ -424,22 +469,5 @@ mod tests {
         assert_eq!(from_hex(&hex.to_uppercase()), Some(d));
         assert_eq!(from_hex(&hex[1..]), None);
         assert_eq!(from_hex(&format!("{}g", &hex[1..])), None);
-    }
-
-    #[test]
-    fn sums_lines() {
-        let a = to_hex(&sha256(b"a"));
-        let b = to_hex(&sha256(b"b"));
-        let text =
-            format!("{a}  model-00001.safetensors\n{b} *./model-00002.safetensors\nbad line\n");
-        let cases = [
-            ("model-00001.safetensors", Some(sha256(b"a"))),
-            ("model-00002.safetensors", Some(sha256(b"b"))),
-            ("model-00003.safetensors", None),
-            ("model-00001", None),
-        ];
-        for (name, want) in cases {
-            assert_eq!(parse_sums(&text, name), want, "{name}");
-        }
     }
 }

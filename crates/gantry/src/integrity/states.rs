@@ -20,22 +20,29 @@
 //! segment again from the starting state the load used: the load's bytes pass only where every
 //! segment of the file hashes as the load's bytes did and the file's digest is `D`.
 //!
-//! Records are small files `<dir>/<D hex>-<length>.states` (32 bytes per segment), written to a
-//! temporary name and renamed into place. One that cannot be read or does not fit (another
-//! length, segment size or digest, a bad magic or size) is ignored with a note in the debug
-//! log.
+//! Records are small files `<dir>/<D hex>-<length>.states` (32 bytes per segment), written
+//! under a random temporary name with an exclusive, no-follow create and renamed into place,
+//! private to the user (0600 in a 0700 directory); the directory may sit in a cache shared with
+//! other users, so it is opened once and everything in it relative to it, never through a link
+//! (the `files` module states the rules). A record that is not trusted (a link, not a regular
+//! file, owned or writable by another user, not the size its segment count needs) is ignored
+//! with a warning; one that does not fit (another segment size, digest or length, a bad magic)
+//! with a note in the debug log. Either way the file is hashed sequentially, and a record
+//! cannot make a bad file pass.
 
 use std::ffi::OsString;
-use std::io::Write as _;
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use sha2::block_api::compress256;
 use sha2::digest::array::Array;
 use sha2::digest::consts::U64;
 
-use super::{to_hex, Digest};
+use super::{files, to_hex, Digest};
 
 /// SHA-256's chaining state: eight 32-bit words.
 pub type State = [u32; 8];
@@ -202,75 +209,139 @@ impl Record {
     }
 }
 
+/// The name of the record of a file of `file_bytes` with digest `digest`.
+fn record_name(digest: &Digest, file_bytes: u64) -> PathBuf {
+    PathBuf::from(format!("{}-{file_bytes}.states", to_hex(digest)))
+}
+
 /// Where the record of a file of `file_bytes` with digest `digest` lives in `dir`.
 pub fn record_path(dir: &Path, digest: &Digest, file_bytes: u64) -> PathBuf {
-    dir.join(format!("{}-{file_bytes}.states", to_hex(digest)))
+    dir.join(record_name(digest, file_bytes))
+}
+
+/// The bytes of the record of a file of `file_bytes` in segments of `segment_bytes`.
+fn record_bytes(file_bytes: u64, segment_bytes: u64) -> u64 {
+    HEADER_BYTES as u64 + 32 * (segment_count(file_bytes, segment_bytes) as u64 - 1)
 }
 
 /// The directory of the records: `GANTRY_SHA256_STATES_DIR`, else `.sha256-states` in
 /// `cache_dir` (a name no bucket of the object cache can have), else
 /// `$XDG_CACHE_HOME/gantry/sha256`, else `$HOME/.cache/gantry/sha256`.
 pub fn states_dir(cache_dir: Option<&Path>) -> Option<PathBuf> {
-    let var = |name| std::env::var_os(name);
-    resolve_dir(var(STATES_DIR_ENV), cache_dir, var("XDG_CACHE_HOME"), var("HOME"))
+    Records::new(cache_dir).map(|r| r.path().to_owned())
 }
+
+/// Where the records directory starts (the user's own directory, followed as given) and the
+/// components below it that are opened without following links.
+type Location = (PathBuf, &'static [&'static str]);
 
 fn resolve_dir(
     over: Option<OsString>,
     cache_dir: Option<&Path>,
     xdg: Option<OsString>,
     home: Option<OsString>,
-) -> Option<PathBuf> {
+) -> Option<Location> {
     let set = |v: Option<OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(dir) = set(over) {
-        return Some(dir);
+        return Some((dir, &[]));
     }
     if let Some(dir) = cache_dir {
-        return Some(dir.join(".sha256-states"));
+        return Some((dir.to_owned(), &[".sha256-states"]));
     }
     let xdg = set(xdg).filter(|d| d.is_absolute());
-    xdg.or_else(|| set(home).map(|h| h.join(".cache"))).map(|c| c.join("gantry").join("sha256"))
+    let cache = xdg.or_else(|| set(home).map(|h| h.join(".cache")))?;
+    Some((cache, &["gantry", "sha256"]))
 }
 
-/// The record for a file of `file_bytes` with digest `digest` in `dir`, when there is one that
-/// fits (`segment_bytes` segments); any other is ignored with a note in the debug log.
-pub fn load(dir: &Path, digest: &Digest, file_bytes: u64, segment_bytes: u64) -> Option<Record> {
-    let path = record_path(dir, digest, file_bytes);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => {
-            log::debug!("{}: SHA-256 states ignored: {e}", path.display());
-            return None;
-        }
-    };
-    let record = Record::decode(&bytes).and_then(|r| {
-        if r.segment_bytes != segment_bytes {
-            Err(format!("segments of {} bytes, not {segment_bytes}", r.segment_bytes))
-        } else if r.file_bytes != file_bytes || r.digest != *digest {
-            Err("recorded for another file".to_owned())
-        } else {
-            Ok(r)
-        }
-    });
-    record.map_err(|e| log::debug!("{}: SHA-256 states ignored: {e}", path.display())).ok()
+/// The records directory of a load (see the `files` module for how it is opened and what is
+/// trusted in it). Opened once, when first needed.
+#[derive(Debug)]
+pub struct Records {
+    path: PathBuf,
+    anchor: PathBuf,
+    below: &'static [&'static str],
+    dir: Mutex<Option<Arc<OwnedFd>>>,
 }
 
-/// Writes `record` into `dir` (created if missing) under a temporary name renamed into place,
-/// so that a reader never sees half a record. Returns the record's path.
-pub fn store(dir: &Path, record: &Record) -> std::io::Result<PathBuf> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    std::fs::create_dir_all(dir)?;
-    let path = record_path(dir, &record.digest, record.file_bytes);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let temp = path.with_extension(format!("states.tmp-{}-{n}", std::process::id()));
-    let written = std::fs::File::create(&temp).and_then(|mut f| f.write_all(&record.encode()));
-    match written.and_then(|()| std::fs::rename(&temp, &path)) {
-        Ok(()) => Ok(path),
-        Err(e) => {
-            let _ = std::fs::remove_file(&temp);
-            Err(e)
+impl Records {
+    /// The records directory for `cache_dir` ([`states_dir`]), if there is one.
+    pub fn new(cache_dir: Option<&Path>) -> Option<Self> {
+        let var = |name| std::env::var_os(name);
+        let (anchor, below) =
+            resolve_dir(var(STATES_DIR_ENV), cache_dir, var("XDG_CACHE_HOME"), var("HOME"))?;
+        Some(Self::below(anchor, below))
+    }
+
+    /// Records kept in `dir` itself.
+    pub fn at(dir: &Path) -> Self {
+        Self::below(dir.to_owned(), &[])
+    }
+
+    fn below(anchor: PathBuf, below: &'static [&'static str]) -> Self {
+        let path = below.iter().fold(anchor.clone(), |p, c| p.join(c));
+        Self { path, anchor, below, dir: Mutex::new(None) }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The directory's descriptor, opened (and created first when `create`) once.
+    fn dir(&self, create: bool) -> std::io::Result<Arc<OwnedFd>> {
+        let mut dir = self.dir.lock();
+        if let Some(fd) = dir.as_ref() {
+            return Ok(Arc::clone(fd));
         }
+        let fd = Arc::new(files::open_dir(&self.anchor, self.below, create)?);
+        *dir = Some(Arc::clone(&fd));
+        Ok(fd)
+    }
+
+    /// The record for a file of `file_bytes` with digest `digest`, when there is one that fits
+    /// (`segment_bytes` segments). One that is not trusted (a link, not a regular file, owned
+    /// or writable by another user, of the wrong size) is ignored with a warning; one recorded
+    /// for another segment size or file, with a note in the debug log.
+    pub fn load(&self, digest: &Digest, file_bytes: u64, segment_bytes: u64) -> Option<Record> {
+        let name = record_name(digest, file_bytes);
+        let path = self.path.join(&name);
+        let dir = match self.dir(false) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                log::warn!("{}: SHA-256 states not used: {e}", self.path.display());
+                return None;
+            }
+        };
+        let bytes =
+            match files::read_record(dir.as_fd(), &name, record_bytes(file_bytes, segment_bytes)) {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => return None,
+                Err(e) => {
+                    log::warn!("{}: SHA-256 states ignored: {e}", path.display());
+                    return None;
+                }
+            };
+        let record = Record::decode(&bytes).and_then(|r| {
+            if r.segment_bytes != segment_bytes {
+                Err(format!("segments of {} bytes, not {segment_bytes}", r.segment_bytes))
+            } else if r.file_bytes != file_bytes || r.digest != *digest {
+                Err("recorded for another file".to_owned())
+            } else {
+                Ok(r)
+            }
+        });
+        record.map_err(|e| log::debug!("{}: SHA-256 states ignored: {e}", path.display())).ok()
+    }
+
+    /// Writes `record` (the directory created 0700 if missing) under a random temporary name
+    /// renamed into place, so that a reader never sees half a record and a link at its name
+    /// is replaced, never written through. Returns the record's path.
+    pub fn store(&self, record: &Record) -> std::io::Result<PathBuf> {
+        let dir = self.dir(true)?;
+        let name = record_name(&record.digest, record.file_bytes);
+        files::write_private(dir.as_fd(), &name, &record.encode())?;
+        Ok(self.path.join(name))
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::states::{self, Chain, Record, State, IV};
+use super::states::{self, Chain, Record, Records, State, IV};
 use super::{to_hex, Digest, Hashing, Known};
 use crate::error::{Error, Result};
 use crate::io::{Message, RawTarget};
@@ -57,9 +57,9 @@ pub(super) struct Part {
 pub(super) enum Mode {
     /// One lane in offset order, recording the states at segment boundaries (kept in `dir`
     /// once the digest matched, when there is a directory and more than one segment).
-    Sequential { dir: Option<PathBuf> },
+    Sequential { dir: Option<Arc<Records>> },
     /// One lane per segment, each from the record's states.
-    Parallel { record: Record, dir: Option<PathBuf> },
+    Parallel { record: Record, dir: Option<Arc<Records>> },
 }
 
 /// One verified file, shared by the threads that hash its lanes.
@@ -359,9 +359,9 @@ fn mismatch(job: &FileJob, known: &Known, actual: String) -> Error {
 }
 
 /// Writes `record`; a failure costs a warning. Returns whether it was written.
-fn store_logged(dir: Option<&std::path::Path>, record: &Record, job: &FileJob) -> bool {
+fn store_logged(dir: Option<&Records>, record: &Record, job: &FileJob) -> bool {
     let Some(dir) = dir else { return false };
-    match states::store(dir, record) {
+    match dir.store(record) {
         Ok(path) => {
             log::debug!(
                 "{}: SHA-256 segment states kept in {}",
@@ -374,7 +374,7 @@ fn store_logged(dir: Option<&std::path::Path>, record: &Record, job: &FileJob) -
             log::warn!(
                 "{}: its SHA-256 segment states could not be kept in {}: {e}",
                 job.path.display(),
-                dir.display()
+                dir.path().display()
             );
             false
         }

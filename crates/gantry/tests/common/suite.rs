@@ -217,6 +217,13 @@ pub fn cache_and_sha256(store: &impl Store, dir: &Path, config: &Config, local: 
     store.put("llama/SHA256SUMS", wrong.as_bytes());
     let e = verify.load(store.url("llama/")).map(|_| ()).unwrap_err();
     assert!(matches!(&e, Error::Integrity { .. }) && e.to_string().contains(first), "{e}");
+    // A malformed list, or one naming a file twice, is an error naming it and the line.
+    store.put("llama/SHA256SUMS", format!("{sums}{sums}").as_bytes());
+    let e = verify.load(store.url("llama/")).map(|_| ()).unwrap_err();
+    assert!(
+        matches!(&e, Error::Sha256 { .. }) && e.to_string().contains("SHA256SUMS: line"),
+        "{e}"
+    );
     store.put("llama/SHA256SUMS", sums.as_bytes());
 }
 

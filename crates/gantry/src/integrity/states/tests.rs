@@ -138,18 +138,19 @@ fn load_ignores_records_that_do_not_fit() {
     let digest = reference(&bytes);
     let record =
         Record { segment_bytes: 128, file_bytes: 1000, digest, starts: record_states(&bytes, 128) };
-    let path = store(dir.path(), &record).unwrap();
+    let records = Records::at(dir.path());
+    let path = records.store(&record).unwrap();
     assert_eq!(path, record_path(dir.path(), &digest, 1000));
-    assert_eq!(load(dir.path(), &digest, 1000, 128), Some(record.clone()));
-    assert_eq!(load(dir.path(), &digest, 1000, 192), None, "another segment size");
-    assert_eq!(load(dir.path(), &digest, 999, 128), None, "another length: no such record");
+    assert_eq!(records.load(&digest, 1000, 128), Some(record.clone()));
+    assert_eq!(records.load(&digest, 1000, 192), None, "another segment size");
+    assert_eq!(records.load(&digest, 999, 128), None, "another length: no such record");
     let other = [7u8; 32];
-    assert_eq!(load(dir.path(), &other, 1000, 128), None, "another digest: no such record");
+    assert_eq!(records.load(&other, 1000, 128), None, "another digest: no such record");
     // A record renamed to another file's name: its own digest and length do not fit.
     std::fs::copy(&path, record_path(dir.path(), &other, 1000)).unwrap();
-    assert_eq!(load(dir.path(), &other, 1000, 128), None);
+    assert_eq!(records.load(&other, 1000, 128), None);
     std::fs::write(&path, b"garbage").unwrap();
-    assert_eq!(load(dir.path(), &digest, 1000, 128), None, "malformed");
+    assert_eq!(records.load(&digest, 1000, 128), None, "malformed");
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -171,7 +172,8 @@ fn directory_precedence() {
         (None, None, None, None, None),
     ];
     for (over, cache_dir, xdg, home, want) in cases {
-        let got = resolve_dir(over.clone(), cache_dir, xdg.clone(), home.clone());
+        let got = resolve_dir(over.clone(), cache_dir, xdg.clone(), home.clone())
+            .map(|(anchor, below)| below.iter().fold(anchor, |p, c| p.join(c)));
         assert_eq!(got, want.map(PathBuf::from), "{over:?} {cache_dir:?} {xdg:?} {home:?}");
     }
 }

@@ -598,20 +598,24 @@ async fn fetch_into(
 }
 
 /// Largest `SHA256SUMS` object read.
-const SUMS_BYTES_MAX: u64 = 16 << 20;
+const SUMS_BYTES_MAX: u64 = integrity::SUMS_BYTES_MAX;
 
 /// The digest known for `object`: its `sha256` metadata, else its line in a `SHA256SUMS`
-/// object beside it; else what was looked for and why nothing was found.
-pub fn known_digest(object: &ObjectFile) -> std::result::Result<Known, String> {
-    block_on(&object.path, async {
+/// object beside it; else what was looked for and why nothing was found. A `SHA256SUMS` that
+/// is larger than [`integrity::SUMS_BYTES_MAX`] or malformed is an error naming it.
+pub fn known_digest(object: &ObjectFile) -> Result<std::result::Result<Known, String>> {
+    let found = block_on(&object.path, async {
         let key = "sha256";
         let pin = object.pin();
         let result = object.store.get_opts(&object.location, pin.get(0..1)).await;
-        let result = result.map_err(|e| pin.error(&object.path, 0, 1, e).to_string())?;
+        let result = match result {
+            Ok(result) => result,
+            Err(e) => return Ok(Err(pin.error(&object.path, 0, 1, e).to_string())),
+        };
         let meta = result.attributes.get(&Attribute::Metadata(key.into()));
         if let Some(digest) = meta.and_then(|v| integrity::from_hex(v.as_ref())) {
             let source = format!("its object metadata '{key}'");
-            return Ok(Known { digest, source });
+            return Ok(Ok(Known { digest, source }));
         }
         let text = object.location.as_ref();
         let (dir, name) = text.rsplit_once('/').unwrap_or(("", text));
@@ -621,21 +625,37 @@ pub fn known_digest(object: &ObjectFile) -> std::result::Result<Known, String> {
             format!("{dir}/{SUMS_FILE_NAME}")
         };
         let sums_url = object.path.with_file_name(SUMS_FILE_NAME);
-        let sums = location(&sums_url, &sums_key).map_err(|e| e.to_string())?;
-        let none = || format!("no '{key}' object metadata, no {SUMS_FILE_NAME} entry beside it");
-        let options =
-            GetOptions { range: Some(GetRange::Bounded(0..SUMS_BYTES_MAX)), ..Default::default() };
-        let text = match object.store.get_opts(&sums, options).await {
-            Ok(r) => r.bytes().await.map_err(|e| request_error("get", &sums_url, 0, 0, e)),
-            Err(object_store::Error::NotFound { .. }) => return Err(none()),
-            Err(e) => Err(request_error("get", &sums_url, 0, 0, e)),
+        let sums = match location(&sums_url, &sums_key) {
+            Ok(sums) => sums,
+            Err(e) => return Ok(Err(e.to_string())),
         };
-        let text = text.map_err(|e| format!("{}; {e}", none()))?;
-        let digest =
-            integrity::parse_sums(&String::from_utf8_lossy(&text), name).ok_or_else(none)?;
-        Ok(Known { digest, source: sums_url.display().to_string() })
-    })
-    .map_err(|e| e.to_string())?
+        let none = || format!("no '{key}' object metadata, no {SUMS_FILE_NAME} entry beside it");
+        let range = Some(GetRange::Bounded(0..SUMS_BYTES_MAX + 1));
+        let text =
+            match object.store.get_opts(&sums, GetOptions { range, ..Default::default() }).await {
+                Ok(r) => r.bytes().await.map_err(|e| request_error("get", &sums_url, 0, 0, e)),
+                Err(object_store::Error::NotFound { .. }) => return Ok(Err(none())),
+                Err(e) => Err(request_error("get", &sums_url, 0, 0, e)),
+            };
+        let text = match text {
+            Ok(text) => text,
+            Err(e) => return Ok(Err(format!("{}; {e}", none()))),
+        };
+        let bad = |message| Error::Sha256 { path: sums_url.clone(), message };
+        if text.len() as u64 > SUMS_BYTES_MAX {
+            return Err(bad(format!(
+                "more than {SUMS_BYTES_MAX} bytes: not read as a checksum list"
+            )));
+        }
+        let listed = integrity::sums::parse(&text).map_err(bad)?;
+        let source = sums_url.display().to_string();
+        Ok(listed.get(name.as_bytes()).map(|digest| Known { digest, source }).ok_or_else(none))
+    });
+    match found {
+        Ok(known) => known,
+        // A panic inside the client (caught): no digest, and why.
+        Err(e) => Ok(Err(e.to_string())),
+    }
 }
 
 /// Fetches every object of `paths` whole with ranged GETs of `config`'s part size,
