@@ -42,6 +42,7 @@ pub mod sink;
 pub mod staging;
 pub mod synth;
 pub mod topology;
+pub mod trace;
 
 pub use config::{Config, ConfigValues, PathChoice, ReplicateVia};
 pub use device::{DeviceModel, DeviceTensor, ReadyOnDevice};
