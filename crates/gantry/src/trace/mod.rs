@@ -323,6 +323,18 @@ pub fn counter(cat: &'static str, name: &'static str, value: u64) {
     push(|now| (Kind::Counter { value }, now), None, cat, name, Args::new);
 }
 
+/// A file's reader, chosen: an instant with its path, reader and page-cache residency (per
+/// mille, when known), from which the verdict tells warm buffered reads from cold ones.
+pub fn file_chosen(path: &Path, reader: crate::ReaderKind, resident: Option<f64>) {
+    instant("gantry", "file", || {
+        let args = Args::new().str("path", path.display().to_string()).str("reader", reader.name());
+        match resident {
+            Some(r) => args.u64("resident_permille", (r.clamp(0.0, 1.0) * 1000.0).round() as u64),
+            None => args,
+        }
+    });
+}
+
 /// A new track in the calling thread's trace; `None` when it records nothing.
 pub fn track(name: impl FnOnce() -> String) -> Option<u32> {
     CURRENT.with(|c| c.borrow().as_ref().map(|l| l.trace.track(name())))

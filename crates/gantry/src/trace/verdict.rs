@@ -170,6 +170,16 @@ pub fn measure(events: &[Event]) -> Option<Usage> {
         .find(|e| e.cat == "gantry" && e.name == "settings")
         .map(Settings::from_event)
         .unwrap_or_default();
+    let mut settings = settings;
+    let buffered_files: Vec<&Event> = events
+        .iter()
+        .filter(|e| e.cat == "gantry" && e.name == "file" && e.str("reader") == Some("buffered"))
+        .collect();
+    if !buffered_files.is_empty() {
+        // Warm: every buffered file was mostly in the page cache when it was chosen.
+        settings.warm =
+            buffered_files.iter().all(|e| e.u64("resident_permille").is_some_and(|r| r >= 500));
+    }
     let mut usage =
         Usage { window_ns: window.1 - window.0, settings: settings.clone(), ..Usage::default() };
     let volume = |(name, depth): &(String, u64)| VolumeUsage {
