@@ -78,6 +78,7 @@ pub fn is_object_source(source: impl AsRef<std::path::Path>) -> bool {
 /// [`open`] with `config`'s object-storage options ([`Config::object_option`]).
 pub fn open_with(source: impl AsRef<std::path::Path>, config: &Config) -> Result<Checkpoint> {
     let source = source.as_ref();
+    let _span = trace::span("phase", "headers");
     if io::object::is_url(source) {
         io::object::open_checkpoint(source, &config.object_options)
     } else {
