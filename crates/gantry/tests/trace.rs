@@ -4,6 +4,10 @@
 //! recorder cannot overlap, a verdict; and an untraced load that records nothing.
 
 mod common;
+#[path = "common/store.rs"]
+mod store;
+#[path = "common/tools.rs"]
+mod tools;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -225,4 +229,70 @@ fn a_warm_load_is_bound_by_host_copies_not_storage() {
     assert_eq!(verdict.bound, gantry::trace::Bound::HostCopy, "{verdict}");
     assert_eq!(verdict.setting, Some("--threads"), "{verdict}");
     assert!(verdict.to_string().contains("(page cache)"), "{verdict}");
+}
+
+/// Spans of one category from a trace file: (bytes, track) each.
+fn spans_of(path: &Path, cat: &str) -> Vec<(u64, u64)> {
+    let events = events_of(&std::fs::read_to_string(path).unwrap());
+    check_format(&events);
+    events
+        .iter()
+        .filter(|e| e["ph"] == "X" && e["cat"] == cat)
+        .map(|e| (e["args"]["bytes"].as_u64().unwrap(), e["tid"].as_u64().unwrap()))
+        .collect()
+}
+
+/// With SHA-256 checks, every byte of the file is hashed once, on hashing threads' tracks.
+#[test]
+fn hashing_spans_cover_the_file_once() {
+    let _one = ONE_AT_A_TIME.lock();
+    let dir = scratch();
+    let path = path_of(&dir, "m.safetensors");
+    write_file(&path, &[(Dtype::F32, vec![300_000]), (Dtype::U8, vec![5])], 9);
+    let trace_path = dir.path().join("hash.json");
+    let config = Config::default().verify_sha256(true).chunk_bytes(64 << 10).trace(&trace_path);
+    Loader::new(config).unwrap().load(&path).unwrap();
+    let hashed: u64 = spans_of(&trace_path, "hash").iter().map(|s| s.0).sum();
+    assert_eq!(hashed, std::fs::metadata(&path).unwrap().len());
+    let events = events_of(&std::fs::read_to_string(&trace_path).unwrap());
+    let lanes: BTreeSet<u64> = events
+        .iter()
+        .filter(|e| e["name"] == "thread_name")
+        .filter(|e| e["args"]["name"].as_str().unwrap().starts_with("sha256 lane"))
+        .map(|e| e["tid"].as_u64().unwrap())
+        .collect();
+    assert!(spans_of(&trace_path, "hash").iter().all(|s| lanes.contains(&s.1)));
+}
+
+/// GETs from object storage: one span per part, on lanes that never overlap, adding up to
+/// the bytes uploaded (the local file's data section).
+#[test]
+fn object_gets_are_spans_on_lanes() {
+    let Some(weed) = store::weed() else { return };
+    let server = store::Server::start(&weed);
+    let dir = scratch();
+    let local = path_of(&dir, "o.safetensors");
+    write_file(&local, &[(Dtype::F32, vec![70_000]), (Dtype::BF16, vec![33_333])], 4);
+    server.upload(&local, "trace/o.safetensors");
+    let trace_path = dir.path().join("object.json");
+    let config = Config::default()
+        .object_option("aws_endpoint_url", &server.endpoint)
+        .object_option("aws_allow_http", "true")
+        .object_option("aws_region", "us-east-1")
+        .object_option("aws_access_key_id", store::ACCESS_KEY)
+        .object_option("aws_secret_access_key", store::SECRET_KEY)
+        .object_part_bytes(64 << 10)
+        .object_concurrency(4)
+        .trace(&trace_path);
+    let url = format!("s3://{}/trace/o.safetensors", store::BUCKET);
+    let model = Loader::new(config.clone()).unwrap().load(&url).unwrap();
+    assert_matches_local(&model, &Checkpoint::open(&local).unwrap());
+    let gets = spans_of(&trace_path, "read");
+    let data = std::fs::metadata(&local).unwrap().len() - data_offset(&local);
+    assert_eq!(gets.iter().map(|g| g.0).sum::<u64>(), data);
+    assert_eq!(gets.len() as u64, data.div_ceil(64 << 10));
+    let events = events_of(&std::fs::read_to_string(&trace_path).unwrap());
+    assert_no_partial_overlap(&check_format(&events));
+    let verdict = model.report().bound_by.clone().expect("a verdict");
+    assert!(verdict.to_string().contains("GETs in flight"), "{verdict}");
 }
