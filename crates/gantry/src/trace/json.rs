@@ -136,7 +136,7 @@ pub struct Parsed {
 
 fn to_ns(v: Option<&serde_json::Value>) -> Option<u64> {
     let us = v?.as_f64()?;
-    (us.is_finite() && us >= 0.0 && us < 1.8e13).then(|| (us * 1000.0).round() as u64)
+    (0.0..1.8e13).contains(&us).then(|| (us * 1000.0).round() as u64)
 }
 
 fn parse_args(v: Option<&serde_json::Value>) -> Args {

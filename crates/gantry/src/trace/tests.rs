@@ -133,6 +133,9 @@ fn staging(t: u64, value: u64) -> Event {
     }
 }
 
+/// What, the ceilings, the events, the stage and setting expected, and a piece of evidence.
+type Case<'a> = (&'a str, &'a Settings, Vec<Event>, Bound, Option<&'a str>, &'a str);
+
 #[test]
 fn the_verdict_names_the_stage_that_bound_the_load() {
     let two_volumes = Settings {
@@ -147,7 +150,7 @@ fn the_verdict_names_the_stage_that_bound_the_load() {
     let device = |t| span_event("copy", "device copy", t, Args::new().u64("gpu", 0));
     let hash = |t| span_event("hash", "sha256", t, Args::new());
     #[rustfmt::skip]
-    let cases: Vec<(&str, &Settings, Vec<Event>, Bound, Option<&str>, &str)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         ("both volumes always reading", &two_volumes,
             vec![read("nvme0n1", "direct", (0, 1000)), read("nvme1n1", "direct", (0, 990))],
             Bound::Storage, Some("--queue-depth"), "reads in flight 100% of the load on 2 of 2 volumes"),

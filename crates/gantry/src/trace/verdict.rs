@@ -160,17 +160,13 @@ fn span_of(e: &Event) -> Option<(u64, u64)> {
     matches!(e.kind, Kind::Span { .. }).then(|| (e.ts_ns, e.end_ns()))
 }
 
-/// Each stage's share of the load recorded in `events`; `None` when they hold no `load`
-/// phase (not a load's trace).
-pub fn measure(events: &[Event]) -> Option<Usage> {
-    let load = events.iter().find(|e| e.cat == "phase" && e.name == "load")?;
-    let window = span_of(load)?;
-    let settings = events
+/// The ceilings recorded in `events`, with `warm` from the files' own events.
+fn settings_of(events: &[Event]) -> Settings {
+    let mut settings = events
         .iter()
         .find(|e| e.cat == "gantry" && e.name == "settings")
         .map(Settings::from_event)
         .unwrap_or_default();
-    let mut settings = settings;
     let buffered_files: Vec<&Event> = events
         .iter()
         .filter(|e| e.cat == "gantry" && e.name == "file" && e.str("reader") == Some("buffered"))
@@ -180,6 +176,15 @@ pub fn measure(events: &[Event]) -> Option<Usage> {
         settings.warm =
             buffered_files.iter().all(|e| e.u64("resident_permille").is_some_and(|r| r >= 500));
     }
+    settings
+}
+
+/// Each stage's share of the load recorded in `events`; `None` when they hold no `load`
+/// phase (not a load's trace).
+pub fn measure(events: &[Event]) -> Option<Usage> {
+    let load = events.iter().find(|e| e.cat == "phase" && e.name == "load")?;
+    let window = span_of(load)?;
+    let settings = settings_of(events);
     let mut usage =
         Usage { window_ns: window.1 - window.0, settings: settings.clone(), ..Usage::default() };
     let volume = |(name, depth): &(String, u64)| VolumeUsage {
