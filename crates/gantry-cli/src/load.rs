@@ -32,6 +32,10 @@ pub struct Args {
     /// Copy every tensor back and compare it with an independent buffered read of the file.
     #[arg(long)]
     pub verify: bool,
+    /// Record the load's timeline and write it to FILE as Chrome trace-event JSON (open it in
+    /// Perfetto; `gantry trace summarize FILE` reads it back). --json then has `bound_by`.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<std::path::PathBuf>,
     /// Place the checkpoint across N destinations, read once: in host memory, or on the N
     /// GPUs --device names (cuda:0,cuda:1): `replicate:N` (every tensor to each), `dimK:N`
     /// (tensors of two or more dimensions split evenly along dimension K where it divides, the
@@ -382,6 +386,9 @@ struct JsonLoad<'a> {
     files: Vec<JsonFile>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tensors: Option<Vec<JsonTensor<'a>>>,
+    /// With --trace: what bound the load (stage, evidence, setting, the verdict line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bound_by: Option<serde_json::Value>,
 }
 
 pub fn json_files(report: &LoadReport) -> Vec<JsonFile> {
@@ -501,10 +508,17 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     if let Some(world) = args.ranks {
         return crate::ranks::run_parent(args, world);
     }
+    if args.trace.is_some() && (args.shard.is_some() || args.ranks.is_some()) {
+        return Err("--trace records plain loads; it does not take --shard or --ranks yet".into());
+    }
     if let Some(shard) = &args.shard {
         return run_placed(args, shard);
     }
     let loader = Loader::new(args.options.config()?)?;
+    // One timeline from CUDA's start-up and the headers on; --explain records it in memory
+    // for its verdict (a Vec push per event on each thread: see gantry::trace).
+    let recording = (args.trace.is_some() || args.explain).then(gantry::trace::Trace::new);
+    let _in = gantry::trace::enter(recording.as_ref(), "main");
     let device = args.options.device.one()?;
     // CUDA starts (driver, primary context) while the headers are read; `total_seconds`
     // counts from here: headers, allocation, pinning and the load.
@@ -513,6 +527,8 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         let gpu = s.spawn(|| match device {
             Device::Cpu => Ok((None, 0.0)),
             Device::Cuda(n) => {
+                let _in = gantry::trace::enter(recording.as_ref(), "CUDA start-up");
+                let _span = gantry::trace::span("phase", "cuda start-up");
                 CudaDevice::open(n).map(|g| (Some(g), start.elapsed().as_secs_f64()))
             }
         });
@@ -533,6 +549,9 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     };
     let total_seconds = start.elapsed().as_secs_f64();
     let report = model.report().clone();
+    if let (Some(trace), Some(path)) = (&recording, &args.trace) {
+        trace.write(path)?;
+    }
     let loaded = model.loaded();
     if args.verify {
         check::verify(model.checkpoint(), &loaded, &mut |i, at, buf| model.read(i, at, buf))?;
@@ -567,6 +586,14 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             volume: report.volume.clone(),
             files: json_files(&report),
             tensors,
+            bound_by: report.bound_by.as_ref().map(|v| {
+                serde_json::json!({
+                    "stage": v.bound.name(),
+                    "evidence": v.evidence,
+                    "setting": v.setting,
+                    "line": v.to_string(),
+                })
+            }),
         };
         serde_json::to_string(&out).map(|line| println!("{line}")).map_err(Into::into)
     } else {
@@ -587,6 +614,9 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         }
         for t in tensors.into_iter().flatten() {
             println!("{}  {}", t.xxh3, escape(t.name));
+        }
+        if let Some(v) = report.bound_by.as_ref().filter(|_| args.explain) {
+            println!("{v}");
         }
         Ok(())
     };

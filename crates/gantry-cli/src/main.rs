@@ -15,6 +15,7 @@ mod load;
 mod options;
 mod ranks;
 mod synth;
+mod trace;
 mod units;
 
 #[derive(Debug, Parser)]
@@ -39,6 +40,8 @@ enum Command {
     Bench(bench::Args),
     /// Write a synthetic Llama-3-shaped bf16 checkpoint (sharded, with an index).
     Synth(synth::Args),
+    /// Read a trace written by `gantry load --trace`.
+    Trace(trace::Args),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Command::Load(args) => load::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Synth(args) => synth::run(&args),
+        Command::Trace(args) => trace::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -122,6 +122,7 @@ pub struct Config {
     pub(crate) replicate_via: Option<ReplicateVia>,
     pub(crate) cancel: Option<Arc<AtomicBool>>,
     pub(crate) fault: Option<Arc<dyn FaultInjector>>,
+    pub(crate) trace: Option<std::path::PathBuf>,
 }
 
 /// Reader threads by default for one of `sharers` processes reading side by side on a machine
@@ -157,6 +158,7 @@ impl Default for Config {
             replicate_via: None,
             cancel: None,
             fault: None,
+            trace: None,
         }
     }
 }
@@ -186,6 +188,7 @@ impl fmt::Debug for Config {
             .field("sha256_segment_bytes", &self.sha256_segment_bytes)
             .field("replicate_via", &self.replicate_via)
             .field("cancel", &self.cancel.is_some())
+            .field("trace", &self.trace)
             .field("fault", &self.fault.is_some())
             .finish()
     }
@@ -325,6 +328,13 @@ impl Config {
     /// [`crate::io::cache`].
     pub fn cache_shared(mut self, on: bool) -> Self {
         self.cache_shared = on;
+        self
+    }
+    /// Records a timeline of each load ([`crate::trace`]) and writes it to `path` as Chrome
+    /// trace-event JSON (Perfetto) when the load ends, replacing the file; the load's report
+    /// then carries its verdict ([`crate::LoadReport::bound_by`]). Default: off.
+    pub fn trace(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.trace = Some(path.into());
         self
     }
     /// A flag another thread may set to stop a load: it returns [`Error::Cancelled`] within

@@ -42,6 +42,7 @@ pub mod sink;
 pub mod staging;
 pub mod synth;
 pub mod topology;
+pub mod trace;
 
 pub use config::{Config, ConfigValues, PathChoice, ReplicateVia};
 pub use device::{DeviceModel, DeviceTensor, ReadyOnDevice};
@@ -77,6 +78,7 @@ pub fn is_object_source(source: impl AsRef<std::path::Path>) -> bool {
 /// [`open`] with `config`'s object-storage options ([`Config::object_option`]).
 pub fn open_with(source: impl AsRef<std::path::Path>, config: &Config) -> Result<Checkpoint> {
     let source = source.as_ref();
+    let _span = trace::span("phase", "headers");
     if io::object::is_url(source) {
         io::object::open_checkpoint(source, &config.object_options)
     } else {

@@ -21,6 +21,7 @@ use crate::schedule::{Choice, ReaderKind};
 use crate::sink::host::{file_buffer_layout, HostSink};
 use crate::sink::Sink;
 use crate::staging::{Arena, Pool};
+use crate::trace;
 
 mod open;
 use open::{volume_notes, FileChoice, Target};
@@ -93,6 +94,9 @@ pub struct LoadReport {
     pub registered_buffers: bool,
     /// What the `auto` volume profile measured and picked, when it ran.
     pub volume: Option<String>,
+    /// What bound the load, when it was traced ([`Config::trace`], or a trace the calling
+    /// thread is in: see [`crate::trace`]).
+    pub bound_by: Option<trace::Verdict>,
 }
 
 impl LoadReport {
@@ -370,6 +374,12 @@ impl Loader {
         on_landed: &mut dyn FnMut(usize),
     ) -> Result<LoadReport> {
         let mut cached = self.staging.lock();
+        // One timeline per load: the caller's, when its thread is in one, else our own.
+        let own = match (&self.config.trace, trace::current()) {
+            (Some(_), None) => Some(trace::Trace::new()),
+            _ => None,
+        };
+        let _in = trace::enter(own.as_ref(), "load");
         let setup = Instant::now();
         let target = match device {
             None => Target::Host,
@@ -378,13 +388,18 @@ impl Loader {
         };
         let tensor_bytes: u64 =
             checkpoint.tensors.iter().zip(wanted).filter(|(_, &w)| w).map(|(t, _)| t.len).sum();
+        let opening = trace::span("phase", "open and probe");
         let (opened, early) = std::thread::scope(|s| {
             // A device load that will fill the ring maps, touches and page-locks it while the
             // files are opened and probed, instead of after.
             let early = match device {
                 Some(d) if cached.is_none() && tensor_bytes >= self.config.staging_bytes as u64 => {
-                    let bytes = self.config.staging_bytes;
-                    Some(s.spawn(move || StagingArena::new(bytes, d)))
+                    let (bytes, t) = (self.config.staging_bytes, trace::current());
+                    Some(s.spawn(move || {
+                        let _in = trace::enter(t.as_ref(), "staging set-up");
+                        let _span = trace::span("phase", "staging set-up");
+                        StagingArena::new(bytes, d)
+                    }))
                 }
                 _ => None,
             };
@@ -392,12 +407,15 @@ impl Loader {
             let panicked = || Err(Error::Internal("the staging set-up thread panicked".into()));
             (opened, early.map(|h| h.join().unwrap_or_else(|_| panicked())))
         });
+        drop(opening);
         if let Some(arena) = early {
             *cached = Some(arena?);
         }
         let (mut files, choices) = opened?;
         let opened = setup.elapsed().as_secs_f64();
+        let measuring = trace::span("phase", "volume profile");
         let volume = self.volume_settings(checkpoint, &mut files);
+        drop(measuring);
         let measured = setup.elapsed().as_secs_f64();
         let mut config = self.config.clone();
         if let Some(largest) = files.volumes.iter().map(|v| v.chunk_bytes).max() {
@@ -410,8 +428,10 @@ impl Loader {
             false => None,
         };
         let planning = Instant::now();
+        let span = trace::span("phase", "plan");
         let plan = Plan::new(checkpoint, wanted, &file_plans, config.gap_bytes);
         let jobs = Jobs::new(&plan, &files, sink);
+        drop(span);
         let plan_seconds = planning.elapsed().as_secs_f64();
         let node = device.and_then(|d| d.numa_node());
         let slot_bytes = if jobs.has_staged_objects() {
@@ -422,10 +442,13 @@ impl Loader {
             config.buffered_chunk()
         };
         let count = (config.staging_bytes / slot_bytes).min(jobs.staged_count());
+        let span = trace::span("phase", "staging set-up");
         let staging = self.staging(&mut cached, slot_bytes, count, device, node)?;
+        drop(span);
         if jobs.staged_direct_count() > 0 {
             fit_depths(&mut files.volumes, count);
         }
+        trace::instant("gantry", "settings", || settings(&files, config, count));
         let staging_bytes = staging.pool.as_ref().map_or(0, |p| p.used_bytes() as u64);
         let registered = staging.register_buffers;
         log::debug!(
@@ -434,8 +457,15 @@ impl Loader {
             setup.elapsed().as_secs_f64() - measured
         );
         let start = Instant::now();
+        let loading = trace::span("phase", "load");
+        let landed = |i: usize| {
+            let t = &checkpoint.tensors[i];
+            let args = || trace::Args::new().str("name", &t.name).u64("bytes", t.len);
+            trace::instant("tensor", "landed", || args().u64("tensor", i as u64));
+        };
         for (i, t) in checkpoint.tensors.iter().enumerate() {
             if wanted[i] && t.len == 0 {
+                landed(i);
                 on_landed(i);
             }
         }
@@ -443,10 +473,12 @@ impl Loader {
         let ran =
             pipeline::run(&plan, &files, jobs, staging, config, sink, checks.as_mut(), &mut |i| {
                 first_tensor_seconds.get_or_insert_with(|| start.elapsed().as_secs_f64());
+                landed(i);
                 on_landed(i);
             });
         ran.map_err(|e| crate::io::cache::check::blame_copy(e, checkpoint, &files.copies))?;
         let seconds = start.elapsed().as_secs_f64();
+        drop(loading);
         let notes = FileNotes { volume: volume_notes(&files), cache: finish_cache(files) };
         let mut report = LoadReport {
             tensor_bytes,
@@ -458,7 +490,13 @@ impl Loader {
             registered_buffers: registered,
             volume,
             files: Vec::new(),
+            bound_by: trace::current()
+                .and_then(|t| trace::measure(&t.events()))
+                .map(|u| trace::verdict(&u)),
         };
+        if let (Some(t), Some(path)) = (&own, &self.config.trace) {
+            t.write(path)?;
+        }
         report.files = file_reports(checkpoint, &plan, &choices, &notes, checks.as_mut());
         Ok(report)
     }
@@ -542,6 +580,19 @@ impl Loader {
         let pool = Pool::new(Arc::clone(&staging.arena), slot_bytes, count);
         Ok(Staging { pool: Some(pool), register_buffers: register, cpus, device: device.cloned() })
     }
+}
+
+/// The ceilings of a load, for its timeline's verdict.
+fn settings(files: &Files, config: &Config, staging_slots: usize) -> trace::Args {
+    let volumes = files.volumes.iter().map(|v| (v.name.clone(), v.queue_depth as u64)).collect();
+    let settings = trace::Settings {
+        volumes,
+        threads: config.threads as u64,
+        warm: false, // from the files' own events (trace::file_chosen)
+        staging_slots: staging_slots as u64,
+        object_concurrency: config.object_concurrency as u64,
+    };
+    settings.args()
 }
 
 /// What became of each file beside its reader's reason: its volume, its cache copy.

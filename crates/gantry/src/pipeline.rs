@@ -233,14 +233,24 @@ pub fn run(
         }
         None => None,
     };
+    let trace = crate::trace::current();
+    let trace = trace.as_ref();
     std::thread::scope(|scope| {
         if !jobs.direct.is_empty() {
             let (tx, pool) = (tx.clone(), pool.clone());
             let queues = jobs.direct_queues(files);
             let depths: Vec<usize> = files.volumes.iter().map(|v| v.queue_depth).collect();
+            let names: Vec<String> = files.volumes.iter().map(|v| v.name.clone()).collect();
             let direct = &jobs.direct;
             scope.spawn(move || {
-                let settings = uring::Settings { depths: &depths, register_buffers, fault, cpus };
+                let _in = crate::trace::enter(trace, "direct reader (io_uring)");
+                let settings = uring::Settings {
+                    depths: &depths,
+                    names: &names,
+                    register_buffers,
+                    fault,
+                    cpus,
+                };
                 let (files, ids) = (&files.direct, &files.direct_ids);
                 uring::run(files, ids, direct, &queues, pool.as_ref(), settings, &tx)
             });
@@ -254,18 +264,25 @@ pub fn run(
         };
         if !jobs.staged.is_empty() {
             let (tx, pool, staged) = (tx.clone(), pool.clone().expect("pool"), &jobs.staged);
-            scope.spawn(move || buffered::run_staged(shared, staged, &pool, config.threads, &tx));
+            scope.spawn(move || {
+                let _in = crate::trace::enter(trace, "buffered reader");
+                buffered::run_staged(shared, staged, &pool, config.threads, &tx)
+            });
         }
         if !jobs.gds.is_empty() {
             let (tx, reads, cancel) = (tx.clone(), &jobs.gds, &cancel);
             let device = device.clone().expect("cuFile loads go to a GPU");
             let threads = config.queue_depth;
-            scope.spawn(move || gds::run(&files.gds, reads, &device, threads, cancel, &tx));
+            scope.spawn(move || {
+                let _in = crate::trace::enter(trace, "cuFile reader");
+                gds::run(&files.gds, reads, &device, threads, cancel, &tx)
+            });
         }
         if !jobs.object.is_empty() {
             let (tx, pool, jobs, cancel) = (tx.clone(), pool.clone(), &jobs.object, &cancel);
             let concurrency = config.object_concurrency;
             scope.spawn(move || {
+                let _in = crate::trace::enter(trace, "object reader");
                 object::run(&files.objects, jobs, pool.as_ref(), concurrency, cancel, &tx)
             });
         }
@@ -280,7 +297,10 @@ pub fn run(
                     (job, unsafe { std::slice::from_raw_parts_mut(target.ptr, target.len) })
                 })
                 .collect();
-            scope.spawn(move || buffered::run_into(shared, into, config.threads, &tx));
+            scope.spawn(move || {
+                let _in = crate::trace::enter(trace, "buffered reader");
+                buffered::run_into(shared, into, config.threads, &tx)
+            });
         }
 
         // Owned here, so that dropping it on failure stops the readers at their next send.

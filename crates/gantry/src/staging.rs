@@ -188,6 +188,7 @@ impl Pool {
                 return None;
             }
             if let Some(index) = state.free.pop() {
+                self.traced(&state);
                 return Some(Lease { pool: Arc::clone(self), index });
             }
             self.returned.wait(&mut state);
@@ -200,7 +201,18 @@ impl Pool {
         if state.closed {
             return None;
         }
-        state.free.pop().map(|index| Lease { pool: Arc::clone(self), index })
+        let index = state.free.pop()?;
+        self.traced(&state);
+        Some(Lease { pool: Arc::clone(self), index })
+    }
+
+    /// Slots in use, on the load's timeline (nothing when the thread records nothing).
+    fn traced(&self, state: &PoolState) {
+        crate::trace::counter(
+            "staging",
+            "staging slots in use",
+            (self.count - state.free.len()) as u64,
+        );
     }
 
     /// Wakes every waiter and makes later acquires return `None` (used on error).
@@ -210,7 +222,10 @@ impl Pool {
     }
 
     fn release(&self, index: usize) {
-        self.state.lock().free.push(index);
+        let mut state = self.state.lock();
+        state.free.push(index);
+        self.traced(&state);
+        drop(state);
         self.returned.notify_one();
     }
 }

@@ -325,10 +325,11 @@ impl Verifier {
                 tx.clone(),
                 Arc::clone(&verifier.outcomes),
             );
-            let cpus = cpus.to_vec();
+            let (cpus, trace) = (cpus.to_vec(), crate::trace::current());
             let handle = std::thread::Builder::new()
                 .name("gantry-sha256".to_owned())
                 .spawn(move || {
+                    let _in = crate::trace::enter(trace.as_ref(), &format!("sha256 lane {w}"));
                     crate::topology::pin_current_thread(&cpus);
                     worker.run(rx)
                 })

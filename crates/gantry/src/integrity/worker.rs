@@ -302,6 +302,8 @@ impl Lane {
     }
 
     fn hash(&mut self, job: &FileJob, mut bytes: &[u8]) {
+        let len = bytes.len() as u64;
+        let _span = crate::trace::span("hash", "sha256").args(|a| a.u64("bytes", len));
         let Some(recorded) = self.recorded.as_mut() else {
             self.chain.update(bytes);
             self.next += bytes.len() as u64;

@@ -45,11 +45,13 @@ pub fn run_staged(
     tx: &Sender<Result<Message>>,
 ) {
     let next = AtomicUsize::new(0);
+    let trace = crate::trace::current();
     std::thread::scope(|scope| {
-        for _ in 0..threads.min(jobs.len()) {
-            let tx = tx.clone();
-            scope.spawn(|| {
-                let tx = tx;
+        for n in 0..threads.min(jobs.len()) {
+            let (tx, trace) = (tx.clone(), trace.clone());
+            let next = &next;
+            scope.spawn(move || {
+                let _in = crate::trace::enter(trace.as_ref(), &format!("buffered reader {n}"));
                 crate::topology::pin_current_thread(shared.cpus);
                 loop {
                     // The lease before the job: jobs then hold leases in job order, so the
@@ -85,11 +87,13 @@ pub fn run_into(
 ) {
     let threads = threads.min(jobs.len());
     let queue = Mutex::new(jobs.into_iter());
+    let trace = crate::trace::current();
     std::thread::scope(|scope| {
-        for _ in 0..threads {
-            let tx = tx.clone();
+        for n in 0..threads {
+            let (tx, trace) = (tx.clone(), trace.clone());
             let queue = &queue;
             scope.spawn(move || {
+                let _in = crate::trace::enter(trace.as_ref(), &format!("buffered reader {n}"));
                 crate::topology::pin_current_thread(shared.cpus);
                 loop {
                     if shared.cancel.load(Ordering::Relaxed) {
@@ -112,6 +116,12 @@ pub fn run_into(
 /// interrupted ones.
 fn read_full(shared: Shared<'_>, job: Job, buf: &mut [u8]) -> Result<()> {
     let file = &shared.files[job.file];
+    let _span = crate::trace::span("read", "read").args(|a| {
+        let a = a.str("reader", "buffered").str("volume", "buffered");
+        a.str("file", file.path.display().to_string())
+            .u64("offset", job.offset)
+            .u64("bytes", job.len)
+    });
     let mut valid = 0u64;
     while valid < job.len {
         let offset = job.offset + valid;

@@ -40,6 +40,8 @@ pub struct Job {
 pub struct Settings<'a> {
     /// Reads in flight per volume, by volume.
     pub depths: &'a [usize],
+    /// Each volume's name (for the load's trace).
+    pub names: &'a [String],
     /// Register the arena as fixed buffers (falls back, logged, if the kernel refuses).
     pub register_buffers: bool,
     /// Rewrites results, for tests.
@@ -63,6 +65,8 @@ struct Slot {
     valid: u64,
     /// Where the request in flight starts, in bytes from the extent's start.
     start: u64,
+    /// When the extent's first request was issued, when the load is traced.
+    begin_ns: Option<u64>,
 }
 
 /// Reads `jobs`, volume `v`'s in the order `queues[v]` lists them, `settings.depths[v]` at a
@@ -100,6 +104,9 @@ struct Reader<'a> {
     fixed_buffers: bool,
     fault: Option<&'a dyn FaultInjector>,
     depths: &'a [usize],
+    names: &'a [String],
+    /// Per (volume, slot), its track in the load's trace.
+    tracks: std::collections::HashMap<(usize, usize), Option<u32>>,
     slots: Vec<Option<Slot>>,
     in_flight: usize,
     /// Reads in flight per volume.
@@ -146,6 +153,8 @@ impl<'a> Reader<'a> {
             fixed_buffers,
             fault: settings.fault,
             depths: settings.depths,
+            names: settings.names,
+            tracks: std::collections::HashMap::new(),
             slots,
             in_flight: 0,
             volume_in_flight: vec![0; settings.depths.len()],
@@ -221,7 +230,8 @@ impl<'a> Reader<'a> {
                 }
             };
             let slot = self.slots.iter().position(Option::is_none).expect("a free slot");
-            self.slots[slot] = Some(Slot { job, volume: v, buffer, valid: 0, start: 0 });
+            let begin_ns = crate::trace::now();
+            self.slots[slot] = Some(Slot { job, volume: v, buffer, valid: 0, start: 0, begin_ns });
             self.push(slot);
             self.in_flight += 1;
             self.volume_in_flight[v] += 1;
@@ -254,6 +264,7 @@ impl<'a> Reader<'a> {
                 let s = self.slots[slot].take().expect("slot");
                 self.in_flight -= 1;
                 self.volume_in_flight[s.volume] -= 1;
+                self.traced(slot, &s);
                 Ok(Some(match s.buffer {
                     Buffer::Staging(lease) => Message::Staged { extent: job.extent, lease },
                     Buffer::Target(_) => Message::Direct { extent: job.extent },
@@ -275,6 +286,23 @@ impl<'a> Reader<'a> {
                 Err(read_error(&self.files[job.file], job.offset, start, request_len, failed))
             }
         }
+    }
+
+    /// Records the read of a finished slot on its (volume, slot) track.
+    fn traced(&mut self, slot: usize, s: &Slot) {
+        let Some(begin) = s.begin_ns else { return };
+        let name = self.names.get(s.volume).map_or("unknown", String::as_str);
+        let track = *self
+            .tracks
+            .entry((s.volume, slot))
+            .or_insert_with(|| crate::trace::track(|| format!("volume {name}: read slot {slot}")));
+        let file = &self.files[s.job.file];
+        crate::trace::complete(begin, track, "read", "read", || {
+            let a = crate::trace::Args::new().str("reader", "direct").str("volume", name);
+            a.str("file", file.path.display().to_string())
+                .u64("offset", s.job.offset)
+                .u64("bytes", s.job.len)
+        });
     }
 
     /// Queues the read of slot `slot` from its `start`.

@@ -245,6 +245,7 @@ impl Loader {
             }
         }
         log::debug!("{}: {} ({})", path.display(), choice.reader.name(), choice.reason);
+        crate::trace::file_chosen(path, choice.reader, facts.resident);
         let open = |file, align| OpenFile {
             path: path.to_path_buf(),
             file,

@@ -36,6 +36,9 @@ struct Pending {
     events: Vec<(usize, sys::CUevent)>,
     lease: Lease,
     extent: usize,
+    /// When the copies were queued (traced loads), and their bytes.
+    queued_ns: Option<u64>,
+    bytes: u64,
 }
 
 // SAFETY: events may be used from any thread with their context current (the poller binds it).
@@ -193,10 +196,12 @@ impl CudaSink {
             let (tx, rx) = mpsc::channel::<Pending>();
             let devices: Vec<Arc<CudaDevice>> =
                 self.gpus.iter().map(|g| Arc::clone(&g.device)).collect();
-            let landed = landed.clone();
+            let (landed, trace) = (landed.clone(), crate::trace::current());
             let handle = std::thread::Builder::new()
                 .name("gantry-cuda-poll".into())
                 .spawn(move || {
+                    let _in = crate::trace::enter(trace.as_ref(), "CUDA copy poller");
+                    let mut tracks = std::collections::HashMap::new();
                     for p in rx {
                         let mut synced = Ok(());
                         for &(gpu, event) in &p.events {
@@ -207,6 +212,10 @@ impl CudaSink {
                             });
                             // SAFETY: the event is not used after this.
                             unsafe { result::event::destroy(event) }.ok();
+                            if let (Some(begin), true) = (p.queued_ns, done.is_ok()) {
+                                let ordinal = devices[gpu].ordinal() as usize;
+                                traced_copy(&mut tracks, begin, ordinal, p.lease.index(), p.bytes);
+                            }
                             synced = synced.and(done);
                         }
                         drop(p.lease); // the GPUs are done reading it (or failed: nothing reads it now)
@@ -376,6 +385,23 @@ impl CudaSink {
     }
 }
 
+/// Records a device copy from its queueing to its completion, on one track per GPU and
+/// staging slot (a slot holds one extent at a time, so spans on a track never overlap).
+fn traced_copy(
+    tracks: &mut std::collections::HashMap<(usize, usize), Option<u32>>,
+    begin: u64,
+    gpu: usize,
+    slot: usize,
+    bytes: u64,
+) {
+    let track = *tracks
+        .entry((gpu, slot))
+        .or_insert_with(|| crate::trace::track(|| format!("GPU {gpu}: copies from slot {slot}")));
+    crate::trace::complete(begin, track, "copy", "device copy", || {
+        crate::trace::Args::new().u64("bytes", bytes).u64("gpu", gpu as u64)
+    });
+}
+
 impl Sink for CudaSink {
     fn direct_target(&mut self, _: &Extent, _: &[CopyStep], _: u64) -> Option<RawTarget> {
         None // device memory: every extent goes through pinned staging
@@ -405,12 +431,14 @@ impl Sink for CudaSink {
         }
         // The poller first: once copies are queued, the lease may only go back through it.
         self.poller(landed)?;
+        let queued_ns = crate::trace::now();
+        let bytes = steps.iter().map(|s| s.len).sum();
         if let Err(e) = self.queue_copies(extent, steps, lease.as_slice()) {
             self.wait_chosen(); // the copies already queued must finish before the lease drops
             return Err(e);
         }
         let events = self.record_events()?;
-        let pending = Pending { events, lease, extent };
+        let pending = Pending { events, lease, extent, queued_ns, bytes };
         if let Err(mpsc::SendError(p)) = self.poller(landed)?.send(pending) {
             self.wait_events(p.events); // the poller is gone; wait here instead
         }

@@ -167,6 +167,8 @@ impl Sink for HostSink {
         _landed: &Sender<Result<Message>>,
     ) -> Result<bool> {
         let source = lease.as_slice();
+        let bytes = steps.iter().map(|s| s.len).sum();
+        let _span = crate::trace::span("copy", "host copy").args(|a| a.u64("bytes", bytes));
         for s in steps {
             let (ptr, len) = self.tensors[s.tensor];
             assert!(!ptr.is_null());
@@ -230,6 +232,8 @@ impl Sink for PlacedSink {
         _landed: &Sender<Result<Message>>,
     ) -> Result<bool> {
         let source = lease.as_slice();
+        let total: u64 = steps.iter().map(|s| s.len * self.places[s.tensor].len() as u64).sum();
+        let _span = crate::trace::span("copy", "host copy").args(|a| a.u64("bytes", total));
         for s in steps {
             let bytes = &source[s.source_offset as usize..(s.source_offset + s.len) as usize];
             for p in &self.places[s.tensor] {

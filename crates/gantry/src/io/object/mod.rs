@@ -444,6 +444,7 @@ pub fn run(
         }
     };
     let failed = Arc::new(AtomicBool::new(false));
+    let lanes = crate::trace::current().map(|t| crate::trace::Lanes::new(t, "object GETs"));
     runtime.block_on(async {
         let mut in_flight = tokio::task::JoinSet::new();
         let stop = || cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed);
@@ -465,14 +466,18 @@ pub fn run(
                 },
             };
             let file = files[job.file].clone();
-            let (tx, failed) = (tx.clone(), Arc::clone(&failed));
+            let (tx, failed, lanes) = (tx.clone(), Arc::clone(&failed), lanes.clone());
             in_flight.spawn(async move {
+                let get = lanes.as_ref().map(|l| l.begin());
                 // A panic inside the client (a backstop: its settings were checked) fails
                 // the load with an error rather than losing the part.
                 let caught = std::panic::AssertUnwindSafe(fetch(&file, job, dest)).catch_unwind();
                 let (message, copy) = caught
                     .await
                     .unwrap_or_else(|panic| (Err(panicked(&file.path, panic.as_ref())), None));
+                if let (Some(lanes), Some(get)) = (&lanes, get) {
+                    traced_get(lanes, get, &file, job, message.is_ok());
+                }
                 if message.is_err() {
                     failed.store(true, Ordering::Relaxed);
                 }
@@ -496,6 +501,19 @@ pub fn run(
             let _ = tokio::time::timeout(Duration::from_millis(50), in_flight.join_next()).await;
         }
     });
+}
+
+/// Records one GET (its bytes only when it succeeded) on a lane of the load's trace.
+fn traced_get(
+    lanes: &crate::trace::Lanes,
+    get: crate::trace::LaneSpan,
+    file: &ObjectFile,
+    job: Job,
+    ok: bool,
+) {
+    let args = crate::trace::Args::new().str("reader", "object").str("volume", "object storage");
+    let args = args.str("file", file.path.display().to_string()).u64("offset", job.offset);
+    lanes.end(get, "read", "read", args.u64("bytes", if ok { job.len } else { 0 }));
 }
 
 /// Attempts at one part: the client retries each request; this also resumes a body that

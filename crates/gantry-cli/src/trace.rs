@@ -1,0 +1,127 @@
+//! `gantry trace summarize FILE`: a trace written by `gantry load --trace` read back on any
+//! machine: the verdict (computed by the same function `--explain` uses), each volume's and
+//! GPU's utilisation, and a histogram of read latencies.
+
+use std::error::Error;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use gantry::trace::{self, Event, Kind};
+
+use crate::units;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print what bound the load, per-volume and per-GPU utilisation and read latencies.
+    Summarize {
+        /// A trace written by `gantry load --trace FILE`.
+        file: PathBuf,
+    },
+}
+
+pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
+    match &args.command {
+        Command::Summarize { file } => summarize(file),
+    }
+}
+
+/// The file's text, refusing one larger than a trace can be.
+fn read_capped(path: &Path) -> Result<String, Box<dyn Error>> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let cap = trace::TRACE_TEXT_MAX_BYTES as u64;
+    let mut text = String::new();
+    file.take(cap + 1).read_to_string(&mut text).map_err(|e| format!("{}: {e}", path.display()))?;
+    if text.len() as u64 > cap {
+        return Err(format!("{}: larger than {} bytes: not a trace", path.display(), cap).into());
+    }
+    Ok(text)
+}
+
+fn summarize(path: &Path) -> Result<(), Box<dyn Error>> {
+    let parsed =
+        trace::parse(&read_capped(path)?).map_err(|e| format!("{}: {e}", path.display()))?;
+    let usage = trace::measure(&parsed.events).ok_or_else(|| {
+        format!(
+            "{}: no load phase in this trace (was it written by gantry load --trace?)",
+            path.display()
+        )
+    })?;
+    println!("{}", trace::verdict(&usage));
+    let seconds = usage.window_ns as f64 / 1e9;
+    let rate = if seconds > 0.0 { usage.read_bytes as f64 / seconds / 1e9 } else { 0.0 };
+    println!("load: {seconds:.3} s, {} read ({rate:.2} GB/s)", units::bytes(usage.read_bytes));
+    for v in &usage.volumes {
+        println!(
+            "volume {}: reads in flight {:.0}% of the load, {} at once {:.0}%, {} reads, {}",
+            v.name,
+            v.busy * 100.0,
+            v.depth,
+            v.full * 100.0,
+            v.reads,
+            units::bytes(v.bytes)
+        );
+    }
+    if let Some(b) = usage.buffered {
+        println!("buffered reads: busy {:.0}% of {} threads", b * 100.0, usage.settings.threads);
+    }
+    if let Some((busy, full)) = usage.objects {
+        println!(
+            "object GETs: in flight {:.0}% of the load, {:.0}% at the most allowed",
+            busy * 100.0,
+            full * 100.0
+        );
+    }
+    if usage.settings.staging_slots > 0 {
+        println!(
+            "staging: {} slots, full {:.0}% of the load",
+            usage.settings.staging_slots,
+            usage.staging_full * 100.0
+        );
+    }
+    if let Some(h) = usage.host_copy {
+        println!("host copies: busy {:.0}% of the load", h * 100.0);
+    }
+    for (gpu, busy) in &usage.device_copy {
+        println!("GPU {gpu}: copies queued or running {:.0}% of the load", busy * 100.0);
+    }
+    for line in histogram(&parsed.events) {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Read latencies in power-of-two buckets of microseconds, one line per bucket.
+fn histogram(events: &[Event]) -> Vec<String> {
+    let latencies: Vec<u64> = events
+        .iter()
+        .filter(|e| e.cat == "read")
+        .filter_map(|e| match e.kind {
+            Kind::Span { dur_ns } => Some(dur_ns / 1000),
+            _ => None,
+        })
+        .collect();
+    if latencies.is_empty() {
+        return Vec::new();
+    }
+    let bucket = |us: u64| (64 - us.max(1).leading_zeros()) as usize; // 2^(b-1) <= us < 2^b
+    let mut counts = vec![0usize; 65];
+    for &us in &latencies {
+        counts[bucket(us)] += 1;
+    }
+    let most = counts.iter().copied().max().unwrap_or(1).max(1);
+    let mut lines = vec![format!("read latency ({} reads):", latencies.len())];
+    let first = counts.iter().position(|&c| c > 0).unwrap_or(0);
+    let last = counts.iter().rposition(|&c| c > 0).unwrap_or(0);
+    for (b, &count) in counts.iter().enumerate().take(last + 1).skip(first) {
+        let below = 1u128 << b;
+        let bar = "#".repeat((count * 40).div_ceil(most));
+        lines.push(format!("  < {below:>9} us {count:>7} {bar}"));
+    }
+    lines
+}
