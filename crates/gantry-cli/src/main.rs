@@ -48,7 +48,14 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     quiet_on_closed_stdout();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            eprintln!("{}", usage_error(&e.render().to_string()));
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Inspect(args) => inspect::run(&args),
@@ -64,6 +71,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// clap's message for a command line it refuses, as one `error: ...` line: its first paragraph
+/// with the lines joined (the usage and the hint that follow are left out).
+fn usage_error(rendered: &str) -> String {
+    let first: Vec<&str> = rendered.lines().map(str::trim).take_while(|l| !l.is_empty()).collect();
+    first.join(" ")
 }
 
 /// Whether `e` is a write to a pipe whose reader has gone (EPIPE).

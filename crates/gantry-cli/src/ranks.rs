@@ -50,8 +50,8 @@ fn storage_read_bytes() -> Option<u64> {
     io.lines().find_map(|l| l.strip_prefix("read_bytes:")).and_then(|v| v.trim().parse().ok())
 }
 
-/// Each rank's device: one GPU per rank from `--device` (each present on this machine), or
-/// host memory for all; at most [`RANKS_MAX`] ranks, checked before anything starts.
+/// Each rank's device: one GPU per rank from `--device`, or host memory for all; at most
+/// [`RANKS_MAX`] ranks, checked before anything starts.
 fn rank_devices(args: &Args, ranks: usize) -> Result<Vec<Device>, Box<dyn Error>> {
     if ranks > RANKS_MAX {
         return Err(
@@ -61,24 +61,34 @@ fn rank_devices(args: &Args, ranks: usize) -> Result<Vec<Device>, Box<dyn Error>
     let list = &args.options.device.0;
     match list.as_slice() {
         [Device::Cpu] => Ok(vec![Device::Cpu; ranks]),
-        gpus if gpus.len() == ranks => {
-            let present = CudaDevice::count()
-                .map_err(|e| format!("--ranks {ranks} on GPUs: cannot count the GPUs: {e}"))?;
-            if let Some(missing) = gpus.iter().find(|d| matches!(d, Device::Cuda(n) if *n as usize >= present)) {
-                return Err(format!(
-                    "--ranks {ranks}: --device names {}, but this machine has {present} GPU(s)",
-                    device_name(*missing)
-                )
-                .into());
-            }
-            Ok(gpus.to_vec())
-        }
+        gpus if gpus.len() == ranks => Ok(gpus.to_vec()),
         gpus => Err(format!(
             "--ranks {ranks} starts one process per GPU: --device names {} GPU(s), it needs {ranks} (cuda:0,cuda:1,...) or cpu",
             gpus.len()
         )
         .into()),
     }
+}
+
+/// An error unless every GPU of `devices` is present on this machine (checked before any rank
+/// starts).
+fn gpus_present(devices: &[Device]) -> Result<(), Box<dyn Error>> {
+    if devices.contains(&Device::Cpu) {
+        return Ok(());
+    }
+    let ranks = devices.len();
+    let present = CudaDevice::count()
+        .map_err(|e| format!("--ranks {ranks} on GPUs: cannot count the GPUs: {e}"))?;
+    if let Some(missing) =
+        devices.iter().find(|d| matches!(d, Device::Cuda(n) if *n as usize >= present))
+    {
+        return Err(format!(
+            "--ranks {ranks}: --device names {}, but this machine has {present} GPU(s)",
+            device_name(*missing)
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// The parent's arguments for a rank: the command line without `--ranks`, `--device`,
@@ -274,6 +284,7 @@ pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
             return Err("--ranks with --shard keeps shares on GPUs: name one GPU per rank".into());
         }
     }
+    gpus_present(&devices)?;
     let checkpoint = gantry::open_with(&args.options.path, &args.options.config()?)?;
     if let Some(shard) = &args.shard {
         crate::load::warn_unmatched(args, shard, &checkpoint);
