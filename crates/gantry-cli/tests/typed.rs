@@ -3,7 +3,8 @@
 //! the command line is parsed, messages that name the option, and a reader that closes the
 //! pipe early. Every run has a deadline and an address-space limit, so a value that makes
 //! gantry hang or allocate without bound fails the test instead of the machine. Bytes loaded
-//! are compared with the `safetensors` crate's read of the file.
+//! are compared with the `safetensors` crate's read of the file. A property test feeds random
+//! values to every option of every command (256 command lines, each with its deadline).
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -282,5 +283,199 @@ fn ranks_that_cannot_be_started_end_the_others_cleanly() {
         }
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(ranks_alive(&path), Vec::<u32>::new(), "nproc {nproc}: ranks left running");
+    }
+}
+
+/// Options of `load` and `bench` and the kind of value each takes.
+const LOAD_OPTIONS: &[(&str, Kind)] = &[
+    ("--device", Kind::Device),
+    ("--path", Kind::Word(&["auto", "direct", "buffered", "gds"])),
+    ("--profile", Kind::Word(&["auto", "gp3", "io2", "nvme"])),
+    ("--queue-depth", Kind::Number),
+    ("--chunk-mib", Kind::Number),
+    ("--buffered-chunk-mib", Kind::Number),
+    ("--staging-mib", Kind::Number),
+    ("--threads", Kind::Number),
+    ("--object-part-mib", Kind::Number),
+    ("--object-concurrency", Kind::Number),
+    ("--verify-sha256", Kind::Flag),
+    ("--cache-dir", Kind::Dir),
+    ("--s3-endpoint", Kind::Text),
+    ("--s3-region", Kind::Text),
+    ("--gcs-endpoint", Kind::Text),
+    ("--azure-endpoint", Kind::Text),
+    ("--object-option", Kind::Text),
+];
+
+/// Options of `load` alone.
+const LOAD_ONLY: &[(&str, Kind)] = &[
+    ("--json", Kind::Flag),
+    ("--checksum", Kind::Word(&["xxh3", "md5"])),
+    ("--explain", Kind::Flag),
+    ("--verify", Kind::Flag),
+    ("--shard", Kind::Shard),
+    ("--tp-rule", Kind::Word(&["*=row", "*.w=dim1", "x=column", "=", "*=dim99", "a=b=c"])),
+    ("--replicate-via", Kind::Word(&["host", "peer"])),
+    ("--ranks", Kind::Number),
+    ("--window-mib", Kind::Number),
+    ("--rank-timeout-s", Kind::Number),
+    ("--piece-mib", Kind::Number),
+    ("--rank", Kind::Number),
+    ("--world", Kind::Number),
+    ("--nccl-id", Kind::Text),
+    ("--nccl-id-file", Kind::Dir),
+    ("--alone", Kind::Text),
+    ("--result-file", Kind::Dir),
+];
+
+/// What an option takes.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Flag,
+    Number,
+    Text,
+    Dir,
+    Device,
+    Shard,
+    Word(&'static [&'static str]),
+}
+
+/// A value of `kind`: mostly near or past its limits, sometimes valid, sometimes nonsense.
+fn value_of(kind: Kind) -> proptest::strategy::BoxedStrategy<String> {
+    use proptest::prelude::*;
+    let number = prop_oneof![
+        3 => (1u64..5).prop_map(|n| n.to_string()),
+        2 => any::<u64>().prop_map(|n| n.to_string()),
+        1 => prop::sample::select(vec![
+            "18446744073709551616",
+            "-1",
+            "17592186044417",
+            "1e9",
+            "0x10",
+            "+3",
+            " 2",
+            "",
+            "4096",
+            "65536",
+            "1025",
+        ])
+        .prop_map(str::to_owned),
+    ];
+    let text = prop_oneof![
+        "[a-z0-9]{1,8}",
+        "[ -~]{0,24}",
+        prop::sample::select(vec![
+            "not a url",
+            "http://127.0.0.1:1",
+            "ftp://x",
+            "a=b",
+            "=",
+            "\u{1b}[31m\n",
+            "é~[1] +",
+        ])
+        .prop_map(str::to_owned),
+    ];
+    match kind {
+        Kind::Flag => Just(String::new()).boxed(),
+        Kind::Number => number.boxed(),
+        Kind::Text => text.boxed(),
+        Kind::Dir => prop::sample::select(vec!["out", "dir", "dir", "", "/", "/proc/self/mem"])
+            .prop_map(str::to_owned)
+            .boxed(),
+        Kind::Device => prop_oneof![
+            3 => Just("cpu".to_owned()),
+            1 => prop::sample::select(vec![
+                "cpu",
+                "cuda",
+                "cuda:0",
+                "cuda:0,cuda:1",
+                "cpu,cuda:0",
+                "tpu"
+            ])
+            .prop_map(str::to_owned),
+            1 => number.clone().prop_map(|n| format!("cuda:{n}")),
+        ]
+        .boxed(),
+        Kind::Shard => (
+            prop::sample::select(vec!["replicate", "replicate", "tp", "dim0", "dim1", "dim5", "x"]),
+            number,
+        )
+            .prop_map(|(k, n)| format!("{k}:{n}"))
+            .boxed(),
+        Kind::Word(words) => {
+            prop_oneof![prop::sample::select(words.to_vec()).prop_map(str::to_owned), text,].boxed()
+        }
+    }
+}
+
+/// A command line: a command, the tiny checkpoint, and a few options with random values.
+fn command_line() -> impl proptest::strategy::Strategy<Value = Vec<String>> {
+    use proptest::prelude::*;
+    let option = |table: &'static [(&'static str, Kind)]| {
+        prop::sample::select(table.to_vec())
+            .prop_flat_map(|(name, kind)| value_of(kind).prop_map(move |v| (name, kind, v)))
+    };
+    let load_option = prop_oneof![1 => option(LOAD_OPTIONS), 2 => option(LOAD_ONLY)];
+    let size =
+        prop::sample::select(vec!["0", "-1", "nan", "inf", "1e400", "5000", "0.001", "x", ""]);
+    prop_oneof![
+        4 => prop::collection::vec(load_option, 1..4).prop_map(|o| line("load", o)),
+        1 => prop::collection::vec(option(LOAD_OPTIONS), 0..4).prop_map(|o| line("bench", o)),
+        1 => prop::collection::vec(
+            prop_oneof![
+                option(&[("--json", Kind::Flag), ("--all", Kind::Flag)]),
+                option(&LOAD_OPTIONS[12..]),
+            ],
+            0..4
+        )
+        .prop_map(|o| line("inspect", o)),
+        1 => size.clone().prop_map(|s| vec![
+            "synth".into(),
+            "synth-out".into(),
+            "--size-gib".into(),
+            s.into()
+        ]),
+        1 => size.prop_map(|s| vec![
+            "demo".into(),
+            "--dir".into(),
+            "demo-out".into(),
+            "--size".into(),
+            s.into()
+        ]),
+    ]
+}
+
+fn line(command: &str, options: Vec<(&str, Kind, String)>) -> Vec<String> {
+    let mut out = vec![command.to_owned(), "tiny.safetensors".to_owned()];
+    for (name, kind, value) in options {
+        out.push(name.to_owned());
+        if !matches!(kind, Kind::Flag) {
+            out.push(value);
+        }
+    }
+    out
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+    /// Random values for every option of every command: a result, or exit 1 or 2 with one
+    /// `error:` line; never a panic (exit 101), a signal, a backtrace or a hang.
+    #[test]
+    fn random_options_end_in_a_result_or_one_error_line(args in command_line()) {
+        let dir = tempfile::tempdir().unwrap();
+        tiny(dir.path());
+        std::fs::create_dir(dir.path().join("dir")).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gantry"));
+        cmd.args(&args).current_dir(dir.path()).env("RUST_BACKTRACE", "1");
+        let out = run_bounded(cmd);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        proptest::prop_assert!(out.status.code().is_some(), "{args:?}: {:?}: {err}", out.status);
+        if !out.status.success() {
+            proptest::prop_assert!(matches!(out.status.code(), Some(1 | 2)), "{args:?}: {err}");
+            let errors = err.lines().filter(|l| l.starts_with("error:")).count();
+            proptest::prop_assert_eq!(errors, 1, "{:?}: {}", args, err);
+        }
+        proptest::prop_assert!(!err.contains("panicked") && !err.contains("stack backtrace"), "{args:?}: {err}");
     }
 }
