@@ -19,7 +19,7 @@ use crate::to_py;
 /// A `shard` rule (`replicate:N`, `dimK:N` or `tp:N`, see [`ShardSpec`]) with the caller's
 /// tensor-parallel patterns, as a placement, and its number of destinations.
 fn parse_rule(shard: &str, tp_rules: &[(String, String)]) -> PyResult<(Placement, usize)> {
-    let spec: ShardSpec = shard.parse().map_err(to_py)?;
+    let spec = parse_shard(shard)?;
     let rules = tp_rules
         .iter()
         .map(|(pattern, split)| Ok((pattern.clone(), split.parse::<Split>()?)))
@@ -28,11 +28,16 @@ fn parse_rule(shard: &str, tp_rules: &[(String, String)]) -> PyResult<(Placement
     Ok((spec.placement(&rules).map_err(to_py)?, spec.parts))
 }
 
-/// The number of destinations of a `shard` rule (a `ConfigError` for a rule that is not one),
+/// `shard` parsed; a `ValueError` for text that is not a rule (or a count past the bound).
+fn parse_shard(shard: &str) -> PyResult<ShardSpec> {
+    shard.parse().map_err(|e: gantry::Error| PyValueError::new_err(e.to_string()))
+}
+
+/// The number of destinations of a `shard` rule (a `ValueError` for a rule that is not one),
 /// so that the Python layer never builds a list from an unchecked count.
 #[pyfunction]
 pub fn shard_destinations(shard: &str) -> PyResult<usize> {
-    crate::guarded(|| Ok(shard.parse::<ShardSpec>().map_err(to_py)?.parts))
+    crate::guarded(|| Ok(parse_shard(shard)?.parts))
 }
 
 /// One destination's shares: `(name, Tensor)` in checkpoint order.
@@ -129,9 +134,14 @@ pub fn load_cooperative_placed(
     crate::guarded(|| {
         let window_bytes = window_mib.map(crate::stream::window_bytes).transpose()?;
         let (rule, n) = parse_rule(shard, &tp_rules.unwrap_or_default())?;
-        if n != world || rank >= world {
+        if n != world {
+            return Err(PyValueError::new_err(format!(
+                "shard {shard:?} places across {n} ranks but world is {world}"
+            )));
+        }
+        if rank >= world {
             return Err(crate::ConfigError::new_err(format!(
-                "rank {rank} of world {world} under shard {shard:?} ({n} ranks): a rank is 0 to world - 1 and world is the shard's N"
+                "rank {rank} of world {world}: a rank is 0 to world - 1"
             )));
         }
         let coop = (rank, world, unique_id, alone);

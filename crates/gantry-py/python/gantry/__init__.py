@@ -251,7 +251,8 @@ def _check_rank(rank: Any, world: Any) -> None:
 
 def _shard(shard: Any) -> int:
     """The destinations of a ``shard`` rule (``TypeError`` unless it is a string,
-    ``ConfigError`` for text that is not a rule), checked before any list is built from it."""
+    ``ValueError`` for text that is not a rule, N from 1 to 1024), checked before any list is
+    built from it."""
     if not isinstance(shard, str):
         raise TypeError(
             f"shard takes a string such as 'tp:2', 'dim0:2' or 'replicate:2', not "
