@@ -102,9 +102,10 @@ impl gantry_placed {
     }
 }
 
-/// Loads `path` across `destinations` places: `devices` lists one per destination, either
-/// all `GANTRY_DEVICE_HOST` (host memory) or all GPU ordinals (the same GPU may appear more
-/// than once). `place` says what each destination gets of each tensor. Bytes several
+/// Loads `path` across `destinations` places (1 to 1024, else `GANTRY_E_INVALID_ARGUMENT`
+/// before `devices` is read): `devices` lists one per destination, either all
+/// `GANTRY_DEVICE_HOST` (host memory) or all GPU ordinals (the same GPU may appear more than
+/// once). `place` says what each destination gets of each tensor. Bytes several
 /// destinations want are read once; a slice along dimension 0 reads only its bytes.
 ///
 /// # Safety
