@@ -460,9 +460,10 @@ gantry_status gantry_model_report(const struct gantry_model *model,
 // `model` is NULL or a live model from gantry, not used afterwards.
 void gantry_model_free(struct gantry_model *model);
 
-// Loads `path` across `destinations` places: `devices` lists one per destination, either
-// all `GANTRY_DEVICE_HOST` (host memory) or all GPU ordinals (the same GPU may appear more
-// than once). `place` says what each destination gets of each tensor. Bytes several
+// Loads `path` across `destinations` places (1 to 1024, else `GANTRY_E_INVALID_ARGUMENT`
+// before `devices` is read): `devices` lists one per destination, either all
+// `GANTRY_DEVICE_HOST` (host memory) or all GPU ordinals (the same GPU may appear more than
+// once). `place` says what each destination gets of each tensor. Bytes several
 // destinations want are read once; a slice along dimension 0 reads only its bytes.
 //
 // # Safety

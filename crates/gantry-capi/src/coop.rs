@@ -137,9 +137,10 @@ pub unsafe extern "C" fn gantry_loader_load_cooperative_split(
 
 /// The rank and world of a call, checked.
 fn rank_of(device: i32, rank: i32, world: i32) -> Result<(usize, usize), CallError> {
-    if device < 0 || rank < 0 || world < 1 || rank >= world {
+    let max = engine::placement::DESTINATIONS_MAX;
+    if device < 0 || rank < 0 || world < 1 || rank >= world || world as usize > max {
         return Err(CallError::invalid(format!(
-            "device {device}, rank {rank} of {world}: a cooperative load needs a GPU and 0 <= rank < world"
+            "device {device}, rank {rank} of {world}: a cooperative load needs a GPU and 0 <= rank < world <= {max}"
         )));
     }
     Ok((rank as usize, world as usize))

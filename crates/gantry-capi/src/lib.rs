@@ -229,6 +229,11 @@ pub unsafe extern "C" fn gantry_loader_new_with_options(
             c = match key {
                 "verify_sha256" => c.verify_sha256(parse_flag(key, value)?),
                 "require_sha256" => c.require_sha256(parse_flag(key, value)?),
+                "cache_dir" if value.is_empty() => {
+                    return Err(CallError::invalid(
+                        "option cache_dir= is empty: name a directory (or leave it out)".into(),
+                    ))
+                }
                 "cache_dir" => c.cache_dir(value),
                 _ => c.object_option(key, value),
             };

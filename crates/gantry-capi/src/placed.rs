@@ -103,9 +103,10 @@ impl gantry_placed {
     }
 }
 
-/// Loads `path` across `destinations` places: `devices` lists one per destination, either
-/// all `GANTRY_DEVICE_HOST` (host memory) or all GPU ordinals (the same GPU may appear more
-/// than once). `place` says what each destination gets of each tensor. Bytes several
+/// Loads `path` across `destinations` places (1 to 1024, else `GANTRY_E_INVALID_ARGUMENT`
+/// before `devices` is read): `devices` lists one per destination, either all
+/// `GANTRY_DEVICE_HOST` (host memory) or all GPU ordinals (the same GPU may appear more than
+/// once). `place` says what each destination gets of each tensor. Bytes several
 /// destinations want are read once; a slice along dimension 0 reads only its bytes.
 ///
 /// # Safety
@@ -132,7 +133,9 @@ pub unsafe extern "C" fn gantry_loader_load_placed(
         // Descriptions for the callback, which sees each tensor as `gantry_load_into`'s do.
         let infos = TensorInfos::new(&checkpoint);
         let rule = |t: &engine::TensorEntry| -> engine::Result<Vec<(usize, Share)>> {
-            let i = infos.position(t.name.as_bytes()).expect("a tensor of this checkpoint");
+            let i = infos.position(t.name.as_bytes()).ok_or_else(|| {
+                engine::Error::Config(format!("tensor '{}' is not in the table", t.name))
+            })?;
             let described = infos.tensor(i, 0);
             let mut placed = Vec::new();
             for d in 0..destinations {
@@ -202,19 +205,18 @@ pub unsafe extern "C" fn gantry_loader_load_split(
 pub(crate) type Rule =
     Box<dyn Fn(&engine::TensorEntry) -> engine::Result<Vec<(usize, Share)>> + Send + Sync>;
 
-/// The rule of a `gantry_split` over `destinations`.
+/// The rule of a `gantry_split` over `destinations` (1 to `DESTINATIONS_MAX`), through the
+/// engine's one shard parser ([`engine::placement::ShardSpec`]) as the CLI and Python use it.
 pub(crate) fn split_rule(split: i32, destinations: usize) -> Result<Rule, CallError> {
-    let dim = match split {
-        s if s == gantry_split::GANTRY_SPLIT_REPLICATE as i32 => None,
-        s if s == gantry_split::GANTRY_SPLIT_DIM0 as i32 => Some(0),
-        s if s == gantry_split::GANTRY_SPLIT_DIM1 as i32 => Some(1),
-        s if s == gantry_split::GANTRY_SPLIT_TP as i32 => {
-            let tp = engine::placement::tensor_parallel(destinations);
-            return Ok(Box::new(move |t| tp.place(t)));
-        }
+    use engine::placement::{ShardRule, ShardSpec};
+    let rule = match split {
+        s if s == gantry_split::GANTRY_SPLIT_REPLICATE as i32 => ShardRule::Replicate,
+        s if s == gantry_split::GANTRY_SPLIT_DIM0 as i32 => ShardRule::Dim(0),
+        s if s == gantry_split::GANTRY_SPLIT_DIM1 as i32 => ShardRule::Dim(1),
+        s if s == gantry_split::GANTRY_SPLIT_TP as i32 => ShardRule::TensorParallel,
         s => return Err(CallError::invalid(format!("split {s} is not a gantry_split"))),
     };
-    Ok(Box::new(move |t| engine::placement::split(t, dim, destinations)))
+    Ok(ShardSpec::new(rule, destinations)?.placement(&[])?)
 }
 
 /// Where the destinations are.
@@ -234,9 +236,9 @@ unsafe fn arguments<'a>(
 ) -> Result<(&'a engine::Loader, Devices), CallError> {
     // SAFETY: per the contract.
     let loader = &unsafe { error::in_ref(loader, "loader")? }.loader;
-    if count == 0 {
-        return Err(CallError::invalid("a placed load needs at least one destination".to_owned()));
-    }
+    // Bounded before anything is read or allocated: each destination costs a buffer and
+    // bookkeeping per tensor.
+    engine::placement::check_destinations("destinations", count)?;
     if devices.is_null() {
         return Err(CallError::null("devices"));
     }

@@ -31,8 +31,8 @@ pub struct Args {
     /// Evict the files from the page cache before each measurement.
     #[arg(long)]
     pub cold: bool,
-    /// Measurements of each kind, interleaved.
-    #[arg(long, default_value_t = 3)]
+    /// Measurements of each kind, interleaved (1 to 100).
+    #[arg(long, default_value_t = 3, value_parser = crate::units::one_to::<usize>(crate::units::REPEAT_MAX))]
     pub repeat: usize,
     /// Print one JSON object.
     #[arg(long)]

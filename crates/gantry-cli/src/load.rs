@@ -7,6 +7,7 @@ use gantry::{Checkpoint, CudaDevice, DeviceModel, HostModel, LoadReport, Loader}
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use gantry::placement::{parse_tp_rule, tensor_parallel, ShardRule, ShardSpec, Split};
 use gantry_format::{escape, escape_path};
 
 use crate::check;
@@ -42,18 +43,19 @@ pub struct Args {
     /// rest replicated), or `tp:N`, the tensor-parallel rule of vLLM and Megatron by tensor
     /// name (column-parallel weights along dimension 0, row-parallel along dimension 1, norms
     /// and routers replicated; a split that does not divide is an error).
+    /// N is 1 to 1024; a tensor of two or more dimensions without dimension K is an error.
     #[arg(long, value_name = "replicate:N|dimK:N|tp:N")]
-    pub shard: Option<String>,
+    pub shard: Option<ShardSpec>,
     /// With --shard tp:N, a pattern of your own ahead of the built-in ones:
     /// `PATTERN=column|row|replicate|dimK` (`*` matches any characters), repeatable.
-    #[arg(long, value_name = "PATTERN=SPLIT")]
-    pub tp_rule: Vec<String>,
+    #[arg(long, value_name = "PATTERN=SPLIT", value_parser = tp_rule)]
+    pub tp_rule: Vec<(String, Split)>,
     /// How bytes several GPUs want whole reach them: `host` (one host-to-device copy per GPU)
     /// or `peer` (one host-to-device copy, then device-to-device copies over NVLink); default
     /// GANTRY_REPLICATE_VIA, else peer (faster on NVLink: 162 against 151 GB/s on 4 H100s).
     #[arg(long, value_name = "host|peer")]
     pub replicate_via: Option<String>,
-    /// Load with N processes, one per GPU that --device names (cuda:0,cuda:1,...), the way
+    /// Load with N processes (at most 64), one per GPU that --device names (cuda:0,cuda:1,...), the way
     /// tensor-parallel servers run: the ranks split the reads and exchange with NCCL (each
     /// reads on its own without NCCL, or with --device cpu); per-rank and total figures.
     /// Every rank gets every tensor whole, or with --shard (tp:N, dimK:N with N ranks) only
@@ -61,14 +63,17 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub ranks: Option<usize>,
     /// With --ranks and --shard: the bytes of checkpoint exchanged at a time, in MiB (each
-    /// rank holds one window beside its shares).
-    #[arg(long, value_name = "N", default_value_t = 2048)]
+    /// rank holds one window beside its shares), 1 to 1048576.
+    #[arg(long, value_name = "N", default_value_t = 2048,
+        value_parser = units::one_to::<u64>(units::WINDOW_MIB_MAX))]
     pub window_mib: u64,
-    /// With --ranks: seconds a rank waits for the others before it gives up.
-    #[arg(long, value_name = "S", default_value_t = 120)]
+    /// With --ranks: seconds a rank waits for the others before it gives up, 1 to 86400.
+    #[arg(long, value_name = "S", default_value_t = 120,
+        value_parser = units::one_to::<u64>(crate::ranks::RANK_TIMEOUT_S_MAX))]
     pub rank_timeout_s: u64,
-    /// With --ranks: the largest piece one rank reads and broadcasts, in MiB.
-    #[arg(long, value_name = "N", default_value_t = 64)]
+    /// With --ranks: the largest piece one rank reads and broadcasts, in MiB (1 to 1024).
+    #[arg(long, value_name = "N", default_value_t = 64,
+        value_parser = units::one_to::<u64>(units::PIECE_MIB_MAX))]
     pub piece_mib: u64,
     /// This process is rank R of a --ranks load (set by the parent).
     #[arg(long, hide = true, requires = "world")]
@@ -90,44 +95,9 @@ pub struct Args {
     pub result_file: Option<String>,
 }
 
-/// A `--shard` rule.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Rule {
-    /// Split along this dimension where it divides (`None`: replicate everything).
-    Split(Option<usize>),
-    /// The tensor-parallel rule by name.
-    TensorParallel,
-}
-
-/// `--shard`: the rule and the number of destinations.
-pub(crate) fn parse_shard(text: &str) -> Result<(Rule, usize), Box<dyn Error>> {
-    let bad = || format!("--shard '{text}': expected replicate:N, dimK:N or tp:N (N > 0)");
-    let (kind, n) = text.split_once(':').ok_or_else(bad)?;
-    let n: usize = n.parse().ok().filter(|&n| n > 0).ok_or_else(bad)?;
-    let rule = match kind {
-        "replicate" => Rule::Split(None),
-        "tp" => Rule::TensorParallel,
-        _ => match kind.strip_prefix("dim").and_then(|d| d.parse().ok()) {
-            Some(d) => Rule::Split(Some(d)),
-            None => return Err(bad().into()),
-        },
-    };
-    Ok((rule, n))
-}
-
-/// The tensor-parallel rule over `n` ranks with the caller's `--tp-rule` patterns first.
-fn tp_rule(
-    patterns: &[String],
-    n: usize,
-) -> Result<gantry::placement::TensorParallel, Box<dyn Error>> {
-    let mut tp = gantry::placement::tensor_parallel(n);
-    for p in patterns.iter().rev() {
-        let (pattern, split) = p.rsplit_once('=').ok_or_else(|| {
-            format!("--tp-rule '{p}': expected PATTERN=column|row|replicate|dimK")
-        })?;
-        tp = tp.with_rule(pattern, split.parse()?);
-    }
-    Ok(tp)
+/// `--tp-rule PATTERN=SPLIT`.
+fn tp_rule(text: &str) -> Result<(String, Split), gantry::Error> {
+    parse_tp_rule(text)
 }
 
 /// A placement rule: which destinations get what of a tensor.
@@ -135,24 +105,22 @@ pub(crate) type PlaceFn =
     dyn Fn(&gantry::TensorEntry) -> gantry::Result<Vec<(usize, gantry::placement::Share)>>;
 
 /// `--shard` (with `--tp-rule`) as a placement over its destinations, and their number.
-pub(crate) fn placement(args: &Args, shard: &str) -> Result<(Box<PlaceFn>, usize), Box<dyn Error>> {
-    let (rule, n) = parse_shard(shard)?;
-    if !args.tp_rule.is_empty() && rule != Rule::TensorParallel {
-        return Err("--tp-rule goes with --shard tp:N".into());
-    }
-    let tp = tp_rule(&args.tp_rule, n)?;
-    let place: Box<PlaceFn> = match rule {
-        Rule::Split(dim) => Box::new(move |t| gantry::placement::split(t, dim, n)),
-        Rule::TensorParallel => Box::new(move |t| tp.place(t)),
-    };
-    Ok((place, n))
+pub(crate) fn placement(
+    args: &Args,
+    shard: &ShardSpec,
+) -> Result<(Box<PlaceFn>, usize), Box<dyn Error>> {
+    let place = shard.placement(&args.tp_rule)?;
+    Ok((place, shard.parts))
 }
 
 /// Under `--shard tp:N`, a warning naming the matrices no pattern names: they go whole to
 /// every destination, usually because the rule does not know the model's names.
-pub(crate) fn warn_unmatched(args: &Args, shard: &str, checkpoint: &Checkpoint) {
-    let Ok((Rule::TensorParallel, n)) = parse_shard(shard) else { return };
-    let Ok(tp) = tp_rule(&args.tp_rule, n) else { return };
+pub(crate) fn warn_unmatched(args: &Args, shard: &ShardSpec, checkpoint: &Checkpoint) {
+    if shard.rule != ShardRule::TensorParallel {
+        return;
+    }
+    let tp = (args.tp_rule.iter().rev())
+        .fold(tensor_parallel(shard.parts), |tp, (p, s)| tp.with_rule(p, *s));
     let unmatched = tp.unmatched(&checkpoint.tensors);
     if unmatched.is_empty() {
         return;
@@ -190,7 +158,7 @@ type Gpus = Vec<std::sync::Arc<CudaDevice>>;
 /// those GPUs opened side by side.
 fn placed_setup(
     args: &Args,
-    shard: &str,
+    shard: &ShardSpec,
     n: usize,
 ) -> Result<(Loader, Vec<u32>, Gpus), Box<dyn Error>> {
     let gpus: Vec<u32> = args
@@ -221,7 +189,7 @@ fn placed_setup(
 
 /// `gantry load --shard`: a placed load into host memory (`--device cpu`) or across GPUs
 /// (`--device cuda:0,cuda:1,...`, one destination per GPU named), one line per destination.
-fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
+fn run_placed(args: &Args, shard: &ShardSpec) -> Result<(), Box<dyn Error>> {
     let (place, n) = placement(args, shard)?;
     let (loader, gpus, devices) = placed_setup(args, shard, n)?;
     let start = std::time::Instant::now();
@@ -254,7 +222,7 @@ fn run_placed(args: &Args, shard: &str) -> Result<(), Box<dyn Error>> {
     let delivered: u64 = per.iter().map(|p| p.2).sum();
     if args.json {
         let out = serde_json::json!({
-            "shard": shard,
+            "shard": shard.to_string(),
             "read_bytes": report.read_bytes,
             "delivered_bytes": delivered,
             "seconds": report.seconds,
@@ -504,6 +472,9 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             result_file: args.result_file.as_deref(),
         };
         return crate::ranks::run_rank(args, me);
+    }
+    if !args.tp_rule.is_empty() && args.shard.is_none_or(|s| s.rule != ShardRule::TensorParallel) {
+        return Err("--tp-rule goes with --shard tp:N".into());
     }
     if let Some(world) = args.ranks {
         return crate::ranks::run_parent(args, world);

@@ -1,7 +1,9 @@
 //! The `gantry` command.
 //!
 //! Every subcommand prints its result on stdout and, on failure, one `error: ...` line on
-//! stderr and a non-zero exit status; nothing is printed on stdout then.
+//! stderr and a non-zero exit status; nothing is printed on stdout then. A reader that stops
+//! reading (`gantry inspect ... | head`) ends the command quietly with status 0: what it read
+//! was printed, and nothing else went wrong.
 
 use std::process::ExitCode;
 
@@ -48,7 +50,15 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
         .init();
-    let cli = Cli::parse();
+    quiet_on_closed_stdout();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            eprintln!("{}", usage_error(&e.render().to_string()));
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Inspect(args) => inspect::run(&args),
@@ -59,9 +69,41 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(e.as_ref()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// clap's message for a command line it refuses, as one `error: ...` line: its first paragraph
+/// with the lines joined (the usage and the hint that follow are left out).
+fn usage_error(rendered: &str) -> String {
+    let first: Vec<&str> = rendered.lines().map(str::trim).take_while(|l| !l.is_empty()).collect();
+    first.join(" ")
+}
+
+/// Whether `e` is a write to a pipe whose reader has gone (EPIPE).
+fn is_broken_pipe(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+/// `println!` panics when stdout's reader has gone (SIGPIPE is ignored in Rust programs, so the
+/// write fails with EPIPE): that one panic ends the process quietly with status 0, as a reader
+/// that stops early expects; every other panic is reported as before.
+fn quiet_on_closed_stdout() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        report(info);
+    }));
 }

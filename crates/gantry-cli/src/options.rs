@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use gantry::{Config, PathChoice};
 
+use crate::units;
+
 /// Where tensors go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
@@ -69,26 +71,27 @@ pub struct LoadOptions {
     /// --chunk-mib / --queue-depth override it).
     #[arg(long, value_name = "auto|gp3|io2|nvme")]
     pub profile: Option<String>,
-    /// Reads in flight per volume (every volume under the checkpoint is read at once).
-    #[arg(long)]
+    /// Reads in flight per volume (every volume under the checkpoint is read at once), 1 to
+    /// 4096.
+    #[arg(long, value_parser = units::one_to::<usize>(gantry::config::QUEUE_DEPTH_MAX as u64))]
     pub queue_depth: Option<usize>,
-    /// Bytes per read and staging buffer, in MiB.
-    #[arg(long)]
+    /// Bytes per read and staging buffer, in MiB (1 to 1024).
+    #[arg(long, value_parser = units::one_to::<usize>(units::READ_MIB_MAX))]
     pub chunk_mib: Option<usize>,
-    /// Bytes per read of the buffered (page-cache) reader, in MiB.
-    #[arg(long)]
+    /// Bytes per read of the buffered (page-cache) reader, in MiB (1 to 1024).
+    #[arg(long, value_parser = units::one_to::<usize>(units::READ_MIB_MAX))]
     pub buffered_chunk_mib: Option<usize>,
-    /// Staging ring size, in MiB.
-    #[arg(long)]
+    /// Staging ring size, in MiB (1 to 65536).
+    #[arg(long, value_parser = units::one_to::<usize>(units::STAGING_MIB_MAX))]
     pub staging_mib: Option<usize>,
-    /// Threads of the buffered reader.
-    #[arg(long)]
+    /// Threads of the buffered reader (1 to 256).
+    #[arg(long, value_parser = units::one_to::<usize>(gantry::config::THREADS_MAX as u64))]
     pub threads: Option<usize>,
-    /// Object storage (s3://, gs://, az:// sources): bytes per ranged GET, in MiB.
-    #[arg(long)]
+    /// Object storage (s3://, gs://, az:// sources): bytes per ranged GET, in MiB (1 to 1024).
+    #[arg(long, value_parser = units::one_to::<usize>(units::READ_MIB_MAX))]
     pub object_part_mib: Option<usize>,
-    /// Object storage: ranged GETs in flight.
-    #[arg(long)]
+    /// Object storage: ranged GETs in flight (1 to 4096).
+    #[arg(long, value_parser = units::one_to::<usize>(gantry::config::QUEUE_DEPTH_MAX as u64))]
     pub object_concurrency: Option<usize>,
     /// Hash every file read (SHA-256, while it streams) and check it against the digest known
     /// for it (Hugging Face blob name, SHA256SUMS beside it, object metadata sha256); a
@@ -173,7 +176,7 @@ impl StoreOptions {
 }
 
 impl LoadOptions {
-    pub fn config(&self) -> Result<Config, gantry::Error> {
+    pub fn config(&self) -> Result<Config, Box<dyn std::error::Error>> {
         let mut c = Config::default();
         if let Some(p) = &self.path_choice {
             c = c.path(p.parse::<PathChoice>()?);
@@ -185,19 +188,19 @@ impl LoadOptions {
             c = c.queue_depth(n);
         }
         if let Some(n) = self.chunk_mib {
-            c = c.chunk_bytes(n << 20);
+            c = c.chunk_bytes(units::mib_usize("--chunk-mib", n)?);
         }
         if let Some(n) = self.buffered_chunk_mib {
-            c = c.buffered_chunk_bytes(n << 20);
+            c = c.buffered_chunk_bytes(units::mib_usize("--buffered-chunk-mib", n)?);
         }
         if let Some(n) = self.staging_mib {
-            c = c.staging_bytes(n << 20);
+            c = c.staging_bytes(units::mib_usize("--staging-mib", n)?);
         }
         if let Some(n) = self.threads {
             c = c.threads(n);
         }
         if let Some(n) = self.object_part_mib {
-            c = c.object_part_bytes(n << 20);
+            c = c.object_part_bytes(units::mib_usize("--object-part-mib", n)?);
         }
         if let Some(n) = self.object_concurrency {
             c = c.object_concurrency(n);
@@ -205,6 +208,9 @@ impl LoadOptions {
         let mut c = self.store.apply(c)?.verify_sha256(self.verify_sha256);
         c = c.require_sha256(self.require_sha256);
         if let Some(dir) = &self.cache_dir {
+            if dir.as_os_str().is_empty() {
+                return Err("--cache-dir is empty: name a directory (or leave it out)".into());
+            }
             c = c.cache_dir(dir).cache_shared(self.cache_shared);
         }
         c.validate()?;

@@ -37,14 +37,27 @@ pub const RANK_LOG_DIR_VARIABLE: &str = "GANTRY_RANK_LOG_DIR";
 /// Extra time the parent gives the other ranks to notice a failed rank, past their timeout.
 const GRACE: Duration = Duration::from_secs(10);
 
+/// The most processes `--ranks` starts: one per GPU (GPU ranks are also bounded by the GPUs
+/// present), or host-memory ranks that each load the whole checkpoint.
+pub const RANKS_MAX: usize = 64;
+
+/// The longest `--rank-timeout-s`: a day.
+pub const RANK_TIMEOUT_S_MAX: u64 = 86_400;
+
 /// Bytes this process has fetched from storage so far (`read_bytes` of `/proc/self/io`).
 fn storage_read_bytes() -> Option<u64> {
     let io = std::fs::read_to_string("/proc/self/io").ok()?;
     io.lines().find_map(|l| l.strip_prefix("read_bytes:")).and_then(|v| v.trim().parse().ok())
 }
 
-/// Each rank's device: one GPU per rank from `--device`, or host memory for all.
+/// Each rank's device: one GPU per rank from `--device`, or host memory for all; at most
+/// [`RANKS_MAX`] ranks, checked before anything starts.
 fn rank_devices(args: &Args, ranks: usize) -> Result<Vec<Device>, Box<dyn Error>> {
+    if ranks > RANKS_MAX {
+        return Err(
+            format!("--ranks {ranks}: at most {RANKS_MAX} ranks (one process per GPU)").into()
+        );
+    }
     let list = &args.options.device.0;
     match list.as_slice() {
         [Device::Cpu] => Ok(vec![Device::Cpu; ranks]),
@@ -55,6 +68,27 @@ fn rank_devices(args: &Args, ranks: usize) -> Result<Vec<Device>, Box<dyn Error>
         )
         .into()),
     }
+}
+
+/// An error unless every GPU of `devices` is present on this machine (checked before any rank
+/// starts).
+fn gpus_present(devices: &[Device]) -> Result<(), Box<dyn Error>> {
+    if devices.contains(&Device::Cpu) {
+        return Ok(());
+    }
+    let ranks = devices.len();
+    let present = CudaDevice::count()
+        .map_err(|e| format!("--ranks {ranks} on GPUs: cannot count the GPUs: {e}"))?;
+    if let Some(missing) =
+        devices.iter().find(|d| matches!(d, Device::Cuda(n) if *n as usize >= present))
+    {
+        return Err(format!(
+            "--ranks {ranks}: --device names {}, but this machine has {present} GPU(s)",
+            device_name(*missing)
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// The parent's arguments for a rank: the command line without `--ranks`, `--device`,
@@ -96,13 +130,15 @@ fn rank_arguments(
 /// (NCCL's bootstrap root then lives in rank 0, as under torchrun, not in this parent), or
 /// why each reads on its own.
 fn link(devices: &[Device]) -> Result<String, String> {
-    gantry::coop::load_nccl().map_err(|e| format!("NCCL is not available: {e}"))?;
+    if devices.contains(&Device::Cpu) {
+        return Err(
+            "host memory: cooperative loads need GPUs (the ranks exchange GPU memory)".into()
+        );
+    }
     if devices.len() == 1 {
         return Err("world size 1: nothing to share".into());
     }
-    if devices.contains(&Device::Cpu) {
-        return Err("host memory: NCCL exchanges GPU memory only".into());
-    }
+    gantry::coop::load_nccl().map_err(|e| format!("NCCL is not available: {e}"))?;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
@@ -154,17 +190,59 @@ fn spawn(args: Vec<String>) -> Result<Rank, Box<dyn Error>> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()?;
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().expect("piped")));
-    let stderr = drain(Box::new(child.stderr.take().expect("piped")));
-    Ok(Rank { child, stdout, stderr, status: None })
+        .spawn()
+        .map_err(|e| format!("starting a rank process: {e}"))?;
+    let drained = drain(child.stdout.take()).and_then(|out| Ok((out, drain(child.stderr.take())?)));
+    match drained {
+        Ok((stdout, stderr)) => Ok(Rank { child, stdout, stderr, status: None }),
+        Err(e) => {
+            end(&mut [&mut child]);
+            Err(e)
+        }
+    }
+}
+
+/// A thread that reads `pipe` to its end.
+fn drain(
+    pipe: Option<impl Read + Send + 'static>,
+) -> Result<std::thread::JoinHandle<String>, Box<dyn Error>> {
+    let mut pipe = pipe.ok_or("a rank's output is not piped")?;
+    let thread = std::thread::Builder::new().name("gantry-rank-output".into()).spawn(move || {
+        let mut s = String::new();
+        let _ = pipe.read_to_string(&mut s);
+        s
+    });
+    Ok(thread.map_err(|e| format!("starting a thread to read a rank's output: {e}"))?)
+}
+
+/// Kills and reaps `children` (those that already ended are only reaped).
+fn end(children: &mut [&mut Child]) {
+    for child in children.iter_mut() {
+        let _ = child.kill();
+    }
+    for child in children.iter_mut() {
+        let _ = child.wait();
+    }
+}
+
+/// Starts one process per rank; when one cannot be started, ends (kills and reaps) those
+/// already started and says which rank failed.
+fn spawn_all(arguments: Vec<Vec<String>>) -> Result<Vec<Rank>, Box<dyn Error>> {
+    let world = arguments.len();
+    let mut ranks: Vec<Rank> = Vec::with_capacity(world);
+    for (r, args) in arguments.into_iter().enumerate() {
+        match spawn(args) {
+            Ok(rank) => ranks.push(rank),
+            Err(e) => {
+                end(&mut ranks.iter_mut().map(|r| &mut r.child).collect::<Vec<_>>());
+                return Err(format!(
+                    "rank {r} of {world} could not be started ({e}); the {r} started were stopped"
+                )
+                .into());
+            }
+        }
+    }
+    Ok(ranks)
 }
 
 /// Waits for every rank; once one has failed, the others get their timeout plus a grace
@@ -194,9 +272,6 @@ pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
     if world == 0 {
         return Err("--ranks must be at least 1".into());
     }
-    if args.piece_mib == 0 || args.window_mib == 0 {
-        return Err("--piece-mib and --window-mib must be at least 1".into());
-    }
     let devices = rank_devices(args, world)?;
     if let Some(shard) = &args.shard {
         let (_, n) = crate::load::placement(args, shard)?;
@@ -209,6 +284,7 @@ pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
             return Err("--ranks with --shard keeps shares on GPUs: name one GPU per rank".into());
         }
     }
+    gpus_present(&devices)?;
     let checkpoint = gantry::open_with(&args.options.path, &args.options.config()?)?;
     if let Some(shard) = &args.shard {
         crate::load::warn_unmatched(args, shard, &checkpoint);
@@ -217,10 +293,10 @@ pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
     let start = Instant::now();
     let results = tempfile::tempdir()?;
     let result_of = |r: usize| results.path().join(format!("rank-{r}.json"));
-    let mut ranks = Vec::with_capacity(world);
-    for (r, &device) in devices.iter().enumerate() {
-        ranks.push(spawn(rank_arguments(device, r, world, &link, &result_of(r)))?);
-    }
+    let arguments = (devices.iter().enumerate())
+        .map(|(r, &device)| rank_arguments(device, r, world, &link, &result_of(r)))
+        .collect();
+    let mut ranks = spawn_all(arguments)?;
     wait_all(&mut ranks, Duration::from_secs(args.rank_timeout_s));
     if let Ok(path) = &link {
         let _ = std::fs::remove_file(path);
@@ -238,7 +314,7 @@ pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
                 eprintln!("warning: writing {}: {e}", path.display());
             }
         }
-        let status = rank.status.expect("waited");
+        let Some(status) = rank.status else { continue };
         if status.success() {
             let path = result_of(r);
             let text = std::fs::read_to_string(&path)
@@ -411,12 +487,12 @@ fn load_rank_device(
     let coop = match &comm {
         Some(c) => Cooperation::nccl(c)
             .timeout(timeout)
-            .piece_bytes(args.piece_mib << 20)
-            .window_bytes(args.window_mib << 20),
+            .piece_bytes(crate::units::mib_bytes("--piece-mib", args.piece_mib)?)
+            .window_bytes(crate::units::mib_bytes("--window-mib", args.window_mib)?),
         None => Cooperation::alone(me.rank, me.world, me.alone.unwrap_or("no NCCL unique id")),
     };
     let hook = abort_hook(me.rank);
-    let progress = Watchdog::start(me.rank, timeout);
+    let progress = Watchdog::start(me.rank, timeout)?;
     let beat = || {
         progress.beat();
         hook()
@@ -460,7 +536,7 @@ fn shares_on_device(
     checkpoint: gantry::Checkpoint,
     gpu: &std::sync::Arc<CudaDevice>,
     coop: Cooperation<'_>,
-    shard: &str,
+    shard: &gantry::placement::ShardSpec,
     mut beat: impl FnMut(),
 ) -> Result<RankLoad, Box<dyn Error>> {
     let (place, _) = crate::load::placement(args, shard)?;
@@ -490,13 +566,13 @@ struct Watchdog {
 }
 
 impl Watchdog {
-    fn start(rank: usize, timeout: Duration) -> Watchdog {
+    fn start(rank: usize, timeout: Duration) -> Result<Watchdog, Box<dyn Error>> {
         use std::sync::atomic::Ordering::Relaxed;
         let last_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let start = Instant::now();
         let (last, stop) = (std::sync::Arc::clone(&last_ms), std::sync::Arc::clone(&done));
-        std::thread::spawn(move || {
+        let watch = std::thread::Builder::new().name("gantry-rank-watchdog".into()).spawn(move || {
             while !stop.load(Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
                 let idle =
@@ -510,7 +586,8 @@ impl Watchdog {
                 }
             }
         });
-        Watchdog { last_ms, done, start }
+        watch.map_err(|e| format!("rank {rank}: starting its watchdog thread: {e}"))?;
+        Ok(Watchdog { last_ms, done, start })
     }
 
     fn beat(&self) {
@@ -545,7 +622,7 @@ pub fn run_rank(args: &Args, me: RankArgs<'_>) -> Result<(), Box<dyn Error>> {
         "bytes": report.tensor_bytes, "read_bytes": report.read_bytes,
         "storage_read_bytes": storage, "owned_bytes": coop.owned_bytes,
         "received_bytes": coop.received_bytes, "pieces": coop.pieces, "rounds": coop.rounds, "windows": coop.windows,
-        "shard": args.shard,
+        "shard": args.shard.map(|s| s.to_string()),
         "seconds": report.seconds, "gb_per_s": report.gb_per_s(),
         "total_seconds": total_seconds, "exchange_tail_seconds": coop.exchange_tail_seconds,
         "read_seconds": coop.read_seconds, "share_copy_seconds": coop.share_copy_seconds,

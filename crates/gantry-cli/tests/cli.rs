@@ -192,7 +192,7 @@ fn load_bad_input_is_one_error_line() {
     write_checkpoint(&good);
     for (args, needle) in [
         (vec!["load", missing.to_str().unwrap()], "missing.safetensors"),
-        (vec!["load", good.to_str().unwrap(), "--chunk-mib", "0"], "chunk_bytes"),
+        (vec!["load", good.to_str().unwrap(), "--chunk-mib", "0"], "--chunk-mib"),
         (vec!["load", good.to_str().unwrap(), "--checksum", "md5"], "unknown checksum"),
         (vec!["bench", missing.to_str().unwrap(), "--json"], "missing.safetensors"),
     ] {

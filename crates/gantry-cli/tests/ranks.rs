@@ -57,8 +57,8 @@ fn ranks_argument_errors() {
         (&["--ranks", "3", "--device", "cuda:0,cuda:1"], "it needs 3"),
         (&["--ranks", "2", "--device", "cuda:0,cuda:1", "--shard", "tp:3"], "--ranks is 2"),
         (&["--ranks", "2", "--device", "cpu", "--shard", "tp:2"], "name one GPU per rank"),
-        (&["--ranks", "2", "--window-mib", "0"], "--window-mib must be at least 1"),
-        (&["--ranks", "2", "--piece-mib", "0"], "--piece-mib and --window-mib must be at least 1"),
+        (&["--ranks", "2", "--window-mib", "0"], "--window-mib <N>': 0 is not in 1..="),
+        (&["--ranks", "2", "--piece-mib", "0"], "--piece-mib <N>': 0 is not in 1..="),
         (&["--ranks", "x"], "invalid value 'x'"),
         (&["--rank", "0"], "--world"),
     ];
@@ -71,7 +71,7 @@ fn ranks_argument_errors() {
 }
 
 #[test]
-fn without_nccl_each_rank_reads_on_its_own_and_says_why() {
+fn host_ranks_each_read_on_their_own_and_say_why() {
     let dir = tempfile::tempdir().unwrap();
     let (path, total) = checkpoint(dir.path());
     let missing = dir.path().join("no-such-libnccl.so.2");
@@ -83,8 +83,9 @@ fn without_nccl_each_rank_reads_on_its_own_and_says_why() {
     let v = json_of(&out);
     assert_eq!(v["ranks"], 3);
     assert_eq!(v["cooperative"], false);
+    // Host memory is the reason, whether NCCL is there or not.
     let reason = v["reason"].as_str().unwrap();
-    assert!(reason.contains("NCCL is not available") && reason.contains(missing), "{reason}");
+    assert!(reason.contains("cooperative loads need GPUs"), "{reason}");
     assert_eq!(v["checkpoint_bytes"], total);
     let ranks = v["per_rank"].as_array().unwrap();
     for (r, rank) in ranks.iter().enumerate() {

@@ -29,6 +29,28 @@ create_exception!(
 );
 create_exception!(_gantry, ConfigError, GantryError, "An option or destination is invalid.");
 create_exception!(_gantry, CancelledError, GantryError, "The load was cancelled.");
+create_exception!(
+    _gantry,
+    InternalError,
+    GantryError,
+    "A bug in gantry (a Rust panic), caught at the boundary: the message says where."
+);
+
+/// Runs the body of a function Python calls, turning a panic into [`InternalError`] with its
+/// message: no `PanicException` (which `except Exception` does not catch) ever reaches Python.
+pub(crate) fn guarded<T>(body: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_owned());
+            Err(InternalError::new_err(format!("internal error in gantry: {message}")))
+        }
+    }
+}
 
 /// The Python exception for a gantry error, carrying its message (and `errno` where known).
 pub(crate) fn to_py(e: gantry::Error) -> PyErr {
@@ -62,22 +84,28 @@ fn inspect(
     source: std::path::PathBuf,
     config: Option<&Bound<'_, pyo3::types::PyDict>>,
 ) -> PyResult<Vec<TensorRow>> {
-    let config = stream::parse_config(config)?;
-    let checkpoint = py.detach(|| gantry::open_with(&source, &config)).map_err(to_py)?;
-    Ok(checkpoint
+    guarded(|| {
+        let config = stream::parse_config(config)?;
+        let checkpoint = py.detach(|| gantry::open_with(&source, &config)).map_err(to_py)?;
+        Ok(table(&checkpoint))
+    })
+}
+
+fn table(checkpoint: &gantry::Checkpoint) -> Vec<TensorRow> {
+    checkpoint
         .tensors
         .iter()
         .map(|t| {
             let file = checkpoint.files[t.file.0].path.display().to_string();
             (t.name.clone(), t.dtype.to_string(), t.shape.clone(), file, t.offset, t.len)
         })
-        .collect())
+        .collect()
 }
 
 /// Free and total bytes of GPU `ordinal`'s memory.
 #[pyfunction]
 fn device_memory(py: Python<'_>, ordinal: u32) -> PyResult<(usize, usize)> {
-    py.detach(|| stream::open_device(ordinal)?.memory()).map_err(to_py)
+    guarded(|| py.detach(|| stream::open_device(ordinal)?.memory()).map_err(to_py))
 }
 
 /// Buffers gantry holds for Python now (each load holds one per file until its last tensor
@@ -98,11 +126,13 @@ fn _gantry(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("UnavailableError", py.get_type::<UnavailableError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;
     m.add("CancelledError", py.get_type::<CancelledError>())?;
+    m.add("InternalError", py.get_type::<InternalError>())?;
     m.add_class::<stream::Tensor>()?;
     m.add_class::<stream::Stream>()?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(placed::load_placed, m)?)?;
     m.add_function(wrap_pyfunction!(placed::load_cooperative_placed, m)?)?;
+    m.add_function(wrap_pyfunction!(placed::shard_destinations, m)?)?;
     m.add_function(wrap_pyfunction!(device_memory, m)?)?;
     m.add_function(wrap_pyfunction!(live_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(stream::nccl_unique_id, m)?)?;

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use gantry::placement::{self, Share, TensorParallel};
+use gantry::placement::{self, Placement, ShardSpec, Share, Split};
 use gantry::{Loader, TensorEntry};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -16,37 +16,28 @@ use crate::memory::Memory;
 use crate::stream::{open_device, parse_config, parse_device, Tensor};
 use crate::to_py;
 
-/// A `shard` rule: `replicate:N`, `dimK:N` or `tp:N`.
-enum Rule {
-    Split(Option<usize>),
-    Tp(TensorParallel),
+/// A `shard` rule (`replicate:N`, `dimK:N` or `tp:N`, see [`ShardSpec`]) with the caller's
+/// tensor-parallel patterns, as a placement, and its number of destinations.
+fn parse_rule(shard: &str, tp_rules: &[(String, String)]) -> PyResult<(Placement, usize)> {
+    let spec = parse_shard(shard)?;
+    let rules = tp_rules
+        .iter()
+        .map(|(pattern, split)| Ok((pattern.clone(), split.parse::<Split>()?)))
+        .collect::<gantry::Result<Vec<_>>>()
+        .map_err(to_py)?;
+    Ok((spec.placement(&rules).map_err(to_py)?, spec.parts))
 }
 
-fn parse_rule(shard: &str, tp_rules: &[(String, String)]) -> PyResult<(Rule, usize)> {
-    let bad = || {
-        PyValueError::new_err(format!(
-            "shard '{shard}': expected replicate:N, dimK:N or tp:N (N > 0)"
-        ))
-    };
-    let (kind, n) = shard.split_once(':').ok_or_else(bad)?;
-    let n: usize = n.parse().ok().filter(|&n| n > 0).ok_or_else(bad)?;
-    if !tp_rules.is_empty() && kind != "tp" {
-        return Err(PyValueError::new_err("tp_rules go with shard='tp:N'"));
-    }
-    let rule = match kind {
-        "replicate" => Rule::Split(None),
-        "tp" => {
-            let mut tp = placement::tensor_parallel(n);
-            for (pattern, split) in tp_rules.iter().rev() {
-                tp = tp.with_rule(pattern, split.parse().map_err(to_py)?);
-            }
-            Rule::Tp(tp)
-        }
-        _ => Rule::Split(Some(
-            kind.strip_prefix("dim").and_then(|d| d.parse().ok()).ok_or_else(bad)?,
-        )),
-    };
-    Ok((rule, n))
+/// `shard` parsed; a `ValueError` for text that is not a rule (or a count past the bound).
+fn parse_shard(shard: &str) -> PyResult<ShardSpec> {
+    shard.parse().map_err(|e: gantry::Error| PyValueError::new_err(e.to_string()))
+}
+
+/// The number of destinations of a `shard` rule (a `ValueError` for a rule that is not one),
+/// so that the Python layer never builds a list from an unchecked count.
+#[pyfunction]
+pub fn shard_destinations(shard: &str) -> PyResult<usize> {
+    crate::guarded(|| Ok(parse_shard(shard)?.parts))
 }
 
 /// One destination's shares: `(name, Tensor)` in checkpoint order.
@@ -64,11 +55,22 @@ pub fn load_placed(
     config: Option<&Bound<'_, PyDict>>,
     tp_rules: Option<Vec<(String, String)>>,
 ) -> PyResult<Vec<Shares>> {
+    crate::guarded(|| placed(py, &source, &devices, shard, config, tp_rules))
+}
+
+fn placed(
+    py: Python<'_>,
+    source: &std::path::Path,
+    devices: &[String],
+    shard: &str,
+    config: Option<&Bound<'_, PyDict>>,
+    tp_rules: Option<Vec<(String, String)>>,
+) -> PyResult<Vec<Shares>> {
     let (rule, n) = parse_rule(shard, &tp_rules.unwrap_or_default())?;
     let ordinals = devices.iter().map(|d| parse_device(d)).collect::<PyResult<Vec<_>>>()?;
     if ordinals.len() != n {
         return Err(PyValueError::new_err(format!(
-            "shard '{shard}' places across {n} destinations but devices names {}",
+            "shard {shard:?} places across {n} destinations but devices names {}",
             ordinals.len()
         )));
     }
@@ -77,15 +79,10 @@ pub fn load_placed(
         return Err(PyValueError::new_err("devices are either all 'cpu' or all GPUs"));
     }
     let config = parse_config(config)?;
-    let place = move |t: &TensorEntry| -> gantry::Result<Vec<(usize, Share)>> {
-        match &rule {
-            Rule::Split(dim) => placement::split(t, *dim, n),
-            Rule::Tp(tp) => tp.place(t),
-        }
-    };
+    let place = move |t: &TensorEntry| -> gantry::Result<Vec<(usize, Share)>> { rule(t) };
     py.detach(|| -> gantry::Result<Vec<Shares>> {
         let loader = Loader::new(config)?;
-        let checkpoint = gantry::open_with(&source, loader.config())?;
+        let checkpoint = gantry::open_with(source, loader.config())?;
         match gpus {
             Some(gpus) => {
                 let devices =
@@ -134,29 +131,44 @@ pub fn load_cooperative_placed(
     tp_rules: Option<Vec<(String, String)>>,
     window_mib: Option<u64>,
 ) -> PyResult<(Shares, bool, String)> {
-    if window_mib == Some(0) {
-        return Err(PyValueError::new_err("window_mib must be at least 1"));
-    }
-    let (rule, n) = parse_rule(shard, &tp_rules.unwrap_or_default())?;
-    if n != world {
-        return Err(PyValueError::new_err(format!(
-            "shard '{shard}' places across {n} ranks but world is {world}"
-        )));
-    }
+    crate::guarded(|| {
+        let window_bytes = window_mib.map(crate::stream::window_bytes).transpose()?;
+        let (rule, n) = parse_rule(shard, &tp_rules.unwrap_or_default())?;
+        if n != world {
+            return Err(PyValueError::new_err(format!(
+                "shard {shard:?} places across {n} ranks but world is {world}"
+            )));
+        }
+        if rank >= world {
+            return Err(crate::ConfigError::new_err(format!(
+                "rank {rank} of world {world}: a rank is 0 to world - 1"
+            )));
+        }
+        let coop = (rank, world, unique_id, alone);
+        cooperative_placed(py, &source, device, coop, (rule, window_bytes), config)
+    })
+}
+
+/// A rank, its world, the NCCL unique id (hex) or why it reads alone.
+type RankOf = (usize, usize, Option<String>, Option<String>);
+
+fn cooperative_placed(
+    py: Python<'_>,
+    source: &std::path::Path,
+    device: &str,
+    (rank, world, unique_id, alone): RankOf,
+    (rule, window_bytes): (Placement, Option<u64>),
+    config: Option<&Bound<'_, PyDict>>,
+) -> PyResult<(Shares, bool, String)> {
     let Some(ordinal) = parse_device(device)? else {
         return Err(PyValueError::new_err("a cooperative load of shares needs a GPU device"));
     };
     let config = parse_config(config)?;
-    let place = move |t: &TensorEntry| -> gantry::Result<Vec<(usize, Share)>> {
-        match &rule {
-            Rule::Split(dim) => placement::split(t, *dim, n),
-            Rule::Tp(tp) => tp.place(t),
-        }
-    };
+    let place = move |t: &TensorEntry| -> gantry::Result<Vec<(usize, Share)>> { rule(t) };
     py.detach(|| -> gantry::Result<(Shares, bool, String)> {
         use gantry::coop::{Communicator, Cooperation, UniqueId};
         let loader = Loader::new(config)?;
-        let checkpoint = gantry::open_with(&source, loader.config())?;
+        let checkpoint = gantry::open_with(source, loader.config())?;
         let gpu = open_device(ordinal)?;
         let comm = match &unique_id {
             Some(hex) => {
@@ -172,8 +184,8 @@ pub fn load_cooperative_placed(
             Some(c) => Cooperation::nccl(c),
             None => Cooperation::alone(rank, world, alone.unwrap_or_else(|| "no unique id".into())),
         };
-        let coop = match window_mib {
-            Some(mib) => coop.window_bytes(mib << 20),
+        let coop = match window_bytes {
+            Some(bytes) => coop.window_bytes(bytes),
             None => coop,
         };
         let done = loader.load_cooperative_placed(checkpoint, &gpu, coop, place, |_| {})?;

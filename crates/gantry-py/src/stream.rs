@@ -55,17 +55,17 @@ pub(crate) fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Conf
         c = match key.as_str() {
             "path" => c.path(value.extract::<String>()?.parse::<PathChoice>().map_err(to_py)?),
             "profile" => c.profile(value.extract::<String>()?.parse().map_err(to_py)?),
-            "queue_depth" => c.queue_depth(value.extract()?),
-            "chunk_bytes" => c.chunk_bytes(value.extract()?),
-            "buffered_chunk_bytes" => c.buffered_chunk_bytes(value.extract()?),
-            "staging_bytes" => c.staging_bytes(value.extract()?),
-            "threads" => c.threads(value.extract()?),
+            "queue_depth" => c.queue_depth(count(&key, &value)?),
+            "chunk_bytes" => c.chunk_bytes(count(&key, &value)?),
+            "buffered_chunk_bytes" => c.buffered_chunk_bytes(count(&key, &value)?),
+            "staging_bytes" => c.staging_bytes(count(&key, &value)?),
+            "threads" => c.threads(count(&key, &value)?),
             "hot_fraction" => c.hot_fraction(value.extract()?),
             "verify_sha256" => c.verify_sha256(value.extract()?),
             "require_sha256" => c.require_sha256(value.extract()?),
-            "cache_dir" => c.cache_dir(value.extract::<std::path::PathBuf>()?),
-            "object_part_bytes" => c.object_part_bytes(value.extract()?),
-            "object_concurrency" => c.object_concurrency(value.extract()?),
+            "cache_dir" => c.cache_dir(cache_dir(&value)?),
+            "object_part_bytes" => c.object_part_bytes(count(&key, &value)?),
+            "object_concurrency" => c.object_concurrency(count(&key, &value)?),
             "s3_endpoint" => endpoint(c, "s3_endpoint", Provider::S3, value.extract()?)?,
             "s3_region" => c.object_option("aws_region", value.extract::<String>()?),
             "gcs_endpoint" => endpoint(c, "gcs_endpoint", Provider::Gcs, value.extract()?)?,
@@ -75,7 +75,7 @@ pub(crate) fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Conf
                 let options: std::collections::BTreeMap<String, String> = value.extract()?;
                 options.into_iter().fold(c, |c, (k, v)| c.object_option(k, v))
             }
-            "_read_delay_ms" => c.fault_injector(Arc::new(Delay(value.extract()?))),
+            "_read_delay_ms" => c.fault_injector(Arc::new(Delay(count(&key, &value)? as u64))),
             _ => {
                 return Err(PyTypeError::new_err(format!(
                     "unknown config keyword '{key}' (one of: {KEYWORDS}, skip)"
@@ -86,6 +86,45 @@ pub(crate) fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Conf
     c.validate().map_err(to_py)?;
     Ok(c)
 }
+
+/// A count or size keyword's value: an int from 0 to `usize::MAX` (`TypeError` for what is not
+/// an int, `ValueError` naming the keyword for one out of range, never an `OverflowError`).
+fn count(key: &str, value: &Bound<'_, PyAny>) -> PyResult<usize> {
+    if !value.is_instance_of::<pyo3::types::PyInt>() {
+        return Err(PyTypeError::new_err(format!(
+            "{key} takes an int, not {}",
+            value.get_type().name().map_or_else(|_| "?".to_owned(), |n| n.to_string())
+        )));
+    }
+    value.extract::<usize>().map_err(|_| {
+        PyValueError::new_err(format!("{key}={value}: must be from 0 to {}", usize::MAX))
+    })
+}
+
+/// `cache_dir`: a path that is not empty (an empty one would put the cache in the current
+/// directory).
+fn cache_dir(value: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
+    let dir: PathBuf = value.extract()?;
+    if dir.as_os_str().is_empty() {
+        return Err(crate::ConfigError::new_err(
+            "cache_dir is empty: name a directory (or leave the keyword out for no cache)",
+        ));
+    }
+    Ok(dir)
+}
+
+/// `window_mib` in bytes: 1 to [`WINDOW_MIB_MAX`] MiB.
+pub(crate) fn window_bytes(mib: u64) -> PyResult<u64> {
+    if !(1..=WINDOW_MIB_MAX).contains(&mib) {
+        return Err(crate::ConfigError::new_err(format!(
+            "window_mib={mib}: must be from 1 to {WINDOW_MIB_MAX} (1 TiB)"
+        )));
+    }
+    Ok(mib << 20)
+}
+
+/// The largest `window_mib`: 1 TiB of scratch per GPU is more than any GPU has.
+pub(crate) const WINDOW_MIB_MAX: u64 = 1 << 20;
 
 /// The config keyword of a test hook: the load thread panics once it has handed out this
 /// many tensors (tests of what a panic in the load leaves behind).
@@ -218,19 +257,22 @@ impl Tensor {
 
     /// A copy of the bytes in host memory.
     fn tobytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
-        let bytes = match &*self.memory {
-            Memory::Host { .. } => {
-                // SAFETY: `data..data + nbytes` lies inside the host buffer `memory` keeps
-                // alive, and the tensor has landed (it is only handed out after that).
-                unsafe { std::slice::from_raw_parts(self.data as *const u8, self.nbytes) }.to_vec()
-            }
-            Memory::Device(d) => {
-                let device = Arc::clone(d.device());
-                let (data, nbytes) = (self.data, self.nbytes);
-                py.detach(|| device.copy_to_host(data, nbytes)).map_err(to_py)?
-            }
-        };
-        Ok(pyo3::types::PyBytes::new(py, &bytes))
+        crate::guarded(|| {
+            let bytes = match &*self.memory {
+                Memory::Host { .. } => {
+                    // SAFETY: `data..data + nbytes` lies inside the host buffer `memory` keeps
+                    // alive, and the tensor has landed (it is only handed out after that).
+                    unsafe { std::slice::from_raw_parts(self.data as *const u8, self.nbytes) }
+                        .to_vec()
+                }
+                Memory::Device(d) => {
+                    let device = Arc::clone(d.device());
+                    let (data, nbytes) = (self.data, self.nbytes);
+                    py.detach(|| device.copy_to_host(data, nbytes)).map_err(to_py)?
+                }
+            };
+            Ok(pyo3::types::PyBytes::new(py, &bytes))
+        })
     }
 
     /// `(device type, device id)` as DLPack numbers them.
@@ -249,29 +291,31 @@ impl Tensor {
         dl_device: Option<(i32, i32)>,
         copy: Option<bool>,
     ) -> PyResult<Py<PyAny>> {
-        let _ = (stream, max_version);
-        if copy == Some(true) {
-            return Err(PyBufferError::new_err("gantry exports its tensors without copying"));
-        }
-        if dl_device.is_some_and(|d| d != self.device) {
-            return Err(PyBufferError::new_err(format!(
-                "the tensor is on {}; gantry does not move it",
-                self.device()
-            )));
-        }
-        let (dtype, shape) = if self.raw {
-            ((1, 8), vec![self.nbytes as u64])
-        } else {
-            let dtype = dlpack::dl_dtype(self.dtype).ok_or_else(|| {
-                PyBufferError::new_err(format!(
-                    "{}: DLPack has no whole-element type for {}; use .raw()",
-                    self.name, self.dtype
-                ))
-            })?;
-            (dtype, self.shape.clone())
-        };
-        let export = Export { data: self.data, device: self.device, dtype, shape: &shape };
-        dlpack::capsule(py, export, &self.memory)
+        crate::guarded(|| {
+            let _ = (stream, max_version);
+            if copy == Some(true) {
+                return Err(PyBufferError::new_err("gantry exports its tensors without copying"));
+            }
+            if dl_device.is_some_and(|d| d != self.device) {
+                return Err(PyBufferError::new_err(format!(
+                    "the tensor is on {}; gantry does not move it",
+                    self.device()
+                )));
+            }
+            let (dtype, shape) = if self.raw {
+                ((1, 8), vec![self.nbytes as u64])
+            } else {
+                let dtype = dlpack::dl_dtype(self.dtype).ok_or_else(|| {
+                    PyBufferError::new_err(format!(
+                        "{}: DLPack has no whole-element type for {}; use .raw()",
+                        self.name, self.dtype
+                    ))
+                })?;
+                (dtype, self.shape.clone())
+            };
+            let export = Export { data: self.data, device: self.device, dtype, shape: &shape };
+            dlpack::capsule(py, export, &self.memory)
+        })
     }
 
     fn __repr__(&self) -> String {
@@ -296,6 +340,21 @@ enum Event {
 /// A cooperative load's rank, world size, and the NCCL unique id in hex, or why the ranks
 /// read on their own.
 pub type CoopArgs = (usize, usize, Result<String, String>);
+
+/// The `coop` argument checked: `0 <= rank < world <= DESTINATIONS_MAX` (every rank is a
+/// destination of the load's placement, so `world` sizes what is allocated).
+fn coop_args(
+    (rank, world, id, reason): (usize, usize, Option<String>, Option<String>),
+) -> PyResult<CoopArgs> {
+    let max = gantry::placement::DESTINATIONS_MAX;
+    if world == 0 || world > max || rank >= world {
+        return Err(crate::ConfigError::new_err(format!(
+            "rank {rank} of world {world}: a cooperative load needs 0 <= rank < world <= {max}"
+        )));
+    }
+    let link = id.ok_or_else(|| reason.unwrap_or_else(|| "no NCCL unique id".into()));
+    Ok((rank, world, link))
+}
 
 #[derive(Debug)]
 struct State {
@@ -341,18 +400,17 @@ impl Stream {
         skip: Option<Vec<String>>,
         coop: Option<(usize, usize, Option<String>, Option<String>)>,
     ) -> PyResult<Self> {
-        let coop: Option<CoopArgs> = coop.map(|(rank, world, id, reason)| {
-            let link = id.ok_or_else(|| reason.unwrap_or_else(|| "no NCCL unique id".into()));
-            (rank, world, link)
-        });
-        let ordinal = parse_device(device)?;
-        let cancel = Arc::new(AtomicBool::new(false));
-        let (config, panic_after) = take_panic_hook(config)?;
-        let config = parse_config(config.as_ref())?.cancel_flag(Arc::clone(&cancel));
-        let skip: std::collections::HashSet<String> =
-            skip.unwrap_or_default().into_iter().collect();
-        py.detach(|| start(&source, ordinal, config, skip, cancel, panic_after, coop))
-            .map_err(to_py)
+        crate::guarded(|| {
+            let coop = coop.map(coop_args).transpose()?;
+            let ordinal = parse_device(device)?;
+            let cancel = Arc::new(AtomicBool::new(false));
+            let (config, panic_after) = take_panic_hook(config)?;
+            let config = parse_config(config.as_ref())?.cancel_flag(Arc::clone(&cancel));
+            let skip: std::collections::HashSet<String> =
+                skip.unwrap_or_default().into_iter().collect();
+            py.detach(|| start(&source, ordinal, config, skip, cancel, panic_after, coop))
+                .map_err(to_py)
+        })
     }
 
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -360,6 +418,35 @@ impl Stream {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<(String, Tensor)>> {
+        crate::guarded(|| self.next_tensor(py))
+    }
+
+    /// Stops the load; the tensors already handed out stay valid.
+    fn cancel(&self, py: Python<'_>) -> PyResult<()> {
+        crate::guarded(|| {
+            self.cancel.store(true, Ordering::Relaxed);
+            if let Some(mut state) = self.state.try_lock() {
+                finish(py, &mut state);
+            }
+            Ok(())
+        })
+    }
+
+    /// Figures of the finished load: a dict of `tensor_bytes`, `read_bytes`, `seconds`,
+    /// `gb_per_s`, `staging_bytes`, per file its reader and why (`files`) and its SHA-256 check
+    /// (`sha256`, see [`sha256_report`]); `None` before the end.
+    fn report<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        crate::guarded(|| self.report_dict(py))
+    }
+
+    /// Tensors the load will deliver.
+    fn __len__(&self) -> usize {
+        self.count
+    }
+}
+
+impl Stream {
+    fn next_tensor(&self, py: Python<'_>) -> PyResult<Option<(String, Tensor)>> {
         loop {
             let Some(mut state) = self.state.try_lock() else {
                 return Err(PyRuntimeError::new_err(
@@ -404,18 +491,7 @@ impl Stream {
         }
     }
 
-    /// Stops the load; the tensors already handed out stay valid.
-    fn cancel(&self, py: Python<'_>) {
-        self.cancel.store(true, Ordering::Relaxed);
-        if let Some(mut state) = self.state.try_lock() {
-            finish(py, &mut state);
-        }
-    }
-
-    /// Figures of the finished load: a dict of `tensor_bytes`, `read_bytes`, `seconds`,
-    /// `gb_per_s`, `staging_bytes`, per file its reader and why (`files`) and its SHA-256 check
-    /// (`sha256`, see [`sha256_report`]); `None` before the end.
-    fn report<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+    fn report_dict<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         // A copy, so that no lock is held while Python objects are made.
         let Some(r) = self.report.lock().clone() else { return Ok(None) };
         let d = PyDict::new(py);
@@ -450,9 +526,21 @@ impl Stream {
         Ok(Some(d))
     }
 
-    /// Tensors the load will deliver.
-    fn __len__(&self) -> usize {
-        self.count
+    fn tensor(&self, state: &State, i: usize) -> Tensor {
+        let t = &self.checkpoint.tensors[i];
+        let file = &self.checkpoint.files[t.file.0];
+        let memory = Arc::clone(state.memory[t.file.0].as_ref().expect("memory of a wanted file"));
+        let data = memory.base() + offset_in_buffer(file, t.offset, self.device.0 == DEVICE_CPU);
+        Tensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            nbytes: t.len as usize,
+            data,
+            device: self.device,
+            memory,
+            raw: false,
+        }
     }
 }
 
@@ -480,25 +568,6 @@ fn sha256_report<'py>(py: Python<'py>, report: &LoadReport) -> PyResult<Vec<Boun
             Ok(d)
         })
         .collect()
-}
-
-impl Stream {
-    fn tensor(&self, state: &State, i: usize) -> Tensor {
-        let t = &self.checkpoint.tensors[i];
-        let file = &self.checkpoint.files[t.file.0];
-        let memory = Arc::clone(state.memory[t.file.0].as_ref().expect("memory of a wanted file"));
-        let data = memory.base() + offset_in_buffer(file, t.offset, self.device.0 == DEVICE_CPU);
-        Tensor {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-            nbytes: t.len as usize,
-            data,
-            device: self.device,
-            memory,
-            raw: false,
-        }
-    }
 }
 
 impl Drop for Stream {
@@ -676,7 +745,9 @@ fn cooperative(
     let coop = match (&comm, link) {
         (Some(c), _) => Cooperation::nccl(c),
         (None, Err(reason)) => Cooperation::alone(rank, world, reason),
-        (None, Ok(_)) => unreachable!("a unique id makes a communicator"),
+        (None, Ok(_)) => {
+            return Err(gantry::Error::Config("a unique id without a communicator".into()))
+        }
     };
     loader.load_cooperative_into(checkpoint, device, coop, wanted, addresses, ready)
 }
@@ -685,7 +756,9 @@ fn cooperative(
 /// others); `UnavailableError` without NCCL.
 #[pyfunction]
 pub fn nccl_unique_id() -> PyResult<String> {
-    let nccl = gantry::coop::load_nccl()
-        .map_err(|reason| to_py(gantry::Error::Unavailable { what: "NCCL", reason }))?;
-    gantry::coop::UniqueId::new(&nccl).map(|id| id.to_hex()).map_err(to_py)
+    crate::guarded(|| {
+        let nccl = gantry::coop::load_nccl()
+            .map_err(|reason| to_py(gantry::Error::Unavailable { what: "NCCL", reason }))?;
+        gantry::coop::UniqueId::new(&nccl).map(|id| id.to_hex()).map_err(to_py)
+    })
 }

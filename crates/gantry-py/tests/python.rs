@@ -1,4 +1,5 @@
-//! Runs the Python tests (`tests/test_gantry.py`) against the extension built from this
+//! Runs the Python tests (`tests/test_gantry.py`, and `tests/test_typed.py`: typed values
+//! that must end in a clean error) against the extension built from this
 //! source: the test builds it (in a target directory of its own, since the outer cargo holds
 //! the main one), lays the package out as an install would, and runs pytest on it. numpy,
 //! pytest and safetensors (the reference the loads are compared with) and SeaweedFS (the S3
@@ -67,7 +68,16 @@ fn python_package() {
     let search = tools::prepend(&site, rest);
     let mut command = Command::new(&python);
     command
-        .args(["-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", "test_gantry.py"])
+        .args([
+            "-m",
+            "pytest",
+            "-v",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            "test_gantry.py",
+            "test_typed.py",
+        ])
         .current_dir(manifest().join("tests"))
         .env("PYTHONPATH", search)
         .env("PYTHONDONTWRITEBYTECODE", "1");

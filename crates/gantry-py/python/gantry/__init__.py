@@ -26,6 +26,7 @@ from ._gantry import (
     CudaError,
     FormatError,
     GantryError,
+    InternalError,
     IoError,
     Tensor,
     UnavailableError,
@@ -47,6 +48,7 @@ __all__ = [
     "UnavailableError",
     "ConfigError",
     "CancelledError",
+    "InternalError",
     "DtypeError",
     "to_torch",
     "nccl_unique_id",
@@ -230,6 +232,41 @@ class Stream:
         return self._inner.report()
 
 
+def _int(name: str, value: Any) -> int:
+    """``value`` as an int (``TypeError`` for anything else, ``bool`` included)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} takes an int, not {type(value).__name__}")
+    return value
+
+
+def _check_rank(rank: Any, world: Any) -> None:
+    """``0 <= rank < world <= 1024`` (``ConfigError`` naming both otherwise)."""
+    rank, world = _int("rank", rank), _int("world", world)
+    if not 0 <= rank < world <= _DESTINATIONS_MAX:
+        raise ConfigError(
+            f"rank={rank}, world={world}: a cooperative load needs 0 <= rank < world <= "
+            f"{_DESTINATIONS_MAX}"
+        )
+
+
+def _shard(shard: Any) -> int:
+    """The destinations of a ``shard`` rule (``TypeError`` unless it is a string,
+    ``ValueError`` for text that is not a rule, N from 1 to 1024), checked before any list is
+    built from it."""
+    if not isinstance(shard, str):
+        raise TypeError(
+            f"shard takes a string such as 'tp:2', 'dim0:2' or 'replicate:2', not "
+            f"{type(shard).__name__}"
+        )
+    return _gantry.shard_destinations(shard)
+
+
+# The most destinations (and ranks) of one load, as the engine bounds them.
+_DESTINATIONS_MAX = 1024
+# The largest ``window_mib`` (1 TiB).
+_WINDOW_MIB_MAX = 1 << 20
+
+
 def _coop(
     rank: Optional[int], world: Optional[int], group: Any, unique_id: Optional[str]
 ) -> Optional[Tuple[int, int, Optional[str], Optional[str]]]:
@@ -258,6 +295,9 @@ def _coop(
         return None
     if rank is None or world is None:
         raise ConfigError("a cooperative load needs both rank= and world= (or group=)")
+    _check_rank(rank, world)
+    if unique_id is not None and not isinstance(unique_id, str):
+        raise TypeError(f"unique_id is a hex string, not {type(unique_id).__name__}")
     if world == 1:
         return (rank, world, None, "world size 1: nothing to share")
     if unique_id is None:
@@ -368,8 +408,13 @@ def load(
     if any(v is not None for v in coop.values()):
         if devices is not None:
             raise ValueError("devices does not go with a cooperative load (each rank has one)")
+        _shard(shard)
         rank_, world_, unique, alone = _coop(rank, world, group, unique_id) or (0, 1, None, None)
         window = config.pop("window_mib", None)
+        if window is not None:
+            _int("window_mib", window)
+            if not 1 <= window <= _WINDOW_MIB_MAX:
+                raise ConfigError(f"window_mib={window}: must be from 1 to {_WINDOW_MIB_MAX}")
         shares, _cooperative, _reason = _gantry.load_cooperative_placed(
             os.fspath(source),
             _device(device),
@@ -383,9 +428,8 @@ def load(
             window,
         )
         return {name: convert(t) for name, t in shares}
-    parts = shard.rpartition(":")[2]
+    count = _shard(shard)
     if devices is None:
-        count = int(parts) if parts.isdigit() else 0
         if _device(device) == "cpu":
             devices = ["cpu"] * count
         else:

@@ -95,6 +95,14 @@ impl CudaDevice {
         Ok(Arc::new(Self { ordinal, device, context, bus_id, name }))
     }
 
+    /// GPUs on this machine (`cuDeviceGetCount`), or why they cannot be counted (no driver).
+    pub fn count() -> Result<usize> {
+        driver_available().map_err(|reason| Error::Unavailable { what: "CUDA", reason })?;
+        result::init().map_err(cuda_error("cuInit"))?;
+        let count = result::device::get_count().map_err(cuda_error("cuDeviceGetCount"))?;
+        Ok(usize::try_from(count).unwrap_or(0))
+    }
+
     /// Opens GPUs `ordinals` side by side, one thread per distinct GPU; a GPU named twice is
     /// opened once.
     pub fn open_all(ordinals: &[u32]) -> Result<Vec<Arc<Self>>> {

@@ -12,9 +12,11 @@
 //! tensors and destinations, never in rows, so planning a tensor-parallel load of an
 //! 8-billion-parameter model takes milliseconds.
 //!
-//! [`tp`] holds the tensor-parallel rule by tensor names (`tp:N`).
+//! [`tp`] holds the tensor-parallel rule by tensor names (`tp:N`); [`ShardSpec`] parses the
+//! rules users type and bounds their destinations ([`DESTINATIONS_MAX`]).
 
 mod rows;
+mod spec;
 pub mod tp;
 
 use std::collections::BTreeMap;
@@ -23,6 +25,9 @@ use gantry_format::{Checkpoint, Dtype, FileId, TensorEntry};
 
 use crate::error::{Error, Result};
 pub use rows::{Piece, Rows};
+pub use spec::{
+    check_destinations, parse_tp_rule, Placement, ShardRule, ShardSpec, DESTINATIONS_MAX,
+};
 pub use tp::{tensor_parallel, Split, TensorParallel};
 
 /// A slice of a tensor along one dimension: indices `start..start + len` of dimension `dim`,
@@ -179,13 +184,14 @@ pub const SHARE_ALIGN: u64 = 256;
 type Wanted = (u64, u64, usize, usize, Rows);
 
 impl Layout {
-    /// Lays out `devices` destinations: `place(tensor)` lists, for a tensor, which
-    /// destinations get what of it (none: skipped).
+    /// Lays out `devices` destinations (1 to [`DESTINATIONS_MAX`]): `place(tensor)` lists, for
+    /// a tensor, which destinations get what of it (none: skipped).
     pub fn new(
         checkpoint: &Checkpoint,
         devices: usize,
         mut place: impl FnMut(&TensorEntry) -> Result<Vec<(usize, Share)>>,
     ) -> Result<Layout> {
+        check_destinations("placed load", devices)?;
         let mut shares: Vec<Vec<ShareEntry>> = vec![Vec::new(); devices];
         let mut buffer_bytes = vec![0u64; devices];
         // Per file: every wanted share's span and rows (absolute file offsets).

@@ -59,9 +59,17 @@ impl std::str::FromStr for Split {
             "column" => Ok(Split::Column),
             "row" => Ok(Split::Row),
             "replicate" => Ok(Split::Replicate),
-            _ => s.strip_prefix("dim").and_then(|d| d.parse().ok()).map(Split::Dim).ok_or_else(
-                || Error::Config(format!("'{s}' is not a split (column, row, replicate, dimN)")),
-            ),
+            _ => s
+                .strip_prefix("dim")
+                .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|d| d.parse().ok())
+                .map(Split::Dim)
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "'{}' is not a split (column, row, replicate, dimN)",
+                        gantry_format::escape(s)
+                    ))
+                }),
         }
     }
 }
