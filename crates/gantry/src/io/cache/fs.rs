@@ -58,6 +58,22 @@ pub(super) fn flock(file: &File, op: libc::c_int) -> io::Result<bool> {
     }
 }
 
+/// Whether the caller belongs to group `gid`: its effective group or one of its
+/// supplementary groups.
+pub(super) fn in_group(gid: u32) -> bool {
+    // SAFETY: getegid has no preconditions.
+    if unsafe { libc::getegid() } == gid {
+        return true;
+    }
+    // SAFETY: with a size of 0, getgroups writes nothing and returns the count.
+    let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+    let Ok(len) = usize::try_from(n) else { return false };
+    let mut groups = vec![0 as libc::gid_t; len];
+    // SAFETY: `groups` holds `n` entries, which getgroups fills at most.
+    let m = unsafe { libc::getgroups(n, groups.as_mut_ptr()) };
+    usize::try_from(m).is_ok_and(|m| groups[..m.min(len)].contains(&gid))
+}
+
 /// Sets `fd`'s permission bits to exactly `mode` (the umask applies only at creation).
 pub(super) fn fchmod(fd: &impl AsRawFd, mode: u32) -> io::Result<()> {
     // SAFETY: a valid descriptor; fchmod takes no pointer.

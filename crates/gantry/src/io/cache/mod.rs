@@ -19,7 +19,10 @@
 //! place. What the cache writes is private by default: directories `0700`, copies `0600`; in
 //! shared mode (`Config::cache_shared`) directories are `2770` (setgid, so everything in them
 //! takes the cache directory's group) and copies `0640`, and the cache trusts every member of
-//! that group. A copy is read only if, as `fstat` shows it on the opened descriptor, it is a
+//! that group, but only a group the caller chose: the cache directory must be the caller's or
+//! root's, or the caller a member of its group, and writable by no one outside the group (a
+//! directory another user made in a world-writable place and gave their own group names no
+//! group the caller trusts, and is not used). A copy is read only if, as `fstat` shows it on the opened descriptor, it is a
 //! regular file with one link, not writable by others (private: nor by its group), and owned
 //! by the caller or root (shared: or of the cache directory's group); its length must be the
 //! object's plus its record ([`record`]), and the record must name this very object. Every
@@ -195,6 +198,26 @@ impl Rules {
         Ok(())
     }
 
+    /// Whether the cache's own directory may name the group a shared cache trusts: the group
+    /// is the directory's, so the caller must own the directory (or root must: an admin made
+    /// it and chose its group) or belong to that group itself, and no one outside the group may
+    /// write the directory (else anyone could make a subdirectory there that takes its group).
+    /// A directory someone else made and gave their own group is never a cache to trust.
+    fn trusted_shared_root(&self, st: &libc::stat) -> Result<(), String> {
+        let mode = st.st_mode & 0o7777;
+        if mode & 0o002 != 0 {
+            return Err(format!("mode {mode:o}: writable by users outside its group"));
+        }
+        if st.st_uid != self.uid && st.st_uid != 0 && !fs::in_group(st.st_gid) {
+            return Err(format!(
+                "owned by uid {} and group {}: uid {} does not own it and is not a member of \
+                 that group, so the group's copies are not to be trusted",
+                st.st_uid, st.st_gid, self.uid
+            ));
+        }
+        Ok(())
+    }
+
     /// Why a copy whose descriptor `fstat`s as `st` is not trusted, if it is not.
     fn untrusted_copy(&self, st: &libc::stat) -> Option<String> {
         let mode = st.st_mode & 0o7777;
@@ -233,6 +256,10 @@ impl CacheDir {
         // SAFETY: geteuid has no preconditions.
         let uid = unsafe { libc::geteuid() };
         let rules = Rules { shared, uid, gid: st.st_gid };
+        if shared {
+            let trusted = rules.trusted_shared_root(&st);
+            trusted.map_err(|why| format!("{}: {why}: not used", path.display()))?;
+        }
         let sub = |name: &str| {
             let (dir, _) = root.subdir(name, mode).map_err(|e| {
                 let path = root.path_of(name);

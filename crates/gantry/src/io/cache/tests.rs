@@ -289,3 +289,68 @@ fn incomplete_or_changed_copies_never_land() {
     }
     panic!("a temporary file stayed");
 }
+
+/// A gid the caller is not a member of.
+fn foreign_gid() -> u32 {
+    (1..=65534u32).rev().find(|&g| !fs::in_group(g)).unwrap()
+}
+
+#[test]
+fn a_shared_cache_trusts_no_group_the_caller_did_not_choose() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        let skip = std::env::var("GANTRY_SKIP_ROOT_TESTS").as_deref() == Ok("1");
+        assert!(skip, "chown needs root: run as root, or set GANTRY_SKIP_ROOT_TESTS=1");
+        println!("skipped: chown needs root (GANTRY_SKIP_ROOT_TESTS=1)");
+        return;
+    }
+    // Another user (uid 65534) made a shared cache, gave it a group of theirs the caller is
+    // not in, and put a copy in it whose record matches its (their) bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("c");
+    let cache = Arc::new(CacheDir::open(&root, true).unwrap());
+    let bytes = object(5000);
+    assert!(write_copy(&cache, "k", &bytes).contains("written through"));
+    drop(cache);
+    let gid = foreign_gid();
+    for p in files_and_dirs(&root) {
+        std::os::unix::fs::chown(&p, Some(65534), Some(gid)).unwrap();
+    }
+    let e = CacheDir::open(&root, true).unwrap_err();
+    assert!(e.contains("not a member") && e.contains(&root.display().to_string()), "{e}");
+    // The same cache is the caller's to trust once it belongs to the caller's group.
+    // SAFETY: getegid has no preconditions.
+    let own = unsafe { libc::getegid() };
+    for p in files_and_dirs(&root) {
+        std::os::unix::fs::chown(&p, Some(65534), Some(own)).unwrap();
+    }
+    let cache = CacheDir::open(&root, true).unwrap();
+    assert!(matches!(cache.find(&identity("k", 5000), 5000), Lookup::Hit(_)));
+}
+
+#[test]
+fn a_shared_cache_writable_by_everyone_is_not_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("c");
+    let cache = Arc::new(CacheDir::open(&root, true).unwrap());
+    assert!(write_copy(&cache, "k", &object(5000)).contains("written through"));
+    drop(cache);
+    // Anyone could make `objects/` there, and it would take the directory's group.
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o2777)).unwrap();
+    let e = CacheDir::open(&root, true).unwrap_err();
+    assert!(e.contains("outside its group") && e.contains(&root.display().to_string()), "{e}");
+}
+
+/// `root` and everything below it.
+fn files_and_dirs(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![root.to_path_buf()];
+    for entry in std::fs::read_dir(root).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_and_dirs(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
