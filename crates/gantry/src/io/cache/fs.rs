@@ -80,6 +80,42 @@ pub(super) fn fchmod(fd: &impl AsRawFd, mode: u32) -> io::Result<()> {
     check(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) }).map(|_| ())
 }
 
+/// The flag that opens `c_path` as checked: `O_NOFOLLOW` when it is no link (so a link put
+/// there after this look cannot be followed), none when it is a link owned by the caller or
+/// root; an error for a link of another user.
+fn link_owner_trusted(c_path: &std::ffi::CStr, path: &Path) -> io::Result<libc::c_int> {
+    // SAFETY: all-zero is a valid `stat`; lstat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a `stat` to fill.
+    check(unsafe { libc::lstat(c_path.as_ptr(), &mut st) })?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+        return Ok(libc::O_NOFOLLOW);
+    }
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if st.st_uid == uid || st.st_uid == 0 {
+        return Ok(0);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "{} is a symbolic link owned by uid {}, not by uid {uid} or root: not followed",
+            path.display(),
+            st.st_uid
+        ),
+    ))
+}
+
+/// Whether `name` is one a writer of the cache gives its temporary file
+/// (`<64 hex digits>.<32 hex digits>.partial`): the sweep removes nothing else.
+pub(super) fn is_temporary_name(name: &str) -> bool {
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    match name.strip_suffix(".partial").and_then(|s| s.split_once('.')) {
+        Some((identity, random)) => hex(identity, 64) && hex(random, 32),
+        None => false,
+    }
+}
+
 /// Sixteen random bytes as hex, for names nobody can guess ahead.
 pub(super) fn random_hex() -> String {
     let mut bytes = [0u8; 16];
@@ -97,8 +133,11 @@ pub(super) fn random_hex() -> String {
 }
 
 impl Dir {
-    /// The cache's own directory at `path` (the path as configured: links in it are the
-    /// configuring user's), created with `mode` when missing.
+    /// The cache's own directory at `path`, created with `mode` when missing. Links in the
+    /// path's ancestors are the configuring user's; a link at the path itself is followed
+    /// only when it belongs to the caller or root: one that another user planted where the
+    /// cache was to be (a world-writable directory, `fs.protected_symlinks=0`) would make the
+    /// cache, and its sweep of `partial/`, work in a directory of that user's choosing.
     pub(super) fn open_root(path: &Path, mode: u32) -> io::Result<Dir> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)?;
@@ -111,7 +150,8 @@ impl Dir {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => false,
             Err(e) => return Err(e),
         };
-        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+        let mut flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+        flags |= link_owner_trusted(&c_path, path)?;
         // SAFETY: a NUL-terminated path; the descriptor returned is owned below.
         let fd = check(unsafe { libc::open(c_path.as_ptr(), flags) })?;
         // SAFETY: `fd` was just opened and is owned by nothing else.

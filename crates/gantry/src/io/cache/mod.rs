@@ -293,7 +293,8 @@ impl CacheDir {
     /// its file, so it never writes to a file this removed.
     pub fn sweep(&self) {
         let Ok(names) = self.partial.entries() else { return };
-        for name in names {
+        // Only what a writer names: anything else in `partial/` is nobody's to remove.
+        for name in names.into_iter().filter(|n| fs::is_temporary_name(n)) {
             let gone = match self.partial.open_read(&name) {
                 Ok(file) => match fs::flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
                     Ok(true) => self.partial.names(&name, &file),

@@ -226,16 +226,45 @@ fn the_sweep_removes_only_what_dead_writers_left() {
     let dir = tempfile::tempdir().unwrap();
     let cache = CacheDir::open(&dir.path().join("c"), false).unwrap();
     let partial = dir.path().join("c/partial");
-    std::fs::write(partial.join("dead.partial"), b"left by a killed writer").unwrap();
-    std::fs::write(partial.join("live.partial"), b"being written").unwrap();
-    let live = std::fs::File::open(partial.join("live.partial")).unwrap();
+    let temp = |n: u8| format!("{}.{}.partial", "ab".repeat(32), format!("{n:02x}").repeat(16));
+    let (dead, live_name) = (partial.join(temp(1)), partial.join(temp(2)));
+    std::fs::write(&dead, b"left by a killed writer").unwrap();
+    std::fs::write(&live_name, b"being written").unwrap();
+    // Not a writer's name: whatever it is, the sweep leaves it.
+    std::fs::write(partial.join("state.db"), b"someone else's").unwrap();
+    let live = std::fs::File::open(&live_name).unwrap();
     assert!(fs::flock(&live, libc::LOCK_EX).unwrap());
     cache.sweep();
-    assert!(!partial.join("dead.partial").exists());
-    assert!(partial.join("live.partial").exists());
+    assert!(!dead.exists());
+    assert!(live_name.exists());
     drop(live);
     cache.sweep();
-    assert!(!partial.join("live.partial").exists());
+    assert!(!live_name.exists());
+    assert!(partial.join("state.db").exists(), "the sweep removed a file no writer made");
+}
+
+/// A link planted where the cache is to be, by another user, is not followed (the cache
+/// would work, and sweep, in a directory of that user's choosing); the caller's own is.
+#[test]
+fn a_link_at_the_cache_path_is_followed_only_when_the_caller_made_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("target");
+    std::fs::create_dir_all(target.join("partial")).unwrap();
+    std::fs::write(target.join("partial/state.db"), b"not the cache's").unwrap();
+    let link = dir.path().join("cache");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    assert!(CacheDir::open(&link, false).is_ok(), "the caller's own link is followed");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        let skip = std::env::var("GANTRY_SKIP_ROOT_TESTS").as_deref() == Ok("1");
+        assert!(skip, "lchown needs root: run as root, or set GANTRY_SKIP_ROOT_TESTS=1");
+        println!("skipped: lchown needs root (GANTRY_SKIP_ROOT_TESTS=1)");
+        return;
+    }
+    std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+    let e = CacheDir::open(&link, false).map(|_| ()).unwrap_err();
+    assert!(e.contains("symbolic link owned by uid 65534") && e.contains("not followed"), "{e}");
+    assert!(target.join("partial/state.db").exists());
 }
 
 #[test]
