@@ -1,0 +1,33 @@
+#!/bin/bash
+# Usage (root, on a one-GPU machine, from the repository root):
+#   benches/experiments/trust_round.sh PACK.tgz WEED.xz RESULTS_DIR
+# One call's worth of the trust round's GPU figures, each step bounded in time so the whole
+# fits one command:
+#   1. the GPU trials (benches/experiments/gpu_trials.sh) of what pack.sh put in PACK.tgz, the
+#      two-rank cooperative trials left out (one GPU; `coop` runs its one-GPU trial);
+#   2. what a timeline costs (trace_overhead.sh: warm and cold, plain / --trace / --explain),
+#      keeping the warm 16 GB trace, gzipped;
+#   3. the object cache (cache_race.sh: store, first load with --cache-dir, load from the
+#      checked copies, local), against SeaweedFS (WEED.xz: the `weed` binary, xz-compressed).
+# Build the pack here with:
+#   benches/experiments/pack.sh .pack/p gantry/gpu gantry/placed gantry/coop gantry/trace gantry/tensor_parallel
+set -u
+PACK=$(realpath "$1"); WEED_XZ=$(realpath "$2"); RES=$(realpath -m "$3"); mkdir -p "$RES"
+T=/tmp/trust-round; rm -rf $T; mkdir -p $T
+tar xzf "$PACK" -C $T || exit 1
+P=$T/$(ls $T | head -n 1)
+xz -dc "$WEED_XZ" > $T/weed && chmod +x $T/weed || exit 1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$RES/gpu.txt"
+CK=$PWD/.trust-ckpt
+echo "== trials"
+tests=$(ls $P/t | grep -v '^gantry-coop$')
+timeout 200 benches/experiments/gpu_trials.sh $P $tests 2>&1 | tee "$RES/trials.txt"
+GANTRY_REQUIRE_GPU=1 timeout 60 $P/t/gantry-coop a_rank_told_to_read_alone --test-threads=1 2>&1 |
+  grep -E '^test |test result' | tee -a "$RES/trials.txt"
+echo "== trace overhead"
+DEVICE=cuda:0 ROUNDS=3 GANTRY=$P/bin/gantry KEEP="$RES/llama3-8b-warm.trace.json.gz" \
+  timeout 210 benches/experiments/trace_overhead.sh $CK 2>&1 | tee "$RES/trace.txt"
+echo "== cache"
+WEED=$T/weed DEVICE=cuda:0 ROUNDS=2 GANTRY=$P/bin/gantry OUT=$T/cache \
+  timeout 240 benches/experiments/cache_race.sh $CK 2>&1 | tee "$RES/cache.txt"
+rm -rf $CK
