@@ -193,13 +193,22 @@ fn untrusted_copies_are_refused_and_dropped() {
     refused(|p| std::fs::hard_link(p, p.with_extension("other")).unwrap(), "links");
 }
 
+/// Whether this test runs as root, which `what` needs; without root a failure, unless
+/// `GANTRY_SKIP_ROOT_TESTS=1` says to skip (then `false`, with a line saying so).
+fn as_root(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let skip = std::env::var("GANTRY_SKIP_ROOT_TESTS").as_deref() == Ok("1");
+    assert!(skip, "{what} needs root: run as root, or set GANTRY_SKIP_ROOT_TESTS=1");
+    println!("skipped: {what} needs root (GANTRY_SKIP_ROOT_TESTS=1)");
+    false
+}
+
 #[test]
 fn a_copy_owned_by_another_user_is_refused() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        let skip = std::env::var("GANTRY_SKIP_ROOT_TESTS").as_deref() == Ok("1");
-        assert!(skip, "chown needs root: run as root, or set GANTRY_SKIP_ROOT_TESTS=1");
-        println!("skipped: chown needs root (GANTRY_SKIP_ROOT_TESTS=1)");
+    if !as_root("chown") {
         return;
     }
     refused(
@@ -254,11 +263,7 @@ fn a_link_at_the_cache_path_is_followed_only_when_the_caller_made_it() {
     let link = dir.path().join("cache");
     std::os::unix::fs::symlink(&target, &link).unwrap();
     assert!(CacheDir::open(&link, false).is_ok(), "the caller's own link is followed");
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        let skip = std::env::var("GANTRY_SKIP_ROOT_TESTS").as_deref() == Ok("1");
-        assert!(skip, "lchown needs root: run as root, or set GANTRY_SKIP_ROOT_TESTS=1");
-        println!("skipped: lchown needs root (GANTRY_SKIP_ROOT_TESTS=1)");
+    if !as_root("lchown") {
         return;
     }
     std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
@@ -326,11 +331,7 @@ fn foreign_gid() -> u32 {
 
 #[test]
 fn a_shared_cache_trusts_no_group_the_caller_did_not_choose() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        let skip = std::env::var("GANTRY_SKIP_ROOT_TESTS").as_deref() == Ok("1");
-        assert!(skip, "chown needs root: run as root, or set GANTRY_SKIP_ROOT_TESTS=1");
-        println!("skipped: chown needs root (GANTRY_SKIP_ROOT_TESTS=1)");
+    if !as_root("chown") {
         return;
     }
     // Another user (uid 65534) made a shared cache, gave it a group of theirs the caller is
