@@ -1,9 +1,9 @@
 #!/bin/bash
 # Usage (root, on a one-GPU machine, from the repository root):
-#   benches/experiments/trust_round.sh PACK.tgz WEED.xz RESULTS_DIR
+#   benches/experiments/trust_round.sh PACK.tgz|PACK.txz WEED.xz RESULTS_DIR
 # One call's worth of the trust round's GPU figures, each step bounded in time so the whole
 # fits one command:
-#   1. the GPU trials (benches/experiments/gpu_trials.sh) of what pack.sh put in PACK.tgz, the
+#   1. the GPU trials (benches/experiments/gpu_trials.sh) of what pack.sh put in PACK.tgz|PACK.txz, the
 #      two-rank cooperative trials left out (one GPU; `coop` runs its one-GPU trial);
 #   2. what a timeline costs (trace_overhead.sh: warm and cold, plain / --trace / --explain),
 #      keeping the warm 16 GB trace, gzipped;
@@ -14,7 +14,7 @@
 set -u
 PACK=$(realpath "$1"); WEED_XZ=$(realpath "$2"); RES=$(realpath -m "$3"); mkdir -p "$RES"
 T=/tmp/trust-round; rm -rf $T; mkdir -p $T
-tar xzf "$PACK" -C $T || exit 1
+tar xf "$PACK" -C $T || exit 1
 P=$T/$(ls $T | head -n 1)
 xz -dc "$WEED_XZ" > $T/weed && chmod +x $T/weed || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$RES/gpu.txt"
