@@ -291,7 +291,10 @@ gantry_status gantry_loader_new(const struct gantry_config *config,
 // `gantry_model_file_sha256` says per file whether it was checked), `require_sha256=1` (the
 // same, and a file with no known digest is `GANTRY_E_INTEGRITY` naming it),
 // `cache_dir=DIR` (keep a local copy of every object read, written while it streams, and
-// read it on later loads while the object's ETag is unchanged), or
+// read it on later loads while the object's ETag is unchanged; private to the caller),
+// `cache_shared=1` (the cache is shared with its directory's group: see the README's trust
+// model), `trace=FILE` (write each load's timeline to FILE as Chrome trace-event JSON, for
+// Perfetto), or
 // for object sources an `object_store` client key: `aws_*` for `s3://` (`aws_endpoint_url`,
 // `aws_region`, `aws_allow_http`, `aws_access_key_id`, ...), `google_*` for `gs://`
 // (`google_service_account_key`, `google_base_url`, ...), `azure_*` for `az://`, `abfs://`

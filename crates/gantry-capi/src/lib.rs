@@ -170,7 +170,10 @@ pub unsafe extern "C" fn gantry_loader_new(
 /// `gantry_model_file_sha256` says per file whether it was checked), `require_sha256=1` (the
 /// same, and a file with no known digest is `GANTRY_E_INTEGRITY` naming it),
 /// `cache_dir=DIR` (keep a local copy of every object read, written while it streams, and
-/// read it on later loads while the object's ETag is unchanged), or
+/// read it on later loads while the object's ETag is unchanged; private to the caller),
+/// `cache_shared=1` (the cache is shared with its directory's group: see the README's trust
+/// model), `trace=FILE` (write each load's timeline to FILE as Chrome trace-event JSON, for
+/// Perfetto), or
 /// for object sources an `object_store` client key: `aws_*` for `s3://` (`aws_endpoint_url`,
 /// `aws_region`, `aws_allow_http`, `aws_access_key_id`, ...), `google_*` for `gs://`
 /// (`google_service_account_key`, `google_base_url`, ...), `azure_*` for `az://`, `abfs://`
@@ -235,6 +238,13 @@ pub unsafe extern "C" fn gantry_loader_new_with_options(
                     ))
                 }
                 "cache_dir" => c.cache_dir(value),
+                "cache_shared" => c.cache_shared(parse_flag(key, value)?),
+                "trace" if value.is_empty() => {
+                    return Err(CallError::invalid(
+                        "option trace= is empty: name the file to write (or leave it out)".into(),
+                    ))
+                }
+                "trace" => c.trace(value),
                 _ => c.object_option(key, value),
             };
         }

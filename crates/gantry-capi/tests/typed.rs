@@ -224,6 +224,37 @@ fn ranks_outside_the_world_and_empty_options_are_refused() {
     unsafe { (lib().loader_free)(l) };
     assert_eq!(loader(&["cache_dir="]).unwrap_err(), INVALID);
     assert!(message().contains("cache_dir"), "{}", message());
+    assert_eq!(loader(&["trace="]).unwrap_err(), INVALID);
+    assert!(message().contains("trace"), "{}", message());
+    assert_eq!(loader(&["cache_shared=maybe"]).unwrap_err(), INVALID);
+    assert!(message().contains("cache_shared"), "{}", message());
+}
+
+/// `trace=FILE` writes the load's timeline: every tensor lands in it.
+#[test]
+fn a_trace_option_writes_the_timeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = tiny(dir.path());
+    let trace = dir.path().join("load.trace.json");
+    let option = format!("trace={}", trace.display());
+    let l = loader(&[option.as_str(), "cache_shared=1"]).unwrap();
+    let mut out: Opaque = std::ptr::null_mut();
+    // SAFETY: live loader, valid path, writable out.
+    assert_eq!(checked(unsafe { (lib().load)(l, path.as_ptr(), -1, &mut out) }, "load"), OK);
+    // SAFETY: a model from load and the live loader, each freed once.
+    unsafe {
+        (lib().model_free)(out);
+        (lib().loader_free)(l);
+    }
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    let landed: Vec<&str> = json["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["cat"] == "tensor" && e["name"] == "landed")
+        .filter_map(|e| e["args"]["name"].as_str())
+        .collect();
+    assert_eq!(landed, ["w"]);
 }
 
 proptest::proptest! {

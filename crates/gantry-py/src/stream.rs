@@ -45,7 +45,7 @@ pub(crate) fn parse_device(device: &str) -> PyResult<Option<u32>> {
 }
 
 /// The config keywords, as `Config`'s setters name them.
-const KEYWORDS: &str = "path, profile, queue_depth, chunk_bytes, buffered_chunk_bytes, staging_bytes, threads, hot_fraction, verify_sha256, require_sha256, cache_dir, object_part_bytes, object_concurrency, s3_endpoint, s3_region, s3_options, gcs_endpoint, azure_endpoint, object_options";
+const KEYWORDS: &str = "path, profile, queue_depth, chunk_bytes, buffered_chunk_bytes, staging_bytes, threads, hot_fraction, verify_sha256, require_sha256, trace, cache_dir, cache_shared, object_part_bytes, object_concurrency, s3_endpoint, s3_region, s3_options, gcs_endpoint, azure_endpoint, object_options";
 
 pub(crate) fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Config> {
     let mut c = Config::default();
@@ -63,7 +63,9 @@ pub(crate) fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Conf
             "hot_fraction" => c.hot_fraction(value.extract()?),
             "verify_sha256" => c.verify_sha256(value.extract()?),
             "require_sha256" => c.require_sha256(value.extract()?),
-            "cache_dir" => c.cache_dir(cache_dir(&value)?),
+            "cache_dir" => c.cache_dir(path_keyword(&key, &value)?),
+            "cache_shared" => c.cache_shared(value.extract()?),
+            "trace" => c.trace(path_keyword(&key, &value)?),
             "object_part_bytes" => c.object_part_bytes(count(&key, &value)?),
             "object_concurrency" => c.object_concurrency(count(&key, &value)?),
             "s3_endpoint" => endpoint(c, "s3_endpoint", Provider::S3, value.extract()?)?,
@@ -101,16 +103,16 @@ fn count(key: &str, value: &Bound<'_, PyAny>) -> PyResult<usize> {
     })
 }
 
-/// `cache_dir`: a path that is not empty (an empty one would put the cache in the current
-/// directory).
-fn cache_dir(value: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
-    let dir: PathBuf = value.extract()?;
-    if dir.as_os_str().is_empty() {
-        return Err(crate::ConfigError::new_err(
-            "cache_dir is empty: name a directory (or leave the keyword out for no cache)",
-        ));
+/// A path keyword's value (`cache_dir`, `trace`): not empty (an empty one would name the
+/// current directory).
+fn path_keyword(key: &str, value: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
+    let path: PathBuf = value.extract()?;
+    if path.as_os_str().is_empty() {
+        return Err(crate::ConfigError::new_err(format!(
+            "{key} is empty: name a path (or leave the keyword out)"
+        )));
     }
-    Ok(dir)
+    Ok(path)
 }
 
 /// `window_mib` in bytes: 1 to [`WINDOW_MIB_MAX`] MiB.

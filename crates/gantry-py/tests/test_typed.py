@@ -100,6 +100,19 @@ class TypedValues(unittest.TestCase):
             gantry.load(self.path, "cpu", cache_dir="", framework="dlpack")
         self.assertIn("cache_dir", str(e.exception))
 
+    def test_a_trace_keyword_writes_the_timeline(self):
+        trace = os.path.join(self.dir.name, "load.trace.json")
+        tensors = gantry.load(self.path, "cpu", trace=trace, framework="dlpack")
+        with open(trace) as f:
+            events = json.load(f)["traceEvents"]
+        landed = sorted(
+            e["args"]["name"] for e in events if e.get("cat") == "tensor" and e["name"] == "landed"
+        )
+        self.assertEqual(landed, sorted(tensors))
+        with self.assertRaises(gantry.ConfigError) as e:
+            gantry.load(self.path, "cpu", trace="", framework="dlpack")
+        self.assertIn("trace", str(e.exception))
+
     def test_random_values_end_in_a_result_or_a_clean_error(self):
         rng = random.Random(22)
         ints = [0, 1, -1, 7, 4096, 2**20, 2**31, 2**63, 2**64, 2**70, -(2**70)]

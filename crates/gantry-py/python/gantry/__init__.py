@@ -330,10 +330,13 @@ def stream(
     ``verify_sha256`` (hash every file read and check it against the digest known for it; a
     mismatch raises :class:`IoError` naming the file and both digests; ``report()["sha256"]``
     says per file whether it was checked and against what), ``require_sha256`` (the same,
-    and a file with no known digest raises :class:`IoError` naming it), as the Rust
+    and a file with no known digest raises :class:`IoError` naming it), ``trace`` (a file to
+    write the load's timeline to, as Chrome trace-event JSON for Perfetto), as the Rust
     ``Config`` names them; for object sources (``s3://``, ``gs://``, ``az://``, ``abfs://``,
     ``https://ACCOUNT.blob.core.windows.net/...``) ``cache_dir`` (a local copy of every object
-    read, reused while its ETag is unchanged), ``object_part_bytes``, ``object_concurrency``,
+    read, reused while its ETag is unchanged, private to the caller), ``cache_shared`` (the
+    cache is shared with its directory's group: see the README's trust model),
+    ``object_part_bytes``, ``object_concurrency``,
     ``object_options`` (a dict of ``object_store`` keys: ``aws_*``, ``google_*``, ``azure_*``,
     or ``allow_http``, ``timeout``; ``s3_options`` is its older name), ``s3_endpoint``,
     ``s3_region``, ``gcs_endpoint`` and ``azure_endpoint``, over each provider's environment
