@@ -7,7 +7,8 @@
 //! only memory in flight. On the first error every reader is told to stop (the pool is closed
 //! and the cancel flag set); the error is returned only after every thread has finished and
 //! every in-flight read has completed. Extents read from a cache copy go to the copy's
-//! check first ([`crate::io::cache::check`]), then, when the load verifies SHA-256, to the
+//! check first ([`crate::io::cache::check`]) (and so do failed reads of a copy, which are
+//! not the load's error: the check fetches those extents from the store), then, when the load verifies SHA-256, to the
 //! hashing threads, and only then to the sink.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -359,6 +360,11 @@ pub fn run(
                     }
                 }
                 Message::Direct { extent } | Message::Landed { extent } => extent,
+                // A failed read that no copy's check took: the load's error, as of any file.
+                Message::Unread { error, .. } => {
+                    failure = Some(error);
+                    break;
+                }
                 Message::Hashed { .. } => unreachable!("the verifier turns hashed extents back"),
             };
             outstanding -= 1;

@@ -6,8 +6,9 @@
 //! cache costs a warning, not the load; loaders racing on one cache all succeed and leave one
 //! exact copy per object; a flipped byte in an object is caught, one in its cached copy costs
 //! the copy, not the load; a copy replaced by a link, one another user owns or may write, or
-//! one the caller cannot read is dropped and the object read from the store; a load killed
-//! mid-copy leaves a temporary file the next load removes.
+//! one the caller cannot read is dropped and the object read from the store; so is one whose
+//! read fails mid-load (`EIO`, truncated after it was opened), the failed extents fetched from
+//! the store; a load killed mid-copy leaves a temporary file the next load removes.
 
 mod common;
 #[path = "common/store.rs"]
@@ -20,7 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::*;
-use gantry::{Checkpoint, Config, Error, Loader, ReaderKind};
+use gantry::io::fault::FaultInjector;
+use gantry::{Checkpoint, Config, Error, Loader, PathChoice, ReaderKind};
 use object_store::{Attribute, Attributes, ObjectStore, PutOptions, PutPayload};
 use store::*;
 
@@ -142,6 +144,7 @@ fn cache_and_integrity_against_seaweedfs() {
     untrusted_copies_are_dropped(&server, dir.path(), &shards);
     a_killed_writer_leaves_nothing_for_long(&server, dir.path(), &shards);
     an_unreadable_copy_costs_nothing(&server, &shards);
+    a_failed_read_of_a_copy_costs_nothing(&server, dir.path(), &shards);
 }
 
 fn first_load_writes_through_then_reads_the_copy(
@@ -477,6 +480,92 @@ fn an_unreadable_copy_costs_nothing(server: &Server, shards: &[PathBuf]) {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let errors = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success() && text.contains("CHILD-OK"), "child failed: {text}{errors}");
+}
+
+/// Fails every read of the checkpoint's first file that covers offset `at` with `EIO`.
+struct EioAt(u64);
+
+impl FaultInjector for EioAt {
+    fn rewrite(&self, file: usize, offset: u64, len: u64, result: i64) -> i64 {
+        if file == 0 && (offset..offset + len).contains(&self.0) {
+            -i64::from(libc::EIO)
+        } else {
+            result
+        }
+    }
+}
+
+/// At the first read it sees, truncates `path` (a copy the load has open) to `to` bytes, as
+/// another process would: every later read past `to` finds the file's end.
+struct TruncateAtFirstRead {
+    path: PathBuf,
+    to: u64,
+    done: AtomicBool,
+}
+
+impl FaultInjector for TruncateAtFirstRead {
+    fn rewrite(&self, _file: usize, _offset: u64, _len: u64, result: i64) -> i64 {
+        if !self.done.swap(true, Ordering::SeqCst) {
+            let file = std::fs::OpenOptions::new().write(true).open(&self.path).unwrap();
+            file.set_len(self.to).unwrap();
+        }
+        result
+    }
+}
+
+/// A read of a copy that fails in the middle of a load (`EIO`, or the copy truncated after
+/// the load opened it), with either local reader, with and without the SHA-256 check: the
+/// extents that failed are fetched from the store, the load is bit-exact, and the copy is
+/// dropped, the report (and the warning) naming it.
+fn a_failed_read_of_a_copy_costs_nothing(server: &Server, root: &Path, shards: &[PathBuf]) {
+    let key = "readfail/model.safetensors";
+    server.upload(&shards[0], key);
+    let good = std::fs::read(&shards[0]).unwrap();
+    let digest = gantry::integrity::to_hex(&gantry::integrity::sha256(&good));
+    let sums = root.join("readfail-SHA256SUMS");
+    std::fs::write(&sums, format!("{digest}  model.safetensors\n")).unwrap();
+    server.upload(&sums, "readfail/SHA256SUMS");
+    let expected = Checkpoint::open(&shards[0]).unwrap();
+    let len = good.len() as u64;
+    let readers =
+        [(PathChoice::Direct, ReaderKind::Direct), (PathChoice::Buffered, ReaderKind::Buffered)];
+    for (reader, kind) in readers {
+        for (fault, verify) in [("eio", false), ("eio", true), ("truncated", false)] {
+            let what = format!("{reader:?}, {fault}, SHA-256 check {verify}");
+            let cache = root.join(format!("cache-readfail-{reader:?}-{fault}-{verify}"));
+            Loader::new(config(server).cache_dir(&cache)).unwrap().load(url(key)).unwrap();
+            let copy = copies(&cache).pop().unwrap();
+            let injector: Arc<dyn FaultInjector> = match fault {
+                "eio" => Arc::new(EioAt(len / 2)),
+                _ => Arc::new(TruncateAtFirstRead {
+                    path: copy.clone(),
+                    to: len / 2,
+                    done: AtomicBool::new(false),
+                }),
+            };
+            // One read at a time, so that reads follow the truncation.
+            let config = config(server).cache_dir(&cache).path(reader).verify_sha256(verify);
+            let config = config.queue_depth(1).threads(1);
+            let loader = Loader::new(config.fault_injector(injector)).unwrap();
+            let model = loader.load(url(key)).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_matches_local(&model, &expected);
+            let f = &model.report().files[0];
+            assert_eq!(f.reader, Some(kind), "{what}: {}", f.reason);
+            assert!(
+                f.reason.contains("from the cache")
+                    && f.reason.contains(&copy.display().to_string())
+                    && f.reason.contains("could not be read")
+                    && f.reason.contains("dropped")
+                    && f.reason.contains("came from the store"),
+                "{what}: {}",
+                f.reason
+            );
+            if verify {
+                assert!(f.integrity.as_ref().unwrap().known.is_some(), "{what}");
+            }
+            assert!(!copy.exists(), "{what}: the copy that failed a read stayed");
+        }
+    }
 }
 
 /// The other side of the tests above, run as a child process (nothing without

@@ -353,7 +353,7 @@ impl Verifier {
                 Some(target) => (extent, Bytes::Direct(target)),
                 None => return Ok(Some(Message::Direct { extent })),
             },
-            other @ Message::Landed { .. } => return Ok(Some(other)),
+            other @ (Message::Landed { .. } | Message::Unread { .. }) => return Ok(Some(other)),
         };
         let e = &plan.extents[extent];
         let file = e.file.0;

@@ -18,8 +18,8 @@ use parking_lot::Mutex;
 
 use super::uring::Job;
 use super::{complete, fault::FaultInjector, read_error, Completion, Message, OpenFile};
-use crate::error::Result;
-use crate::staging::Pool;
+use crate::error::{Error, Result};
+use crate::staging::{Lease, Pool};
 
 /// What every buffered thread shares.
 #[derive(Debug, Clone, Copy)]
@@ -66,8 +66,10 @@ pub fn run_staged(
                     }
                     let job = jobs[i];
                     let buf = &mut lease.as_mut_slice()[..job.len as usize];
-                    let message = read_full(shared, job, buf)
-                        .map(|()| Message::Staged { extent: job.extent, lease });
+                    let message = match read_full(shared, job, buf) {
+                        Ok(()) => Ok(Message::Staged { extent: job.extent, lease }),
+                        Err(e) => unread(shared, job, Some(lease), e),
+                    };
                     let failed = message.is_err();
                     if tx.send(message).is_err() || failed {
                         return;
@@ -100,8 +102,10 @@ pub fn run_into(
                         return;
                     }
                     let Some((job, target)) = queue.lock().next() else { return };
-                    let message = read_full(shared, job, target)
-                        .map(|()| Message::Direct { extent: job.extent });
+                    let message = match read_full(shared, job, target) {
+                        Ok(()) => Ok(Message::Direct { extent: job.extent }),
+                        Err(e) => unread(shared, job, None, e),
+                    };
                     let failed = message.is_err();
                     if tx.send(message).is_err() || failed {
                         return;
@@ -110,6 +114,16 @@ pub fn run_into(
             });
         }
     });
+}
+
+/// What a failed read of `job` (`error`) goes on as: of a cache copy, the extent unread with
+/// its buffer (the load goes on); of any other file, the load's error (the thread ends).
+fn unread(shared: Shared<'_>, job: Job, lease: Option<Lease>, error: Error) -> Result<Message> {
+    if shared.files[job.file].cache_copy {
+        Ok(Message::Unread { extent: job.extent, lease, error })
+    } else {
+        Err(error)
+    }
 }
 
 /// Fills `buf` (the job's `len` bytes) with `pread`, continuing short reads and retrying

@@ -37,6 +37,10 @@ pub struct OpenFile {
     pub file_len: u64,
     /// Alignment of offsets, lengths and buffers (1 for buffered files).
     pub align: u64,
+    /// A cache copy: a read of it that fails goes to the consumer as [`Message::Unread`],
+    /// with the extent's buffer, for the copy's check to fetch those bytes from the store
+    /// ([`cache::check`]); a failed read of any other file is the load's error.
+    pub cache_copy: bool,
 }
 
 /// A raw destination a reader writes one whole extent into, instead of a staging buffer.
@@ -74,6 +78,18 @@ pub enum Message {
     Landed {
         /// Position in the plan.
         extent: usize,
+    },
+    /// A read of a cache copy failed (`error`): the extent's buffer comes back unfilled, for
+    /// the copy's check to drop the copy and fetch the extent from the store. A staged
+    /// extent's `lease`, `None` for one read to its destination. Of any other file, or where
+    /// no check takes it, the load fails with `error`.
+    Unread {
+        /// Position in the plan.
+        extent: usize,
+        /// The staging buffer of a staged extent.
+        lease: Option<Lease>,
+        /// Why the read failed.
+        error: Error,
     },
     /// The integrity check hashed a `Staged` (with its lease) or `Direct` (without) extent;
     /// it goes on to the sink as that message.

@@ -281,11 +281,28 @@ impl<'a> Reader<'a> {
                 Ok(None)
             }
             failed => {
-                let start = s.start;
-                self.release(&[(slot, 0)]);
-                Err(read_error(&self.files[job.file], job.offset, start, request_len, failed))
+                let file = &self.files[job.file];
+                let error = read_error(file, job.offset, s.start, request_len, failed);
+                self.failed(slot, error)
             }
         }
+    }
+
+    /// Frees `slot`, whose read failed with `error`, and says what follows: of a cache copy,
+    /// the extent goes back unread with its buffer (to be fetched from the store) and the
+    /// other reads go on; of any other file, `error` is the load's.
+    fn failed(&mut self, slot: usize, error: Error) -> Result<Option<Message>> {
+        let Some(s) = self.slots[slot].take() else { return Err(error) };
+        self.in_flight -= 1;
+        self.volume_in_flight[s.volume] -= 1;
+        if !self.files[s.job.file].cache_copy {
+            return Err(error); // the buffer goes back to the pool: nothing reads into it now
+        }
+        let lease = match s.buffer {
+            Buffer::Staging(lease) => Some(lease),
+            Buffer::Target(_) => None,
+        };
+        Ok(Some(Message::Unread { extent: s.job.extent, lease, error }))
     }
 
     /// Records the read of a finished slot on its (volume, slot) track.

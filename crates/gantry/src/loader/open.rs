@@ -251,6 +251,7 @@ impl Loader {
             file,
             file_len: info.file_len,
             align,
+            cache_copy: from_cache,
         };
         match (choice.reader, direct) {
             (ReaderKind::Direct, Ok((file, align))) => {

@@ -6,6 +6,11 @@
 //! the copy. xxh3 runs at tens of GB/s per core, so a few threads keep up with any disk: the
 //! check costs latency per extent, not throughput.
 //!
+//! A read of a copy that fails (an I/O error, or the copy's end reached early because someone
+//! truncated it after the load opened it) is a failed check of that extent: the readers hand
+//! the extent back unread with its buffer (`Message::Unread`; only for files read from a copy:
+//! a failed read of any other file is the load's error), and it takes the path below.
+//!
 //! When a segment does not match (or the copy cannot be read to complete it), the copy is
 //! dropped at once (warning naming its path) and that extent's bytes are fetched from the
 //! store into the same buffer (a ranged GET conditioned on the ETag the load saw) before the
@@ -106,6 +111,27 @@ impl Checked {
         self.drop_after(&why);
         self.object.read_into(offset, bytes)
     }
+
+    /// Drops the copy after a read of it at `offset` failed (`error`), and puts the object's
+    /// own bytes in `bytes` instead.
+    fn replace(&self, offset: u64, bytes: &mut [u8], error: &Error) -> Result<()> {
+        self.drop_after(&unread_why(error));
+        self.object.read_into(offset, bytes)
+    }
+}
+
+/// Why a copy is dropped after a read of it failed with `error`, for its warning and report.
+fn unread_why(error: &Error) -> String {
+    match error {
+        Error::Truncated { offset, .. } => format!(
+            "could not be read at offset {offset}: it ends there (truncated after the load \
+             opened it)"
+        ),
+        Error::Io { offset, len, source, .. } => {
+            format!("could not be read ({len} bytes at offset {offset}: {source})")
+        }
+        other => format!("could not be read ({other})"),
+    }
 }
 
 /// Where the bytes of an extent to check are.
@@ -123,6 +149,8 @@ struct Job {
     offset: u64,
     len: u64,
     bytes: Bytes,
+    /// Why the extent's read failed, when it did: then its bytes come from the store.
+    unread: Option<Error>,
 }
 
 /// The consumer's side of the checking threads of one load.
@@ -191,22 +219,31 @@ impl Checker {
     }
 
     /// The consumer's hook: takes an extent read from a copy to be checked first (`None`),
-    /// passes on a checked one and anything else.
+    /// and one whose read from a copy failed to be fetched from the store; passes on a
+    /// checked one and anything else.
     pub fn admit(&self, plan: &Plan, message: Message) -> Result<Option<Message>> {
-        let (extent, bytes) = match message {
-            Message::Staged { extent, lease } => (extent, Bytes::Staged(lease)),
-            Message::Direct { extent } => match self.targets[extent] {
-                Some(target) => (extent, Bytes::Direct(target)),
-                None => (extent, Bytes::Direct(RawTarget { ptr: std::ptr::null_mut(), len: 0 })),
-            },
+        let direct = |extent: usize| {
+            let none = RawTarget { ptr: std::ptr::null_mut(), len: 0 };
+            Bytes::Direct(self.targets[extent].unwrap_or(none))
+        };
+        let (extent, bytes, unread) = match message {
+            Message::Staged { extent, lease } => (extent, Bytes::Staged(lease), None),
+            Message::Direct { extent } => (extent, direct(extent), None),
+            Message::Unread { extent, lease, error } => {
+                let bytes = lease.map_or_else(|| direct(extent), Bytes::Staged);
+                (extent, bytes, Some(error))
+            }
             other => return Ok(Some(other)),
         };
         let e = &plan.extents[extent];
         let file = e.file.0;
         if self.copies[file].is_none() || self.checked[extent].load(Ordering::Acquire) {
-            return Ok(Some(back(extent, bytes)));
+            return match unread {
+                Some(error) => Err(error), // not a copy's: the load's error
+                None => Ok(Some(back(extent, bytes))),
+            };
         }
-        let job = Job { extent, file, offset: e.offset, len: e.len, bytes };
+        let job = Job { extent, file, offset: e.offset, len: e.len, bytes, unread };
         let thread = extent % self.inputs.len();
         self.inputs[thread].send(job).map_err(|_| Error::Resource {
             what: "checking a cache copy",
@@ -240,6 +277,7 @@ fn run(copies: &[Option<Arc<Checked>>], checked: &[AtomicBool], mut job: Job) ->
     let Some(copy) = copies[job.file].as_ref() else {
         return Ok(back(job.extent, job.bytes));
     };
+    let unread = job.unread.take();
     let len = job.len as usize;
     let bytes: &mut [u8] = match &mut job.bytes {
         Bytes::Staged(lease) => &mut lease.as_mut_slice()[..len],
@@ -259,7 +297,10 @@ fn run(copies: &[Option<Arc<Checked>>], checked: &[AtomicBool], mut job: Job) ->
             })
         }
     };
-    copy.check(job.offset, bytes)?;
+    match &unread {
+        Some(error) => copy.replace(job.offset, bytes, error)?,
+        None => copy.check(job.offset, bytes)?,
+    }
     checked[job.extent].store(true, Ordering::Release);
     Ok(back(job.extent, job.bytes))
 }
