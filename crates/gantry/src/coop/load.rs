@@ -226,7 +226,7 @@ fn piece_table(checkpoint: &Checkpoint, split: &Split) -> Checkpoint {
 impl Loader {
     /// Loads `checkpoint` onto `device` as one rank of a group of processes, one per GPU: the
     /// ranks split the reads (each byte read from storage by one rank, balanced by bytes and
-    /// spread across volumes; see [`super::split`]) and exchange what they read with NCCL, so
+    /// spread across volumes; see `split`) and exchange what they read with NCCL, so
     /// that every rank ends with every tensor `place` gives it. `place` gives each tensor
     /// whole to every rank (`(r, Share::Whole)` for each `r`) or to none. `on_ready` is called
     /// on this thread as each tensor is complete in this rank's memory.

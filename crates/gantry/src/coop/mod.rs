@@ -5,11 +5,12 @@
 mod agree;
 pub mod comm;
 mod load;
-pub mod placed;
+pub(crate) mod placed;
 mod rounds;
-pub mod split;
+pub(crate) mod split;
 
 pub use comm::{load_nccl, Communicator, UniqueId};
 pub use load::{CoopReport, Cooperation, CooperativeModel, Link};
 pub use nccl_sys::Nccl;
 pub use placed::{CooperativePlacedModel, WINDOW_BYTES};
+pub use split::PIECE_BYTES;

@@ -24,9 +24,7 @@ use crate::plan::{CopyStep, Extent};
 use crate::staging::Lease;
 
 pub(crate) use crate::memory::cuda::cuda_error;
-pub use crate::memory::cuda::{
-    driver_available, ContextGuard, CudaDevice, DeviceBuffer, PinnedHost,
-};
+pub use crate::memory::cuda::{CudaDevice, DeviceBuffer};
 
 /// Copy streams per load: enough to keep both copy engines busy while events are polled.
 pub const STREAMS: usize = 4;
