@@ -112,15 +112,9 @@ impl Loader {
         let failed = failed.into_iter().find_map(Result::err);
         let buffers: Vec<DeviceBuffer> = buffers.into_iter().map(|b| b.expect("ok")).collect();
         let addresses: Vec<u64> = buffers.iter().map(DeviceBuffer::ptr).collect();
-        let (report, coop) = self.run_cooperative(
-            &checkpoint,
-            device,
-            coop,
-            &wanted,
-            &addresses,
-            failed,
-            &mut on_ready,
-        )?;
+        let bases = file_bases(&checkpoint, &addresses);
+        let at = Landing { checkpoint: &checkpoint, device, wanted: &wanted, bases: &bases };
+        let (report, coop) = self.run_cooperative(at, coop, failed, &mut on_ready)?;
         let model =
             DeviceModel::from_parts(checkpoint, buffers, wanted, report, Arc::clone(device));
         Ok(CooperativeModel { model, coop })
@@ -157,29 +151,22 @@ impl Loader {
                 })?;
             }
         }
-        self.run_cooperative(checkpoint, device, coop, wanted, file_buffers, None, &mut on_ready)
+        let bases = file_bases(checkpoint, file_buffers);
+        let at = Landing { checkpoint, device, wanted, bases: &bases };
+        self.run_cooperative(at, coop, None, &mut on_ready)
     }
 
-    /// Reads alone, or splits the reads and exchanges, into the file buffers at `addresses`;
+    /// Reads alone, or splits the reads and exchanges, into the file buffers of `at`;
     /// `failed` is an error this rank already has (told to the others, then returned).
-    #[allow(clippy::too_many_arguments)]
     fn run_cooperative(
         &self,
-        checkpoint: &Checkpoint,
-        device: &Arc<CudaDevice>,
+        at: Landing<'_>,
         coop: Cooperation<'_>,
-        wanted: &[bool],
-        addresses: &[u64],
         failed: Option<Error>,
         on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
     ) -> Result<(LoadReport, CoopReport)> {
         coop.check_rank()?;
-        let bases: Vec<u64> = checkpoint
-            .files
-            .iter()
-            .zip(addresses)
-            .map(|(f, &a)| a.wrapping_sub(f.header.data_offset))
-            .collect();
+        let Landing { checkpoint, device, wanted, .. } = at;
         let comm = match coop.link {
             Link::Nccl(comm) if coop.world > 1 => comm,
             _ => {
@@ -187,8 +174,7 @@ impl Loader {
                     return Err(e);
                 }
                 let reason = coop.alone_reason();
-                return self
-                    .read_alone(checkpoint, device, &coop, wanted, &bases, reason, on_ready);
+                return self.read_alone(at, &coop, reason, on_ready);
             }
         };
         check_comm(comm, &coop)?;
@@ -197,15 +183,7 @@ impl Loader {
         let plan = plan_word(coop.world, coop.piece_bytes, 0, wanted, &volume_of);
         exchange.agree_on(Agreement::new(checkpoint, plan));
         let split = Split::new(checkpoint, wanted, &volume_of, coop.world, coop.piece_bytes);
-        let (mut report, done) = self.cooperate(
-            checkpoint,
-            device,
-            &split,
-            (wanted, &bases),
-            &mut exchange,
-            failed,
-            on_ready,
-        )?;
+        let (mut report, done) = self.cooperate(at, &split, &mut exchange, failed, on_ready)?;
         report.tensor_bytes =
             checkpoint.tensors.iter().zip(wanted).filter(|(_, &w)| w).map(|(t, _)| t.len).sum();
         let mut coop_report = CoopReport::cooperative(comm, &split, &report);
@@ -215,19 +193,16 @@ impl Loader {
         Ok((report, coop_report))
     }
 
-    /// The fallback: this rank reads every tensor it wants on its own (`bases[f]` plus a
-    /// tensor's file offset is its address).
-    #[allow(clippy::too_many_arguments)]
+    /// The fallback: this rank reads every tensor it wants on its own into the buffers of
+    /// `at`.
     fn read_alone(
         &self,
-        checkpoint: &Checkpoint,
-        device: &Arc<CudaDevice>,
+        at: Landing<'_>,
         coop: &Cooperation<'_>,
-        wanted: &[bool],
-        bases: &[u64],
         reason: String,
         on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
     ) -> Result<(LoadReport, CoopReport)> {
+        let Landing { checkpoint, device, wanted, bases } = at;
         log::info!("rank {} of {}: {reason}", coop.rank, coop.world);
         let mut i = 0;
         let target = |t: &TensorEntry| {
@@ -248,21 +223,19 @@ impl Loader {
         Ok((report, coop))
     }
 
-    /// One exchange: reads this rank's pieces of `split` into the buffers at `bases` (plus
-    /// file offsets; `wanted` are the tensors the split covers) while the exchanger runs the
-    /// rounds, and reports each tensor as it is complete here. `failed` is an error this rank
-    /// already has: it is told to the others at the first round, then returned.
-    #[allow(clippy::too_many_arguments)]
+    /// One exchange: reads this rank's pieces of `split` into the buffers of `at` (whose
+    /// `wanted` are the tensors the split covers) while the exchanger runs the rounds, and
+    /// reports each tensor as it is complete here. `failed` is an error this rank already
+    /// has: it is told to the others at the first round, then returned.
     pub(super) fn cooperate(
         &self,
-        checkpoint: &Checkpoint,
-        device: &Arc<CudaDevice>,
+        at: Landing<'_>,
         split: &Split,
-        (wanted, bases): (&[bool], &[u64]),
         exchange: &mut Exchange<'_>,
         failed: Option<Error>,
         on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
     ) -> Result<(LoadReport, Exchanged)> {
+        let Landing { checkpoint, wanted, bases, .. } = at;
         let (rank, world) = (exchange.rank(), exchange.world());
         let mut tally = Tally::new(checkpoint, split, rank);
         let (notes, notes_rx) = mpsc::channel();
@@ -283,9 +256,7 @@ impl Loader {
                 None => {
                     tally.ready_at_once(checkpoint, wanted, bases, on_ready);
                     let mut pipe = Pipe { notes: &notes, heard: &heard, stopped: &mut stopped };
-                    self.read_pieces(
-                        checkpoint, device, split, bases, &mut tally, &mut pipe, on_ready,
-                    )
+                    self.read_pieces(at, split, &mut tally, &mut pipe, on_ready)
                 }
             };
             let tail = Instant::now();
@@ -315,17 +286,15 @@ impl Loader {
 
     /// Runs the pipeline over this rank's pieces of `split`, telling the exchanger as each
     /// lands and handling what it says between pieces.
-    #[allow(clippy::too_many_arguments)]
     fn read_pieces(
         &self,
-        checkpoint: &Checkpoint,
-        device: &Arc<CudaDevice>,
+        at: Landing<'_>,
         split: &Split,
-        bases: &[u64],
         tally: &mut Tally<'_>,
         pipe: &mut Pipe<'_>,
         on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
     ) -> Result<LoadReport> {
+        let Landing { checkpoint, device, bases, .. } = at;
         let rank = tally.rank();
         let pieces = piece_table(checkpoint, split);
         let mine: Vec<bool> = split.pieces.iter().map(|p| p.owner == rank).collect();
@@ -355,6 +324,25 @@ impl Loader {
         self.take_back(lent);
         run
     }
+}
+
+/// Where a rank's reads of a cooperative load land: the checkpoint, this rank's GPU, the
+/// tensors it wants, and per file the device address of the file's byte 0 (`bases[f]` plus a
+/// tensor's file offset is the tensor's address; see [`file_bases`]).
+#[derive(Clone, Copy)]
+pub(super) struct Landing<'a> {
+    pub(super) checkpoint: &'a Checkpoint,
+    pub(super) device: &'a Arc<CudaDevice>,
+    pub(super) wanted: &'a [bool],
+    pub(super) bases: &'a [u64],
+}
+
+/// Per file, the address of its byte 0 when its data section starts at `addresses[f]`
+/// (wrapping: a file with nothing wanted has address 0, and nothing is added to its base).
+pub(super) fn file_bases(checkpoint: &Checkpoint, addresses: &[u64]) -> Vec<u64> {
+    (checkpoint.files.iter().zip(addresses))
+        .map(|(f, &a)| a.wrapping_sub(f.header.data_offset))
+        .collect()
 }
 
 /// The channels between the caller's thread and the exchanger, and whether the exchange

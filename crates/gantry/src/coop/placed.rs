@@ -21,6 +21,7 @@ use gantry_format::{Checkpoint, TensorEntry};
 use super::agree::{plan_word, Agreement};
 use super::comm::Exchange;
 use super::contract::{check_comm, volumes, CoopReport, Cooperation, Link};
+use super::load::Landing;
 use super::split::Split;
 use crate::error::{Error, Result};
 use crate::loader::{LoadReport, Loader};
@@ -253,15 +254,14 @@ impl Windows<'_> {
                 coop.world,
                 coop.piece_bytes,
             );
-            let (report, done) = loader.cooperate(
-                self.checkpoint,
-                self.device,
-                &split,
-                (&window.wanted, &bases),
-                exchange,
-                failed.take(),
-                &mut |_| {},
-            )?;
+            let at = Landing {
+                checkpoint: self.checkpoint,
+                device: self.device,
+                wanted: &window.wanted,
+                bases: &bases,
+            };
+            let (report, done) =
+                loader.cooperate(at, &split, exchange, failed.take(), &mut |_| {})?;
             rounds += split.rounds.len();
             if total.is_none() {
                 first_setup = (window_start.elapsed().as_secs_f64() - report.seconds).max(0.0);
