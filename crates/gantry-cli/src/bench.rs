@@ -15,7 +15,8 @@ use gantry::baseline::{self, Measured, Prefaulted};
 use gantry::{CudaDevice, Loader};
 use serde::Serialize;
 
-use crate::load::{json_files, load_device, load_host, JsonFile};
+use crate::file_report::{json_files, JsonFile};
+use crate::load::{load_device, load_host};
 use crate::options::{Device, LoadOptions};
 use crate::units;
 

@@ -12,8 +12,10 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod check;
 mod demo;
+mod file_report;
 mod inspect;
 mod load;
+mod load_args;
 mod options;
 mod ranks;
 mod synth;
@@ -37,7 +39,7 @@ enum Command {
     /// Print a checkpoint's tensor table, read from its headers alone.
     Inspect(inspect::Args),
     /// Load a checkpoint into host or GPU memory and report how fast.
-    Load(load::Args),
+    Load(load_args::Args),
     /// Measure the disk (or page-cache) ceiling and gantry's load in the same run.
     Bench(bench::Args),
     /// Write a synthetic Llama-3-shaped bf16 checkpoint (sharded, with an index).

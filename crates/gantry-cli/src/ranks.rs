@@ -22,7 +22,8 @@ use gantry::placement::Share;
 use gantry::{CudaDevice, Loader};
 use serde_json::{json, Value};
 
-use crate::load::Args;
+use crate::file_report::json_files;
+use crate::load_args::{placement, warn_unmatched, Args};
 use crate::options::Device;
 use crate::units;
 
@@ -40,9 +41,6 @@ const GRACE: Duration = Duration::from_secs(10);
 /// The most processes `--ranks` starts: one per GPU (GPU ranks are also bounded by the GPUs
 /// present), or host-memory ranks that each load the whole checkpoint.
 pub const RANKS_MAX: usize = 64;
-
-/// The longest `--rank-timeout-s`: a day.
-pub const RANK_TIMEOUT_S_MAX: u64 = 86_400;
 
 /// Bytes this process has fetched from storage so far (`read_bytes` of `/proc/self/io`).
 fn storage_read_bytes() -> Option<u64> {
@@ -274,7 +272,7 @@ pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
     }
     let devices = rank_devices(args, world)?;
     if let Some(shard) = &args.shard {
-        let (_, n) = crate::load::placement(args, shard)?;
+        let (_, n) = placement(args, shard)?;
         if n != world {
             return Err(
                 format!("--shard {shard} places across {n} ranks but --ranks is {world}").into()
@@ -287,7 +285,7 @@ pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
     gpus_present(&devices)?;
     let checkpoint = gantry::open_with(&args.options.path, &args.options.config()?)?;
     if let Some(shard) = &args.shard {
-        crate::load::warn_unmatched(args, shard, &checkpoint);
+        warn_unmatched(args, shard, &checkpoint);
     }
     let link = link(&devices);
     let start = Instant::now();
@@ -539,7 +537,7 @@ fn shares_on_device(
     shard: &gantry::placement::ShardSpec,
     mut beat: impl FnMut(),
 ) -> Result<RankLoad, Box<dyn Error>> {
-    let (place, _) = crate::load::placement(args, shard)?;
+    let (place, _) = placement(args, shard)?;
     let done = loader.load_cooperative_placed(checkpoint, gpu, coop, &place, |_| beat())?;
     let model = done.model;
     let report = model.report().clone();
@@ -626,7 +624,7 @@ pub fn run_rank(args: &Args, me: RankArgs<'_>) -> Result<(), Box<dyn Error>> {
         "seconds": report.seconds, "gb_per_s": report.gb_per_s(),
         "total_seconds": total_seconds, "exchange_tail_seconds": coop.exchange_tail_seconds,
         "read_seconds": coop.read_seconds, "share_copy_seconds": coop.share_copy_seconds,
-        "verified": args.verify, "files": crate::load::json_files(&report),
+        "verified": args.verify, "files": json_files(&report),
     });
     match me.result_file {
         // A file of its own: libraries (NCCL with NCCL_DEBUG set) print on stdout too, even

@@ -12,6 +12,8 @@ pub const STAGING_MIB_MAX: u64 = 64 << 10;
 pub const WINDOW_MIB_MAX: u64 = 1 << 20;
 /// The largest `--piece-mib`: 1 GiB.
 pub const PIECE_MIB_MAX: u64 = 1 << 10;
+/// The longest `--rank-timeout-s`: a day.
+pub const RANK_TIMEOUT_S_MAX: u64 = 86_400;
 /// The most `bench --repeat` measurements.
 pub const REPEAT_MAX: u64 = 100;
 

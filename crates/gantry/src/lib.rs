@@ -4,7 +4,7 @@
 //! A [`Loader`] built from a [`Config`] reads a checkpoint (a `.safetensors` file, a directory
 //! or a `model.safetensors.index.json`) as it is: it parses the headers
 //! ([`gantry_format`]), plans aligned reads of `chunk_bytes` ([`plan`]), chooses a reader per
-//! file ([`schedule`]: io_uring `O_DIRECT` for cold files, threads of buffered `pread` for
+//! file (io_uring `O_DIRECT` for cold files, threads of buffered `pread` for
 //! files in the page cache), and streams the bytes through one staging ring of fixed size
 //! into their destinations, telling the caller as each tensor lands.
 //!
@@ -26,22 +26,22 @@ pub mod baseline;
 pub mod config;
 pub mod coop;
 mod device;
-pub mod error;
+pub(crate) mod error;
 pub mod integrity;
-pub mod interleave;
+pub(crate) mod interleave;
 pub mod io;
 mod loader;
 pub mod memory;
-pub mod pipeline;
+pub(crate) mod pipeline;
 mod placed;
 pub mod placement;
 pub mod plan;
 pub mod profile;
-pub mod schedule;
-pub mod sink;
-pub mod staging;
+pub(crate) mod schedule;
+pub(crate) mod sink;
+pub(crate) mod staging;
 pub mod synth;
-pub mod topology;
+pub(crate) mod topology;
 pub mod trace;
 
 pub use config::{Config, ConfigValues, PathChoice, ReplicateVia};

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use gantry::sink::cuda::driver_available;
+use gantry::memory::cuda::driver_available;
 use gantry::{Checkpoint, Config, CudaDevice, Dtype, Error, Loader, PathChoice};
 use proptest::prelude::*;
 

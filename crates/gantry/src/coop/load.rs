@@ -9,142 +9,21 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use gantry_format::{Checkpoint, Dtype, FileId, TensorEntry};
 
 use super::agree::{plan_word, Agreement};
-use super::comm::{Communicator, Exchange, TIMEOUT};
-use super::placed::WINDOW_BYTES;
+use super::comm::Exchange;
+use super::contract::{check_comm, volumes, CoopReport, Cooperation, Link};
 use super::rounds::{exchanger, Heard, Note, Tally};
-use super::split::{Split, PIECE_BYTES};
+use super::split::Split;
 use crate::device::{DeviceModel, ReadyOnDevice};
 use crate::error::{Error, Result};
 use crate::loader::{LoadReport, Loader};
 use crate::memory::{CudaDevice, DeviceBuffer};
 use crate::placement::Share;
 use crate::sink::cuda::CudaSink;
-
-/// How the ranks of a cooperative load reach each other.
-#[derive(Debug)]
-pub enum Link<'a> {
-    /// Over this communicator (its rank and size are the load's).
-    Nccl(&'a Communicator),
-    /// Not at all: each rank reads everything it needs itself, for the reason given.
-    Alone(String),
-}
-
-/// One rank's part in a cooperative load.
-#[derive(Debug)]
-pub struct Cooperation<'a> {
-    /// This rank.
-    pub rank: usize,
-    /// Ranks in the load.
-    pub world: usize,
-    /// How the ranks reach each other.
-    pub link: Link<'a>,
-    /// Largest piece read by one rank (default [`PIECE_BYTES`]).
-    pub piece_bytes: u64,
-    /// How long a rank waits for the others before it gives up (default [`TIMEOUT`]).
-    pub timeout: Duration,
-    /// Bytes of checkpoint exchanged at a time when ranks keep shares of tensors (default
-    /// [`WINDOW_BYTES`]): each rank holds one window of scratch beside its shares.
-    pub window_bytes: u64,
-}
-
-impl<'a> Cooperation<'a> {
-    /// The ranks of `comm`, exchanging over it.
-    pub fn nccl(comm: &'a Communicator) -> Self {
-        Self {
-            rank: comm.rank(),
-            world: comm.world(),
-            link: Link::Nccl(comm),
-            piece_bytes: PIECE_BYTES,
-            timeout: TIMEOUT,
-            window_bytes: WINDOW_BYTES,
-        }
-    }
-
-    /// Rank `rank` of `world`, reading on its own because of `reason`.
-    pub fn alone(rank: usize, world: usize, reason: impl Into<String>) -> Self {
-        Self {
-            rank,
-            world,
-            link: Link::Alone(reason.into()),
-            piece_bytes: PIECE_BYTES,
-            timeout: TIMEOUT,
-            window_bytes: WINDOW_BYTES,
-        }
-    }
-
-    /// Sets how long a rank waits for the others.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// Sets the largest piece one rank reads.
-    pub fn piece_bytes(mut self, bytes: u64) -> Self {
-        self.piece_bytes = bytes.max(1);
-        self
-    }
-
-    /// An error unless `rank < world`.
-    pub(super) fn check_rank(&self) -> Result<()> {
-        if self.rank >= self.world {
-            let (rank, world) = (self.rank, self.world);
-            return Err(Error::Config(format!("rank {rank} of {world}: no such rank")));
-        }
-        Ok(())
-    }
-
-    /// Why this rank reads on its own (when it does).
-    pub(super) fn alone_reason(&self) -> String {
-        match &self.link {
-            Link::Alone(reason) => format!("each rank reads on its own: {reason}"),
-            Link::Nccl(_) => "world size 1: nothing to share".to_owned(),
-        }
-    }
-
-    /// Sets the bytes exchanged at a time when ranks keep shares of tensors.
-    pub fn window_bytes(mut self, bytes: u64) -> Self {
-        self.window_bytes = bytes.max(1);
-        self
-    }
-}
-
-/// What a cooperative load did on this rank.
-#[derive(Debug, Clone, Default)]
-pub struct CoopReport {
-    /// This rank.
-    pub rank: usize,
-    /// Ranks in the load.
-    pub world: usize,
-    /// Whether the ranks split the reads and exchanged them (else this rank read alone).
-    pub cooperative: bool,
-    /// The communicator used, or why this rank read on its own.
-    pub reason: String,
-    /// Bytes this rank read from storage (its pieces, with alignment).
-    pub read_bytes: u64,
-    /// Bytes of the pieces this rank read and broadcast.
-    pub owned_bytes: u64,
-    /// Bytes received from the other ranks.
-    pub received_bytes: u64,
-    /// Pieces of the whole load.
-    pub pieces: usize,
-    /// Exchange rounds.
-    pub rounds: usize,
-    /// Windows the load went through (tensor-parallel shares: a window of the checkpoint at a
-    /// time is exchanged whole, then each rank keeps its shares of it); 1 for whole tensors.
-    pub windows: usize,
-    /// Seconds from this rank's last read to the end of the exchange (summed over windows).
-    pub exchange_tail_seconds: f64,
-    /// Seconds this rank's pipeline ran, from its first read to its last piece landing
-    /// (summed over windows).
-    pub read_seconds: f64,
-    /// Seconds copying this rank's shares out of the windows.
-    pub share_copy_seconds: f64,
-}
 
 /// A checkpoint loaded cooperatively: this rank's tensors on its GPU, and what it did.
 #[derive(Debug)]
@@ -179,28 +58,6 @@ fn wanted_whole(
     Ok(wanted)
 }
 
-/// Per file, a volume number: files on the same disk share one (object storage: one for all).
-pub(super) fn volumes(checkpoint: &Checkpoint) -> Vec<usize> {
-    use std::os::unix::fs::MetadataExt;
-    let mut names: Vec<String> = Vec::new();
-    checkpoint
-        .files
-        .iter()
-        .map(|f| {
-            let name = if crate::io::object::is_url(&f.path) {
-                "object storage".to_owned()
-            } else {
-                std::fs::metadata(&f.path)
-                    .map_or_else(|_| "unknown".to_owned(), |m| crate::io::probe::disk(m.dev()).0)
-            };
-            names.iter().position(|n| *n == name).unwrap_or_else(|| {
-                names.push(name);
-                names.len() - 1
-            })
-        })
-        .collect()
-}
-
 /// The pieces as a tensor table over the same files (what the pipeline reads).
 fn piece_table(checkpoint: &Checkpoint, split: &Split) -> Checkpoint {
     let tensors = split
@@ -226,7 +83,7 @@ fn piece_table(checkpoint: &Checkpoint, split: &Split) -> Checkpoint {
 impl Loader {
     /// Loads `checkpoint` onto `device` as one rank of a group of processes, one per GPU: the
     /// ranks split the reads (each byte read from storage by one rank, balanced by bytes and
-    /// spread across volumes; see [`super::split`]) and exchange what they read with NCCL, so
+    /// spread across volumes; see `split`) and exchange what they read with NCCL, so
     /// that every rank ends with every tensor `place` gives it. `place` gives each tensor
     /// whole to every rank (`(r, Share::Whole)` for each `r`) or to none. `on_ready` is called
     /// on this thread as each tensor is complete in this rank's memory.
@@ -255,15 +112,9 @@ impl Loader {
         let failed = failed.into_iter().find_map(Result::err);
         let buffers: Vec<DeviceBuffer> = buffers.into_iter().map(|b| b.expect("ok")).collect();
         let addresses: Vec<u64> = buffers.iter().map(DeviceBuffer::ptr).collect();
-        let (report, coop) = self.run_cooperative(
-            &checkpoint,
-            device,
-            coop,
-            &wanted,
-            &addresses,
-            failed,
-            &mut on_ready,
-        )?;
+        let bases = file_bases(&checkpoint, &addresses);
+        let at = Landing { checkpoint: &checkpoint, device, wanted: &wanted, bases: &bases };
+        let (report, coop) = self.run_cooperative(at, coop, failed, &mut on_ready)?;
         let model =
             DeviceModel::from_parts(checkpoint, buffers, wanted, report, Arc::clone(device));
         Ok(CooperativeModel { model, coop })
@@ -300,29 +151,22 @@ impl Loader {
                 })?;
             }
         }
-        self.run_cooperative(checkpoint, device, coop, wanted, file_buffers, None, &mut on_ready)
+        let bases = file_bases(checkpoint, file_buffers);
+        let at = Landing { checkpoint, device, wanted, bases: &bases };
+        self.run_cooperative(at, coop, None, &mut on_ready)
     }
 
-    /// Reads alone, or splits the reads and exchanges, into the file buffers at `addresses`;
+    /// Reads alone, or splits the reads and exchanges, into the file buffers of `at`;
     /// `failed` is an error this rank already has (told to the others, then returned).
-    #[allow(clippy::too_many_arguments)]
     fn run_cooperative(
         &self,
-        checkpoint: &Checkpoint,
-        device: &Arc<CudaDevice>,
+        at: Landing<'_>,
         coop: Cooperation<'_>,
-        wanted: &[bool],
-        addresses: &[u64],
         failed: Option<Error>,
         on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
     ) -> Result<(LoadReport, CoopReport)> {
         coop.check_rank()?;
-        let bases: Vec<u64> = checkpoint
-            .files
-            .iter()
-            .zip(addresses)
-            .map(|(f, &a)| a.wrapping_sub(f.header.data_offset))
-            .collect();
+        let Landing { checkpoint, device, wanted, .. } = at;
         let comm = match coop.link {
             Link::Nccl(comm) if coop.world > 1 => comm,
             _ => {
@@ -330,8 +174,7 @@ impl Loader {
                     return Err(e);
                 }
                 let reason = coop.alone_reason();
-                return self
-                    .read_alone(checkpoint, device, &coop, wanted, &bases, reason, on_ready);
+                return self.read_alone(at, &coop, reason, on_ready);
             }
         };
         check_comm(comm, &coop)?;
@@ -340,15 +183,7 @@ impl Loader {
         let plan = plan_word(coop.world, coop.piece_bytes, 0, wanted, &volume_of);
         exchange.agree_on(Agreement::new(checkpoint, plan));
         let split = Split::new(checkpoint, wanted, &volume_of, coop.world, coop.piece_bytes);
-        let (mut report, done) = self.cooperate(
-            checkpoint,
-            device,
-            &split,
-            (wanted, &bases),
-            &mut exchange,
-            failed,
-            on_ready,
-        )?;
+        let (mut report, done) = self.cooperate(at, &split, &mut exchange, failed, on_ready)?;
         report.tensor_bytes =
             checkpoint.tensors.iter().zip(wanted).filter(|(_, &w)| w).map(|(t, _)| t.len).sum();
         let mut coop_report = CoopReport::cooperative(comm, &split, &report);
@@ -358,19 +193,16 @@ impl Loader {
         Ok((report, coop_report))
     }
 
-    /// The fallback: this rank reads every tensor it wants on its own (`bases[f]` plus a
-    /// tensor's file offset is its address).
-    #[allow(clippy::too_many_arguments)]
+    /// The fallback: this rank reads every tensor it wants on its own into the buffers of
+    /// `at`.
     fn read_alone(
         &self,
-        checkpoint: &Checkpoint,
-        device: &Arc<CudaDevice>,
+        at: Landing<'_>,
         coop: &Cooperation<'_>,
-        wanted: &[bool],
-        bases: &[u64],
         reason: String,
         on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
     ) -> Result<(LoadReport, CoopReport)> {
+        let Landing { checkpoint, device, wanted, bases } = at;
         log::info!("rank {} of {}: {reason}", coop.rank, coop.world);
         let mut i = 0;
         let target = |t: &TensorEntry| {
@@ -391,21 +223,19 @@ impl Loader {
         Ok((report, coop))
     }
 
-    /// One exchange: reads this rank's pieces of `split` into the buffers at `bases` (plus
-    /// file offsets; `wanted` are the tensors the split covers) while the exchanger runs the
-    /// rounds, and reports each tensor as it is complete here. `failed` is an error this rank
-    /// already has: it is told to the others at the first round, then returned.
-    #[allow(clippy::too_many_arguments)]
+    /// One exchange: reads this rank's pieces of `split` into the buffers of `at` (whose
+    /// `wanted` are the tensors the split covers) while the exchanger runs the rounds, and
+    /// reports each tensor as it is complete here. `failed` is an error this rank already
+    /// has: it is told to the others at the first round, then returned.
     pub(super) fn cooperate(
         &self,
-        checkpoint: &Checkpoint,
-        device: &Arc<CudaDevice>,
+        at: Landing<'_>,
         split: &Split,
-        (wanted, bases): (&[bool], &[u64]),
         exchange: &mut Exchange<'_>,
         failed: Option<Error>,
         on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
     ) -> Result<(LoadReport, Exchanged)> {
+        let Landing { checkpoint, wanted, bases, .. } = at;
         let (rank, world) = (exchange.rank(), exchange.world());
         let mut tally = Tally::new(checkpoint, split, rank);
         let (notes, notes_rx) = mpsc::channel();
@@ -426,9 +256,7 @@ impl Loader {
                 None => {
                     tally.ready_at_once(checkpoint, wanted, bases, on_ready);
                     let mut pipe = Pipe { notes: &notes, heard: &heard, stopped: &mut stopped };
-                    self.read_pieces(
-                        checkpoint, device, split, bases, &mut tally, &mut pipe, on_ready,
-                    )
+                    self.read_pieces(at, split, &mut tally, &mut pipe, on_ready)
                 }
             };
             let tail = Instant::now();
@@ -458,17 +286,15 @@ impl Loader {
 
     /// Runs the pipeline over this rank's pieces of `split`, telling the exchanger as each
     /// lands and handling what it says between pieces.
-    #[allow(clippy::too_many_arguments)]
     fn read_pieces(
         &self,
-        checkpoint: &Checkpoint,
-        device: &Arc<CudaDevice>,
+        at: Landing<'_>,
         split: &Split,
-        bases: &[u64],
         tally: &mut Tally<'_>,
         pipe: &mut Pipe<'_>,
         on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
     ) -> Result<LoadReport> {
+        let Landing { checkpoint, device, bases, .. } = at;
         let rank = tally.rank();
         let pieces = piece_table(checkpoint, split);
         let mine: Vec<bool> = split.pieces.iter().map(|p| p.owner == rank).collect();
@@ -500,6 +326,25 @@ impl Loader {
     }
 }
 
+/// Where a rank's reads of a cooperative load land: the checkpoint, this rank's GPU, the
+/// tensors it wants, and per file the device address of the file's byte 0 (`bases[f]` plus a
+/// tensor's file offset is the tensor's address; see [`file_bases`]).
+#[derive(Clone, Copy)]
+pub(super) struct Landing<'a> {
+    pub(super) checkpoint: &'a Checkpoint,
+    pub(super) device: &'a Arc<CudaDevice>,
+    pub(super) wanted: &'a [bool],
+    pub(super) bases: &'a [u64],
+}
+
+/// Per file, the address of its byte 0 when its data section starts at `addresses[f]`
+/// (wrapping: a file with nothing wanted has address 0, and nothing is added to its base).
+pub(super) fn file_bases(checkpoint: &Checkpoint, addresses: &[u64]) -> Vec<u64> {
+    (checkpoint.files.iter().zip(addresses))
+        .map(|(f, &a)| a.wrapping_sub(f.header.data_offset))
+        .collect()
+}
+
 /// The channels between the caller's thread and the exchanger, and whether the exchange
 /// stopped the readers.
 struct Pipe<'a> {
@@ -522,46 +367,6 @@ fn exchange_failure(outcome: Option<Result<()>>) -> Error {
     match outcome {
         Some(Err(e)) => e,
         _ => Error::Internal("the exchange ended before its last round".into()),
-    }
-}
-
-/// The communicator must be the load's rank and size.
-pub(super) fn check_comm(comm: &Communicator, coop: &Cooperation<'_>) -> Result<()> {
-    if (comm.rank(), comm.world()) != (coop.rank, coop.world) {
-        return Err(Error::Config(format!(
-            "the communicator is rank {} of {}, the load rank {} of {}",
-            comm.rank(),
-            comm.world(),
-            coop.rank,
-            coop.world
-        )));
-    }
-    Ok(())
-}
-
-impl CoopReport {
-    /// The report of a cooperative load over `comm` of `split`.
-    pub(super) fn cooperative(comm: &Communicator, split: &Split, load: &LoadReport) -> Self {
-        let rank = comm.rank();
-        CoopReport {
-            rank,
-            world: comm.world(),
-            cooperative: true,
-            reason: format!(
-                "{} ranks split the reads and exchange over {}",
-                comm.world(),
-                comm.describe()
-            ),
-            read_bytes: load.read_bytes,
-            owned_bytes: split.rank_bytes[rank],
-            received_bytes: 0,
-            pieces: split.pieces.len(),
-            rounds: split.rounds.len(),
-            windows: 1,
-            exchange_tail_seconds: 0.0,
-            read_seconds: 0.0,
-            share_copy_seconds: 0.0,
-        }
     }
 }
 

@@ -4,12 +4,15 @@
 
 mod agree;
 pub mod comm;
+mod contract;
 mod load;
-pub mod placed;
+pub(crate) mod placed;
 mod rounds;
-pub mod split;
+pub(crate) mod split;
 
 pub use comm::{load_nccl, Communicator, UniqueId};
-pub use load::{CoopReport, Cooperation, CooperativeModel, Link};
+pub use contract::{CoopReport, Cooperation, Link, WINDOW_BYTES};
+pub use load::CooperativeModel;
 pub use nccl_sys::Nccl;
-pub use placed::{CooperativePlacedModel, WINDOW_BYTES};
+pub use placed::CooperativePlacedModel;
+pub use split::PIECE_BYTES;

@@ -1,10 +1,10 @@
 //! [`Loader::load_cooperative_placed`]: tensor-parallel shares (or any placement) on each rank
 //! of a cooperative load, in bounded memory.
 //!
-//! The wanted tensors are taken a *window* at a time: about [`WINDOW_BYTES`], a slab of every
-//! file (so that files on different volumes are still read side by side). The ranks read and
-//! exchange a window whole, as a whole-tensor load does, into a scratch buffer on each rank;
-//! then every rank copies its shares out of the scratch (one 2-D copy per share) and the
+//! The wanted tensors are taken a *window* at a time: about [`super::WINDOW_BYTES`], a slab of
+//! every file (so that files on different volumes are still read side by side). The ranks read
+//! and exchange a window whole, as a whole-tensor load does, into a scratch buffer on each
+//! rank; then every rank copies its shares out of the scratch (one 2-D copy per share) and the
 //! scratch takes the next window. Each byte is still read from storage by one rank; a rank
 //! holds its shares and one window, whatever the model's size.
 //!
@@ -20,7 +20,8 @@ use gantry_format::{Checkpoint, TensorEntry};
 
 use super::agree::{plan_word, Agreement};
 use super::comm::Exchange;
-use super::load::{check_comm, volumes, CoopReport, Cooperation, Link};
+use super::contract::{check_comm, volumes, CoopReport, Cooperation, Link};
+use super::load::Landing;
 use super::split::Split;
 use crate::error::{Error, Result};
 use crate::loader::{LoadReport, Loader};
@@ -29,9 +30,6 @@ use crate::memory::cuda::cuda_error;
 use crate::memory::{CudaDevice, DeviceBuffer};
 use crate::placed::PlacedDeviceModel;
 use crate::placement::{rows_of, Layout, Share, ShareEntry};
-
-/// Bytes of one window by default (a window holding one tensor larger than this is larger).
-pub const WINDOW_BYTES: u64 = 2 << 30;
 
 /// Alignment of each file's slab in the scratch buffer.
 const SLAB_ALIGN: u64 = 4096;
@@ -256,15 +254,14 @@ impl Windows<'_> {
                 coop.world,
                 coop.piece_bytes,
             );
-            let (report, done) = loader.cooperate(
-                self.checkpoint,
-                self.device,
-                &split,
-                (&window.wanted, &bases),
-                exchange,
-                failed.take(),
-                &mut |_| {},
-            )?;
+            let at = Landing {
+                checkpoint: self.checkpoint,
+                device: self.device,
+                wanted: &window.wanted,
+                bases: &bases,
+            };
+            let (report, done) =
+                loader.cooperate(at, &split, exchange, failed.take(), &mut |_| {})?;
             rounds += split.rounds.len();
             if total.is_none() {
                 first_setup = (window_start.elapsed().as_secs_f64() - report.seconds).max(0.0);

@@ -81,11 +81,13 @@ impl Split {
     }
 
     /// The pieces rank `rank` reads.
+    #[cfg(test)]
     pub fn owned_by(&self, rank: usize) -> impl Iterator<Item = (usize, &Piece)> {
         self.pieces.iter().enumerate().filter(move |(_, p)| p.owner == rank)
     }
 
     /// Bytes of all pieces.
+    #[cfg(test)]
     pub fn total_bytes(&self) -> u64 {
         self.pieces.iter().map(|p| p.len).sum()
     }

@@ -3,7 +3,7 @@
 //!
 //! Where a digest is known from: in the Hugging Face cache a snapshot's files are symlinks to
 //! `blobs/<sha256>`; a `SHA256SUMS` file beside the shards, read as GNU `sha256sum -c` reads
-//! it ([`sums`]; a regular file of at most [`SUMS_BYTES_MAX`] bytes, opened without blocking:
+//! it (`sums`; a regular file of at most [`SUMS_BYTES_MAX`] bytes, opened without blocking:
 //! one that is not, or is malformed, fails the load naming it); for objects, their `sha256`
 //! metadata. With none of these, the load still computes the digest, logs a warning naming the
 //! file and reports that nothing was known to check it against ([`FileCheck::verified`]);
@@ -52,7 +52,7 @@ use sha2::{Digest as _, Sha256};
 
 mod files;
 pub mod states;
-pub mod sums;
+pub(crate) mod sums;
 mod worker;
 
 use crate::error::{Error, Result};
@@ -117,7 +117,7 @@ pub struct Known {
 /// The digest known for local file `path`: the name of the Hugging Face cache blob it links
 /// to, else its line in a `SHA256SUMS` beside it; `None` when neither names it. A
 /// `SHA256SUMS` that is there but is not a regular file, holds more than [`SUMS_BYTES_MAX`]
-/// bytes, cannot be read or is malformed ([`sums`]) is an error naming it: it was put there
+/// bytes, cannot be read or is malformed (`sums`) is an error naming it: it was put there
 /// to be checked against.
 pub fn known_local(path: &Path) -> Result<Option<Known>> {
     if let Ok(target) = std::fs::read_link(path) {

@@ -35,13 +35,9 @@ impl Sums {
     }
 
     /// Names listed.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    /// Whether nothing is listed.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 }
 

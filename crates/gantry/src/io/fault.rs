@@ -1,8 +1,9 @@
 //! Fault injection for the readers' completion handling (TigerBeetle's `storage.zig` idea).
 //!
-//! Both readers pass every read result through the injector before acting on it, so a test can
-//! turn a real result into a short read, `EINTR`, `EAGAIN`, `EIO` or an early end of file at a
-//! chosen offset and watch the real pipeline deal with it.
+//! The two local-file readers (`uring` and `buffered`; not `gds` or `object`) pass every read
+//! result through the injector before acting on it, so a test can turn a real result into a
+//! short read, `EINTR`, `EAGAIN`, `EIO` or an early end of file at a chosen offset and watch
+//! the real pipeline deal with it.
 
 use std::fmt;
 

@@ -6,19 +6,23 @@
 //!   would throw that memory bandwidth away), for file systems without `O_DIRECT` (tmpfs),
 //!   and as the fallback where io_uring is unavailable.
 //!
+//! - `gds`: GPUDirect Storage, `cuFileRead` straight into device memory.
 //! - `object`: ranged GETs from object storage; `cache`: its local write-through copies.
 //!
-//! All report each finished extent to the consumer and share `Completion`, the one place
-//! where a read result becomes "done", "continue", "retry" or an error, so that short reads,
-//! `EINTR`, `EAGAIN` and end of file behave the same in both.
+//! All four report each finished extent to the consumer as a [`Message`]. The two local-file
+//! readers, `uring` and `buffered`, also share `Completion`, the one place where a read result
+//! becomes "done", "continue", "retry" or an error, so that short reads, `EINTR`, `EAGAIN` and
+//! end of file behave the same in both, and only they pass their results through the fault
+//! injector ([`fault`]). `gds` and `object` use neither: cuFile and the object store client
+//! report their own errors, and the fault tests do not reach them.
 
-pub mod buffered;
+pub(crate) mod buffered;
 pub mod cache;
 pub mod fault;
 pub mod gds;
 pub mod object;
 pub mod probe;
-pub mod uring;
+pub(crate) mod uring;
 
 use std::fs::File;
 use std::path::PathBuf;

@@ -12,12 +12,12 @@
 //! tensors and destinations, never in rows, so planning a tensor-parallel load of an
 //! 8-billion-parameter model takes milliseconds.
 //!
-//! [`tp`] holds the tensor-parallel rule by tensor names (`tp:N`); [`ShardSpec`] parses the
+//! [`TensorParallel`] is the tensor-parallel rule by tensor names (`tp:N`); [`ShardSpec`] parses the
 //! rules users type and bounds their destinations ([`DESTINATIONS_MAX`]).
 
 mod rows;
 mod spec;
-pub mod tp;
+pub(crate) mod tp;
 
 use std::collections::BTreeMap;
 
@@ -28,7 +28,7 @@ pub use rows::{Piece, Rows};
 pub use spec::{
     check_destinations, parse_tp_rule, Placement, ShardRule, ShardSpec, DESTINATIONS_MAX,
 };
-pub use tp::{tensor_parallel, Split, TensorParallel};
+pub use tp::{tensor_parallel, Split, TensorParallel, DEFAULT_RULES};
 
 /// A slice of a tensor along one dimension: indices `start..start + len` of dimension `dim`,
 /// everything of the others.

@@ -48,7 +48,7 @@ pub enum ShardRule {
     /// Tensors of two or more dimensions split evenly along this dimension where it divides,
     /// vectors whole (`dimK:N`).
     Dim(usize),
-    /// The tensor-parallel rule by tensor name (`tp:N`, see [`super::tp`]).
+    /// The tensor-parallel rule by tensor name (`tp:N`, see [`super::TensorParallel`]).
     TensorParallel,
 }
 

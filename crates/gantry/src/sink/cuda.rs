@@ -23,13 +23,7 @@ use crate::placement::Place;
 use crate::plan::{CopyStep, Extent};
 use crate::staging::Lease;
 
-pub(crate) use crate::memory::cuda::cuda_error;
-pub use crate::memory::cuda::{
-    driver_available, ContextGuard, CudaDevice, DeviceBuffer, PinnedHost,
-};
-
-/// Copy streams per load: enough to keep both copy engines busy while events are polled.
-pub const STREAMS: usize = 4;
+use crate::memory::cuda::{cuda_error, CudaDevice, DeviceBuffer};
 
 /// Handles sent to the poller thread: one event per GPU the extent was copied to.
 struct Pending {

@@ -9,10 +9,13 @@ use std::thread::JoinHandle;
 
 use cudarc::driver::{result, sys};
 
-use super::cuda::{cuda_error, CudaDevice, DeviceBuffer, STREAMS};
 use crate::error::{Error, Result};
 use crate::memory::copy::{copy_rows, Rows, Source2d};
+use crate::memory::cuda::{cuda_error, CudaDevice, DeviceBuffer};
 use crate::placement::Piece;
+
+/// Copy streams per GPU: enough to keep both copy engines busy while events are polled.
+pub(crate) const STREAMS: usize = 4;
 
 /// A destination GPU of a sink and its copy streams (destroyed on drop, after waiting).
 pub(crate) struct Gpu {

@@ -17,7 +17,7 @@ use crate::io::Message;
 use crate::plan::{CopyStep, Extent};
 use crate::staging::Lease;
 
-pub use crate::memory::host::{file_buffer_layout, HostBuffer, FILE_BUFFER_ALIGN};
+pub use crate::memory::host::{file_buffer_layout, HostBuffer};
 
 /// Per-tensor raw destinations in host memory.
 #[derive(Debug)]
