@@ -21,13 +21,13 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$RES/gpu.t
 CK=$PWD/.trust-ckpt
 echo "== trials"
 tests=$(ls $P/t | grep -v '^gantry-coop$')
-timeout 200 benches/experiments/gpu_trials.sh $P $tests 2>&1 | tee "$RES/trials.txt"
-GANTRY_REQUIRE_GPU=1 timeout 60 $P/t/gantry-coop a_rank_told_to_read_alone --test-threads=1 2>&1 |
+timeout 150 benches/experiments/gpu_trials.sh $P $tests 2>&1 | tee "$RES/trials.txt"
+GANTRY_REQUIRE_GPU=1 timeout 40 $P/t/gantry-coop a_rank_told_to_read_alone --test-threads=1 2>&1 |
   grep -E '^test |test result' | tee -a "$RES/trials.txt"
 echo "== trace overhead"
 DEVICE=cuda:0 ROUNDS=3 GANTRY=$P/bin/gantry KEEP="$RES/llama3-8b-warm.trace.json.gz" \
-  timeout 210 benches/experiments/trace_overhead.sh $CK 2>&1 | tee "$RES/trace.txt"
+  timeout 170 benches/experiments/trace_overhead.sh $CK 2>&1 | tee "$RES/trace.txt"
 echo "== cache"
 WEED=$T/weed DEVICE=cuda:0 ROUNDS=2 GANTRY=$P/bin/gantry OUT=$T/cache \
-  timeout 240 benches/experiments/cache_race.sh $CK 2>&1 | tee "$RES/cache.txt"
+  timeout 180 benches/experiments/cache_race.sh $CK 2>&1 | tee "$RES/cache.txt"
 rm -rf $CK
