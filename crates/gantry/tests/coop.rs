@@ -301,3 +301,51 @@ fn ranks_that_opened_different_versions_fail_naming_the_file() {
         }
     }
 }
+
+/// A hashed cooperative load (`verify_sha256`, digests in a `SHA256SUMS` from an independent
+/// hash): each file is read whole by one rank and hashed there, so every byte is still read
+/// once across the ranks and each file is verified exactly once; a corrupted file fails both
+/// ranks (its reader with the digest mismatch, the other naming that rank).
+#[test]
+fn hashed_cooperative_loads_read_and_verify_each_file_on_one_rank() {
+    use sha2::Digest as _;
+    let dir = common::scratch();
+    let c = checkpoint(dir.path());
+    let sums: String = c
+        .files
+        .iter()
+        .map(|f| {
+            let digest: [u8; 32] = sha2::Sha256::digest(std::fs::read(&f.path).unwrap()).into();
+            let name = f.path.file_name().unwrap().to_str().unwrap();
+            format!("{}  {name}\n", gantry::integrity::to_hex(&digest))
+        })
+        .collect();
+    std::fs::write(dir.path().join("SHA256SUMS"), sums).unwrap();
+    let file_bytes: u64 = c.files.iter().map(|f| f.file_len).sum();
+    let ranks = two_ranks(dir.path(), |_| Config::default().verify_sha256(true));
+    if ranks.is_empty() {
+        return;
+    }
+    let (mut read, mut verified) = (0, vec![0; c.files.len()]);
+    for (done, ready) in &ranks {
+        let done = done.as_ref().unwrap();
+        assert_bit_exact(done, ready);
+        assert!(done.coop.cooperative, "{}", done.coop.reason);
+        read += done.model.report().read_bytes;
+        for (f, file) in done.model.report().files.iter().enumerate() {
+            verified[f] += usize::from(file.integrity.as_ref().is_some_and(|k| k.verified()));
+        }
+    }
+    assert_eq!(verified, vec![1; c.files.len()], "each file verified on one rank");
+    let slack = 2 * 4096 * c.files.len() as u64; // alignment of whole-file reads
+    assert!(read >= file_bytes && read <= file_bytes + slack, "{read} bytes for {file_bytes}");
+    let shard = &c.files[1];
+    let mut bytes = std::fs::read(&shard.path).unwrap();
+    bytes[shard.header.data_offset as usize + 7] ^= 1;
+    std::fs::write(&shard.path, bytes).unwrap();
+    let ranks = two_ranks(dir.path(), |_| Config::default().verify_sha256(true));
+    let failed: Vec<String> =
+        ranks.iter().map(|(d, _)| format!("{:?}", d.as_ref().err())).collect();
+    assert!(failed.iter().any(|e| e.contains("Integrity")), "{failed:?}");
+    assert!(failed.iter().all(|e| e.starts_with("Some(")), "{failed:?}");
+}

@@ -108,16 +108,18 @@ impl Identity {
     }
 }
 
-/// The plan word: what every rank must choose alike for the exchange to line up.
+/// The plan word: what every rank must choose alike for the exchange to line up (`whole_files`:
+/// each file read by one rank, as hashed loads split: [`super::split::Split::whole_files`]).
 pub fn plan_word(
     world: usize,
-    piece_bytes: u64,
-    window_bytes: u64,
+    (piece_bytes, window_bytes): (u64, u64),
+    whole_files: bool,
     wanted: &[bool],
     volumes: &[usize],
 ) -> u64 {
     let mut h = Xxh3::new();
-    for w in [world as u64, piece_bytes, window_bytes, wanted.len() as u64, volumes.len() as u64] {
+    let sizes = [piece_bytes, window_bytes, u64::from(whole_files)];
+    for w in [world as u64, wanted.len() as u64, volumes.len() as u64].into_iter().chain(sizes) {
         h.update(&w.to_le_bytes());
     }
     let bits: Vec<u8> = wanted.iter().map(|&w| u8::from(w)).collect();
@@ -352,13 +354,14 @@ mod tests {
         let id = Identity::of(&a, 5);
         assert_eq!(Identity::from_bytes(&id.to_bytes()), Some(id));
         assert_eq!(Identity::from_bytes(&[0; 12]), None);
-        let base = plan_word(2, 8, 0, &[true, false], &[0, 1]);
+        let base = plan_word(2, (8, 0), false, &[true, false], &[0, 1]);
         for other in [
-            plan_word(3, 8, 0, &[true, false], &[0, 1]),
-            plan_word(2, 16, 0, &[true, false], &[0, 1]),
-            plan_word(2, 8, 4, &[true, false], &[0, 1]),
-            plan_word(2, 8, 0, &[true, true], &[0, 1]),
-            plan_word(2, 8, 0, &[true, false], &[0, 0]),
+            plan_word(3, (8, 0), false, &[true, false], &[0, 1]),
+            plan_word(2, (16, 0), false, &[true, false], &[0, 1]),
+            plan_word(2, (8, 4), false, &[true, false], &[0, 1]),
+            plan_word(2, (8, 0), true, &[true, false], &[0, 1]),
+            plan_word(2, (8, 0), false, &[true, true], &[0, 1]),
+            plan_word(2, (8, 0), false, &[true, false], &[0, 0]),
         ] {
             assert_ne!(base, other);
         }

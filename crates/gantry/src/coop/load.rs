@@ -180,9 +180,17 @@ impl Loader {
         check_comm(comm, &coop)?;
         let mut exchange = Exchange::new(comm, device, coop.timeout)?;
         let volume_of = volumes(checkpoint);
-        let plan = plan_word(coop.world, coop.piece_bytes, 0, wanted, &volume_of);
+        // A hashed load reads each file on one rank (SHA-256 takes a file's bytes in order, in
+        // one place), still each byte once across the ranks.
+        let whole_files = self.config().verify_sha256;
+        let sizes = (coop.piece_bytes, 0);
+        let plan = plan_word(coop.world, sizes, whole_files, wanted, &volume_of);
         exchange.agree_on(Agreement::new(checkpoint, plan));
-        let split = Split::new(checkpoint, wanted, &volume_of, coop.world, coop.piece_bytes);
+        let split = if whole_files {
+            Split::whole_files(checkpoint, wanted, coop.world, coop.piece_bytes)
+        } else {
+            Split::new(checkpoint, wanted, &volume_of, coop.world, coop.piece_bytes)
+        };
         let (mut report, done) = self.cooperate(at, &split, &mut exchange, failed, on_ready)?;
         report.tensor_bytes =
             checkpoint.tensors.iter().zip(wanted).filter(|(_, &w)| w).map(|(t, _)| t.len).sum();

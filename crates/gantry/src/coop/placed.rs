@@ -146,13 +146,8 @@ impl Loader {
         let buffer = device.alloc(own_bytes as usize, "this rank's shares");
         let scratch = device.alloc(scratch_bytes as usize, "the exchange window");
         let mut exchange = Exchange::new(comm, device, coop.timeout)?;
-        let plan = plan_word(
-            coop.world,
-            coop.piece_bytes,
-            coop.window_bytes,
-            &wanted,
-            &volumes(&checkpoint),
-        );
+        let sizes = (coop.piece_bytes, coop.window_bytes);
+        let plan = plan_word(coop.world, sizes, false, &wanted, &volumes(&checkpoint));
         exchange.agree_on(Agreement::new(&checkpoint, plan));
         let (buffer, scratch) = match (buffer, scratch) {
             (Ok(b), Ok(s)) => (b, s),

@@ -80,6 +80,42 @@ impl Split {
         Split { pieces, rounds, rank_bytes }
     }
 
+    /// [`Split::new`] with every file's pieces owned by one rank: for loads that hash each
+    /// file (`verify_sha256`), since SHA-256 takes a file's bytes in order in one place. Each
+    /// byte is still read once across the ranks (the owner reads its files whole, hashing them,
+    /// and broadcasts their pieces); files go largest first to the rank with the fewest bytes so
+    /// far (the lowest on a tie), so ranks stay balanced within one file. A checkpoint of fewer
+    /// files than ranks leaves ranks without reads: hashing one file is one core's work anyway.
+    pub fn whole_files(
+        checkpoint: &Checkpoint,
+        wanted: &[bool],
+        world: usize,
+        piece_bytes: u64,
+    ) -> Split {
+        assert!(world > 0, "a split needs a rank");
+        assert!(piece_bytes > 0, "pieces need bytes");
+        assert_eq!(wanted.len(), checkpoint.tensors.len());
+        let mut pieces = cut(checkpoint, wanted, piece_bytes);
+        let mut file_bytes = vec![0u64; checkpoint.files.len()];
+        for p in &pieces {
+            file_bytes[p.file] += p.len;
+        }
+        let mut order: Vec<usize> = (0..file_bytes.len()).filter(|&f| file_bytes[f] > 0).collect();
+        order.sort_by_key(|&f| (std::cmp::Reverse(file_bytes[f]), f));
+        let mut rank_bytes = vec![0u64; world];
+        let mut owner = vec![0usize; file_bytes.len()];
+        for f in order {
+            let r = (0..world).min_by_key(|&r| (rank_bytes[r], r)).unwrap_or(0);
+            owner[f] = r;
+            rank_bytes[r] += file_bytes[f];
+        }
+        for p in &mut pieces {
+            p.owner = owner[p.file];
+        }
+        let rounds = rounds(&pieces, world);
+        Split { pieces, rounds, rank_bytes }
+    }
+
     /// The pieces rank `rank` reads.
     #[cfg(test)]
     pub fn owned_by(&self, rank: usize) -> impl Iterator<Item = (usize, &Piece)> {
@@ -323,6 +359,38 @@ mod tests {
             let (max, min) = (split.rank_bytes.iter().max(), split.rank_bytes.iter().min());
             assert!(max.unwrap() - min.unwrap() <= largest, "{files:?}: {:?}", split.rank_bytes);
             assert_eq!(split.total_bytes(), wanted_bytes(&c, &wanted));
+        }
+    }
+
+    /// A split for hashed loads: each file read by one rank (SHA-256 needs its bytes in one
+    /// place), every wanted byte still once, ranks balanced within the largest file.
+    #[test]
+    fn whole_files_go_to_one_rank_each_and_stay_balanced() {
+        let cases: &[(&[&[u64]], usize)] = &[
+            (&[&[MIB; 8], &[MIB; 8], &[MIB; 8], &[MIB; 8]], 4),
+            (&[&[5 * MIB, 1], &[3 * MIB], &[2 * MIB], &[MIB; 3], &[7]], 2),
+            (&[&[9 * MIB]], 3),
+            (&[&[MIB; 2], &[MIB; 2]], 4),
+            (&[&[]], 2),
+        ];
+        for (files, world) in cases {
+            let c = checkpoint(files);
+            let wanted = vec![true; c.tensors.len()];
+            let split = Split::whole_files(&c, &wanted, *world, 2 * MIB);
+            check_exactly_once(&c, &wanted, &split);
+            let mut owner_of = vec![None; c.files.len()];
+            for p in &split.pieces {
+                let owner = *owner_of[p.file].get_or_insert(p.owner);
+                assert_eq!(owner, p.owner, "{files:?}: file {} has two owners", p.file);
+            }
+            let largest = (0..c.files.len())
+                .map(|f| c.tensors.iter().filter(|t| t.file.0 == f).map(|t| t.len).sum::<u64>())
+                .max()
+                .unwrap_or(0);
+            let (max, min) = (split.rank_bytes.iter().max(), split.rank_bytes.iter().min());
+            assert!(max.unwrap() - min.unwrap() <= largest, "{files:?}: {:?}", split.rank_bytes);
+            let again = Split::whole_files(&c, &wanted, *world, 2 * MIB);
+            assert_eq!(split, again, "the same split on every rank");
         }
     }
 
