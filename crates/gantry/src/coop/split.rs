@@ -69,11 +69,8 @@ impl Split {
         world: usize,
         piece_bytes: u64,
     ) -> Split {
-        assert!(world > 0, "a split needs a rank");
-        assert!(piece_bytes > 0, "pieces need bytes");
-        assert_eq!(wanted.len(), checkpoint.tensors.len());
         assert_eq!(volume_of.len(), checkpoint.files.len());
-        let mut pieces = cut(checkpoint, wanted, piece_bytes);
+        let mut pieces = cut(checkpoint, wanted, world, piece_bytes);
         let mut rank_bytes = assign(&mut pieces, volume_of, world);
         balance(&mut pieces, &mut rank_bytes);
         let rounds = rounds(&pieces, world);
@@ -92,10 +89,7 @@ impl Split {
         world: usize,
         piece_bytes: u64,
     ) -> Split {
-        assert!(world > 0, "a split needs a rank");
-        assert!(piece_bytes > 0, "pieces need bytes");
-        assert_eq!(wanted.len(), checkpoint.tensors.len());
-        let mut pieces = cut(checkpoint, wanted, piece_bytes);
+        let mut pieces = cut(checkpoint, wanted, world, piece_bytes);
         let mut file_bytes = vec![0u64; checkpoint.files.len()];
         for p in &pieces {
             file_bytes[p.file] += p.len;
@@ -129,9 +123,13 @@ impl Split {
     }
 }
 
-/// Cuts each file's wanted tensors (with bytes) into pieces: consecutive, adjacent tensors up
-/// to `piece_bytes` together, a larger tensor in pieces of its own.
-fn cut(checkpoint: &Checkpoint, wanted: &[bool], piece_bytes: u64) -> Vec<Piece> {
+/// Cuts each file's wanted tensors (with bytes) into pieces for `world` ranks, owner unset:
+/// consecutive, adjacent tensors up to `piece_bytes` together, a larger tensor in pieces of
+/// its own.
+fn cut(checkpoint: &Checkpoint, wanted: &[bool], world: usize, piece_bytes: u64) -> Vec<Piece> {
+    assert!(world > 0, "a split needs a rank");
+    assert!(piece_bytes > 0, "pieces need bytes");
+    assert_eq!(wanted.len(), checkpoint.tensors.len());
     let mut pieces: Vec<Piece> = Vec::new();
     let mut open = false; // whether the last piece may still grow
     for (i, t) in checkpoint.tensors.iter().enumerate() {
