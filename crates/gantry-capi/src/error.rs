@@ -164,6 +164,28 @@ pub(crate) fn out_ptr<T>(ptr: *mut T, what: &str) -> Result<*mut T, CallError> {
     }
 }
 
+/// The body of a getter: borrows `handle` (named `what` in errors), checks `out` (named
+/// `out_what`) and writes there what `get` returns, all inside [`ffi_boundary`]; `out` is
+/// written only on success.
+///
+/// # Safety
+/// `handle` is NULL or points to a live `H`; `out` is NULL or writable.
+pub(crate) unsafe fn get_into<H, T>(
+    (handle, what): (*const H, &str),
+    (out, out_what): (*mut T, &str),
+    get: impl FnOnce(&H) -> Result<T, CallError>,
+) -> gantry_status {
+    ffi_boundary(|| {
+        // SAFETY: per the contract.
+        let handle = unsafe { in_ref(handle, what)? };
+        let out = out_ptr(out, out_what)?;
+        let value = get(handle)?;
+        // SAFETY: checked non-NULL; writable per the contract.
+        unsafe { out.write(value) };
+        Ok(())
+    })
+}
+
 /// Borrows an input handle.
 ///
 /// # Safety

@@ -190,14 +190,10 @@ pub unsafe extern "C" fn gantry_model_tensor_count(
     model: *const gantry_model,
     count_out: *mut usize,
 ) -> gantry_status {
-    ffi_boundary(|| {
-        // SAFETY: per the contract.
-        let model = unsafe { error::in_ref(model, "model")? };
-        let out = error::out_ptr(count_out, "count_out")?;
-        // SAFETY: checked non-NULL.
-        unsafe { out.write(model.tensors.len()) };
-        Ok(())
-    })
+    // SAFETY: per the contract.
+    unsafe {
+        error::get_into((model, "model"), (count_out, "count_out"), |model| Ok(model.tensors.len()))
+    }
 }
 
 /// The loaded tensor at `position` (0 to count - 1, file and offset order).

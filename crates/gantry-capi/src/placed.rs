@@ -316,14 +316,12 @@ pub unsafe extern "C" fn gantry_placed_destinations(
     placed: *const gantry_placed,
     count_out: *mut usize,
 ) -> gantry_status {
-    ffi_boundary(|| {
-        // SAFETY: per the contract.
-        let placed = unsafe { error::in_ref(placed, "placed")? };
-        let out = error::out_ptr(count_out, "count_out")?;
-        // SAFETY: checked non-NULL.
-        unsafe { out.write(placed.shares.len()) };
-        Ok(())
-    })
+    // SAFETY: per the contract.
+    unsafe {
+        error::get_into((placed, "placed"), (count_out, "count_out"), |placed| {
+            Ok(placed.shares.len())
+        })
+    }
 }
 
 /// The number of shares destination `destination` holds.

@@ -5,7 +5,7 @@
 
 use std::ffi::{c_char, CString};
 
-use crate::error::{self, ffi_boundary, gantry_status, CallError};
+use crate::error::{self, gantry_status, CallError};
 use crate::model::gantry_model;
 use crate::placed::gantry_placed;
 
@@ -89,14 +89,12 @@ pub unsafe extern "C" fn gantry_model_file_count(
     model: *const gantry_model,
     count_out: *mut usize,
 ) -> gantry_status {
-    ffi_boundary(|| {
-        // SAFETY: per the contract.
-        let model = unsafe { error::in_ref(model, "model")? };
-        let out = error::out_ptr(count_out, "count_out")?;
-        // SAFETY: checked non-NULL.
-        unsafe { out.write(model.sha256.states.len()) };
-        Ok(())
-    })
+    // SAFETY: per the contract.
+    unsafe {
+        error::get_into((model, "model"), (count_out, "count_out"), |model| {
+            Ok(model.sha256.states.len())
+        })
+    }
 }
 
 /// Whether file `file` (0 to the file count - 1) of the load that made `model` had its SHA-256
@@ -110,15 +108,10 @@ pub unsafe extern "C" fn gantry_model_file_sha256(
     file: usize,
     check_out: *mut gantry_file_sha256,
 ) -> gantry_status {
-    ffi_boundary(|| {
-        // SAFETY: per the contract.
-        let model = unsafe { error::in_ref(model, "model")? };
-        let out = error::out_ptr(check_out, "check_out")?;
-        let check = model.sha256.get(file)?;
-        // SAFETY: checked non-NULL.
-        unsafe { out.write(check) };
-        Ok(())
-    })
+    // SAFETY: per the contract.
+    unsafe {
+        error::get_into((model, "model"), (check_out, "check_out"), |model| model.sha256.get(file))
+    }
 }
 
 /// Files of the checkpoint `placed` was loaded from.
@@ -130,14 +123,12 @@ pub unsafe extern "C" fn gantry_placed_file_count(
     placed: *const gantry_placed,
     count_out: *mut usize,
 ) -> gantry_status {
-    ffi_boundary(|| {
-        // SAFETY: per the contract.
-        let placed = unsafe { error::in_ref(placed, "placed")? };
-        let out = error::out_ptr(count_out, "count_out")?;
-        // SAFETY: checked non-NULL.
-        unsafe { out.write(placed.sha256.states.len()) };
-        Ok(())
-    })
+    // SAFETY: per the contract.
+    unsafe {
+        error::get_into((placed, "placed"), (count_out, "count_out"), |placed| {
+            Ok(placed.sha256.states.len())
+        })
+    }
 }
 
 /// [`gantry_model_file_sha256`] for a placed checkpoint.
@@ -150,13 +141,10 @@ pub unsafe extern "C" fn gantry_placed_file_sha256(
     file: usize,
     check_out: *mut gantry_file_sha256,
 ) -> gantry_status {
-    ffi_boundary(|| {
-        // SAFETY: per the contract.
-        let placed = unsafe { error::in_ref(placed, "placed")? };
-        let out = error::out_ptr(check_out, "check_out")?;
-        let check = placed.sha256.get(file)?;
-        // SAFETY: checked non-NULL.
-        unsafe { out.write(check) };
-        Ok(())
-    })
+    // SAFETY: per the contract.
+    unsafe {
+        error::get_into((placed, "placed"), (check_out, "check_out"), |placed| {
+            placed.sha256.get(file)
+        })
+    }
 }
