@@ -48,20 +48,6 @@ fn config_at(endpoint: &str) -> Config {
         .staging_bytes(8 * (64 << 10))
 }
 
-/// Whether this runs as root; when not, a failure unless `GANTRY_SKIP_ROOT_TESTS=1`.
-fn root_or_skip(what: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var("GANTRY_SKIP_ROOT_TESTS").as_deref() == Ok("1"),
-        "{what} needs root: run the tests as root, or set GANTRY_SKIP_ROOT_TESTS=1 to skip it"
-    );
-    println!("skipped: {what} needs root (GANTRY_SKIP_ROOT_TESTS=1)");
-    false
-}
-
 /// The copies in cache `dir`.
 fn copies(dir: &Path) -> Vec<PathBuf> {
     files_under(&dir.join("objects"))

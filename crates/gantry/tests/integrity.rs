@@ -14,16 +14,6 @@ use std::time::Duration;
 use common::*;
 use gantry::{Config, Dtype, Error, Loader, PathChoice};
 
-/// `sha256sum FILE`'s digest.
-fn sha256sum(path: &Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum (coreutils) must be installed: apt-get install coreutils");
-    assert!(out.status.success(), "sha256sum {}", path.display());
-    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
-}
-
 /// Writes `SHA256SUMS` beside `files` (in `dir`) with `sha256sum`'s own output.
 fn write_sums(dir: &Path, names: &[&str]) {
     let out = Command::new("sha256sum").args(names).current_dir(dir).output().unwrap();

@@ -22,17 +22,6 @@ const SEGMENT_BYTES: u64 = 65 * 64;
 /// Hang guard: a load that reads a FIFO would never return.
 const DEADLINE: Duration = Duration::from_secs(120);
 
-fn sha256sum(path: &Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum (coreutils) must be installed: apt-get install coreutils");
-    assert!(out.status.success(), "sha256sum {}", path.display());
-    let line = String::from_utf8(out.stdout).unwrap();
-    // A name with a backslash makes the line start with one (an escaped name).
-    line.trim_start_matches('\\').split_whitespace().next().unwrap().to_owned()
-}
-
 /// `sha256sum ARGS NAME` in `dir`, as `SHA256SUMS` there.
 fn write_sums(dir: &Path, args: &[&str], name: &str) {
     let out = Command::new("sha256sum").args(args).arg(name).current_dir(dir).output().unwrap();
@@ -155,13 +144,7 @@ fn records_writable_by_others_or_owned_by_another_user_are_not_used() {
     assert_eq!(load(config(cache.path()), dir.path()).unwrap().hashing, Some(recorded()));
     assert_eq!(mode(&record), 0o600);
     assert!(parallel(&load(config(cache.path()), dir.path()).unwrap().hashing.unwrap()));
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var("GANTRY_SKIP_ROOT_TESTS").as_deref() == Ok("1"),
-            "a record owned by another user needs root to set up: run as root, or set GANTRY_SKIP_ROOT_TESTS=1"
-        );
-        println!("skipped: a record owned by another user needs root (GANTRY_SKIP_ROOT_TESTS=1)");
+    if !root_or_skip("a record owned by another user") {
         return;
     }
     std::os::unix::fs::chown(&record, Some(65534), Some(65534)).unwrap();

@@ -11,20 +11,6 @@ use std::time::Duration;
 
 use gantry::{Checkpoint, Config, Dtype, Loader, PathChoice, ReaderKind};
 
-/// Whether this test may run: root, or a failure that says how to run it (or skip it).
-fn root_or_skip(what: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var("GANTRY_SKIP_ROOT_TESTS").as_deref() == Ok("1"),
-        "{what} needs root: run the tests as root (sudo -E cargo test ...), or set GANTRY_SKIP_ROOT_TESTS=1 to skip it"
-    );
-    println!("skipped: {what} needs root (GANTRY_SKIP_ROOT_TESTS=1)");
-    false
-}
-
 fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| {
         panic!("{cmd} could not be started ({e}): install it (apt-get install util-linux e2fsprogs mount)")
@@ -120,7 +106,7 @@ fn write_sharded(root: &Path, mounts: &[PathBuf], tensors: usize, elems: usize) 
 
 #[test]
 fn every_volume_is_read_at_once() {
-    if !root_or_skip("loading from several loop volumes") {
+    if !common::root_or_skip("loading from several loop volumes") {
         return;
     }
     let dir = common::scratch();
@@ -183,7 +169,7 @@ fn probe_child() {
 #[test]
 fn cold_and_hot_files_as_a_user_who_does_not_own_them() {
     use std::os::unix::fs::PermissionsExt;
-    if !root_or_skip("reading as another user") {
+    if !common::root_or_skip("reading as another user") {
         return;
     }
     // Under the system's temporary directory, which every user may enter.

@@ -250,3 +250,30 @@ pub fn small_llama(dir: &Path, seed: u64) -> Checkpoint {
     gantry::synth::write_checkpoint(dir, &spec, seed).unwrap();
     gantry::open(dir).unwrap()
 }
+
+/// Whether this test may run: root, or a failure that says how to run it (or skip it with
+/// `GANTRY_SKIP_ROOT_TESTS=1`, then `false` and a line saying so).
+pub fn root_or_skip(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("GANTRY_SKIP_ROOT_TESTS").as_deref() == Ok("1"),
+        "{what} needs root: run the tests as root (sudo -E cargo test ...), or set GANTRY_SKIP_ROOT_TESTS=1 to skip it"
+    );
+    println!("skipped: {what} needs root (GANTRY_SKIP_ROOT_TESTS=1)");
+    false
+}
+
+/// `sha256sum FILE`'s digest (coreutils: the reference the engine's SHA-256 is checked with).
+pub fn sha256sum(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum (coreutils) must be installed: apt-get install coreutils");
+    assert!(out.status.success(), "sha256sum {}", path.display());
+    let line = String::from_utf8(out.stdout).unwrap();
+    // A name with a backslash makes the line start with one (an escaped name).
+    line.trim_start_matches('\\').split_whitespace().next().unwrap().to_owned()
+}
