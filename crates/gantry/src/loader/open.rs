@@ -59,6 +59,7 @@ impl Loader {
         files.remote = vec![None; checkpoint.files.len()];
         files.copies = vec![None; checkpoint.files.len()];
         let mut choices = vec![None; checkpoint.files.len()];
+        let mut cache = crate::io::cache::Opened::default();
         for (f, info) in checkpoint.files.iter().enumerate() {
             let needed = checkpoint
                 .tensors
@@ -69,7 +70,7 @@ impl Loader {
                 continue;
             }
             choices[f] = Some(if crate::io::object::is_url(&info.path) {
-                self.open_object(f, info, target, &mut files)?
+                self.open_object(f, info, target, &mut files, &mut cache)?
             } else {
                 self.open_local(f, &info.path, None, info, target, &mut files)?
             });
@@ -105,6 +106,7 @@ impl Loader {
         info: &gantry_format::FileInfo,
         target: Target,
         files: &mut Files,
+        opened: &mut crate::io::cache::Opened,
     ) -> Result<FileChoice> {
         use crate::io::cache;
         use crate::io::object;
@@ -113,7 +115,8 @@ impl Loader {
         if let Some(dir) = &self.config.cache_dir {
             let identity = object.cache_identity();
             let shared = self.config.cache_shared;
-            let (cache, found) = cache::open_and_find(dir, shared, identity.clone(), object.size);
+            let (cache, found) =
+                cache::open_and_find(dir, shared, opened, identity.clone(), object.size);
             match (found, cache, identity) {
                 (cache::Lookup::Hit(copy), Some(cache), _) => {
                     return self.open_copy(f, info, target, files, copy, object, cache);

@@ -395,48 +395,71 @@ pub struct Copy {
     pub size: u64,
 }
 
-/// Opens the cache at `dir`, removes what killed writers left, and looks for `identity`'s
-/// copy: on a thread of its own, waited for at most [`LOOKUP_WAIT`], so that a cache whose
-/// file system hangs costs a warning, not the load. The open cache (to write a copy into),
-/// and what was found.
+/// The cache as one load found it: opened (and swept) at the load's first object and shared
+/// by the rest, or why it is not used, so that a cache whose file system hangs or refuses costs
+/// one bounded wait and one warning per load, not one per object.
+#[derive(Debug, Default)]
+pub enum Opened {
+    /// Not looked at yet.
+    #[default]
+    NotYet,
+    /// Open.
+    Open(Arc<CacheDir>),
+    /// Not used for the rest of the load, and why.
+    Unusable(String),
+}
+
+/// Looks for `identity`'s copy in the cache at `dir`, opening it first (and removing what
+/// killed writers left) when `opened` says this load has not yet: on a thread of its own,
+/// waited for at most [`LOOKUP_WAIT`], so that a cache whose file system hangs costs a
+/// warning, not the load. The open cache (to write a copy into), and what was found.
 pub fn open_and_find(
     dir: &Path,
     shared: bool,
+    opened: &mut Opened,
     identity: Option<Identity>,
     size: u64,
 ) -> (Option<Arc<CacheDir>>, Lookup) {
+    let known = match opened {
+        Opened::Unusable(why) => return (None, Lookup::Miss(format!("not cached: {why}"))),
+        Opened::Open(cache) => Some(Arc::clone(cache)),
+        Opened::NotYet => None,
+    };
     let (tx, rx) = std::sync::mpsc::channel();
     let path = dir.to_path_buf();
     let spawned = std::thread::Builder::new().name("gantry-cache".to_owned()).spawn(move || {
-        let result = CacheDir::open(&path, shared).map(|cache| {
-            cache.sweep();
+        let cache = match known {
+            Some(cache) => Ok(cache),
+            None => CacheDir::open(&path, shared).map(|cache| {
+                cache.sweep();
+                Arc::new(cache)
+            }),
+        };
+        let result = cache.map(|cache| {
             let found = match &identity {
                 Some(identity) => cache.find(identity, size),
                 None => Lookup::Miss("the object has no ETag or generation".to_owned()),
             };
-            (Arc::new(cache), found)
+            (cache, found)
         });
         let _ = tx.send(result);
     });
-    if let Err(e) = spawned {
-        return (None, Lookup::Miss(format!("not cached: starting the cache's thread: {e}")));
-    }
-    match rx.recv_timeout(LOOKUP_WAIT) {
-        Ok(Ok((cache, found))) => (Some(cache), found),
-        Ok(Err(e)) => {
-            log::warn!("cache: {e}; the load goes on without the cache");
-            (None, Lookup::Miss(format!("not cached: {e}")))
+    let why = match spawned.map(|_| rx.recv_timeout(LOOKUP_WAIT)) {
+        Ok(Ok(Ok((cache, found)))) => {
+            *opened = Opened::Open(Arc::clone(&cache));
+            return (Some(cache), found);
         }
-        Err(_) => {
-            let why = format!(
-                "the cache at {} did not answer within {} s",
-                dir.display(),
-                LOOKUP_WAIT.as_secs()
-            );
-            log::warn!("cache: {why}; the load goes on without the cache");
-            (None, Lookup::Miss(format!("not cached: {why}")))
-        }
-    }
+        Ok(Ok(Err(e))) => e,
+        Ok(Err(_)) => format!(
+            "the cache at {} did not answer within {} s",
+            dir.display(),
+            LOOKUP_WAIT.as_secs()
+        ),
+        Err(e) => format!("starting the cache's thread: {e}"),
+    };
+    log::warn!("cache: {why}; the load goes on without the cache");
+    *opened = Opened::Unusable(why.clone());
+    (None, Lookup::Miss(format!("not cached: {why}")))
 }
 
 #[cfg(test)]

@@ -384,3 +384,28 @@ fn files_and_dirs(root: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// One load opens (and sweeps) its cache once: later objects reuse the open cache, and a
+/// cache that could not be used is not tried again (one warning, one bounded wait per load).
+#[test]
+fn a_load_opens_its_cache_once_and_remembers_a_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c");
+    let mut opened = Opened::default();
+    let (cache, _) = open_and_find(&path, false, &mut opened, Some(identity("a", 10)), 10);
+    assert!(cache.is_some() && matches!(opened, Opened::Open(_)), "{opened:?}");
+    // The path no longer opens as a cache; the load's open one still serves.
+    std::fs::rename(&path, dir.path().join("moved")).unwrap();
+    std::fs::write(&path, b"not a directory").unwrap();
+    let (cache, found) = open_and_find(&path, false, &mut opened, Some(identity("b", 10)), 10);
+    assert!(cache.is_some(), "{found:?}");
+    // A new load finds it unusable, and says so again for its next object without retrying.
+    let mut opened = Opened::default();
+    let (cache, _) = open_and_find(&path, false, &mut opened, Some(identity("a", 10)), 10);
+    assert!(cache.is_none() && matches!(opened, Opened::Unusable(_)), "{opened:?}");
+    std::fs::remove_file(&path).unwrap();
+    let (cache, found) = open_and_find(&path, false, &mut opened, Some(identity("b", 10)), 10);
+    assert!(cache.is_none(), "a refused cache was tried again");
+    assert!(matches!(&found, Lookup::Miss(why) if why.starts_with("not cached: ")), "{found:?}");
+    assert!(!path.exists(), "the refused cache was opened (and created) again");
+}
