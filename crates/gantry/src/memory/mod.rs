@@ -5,6 +5,8 @@
 pub(crate) mod copy;
 pub mod cuda;
 pub mod host;
+pub mod ipc;
 
 pub use cuda::{CudaDevice, DeviceBuffer, PinnedHost};
 pub use host::HostBuffer;
+pub use ipc::{ImportedBuffer, IpcHandle};
