@@ -210,3 +210,64 @@ fn cold_and_hot_files_as_a_user_who_does_not_own_them() {
     let (reader, facts) = child();
     assert_eq!(reader, "buffered", "hot file as another user: {facts}");
 }
+
+/// A blkio cgroup (cgroup v1) whose reads from one block device are capped at `bps`; the
+/// calling thread joins it (threads it spawns afterwards inherit it) and leaves on drop.
+struct Throttle {
+    dir: PathBuf,
+}
+
+impl Throttle {
+    fn join(device: &str, bps: u64) -> Self {
+        let root = Path::new("/sys/fs/cgroup/blkio");
+        assert!(
+            root.join("tasks").exists(),
+            "no cgroup v1 blkio hierarchy at {}: this test throttles a loop volume with \
+             blkio.throttle.read_bps_device (mount -t cgroup -o blkio cgroup {0})",
+            root.display()
+        );
+        let dir = root.join(format!("gantry-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let name = Path::new(device).file_name().unwrap();
+        let dev = std::fs::read_to_string(Path::new("/sys/block").join(name).join("dev")).unwrap();
+        std::fs::write(dir.join("blkio.throttle.read_bps_device"), format!("{} {bps}", dev.trim()))
+            .unwrap();
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        std::fs::write(dir.join("tasks"), tid.to_string()).unwrap();
+        Throttle { dir }
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let _ = std::fs::write("/sys/fs/cgroup/blkio/tasks", tid.to_string());
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// A cold load from a volume that serves 24 MB/s is bound by storage, and the verdict says so
+/// from the load's own timeline (reads in flight while nothing downstream waits).
+#[test]
+fn a_cold_load_from_a_throttled_volume_is_bound_by_storage() {
+    if !common::root_or_skip("throttling a loop volume (blkio cgroup)") {
+        return;
+    }
+    let dir = common::scratch();
+    let volumes = Volumes::new(dir.path(), 1, 96);
+    let index = write_sharded(dir.path(), &volumes.mounts, 8, 2 << 20); // 32 MiB
+    let trace = dir.path().join("throttled.json");
+    let config = Config::default().path(PathChoice::Direct).trace(&trace);
+    let loader = Loader::new(config).unwrap();
+    let model = {
+        let _throttle = Throttle::join(&volumes.loops[0], 24 << 20);
+        loader.load(&index).unwrap()
+    };
+    common::assert_matches_reference(&model, 8);
+    assert_eq!(model.report().files[0].reader, Some(ReaderKind::Direct));
+    let verdict = model.report().bound_by.clone().expect("a traced load has a verdict");
+    assert_eq!(verdict.bound, gantry::trace::Bound::Storage, "{verdict}");
+    assert!(std::fs::metadata(&trace).unwrap().len() > 0);
+}
