@@ -1,0 +1,11 @@
+//! Memory and devices: host buffers, device buffers, page-locked staging and the CUDA
+//! device/context (`driver`), and the 2-D copies of strided slices (`copy`). Below the
+//! engine's readers and sinks, so that readers know nothing of destinations and both share
+//! one definition of each; the one place that calls the CUDA driver.
+
+pub(crate) mod copy;
+pub mod driver;
+pub mod host;
+
+pub use driver::{CudaDevice, DeviceBuffer, PinnedHost};
+pub use host::HostBuffer;
