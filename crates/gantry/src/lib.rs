@@ -8,6 +8,13 @@
 //! files in the page cache), and streams the bytes through one staging ring of fixed size
 //! into their destinations, telling the caller as each tensor lands.
 //!
+//! The source follows the data path, top-down: `api` (the [`Loader`] and what it hands back),
+//! [`source`] (local files probed, object storage, its cache), [`plan`] (extents, the reader
+//! per file, placement; pure), `engine` (files opened, readers, the staging ring, the
+//! pipeline, sinks), [`cuda`] (device and host memory, the driver) beneath them, and
+//! [`integrity`], [`coop`] (ranks that split the reads) and [`trace`] beside them. [`io`] and
+//! [`memory`] keep the paths the bindings use; [`synth`] and [`baseline`] are tools apart.
+//!
 //! ```no_run
 //! use gantry::{Config, Loader};
 //!

@@ -1,4 +1,6 @@
-//! Readers, and the probes that decide which one a file gets.
+//! Readers: each fills staging buffers (or destinations) with the extents of its files and
+//! reports them to the pipeline. The probes that decide which one a file gets, and the
+//! object store and cache the object reader fetches through, are sources (`source/`).
 //!
 //! - `uring`: io_uring with `O_DIRECT` into registered staging buffers. The cold-file path:
 //!   no page-cache copy, few large requests, a fixed queue depth.
@@ -7,7 +9,8 @@
 //!   and as the fallback where io_uring is unavailable.
 //!
 //! - `gds`: GPUDirect Storage, `cuFileRead` straight into device memory.
-//! - `object`: ranged GETs from object storage; `cache`: its local write-through copies.
+//! - `object` (in `source/`): ranged GETs from object storage; `cache`: its local
+//!   write-through copies.
 //!
 //! All four report each finished extent to the consumer as a [`Message`]. The two local-file
 //! readers, `uring` and `buffered`, also share `Completion`, the one place where a read result
