@@ -7,8 +7,8 @@ use std::fmt;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use crate::engine::read::fault::FaultInjector;
 use crate::error::{Error, Result};
-use crate::io::fault::FaultInjector;
 
 /// Which reader a load uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -250,12 +250,12 @@ impl Config {
     }
     /// Request size and queue depth for a class of volume (`gp3`, `io2`, `nvme`); staging
     /// grows to hold the queue if it must. `auto` (the default) measures the volume under the
-    /// first file read with `O_DIRECT` and picks (see [`crate::profile::pick`]).
-    pub fn profile(mut self, profile: crate::profile::VolumeProfile) -> Self {
+    /// first file read with `O_DIRECT` and picks (see [`crate::plan::profile::pick`]).
+    pub fn profile(mut self, profile: crate::plan::profile::VolumeProfile) -> Self {
         let (chunk_bytes, queue_depth) = profile.settings();
         self.chunk_bytes = chunk_bytes;
         self.queue_depth = queue_depth;
-        self.measure_volume = profile == crate::profile::VolumeProfile::Auto;
+        self.measure_volume = profile == crate::plan::profile::VolumeProfile::Auto;
         self.staging_bytes = self.staging_bytes.max(chunk_bytes * queue_depth);
         self
     }
@@ -313,7 +313,7 @@ impl Config {
         self
     }
     /// A local directory that keeps a copy of every object a load reads (see
-    /// [`crate::io::cache`]): a load from object storage writes each object there as it
+    /// [`crate::source::cache`]): a load from object storage writes each object there as it
     /// streams (objects are then read whole), and a later load reads the copy with the local
     /// readers once a HEAD shows the object unchanged. A cache that cannot be written costs a
     /// warning, never the load. Default: none.
@@ -325,7 +325,7 @@ impl Config {
     /// (setgid: everything in them takes the cache directory's group) and copies `0640`, and
     /// copies written by any member of that group are trusted. Default off: directories
     /// `0700`, copies `0600`, and only copies owned by the caller (or root) are read. See
-    /// [`crate::io::cache`].
+    /// [`crate::source::cache`].
     pub fn cache_shared(mut self, on: bool) -> Self {
         self.cache_shared = on;
         self
@@ -448,7 +448,7 @@ impl Config {
             ));
         }
         for (key, value) in &self.object_options {
-            crate::io::object::settings::check_option(key, value)?;
+            crate::source::object::settings::check_option(key, value)?;
         }
         if !(1..=QUEUE_DEPTH_MAX).contains(&self.object_concurrency) {
             return bad(format!(

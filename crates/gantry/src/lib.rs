@@ -8,6 +8,13 @@
 //! files in the page cache), and streams the bytes through one staging ring of fixed size
 //! into their destinations, telling the caller as each tensor lands.
 //!
+//! The source follows the data path, top-down: `api` (the [`Loader`] and what it hands back),
+//! [`source`] (local files probed, object storage, its cache), [`plan`] (extents, the reader
+//! per file, placement; pure), `engine` (files opened, readers, the staging ring, the
+//! pipeline, sinks), [`cuda`] (device and host memory, the driver) beneath them, and
+//! [`integrity`], [`coop`] (ranks that split the reads) and [`trace`] beside them. [`io`] and
+//! [`memory`] keep the paths the bindings use; [`synth`] and [`baseline`] are tools apart.
+//!
 //! ```no_run
 //! use gantry::{Config, Loader};
 //!
@@ -22,42 +29,51 @@
 
 #![warn(missing_docs)]
 
-pub mod baseline;
+mod api;
 pub mod config;
 pub mod coop;
-mod device;
+pub mod cuda;
+pub(crate) mod engine;
 pub(crate) mod error;
 pub mod integrity;
-pub(crate) mod interleave;
-pub mod io;
-mod loader;
-pub mod memory;
-pub(crate) mod pipeline;
-mod placed;
-pub mod placement;
 pub mod plan;
-pub mod profile;
-pub(crate) mod schedule;
-pub(crate) mod sink;
-pub(crate) mod staging;
-pub mod synth;
-pub(crate) mod topology;
+pub mod source;
+mod tools;
 pub mod trace;
 
+pub use api::device::{DeviceModel, DeviceTensor, ReadyOnDevice};
+pub use api::loader::{FileReport, HostModel, HostTensor, LoadReport, Loader, Ready};
+pub use api::placed::{Placed, PlacedDeviceModel, PlacedDeviceTensor, PlacedModel, PlacedTensor};
 pub use config::{Config, ConfigValues, PathChoice, ReplicateVia};
-pub use device::{DeviceModel, DeviceTensor, ReadyOnDevice};
+pub use cuda::CudaDevice;
 pub use error::{Error, Result};
 pub use gantry_format::{
     Checkpoint, Dtype, ErrorKind as FormatErrorKind, FileId, FileInfo, FormatError, TensorEntry,
 };
-pub use loader::{FileReport, HostModel, HostTensor, LoadReport, Loader, Ready};
-pub use memory::CudaDevice;
-pub use placed::{Placed, PlacedDeviceModel, PlacedDeviceTensor, PlacedModel, PlacedTensor};
-pub use schedule::ReaderKind;
+pub use plan::schedule::ReaderKind;
+pub use plan::{placement, profile};
+pub use tools::{baseline, synth};
+
+/// The modules of readers and sources under the paths the bindings, tests and benches name:
+/// fault injection and cuFile facts (readers of the engine), object storage, its local cache
+/// and the file probes ([`source`]).
+pub mod io {
+    pub use crate::engine::read::{fault, gds};
+    pub use crate::source::{cache, object, probe};
+}
+
+/// [`cuda`] under the name the bindings use: device memory, page-locked and plain host
+/// buffers, the device itself.
+pub mod memory {
+    pub use crate::cuda::driver as cuda;
+    pub use crate::cuda::{
+        host, ipc, CudaDevice, DeviceBuffer, HostBuffer, ImportedBuffer, IpcHandle, PinnedHost,
+    };
+}
 
 /// Opens a checkpoint and validates every header, reading no tensor data: a local
 /// `.safetensors` file, directory or index, or an object source (`s3://bucket/key`,
-/// `s3://bucket/prefix/`, `gs://bucket/...`, `az://container/...`; see [`io::object`]).
+/// `s3://bucket/prefix/`, `gs://bucket/...`, `az://container/...`; see [`source::object`]).
 ///
 /// ```no_run
 /// let local = gantry::open("model/")?;
@@ -72,15 +88,15 @@ pub fn open(source: impl AsRef<std::path::Path>) -> Result<Checkpoint> {
 /// Whether `source` names an object in object storage (`s3://`, `gs://`, `az://`, `abfs://`,
 /// `https://ACCOUNT.blob.core.windows.net/...`) rather than a local path.
 pub fn is_object_source(source: impl AsRef<std::path::Path>) -> bool {
-    io::object::is_url(source.as_ref())
+    crate::source::object::is_url(source.as_ref())
 }
 
 /// [`open`] with `config`'s object-storage options ([`Config::object_option`]).
 pub fn open_with(source: impl AsRef<std::path::Path>, config: &Config) -> Result<Checkpoint> {
     let source = source.as_ref();
     let _span = trace::span("phase", "headers");
-    if io::object::is_url(source) {
-        io::object::open_checkpoint(source, &config.object_options)
+    if crate::source::object::is_url(source) {
+        crate::source::object::open_checkpoint(source, &config.object_options)
     } else {
         Ok(Checkpoint::open(source)?)
     }

@@ -1,10 +1,15 @@
-//! The one-way layout of the engine's modules: readers (`io`) know nothing of destinations
-//! (`sink`) or of measurements (`baseline`); memory and device types sit below both
-//! (`memory`), and `memory` uses neither.
+//! The one-way layout of the engine's folders, which follow the data path: `api` (where a
+//! load starts), `source` (where bytes come from), `plan` (what to read, pure), `engine`
+//! (readers, staging, pipeline, sinks), `cuda` (memory and the driver) below them all, and
+//! `coop` (ranks cooperating) on top. Readers (`engine/read`, `source`) know nothing of
+//! destinations (`engine/sink`) or of measurements (`tools`); memory and device types sit
+//! below both (`cuda`), and `cuda` uses neither.
 //!
 //! Below that, the import graph between files: no new circles among the engine's files (the
 //! ones still there are listed, to shrink), none among the CLI's, the circles broken once stay
-//! one-way, and the bindings (CLI, C ABI, Python) name none of the engine's internal modules.
+//! one-way, `source` and `engine` never reach `coop`, and only `cuda/` calls the CUDA driver
+//! (the files that still do are listed, to shrink). The bindings (CLI, C ABI, Python) name
+//! none of the engine's internal modules and no `#[doc(hidden)]` item: the public API only.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -42,14 +47,17 @@ fn uses(dir: &str, modules: &[&str]) -> Vec<String> {
 
 #[test]
 fn readers_know_no_destinations_and_no_measurements() {
-    let found = uses("io", &["sink", "baseline", "pipeline", "loader"]);
-    assert!(found.is_empty(), "io reaches up:\n{}", found.join("\n"));
+    let above = ["engine::sink", "tools", "engine::pipeline", "api"];
+    let mut found = uses("engine/read", &above);
+    found.extend(uses("source", &above));
+    assert!(found.is_empty(), "readers reach up:\n{}", found.join("\n"));
 }
 
 #[test]
-fn memory_sits_below_readers_and_sinks() {
-    let found = uses("memory", &["sink", "io", "baseline", "pipeline", "loader"]);
-    assert!(found.is_empty(), "memory reaches up:\n{}", found.join("\n"));
+fn cuda_sits_below_readers_and_sinks() {
+    let above = ["engine::sink", "engine::read", "source", "tools", "engine::pipeline", "api"];
+    let found = uses("cuda", &above);
+    assert!(found.is_empty(), "cuda reaches up:\n{}", found.join("\n"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -290,7 +298,8 @@ impl Graph {
 }
 
 /// The file `path` (from the crate root) names: the longest module prefix of it, or, when
-/// the segment after that prefix is a name the module re-exports, where that points.
+/// the segment after that prefix is a name the module re-exports, where that points (for a
+/// glob re-export, `pub use extents::*;`, the same name in the module it names).
 fn resolve(
     path: &[String],
     modules: &BTreeMap<Module, PathBuf>,
@@ -302,10 +311,16 @@ fn resolve(
         if !modules.contains_key(&module) {
             continue;
         }
-        let reexport = path.get(n).and_then(|name| exports.get(&module)?.get(name));
-        return match reexport {
+        let exported = exports.get(&module);
+        let named = path.get(n).and_then(|name| exported?.get(name)).cloned();
+        let globbed = || {
+            let glob = exported?.get("*")?;
+            path.get(n)?;
+            Some(glob[..glob.len() - 1].iter().chain(&path[n..]).cloned().collect::<Vec<_>>())
+        };
+        return match named.or_else(globbed) {
             Some(target) if depth < 8 && target.as_slice() != path => {
-                resolve(target, modules, exports, depth + 1)
+                resolve(&target, modules, exports, depth + 1)
             }
             _ => module,
         };
@@ -323,17 +338,17 @@ const KNOWN_CIRCLES: &[&[&str]] = &[
         "integrity::files",
         "integrity::states",
         "integrity::worker",
-        "io",
-        "io::cache",
-        "io::object::client",
-        "io::object::settings",
-        "io::object::source",
-        "schedule",
-        "staging",
+        "engine::read",
+        "source::cache",
+        "source::object::client",
+        "source::object::settings",
+        "source::object::source",
+        "plan::schedule",
+        "engine::staging",
         "trace",
     ],
     &["coop::comm", "coop::comm::poll"],
-    &["loader", "loader::open"],
+    &["api::loader", "engine::open"],
 ];
 
 /// Circles of `graph` that lie inside none of `known`, one line each.
@@ -369,7 +384,7 @@ fn the_broken_circles_stay_one_way() {
     let rules: [(&Graph, &str, &[&str]); 5] = [
         (&engine, "coop::contract", &["coop::load", "coop::placed"]),
         (&engine, "coop::load", &["coop::placed"]),
-        (&engine, "sink::gpus", &["sink::cuda"]),
+        (&engine, "engine::sink::gpus", &["engine::sink::cuda"]),
         (&cli, "ranks", &["load"]),
         (&cli, "load_args", &["load", "ranks"]),
     ];
@@ -386,31 +401,37 @@ fn the_broken_circles_stay_one_way() {
 /// Engine modules the bindings must not reach: declared without `pub`, and named by no
 /// binding (the CLI, the C ABI, the Python module).
 const INTERNAL: &[&str] = &[
+    "api",
+    "api::device",
+    "api::loader",
+    "api::placed",
     "coop::agree",
     "coop::contract",
     "coop::load",
     "coop::placed",
     "coop::rounds",
     "coop::split",
-    "device",
+    "cuda::copy",
+    "engine",
+    "engine::open",
+    "engine::pipeline",
+    "engine::read",
+    "engine::read::buffered",
+    "engine::read::uring",
+    "engine::sink",
+    "engine::staging",
+    "engine::topology",
     "error",
     "integrity::files",
     "integrity::sums",
     "integrity::worker",
-    "interleave",
-    "io::buffered",
-    "io::uring",
-    "loader",
-    "memory::copy",
-    "pipeline",
-    "placed",
-    "placement::rows",
-    "placement::spec",
-    "placement::tp",
-    "schedule",
-    "sink",
-    "staging",
-    "topology",
+    "plan::extents",
+    "plan::interleave",
+    "plan::placement::rows",
+    "plan::placement::spec",
+    "plan::placement::tp",
+    "plan::schedule",
+    "tools",
     "trace::json",
     "trace::verdict",
 ];
@@ -466,4 +487,129 @@ fn bindings_reach_no_engine_internals() {
         }
     }
     assert!(found.is_empty(), "bindings reaching engine internals:\n{}", found.join("\n"));
+}
+
+/// Names the engine declares `#[doc(hidden)]` (public for its own tests, not API), by the
+/// file that declares them.
+fn hidden_names() -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    for file in sources(&workspace().join("crates/gantry/src")) {
+        let code = code_of(&file);
+        let mut lines = code.lines();
+        while let Some(line) = lines.next() {
+            if line.trim() != "#[doc(hidden)]" {
+                continue;
+            }
+            let item = lines.by_ref().map(str::trim).find(|l| !l.starts_with("#["));
+            let kinds = ["fn ", "struct ", "enum ", "trait ", "type ", "const ", "static ", "mod "];
+            let name = item.and_then(|l| kinds.iter().find_map(|k| Some(l.split_once(k)?.1)));
+            let name = name.map(|n| n.chars().take_while(|c| c.is_alphanumeric() || *c == '_'));
+            if let Some(name) = name {
+                out.push((file.clone(), name.collect()));
+            }
+        }
+    }
+    out
+}
+
+/// Whether `code` names `name` as a whole word.
+fn names(code: &str, name: &str) -> bool {
+    let word = |c: char| c.is_alphanumeric() || c == '_';
+    code.match_indices(name).any(|(at, _)| {
+        let before = code[..at].chars().next_back();
+        let after = code[at + name.len()..].chars().next();
+        !before.is_some_and(word) && !after.is_some_and(word)
+    })
+}
+
+/// Bindings' uses of `#[doc(hidden)]` engine items, as (binding, name), there when this rule
+/// came. The list may only shrink: an entry no longer true fails the test, to be removed.
+const KNOWN_HIDDEN_USES: &[(&str, &str)] = &[
+    // `_read_delay_ms`, the Python tests' slow reader.
+    ("gantry-py", "fault_injector"),
+];
+
+/// The bindings (CLI, C ABI, Python) use the engine's public API only: no `#[doc(hidden)]`
+/// item (a test hook) but those listed, to go.
+#[test]
+fn bindings_use_no_hidden_items() {
+    let hidden = hidden_names();
+    assert!(!hidden.is_empty(), "no #[doc(hidden)] item found: is the parser still right?");
+    let mut used = BTreeSet::new();
+    let mut found = Vec::new();
+    for binding in ["gantry-cli", "gantry-capi", "gantry-py"] {
+        for file in sources(&workspace().join("crates").join(binding).join("src")) {
+            let code = code_of(&file);
+            for (declared, name) in hidden.iter().filter(|(_, n)| names(&code, n)) {
+                if KNOWN_HIDDEN_USES.contains(&(binding, name.as_str())) {
+                    used.insert((binding, name.as_str()));
+                    continue;
+                }
+                let (file, declared) = (file.display(), declared.display());
+                found.push(format!("{file}: {name} (#[doc(hidden)] in {declared})"));
+            }
+        }
+    }
+    for known in KNOWN_HIDDEN_USES.iter().filter(|k| !used.contains(k)) {
+        found.push(format!("{known:?} is listed in KNOWN_HIDDEN_USES but no longer used"));
+    }
+    assert!(found.is_empty(), "bindings past the public API:\n{}", found.join("\n"));
+}
+
+/// Sources and the engine's moving parts know nothing of cooperation between ranks: `coop`
+/// builds on them, never the other way, so a load of one process stays whole without it.
+#[test]
+fn sources_and_the_engine_never_reach_coop() {
+    let graph = Graph::of(&workspace().join("crates/gantry/src"));
+    let under = |m: &str, folder: &str| m == folder || m.starts_with(&format!("{folder}::"));
+    let mut found = Vec::new();
+    for from in graph.edges.keys().filter(|m| under(m, "source") || under(m, "engine")) {
+        let reached = graph.reachable(from);
+        found.extend(reached.iter().filter(|m| under(m, "coop")).map(|m| format!("{from} -> {m}")));
+    }
+    assert!(found.is_empty(), "imports against the layout:\n{}", found.join("\n"));
+}
+
+/// Files outside `cuda/` that call the CUDA driver (`cudarc::driver::sys` or `::result`),
+/// there when this rule came: their streams, events and copies are to move into `cuda/`. The
+/// list may only shrink: a file no longer calling the driver fails the test, to be removed.
+const KNOWN_DRIVER_CALLS: &[&str] = &[
+    "coop/comm.rs",
+    "coop/placed.rs",
+    "engine/sink/cuda.rs",
+    "engine/sink/gpus.rs",
+    "tools/baseline.rs",
+];
+
+/// Whether `file`'s code calls the CUDA driver: a `use` of `cudarc::driver::sys` or
+/// `cudarc::driver::result` (in any tree), or a path to either in code.
+fn calls_driver(file: &Path) -> bool {
+    let (uses, rest) = use_statements(&code_of(file));
+    let driver = ["cudarc::driver::sys", "cudarc::driver::result"];
+    let named = |p: &str| driver.iter().any(|d| p == *d || p.starts_with(&format!("{d}::")));
+    uses.iter().flat_map(|(_, tree)| expand(tree)).any(|(path, _)| named(&path))
+        || driver.iter().any(|d| rest.contains(&format!("{d}::")))
+}
+
+/// Only `cuda/` calls the CUDA driver (besides the files listed, to go): one place owns its
+/// errors, contexts and copies.
+#[test]
+fn only_cuda_calls_the_driver() {
+    let src = workspace().join("crates/gantry/src");
+    let mut calling = BTreeSet::new();
+    for file in sources(&src).into_iter().filter(|f| !f.starts_with(src.join("cuda"))) {
+        if file.file_name().is_some_and(|n| n == "tests.rs") || !calls_driver(&file) {
+            continue;
+        }
+        calling.insert(file.strip_prefix(&src).unwrap().to_string_lossy().into_owned());
+    }
+    let known: BTreeSet<String> = KNOWN_DRIVER_CALLS.iter().map(|s| s.to_string()).collect();
+    let mut found: Vec<String> =
+        calling.difference(&known).map(|f| format!("{f} calls the CUDA driver")).collect();
+    found.extend(
+        known.difference(&calling).map(|f| format!("{f} no longer calls the driver: unlist it")),
+    );
+    let cuda = sources(&src.join("cuda"));
+    assert!(cuda.iter().any(|f| calls_driver(f)), "cuda/ calls no driver: is the check right?");
+    assert!(found.is_empty(), "CUDA driver calls outside cuda/:\n{}", found.join("\n"));
 }

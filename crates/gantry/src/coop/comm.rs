@@ -36,9 +36,9 @@ use nccl_sys::{ncclComm_t, ncclResult_t, ncclUniqueId, Nccl, NcclCode};
 use parking_lot::Mutex;
 
 use super::agree::{self, Agreement};
+use crate::cuda::driver::cuda_error;
+use crate::cuda::{CudaDevice, DeviceBuffer};
 use crate::error::{Error, Result};
-use crate::memory::cuda::cuda_error;
-use crate::memory::{CudaDevice, DeviceBuffer};
 
 mod poll;
 use poll::{async_state, poll_bounded, read_status, status_slots, Look, RealClock, Stop};

@@ -13,8 +13,8 @@ use gantry_format::Checkpoint;
 
 use super::comm::{Communicator, TIMEOUT};
 use super::split::{Split, PIECE_BYTES};
+use crate::api::loader::LoadReport;
 use crate::error::{Error, Result};
-use crate::loader::LoadReport;
 
 /// Bytes of one window by default (a window holding one tensor larger than this is larger).
 pub const WINDOW_BYTES: u64 = 2 << 30;
@@ -188,11 +188,13 @@ pub(super) fn volumes(checkpoint: &Checkpoint) -> Vec<usize> {
         .files
         .iter()
         .map(|f| {
-            let name = if crate::io::object::is_url(&f.path) {
+            let name = if crate::source::object::is_url(&f.path) {
                 "object storage".to_owned()
             } else {
-                std::fs::metadata(&f.path)
-                    .map_or_else(|_| "unknown".to_owned(), |m| crate::io::probe::disk(m.dev()).0)
+                std::fs::metadata(&f.path).map_or_else(
+                    |_| "unknown".to_owned(),
+                    |m| crate::source::probe::disk(m.dev()).0,
+                )
             };
             names.iter().position(|n| *n == name).unwrap_or_else(|| {
                 names.push(name);

@@ -18,12 +18,12 @@ use super::comm::Exchange;
 use super::contract::{check_comm, volumes, CoopReport, Cooperation, Link};
 use super::rounds::{exchanger, Heard, Note, Tally};
 use super::split::Split;
-use crate::device::{DeviceModel, ReadyOnDevice};
+use crate::api::device::{DeviceModel, ReadyOnDevice};
+use crate::api::loader::{LoadReport, Loader};
+use crate::cuda::{CudaDevice, DeviceBuffer};
+use crate::engine::sink::cuda::CudaSink;
 use crate::error::{Error, Result};
-use crate::loader::{LoadReport, Loader};
-use crate::memory::{CudaDevice, DeviceBuffer};
-use crate::placement::Share;
-use crate::sink::cuda::CudaSink;
+use crate::plan::placement::Share;
 
 /// A checkpoint loaded cooperatively: this rank's tensors on its GPU, and what it did.
 #[derive(Debug)]
@@ -381,12 +381,12 @@ fn exchange_failure(outcome: Option<Result<()>>) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::placement::{even, Slice};
+    use crate::plan::placement::{even, Slice};
 
     #[test]
     fn a_cooperative_load_takes_whole_tensors_on_every_rank_or_none() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = crate::synth::SynthSpec {
+        let spec = crate::tools::synth::SynthSpec {
             vocab: 64,
             hidden: 64,
             intermediate: 224,
@@ -394,7 +394,7 @@ mod tests {
             layers: 1,
             shards: 1,
         };
-        crate::synth::write_checkpoint(dir.path(), &spec, 0).unwrap();
+        crate::tools::synth::write_checkpoint(dir.path(), &spec, 0).unwrap();
         let c = crate::open(dir.path()).unwrap();
         let all = wanted_whole(&c, 3, |_| Ok((0..3).rev().map(|r| (r, Share::Whole)).collect()));
         assert_eq!(all.unwrap(), vec![true; c.tensors.len()]);

@@ -23,13 +23,13 @@ use super::comm::Exchange;
 use super::contract::{check_comm, volumes, CoopReport, Cooperation, Link};
 use super::load::Landing;
 use super::split::Split;
+use crate::api::loader::{LoadReport, Loader};
+use crate::api::placed::PlacedDeviceModel;
+use crate::cuda::copy::{copy_rows, Rows, Source2d};
+use crate::cuda::driver::cuda_error;
+use crate::cuda::{CudaDevice, DeviceBuffer};
 use crate::error::{Error, Result};
-use crate::loader::{LoadReport, Loader};
-use crate::memory::copy::{copy_rows, Rows, Source2d};
-use crate::memory::cuda::cuda_error;
-use crate::memory::{CudaDevice, DeviceBuffer};
-use crate::placed::PlacedDeviceModel;
-use crate::placement::{rows_of, Layout, Share, ShareEntry};
+use crate::plan::placement::{rows_of, Layout, Share, ShareEntry};
 
 /// Alignment of each file's slab in the scratch buffer.
 const SLAB_ALIGN: u64 = 4096;
@@ -113,7 +113,7 @@ impl Loader {
     /// Loads `checkpoint` onto `device` as one rank of a group of processes, one per GPU, each
     /// rank ending with the shares `place` gives it (`place(tensor)` lists `(rank, share)` for
     /// every rank, the same on every rank: the tensor-parallel rule of
-    /// [`crate::placement::tensor_parallel`], say). The ranks split the reads (each byte read
+    /// [`crate::plan::placement::tensor_parallel`], say). The ranks split the reads (each byte read
     /// from storage by one rank) and exchange a window of the checkpoint at a time
     /// ([`Cooperation::window_bytes`]); each rank keeps its shares of it. `on_ready(tensor)`
     /// is called on this thread once this rank's share of the tensor is in its memory.
@@ -366,7 +366,7 @@ mod tests {
     use super::*;
 
     fn checkpoint(dir: &std::path::Path, shards: usize) -> Checkpoint {
-        let spec = crate::synth::SynthSpec {
+        let spec = crate::tools::synth::SynthSpec {
             vocab: 128,
             hidden: 64,
             intermediate: 224,
@@ -374,7 +374,7 @@ mod tests {
             layers: 3,
             shards,
         };
-        crate::synth::write_checkpoint(dir, &spec, 0).unwrap();
+        crate::tools::synth::write_checkpoint(dir, &spec, 0).unwrap();
         crate::open(dir).unwrap()
     }
 

@@ -23,7 +23,7 @@ use gantry_format::Checkpoint;
 
 use super::comm::Exchange;
 use super::split::Split;
-use crate::device::ReadyOnDevice;
+use crate::api::device::ReadyOnDevice;
 use crate::error::{Error, Result};
 
 /// From the caller's thread to the exchanger.

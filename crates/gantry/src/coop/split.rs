@@ -23,7 +23,7 @@
 
 use gantry_format::Checkpoint;
 
-use crate::interleave::{interleave, Read};
+use crate::plan::interleave::{interleave, Read};
 
 /// Largest piece by default: the size of one large read, so a piece is a handful of requests.
 pub const PIECE_BYTES: u64 = 64 << 20;

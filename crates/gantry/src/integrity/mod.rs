@@ -55,8 +55,8 @@ pub mod states;
 pub(crate) mod sums;
 mod worker;
 
+use crate::engine::read::{Message, RawTarget};
 use crate::error::{Error, Result};
-use crate::io::{Message, RawTarget};
 use crate::plan::Plan;
 use worker::{Bytes, FileJob, Held, Mode, Outcome, Part, Progress, Worker};
 
@@ -330,7 +330,7 @@ impl Verifier {
                 .name("gantry-sha256".to_owned())
                 .spawn(move || {
                     let _in = crate::trace::enter(trace.as_ref(), &format!("sha256 lane {w}"));
-                    crate::topology::pin_current_thread(&cpus);
+                    crate::engine::topology::pin_current_thread(&cpus);
                     worker.run(rx)
                 })
                 .map_err(|source| Error::Resource { what: "starting a hashing thread", source })?;

@@ -12,9 +12,9 @@ use parking_lot::Mutex;
 
 use super::states::{self, Chain, Record, Records, State, IV};
 use super::{to_hex, Digest, Hashing, Known};
+use crate::engine::read::{Message, RawTarget};
+use crate::engine::staging::Lease;
 use crate::error::{Error, Result};
-use crate::io::{Message, RawTarget};
-use crate::staging::Lease;
 
 /// Where the bytes of an extent waiting to be hashed are.
 pub(super) enum Bytes {

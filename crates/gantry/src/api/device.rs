@@ -1,0 +1,212 @@
+//! Loads into GPU memory: gantry-owned device memory per file (the default), or the caller's
+//! own device pointers per tensor.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use gantry_format::{Checkpoint, TensorEntry};
+
+use crate::api::loader::{LoadReport, Loader};
+use crate::cuda::{CudaDevice, DeviceBuffer};
+use crate::engine::sink::cuda::CudaSink;
+use crate::error::{Error, Result};
+
+/// A tensor whose bytes have landed in device memory, as handed to the ready callback.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadyOnDevice<'a> {
+    /// Position in the checkpoint's tensor table.
+    pub index: usize,
+    /// Name, dtype, shape, file and offset.
+    pub entry: &'a TensorEntry,
+    /// Device address of its first byte.
+    pub ptr: u64,
+}
+
+/// A checkpoint loaded into GPU memory: one allocation per file's data section.
+#[derive(Debug)]
+pub struct DeviceModel {
+    checkpoint: Checkpoint,
+    buffers: Vec<DeviceBuffer>,
+    wanted: Vec<bool>,
+    report: LoadReport,
+    device: Arc<CudaDevice>,
+}
+
+/// A loaded tensor in device memory.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceTensor<'a> {
+    /// Name, dtype, shape, file and offset.
+    pub entry: &'a TensorEntry,
+    /// Device address of its first byte (in the device's primary context).
+    pub ptr: u64,
+}
+
+impl DeviceModel {
+    /// The checkpoint's table.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
+
+    /// Figures of the load.
+    pub fn report(&self) -> &LoadReport {
+        &self.report
+    }
+
+    /// The GPU.
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.device
+    }
+
+    /// Every loaded tensor, in file and offset order.
+    pub fn tensors(&self) -> impl Iterator<Item = DeviceTensor<'_>> {
+        (0..self.checkpoint.tensors.len()).filter(|&i| self.wanted[i]).map(|i| self.at(i))
+    }
+
+    /// The loaded tensor called `name`.
+    pub fn tensor(&self, name: &str) -> Option<DeviceTensor<'_>> {
+        let i = self.checkpoint.tensors.iter().position(|t| t.name == name)?;
+        self.wanted[i].then(|| self.at(i))
+    }
+
+    /// Copies a tensor back to host memory (for checks).
+    pub fn copy_to_host(&self, tensor: &DeviceTensor<'_>) -> Result<Vec<u8>> {
+        self.device.copy_to_host(tensor.ptr, tensor.entry.len as usize)
+    }
+
+    /// Device bytes the model holds.
+    pub fn device_bytes(&self) -> u64 {
+        self.buffers.iter().map(|b| b.len() as u64).sum()
+    }
+
+    /// The tensor at position `index` of the checkpoint's table, if it was loaded.
+    pub fn get(&self, index: usize) -> Option<DeviceTensor<'_>> {
+        (*self.wanted.get(index)?).then(|| self.at(index))
+    }
+
+    /// A model from its parts: `buffers[f]` holds file `f`'s data section (empty when none
+    /// of its tensors is wanted).
+    pub(crate) fn from_parts(
+        checkpoint: Checkpoint,
+        buffers: Vec<DeviceBuffer>,
+        wanted: Vec<bool>,
+        report: LoadReport,
+        device: Arc<CudaDevice>,
+    ) -> Self {
+        Self { checkpoint, buffers, wanted, report, device }
+    }
+
+    fn at(&self, i: usize) -> DeviceTensor<'_> {
+        let entry = &self.checkpoint.tensors[i];
+        let file = &self.checkpoint.files[entry.file.0];
+        let ptr = self.buffers[entry.file.0].ptr() + (entry.offset - file.header.data_offset);
+        DeviceTensor { entry, ptr }
+    }
+}
+
+impl Loader {
+    /// Loads every tensor of the checkpoint at `path` onto `device`.
+    pub fn load_to_device(
+        &self,
+        path: impl AsRef<Path>,
+        device: &Arc<CudaDevice>,
+    ) -> Result<DeviceModel> {
+        self.load_to_device_with(crate::open_with(path, self.config())?, device, |_| true, |_| {})
+    }
+
+    /// Loads the tensors `filter` keeps onto `device`, into one allocation per file, calling
+    /// `on_ready` on this thread as each one's copies complete. On error every allocation
+    /// made so far is freed.
+    ///
+    /// ```no_run
+    /// let loader = gantry::Loader::new(gantry::Config::default())?;
+    /// let gpu = gantry::CudaDevice::open(0)?; // an error, not a panic, without a driver
+    /// let checkpoint = gantry::Checkpoint::open("model/")?;
+    /// let model = loader.load_to_device_with(checkpoint, &gpu, |t| !t.name.starts_with("lm_head"), |ready| {
+    ///     println!("{} at {:#x}", ready.entry.name, ready.ptr); // usable on any stream now
+    /// })?;
+    /// println!("{:.2} GB/s", model.report().gb_per_s());
+    /// # Ok::<(), gantry::Error>(())
+    /// ```
+    pub fn load_to_device_with(
+        &self,
+        checkpoint: Checkpoint,
+        device: &Arc<CudaDevice>,
+        filter: impl Fn(&TensorEntry) -> bool,
+        mut on_ready: impl FnMut(ReadyOnDevice<'_>),
+    ) -> Result<DeviceModel> {
+        let wanted: Vec<bool> = checkpoint.tensors.iter().map(&filter).collect();
+        let mut buffers = Vec::with_capacity(checkpoint.files.len());
+        for (f, file) in checkpoint.files.iter().enumerate() {
+            let len =
+                if checkpoint.file_wanted(&wanted, f) { file.header.data_len as usize } else { 0 };
+            buffers.push(device.alloc(len, &file.path.display().to_string())?);
+        }
+        let targets: Vec<Option<u64>> = checkpoint
+            .tensors
+            .iter()
+            .zip(&wanted)
+            .map(|(t, &w)| {
+                let data_offset = checkpoint.files[t.file.0].header.data_offset;
+                w.then(|| buffers[t.file.0].ptr() + (t.offset - data_offset))
+            })
+            .collect();
+        let report = self.fill_device(&checkpoint, device, targets, &mut on_ready)?;
+        Ok(DeviceModel { checkpoint, buffers, wanted, report, device: Arc::clone(device) })
+    }
+
+    /// Reads `model`'s tensors again into the device memory it already holds.
+    pub fn reload_device(&self, model: &mut DeviceModel) -> Result<()> {
+        let targets = (0..model.checkpoint.tensors.len())
+            .map(|i| model.wanted[i].then(|| model.at(i).ptr))
+            .collect();
+        model.report = self.fill_device(&model.checkpoint, &model.device, targets, &mut |_| {})?;
+        Ok(())
+    }
+
+    /// Loads into the caller's own device memory: `target` gives each tensor's device address
+    /// (memory of at least the tensor's length in `device`'s primary context, e.g. from
+    /// `cudaMalloc`), or `None` to skip it. Every address is checked against its allocation
+    /// before anything is read.
+    pub fn load_into_device(
+        &self,
+        checkpoint: &Checkpoint,
+        device: &Arc<CudaDevice>,
+        mut target: impl FnMut(&TensorEntry) -> Option<u64>,
+        mut on_ready: impl FnMut(ReadyOnDevice<'_>),
+    ) -> Result<LoadReport> {
+        // Checking the caller's pointers needs the context current; the caller's own is
+        // current again when this returns.
+        let _bound = device.bind_scoped()?;
+        let targets: Vec<Option<u64>> = checkpoint.tensors.iter().map(&mut target).collect();
+        for (t, ptr) in checkpoint.tensors.iter().zip(&targets) {
+            if let Some(ptr) = *ptr {
+                if t.len > 0 {
+                    device.check_range(ptr, t.len).map_err(|message| Error::Destination {
+                        tensor: t.name.clone(),
+                        message,
+                    })?;
+                }
+            }
+        }
+        self.fill_device(checkpoint, device, targets, &mut on_ready)
+    }
+
+    fn fill_device(
+        &self,
+        checkpoint: &Checkpoint,
+        device: &Arc<CudaDevice>,
+        targets: Vec<Option<u64>>,
+        on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
+    ) -> Result<LoadReport> {
+        let wanted: Vec<bool> = targets.iter().map(Option::is_some).collect();
+        let ptrs = targets.clone();
+        // The caller's context is current again when this returns (the sink binds the
+        // device's for its streams and copies).
+        let _bound = device.bind_scoped()?;
+        let mut sink = CudaSink::new(device, targets, checkpoint)?;
+        self.run(checkpoint, &wanted, &mut sink, Some(device), &mut |i| {
+            let ptr = ptrs[i].expect("only wanted tensors land");
+            on_ready(ReadyOnDevice { index: i, entry: &checkpoint.tensors[i], ptr });
+        })
+    }
+}

@@ -1,0 +1,411 @@
+//! The cache's rules on a local directory: names, no-follow, modes, records, sweeping and
+//! bounded waits. Loads through the cache are tested against an S3 server in
+//! `tests/cache.rs`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use super::*;
+
+fn origin(provider: &'static str, endpoint: &str, bucket: &str) -> Origin {
+    Origin {
+        provider,
+        endpoint: normalize_endpoint(endpoint),
+        account: String::new(),
+        bucket: bucket.to_owned(),
+    }
+}
+
+fn name(origin: &Origin, key: &str, etag: &str) -> String {
+    Identity::new(origin, key, Some(etag), None, 10).unwrap().name()
+}
+
+#[test]
+fn names_are_one_to_one() {
+    let s3 = origin("s3", "", "b");
+    // ETags that an escaping scheme would fold together, weak and base64 ones included.
+    let etags =
+        ["\"v1:0\"", "\"v1.0\"", "\"v1_0\"", "W/\"x\"", "\"x\"", "x", "\"a+b/c==\"", "\"a_b_c__\""];
+    let mut names: Vec<String> = etags.iter().map(|e| name(&s3, "m/x", e)).collect();
+    // The same bucket, key and ETag from another endpoint or provider; `s3://gs/...`.
+    names.push(name(&origin("s3", "http://127.0.0.1:9000", "b"), "m/x", "\"x\""));
+    names.push(name(&origin("gcs", "", "b"), "m/x", "\"x\""));
+    names.push(name(&origin("s3", "", "gs"), "b/m/x", "\"x\""));
+    // Field boundaries moved: bucket/key and key/ETag.
+    names.push(name(&origin("s3", "", "b/m"), "x", "\"x\""));
+    names.push(name(&s3, "m/x\"x", "\""));
+    let mut unique = names.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), names.len(), "{names:?}");
+    for n in &names {
+        assert!(n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()), "{n}");
+    }
+    // A key with a basename longer than any file system allows still has a 64-character name.
+    assert_eq!(name(&s3, &"k".repeat(1000), "\"x\"").len(), 64);
+    assert!(Identity::new(&s3, "k", None, None, 1).is_none());
+    assert!(Identity::new(&s3, "k", Some(""), None, 1).is_none());
+    assert!(Identity::new(&s3, "k", None, Some("17"), 1).is_some());
+}
+
+#[test]
+fn endpoints_are_normalized() {
+    let cases = [
+        ("HTTPS://S3.Example.com:443/", "https://s3.example.com"),
+        ("http://127.0.0.1:80", "http://127.0.0.1"),
+        ("http://127.0.0.1:8333", "http://127.0.0.1:8333"),
+        ("https://h/Path/", "https://h/Path"),
+        ("", ""),
+    ];
+    for (given, want) in cases {
+        assert_eq!(normalize_endpoint(given), want, "{given}");
+    }
+}
+
+/// `size` bytes of a pattern.
+fn object(size: u64) -> Vec<u8> {
+    (0..size).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+/// Queues `bytes` at `offset` as chunks of `chunk` bytes, as a GET would.
+fn put(w: &Writer, bytes: &[u8], offset: u64, chunk: usize) {
+    let chunks = bytes.chunks(chunk).map(bytes::Bytes::copy_from_slice).collect();
+    crate::source::object::client::runtime().unwrap().block_on(w.write(offset, chunks));
+}
+
+fn identity(key: &str, size: u64) -> Identity {
+    Identity::new(&origin("s3", "", "b"), key, Some("\"e\""), None, size).unwrap()
+}
+
+/// Writes a complete copy of `bytes` for `key` into `cache` through a writer, in two pieces
+/// out of order, neither on a segment boundary, in chunks of odd sizes.
+fn write_copy(cache: &Arc<CacheDir>, key: &str, bytes: &[u8]) -> String {
+    let size = bytes.len() as u64;
+    let w = Writer::create(Arc::clone(cache), identity(key, size), size).unwrap();
+    let cut = (record::SEGMENT_BYTES + 1000).min(size) as usize;
+    put(&w, &bytes[cut..], cut as u64, 3001);
+    put(&w, &bytes[..cut], 0, 7);
+    w.finish(Ok(true))
+}
+
+#[test]
+fn a_copy_reads_back_with_its_record_and_private_modes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("c");
+    let cache = Arc::new(CacheDir::open(&root, false).unwrap());
+    let size = 3 * record::SEGMENT_BYTES + 77;
+    let bytes = object(size);
+    let key = format!("m/{}.safetensors", "x".repeat(300));
+    let text = write_copy(&cache, &key, &bytes);
+    assert!(text.contains("written through"), "{text}");
+    let Lookup::Hit(copy) = cache.find(&identity(&key, size), size) else { panic!("no hit") };
+    let on_disk = std::fs::read(&copy.path).unwrap();
+    assert_eq!(&on_disk[..size as usize], &bytes[..]);
+    // The record: the xxh3 of each segment, as the xxhash crate computes it.
+    let want: Vec<u64> =
+        bytes.chunks(record::SEGMENT_BYTES as usize).map(xxhash_rust::xxh3::xxh3_64).collect();
+    assert_eq!(copy.digests, want);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&root), 0o700);
+    assert_eq!(mode(&root.join("objects")), 0o700);
+    assert_eq!(mode(&root.join("partial")), 0o700);
+    assert_eq!(mode(&copy.path), 0o600);
+    // Another version, size or key is not this copy.
+    assert!(matches!(cache.find(&identity(&key, size + 1), size + 1), Lookup::Miss(_)));
+    assert!(matches!(cache.find(&identity("other", size), size), Lookup::Miss(_)));
+    assert_eq!(std::fs::read_dir(root.join("partial")).unwrap().count(), 0);
+}
+
+#[test]
+fn shared_mode_is_group_readable_and_setgid() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("c");
+    let cache = Arc::new(CacheDir::open(&root, true).unwrap());
+    let bytes = object(1000);
+    assert!(write_copy(&cache, "k", &bytes).contains("written through"));
+    let Lookup::Hit(copy) = cache.find(&identity("k", 1000), 1000) else { panic!("no hit") };
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&root), 0o2770);
+    assert_eq!(mode(&root.join("objects")), 0o2770);
+    assert_eq!(mode(&copy.path), 0o640);
+    // A private cache refuses the group-writable directories of a shared one.
+    let e = CacheDir::open(&root, false).unwrap_err();
+    assert!(e.contains("objects") && e.contains("not private"), "{e}");
+}
+
+/// A copy written, then replaced by `replace`: the lookup misses, saying `why`, and the
+/// bad copy is gone (except a directory, which stays).
+fn refused(replace: impl Fn(&Path), why: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(CacheDir::open(&dir.path().join("c"), false).unwrap());
+    let bytes = object(5000);
+    write_copy(&cache, "k", &bytes);
+    let path = cache.copy_path(&identity("k", 5000).name());
+    replace(&path);
+    let Lookup::Miss(text) = cache.find(&identity("k", 5000), 5000) else { panic!("{why}: hit") };
+    assert!(text.contains(why) && text.contains(&path.display().to_string()), "{text}");
+    if !path.is_dir() {
+        assert!(std::fs::symlink_metadata(&path).is_err(), "{why}: the copy stayed");
+    }
+}
+
+#[test]
+fn untrusted_copies_are_refused_and_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let decoy = dir.path().join("decoy");
+    std::fs::write(&decoy, object(5000 + 200)).unwrap();
+    refused(
+        |p| {
+            std::fs::remove_file(p).unwrap();
+            std::os::unix::fs::symlink(&decoy, p).unwrap();
+        },
+        "symbolic link",
+    );
+    assert!(decoy.exists(), "the link's target was removed");
+    refused(
+        |p| std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o666)).unwrap(),
+        "writable by others",
+    );
+    refused(
+        |p| {
+            let mut b = std::fs::read(p).unwrap();
+            b.truncate(b.len() - 1);
+            std::fs::write(p, b).unwrap();
+        },
+        "bytes",
+    );
+    refused(
+        |p| {
+            let mut b = std::fs::read(p).unwrap();
+            let at = b.len() - 3;
+            b[at] ^= 1;
+            std::fs::write(p, b).unwrap();
+        },
+        "record",
+    );
+    refused(
+        |p| {
+            std::fs::remove_file(p).unwrap();
+            std::fs::create_dir(p).unwrap();
+        },
+        "is a directory, not a regular file",
+    );
+    refused(|p| std::fs::hard_link(p, p.with_extension("other")).unwrap(), "links");
+}
+
+/// Whether this test runs as root, which `what` needs; without root a failure, unless
+/// `GANTRY_SKIP_ROOT_TESTS=1` says to skip (then `false`, with a line saying so).
+fn as_root(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let skip = std::env::var("GANTRY_SKIP_ROOT_TESTS").as_deref() == Ok("1");
+    assert!(skip, "{what} needs root: run as root, or set GANTRY_SKIP_ROOT_TESTS=1");
+    println!("skipped: {what} needs root (GANTRY_SKIP_ROOT_TESTS=1)");
+    false
+}
+
+#[test]
+fn a_copy_owned_by_another_user_is_refused() {
+    if !as_root("chown") {
+        return;
+    }
+    refused(
+        |p| std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap(),
+        "owned by uid 65534",
+    );
+}
+
+#[test]
+fn links_below_the_cache_are_never_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let root = dir.path().join("c");
+    std::fs::create_dir(&root).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("objects")).unwrap();
+    let e = CacheDir::open(&root, false).unwrap_err();
+    assert!(e.contains("objects"), "{e}");
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "something was made outside");
+}
+
+#[test]
+fn the_sweep_removes_only_what_dead_writers_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = CacheDir::open(&dir.path().join("c"), false).unwrap();
+    let partial = dir.path().join("c/partial");
+    let temp = |n: u8| format!("{}.{}.partial", "ab".repeat(32), format!("{n:02x}").repeat(16));
+    let (dead, live_name) = (partial.join(temp(1)), partial.join(temp(2)));
+    std::fs::write(&dead, b"left by a killed writer").unwrap();
+    std::fs::write(&live_name, b"being written").unwrap();
+    // Not a writer's name: whatever it is, the sweep leaves it.
+    std::fs::write(partial.join("state.db"), b"someone else's").unwrap();
+    let live = std::fs::File::open(&live_name).unwrap();
+    assert!(fs::flock(&live, libc::LOCK_EX).unwrap());
+    cache.sweep();
+    assert!(!dead.exists());
+    assert!(live_name.exists());
+    drop(live);
+    cache.sweep();
+    assert!(!live_name.exists());
+    assert!(partial.join("state.db").exists(), "the sweep removed a file no writer made");
+}
+
+/// A link planted where the cache is to be, by another user, is not followed (the cache
+/// would work, and sweep, in a directory of that user's choosing); the caller's own is.
+#[test]
+fn a_link_at_the_cache_path_is_followed_only_when_the_caller_made_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("target");
+    std::fs::create_dir_all(target.join("partial")).unwrap();
+    std::fs::write(target.join("partial/state.db"), b"not the cache's").unwrap();
+    let link = dir.path().join("cache");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    assert!(CacheDir::open(&link, false).is_ok(), "the caller's own link is followed");
+    if !as_root("lchown") {
+        return;
+    }
+    std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+    let e = CacheDir::open(&link, false).map(|_| ()).unwrap_err();
+    assert!(e.contains("symbolic link owned by uid 65534") && e.contains("not followed"), "{e}");
+    assert!(target.join("partial/state.db").exists());
+}
+
+#[test]
+fn a_stalled_disk_costs_the_copy_not_the_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(CacheDir::open(&dir.path().join("c"), false).unwrap());
+    let bytes = object(200_000);
+    let stall = writer::testing::STALL.lock();
+    let w = writer::testing::writer(
+        Arc::clone(&cache),
+        identity("k", 200_000),
+        200_000,
+        Duration::from_millis(200),
+        true,
+    );
+    put(&w, &bytes, 0, 4096);
+    let text = w.finish(Ok(true));
+    assert!(text.contains("did not finish"), "{text}");
+    drop(stall);
+    // Once the disk wakes up, the copy lands: complete and checked.
+    for _ in 0..200 {
+        if let Lookup::Hit(copy) = cache.find(&identity("k", 200_000), 200_000) {
+            assert_eq!(&std::fs::read(copy.path).unwrap()[..200_000], &bytes[..]);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the copy never landed");
+}
+
+#[test]
+fn incomplete_or_changed_copies_never_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(CacheDir::open(&dir.path().join("c"), false).unwrap());
+    let bytes = object(10);
+    let w = Writer::create(Arc::clone(&cache), identity("k", 10), 10).unwrap();
+    put(&w, &bytes[..6], 0, 4);
+    assert!(w.finish(Ok(true)).contains("incomplete"));
+    let w = Writer::create(Arc::clone(&cache), identity("k", 10), 10).unwrap();
+    put(&w, &bytes, 0, 4);
+    assert!(w.finish(Ok(false)).contains("changed"));
+    let w = Writer::create(Arc::clone(&cache), identity("k", 10), 10).unwrap();
+    put(&w, &bytes, 0, 4);
+    drop(w); // a load that failed
+    assert!(matches!(cache.find(&identity("k", 10), 10), Lookup::Miss(_)));
+    for _ in 0..200 {
+        if std::fs::read_dir(dir.path().join("c/partial")).unwrap().count() == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("a temporary file stayed");
+}
+
+/// A gid the caller is not a member of.
+fn foreign_gid() -> u32 {
+    (1..=65534u32).rev().find(|&g| !fs::in_group(g)).unwrap()
+}
+
+#[test]
+fn a_shared_cache_trusts_no_group_the_caller_did_not_choose() {
+    if !as_root("chown") {
+        return;
+    }
+    // Another user (uid 65534) made a shared cache, gave it a group of theirs the caller is
+    // not in, and put a copy in it whose record matches its (their) bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("c");
+    let cache = Arc::new(CacheDir::open(&root, true).unwrap());
+    let bytes = object(5000);
+    assert!(write_copy(&cache, "k", &bytes).contains("written through"));
+    drop(cache);
+    let gid = foreign_gid();
+    for p in files_and_dirs(&root) {
+        std::os::unix::fs::chown(&p, Some(65534), Some(gid)).unwrap();
+    }
+    let e = CacheDir::open(&root, true).unwrap_err();
+    assert!(e.contains("not a member") && e.contains(&root.display().to_string()), "{e}");
+    // The same cache is the caller's to trust once it belongs to the caller's group.
+    // SAFETY: getegid has no preconditions.
+    let own = unsafe { libc::getegid() };
+    for p in files_and_dirs(&root) {
+        std::os::unix::fs::chown(&p, Some(65534), Some(own)).unwrap();
+    }
+    let cache = CacheDir::open(&root, true).unwrap();
+    assert!(matches!(cache.find(&identity("k", 5000), 5000), Lookup::Hit(_)));
+}
+
+#[test]
+fn a_shared_cache_writable_by_everyone_is_not_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("c");
+    let cache = Arc::new(CacheDir::open(&root, true).unwrap());
+    assert!(write_copy(&cache, "k", &object(5000)).contains("written through"));
+    drop(cache);
+    // Anyone could make `objects/` there, and it would take the directory's group.
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o2777)).unwrap();
+    let e = CacheDir::open(&root, true).unwrap_err();
+    assert!(e.contains("outside its group") && e.contains(&root.display().to_string()), "{e}");
+}
+
+/// `root` and everything below it.
+fn files_and_dirs(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![root.to_path_buf()];
+    for entry in std::fs::read_dir(root).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_and_dirs(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// One load opens (and sweeps) its cache once: later objects reuse the open cache, and a
+/// cache that could not be used is not tried again (one warning, one bounded wait per load).
+#[test]
+fn a_load_opens_its_cache_once_and_remembers_a_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c");
+    let mut opened = Opened::default();
+    let (cache, _) = open_and_find(&path, false, &mut opened, Some(identity("a", 10)), 10);
+    assert!(cache.is_some() && matches!(opened, Opened::Open(_)), "{opened:?}");
+    // The path no longer opens as a cache; the load's open one still serves.
+    std::fs::rename(&path, dir.path().join("moved")).unwrap();
+    std::fs::write(&path, b"not a directory").unwrap();
+    let (cache, found) = open_and_find(&path, false, &mut opened, Some(identity("b", 10)), 10);
+    assert!(cache.is_some(), "{found:?}");
+    // A new load finds it unusable, and says so again for its next object without retrying.
+    let mut opened = Opened::default();
+    let (cache, _) = open_and_find(&path, false, &mut opened, Some(identity("a", 10)), 10);
+    assert!(cache.is_none() && matches!(opened, Opened::Unusable(_)), "{opened:?}");
+    std::fs::remove_file(&path).unwrap();
+    let (cache, found) = open_and_find(&path, false, &mut opened, Some(identity("b", 10)), 10);
+    assert!(cache.is_none(), "a refused cache was tried again");
+    assert!(matches!(&found, Lookup::Miss(why) if why.starts_with("not cached: ")), "{found:?}");
+    assert!(!path.exists(), "the refused cache was opened (and created) again");
+}

@@ -1,0 +1,12 @@
+//! Where bytes come from, first on the data path: the probes that say what a local file and
+//! this machine allow (`probe`: `O_DIRECT`, alignment, page-cache residency, io_uring,
+//! memlock), object storage (`object`: ranged GETs from S3, GCS and Azure) and its local
+//! write-through copies (`cache`).
+//!
+//! A source knows nothing of plans, staging or destinations; the readers that move a local
+//! file's bytes live with the engine (`engine/read`), since they share its staging ring
+//! and completion path.
+
+pub mod cache;
+pub mod object;
+pub mod probe;

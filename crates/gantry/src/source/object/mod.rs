@@ -1,0 +1,788 @@
+//! Object storage: checkpoints in S3 (or an S3-compatible store), Google Cloud Storage or
+//! Azure Blob Storage, streamed into the staging ring with ranged GETs, many in flight.
+//!
+//! A source `s3://bucket/key.safetensors` (or `gs://`, `az://`, ... see [`source`]) is one
+//! file; `s3://bucket/prefix/` is a checkpoint folder (its `model.safetensors.index.json`,
+//! else its `*.safetensors`); a key ending in `.json` is an index. Headers come from two small
+//! ranged GETs per file (the 8-byte length, then the header). At load time every part is a
+//! ranged GET conditioned on the ETag seen when the load opened the object, and on Google
+//! Cloud Storage also pinned to its generation, so an object rewritten during a load is an
+//! error, never a mix of two versions; each part lands in a staging buffer of the ring and
+//! goes through the same copy steps as a local read, so memory stays bounded by the ring.
+//!
+//! A key is what the store holds, byte for byte: the one from the URL as written (see
+//! [`source`]), from an index, or from a listing, never escaped by us (the client encodes it
+//! once on the wire; `object_store`'s `Path::from` would escape reserved characters a second
+//! time and name another object). Keys the client cannot address at all (`a//b`, a leading
+//! `/`, `.` or `..` segments, control characters) are an error naming the key.
+//!
+//! The clients are the `object_store` crate's ([`client`]: each provider's own environment
+//! and credential chain, retries with backoff on 5xx and throttling). Their async runtime
+//! stays inside this module. Errors name the object, never the credentials.
+
+pub mod client;
+pub mod settings;
+pub mod source;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use gantry_format::{
+    check_prefix, parse_header, parse_index, Checkpoint, ErrorKind, FormatError, Header,
+    INDEX_FILE_NAME, MAX_INDEX_BYTES, PREFIX_BYTES,
+};
+use object_store::path::Path as ObjectPath;
+use object_store::{Attribute, GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt};
+
+use crate::engine::read::uring::Job;
+use crate::engine::read::Message;
+use crate::engine::staging::Pool;
+use crate::error::{Error, Result};
+use crate::integrity::{self, Known, SUMS_FILE_NAME};
+pub(crate) use client::Options;
+use client::{block_on, changed, panicked, request_error, runtime};
+pub use settings::endpoint_options;
+pub use source::{is_url, Provider, Source};
+
+/// Opens an object source and validates every header, reading no tensor data.
+pub fn open_checkpoint(path: &Path, options: &Options) -> Result<Checkpoint> {
+    let source = parse(path)?;
+    let store = client::client(&source, options)?.store;
+    block_on(path, async {
+        let key = source.key.clone();
+        let remote = Remote { store, source };
+        if remote.source.is_prefix() {
+            remote.open_prefix(&key).await
+        } else if key.ends_with(".json") {
+            remote.open_index(&key).await
+        } else {
+            let (header, pin) = match remote.header(&key).await {
+                Err(e) if is_not_found(&e) => return Err(remote.did_you_mean(&key, e).await),
+                result => result?,
+            };
+            let checkpoint = Checkpoint::from_headers(vec![(remote.url_of(&key), header)])?;
+            Ok(pinned(checkpoint, vec![pin]))
+        }
+    })?
+}
+
+/// Most shard headers read at once when a checkpoint is opened: each costs a HEAD and two small
+/// GETs, a few round trips that would otherwise add up shard after shard.
+const HEADER_READS_MAX: usize = 16;
+
+/// `path` as an object source; an error when it names none.
+fn parse(path: &Path) -> Result<Source> {
+    let text = path.to_str().unwrap_or_default();
+    Source::parse(text)?.ok_or_else(|| Error::Config(format!("'{text}' is not an object URL")))
+}
+
+/// Whether `e` says an object is not there.
+fn is_not_found(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
+}
+
+/// Object `key` (at `url`, for errors) as the client addresses it: the key exactly as it is,
+/// never escaped again (the client percent-encodes it once, on the wire). A key the client
+/// cannot address (an empty segment `a//b`, a leading `/`, a `.` or `..` segment, a control
+/// character) is an error naming it, never another object.
+fn location(url: &Path, key: &str) -> Result<ObjectPath> {
+    let parsed = ObjectPath::parse(key).ok().filter(|p| p.as_ref() == key || key.is_empty());
+    parsed.ok_or_else(|| {
+        Error::Config(format!(
+            "{}: the key '{}' cannot be read: object keys with an empty segment ('//'), a \
+             leading '/', a '.' or '..' segment or a control character are not supported",
+            url.display(),
+            key.escape_debug()
+        ))
+    })
+}
+
+/// What every GET of one object is conditioned on: the ETag the load saw and, on Google Cloud
+/// Storage, its generation (a GET of a generation since overwritten finds nothing, and S3 and
+/// Azure versions are only there where versioning is on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pin {
+    etag: Option<String>,
+    generation: Option<String>,
+}
+
+impl Pin {
+    /// The version this pin names, as [`gantry_format::FileInfo::version`] keeps it.
+    fn version(&self) -> Option<String> {
+        match (&self.etag, &self.generation) {
+            (None, None) => None,
+            (etag, None) => etag.clone(),
+            (etag, Some(g)) => Some(format!("{}#{g}", etag.as_deref().unwrap_or_default())),
+        }
+    }
+
+    fn of(provider: Provider, meta: &ObjectMeta) -> Self {
+        let generation = meta.version.clone().filter(|_| provider == Provider::Gcs);
+        Self { etag: meta.e_tag.clone(), generation }
+    }
+
+    /// A ranged GET of `range` under this pin.
+    fn get(&self, range: std::ops::Range<u64>) -> GetOptions {
+        GetOptions {
+            range: Some(GetRange::Bounded(range)),
+            if_match: self.etag.clone(),
+            version: self.generation.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// The error for a failed GET under this pin: a pinned generation not found means the
+    /// object was rewritten.
+    fn error(&self, url: &Path, offset: u64, len: u64, e: object_store::Error) -> Error {
+        match (&e, &self.generation) {
+            (object_store::Error::NotFound { .. }, Some(g)) => {
+                changed("get", url, offset, len, &format!("its generation {g} is gone"))
+            }
+            _ => request_error("get", url, offset, len, e),
+        }
+    }
+}
+
+struct Remote {
+    store: Arc<dyn ObjectStore>,
+    source: Source,
+}
+
+impl Remote {
+    fn url_of(&self, key: &str) -> PathBuf {
+        self.source.url_of(key)
+    }
+
+    async fn open_prefix(&self, prefix: &str) -> Result<Checkpoint> {
+        let url = self.url_of(prefix);
+        let location = location(&url, prefix.trim_end_matches('/'))?;
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&location))
+            .await
+            .map_err(|e| request_error("list", &url, 0, 0, e))?;
+        let mut shards = Vec::new();
+        let mut indexes = Vec::new();
+        for object in listing.objects {
+            let key = object.location.to_string();
+            let name = key.rsplit('/').next().unwrap_or_default().to_owned();
+            if name.ends_with(".safetensors.index.json") {
+                indexes.push((name != INDEX_FILE_NAME, key));
+            } else if name.ends_with(".safetensors") {
+                shards.push(key);
+            }
+        }
+        indexes.sort();
+        match indexes.as_slice() {
+            [] => {}
+            [(_, index)] | [(false, index), ..] => return self.open_index(index).await,
+            _ => {
+                let candidates = indexes.into_iter().map(|(_, k)| k).collect();
+                return Err(FormatError::new(&url, ErrorKind::AmbiguousIndex { candidates }).into());
+            }
+        }
+        if shards.is_empty() {
+            return Err(FormatError::new(&url, ErrorKind::NoCheckpoint).into());
+        }
+        shards.sort();
+        let headers = futures::stream::iter(&shards)
+            .map(|key| async move { Ok((self.url_of(key), self.header(key).await?)) })
+            .buffered(HEADER_READS_MAX)
+            .collect::<Vec<Result<_>>>()
+            .await;
+        let (headers, pins): (Vec<_>, Vec<_>) = headers
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .map(|(url, (header, pin))| ((url, header), pin))
+            .unzip();
+        Ok(pinned(Checkpoint::from_headers(headers)?, pins))
+    }
+
+    /// `not_found`, for object `key` that is not there; when `key/` is a prefix that holds a
+    /// checkpoint (what was meant, without its trailing slash), an error that says so.
+    async fn did_you_mean(&self, key: &str, not_found: Error) -> Error {
+        let folder = format!("{key}/");
+        let Ok(prefix) = ObjectPath::parse(&folder) else { return not_found };
+        let Ok(listing) = self.store.list_with_delimiter(Some(&prefix)).await else {
+            return not_found;
+        };
+        let checkpoint = listing.objects.iter().any(|o| {
+            let name = o.location.filename().unwrap_or_default();
+            name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json")
+        });
+        if !checkpoint {
+            return not_found;
+        }
+        let url = self.url_of(key);
+        let why = format!(
+            "there is no object '{key}', but the prefix {} holds a checkpoint: write the \
+             source with its trailing '/'",
+            self.url_of(&folder).display()
+        );
+        Error::Io {
+            op: "head",
+            path: url,
+            offset: 0,
+            len: 0,
+            source: io::Error::new(io::ErrorKind::NotFound, why),
+        }
+    }
+
+    async fn open_index(&self, key: &str) -> Result<Checkpoint> {
+        let url = self.url_of(key);
+        let location = location(&url, key)?;
+        let meta =
+            self.store.head(&location).await.map_err(|e| request_error("head", &url, 0, 0, e))?;
+        if meta.size > MAX_INDEX_BYTES {
+            let message = format!("larger than the cap of {MAX_INDEX_BYTES} bytes");
+            return Err(FormatError::new(&url, ErrorKind::BadIndex { message }).into());
+        }
+        let bytes = self
+            .store
+            .get(&location)
+            .await
+            .map_err(|e| request_error("get", &url, 0, meta.size, e))?
+            .bytes()
+            .await
+            .map_err(|e| request_error("get", &url, 0, meta.size, e))?;
+        let index = parse_index(&url, &bytes)?;
+        let base = key.rsplit_once('/').map_or("", |(dir, _)| dir);
+        let keys: Vec<String> = index
+            .shards
+            .iter()
+            .map(|shard| if base.is_empty() { shard.clone() } else { format!("{base}/{shard}") })
+            .collect();
+        let results = futures::stream::iter(&keys)
+            .map(|key| self.header(key))
+            .buffered(HEADER_READS_MAX)
+            .collect::<Vec<_>>()
+            .await;
+        let mut headers = Vec::with_capacity(keys.len());
+        let mut pins = Vec::with_capacity(keys.len());
+        for (position, (key, result)) in keys.iter().zip(results).enumerate() {
+            match result {
+                Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                    return Err(index.missing_shard(&url, position).into());
+                }
+                Err(e) => return Err(e),
+                Ok((header, pin)) => {
+                    headers.push((self.url_of(key), header));
+                    pins.push(pin);
+                }
+            }
+        }
+        Ok(pinned(Checkpoint::from_headers(headers)?.with_index(index)?, pins))
+    }
+
+    /// The validated header of object `key` (its size, then two ranged GETs) and the version
+    /// both GETs were pinned to.
+    async fn header(&self, key: &str) -> Result<(Header, Pin)> {
+        let url = self.url_of(key);
+        let location = location(&url, key)?;
+        let meta =
+            self.store.head(&location).await.map_err(|e| request_error("head", &url, 0, 0, e))?;
+        let size = meta.size;
+        if size < PREFIX_BYTES {
+            return Err(FormatError::new(&url, ErrorKind::TooSmall { file_len: size }).into());
+        }
+        let pin = Pin::of(self.source.provider, &meta);
+        let prefix = self.range(&location, &url, 0, PREFIX_BYTES, &pin).await?;
+        let header_len = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
+        let header_len = check_prefix(&url, header_len, size)?;
+        let header = self.range(&location, &url, PREFIX_BYTES, header_len, &pin).await?;
+        Ok((parse_header(&url, &header, size)?, pin))
+    }
+
+    async fn range(
+        &self,
+        location: &ObjectPath,
+        url: &Path,
+        offset: u64,
+        len: u64,
+        pin: &Pin,
+    ) -> Result<bytes::Bytes> {
+        if len == 0 {
+            return Ok(bytes::Bytes::new());
+        }
+        let bytes = self
+            .store
+            .get_opts(location, pin.get(offset..offset + len))
+            .await
+            .map_err(|e| pin.error(url, offset, len, e))?
+            .bytes()
+            .await
+            .map_err(|e| pin.error(url, offset, len, e))?;
+        if (bytes.len() as u64) < len {
+            return Err(Error::Truncated {
+                path: url.to_path_buf(),
+                offset: offset + bytes.len() as u64,
+                expected_len: offset + len,
+            });
+        }
+        Ok(bytes)
+    }
+}
+
+/// An object opened for a load: its size and ETag as the load saw them.
+#[derive(Debug, Clone)]
+pub struct ObjectFile {
+    /// `s3://bucket/key` (`gs://`, `az://`, ...), for errors.
+    pub path: PathBuf,
+    store: Arc<dyn ObjectStore>,
+    location: ObjectPath,
+    /// Bytes.
+    pub size: u64,
+    /// The ETag every part is conditioned on.
+    pub etag: Option<String>,
+    /// The generation every part is pinned to (Google Cloud Storage).
+    pub generation: Option<String>,
+    /// Where its bucket lives, for the name of its copy in a cache directory.
+    pub origin: super::cache::Origin,
+    /// The local copy being written as the parts arrive ([`super::cache`]), if any.
+    pub cache: Option<Arc<super::cache::Writer>>,
+}
+
+impl ObjectFile {
+    /// The object's key.
+    pub fn key(&self) -> &str {
+        self.location.as_ref()
+    }
+
+    /// A copy of this handle that writes no cache copy.
+    pub fn without_cache(&self) -> Self {
+        Self { cache: None, ..self.clone() }
+    }
+
+    /// Whether a HEAD now shows the ETag (and generation) and size the load saw.
+    pub fn unchanged(&self) -> std::result::Result<bool, String> {
+        let meta = block_on(&self.path, self.store.head(&self.location))
+            .map_err(|e| e.to_string())?
+            .map_err(|e| request_error("head", &self.path, 0, 0, e).to_string())?;
+        let generation_same = self.generation.is_none() || meta.version == self.generation;
+        Ok(meta.e_tag == self.etag && meta.size == self.size && generation_same)
+    }
+
+    fn pin(&self) -> Pin {
+        Pin { etag: self.etag.clone(), generation: self.generation.clone() }
+    }
+
+    /// What names this version of the object in a cache directory (`None`: no version).
+    pub fn cache_identity(&self) -> Option<super::cache::Identity> {
+        let (etag, generation) = (self.etag.as_deref(), self.generation.as_deref());
+        super::cache::Identity::new(&self.origin, self.key(), etag, generation, self.size)
+    }
+
+    /// Fills `buf` with the object's bytes from `offset` (GETs conditioned on the version
+    /// the load saw), blocking this thread: how a cache copy's failed extent is replaced.
+    pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let job = Job { extent: 0, file: 0, offset, len: buf.len() as u64, target: None };
+        let target = crate::engine::read::RawTarget { ptr: buf.as_mut_ptr(), len: buf.len() };
+        let file = self.without_cache();
+        runtime()?.block_on(fetch_into(&file, job, &mut Dest::Target(target), &mut None))
+    }
+}
+
+/// Each file of `checkpoint` (in its order) with the version its header was read at.
+fn pinned(mut checkpoint: Checkpoint, pins: Vec<Pin>) -> Checkpoint {
+    for (file, pin) in checkpoint.files.iter_mut().zip(pins) {
+        file.version = pin.version();
+    }
+    checkpoint
+}
+
+/// Opens object `info.path` for a load: it must still be the version (size, ETag and
+/// generation) whose header was read, or its data would not be what the header describes.
+pub fn open_for_load(info: &gantry_format::FileInfo, options: &Options) -> Result<ObjectFile> {
+    let (path, file_len) = (info.path.as_path(), info.file_len);
+    let object = open_for_load_unchecked(path, options)?;
+    let now = object.pin().version();
+    if info.version.is_some() && now != info.version {
+        let why = format!(
+            "its version is {} now, its header was read at {}",
+            now.as_deref().unwrap_or("none"),
+            info.version.as_deref().unwrap_or("none")
+        );
+        return Err(changed("head", path, 0, 0, &why));
+    }
+    if object.size != file_len {
+        return Err(Error::Io {
+            op: "head",
+            path: path.to_path_buf(),
+            offset: 0,
+            len: 0,
+            source: io::Error::other(format!(
+                "the object is {} bytes now, its header was read from {file_len} bytes: it changed",
+                object.size
+            )),
+        });
+    }
+    Ok(object)
+}
+
+/// Fetches `jobs` (by `Job::file` into `files`) into leased staging buffers, `concurrency`
+/// ranged GETs in flight, sending each finished extent (or the first error) to `tx`. Returns
+/// when every job is done, on the first error, when `cancel` is set or the pool closes.
+pub fn run(
+    files: &[ObjectFile],
+    jobs: &[Job],
+    pool: Option<&Arc<Pool>>,
+    concurrency: usize,
+    cancel: &AtomicBool,
+    tx: &Sender<Result<Message>>,
+) {
+    let runtime = match runtime() {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = tx.send(Err(e));
+            return;
+        }
+    };
+    let failed = Arc::new(AtomicBool::new(false));
+    let lanes = crate::trace::current().map(|t| crate::trace::Lanes::new(t, "object GETs"));
+    runtime.block_on(async {
+        let mut in_flight = tokio::task::JoinSet::new();
+        let stop = || cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed);
+        for &job in jobs {
+            while in_flight.len() >= concurrency.max(1) && !stop() {
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(50), in_flight.join_next()).await;
+            }
+            if stop() {
+                break;
+            }
+            let dest = match job.target {
+                Some(target) => Dest::Target(target),
+                // Blocks this thread only: the GETs in flight run on the runtime's workers
+                // and hand their buffers to the consumer, which returns them to the pool.
+                None => match pool.expect("staged object jobs need a pool").acquire() {
+                    Some(lease) => Dest::Staging(lease),
+                    None => break,
+                },
+            };
+            let file = files[job.file].clone();
+            let (tx, failed, lanes) = (tx.clone(), Arc::clone(&failed), lanes.clone());
+            in_flight.spawn(async move {
+                let get = lanes.as_ref().map(|l| l.begin());
+                // A panic inside the client (a backstop: its settings were checked) fails
+                // the load with an error rather than losing the part.
+                let caught = std::panic::AssertUnwindSafe(fetch(&file, job, dest)).catch_unwind();
+                let (message, copy) = caught
+                    .await
+                    .unwrap_or_else(|panic| (Err(panicked(&file.path, panic.as_ref())), None));
+                if let (Some(lanes), Some(get)) = (&lanes, get) {
+                    traced_get(lanes, get, &file, job, message.is_ok());
+                }
+                if message.is_err() {
+                    failed.store(true, Ordering::Relaxed);
+                }
+                let _ = tx.send(message);
+                // The bytes went on to their destination; the copy's thread writes them to
+                // the cache from the body's own buffers. This GET's slot stays taken until
+                // the cache takes them, so a disk far behind the store slows the GETs
+                // rather than growing memory.
+                if let (Some(cache), Some(chunks)) = (&file.cache, copy) {
+                    cache.write(job.offset, chunks).await;
+                }
+            });
+        }
+        // Wait for the GETs in flight; once the load failed or was cancelled, abort them (a
+        // task is dropped at an await, never in the middle of a copy) rather than wait out
+        // their retries.
+        while !in_flight.is_empty() {
+            if stop() {
+                in_flight.abort_all();
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), in_flight.join_next()).await;
+        }
+    });
+}
+
+/// Records one GET (its bytes only when it succeeded) on a lane of the load's trace.
+fn traced_get(
+    lanes: &crate::trace::Lanes,
+    get: crate::trace::LaneSpan,
+    file: &ObjectFile,
+    job: Job,
+    ok: bool,
+) {
+    let args = crate::trace::Args::new().str("reader", "object").str("volume", "object storage");
+    let args = args.str("file", file.path.display().to_string()).u64("offset", job.offset);
+    lanes.end(get, "read", "read", args.u64("bytes", if ok { job.len } else { 0 }));
+}
+
+/// Attempts at one part: the client retries each request; this also resumes a body that
+/// broke off mid-way.
+const PART_ATTEMPTS: u32 = 4;
+
+/// Where a part lands.
+enum Dest {
+    /// A staging buffer, handed to the consumer with the bytes.
+    Staging(crate::engine::staging::Lease),
+    /// The extent's destination itself.
+    Target(crate::engine::read::RawTarget),
+}
+
+/// Fetches one part into `dest`; with the message, the body chunks of the part when the
+/// object's cache copy wants them (the buffers the bytes came in, kept rather than copied).
+async fn fetch(file: &ObjectFile, job: Job, mut dest: Dest) -> (Result<Message>, Option<Chunks>) {
+    let mut copy = file.cache.as_ref().filter(|c| c.wants_bytes()).map(|_| Vec::new());
+    let message = fetch_into(file, job, &mut dest, &mut copy).await;
+    let message = message.map(|()| match dest {
+        Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
+        Dest::Target(_) => Message::Direct { extent: job.extent },
+    });
+    let copy = copy.filter(|_| message.is_ok());
+    (message, copy)
+}
+
+/// A part's body chunks, in order.
+type Chunks = Vec<bytes::Bytes>;
+
+/// Fills `dest` with part `job`, resuming a body that broke off; with `copy`, keeps each body
+/// chunk there too.
+async fn fetch_into(
+    file: &ObjectFile,
+    job: Job,
+    dest: &mut Dest,
+    copy: &mut Option<Chunks>,
+) -> Result<()> {
+    let buf: &mut [u8] = match dest {
+        Dest::Staging(lease) => &mut lease.as_mut_slice()[..job.len as usize],
+        // SAFETY: the target is this extent's alone (Sink::direct_target) or a buffer
+        // borrowed for the call (ObjectFile::read_into), exactly its length, and outlives
+        // the fetch.
+        Dest::Target(t) => unsafe { std::slice::from_raw_parts_mut(t.ptr, t.len) },
+    };
+    let mut filled = 0u64;
+    let mut attempt = 0;
+    while filled < job.len {
+        attempt += 1;
+        let start = job.offset + filled;
+        let pin = file.pin();
+        let result =
+            match file.store.get_opts(&file.location, pin.get(start..job.offset + job.len)).await {
+                Ok(r) => r,
+                Err(e) => return Err(pin.error(&file.path, start, job.len - filled, e)),
+            };
+        let mut body = result.into_stream();
+        let mut broke = None;
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(bytes) => {
+                    let end = filled as usize + bytes.len();
+                    if end > buf.len() {
+                        return Err(Error::Io {
+                            op: "get",
+                            path: file.path.clone(),
+                            offset: job.offset,
+                            len: job.len,
+                            source: io::Error::other("the server sent more bytes than asked for"),
+                        });
+                    }
+                    buf[filled as usize..end].copy_from_slice(&bytes);
+                    filled = end as u64;
+                    if let Some(copy) = copy.as_mut() {
+                        copy.push(bytes);
+                    }
+                }
+                Err(e) => {
+                    broke = Some(e);
+                    break;
+                }
+            }
+        }
+        match broke {
+            Some(e) if attempt >= PART_ATTEMPTS => {
+                return Err(pin.error(&file.path, job.offset + filled, job.len - filled, e))
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(100 << attempt)).await,
+            None if filled < job.len => {
+                return Err(Error::Truncated {
+                    path: file.path.clone(),
+                    offset: job.offset + filled,
+                    expected_len: file.size,
+                })
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// Largest `SHA256SUMS` object read.
+const SUMS_BYTES_MAX: u64 = integrity::SUMS_BYTES_MAX;
+
+/// The digest known for `object`: its `sha256` metadata, else its line in a `SHA256SUMS`
+/// object beside it; else what was looked for and why nothing was found. A `SHA256SUMS` that
+/// is larger than [`integrity::SUMS_BYTES_MAX`] or malformed is an error naming it.
+pub fn known_digest(object: &ObjectFile) -> Result<std::result::Result<Known, String>> {
+    let found = block_on(&object.path, async {
+        let key = "sha256";
+        let pin = object.pin();
+        let result = object.store.get_opts(&object.location, pin.get(0..1)).await;
+        let result = match result {
+            Ok(result) => result,
+            Err(e) => return Ok(Err(pin.error(&object.path, 0, 1, e).to_string())),
+        };
+        let meta = result.attributes.get(&Attribute::Metadata(key.into()));
+        if let Some(digest) = meta.and_then(|v| integrity::from_hex(v.as_ref())) {
+            let source = format!("its object metadata '{key}'");
+            return Ok(Ok(Known { digest, source }));
+        }
+        let text = object.location.as_ref();
+        let (dir, name) = text.rsplit_once('/').unwrap_or(("", text));
+        let sums_key = if dir.is_empty() {
+            SUMS_FILE_NAME.to_owned()
+        } else {
+            format!("{dir}/{SUMS_FILE_NAME}")
+        };
+        let sums_url = object.path.with_file_name(SUMS_FILE_NAME);
+        let sums = match location(&sums_url, &sums_key) {
+            Ok(sums) => sums,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let none = || format!("no '{key}' object metadata, no {SUMS_FILE_NAME} entry beside it");
+        let range = Some(GetRange::Bounded(0..SUMS_BYTES_MAX + 1));
+        let text =
+            match object.store.get_opts(&sums, GetOptions { range, ..Default::default() }).await {
+                Ok(r) => r.bytes().await.map_err(|e| request_error("get", &sums_url, 0, 0, e)),
+                Err(object_store::Error::NotFound { .. }) => return Ok(Err(none())),
+                Err(e) => Err(request_error("get", &sums_url, 0, 0, e)),
+            };
+        let text = match text {
+            Ok(text) => text,
+            Err(e) => return Ok(Err(format!("{}; {e}", none()))),
+        };
+        let bad = |message| Error::Sha256 { path: sums_url.clone(), message };
+        if text.len() as u64 > SUMS_BYTES_MAX {
+            return Err(bad(format!(
+                "more than {SUMS_BYTES_MAX} bytes: not read as a checksum list"
+            )));
+        }
+        let listed = integrity::sums::parse(&text).map_err(bad)?;
+        let source = sums_url.display().to_string();
+        Ok(listed.get(name.as_bytes()).map(|digest| Known { digest, source }).ok_or_else(none))
+    });
+    match found {
+        Ok(known) => known,
+        // A panic inside the client (caught): no digest, and why.
+        Err(e) => Ok(Err(e.to_string())),
+    }
+}
+
+/// Fetches every object of `paths` whole with ranged GETs of `config`'s part size,
+/// `config`'s concurrency in flight, each body drained and dropped (no staging ring, no copies
+/// to destinations); the bytes fetched. What the store and the network give: the benchmarks'
+/// ceiling ([`crate::tools::baseline::object_ceiling`]) times it.
+pub fn fetch_whole(paths: &[&Path], config: &crate::Config) -> Result<u64> {
+    let values = config.values();
+    let (part, concurrency) = (config.object_part() as u64, values.object_concurrency);
+    let mut requests = Vec::new();
+    for path in paths {
+        let meta = open_for_load_unchecked(path, &config.object_options)?;
+        let mut offset = 0;
+        while offset < meta.size {
+            let len = part.min(meta.size - offset);
+            requests.push((meta.clone(), offset, len));
+            offset += len;
+        }
+    }
+    let bytes: u64 = requests.iter().map(|r| r.2).sum();
+    let first = paths.first().map_or(Path::new(""), |p| *p);
+    block_on(first, async {
+        let mut in_flight = tokio::task::JoinSet::new();
+        let mut first_error = None;
+        for (file, offset, len) in requests {
+            while in_flight.len() >= concurrency.max(1) {
+                if let Some(Err(e)) = in_flight.join_next().await.map(joined) {
+                    first_error.get_or_insert(e);
+                }
+            }
+            in_flight.spawn(async move {
+                let options = GetOptions {
+                    range: Some(GetRange::Bounded(offset..offset + len)),
+                    ..Default::default()
+                };
+                let result = file
+                    .store
+                    .get_opts(&file.location, options)
+                    .await
+                    .map_err(|e| request_error("get", &file.path, offset, len, e))?;
+                let mut body = result.into_stream();
+                let mut n = 0u64;
+                while let Some(chunk) = body.next().await {
+                    n += chunk.map_err(|e| request_error("get", &file.path, offset, len, e))?.len()
+                        as u64;
+                }
+                if n < len {
+                    return Err(Error::Truncated {
+                        path: file.path.clone(),
+                        offset: offset + n,
+                        expected_len: file.size,
+                    });
+                }
+                Ok(())
+            });
+        }
+        while let Some(r) = in_flight.join_next().await {
+            if let Err(e) = joined(r) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    })??;
+    Ok(bytes)
+}
+
+/// A finished task's result; a task that panicked (inside the client) is an error.
+fn joined(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    r.unwrap_or_else(|e| {
+        let what = if e.is_panic() { "panicked" } else { "was cancelled" };
+        Err(Error::Config(format!("an object-storage request {what}: {e}")))
+    })
+}
+
+/// An object's size and ETag, whatever its size.
+fn open_for_load_unchecked(path: &Path, options: &Options) -> Result<ObjectFile> {
+    let source = parse(path)?;
+    let client = client::client(&source, options)?;
+    let location = location(path, &source.key)?;
+    let meta = block_on(path, client.store.head(&location))?
+        .map_err(|e| request_error("head", path, 0, 0, e))?;
+    let Pin { etag, generation } = Pin::of(source.provider, &meta);
+    Ok(ObjectFile {
+        path: path.to_path_buf(),
+        store: client.store,
+        location,
+        size: meta.size,
+        etag,
+        generation,
+        origin: client.cache_name,
+        cache: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_addressed_as_they_are() {
+        let url = Path::new("s3://b/");
+        for key in
+            ["caf\u{e9}/x", "a~b", "layer[1]", "two words", "a+b", "100%", "x#1", "why?", "%41", ""]
+        {
+            assert_eq!(location(url, key).unwrap().as_ref(), key);
+        }
+        for key in ["a//b", "/a", "a/./b", "a/../b", "..", "a\nb"] {
+            let e = location(url, key).unwrap_err().to_string();
+            assert!(e.contains(&key.escape_debug().to_string()) && e.contains("s3://b/"), "{e}");
+        }
+    }
+}
