@@ -295,4 +295,12 @@ fn object_gets_are_spans_on_lanes() {
     assert_no_partial_overlap(&check_format(&events));
     let verdict = model.report().bound_by.clone().expect("a verdict");
     assert!(verdict.to_string().contains("GETs in flight"), "{verdict}");
+    // With a cache, the copy's writes are a track of their own, bytes and all.
+    let cached = Loader::new(config.cache_dir(dir.path().join("cache"))).unwrap();
+    assert_matches_local(&cached.load(&url).unwrap(), &Checkpoint::open(&local).unwrap());
+    let writes = spans_of(&trace_path, "cache");
+    let written: u64 = writes.iter().map(|w| w.0).sum();
+    let size = std::fs::metadata(&local).unwrap().len();
+    assert!(written >= data && written <= size, "{written} bytes written of {size}");
+    assert!(writes.iter().all(|w| !gets.iter().any(|g| g.1 == w.1)), "writes on a GET lane");
 }

@@ -99,10 +99,16 @@ impl Writer {
         let path = cache.copy_path(&identity.name());
         let failed_too = Arc::clone(&failed);
         let copy = Copy { cache, identity, size, failed: failed_too, stall: waits.stall };
+        let trace = crate::trace::current();
         std::thread::Builder::new()
             .name("gantry-cache".to_owned())
             .spawn(move || {
-                let text = copy.run(&rx);
+                // Out of the trace before the verdict goes: the load may write its trace
+                // as soon as it has the verdict.
+                let text = {
+                    let _in = crate::trace::enter(trace.as_ref(), "cache writer");
+                    copy.run(&rx)
+                };
                 let _ = verdict_tx.send(text);
             })
             .map_err(|e| format!("starting the thread that writes {}: {e}", path.display()))?;
@@ -212,6 +218,9 @@ impl Copy {
                     #[cfg(test)]
                     let _stalled = self.stall.then(|| testing::STALL.lock());
                     let Some(p) = partial.as_mut().filter(|_| !self.failed()) else { continue };
+                    let bytes = piece.chunks.iter().map(|c| c.len() as u64).sum::<u64>();
+                    let _span = crate::trace::span("cache", "cache write")
+                        .args(|a| a.u64("offset", piece.offset).u64("bytes", bytes));
                     if let Err(e) = self.put(p, &piece) {
                         self.fail(&format!("writing at offset {}: {e}", piece.offset));
                     }
