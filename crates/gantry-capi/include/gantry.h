@@ -139,17 +139,22 @@ typedef struct gantry_model gantry_model;
 // An opaque placed checkpoint; its memory is freed by `gantry_placed_free`.
 typedef struct gantry_placed gantry_placed;
 
-// Loader settings. Fill with `gantry_config_init`, then change what you need.
+// Loader settings. Fill with `gantry_config_init`, then change what you need. A field that
+// says "0: auto" is decided when a load starts (`gantry_config_init` writes 0 there); any
+// other value is used as given.
 typedef struct gantry_config {
-  // Reads in flight on the io_uring (1 to 4096).
+  // Reads in flight per volume (1 to 4096; 0: auto, the volume's measured pick or 8).
+  // Giving it or `chunk_bytes` turns the measuring of the volume off.
   uint32_t queue_depth;
-  // Threads of the buffered reader (1 to 256).
+  // Threads of the buffered reader (1 to 256; 0: auto, three quarters of the cores, 2 to
+  // 16).
   uint32_t threads;
-  // Bytes per direct read and staging slot (multiple of 4096, up to 1 GiB).
+  // Bytes per direct read and staging slot (multiple of 4096, up to 1 GiB; 0: auto, the
+  // volume's measured pick or 64 MiB).
   uint64_t chunk_bytes;
   // Bytes per buffered read (multiple of 4096).
   uint64_t buffered_chunk_bytes;
-  // Staging ring size in bytes (at least one chunk).
+  // Staging ring size in bytes (at least one chunk; 0: auto, 512 MiB).
   uint64_t staging_bytes;
   // Reader choice, a `gantry_path` value.
   int32_t path;

@@ -181,6 +181,44 @@ fn ten_million_destinations_are_refused_before_anything_is_allocated() {
     }
 }
 
+/// `gantry_config_init` writes 0 ("auto") where the engine decides and the default where it
+/// does not; a loader takes every other value as given: a staging ring given smaller than the
+/// automatic chunk is refused naming it, and loads once a chunk that fits is given too.
+#[test]
+fn config_init_leaves_auto_at_zero_and_given_values_are_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = tiny(dir.path());
+    let mut config = std::mem::MaybeUninit::<Config>::uninit();
+    // SAFETY: writable memory for one config.
+    assert_eq!(unsafe { (lib().config_init)(config.as_mut_ptr()) }, OK);
+    // SAFETY: written by config_init.
+    let mut config = unsafe { config.assume_init() };
+    let auto = (config.queue_depth, config.threads, config.chunk_bytes, config.staging_bytes);
+    assert_eq!(auto, (0, 0, 0, 0));
+    assert_eq!((config.buffered_chunk_bytes, config.path), (2 << 20, 0));
+    let new = |config: &Config| {
+        let mut l: Opaque = std::ptr::null_mut();
+        // SAFETY: a valid config, no options, a writable out pointer.
+        let rc = unsafe { (lib().new_with_options)(config, std::ptr::null(), 0, &mut l) };
+        (checked(rc, "new"), l)
+    };
+    config.staging_bytes = 1 << 20;
+    assert_eq!(new(&config).0, INVALID);
+    assert!(message().contains("staging_bytes 1048576 must hold at least one chunk of 67108864"));
+    config.chunk_bytes = 4096;
+    config.buffered_chunk_bytes = 4096;
+    let (rc, l) = new(&config);
+    assert_eq!(rc, OK, "{}", message());
+    let mut out: Opaque = std::ptr::null_mut();
+    // SAFETY: live loader, valid path, writable out.
+    assert_eq!(checked(unsafe { (lib().load)(l, path.as_ptr(), HOST, &mut out) }, "load"), OK);
+    // SAFETY: live handles, freed once.
+    unsafe {
+        (lib().model_free)(out);
+        (lib().loader_free)(l);
+    }
+}
+
 #[test]
 fn ranks_outside_the_world_and_empty_options_are_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -80,7 +80,7 @@ pub fn open_with(source: impl AsRef<std::path::Path>, config: &Config) -> Result
     let source = source.as_ref();
     let _span = trace::span("phase", "headers");
     if io::object::is_url(source) {
-        io::object::open_checkpoint(source, &config.object_options)
+        io::object::open_checkpoint(source, &config.object.options)
     } else {
         Ok(Checkpoint::open(source)?)
     }

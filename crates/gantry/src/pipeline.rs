@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::integrity::{self, Verifier};
 use crate::interleave::{interleave, Read};
@@ -212,7 +212,7 @@ pub fn run(
     files: &Files,
     jobs: Jobs,
     staging: Staging,
-    config: &Config,
+    config: &Settings,
     sink: &mut dyn Sink,
     checks: Option<&mut integrity::Checks>,
     on_landed: &mut dyn FnMut(usize),

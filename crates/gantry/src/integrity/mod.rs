@@ -255,7 +255,7 @@ pub(crate) struct StatesSettings {
 }
 
 impl StatesSettings {
-    pub(crate) fn new(config: &crate::Config) -> Self {
+    pub(crate) fn new(config: &crate::config::Settings) -> Self {
         let dir = states::Records::new(config.cache_dir.as_deref()).map(Arc::new);
         Self { dir, segment_bytes: config.sha256_segment_bytes }
     }

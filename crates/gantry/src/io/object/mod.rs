@@ -685,7 +685,7 @@ pub fn fetch_whole(paths: &[&Path], config: &crate::Config) -> Result<u64> {
     let (part, concurrency) = (config.object_part() as u64, values.object_concurrency);
     let mut requests = Vec::new();
     for path in paths {
-        let meta = open_for_load_unchecked(path, &config.object_options)?;
+        let meta = open_for_load_unchecked(path, &config.object.options)?;
         let mut offset = 0;
         while offset < meta.size {
             let len = part.min(meta.size - offset);
