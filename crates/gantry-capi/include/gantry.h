@@ -47,6 +47,9 @@ enum gantry_status
   GANTRY_E_NOT_FOUND = 102,
   // A caller-supplied destination does not fit its tensor.
   GANTRY_E_DESTINATION = 103,
+  // A tensor cannot be placed as asked (a split that does not divide its dimension, a
+  // destination out of range or given twice; the message names the tensor and its shape).
+  GANTRY_E_PLACEMENT = 104,
   // The checkpoint's headers or index are malformed.
   GANTRY_E_FORMAT = 200,
   // A file could not be opened or read (errno in `gantry_last_error_errno`).
@@ -70,7 +73,7 @@ enum gantry_status
   GANTRY_E_UNAVAILABLE = 600,
   // The library could not set up its own resources (memory, threads, rings).
   GANTRY_E_RESOURCE = 601,
-  // gantry panicked: a bug; the message says where.
+  // A bug in gantry (a panic, or an invariant that did not hold); the message says where.
   GANTRY_E_PANIC = 900,
 };
 #ifndef __cplusplus
@@ -119,7 +122,7 @@ enum gantry_split
   // Qwen2/3, Mixtral): column-parallel weights (q/k/v, gate/up, experts' w1/w3, embedding,
   // LM head) split by rows, row-parallel weights (o_proj, down_proj, experts' w2) by
   // columns, norms, routers and unnamed tensors whole to each; a split that does not
-  // divide by the destinations is `GANTRY_E_INVALID_ARGUMENT` naming the tensor.
+  // divide by the destinations is `GANTRY_E_PLACEMENT` naming the tensor.
   GANTRY_SPLIT_TP = 3,
 };
 #ifndef __cplusplus

@@ -64,6 +64,7 @@ struct Lib {
         *mut c_void,
     ) -> i32,
     last_error: unsafe extern "C" fn(*mut c_char, usize) -> usize,
+    status_name: unsafe extern "C" fn(i32) -> *const c_char,
 }
 
 fn symbol<T: Copy>(handle: *mut c_void, name: &str) -> T {
@@ -95,6 +96,7 @@ fn lib() -> &'static Lib {
             cooperative: symbol(h, "gantry_loader_load_cooperative"),
             cooperative_split: symbol(h, "gantry_loader_load_cooperative_split"),
             last_error: symbol(h, "gantry_last_error_message"),
+            status_name: symbol(h, "gantry_status_name"),
         }
     })
 }
@@ -217,6 +219,32 @@ fn config_init_leaves_auto_at_zero_and_given_values_are_used() {
         (lib().model_free)(out);
         (lib().loader_free)(l);
     }
+}
+
+/// A tensor the split cannot place is `GANTRY_E_PLACEMENT` (104, by name) naming the tensor
+/// and its shape: 4 rows of a column-parallel weight do not split over 3 destinations.
+#[test]
+fn a_split_that_does_not_divide_is_a_placement_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let w: Vec<u8> = (0..96u8).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 6], &w);
+    let path = dir.path().join("q.safetensors");
+    safetensors::serialize_to_file([("layer.q_proj.weight", view.unwrap())], None, &path).unwrap();
+    let path = CString::new(path.to_str().unwrap()).unwrap();
+    let l = loader(&[]).unwrap();
+    let devices = [HOST; 3];
+    let mut placed: Opaque = std::ptr::null_mut();
+    // SAFETY: live loader, valid path, 3 destinations, writable out.
+    let rc = unsafe { (lib().load_split)(l, path.as_ptr(), devices.as_ptr(), 3, 3, &mut placed) };
+    assert_eq!(checked(rc, "load_split"), 104);
+    assert!(placed.is_null(), "no output on failure");
+    let text = message();
+    assert!(text.contains("tensor 'layer.q_proj.weight' of shape [4, 6]"), "{text}");
+    // SAFETY: `gantry_status_name` returns a static string.
+    let name = unsafe { CStr::from_ptr((lib().status_name)(104)) };
+    assert_eq!(name.to_str().unwrap(), "GANTRY_E_PLACEMENT");
+    // SAFETY: a live loader, freed once.
+    unsafe { (lib().loader_free)(l) };
 }
 
 #[test]

@@ -48,9 +48,8 @@ fn wanted_whole(
         let whole = shares.len() == world
             && shares.iter().enumerate().all(|(r, &(d, s))| d == r && s == Share::Whole);
         if !shares.is_empty() && !whole {
-            return Err(Error::Config(format!(
-                "tensor '{}': a cooperative load places each tensor whole on all {world} ranks or skips it; got {shares:?}",
-                t.name
+            return Err(Error::placement(t, format!(
+                "a cooperative load places each tensor whole on all {world} ranks or skips it; got {shares:?}"
             )));
         }
         wanted.push(whole);

@@ -744,7 +744,7 @@ pub fn fetch_whole(paths: &[&Path], config: &crate::Config) -> Result<u64> {
 fn joined(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
     r.unwrap_or_else(|e| {
         let what = if e.is_panic() { "panicked" } else { "was cancelled" };
-        Err(Error::Config(format!("an object-storage request {what}: {e}")))
+        Err(Error::Internal(format!("an object-storage request {what}: {e}")))
     })
 }
 
