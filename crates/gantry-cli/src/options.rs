@@ -36,6 +36,14 @@ impl std::str::FromStr for Device {
     }
 }
 
+/// `device` as `--device` spells it.
+pub fn device_name(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(n) => format!("cuda:{n}"),
+    }
+}
+
 /// `--device`: `cpu`, `cuda:N`, or several GPUs `cuda:0,cuda:1` (placed loads).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Devices(pub Vec<Device>);

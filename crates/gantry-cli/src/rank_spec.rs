@@ -102,7 +102,7 @@ impl Spec {
     /// The spec of the rank on `device` of the load `args` asks for.
     pub fn new(args: &Args, device: Device, link: Link, result_file: PathBuf) -> Spec {
         Spec {
-            device: crate::ranks::device_name(device),
+            device: crate::options::device_name(device),
             link,
             result_file,
             settings: args.options.settings.clone(),

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 
 use crate::file_report::json_files;
 use crate::load_args::{placement, warn_unmatched, Args};
-use crate::options::Device;
+use crate::options::{device_name, Device};
 use crate::rank_spec::{Link, Rank as Me, RankCommand, Spec};
 use crate::units;
 
@@ -604,11 +604,4 @@ pub fn run_rank(command: &RankCommand) -> Result<(), Box<dyn Error>> {
     // middle of a line.
     std::fs::write(&me.result_file, out.to_string())?;
     Ok(())
-}
-
-pub(crate) fn device_name(d: Device) -> String {
-    match d {
-        Device::Cpu => "cpu".into(),
-        Device::Cuda(n) => format!("cuda:{n}"),
-    }
 }

@@ -229,7 +229,10 @@ pub fn run(
     let checker = cache::check::Checker::start(plan, &files.copies, jobs.targets(plan), cpus, &tx)?;
     let verifier = match &checks {
         Some(c) => {
-            let states = integrity::StatesSettings::new(config);
+            let states = integrity::StatesSettings::new(
+                config.cache_dir.as_deref(),
+                config.sha256_segment_bytes,
+            );
             Some(Verifier::start(plan, c, jobs.targets(plan), cpus, &states, &tx)?)
         }
         None => None,
