@@ -47,6 +47,9 @@ enum gantry_status
   GANTRY_E_NOT_FOUND = 102,
   // A caller-supplied destination does not fit its tensor.
   GANTRY_E_DESTINATION = 103,
+  // A tensor cannot be placed as asked (a split that does not divide its dimension, a
+  // destination out of range or given twice; the message names the tensor and its shape).
+  GANTRY_E_PLACEMENT = 104,
   // The checkpoint's headers or index are malformed.
   GANTRY_E_FORMAT = 200,
   // A file could not be opened or read (errno in `gantry_last_error_errno`).
@@ -70,7 +73,7 @@ enum gantry_status
   GANTRY_E_UNAVAILABLE = 600,
   // The library could not set up its own resources (memory, threads, rings).
   GANTRY_E_RESOURCE = 601,
-  // gantry panicked: a bug; the message says where.
+  // A bug in gantry (a panic, or an invariant that did not hold); the message says where.
   GANTRY_E_PANIC = 900,
 };
 #ifndef __cplusplus
@@ -119,7 +122,7 @@ enum gantry_split
   // Qwen2/3, Mixtral): column-parallel weights (q/k/v, gate/up, experts' w1/w3, embedding,
   // LM head) split by rows, row-parallel weights (o_proj, down_proj, experts' w2) by
   // columns, norms, routers and unnamed tensors whole to each; a split that does not
-  // divide by the destinations is `GANTRY_E_INVALID_ARGUMENT` naming the tensor.
+  // divide by the destinations is `GANTRY_E_PLACEMENT` naming the tensor.
   GANTRY_SPLIT_TP = 3,
 };
 #ifndef __cplusplus
@@ -139,17 +142,22 @@ typedef struct gantry_model gantry_model;
 // An opaque placed checkpoint; its memory is freed by `gantry_placed_free`.
 typedef struct gantry_placed gantry_placed;
 
-// Loader settings. Fill with `gantry_config_init`, then change what you need.
+// Loader settings. Fill with `gantry_config_init`, then change what you need. A field that
+// says "0: auto" is decided when a load starts (`gantry_config_init` writes 0 there); any
+// other value is used as given.
 typedef struct gantry_config {
-  // Reads in flight on the io_uring (1 to 4096).
+  // Reads in flight per volume (1 to 4096; 0: auto, the volume's measured pick or 8).
+  // Giving it or `chunk_bytes` turns the measuring of the volume off.
   uint32_t queue_depth;
-  // Threads of the buffered reader (1 to 256).
+  // Threads of the buffered reader (1 to 256; 0: auto, three quarters of the cores, 2 to
+  // 16).
   uint32_t threads;
-  // Bytes per direct read and staging slot (multiple of 4096, up to 1 GiB).
+  // Bytes per direct read and staging slot (multiple of 4096, up to 1 GiB; 0: auto, the
+  // volume's measured pick or 64 MiB).
   uint64_t chunk_bytes;
   // Bytes per buffered read (multiple of 4096).
   uint64_t buffered_chunk_bytes;
-  // Staging ring size in bytes (at least one chunk).
+  // Staging ring size in bytes (at least one chunk; 0: auto, 512 MiB).
   uint64_t staging_bytes;
   // Reader choice, a `gantry_path` value.
   int32_t path;

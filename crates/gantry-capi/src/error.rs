@@ -20,6 +20,9 @@ pub enum gantry_status {
     GANTRY_E_NOT_FOUND = 102,
     /// A caller-supplied destination does not fit its tensor.
     GANTRY_E_DESTINATION = 103,
+    /// A tensor cannot be placed as asked (a split that does not divide its dimension, a
+    /// destination out of range or given twice; the message names the tensor and its shape).
+    GANTRY_E_PLACEMENT = 104,
     /// The checkpoint's headers or index are malformed.
     GANTRY_E_FORMAT = 200,
     /// A file could not be opened or read (errno in `gantry_last_error_errno`).
@@ -43,7 +46,7 @@ pub enum gantry_status {
     GANTRY_E_UNAVAILABLE = 600,
     /// The library could not set up its own resources (memory, threads, rings).
     GANTRY_E_RESOURCE = 601,
-    /// gantry panicked: a bug; the message says where.
+    /// A bug in gantry (a panic, or an invariant that did not hold); the message says where.
     GANTRY_E_PANIC = 900,
 }
 
@@ -54,6 +57,7 @@ pub(crate) fn status_name(status: i32) -> &'static CStr {
         101 => c"GANTRY_E_INVALID_ARGUMENT",
         102 => c"GANTRY_E_NOT_FOUND",
         103 => c"GANTRY_E_DESTINATION",
+        104 => c"GANTRY_E_PLACEMENT",
         200 => c"GANTRY_E_FORMAT",
         300 => c"GANTRY_E_IO",
         301 => c"GANTRY_E_TRUNCATED",
@@ -109,6 +113,7 @@ impl From<engine::Error> for CallError {
             engine::Error::Memlock { .. } | engine::Error::Resource { .. } => GANTRY_E_RESOURCE,
             engine::Error::Config(_) => GANTRY_E_INVALID_ARGUMENT,
             engine::Error::Destination { .. } => GANTRY_E_DESTINATION,
+            engine::Error::Placement { .. } => GANTRY_E_PLACEMENT,
             engine::Error::Cuda { .. } => GANTRY_E_CUDA,
             engine::Error::CuFile { .. } => GANTRY_E_CUFILE,
             engine::Error::Nccl { .. } => GANTRY_E_NCCL,

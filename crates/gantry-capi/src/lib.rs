@@ -55,19 +55,24 @@ pub enum gantry_path {
     GANTRY_PATH_BUFFERED = 2,
 }
 
-/// Loader settings. Fill with `gantry_config_init`, then change what you need.
+/// Loader settings. Fill with `gantry_config_init`, then change what you need. A field that
+/// says "0: auto" is decided when a load starts (`gantry_config_init` writes 0 there); any
+/// other value is used as given.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct gantry_config {
-    /// Reads in flight on the io_uring (1 to 4096).
+    /// Reads in flight per volume (1 to 4096; 0: auto, the volume's measured pick or 8).
+    /// Giving it or `chunk_bytes` turns the measuring of the volume off.
     pub queue_depth: u32,
-    /// Threads of the buffered reader (1 to 256).
+    /// Threads of the buffered reader (1 to 256; 0: auto, three quarters of the cores, 2 to
+    /// 16).
     pub threads: u32,
-    /// Bytes per direct read and staging slot (multiple of 4096, up to 1 GiB).
+    /// Bytes per direct read and staging slot (multiple of 4096, up to 1 GiB; 0: auto, the
+    /// volume's measured pick or 64 MiB).
     pub chunk_bytes: u64,
     /// Bytes per buffered read (multiple of 4096).
     pub buffered_chunk_bytes: u64,
-    /// Staging ring size in bytes (at least one chunk).
+    /// Staging ring size in bytes (at least one chunk; 0: auto, 512 MiB).
     pub staging_bytes: u64,
     /// Reader choice, a `gantry_path` value.
     pub path: i32,
@@ -137,11 +142,11 @@ pub unsafe extern "C" fn gantry_config_init(config_out: *mut gantry_config) -> g
         let out = error::out_ptr(config_out, "config_out")?;
         let d = engine::Config::default();
         let config = gantry_config {
-            queue_depth: d.values().queue_depth as u32,
-            threads: d.values().threads as u32,
-            chunk_bytes: d.values().chunk_bytes as u64,
-            buffered_chunk_bytes: d.values().buffered_chunk_bytes as u64,
-            staging_bytes: d.values().staging_bytes as u64,
+            queue_depth: 0,
+            threads: 0,
+            chunk_bytes: 0,
+            buffered_chunk_bytes: d.read.buffered_chunk_bytes as u64,
+            staging_bytes: 0,
             path: gantry_path::GANTRY_PATH_AUTO as i32,
             reserved: 0,
         };
@@ -209,19 +214,14 @@ pub unsafe extern "C" fn gantry_loader_new_with_options(
                     )))
                 }
             };
-            let defaults = c.values();
-            // Request size and queue depth left at their defaults keep the `auto` volume
-            // profile measuring; set either and both are taken as given.
-            if cfg.queue_depth as usize != defaults.queue_depth
-                || cfg.chunk_bytes as usize != defaults.chunk_bytes
-            {
-                c = c.queue_depth(cfg.queue_depth as usize).chunk_bytes(cfg.chunk_bytes as usize);
-            }
-            c = c
-                .threads(cfg.threads as usize)
-                .buffered_chunk_bytes(cfg.buffered_chunk_bytes as usize)
-                .staging_bytes(cfg.staging_bytes as usize)
-                .path(path);
+            // 0 is "auto" (left `None`); every other value is taken as given.
+            let given = |n: u64| (n != 0).then_some(n as usize);
+            c.read.queue_depth = given(cfg.queue_depth.into());
+            c.read.threads = given(cfg.threads.into());
+            c.read.chunk_bytes = given(cfg.chunk_bytes);
+            c.staging.bytes = given(cfg.staging_bytes);
+            c.read.buffered_chunk_bytes = cfg.buffered_chunk_bytes as usize;
+            c.read.path = path;
         }
         // SAFETY: NULL or `count` valid strings, per the contract (of the `_with_options` call;
         // plain `gantry_loader_new` passes none).

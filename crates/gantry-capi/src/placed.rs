@@ -51,7 +51,7 @@ pub enum gantry_split {
     /// Qwen2/3, Mixtral): column-parallel weights (q/k/v, gate/up, experts' w1/w3, embedding,
     /// LM head) split by rows, row-parallel weights (o_proj, down_proj, experts' w2) by
     /// columns, norms, routers and unnamed tensors whole to each; a split that does not
-    /// divide by the destinations is `GANTRY_E_INVALID_ARGUMENT` naming the tensor.
+    /// divide by the destinations is `GANTRY_E_PLACEMENT` naming the tensor.
     GANTRY_SPLIT_TP = 3,
 }
 
@@ -134,7 +134,7 @@ pub unsafe extern "C" fn gantry_loader_load_placed(
         let infos = TensorInfos::new(&checkpoint);
         let rule = |t: &engine::TensorEntry| -> engine::Result<Vec<(usize, Share)>> {
             let i = infos.position(t.name.as_bytes()).ok_or_else(|| {
-                engine::Error::Config(format!("tensor '{}' is not in the table", t.name))
+                engine::Error::Internal(format!("tensor '{}' is not in the table", t.name))
             })?;
             let described = infos.tensor(i, 0);
             let mut placed = Vec::new();
@@ -153,10 +153,11 @@ pub unsafe extern "C" fn gantry_loader_load_placed(
                         }),
                     )),
                     rc => {
+                        // The callback broke its contract (0 or 1): the caller's argument.
                         return Err(engine::Error::Config(format!(
                             "the place callback returned {rc} for tensor '{}', destination {d}",
                             t.name
-                        )))
+                        )));
                     }
                 }
             }

@@ -64,6 +64,7 @@ struct Lib {
         *mut c_void,
     ) -> i32,
     last_error: unsafe extern "C" fn(*mut c_char, usize) -> usize,
+    status_name: unsafe extern "C" fn(i32) -> *const c_char,
 }
 
 fn symbol<T: Copy>(handle: *mut c_void, name: &str) -> T {
@@ -95,6 +96,7 @@ fn lib() -> &'static Lib {
             cooperative: symbol(h, "gantry_loader_load_cooperative"),
             cooperative_split: symbol(h, "gantry_loader_load_cooperative_split"),
             last_error: symbol(h, "gantry_last_error_message"),
+            status_name: symbol(h, "gantry_status_name"),
         }
     })
 }
@@ -179,6 +181,70 @@ fn ten_million_destinations_are_refused_before_anything_is_allocated() {
         (lib().placed_free)(placed);
         (lib().loader_free)(l);
     }
+}
+
+/// `gantry_config_init` writes 0 ("auto") where the engine decides and the default where it
+/// does not; a loader takes every other value as given: a staging ring given smaller than the
+/// automatic chunk is refused naming it, and loads once a chunk that fits is given too.
+#[test]
+fn config_init_leaves_auto_at_zero_and_given_values_are_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = tiny(dir.path());
+    let mut config = std::mem::MaybeUninit::<Config>::uninit();
+    // SAFETY: writable memory for one config.
+    assert_eq!(unsafe { (lib().config_init)(config.as_mut_ptr()) }, OK);
+    // SAFETY: written by config_init.
+    let mut config = unsafe { config.assume_init() };
+    let auto = (config.queue_depth, config.threads, config.chunk_bytes, config.staging_bytes);
+    assert_eq!(auto, (0, 0, 0, 0));
+    assert_eq!((config.buffered_chunk_bytes, config.path), (2 << 20, 0));
+    let new = |config: &Config| {
+        let mut l: Opaque = std::ptr::null_mut();
+        // SAFETY: a valid config, no options, a writable out pointer.
+        let rc = unsafe { (lib().new_with_options)(config, std::ptr::null(), 0, &mut l) };
+        (checked(rc, "new"), l)
+    };
+    config.staging_bytes = 1 << 20;
+    assert_eq!(new(&config).0, INVALID);
+    assert!(message().contains("staging_bytes 1048576 must hold at least one chunk of 67108864"));
+    config.chunk_bytes = 4096;
+    config.buffered_chunk_bytes = 4096;
+    let (rc, l) = new(&config);
+    assert_eq!(rc, OK, "{}", message());
+    let mut out: Opaque = std::ptr::null_mut();
+    // SAFETY: live loader, valid path, writable out.
+    assert_eq!(checked(unsafe { (lib().load)(l, path.as_ptr(), HOST, &mut out) }, "load"), OK);
+    // SAFETY: live handles, freed once.
+    unsafe {
+        (lib().model_free)(out);
+        (lib().loader_free)(l);
+    }
+}
+
+/// A tensor the split cannot place is `GANTRY_E_PLACEMENT` (104, by name) naming the tensor
+/// and its shape: 4 rows of a column-parallel weight do not split over 3 destinations.
+#[test]
+fn a_split_that_does_not_divide_is_a_placement_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let w: Vec<u8> = (0..96u8).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 6], &w);
+    let path = dir.path().join("q.safetensors");
+    safetensors::serialize_to_file([("layer.q_proj.weight", view.unwrap())], None, &path).unwrap();
+    let path = CString::new(path.to_str().unwrap()).unwrap();
+    let l = loader(&[]).unwrap();
+    let devices = [HOST; 3];
+    let mut placed: Opaque = std::ptr::null_mut();
+    // SAFETY: live loader, valid path, 3 destinations, writable out.
+    let rc = unsafe { (lib().load_split)(l, path.as_ptr(), devices.as_ptr(), 3, 3, &mut placed) };
+    assert_eq!(checked(rc, "load_split"), 104);
+    assert!(placed.is_null(), "no output on failure");
+    let text = message();
+    assert!(text.contains("tensor 'layer.q_proj.weight' of shape [4, 6]"), "{text}");
+    // SAFETY: `gantry_status_name` returns a static string.
+    let name = unsafe { CStr::from_ptr((lib().status_name)(104)) };
+    assert_eq!(name.to_str().unwrap(), "GANTRY_E_PLACEMENT");
+    // SAFETY: a live loader, freed once.
+    unsafe { (lib().loader_free)(l) };
 }
 
 #[test]

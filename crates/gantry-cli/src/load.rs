@@ -212,6 +212,8 @@ struct JsonLoad<'a> {
     /// What the `auto` volume profile measured and picked.
     #[serde(skip_serializing_if = "Option::is_none")]
     volume: Option<String>,
+    /// The settings the load ran with.
+    config: serde_json::Value,
     files: Vec<JsonFile>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tensors: Option<Vec<JsonTensor<'a>>>,
@@ -277,17 +279,6 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     }
     if args.verify && gantry::is_object_source(&args.options.path) {
         return Err("--verify compares with a plain read of local files; it does not take object sources (s3://, gs://, az://; use --checksum xxh3 against a local copy)".into());
-    }
-    if let (Some(rank), Some(world)) = (args.rank, args.world) {
-        let me = crate::ranks::RankArgs {
-            rank,
-            world,
-            nccl_id: args.nccl_id.as_deref(),
-            nccl_id_file: args.nccl_id_file.as_deref(),
-            alone: args.alone.as_deref(),
-            result_file: args.result_file.as_deref(),
-        };
-        return crate::ranks::run_rank(args, me);
     }
     if !args.tp_rule.is_empty() && args.shard.is_none_or(|s| s.rule != ShardRule::TensorParallel) {
         return Err("--tp-rule goes with --shard tp:N".into());
@@ -371,6 +362,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             staging_bytes: report.staging_bytes,
             registered_buffers: report.registered_buffers,
             volume: report.volume.clone(),
+            config: crate::options::config_json(loader.config()),
             files: json_files(&report),
             tensors,
             bound_by: report.bound_by.as_ref().map(|v| {

@@ -69,24 +69,6 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 64,
         value_parser = units::one_to::<u64>(units::PIECE_MIB_MAX))]
     pub piece_mib: u64,
-    /// This process is rank R of a --ranks load (set by the parent).
-    #[arg(long, hide = true, requires = "world")]
-    pub rank: Option<usize>,
-    /// Ranks of the load this rank belongs to (set by the parent).
-    #[arg(long, hide = true, requires = "rank")]
-    pub world: Option<usize>,
-    /// The NCCL unique id of the ranks, in hex (set by the parent).
-    #[arg(long, hide = true)]
-    pub nccl_id: Option<String>,
-    /// Where rank 0 publishes the NCCL unique id for the others (set by the parent).
-    #[arg(long, hide = true)]
-    pub nccl_id_file: Option<String>,
-    /// Why the ranks read on their own (set by the parent).
-    #[arg(long, hide = true)]
-    pub alone: Option<String>,
-    /// Where this rank writes its JSON figures (set by the parent; else stdout).
-    #[arg(long, hide = true)]
-    pub result_file: Option<String>,
 }
 
 /// `--tp-rule PATTERN=SPLIT`.

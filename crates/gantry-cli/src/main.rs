@@ -17,6 +17,7 @@ mod inspect;
 mod load;
 mod load_args;
 mod options;
+mod rank_spec;
 mod ranks;
 mod synth;
 mod trace;
@@ -46,6 +47,9 @@ enum Command {
     Synth(synth::Args),
     /// Read a trace written by `gantry load --trace`.
     Trace(trace::Args),
+    /// One rank of `gantry load --ranks N`, started by it with a spec on stdin.
+    #[command(hide = true)]
+    Rank(rank_spec::RankCommand),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Synth(args) => synth::run(&args),
         Command::Trace(args) => trace::run(&args),
+        Command::Rank(command) => ranks::run_rank(&command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,8 +1,13 @@
 //! Options shared by `load` and `bench`.
+//!
+//! [`LoadSettings`] is everything that makes a [`Config`]; it is also what a `--ranks` parent
+//! hands each rank process (serialized, see `rank_spec.rs`), so a setting added here reaches
+//! the ranks without another line.
 
 use std::path::PathBuf;
 
 use gantry::{Config, PathChoice};
+use serde::{Deserialize, Serialize};
 
 use crate::units;
 
@@ -28,6 +33,14 @@ impl std::str::FromStr for Device {
             .and_then(|n| n.parse().ok())
             .map(Device::Cuda)
             .ok_or_else(|| format!("'{s}' is not a device (cpu, cuda, cuda:N)"))
+    }
+}
+
+/// `device` as `--device` spells it.
+pub fn device_name(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(n) => format!("cuda:{n}"),
     }
 }
 
@@ -63,6 +76,20 @@ pub struct LoadOptions {
     /// Where tensors go: cpu, or cuda:N (with --shard: cuda:0,cuda:1,...).
     #[arg(long, default_value = "cpu")]
     pub device: Devices,
+    #[command(flatten)]
+    pub settings: LoadSettings,
+}
+
+impl LoadOptions {
+    pub fn config(&self) -> Result<Config, Box<dyn std::error::Error>> {
+        self.settings.config()
+    }
+}
+
+/// The options that make a load's [`Config`].
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadSettings {
     /// Reader: auto (per file, from the probed facts), direct (io_uring O_DIRECT), buffered
     /// (threads of pread) or gds (cuFile into GPU memory).
     #[arg(long = "path", value_name = "auto|direct|buffered|gds")]
@@ -116,7 +143,8 @@ pub struct LoadOptions {
 }
 
 /// Where s3://, gs:// and az:// sources live, over each provider's environment.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StoreOptions {
     /// Object storage: the S3 endpoint (overrides AWS_ENDPOINT_URL); http:// allows plain HTTP.
     #[arg(long, value_name = "URL")]
@@ -175,7 +203,7 @@ impl StoreOptions {
     }
 }
 
-impl LoadOptions {
+impl LoadSettings {
     pub fn config(&self) -> Result<Config, Box<dyn std::error::Error>> {
         let mut c = Config::default();
         if let Some(p) = &self.path_choice {
@@ -216,4 +244,27 @@ impl LoadOptions {
         c.validate()?;
         Ok(c)
     }
+}
+
+/// The settings `config` loads with ("auto" decided for one process on this machine) and
+/// the object-storage and cache choices, for `--json` (a `--ranks` load's ranks print theirs,
+/// to be compared with a plain load's). Option values are left out: they may be secrets.
+pub fn config_json(config: &Config) -> serde_json::Value {
+    let v = config.values();
+    let keys: Vec<&str> = config.object.options.iter().map(|(k, _)| k.as_str()).collect();
+    serde_json::json!({
+        "path": format!("{:?}", v.path).to_lowercase(),
+        "queue_depth": v.queue_depth,
+        "chunk_bytes": v.chunk_bytes,
+        "buffered_chunk_bytes": v.buffered_chunk_bytes,
+        "staging_bytes": v.staging_bytes,
+        "threads": v.threads,
+        "object_part_bytes": v.object_part_bytes,
+        "object_concurrency": v.object_concurrency,
+        "object_option_keys": keys,
+        "verify_sha256": v.verify_sha256,
+        "require_sha256": config.integrity.require_sha256,
+        "cache_dir": config.object.cache_dir.as_ref().map(|d| d.display().to_string()),
+        "cache_shared": config.object.cache_shared,
+    })
 }

@@ -2,18 +2,19 @@
 //! one checkpoint cooperatively (each byte read from storage once across the ranks, exchanged
 //! with NCCL), the way tensor-parallel inference servers run.
 //!
-//! The parent starts itself again once per rank with hidden arguments (`--rank r --world N
-//! --nccl-id-file PATH`: rank 0 creates the NCCL unique id and publishes it there for the
-//! others, so NCCL's bootstrap root lives in a rank, as under torchrun; `--nccl-id HEX` takes
-//! an id made elsewhere; `--alone REASON` when NCCL is not available or the ranks load into
-//! host memory), collects each rank's JSON and prints the
+//! The parent starts itself again once per rank as the hidden `gantry rank` subcommand, handing
+//! it a spec (`rank_spec.rs`): its device, the load settings, and how it reaches the others (a
+//! file where rank 0 publishes the NCCL unique id it creates, so NCCL's bootstrap root lives in
+//! a rank, as under torchrun; or why each reads on its own, when NCCL is not available or the
+//! ranks load into host memory). It collects each rank's JSON and prints the
 //! per-rank and total figures, including the bytes each process fetched from storage as the
 //! kernel counts them (`read_bytes` of `/proc/self/io`). When a rank fails, the parent waits
 //! for the others to notice (they fail on their own within their timeout), stops any that are
 //! still running after that, and reports every rank's outcome.
 
 use std::error::Error;
-use std::io::Read;
+use std::io::{Read, Write};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,8 @@ use serde_json::{json, Value};
 
 use crate::file_report::json_files;
 use crate::load_args::{placement, warn_unmatched, Args};
-use crate::options::Device;
+use crate::options::{device_name, Device};
+use crate::rank_spec::{Link, Rank as Me, RankCommand, Spec};
 use crate::units;
 
 /// A rank aborts after its first tensor has landed when this variable names it (trials of a
@@ -89,76 +91,44 @@ fn gpus_present(devices: &[Device]) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-/// The parent's arguments for a rank: the command line without `--ranks`, `--device`,
-/// `--json` and `--explain` (and their values), then the rank's own.
-fn rank_arguments(
-    device: Device,
-    rank: usize,
-    world: usize,
-    link: &Result<String, String>,
-    result: &std::path::Path,
-) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--ranks" | "--device" => {
-                args.next();
-            }
-            "--json" | "--explain" => {}
-            _ if a.starts_with("--ranks=") || a.starts_with("--device=") => {}
-            _ => out.push(a),
-        }
-    }
-    let device = match device {
-        Device::Cpu => "cpu".to_owned(),
-        Device::Cuda(n) => format!("cuda:{n}"),
-    };
-    out.extend(["--device".into(), device, "--json".into()]);
-    out.extend(["--rank".into(), rank.to_string(), "--world".into(), world.to_string()]);
-    out.extend(["--result-file".into(), result.display().to_string()]);
-    match link {
-        Ok(path) => out.extend(["--nccl-id-file".into(), path.clone()]),
-        Err(reason) => out.extend(["--alone".into(), reason.clone()]),
-    }
-    out
-}
-
 /// How the ranks will reach each other: the file where rank 0 publishes the NCCL unique id
 /// (NCCL's bootstrap root then lives in rank 0, as under torchrun, not in this parent), or
 /// why each reads on its own.
-fn link(devices: &[Device]) -> Result<String, String> {
+fn link(devices: &[Device]) -> Link {
     if devices.contains(&Device::Cpu) {
-        return Err(
-            "host memory: cooperative loads need GPUs (the ranks exchange GPU memory)".into()
+        return Link::Alone(
+            "host memory: cooperative loads need GPUs (the ranks exchange GPU memory)".into(),
         );
     }
     if devices.len() == 1 {
-        return Err("world size 1: nothing to share".into());
+        return Link::Alone("world size 1: nothing to share".into());
     }
-    gantry::coop::load_nccl().map_err(|e| format!("NCCL is not available: {e}"))?;
+    if let Err(e) = gantry::coop::load_nccl() {
+        return Link::Alone(format!("NCCL is not available: {e}"));
+    }
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     let name = format!("gantry-nccl-id-{}-{nanos}", std::process::id());
-    Ok(std::env::temp_dir().join(name).display().to_string())
+    Link::NcclIdFile(std::env::temp_dir().join(name))
 }
 
 /// Rank 0: a new unique id, published at `path` (written beside it, then renamed, so the
 /// others never read half of it).
 fn publish_unique_id(
     nccl: &std::sync::Arc<gantry::coop::Nccl>,
-    path: &str,
+    path: &Path,
 ) -> Result<UniqueId, Box<dyn Error>> {
     let id = UniqueId::new(nccl)?;
-    let partial = format!("{path}.partial");
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
     std::fs::write(&partial, id.to_hex())?;
     std::fs::rename(&partial, path)?;
     Ok(id)
 }
 
 /// The other ranks: the unique id rank 0 publishes at `path`, waited for up to `timeout`.
-fn await_unique_id(path: &str, timeout: Duration) -> Result<UniqueId, Box<dyn Error>> {
+fn await_unique_id(path: &Path, timeout: Duration) -> Result<UniqueId, Box<dyn Error>> {
     let start = Instant::now();
     loop {
         if let Ok(hex) = std::fs::read_to_string(path) {
@@ -166,7 +136,8 @@ fn await_unique_id(path: &str, timeout: Duration) -> Result<UniqueId, Box<dyn Er
         }
         if start.elapsed() > timeout {
             return Err(format!(
-                "rank 0 did not publish the NCCL unique id at {path} within {timeout:?}"
+                "rank 0 did not publish the NCCL unique id at {} within {timeout:?}",
+                path.display()
             )
             .into());
         }
@@ -182,15 +153,28 @@ struct Rank {
     status: Option<ExitStatus>,
 }
 
-fn spawn(args: Vec<String>) -> Result<Rank, Box<dyn Error>> {
+/// Starts `gantry rank PATH --rank R --world N --spec -` and hands it `spec` on its stdin.
+fn spawn(path: &Path, rank: usize, world: usize, spec: &Spec) -> Result<Rank, Box<dyn Error>> {
+    let spec = serde_json::to_vec(spec)?;
     let mut child = Command::new(std::env::current_exe()?)
-        .args(args)
-        .stdin(Stdio::null())
+        .arg("rank")
+        .arg(path)
+        .args(["--rank", &rank.to_string(), "--world", &world.to_string(), "--spec", "-"])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("starting a rank process: {e}"))?;
-    let drained = drain(child.stdout.take()).and_then(|out| Ok((out, drain(child.stderr.take())?)));
+    // Dropping stdin once written closes it: the rank reads its spec to the end.
+    let handed: Result<(), Box<dyn Error>> = match child.stdin.take() {
+        Some(mut stdin) => {
+            stdin.write_all(&spec).map_err(|e| format!("handing the rank its spec: {e}").into())
+        }
+        None => Err("a rank's stdin is not piped".into()),
+    };
+    let drained = handed
+        .and_then(|()| drain(child.stdout.take()))
+        .and_then(|out| Ok((out, drain(child.stderr.take())?)));
     match drained {
         Ok((stdout, stderr)) => Ok(Rank { child, stdout, stderr, status: None }),
         Err(e) => {
@@ -225,11 +209,11 @@ fn end(children: &mut [&mut Child]) {
 
 /// Starts one process per rank; when one cannot be started, ends (kills and reaps) those
 /// already started and says which rank failed.
-fn spawn_all(arguments: Vec<Vec<String>>) -> Result<Vec<Rank>, Box<dyn Error>> {
-    let world = arguments.len();
+fn spawn_all(path: &Path, specs: &[Spec]) -> Result<Vec<Rank>, Box<dyn Error>> {
+    let world = specs.len();
     let mut ranks: Vec<Rank> = Vec::with_capacity(world);
-    for (r, args) in arguments.into_iter().enumerate() {
-        match spawn(args) {
+    for (r, spec) in specs.iter().enumerate() {
+        match spawn(path, r, world, spec) {
             Ok(rank) => ranks.push(rank),
             Err(e) => {
                 end(&mut ranks.iter_mut().map(|r| &mut r.child).collect::<Vec<_>>());
@@ -291,12 +275,12 @@ pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
     let start = Instant::now();
     let results = tempfile::tempdir()?;
     let result_of = |r: usize| results.path().join(format!("rank-{r}.json"));
-    let arguments = (devices.iter().enumerate())
-        .map(|(r, &device)| rank_arguments(device, r, world, &link, &result_of(r)))
+    let specs: Vec<Spec> = (devices.iter().enumerate())
+        .map(|(r, &device)| Spec::new(args, device, link.clone(), result_of(r)))
         .collect();
-    let mut ranks = spawn_all(arguments)?;
+    let mut ranks = spawn_all(&args.options.path, &specs)?;
     wait_all(&mut ranks, Duration::from_secs(args.rank_timeout_s));
-    if let Ok(path) = &link {
+    if let Link::NcclIdFile(path) = &link {
         let _ = std::fs::remove_file(path);
     }
     let wall = start.elapsed().as_secs_f64();
@@ -391,18 +375,6 @@ fn print_sha256(rank: &Value) {
     }
 }
 
-/// What a rank was told by the parent.
-pub struct RankArgs<'a> {
-    pub rank: usize,
-    pub world: usize,
-    pub nccl_id: Option<&'a str>,
-    /// Where rank 0 publishes the unique id (set by the parent).
-    pub nccl_id_file: Option<&'a str>,
-    pub alone: Option<&'a str>,
-    /// Where to write the JSON figures (else stdout).
-    pub result_file: Option<&'a str>,
-}
-
 /// Compares what a rank loaded with the files (`--verify`).
 type Verify = Box<dyn FnOnce() -> Result<(), Box<dyn Error>>>;
 
@@ -428,7 +400,7 @@ fn abort_hook(rank: usize) -> impl Fn() {
 fn load_rank_host(
     loader: &Loader,
     checkpoint: gantry::Checkpoint,
-    me: &RankArgs<'_>,
+    me: &Me,
 ) -> Result<RankLoad, gantry::Error> {
     let hook = abort_hook(me.rank);
     let model = loader.load_with(checkpoint, |_| true, |_| hook())?;
@@ -436,7 +408,10 @@ fn load_rank_host(
     let coop = CoopReport {
         rank: me.rank,
         world: me.world,
-        reason: me.alone.unwrap_or("host memory").to_owned(),
+        reason: match &me.link {
+            Link::Alone(reason) => reason.clone(),
+            Link::NcclIdFile(_) => "host memory".to_owned(),
+        },
         read_bytes: report.read_bytes,
         owned_bytes: report.tensor_bytes,
         ..Default::default()
@@ -454,24 +429,19 @@ fn load_rank_host(
 
 /// A rank loading onto GPU `ordinal`: over NCCL when the parent gave a unique id.
 fn load_rank_device(
-    args: &Args,
+    me: &Me,
     loader: &Loader,
     checkpoint: gantry::Checkpoint,
     ordinal: u32,
-    me: &RankArgs<'_>,
 ) -> Result<RankLoad, Box<dyn Error>> {
     let gpu = CudaDevice::open(ordinal)?;
-    let timeout = Duration::from_secs(args.rank_timeout_s);
+    let timeout = Duration::from_secs(me.rank_timeout_s);
     let nccl = || {
         gantry::coop::load_nccl()
             .map_err(|e| format!("rank {}: NCCL is not available: {e}", me.rank))
     };
-    let comm = match (me.nccl_id, me.nccl_id_file) {
-        (Some(hex), _) => {
-            let id = UniqueId::from_hex(hex)?;
-            Some(Communicator::init(nccl()?, &id, me.rank, me.world, &gpu, timeout)?)
-        }
-        (None, Some(path)) => {
+    let comm = match &me.link {
+        Link::NcclIdFile(path) => {
             let nccl = nccl()?;
             let id = if me.rank == 0 {
                 publish_unique_id(&nccl, path)?
@@ -480,14 +450,15 @@ fn load_rank_device(
             };
             Some(Communicator::init(nccl, &id, me.rank, me.world, &gpu, timeout)?)
         }
-        (None, None) => None,
+        Link::Alone(_) => None,
     };
-    let coop = match &comm {
-        Some(c) => Cooperation::nccl(c)
+    let coop = match (&comm, &me.link) {
+        (Some(c), _) => Cooperation::nccl(c)
             .timeout(timeout)
-            .piece_bytes(crate::units::mib_bytes("--piece-mib", args.piece_mib)?)
-            .window_bytes(crate::units::mib_bytes("--window-mib", args.window_mib)?),
-        None => Cooperation::alone(me.rank, me.world, me.alone.unwrap_or("no NCCL unique id")),
+            .piece_bytes(crate::units::mib_bytes("--piece-mib", me.piece_mib)?)
+            .window_bytes(crate::units::mib_bytes("--window-mib", me.window_mib)?),
+        (None, Link::Alone(reason)) => Cooperation::alone(me.rank, me.world, reason),
+        (None, Link::NcclIdFile(_)) => Cooperation::alone(me.rank, me.world, "no NCCL unique id"),
     };
     let hook = abort_hook(me.rank);
     let progress = Watchdog::start(me.rank, timeout)?;
@@ -495,8 +466,8 @@ fn load_rank_device(
         progress.beat();
         hook()
     };
-    let loaded = match &args.shard {
-        Some(shard) => shares_on_device(args, loader, checkpoint, &gpu, coop, shard, beat),
+    let loaded = match &me.shard {
+        Some(shard) => shares_on_device(me, loader, checkpoint, &gpu, coop, shard, beat),
         None => whole_on_device(loader, checkpoint, &gpu, coop, me.world, beat),
     };
     progress.stop();
@@ -529,7 +500,7 @@ fn whole_on_device(
 
 /// This rank's shares under `--shard` on its GPU.
 fn shares_on_device(
-    args: &Args,
+    me: &Me,
     loader: &Loader,
     checkpoint: gantry::Checkpoint,
     gpu: &std::sync::Arc<CudaDevice>,
@@ -537,7 +508,7 @@ fn shares_on_device(
     shard: &gantry::placement::ShardSpec,
     mut beat: impl FnMut(),
 ) -> Result<RankLoad, Box<dyn Error>> {
-    let (place, _) = placement(args, shard)?;
+    let place = shard.placement(&me.tp_rules)?;
     let done = loader.load_cooperative_placed(checkpoint, gpu, coop, &place, |_| beat())?;
     let model = done.model;
     let report = model.report().clone();
@@ -598,19 +569,21 @@ impl Watchdog {
     }
 }
 
-/// One rank (a process started by [`run_parent`]): loads, optionally verifies, prints JSON.
-pub fn run_rank(args: &Args, me: RankArgs<'_>) -> Result<(), Box<dyn Error>> {
+/// `gantry rank`: one rank (a process started by [`run_parent`]): loads, optionally
+/// verifies, writes its figures as JSON.
+pub fn run_rank(command: &RankCommand) -> Result<(), Box<dyn Error>> {
     let storage_before = storage_read_bytes();
     let start = Instant::now();
-    let loader = Loader::new(args.options.config()?)?;
-    let checkpoint = gantry::open_with(&args.options.path, loader.config())?;
-    let device = args.options.device.one()?;
+    let me = command.read()?;
+    let loader = Loader::new(me.settings.config()?)?;
+    let checkpoint = gantry::open_with(&me.path, loader.config())?;
+    let device = me.device;
     let (report, coop, verify) = match device {
         Device::Cpu => load_rank_host(&loader, checkpoint, &me)?,
-        Device::Cuda(n) => load_rank_device(args, &loader, checkpoint, n, &me)?,
+        Device::Cuda(n) => load_rank_device(&me, &loader, checkpoint, n)?,
     };
     let total_seconds = start.elapsed().as_secs_f64();
-    if args.verify {
+    if me.verify {
         verify()?;
     }
     let storage = storage_read_bytes().zip(storage_before).map(|(a, b)| a.saturating_sub(b));
@@ -620,24 +593,15 @@ pub fn run_rank(args: &Args, me: RankArgs<'_>) -> Result<(), Box<dyn Error>> {
         "bytes": report.tensor_bytes, "read_bytes": report.read_bytes,
         "storage_read_bytes": storage, "owned_bytes": coop.owned_bytes,
         "received_bytes": coop.received_bytes, "pieces": coop.pieces, "rounds": coop.rounds, "windows": coop.windows,
-        "shard": args.shard.map(|s| s.to_string()),
+        "shard": me.shard.map(|s| s.to_string()),
         "seconds": report.seconds, "gb_per_s": report.gb_per_s(),
         "total_seconds": total_seconds, "exchange_tail_seconds": coop.exchange_tail_seconds,
         "read_seconds": coop.read_seconds, "share_copy_seconds": coop.share_copy_seconds,
-        "verified": args.verify, "files": json_files(&report),
+        "verified": me.verify, "files": json_files(&report),
+        "config": crate::options::config_json(loader.config()),
     });
-    match me.result_file {
-        // A file of its own: libraries (NCCL with NCCL_DEBUG set) print on stdout too, even
-        // in the middle of a line.
-        Some(path) => std::fs::write(path, out.to_string())?,
-        None => println!("{out}"),
-    }
+    // A file of its own: libraries (NCCL with NCCL_DEBUG set) print on stdout too, even in the
+    // middle of a line.
+    std::fs::write(&me.result_file, out.to_string())?;
     Ok(())
-}
-
-fn device_name(d: Device) -> String {
-    match d {
-        Device::Cpu => "cpu".into(),
-        Device::Cuda(n) => format!("cuda:{n}"),
-    }
 }

@@ -60,13 +60,109 @@ fn ranks_argument_errors() {
         (&["--ranks", "2", "--window-mib", "0"], "--window-mib <N>': 0 is not in 1..="),
         (&["--ranks", "2", "--piece-mib", "0"], "--piece-mib <N>': 0 is not in 1..="),
         (&["--ranks", "x"], "invalid value 'x'"),
-        (&["--rank", "0"], "--world"),
     ];
     for (args, message) in cases {
         let mut all = vec!["load", &path];
         all.extend_from_slice(args);
         let err = error_of(&gantry(&all, &[]));
         assert!(err.contains(message), "{args:?}: {err}");
+    }
+}
+
+/// The hidden `gantry rank` subcommand refuses a spec that is not one, naming it, with one
+/// error line and nothing on stdout.
+#[test]
+fn a_rank_refuses_a_bad_spec_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = checkpoint(dir.path());
+    let spec = dir.path().join("spec.json");
+    let spec_text = spec.to_str().unwrap();
+    for (text, message) in [
+        ("", "EOF while parsing"),
+        ("{\"device\": \"cpu\"}", "missing field"),
+        ("{\"devices\": 1}", "unknown field `devices`"),
+    ] {
+        std::fs::write(&spec, text).unwrap();
+        let args = ["rank", &path, "--rank", "0", "--world", "1", "--spec", spec_text];
+        let err = error_of(&gantry(&args, &[]));
+        assert!(err.contains(spec_text) && err.contains(message), "{text:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
+    let err = error_of(&gantry(&["rank", &path, "--rank", "0", "--spec", "-"], &[]));
+    assert!(err.contains("--world"), "{err}");
+}
+
+/// Every load setting given to `--ranks` reaches each rank: each rank reports the settings
+/// the options ask for and reads each file as a single-process load with the same options
+/// does (reader, bytes, SHA-256 and what it was checked against).
+#[test]
+fn every_load_option_reaches_the_ranks() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = checkpoint(dir.path());
+    let mut sums = String::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap().flatten() {
+        let name = entry.file_name().into_string().unwrap();
+        if name.ends_with(".safetensors") {
+            let digest = sha2::Sha256::digest(std::fs::read(entry.path()).unwrap());
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            sums += &format!("{hex}  {name}\n");
+        }
+    }
+    std::fs::write(dir.path().join("SHA256SUMS"), sums).unwrap();
+    let cache = dir.path().join("cache").display().to_string();
+    let options = [
+        "--path",
+        "buffered",
+        "--profile",
+        "nvme",
+        "--queue-depth",
+        "3",
+        "--chunk-mib",
+        "2",
+        "--buffered-chunk-mib",
+        "1",
+        "--staging-mib",
+        "24",
+        "--threads",
+        "3",
+        "--object-part-mib",
+        "8",
+        "--object-concurrency",
+        "5",
+        "--require-sha256",
+        "--cache-dir",
+        &cache,
+        "--cache-shared",
+        "--s3-region",
+        "eu-west-3",
+        "--object-option",
+        "timeout=7s",
+        "--json",
+    ];
+    let single = json_of(&gantry(&[&["load", &path][..], &options].concat(), &[]));
+    let expected = serde_json::json!({
+        "path": "buffered", "queue_depth": 3, "chunk_bytes": 2 << 20,
+        "buffered_chunk_bytes": 1 << 20, "staging_bytes": 24 << 20, "threads": 3,
+        "object_part_bytes": 8 << 20, "object_concurrency": 5,
+        "object_option_keys": ["aws_region", "timeout"], "verify_sha256": true,
+        "require_sha256": true, "cache_dir": cache, "cache_shared": true,
+    });
+    assert_eq!(single["config"], expected);
+    let files = |v: &Value| -> Vec<Value> {
+        let keys = ["path", "reader", "bytes", "sha256", "sha256_check"];
+        let files = v["files"].as_array().unwrap().iter();
+        files.map(|f| keys.iter().map(|&k| (k.to_owned(), f[k].clone())).collect()).collect()
+    };
+    let single_files = files(&single);
+    assert!(single_files.iter().all(|f| f["reader"] == "buffered"), "{single_files:?}");
+    let matched = |f: &Value| f["sha256_check"].as_str().is_some_and(|c| c.contains("SHA256SUMS"));
+    assert!(single_files.iter().all(matched), "{single_files:?}");
+    let ranked = [&["load", &path, "--ranks", "2", "--device", "cpu"][..], &options].concat();
+    let v = json_of(&gantry(&ranked, &[]));
+    for rank in v["per_rank"].as_array().unwrap() {
+        assert_eq!(rank["config"], expected, "rank {}", rank["rank"]);
+        assert_eq!(files(rank), single_files, "rank {}", rank["rank"]);
     }
 }
 

@@ -320,12 +320,6 @@ const LOAD_ONLY: &[(&str, Kind)] = &[
     ("--window-mib", Kind::Number),
     ("--rank-timeout-s", Kind::Number),
     ("--piece-mib", Kind::Number),
-    ("--rank", Kind::Number),
-    ("--world", Kind::Number),
-    ("--nccl-id", Kind::Text),
-    ("--nccl-id-file", Kind::Dir),
-    ("--alone", Kind::Text),
-    ("--result-file", Kind::Dir),
 ];
 
 /// What an option takes.

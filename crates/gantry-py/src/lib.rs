@@ -28,6 +28,18 @@ create_exception!(
     "A path or library that was asked for is not available here."
 );
 create_exception!(_gantry, ConfigError, GantryError, "An option or destination is invalid.");
+create_exception!(
+    _gantry,
+    PlacementError,
+    ConfigError,
+    "A tensor cannot be placed as the shard rule or placement asks (the message names it)."
+);
+create_exception!(
+    _gantry,
+    RankError,
+    GantryError,
+    "Another rank of a cooperative load failed, or the ranks opened different checkpoints."
+);
 create_exception!(_gantry, CancelledError, GantryError, "The load was cancelled.");
 create_exception!(
     _gantry,
@@ -67,6 +79,9 @@ pub(crate) fn to_py(e: gantry::Error) -> PyErr {
         E::Cuda { .. } | E::CuFile { .. } => CudaError::new_err(message),
         E::Unavailable { .. } => UnavailableError::new_err(message),
         E::Config(_) | E::Destination { .. } => ConfigError::new_err(message),
+        E::Placement { .. } => PlacementError::new_err(message),
+        E::Rank { .. } | E::RanksDiffer { .. } => RankError::new_err(message),
+        E::Internal(_) => InternalError::new_err(message),
         E::Cancelled => CancelledError::new_err(message),
         _ => GantryError::new_err(message),
     }
@@ -125,6 +140,8 @@ fn _gantry(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CudaError", py.get_type::<CudaError>())?;
     m.add("UnavailableError", py.get_type::<UnavailableError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;
+    m.add("PlacementError", py.get_type::<PlacementError>())?;
+    m.add("RankError", py.get_type::<RankError>())?;
     m.add("CancelledError", py.get_type::<CancelledError>())?;
     m.add("InternalError", py.get_type::<InternalError>())?;
     m.add_class::<stream::Tensor>()?;

@@ -759,6 +759,14 @@ class PlacedTests(unittest.TestCase):
                     self.assertEqual(t.device, "cuda:0")
             self.check(got, rule, 2)
 
+    def test_a_rule_that_cannot_place_a_tensor_is_a_placement_error(self):
+        with self.assertRaises(gantry.PlacementError) as e:
+            gantry.load(self.path, device="cpu", shard="tp:5")  # 12 rows do not split in 5
+        self.assertIn("of shape [", str(e.exception))
+        self.assertTrue(issubclass(gantry.PlacementError, gantry.ConfigError))
+        self.assertTrue(issubclass(gantry.RankError, gantry.GantryError))
+        self.assertFalse(issubclass(gantry.RankError, gantry.ConfigError))
+
     def test_bad_rules_are_errors(self):
         with self.assertRaises(gantry.ConfigError) as e:
             gantry.load(self.path, device="cpu", shard="tp:5")  # 12 rows do not split in 5

@@ -50,8 +50,20 @@ pub enum Error {
         /// The current soft limit in bytes.
         limit_bytes: u64,
     },
-    /// A setting is out of range.
+    /// A setting the caller gave is invalid: out of range, malformed, or not one this load
+    /// can use (the message names it).
     Config(String),
+    /// A tensor cannot be placed as the placement asks: a split that does not divide its
+    /// dimension, a dimension it does not have, a destination out of range or given twice,
+    /// a share a cooperative load cannot deliver.
+    Placement {
+        /// The tensor.
+        tensor: String,
+        /// Its shape.
+        shape: Vec<u64>,
+        /// What does not fit.
+        reason: String,
+    },
     /// A caller-supplied destination does not fit its tensor.
     Destination {
         /// The tensor.
@@ -176,6 +188,9 @@ impl fmt::Display for Error {
             Error::Internal(message) => {
                 write!(f, "internal error (a bug in gantry, please report it): {message}")
             }
+            Error::Placement { tensor, shape, reason } => {
+                write!(f, "tensor '{}' of shape {shape:?}: {reason}", gantry_format::escape(tensor))
+            }
             Error::Destination { tensor, message } => {
                 write!(f, "destination for tensor '{}': {message}", gantry_format::escape(tensor))
             }
@@ -186,7 +201,7 @@ impl fmt::Display for Error {
             Error::Integrity { path, expected, actual, expected_from } => write!(
                 f,
                 "{}: SHA-256 mismatch: the bytes read hash to {actual}, {expected_from} says {expected}: the file is corrupted",
-                path.display()
+                p(path)
             ),
             Error::Sha256 { path, message } => write!(f, "{}: {message}", p(path)),
             Error::Cancelled => f.write_str("the load was cancelled"),
@@ -225,6 +240,11 @@ impl From<FormatError> for Error {
 }
 
 impl Error {
+    /// A placement failure of `entry`.
+    pub(crate) fn placement(entry: &gantry_format::TensorEntry, reason: String) -> Error {
+        Error::Placement { tensor: entry.name.clone(), shape: entry.shape.clone(), reason }
+    }
+
     /// The cuFile status behind a cuFile error, when there is one.
     pub fn cufile_code(&self) -> Option<i32> {
         match self {
@@ -243,5 +263,41 @@ impl Error {
             },
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every variant that names a file escapes it the same way, so that one error stays one
+    /// line: a SHA-256 mismatch too.
+    #[test]
+    fn paths_are_escaped_in_every_variant() {
+        let path = PathBuf::from("ck/a\nb.safetensors");
+        let escaped = gantry_format::escape_path(&path).to_string();
+        assert!(!escaped.contains('\n'), "{escaped}");
+        let digest = "0".repeat(64);
+        let errors = [
+            Error::Integrity {
+                path: path.clone(),
+                expected: digest.clone(),
+                actual: digest.clone(),
+                expected_from: "SHA256SUMS".into(),
+            },
+            Error::Sha256 { path: path.clone(), message: "no digest".into() },
+            Error::Truncated { path: path.clone(), offset: 8, expected_len: 16 },
+        ];
+        for e in errors {
+            let text = e.to_string();
+            assert!(text.starts_with(&format!("{escaped}: ")) && !text.contains('\n'), "{text}");
+        }
+    }
+
+    /// A placement error names the tensor (escaped) and its shape.
+    #[test]
+    fn a_placement_error_names_the_tensor_and_its_shape() {
+        let e = Error::Placement { tensor: "w\n".into(), shape: vec![4, 6], reason: "r".into() };
+        assert_eq!(e.to_string(), "tensor 'w\\n' of shape [4, 6]: r");
     }
 }

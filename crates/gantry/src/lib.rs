@@ -96,7 +96,7 @@ pub fn open_with(source: impl AsRef<std::path::Path>, config: &Config) -> Result
     let source = source.as_ref();
     let _span = trace::span("phase", "headers");
     if crate::source::object::is_url(source) {
-        crate::source::object::open_checkpoint(source, &config.object_options)
+        crate::source::object::open_checkpoint(source, &config.object.options)
     } else {
         Ok(Checkpoint::open(source)?)
     }

@@ -57,7 +57,9 @@ fn a_rank_told_to_read_alone_loads_everything_and_says_why() {
     let c = gantry::open(dir.path()).unwrap();
     let half = |_: &TensorEntry| Ok(vec![(0, Share::Whole)]);
     let err = loader.load_cooperative(c, &gpu, Cooperation::alone(0, 2, "x"), half, |_| {});
-    assert!(matches!(err, Err(Error::Config(m)) if m.contains("whole on all 2 ranks")));
+    assert!(
+        matches!(err, Err(Error::Placement { reason, .. }) if reason.contains("whole on all 2 ranks"))
+    );
 }
 
 /// Runs rank `r` of two on GPU `r`, each in its own thread, with `config(r)`.

@@ -222,6 +222,13 @@ fn bad_placements_are_errors() {
     let uneven = |t: &TensorEntry| -> gantry::Result<Vec<(usize, Share)>> {
         Ok(vec![(0, Share::Slice(even(t, 0, 3, 0)?))])
     };
-    let e = loader.load_placed(ck, 1, uneven, |_, _| {}).map(|_| ()).unwrap_err();
+    let e = loader.load_placed(ck.clone(), 1, uneven, |_, _| {}).map(|_| ()).unwrap_err();
     assert!(e.to_string().contains("does not split into 3"), "{e}");
+    // Each failure is a placement error naming the tensor and its shape as its header has them.
+    let first = ck.tensors.first().unwrap().clone();
+    let named = |t: &str, s: &[u64]| t == first.name && s == first.shape.as_slice();
+    match loader.load_placed(ck, 1, uneven, |_, _| {}).map(|_| ()) {
+        Err(gantry::Error::Placement { tensor, shape, .. }) if named(&tensor, &shape) => {}
+        other => panic!("expected a placement error for {}: {other:?}", first.name),
+    }
 }

@@ -28,6 +28,8 @@ from ._gantry import (
     GantryError,
     InternalError,
     IoError,
+    PlacementError,
+    RankError,
     Tensor,
     UnavailableError,
 )
@@ -47,6 +49,8 @@ __all__ = [
     "CudaError",
     "UnavailableError",
     "ConfigError",
+    "PlacementError",
+    "RankError",
     "CancelledError",
     "InternalError",
     "DtypeError",
@@ -383,7 +387,7 @@ def load(
 
     - ``shard="tp:N"``: the tensor-parallel rule of vLLM and Megatron by tensor name
       (column-parallel weights split along dimension 0, row-parallel along dimension 1, norms
-      and routers whole; a split that does not divide is a ``ConfigError`` naming the
+      and routers whole; a split that does not divide is a ``PlacementError`` (a ``ConfigError``) naming the
       tensor). ``tp_rules=[("*.my_proj.weight", "row"), ...]`` go ahead of the built-in
       patterns (``column``, ``row``, ``replicate`` or ``dimK``).
     - ``shard="dimK:N"``: tensors split evenly along dimension K where it divides, the rest

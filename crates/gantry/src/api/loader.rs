@@ -11,7 +11,7 @@ use std::time::Instant;
 use gantry_format::{Checkpoint, TensorEntry};
 use parking_lot::Mutex;
 
-use crate::config::Config;
+use crate::config::{Config, Settings};
 use crate::cuda::{CudaDevice, HostBuffer, PinnedHost};
 use crate::engine::pipeline::{self, Files, Jobs, Staging, Volume};
 use crate::engine::sink::host::{file_buffer_layout, HostSink};
@@ -29,7 +29,10 @@ use crate::engine::open::{volume_notes, FileChoice, Target};
 /// loader (they share its staging ring), so use one loader per concurrent load.
 #[derive(Debug)]
 pub struct Loader {
-    pub(crate) config: Config,
+    /// The config as the caller gave it.
+    pub(crate) given: Config,
+    /// The config resolved for this loader's loads: what the engine reads.
+    pub(crate) config: Settings,
     /// The staging arena, kept between loads; the lock also makes loads run one at a time.
     staging: Mutex<Option<StagingArena>>,
 }
@@ -178,11 +181,16 @@ impl Loader {
     /// A loader with `config`, checked.
     pub fn new(config: Config) -> Result<Self> {
         config.validate()?;
-        Ok(Self { config, staging: Mutex::new(None) })
+        Ok(Self { config: config.settings(1), given: config, staging: Mutex::new(None) })
     }
 
     /// The loader's settings.
     pub fn config(&self) -> &Config {
+        &self.given
+    }
+
+    /// The settings this loader's loads run with.
+    pub(crate) fn settings(&self) -> &Settings {
         &self.config
     }
 
@@ -201,7 +209,7 @@ impl Loader {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn load(&self, path: impl AsRef<Path>) -> Result<HostModel> {
-        self.load_with(crate::open_with(path, &self.config)?, |_| true, |_| {})
+        self.load_with(crate::open_with(path, &self.given)?, |_| true, |_| {})
     }
 
     /// Loads the tensors of `checkpoint` that `filter` keeps into host memory, calling
@@ -345,16 +353,13 @@ impl Loader {
     /// of the cores); [`Loader::take_back`] returns the arena.
     pub(crate) fn lend(&self, cancel: Arc<std::sync::atomic::AtomicBool>, ranks: usize) -> Loader {
         // A rank reads only its own pieces: the bytes between them are other ranks' to read.
-        let mut config = self.config.clone().cancel_flag(cancel).gap_bytes(0);
+        let given = self.given.clone().cancel_flag(cancel).gap_bytes(0);
+        // The ranks' processes read side by side: each takes its share of the cores.
+        let mut config = given.settings(ranks);
         // Its own pieces are all a rank reads of an object: a copy written through would read
         // the whole object on every rank (world times the egress) to fill it.
         config.cache_fill = false;
-        if !config.threads_chosen {
-            // The ranks' processes read side by side: each takes its share of the cores.
-            let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
-            config.threads = crate::config::default_threads(cores, ranks);
-        }
-        Loader { config, staging: Mutex::new(self.staging.lock().take()) }
+        Loader { given, config, staging: Mutex::new(self.staging.lock().take()) }
     }
 
     /// Takes back the staging arena lent to `lent` by [`Loader::lend`].
@@ -582,7 +587,7 @@ impl Loader {
 }
 
 /// The ceilings of a load, for its timeline's verdict.
-fn settings(files: &Files, config: &Config, staging_slots: usize) -> trace::Args {
+fn settings(files: &Files, config: &Settings, staging_slots: usize) -> trace::Args {
     let volumes = files.volumes.iter().map(|v| (v.name.clone(), v.queue_depth as u64)).collect();
     let settings = trace::Settings {
         volumes,
@@ -640,7 +645,7 @@ fn file_reports(
 /// How each file of a load is read: its reader's alignment and request size (a direct file's
 /// from its volume), whole when its bytes are hashed or copied to the cache; a file read from
 /// a cache copy in whole segments of its record where its request size allows.
-fn file_plans(count: usize, files: &Files, config: &Config) -> Vec<FilePlan> {
+fn file_plans(count: usize, files: &Files, config: &Settings) -> Vec<FilePlan> {
     // Hashing needs every byte of a file; so does a complete copy in the cache.
     let copied = |f: usize| matches!(files.slot[f], Some((ReaderKind::Object, i)) if files.objects[i].cache.is_some());
     (0..count)

@@ -48,9 +48,8 @@ fn wanted_whole(
         let whole = shares.len() == world
             && shares.iter().enumerate().all(|(r, &(d, s))| d == r && s == Share::Whole);
         if !shares.is_empty() && !whole {
-            return Err(Error::Config(format!(
-                "tensor '{}': a cooperative load places each tensor whole on all {world} ranks or skips it; got {shares:?}",
-                t.name
+            return Err(Error::placement(t, format!(
+                "a cooperative load places each tensor whole on all {world} ranks or skips it; got {shares:?}"
             )));
         }
         wanted.push(whole);
@@ -182,7 +181,7 @@ impl Loader {
         let volume_of = volumes(checkpoint);
         // A hashed load reads each file on one rank (SHA-256 takes a file's bytes in order, in
         // one place), still each byte once across the ranks.
-        let whole_files = self.config().verify_sha256;
+        let whole_files = self.settings().verify_sha256;
         let sizes = (coop.piece_bytes, 0);
         let plan = plan_word(coop.world, sizes, whole_files, wanted, &volume_of);
         exchange.agree_on(Agreement::new(checkpoint, plan));
@@ -314,7 +313,7 @@ impl Loader {
             .collect();
         let cancel = Arc::new(AtomicBool::new(false));
         let lent = self.lend(Arc::clone(&cancel), split.rank_bytes.len());
-        let user_cancel = self.config().cancel.clone();
+        let user_cancel = self.settings().cancel.clone();
         let run = CudaSink::new(device, targets, &pieces).and_then(|mut sink| {
             lent.run(&pieces, &mine, &mut sink, Some(device), &mut |piece| {
                 if user_cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {

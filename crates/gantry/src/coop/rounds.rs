@@ -118,7 +118,8 @@ impl<'s> Tally<'s> {
                 match heard.recv() {
                     Ok(m) => m,
                     Err(_) => {
-                        let gone = Error::Config("the exchange thread ended without a word".into());
+                        let gone =
+                            Error::Internal("the exchange thread ended without a word".into());
                         self.done = Some(Err(gone));
                         return;
                     }
@@ -249,7 +250,7 @@ fn run_rounds(
             }
         }
         // The caller returns its own error; this one only ends the exchange.
-        return Err(Error::Config(format!("rank {rank} failed: {failure}")));
+        return Err(Error::Rank { rank, world, message: failure });
     }
 }
 

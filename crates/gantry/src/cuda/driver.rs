@@ -341,7 +341,7 @@ fn open_all(ordinals: &[u32]) -> Result<Vec<Arc<CudaDevice>>> {
         handles
             .into_iter()
             .map(|h| {
-                h.join().unwrap_or_else(|_| Err(Error::Config("opening a GPU panicked".into())))
+                h.join().unwrap_or_else(|_| Err(Error::Internal("opening a GPU panicked".into())))
             })
             .collect()
     });

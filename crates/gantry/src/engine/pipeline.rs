@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::Settings;
 use crate::cuda::CudaDevice;
 use crate::engine::read::{buffered, gds, uring, Message, OpenFile};
 use crate::engine::sink::{RawTarget, Sink};
@@ -213,7 +213,7 @@ pub fn run(
     files: &Files,
     jobs: Jobs,
     staging: Staging,
-    config: &Config,
+    config: &Settings,
     sink: &mut dyn Sink,
     checks: Option<&mut integrity::Checks>,
     on_landed: &mut dyn FnMut(usize),
@@ -230,7 +230,10 @@ pub fn run(
     let checker = cache::check::Checker::start(plan, &files.copies, jobs.targets(plan), cpus, &tx)?;
     let verifier = match &checks {
         Some(c) => {
-            let states = integrity::StatesSettings::new(config);
+            let states = integrity::StatesSettings::new(
+                config.cache_dir.as_deref(),
+                config.sha256_segment_bytes,
+            );
             Some(Verifier::start(plan, c, jobs.targets(plan), cpus, &states, &tx)?)
         }
         None => None,

@@ -255,9 +255,11 @@ pub(crate) struct StatesSettings {
 }
 
 impl StatesSettings {
-    pub(crate) fn new(config: &crate::Config) -> Self {
-        let dir = states::Records::new(config.cache_dir.as_deref()).map(Arc::new);
-        Self { dir, segment_bytes: config.sha256_segment_bytes }
+    /// The states kept under `cache_dir` (see [`states::Records::new`]), in segments of
+    /// `segment_bytes`.
+    pub(crate) fn new(cache_dir: Option<&std::path::Path>, segment_bytes: u64) -> Self {
+        let dir = states::Records::new(cache_dir).map(Arc::new);
+        Self { dir, segment_bytes }
     }
 }
 

@@ -54,17 +54,15 @@ pub enum Share {
 /// Part `index` of `parts` equal slices of dimension `dim` (the common tensor-parallel split);
 /// an error unless `parts` divides that dimension.
 pub fn even(entry: &TensorEntry, dim: usize, parts: u64, index: u64) -> Result<Slice> {
-    let size = *entry.shape.get(dim).ok_or_else(|| {
-        Error::Config(format!(
-            "tensor '{}' of shape {:?} has no dimension {dim} to split",
-            entry.name, entry.shape
-        ))
-    })?;
+    let size = *entry
+        .shape
+        .get(dim)
+        .ok_or_else(|| Error::placement(entry, format!("it has no dimension {dim} to split")))?;
     if parts == 0 || size % parts != 0 || index >= parts {
-        return Err(Error::Config(format!(
-            "tensor '{}': dimension {dim} of size {size} does not split into {parts} equal parts",
-            entry.name
-        )));
+        return Err(Error::placement(
+            entry,
+            format!("dimension {dim} of size {size} does not split into {parts} equal parts"),
+        ));
     }
     let len = size / parts;
     Ok(Slice { dim, start: index * len, len })
@@ -89,10 +87,10 @@ pub fn split(entry: &TensorEntry, dim: Option<usize>, parts: usize) -> Result<Ve
 fn element_bytes(entry: &TensorEntry) -> Result<u64> {
     let bits = entry.dtype.bitsize() as u64;
     if bits % 8 != 0 {
-        return Err(Error::Config(format!(
-            "tensor '{}': {} packs elements below a byte; it can only be placed whole",
-            entry.name, entry.dtype
-        )));
+        return Err(Error::placement(
+            entry,
+            format!("{} packs elements below a byte; it can only be placed whole", entry.dtype),
+        ));
     }
     Ok(bits / 8)
 }
@@ -115,19 +113,18 @@ pub fn rows_of(entry: &TensorEntry, share: Share) -> Result<Rows> {
     };
     let dims = &entry.shape;
     let Some(&size) = dims.get(s.dim) else {
-        return Err(Error::Config(format!(
-            "tensor '{}' of shape {dims:?} has no dimension {}",
-            entry.name, s.dim
-        )));
+        return Err(Error::placement(entry, format!("it has no dimension {}", s.dim)));
     };
     if s.start.checked_add(s.len).is_none_or(|end| end > size) {
-        return Err(Error::Config(format!(
-            "tensor '{}' of shape {dims:?}: slice {}..{} of dimension {} is outside its size {size}",
-            entry.name,
-            s.start,
-            s.start.saturating_add(s.len),
-            s.dim
-        )));
+        return Err(Error::placement(
+            entry,
+            format!(
+                "slice {}..{} of dimension {} is outside its size {size}",
+                s.start,
+                s.start.saturating_add(s.len),
+                s.dim
+            ),
+        ));
     }
     let inner: u64 = dims[s.dim + 1..].iter().product::<u64>() * element_bytes(entry)?;
     let outer: u64 = dims[..s.dim].iter().product();
@@ -199,16 +196,16 @@ impl Layout {
         for (i, t) in checkpoint.tensors.iter().enumerate() {
             for (device, share) in place(t)? {
                 if device >= devices {
-                    return Err(Error::Config(format!(
-                        "tensor '{}' placed on destination {device} of {devices}",
-                        t.name
-                    )));
+                    return Err(Error::placement(
+                        t,
+                        format!("placed on destination {device} of {devices}"),
+                    ));
                 }
                 if shares[device].last().is_some_and(|s| s.tensor == i) {
-                    return Err(Error::Config(format!(
-                        "tensor '{}' placed twice on destination {device}",
-                        t.name
-                    )));
+                    return Err(Error::placement(
+                        t,
+                        format!("placed twice on destination {device}"),
+                    ));
                 }
                 let rows = rows_of(t, share)?;
                 let offset = buffer_bytes[device].next_multiple_of(SHARE_ALIGN);

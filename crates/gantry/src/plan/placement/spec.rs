@@ -152,11 +152,10 @@ impl ShardSpec {
             ShardRule::Replicate => Box::new(move |t| split(t, None, parts)),
             ShardRule::Dim(k) => Box::new(move |t| {
                 if t.shape.len() >= 2 && t.shape.len() <= k {
-                    return Err(Error::Config(format!(
-                        "shard dim{k}:{parts}: tensor '{}' of shape {:?} has no dimension {k}",
-                        escape(&t.name),
-                        t.shape
-                    )));
+                    return Err(Error::placement(
+                        t,
+                        format!("shard dim{k}:{parts}: it has no dimension {k}"),
+                    ));
                 }
                 split(t, Some(k), parts)
             }),

@@ -169,16 +169,17 @@ impl TensorParallel {
         let divides =
             entry.shape.get(dim).is_some_and(|&n| self.parts > 0 && n % self.parts as u64 == 0);
         if !divides {
-            return Err(Error::Config(format!(
-                "tensor '{}' of shape {:?}: tp:{} splits it along dimension {dim} ({split:?}), which {}",
-                entry.name,
-                entry.shape,
-                self.parts,
-                match entry.shape.get(dim) {
-                    Some(n) => format!("has size {n}, not a multiple of {}", self.parts),
-                    None => "it does not have".to_owned(),
-                }
-            )));
+            return Err(Error::placement(
+                entry,
+                format!(
+                    "tp:{} splits it along dimension {dim} ({split:?}), which {}",
+                    self.parts,
+                    match entry.shape.get(dim) {
+                        Some(n) => format!("has size {n}, not a multiple of {}", self.parts),
+                        None => "it does not have".to_owned(),
+                    }
+                ),
+            ));
         }
         (0..self.parts)
             .map(|r| Ok((r, Share::Slice(even(entry, dim, self.parts as u64, r as u64)?))))

@@ -685,7 +685,7 @@ pub fn fetch_whole(paths: &[&Path], config: &crate::Config) -> Result<u64> {
     let (part, concurrency) = (config.object_part() as u64, values.object_concurrency);
     let mut requests = Vec::new();
     for path in paths {
-        let meta = open_for_load_unchecked(path, &config.object_options)?;
+        let meta = open_for_load_unchecked(path, &config.object.options)?;
         let mut offset = 0;
         while offset < meta.size {
             let len = part.min(meta.size - offset);
@@ -744,7 +744,7 @@ pub fn fetch_whole(paths: &[&Path], config: &crate::Config) -> Result<u64> {
 fn joined(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
     r.unwrap_or_else(|e| {
         let what = if e.is_panic() { "panicked" } else { "was cancelled" };
-        Err(Error::Config(format!("an object-storage request {what}: {e}")))
+        Err(Error::Internal(format!("an object-storage request {what}: {e}")))
     })
 }
 
