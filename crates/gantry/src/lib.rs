@@ -30,6 +30,7 @@ pub(crate) mod error;
 pub mod integrity;
 pub(crate) mod interleave;
 pub mod io;
+pub mod live;
 mod loader;
 pub mod memory;
 pub(crate) mod pipeline;
@@ -56,8 +57,9 @@ pub use placed::{Placed, PlacedDeviceModel, PlacedDeviceTensor, PlacedModel, Pla
 pub use schedule::ReaderKind;
 
 /// Opens a checkpoint and validates every header, reading no tensor data: a local
-/// `.safetensors` file, directory or index, or an object source (`s3://bucket/key`,
-/// `s3://bucket/prefix/`, `gs://bucket/...`, `az://container/...`; see [`io::object`]).
+/// `.safetensors` file, directory or index, an object source (`s3://bucket/key`,
+/// `s3://bucket/prefix/`, `gs://bucket/...`, `az://container/...`; see [`io::object`]), or a
+/// live source (`unix:///path/to/socket`: a lease on its current version; see [`live`]).
 ///
 /// ```no_run
 /// let local = gantry::open("model/")?;
@@ -79,7 +81,9 @@ pub fn is_object_source(source: impl AsRef<std::path::Path>) -> bool {
 pub fn open_with(source: impl AsRef<std::path::Path>, config: &Config) -> Result<Checkpoint> {
     let source = source.as_ref();
     let _span = trace::span("phase", "headers");
-    if io::object::is_url(source) {
+    if source.to_str().is_some_and(live::is_url) {
+        live::open_checkpoint(source)
+    } else if io::object::is_url(source) {
         io::object::open_checkpoint(source, &config.object_options)
     } else {
         Ok(Checkpoint::open(source)?)
