@@ -45,7 +45,7 @@ use parking_lot::Mutex;
 
 pub use client::Lease;
 pub use publish::TensorBytes;
-pub use server::{Server, ServerOptions};
+pub use server::{Server, ServerOptions, TerminationSignals};
 
 use crate::error::{Error, Result};
 
