@@ -285,7 +285,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
                 .into(),
         );
     }
-    if args.verify && gantry::is_object_source(&args.options.path) {
+    if args.verify && !live && gantry::is_object_source(&args.options.path) {
         return Err("--verify compares with a plain read of local files; it does not take object sources (s3://, gs://, az://; use --checksum xxh3 against a local copy)".into());
     }
     if let (Some(rank), Some(world)) = (args.rank, args.world) {

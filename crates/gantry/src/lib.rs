@@ -74,7 +74,8 @@ pub fn open(source: impl AsRef<std::path::Path>) -> Result<Checkpoint> {
 /// Whether `source` names an object in object storage (`s3://`, `gs://`, `az://`, `abfs://`,
 /// `https://ACCOUNT.blob.core.windows.net/...`) rather than a local path.
 pub fn is_object_source(source: impl AsRef<std::path::Path>) -> bool {
-    io::object::is_url(source.as_ref())
+    let source = source.as_ref();
+    !source.to_str().is_some_and(live::is_url) && io::object::is_url(source)
 }
 
 /// [`open`] with `config`'s object-storage options ([`Config::object_option`]).

@@ -69,10 +69,10 @@ impl Loader {
             if !needed {
                 continue;
             }
-            choices[f] = Some(if crate::io::object::is_url(&info.path) {
-                self.open_object(f, info, target, &mut files, &mut cache)?
-            } else if info.path.to_str().is_some_and(crate::live::is_url) {
+            choices[f] = Some(if info.path.to_str().is_some_and(crate::live::is_url) {
                 open_live(f, info, self.config.path, &mut files)?
+            } else if crate::io::object::is_url(&info.path) {
+                self.open_object(f, info, target, &mut files, &mut cache)?
             } else {
                 self.open_local(f, &info.path, None, info, target, &mut files)?
             });
