@@ -113,14 +113,14 @@ fn lease_of(info: &FileInfo) -> Result<(Arc<Lease>, String)> {
     let wanted = info.version.clone().unwrap_or_default();
     let lease = LEASES.lock().get(&socket).cloned();
     let again = "open the source again to load its current version";
-    let message = match &lease {
-        None => format!("version {wanted} is no longer held by this process (released): {again}"),
-        Some(l) if l.version() != wanted => format!(
+    let message = match lease {
+        Some(l) if l.version() == wanted => return Ok((l, name.to_owned())),
+        Some(l) => format!(
             "version {wanted} is no longer held by this process (the source was opened again \
              and holds version {}): {again}",
             l.version()
         ),
-        Some(_) => return Ok((lease.expect("matched Some"), name.to_owned())),
+        None => format!("version {wanted} is no longer held by this process (released): {again}"),
     };
     Err(Error::Live { url, message })
 }

@@ -29,7 +29,7 @@ pub const FDS_PER_MESSAGE: usize = 200;
 pub const FILES_MAX: usize = 65_536;
 
 /// Largest table (file list and digests) a client reads, in bytes.
-pub const TABLE_BYTES_MAX: u64 = 1 << 30;
+pub const TABLE_BYTES_MAX: u64 = 256 << 20;
 
 /// Longest file name in a publication, in bytes.
 pub const NAME_BYTES_MAX: usize = 255;

@@ -281,9 +281,11 @@ fn accept_loop(listener: &OwnedFd, shared: &Arc<Shared>, hello: Duration) {
     }
 }
 
+/// Sends `ERROR` with `message` (cut to 1,000 characters, so it stays one small message).
 fn refuse(connection: &OwnedFd, message: &str) {
+    let message: String = message.chars().take(1000).collect();
     let text = json!({"type": "error", "message": message}).to_string();
-    let _ = protocol::send(connection.as_fd(), &text.as_bytes()[..text.len().min(4096)], &[]);
+    let _ = protocol::send(connection.as_fd(), text.as_bytes(), &[]);
 }
 
 /// One connection: `HELLO`, the lease, then waiting for its end.
