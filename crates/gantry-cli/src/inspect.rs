@@ -47,6 +47,9 @@ struct JsonTensor<'a> {
 #[derive(Serialize)]
 struct JsonInspect<'a> {
     total_bytes: u64,
+    /// A live source's publication version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
     files: Vec<JsonFile>,
     tensors: Vec<JsonTensor<'a>>,
 }
@@ -90,7 +93,8 @@ fn json(checkpoint: &Checkpoint) -> JsonInspect<'_> {
             bytes: t.len,
         })
         .collect();
-    JsonInspect { total_bytes: checkpoint.total_bytes(), files, tensors }
+    let version = gantry::live::version_of(checkpoint);
+    JsonInspect { total_bytes: checkpoint.total_bytes(), version, files, tensors }
 }
 
 fn table(out: &mut impl Write, checkpoint: &Checkpoint, rows: usize) -> std::io::Result<()> {
@@ -127,12 +131,16 @@ fn table(out: &mut impl Write, checkpoint: &Checkpoint, rows: usize) -> std::io:
             "... {hidden} more tensors (--all lists every tensor, --json prints them all)"
         )?;
     }
-    writeln!(
+    write!(
         out,
         "{} tensors in {} files, {} ({} bytes)",
         checkpoint.tensors.len(),
         checkpoint.files.len(),
         units::bytes(checkpoint.total_bytes()),
         checkpoint.total_bytes()
-    )
+    )?;
+    match gantry::live::version_of(checkpoint) {
+        Some(version) => writeln!(out, ", version {version}"),
+        None => writeln!(out),
+    }
 }

@@ -215,6 +215,9 @@ struct JsonLoad<'a> {
     /// The settings the load ran with.
     config: serde_json::Value,
     files: Vec<JsonFile>,
+    /// A live source's publication version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tensors: Option<Vec<JsonTensor<'a>>>,
     /// With --trace: what bound the load (stage, evidence, setting, the verdict line).
@@ -277,7 +280,14 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             return Err(format!("unknown checksum '{c}' (xxh3)").into());
         }
     }
-    if args.verify && gantry::is_object_source(&args.options.path) {
+    let live = args.options.path.to_str().is_some_and(gantry::live::is_url);
+    if args.verify && live && (args.shard.is_some() || args.ranks.is_some()) {
+        return Err(
+            "--verify of a live source checks plain loads; it does not take --shard or --ranks yet"
+                .into(),
+        );
+    }
+    if args.verify && !live && gantry::is_object_source(&args.options.path) {
         return Err("--verify compares with a plain read of local files; it does not take object sources (s3://, gs://, az://; use --checksum xxh3 against a local copy)".into());
     }
     if !args.tp_rule.is_empty() && args.shard.is_none_or(|s| s.rule != ShardRule::TensorParallel) {
@@ -331,7 +341,15 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         trace.write(path)?;
     }
     let loaded = model.loaded();
-    if args.verify {
+    if args.verify && live {
+        // The bytes that landed, hashed, against the digests the server published.
+        for &i in &loaded {
+            let len = model.checkpoint().tensors[i].len;
+            let mut read = |at, buf: &mut [u8]| model.read(i, at, buf);
+            let hash = check::xxh3(len, check::CHECK_CHUNK_BYTES, &mut read)?;
+            gantry::live::check_digest(model.checkpoint(), i, hash)?;
+        }
+    } else if args.verify {
         check::verify(model.checkpoint(), &loaded, &mut |i, at, buf| model.read(i, at, buf))?;
     }
     let tensors = match &args.checksum {
@@ -364,6 +382,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             volume: report.volume.clone(),
             config: crate::options::config_json(loader.config()),
             files: json_files(&report),
+            version: report.version.clone(),
             tensors,
             bound_by: report.bound_by.as_ref().map(|v| {
                 serde_json::json!({
@@ -386,7 +405,12 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             report.seconds,
             report.gb_per_s(),
             units::bytes(report.staging_bytes),
-            if args.verify { ", verified" } else { "" }
+            match (&report.version, args.verify) {
+                (Some(v), true) => format!(", version {v}, verified against its digests"),
+                (Some(v), false) => format!(", version {v}"),
+                (None, true) => ", verified".to_owned(),
+                (None, false) => String::new(),
+            }
         );
         if !args.explain {
             print_sha256(&report, "  ");

@@ -19,6 +19,7 @@ mod load_args;
 mod options;
 mod rank_spec;
 mod ranks;
+mod serve;
 mod synth;
 mod trace;
 mod units;
@@ -43,6 +44,9 @@ enum Command {
     Load(load_args::Args),
     /// Measure the disk (or page-cache) ceiling and gantry's load in the same run.
     Bench(bench::Args),
+    /// Load a checkpoint once and serve it from shared memory on a Unix socket (a live
+    /// source, `unix:///path`) until SIGTERM or SIGINT.
+    Serve(serve::Args),
     /// Write a synthetic Llama-3-shaped bf16 checkpoint (sharded, with an index).
     Synth(synth::Args),
     /// Read a trace written by `gantry load --trace`.
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(&args),
         Command::Load(args) => load::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Serve(args) => serve::run(&args),
         Command::Synth(args) => synth::run(&args),
         Command::Trace(args) => trace::run(&args),
         Command::Rank(command) => ranks::run_rank(&command),

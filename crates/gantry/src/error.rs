@@ -151,6 +151,14 @@ pub enum Error {
     /// A bug in gantry: one of its own threads panicked, or an invariant did not hold. Never
     /// the caller's input; the message says where.
     Internal(String),
+    /// A live source (`unix:///path`) failed: no server answers, the server closed the
+    /// connection or broke the protocol, a version is no longer held, a digest differs.
+    Live {
+        /// The source, `unix:///path`.
+        url: String,
+        /// What went wrong, and what to do about it.
+        message: String,
+    },
     /// Setting up the loader's own resources (memory, threads, rings) failed.
     Resource {
         /// What was being set up.
@@ -195,6 +203,7 @@ impl fmt::Display for Error {
                 write!(f, "destination for tensor '{}': {message}", gantry_format::escape(tensor))
             }
             Error::Resource { what, source } => write!(f, "{what} failed: {source}"),
+            Error::Live { url, message } => write!(f, "{}: {message}", gantry_format::escape(url)),
             Error::CuFile { op, path, offset, message, .. } => {
                 write!(f, "{}: {op} at offset {offset} failed: {message}", p(path))
             }

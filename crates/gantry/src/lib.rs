@@ -52,6 +52,7 @@ pub use gantry_format::{
 };
 pub use plan::schedule::ReaderKind;
 pub use plan::{placement, profile};
+pub use source::live;
 pub use tools::{baseline, synth};
 
 /// The modules of readers and sources under the paths the bindings, tests and benches name:
@@ -72,8 +73,9 @@ pub mod memory {
 }
 
 /// Opens a checkpoint and validates every header, reading no tensor data: a local
-/// `.safetensors` file, directory or index, or an object source (`s3://bucket/key`,
-/// `s3://bucket/prefix/`, `gs://bucket/...`, `az://container/...`; see [`source::object`]).
+/// `.safetensors` file, directory or index, an object source (`s3://bucket/key`,
+/// `s3://bucket/prefix/`, `gs://bucket/...`, `az://container/...`; see [`source::object`]), or a
+/// live source (`unix:///path/to/socket`: a lease on its current version; see [`live`]).
 ///
 /// ```no_run
 /// let local = gantry::open("model/")?;
@@ -88,14 +90,17 @@ pub fn open(source: impl AsRef<std::path::Path>) -> Result<Checkpoint> {
 /// Whether `source` names an object in object storage (`s3://`, `gs://`, `az://`, `abfs://`,
 /// `https://ACCOUNT.blob.core.windows.net/...`) rather than a local path.
 pub fn is_object_source(source: impl AsRef<std::path::Path>) -> bool {
-    crate::source::object::is_url(source.as_ref())
+    let source = source.as_ref();
+    !source.to_str().is_some_and(live::is_url) && crate::source::object::is_url(source)
 }
 
 /// [`open`] with `config`'s object-storage options ([`Config::object_option`]).
 pub fn open_with(source: impl AsRef<std::path::Path>, config: &Config) -> Result<Checkpoint> {
     let source = source.as_ref();
     let _span = trace::span("phase", "headers");
-    if crate::source::object::is_url(source) {
+    if source.to_str().is_some_and(live::is_url) {
+        live::open_checkpoint(source)
+    } else if crate::source::object::is_url(source) {
         crate::source::object::open_checkpoint(source, &config.object.options)
     } else {
         Ok(Checkpoint::open(source)?)

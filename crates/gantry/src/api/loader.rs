@@ -96,6 +96,9 @@ pub struct LoadReport {
     pub registered_buffers: bool,
     /// What the `auto` volume profile measured and picked, when it ran.
     pub volume: Option<String>,
+    /// The publication version a load from a live source read (`None` for files and
+    /// objects).
+    pub version: Option<String>,
     /// What bound the load, when it was traced ([`Config::trace`], or a trace the calling
     /// thread is in: see [`crate::trace`]).
     pub bound_by: Option<trace::Verdict>,
@@ -494,6 +497,7 @@ impl Loader {
             registered_buffers: registered,
             volume,
             files: Vec::new(),
+            version: crate::live::version_of(checkpoint),
             bound_by: trace::current()
                 .and_then(|t| trace::measure(&t.events()))
                 .map(|u| trace::verdict(&u)),

@@ -11,8 +11,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use super::{Config, PathChoice, ALIGN_BYTES, CHUNK_BYTES_MAX, QUEUE_DEPTH_MAX, THREADS_MAX};
-use crate::error::{Error, Result};
 use crate::engine::read::fault::FaultInjector;
+use crate::error::{Error, Result};
 use crate::plan::profile::VolumeProfile;
 
 /// Staging bytes when the caller gives none and the profile's queue fits in them.

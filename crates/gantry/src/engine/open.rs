@@ -71,7 +71,9 @@ impl Loader {
             if !needed {
                 continue;
             }
-            choices[f] = Some(if crate::source::object::is_url(&info.path) {
+            choices[f] = Some(if info.path.to_str().is_some_and(crate::source::live::is_url) {
+                open_live(f, info, self.config.path, &mut files)?
+            } else if crate::source::object::is_url(&info.path) {
                 self.open_object(f, info, target, &mut files, &mut cache)?
             } else {
                 self.open_local(f, &info.path, None, info, target, &mut files)?
@@ -280,6 +282,23 @@ impl Loader {
         }
         Ok((choice, facts.summary()))
     }
+}
+
+/// Opens file `f` of a live source (`info`) for a load: its leased memfd, read with buffered
+/// reads (shared memory: `O_DIRECT` does not apply).
+fn open_live(
+    f: usize,
+    info: &gantry_format::FileInfo,
+    path: crate::PathChoice,
+    files: &mut Files,
+) -> Result<FileChoice> {
+    let (file, reason) = crate::source::live::open_for_load(info, path)?;
+    files.slot[f] = Some((ReaderKind::Buffered, files.buffered.len()));
+    let (path, file_len) = (info.path.clone(), info.file_len);
+    files.buffered.push(OpenFile { path, file, file_len, align: 1, cache_copy: false });
+    files.buffered_ids.push(f);
+    let choice = Choice { reader: ReaderKind::Buffered, reason };
+    Ok((choice, "shared memory (a sealed memfd)".to_owned()))
 }
 
 /// Per checkpoint file read with `O_DIRECT`, the volume it is on and how that is read, for

@@ -1,0 +1,62 @@
+//! `gantry serve`: load a checkpoint once, keep it in shared memory, and answer on a Unix
+//! socket as a live source (`unix:///path`) until SIGTERM or SIGINT.
+//!
+//! The signals are blocked before any thread starts and taken by this thread alone, so the
+//! end is always the clean one: the socket file removed, the memory of every version no lease
+//! holds freed; readers holding a lease keep their memfds (the kernel keeps them alive).
+
+use std::error::Error;
+use std::path::PathBuf;
+
+use gantry::live::{Server, ServerOptions, TerminationSignals};
+
+use crate::options::{Device, LoadOptions};
+use crate::units;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// What to serve (any source gantry loads) and how to load it; --device cpu keeps it in
+    /// host memory (shared as sealed memfds).
+    #[command(flatten)]
+    pub options: LoadOptions,
+    /// The socket to answer on; readers load `unix://` followed by its absolute path.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// The socket file's mode, in octal: who may connect (0600: this user alone).
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = mode)]
+    pub socket_mode: u32,
+}
+
+fn mode(text: &str) -> Result<u32, String> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("'{text}' is not an octal file mode from 0 to 0777")),
+    }
+}
+
+pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
+    match args.options.device.one()? {
+        Device::Cpu => {}
+        Device::Cuda(_) => {
+            return Err("--device cuda:N: device residency is not served yet; use --device cpu \
+                        (readers copy from shared host memory to their GPU)"
+                .into())
+        }
+    }
+    let config = args.options.config()?;
+    let signals = TerminationSignals::block()?;
+    let options = ServerOptions { mode: args.socket_mode, ..ServerOptions::default() };
+    let server = Server::start(&args.socket, &options)?;
+    server.publish(&args.options.path, &config)?;
+    let (version, tensors, bytes) = server.current().ok_or("nothing was published")?;
+    println!(
+        "serving {tensors} tensors, {} ({bytes} bytes), version {version} on {}",
+        units::bytes(bytes),
+        server.url()
+    );
+    let signal = signals.wait();
+    log::info!("signal {signal}: closing {}", server.url());
+    server.close();
+    Ok(())
+}

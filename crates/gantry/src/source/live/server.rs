@@ -1,0 +1,424 @@
+//! The serving side of a live source: a socket, the publications, and one thread per lease.
+//!
+//! Binding is careful about what is at the socket path already. A symbolic link or anything
+//! but a socket is refused and left alone; a socket some server answers on is refused; a
+//! socket nobody answers on (a server that died) is replaced. The new socket is bound inside a
+//! private directory (mode 0700) beside the path, given its mode there, and renamed into place,
+//! so nobody can connect before the mode holds. Closing removes the socket file only while it
+//! is still the one this server bound.
+//!
+//! A connection is a lease: `HELLO` within the hello timeout, then `LEASE` and `FILES` with
+//! the current version's memfds; the lease ends when the reader closes the connection or sends
+//! `RELEASE`, and the version is freed once it is neither current nor leased ([`super::book`]).
+//! Waiting for that end has no timeout (a lease lasts as long as the reader wants it), but it
+//! costs one parked thread, and connections are capped at [`CONNECTIONS_MAX`].
+
+use std::fs;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+
+use super::book::Book;
+use super::protocol::{self, Received, FDS_PER_MESSAGE, PROTOCOL_VERSION};
+use super::publish::{self, Publication, TensorBytes};
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// Most connections served at once; more are told so and closed.
+pub const CONNECTIONS_MAX: usize = 1024;
+
+/// How a server binds and waits.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The socket file's mode (default 0600: only this user may connect).
+    pub mode: u32,
+    /// How long a new connection may take to send `HELLO`.
+    pub hello_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self { mode: 0o600, hello_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// A live source being served; see the module docs.
+#[derive(Debug)]
+pub struct Server {
+    shared: Arc<Shared>,
+    path: PathBuf,
+    url: String,
+    identity: (u64, u64),
+    accept: Option<JoinHandle<()>>,
+}
+
+/// One publication with its version id, as leases hand it out.
+#[derive(Debug)]
+struct Published {
+    version: String,
+    publication: Publication,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    book: Mutex<Book<Arc<Published>>>,
+    stop: AtomicBool,
+    connections: AtomicUsize,
+}
+
+impl Server {
+    /// Binds the socket at `path` (see the module docs) and starts accepting; nothing is
+    /// served until the first [`Server::publish`].
+    pub fn start(path: impl AsRef<Path>, options: &ServerOptions) -> Result<Self> {
+        let path = std::path::absolute(path.as_ref()).map_err(|e| Error::Config(e.to_string()))?;
+        let url = super::url_of(&path);
+        let fail = |message: String| Error::Live { url: url.clone(), message };
+        check_path(&path).map_err(&fail)?;
+        let listener = bind_private(&path, options.mode).map_err(&fail)?;
+        let meta = fs::symlink_metadata(&path).map_err(|e| fail(format!("stat: {e}")))?;
+        let shared = Arc::new(Shared::default());
+        let accept = {
+            let (shared, hello) = (Arc::clone(&shared), options.hello_timeout);
+            std::thread::Builder::new()
+                .name("gantry-serve".into())
+                .spawn(move || accept_loop(&listener, &shared, hello))
+                .map_err(|e| fail(format!("starting the accept thread: {e}")))?
+        };
+        Ok(Self { shared, path, url, identity: (meta.dev(), meta.ino()), accept: Some(accept) })
+    }
+
+    /// The source string readers use: `unix:///path`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Loads the checkpoint at `source` (any source gantry reads) with `config` and makes it
+    /// the current version; returns its version id.
+    pub fn publish(&self, source: impl AsRef<Path>, config: &Config) -> Result<String> {
+        Ok(self.install(publish::from_source(source.as_ref(), config)?))
+    }
+
+    /// Publishes `tensors` (name, dtype, shape, bytes) as one `model.safetensors` and makes
+    /// it the current version; returns its version id.
+    pub fn publish_tensors<'a>(
+        &self,
+        tensors: impl IntoIterator<Item = TensorBytes<'a>>,
+    ) -> Result<String> {
+        Ok(self.install(publish::from_tensors(tensors)?))
+    }
+
+    fn install(&self, publication: Publication) -> String {
+        let mut book = self.shared.book.lock();
+        let version = format!("{}-{:016x}", book.next_sequence(), publication.content);
+        let published = Arc::new(Published { version: version.clone(), publication });
+        let (_, freed) = book.publish(published);
+        drop(book);
+        for old in freed {
+            log::info!("{}: version {} freed (no lease left)", self.url, old.version);
+        }
+        version
+    }
+
+    /// The current version's id, tensor count and tensor bytes.
+    pub fn current(&self) -> Option<(String, usize, u64)> {
+        let book = self.shared.book.lock();
+        book.current()
+            .map(|(_, p)| (p.version.clone(), p.publication.tensors, p.publication.tensor_bytes))
+    }
+
+    /// The current version's id.
+    pub fn version(&self) -> Option<String> {
+        self.current().map(|(v, _, _)| v)
+    }
+
+    /// The versions held (current or leased) and their lease counts, oldest first.
+    pub fn held(&self) -> Vec<(String, usize)> {
+        let book = self.shared.book.lock();
+        book.entries().map(|(_, p, leases)| (p.version.clone(), leases)).collect()
+    }
+
+    /// Stops accepting, removes the socket file (while it is still this server's), and
+    /// frees every version no lease holds; leases in flight keep theirs until they end.
+    pub fn close(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(accept) = self.accept.take() {
+            if accept.join().is_err() {
+                log::warn!("{}: the accept thread panicked", self.url);
+            }
+        }
+        match fs::symlink_metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == self.identity => {
+                if let Err(e) = fs::remove_file(&self.path) {
+                    log::warn!("{}: removing the socket file: {e}", self.url);
+                }
+            }
+            _ => log::info!("{}: the socket file is no longer this server's: left", self.url),
+        }
+        let freed = self.shared.book.lock().retire();
+        drop(freed);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.accept.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// What may be at the socket path: nothing, or a socket nobody answers on (removed here).
+fn check_path(path: &Path) -> Result<(), String> {
+    let meta = match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("stat of the socket path: {e}")),
+        Ok(meta) => meta,
+    };
+    if meta.file_type().is_symlink() {
+        return Err("is a symbolic link: refusing to follow or replace it".to_owned());
+    }
+    if !meta.file_type().is_socket() {
+        return Err("is not a socket: refusing to replace it".to_owned());
+    }
+    let probe = protocol::socket().map_err(|e| format!("socket: {e}"))?;
+    protocol::set_timeouts(probe.as_fd(), Some(Duration::from_secs(2)))
+        .map_err(|e| format!("setting timeouts: {e}"))?;
+    match protocol::connect(probe.as_fd(), path) {
+        Ok(()) => {
+            Err("another live server answers on this socket: refusing to take it over".into())
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            log::info!("{}: a stale socket (nobody answers): replacing it", path.display());
+            Ok(())
+        }
+        Err(e) => Err(format!("cannot tell whether a server answers on this socket: {e}")),
+    }
+}
+
+/// A listening socket bound in a private directory beside `path`, given `mode`, and renamed
+/// to `path` (over a stale socket).
+fn bind_private(path: &Path, mode: u32) -> Result<OwnedFd, String> {
+    let parent = path.parent().ok_or("the socket path has no parent directory")?;
+    let name = format!(".gantry-serve-{:016x}", random());
+    let dir = parent.join(name);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let inside = dir.join("s");
+    let bound = (|| {
+        let fd = protocol::socket().map_err(|e| format!("socket: {e}"))?;
+        protocol::bind_listen(fd.as_fd(), &inside).map_err(|e| format!("bind: {e}"))?;
+        fs::set_permissions(&inside, fs::Permissions::from_mode(mode & 0o777))
+            .map_err(|e| format!("chmod: {e}"))?;
+        fs::rename(&inside, path).map_err(|e| format!("moving the socket into place: {e}"))?;
+        Ok(fd)
+    })();
+    let _ = fs::remove_file(&inside);
+    if let Err(e) = fs::remove_dir(&dir) {
+        log::warn!("removing {}: {e}", dir.display());
+    }
+    bound
+}
+
+/// 64 bits that differ between processes and calls.
+fn random() -> u64 {
+    static COUNT: AtomicUsize = AtomicUsize::new(0);
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&COUNT.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    h.update(&now.map_or(0, |d| d.as_nanos()).to_le_bytes());
+    h.digest()
+}
+
+/// Accepts until told to stop, one thread per connection.
+fn accept_loop(listener: &OwnedFd, shared: &Arc<Shared>, hello: Duration) {
+    while !shared.stop.load(Ordering::Acquire) {
+        let mut poll = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut poll, 1, 100) } <= 0 {
+            continue;
+        }
+        // SAFETY: plain system call; the descriptor it returns is owned right away.
+        let raw = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if raw < 0 {
+            continue;
+        }
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
+        let connection = unsafe { OwnedFd::from_raw_fd(raw) };
+        if shared.connections.fetch_add(1, Ordering::AcqRel) >= CONNECTIONS_MAX {
+            shared.connections.fetch_sub(1, Ordering::AcqRel);
+            refuse(&connection, &format!("{CONNECTIONS_MAX} connections already: try again later"));
+            continue;
+        }
+        let shared = Arc::clone(shared);
+        let spawned = std::thread::Builder::new().name("gantry-lease".into()).spawn(move || {
+            serve(&connection, &shared, hello);
+            shared.connections.fetch_sub(1, Ordering::AcqRel);
+        });
+        if let Err(e) = spawned {
+            log::warn!("a lease thread could not start: {e}");
+        }
+    }
+}
+
+/// Sends `ERROR` with `message` (cut to 1,000 characters, so it stays one small message).
+fn refuse(connection: &OwnedFd, message: &str) {
+    let message: String = message.chars().take(1000).collect();
+    let text = json!({"type": "error", "message": message}).to_string();
+    let _ = protocol::send(connection.as_fd(), text.as_bytes(), &[]);
+}
+
+/// One connection: `HELLO`, the lease, then waiting for its end.
+fn serve(connection: &OwnedFd, shared: &Shared, hello: Duration) {
+    if let Err(e) = protocol::set_timeouts(connection.as_fd(), Some(hello)) {
+        log::warn!("a connection: setting timeouts: {e}");
+        return;
+    }
+    if let Err(message) = check_hello(connection) {
+        log::info!("a connection refused: {message}");
+        refuse(connection, &message);
+        return;
+    }
+    let Some((v, published)) = shared.book.lock().acquire() else {
+        refuse(connection, "nothing is published yet");
+        return;
+    };
+    let sent = send_lease(connection, &published);
+    drop(published);
+    match sent {
+        Err(e) => log::info!("a lease could not be sent: {e}"),
+        Ok(()) => wait_for_end(connection),
+    }
+    let freed = shared.book.lock().release(v);
+    if let Some(old) = freed {
+        log::info!("version {} freed (its last lease ended)", old.version);
+    }
+}
+
+fn check_hello(connection: &OwnedFd) -> Result<(), String> {
+    let bytes = match protocol::recv(connection.as_fd(), 0) {
+        Ok(Received::Message { bytes, fds }) if fds.is_empty() => bytes,
+        Ok(Received::Message { .. }) => return Err("HELLO came with descriptors".into()),
+        Ok(Received::Closed) => return Err("closed before HELLO".into()),
+        Err(e) => return Err(format!("no HELLO: {e}")),
+    };
+    let hello: Value =
+        serde_json::from_slice(&bytes).map_err(|e| format!("HELLO is not JSON: {e}"))?;
+    if hello.get("type").and_then(Value::as_str) != Some("hello") {
+        return Err("the first message must be HELLO".into());
+    }
+    let protocol = hello.get("protocol").and_then(Value::as_u64);
+    if protocol != Some(PROTOCOL_VERSION) {
+        return Err(format!("protocol {protocol:?}: this server speaks {PROTOCOL_VERSION}"));
+    }
+    match hello.get("residency").and_then(Value::as_str) {
+        None | Some("host") => Ok(()),
+        Some(other) => {
+            Err(format!("residency '{}': this server holds host memory", other.escape_debug()))
+        }
+    }
+}
+
+fn send_lease(connection: &OwnedFd, published: &Published) -> std::io::Result<()> {
+    let p = &published.publication;
+    let lease = json!({
+        "type": "lease",
+        "protocol": PROTOCOL_VERSION,
+        "version": published.version,
+        "residency": "host",
+        "files": p.files.len(),
+        "tensors": p.tensors,
+        "table_len": p.table_len,
+    });
+    protocol::send(connection.as_fd(), lease.to_string().as_bytes(), &[p.table.as_fd()])?;
+    for (chunk, first) in p.files.chunks(FDS_PER_MESSAGE).zip((0..).step_by(FDS_PER_MESSAGE)) {
+        let message = json!({"type": "files", "first": first, "count": chunk.len()});
+        let fds: Vec<_> = chunk.iter().map(|(_, f, _)| f.as_fd()).collect();
+        protocol::send(connection.as_fd(), message.to_string().as_bytes(), &fds)?;
+    }
+    Ok(())
+}
+
+/// Waits without a timeout until the reader closes the connection or sends `RELEASE`.
+fn wait_for_end(connection: &OwnedFd) {
+    if protocol::set_timeouts(connection.as_fd(), None).is_err() {
+        return;
+    }
+    loop {
+        match protocol::recv(connection.as_fd(), 0) {
+            Ok(Received::Message { bytes, .. }) => {
+                let release = serde_json::from_slice::<Value>(&bytes)
+                    .ok()
+                    .is_some_and(|v| v.get("type").and_then(Value::as_str) == Some("release"));
+                if release {
+                    return;
+                }
+            }
+            Ok(Received::Closed) | Err(_) => return,
+        }
+    }
+}
+
+/// SIGTERM and SIGINT, blocked in the calling thread (and so in every thread it starts after),
+/// for [`TerminationSignals::wait`] to take: how a serving process ends cleanly instead of
+/// being killed inside a lease.
+pub struct TerminationSignals {
+    set: libc::sigset_t,
+}
+
+impl std::fmt::Debug for TerminationSignals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TerminationSignals(SIGTERM, SIGINT)")
+    }
+}
+
+impl TerminationSignals {
+    /// Blocks SIGTERM and SIGINT in this thread; call it before starting any thread.
+    pub fn block() -> Result<Self> {
+        // SAFETY: sigset_t is plain old data, initialised by sigemptyset before use.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t; the calls only change it and this thread's mask.
+        let rc = unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            let source = std::io::Error::from_raw_os_error(rc);
+            return Err(Error::Resource { what: "blocking SIGTERM and SIGINT", source });
+        }
+        Ok(Self { set })
+    }
+
+    /// Waits for SIGTERM or SIGINT; returns its number.
+    pub fn wait(&self) -> i32 {
+        loop {
+            let mut signal = 0;
+            // SAFETY: `set` is a valid sigset_t and `signal` a valid place for the result.
+            if unsafe { libc::sigwait(&self.set, &mut signal) } == 0 {
+                return signal;
+            }
+        }
+    }
+}

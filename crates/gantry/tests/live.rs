@@ -1,0 +1,420 @@
+//! Live sources (`unix:///path`): a server in this process, readers against the checkpoint
+//! files read with std and the `safetensors` crate, and fake servers that break the protocol.
+
+mod common;
+
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use gantry::live::{protocol, Lease, Server, ServerOptions};
+use gantry::{Checkpoint, Config, Dtype, Loader};
+
+fn checkpoint(dir: &Path, seed: u64) -> Checkpoint {
+    let spec = gantry::synth::SynthSpec {
+        vocab: 64,
+        hidden: 64,
+        intermediate: 224,
+        kv: 16,
+        layers: 2,
+        shards: 2,
+    };
+    gantry::synth::write_checkpoint(dir, &spec, seed).unwrap();
+    Checkpoint::open(dir).unwrap()
+}
+
+fn url(socket: &Path) -> String {
+    format!("unix://{}", socket.display())
+}
+
+/// Every tensor of `model` equals its bytes in the local checkpoint `local`, read with std.
+fn assert_same_as(model: &gantry::HostModel, local: &Checkpoint) {
+    assert_eq!(model.tensors().count(), local.tensors.len());
+    for l in &local.tensors {
+        let t = model.tensor(&l.name).expect("tensor loaded");
+        assert!(t.bytes == reference(local, l).as_slice(), "tensor {} differs", l.name);
+    }
+}
+
+/// Waits (at most 10 s) until `held` is what the server holds.
+fn wait_held(server: &Server, held: impl Fn(&[(String, usize)]) -> bool) -> Vec<(String, usize)> {
+    for _ in 0..200 {
+        let now = server.held();
+        if held(&now) {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.held()
+}
+
+#[test]
+fn a_served_checkpoint_loads_bit_exact_and_its_memfds_are_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = checkpoint(&dir.path().join("m"), 1);
+    let socket = dir.path().join("s");
+    let server = Server::start(&socket, &ServerOptions::default()).unwrap();
+    let version = server.publish(dir.path().join("m"), &Config::default()).unwrap();
+    let loader = Loader::new(Config::default()).unwrap();
+    let model = loader.load(url(&socket)).unwrap();
+    assert_same_as(&model, &local);
+    assert_eq!(model.report().version.as_deref(), Some(version.as_str()));
+    let reason = &model.report().files[0].reason;
+    assert!(reason.starts_with("live (shared memory)"), "{reason}");
+    // Each memfd is its file byte for byte, header included.
+    let lease = Lease::acquire(&url(&socket)).unwrap();
+    for info in &local.files {
+        let name = info.path.file_name().unwrap().to_str().unwrap();
+        let file = lease.file(name).expect("file in the lease");
+        let mut bytes = vec![0u8; info.file_len as usize];
+        file.read_exact_at(&mut bytes, 0).unwrap();
+        assert!(bytes == std::fs::read(&info.path).unwrap(), "{name} differs");
+        // The memfd cannot be written, by this process or any other.
+        assert!(file.write_at(b"x", 0).is_err(), "a sealed memfd took a write");
+    }
+    assert_eq!(
+        gantry::live::verify(&gantry::open(url(&socket)).unwrap()).unwrap(),
+        local.tensors.len()
+    );
+}
+
+#[test]
+fn published_tensors_read_back_by_the_safetensors_crate() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s");
+    let server = Server::start(&socket, &ServerOptions::default()).unwrap();
+    let a: Vec<u8> = (0..24u8).collect();
+    let b: Vec<u8> = (0..6).map(|i| 200 - i).collect();
+    let shape_a = [2u64, 3];
+    let shape_b = [3u64];
+    let tensors =
+        vec![("w", Dtype::F32, &shape_a[..], &a[..]), ("b", Dtype::BF16, &shape_b[..], &b[..])];
+    server.publish_tensors(tensors).unwrap();
+    let lease = Lease::acquire(&url(&socket)).unwrap();
+    let file = lease.file("model.safetensors").unwrap();
+    let mut bytes = vec![0u8; file.metadata().unwrap().len() as usize];
+    file.read_exact_at(&mut bytes, 0).unwrap();
+    let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let w = parsed.tensor("w").unwrap();
+    assert_eq!(
+        (w.dtype(), w.shape(), w.data()),
+        (safetensors::Dtype::F32, &[2usize, 3][..], &a[..])
+    );
+    let bt = parsed.tensor("b").unwrap();
+    assert_eq!(
+        (bt.dtype(), bt.shape(), bt.data()),
+        (safetensors::Dtype::BF16, &[3usize][..], &b[..])
+    );
+    let model = Loader::new(Config::default()).unwrap().load(url(&socket)).unwrap();
+    assert_eq!(model.tensor("w").unwrap().bytes, &a[..]);
+    assert_eq!(model.tensor("b").unwrap().bytes, &b[..]);
+    // A size that does not match the shape is refused, naming the tensor.
+    let short = [0u8; 5];
+    let err =
+        server.publish_tensors(vec![("bad", Dtype::F32, &shape_b[..], &short[..])]).unwrap_err();
+    assert!(err.to_string().contains("'bad'"), "{err}");
+}
+
+#[test]
+fn an_update_leaves_a_readers_version_whole_and_the_next_reader_gets_the_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = checkpoint(&dir.path().join("old"), 1);
+    let new = checkpoint(&dir.path().join("new"), 2);
+    let socket = dir.path().join("s");
+    let server = Server::start(&socket, &ServerOptions::default()).unwrap();
+    let v1 = server.publish(dir.path().join("old"), &Config::default()).unwrap();
+    let loader = Loader::new(Config::default()).unwrap();
+    // This process's lease (the registry's) on v1, and its checkpoint.
+    let c1 = gantry::open(url(&socket)).unwrap();
+    let v2 = server.publish(dir.path().join("new"), &Config::default()).unwrap();
+    assert_ne!(v1, v2);
+    let held = wait_held(&server, |h| h.len() == 2);
+    assert_eq!(held, vec![(v1.clone(), 1), (v2.clone(), 0)]);
+    // The reader of v1 still loads v1, whole.
+    let m1 = loader.load_with(c1.clone(), |_| true, |_| {}).unwrap();
+    assert_same_as(&m1, &old);
+    assert_eq!(m1.report().version.as_deref(), Some(v1.as_str()));
+    // The next open gets v2, and releases v1, which the server then frees.
+    let m2 = loader.load(url(&socket)).unwrap();
+    assert_same_as(&m2, &new);
+    assert_eq!(m2.report().version.as_deref(), Some(v2.as_str()));
+    let held = wait_held(&server, |h| h.len() == 1);
+    assert_eq!(held, vec![(v2.clone(), 1)]);
+    // A checkpoint of the version no longer held fails, naming it: no bytes of two versions.
+    let err = loader.load_with(c1, |_| true, |_| {}).unwrap_err().to_string();
+    assert!(err.contains(&v1) && err.contains("open the source again"), "{err}");
+    assert!(gantry::live::release(&url(&socket)));
+    assert_eq!(wait_held(&server, |h| h == [(v2.clone(), 0)]), vec![(v2, 0)]);
+}
+
+#[test]
+fn a_lease_keeps_its_bytes_after_the_server_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = checkpoint(&dir.path().join("m"), 3);
+    let socket = dir.path().join("s");
+    let server = Server::start(&socket, &ServerOptions::default()).unwrap();
+    server.publish(dir.path().join("m"), &Config::default()).unwrap();
+    let checkpoint = gantry::open(url(&socket)).unwrap();
+    server.close();
+    assert!(std::fs::symlink_metadata(&socket).is_err(), "socket file left after close");
+    let model =
+        Loader::new(Config::default()).unwrap().load_with(checkpoint, |_| true, |_| {}).unwrap();
+    assert_same_as(&model, &local);
+    let err = Lease::acquire(&url(&socket)).unwrap_err().to_string();
+    assert!(err.contains("no server"), "{err}");
+}
+
+#[test]
+fn the_socket_path_is_refused_when_served_linked_or_not_a_socket_and_replaced_when_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s");
+    let first = Server::start(&socket, &ServerOptions::default()).unwrap();
+    let err = Server::start(&socket, &ServerOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("another live server answers"), "{err}");
+    drop(first);
+    // A stale socket: bound, and nobody listening any more.
+    let stale = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    drop(stale);
+    assert!(std::fs::symlink_metadata(&socket).is_ok());
+    let second = Server::start(&socket, &ServerOptions::default()).unwrap();
+    second.publish_tensors(vec![("x", Dtype::U8, &[1u64][..], &[7u8][..])]).unwrap();
+    assert_eq!(Lease::acquire(&url(&socket)).unwrap().checkpoint().tensors.len(), 1);
+    drop(second);
+    // A symbolic link and a regular file are left alone.
+    let target = dir.path().join("target");
+    std::fs::write(&target, b"keep").unwrap();
+    std::os::unix::fs::symlink(&target, &socket).unwrap();
+    let err = Server::start(&socket, &ServerOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("symbolic link"), "{err}");
+    assert!(std::fs::symlink_metadata(&socket).unwrap().file_type().is_symlink());
+    std::fs::remove_file(&socket).unwrap();
+    std::fs::write(&socket, b"data").unwrap();
+    let err = Server::start(&socket, &ServerOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read(&socket).unwrap(), b"data");
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+}
+
+#[test]
+fn the_socket_has_its_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    for mode in [0o600, 0o660] {
+        let socket = dir.path().join(format!("s{mode:o}"));
+        let server = Server::start(&socket, &ServerOptions { mode, ..Default::default() }).unwrap();
+        let meta = std::fs::symlink_metadata(&socket).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, mode);
+        drop(server);
+    }
+}
+
+// ---- fake servers that break the rules ----
+
+/// A listening socket at `dir/fake` whose first connection is handed to `script` after its
+/// HELLO; returns the source string.
+fn fake_server(
+    dir: &Path,
+    script: impl FnOnce(OwnedFd) + Send + 'static,
+) -> (String, std::thread::JoinHandle<()>) {
+    let path = dir.join("fake");
+    let listener = protocol::socket().unwrap();
+    protocol::bind_listen(listener.as_fd(), &path).unwrap();
+    let handle = std::thread::spawn(move || {
+        // SAFETY: accept on a listening socket we own; the result is owned at once.
+        let raw = unsafe {
+            libc::accept(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut())
+        };
+        assert!(raw >= 0);
+        // SAFETY: a fresh descriptor.
+        let c = unsafe { OwnedFd::from_raw_fd(raw) };
+        protocol::set_timeouts(c.as_fd(), Some(Duration::from_secs(10))).unwrap();
+        let _hello = protocol::recv(c.as_fd(), 0).unwrap();
+        script(c);
+    });
+    (url(&path), handle)
+}
+
+fn sealed(bytes: &[u8], seal: bool) -> std::fs::File {
+    let f = protocol::memfd("test").unwrap();
+    f.write_all_at(bytes, 0).unwrap();
+    if seal {
+        protocol::seal(&f).unwrap();
+    }
+    f
+}
+
+fn send_json(c: &OwnedFd, value: serde_json::Value, fds: &[std::os::fd::BorrowedFd<'_>]) {
+    protocol::send(c.as_fd(), value.to_string().as_bytes(), fds).unwrap();
+}
+
+/// One safetensors file written by the `safetensors` crate, and its digest table.
+fn one_file(dir: &Path) -> (Vec<u8>, Checkpoint) {
+    let path = dir.join("one.safetensors");
+    write_file(&path, &[(Dtype::F32, vec![4, 4]), (Dtype::U8, vec![10])], 5);
+    (std::fs::read(&path).unwrap(), Checkpoint::open(&path).unwrap())
+}
+
+/// A lease as a correct server sends it, with `file` as its one file announced as `len`.
+fn lease(c: &OwnedFd, file: &std::fs::File, len: u64, digests: serde_json::Value) {
+    let table =
+        serde_json::json!({"files": [{"name": "one.safetensors", "len": len}], "digests": digests});
+    let text = table.to_string();
+    let t = sealed(text.as_bytes(), true);
+    let m = serde_json::json!({"type": "lease", "protocol": 1, "version": "9-fake", "residency": "host",
+        "files": 1, "tensors": 2, "table_len": text.len()});
+    send_json(c, m, &[t.as_fd()]);
+    send_json(c, serde_json::json!({"type": "files", "first": 0, "count": 1}), &[file.as_fd()]);
+}
+
+fn digests_of(bytes: &[u8], local: &Checkpoint) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    for t in &local.tensors {
+        let d = xxhash_rust::xxh3::xxh3_64(&bytes[t.offset as usize..(t.offset + t.len) as usize]);
+        map.insert(t.name.clone(), format!("{d:016x}").into());
+    }
+    serde_json::Value::Object(map)
+}
+
+fn acquire_error(url: &str) -> String {
+    with_deadline(Duration::from_secs(20), {
+        let url = url.to_owned();
+        move || Lease::acquire_with(&url, Duration::from_secs(2)).unwrap_err().to_string()
+    })
+}
+
+#[test]
+fn a_fake_server_speaking_garbage_or_nothing_gives_clean_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (u, h) =
+        fake_server(dir.path(), |c| protocol::send(c.as_fd(), b"\xff{not json", &[]).unwrap());
+    assert!(acquire_error(&u).contains("not JSON"));
+    h.join().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (u, h) = fake_server(dir.path(), drop);
+    let err = acquire_error(&u);
+    assert!(err.contains("closed the connection during LEASE"), "{err}");
+    h.join().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (u, h) = fake_server(dir.path(), |c| {
+        std::thread::sleep(Duration::from_secs(4));
+        drop(c);
+    });
+    let err = acquire_error(&u);
+    assert!(err.contains("did not answer within"), "{err}");
+    h.join().unwrap();
+    // Oversized: one message past the cap.
+    let dir = tempfile::tempdir().unwrap();
+    let (u, h) = fake_server(dir.path(), |c| {
+        let big = vec![b' '; protocol::MESSAGE_BYTES_MAX + 10];
+        // SAFETY: a valid buffer of its length.
+        let n = unsafe { libc::send(c.as_raw_fd(), big.as_ptr().cast(), big.len(), 0) };
+        assert_eq!(n as usize, big.len());
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let err = acquire_error(&u);
+    assert!(err.contains("longer than"), "{err}");
+    h.join().unwrap();
+    // A lease of another protocol, and one with a hostile file name.
+    let dir = tempfile::tempdir().unwrap();
+    let (u, h) = fake_server(dir.path(), |c| {
+        send_json(&c, serde_json::json!({"type": "lease", "protocol": 99}), &[]);
+    });
+    assert!(acquire_error(&u).contains("protocol Some(99)"));
+    h.join().unwrap();
+}
+
+#[test]
+fn a_fake_server_with_unsealed_or_wrongly_sized_memfds_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let (bytes, local) = one_file(work.path());
+    let len = bytes.len() as u64;
+    for (seal, announced, expect) in [
+        (false, len, "not sealed"),
+        (true, len + 8, "announced as"),
+        (true, len - 8, "announced as"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let digests = digests_of(&bytes, &local);
+        let file = sealed(&bytes, seal);
+        let (u, h) = fake_server(dir.path(), move |c| {
+            lease(&c, &file, announced, digests);
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        let err = acquire_error(&u);
+        assert!(err.contains(expect), "{expect}: {err}");
+        h.join().unwrap();
+    }
+    // More descriptors than files announced.
+    let dir = tempfile::tempdir().unwrap();
+    let digests = digests_of(&bytes, &local);
+    let (u, h) = fake_server(dir.path(), move |c| {
+        let file = sealed(&bytes, true);
+        let table = serde_json::json!({"files": [{"name": "one.safetensors", "len": len}], "digests": digests});
+        let text = table.to_string();
+        let t = sealed(text.as_bytes(), true);
+        let m = serde_json::json!({"type": "lease", "protocol": 1, "version": "1-x", "residency": "host",
+            "files": 1, "tensors": 2, "table_len": text.len()});
+        send_json(&c, m, &[t.as_fd()]);
+        send_json(
+            &c,
+            serde_json::json!({"type": "files", "first": 0, "count": 2}),
+            &[file.as_fd(), file.as_fd()],
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let err = acquire_error(&u);
+    assert!(err.contains("FILES"), "{err}");
+    h.join().unwrap();
+}
+
+#[test]
+fn a_digest_mismatch_fails_naming_the_tensor() {
+    let work = tempfile::tempdir().unwrap();
+    let (bytes, local) = one_file(work.path());
+    let len = bytes.len() as u64;
+    let mut digests = digests_of(&bytes, &local);
+    let good = digests.clone();
+    digests["t00001"] = "0123456789abcdef".into();
+    let dir = tempfile::tempdir().unwrap();
+    let (u, h) = {
+        let bytes = bytes.clone();
+        fake_server(dir.path(), move |c| {
+            lease(&c, &sealed(&bytes, true), len, digests);
+            let _ = protocol::recv(c.as_fd(), 0); // until the reader lets go
+        })
+    };
+    let checkpoint = gantry::open(&u).unwrap();
+    // The load itself is whole and right; the check against the table names the tensor.
+    let model = Loader::new(Config::default())
+        .unwrap()
+        .load_with(checkpoint.clone(), |_| true, |_| {})
+        .unwrap();
+    for t in &local.tensors {
+        assert!(model.tensor(&t.name).unwrap().bytes == reference(&local, t).as_slice());
+    }
+    let err = gantry::live::verify(&checkpoint).unwrap_err().to_string();
+    assert!(err.contains("tensor 't00001'") && err.contains("9-fake"), "{err}");
+    assert!(gantry::live::release(&u));
+    h.join().unwrap();
+    // The same file with the right table verifies.
+    let dir = tempfile::tempdir().unwrap();
+    let (u, h) = fake_server(dir.path(), move |c| {
+        lease(&c, &sealed(&bytes, true), len, good);
+        let _ = protocol::recv(c.as_fd(), 0);
+    });
+    assert_eq!(gantry::live::verify(&gantry::open(&u).unwrap()).unwrap(), 2);
+    assert!(gantry::live::release(&u));
+    h.join().unwrap();
+}
+
+#[test]
+fn no_server_and_bad_urls_are_clean_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing: PathBuf = dir.path().join("nobody");
+    let err = gantry::open(url(&missing)).unwrap_err().to_string();
+    assert!(err.contains("no server"), "{err}");
+    let err = gantry::open("unix://relative/path").unwrap_err().to_string();
+    assert!(err.contains("not a live source"), "{err}");
+}
