@@ -16,7 +16,8 @@ use crate::units;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// What to serve (any source gantry loads) and how to load it; --device cpu keeps it in
-    /// host memory (shared as sealed memfds).
+    /// host memory (shared as sealed memfds), --device cuda:N on that GPU too (shared with
+    /// readers on this host over CUDA IPC).
     #[command(flatten)]
     pub options: LoadOptions,
     /// The socket to answer on; readers load `unix://` followed by its absolute path.
@@ -36,22 +37,19 @@ fn mode(text: &str) -> Result<u32, String> {
 }
 
 pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
-    match args.options.device.one()? {
-        Device::Cpu => {}
-        Device::Cuda(_) => {
-            return Err("--device cuda:N: device residency is not served yet; use --device cpu \
-                        (readers copy from shared host memory to their GPU)"
-                .into())
-        }
-    }
+    let device = match args.options.device.one()? {
+        Device::Cpu => None,
+        Device::Cuda(n) => Some(n),
+    };
     let config = args.options.config()?;
     let signals = TerminationSignals::block()?;
-    let options = ServerOptions { mode: args.socket_mode, ..ServerOptions::default() };
+    let options = ServerOptions { mode: args.socket_mode, device, ..ServerOptions::default() };
     let server = Server::start(&args.socket, &options)?;
     server.publish(&args.options.path, &config)?;
     let (version, tensors, bytes) = server.current().ok_or("nothing was published")?;
+    let on = server.device().map_or(String::new(), |d| format!(" (and on cuda:{})", d.ordinal()));
     println!(
-        "serving {tensors} tensors, {} ({bytes} bytes), version {version} on {}",
+        "serving {tensors} tensors, {} ({bytes} bytes), version {version} on {}{on}",
         units::bytes(bytes),
         server.url()
     );

@@ -418,3 +418,194 @@ fn no_server_and_bad_urls_are_clean_errors() {
     let err = gantry::open("unix://relative/path").unwrap_err().to_string();
     assert!(err.contains("not a live source"), "{err}");
 }
+
+/// A lease that announces device residency (`host+device`) then sends `extra` as its DEVICE
+/// messages.
+fn device_lease(
+    dir: &Path,
+    extra: Vec<serde_json::Value>,
+) -> (String, std::thread::JoinHandle<()>, Vec<u8>) {
+    let (bytes, local) = one_file(dir);
+    let digests = digests_of(&bytes, &local);
+    let file = sealed(&bytes, true);
+    let len = bytes.len() as u64;
+    let (u, h) = fake_server(dir, move |c| {
+        let table = serde_json::json!({"files": [{"name": "one.safetensors", "len": len}], "digests": digests});
+        let text = table.to_string();
+        let t = sealed(text.as_bytes(), true);
+        let m = serde_json::json!({"type": "lease", "protocol": 1, "version": "3-dev", "residency": "host+device",
+            "files": 1, "tensors": 2, "table_len": text.len()});
+        send_json(&c, m, &[t.as_fd()]);
+        send_json(
+            &c,
+            serde_json::json!({"type": "files", "first": 0, "count": 1}),
+            &[file.as_fd()],
+        );
+        for m in extra {
+            send_json(&c, m, &[]);
+        }
+        // Hold the lease until the reader lets go.
+        let _ = protocol::recv(c.as_fd(), 0);
+    });
+    (u, h, bytes)
+}
+
+/// Device residency is handed after the files; a bad `DEVICE` message (or none) is a clean
+/// error, and a good one is kept with the lease, whose host bytes still load (no GPU needed).
+#[test]
+fn device_handles_are_checked_and_a_host_load_ignores_them() {
+    let handle = "ab".repeat(64);
+    let device = |first: u64, handles: serde_json::Value, bus: &str| {
+        let count = handles.as_array().map_or(0, Vec::len);
+        serde_json::json!({"type": "device", "first": first, "count": count, "bus_id": bus, "handles": handles})
+    };
+    for (bad, expect) in [
+        (vec![], "waiting for DEVICE"),
+        (vec![device(1, serde_json::json!([handle]), "0000:1A:00.0")], "DEVICE: handles 1..2"),
+        (vec![device(0, serde_json::json!(["12"]), "0000:1A:00.0")], "128 hex digits"),
+        (vec![device(0, serde_json::json!([handle]), "")], "bus id"),
+        (vec![serde_json::json!({"type": "files"})], "expected DEVICE"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (u, h, _) = device_lease(dir.path(), bad);
+        let err = acquire_error(&u);
+        assert!(err.contains(expect), "{expect}: {err}");
+        h.join().unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (u, h, bytes) =
+        device_lease(dir.path(), vec![device(0, serde_json::json!([handle]), "0000:1A:00.0")]);
+    let lease = Lease::acquire_with(&u, Duration::from_secs(5)).unwrap();
+    let share = lease.device().expect("the device share");
+    assert_eq!(share.bus_id, "0000:1A:00.0");
+    assert_eq!(share.handles.len(), 1);
+    assert_eq!(share.handles[0].map(|h| h.to_hex()), Some("ab".repeat(64)));
+    drop(lease);
+    h.join().unwrap();
+    // Loaded to the host, such a source reads its memfds.
+    let dir = tempfile::tempdir().unwrap();
+    let (u, h, _) =
+        device_lease(dir.path(), vec![device(0, serde_json::json!([handle]), "0000:1A:00.0")]);
+    let model = Loader::new(Config::default()).unwrap().load(&u).unwrap();
+    let reference = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for t in model.tensors() {
+        assert_eq!(t.bytes, reference.tensor(&t.entry.name).unwrap().data(), "{}", t.entry.name);
+    }
+    assert_eq!(model.report().files[0].reader, Some(gantry::ReaderKind::Buffered));
+    gantry::live::release(&u);
+    drop(model);
+    h.join().unwrap();
+}
+
+/// The server half of the GPU trials: serves `GANTRY_SERVE_CHILD` (a checkpoint path) with
+/// device residency on cuda:0 at `GANTRY_SERVE_SOCKET`, prints `READY` and serves until its
+/// standard input closes. (CUDA IPC does not open a handle in the process that exported it,
+/// so the server is another process.)
+#[test]
+fn serve_child() {
+    let (Ok(path), Ok(socket)) =
+        (std::env::var("GANTRY_SERVE_CHILD"), std::env::var("GANTRY_SERVE_SOCKET"))
+    else {
+        return;
+    };
+    let options = ServerOptions { device: Some(0), ..ServerOptions::default() };
+    let server = Server::start(&socket, &options).unwrap();
+    let version = server.publish(&path, &Config::default()).unwrap();
+    println!("READY {version}");
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut rest);
+    server.close();
+}
+
+/// A server process with device residency on cuda:0, until dropped.
+struct DeviceServer {
+    child: std::process::Child,
+    url: String,
+    version: String,
+}
+
+impl DeviceServer {
+    fn start(checkpoint: &Path, dir: &Path) -> Self {
+        use std::io::BufRead;
+        let socket = dir.join("device.sock");
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "serve_child", "--nocapture", "--test-threads=1"])
+            .env("GANTRY_SERVE_CHILD", checkpoint)
+            .env("GANTRY_SERVE_SOCKET", &socket)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let version = out
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("READY ").map(str::to_owned))
+            .expect("the server child printed no READY line");
+        DeviceServer { child, url: url(&socket), version }
+    }
+}
+
+impl Drop for DeviceServer {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// GPU trial: a load to the server's own GPU copies from its device memory (CUDA IPC), bit
+/// exact against the files, into gantry's allocations and into the caller's own.
+#[test]
+fn a_load_to_the_servers_gpu_copies_from_its_device_memory() {
+    let Some(gpu) = gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model");
+    std::fs::create_dir(&path).unwrap();
+    let local = small_llama(&path, 11);
+    let server = DeviceServer::start(&path, dir.path());
+    let loader = Loader::new(Config::default()).unwrap();
+    let checkpoint = gantry::open(&server.url).unwrap();
+    let model = loader.load_to_device_with(checkpoint.clone(), &gpu, |_| true, |_| {}).unwrap();
+    assert_eq!(model.report().version.as_deref(), Some(server.version.as_str()));
+    for f in &model.report().files {
+        assert_eq!(
+            f.reader,
+            Some(gantry::ReaderKind::Device),
+            "{}: {}",
+            f.path.display(),
+            f.reason
+        );
+    }
+    let by_name: std::collections::HashMap<_, _> =
+        local.tensors.iter().map(|t| (t.name.clone(), t)).collect();
+    for t in model.tensors() {
+        let expected = reference(&local, by_name[&t.entry.name]);
+        assert_eq!(model.copy_to_host(&t).unwrap(), expected, "{}", t.entry.name);
+    }
+    // Into the caller's own memory (every other tensor), through the same copies.
+    let buffers: Vec<_> = checkpoint
+        .tensors
+        .iter()
+        .map(|t| gpu.alloc(t.len.max(1) as usize, &t.name).unwrap())
+        .collect();
+    let mut landed = Vec::new();
+    let report = loader
+        .load_into_device(
+            &checkpoint,
+            &gpu,
+            |t| {
+                let i = checkpoint.tensors.iter().position(|x| x.name == t.name).unwrap();
+                (i % 2 == 0).then(|| buffers[i].ptr())
+            },
+            |ready| landed.push(ready.index),
+        )
+        .unwrap();
+    assert_eq!(landed.len(), checkpoint.tensors.len().div_ceil(2));
+    assert!(report.files.iter().any(|f| f.reader == Some(gantry::ReaderKind::Device)));
+    for &i in &landed {
+        let t = &checkpoint.tensors[i];
+        let got = gpu.copy_to_host(buffers[i].ptr(), t.len as usize).unwrap();
+        assert_eq!(got, reference(&local, by_name[&t.name]), "{}", t.name);
+    }
+    gantry::live::release(&server.url);
+}

@@ -198,6 +198,22 @@ impl Loader {
         targets: Vec<Option<u64>>,
         on_ready: &mut dyn FnMut(ReadyOnDevice<'_>),
     ) -> Result<LoadReport> {
+        // A live source that keeps its version on a GPU of this host: copies from there (no
+        // SHA-256 on that path: a load that checks files reads the host memory it hashes).
+        if let Some(share) = crate::source::live::device_share(checkpoint) {
+            if !self.config.verify_sha256 {
+                let mut ready = |i: usize| {
+                    let ptr = targets[i].unwrap_or_default();
+                    on_ready(ReadyOnDevice { index: i, entry: &checkpoint.tensors[i], ptr });
+                };
+                let filled = crate::source::live::fill_device(
+                    &share, checkpoint, device, &targets, &mut ready,
+                )?;
+                if let Some(report) = filled {
+                    return Ok(report);
+                }
+            }
+        }
         let wanted: Vec<bool> = targets.iter().map(Option::is_some).collect();
         let ptrs = targets.clone();
         // The caller's context is current again when this returns (the sink binds the

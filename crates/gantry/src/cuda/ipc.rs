@@ -160,6 +160,23 @@ impl CudaDevice {
     }
 }
 
+impl CudaDevice {
+    /// Copies `bytes` from (pageable) host memory to device address `dst` in this device's
+    /// context, and waits for it: publishing, not the load path (which stages in pinned
+    /// memory).
+    pub fn copy_from_host(&self, dst: u64, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let _bound = self.bind_scoped()?;
+        // SAFETY: `bytes` is readable for its length during the (synchronous) call; the caller
+        // checked `dst` against its allocation.
+        unsafe { sys::cuMemcpyHtoD_v2(dst, bytes.as_ptr().cast(), bytes.len()) }
+            .result()
+            .map_err(cuda_error(format!("cuMemcpyHtoD of {} bytes to {dst:#x}", bytes.len())))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::IpcHandle;

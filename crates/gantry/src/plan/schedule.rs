@@ -58,6 +58,8 @@ pub enum ReaderKind {
     Gds,
     /// Ranged GETs from object storage into the staging ring.
     Object,
+    /// Copies from a live source's device memory (CUDA IPC), on one GPU or between GPUs.
+    Device,
 }
 
 impl ReaderKind {
@@ -68,6 +70,7 @@ impl ReaderKind {
             ReaderKind::Buffered => "buffered",
             ReaderKind::Gds => "gds",
             ReaderKind::Object => "object",
+            ReaderKind::Device => "device",
         }
     }
 }

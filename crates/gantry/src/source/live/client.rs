@@ -17,6 +17,7 @@ use std::time::Duration;
 use gantry_format::Checkpoint;
 use serde_json::{Map, Value};
 
+use super::device::DeviceShare;
 use super::protocol::{self, Received, FDS_PER_MESSAGE, FILES_MAX, PROTOCOL_VERSION};
 use crate::error::{Error, Result};
 
@@ -36,6 +37,7 @@ pub struct Lease {
     checkpoint: Checkpoint,
     files: Vec<(String, File)>,
     digests: HashMap<String, u64>,
+    device: Option<DeviceShare>,
     _connection: OwnedFd,
 }
 
@@ -63,8 +65,7 @@ impl Lease {
                 "the server runs as user {uid}, not this user ({me}) or root: not trusted"
             )));
         }
-        let hello =
-            serde_json::json!({"type": "hello", "protocol": PROTOCOL_VERSION, "residency": "host"});
+        let hello = serde_json::json!({"type": "hello", "protocol": PROTOCOL_VERSION, "residency": "host+device"});
         protocol::send(fd.as_fd(), hello.to_string().as_bytes(), &[])
             .map_err(|e| fail(wire_error("sending HELLO", &e, timeout)))?;
         let (lease, mut fds) = receive(&fd, 1, "LEASE", timeout).map_err(&fail)?;
@@ -76,6 +77,14 @@ impl Lease {
         let table = read_table(&table, announced.table_len, announced.files)
             .map_err(|m| fail(format!("the table: {m}")))?;
         let fds = receive_files(&fd, announced.files, timeout).map_err(&fail)?;
+        let mut device = None;
+        while announced.device
+            && device.as_ref().map_or(0, |d: &DeviceShare| d.handles.len()) < announced.files
+        {
+            let (message, _) = receive(&fd, 0, "DEVICE", timeout).map_err(&fail)?;
+            DeviceShare::take(&mut device, &message, announced.files)
+                .map_err(|m| fail(format!("DEVICE: {m}")))?;
+        }
         let mut headers = Vec::with_capacity(fds.len());
         let mut files = Vec::with_capacity(fds.len());
         for ((name, len), fd) in table.files.into_iter().zip(fds) {
@@ -96,6 +105,7 @@ impl Lease {
             checkpoint,
             files,
             digests: table.digests,
+            device,
             _connection: fd,
         })
     }
@@ -120,6 +130,11 @@ impl Lease {
         self.files.iter().find(|(n, _)| n == name).map(|(_, f)| f)
     }
 
+    /// What the server handed of the version's device memory (a server that keeps it on a GPU).
+    pub fn device(&self) -> Option<&DeviceShare> {
+        self.device.as_ref()
+    }
+
     /// The XXH3-64 digest the server published for tensor `name`.
     pub fn digest(&self, name: &str) -> Option<u64> {
         self.digests.get(name).copied()
@@ -131,6 +146,8 @@ struct Announced {
     version: String,
     files: usize,
     table_len: u64,
+    /// Whether `DEVICE` messages follow the files.
+    device: bool,
 }
 
 impl Announced {
@@ -139,10 +156,11 @@ impl Announced {
         if protocol != Some(PROTOCOL_VERSION) {
             return Err(format!("protocol {protocol:?}, this reader speaks {PROTOCOL_VERSION}"));
         }
-        let residency = message.get("residency").and_then(Value::as_str);
-        if residency != Some("host") {
-            return Err(format!("residency {residency:?}: this reader takes host memory only"));
-        }
+        let device = match message.get("residency").and_then(Value::as_str) {
+            Some("host") => false,
+            Some("host+device") => true,
+            other => return Err(format!("residency {other:?}: host or host+device expected")),
+        };
         let version = message.get("version").and_then(Value::as_str).unwrap_or_default();
         let printable = version.bytes().all(|b| b.is_ascii_graphic());
         if version.is_empty() || version.len() > VERSION_BYTES_MAX || !printable {
@@ -161,7 +179,7 @@ impl Announced {
                 protocol::TABLE_BYTES_MAX
             ));
         }
-        Ok(Self { version: version.to_owned(), files: files as usize, table_len })
+        Ok(Self { version: version.to_owned(), files: files as usize, table_len, device })
     }
 }
 
@@ -234,7 +252,7 @@ fn check_digests(checkpoint: &Checkpoint, digests: &HashMap<String, u64>) -> Res
 }
 
 /// The header of the sealed memfd `file` of `len` bytes, parsed as a file's would be.
-fn read_header(path: &Path, file: &File, len: u64) -> Result<gantry_format::Header> {
+pub(super) fn read_header(path: &Path, file: &File, len: u64) -> Result<gantry_format::Header> {
     let io = |op, source| Error::Io { op, path: path.to_owned(), offset: 0, len, source };
     let mut prefix = [0u8; 8];
     if len < 8 {

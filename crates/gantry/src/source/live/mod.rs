@@ -30,6 +30,7 @@
 
 mod book;
 pub mod client;
+mod device;
 pub mod protocol;
 mod publish;
 pub mod server;
@@ -44,6 +45,8 @@ use gantry_format::{Checkpoint, FileInfo};
 use parking_lot::Mutex;
 
 pub use client::Lease;
+pub(crate) use device::fill as fill_device;
+pub use device::DeviceShare;
 pub use publish::TensorBytes;
 pub use server::{Server, ServerOptions, TerminationSignals};
 
@@ -123,6 +126,16 @@ fn lease_of(info: &FileInfo) -> Result<(Arc<Lease>, String)> {
         None => format!("version {wanted} is no longer held by this process (released): {again}"),
     };
     Err(Error::Live { url, message })
+}
+
+/// The device residency this process's lease on `checkpoint`'s live source was handed, when
+/// the checkpoint is of a live source, its version is the one held, and the server keeps its
+/// files on a GPU too.
+pub(crate) fn device_share(checkpoint: &Checkpoint) -> Option<DeviceShare> {
+    let info = checkpoint.files.first()?;
+    info.path.to_str().filter(|p| is_url(p))?;
+    let (lease, _) = lease_of(info).ok()?;
+    lease.device().cloned()
 }
 
 /// Opens live checkpoint file `info` for a load: a descriptor of its sealed memfd and the

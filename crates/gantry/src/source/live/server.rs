@@ -26,9 +26,11 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 
 use super::book::Book;
+use super::device::Residency;
 use super::protocol::{self, Received, FDS_PER_MESSAGE, PROTOCOL_VERSION};
 use super::publish::{self, Publication, TensorBytes};
 use crate::config::Config;
+use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 
 /// Most connections served at once; more are told so and closed.
@@ -41,11 +43,14 @@ pub struct ServerOptions {
     pub mode: u32,
     /// How long a new connection may take to send `HELLO`.
     pub hello_timeout: Duration,
+    /// A GPU (`cuda:N`) that keeps a copy of every publication's data for readers on this
+    /// host to copy from or alias over CUDA IPC, beside the host memory (default: none).
+    pub device: Option<u32>,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { mode: 0o600, hello_timeout: Duration::from_secs(10) }
+        Self { mode: 0o600, hello_timeout: Duration::from_secs(10), device: None }
     }
 }
 
@@ -57,12 +62,16 @@ pub struct Server {
     url: String,
     identity: (u64, u64),
     accept: Option<JoinHandle<()>>,
+    device: Option<Arc<CudaDevice>>,
 }
 
-/// One publication with its version id, as leases hand it out.
+/// One publication with its version id, as leases hand it out; its device copies (when the
+/// server keeps them) are freed with it, after its host memory's last lease.
 #[derive(Debug)]
 struct Published {
     version: String,
+    // Field order: the device copies go before the memfds they were made from.
+    device: Option<Residency>,
     publication: Publication,
 }
 
@@ -80,6 +89,8 @@ impl Server {
         let path = std::path::absolute(path.as_ref()).map_err(|e| Error::Config(e.to_string()))?;
         let url = super::url_of(&path);
         let fail = |message: String| Error::Live { url: url.clone(), message };
+        // The GPU first: a server that cannot keep what it was asked to fails before binding.
+        let device = options.device.map(CudaDevice::open).transpose()?;
         check_path(&path).map_err(&fail)?;
         let listener = bind_private(&path, options.mode).map_err(&fail)?;
         let meta = fs::symlink_metadata(&path).map_err(|e| fail(format!("stat: {e}")))?;
@@ -91,7 +102,8 @@ impl Server {
                 .spawn(move || accept_loop(&listener, &shared, hello))
                 .map_err(|e| fail(format!("starting the accept thread: {e}")))?
         };
-        Ok(Self { shared, path, url, identity: (meta.dev(), meta.ino()), accept: Some(accept) })
+        let identity = (meta.dev(), meta.ino());
+        Ok(Self { shared, path, url, identity, accept: Some(accept), device })
     }
 
     /// The source string readers use: `unix:///path`.
@@ -102,7 +114,7 @@ impl Server {
     /// Loads the checkpoint at `source` (any source gantry reads) with `config` and makes it
     /// the current version; returns its version id.
     pub fn publish(&self, source: impl AsRef<Path>, config: &Config) -> Result<String> {
-        Ok(self.install(publish::from_source(source.as_ref(), config)?))
+        self.install(publish::from_source(source.as_ref(), config)?)
     }
 
     /// Publishes `tensors` (name, dtype, shape, bytes) as one `model.safetensors` and makes
@@ -111,19 +123,28 @@ impl Server {
         &self,
         tensors: impl IntoIterator<Item = TensorBytes<'a>>,
     ) -> Result<String> {
-        Ok(self.install(publish::from_tensors(tensors)?))
+        self.install(publish::from_tensors(tensors)?)
     }
 
-    fn install(&self, publication: Publication) -> String {
+    /// The GPU that keeps a copy of each publication, if any.
+    pub fn device(&self) -> Option<&Arc<CudaDevice>> {
+        self.device.as_ref()
+    }
+
+    fn install(&self, publication: Publication) -> Result<String> {
+        let device = match &self.device {
+            Some(gpu) => Some(residency(gpu, &publication)?),
+            None => None,
+        };
         let mut book = self.shared.book.lock();
         let version = format!("{}-{:016x}", book.next_sequence(), publication.content);
-        let published = Arc::new(Published { version: version.clone(), publication });
+        let published = Arc::new(Published { version: version.clone(), device, publication });
         let (_, freed) = book.publish(published);
         drop(book);
         for old in freed {
             log::info!("{}: version {} freed (no lease left)", self.url, old.version);
         }
-        version
+        Ok(version)
     }
 
     /// The current version's id, tensor count and tensor bytes.
@@ -176,6 +197,17 @@ impl Drop for Server {
             self.stop();
         }
     }
+}
+
+/// `publication`'s data sections copied to `gpu`, each file's header parsed again from its
+/// sealed memfd for where its data lies.
+fn residency(gpu: &Arc<CudaDevice>, publication: &Publication) -> Result<Residency> {
+    let mut files = Vec::with_capacity(publication.files.len());
+    for (name, memfd, len) in &publication.files {
+        let header = super::client::read_header(Path::new(name), memfd, *len)?;
+        files.push((name.as_str(), memfd, header.data_offset, header.data_len));
+    }
+    Residency::build(gpu, &files)
 }
 
 /// What may be at the socket path: nothing, or a socket nobody answers on (removed here).
@@ -294,16 +326,19 @@ fn serve(connection: &OwnedFd, shared: &Shared, hello: Duration) {
         log::warn!("a connection: setting timeouts: {e}");
         return;
     }
-    if let Err(message) = check_hello(connection) {
-        log::info!("a connection refused: {message}");
-        refuse(connection, &message);
-        return;
-    }
+    let wants_device = match check_hello(connection) {
+        Ok(wants) => wants,
+        Err(message) => {
+            log::info!("a connection refused: {message}");
+            refuse(connection, &message);
+            return;
+        }
+    };
     let Some((v, published)) = shared.book.lock().acquire() else {
         refuse(connection, "nothing is published yet");
         return;
     };
-    let sent = send_lease(connection, &published);
+    let sent = send_lease(connection, &published, wants_device);
     drop(published);
     match sent {
         Err(e) => log::info!("a lease could not be sent: {e}"),
@@ -315,7 +350,8 @@ fn serve(connection: &OwnedFd, shared: &Shared, hello: Duration) {
     }
 }
 
-fn check_hello(connection: &OwnedFd) -> Result<(), String> {
+/// Checks `HELLO`; whether the reader takes device residency too.
+fn check_hello(connection: &OwnedFd) -> Result<bool, String> {
     let bytes = match protocol::recv(connection.as_fd(), 0) {
         Ok(Received::Message { bytes, fds }) if fds.is_empty() => bytes,
         Ok(Received::Message { .. }) => return Err("HELLO came with descriptors".into()),
@@ -332,20 +368,26 @@ fn check_hello(connection: &OwnedFd) -> Result<(), String> {
         return Err(format!("protocol {protocol:?}: this server speaks {PROTOCOL_VERSION}"));
     }
     match hello.get("residency").and_then(Value::as_str) {
-        None | Some("host") => Ok(()),
+        None | Some("host") => Ok(false),
+        Some("host+device") => Ok(true),
         Some(other) => {
-            Err(format!("residency '{}': this server holds host memory", other.escape_debug()))
+            Err(format!("residency '{}': host or host+device is served", other.escape_debug()))
         }
     }
 }
 
-fn send_lease(connection: &OwnedFd, published: &Published) -> std::io::Result<()> {
+fn send_lease(
+    connection: &OwnedFd,
+    published: &Published,
+    wants_device: bool,
+) -> std::io::Result<()> {
     let p = &published.publication;
+    let device = published.device.as_ref().filter(|_| wants_device);
     let lease = json!({
         "type": "lease",
         "protocol": PROTOCOL_VERSION,
         "version": published.version,
-        "residency": "host",
+        "residency": if device.is_some() { "host+device" } else { "host" },
         "files": p.files.len(),
         "tensors": p.tensors,
         "table_len": p.table_len,
@@ -355,6 +397,9 @@ fn send_lease(connection: &OwnedFd, published: &Published) -> std::io::Result<()
         let message = json!({"type": "files", "first": first, "count": chunk.len()});
         let fds: Vec<_> = chunk.iter().map(|(_, f, _)| f.as_fd()).collect();
         protocol::send(connection.as_fd(), message.to_string().as_bytes(), &fds)?;
+    }
+    for message in device.map(Residency::messages).unwrap_or_default() {
+        protocol::send(connection.as_fd(), message.to_string().as_bytes(), &[])?;
     }
     Ok(())
 }

@@ -1,0 +1,376 @@
+//! Device residency of a live source: a server that also keeps each published file's data
+//! section in GPU memory, and readers on the same host that copy from it (or, with
+//! `share`, alias it) instead of reading host memory.
+//!
+//! The server (`gantry serve --device cuda:N`, [`super::ServerOptions::device`]) copies each
+//! file's data section from its sealed memfd into one `cuMemAlloc` allocation when it
+//! publishes, and exports the allocation's CUDA IPC handle. The allocations belong to the
+//! publication, so the lease rules hold for them as for the memfds: a version's device memory
+//! is freed when it is neither current nor leased, never under a reader.
+//!
+//! A reader that asks for device residency (any reader loading to a GPU) gets the handles after
+//! the files (`DEVICE` messages) and maps them in its GPU's context (`cuIpcOpenMemHandle`,
+//! peer access enabled lazily, so the server's GPU may be another one of the host: the copies
+//! then go over NVLink or PCIe). Each mapping's length is checked against the allocation the
+//! driver reports before any copy ([`crate::cuda::ImportedBuffer`]), and tensors are copied
+//! in runs that are contiguous at both ends. What cannot be mapped (another host's server, a
+//! GPU without peer access, the server's own process) is no error: the load reads the
+//! memfds as from any live source, and its report says why.
+//!
+//! The trust rules are those of the host path: the reader trusts only a server of its own user
+//! or root; the handles name memory, the socket's mode limits who may ask for them; the digests
+//! of the publication were computed from the memfds the device copies were made from.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use gantry_format::Checkpoint;
+use serde_json::{json, Map, Value};
+
+use super::protocol::FDS_PER_MESSAGE;
+use crate::cuda::{CudaDevice, DeviceBuffer, ImportedBuffer, IpcHandle};
+use crate::error::{Error, Result};
+use crate::{FileReport, LoadReport, ReaderKind};
+
+/// Bytes read from a memfd and copied to the device at a time when publishing.
+const PUBLISH_CHUNK: usize = 256 << 20;
+
+/// Longest PCI bus id accepted from a server.
+const BUS_ID_MAX: usize = 64;
+
+/// One publication's device copies: per file, its data section and the allocation's handle
+/// (`None` for a file without data).
+#[derive(Debug)]
+pub(crate) struct Residency {
+    device: Arc<CudaDevice>,
+    files: Vec<Option<(DeviceBuffer, IpcHandle)>>,
+}
+
+impl Residency {
+    /// Copies each file's data section (`files`: memfd, data offset, data length) to `device`.
+    pub(crate) fn build(
+        device: &Arc<CudaDevice>,
+        files: &[(&str, &std::fs::File, u64, u64)],
+    ) -> Result<Self> {
+        let mut out = Vec::with_capacity(files.len());
+        let mut chunk = Vec::new();
+        for &(name, memfd, offset, len) in files {
+            if len == 0 {
+                out.push(None);
+                continue;
+            }
+            let len_usize =
+                usize::try_from(len).map_err(|_| Error::Internal("a huge file".into()))?;
+            let buffer = device.alloc(len_usize, name)?;
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(PUBLISH_CHUNK as u64) as usize;
+                chunk.resize(n, 0);
+                std::os::unix::fs::FileExt::read_exact_at(memfd, &mut chunk, offset + done)
+                    .map_err(|source| Error::Io {
+                        op: "read",
+                        path: name.into(),
+                        offset: offset + done,
+                        len: n as u64,
+                        source,
+                    })?;
+                device.copy_from_host(buffer.ptr() + done, &chunk)?;
+                done += n as u64;
+            }
+            let handle = buffer.ipc_handle()?;
+            out.push(Some((buffer, handle)));
+        }
+        Ok(Self { device: Arc::clone(device), files: out })
+    }
+
+    /// The `DEVICE` messages that hand the handles to a reader, [`FDS_PER_MESSAGE`] files each.
+    pub(crate) fn messages(&self) -> Vec<Value> {
+        let handles: Vec<Value> = self
+            .files
+            .iter()
+            .map(|f| f.as_ref().map_or(Value::Null, |(_, h)| Value::String(h.to_hex())))
+            .collect();
+        handles
+            .chunks(FDS_PER_MESSAGE)
+            .enumerate()
+            .map(|(k, chunk)| {
+                json!({
+                    "type": "device",
+                    "first": k * FDS_PER_MESSAGE,
+                    "count": chunk.len(),
+                    "bus_id": self.device.bus_id(),
+                    "handles": chunk,
+                })
+            })
+            .collect()
+    }
+}
+
+/// What a reader was handed of a version's device residency.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceShare {
+    /// The server's GPU, by PCI bus id.
+    pub bus_id: String,
+    /// Per file (in the lease's file order): the handle of its data section, if it has data.
+    pub handles: Vec<Option<IpcHandle>>,
+}
+
+impl DeviceShare {
+    /// Adds the `DEVICE` message `message` (files `first..first + count` of `files`).
+    pub(crate) fn take(
+        share: &mut Option<Self>,
+        message: &Map<String, Value>,
+        files: usize,
+    ) -> Result<(), String> {
+        let first = message.get("first").and_then(Value::as_u64).ok_or("no 'first'")? as usize;
+        let handles = message.get("handles").and_then(Value::as_array).ok_or("no 'handles'")?;
+        let count = message.get("count").and_then(Value::as_u64).ok_or("no 'count'")? as usize;
+        let bus_id = message.get("bus_id").and_then(Value::as_str).ok_or("no 'bus_id'")?;
+        let had = share.as_ref().map_or(0, |s| s.handles.len());
+        if first != had || count != handles.len() || count == 0 || had + count > files {
+            return Err(format!(
+                "handles {first}..{} of {files} after {had}",
+                first.saturating_add(count)
+            ));
+        }
+        if bus_id.is_empty()
+            || bus_id.len() > BUS_ID_MAX
+            || !bus_id.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err("a bus id of 1 to 64 printable characters is required".to_owned());
+        }
+        let share =
+            share.get_or_insert_with(|| Self { bus_id: bus_id.to_owned(), handles: Vec::new() });
+        if share.bus_id != bus_id {
+            return Err("the bus id changed between messages".to_owned());
+        }
+        for h in handles {
+            share.handles.push(match h {
+                Value::Null => None,
+                Value::String(hex) => {
+                    Some(IpcHandle::from_hex(hex).ok_or("a handle that is not 128 hex digits")?)
+                }
+                _ => return Err("a handle that is neither null nor a string".to_owned()),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Copies the tensors `targets` names (device addresses on `device`) from `share`'s device
+/// memory; `Ok(None)` when it cannot be mapped here (the load then reads the memfds).
+/// `on_ready(i)` is called for each tensor once its bytes are in place.
+pub(crate) fn fill(
+    share: &DeviceShare,
+    checkpoint: &Checkpoint,
+    device: &Arc<CudaDevice>,
+    targets: &[Option<u64>],
+    on_ready: &mut dyn FnMut(usize),
+) -> Result<Option<LoadReport>> {
+    let start = Instant::now();
+    let Some(mapped) = map_files(share, checkpoint, device, targets) else { return Ok(None) };
+    let same = share.bus_id.eq_ignore_ascii_case(device.bus_id());
+    let how = if same {
+        format!(
+            "the live source's device memory on this GPU ({}): device-to-device copies",
+            share.bus_id
+        )
+    } else {
+        format!(
+            "the live source's device memory on GPU {}: peer copies over NVLink or PCIe",
+            share.bus_id
+        )
+    };
+    let mut first_tensor = None;
+    let mut per_file = vec![0u64; checkpoint.files.len()];
+    for run in runs(checkpoint, targets) {
+        let f = run.file;
+        let Some(source) = &mapped[f] else { continue };
+        let data_offset = checkpoint.files[f].header.data_offset;
+        let src = source.ptr() + (run.offset - data_offset);
+        {
+            let _span = crate::trace::span("copy", "device copy")
+                .args(|a| a.u64("bytes", run.len).u64("gpu", u64::from(device.ordinal())));
+            device.copy_device(run.dst, src, run.len as usize)?;
+        }
+        per_file[f] += run.len;
+        for &i in &run.tensors {
+            if first_tensor.is_none() && checkpoint.tensors[i].len > 0 {
+                first_tensor = Some(start.elapsed().as_secs_f64());
+            }
+            on_ready(i);
+        }
+    }
+    let files = checkpoint
+        .files
+        .iter()
+        .enumerate()
+        .map(|(f, info)| FileReport {
+            path: info.path.clone(),
+            reader: mapped[f].as_ref().map(|_| ReaderKind::Device),
+            reason: how.clone(),
+            facts: format!("CUDA IPC, {} bytes mapped", mapped[f].as_ref().map_or(0, |m| m.len())),
+            read_bytes: per_file[f],
+            integrity: None,
+        })
+        .collect();
+    let moved: u64 = per_file.iter().sum();
+    Ok(Some(LoadReport {
+        files,
+        tensor_bytes: moved,
+        read_bytes: moved,
+        seconds: start.elapsed().as_secs_f64(),
+        first_tensor_seconds: first_tensor,
+        version: super::version_of(checkpoint),
+        ..LoadReport::default()
+    }))
+}
+
+/// Maps each file with a wanted tensor; `None` (with the reason logged) when one cannot be.
+fn map_files(
+    share: &DeviceShare,
+    checkpoint: &Checkpoint,
+    device: &Arc<CudaDevice>,
+    targets: &[Option<u64>],
+) -> Option<Vec<Option<ImportedBuffer>>> {
+    let mut wanted = vec![false; checkpoint.files.len()];
+    for (t, target) in checkpoint.tensors.iter().zip(targets) {
+        if target.is_some() && t.len > 0 {
+            wanted[t.file.0] = true;
+        }
+    }
+    if share.handles.len() != checkpoint.files.len() {
+        log::info!(
+            "live device residency: {} handles for {} files: reading host memory",
+            share.handles.len(),
+            checkpoint.files.len()
+        );
+        return None;
+    }
+    let mut mapped = Vec::with_capacity(wanted.len());
+    for (f, info) in checkpoint.files.iter().enumerate() {
+        if !wanted[f] {
+            mapped.push(None);
+            continue;
+        }
+        let Some(handle) = &share.handles[f] else {
+            log::info!(
+                "live device residency: no handle for {}: reading host memory",
+                info.path.display()
+            );
+            return None;
+        };
+        let len = info.header.data_len as usize;
+        match device.import(handle, len, &info.path.display().to_string()) {
+            Ok(m) => mapped.push(Some(m)),
+            Err(e) => {
+                log::info!(
+                    "live device residency cannot be mapped on cuda:{} ({e}): reading host memory",
+                    device.ordinal()
+                );
+                return None;
+            }
+        }
+    }
+    Some(mapped)
+}
+
+/// Tensors copied together: contiguous in the source file and at the destination.
+#[derive(Debug, PartialEq)]
+struct Run {
+    file: usize,
+    offset: u64,
+    dst: u64,
+    len: u64,
+    tensors: Vec<usize>,
+}
+
+/// The wanted tensors (`targets`) as runs, in file and offset order (the checkpoint's order).
+fn runs(checkpoint: &Checkpoint, targets: &[Option<u64>]) -> Vec<Run> {
+    let mut out: Vec<Run> = Vec::new();
+    for (i, (t, target)) in checkpoint.tensors.iter().zip(targets).enumerate() {
+        let Some(dst) = *target else { continue };
+        match out.last_mut() {
+            Some(r)
+                if r.file == t.file.0 && r.offset + r.len == t.offset && r.dst + r.len == dst =>
+            {
+                r.len += t.len;
+                r.tensors.push(i);
+            }
+            _ => out.push(Run {
+                file: t.file.0,
+                offset: t.offset,
+                dst,
+                len: t.len,
+                tensors: vec![i],
+            }),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share_of(messages: &[Value], files: usize) -> Result<Option<DeviceShare>, String> {
+        let mut share = None;
+        for m in messages {
+            DeviceShare::take(&mut share, m.as_object().unwrap(), files)?;
+        }
+        Ok(share)
+    }
+
+    #[test]
+    fn handles_come_in_order_and_anything_else_is_refused() {
+        let h = IpcHandle([7; 64]).to_hex();
+        let m = |first: usize, handles: Vec<Value>, bus: &str| json!({"type": "device", "first": first, "count": handles.len(), "bus_id": bus, "handles": handles});
+        let good = [
+            m(0, vec![h.clone().into(), Value::Null], "0000:1A:00.0"),
+            m(2, vec![h.clone().into()], "0000:1A:00.0"),
+        ];
+        let share = share_of(&good, 3).unwrap().unwrap();
+        assert_eq!(share.handles, vec![Some(IpcHandle([7; 64])), None, Some(IpcHandle([7; 64]))]);
+        assert_eq!(share.bus_id, "0000:1A:00.0");
+        for bad in [
+            vec![m(1, vec![h.clone().into()], "b")],    // out of order
+            vec![m(0, vec![h.clone().into(); 4], "b")], // more than the files
+            vec![m(0, vec![], "b")],                    // empty
+            vec![m(0, vec!["zz".into()], "b")],         // not hex
+            vec![m(0, vec![json!(5)], "b")],            // not a string
+            vec![m(0, vec![h.clone().into()], "")],     // no bus id
+            vec![m(0, vec![h.clone().into()], "a\nb")], // unprintable
+            vec![m(0, vec![h.clone().into()], "a"), m(1, vec![Value::Null], "b")], // bus changed
+        ] {
+            assert!(share_of(&bad, 3).is_err(), "{bad:?}");
+        }
+        let mut wrong_count = m(0, vec![h.into()], "b");
+        wrong_count["count"] = json!(2);
+        assert!(share_of(&[wrong_count], 3).is_err());
+    }
+
+    #[test]
+    fn runs_join_tensors_contiguous_at_both_ends_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let mut bytes = Vec::new();
+        let header = br#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[4,8]},"c":{"dtype":"U8","shape":[4],"data_offsets":[8,12]}}"#;
+        bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(&[0; 12]);
+        std::fs::write(&path, &bytes).unwrap();
+        let checkpoint = Checkpoint::open(&path).unwrap();
+        let base = checkpoint.files[0].header.data_offset;
+        // a and b land side by side, c elsewhere.
+        let runs = runs(&checkpoint, &[Some(1000), Some(1004), Some(5000)]);
+        assert_eq!(runs.len(), 2);
+        assert_eq!(
+            (runs[0].offset, runs[0].dst, runs[0].len, runs[0].tensors.clone()),
+            (base, 1000, 8, vec![0, 1])
+        );
+        assert_eq!((runs[1].offset, runs[1].dst, runs[1].len), (base + 8, 5000, 4));
+        // a skipped tensor breaks the run.
+        let runs = super::runs(&checkpoint, &[Some(1000), None, Some(1008)]);
+        assert_eq!(runs.len(), 2);
+    }
+}
