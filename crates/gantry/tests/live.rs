@@ -607,5 +607,17 @@ fn a_load_to_the_servers_gpu_copies_from_its_device_memory() {
         let got = gpu.copy_to_host(buffers[i].ptr(), t.len as usize).unwrap();
         assert_eq!(got, reference(&local, by_name[&t.name]), "{}", t.name);
     }
+    // Shared: the tensors alias the server's memory, nothing is copied, and the model's lease
+    // keeps that version whatever happens to the registry's.
+    let sharing = Loader::new(Config::default().share_live(true)).unwrap();
+    let shared = sharing.load_to_device(&server.url, &gpu).unwrap();
+    assert!(shared.is_shared());
+    assert_eq!(shared.device_bytes(), 0);
+    assert_eq!(shared.report().read_bytes, 0);
     gantry::live::release(&server.url);
+    for t in shared.tensors() {
+        let expected = reference(&local, by_name[&t.entry.name]);
+        assert_eq!(shared.copy_to_host(&t).unwrap(), expected, "{}", t.entry.name);
+    }
+    assert!(sharing.reload_device(&mut { shared }).is_err(), "a shared model is not reloaded");
 }

@@ -30,6 +30,8 @@ pub struct DeviceModel {
     wanted: Vec<bool>,
     report: LoadReport,
     device: Arc<CudaDevice>,
+    /// With [`crate::Config::share_live`]: the live server's memory the tensors alias.
+    aliased: Option<crate::source::live::Aliased>,
 }
 
 /// A loaded tensor in device memory.
@@ -73,7 +75,13 @@ impl DeviceModel {
         self.device.copy_to_host(tensor.ptr, tensor.entry.len as usize)
     }
 
-    /// Device bytes the model holds.
+    /// Whether the tensors alias a live server's device memory ([`crate::Config::share_live`]):
+    /// read-only by contract, kept alive by this model's lease.
+    pub fn is_shared(&self) -> bool {
+        self.aliased.is_some()
+    }
+
+    /// Device bytes the model holds (0 for a shared model: the memory is the server's).
     pub fn device_bytes(&self) -> u64 {
         self.buffers.iter().map(|b| b.len() as u64).sum()
     }
@@ -92,14 +100,17 @@ impl DeviceModel {
         report: LoadReport,
         device: Arc<CudaDevice>,
     ) -> Self {
-        Self { checkpoint, buffers, wanted, report, device }
+        Self { checkpoint, buffers, wanted, report, device, aliased: None }
     }
 
     fn at(&self, i: usize) -> DeviceTensor<'_> {
         let entry = &self.checkpoint.tensors[i];
         let file = &self.checkpoint.files[entry.file.0];
-        let ptr = self.buffers[entry.file.0].ptr() + (entry.offset - file.header.data_offset);
-        DeviceTensor { entry, ptr }
+        let base = match &self.aliased {
+            Some(aliased) => aliased.base(entry.file.0),
+            None => self.buffers[entry.file.0].ptr(),
+        };
+        DeviceTensor { entry, ptr: base + (entry.offset - file.header.data_offset) }
     }
 }
 
@@ -135,6 +146,15 @@ impl Loader {
         mut on_ready: impl FnMut(ReadyOnDevice<'_>),
     ) -> Result<DeviceModel> {
         let wanted: Vec<bool> = checkpoint.tensors.iter().map(&filter).collect();
+        if self.config.share_live {
+            if let Some(model) = self.alias_live(&checkpoint, device, &wanted)? {
+                for (i, t) in checkpoint.tensors.iter().enumerate().filter(|(i, _)| wanted[*i]) {
+                    let ptr = model.at(i).ptr;
+                    on_ready(ReadyOnDevice { index: i, entry: t, ptr });
+                }
+                return Ok(model);
+            }
+        }
         let mut buffers = Vec::with_capacity(checkpoint.files.len());
         for (f, file) in checkpoint.files.iter().enumerate() {
             let len =
@@ -151,11 +171,51 @@ impl Loader {
             })
             .collect();
         let report = self.fill_device(&checkpoint, device, targets, &mut on_ready)?;
-        Ok(DeviceModel { checkpoint, buffers, wanted, report, device: Arc::clone(device) })
+        Ok(DeviceModel {
+            checkpoint,
+            buffers,
+            wanted,
+            report,
+            device: Arc::clone(device),
+            aliased: None,
+        })
+    }
+
+    /// A model whose tensors alias the live server's device memory, when `checkpoint` is of a
+    /// live source that keeps it on a GPU this device can map.
+    fn alias_live(
+        &self,
+        checkpoint: &Checkpoint,
+        device: &Arc<CudaDevice>,
+        wanted: &[bool],
+    ) -> Result<Option<DeviceModel>> {
+        let Some(lease) = crate::source::live::device_lease(checkpoint) else { return Ok(None) };
+        let Some((aliased, report)) = crate::source::live::alias_device(lease, checkpoint, device)?
+        else {
+            return Ok(None);
+        };
+        let buffers = (0..checkpoint.files.len())
+            .map(|f| device.alloc(0, &checkpoint.files[f].path.display().to_string()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(DeviceModel {
+            checkpoint: checkpoint.clone(),
+            buffers,
+            wanted: wanted.to_vec(),
+            report,
+            device: Arc::clone(device),
+            aliased: Some(aliased),
+        }))
     }
 
     /// Reads `model`'s tensors again into the device memory it already holds.
     pub fn reload_device(&self, model: &mut DeviceModel) -> Result<()> {
+        if model.aliased.is_some() {
+            return Err(Error::Config(
+                "a shared model aliases a live server's memory: open the source again and \
+                 load it to get a newer version"
+                    .into(),
+            ));
+        }
         let targets = (0..model.checkpoint.tensors.len())
             .map(|i| model.wanted[i].then(|| model.at(i).ptr))
             .collect();
@@ -200,14 +260,15 @@ impl Loader {
     ) -> Result<LoadReport> {
         // A live source that keeps its version on a GPU of this host: copies from there (no
         // SHA-256 on that path: a load that checks files reads the host memory it hashes).
-        if let Some(share) = crate::source::live::device_share(checkpoint) {
+        if let Some(lease) = crate::source::live::device_lease(checkpoint) {
+            let share = lease.device().expect("a device lease has a device share");
             if !self.config.verify_sha256 {
                 let mut ready = |i: usize| {
                     let ptr = targets[i].unwrap_or_default();
                     on_ready(ReadyOnDevice { index: i, entry: &checkpoint.tensors[i], ptr });
                 };
                 let filled = crate::source::live::fill_device(
-                    &share, checkpoint, device, &targets, &mut ready,
+                    share, checkpoint, device, &targets, &mut ready,
                 )?;
                 if let Some(report) = filled {
                     return Ok(report);

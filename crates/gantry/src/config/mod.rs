@@ -279,6 +279,17 @@ impl Config {
         self
     }
 
+    /// Loads to a GPU from a live source whose server keeps its version on a GPU of this host
+    /// ([`crate::live`]) return tensors that alias the server's device memory instead of
+    /// copies: nothing moves, and the model holds the lease on that version (the server keeps
+    /// it until the model is dropped, whatever it publishes meanwhile). The memory is the
+    /// server's: read-only by contract (a write would change what every other reader of that
+    /// version sees). Loads into the caller's own memory still copy. Default off.
+    pub fn share_live(mut self, on: bool) -> Self {
+        self.gpus.share_live = on;
+        self
+    }
+
     /// How replicated bytes reach several GPUs (default: `GANTRY_REPLICATE_VIA` if set to
     /// `host` or `peer`, else [`ReplicateVia::Peer`]).
     pub fn replicate_via(mut self, via: ReplicateVia) -> Self {

@@ -138,6 +138,9 @@ pub struct Gpus {
     /// How replicated bytes reach several GPUs; `None`: `GANTRY_REPLICATE_VIA` if set, else
     /// [`ReplicateVia::Peer`].
     pub replicate_via: Option<ReplicateVia>,
+    /// A load to a GPU from a live source that keeps its version on a GPU of this host
+    /// aliases the server's memory instead of copying it (see [`crate::Config::share_live`]).
+    pub share_live: bool,
 }
 
 /// The caller's hooks into a load: cancelling it, seeing it, and (tests) breaking it.

@@ -53,6 +53,7 @@ pub(crate) struct Settings {
     pub(crate) cancel: Option<Arc<AtomicBool>>,
     pub(crate) fault: Option<Arc<dyn FaultInjector>>,
     pub(crate) trace: Option<PathBuf>,
+    pub(crate) share_live: bool,
 }
 
 impl std::fmt::Debug for Settings {
@@ -111,6 +112,7 @@ impl Config {
             cancel: self.control.cancel.clone(),
             fault: self.control.fault.clone(),
             trace: self.control.trace.clone(),
+            share_live: self.gpus.share_live,
         }
     }
 }

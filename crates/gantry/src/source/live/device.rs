@@ -226,6 +226,60 @@ pub(crate) fn fill(
     }))
 }
 
+/// The live server's device memory a shared model's tensors alias, mapped here, and the
+/// lease that keeps it: the server frees a version only after its last lease ends.
+#[derive(Debug)]
+pub struct Aliased {
+    mapped: Vec<Option<ImportedBuffer>>,
+    _lease: Arc<super::Lease>,
+}
+
+impl Aliased {
+    /// The device address, in this process, of file `f`'s data section (0 when it has none).
+    pub(crate) fn base(&self, f: usize) -> u64 {
+        self.mapped.get(f).and_then(Option::as_ref).map_or(0, ImportedBuffer::ptr)
+    }
+}
+
+/// Maps every file of `lease`'s version with data on `device` for a model to alias;
+/// `Ok(None)` when they cannot be mapped here (the load then copies from host memory).
+pub(crate) fn alias(
+    lease: Arc<super::Lease>,
+    checkpoint: &Checkpoint,
+    device: &Arc<CudaDevice>,
+) -> Result<Option<(Aliased, LoadReport)>> {
+    let start = Instant::now();
+    let Some(share) = lease.device() else { return Ok(None) };
+    let all: Vec<Option<u64>> = checkpoint.tensors.iter().map(|_| Some(0)).collect();
+    let Some(mapped) = map_files(share, checkpoint, device, &all) else { return Ok(None) };
+    let how = format!(
+        "aliases the live source's device memory on GPU {} (CUDA IPC): nothing copied",
+        share.bus_id
+    );
+    let files = checkpoint
+        .files
+        .iter()
+        .enumerate()
+        .map(|(f, info)| FileReport {
+            path: info.path.clone(),
+            reader: mapped[f].as_ref().map(|_| ReaderKind::Device),
+            reason: how.clone(),
+            facts: format!("CUDA IPC, {} bytes mapped", mapped[f].as_ref().map_or(0, |m| m.len())),
+            read_bytes: 0,
+            integrity: None,
+        })
+        .collect();
+    let report = LoadReport {
+        files,
+        tensor_bytes: checkpoint.total_bytes(),
+        seconds: start.elapsed().as_secs_f64(),
+        first_tensor_seconds: Some(start.elapsed().as_secs_f64()),
+        version: super::version_of(checkpoint),
+        ..LoadReport::default()
+    };
+    Ok(Some((Aliased { mapped, _lease: lease }, report)))
+}
+
 /// Maps each file with a wanted tensor; `None` (with the reason logged) when one cannot be.
 fn map_files(
     share: &DeviceShare,

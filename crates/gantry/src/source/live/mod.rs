@@ -45,8 +45,8 @@ use gantry_format::{Checkpoint, FileInfo};
 use parking_lot::Mutex;
 
 pub use client::Lease;
-pub(crate) use device::fill as fill_device;
 pub use device::DeviceShare;
+pub(crate) use device::{alias as alias_device, fill as fill_device, Aliased};
 pub use publish::TensorBytes;
 pub use server::{Server, ServerOptions, TerminationSignals};
 
@@ -131,11 +131,11 @@ fn lease_of(info: &FileInfo) -> Result<(Arc<Lease>, String)> {
 /// The device residency this process's lease on `checkpoint`'s live source was handed, when
 /// the checkpoint is of a live source, its version is the one held, and the server keeps its
 /// files on a GPU too.
-pub(crate) fn device_share(checkpoint: &Checkpoint) -> Option<DeviceShare> {
+pub(crate) fn device_lease(checkpoint: &Checkpoint) -> Option<Arc<Lease>> {
     let info = checkpoint.files.first()?;
     info.path.to_str().filter(|p| is_url(p))?;
     let (lease, _) = lease_of(info).ok()?;
-    lease.device().cloned()
+    lease.device().is_some().then_some(lease)
 }
 
 /// Opens live checkpoint file `info` for a load: a descriptor of its sealed memfd and the
