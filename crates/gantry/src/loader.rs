@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::io::probe;
 use crate::memory::{CudaDevice, HostBuffer, PinnedHost};
-use crate::pipeline::{self, Files, Jobs, Staging, Volume};
+use crate::pipeline::{self, Files, Identity, Jobs, Reader, Staging, Volume};
 use crate::plan::{FilePlan, Plan};
 use crate::schedule::{Choice, ReaderKind};
 use crate::sink::host::{file_buffer_layout, HostSink};
@@ -24,7 +24,7 @@ use crate::staging::{Arena, Pool};
 use crate::trace;
 
 mod open;
-use open::{volume_notes, FileChoice, Target};
+use open::{volume_notes, Target};
 
 /// Loads safetensors checkpoints. Cheap to share between threads; loads run one at a time per
 /// loader (they share its staging ring), so use one loader per concurrent load.
@@ -411,7 +411,7 @@ impl Loader {
         if let Some(arena) = early {
             *cached = Some(arena?);
         }
-        let (mut files, choices) = opened?;
+        let mut files = opened?;
         let opened = setup.elapsed().as_secs_f64();
         let measuring = trace::span("phase", "volume profile");
         let volume = self.volume_settings(checkpoint, &mut files);
@@ -422,7 +422,7 @@ impl Loader {
             config.chunk_bytes = largest;
         }
         let config = &config;
-        let file_plans = file_plans(checkpoint.files.len(), &files, config);
+        let file_plans = file_plans(&files, config);
         let mut checks = match config.verify_sha256 {
             true => Some(self.checks(checkpoint, &files)?),
             false => None,
@@ -476,10 +476,10 @@ impl Loader {
                 landed(i);
                 on_landed(i);
             });
-        ran.map_err(|e| crate::io::cache::check::blame_copy(e, checkpoint, &files.copies))?;
+        ran.map_err(|e| crate::io::cache::check::blame_copy(e, checkpoint, &files.copies()))?;
         let seconds = start.elapsed().as_secs_f64();
         drop(loading);
-        let notes = FileNotes { volume: volume_notes(&files), cache: finish_cache(files) };
+        let notes = FileNotes { volume: volume_notes(&files), cache: finish_cache(&mut files) };
         let mut report = LoadReport {
             tensor_bytes,
             read_bytes: plan.read_bytes(),
@@ -497,7 +497,7 @@ impl Loader {
         if let (Some(t), Some(path)) = (&own, &self.config.trace) {
             t.write(path)?;
         }
-        report.files = file_reports(checkpoint, &plan, &choices, &notes, checks.as_mut());
+        report.files = file_reports(checkpoint, &plan, &files, &notes, checks.as_mut());
         Ok(report)
     }
 
@@ -506,11 +506,15 @@ impl Loader {
         let local = "no Hugging Face blob link, no SHA256SUMS entry beside it";
         let mut checks = Vec::with_capacity(checkpoint.files.len());
         for (f, info) in checkpoint.files.iter().enumerate() {
-            if files.slot[f].is_none() {
+            let Some(opened) = files.get(gantry_format::FileId(f)) else {
                 checks.push(None);
                 continue;
-            }
-            let known = match files.remote[f].as_ref() {
+            };
+            let remote = match &opened.identity {
+                Identity::Object { object, .. } => Some(object),
+                Identity::Local => None,
+            };
+            let known = match remote {
                 Some(remote) => crate::io::object::known_digest(remote)?,
                 None => crate::integrity::known_local(&info.path)?.ok_or(local.to_owned()),
             };
@@ -523,7 +527,7 @@ impl Loader {
                 file_len: info.file_len,
                 known,
                 unknown_reason,
-                local: files.remote[f].is_none(),
+                local: remote.is_none(),
                 sha256: None,
                 hashing: None,
             }));
@@ -605,7 +609,7 @@ struct FileNotes {
 fn file_reports(
     checkpoint: &Checkpoint,
     plan: &Plan,
-    choices: &[Option<FileChoice>],
+    files: &Files,
     notes: &FileNotes,
     mut checks: Option<&mut crate::integrity::Checks>,
 ) -> Vec<FileReport> {
@@ -615,8 +619,9 @@ fn file_reports(
     }
     let mut reports = Vec::with_capacity(checkpoint.files.len());
     for (f, file) in checkpoint.files.iter().enumerate() {
-        let (reader, mut reason, facts) = match &choices[f] {
-            Some((c, facts)) => {
+        let (reader, mut reason, facts) = match files.get(gantry_format::FileId(f)) {
+            Some(opened) => {
+                let (c, facts) = (&opened.choice, &opened.facts);
                 let note = notes.cache.get(&f).map_or(String::new(), |n| format!("; {n}"));
                 (Some(c.reader), format!("{}{note}", c.reason), facts.clone())
             }
@@ -641,29 +646,32 @@ fn file_reports(
 /// How each file of a load is read: its reader's alignment and request size (a direct file's
 /// from its volume), whole when its bytes are hashed or copied to the cache; a file read from
 /// a cache copy in whole segments of its record where its request size allows.
-fn file_plans(count: usize, files: &Files, config: &Config) -> Vec<FilePlan> {
-    // Hashing needs every byte of a file; so does a complete copy in the cache.
-    let copied = |f: usize| matches!(files.slot[f], Some((ReaderKind::Object, i)) if files.objects[i].cache.is_some());
-    (0..count)
+fn file_plans(files: &Files, config: &Config) -> Vec<FilePlan> {
+    (0..files.checkpoint_files)
         .map(|f| {
             let chunk_bytes = config.chunk_bytes as u64;
-            let whole = config.verify_sha256 || copied(f);
-            let plan = match files.slot[f] {
-                Some((ReaderKind::Direct, i)) => FilePlan {
-                    align: files.direct[i].align,
-                    chunk_bytes: files.volumes[files.direct_volumes[i]].chunk_bytes as u64,
+            let opened = files.get(gantry_format::FileId(f));
+            // Hashing needs every byte of a file; so does a complete copy in the cache.
+            let copied = opened.is_some_and(
+                |o| matches!(&o.reader, Reader::Object(object) if object.cache.is_some()),
+            );
+            let whole = config.verify_sha256 || copied;
+            let plan = match opened.map(|o| &o.reader) {
+                Some(Reader::Direct { file, volume }) => FilePlan {
+                    align: file.align,
+                    chunk_bytes: files.volumes[*volume].chunk_bytes as u64,
                     whole,
                 },
-                Some((ReaderKind::Gds, i)) => {
-                    FilePlan { align: files.gds[i].align, chunk_bytes, whole }
-                }
-                Some((ReaderKind::Object, _)) => {
+                Some(Reader::Gds(file)) => FilePlan { align: file.align, chunk_bytes, whole },
+                Some(Reader::Object(_)) => {
                     FilePlan { align: 1, chunk_bytes: config.object_part() as u64, whole }
                 }
                 _ => FilePlan { align: 1, chunk_bytes: config.buffered_chunk() as u64, whole },
             };
-            match files.copies.get(f) {
-                Some(Some(_)) => crate::io::cache::check::segment_plan(plan),
+            match opened.map(|o| &o.identity) {
+                Some(Identity::Object { copy: Some(_), .. }) => {
+                    crate::io::cache::check::segment_plan(plan)
+                }
                 _ => plan,
             }
         })
@@ -685,22 +693,20 @@ fn fit_depths(volumes: &mut [Volume], buffers: usize) {
 
 /// Renames the complete cache copies of a finished load into place (each after a HEAD shows
 /// its object unchanged); per checkpoint file, what became of its copy.
-fn finish_cache(files: Files) -> std::collections::HashMap<usize, String> {
+fn finish_cache(files: &mut Files) -> std::collections::HashMap<usize, String> {
     let mut notes = std::collections::HashMap::new();
-    let ids = files.slot.iter().enumerate().filter_map(|(f, s)| match s {
-        Some((ReaderKind::Object, i)) => Some((*i, f)),
-        _ => None,
-    });
-    let ids: std::collections::HashMap<usize, usize> = ids.collect();
-    for (i, mut object) in files.objects.into_iter().enumerate() {
-        let Some(writer) = object.cache.take().and_then(Arc::into_inner) else { continue };
-        let note = writer.finish(object.unchanged());
-        log::debug!("{}: {note}", object.path.display());
-        notes.insert(ids[&i], note);
-    }
-    for (f, copy) in files.copies.iter().enumerate() {
-        if let Some(failure) = copy.as_ref().and_then(|c| c.failure()) {
-            notes.insert(f, format!("{failure}: the extents that failed came from the store"));
+    for opened in &mut files.opened {
+        let f = opened.id.0;
+        if let Reader::Object(object) = &mut opened.reader {
+            let Some(writer) = object.cache.take().and_then(Arc::into_inner) else { continue };
+            let note = writer.finish(object.unchanged());
+            log::debug!("{}: {note}", object.path.display());
+            notes.insert(f, note);
+        }
+        if let Identity::Object { copy: Some(copy), .. } = &opened.identity {
+            if let Some(failure) = copy.failure() {
+                notes.insert(f, format!("{failure}: the extents that failed came from the store"));
+            }
         }
     }
     notes

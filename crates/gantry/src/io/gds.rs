@@ -17,7 +17,9 @@ use std::sync::{Arc, OnceLock};
 
 use gds_sys::{decode_io, decode_status, CuFile, IoReturn};
 
-use super::{Message, OpenFile};
+use gantry_format::FileId;
+
+use super::{Message, OpenFile, ReaderFiles};
 use crate::error::{Error, Result};
 use crate::memory::CudaDevice;
 
@@ -98,8 +100,8 @@ pub fn file_on_nvme(file: &std::fs::File) -> bool {
 pub struct GdsRead {
     /// Position of the extent in the plan; reported when its last read is done.
     pub extent: usize,
-    /// Position of the file in `files`.
-    pub file: usize,
+    /// The file, by its position in the checkpoint.
+    pub file: FileId,
     /// Absolute file offset.
     pub file_offset: u64,
     /// Bytes.
@@ -115,7 +117,7 @@ pub struct GdsRead {
 /// Reads `reads` on `threads` threads with cuFile, reporting each extent as its last read
 /// completes (reads of one extent go to one thread, in order).
 pub fn run(
-    files: &[OpenFile],
+    files: &ReaderFiles<'_, OpenFile>,
     reads: &[Vec<GdsRead>],
     device: &Arc<CudaDevice>,
     threads: usize,
@@ -182,9 +184,9 @@ struct Handles(Vec<gds_sys::CUfileHandle_t>);
 // SAFETY: cuFile handles may be used from any thread.
 unsafe impl Sync for Handles {}
 
-fn register(cufile: &CuFile, files: &[OpenFile]) -> Result<Handles> {
+fn register(cufile: &CuFile, files: &ReaderFiles<'_, OpenFile>) -> Result<Handles> {
     let mut handles = Vec::with_capacity(files.len());
-    for f in files {
+    for (_, f) in files.iter() {
         let mut descr = gds_sys::CUfileDescr_t {
             type_: gds_sys::CU_FILE_HANDLE_TYPE_OPAQUE_FD,
             handle: gds_sys::CUfileDescrHandle { fd: f.file.as_raw_fd() },
@@ -228,18 +230,18 @@ fn udev_hint(file: &std::fs::File) -> String {
 
 fn read_one(
     cufile: &CuFile,
-    files: &[OpenFile],
+    files: &ReaderFiles<'_, OpenFile>,
     handles: &Handles,
     r: &GdsRead,
 ) -> Result<Message> {
-    let file = &files[r.file];
+    let file = files.get(r.file);
     let mut done = 0u64;
     while done < r.len {
         // SAFETY: the destination range lies inside the tensor's device memory (the plan's
         // steps are inside their tensors) and the context is current on this thread.
         let ret = unsafe {
             (cufile.read)(
-                handles.0[r.file],
+                handles.0[files.position(r.file)],
                 r.device_base as *mut std::ffi::c_void,
                 (r.len - done) as usize,
                 (r.file_offset + done) as libc::off_t,

@@ -27,6 +27,8 @@ pub(crate) mod uring;
 use std::fs::File;
 use std::path::PathBuf;
 
+use gantry_format::FileId;
+
 use crate::error::Error;
 use crate::staging::Lease;
 
@@ -45,6 +47,58 @@ pub struct OpenFile {
     /// with the extent's buffer, for the copy's check to fetch those bytes from the store
     /// ([`cache::check`]); a failed read of any other file is the load's error.
     pub cache_copy: bool,
+}
+
+/// The files one reader reads, found by their position in the checkpoint (the `file` of
+/// its jobs), each with its position in the reader's own list (a registered file's index).
+/// Built where the reader is spawned, from the load's opened files.
+#[derive(Debug)]
+pub struct ReaderFiles<'a, T> {
+    /// Per checkpoint file: its position in `list`, if this reader reads it.
+    by_id: Vec<Option<usize>>,
+    list: Vec<(FileId, &'a T)>,
+}
+
+impl<'a, T> ReaderFiles<'a, T> {
+    /// The files of `list`, in its order.
+    pub fn new(list: impl IntoIterator<Item = (FileId, &'a T)>) -> Self {
+        let list: Vec<(FileId, &'a T)> = list.into_iter().collect();
+        let count = list.iter().map(|(id, _)| id.0 + 1).max().unwrap_or(0);
+        let mut by_id = vec![None; count];
+        for (position, (id, _)) in list.iter().enumerate() {
+            by_id[id.0] = Some(position);
+        }
+        Self { by_id, list }
+    }
+
+    /// The file `id`'s position in this reader's list. A job of a file not given to this
+    /// reader is a programming error.
+    pub fn position(&self, id: FileId) -> usize {
+        match self.by_id.get(id.0).copied().flatten() {
+            Some(position) => position,
+            None => panic!("a job of file {} that this reader was not given", id.0),
+        }
+    }
+
+    /// The file `id`.
+    pub fn get(&self, id: FileId) -> &'a T {
+        self.list[self.position(id)].1
+    }
+
+    /// The files in the reader's order.
+    pub fn iter(&self) -> impl Iterator<Item = (FileId, &'a T)> + '_ {
+        self.list.iter().copied()
+    }
+
+    /// How many files.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Whether the reader has no file.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
 }
 
 /// A raw destination a reader writes one whole extent into, instead of a staging buffer.

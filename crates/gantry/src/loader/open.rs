@@ -5,11 +5,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use gantry_format::Checkpoint;
+use gantry_format::{Checkpoint, FileId};
 
 use super::{Choice, Files, Loader, Volume};
 use crate::error::{Error, Result};
 use crate::io::{probe, OpenFile};
+use crate::pipeline::{Identity, OpenedFile, Reader};
 use crate::schedule::{self, FileFacts, ReaderKind};
 
 impl Loader {
@@ -26,15 +27,20 @@ impl Loader {
         }
         let mut lines = Vec::with_capacity(files.volumes.len());
         for (v, volume) in files.volumes.iter_mut().enumerate() {
-            let members: Vec<usize> =
-                (0..files.direct.len()).filter(|&i| files.direct_volumes[i] == v).collect();
-            let first = members[0];
-            let range = checkpoint.files[files.direct_ids[first]].data_range();
-            let facts =
-                probe::volume(&files.direct[first].file, range.start, range.end - range.start);
+            let members: Vec<(usize, &OpenFile)> = files
+                .opened
+                .iter()
+                .filter_map(|f| match &f.reader {
+                    Reader::Direct { file, volume } if *volume == v => Some((f.id.0, file)),
+                    _ => None,
+                })
+                .collect();
+            let (first, file) = members[0];
+            let range = checkpoint.files[first].data_range();
+            let facts = probe::volume(&file.file, range.start, range.end - range.start);
             let (profile, reason) = crate::profile::pick(&facts);
             let (chunk_bytes, queue_depth) = profile.settings();
-            let aligned = members.iter().all(|&i| chunk_bytes as u64 % files.direct[i].align == 0);
+            let aligned = members.iter().all(|(_, f)| chunk_bytes as u64 % f.align == 0);
             if chunk_bytes <= self.config.staging_bytes && aligned {
                 volume.chunk_bytes = chunk_bytes;
                 volume.queue_depth = queue_depth;
@@ -54,11 +60,8 @@ impl Loader {
         checkpoint: &Checkpoint,
         wanted: &[bool],
         target: Target,
-    ) -> Result<(Files, Vec<Option<FileChoice>>)> {
-        let mut files = Files { slot: vec![None; checkpoint.files.len()], ..Files::default() };
-        files.remote = vec![None; checkpoint.files.len()];
-        files.copies = vec![None; checkpoint.files.len()];
-        let mut choices = vec![None; checkpoint.files.len()];
+    ) -> Result<Files> {
+        let mut files = Files { checkpoint_files: checkpoint.files.len(), ..Files::default() };
         let mut cache = crate::io::cache::Opened::default();
         for (f, info) in checkpoint.files.iter().enumerate() {
             let needed = checkpoint
@@ -69,13 +72,17 @@ impl Loader {
             if !needed {
                 continue;
             }
-            choices[f] = Some(if crate::io::object::is_url(&info.path) {
-                self.open_object(f, info, target, &mut files, &mut cache)?
+            let id = FileId(f);
+            let opened = if crate::io::object::is_url(&info.path) {
+                self.open_object(id, info, target, &mut files.volumes, &mut cache)?
             } else {
-                self.open_local(f, &info.path, None, info, target, &mut files)?
-            });
+                let (reader, choice, facts) =
+                    self.open_local(&info.path, None, info, target, &mut files.volumes)?;
+                OpenedFile { id, reader, choice, facts, identity: Identity::Local }
+            };
+            files.opened.push(opened);
         }
-        Ok((files, choices))
+        Ok(files)
     }
 
     /// The position in `volumes` of the disk under `file`, added with the config's request
@@ -102,12 +109,12 @@ impl Loader {
     /// copy's record), else from the store (written through to the cache when there is one).
     fn open_object(
         &self,
-        f: usize,
+        id: FileId,
         info: &gantry_format::FileInfo,
         target: Target,
-        files: &mut Files,
+        volumes: &mut Vec<Volume>,
         opened: &mut crate::io::cache::Opened,
-    ) -> Result<FileChoice> {
+    ) -> Result<OpenedFile> {
         use crate::io::cache;
         use crate::io::object;
         let mut object = object::open_for_load(info, &self.config.object_options)?;
@@ -119,7 +126,7 @@ impl Loader {
                 cache::open_and_find(dir, shared, opened, identity.clone(), object.size);
             match (found, cache, identity) {
                 (cache::Lookup::Hit(copy), Some(cache), _) => {
-                    return self.open_copy(f, info, target, files, copy, object, cache);
+                    return self.open_copy(id, info, target, volumes, copy, object, cache);
                 }
                 (cache::Lookup::Miss(why), Some(_), Some(_)) if !self.config.cache_fill => {
                     cache_note = format!(
@@ -160,10 +167,9 @@ impl Loader {
             "object storage: ranged GETs of {part}, {} in flight, each conditioned on the ETag{cache_note}",
             self.config.object_concurrency
         );
-        files.slot[f] = Some((ReaderKind::Object, files.objects.len()));
-        files.remote[f] = Some(object.without_cache());
-        files.objects.push(object);
-        Ok((Choice { reader: ReaderKind::Object, reason }, facts))
+        let identity = Identity::Object { object: Box::new(object.without_cache()), copy: None };
+        let choice = Choice { reader: ReaderKind::Object, reason };
+        Ok(OpenedFile { id, reader: Reader::Object(object), choice, facts, identity })
     }
 
     /// Opens `copy` of object `info` (found in `cache`) for a load: read as a local file, each
@@ -171,14 +177,14 @@ impl Loader {
     #[allow(clippy::too_many_arguments)]
     fn open_copy(
         &self,
-        f: usize,
+        id: FileId,
         info: &gantry_format::FileInfo,
         target: Target,
-        files: &mut Files,
+        volumes: &mut Vec<Volume>,
         copy: crate::io::cache::Copy,
         object: crate::io::object::ObjectFile,
         cache: Arc<crate::io::cache::CacheDir>,
-    ) -> Result<FileChoice> {
+    ) -> Result<OpenedFile> {
         let path = copy.path.clone();
         let opened = copy.file.try_clone().map_err(|source| Error::Io {
             op: "open",
@@ -187,7 +193,8 @@ impl Loader {
             len: 0,
             source,
         })?;
-        let (mut choice, facts) = self.open_local(f, &path, Some(opened), info, target, files)?;
+        let (reader, mut choice, facts) =
+            self.open_local(&path, Some(opened), info, target, volumes)?;
         choice.reason = format!(
             "from the cache ({}: ETag {} and size unchanged on the store; every extent checked \
              against the copy's record): {}",
@@ -196,23 +203,21 @@ impl Loader {
             choice.reason
         );
         let checked = crate::io::cache::check::Checked::new(copy, object.clone(), cache);
-        files.copies[f] = Some(Arc::new(checked));
-        files.remote[f] = Some(object);
-        Ok((choice, facts))
+        let identity = Identity::Object { object: Box::new(object), copy: Some(Arc::new(checked)) };
+        Ok(OpenedFile { id, reader, choice, facts, identity })
     }
 
-    /// Probes and opens local file `path` (checkpoint file `f`, `info`; `path` is `info.path`,
+    /// Probes and opens local file `path` (of checkpoint file `info`; `path` is `info.path`,
     /// or a cache copy, `copy` as the cache opened and checked it) with the reader the
-    /// schedule picks.
+    /// schedule picks: the reader, the choice and the facts it was made from (in one line).
     fn open_local(
         &self,
-        f: usize,
         path: &Path,
         copy: Option<std::fs::File>,
         info: &gantry_format::FileInfo,
         target: Target,
-        files: &mut Files,
-    ) -> Result<FileChoice> {
+        volumes: &mut Vec<Volume>,
+    ) -> Result<(Reader, Choice, String)> {
         let to_device = target != Target::Host;
         // A regular file, and the one whose header was read (a cache copy: the file the cache
         // opened and checked); O_DIRECT opens that same file again through its descriptor,
@@ -256,27 +261,19 @@ impl Loader {
             align,
             cache_copy: from_cache,
         };
-        match (choice.reader, direct) {
+        let reader = match (choice.reader, direct) {
             (ReaderKind::Direct, Ok((file, align))) => {
-                files.slot[f] = Some((ReaderKind::Direct, files.direct.len()));
-                let volume = self.volume_of(&mut files.volumes, &file);
-                files.direct_volumes.push(volume);
-                files.direct.push(open(file, align));
-                files.direct_ids.push(f);
+                let volume = self.volume_of(volumes, &file);
+                Reader::Direct { file: open(file, align), volume }
             }
             (ReaderKind::Gds, direct) => {
                 // cuFile wants an O_DIRECT descriptor; in compatibility mode a plain one works.
                 let (file, align) = direct.unwrap_or((plain, 4096));
-                files.slot[f] = Some((ReaderKind::Gds, files.gds.len()));
-                files.gds.push(open(file, align));
+                Reader::Gds(open(file, align))
             }
-            _ => {
-                files.slot[f] = Some((ReaderKind::Buffered, files.buffered.len()));
-                files.buffered.push(open(plain, 1));
-                files.buffered_ids.push(f);
-            }
-        }
-        Ok((choice, facts.summary()))
+            _ => Reader::Buffered(open(plain, 1)),
+        };
+        Ok((reader, choice, facts.summary()))
     }
 }
 
@@ -284,16 +281,17 @@ impl Loader {
 /// its report.
 pub(super) fn volume_notes(files: &Files) -> std::collections::HashMap<usize, String> {
     let mut notes = std::collections::HashMap::new();
-    for (i, &f) in files.direct_ids.iter().enumerate() {
-        let v = &files.volumes[files.direct_volumes[i]];
+    for opened in &files.opened {
+        let Reader::Direct { volume, .. } = opened.reader else { continue };
+        let v = &files.volumes[volume];
         notes.insert(
-            f,
+            opened.id.0,
             format!(
                 "; on {}: {} KiB reads, {} in flight, {} of {} volume(s) read side by side",
                 v.name,
                 v.chunk_bytes >> 10,
                 v.queue_depth,
-                files.direct_volumes[i] + 1,
+                volume + 1,
                 files.volumes.len()
             ),
         );
@@ -311,9 +309,6 @@ pub(super) enum Target {
     /// Device memory, some tensors to several destinations (through staging only).
     Devices,
 }
-
-/// A file's reader, why, and the facts (in one line) it was chosen from.
-pub(super) type FileChoice = (Choice, String);
 
 /// cuFile's facts for one file of a load: unavailable for host loads, real GPUDirect Storage
 /// only when the driver supports it and the file is on NVMe, else compatibility mode (when

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use gantry_format::{
-    check_prefix, parse_header, parse_index, Checkpoint, ErrorKind, FormatError, Header,
+    check_prefix, parse_header, parse_index, Checkpoint, ErrorKind, FileId, FormatError, Header,
     INDEX_FILE_NAME, MAX_INDEX_BYTES, PREFIX_BYTES,
 };
 use object_store::path::Path as ObjectPath;
@@ -381,7 +381,7 @@ impl ObjectFile {
     /// Fills `buf` with the object's bytes from `offset` (GETs conditioned on the version
     /// the load saw), blocking this thread: how a cache copy's failed extent is replaced.
     pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let job = Job { extent: 0, file: 0, offset, len: buf.len() as u64, target: None };
+        let job = Job { extent: 0, file: FileId(0), offset, len: buf.len() as u64, target: None };
         let target = super::RawTarget { ptr: buf.as_mut_ptr(), len: buf.len() };
         let file = self.without_cache();
         runtime()?.block_on(fetch_into(&file, job, &mut Dest::Target(target), &mut None))
@@ -429,7 +429,7 @@ pub fn open_for_load(info: &gantry_format::FileInfo, options: &Options) -> Resul
 /// ranged GETs in flight, sending each finished extent (or the first error) to `tx`. Returns
 /// when every job is done, on the first error, when `cancel` is set or the pool closes.
 pub fn run(
-    files: &[ObjectFile],
+    files: &super::ReaderFiles<'_, ObjectFile>,
     jobs: &[Job],
     pool: Option<&Arc<Pool>>,
     concurrency: usize,
@@ -465,7 +465,7 @@ pub fn run(
                     None => break,
                 },
             };
-            let file = files[job.file].clone();
+            let file = files.get(job.file).clone();
             let (tx, failed, lanes) = (tx.clone(), Arc::clone(&failed), lanes.clone());
             in_flight.spawn(async move {
                 let get = lanes.as_ref().map(|l| l.begin());
