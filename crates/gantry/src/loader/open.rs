@@ -5,23 +5,20 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use gantry_format::{Checkpoint, FileId};
+use gantry_format::{FileId, FileInfo};
 
 use super::{Choice, Files, Loader, Volume};
 use crate::error::{Error, Result};
 use crate::io::{probe, OpenFile};
 use crate::pipeline::{Identity, OpenedFile, Reader};
+use crate::plan::ReadSet;
 use crate::schedule::{self, FileFacts, ReaderKind};
 
 impl Loader {
     /// Sets each volume's request size and queue depth: the `auto` profile's pick for it,
     /// measured through its first direct file (one line per volume, joined, says what was
     /// measured and chosen), or the config's settings when they were given explicitly.
-    pub(super) fn volume_settings(
-        &self,
-        checkpoint: &Checkpoint,
-        files: &mut Files,
-    ) -> Option<String> {
+    pub(super) fn volume_settings(&self, infos: &[FileInfo], files: &mut Files) -> Option<String> {
         if !self.config.measure_volume || files.volumes.is_empty() {
             return None;
         }
@@ -36,7 +33,7 @@ impl Loader {
                 })
                 .collect();
             let (first, file) = members[0];
-            let range = checkpoint.files[first].data_range();
+            let range = infos[first].data_range();
             let facts = probe::volume(&file.file, range.start, range.end - range.start);
             let (profile, reason) = crate::profile::pick(&facts);
             let (chunk_bytes, queue_depth) = profile.settings();
@@ -57,18 +54,15 @@ impl Loader {
     /// schedule picks for it.
     pub(super) fn open_files(
         &self,
-        checkpoint: &Checkpoint,
+        reads: &ReadSet<'_>,
         wanted: &[bool],
         target: Target,
     ) -> Result<Files> {
-        let mut files = Files { checkpoint_files: checkpoint.files.len(), ..Files::default() };
+        let mut files = Files { checkpoint_files: reads.files.len(), ..Files::default() };
         let mut cache = crate::io::cache::Opened::default();
-        for (f, info) in checkpoint.files.iter().enumerate() {
-            let needed = checkpoint
-                .tensors
-                .iter()
-                .zip(wanted)
-                .any(|(t, &w)| w && t.len > 0 && t.file.0 == f);
+        for (f, info) in reads.files.iter().enumerate() {
+            let needed =
+                reads.ranges.iter().zip(wanted).any(|(t, &w)| w && t.len > 0 && t.file.0 == f);
             if !needed {
                 continue;
             }
