@@ -352,19 +352,20 @@ pub fn run(
                     Reader::Gds(file) => Some(file),
                     _ => None,
                 });
-                gds::run(&files, reads, &device, threads, cancel, &tx)
+                gds::run(&files, reads, &device, threads, cancel, fault, &tx)
             });
         }
         if !jobs.object.is_empty() {
             let (tx, pool, jobs, cancel) = (tx.clone(), pool.clone(), &jobs.object, &cancel);
             let concurrency = config.object_concurrency;
+            let fault = config.fault.clone();
             scope.spawn(move || {
                 let _in = crate::trace::enter(trace, "object reader");
                 let files = files.of(|r| match r {
                     Reader::Object(object) => Some(object),
                     _ => None,
                 });
-                object::run(&files, jobs, pool.as_ref(), concurrency, cancel, &tx)
+                object::run(&files, jobs, pool.as_ref(), concurrency, cancel, fault, &tx)
             });
         }
         if !jobs.into.is_empty() {

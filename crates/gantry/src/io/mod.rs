@@ -9,12 +9,13 @@
 //! - `gds`: GPUDirect Storage, `cuFileRead` straight into device memory.
 //! - `object`: ranged GETs from object storage; `cache`: its local write-through copies.
 //!
-//! All four report each finished extent to the consumer as a [`Message`]. The two local-file
-//! readers, `uring` and `buffered`, also share `Completion`, the one place where a read result
-//! becomes "done", "continue", "retry" or an error, so that short reads, `EINTR`, `EAGAIN` and
-//! end of file behave the same in both, and only they pass their results through the fault
-//! injector ([`fault`]). `gds` and `object` use neither: cuFile and the object store client
-//! report their own errors, and the fault tests do not reach them.
+//! All four report each finished extent to the consumer as a [`Message`], and all four pass
+//! every read result through the fault injector ([`fault`]) and then through [`complete`],
+//! the one place where a result becomes "done", "continue", "retry" or an error, so that short
+//! reads, `EINTR`, `EAGAIN`, end of file and `EIO` behave the same whoever read the bytes: a
+//! `pread` or an io_uring completion, a `cuFileRead` (whose own status codes, which have no
+//! errno, are errors of their own), or a body chunk of a ranged GET (a chunk is one result;
+//! a short one leaves the rest of the chunk for the next).
 
 pub(crate) mod buffered;
 pub mod cache;
@@ -206,20 +207,41 @@ pub fn read_error(
     len: u64,
     completion: Completion,
 ) -> Error {
-    match completion {
-        Completion::Truncated { at } => Error::Truncated {
-            path: file.path.clone(),
-            offset: extent_offset + at,
-            expected_len: file.file_len,
-        },
-        Completion::Failed { errno } => Error::Io {
-            op: "read",
-            path: file.path.clone(),
-            offset: extent_offset + start,
-            len,
-            source: std::io::Error::from_raw_os_error(errno),
-        },
-        other => unreachable!("{other:?} is not an error"),
+    let at = Failed { op: "read", path: &file.path, file_len: file.file_len };
+    at.error(extent_offset, start, len, completion)
+}
+
+/// A read that failed: the operation (`read`, `cuFileRead`, `get`) and the file, whose length
+/// when its header was read is `file_len`.
+#[derive(Debug, Clone, Copy)]
+pub struct Failed<'a> {
+    /// The operation, as the error names it.
+    pub op: &'static str,
+    /// The file or object.
+    pub path: &'a std::path::Path,
+    /// Its length when the header was read.
+    pub file_len: u64,
+}
+
+impl Failed<'_> {
+    /// The error for `completion` of a request of `len` bytes starting `start` bytes into the
+    /// extent at file offset `extent_offset`.
+    pub fn error(&self, extent_offset: u64, start: u64, len: u64, completion: Completion) -> Error {
+        match completion {
+            Completion::Truncated { at } => Error::Truncated {
+                path: self.path.to_path_buf(),
+                offset: extent_offset + at,
+                expected_len: self.file_len,
+            },
+            Completion::Failed { errno } => Error::Io {
+                op: self.op,
+                path: self.path.to_path_buf(),
+                offset: extent_offset + start,
+                len,
+                source: std::io::Error::from_raw_os_error(errno),
+            },
+            other => unreachable!("{other:?} is not an error"),
+        }
     }
 }
 
