@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use common::*;
 use gantry::placement::{self, tensor_parallel, Layout, Share, Split};
-use gantry::plan::{FilePlan, Plan};
+use gantry::plan::{FilePlan, Plan, ReadSet};
 use gantry::{Checkpoint, Config, CudaDevice, Dtype, Loader, ReplicateVia, TensorEntry};
 use safetensors::tensor::TensorView;
 
@@ -325,13 +325,13 @@ fn planning_is_linear_in_tensors_not_rows() {
     for mode in MODES {
         let want = rule(mode, 4);
         let layout = Layout::new(&c, 4, &*want).unwrap();
-        let atoms = layout.atoms.tensors.len();
+        let atoms = layout.atoms.len();
         assert!(atoms <= 4 * tensors, "{mode}: {atoms} atoms for {tensors} tensors");
         let deliveries: usize = layout.copies.iter().map(Vec::len).sum();
         assert!(deliveries <= 4 * tensors, "{mode}: {deliveries} deliveries");
         let wanted = vec![true; atoms];
         let files = [FilePlan { align: 4096, chunk_bytes: 64 << 20, whole: false }];
-        let plan = Plan::new(&layout.atoms, &wanted, &files, 1 << 20);
+        let plan = Plan::new(&ReadSet::new(&c.files, &layout.atoms), &wanted, &files, 1 << 20);
         let places = layout.places(&[0; 4]);
         let mut pieces = 0;
         for s in &plan.steps {

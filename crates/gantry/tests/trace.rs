@@ -302,5 +302,6 @@ fn object_gets_are_spans_on_lanes() {
     let written: u64 = writes.iter().map(|w| w.0).sum();
     let size = std::fs::metadata(&local).unwrap().len();
     assert!(written >= data && written <= size, "{written} bytes written of {size}");
+    let gets = spans_of(&trace_path, "read"); // track ids are per trace file
     assert!(writes.iter().all(|w| !gets.iter().any(|g| g.1 == w.1)), "writes on a GET lane");
 }

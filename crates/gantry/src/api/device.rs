@@ -280,8 +280,9 @@ impl Loader {
         // The caller's context is current again when this returns (the sink binds the
         // device's for its streams and copies).
         let _bound = device.bind_scoped()?;
-        let mut sink = CudaSink::new(device, targets, checkpoint)?;
-        self.run(checkpoint, &wanted, &mut sink, Some(device), &mut |i| {
+        let lens: Vec<u64> = checkpoint.tensors.iter().map(|t| t.len).collect();
+        let mut sink = CudaSink::new(device, targets, &lens)?;
+        self.run_tensors(checkpoint, &wanted, &mut sink, Some(device), &mut |i| {
             let ptr = ptrs[i].expect("only wanted tensors land");
             on_ready(ReadyOnDevice { index: i, entry: &checkpoint.tensors[i], ptr });
         })

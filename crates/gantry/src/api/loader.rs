@@ -8,22 +8,22 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use gantry_format::{Checkpoint, TensorEntry};
+use gantry_format::{Checkpoint, FileInfo, TensorEntry};
 use parking_lot::Mutex;
 
 use crate::config::{Config, Settings};
 use crate::cuda::{CudaDevice, HostBuffer, PinnedHost};
-use crate::engine::pipeline::{self, Files, Jobs, Staging, Volume};
+use crate::engine::pipeline::{self, Files, Identity, Jobs, Reader, Staging, Volume};
 use crate::engine::sink::host::{file_buffer_layout, HostSink};
 use crate::engine::sink::Sink;
 use crate::engine::staging::{Arena, Pool};
 use crate::error::{Error, Result};
 use crate::plan::schedule::ReaderKind;
-use crate::plan::{FilePlan, Plan};
+use crate::plan::{FilePlan, FileRange, Plan, ReadSet};
 use crate::source::probe;
 use crate::trace;
 
-use crate::engine::open::{volume_notes, FileChoice, Target};
+use crate::engine::open::{volume_notes, Target};
 
 /// Loads safetensors checkpoints. Cheap to share between threads; loads run one at a time per
 /// loader (they share its staging ring), so use one loader per concurrent load.
@@ -308,7 +308,7 @@ impl Loader {
     ) -> Result<LoadReport> {
         let mut sink = HostSink::for_file_buffers(checkpoint, wanted, buffers);
         let views = sink.views();
-        self.run(checkpoint, wanted, &mut sink, None, &mut |i| {
+        self.run_tensors(checkpoint, wanted, &mut sink, None, &mut |i| {
             // SAFETY: `run` reports a tensor only once all of its steps have landed, and the
             // buffers outlive this call.
             let bytes = unsafe { views.bytes(i) };
@@ -343,7 +343,7 @@ impl Loader {
         let mut sink = HostSink::for_slices(checkpoint, targets)?;
         let wanted = sink.wanted();
         let views = sink.views();
-        self.run(checkpoint, &wanted, &mut sink, None, &mut |i| {
+        self.run_tensors(checkpoint, &wanted, &mut sink, None, &mut |i| {
             // SAFETY: as in `load_with`; the slices outlive this call ('a).
             let bytes = unsafe { views.bytes(i) };
             on_ready(Ready { index: i, entry: &checkpoint.tensors[i], bytes });
@@ -370,11 +370,12 @@ impl Loader {
         *self.staging.lock() = lent.staging.into_inner();
     }
 
-    /// Chooses a reader per file, plans, and runs the pipeline into `sink`; with `device`,
-    /// staging is page-locked for it and placed on its NUMA node.
+    /// Loads the `wanted` ranges of `reads` into `sink`: [`Loader::prepare`]s the load, then
+    /// [`Loader::read`]s it, calling `on_landed(i)` as range `i` lands. With `device`, staging
+    /// is page-locked for it and placed on its NUMA node.
     pub(crate) fn run(
         &self,
-        checkpoint: &Checkpoint,
+        reads: ReadSet<'_>,
         wanted: &[bool],
         sink: &mut dyn Sink,
         device: Option<&Arc<CudaDevice>>,
@@ -387,56 +388,65 @@ impl Loader {
             _ => None,
         };
         let _in = trace::enter(own.as_ref(), "load");
+        let prepared = self.prepare(&mut cached, &reads, wanted, sink, device)?;
+        let report = self.read(prepared, &reads, wanted, sink, on_landed)?;
+        if let (Some(t), Some(path)) = (&own, &self.config.trace) {
+            t.write(path)?;
+        }
+        Ok(report)
+    }
+
+    /// Loads the `wanted` tensors of `checkpoint` into `sink`, `on_landed(t)` as tensor `t`
+    /// lands.
+    pub(crate) fn run_tensors(
+        &self,
+        checkpoint: &Checkpoint,
+        wanted: &[bool],
+        sink: &mut dyn Sink,
+        device: Option<&Arc<CudaDevice>>,
+        on_landed: &mut dyn FnMut(usize),
+    ) -> Result<LoadReport> {
+        let ranges = FileRange::tensors(checkpoint);
+        self.run(ReadSet::tensors(checkpoint, &ranges), wanted, sink, device, on_landed)
+    }
+
+    /// Everything before the first read: opens and probes the files (mapping and page-locking
+    /// staging meanwhile), measures their volumes, finds the digests to check, plans the
+    /// reads, sorts them into jobs, sets up staging and fits the volumes' depths to it.
+    fn prepare(
+        &self,
+        cached: &mut Option<StagingArena>,
+        reads: &ReadSet<'_>,
+        wanted: &[bool],
+        sink: &mut dyn Sink,
+        device: Option<&Arc<CudaDevice>>,
+    ) -> Result<Prepared> {
         let setup = Instant::now();
         let target = match device {
             None => Target::Host,
             Some(_) if sink.device_reads() => Target::Device,
             Some(_) => Target::Devices,
         };
-        let tensor_bytes: u64 =
-            checkpoint.tensors.iter().zip(wanted).filter(|(_, &w)| w).map(|(t, _)| t.len).sum();
-        let opening = trace::span("phase", "open and probe");
-        let (opened, early) = std::thread::scope(|s| {
-            // A device load that will fill the ring maps, touches and page-locks it while the
-            // files are opened and probed, instead of after.
-            let early = match device {
-                Some(d) if cached.is_none() && tensor_bytes >= self.config.staging_bytes as u64 => {
-                    let (bytes, t) = (self.config.staging_bytes, trace::current());
-                    Some(s.spawn(move || {
-                        let _in = trace::enter(t.as_ref(), "staging set-up");
-                        let _span = trace::span("phase", "staging set-up");
-                        StagingArena::new(bytes, d)
-                    }))
-                }
-                _ => None,
-            };
-            let opened = self.open_files(checkpoint, wanted, target);
-            let panicked = || Err(Error::Internal("the staging set-up thread panicked".into()));
-            (opened, early.map(|h| h.join().unwrap_or_else(|_| panicked())))
-        });
-        drop(opening);
-        if let Some(arena) = early {
-            *cached = Some(arena?);
-        }
-        let (mut files, choices) = opened?;
-        let opened = setup.elapsed().as_secs_f64();
+        let range_bytes: u64 =
+            reads.ranges.iter().zip(wanted).filter(|(_, &w)| w).map(|(r, _)| r.len).sum();
+        let (mut files, opened) =
+            self.open_and_stage(cached, reads, wanted, target, device, range_bytes)?;
         let measuring = trace::span("phase", "volume profile");
-        let volume = self.volume_settings(checkpoint, &mut files);
+        let volume = self.volume_settings(reads.files, &mut files);
         drop(measuring);
         let measured = setup.elapsed().as_secs_f64();
         let mut config = self.config.clone();
         if let Some(largest) = files.volumes.iter().map(|v| v.chunk_bytes).max() {
             config.chunk_bytes = largest;
         }
-        let config = &config;
-        let file_plans = file_plans(checkpoint.files.len(), &files, config);
-        let mut checks = match config.verify_sha256 {
-            true => Some(self.checks(checkpoint, &files)?),
+        let file_plans = file_plans(&files, &config);
+        let checks = match config.verify_sha256 {
+            true => Some(self.checks(reads.files, &files)?),
             false => None,
         };
         let planning = Instant::now();
         let span = trace::span("phase", "plan");
-        let plan = Plan::new(checkpoint, wanted, &file_plans, config.gap_bytes);
+        let plan = Plan::new(reads, wanted, &file_plans, config.gap_bytes);
         let jobs = Jobs::new(&plan, &files, sink);
         drop(span);
         let plan_seconds = planning.elapsed().as_secs_f64();
@@ -450,45 +460,109 @@ impl Loader {
         };
         let count = (config.staging_bytes / slot_bytes).min(jobs.staged_count());
         let span = trace::span("phase", "staging set-up");
-        let staging = self.staging(&mut cached, slot_bytes, count, device, node)?;
+        let staging = self.staging(cached, slot_bytes, count, device, node)?;
         drop(span);
         if jobs.staged_direct_count() > 0 {
             fit_depths(&mut files.volumes, count);
         }
-        trace::instant("gantry", "settings", || settings(&files, config, count));
-        let staging_bytes = staging.pool.as_ref().map_or(0, |p| p.used_bytes() as u64);
-        let registered = staging.register_buffers;
+        trace::instant("gantry", "settings", || settings(&files, &config, count));
         log::debug!(
             "setup: files opened and probed {opened:.3} s, volume {:.3} s, staging {:.3} s",
             measured - opened,
             setup.elapsed().as_secs_f64() - measured
         );
+        Ok(Prepared {
+            files,
+            plan,
+            jobs,
+            staging,
+            config,
+            checks,
+            volume,
+            plan_seconds,
+            range_bytes,
+        })
+    }
+
+    /// Opens and probes the files of `reads`, mapping and page-locking the staging arena
+    /// meanwhile when a device load will fill it; with the seconds that took.
+    fn open_and_stage(
+        &self,
+        cached: &mut Option<StagingArena>,
+        reads: &ReadSet<'_>,
+        wanted: &[bool],
+        target: Target,
+        device: Option<&Arc<CudaDevice>>,
+        range_bytes: u64,
+    ) -> Result<(Files, f64)> {
+        let setup = Instant::now();
+        let opening = trace::span("phase", "open and probe");
+        let (opened, early) = std::thread::scope(|s| {
+            // A device load that will fill the ring maps, touches and page-locks it while the
+            // files are opened and probed, instead of after.
+            let early = match device {
+                Some(d) if cached.is_none() && range_bytes >= self.config.staging_bytes as u64 => {
+                    let (bytes, t) = (self.config.staging_bytes, trace::current());
+                    Some(s.spawn(move || {
+                        let _in = trace::enter(t.as_ref(), "staging set-up");
+                        let _span = trace::span("phase", "staging set-up");
+                        StagingArena::new(bytes, d)
+                    }))
+                }
+                _ => None,
+            };
+            let opened = self.open_files(reads, wanted, target);
+            let panicked = || Err(Error::Internal("the staging set-up thread panicked".into()));
+            (opened, early.map(|h| h.join().unwrap_or_else(|_| panicked())))
+        });
+        drop(opening);
+        if let Some(arena) = early {
+            *cached = Some(arena?);
+        }
+        Ok((opened?, setup.elapsed().as_secs_f64()))
+    }
+
+    /// Reads a prepared load: runs the pipeline, calling `on_landed(i)` as each wanted range
+    /// `i` lands (ranges of no bytes at once), renames finished cache copies into place, and
+    /// reports.
+    fn read(
+        &self,
+        prepared: Prepared,
+        reads: &ReadSet<'_>,
+        wanted: &[bool],
+        sink: &mut dyn Sink,
+        on_landed: &mut dyn FnMut(usize),
+    ) -> Result<LoadReport> {
+        let (range_bytes, plan_seconds) = (prepared.range_bytes, prepared.plan_seconds);
+        let Prepared { mut files, plan, jobs, staging, config, mut checks, volume, .. } = prepared;
+        let staging_bytes = staging.pool.as_ref().map_or(0, |p| p.used_bytes() as u64);
+        let registered = staging.register_buffers;
         let start = Instant::now();
         let loading = trace::span("phase", "load");
         let landed = |i: usize| {
-            let t = &checkpoint.tensors[i];
-            let args = || trace::Args::new().str("name", &t.name).u64("bytes", t.len);
+            let bytes = reads.ranges[i].len;
+            let args = || trace::Args::new().str("name", reads.label(i)).u64("bytes", bytes);
             trace::instant("tensor", "landed", || args().u64("tensor", i as u64));
         };
-        for (i, t) in checkpoint.tensors.iter().enumerate() {
-            if wanted[i] && t.len == 0 {
+        for (i, r) in reads.ranges.iter().enumerate() {
+            if wanted[i] && r.len == 0 {
                 landed(i);
                 on_landed(i);
             }
         }
         let mut first_tensor_seconds = None;
         let ran =
-            pipeline::run(&plan, &files, jobs, staging, config, sink, checks.as_mut(), &mut |i| {
+            pipeline::run(&plan, &files, jobs, staging, &config, sink, checks.as_mut(), &mut |i| {
                 first_tensor_seconds.get_or_insert_with(|| start.elapsed().as_secs_f64());
                 landed(i);
                 on_landed(i);
             });
-        ran.map_err(|e| crate::source::cache::check::blame_copy(e, checkpoint, &files.copies))?;
+        ran.map_err(|e| crate::source::cache::check::blame_copy(e, reads.files, &files.copies()))?;
         let seconds = start.elapsed().as_secs_f64();
         drop(loading);
-        let notes = FileNotes { volume: volume_notes(&files), cache: finish_cache(files) };
+        let notes = FileNotes { volume: volume_notes(&files), cache: finish_cache(&mut files) };
         let mut report = LoadReport {
-            tensor_bytes,
+            tensor_bytes: range_bytes,
             read_bytes: plan.read_bytes(),
             seconds,
             first_tensor_seconds,
@@ -497,28 +571,29 @@ impl Loader {
             registered_buffers: registered,
             volume,
             files: Vec::new(),
-            version: crate::live::version_of(checkpoint),
+            version: crate::source::live::version_of_files(reads.files),
             bound_by: trace::current()
                 .and_then(|t| trace::measure(&t.events()))
                 .map(|u| trace::verdict(&u)),
         };
-        if let (Some(t), Some(path)) = (&own, &self.config.trace) {
-            t.write(path)?;
-        }
-        report.files = file_reports(checkpoint, &plan, &choices, &notes, checks.as_mut());
+        report.files = file_reports(reads.files, &plan, &files, &notes, checks.as_mut());
         Ok(report)
     }
 
     /// The integrity checks of a load: every file it reads, with the digest known for it.
-    fn checks(&self, checkpoint: &Checkpoint, files: &Files) -> Result<crate::integrity::Checks> {
+    fn checks(&self, infos: &[FileInfo], files: &Files) -> Result<crate::integrity::Checks> {
         let local = "no Hugging Face blob link, no SHA256SUMS entry beside it";
-        let mut checks = Vec::with_capacity(checkpoint.files.len());
-        for (f, info) in checkpoint.files.iter().enumerate() {
-            if files.slot[f].is_none() {
+        let mut checks = Vec::with_capacity(infos.len());
+        for (f, info) in infos.iter().enumerate() {
+            let Some(opened) = files.get(gantry_format::FileId(f)) else {
                 checks.push(None);
                 continue;
-            }
-            let known = match files.remote[f].as_ref() {
+            };
+            let remote = match &opened.identity {
+                Identity::Object { object, .. } => Some(object),
+                Identity::Local => None,
+            };
+            let known = match remote {
                 Some(remote) => crate::source::object::known_digest(remote)?,
                 None => crate::integrity::known_local(&info.path)?.ok_or(local.to_owned()),
             };
@@ -531,7 +606,7 @@ impl Loader {
                 file_len: info.file_len,
                 known,
                 unknown_reason,
-                local: files.remote[f].is_none(),
+                local: remote.is_none(),
                 sha256: None,
                 hashing: None,
             }));
@@ -590,6 +665,22 @@ impl Loader {
     }
 }
 
+/// A load made ready to read: its opened files, plan, jobs and staging, and what the
+/// report says of how they were chosen.
+struct Prepared {
+    files: Files,
+    plan: Plan,
+    jobs: Jobs,
+    staging: Staging,
+    /// The loader's settings with the largest volume's request size.
+    config: Settings,
+    checks: Option<crate::integrity::Checks>,
+    volume: Option<String>,
+    plan_seconds: f64,
+    /// Bytes of the wanted ranges.
+    range_bytes: u64,
+}
+
 /// The ceilings of a load, for its timeline's verdict.
 fn settings(files: &Files, config: &Settings, staging_slots: usize) -> trace::Args {
     let volumes = files.volumes.iter().map(|v| (v.name.clone(), v.queue_depth as u64)).collect();
@@ -611,20 +702,21 @@ struct FileNotes {
 
 /// Per checkpoint file: its reader, why, the facts, the bytes read and its integrity check.
 fn file_reports(
-    checkpoint: &Checkpoint,
+    infos: &[FileInfo],
     plan: &Plan,
-    choices: &[Option<FileChoice>],
+    files: &Files,
     notes: &FileNotes,
     mut checks: Option<&mut crate::integrity::Checks>,
 ) -> Vec<FileReport> {
-    let mut read_bytes = vec![0u64; checkpoint.files.len()];
+    let mut read_bytes = vec![0u64; infos.len()];
     for e in &plan.extents {
         read_bytes[e.file.0] += e.len;
     }
-    let mut reports = Vec::with_capacity(checkpoint.files.len());
-    for (f, file) in checkpoint.files.iter().enumerate() {
-        let (reader, mut reason, facts) = match &choices[f] {
-            Some((c, facts)) => {
+    let mut reports = Vec::with_capacity(infos.len());
+    for (f, file) in infos.iter().enumerate() {
+        let (reader, mut reason, facts) = match files.get(gantry_format::FileId(f)) {
+            Some(opened) => {
+                let (c, facts) = (&opened.choice, &opened.facts);
                 let note = notes.cache.get(&f).map_or(String::new(), |n| format!("; {n}"));
                 (Some(c.reader), format!("{}{note}", c.reason), facts.clone())
             }
@@ -649,29 +741,32 @@ fn file_reports(
 /// How each file of a load is read: its reader's alignment and request size (a direct file's
 /// from its volume), whole when its bytes are hashed or copied to the cache; a file read from
 /// a cache copy in whole segments of its record where its request size allows.
-fn file_plans(count: usize, files: &Files, config: &Settings) -> Vec<FilePlan> {
-    // Hashing needs every byte of a file; so does a complete copy in the cache.
-    let copied = |f: usize| matches!(files.slot[f], Some((ReaderKind::Object, i)) if files.objects[i].cache.is_some());
-    (0..count)
+fn file_plans(files: &Files, config: &Settings) -> Vec<FilePlan> {
+    (0..files.checkpoint_files)
         .map(|f| {
             let chunk_bytes = config.chunk_bytes as u64;
-            let whole = config.verify_sha256 || copied(f);
-            let plan = match files.slot[f] {
-                Some((ReaderKind::Direct, i)) => FilePlan {
-                    align: files.direct[i].align,
-                    chunk_bytes: files.volumes[files.direct_volumes[i]].chunk_bytes as u64,
+            let opened = files.get(gantry_format::FileId(f));
+            // Hashing needs every byte of a file; so does a complete copy in the cache.
+            let copied = opened.is_some_and(
+                |o| matches!(&o.reader, Reader::Object(object) if object.cache.is_some()),
+            );
+            let whole = config.verify_sha256 || copied;
+            let plan = match opened.map(|o| &o.reader) {
+                Some(Reader::Direct { file, volume }) => FilePlan {
+                    align: file.align,
+                    chunk_bytes: files.volumes[*volume].chunk_bytes as u64,
                     whole,
                 },
-                Some((ReaderKind::Gds, i)) => {
-                    FilePlan { align: files.gds[i].align, chunk_bytes, whole }
-                }
-                Some((ReaderKind::Object, _)) => {
+                Some(Reader::Gds(file)) => FilePlan { align: file.align, chunk_bytes, whole },
+                Some(Reader::Object(_)) => {
                     FilePlan { align: 1, chunk_bytes: config.object_part() as u64, whole }
                 }
                 _ => FilePlan { align: 1, chunk_bytes: config.buffered_chunk() as u64, whole },
             };
-            match files.copies.get(f) {
-                Some(Some(_)) => crate::source::cache::check::segment_plan(plan),
+            match opened.map(|o| &o.identity) {
+                Some(Identity::Object { copy: Some(_), .. }) => {
+                    crate::source::cache::check::segment_plan(plan)
+                }
                 _ => plan,
             }
         })
@@ -693,22 +788,20 @@ fn fit_depths(volumes: &mut [Volume], buffers: usize) {
 
 /// Renames the complete cache copies of a finished load into place (each after a HEAD shows
 /// its object unchanged); per checkpoint file, what became of its copy.
-fn finish_cache(files: Files) -> std::collections::HashMap<usize, String> {
+fn finish_cache(files: &mut Files) -> std::collections::HashMap<usize, String> {
     let mut notes = std::collections::HashMap::new();
-    let ids = files.slot.iter().enumerate().filter_map(|(f, s)| match s {
-        Some((ReaderKind::Object, i)) => Some((*i, f)),
-        _ => None,
-    });
-    let ids: std::collections::HashMap<usize, usize> = ids.collect();
-    for (i, mut object) in files.objects.into_iter().enumerate() {
-        let Some(writer) = object.cache.take().and_then(Arc::into_inner) else { continue };
-        let note = writer.finish(object.unchanged());
-        log::debug!("{}: {note}", object.path.display());
-        notes.insert(ids[&i], note);
-    }
-    for (f, copy) in files.copies.iter().enumerate() {
-        if let Some(failure) = copy.as_ref().and_then(|c| c.failure()) {
-            notes.insert(f, format!("{failure}: the extents that failed came from the store"));
+    for opened in &mut files.opened {
+        let f = opened.id.0;
+        if let Reader::Object(object) = &mut opened.reader {
+            let Some(writer) = object.cache.take().and_then(Arc::into_inner) else { continue };
+            let note = writer.finish(object.unchanged());
+            log::debug!("{}: {note}", object.path.display());
+            notes.insert(f, note);
+        }
+        if let Identity::Object { copy: Some(copy), .. } = &opened.identity {
+            if let Some(failure) = copy.failure() {
+                notes.insert(f, format!("{failure}: the extents that failed came from the store"));
+            }
         }
     }
     notes

@@ -16,6 +16,7 @@ use crate::engine::sink::Sink;
 use crate::engine::topology::staging_groups;
 use crate::error::{Error, Result};
 use crate::plan::placement::{Layout, Share, ShareEntry};
+use crate::plan::ReadSet;
 
 /// A checkpoint placed across destinations, one buffer `B` per destination: host memory
 /// ([`PlacedModel`]) or device memory ([`PlacedDeviceModel`]).
@@ -218,8 +219,9 @@ impl Loader {
                 }
             }
         }
-        let wanted = vec![true; layout.atoms.tensors.len()];
-        self.run(&layout.atoms, &wanted, sink, device, &mut |atom| {
+        let wanted = vec![true; layout.atoms.len()];
+        let reads = ReadSet::new(&checkpoint.files, &layout.atoms);
+        self.run(reads, &wanted, sink, device, &mut |atom| {
             for c in &layout.copies[atom] {
                 pending[c.device][c.share] -= 1;
                 if pending[c.device][c.share] == 0 {
@@ -244,7 +246,7 @@ fn lay_out(
     log::debug!(
         "placement: {} tensors on {devices} destinations, {} atoms, {deliveries} deliveries, planned in {:.3} ms",
         checkpoint.tensors.len(),
-        layout.atoms.tensors.len(),
+        layout.atoms.len(),
         seconds * 1e3
     );
     Ok((layout, seconds))

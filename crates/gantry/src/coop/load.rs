@@ -11,19 +11,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-use gantry_format::{Checkpoint, Dtype, FileId, TensorEntry};
+use gantry_format::{Checkpoint, FileId, TensorEntry};
 
 use super::agree::{plan_word, Agreement};
 use super::comm::Exchange;
 use super::contract::{check_comm, volumes, CoopReport, Cooperation, Link};
 use super::rounds::{exchanger, Heard, Note, Tally};
-use super::split::Split;
+use super::split::{Piece, Split};
 use crate::api::device::{DeviceModel, ReadyOnDevice};
 use crate::api::loader::{LoadReport, Loader};
 use crate::cuda::{CudaDevice, DeviceBuffer};
 use crate::engine::sink::cuda::CudaSink;
 use crate::error::{Error, Result};
 use crate::plan::placement::Share;
+use crate::plan::{FileRange, ReadSet};
 
 /// A checkpoint loaded cooperatively: this rank's tensors on its GPU, and what it did.
 #[derive(Debug)]
@@ -57,26 +58,10 @@ fn wanted_whole(
     Ok(wanted)
 }
 
-/// The pieces as a tensor table over the same files (what the pipeline reads).
-fn piece_table(checkpoint: &Checkpoint, split: &Split) -> Checkpoint {
-    let tensors = split
-        .pieces
-        .iter()
-        .enumerate()
-        .map(|(i, p)| TensorEntry {
-            name: format!("piece {i}"),
-            dtype: Dtype::U8,
-            shape: vec![p.len],
-            file: FileId(p.file),
-            offset: p.offset,
-            len: p.len,
-        })
-        .collect();
-    Checkpoint {
-        files: checkpoint.files.clone(),
-        tensors,
-        index_metadata: checkpoint.index_metadata.clone(),
-    }
+/// The pieces as ranges of the checkpoint's files (what the pipeline reads).
+fn piece_ranges(split: &Split) -> Vec<FileRange> {
+    let range = |p: &Piece| FileRange { file: FileId(p.file), offset: p.offset, len: p.len };
+    split.pieces.iter().map(range).collect()
 }
 
 impl Loader {
@@ -303,19 +288,17 @@ impl Loader {
     ) -> Result<LoadReport> {
         let Landing { checkpoint, device, bases, .. } = at;
         let rank = tally.rank();
-        let pieces = piece_table(checkpoint, split);
+        let pieces = piece_ranges(split);
         let mine: Vec<bool> = split.pieces.iter().map(|p| p.owner == rank).collect();
-        let targets: Vec<Option<u64>> = pieces
-            .tensors
-            .iter()
-            .zip(&mine)
-            .map(|(p, &m)| m.then(|| bases[p.file.0] + p.offset))
-            .collect();
+        let targets: Vec<Option<u64>> =
+            pieces.iter().zip(&mine).map(|(p, &m)| m.then(|| bases[p.file.0] + p.offset)).collect();
         let cancel = Arc::new(AtomicBool::new(false));
         let lent = self.lend(Arc::clone(&cancel), split.rank_bytes.len());
         let user_cancel = self.settings().cancel.clone();
-        let run = CudaSink::new(device, targets, &pieces).and_then(|mut sink| {
-            lent.run(&pieces, &mine, &mut sink, Some(device), &mut |piece| {
+        let lens: Vec<u64> = pieces.iter().map(|p| p.len).collect();
+        let run = CudaSink::new(device, targets, &lens).and_then(|mut sink| {
+            let reads = ReadSet::new(&checkpoint.files, &pieces);
+            lent.run(reads, &mine, &mut sink, Some(device), &mut |piece| {
                 if user_cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
                     cancel.store(true, Ordering::Relaxed);
                     return;

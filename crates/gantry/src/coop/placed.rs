@@ -164,7 +164,7 @@ impl Loader {
             run.load(self, &coop, &windows, &scratch, &mut exchange, &mut on_ready)?;
         drop(scratch);
         let layout = Layout {
-            atoms: Checkpoint { tensors: Vec::new(), ..checkpoint.clone() },
+            atoms: Vec::new(),
             copies: Vec::new(),
             shares: vec![mine],
             buffer_bytes: vec![own_bytes],

@@ -5,38 +5,41 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use gantry_format::Checkpoint;
+use gantry_format::{FileId, FileInfo};
 
 use crate::api::loader::Loader;
 use crate::engine::pipeline::{Files, Volume};
+use crate::engine::pipeline::{Identity, OpenedFile, Reader};
 use crate::engine::read::OpenFile;
 use crate::error::{Error, Result};
 use crate::plan::schedule::{self, Choice, FileFacts, ReaderKind};
+use crate::plan::ReadSet;
 use crate::source::probe;
 
 impl Loader {
     /// Sets each volume's request size and queue depth: the `auto` profile's pick for it,
     /// measured through its first direct file (one line per volume, joined, says what was
     /// measured and chosen), or the config's settings when they were given explicitly.
-    pub(crate) fn volume_settings(
-        &self,
-        checkpoint: &Checkpoint,
-        files: &mut Files,
-    ) -> Option<String> {
+    pub(crate) fn volume_settings(&self, infos: &[FileInfo], files: &mut Files) -> Option<String> {
         if !self.config.measure_volume || files.volumes.is_empty() {
             return None;
         }
         let mut lines = Vec::with_capacity(files.volumes.len());
         for (v, volume) in files.volumes.iter_mut().enumerate() {
-            let members: Vec<usize> =
-                (0..files.direct.len()).filter(|&i| files.direct_volumes[i] == v).collect();
-            let first = members[0];
-            let range = checkpoint.files[files.direct_ids[first]].data_range();
-            let facts =
-                probe::volume(&files.direct[first].file, range.start, range.end - range.start);
+            let members: Vec<(usize, &OpenFile)> = files
+                .opened
+                .iter()
+                .filter_map(|f| match &f.reader {
+                    Reader::Direct { file, volume } if *volume == v => Some((f.id.0, file)),
+                    _ => None,
+                })
+                .collect();
+            let (first, file) = members[0];
+            let range = infos[first].data_range();
+            let facts = probe::volume(&file.file, range.start, range.end - range.start);
             let (profile, reason) = crate::plan::profile::pick(&facts);
             let (chunk_bytes, queue_depth) = profile.settings();
-            let aligned = members.iter().all(|&i| chunk_bytes as u64 % files.direct[i].align == 0);
+            let aligned = members.iter().all(|(_, f)| chunk_bytes as u64 % f.align == 0);
             if chunk_bytes <= self.config.staging_bytes && aligned {
                 volume.chunk_bytes = chunk_bytes;
                 volume.queue_depth = queue_depth;
@@ -53,33 +56,31 @@ impl Loader {
     /// schedule picks for it.
     pub(crate) fn open_files(
         &self,
-        checkpoint: &Checkpoint,
+        reads: &ReadSet<'_>,
         wanted: &[bool],
         target: Target,
-    ) -> Result<(Files, Vec<Option<FileChoice>>)> {
-        let mut files = Files { slot: vec![None; checkpoint.files.len()], ..Files::default() };
-        files.remote = vec![None; checkpoint.files.len()];
-        files.copies = vec![None; checkpoint.files.len()];
-        let mut choices = vec![None; checkpoint.files.len()];
+    ) -> Result<Files> {
+        let mut files = Files { checkpoint_files: reads.files.len(), ..Files::default() };
         let mut cache = crate::source::cache::Opened::default();
-        for (f, info) in checkpoint.files.iter().enumerate() {
-            let needed = checkpoint
-                .tensors
-                .iter()
-                .zip(wanted)
-                .any(|(t, &w)| w && t.len > 0 && t.file.0 == f);
+        for (f, info) in reads.files.iter().enumerate() {
+            let needed =
+                reads.ranges.iter().zip(wanted).any(|(t, &w)| w && t.len > 0 && t.file.0 == f);
             if !needed {
                 continue;
             }
-            choices[f] = Some(if info.path.to_str().is_some_and(crate::source::live::is_url) {
-                open_live(f, info, self.config.path, &mut files)?
+            let id = FileId(f);
+            let opened = if info.path.to_str().is_some_and(crate::source::live::is_url) {
+                open_live(id, info, self.config.path)?
             } else if crate::source::object::is_url(&info.path) {
-                self.open_object(f, info, target, &mut files, &mut cache)?
+                self.open_object(id, info, target, &mut files.volumes, &mut cache)?
             } else {
-                self.open_local(f, &info.path, None, info, target, &mut files)?
-            });
+                let (reader, choice, facts) =
+                    self.open_local(&info.path, None, info, target, &mut files.volumes)?;
+                OpenedFile { id, reader, choice, facts, identity: Identity::Local }
+            };
+            files.opened.push(opened);
         }
-        Ok((files, choices))
+        Ok(files)
     }
 
     /// The position in `volumes` of the disk under `file`, added with the config's request
@@ -106,12 +107,12 @@ impl Loader {
     /// copy's record), else from the store (written through to the cache when there is one).
     fn open_object(
         &self,
-        f: usize,
+        id: FileId,
         info: &gantry_format::FileInfo,
         target: Target,
-        files: &mut Files,
+        volumes: &mut Vec<Volume>,
         opened: &mut crate::source::cache::Opened,
-    ) -> Result<FileChoice> {
+    ) -> Result<OpenedFile> {
         use crate::source::cache;
         use crate::source::object;
         let mut object = object::open_for_load(info, &self.config.object_options)?;
@@ -123,7 +124,7 @@ impl Loader {
                 cache::open_and_find(dir, shared, opened, identity.clone(), object.size);
             match (found, cache, identity) {
                 (cache::Lookup::Hit(copy), Some(cache), _) => {
-                    return self.open_copy(f, info, target, files, copy, object, cache);
+                    return self.open_copy(id, info, target, volumes, copy, object, cache);
                 }
                 (cache::Lookup::Miss(why), Some(_), Some(_)) if !self.config.cache_fill => {
                     cache_note = format!(
@@ -164,10 +165,9 @@ impl Loader {
             "object storage: ranged GETs of {part}, {} in flight, each conditioned on the ETag{cache_note}",
             self.config.object_concurrency
         );
-        files.slot[f] = Some((ReaderKind::Object, files.objects.len()));
-        files.remote[f] = Some(object.without_cache());
-        files.objects.push(object);
-        Ok((Choice { reader: ReaderKind::Object, reason }, facts))
+        let identity = Identity::Object { object: Box::new(object.without_cache()), copy: None };
+        let choice = Choice { reader: ReaderKind::Object, reason };
+        Ok(OpenedFile { id, reader: Reader::Object(object), choice, facts, identity })
     }
 
     /// Opens `copy` of object `info` (found in `cache`) for a load: read as a local file, each
@@ -175,14 +175,14 @@ impl Loader {
     #[allow(clippy::too_many_arguments)]
     fn open_copy(
         &self,
-        f: usize,
+        id: FileId,
         info: &gantry_format::FileInfo,
         target: Target,
-        files: &mut Files,
+        volumes: &mut Vec<Volume>,
         copy: crate::source::cache::Copy,
         object: crate::source::object::ObjectFile,
         cache: Arc<crate::source::cache::CacheDir>,
-    ) -> Result<FileChoice> {
+    ) -> Result<OpenedFile> {
         let path = copy.path.clone();
         let opened = copy.file.try_clone().map_err(|source| Error::Io {
             op: "open",
@@ -191,7 +191,8 @@ impl Loader {
             len: 0,
             source,
         })?;
-        let (mut choice, facts) = self.open_local(f, &path, Some(opened), info, target, files)?;
+        let (reader, mut choice, facts) =
+            self.open_local(&path, Some(opened), info, target, volumes)?;
         choice.reason = format!(
             "from the cache ({}: ETag {} and size unchanged on the store; every extent checked \
              against the copy's record): {}",
@@ -200,23 +201,21 @@ impl Loader {
             choice.reason
         );
         let checked = crate::source::cache::check::Checked::new(copy, object.clone(), cache);
-        files.copies[f] = Some(Arc::new(checked));
-        files.remote[f] = Some(object);
-        Ok((choice, facts))
+        let identity = Identity::Object { object: Box::new(object), copy: Some(Arc::new(checked)) };
+        Ok(OpenedFile { id, reader, choice, facts, identity })
     }
 
-    /// Probes and opens local file `path` (checkpoint file `f`, `info`; `path` is `info.path`,
+    /// Probes and opens local file `path` (of checkpoint file `info`; `path` is `info.path`,
     /// or a cache copy, `copy` as the cache opened and checked it) with the reader the
-    /// schedule picks.
+    /// schedule picks: the reader, the choice and the facts it was made from (in one line).
     fn open_local(
         &self,
-        f: usize,
         path: &Path,
         copy: Option<std::fs::File>,
         info: &gantry_format::FileInfo,
         target: Target,
-        files: &mut Files,
-    ) -> Result<FileChoice> {
+        volumes: &mut Vec<Volume>,
+    ) -> Result<(Reader, Choice, String)> {
         let to_device = target != Target::Host;
         // A regular file, and the one whose header was read (a cache copy: the file the cache
         // opened and checked); O_DIRECT opens that same file again through its descriptor,
@@ -260,61 +259,52 @@ impl Loader {
             align,
             cache_copy: from_cache,
         };
-        match (choice.reader, direct) {
+        let reader = match (choice.reader, direct) {
             (ReaderKind::Direct, Ok((file, align))) => {
-                files.slot[f] = Some((ReaderKind::Direct, files.direct.len()));
-                let volume = self.volume_of(&mut files.volumes, &file);
-                files.direct_volumes.push(volume);
-                files.direct.push(open(file, align));
-                files.direct_ids.push(f);
+                let volume = self.volume_of(volumes, &file);
+                Reader::Direct { file: open(file, align), volume }
             }
             (ReaderKind::Gds, direct) => {
                 // cuFile wants an O_DIRECT descriptor; in compatibility mode a plain one works.
                 let (file, align) = direct.unwrap_or((plain, 4096));
-                files.slot[f] = Some((ReaderKind::Gds, files.gds.len()));
-                files.gds.push(open(file, align));
+                Reader::Gds(open(file, align))
             }
-            _ => {
-                files.slot[f] = Some((ReaderKind::Buffered, files.buffered.len()));
-                files.buffered.push(open(plain, 1));
-                files.buffered_ids.push(f);
-            }
-        }
-        Ok((choice, facts.summary()))
+            _ => Reader::Buffered(open(plain, 1)),
+        };
+        Ok((reader, choice, facts.summary()))
     }
 }
 
 /// Opens file `f` of a live source (`info`) for a load: its leased memfd, read with buffered
 /// reads (shared memory: `O_DIRECT` does not apply).
 fn open_live(
-    f: usize,
+    id: FileId,
     info: &gantry_format::FileInfo,
     path: crate::PathChoice,
-    files: &mut Files,
-) -> Result<FileChoice> {
+) -> Result<OpenedFile> {
     let (file, reason) = crate::source::live::open_for_load(info, path)?;
-    files.slot[f] = Some((ReaderKind::Buffered, files.buffered.len()));
     let (path, file_len) = (info.path.clone(), info.file_len);
-    files.buffered.push(OpenFile { path, file, file_len, align: 1, cache_copy: false });
-    files.buffered_ids.push(f);
+    let reader = Reader::Buffered(OpenFile { path, file, file_len, align: 1, cache_copy: false });
     let choice = Choice { reader: ReaderKind::Buffered, reason };
-    Ok((choice, "shared memory (a sealed memfd)".to_owned()))
+    let facts = "shared memory (a sealed memfd)".to_owned();
+    Ok(OpenedFile { id, reader, choice, facts, identity: Identity::Local })
 }
 
 /// Per checkpoint file read with `O_DIRECT`, the volume it is on and how that is read, for
 /// its report.
 pub(crate) fn volume_notes(files: &Files) -> std::collections::HashMap<usize, String> {
     let mut notes = std::collections::HashMap::new();
-    for (i, &f) in files.direct_ids.iter().enumerate() {
-        let v = &files.volumes[files.direct_volumes[i]];
+    for opened in &files.opened {
+        let Reader::Direct { volume, .. } = opened.reader else { continue };
+        let v = &files.volumes[volume];
         notes.insert(
-            f,
+            opened.id.0,
             format!(
                 "; on {}: {} KiB reads, {} in flight, {} of {} volume(s) read side by side",
                 v.name,
                 v.chunk_bytes >> 10,
                 v.queue_depth,
-                files.direct_volumes[i] + 1,
+                volume + 1,
                 files.volumes.len()
             ),
         );
@@ -332,9 +322,6 @@ pub(crate) enum Target {
     /// Device memory, some tensors to several destinations (through staging only).
     Devices,
 }
-
-/// A file's reader, why, and the facts (in one line) it was chosen from.
-pub(crate) type FileChoice = (Choice, String);
 
 /// cuFile's facts for one file of a load: unavailable for host loads, real GPUDirect Storage
 /// only when the driver supports it and the file is on NVMe, else compatibility mode (when

@@ -16,46 +16,112 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gantry_format::FileId;
+
 use crate::config::Settings;
 use crate::cuda::CudaDevice;
-use crate::engine::read::{buffered, gds, uring, Message, OpenFile};
+use crate::engine::read::{buffered, gds, uring, Message, OpenFile, ReaderFiles};
 use crate::engine::sink::{RawTarget, Sink};
 use crate::engine::staging::Pool;
 use crate::error::{Error, Result};
 use crate::integrity::{self, Verifier};
 use crate::plan::interleave::{interleave, Read};
-use crate::plan::schedule::ReaderKind;
+use crate::plan::schedule::Choice;
 use crate::plan::Plan;
 use crate::source::{cache, object};
 
-/// The files of one load, split by reader.
+/// The files of one load: every file it reads, in checkpoint order, and the volumes under
+/// those read with `O_DIRECT`. Each reader's own list is built from it where the reader is
+/// spawned ([`ReaderFiles`]), and every job names its file by its checkpoint position.
 #[derive(Debug, Default)]
 pub struct Files {
-    /// Files for the direct reader, and each one's position in the checkpoint.
-    pub direct: Vec<OpenFile>,
-    /// Checkpoint positions of `direct`.
-    pub direct_ids: Vec<usize>,
-    /// The volume under each of `direct`, a position in `volumes`.
-    pub direct_volumes: Vec<usize>,
+    /// The opened files, in checkpoint order.
+    pub opened: Vec<OpenedFile>,
+    /// Files in the checkpoint (opened or not).
+    pub checkpoint_files: usize,
     /// The volumes under the direct files, each read with its own queue.
     pub volumes: Vec<Volume>,
-    /// Files for the buffered reader.
-    pub buffered: Vec<OpenFile>,
-    /// Checkpoint positions of `buffered`.
-    pub buffered_ids: Vec<usize>,
-    /// Files for cuFile.
-    pub gds: Vec<OpenFile>,
-    /// Objects in object storage.
-    pub objects: Vec<object::ObjectFile>,
-    /// Per checkpoint file from object storage, the object as the load opened it (also when
-    /// it is read from its local copy).
-    pub remote: Vec<Option<object::ObjectFile>>,
-    /// Per checkpoint file: its reader and its position in that reader's list (`direct`,
-    /// `buffered` or `gds`), `None` when nothing is read from it.
-    pub slot: Vec<Option<(ReaderKind, usize)>>,
-    /// Per checkpoint file read from a cache copy, the copy: each extent read from it is
-    /// checked against its record before anything else sees it ([`cache::check`]).
-    pub copies: Vec<Option<Arc<cache::check::Checked>>>,
+}
+
+/// One file a load reads: how, why, and which bytes it stands for.
+#[derive(Debug)]
+pub struct OpenedFile {
+    /// Its position in the checkpoint.
+    pub id: FileId,
+    /// The reader that reads it, with what that reader needs.
+    pub reader: Reader,
+    /// The schedule's choice of reader, and why.
+    pub choice: Choice,
+    /// The probed facts the choice was made from, in one line.
+    pub facts: String,
+    /// Whose bytes these are: a local file's own, or an object's.
+    pub identity: Identity,
+}
+
+/// A file's reader, holding what that reader needs.
+#[derive(Debug)]
+pub enum Reader {
+    /// io_uring with `O_DIRECT`: the file opened so, and its volume (a position in
+    /// [`Files::volumes`]).
+    Direct {
+        /// The `O_DIRECT` file.
+        file: OpenFile,
+        /// Its volume.
+        volume: usize,
+    },
+    /// `pread` on several threads.
+    Buffered(OpenFile),
+    /// cuFile, straight to the GPU.
+    Gds(OpenFile),
+    /// Ranged GETs from object storage (written through to the cache when it has a writer).
+    Object(object::ObjectFile),
+}
+
+/// Whose bytes a file holds.
+#[derive(Debug)]
+pub enum Identity {
+    /// A local file's own, identified by the header that was read from it.
+    Local,
+    /// An object's, as the load opened it, read from the store or from `copy`.
+    Object {
+        /// The object (without its cache writer).
+        object: Box<object::ObjectFile>,
+        /// The cache copy the file is read from: each extent read from it is checked against
+        /// its record before anything else sees it ([`cache::check`]).
+        copy: Option<Arc<cache::check::Checked>>,
+    },
+}
+
+impl Files {
+    /// The opened file `id`, or `None` when nothing is read from it.
+    pub fn get(&self, id: FileId) -> Option<&OpenedFile> {
+        let i = self.opened.binary_search_by_key(&id, |f| f.id).ok()?;
+        Some(&self.opened[i])
+    }
+
+    /// Per checkpoint file, the cache copy it is read from, if any.
+    pub fn copies(&self) -> Vec<Option<Arc<cache::check::Checked>>> {
+        let mut copies = vec![None; self.checkpoint_files];
+        for f in &self.opened {
+            if let Identity::Object { copy: Some(copy), .. } = &f.identity {
+                copies[f.id.0] = Some(Arc::clone(copy));
+            }
+        }
+        copies
+    }
+
+    /// The files of the direct reader, with each one's volume.
+    fn direct(&self) -> impl Iterator<Item = (FileId, &OpenFile, usize)> {
+        self.opened.iter().filter_map(|f| match &f.reader {
+            Reader::Direct { file, volume } => Some((f.id, file, *volume)),
+            _ => None,
+        })
+    }
+
+    /// The files of the reader `select` picks out.
+    fn of<'a, T>(&'a self, select: impl Fn(&'a Reader) -> Option<&'a T>) -> ReaderFiles<'a, T> {
+        ReaderFiles::new(self.opened.iter().filter_map(|f| Some((f.id, select(&f.reader)?))))
+    }
 }
 
 /// A volume under the direct files of a load, and how it is read.
@@ -89,14 +155,15 @@ impl Jobs {
     pub fn new(plan: &Plan, files: &Files, sink: &mut dyn Sink) -> Self {
         let mut jobs = Jobs::default();
         for (i, e) in plan.extents.iter().enumerate() {
-            let (reader, file) = files.slot[e.file.0].expect("extent of a file that is not open");
+            let opened = files.get(e.file).expect("extent of a file that is not open");
             let steps = &plan.steps[e.steps.clone()];
+            let file = e.file;
             let job = uring::Job { extent: i, file, offset: e.offset, len: e.len, target: None };
-            if reader == ReaderKind::Object {
+            if let Reader::Object(_) = opened.reader {
                 // Host destinations take whole extents in place: no staging copy.
                 let target = sink.direct_target(e, steps, 1);
                 jobs.object.push(uring::Job { target, ..job });
-            } else if reader == ReaderKind::Gds {
+            } else if let Reader::Gds(_) = opened.reader {
                 let reads: Vec<gds::GdsRead> = steps
                     .iter()
                     .enumerate()
@@ -113,8 +180,8 @@ impl Jobs {
                     })
                     .collect();
                 jobs.gds.push(reads);
-            } else if reader == ReaderKind::Direct {
-                let align = files.direct[file].align;
+            } else if let Reader::Direct { file, .. } = &opened.reader {
+                let align = file.align;
                 let target = sink.direct_target(e, steps, align);
                 if let Some(t) = target {
                     assert!(
@@ -140,15 +207,17 @@ impl Jobs {
     fn interleave_buffered(&mut self, files: &Files) {
         fn one_queue(files: usize, jobs: &[uring::Job]) -> Vec<usize> {
             let volume_of = vec![0; files];
-            let reads: Vec<Read> = jobs.iter().map(|j| Read { file: j.file, len: j.len }).collect();
+            let reads: Vec<Read> =
+                jobs.iter().map(|j| Read { file: j.file.0, len: j.len }).collect();
             interleave(&reads, &volume_of, 1).swap_remove(0)
         }
-        let order = one_queue(files.buffered.len(), &self.staged);
+        let count = files.checkpoint_files;
+        let order = one_queue(count, &self.staged);
         self.staged = order.iter().map(|&i| self.staged[i]).collect();
         let into: Vec<uring::Job> = self.into.iter().map(|(j, _)| *j).collect();
-        let order = one_queue(files.buffered.len(), &into);
+        let order = one_queue(count, &into);
         self.into = order.iter().map(|&i| self.into[i]).collect();
-        let order = one_queue(files.objects.len(), &self.object);
+        let order = one_queue(count, &self.object);
         self.object = order.iter().map(|&i| self.object[i]).collect();
     }
 
@@ -156,8 +225,12 @@ impl Jobs {
     /// each (positions in the direct jobs).
     fn direct_queues(&self, files: &Files) -> Vec<Vec<usize>> {
         let reads: Vec<Read> =
-            self.direct.iter().map(|j| Read { file: j.file, len: j.len }).collect();
-        interleave(&reads, &files.direct_volumes, files.volumes.len())
+            self.direct.iter().map(|j| Read { file: j.file.0, len: j.len }).collect();
+        let mut volume_of = vec![0; files.checkpoint_files];
+        for (id, _, volume) in files.direct() {
+            volume_of[id.0] = volume;
+        }
+        interleave(&reads, &volume_of, files.volumes.len())
     }
 
     /// Extents of the direct reader that pass through the staging ring.
@@ -227,7 +300,8 @@ pub fn run(
     let mut remaining: Vec<u32> = plan.steps_per_tensor.clone();
     let mut outstanding = plan.extents.len();
     let mut failure: Option<Error> = None;
-    let checker = cache::check::Checker::start(plan, &files.copies, jobs.targets(plan), cpus, &tx)?;
+    let copies = files.copies();
+    let checker = cache::check::Checker::start(plan, &copies, jobs.targets(plan), cpus, &tx)?;
     let verifier = match &checks {
         Some(c) => {
             let states = integrity::StatesSettings::new(
@@ -238,6 +312,10 @@ pub fn run(
         }
         None => None,
     };
+    let buffered_files = files.of(|r| match r {
+        Reader::Buffered(file) => Some(file),
+        _ => None,
+    });
     let trace = crate::trace::current();
     let trace = trace.as_ref();
     std::thread::scope(|scope| {
@@ -256,17 +334,11 @@ pub fn run(
                     fault,
                     cpus,
                 };
-                let (files, ids) = (&files.direct, &files.direct_ids);
-                uring::run(files, ids, direct, &queues, pool.as_ref(), settings, &tx)
+                let files = ReaderFiles::new(files.direct().map(|(id, file, _)| (id, file)));
+                uring::run(&files, direct, &queues, pool.as_ref(), settings, &tx)
             });
         }
-        let shared = buffered::Shared {
-            files: &files.buffered,
-            file_ids: &files.buffered_ids,
-            fault,
-            cancel: &cancel,
-            cpus,
-        };
+        let shared = buffered::Shared { files: &buffered_files, fault, cancel: &cancel, cpus };
         if !jobs.staged.is_empty() {
             let (tx, pool, staged) = (tx.clone(), pool.clone().expect("pool"), &jobs.staged);
             scope.spawn(move || {
@@ -280,15 +352,24 @@ pub fn run(
             let threads = config.queue_depth;
             scope.spawn(move || {
                 let _in = crate::trace::enter(trace, "cuFile reader");
-                gds::run(&files.gds, reads, &device, threads, cancel, &tx)
+                let files = files.of(|r| match r {
+                    Reader::Gds(file) => Some(file),
+                    _ => None,
+                });
+                gds::run(&files, reads, &device, threads, cancel, fault, &tx)
             });
         }
         if !jobs.object.is_empty() {
             let (tx, pool, jobs, cancel) = (tx.clone(), pool.clone(), &jobs.object, &cancel);
             let concurrency = config.object_concurrency;
+            let fault = config.fault.clone();
             scope.spawn(move || {
                 let _in = crate::trace::enter(trace, "object reader");
-                object::run(&files.objects, jobs, pool.as_ref(), concurrency, cancel, &tx)
+                let files = files.of(|r| match r {
+                    Reader::Object(object) => Some(object),
+                    _ => None,
+                });
+                object::run(&files, jobs, pool.as_ref(), concurrency, cancel, fault, &tx)
             });
         }
         if !jobs.into.is_empty() {

@@ -8,12 +8,76 @@
 //! Extents end at the run's end, which is inside the file; a reader that needs whole aligned
 //! blocks rounds the request up itself and ignores what lies past `len`.
 //!
+//! What is read is a [`ReadSet`]: byte ranges of the checkpoint's files, each of which lands
+//! as one unit. A load of tensors reads one range per tensor; a placed load reads atoms (the
+//! merged spans its shares need) and a cooperative rank its pieces, each as plain ranges, so
+//! that nothing poses as a tensor to be planned.
+//!
 //! Each extent lists its copy steps: which bytes of the extent go to which byte of which
-//! tensor. A tensor is ready when all of its steps have been carried out.
+//! range. A range is ready when all of its steps have been carried out.
 
 use std::ops::Range;
 
-use gantry_format::{Checkpoint, FileId};
+use gantry_format::{Checkpoint, FileId, FileInfo, TensorEntry};
+
+/// `len` bytes of file `file` from `offset`: one unit a load reads and delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileRange {
+    /// The file.
+    pub file: FileId,
+    /// Absolute file offset.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+impl FileRange {
+    /// The bytes of tensor `t`.
+    pub fn of(t: &TensorEntry) -> Self {
+        Self { file: t.file, offset: t.offset, len: t.len }
+    }
+
+    /// One range per tensor of `checkpoint`, in its order.
+    pub fn tensors(checkpoint: &Checkpoint) -> Vec<Self> {
+        checkpoint.tensors.iter().map(Self::of).collect()
+    }
+}
+
+/// What a load reads: `ranges` of `files`, each delivered whole (to where the sink says).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadSet<'a> {
+    /// The checkpoint's files.
+    pub files: &'a [FileInfo],
+    /// The ranges, each inside its file's data section.
+    pub ranges: &'a [FileRange],
+    /// When each range is the whole tensor of the same position: the tensors (their names
+    /// label the load's trace).
+    pub tensors: Option<&'a [TensorEntry]>,
+}
+
+impl<'a> ReadSet<'a> {
+    /// `ranges` of `files`, not tensors.
+    pub fn new(files: &'a [FileInfo], ranges: &'a [FileRange]) -> Self {
+        Self { files, ranges, tensors: None }
+    }
+
+    /// The tensors of `checkpoint`, as `ranges` ([`FileRange::tensors`]) says they lie.
+    pub fn tensors(checkpoint: &'a Checkpoint, ranges: &'a [FileRange]) -> Self {
+        assert_eq!(ranges.len(), checkpoint.tensors.len());
+        Self { files: &checkpoint.files, ranges, tensors: Some(&checkpoint.tensors) }
+    }
+
+    /// Range `i`'s label in the load's trace: its tensor's name, else its file and offset.
+    pub fn label(&self, i: usize) -> String {
+        match self.tensors {
+            Some(tensors) => tensors[i].name.clone(),
+            None => {
+                let r = &self.ranges[i];
+                format!("{}@{}", self.files[r.file.0].path.display(), r.offset)
+            }
+        }
+    }
+}
 
 /// One read: `len` bytes of `file` from `offset`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,14 +92,14 @@ pub struct Extent {
     pub steps: Range<usize>,
 }
 
-/// Bytes of one extent that belong to one tensor.
+/// Bytes of one extent that belong to one range of the read set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CopyStep {
-    /// Position of the tensor in the checkpoint's tensor table.
+    /// Position of the range in the read set (of the tensor, for a load of tensors).
     pub tensor: usize,
     /// Offset of the bytes within the extent.
     pub source_offset: u64,
-    /// Offset of the bytes within the tensor.
+    /// Offset of the bytes within the range.
     pub target_offset: u64,
     /// Byte count.
     pub len: u64,
@@ -48,7 +112,7 @@ pub struct Plan {
     pub extents: Vec<Extent>,
     /// Copy steps, grouped by extent.
     pub steps: Vec<CopyStep>,
-    /// How many steps each tensor of the checkpoint has (0 for skipped or empty tensors).
+    /// How many steps each range of the read set has (0 for skipped or empty ranges).
     pub steps_per_tensor: Vec<u32>,
 }
 
@@ -65,36 +129,32 @@ pub struct FilePlan {
 }
 
 impl Plan {
-    /// Plans reads of the tensors for which `wanted[i]` holds, file `f` as `files[f]` says;
-    /// skipped bytes up to `gap_bytes` between wanted tensors are read rather than split.
-    pub fn new(
-        checkpoint: &Checkpoint,
-        wanted: &[bool],
-        files: &[FilePlan],
-        gap_bytes: u64,
-    ) -> Self {
-        assert_eq!(wanted.len(), checkpoint.tensors.len());
-        assert_eq!(files.len(), checkpoint.files.len());
+    /// Plans reads of the ranges for which `wanted[i]` holds, file `f` as `files[f]` says;
+    /// skipped bytes up to `gap_bytes` between wanted ranges are read rather than split.
+    pub fn new(reads: &ReadSet<'_>, wanted: &[bool], files: &[FilePlan], gap_bytes: u64) -> Self {
+        let ranges = reads.ranges;
+        assert_eq!(wanted.len(), ranges.len());
+        assert_eq!(files.len(), reads.files.len());
         let mut plan = Plan { steps_per_tensor: vec![0; wanted.len()], ..Plan::default() };
         for (file, fp) in files.iter().enumerate() {
             let (a, chunk) = (fp.align, fp.chunk_bytes);
             assert!(a.is_power_of_two() && chunk > 0 && chunk % a == 0, "chunk must be aligned");
             let tensors: Vec<usize> = (0..wanted.len())
                 .filter(|&i| {
-                    let t = &checkpoint.tensors[i];
+                    let t = &ranges[i];
                     t.file == FileId(file) && wanted[i] && t.len > 0
                 })
                 .collect();
             if fp.whole && !tensors.is_empty() {
-                let span = 0..checkpoint.files[file].file_len;
-                plan.add_run(checkpoint, FileId(file), &tensors, span, chunk);
+                let span = 0..reads.files[file].file_len;
+                plan.add_run(ranges, FileId(file), &tensors, span, chunk);
                 continue;
             }
-            for run in runs(checkpoint, &tensors, gap_bytes, a) {
-                let first = &checkpoint.tensors[run[0]];
-                let last = &checkpoint.tensors[run[run.len() - 1]];
+            for run in runs(ranges, &tensors, gap_bytes, a) {
+                let first = &ranges[run[0]];
+                let last = &ranges[run[run.len() - 1]];
                 let span = first.offset - first.offset % a..last.offset + last.len;
-                plan.add_run(checkpoint, FileId(file), &run, span, chunk);
+                plan.add_run(ranges, FileId(file), &run, span, chunk);
             }
         }
         plan
@@ -106,16 +166,16 @@ impl Plan {
     }
 
     /// Cuts `span` (aligned start, end inside the file) into extents of at most `chunk`
-    /// bytes, with the copy steps of the tensors of `run` (sorted by offset) inside it.
+    /// bytes, with the copy steps of the ranges of `run` (sorted by offset) inside it.
     fn add_run(
         &mut self,
-        checkpoint: &Checkpoint,
+        ranges: &[FileRange],
         file: FileId,
         run: &[usize],
         span: Range<u64>,
         chunk: u64,
     ) {
-        let tensor = |i: usize| &checkpoint.tensors[run[i]];
+        let tensor = |i: usize| &ranges[run[i]];
         let run_end = span.end;
         let mut begin = span.start;
         let mut first = 0; // first tensor of the run that may still overlap
@@ -147,14 +207,14 @@ impl Plan {
     }
 }
 
-/// Groups tensors (sorted by offset, non-empty) into runs separated by more than `gap_bytes`.
-/// A tensor whose aligned start falls inside the previous run joins it, so that extents of
+/// Groups ranges (sorted by offset, non-empty) into runs separated by more than `gap_bytes`.
+/// A range whose aligned start falls inside the previous run joins it, so that extents of
 /// different runs never share a block.
-fn runs(checkpoint: &Checkpoint, tensors: &[usize], gap_bytes: u64, align: u64) -> Vec<Vec<usize>> {
+fn runs(ranges: &[FileRange], tensors: &[usize], gap_bytes: u64, align: u64) -> Vec<Vec<usize>> {
     let mut runs: Vec<Vec<usize>> = Vec::new();
     let mut run_end = 0;
     for &i in tensors {
-        let t = &checkpoint.tensors[i];
+        let t = &ranges[i];
         match runs.last_mut() {
             Some(run) if t.offset - t.offset % align <= run_end + gap_bytes => run.push(i),
             _ => runs.push(vec![i]),
@@ -272,7 +332,7 @@ mod tests {
             let c = checkpoint(data_offset, &lens);
             let wanted = wanted.unwrap_or(vec![true; lens.len()]);
             let plan = Plan::new(
-                &c,
+                &ReadSet::tensors(&c, &FileRange::tensors(&c)),
                 &wanted,
                 &[FilePlan { align, chunk_bytes: chunk, whole: false }],
                 gap,
@@ -286,7 +346,7 @@ mod tests {
     fn buffered_extents_start_at_data() {
         let c = checkpoint(13, &[7, 9000]);
         let p = Plan::new(
-            &c,
+            &ReadSet::tensors(&c, &FileRange::tensors(&c)),
             &[true, true],
             &[FilePlan { align: 1, chunk_bytes: 4096, whole: false }],
             0,
@@ -310,7 +370,8 @@ mod tests {
             let wanted: Vec<bool> = mask[..lens.len()].to_vec();
             let align = 1u64 << align_shift;
             let chunk = chunk_blocks * 4096;
-            let plan = Plan::new(&c, &wanted, &[FilePlan { align, chunk_bytes: chunk, whole }], gap);
+            let ranges = FileRange::tensors(&c);
+            let plan = Plan::new(&ReadSet::tensors(&c, &ranges), &wanted, &[FilePlan { align, chunk_bytes: chunk, whole }], gap);
             check(&c, &wanted, align, chunk, &plan);
             let any = c.tensors.iter().zip(&wanted).any(|(t, &w)| w && t.len > 0);
             if whole && any {

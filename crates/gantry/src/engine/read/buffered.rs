@@ -17,6 +17,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::uring::Job;
+use super::ReaderFiles;
 use super::{complete, fault::FaultInjector, read_error, Completion, Message, OpenFile};
 use crate::engine::staging::{Lease, Pool};
 use crate::error::{Error, Result};
@@ -25,9 +26,7 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy)]
 pub struct Shared<'a> {
     /// The files, by `Job::file`.
-    pub files: &'a [OpenFile],
-    /// Each file's position in the checkpoint (for the fault injector).
-    pub file_ids: &'a [usize],
+    pub files: &'a ReaderFiles<'a, OpenFile>,
     /// Rewrites results, for tests.
     pub fault: Option<&'a dyn FaultInjector>,
     /// Set when the load failed: threads stop taking work.
@@ -119,7 +118,7 @@ pub fn run_into(
 /// What a failed read of `job` (`error`) goes on as: of a cache copy, the extent unread with
 /// its buffer (the load goes on); of any other file, the load's error (the thread ends).
 fn unread(shared: Shared<'_>, job: Job, lease: Option<Lease>, error: Error) -> Result<Message> {
-    if shared.files[job.file].cache_copy {
+    if shared.files.get(job.file).cache_copy {
         Ok(Message::Unread { extent: job.extent, lease, error })
     } else {
         Err(error)
@@ -129,7 +128,7 @@ fn unread(shared: Shared<'_>, job: Job, lease: Option<Lease>, error: Error) -> R
 /// Fills `buf` (the job's `len` bytes) with `pread`, continuing short reads and retrying
 /// interrupted ones.
 fn read_full(shared: Shared<'_>, job: Job, buf: &mut [u8]) -> Result<()> {
-    let file = &shared.files[job.file];
+    let file = shared.files.get(job.file);
     let _span = crate::trace::span("read", "read").args(|a| {
         let a = a.str("reader", "buffered").str("volume", "buffered");
         a.str("file", file.path.display().to_string())
@@ -145,7 +144,7 @@ fn read_full(shared: Shared<'_>, job: Job, buf: &mut [u8]) -> Result<()> {
             Err(e) => -i64::from(e.raw_os_error().unwrap_or(libc::EIO)),
         };
         if let Some(fault) = shared.fault {
-            result = fault.rewrite(shared.file_ids[job.file], offset, want.len() as u64, result);
+            result = fault.rewrite(job.file.0, offset, want.len() as u64, result);
         }
         match complete(result, valid, job.len) {
             Completion::Done => return Ok(()),

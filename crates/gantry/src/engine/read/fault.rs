@@ -1,9 +1,10 @@
 //! Fault injection for the readers' completion handling (TigerBeetle's `storage.zig` idea).
 //!
-//! The two local-file readers (`uring` and `buffered`; not `gds` or `object`) pass every read
-//! result through the injector before acting on it, so a test can turn a real result into a
-//! short read, `EINTR`, `EAGAIN`, `EIO` or an early end of file at a chosen offset and watch
-//! the real pipeline deal with it.
+//! Every reader (`uring`, `buffered`, `gds` and `object`) passes every read result through
+//! the injector before acting on it, so a test can turn a real result into a short read,
+//! `EINTR`, `EAGAIN`, `EIO` or an early end of file at a chosen offset and watch the real
+//! pipeline deal with it. A result is what one request returned: a `pread`, an io_uring
+//! completion, a `cuFileRead`, or one body chunk of a ranged GET.
 
 use std::fmt;
 

@@ -17,7 +17,10 @@ use std::sync::{Arc, OnceLock};
 
 use gds_sys::{decode_io, decode_status, CuFile, IoReturn};
 
-use super::{Message, OpenFile};
+use gantry_format::FileId;
+
+use super::fault::FaultInjector;
+use super::{complete, Completion, Failed, Message, OpenFile, ReaderFiles};
 use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 
@@ -98,8 +101,8 @@ pub fn file_on_nvme(file: &std::fs::File) -> bool {
 pub struct GdsRead {
     /// Position of the extent in the plan; reported when its last read is done.
     pub extent: usize,
-    /// Position of the file in `files`.
-    pub file: usize,
+    /// The file, by its position in the checkpoint.
+    pub file: FileId,
     /// Absolute file offset.
     pub file_offset: u64,
     /// Bytes.
@@ -115,11 +118,12 @@ pub struct GdsRead {
 /// Reads `reads` on `threads` threads with cuFile, reporting each extent as its last read
 /// completes (reads of one extent go to one thread, in order).
 pub fn run(
-    files: &[OpenFile],
+    files: &ReaderFiles<'_, OpenFile>,
     reads: &[Vec<GdsRead>],
     device: &Arc<CudaDevice>,
     threads: usize,
     cancel: &AtomicBool,
+    fault: Option<&dyn FaultInjector>,
     tx: &Sender<Result<Message>>,
 ) {
     let driver = match driver() {
@@ -157,7 +161,7 @@ pub fn run(
                         return;
                     }
                     for r in &reads[i] {
-                        let message = read_one(&driver.cufile, files, handles, r);
+                        let message = read_one(&driver.cufile, files, handles, r, fault);
                         let failed = message.is_err();
                         // Only an extent's last read reports it; a failure is always reported.
                         if (failed || r.last_of_extent) && tx.send(message).is_err() {
@@ -182,9 +186,9 @@ struct Handles(Vec<gds_sys::CUfileHandle_t>);
 // SAFETY: cuFile handles may be used from any thread.
 unsafe impl Sync for Handles {}
 
-fn register(cufile: &CuFile, files: &[OpenFile]) -> Result<Handles> {
+fn register(cufile: &CuFile, files: &ReaderFiles<'_, OpenFile>) -> Result<Handles> {
     let mut handles = Vec::with_capacity(files.len());
-    for f in files {
+    for (_, f) in files.iter() {
         let mut descr = gds_sys::CUfileDescr_t {
             type_: gds_sys::CU_FILE_HANDLE_TYPE_OPAQUE_FD,
             handle: gds_sys::CUfileDescrHandle { fd: f.file.as_raw_fd() },
@@ -226,20 +230,24 @@ fn udev_hint(file: &std::fs::File) -> String {
     }
 }
 
+/// Reads `r` with `cuFileRead`, each result through the fault injector and [`complete`] as
+/// every reader's are; a cuFile status (no errno) is an error of its own.
 fn read_one(
     cufile: &CuFile,
-    files: &[OpenFile],
+    files: &ReaderFiles<'_, OpenFile>,
     handles: &Handles,
     r: &GdsRead,
+    fault: Option<&dyn FaultInjector>,
 ) -> Result<Message> {
-    let file = &files[r.file];
+    let file = files.get(r.file);
+    let failed = Failed { op: "cuFileRead", path: &file.path, file_len: file.file_len };
     let mut done = 0u64;
     while done < r.len {
         // SAFETY: the destination range lies inside the tensor's device memory (the plan's
         // steps are inside their tensors) and the context is current on this thread.
         let ret = unsafe {
             (cufile.read)(
-                handles.0[r.file],
+                handles.0[files.position(r.file)],
                 r.device_base as *mut std::ffi::c_void,
                 (r.len - done) as usize,
                 (r.file_offset + done) as libc::off_t,
@@ -247,24 +255,10 @@ fn read_one(
             )
         };
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        let io = |source| Error::Io {
-            op: "cuFileRead",
-            path: file.path.clone(),
-            offset: r.file_offset + done,
-            len: r.len - done,
-            source,
-        };
-        match decode_io(ret, errno) {
-            IoReturn::Bytes(0) => {
-                return Err(Error::Truncated {
-                    path: file.path.clone(),
-                    offset: r.file_offset + done,
-                    expected_len: file.file_len,
-                })
-            }
-            IoReturn::Bytes(n) => done += n as u64,
-            IoReturn::Errno(libc::EINTR) | IoReturn::Errno(libc::EAGAIN) => {}
-            IoReturn::Errno(e) => return Err(io(std::io::Error::from_raw_os_error(e))),
+        let mut result = match decode_io(ret, errno) {
+            IoReturn::Bytes(n) => n as i64,
+            // An errno of 0 would read as end of file: it is a failure all the same.
+            IoReturn::Errno(e) => -i64::from(if e == 0 { libc::EIO } else { e }),
             IoReturn::CuFile(code) => {
                 return Err(Error::CuFile {
                     op: "cuFileRead",
@@ -274,6 +268,15 @@ fn read_one(
                     message: code.to_string(),
                 });
             }
+        };
+        if let Some(fault) = fault {
+            result = fault.rewrite(r.file.0, r.file_offset + done, r.len - done, result);
+        }
+        match complete(result, done, r.len) {
+            Completion::Done => done = r.len,
+            Completion::Continue { valid } => done = valid,
+            Completion::Retry => {}
+            other => return Err(failed.error(r.file_offset, done, r.len - done, other)),
         }
     }
     Ok(Message::Landed { extent: r.extent })

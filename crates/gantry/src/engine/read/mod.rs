@@ -12,12 +12,13 @@
 //! - `object` (in `source/`): ranged GETs from object storage; `cache`: its local
 //!   write-through copies.
 //!
-//! All four report each finished extent to the consumer as a [`Message`]. The two local-file
-//! readers, `uring` and `buffered`, also share `Completion`, the one place where a read result
-//! becomes "done", "continue", "retry" or an error, so that short reads, `EINTR`, `EAGAIN` and
-//! end of file behave the same in both, and only they pass their results through the fault
-//! injector ([`fault`]). `gds` and `object` use neither: cuFile and the object store client
-//! report their own errors, and the fault tests do not reach them.
+//! All four report each finished extent to the consumer as a [`Message`], and all four pass
+//! every read result through the fault injector ([`fault`]) and then through [`complete`],
+//! the one place where a result becomes "done", "continue", "retry" or an error, so that short
+//! reads, `EINTR`, `EAGAIN`, end of file and `EIO` behave the same whoever read the bytes: a
+//! `pread` or an io_uring completion, a `cuFileRead` (whose own status codes, which have no
+//! errno, are errors of their own), or a body chunk of a ranged GET (a chunk is one result;
+//! a short one leaves the rest of the chunk for the next).
 
 pub(crate) mod buffered;
 pub mod fault;
@@ -26,6 +27,8 @@ pub(crate) mod uring;
 
 use std::fs::File;
 use std::path::PathBuf;
+
+use gantry_format::FileId;
 
 use crate::engine::staging::Lease;
 use crate::error::Error;
@@ -45,6 +48,58 @@ pub struct OpenFile {
     /// with the extent's buffer, for the copy's check to fetch those bytes from the store
     /// ([`cache::check`]); a failed read of any other file is the load's error.
     pub cache_copy: bool,
+}
+
+/// The files one reader reads, found by their position in the checkpoint (the `file` of
+/// its jobs), each with its position in the reader's own list (a registered file's index).
+/// Built where the reader is spawned, from the load's opened files.
+#[derive(Debug)]
+pub struct ReaderFiles<'a, T> {
+    /// Per checkpoint file: its position in `list`, if this reader reads it.
+    by_id: Vec<Option<usize>>,
+    list: Vec<(FileId, &'a T)>,
+}
+
+impl<'a, T> ReaderFiles<'a, T> {
+    /// The files of `list`, in its order.
+    pub fn new(list: impl IntoIterator<Item = (FileId, &'a T)>) -> Self {
+        let list: Vec<(FileId, &'a T)> = list.into_iter().collect();
+        let count = list.iter().map(|(id, _)| id.0 + 1).max().unwrap_or(0);
+        let mut by_id = vec![None; count];
+        for (position, (id, _)) in list.iter().enumerate() {
+            by_id[id.0] = Some(position);
+        }
+        Self { by_id, list }
+    }
+
+    /// The file `id`'s position in this reader's list. A job of a file not given to this
+    /// reader is a programming error.
+    pub fn position(&self, id: FileId) -> usize {
+        match self.by_id.get(id.0).copied().flatten() {
+            Some(position) => position,
+            None => panic!("a job of file {} that this reader was not given", id.0),
+        }
+    }
+
+    /// The file `id`.
+    pub fn get(&self, id: FileId) -> &'a T {
+        self.list[self.position(id)].1
+    }
+
+    /// The files in the reader's order.
+    pub fn iter(&self) -> impl Iterator<Item = (FileId, &'a T)> + '_ {
+        self.list.iter().copied()
+    }
+
+    /// How many files.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Whether the reader has no file.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
 }
 
 /// A raw destination a reader writes one whole extent into, instead of a staging buffer.
@@ -152,20 +207,41 @@ pub fn read_error(
     len: u64,
     completion: Completion,
 ) -> Error {
-    match completion {
-        Completion::Truncated { at } => Error::Truncated {
-            path: file.path.clone(),
-            offset: extent_offset + at,
-            expected_len: file.file_len,
-        },
-        Completion::Failed { errno } => Error::Io {
-            op: "read",
-            path: file.path.clone(),
-            offset: extent_offset + start,
-            len,
-            source: std::io::Error::from_raw_os_error(errno),
-        },
-        other => unreachable!("{other:?} is not an error"),
+    let at = Failed { op: "read", path: &file.path, file_len: file.file_len };
+    at.error(extent_offset, start, len, completion)
+}
+
+/// A read that failed: the operation (`read`, `cuFileRead`, `get`) and the file, whose length
+/// when its header was read is `file_len`.
+#[derive(Debug, Clone, Copy)]
+pub struct Failed<'a> {
+    /// The operation, as the error names it.
+    pub op: &'static str,
+    /// The file or object.
+    pub path: &'a std::path::Path,
+    /// Its length when the header was read.
+    pub file_len: u64,
+}
+
+impl Failed<'_> {
+    /// The error for `completion` of a request of `len` bytes starting `start` bytes into the
+    /// extent at file offset `extent_offset`.
+    pub fn error(&self, extent_offset: u64, start: u64, len: u64, completion: Completion) -> Error {
+        match completion {
+            Completion::Truncated { at } => Error::Truncated {
+                path: self.path.to_path_buf(),
+                offset: extent_offset + at,
+                expected_len: self.file_len,
+            },
+            Completion::Failed { errno } => Error::Io {
+                op: self.op,
+                path: self.path.to_path_buf(),
+                offset: extent_offset + start,
+                len,
+                source: std::io::Error::from_raw_os_error(errno),
+            },
+            other => unreachable!("{other:?} is not an error"),
+        }
     }
 }
 

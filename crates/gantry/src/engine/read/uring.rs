@@ -16,7 +16,10 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::{complete, fault::FaultInjector, read_error, Completion, Message, OpenFile, RawTarget};
+use gantry_format::FileId;
+
+use super::{complete, fault::FaultInjector, read_error, Completion, Message, OpenFile};
+use super::{RawTarget, ReaderFiles};
 use crate::engine::staging::{Lease, Pool};
 use crate::error::{Error, Result};
 
@@ -25,8 +28,8 @@ use crate::error::{Error, Result};
 pub struct Job {
     /// Position of the extent in the plan.
     pub extent: usize,
-    /// Position of the file in `files`.
-    pub file: usize,
+    /// The file, by its position in the checkpoint.
+    pub file: FileId,
     /// Absolute, aligned file offset.
     pub offset: u64,
     /// Bytes needed.
@@ -73,8 +76,7 @@ struct Slot {
 /// time, sending each finished extent (or the first error) to `tx`. Returns when every job is
 /// sent, on the first error, or when the consumer has gone away.
 pub fn run(
-    files: &[OpenFile],
-    file_ids: &[usize],
+    files: &ReaderFiles<'_, OpenFile>,
     jobs: &[Job],
     queues: &[Vec<usize>],
     pool: Option<&Arc<Pool>>,
@@ -83,7 +85,7 @@ pub fn run(
 ) {
     assert_eq!(queues.len(), settings.depths.len(), "one depth per volume");
     crate::engine::topology::pin_current_thread(settings.cpus);
-    let mut reader = match Reader::new(files, file_ids, pool, settings) {
+    let mut reader = match Reader::new(files, pool, settings) {
         Ok(r) => r,
         Err(e) => {
             let _ = tx.send(Err(e));
@@ -98,8 +100,8 @@ pub fn run(
 
 struct Reader<'a> {
     ring: IoUring,
-    files: &'a [OpenFile],
-    file_ids: &'a [usize],
+    /// The files, registered with the ring in this list's order.
+    files: &'a ReaderFiles<'a, OpenFile>,
     pool: Option<&'a Arc<Pool>>,
     fixed_buffers: bool,
     fault: Option<&'a dyn FaultInjector>,
@@ -115,8 +117,7 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn new(
-        files: &'a [OpenFile],
-        file_ids: &'a [usize],
+        files: &'a ReaderFiles<'a, OpenFile>,
         pool: Option<&'a Arc<Pool>>,
         settings: Settings<'a>,
     ) -> Result<Self> {
@@ -128,7 +129,7 @@ impl<'a> Reader<'a> {
             .build(entries)
             .or_else(|_| IoUring::new(entries))
             .map_err(|source| Error::Resource { what: "io_uring setup", source })?;
-        let fds: Vec<i32> = files.iter().map(|f| f.file.as_raw_fd()).collect();
+        let fds: Vec<i32> = files.iter().map(|(_, f)| f.file.as_raw_fd()).collect();
         ring.submitter()
             .register_files(&fds)
             .map_err(|source| Error::Resource { what: "io_uring file registration", source })?;
@@ -148,7 +149,6 @@ impl<'a> Reader<'a> {
         Ok(Self {
             ring,
             files,
-            file_ids,
             pool,
             fixed_buffers,
             fault: settings.fault,
@@ -244,12 +244,11 @@ impl<'a> Reader<'a> {
     /// an interrupted one is issued again.
     fn on_completion(&mut self, slot: usize, result: i32) -> Result<Option<Message>> {
         let s = self.slots[slot].as_mut().expect("completion for an empty slot");
-        let (align, job) = (self.files[s.job.file].align, s.job);
+        let (align, job) = (self.files.get(s.job.file).align, s.job);
         let request_len = job.len.next_multiple_of(align) - s.start;
         let mut result = i64::from(result);
         if let Some(fault) = self.fault {
-            result =
-                fault.rewrite(self.file_ids[job.file], job.offset + s.start, request_len, result);
+            result = fault.rewrite(job.file.0, job.offset + s.start, request_len, result);
         }
         let mut completion = complete(result, s.start, job.len);
         if let Completion::Continue { valid } = completion {
@@ -281,7 +280,7 @@ impl<'a> Reader<'a> {
                 Ok(None)
             }
             failed => {
-                let file = &self.files[job.file];
+                let file = self.files.get(job.file);
                 let error = read_error(file, job.offset, s.start, request_len, failed);
                 self.failed(slot, error)
             }
@@ -295,7 +294,7 @@ impl<'a> Reader<'a> {
         let Some(s) = self.slots[slot].take() else { return Err(error) };
         self.in_flight -= 1;
         self.volume_in_flight[s.volume] -= 1;
-        if !self.files[s.job.file].cache_copy {
+        if !self.files.get(s.job.file).cache_copy {
             return Err(error); // the buffer goes back to the pool: nothing reads into it now
         }
         let lease = match s.buffer {
@@ -313,7 +312,7 @@ impl<'a> Reader<'a> {
             .tracks
             .entry((s.volume, slot))
             .or_insert_with(|| crate::trace::track(|| format!("volume {name}: read slot {slot}")));
-        let file = &self.files[s.job.file];
+        let file = self.files.get(s.job.file);
         crate::trace::complete(begin, track, "read", "read", || {
             let a = crate::trace::Args::new().str("reader", "direct").str("volume", name);
             a.str("file", file.path.display().to_string())
@@ -325,7 +324,7 @@ impl<'a> Reader<'a> {
     /// Queues the read of slot `slot` from its `start`.
     fn push(&mut self, slot: usize) {
         let s = self.slots[slot].as_mut().expect("slot");
-        let align = self.files[s.job.file].align;
+        let align = self.files.get(s.job.file).align;
         let len = (s.job.len.next_multiple_of(align) - s.start) as u32;
         let (base, capacity, fixed) = match &mut s.buffer {
             Buffer::Staging(lease) => {
@@ -337,7 +336,7 @@ impl<'a> Reader<'a> {
         assert!(s.start as usize + len as usize <= capacity);
         // SAFETY: start + len is inside the buffer (asserted above).
         let buf = unsafe { base.add(s.start as usize) };
-        let fd = types::Fixed(s.job.file as u32);
+        let fd = types::Fixed(self.files.position(s.job.file) as u32);
         let offset = s.job.offset + s.start;
         let entry = match fixed {
             Some(index) => opcode::ReadFixed::new(fd, buf, len, index).offset(offset).build(),

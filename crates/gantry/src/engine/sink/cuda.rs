@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use cudarc::driver::{result, sys};
-use gantry_format::Checkpoint;
 
 use super::gpus::{Gpu, Setup};
 use super::{RawTarget, Sink};
@@ -80,17 +79,13 @@ struct Relay {
 }
 
 impl CudaSink {
-    /// A sink writing tensor `i` to `targets[i]` (device address; `None` skips it). Binds the
-    /// device's context on this thread until the sink is dropped.
-    pub fn new(
-        device: &Arc<CudaDevice>,
-        targets: Vec<Option<u64>>,
-        checkpoint: &Checkpoint,
-    ) -> Result<Self> {
+    /// A sink writing range `i` (of `lens[i]` bytes) to `targets[i]` (device address; `None`
+    /// skips it). Binds the device's context on this thread until the sink is dropped.
+    pub fn new(device: &Arc<CudaDevice>, targets: Vec<Option<u64>>, lens: &[u64]) -> Result<Self> {
         let targets = targets
             .iter()
-            .zip(&checkpoint.tensors)
-            .map(|(t, e)| t.map(|addr| Place::whole(0, addr, e.len)).into_iter().collect())
+            .zip(lens)
+            .map(|(t, &len)| t.map(|addr| Place::whole(0, addr, len)).into_iter().collect())
             .collect();
         Self::fan_out(std::slice::from_ref(device), targets)
     }

@@ -110,7 +110,8 @@ mod tests {
         let loader = Loader::new(config).unwrap();
         let mut sink = HoldingSink::default();
         let wanted = vec![true; checkpoint.tensors.len()];
-        let err = loader.run(&checkpoint, &wanted, &mut sink, None, &mut |_| {}).unwrap_err();
+        let err =
+            loader.run_tensors(&checkpoint, &wanted, &mut sink, None, &mut |_| {}).unwrap_err();
         assert!(matches!(err, Error::Config(_)), "{err}");
         assert_eq!(sink.delivered, 2);
         assert!(sink.held.is_empty(), "the load returned while the sink still held staging");

@@ -21,9 +21,10 @@ pub(crate) mod tp;
 
 use std::collections::BTreeMap;
 
-use gantry_format::{Checkpoint, Dtype, FileId, TensorEntry};
+use gantry_format::{Checkpoint, FileId, TensorEntry};
 
 use crate::error::{Error, Result};
+use crate::plan::FileRange;
 pub use rows::{Piece, Rows};
 pub use spec::{
     check_destinations, parse_tp_rule, Placement, ShardRule, ShardSpec, DESTINATIONS_MAX,
@@ -164,8 +165,8 @@ pub struct ShareEntry {
 /// The reads and copies of a placed load.
 #[derive(Debug, Clone)]
 pub struct Layout {
-    /// The atoms as a tensor table over the same files: disjoint byte ranges, each read once.
-    pub atoms: Checkpoint,
+    /// The atoms: disjoint byte ranges of the checkpoint's files, each read once.
+    pub atoms: Vec<FileRange>,
     /// Per atom, every destination that takes bytes of it.
     pub copies: Vec<Vec<Delivery>>,
     /// Per destination, its shares in checkpoint order.
@@ -232,19 +233,14 @@ impl Layout {
         }
         let (mut atoms, mut copies) = (Vec::new(), Vec::new());
         for (file, spans) in wanted {
-            merge_spans(checkpoint, file, spans, &mut atoms, &mut copies);
+            merge_spans(file, spans, &mut atoms, &mut copies);
         }
-        let atoms = Checkpoint {
-            files: checkpoint.files.clone(),
-            tensors: atoms,
-            index_metadata: checkpoint.index_metadata.clone(),
-        };
         Ok(Layout { atoms, copies, shares, buffer_bytes })
     }
 
     /// Bytes read from storage: the atoms' total.
     pub fn atom_bytes(&self) -> u64 {
-        self.atoms.tensors.iter().map(|a| a.len).sum()
+        self.atoms.iter().map(|a| a.len).sum()
     }
 
     /// Per atom, every place its bytes go, with destination `d`'s buffer at address
@@ -253,7 +249,7 @@ impl Layout {
         assert_eq!(bases.len(), self.shares.len(), "one base per destination");
         self.copies
             .iter()
-            .zip(&self.atoms.tensors)
+            .zip(&self.atoms)
             .map(|(copies, atom)| {
                 copies
                     .iter()
@@ -276,10 +272,9 @@ impl Layout {
 /// once), spans that only touch do not (so a rank's rows of a tensor split along dimension 0
 /// stay their own atom).
 fn merge_spans(
-    checkpoint: &Checkpoint,
     file: usize,
     mut spans: Vec<Wanted>,
-    atoms: &mut Vec<TensorEntry>,
+    atoms: &mut Vec<FileRange>,
     copies: &mut Vec<Vec<Delivery>>,
 ) {
     spans.sort_by_key(|&(s, e, ..)| (s, e));
@@ -291,14 +286,7 @@ fn merge_spans(
             end = end.max(spans[j].1);
             j += 1;
         }
-        atoms.push(TensorEntry {
-            name: format!("{}@{start}", checkpoint.files[file].path.display()),
-            dtype: Dtype::U8,
-            shape: vec![end - start],
-            file: FileId(file),
-            offset: start,
-            len: end - start,
-        });
+        atoms.push(FileRange { file: FileId(file), offset: start, len: end - start });
         copies.push(
             spans[i..j]
                 .iter()
@@ -335,6 +323,7 @@ impl Place {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gantry_format::Dtype;
     use std::path::PathBuf;
 
     fn entry(shape: &[u64], dtype: Dtype, offset: u64) -> TensorEntry {
@@ -415,7 +404,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(layout.atom_bytes(), 96, "every byte read once");
-        assert_eq!(layout.atoms.tensors.len(), 1, "overlapping spans share one atom");
+        assert_eq!(layout.atoms.len(), 1, "overlapping spans share one atom");
         let mut rows: Vec<(usize, Rows)> =
             layout.copies[0].iter().map(|c| (c.device, c.rows)).collect();
         rows.sort_by_key(|r| r.0);
@@ -433,7 +422,7 @@ mod tests {
             Ok((0..2).map(|r| (r, Share::Slice(even(t, 0, 2, r as u64).unwrap()))).collect())
         })
         .unwrap();
-        assert_eq!(rows.atoms.tensors.len(), 2);
+        assert_eq!(rows.atoms.len(), 2);
         assert_eq!(rows.atom_bytes(), 96);
         assert!(Layout::new(&checkpoint, 1, |_| Ok(vec![(1, Share::Whole)])).is_err());
         assert!(Layout::new(&checkpoint, 1, |_| Ok(vec![(0, Share::Whole), (0, Share::Whole)]))

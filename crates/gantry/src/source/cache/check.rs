@@ -35,7 +35,7 @@ use crate::engine::staging::Lease;
 use crate::error::{Error, Result};
 use crate::plan::{FilePlan, Plan};
 use crate::source::object::ObjectFile;
-use gantry_format::Checkpoint;
+use gantry_format::FileInfo;
 
 /// Most checking threads of one load.
 pub const CHECK_THREADS_MAX: usize = 8;
@@ -322,9 +322,9 @@ pub fn segment_plan(plan: FilePlan) -> FilePlan {
 /// segments all matched their record means the copy's writer recorded bytes that are not the
 /// object's digest, or the object is not: either way the copy is dropped (the next load reads
 /// the store) and the error says the bytes came from it, rather than blaming the object alone.
-pub fn blame_copy(e: Error, checkpoint: &Checkpoint, copies: &[Option<Arc<Checked>>]) -> Error {
+pub fn blame_copy(e: Error, files: &[FileInfo], copies: &[Option<Arc<Checked>>]) -> Error {
     let Error::Integrity { path, expected, actual, expected_from } = e else { return e };
-    let f = checkpoint.files.iter().position(|file| file.path == path);
+    let f = files.iter().position(|file| file.path == path);
     let actual = match f.and_then(|f| copies.get(f)?.as_ref()) {
         Some(copy) => {
             copy.drop_after("does not hash to the object's SHA-256");

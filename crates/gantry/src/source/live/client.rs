@@ -17,8 +17,7 @@ use std::time::Duration;
 use gantry_format::Checkpoint;
 use serde_json::{Map, Value};
 
-use super::device::DeviceShare;
-use super::protocol::{self, Received, FDS_PER_MESSAGE, FILES_MAX, PROTOCOL_VERSION};
+use super::protocol::{self, DeviceShare, Received, FDS_PER_MESSAGE, FILES_MAX, PROTOCOL_VERSION};
 use crate::error::{Error, Result};
 
 /// How long a reader waits for the server at each step, unless told otherwise.

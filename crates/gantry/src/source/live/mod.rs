@@ -45,8 +45,8 @@ use gantry_format::{Checkpoint, FileInfo};
 use parking_lot::Mutex;
 
 pub use client::Lease;
-pub use device::DeviceShare;
 pub(crate) use device::{alias as alias_device, fill as fill_device, Aliased};
+pub use protocol::DeviceShare;
 pub use publish::TensorBytes;
 pub use server::{Server, ServerOptions, TerminationSignals};
 
@@ -162,7 +162,12 @@ pub(crate) fn open_for_load(info: &FileInfo, path: crate::PathChoice) -> Result<
 
 /// The publication version of `checkpoint` when it came from a live source.
 pub fn version_of(checkpoint: &Checkpoint) -> Option<String> {
-    let first = checkpoint.files.first()?;
+    version_of_files(&checkpoint.files)
+}
+
+/// [`version_of`] for a load's files.
+pub(crate) fn version_of_files(files: &[FileInfo]) -> Option<String> {
+    let first = files.first()?;
     split_file_path(&first.path)?;
     first.version.clone()
 }

@@ -16,6 +16,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::Duration;
 
+use serde_json::{Map, Value};
+
+use crate::cuda::IpcHandle;
+
 /// The protocol version a client sends in `HELLO` and a server answers in `LEASE`.
 pub const PROTOCOL_VERSION: u64 = 1;
 
@@ -315,4 +319,58 @@ pub fn check_sealed(file: &File, len: u64) -> Result<(), String> {
         return Err(format!("is {actual} bytes, announced as {len}"));
     }
     Ok(())
+}
+
+/// Longest PCI bus id accepted from a server.
+const BUS_ID_MAX: usize = 64;
+
+/// What a reader was handed of a version's device residency.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceShare {
+    /// The server's GPU, by PCI bus id.
+    pub bus_id: String,
+    /// Per file (in the lease's file order): the handle of its data section, if it has data.
+    pub handles: Vec<Option<IpcHandle>>,
+}
+
+impl DeviceShare {
+    /// Adds the `DEVICE` message `message` (files `first..first + count` of `files`).
+    pub(crate) fn take(
+        share: &mut Option<Self>,
+        message: &Map<String, Value>,
+        files: usize,
+    ) -> Result<(), String> {
+        let first = message.get("first").and_then(Value::as_u64).ok_or("no 'first'")? as usize;
+        let handles = message.get("handles").and_then(Value::as_array).ok_or("no 'handles'")?;
+        let count = message.get("count").and_then(Value::as_u64).ok_or("no 'count'")? as usize;
+        let bus_id = message.get("bus_id").and_then(Value::as_str).ok_or("no 'bus_id'")?;
+        let had = share.as_ref().map_or(0, |s| s.handles.len());
+        if first != had || count != handles.len() || count == 0 || had + count > files {
+            return Err(format!(
+                "handles {first}..{} of {files} after {had}",
+                first.saturating_add(count)
+            ));
+        }
+        if bus_id.is_empty()
+            || bus_id.len() > BUS_ID_MAX
+            || !bus_id.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err("a bus id of 1 to 64 printable characters is required".to_owned());
+        }
+        let share =
+            share.get_or_insert_with(|| Self { bus_id: bus_id.to_owned(), handles: Vec::new() });
+        if share.bus_id != bus_id {
+            return Err("the bus id changed between messages".to_owned());
+        }
+        for h in handles {
+            share.handles.push(match h {
+                Value::Null => None,
+                Value::String(hex) => {
+                    Some(IpcHandle::from_hex(hex).ok_or("a handle that is not 128 hex digits")?)
+                }
+                _ => return Err("a handle that is neither null nor a string".to_owned()),
+            });
+        }
+        Ok(())
+    }
 }

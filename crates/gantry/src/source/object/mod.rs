@@ -33,14 +33,15 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use gantry_format::{
-    check_prefix, parse_header, parse_index, Checkpoint, ErrorKind, FormatError, Header,
+    check_prefix, parse_header, parse_index, Checkpoint, ErrorKind, FileId, FormatError, Header,
     INDEX_FILE_NAME, MAX_INDEX_BYTES, PREFIX_BYTES,
 };
 use object_store::path::Path as ObjectPath;
 use object_store::{Attribute, GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt};
 
+use crate::engine::read::fault::FaultInjector;
 use crate::engine::read::uring::Job;
-use crate::engine::read::Message;
+use crate::engine::read::{complete, Completion, Failed, Message};
 use crate::engine::staging::Pool;
 use crate::error::{Error, Result};
 use crate::integrity::{self, Known, SUMS_FILE_NAME};
@@ -381,10 +382,10 @@ impl ObjectFile {
     /// Fills `buf` with the object's bytes from `offset` (GETs conditioned on the version
     /// the load saw), blocking this thread: how a cache copy's failed extent is replaced.
     pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let job = Job { extent: 0, file: 0, offset, len: buf.len() as u64, target: None };
+        let job = Job { extent: 0, file: FileId(0), offset, len: buf.len() as u64, target: None };
         let target = crate::engine::read::RawTarget { ptr: buf.as_mut_ptr(), len: buf.len() };
         let file = self.without_cache();
-        runtime()?.block_on(fetch_into(&file, job, &mut Dest::Target(target), &mut None))
+        runtime()?.block_on(fetch_into(&file, job, &mut Dest::Target(target), &mut None, None))
     }
 }
 
@@ -429,11 +430,12 @@ pub fn open_for_load(info: &gantry_format::FileInfo, options: &Options) -> Resul
 /// ranged GETs in flight, sending each finished extent (or the first error) to `tx`. Returns
 /// when every job is done, on the first error, when `cancel` is set or the pool closes.
 pub fn run(
-    files: &[ObjectFile],
+    files: &crate::engine::read::ReaderFiles<'_, ObjectFile>,
     jobs: &[Job],
     pool: Option<&Arc<Pool>>,
     concurrency: usize,
     cancel: &AtomicBool,
+    fault: Option<Arc<dyn FaultInjector>>,
     tx: &Sender<Result<Message>>,
 ) {
     let runtime = match runtime() {
@@ -465,13 +467,15 @@ pub fn run(
                     None => break,
                 },
             };
-            let file = files[job.file].clone();
+            let file = files.get(job.file).clone();
             let (tx, failed, lanes) = (tx.clone(), Arc::clone(&failed), lanes.clone());
+            let fault = fault.clone();
             in_flight.spawn(async move {
                 let get = lanes.as_ref().map(|l| l.begin());
                 // A panic inside the client (a backstop: its settings were checked) fails
                 // the load with an error rather than losing the part.
-                let caught = std::panic::AssertUnwindSafe(fetch(&file, job, dest)).catch_unwind();
+                let fetched = fetch(&file, job, dest, fault.as_deref());
+                let caught = std::panic::AssertUnwindSafe(fetched).catch_unwind();
                 let (message, copy) = caught
                     .await
                     .unwrap_or_else(|panic| (Err(panicked(&file.path, panic.as_ref())), None));
@@ -530,9 +534,14 @@ enum Dest {
 
 /// Fetches one part into `dest`; with the message, the body chunks of the part when the
 /// object's cache copy wants them (the buffers the bytes came in, kept rather than copied).
-async fn fetch(file: &ObjectFile, job: Job, mut dest: Dest) -> (Result<Message>, Option<Chunks>) {
+async fn fetch(
+    file: &ObjectFile,
+    job: Job,
+    mut dest: Dest,
+    fault: Option<&dyn FaultInjector>,
+) -> (Result<Message>, Option<Chunks>) {
     let mut copy = file.cache.as_ref().filter(|c| c.wants_bytes()).map(|_| Vec::new());
-    let message = fetch_into(file, job, &mut dest, &mut copy).await;
+    let message = fetch_into(file, job, &mut dest, &mut copy, fault).await;
     let message = message.map(|()| match dest {
         Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
         Dest::Target(_) => Message::Direct { extent: job.extent },
@@ -545,12 +554,13 @@ async fn fetch(file: &ObjectFile, job: Job, mut dest: Dest) -> (Result<Message>,
 type Chunks = Vec<bytes::Bytes>;
 
 /// Fills `dest` with part `job`, resuming a body that broke off; with `copy`, keeps each body
-/// chunk there too.
+/// chunk there too. Each chunk is a read result, through `fault` and [`take_chunk`].
 async fn fetch_into(
     file: &ObjectFile,
     job: Job,
     dest: &mut Dest,
     copy: &mut Option<Chunks>,
+    fault: Option<&dyn FaultInjector>,
 ) -> Result<()> {
     let buf: &mut [u8] = match dest {
         Dest::Staging(lease) => &mut lease.as_mut_slice()[..job.len as usize],
@@ -575,8 +585,7 @@ async fn fetch_into(
         while let Some(chunk) = body.next().await {
             match chunk {
                 Ok(bytes) => {
-                    let end = filled as usize + bytes.len();
-                    if end > buf.len() {
+                    if filled as usize + bytes.len() > buf.len() {
                         return Err(Error::Io {
                             op: "get",
                             path: file.path.clone(),
@@ -585,11 +594,7 @@ async fn fetch_into(
                             source: io::Error::other("the server sent more bytes than asked for"),
                         });
                     }
-                    buf[filled as usize..end].copy_from_slice(&bytes);
-                    filled = end as u64;
-                    if let Some(copy) = copy.as_mut() {
-                        copy.push(bytes);
-                    }
+                    filled = take_chunk(file, job, fault, filled, bytes, buf, copy)?;
                 }
                 Err(e) => {
                     broke = Some(e);
@@ -613,6 +618,43 @@ async fn fetch_into(
         }
     }
     Ok(())
+}
+
+/// Takes body chunk `bytes` of part `job` into `buf` (which holds the part's first `filled`
+/// bytes, and room for the chunk) and `copy`, as read results through `fault` and
+/// [`complete`]: a short result takes that much and offers the rest of the chunk as the next
+/// read, a retry offers it again. Returns the bytes now filled.
+fn take_chunk(
+    file: &ObjectFile,
+    job: Job,
+    fault: Option<&dyn FaultInjector>,
+    mut filled: u64,
+    bytes: bytes::Bytes,
+    buf: &mut [u8],
+    copy: &mut Option<Chunks>,
+) -> Result<u64> {
+    let failed = Failed { op: "get", path: &file.path, file_len: file.size };
+    let mut taken = 0usize;
+    while taken < bytes.len() {
+        let rest = (bytes.len() - taken) as u64;
+        let mut result = rest as i64;
+        if let Some(fault) = fault {
+            result = fault.rewrite(job.file.0, job.offset + filled, rest, result);
+        }
+        let valid = match complete(result, filled, job.len) {
+            Completion::Done => filled + rest,
+            Completion::Continue { valid } => valid.min(filled + rest),
+            Completion::Retry => continue,
+            other => return Err(failed.error(job.offset, filled, job.len - filled, other)),
+        };
+        let n = (valid - filled) as usize;
+        buf[filled as usize..valid as usize].copy_from_slice(&bytes[taken..taken + n]);
+        if let Some(copy) = copy.as_mut() {
+            copy.push(bytes.slice(taken..taken + n));
+        }
+        (filled, taken) = (valid, taken + n);
+    }
+    Ok(filled)
 }
 
 /// Largest `SHA256SUMS` object read.
