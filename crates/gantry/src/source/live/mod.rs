@@ -44,6 +44,7 @@ use gantry_format::{Checkpoint, FileInfo};
 use parking_lot::Mutex;
 
 pub use client::Lease;
+pub(crate) use publish::hash_all;
 pub use publish::TensorBytes;
 pub use server::{Server, ServerOptions, TerminationSignals};
 
