@@ -19,6 +19,9 @@
 // Device number meaning host memory.
 #define GANTRY_DEVICE_HOST -1
 
+// Bytes a version id takes at most, its NUL included: a buffer this size always holds it.
+#define GANTRY_SERVE_VERSION_MAX 64
+
 // A file's SHA-256 was not computed: `verify_sha256` was off, or nothing of the file was read.
 #define GANTRY_SHA256_NOT_COMPUTED 0
 
@@ -60,6 +63,9 @@ enum gantry_status
   // the check could not be made as asked (a SHA256SUMS that is malformed or not a regular
   // file, no digest known for a file under require_sha256): the message names the file.
   GANTRY_E_INTEGRITY = 302,
+  // A live source (`unix:///path`) failed: no server answers, the server broke the
+  // protocol or closed, a version is no longer held, a socket another server holds.
+  GANTRY_E_LIVE = 303,
   // A CUDA call failed (code in `gantry_last_error_cuda_code`).
   GANTRY_E_CUDA = 400,
   // An NCCL call of a cooperative load failed, or the other ranks stopped answering (the
@@ -141,6 +147,9 @@ typedef struct gantry_model gantry_model;
 
 // An opaque placed checkpoint; its memory is freed by `gantry_placed_free`.
 typedef struct gantry_placed gantry_placed;
+
+// An opaque live server. Its calls may come from any thread.
+typedef struct gantry_server gantry_server;
 
 // Loader settings. Fill with `gantry_config_init`, then change what you need. A field that
 // says "0: auto" is decided when a load starts (`gantry_config_init` writes 0 there); any
@@ -254,6 +263,21 @@ typedef int32_t (*gantry_place_fn)(void *user_data,
                                    size_t destination,
                                    struct gantry_share *share_out);
 
+// How `gantry_serve_start` binds and reads. Zero it, then set `socket`.
+typedef struct gantry_serve_options {
+  // NUL-terminated path of the socket to bind (required). A symbolic link or anything but
+  // a socket there is refused; a socket another server answers on is refused
+  // (`GANTRY_E_LIVE`); a stale one is replaced.
+  const char *socket;
+  // The socket file's mode (0: 0600, this user alone; at most 0777).
+  uint32_t socket_mode;
+  // Reserved, set to 0.
+  uint32_t reserved;
+  // A loader whose settings read the sources published (object options, paths); NULL:
+  // the defaults. Only its settings are used; it may be freed after the call.
+  const struct gantry_loader *loader;
+} gantry_serve_options;
+
 // The SHA-256 check of one file of a load.
 typedef struct gantry_file_sha256 {
   // NUL-terminated path of the file.
@@ -327,8 +351,9 @@ gantry_status gantry_loader_new_with_options(const struct gantry_config *config,
 // `loader` is NULL or came from `gantry_loader_new` and is not used afterwards.
 void gantry_loader_free(struct gantry_loader *loader);
 
-// Loads every tensor of `path` (a `.safetensors` file, a directory, an index, or an object
-// source, `s3://`, `gs://` or `az://`; see `gantry_loader_new_with_options`) into host memory
+// Loads every tensor of `path` (a `.safetensors` file, a directory, an index, an object
+// source, `s3://`, `gs://` or `az://`, see `gantry_loader_new_with_options`, or a live source,
+// `unix:///path/to/socket`, see `gantry_serve_start`) into host memory
 // (`device == GANTRY_DEVICE_HOST`) or onto GPU `device`, into memory gantry owns.
 // Free the model with `gantry_model_free`.
 //
@@ -549,6 +574,39 @@ gantry_status gantry_placed_report(const struct gantry_placed *placed,
 // # Safety
 // `placed` NULL or live, not used afterwards.
 void gantry_placed_free(struct gantry_placed *placed);
+
+// Binds `options->socket`, publishes `source` (any source a load takes: a checkpoint path,
+// an object URL, another `unix://` source) as the first version, and starts serving; readers
+// load it as `"unix://" + options->socket`. Free with `gantry_serve_close`.
+//
+// # Safety
+// `source` is a NUL-terminated string; `options` is NULL or valid, its `socket` a
+// NUL-terminated string and its `loader` NULL or live; `server_out` is NULL or writable.
+gantry_status gantry_serve_start(const char *source,
+                                 const struct gantry_serve_options *options,
+                                 struct gantry_server **server_out);
+
+// Publishes `source` as a new version. New readers get it; a reader holding an older one
+// keeps it. On failure the current version stays.
+//
+// # Safety
+// `server` is a live server; `source` a NUL-terminated string.
+gantry_status gantry_serve_publish(const struct gantry_server *server, const char *source);
+
+// Copies the current version's id, NUL-terminated, into `buf` (`len` bytes; at most
+// `GANTRY_SERVE_VERSION_MAX` are ever needed). A buffer too small is
+// `GANTRY_E_INVALID_ARGUMENT` and `buf` is left untouched.
+//
+// # Safety
+// `server` is a live server; `buf` points to `len` writable bytes.
+gantry_status gantry_serve_version(const struct gantry_server *server, char *buf, size_t len);
+
+// Stops serving and frees the server (NULL is ignored): the socket file is removed; readers
+// holding a lease keep their bytes until they let go.
+//
+// # Safety
+// `server` is NULL or came from `gantry_serve_start` and is not used afterwards.
+void gantry_serve_close(struct gantry_server *server);
 
 // Files of the checkpoint `model` was loaded from.
 //

@@ -33,6 +33,9 @@ pub enum gantry_status {
     /// the check could not be made as asked (a SHA256SUMS that is malformed or not a regular
     /// file, no digest known for a file under require_sha256): the message names the file.
     GANTRY_E_INTEGRITY = 302,
+    /// A live source (`unix:///path`) failed: no server answers, the server broke the
+    /// protocol or closed, a version is no longer held, a socket another server holds.
+    GANTRY_E_LIVE = 303,
     /// A CUDA call failed (code in `gantry_last_error_cuda_code`).
     GANTRY_E_CUDA = 400,
     /// An NCCL call of a cooperative load failed, or the other ranks stopped answering (the
@@ -62,6 +65,7 @@ pub(crate) fn status_name(status: i32) -> &'static CStr {
         300 => c"GANTRY_E_IO",
         301 => c"GANTRY_E_TRUNCATED",
         302 => c"GANTRY_E_INTEGRITY",
+        303 => c"GANTRY_E_LIVE",
         400 => c"GANTRY_E_CUDA",
         401 => c"GANTRY_E_NCCL",
         402 => c"GANTRY_E_RANK",
@@ -119,6 +123,7 @@ impl From<engine::Error> for CallError {
             engine::Error::Nccl { .. } => GANTRY_E_NCCL,
             engine::Error::Rank { .. } | engine::Error::RanksDiffer { .. } => GANTRY_E_RANK,
             engine::Error::Internal(_) => GANTRY_E_PANIC,
+            engine::Error::Live { .. } => GANTRY_E_LIVE,
             _ => GANTRY_E_RESOURCE,
         };
         let errno = e.raw_os_error().unwrap_or(0);

@@ -22,6 +22,7 @@ mod coop;
 mod error;
 mod model;
 mod placed;
+mod serve;
 mod sha256;
 
 use std::ffi::{c_char, c_void};
@@ -35,6 +36,7 @@ pub use error::{
 };
 pub use model::{gantry_model, gantry_report, gantry_tensor};
 pub use placed::{gantry_place_fn, gantry_placed, gantry_share, gantry_split};
+pub use serve::{gantry_serve_options, gantry_server, GANTRY_SERVE_VERSION_MAX};
 pub use sha256::gantry_file_sha256;
 
 /// The ABI version: bumped when a signature or a struct layout changes incompatibly.
@@ -279,8 +281,9 @@ pub unsafe extern "C" fn gantry_loader_free(loader: *mut gantry_loader) {
     });
 }
 
-/// Loads every tensor of `path` (a `.safetensors` file, a directory, an index, or an object
-/// source, `s3://`, `gs://` or `az://`; see `gantry_loader_new_with_options`) into host memory
+/// Loads every tensor of `path` (a `.safetensors` file, a directory, an index, an object
+/// source, `s3://`, `gs://` or `az://`, see `gantry_loader_new_with_options`, or a live source,
+/// `unix:///path/to/socket`, see `gantry_serve_start`) into host memory
 /// (`device == GANTRY_DEVICE_HOST`) or onto GPU `device`, into memory gantry owns.
 /// Free the model with `gantry_model_free`.
 ///

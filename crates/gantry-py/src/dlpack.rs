@@ -176,3 +176,129 @@ pub fn capsule(py: Python<'_>, export: Export<'_>, memory: &Arc<Memory>) -> PyRe
     // SAFETY: PyCapsule_New returned a new reference.
     Ok(unsafe { Bound::from_owned_ptr(py, capsule) }.unbind())
 }
+
+/// A host tensor's bytes taken through its `__dlpack__` capsule: the producer keeps them alive
+/// until [`Imported`] is dropped (which calls its deleter; drop it with the GIL held, as
+/// producers' deleters may touch Python objects).
+pub struct Imported {
+    managed: *mut DLManagedTensor,
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Imported {
+    /// Takes `object.__dlpack__()`: C-contiguous memory in host memory (`kDLCPU`, or
+    /// `kDLCUDAHost`), whole elements. An error names `tensor`.
+    pub fn host(object: &Bound<'_, PyAny>, tensor: &str) -> PyResult<Self> {
+        let bad = |what: &str| PyBufferError::new_err(format!("{tensor}: {what}"));
+        let capsule = object
+            .call_method0("__dlpack__")
+            .map_err(|e| bad(&format!("has no usable __dlpack__: {e}")))?;
+        const NAME: &std::ffi::CStr = c"dltensor";
+        const USED: &std::ffi::CStr = c"used_dltensor";
+        // SAFETY: `capsule` is a live object; IsValid only reads its type and name.
+        if unsafe { ffi::PyCapsule_IsValid(capsule.as_ptr(), NAME.as_ptr()) } != 1 {
+            return Err(bad("__dlpack__ did not return an unused \"dltensor\" capsule"));
+        }
+        // SAFETY: a valid "dltensor" capsule (checked), whose pointer is a DLManagedTensor by
+        // the DLPack protocol. Renaming it to "used_dltensor" makes this the tensor's only
+        // owner: the capsule's own destructor then leaves it to us.
+        let managed = unsafe {
+            let managed = ffi::PyCapsule_GetPointer(capsule.as_ptr(), NAME.as_ptr());
+            if managed.is_null() || ffi::PyCapsule_SetName(capsule.as_ptr(), USED.as_ptr()) != 0 {
+                return Err(PyErr::take(object.py()).unwrap_or_else(|| bad("an empty capsule")));
+            }
+            managed.cast::<DLManagedTensor>()
+        };
+        let mut imported = Self { managed, ptr: std::ptr::null_mut(), len: 0 };
+        // SAFETY: the producer's DLManagedTensor, alive until its deleter runs (on drop).
+        let t = unsafe { &(*managed).dl_tensor };
+        if !matches!(t.device.device_type, DEVICE_CPU | 3) {
+            return Err(bad("not in host memory"));
+        }
+        let ndim = usize::try_from(t.ndim).map_err(|_| bad("a negative ndim"))?;
+        let shape: &[i64] = match ndim {
+            0 => &[],
+            // SAFETY: DLPack: `shape` holds `ndim` values while the tensor lives.
+            _ => unsafe { std::slice::from_raw_parts(t.shape, ndim) },
+        };
+        let strides: &[i64] = match (ndim, t.strides.is_null()) {
+            (0, _) | (_, true) => &[],
+            // SAFETY: DLPack: non-null `strides` holds `ndim` values while the tensor lives.
+            _ => unsafe { std::slice::from_raw_parts(t.strides, ndim) },
+        };
+        if t.dtype.lanes != 1 || t.dtype.bits % 8 != 0 {
+            return Err(bad("not whole-byte elements of one lane"));
+        }
+        let mut elements = 1u64;
+        let mut expected_stride = 1i64;
+        for d in (0..ndim).rev() {
+            let n = u64::try_from(shape[d]).map_err(|_| bad("a negative dimension"))?;
+            if !strides.is_empty() && n > 1 && strides[d] != expected_stride {
+                return Err(bad("not contiguous"));
+            }
+            expected_stride = expected_stride.saturating_mul(shape[d]);
+            elements = elements.checked_mul(n).ok_or_else(|| bad("too many elements"))?;
+        }
+        let len = elements
+            .checked_mul(u64::from(t.dtype.bits / 8))
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| bad("too many bytes"))?;
+        imported.len = len;
+        if len > 0 {
+            let offset = usize::try_from(t.byte_offset).map_err(|_| bad("a bad byte_offset"))?;
+            imported.ptr = t.data.cast::<u8>().wrapping_add(offset);
+            if imported.ptr.is_null() {
+                return Err(bad("a null data pointer"));
+            }
+        }
+        Ok(imported)
+    }
+
+    /// Address of the first byte.
+    pub fn addr(&self) -> usize {
+        self.ptr as usize
+    }
+
+    /// Bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The bytes, read only.
+    pub fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `len` bytes of contiguous host memory at `ptr` (checked in `host`), alive
+        // while the producer's tensor is, which is until `self` drops.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The bytes, to write into.
+    ///
+    /// # Safety
+    /// No other slice over these bytes may be alive while the returned one is (the caller
+    /// checks that the imported tensors do not overlap), and the producer must not hand out
+    /// read-only memory through DLPack (numpy refuses to export read-only arrays; torch
+    /// tensors are writable).
+    pub unsafe fn bytes_mut(&mut self) -> &mut [u8] {
+        if self.len == 0 {
+            return &mut [];
+        }
+        // SAFETY: as in `bytes`; uniqueness is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Imported {
+    fn drop(&mut self) {
+        // SAFETY: the DLManagedTensor taken in `host`, owned by us alone since its capsule
+        // was renamed; its deleter is called exactly once, here.
+        unsafe {
+            if let Some(deleter) = (*self.managed).deleter {
+                deleter(self.managed);
+            }
+        }
+    }
+}

@@ -6,6 +6,7 @@
 mod dlpack;
 mod memory;
 mod placed;
+mod serve;
 mod stream;
 
 use pyo3::create_exception;
@@ -41,6 +42,12 @@ create_exception!(
     "Another rank of a cooperative load failed, or the ranks opened different checkpoints."
 );
 create_exception!(_gantry, CancelledError, GantryError, "The load was cancelled.");
+create_exception!(
+    _gantry,
+    LiveError,
+    GantryError,
+    "A live source (unix:///path) failed: no server, a broken protocol, a version no longer held."
+);
 create_exception!(
     _gantry,
     InternalError,
@@ -83,6 +90,7 @@ pub(crate) fn to_py(e: gantry::Error) -> PyErr {
         E::Rank { .. } | E::RanksDiffer { .. } => RankError::new_err(message),
         E::Internal(_) => InternalError::new_err(message),
         E::Cancelled => CancelledError::new_err(message),
+        E::Live { .. } => LiveError::new_err(message),
         _ => GantryError::new_err(message),
     }
 }
@@ -144,8 +152,12 @@ fn _gantry(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("RankError", py.get_type::<RankError>())?;
     m.add("CancelledError", py.get_type::<CancelledError>())?;
     m.add("InternalError", py.get_type::<InternalError>())?;
+    m.add("LiveError", py.get_type::<LiveError>())?;
     m.add_class::<stream::Tensor>()?;
     m.add_class::<stream::Stream>()?;
+    m.add_class::<serve::Server>()?;
+    m.add_function(wrap_pyfunction!(serve::update_host, m)?)?;
+    m.add_function(wrap_pyfunction!(serve::update_device, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(placed::load_placed, m)?)?;
     m.add_function(wrap_pyfunction!(placed::load_cooperative_placed, m)?)?;

@@ -504,6 +504,7 @@ impl Stream {
         d.set_item("gb_per_s", r.gb_per_s())?;
         d.set_item("staging_bytes", r.staging_bytes)?;
         d.set_item("volume", r.volume.clone())?;
+        d.set_item("version", r.version.clone())?;
         let files: Vec<(String, &str, String)> = r
             .files
             .iter()

@@ -1,5 +1,5 @@
-//! Runs the Python tests (`tests/test_gantry.py`, and `tests/test_typed.py`: typed values
-//! that must end in a clean error) against the extension built from this
+//! Runs the Python tests (`tests/test_gantry.py`, `tests/test_live.py` (live sources), and
+//! `tests/test_typed.py`: typed values that must end in a clean error) against the extension built from this
 //! source: the test builds it (in a target directory of its own, since the outer cargo holds
 //! the main one), lays the package out as an install would, and runs pytest on it. numpy,
 //! pytest and safetensors (the reference the loads are compared with), SeaweedFS (the S3
@@ -79,6 +79,7 @@ fn python_package() {
             "no:cacheprovider",
             "test_gantry.py",
             "test_typed.py",
+            "test_live.py",
         ])
         .current_dir(manifest().join("tests"))
         .env("PYTHONPATH", search)

@@ -28,6 +28,7 @@ from ._gantry import (
     GantryError,
     InternalError,
     IoError,
+    LiveError,
     PlacementError,
     RankError,
     Tensor,
@@ -53,7 +54,12 @@ __all__ = [
     "RankError",
     "CancelledError",
     "InternalError",
+    "LiveError",
     "DtypeError",
+    "serve",
+    "Server",
+    "update",
+    "UpdateReport",
     "to_torch",
     "nccl_unique_id",
 ]
@@ -107,7 +113,8 @@ _TORCH_DTYPES = {
 
 def inspect(source: Source, **config: Any) -> List[TensorInfo]:
     """The tensor table of a checkpoint (a ``.safetensors`` file, a folder, or a
-    ``model.safetensors.index.json``, or an object source: ``s3://``, ``gs://``, ``az://``), read
+    ``model.safetensors.index.json``, an object source: ``s3://``, ``gs://``, ``az://``, or a
+    live source: ``unix:///path/to/socket``), read
     from its headers alone. ``config``: for object sources, ``object_options``,
     ``s3_endpoint``, ``s3_region``, ``gcs_endpoint`` and ``azure_endpoint`` as for
     :func:`stream`."""
@@ -446,3 +453,192 @@ def load(
         os.fspath(source), names, shard, config, [tuple(r) for r in tp_rules or []]
     )
     return [{name: convert(t) for name, t in shares} for shares in placed]
+
+
+# torch dtype name -> safetensors dtype.
+_FROM_TORCH = {v: k for k, v in _TORCH_DTYPES.items()}
+# numpy dtype name -> safetensors dtype.
+_FROM_NUMPY = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16",
+    "int32": "I32", "uint32": "U32", "int64": "I64", "uint64": "U64", "float16": "F16",
+    "float32": "F32", "float64": "F64", "complex64": "C64",
+}
+
+
+def _describe(name: str, tensor: Any, torch: Any) -> Tuple[str, Tuple[int, ...], str]:
+    """``(safetensors dtype, shape, device)`` of a torch tensor or numpy array."""
+    if torch is not None and isinstance(tensor, torch.Tensor):
+        dtype = _FROM_TORCH.get(str(tensor.dtype).replace("torch.", ""))
+        shape = tuple(tensor.shape)
+        if dtype == "F4":  # torch packs two float4 in a byte
+            shape = shape[:-1] + (shape[-1] * 2,) if shape else shape
+        device = str(tensor.device)
+    elif hasattr(tensor, "dtype") and hasattr(tensor, "shape") and hasattr(tensor, "reshape"):
+        dtype = _FROM_NUMPY.get(str(tensor.dtype))
+        shape = tuple(int(d) for d in tensor.shape)
+        device = "cpu"
+    else:
+        raise TypeError(f"{name}: a torch.Tensor or numpy array, not {type(tensor).__name__}")
+    if dtype is None:
+        raise DtypeError(f"{name}: dtype {tensor.dtype} has no safetensors dtype")
+    return dtype, shape, "cuda:0" if device == "cuda" else device
+
+
+def _host_bytes(name: str, tensor: Any, torch: Any, writable: bool) -> Any:
+    """A flat uint8 view of a host tensor's own memory (for ``writable`` targets, the tensor's
+    memory itself or an error: a copy would take the update and be thrown away)."""
+    if torch is not None and isinstance(tensor, torch.Tensor):
+        tensor = tensor.detach()
+        if not tensor.is_contiguous():
+            if writable:
+                raise ValueError(f"{name}: not contiguous; an update writes in place")
+            tensor = tensor.contiguous()
+        return tensor.reshape(-1).view(torch.uint8)
+    import numpy
+
+    if writable and not (tensor.flags.c_contiguous and tensor.flags.writeable):
+        raise ValueError(f"{name}: not a writable C-contiguous array; an update writes in place")
+    flat = numpy.ascontiguousarray(tensor).reshape(-1).view(numpy.uint8)
+    # numpy does not export read-only arrays through DLPack: publish a copy of those.
+    return flat if flat.flags.writeable else flat.copy()
+
+
+class Server:
+    """A live source being served on a Unix socket; made by :func:`serve`. Readers load it as
+    ``gantry.load(server.url)`` (any process of this user, or of those ``socket_mode``
+    lets connect)."""
+
+    def __init__(self, inner: "_gantry.Server", config: Dict[str, Any]):
+        self._inner = inner
+        self._config = config
+
+    @property
+    def url(self) -> str:
+        """``unix:///path``, the source string readers use."""
+        return self._inner.url
+
+    @property
+    def version(self) -> Optional[str]:
+        """The current version's id."""
+        return self._inner.version
+
+    def update(self, state_dict_or_path: Any) -> str:
+        """Publishes a new version (a state dict, or any source gantry reads) and returns its
+        id. New readers get it; a reader holding an older version keeps it, whole, until it
+        lets go."""
+        if isinstance(state_dict_or_path, (str, os.PathLike)):
+            return self._inner.publish(os.fspath(state_dict_or_path), self._config)
+        torch = _torch()
+        tensors = []
+        for name, tensor in state_dict_or_path.items():
+            dtype, shape, device = _describe(name, tensor, torch)
+            if device != "cpu":
+                tensor = tensor.detach().to("cpu")
+            tensors.append((name, dtype, list(shape), _host_bytes(name, tensor, torch, False)))
+        return self._inner.publish_tensors(tensors)
+
+    def close(self) -> None:
+        """Stops serving and removes the socket file; readers holding a lease keep their
+        bytes."""
+        self._inner.close()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def serve(
+    state_dict_or_path: Any,
+    socket: Source,
+    device: Any = "cpu",
+    socket_mode: int = 0o600,
+    **config: Any,
+) -> Server:
+    """Publishes a state dict (``{name: torch.Tensor or numpy array}``) or a checkpoint (any
+    source gantry reads) on the Unix socket ``socket``, and returns the :class:`Server`:
+    ``server.update(new_state_dict_or_path)`` publishes a new version, ``server.close()`` (or
+    leaving ``with``) stops serving. Readers load ``server.url`` (``unix:///path``).
+
+    A state dict becomes one ``model.safetensors`` in a sealed memfd: contiguous CPU tensors
+    are read where they lie (one copy, into the shared memory); non-contiguous ones are made
+    contiguous first; CUDA tensors are copied to the host first for now (device residency
+    is not served yet). ``device``: where the server keeps the weights; only ``"cpu"`` for
+    now. ``socket_mode``: the socket file's mode (0o600: this user alone). ``config``: as for
+    :func:`stream`, for loading a checkpoint source.
+    """
+    if _device(device) != "cpu":
+        raise UnavailableError(
+            f"serving from device memory ({device}) is not available yet: serve with device='cpu'"
+        )
+    server = Server(_gantry.Server(os.fspath(socket), _int("socket_mode", socket_mode)), config)
+    try:
+        server.update(state_dict_or_path)
+    except BaseException:
+        server.close()
+        raise
+    return server
+
+
+class UpdateReport(NamedTuple):
+    """What :func:`update` did."""
+
+    moved_tensors: int
+    moved_bytes: int
+    skipped_tensors: int
+    skipped_bytes: int
+    ignored_tensors: int
+    version: Optional[str]
+
+
+def update(
+    dest_state_dict: Dict[str, Any],
+    source: Source,
+    changed_only: bool = False,
+    *,
+    ignore_extra: bool = False,
+    **config: Any,
+) -> UpdateReport:
+    """Copies ``source`` (a live source ``unix:///path``, or any checkpoint) into the tensors
+    of ``dest_state_dict`` in place, by name: a serving engine refits without reallocating.
+
+    Every tensor must match the source's by name, dtype and shape; each tensor of the source
+    needs a destination unless ``ignore_extra``; a mismatch raises :class:`ConfigError` naming
+    the tensor before any byte moves. Destinations are all CPU tensors (torch or numpy,
+    contiguous and writable, not sharing memory) or all on one GPU.
+
+    ``changed_only``: only tensors whose digest differs from the destination's move (needs a
+    live source, whose published table gives the digests). On the host the destination's
+    digest is hashed from its bytes; on a GPU it is the digest gantry recorded when an update
+    last wrote that address, so if anything else writes into the weights (an optimizer step,
+    a load, memory freed and reused), pass ``changed_only=False``.
+    """
+    torch = _torch()
+    described = {n: _describe(n, t, torch) for n, t in dest_state_dict.items()}
+    devices = {d for _, _, d in described.values()}
+    if len(devices) > 1:
+        raise ValueError(f"update destinations on several devices: {sorted(devices)}")
+    device = devices.pop() if devices else "cpu"
+    source = os.fspath(source)
+    if device == "cpu":
+        targets = [
+            (n, described[n][0], list(described[n][1]), _host_bytes(n, t, torch, True))
+            for n, t in dest_state_dict.items()
+        ]
+        report = _gantry.update_host(source, targets, changed_only, ignore_extra, config)
+    elif device.startswith("cuda:"):
+        for n, t in dest_state_dict.items():
+            if not t.is_contiguous():
+                raise ValueError(f"{n}: not contiguous; an update writes in place")
+        ordinal = int(device.split(":", 1)[1])
+        # The weights' pending work on torch's streams ends before gantry writes them.
+        torch.cuda.synchronize(ordinal)
+        targets = [
+            (n, described[n][0], list(described[n][1]), t.data_ptr())
+            for n, t in dest_state_dict.items()
+        ]
+        report = _gantry.update_device(source, ordinal, targets, changed_only, ignore_extra, config)
+    else:
+        raise ValueError(f"update destinations on {device}: cpu or cuda:N")
+    return UpdateReport(**report)

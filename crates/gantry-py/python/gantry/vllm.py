@@ -14,7 +14,11 @@ GPU, stream through host memory instead:
 ``--model-loader-extra-config '{"device": "cpu"}'``. A model in object storage
 (``s3://``, ``gs://``, ``az://``, ``abfs://``, ``https://ACCOUNT.blob.core.windows.net/``)
 is streamed from the store, each provider configured from its environment or from
-``object_options`` in that JSON. Any other key of that JSON is passed to
+``object_options`` in that JSON. A live source (``unix:///path/to/socket``: a ``gantry serve``
+or a framework's :func:`gantry.serve`) is loaded from the running process, given as the model
+path or as ``{"source": "unix:///..."}`` in that JSON (``source`` takes any source gantry reads
+in place of the model path; vLLM still reads the model's config from the model path). Any
+other key of that JSON is passed to
 :func:`gantry.stream` as a config keyword (``path``, ``queue_depth``, ``chunk_bytes``, ...).
 """
 
@@ -36,11 +40,16 @@ _OBJECT_URL = re.compile(
 )
 
 
-def _model_folder(model_config: Any) -> str:
-    """Where the model's safetensors files are: an object source (``s3://``, ``gs://``,
+def _model_folder(model_config: Any, source: Any = None) -> str:
+    """Where the model's safetensors files are: ``source`` when given (the extra config's
+    ``"source"``), a live source (``unix:///path``) given as the model path, an object source (``s3://``, ``gs://``,
     ``az://``, ...) as vLLM was given it (``model_weights`` where vLLM keeps the remote
     location of a model whose config it fetched, else ``model``), streamed from the store; else
     the local folder (downloaded from the Hub if vLLM was given a repository id)."""
+    if source is not None:
+        return os.fspath(source)
+    if isinstance(model_config.model, str) and model_config.model.startswith("unix://"):
+        return model_config.model
     for remote in (getattr(model_config, "model_weights", None), model_config.model):
         if isinstance(remote, str) and _OBJECT_URL.match(remote):
             return remote if remote.endswith((".json", ".safetensors")) else remote.rstrip("/") + "/"
@@ -87,15 +96,16 @@ def make_loader_class(base: type) -> type:
             options: Dict[str, Any] = dict(getattr(load_config, "model_loader_extra_config", None) or {})
             self.device = options.pop("device", None)
             self.cooperative = bool(options.pop("cooperative", True))
+            self.source = options.pop("source", None)
             self.options = options
 
         def download_model(self, model_config: Any) -> None:
-            _model_folder(model_config)
+            _model_folder(model_config, self.source)
 
         def load_weights(self, model: Any, model_config: Any) -> None:
             import torch
 
-            folder = _model_folder(model_config)
+            folder = _model_folder(model_config, self.source)
             device = self.device or f"cuda:{torch.cuda.current_device()}"
             options = dict(self.options)
             group = _tensor_parallel_group() if self.cooperative and device != "cpu" else None

@@ -47,6 +47,7 @@ use parking_lot::Mutex;
 pub use client::Lease;
 pub(crate) use device::{alias as alias_device, fill as fill_device, Aliased};
 pub use protocol::DeviceShare;
+pub(crate) use publish::hash_all;
 pub use publish::TensorBytes;
 pub use server::{Server, ServerOptions, TerminationSignals};
 

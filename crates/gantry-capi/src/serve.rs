@@ -1,0 +1,151 @@
+//! Serving a live source from C (`gantry_serve_*`): a checkpoint published on a Unix socket,
+//! which readers load as `unix:///path` through the ordinary load calls. The server keeps
+//! each version in sealed shared memory; publishing again makes a new version, and a reader
+//! holding an older one keeps it whole until it lets go.
+
+use std::ffi::c_char;
+
+use engine::live::{Server, ServerOptions};
+
+use crate::error::{self, gantry_status, CallError};
+use crate::{ffi_boundary, gantry_loader};
+
+/// Bytes a version id takes at most, its NUL included: a buffer this size always holds it.
+pub const GANTRY_SERVE_VERSION_MAX: usize = 64;
+
+/// How `gantry_serve_start` binds and reads. Zero it, then set `socket`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct gantry_serve_options {
+    /// NUL-terminated path of the socket to bind (required). A symbolic link or anything but
+    /// a socket there is refused; a socket another server answers on is refused
+    /// (`GANTRY_E_LIVE`); a stale one is replaced.
+    pub socket: *const c_char,
+    /// The socket file's mode (0: 0600, this user alone; at most 0777).
+    pub socket_mode: u32,
+    /// Reserved, set to 0.
+    pub reserved: u32,
+    /// A loader whose settings read the sources published (object options, paths); NULL:
+    /// the defaults. Only its settings are used; it may be freed after the call.
+    pub loader: *const gantry_loader,
+}
+
+/// An opaque live server. Its calls may come from any thread.
+#[derive(Debug)]
+pub struct gantry_server {
+    server: Server,
+    config: engine::Config,
+}
+
+/// Binds `options->socket`, publishes `source` (any source a load takes: a checkpoint path,
+/// an object URL, another `unix://` source) as the first version, and starts serving; readers
+/// load it as `"unix://" + options->socket`. Free with `gantry_serve_close`.
+///
+/// # Safety
+/// `source` is a NUL-terminated string; `options` is NULL or valid, its `socket` a
+/// NUL-terminated string and its `loader` NULL or live; `server_out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn gantry_serve_start(
+    source: *const c_char,
+    options: *const gantry_serve_options,
+    server_out: *mut *mut gantry_server,
+) -> gantry_status {
+    ffi_boundary(|| {
+        // SAFETY: per the contract.
+        let source = unsafe { error::in_str(source, "source")? };
+        // SAFETY: per the contract.
+        let options = unsafe { error::in_ref(options, "options")? };
+        // SAFETY: per the contract.
+        let socket = unsafe { error::in_str(options.socket, "options->socket")? };
+        let out = error::out_ptr(server_out, "server_out")?;
+        if options.socket_mode > 0o777 || options.reserved != 0 {
+            return Err(CallError::invalid(format!(
+                "options: socket_mode {:#o} (at most 0777) or reserved {} (must be 0)",
+                options.socket_mode, options.reserved
+            )));
+        }
+        // SAFETY: NULL or a live loader, per the contract.
+        let config = match unsafe { options.loader.as_ref() } {
+            Some(l) => l.loader.config().clone(),
+            None => engine::Config::default(),
+        };
+        let mode = if options.socket_mode == 0 { 0o600 } else { options.socket_mode };
+        let server = Server::start(socket, &ServerOptions { mode, ..ServerOptions::default() })?;
+        // On failure the server is dropped here: it stops and removes its socket file.
+        server.publish(source, &config)?;
+        // SAFETY: checked non-NULL.
+        unsafe { out.write(Box::into_raw(Box::new(gantry_server { server, config }))) };
+        Ok(())
+    })
+}
+
+/// Publishes `source` as a new version. New readers get it; a reader holding an older one
+/// keeps it. On failure the current version stays.
+///
+/// # Safety
+/// `server` is a live server; `source` a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn gantry_serve_publish(
+    server: *const gantry_server,
+    source: *const c_char,
+) -> gantry_status {
+    ffi_boundary(|| {
+        // SAFETY: per the contract.
+        let server = unsafe { error::in_ref(server, "server")? };
+        // SAFETY: per the contract.
+        let source = unsafe { error::in_str(source, "source")? };
+        server.server.publish(source, &server.config)?;
+        Ok(())
+    })
+}
+
+/// Copies the current version's id, NUL-terminated, into `buf` (`len` bytes; at most
+/// `GANTRY_SERVE_VERSION_MAX` are ever needed). A buffer too small is
+/// `GANTRY_E_INVALID_ARGUMENT` and `buf` is left untouched.
+///
+/// # Safety
+/// `server` is a live server; `buf` points to `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn gantry_serve_version(
+    server: *const gantry_server,
+    buf: *mut c_char,
+    len: usize,
+) -> gantry_status {
+    ffi_boundary(|| {
+        // SAFETY: per the contract.
+        let server = unsafe { error::in_ref(server, "server")? };
+        let buf = error::out_ptr(buf, "buf")?;
+        let version = server.server.version().ok_or_else(|| {
+            CallError::not_found(format!("{}: nothing published", server.server.url()))
+        })?;
+        if version.len() >= len {
+            return Err(CallError::invalid(format!(
+                "buf is {len} bytes; version {version} needs {}",
+                version.len() + 1
+            )));
+        }
+        // SAFETY: `buf` has `len` > version.len() writable bytes, per the contract.
+        unsafe {
+            std::ptr::copy_nonoverlapping(version.as_ptr().cast(), buf, version.len());
+            buf.add(version.len()).write(0);
+        }
+        Ok(())
+    })
+}
+
+/// Stops serving and frees the server (NULL is ignored): the socket file is removed; readers
+/// holding a lease keep their bytes until they let go.
+///
+/// # Safety
+/// `server` is NULL or came from `gantry_serve_start` and is not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn gantry_serve_close(server: *mut gantry_server) {
+    let _ = ffi_boundary(|| {
+        if !server.is_null() {
+            // SAFETY: per the contract, a live server from gantry_serve_start, freed once.
+            let server = unsafe { Box::from_raw(server) };
+            server.server.close();
+        }
+        Ok(())
+    });
+}

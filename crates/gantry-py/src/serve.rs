@@ -1,0 +1,233 @@
+//! Live sources from Python: a [`Server`] that publishes a state dict (or any checkpoint) on a
+//! Unix socket, and in-place updates of the caller's own tensors from a source.
+//!
+//! Host tensors cross through DLPack (`__dlpack__`: the Python layer hands a byte view of each
+//! tensor's own memory, so a contiguous CPU tensor is published, or updated, where it lies):
+//! each producer keeps its memory alive until we call its deleter, after the bytes were read
+//! or written with the GIL released. Writable targets must not share memory (tied weights):
+//! two `&mut` over the same bytes are refused, naming both tensors. Device targets are plain
+//! addresses, which the engine checks against their allocations before any byte moves.
+
+use parking_lot::Mutex;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use gantry::live::{Server as LiveServer, ServerOptions};
+use gantry::{DeviceTarget, Dtype, HostTarget, Targets, UpdateOptions};
+
+use crate::dlpack::Imported;
+use crate::{guarded, stream, to_py};
+
+/// Every dtype by its safetensors name.
+const DTYPES: [Dtype; 22] = [
+    Dtype::BOOL,
+    Dtype::F4,
+    Dtype::F6_E2M3,
+    Dtype::F6_E3M2,
+    Dtype::U8,
+    Dtype::I8,
+    Dtype::F8_E5M2,
+    Dtype::F8_E4M3,
+    Dtype::F8_E8M0,
+    Dtype::F8_E4M3FNUZ,
+    Dtype::F8_E5M2FNUZ,
+    Dtype::I16,
+    Dtype::U16,
+    Dtype::F16,
+    Dtype::BF16,
+    Dtype::I32,
+    Dtype::U32,
+    Dtype::F32,
+    Dtype::C64,
+    Dtype::F64,
+    Dtype::I64,
+    Dtype::U64,
+];
+
+fn dtype(name: &str, tensor: &str) -> PyResult<Dtype> {
+    DTYPES.into_iter().find(|d| d.to_string() == name).ok_or_else(|| {
+        PyValueError::new_err(format!("{tensor}: {name:?} is not a safetensors dtype"))
+    })
+}
+
+/// A live source being served; see `gantry.serve`.
+#[derive(Debug)]
+#[pyclass(module = "gantry._gantry")]
+pub struct Server {
+    inner: Mutex<Option<LiveServer>>,
+    url: String,
+}
+
+impl Server {
+    fn with<T>(&self, f: impl FnOnce(&LiveServer) -> PyResult<T>) -> PyResult<T> {
+        match self.inner.lock().as_ref() {
+            Some(server) => f(server),
+            None => Err(PyRuntimeError::new_err(format!("{}: the server is closed", self.url))),
+        }
+    }
+}
+
+#[pymethods]
+impl Server {
+    /// Binds the socket at `socket` (mode `mode`) and starts serving; nothing is served until
+    /// the first publication.
+    #[new]
+    #[pyo3(signature = (socket, mode = 0o600))]
+    fn new(py: Python<'_>, socket: std::path::PathBuf, mode: u32) -> PyResult<Self> {
+        guarded(|| {
+            if mode & !0o777 != 0 {
+                return Err(PyValueError::new_err(format!("socket_mode {mode:#o} is not a mode")));
+            }
+            let options = ServerOptions { mode, ..ServerOptions::default() };
+            let server = py.detach(|| LiveServer::start(&socket, &options)).map_err(to_py)?;
+            let url = server.url().to_owned();
+            Ok(Self { inner: Mutex::new(Some(server)), url })
+        })
+    }
+
+    /// `unix:///path`, the source string readers use.
+    #[getter]
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// The current version's id (`None` before the first publication).
+    #[getter]
+    fn version(&self) -> PyResult<Option<String>> {
+        guarded(|| self.with(|s| Ok(s.version())))
+    }
+
+    /// Loads the checkpoint at `source` (any source gantry reads) and publishes it.
+    #[pyo3(signature = (source, config = None))]
+    fn publish(
+        &self,
+        py: Python<'_>,
+        source: std::path::PathBuf,
+        config: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<String> {
+        guarded(|| {
+            let config = stream::parse_config(config)?;
+            self.with(|s| py.detach(|| s.publish(&source, &config)).map_err(to_py))
+        })
+    }
+
+    /// Publishes `tensors`, `(name, dtype, shape, buffer)` each, as one `model.safetensors`,
+    /// read from the buffers where they lie.
+    fn publish_tensors(
+        &self,
+        py: Python<'_>,
+        tensors: Vec<(String, String, Vec<u64>, Bound<'_, PyAny>)>,
+    ) -> PyResult<String> {
+        guarded(|| {
+            let mut held = Vec::with_capacity(tensors.len());
+            for (name, d, shape, object) in &tensors {
+                held.push((
+                    name.as_str(),
+                    dtype(d, name)?,
+                    &shape[..],
+                    Imported::host(object, name)?,
+                ));
+            }
+            let list: Vec<_> = held.iter().map(|(n, d, s, b)| (*n, *d, *s, b.bytes())).collect();
+            let version = self.with(|s| py.detach(|| s.publish_tensors(list)).map_err(to_py));
+            drop(held); // the producers' deleters, with the GIL
+            version
+        })
+    }
+
+    /// Stops serving and removes the socket file; readers holding a lease keep their bytes.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        guarded(|| {
+            let server = self.inner.lock().take();
+            if let Some(server) = server {
+                py.detach(|| server.close());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// What an update did, as a dict.
+fn report_dict<'py>(py: Python<'py>, r: &gantry::UpdateReport) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("moved_tensors", r.moved_tensors)?;
+    d.set_item("moved_bytes", r.moved_bytes)?;
+    d.set_item("skipped_tensors", r.skipped_tensors)?;
+    d.set_item("skipped_bytes", r.skipped_bytes)?;
+    d.set_item("ignored_tensors", r.ignored_tensors)?;
+    d.set_item("version", r.version.clone())?;
+    Ok(d)
+}
+
+/// Updates host tensors in place: `targets` are `(name, dtype, shape, writable buffer)`.
+#[pyfunction]
+#[pyo3(signature = (source, targets, changed_only = false, ignore_extra = false, config = None))]
+pub fn update_host<'py>(
+    py: Python<'py>,
+    source: std::path::PathBuf,
+    targets: Vec<(String, String, Vec<u64>, Bound<'py, PyAny>)>,
+    changed_only: bool,
+    ignore_extra: bool,
+    config: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    guarded(|| {
+        let loader = gantry::Loader::new(stream::parse_config(config)?).map_err(to_py)?;
+        let mut held = Vec::with_capacity(targets.len());
+        for (name, d, shape, object) in &targets {
+            held.push((name.as_str(), dtype(d, name)?, &shape[..], Imported::host(object, name)?));
+        }
+        let mut ranges: Vec<(usize, usize, &str)> =
+            held.iter().filter(|h| h.3.len() > 0).map(|h| (h.3.addr(), h.3.len(), h.0)).collect();
+        ranges.sort_unstable();
+        for pair in ranges.windows(2) {
+            if pair[0].0 + pair[0].1 > pair[1].0 {
+                return Err(PyValueError::new_err(format!(
+                    "{} and {} share memory (tied weights?): pass one of them, with \
+                     ignore_extra=True",
+                    pair[0].2, pair[1].2
+                )));
+            }
+        }
+        let list = held.iter_mut().map(|(name, dtype, shape, b)| {
+            // SAFETY: the targets' ranges were checked disjoint above, so no two of these
+            // slices alias; each lives while `held` does, past the update.
+            let bytes = unsafe { b.bytes_mut() };
+            HostTarget { name, dtype: *dtype, shape, bytes }
+        });
+        let targets = Targets::Host(list.collect());
+        let options = UpdateOptions { changed_only, ignore_extra };
+        let report = py.detach(|| loader.update(&source, targets, &options));
+        drop(held); // the producers' deleters, with the GIL
+        report_dict(py, &report.map_err(to_py)?)
+    })
+}
+
+/// Updates tensors on GPU `ordinal` in place: `targets` are `(name, dtype, shape, address)`.
+#[pyfunction]
+#[pyo3(signature = (source, ordinal, targets, changed_only = false, ignore_extra = false, config = None))]
+pub fn update_device<'py>(
+    py: Python<'py>,
+    source: std::path::PathBuf,
+    ordinal: u32,
+    targets: Vec<(String, String, Vec<u64>, u64)>,
+    changed_only: bool,
+    ignore_extra: bool,
+    config: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    guarded(|| {
+        let loader = gantry::Loader::new(stream::parse_config(config)?).map_err(to_py)?;
+        let mut list = Vec::with_capacity(targets.len());
+        for (name, d, shape, ptr) in &targets {
+            list.push(DeviceTarget { name, dtype: dtype(d, name)?, shape, ptr: *ptr });
+        }
+        let options = UpdateOptions { changed_only, ignore_extra };
+        let report = py
+            .detach(|| {
+                let device = stream::open_device(ordinal)?;
+                loader.update(&source, Targets::Device(device, list), &options)
+            })
+            .map_err(to_py)?;
+        report_dict(py, &report)
+    })
+}

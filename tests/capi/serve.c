@@ -1,0 +1,102 @@
+/* A live source from C: gantry_serve_start publishes a checkpoint on a socket, the ordinary
+ * load calls read it as unix:///path, gantry_serve_publish makes a new version, and the
+ * failures are statuses (GANTRY_E_LIVE for a socket taken or nobody serving).
+ * Arguments: the first checkpoint, the second, a socket path. Both checkpoints hold "w"
+ * (BF16 [32, 64]) and "b" (F32 [5]); the expected bytes are computed here from the formulas
+ * the test wrote them with, not read through gantry. */
+#include "check.h"
+
+#include <string.h>
+
+/* Byte i of tensor w of checkpoint `which` (1 or 2), as the test wrote it. */
+static uint8_t w_byte(int which, uint32_t i) {
+    return which == 1 ? (uint8_t)(i * 7 + 3) : (uint8_t)(i * 5 + 1);
+}
+
+/* Loads `url` into host memory and checks both tensors against checkpoint `which`. */
+static void check_load(const gantry_loader *loader, const char *url, int which) {
+    gantry_model *model = NULL;
+    expect(gantry_loader_load(loader, url, GANTRY_DEVICE_HOST, &model), GANTRY_OK, "load live");
+    gantry_tensor t;
+    expect(gantry_model_find(model, "w", &t), GANTRY_OK, "find w");
+    CHECK(t.bytes == 4096 && t.ndim == 2 && t.shape[0] == 32 && t.shape[1] == 64, "w's shape");
+    CHECK(strcmp(t.dtype, "BF16") == 0, "w's dtype %s", t.dtype);
+    const uint8_t *w = (const uint8_t *)(uintptr_t)t.data;
+    for (uint32_t i = 0; i < 4096; i++)
+        CHECK(w[i] == w_byte(which, i), "w[%u] = %u, want %u (version %d)", i, w[i], w_byte(which, i), which);
+    expect(gantry_model_find(model, "b", &t), GANTRY_OK, "find b");
+    const uint8_t *b = (const uint8_t *)(uintptr_t)t.data;
+    for (uint32_t i = 0; i < 20; i++) CHECK(b[i] == i + (which == 1 ? 0 : 100), "b[%u] = %u", i, b[i]);
+    gantry_model_free(model);
+}
+
+static int into_target(void *user_data, const gantry_tensor *tensor, uint64_t *dest_out) {
+    uint8_t *buffer = user_data;
+    *dest_out = (uint64_t)(uintptr_t)(strcmp(tensor->name, "w") == 0 ? buffer : buffer + 4096);
+    return 1;
+}
+
+int main(int argc, char **argv) {
+    CHECK(argc == 4, "usage: serve FIRST SECOND SOCKET");
+    const char *first = argv[1], *second = argv[2], *socket = argv[3];
+    char url[4096];
+    snprintf(url, sizeof url, "unix://%s", socket);
+    CHECK(GANTRY_E_LIVE == 303, "GANTRY_E_LIVE is %d", (int)GANTRY_E_LIVE);
+    CHECK(strcmp(gantry_status_name(GANTRY_E_LIVE), "GANTRY_E_LIVE") == 0, "status name");
+
+    gantry_loader *loader = NULL;
+    expect(gantry_loader_new(NULL, &loader), GANTRY_OK, "loader");
+    gantry_serve_options options;
+    memset(&options, 0, sizeof options);
+    options.socket = socket;
+    options.loader = loader;
+    gantry_server *server = NULL;
+    expect(gantry_serve_start(first, NULL, &server), GANTRY_E_NULL_ARGUMENT, "NULL options");
+    expect(gantry_serve_start(NULL, &options, &server), GANTRY_E_NULL_ARGUMENT, "NULL source");
+    options.socket_mode = 01777;
+    expect(gantry_serve_start(first, &options, &server), GANTRY_E_INVALID_ARGUMENT, "bad mode");
+    options.socket_mode = 0;
+    CHECK(server == NULL, "server_out written on failure");
+    expect(gantry_loader_load(loader, url, GANTRY_DEVICE_HOST, &(gantry_model *){NULL}), GANTRY_E_LIVE,
+           "nobody serves yet");
+
+    expect(gantry_serve_start(first, &options, &server), GANTRY_OK, "serve");
+    char v1[GANTRY_SERVE_VERSION_MAX], v2[GANTRY_SERVE_VERSION_MAX], tiny[2] = "x";
+    expect(gantry_serve_version(server, v1, sizeof v1), GANTRY_OK, "version");
+    CHECK(strlen(v1) > 2, "version '%s'", v1);
+    expect(gantry_serve_version(server, tiny, sizeof tiny), GANTRY_E_INVALID_ARGUMENT, "tiny buf");
+    CHECK(strcmp(tiny, "x") == 0, "a failed call wrote its output");
+    check_load(loader, url, 1);
+
+    /* Into the caller's own memory, through gantry_loader_load_into. */
+    uint8_t buffer[4096 + 20];
+    memset(buffer, 0, sizeof buffer);
+    gantry_report report;
+    expect(gantry_loader_load_into(loader, url, GANTRY_DEVICE_HOST, into_target, NULL, buffer, &report),
+           GANTRY_OK, "load_into live");
+    for (uint32_t i = 0; i < 4096; i++) CHECK(buffer[i] == w_byte(1, i), "load_into w[%u]", i);
+    CHECK(report.tensor_bytes == 4096 + 20, "report bytes %llu", (unsigned long long)report.tensor_bytes);
+
+    /* A second server on the same socket is refused. */
+    gantry_server *other = NULL;
+    expect(gantry_serve_start(first, &options, &other), GANTRY_E_LIVE, "socket taken");
+    CHECK(other == NULL, "server_out written on failure");
+
+    /* A failed publication keeps the current version; a good one makes a new one. */
+    expect(gantry_serve_publish(server, "/nonexistent/model.safetensors"), GANTRY_E_IO, "bad source");
+    expect(gantry_serve_version(server, v2, sizeof v2), GANTRY_OK, "version");
+    CHECK(strcmp(v1, v2) == 0, "a failed publication changed the version");
+    expect(gantry_serve_publish(server, second), GANTRY_OK, "publish");
+    expect(gantry_serve_version(server, v2, sizeof v2), GANTRY_OK, "version");
+    CHECK(strcmp(v1, v2) != 0, "a new publication kept version %s", v1);
+    check_load(loader, url, 2);
+    expect(gantry_serve_publish(NULL, second), GANTRY_E_NULL_ARGUMENT, "NULL server");
+
+    gantry_serve_close(server);
+    gantry_serve_close(NULL);
+    expect(gantry_loader_load(loader, url, GANTRY_DEVICE_HOST, &(gantry_model *){NULL}), GANTRY_E_LIVE,
+           "after close");
+    gantry_loader_free(loader);
+    printf("serve: ok\n");
+    return 0;
+}
