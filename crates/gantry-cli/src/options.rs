@@ -138,6 +138,11 @@ pub struct LoadSettings {
     /// user (0700, 0600; only the user's and root's copies are read).
     #[arg(long, requires = "cache_dir")]
     pub cache_shared: bool,
+    /// From a live source served on a GPU of this host (`gantry serve --device cuda:N`):
+    /// alias the server's device memory instead of copying it (read-only by contract).
+    #[arg(long)]
+    #[serde(default)]
+    pub share_live: bool,
     #[command(flatten)]
     pub store: StoreOptions,
 }
@@ -212,6 +217,7 @@ impl LoadSettings {
         if let Some(p) = &self.profile {
             c = c.profile(p.parse()?);
         }
+        c = c.share_live(self.share_live);
         if let Some(n) = self.queue_depth {
             c = c.queue_depth(n);
         }

@@ -73,13 +73,18 @@ impl Server {
     /// Binds the socket at `socket` (mode `mode`) and starts serving; nothing is served until
     /// the first publication.
     #[new]
-    #[pyo3(signature = (socket, mode = 0o600))]
-    fn new(py: Python<'_>, socket: std::path::PathBuf, mode: u32) -> PyResult<Self> {
+    #[pyo3(signature = (socket, mode = 0o600, device = None))]
+    fn new(
+        py: Python<'_>,
+        socket: std::path::PathBuf,
+        mode: u32,
+        device: Option<u32>,
+    ) -> PyResult<Self> {
         guarded(|| {
             if mode & !0o777 != 0 {
                 return Err(PyValueError::new_err(format!("socket_mode {mode:#o} is not a mode")));
             }
-            let options = ServerOptions { mode, ..ServerOptions::default() };
+            let options = ServerOptions { mode, device, ..ServerOptions::default() };
             let server = py.detach(|| LiveServer::start(&socket, &options)).map_err(to_py)?;
             let url = server.url().to_owned();
             Ok(Self { inner: Mutex::new(Some(server)), url })

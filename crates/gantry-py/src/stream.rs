@@ -66,6 +66,7 @@ pub(crate) fn parse_config(options: Option<&Bound<'_, PyDict>>) -> PyResult<Conf
             "cache_dir" => c.cache_dir(path_keyword(&key, &value)?),
             "cache_shared" => c.cache_shared(value.extract()?),
             "trace" => c.trace(path_keyword(&key, &value)?),
+            "share_live" => c.share_live(value.extract()?),
             "object_part_bytes" => c.object_part_bytes(count(&key, &value)?),
             "object_concurrency" => c.object_concurrency(count(&key, &value)?),
             "s3_endpoint" => endpoint(c, "s3_endpoint", Provider::S3, value.extract()?)?,

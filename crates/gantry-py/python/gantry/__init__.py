@@ -342,7 +342,9 @@ def stream(
     mismatch raises :class:`IoError` naming the file and both digests; ``report()["sha256"]``
     says per file whether it was checked and against what), ``require_sha256`` (the same,
     and a file with no known digest raises :class:`IoError` naming it), ``trace`` (a file to
-    write the load's timeline to, as Chrome trace-event JSON for Perfetto), as the Rust
+    write the load's timeline to, as Chrome trace-event JSON for Perfetto), ``share_live``
+    (a load to a GPU from a live source served on a GPU of this host returns tensors that
+    alias the server's memory, read-only by contract, instead of copies), as the Rust
     ``Config`` names them; for object sources (``s3://``, ``gs://``, ``az://``, ``abfs://``,
     ``https://ACCOUNT.blob.core.windows.net/...``) ``cache_dir`` (a local copy of every object
     read, reused while its ETag is unchanged, private to the caller), ``cache_shared`` (the
@@ -563,16 +565,22 @@ def serve(
 
     A state dict becomes one ``model.safetensors`` in a sealed memfd: contiguous CPU tensors
     are read where they lie (one copy, into the shared memory); non-contiguous ones are made
-    contiguous first; CUDA tensors are copied to the host first for now (device residency
-    is not served yet). ``device``: where the server keeps the weights; only ``"cpu"`` for
-    now. ``socket_mode``: the socket file's mode (0o600: this user alone). ``config``: as for
+    contiguous first; CUDA tensors are copied to the host first (the shared memory is the
+    publication's reference copy, and its digests are computed there). ``device``: ``"cpu"``
+    keeps the weights in host memory only; ``"cuda:N"`` (or ``N``) keeps a copy on that GPU
+    too, which readers on this host copy from (or alias, with ``share_live=True``) over CUDA
+    IPC. ``socket_mode``: the socket file's mode (0o600: this user alone). ``config``: as for
     :func:`stream`, for loading a checkpoint source.
     """
-    if _device(device) != "cpu":
-        raise UnavailableError(
-            f"serving from device memory ({device}) is not available yet: serve with device='cpu'"
-        )
-    server = Server(_gantry.Server(os.fspath(socket), _int("socket_mode", socket_mode)), config)
+    where = _device(device)
+    if where == "cpu":
+        ordinal = None
+    elif where.startswith("cuda:") and where[5:].isdigit():
+        ordinal = int(where[5:])
+    else:
+        raise ConfigError(f"device {device!r}: 'cpu' or 'cuda:N'")
+    inner = _gantry.Server(os.fspath(socket), _int("socket_mode", socket_mode), ordinal)
+    server = Server(inner, config)
     try:
         server.update(state_dict_or_path)
     except BaseException:
