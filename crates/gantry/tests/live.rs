@@ -537,11 +537,21 @@ impl DeviceServer {
             .spawn()
             .unwrap();
         let out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let version = out
-            .lines()
-            .map_while(Result::ok)
-            .find_map(|l| l.strip_prefix("READY ").map(str::to_owned))
-            .expect("the server child printed no READY line");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                if let Some(v) = line.strip_prefix("READY ") {
+                    let _ = tx.send(v.to_owned());
+                }
+            }
+        });
+        let version = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(v) => v,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the server child printed no READY line within 60 s");
+            }
+        };
         DeviceServer { child, url: url(&socket), version }
     }
 }
@@ -549,6 +559,14 @@ impl DeviceServer {
 impl Drop for DeviceServer {
     fn drop(&mut self) {
         drop(self.child.stdin.take());
+        for _ in 0..200 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("the server child did not end within 20 s of its stdin closing: killed");
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
