@@ -28,6 +28,7 @@ mod json;
 mod verdict;
 
 pub use json::{parse, to_json, Parsed, TRACE_TEXT_MAX_BYTES};
+pub(crate) use verdict::WAITING_FOR_PIECES;
 pub use verdict::{measure, verdict, Bound, Settings, Usage, Verdict, VolumeUsage};
 
 use std::borrow::Cow;

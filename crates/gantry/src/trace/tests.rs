@@ -149,6 +149,10 @@ fn the_verdict_names_the_stage_that_bound_the_load() {
     let host = |t| span_event("copy", "host copy", t, Args::new());
     let device = |t| span_event("copy", "device copy", t, Args::new().u64("gpu", 0));
     let hash = |t| span_event("hash", "sha256", t, Args::new());
+    let status = |t| span_event("exchange", "status", t, Args::new().u64("round", 0));
+    let broadcast = |t| span_event("exchange", "broadcast", t, Args::new().u64("bytes", 64));
+    let finish = |t| span_event("exchange", "finish", t, Args::new());
+    let waiting = |t| span_event("exchange", "waiting for pieces", t, Args::new());
     #[rustfmt::skip]
     let cases: Vec<Case<'_>> = vec![
         ("both volumes always reading", &two_volumes,
@@ -176,6 +180,20 @@ fn the_verdict_names_the_stage_that_bound_the_load() {
         ("nothing busy", &two_volumes,
             vec![read("nvme0n1", "direct", (0, 100)), host((100, 200))],
             Bound::Cpu, None, "no stage busy 50% of the load"),
+        ("the exchange at work while the readers wait on it", &two_volumes,
+            vec![read("nvme0n1", "direct", (0, 200)), status((100, 600)), broadcast((600, 950))],
+            Bound::Exchange, None, "exchange busy 85% (64 bytes broadcast)"),
+        ("a busy exchange beside busy readers is the readers' load", &two_volumes,
+            vec![read("nvme0n1", "direct", (0, 1000)), read("nvme1n1", "direct", (0, 1000)),
+                 status((0, 500)), broadcast((500, 1000))],
+            Bound::Storage, Some("--queue-depth"), "exchange busy 100%"),
+        ("the exchange's tail after the last read is part of the load", &two_volumes,
+            vec![read("nvme0n1", "direct", (0, 1000)), read("nvme1n1", "direct", (0, 1000)),
+                 broadcast((900, 1000)), finish((1000, 4000))],
+            Bound::Exchange, None, "reads in flight 25% of the load on 0 of 2 volumes"),
+        ("an exchanger waiting for its own pieces is not at work", &two_volumes,
+            vec![read("nvme0n1", "direct", (0, 100)), waiting((0, 1000)), status((990, 1000))],
+            Bound::Cpu, None, "exchange busy 1%"),
         ("a read outside the load counts only inside it", &two_volumes,
             vec![read("nvme0n1", "direct", (900, 5000))],
             Bound::Cpu, None, "reads in flight 5% of the load on 0 of 2 volumes"),
