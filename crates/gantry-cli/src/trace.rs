@@ -1,6 +1,7 @@
 //! `gantry trace summarize FILE`: a trace written by `gantry load --trace` read back on any
 //! machine: the verdict (computed by the same function `--explain` uses), each volume's and
-//! GPU's utilisation, and a histogram of read latencies.
+//! GPU's utilisation, and a histogram of read latencies. A merged `--ranks` trace (a process
+//! per rank) is summarized rank by rank, under each process's name.
 
 use std::error::Error;
 use std::io::Read;
@@ -32,7 +33,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
 }
 
 /// The file's text, refusing one larger than a trace can be.
-fn read_capped(path: &Path) -> Result<String, Box<dyn Error>> {
+pub fn read_capped(path: &Path) -> Result<String, Box<dyn Error>> {
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let cap = trace::TRACE_TEXT_MAX_BYTES as u64;
     let mut text = String::new();
@@ -44,14 +45,30 @@ fn read_capped(path: &Path) -> Result<String, Box<dyn Error>> {
 }
 
 fn summarize(path: &Path) -> Result<(), Box<dyn Error>> {
-    let parsed =
-        trace::parse(&read_capped(path)?).map_err(|e| format!("{}: {e}", path.display()))?;
-    let usage = trace::measure(&parsed.events).ok_or_else(|| {
-        format!(
+    let processes = trace::parse_processes(&read_capped(path)?)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let loads: Vec<_> = (processes.iter())
+        .filter_map(|(_, name, p)| Some((name, trace::measure(&p.events)?, &p.events)))
+        .collect();
+    if loads.is_empty() {
+        return Err(format!(
             "{}: no load phase in this trace (was it written by gantry load --trace?)",
             path.display()
         )
-    })?;
+        .into());
+    }
+    let merged = loads.len() > 1;
+    for (name, usage, events) in loads {
+        if merged {
+            println!("{name}:");
+        }
+        summarize_load(&usage, events);
+    }
+    Ok(())
+}
+
+/// One load's summary.
+fn summarize_load(usage: &trace::Usage, events: &[Event]) {
     println!("{}", trace::verdict(&usage));
     let seconds = usage.window_ns as f64 / 1e9;
     let rate = if seconds > 0.0 { usage.read_bytes as f64 / seconds / 1e9 } else { 0.0 };
@@ -90,10 +107,16 @@ fn summarize(path: &Path) -> Result<(), Box<dyn Error>> {
     for (gpu, busy) in &usage.device_copy {
         println!("GPU {gpu}: copies queued or running {:.0}% of the load", busy * 100.0);
     }
-    for line in histogram(&parsed.events) {
+    if let Some((busy, bytes)) = usage.exchange {
+        println!(
+            "exchange: at work {:.0}% of the load, {} broadcast",
+            busy * 100.0,
+            units::bytes(bytes)
+        );
+    }
+    for line in histogram(events) {
         println!("{line}");
     }
-    Ok(())
 }
 
 /// Read latencies in power-of-two buckets of microseconds, one line per bucket.

@@ -52,6 +52,13 @@ pub(super) enum Heard {
     Done(Result<()>),
 }
 
+/// Tensor `i` is whole in this rank's memory: its landing in the load's trace.
+fn landed(i: usize, t: &gantry_format::TensorEntry) {
+    trace::instant("tensor", "landed", || {
+        trace::Args::new().str("name", t.name.clone()).u64("bytes", t.len).u64("tensor", i as u64)
+    });
+}
+
 /// The caller's side: which tensors still wait for bytes, and what was received.
 #[derive(Debug)]
 pub(super) struct Tally<'s> {
@@ -90,6 +97,7 @@ impl<'s> Tally<'s> {
     ) {
         for (i, t) in checkpoint.tensors.iter().enumerate() {
             if wanted[i] && self.pending[i] == 0 {
+                landed(i, t);
                 on_ready(ReadyOnDevice { index: i, entry: t, ptr: bases[t.file.0] + t.offset });
             }
         }
@@ -107,6 +115,7 @@ impl<'s> Tally<'s> {
             self.pending[i] -= 1;
             if self.pending[i] == 0 {
                 let t = &checkpoint.tensors[i];
+                landed(i, t);
                 on_ready(ReadyOnDevice { index: i, entry: t, ptr: bases[t.file.0] + t.offset });
             }
         }

@@ -207,3 +207,23 @@ fn the_verdict_names_the_stage_that_bound_the_load() {
     }
     assert!(measure(&[read("a", "direct", (0, 1))]).is_none(), "no load phase, no verdict");
 }
+
+/// Two loads in one file read back apart, each under its own name and with its own tracks.
+#[test]
+fn processes_of_a_merged_file_read_back_apart() {
+    let a = vec![span_event("read", "read", (5, 9), Args::new().u64("bytes", 7))];
+    let b = vec![span_event("phase", "load", (1, 2), Args::new())];
+    let (ta, tb) = (vec!["reader".to_owned()], vec!["main".to_owned(), "x".to_owned()]);
+    let text = to_json_processes(&[
+        Process { pid: 1, name: "rank 0 (cpu)".into(), events: &a, tracks: &ta },
+        Process { pid: 2, name: "rank 1 (cpu)".into(), events: &b, tracks: &tb },
+    ]);
+    let back = parse_processes(&text).unwrap();
+    let names: Vec<(u32, &str)> = back.iter().map(|(p, n, _)| (*p, n.as_str())).collect();
+    assert_eq!(names, [(1, "rank 0 (cpu)"), (2, "rank 1 (cpu)")]);
+    assert_eq!((back[0].2.tracks.clone(), back[1].2.tracks.clone()), (ta, tb));
+    assert_eq!(back[0].2.events.len(), 1);
+    assert_eq!(back[0].2.events[0].u64("bytes"), Some(7));
+    assert_eq!(back[1].2.events[0].name, "load");
+    assert_eq!(parse(&text).unwrap().events.len(), 2, "parse takes every process together");
+}
