@@ -69,7 +69,7 @@ fn summarize(path: &Path) -> Result<(), Box<dyn Error>> {
 
 /// One load's summary.
 fn summarize_load(usage: &trace::Usage, events: &[Event]) {
-    println!("{}", trace::verdict(&usage));
+    println!("{}", trace::verdict(usage));
     let seconds = usage.window_ns as f64 / 1e9;
     let rate = if seconds > 0.0 { usage.read_bytes as f64 / seconds / 1e9 } else { 0.0 };
     println!("load: {seconds:.3} s, {} read ({rate:.2} GB/s)", units::bytes(usage.read_bytes));
