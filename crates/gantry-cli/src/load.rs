@@ -296,8 +296,8 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     if let Some(world) = args.ranks {
         return crate::ranks::run_parent(args, world);
     }
-    if args.trace.is_some() && (args.shard.is_some() || args.ranks.is_some()) {
-        return Err("--trace records plain loads; it does not take --shard or --ranks yet".into());
+    if args.trace.is_some() && args.shard.is_some() {
+        return Err("--trace records plain and --ranks loads; it does not take --shard yet".into());
     }
     if let Some(shard) = &args.shard {
         return run_placed(args, shard);
@@ -384,14 +384,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             files: json_files(&report),
             version: report.version.clone(),
             tensors,
-            bound_by: report.bound_by.as_ref().map(|v| {
-                serde_json::json!({
-                    "stage": v.bound.name(),
-                    "evidence": v.evidence,
-                    "setting": v.setting,
-                    "line": v.to_string(),
-                })
-            }),
+            bound_by: report.bound_by.as_ref().map(bound_by_json),
         };
         serde_json::to_string(&out).map(|line| println!("{line}")).map_err(Into::into)
     } else {
@@ -428,6 +421,16 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     std::mem::forget(model);
     std::mem::forget(loader);
     printed
+}
+
+/// A verdict as `--json` gives it (`bound_by`): stage, evidence, setting and the line.
+pub fn bound_by_json(v: &gantry::trace::Verdict) -> serde_json::Value {
+    serde_json::json!({
+        "stage": v.bound.name(),
+        "evidence": v.evidence,
+        "setting": v.setting,
+        "line": v.to_string(),
+    })
 }
 
 pub fn explain(report: &LoadReport) {

@@ -4,7 +4,7 @@
 //! A rank's own arguments are who it is and what it loads (`gantry rank PATH --rank R --world
 //! N --spec -`), so `ps` shows them; everything else it needs (its device, how it reaches the
 //! other ranks, the load settings, the placement, the exchange's sizes and timeout, where its
-//! figures go) is one JSON [`Spec`] the parent writes to the rank's stdin and closes. The parent
+//! figures and its trace go) is one JSON [`Spec`] the parent writes to the rank's stdin and closes. The parent
 //! builds the spec from its parsed arguments, field by field: nothing is rebuilt from the
 //! parent's command line, and a load setting reaches the ranks because [`LoadSettings`] is
 //! serialized whole. The spec travels on a pipe rather than the command line, so object-storage
@@ -60,6 +60,11 @@ pub struct Spec {
     pub link: Link,
     /// Where the rank writes its JSON figures.
     pub result_file: PathBuf,
+    /// With `--trace`: where the rank writes its own trace (a private file of the parent's,
+    /// which merges the ranks' traces into the one asked for).
+    pub trace_file: Option<PathBuf>,
+    /// With `--explain`: the rank records its timeline in memory for its verdict.
+    pub explain: bool,
     pub settings: LoadSettings,
     /// `--shard`, as written (`tp:2`).
     pub shard: Option<String>,
@@ -79,6 +84,8 @@ pub struct Rank {
     pub device: Device,
     pub link: Link,
     pub result_file: PathBuf,
+    pub trace_file: Option<PathBuf>,
+    pub explain: bool,
     pub settings: LoadSettings,
     pub shard: Option<ShardSpec>,
     pub tp_rules: Vec<(String, Split)>,
@@ -99,12 +106,21 @@ fn split_name(split: Split) -> String {
 }
 
 impl Spec {
-    /// The spec of the rank on `device` of the load `args` asks for.
-    pub fn new(args: &Args, device: Device, link: Link, result_file: PathBuf) -> Spec {
+    /// The spec of the rank on `device` of the load `args` asks for; with `trace_file`, the
+    /// rank writes its trace there.
+    pub fn new(
+        args: &Args,
+        device: Device,
+        link: Link,
+        result_file: PathBuf,
+        trace_file: Option<PathBuf>,
+    ) -> Spec {
         Spec {
             device: crate::options::device_name(device),
             link,
             result_file,
+            trace_file,
+            explain: args.explain,
             settings: args.options.settings.clone(),
             shard: args.shard.map(|s| s.to_string()),
             tp_rules: args.tp_rule.iter().map(|(p, s)| format!("{p}={}", split_name(*s))).collect(),
@@ -138,6 +154,8 @@ impl RankCommand {
             device,
             link: spec.link,
             result_file: spec.result_file,
+            trace_file: spec.trace_file,
+            explain: spec.explain,
             settings: spec.settings,
             shard: shard.map_err(|e| bad("shard", &e))?,
             tp_rules: tp_rules.map_err(|e| bad("tp rule", &e))?,
@@ -192,6 +210,7 @@ mod tests {
             "--tp-rule",
             "x=column",
             "--verify",
+            "--explain",
             "--window-mib",
             "9",
             "--piece-mib",
@@ -206,7 +225,8 @@ mod tests {
         let args = Load::parse_from(line).args;
         let dir = tempfile::tempdir().unwrap();
         let link = Link::NcclIdFile(dir.path().join("id"));
-        let spec = Spec::new(&args, Device::Cuda(1), link, dir.path().join("out.json"));
+        let (out, trace) = (dir.path().join("out.json"), Some(dir.path().join("trace.json")));
+        let spec = Spec::new(&args, Device::Cuda(1), link, out, trace.clone());
         let file = dir.path().join("spec.json");
         std::fs::write(&file, serde_json::to_vec(&spec).unwrap()).unwrap();
         let command = RankCommand { path: "ck".into(), rank: 1, world: 2, spec: file };
@@ -216,6 +236,7 @@ mod tests {
         assert_eq!(me.tp_rules, [("*.w".to_owned(), Split::Dim(1)), ("x".into(), Split::Column)]);
         assert!(me.verify && matches!(me.link, Link::NcclIdFile(p) if p == dir.path().join("id")));
         assert_eq!((me.window_mib, me.piece_mib, me.rank_timeout_s), (9, 3, 7));
+        assert!(me.explain && me.trace_file == trace);
         let (given, read) = (args.options.config().unwrap(), me.settings.config().unwrap());
         assert_eq!(crate::options::config_json(&read), crate::options::config_json(&given));
         assert_eq!(read.values().threads, 5);
@@ -226,7 +247,8 @@ mod tests {
     fn a_rank_outside_its_world_is_refused() {
         let args = Load::parse_from(["load", "ck", "--ranks", "2"]).args;
         let dir = tempfile::tempdir().unwrap();
-        let spec = Spec::new(&args, Device::Cpu, Link::Alone("x".into()), dir.path().join("o"));
+        let link = Link::Alone("x".into());
+        let spec = Spec::new(&args, Device::Cpu, link, dir.path().join("o"), None);
         let file = dir.path().join("spec.json");
         std::fs::write(&file, serde_json::to_vec(&spec).unwrap()).unwrap();
         let command = RankCommand { path: "ck".into(), rank: 2, world: 2, spec: file };

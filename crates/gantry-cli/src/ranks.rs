@@ -8,18 +8,27 @@
 //! a rank, as under torchrun; or why each reads on its own, when NCCL is not available or the
 //! ranks load into host memory). It collects each rank's JSON and prints the
 //! per-rank and total figures, including the bytes each process fetched from storage as the
-//! kernel counts them (`read_bytes` of `/proc/self/io`). When a rank fails, the parent waits
+//! kernel counts them (`read_bytes` of `/proc/self/io`), and with `--explain` each rank's
+//! verdict. With `--trace FILE`, each rank records its own timeline into a file of the
+//! parent's private temporary directory, named in its spec, and reports where its trace
+//! started on the host's monotonic clock; the parent merges them into FILE, one process per
+//! rank (pid rank + 1, named `rank R (device)`), each shifted by its start's distance from the
+//! earliest, so all ranks lie on one time line (the monotonic clock is one for every process
+//! of a host, and never steps). Merging after the ranks end costs the parent a parse of each
+//! trace, but keeps recording what it is in every rank: a buffer per thread, no cross-process
+//! traffic while loading. When a rank fails, the parent waits
 //! for the others to notice (they fail on their own within their timeout), stops any that are
 //! still running after that, and reports every rank's outcome.
 
 use std::error::Error;
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use gantry::coop::{Communicator, CoopReport, Cooperation, UniqueId};
 use gantry::placement::Share;
+use gantry::trace::Process;
 use gantry::{CudaDevice, Loader};
 use serde_json::{json, Value};
 
@@ -275,8 +284,10 @@ pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
     let start = Instant::now();
     let results = tempfile::tempdir()?;
     let result_of = |r: usize| results.path().join(format!("rank-{r}.json"));
+    let trace_of = |r: usize| results.path().join(format!("rank-{r}.trace.json"));
+    let traced = |r: usize| args.trace.as_ref().map(|_| trace_of(r));
     let specs: Vec<Spec> = (devices.iter().enumerate())
-        .map(|(r, &device)| Spec::new(args, device, link.clone(), result_of(r)))
+        .map(|(r, &device)| Spec::new(args, device, link.clone(), result_of(r), traced(r)))
         .collect();
     let mut ranks = spawn_all(&args.options.path, &specs)?;
     wait_all(&mut ranks, Duration::from_secs(args.rank_timeout_s));
@@ -312,8 +323,45 @@ pub fn run_parent(args: &Args, world: usize) -> Result<(), Box<dyn Error>> {
             format!("{} of {world} ranks failed: {}", failures.len(), failures.join("; ")).into()
         );
     }
+    if let Some(path) = &args.trace {
+        let files: Vec<_> = (0..world).map(trace_of).collect();
+        merge_traces(&outputs, &files, path)?;
+    }
     print_ranks(args, &outputs, checkpoint.total_bytes(), wall);
     Ok(())
+}
+
+/// Writes the ranks' traces (`files[r]`, rank `r`'s figures at `ranks[r]`) to `out` as one
+/// trace, a process per rank, on the time line of the earliest rank's start.
+fn merge_traces(ranks: &[Value], files: &[PathBuf], out: &Path) -> Result<(), Box<dyn Error>> {
+    let mut loaded = Vec::with_capacity(ranks.len());
+    for (r, (figures, file)) in ranks.iter().zip(files).enumerate() {
+        let text = crate::trace::read_capped(file).map_err(|e| format!("rank {r}: {e}"))?;
+        let parsed = gantry::trace::parse(&text)
+            .map_err(|e| format!("rank {r}: its trace {}: {e}", file.display()))?;
+        let start = figures["trace_clock"]["monotonic_ns"].as_u64();
+        let start =
+            start.ok_or(format!("rank {r}: its figures say nothing of its trace's start"))?;
+        let name = format!("rank {r} ({})", figures["device"].as_str().unwrap_or("?"));
+        loaded.push((start, name, parsed));
+    }
+    let origin = loaded.iter().map(|l| l.0).min().unwrap_or(0);
+    for (start, _, parsed) in &mut loaded {
+        let shift = *start - origin;
+        for e in &mut parsed.events {
+            e.ts_ns = e.ts_ns.saturating_add(shift);
+        }
+    }
+    let processes: Vec<Process<'_>> = (loaded.iter().enumerate())
+        .map(|(r, (_, name, parsed))| Process {
+            pid: u32::try_from(r + 1).unwrap_or(u32::MAX),
+            name: name.clone(),
+            events: &parsed.events,
+            tracks: &parsed.tracks,
+        })
+        .collect();
+    std::fs::write(out, gantry::trace::to_json_processes(&processes))
+        .map_err(|e| format!("writing the trace {}: {e}", out.display()).into())
 }
 
 /// Per-rank lines and the totals (or one JSON object).
@@ -351,6 +399,9 @@ fn print_ranks(args: &Args, ranks: &[Value], checkpoint_bytes: u64, wall: f64) {
             units::bytes(r["read_bytes"].as_u64().unwrap_or(0)),
             units::bytes(r["received_bytes"].as_u64().unwrap_or(0)),
         );
+        if let Some(line) = r["bound_by"]["line"].as_str().filter(|_| args.explain) {
+            println!("    {line}");
+        }
         print_sha256(r);
     }
     println!(
@@ -434,7 +485,10 @@ fn load_rank_device(
     checkpoint: gantry::Checkpoint,
     ordinal: u32,
 ) -> Result<RankLoad, Box<dyn Error>> {
-    let gpu = CudaDevice::open(ordinal)?;
+    let gpu = {
+        let _span = gantry::trace::span("phase", "cuda start-up");
+        CudaDevice::open(ordinal)?
+    };
     let timeout = Duration::from_secs(me.rank_timeout_s);
     let nccl = || {
         gantry::coop::load_nccl()
@@ -575,6 +629,10 @@ pub fn run_rank(command: &RankCommand) -> Result<(), Box<dyn Error>> {
     let storage_before = storage_read_bytes();
     let start = Instant::now();
     let me = command.read()?;
+    // This rank's timeline from its loader's start on, written where the parent said, or
+    // kept in memory for the verdict.
+    let recording = (me.trace_file.is_some() || me.explain).then(gantry::trace::Trace::new);
+    let _in = gantry::trace::enter(recording.as_ref(), "main");
     let loader = Loader::new(me.settings.config()?)?;
     let checkpoint = gantry::open_with(&me.path, loader.config())?;
     let device = me.device;
@@ -583,9 +641,16 @@ pub fn run_rank(command: &RankCommand) -> Result<(), Box<dyn Error>> {
         Device::Cuda(n) => load_rank_device(&me, &loader, checkpoint, n)?,
     };
     let total_seconds = start.elapsed().as_secs_f64();
+    if let (Some(trace), Some(path)) = (&recording, &me.trace_file) {
+        trace.write(path)?;
+    }
     if me.verify {
         verify()?;
     }
+    let trace_clock = recording.as_ref().map(|t| {
+        let c = t.clock();
+        json!({"monotonic_ns": c.monotonic_ns, "realtime_ns": c.realtime_ns})
+    });
     let storage = storage_read_bytes().zip(storage_before).map(|(a, b)| a.saturating_sub(b));
     let out = json!({
         "rank": me.rank, "world": me.world, "device": device_name(device),
@@ -598,6 +663,8 @@ pub fn run_rank(command: &RankCommand) -> Result<(), Box<dyn Error>> {
         "total_seconds": total_seconds, "exchange_tail_seconds": coop.exchange_tail_seconds,
         "read_seconds": coop.read_seconds, "share_copy_seconds": coop.share_copy_seconds,
         "verified": me.verify, "files": json_files(&report),
+        "bound_by": report.bound_by.as_ref().map(crate::load::bound_by_json),
+        "trace_clock": trace_clock,
         "config": crate::options::config_json(loader.config()),
     });
     // A file of its own: libraries (NCCL with NCCL_DEBUG set) print on stdout too, even in the

@@ -194,6 +194,115 @@ fn host_ranks_each_read_on_their_own_and_say_why() {
     assert!(v["read_bytes"].as_u64().unwrap() >= 3 * total);
 }
 
+/// The tensor names of the checkpoint in `dir`, read from its files' headers (8 bytes of
+/// little-endian length, then the JSON header), not through gantry.
+fn tensor_names(dir: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "safetensors") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+        let keys = header.as_object().unwrap().keys().filter(|k| *k != "__metadata__");
+        names.extend(keys.cloned());
+    }
+    names.sort();
+    names
+}
+
+/// A merged `--ranks` trace checked against the ranks' own figures and the checkpoint's
+/// headers: valid trace-event JSON with one named process per rank (pids from 1), each
+/// rank's read spans adding up to the bytes it reports reading, every tensor landing once on
+/// every rank, and all ranks on one time line (within the parent's wall time of each other).
+/// Returns each rank's events by pid.
+fn check_merged(trace: &Path, v: &Value, names: &[String]) -> Vec<Vec<Value>> {
+    let text = std::fs::read_to_string(trace).unwrap();
+    let file: Value = serde_json::from_str(&text).expect("the merged trace is JSON");
+    let events = file["traceEvents"].as_array().expect("a traceEvents array");
+    for e in events {
+        let ph = e["ph"].as_str().expect("every event has a phase");
+        assert!(["M", "X", "i", "C"].contains(&ph), "{e}");
+        assert!(e["pid"].is_u64() && e["tid"].is_u64(), "{e}");
+        if ph != "M" {
+            assert!(e["ts"].as_f64().is_some_and(|t| t >= 0.0), "{e}");
+        }
+        if ph == "X" {
+            assert!(e["dur"].as_f64().is_some_and(|d| d >= 0.0), "{e}");
+        }
+    }
+    let ranks = v["per_rank"].as_array().unwrap();
+    let (mut first, mut last) = (f64::MAX, 0f64);
+    let mut per_rank = Vec::new();
+    for (r, rank) in ranks.iter().enumerate() {
+        let pid = r as u64 + 1;
+        let mine: Vec<Value> = events.iter().filter(|e| e["pid"] == pid).cloned().collect();
+        let name = mine.iter().find(|e| e["ph"] == "M" && e["name"] == "process_name");
+        let name = name.map(|e| e["args"]["name"].as_str().unwrap().to_owned());
+        assert_eq!(name, Some(format!("rank {r} ({})", rank["device"].as_str().unwrap())));
+        let read: u64 = mine
+            .iter()
+            .filter(|e| e["cat"] == "read" && e["ph"] == "X")
+            .map(|e| e["args"]["bytes"].as_u64().unwrap())
+            .sum();
+        assert_eq!(read, rank["read_bytes"].as_u64().unwrap(), "rank {r}: bytes read");
+        let mut landed: Vec<String> = mine
+            .iter()
+            .filter(|e| e["cat"] == "tensor" && e["name"] == "landed")
+            .map(|e| e["args"]["name"].as_str().unwrap().to_owned())
+            .collect();
+        landed.sort();
+        assert_eq!(landed, names, "rank {r}: every tensor lands once");
+        for e in mine.iter().filter(|e| e["ph"] == "X" || e["ph"] == "i") {
+            let t = e["ts"].as_f64().unwrap();
+            first = first.min(t);
+            last = last.max(t + e["dur"].as_f64().unwrap_or(0.0));
+        }
+        per_rank.push(mine);
+    }
+    let wall_us = v["wall_seconds"].as_f64().unwrap() * 1e6;
+    assert!(last - first <= wall_us, "ranks {first}..{last} us apart, the parent ran {wall_us} us");
+    per_rank
+}
+
+/// `--ranks N --trace FILE`: one file, a process per rank, checked by [`check_merged`];
+/// `--explain` prints each rank's verdict under its line.
+#[test]
+fn host_ranks_write_one_merged_trace_and_explain_each_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = checkpoint(dir.path());
+    let trace = dir.path().join("ranks.trace.json");
+    let trace_text = trace.to_str().unwrap();
+    let args = ["load", &path, "--ranks", "2", "--device", "cpu", "--trace", trace_text];
+    let v = json_of(&gantry(&[&args[..], &["--json"]].concat(), &[]));
+    let per_rank = check_merged(&trace, &v, &tensor_names(dir.path()));
+    assert_eq!(per_rank.len(), 2);
+    // `gantry trace summarize` reads the merged file rank by rank, to the same verdicts.
+    let summary = gantry(&["trace", "summarize", trace_text], &[]);
+    assert!(summary.status.success(), "{}", String::from_utf8_lossy(&summary.stderr));
+    let summary = String::from_utf8_lossy(&summary.stdout);
+    let lines: Vec<&str> = summary.lines().collect();
+    for (r, rank) in v["per_rank"].as_array().unwrap().iter().enumerate() {
+        let line = rank["bound_by"]["line"].as_str().expect("a verdict per rank");
+        assert!(line.starts_with("bound by "), "{line}");
+        let at = lines.iter().position(|l| *l == format!("rank {r} (cpu):")).unwrap();
+        assert_eq!(lines[at + 1], line, "rank {r}: {summary}");
+    }
+    // The parent's private copies are gone with its temporary directory; only FILE is left.
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(left.iter().filter(|p| p.to_str().unwrap().contains("trace")).count(), 1);
+    let out = gantry(&["load", &path, "--ranks", "2", "--device", "cpu", "--explain"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    for r in 0..2 {
+        let at = lines.iter().position(|l| l.starts_with(&format!("  rank {r} "))).unwrap();
+        assert!(lines[at + 1].starts_with("    bound by "), "rank {r}: {text}");
+    }
+}
+
 #[test]
 fn each_ranks_output_is_kept_where_asked() {
     let dir = tempfile::tempdir().unwrap();
@@ -283,6 +392,29 @@ fn cooperative_ranks_are_bit_exact_and_read_each_byte_once() {
         assert_eq!(owned, total, "every byte owned by exactly one rank");
         // Reads are aligned to 4 KiB at both ends of each run: within 1% of the checkpoint.
         assert!(read >= total && read as f64 <= total as f64 * 1.01, "{read} for {total}");
+    }
+}
+
+/// Cooperative ranks traced: the merged file as for host ranks (every tensor lands on every
+/// rank, those read and those received), and each rank's exchanger is a track of its process
+/// whose broadcasts carry the whole checkpoint once.
+#[test]
+fn cooperative_ranks_write_one_merged_trace_with_their_exchanges() {
+    let Some(_) = gpus_with_nccl() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (path, total) = checkpoint(dir.path());
+    let trace = dir.path().join("coop.trace.json");
+    let t = trace.to_str().unwrap();
+    let args = ["load", &path, "--ranks", "2", "--device", "cuda:0,cuda:1", "--trace", t];
+    let v = json_of(&gantry(&[&args[..], &["--piece-mib", "1", "--json"]].concat(), &[]));
+    assert_eq!(v["cooperative"], true, "{v}");
+    for (r, events) in check_merged(&trace, &v, &tensor_names(dir.path())).iter().enumerate() {
+        let broadcast: u64 = events
+            .iter()
+            .filter(|e| e["cat"] == "exchange" && e["name"] == "broadcast")
+            .map(|e| e["args"]["bytes"].as_u64().unwrap())
+            .sum();
+        assert_eq!(broadcast, total, "rank {r}: every byte broadcast once");
     }
 }
 

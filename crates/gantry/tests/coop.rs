@@ -96,6 +96,44 @@ fn two_ranks_share_the_reads_and_are_bit_exact() {
     }
 }
 
+/// Traced ranks: the exchanger is a track of each rank's trace, its broadcasts carry every
+/// byte of the checkpoint once (this rank's own pieces sent, the rest received), and the
+/// verdict is judged over the reads and the exchange.
+#[test]
+fn traced_ranks_draw_the_exchange_as_a_track() {
+    let dir = common::scratch();
+    let total = checkpoint(dir.path()).total_bytes();
+    let file = |r: usize| dir.path().join(format!("rank-{r}.json"));
+    let ranks = two_ranks(dir.path(), |r| Config::default().trace(file(r)));
+    for (r, (done, ready)) in ranks.iter().enumerate() {
+        let done = done.as_ref().unwrap();
+        assert_bit_exact(done, ready);
+        let text = std::fs::read_to_string(file(r)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let events = v["traceEvents"].as_array().unwrap();
+        let track = events
+            .iter()
+            .find(|e| e["name"] == "thread_name" && e["args"]["name"] == "exchange")
+            .map(|e| e["tid"].clone())
+            .expect("an exchange track");
+        let spans: Vec<&serde_json::Value> =
+            events.iter().filter(|e| e["cat"] == "exchange" && e["ph"] == "X").collect();
+        assert!(spans.iter().all(|e| e["tid"] == track), "exchange spans off its track");
+        for name in ["connect", "status", "broadcast", "finish"] {
+            assert!(spans.iter().any(|e| e["name"] == name), "rank {r}: no {name} span");
+        }
+        let sum = |key: &str| -> u64 {
+            let broadcasts = spans.iter().filter(|e| e["name"] == "broadcast");
+            broadcasts.map(|e| e["args"][key].as_u64().unwrap()).sum()
+        };
+        assert_eq!(sum("bytes"), total, "rank {r}: every byte broadcast once");
+        assert_eq!(sum("sent"), done.coop.owned_bytes, "rank {r}: its own pieces sent");
+        assert_eq!(sum("bytes") - sum("sent"), done.coop.received_bytes, "rank {r}");
+        let verdict = done.model.report().bound_by.clone().expect("a verdict");
+        assert!(verdict.to_string().contains("exchange busy"), "rank {r}: {verdict}");
+    }
+}
+
 #[test]
 fn a_rank_whose_read_fails_fails_the_other_naming_it() {
     let dir = common::scratch();

@@ -293,6 +293,13 @@ fn object_gets_are_spans_on_lanes() {
     assert_eq!(gets.len() as u64, data.div_ceil(64 << 10));
     let events = events_of(&std::fs::read_to_string(&trace_path).unwrap());
     assert_no_partial_overlap(&check_format(&events));
+    // Each GET's time to first byte and transfer split its span: both there, and together
+    // within its length (whole microseconds, each rounded down).
+    for e in events.iter().filter(|e| e["cat"] == "read" && e["ph"] == "X") {
+        let (ttfb, transfer) = (e["args"]["ttfb_us"].as_u64(), e["args"]["transfer_us"].as_u64());
+        let (Some(ttfb), Some(transfer)) = (ttfb, transfer) else { panic!("no split: {e}") };
+        assert!((ttfb + transfer) as f64 <= e["dur"].as_f64().unwrap() + 1.0, "{e}");
+    }
     let verdict = model.report().bound_by.clone().expect("a verdict");
     assert!(verdict.to_string().contains("GETs in flight"), "{verdict}");
     // With a cache, the copy's writes are a track of their own, bytes and all.

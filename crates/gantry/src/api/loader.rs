@@ -539,10 +539,13 @@ impl Loader {
         let registered = staging.register_buffers;
         let start = Instant::now();
         let loading = trace::span("phase", "load");
+        // A tensor's landing, or a piece's (a cooperative rank's ranges; that load marks its
+        // tensors' landings itself, those it read and those it received).
+        let cat = if reads.tensors.is_some() { "tensor" } else { "piece" };
         let landed = |i: usize| {
             let bytes = reads.ranges[i].len;
             let args = || trace::Args::new().str("name", reads.label(i)).u64("bytes", bytes);
-            trace::instant("tensor", "landed", || args().u64("tensor", i as u64));
+            trace::instant(cat, "landed", || args().u64(cat, i as u64));
         };
         for (i, r) in reads.ranges.iter().enumerate() {
             if wanted[i] && r.len == 0 {

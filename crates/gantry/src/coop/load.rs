@@ -25,6 +25,7 @@ use crate::engine::sink::cuda::CudaSink;
 use crate::error::{Error, Result};
 use crate::plan::placement::Share;
 use crate::plan::{FileRange, ReadSet};
+use crate::trace;
 
 /// A checkpoint loaded cooperatively: this rank's tensors on its GPU, and what it did.
 #[derive(Debug)]
@@ -229,6 +230,14 @@ impl Loader {
     ) -> Result<(LoadReport, Exchanged)> {
         let Landing { checkpoint, wanted, bases, .. } = at;
         let (rank, world) = (exchange.rank(), exchange.world());
+        // One timeline for the reads and the exchange: the caller's, else our own when asked
+        // for (the pipeline's load then records into it rather than making one).
+        let own = match (&self.settings().trace, trace::current()) {
+            (Some(_), None) => Some(trace::Trace::new()),
+            _ => None,
+        };
+        let _in = trace::enter(own.as_ref(), "load");
+        let trace = trace::current();
         let mut tally = Tally::new(checkpoint, split, rank);
         let (notes, notes_rx) = mpsc::channel();
         let (heard_tx, heard) = mpsc::channel();
@@ -236,6 +245,7 @@ impl Loader {
             let thread = std::thread::Builder::new()
                 .name("gantry-coop-exchange".into())
                 .spawn_scoped(s, move || {
+                    let _in = trace::enter(trace.as_ref(), "exchange");
                     exchanger(split, rank, world, bases, exchange, notes_rx, heard_tx)
                 })
                 .map_err(|source| Error::Resource {
@@ -267,7 +277,12 @@ impl Loader {
             match (read, tally.done.take()) {
                 (Ok(report), Some(Ok(()))) => {
                     let seconds = report.seconds + done.tail_seconds;
-                    Ok((LoadReport { seconds, ..report }, done))
+                    // The verdict again, now that the exchanger's events are in.
+                    let bound_by = verdict_now().or(report.bound_by);
+                    if let (Some(t), Some(path)) = (&own, &self.settings().trace) {
+                        t.write(path)?;
+                    }
+                    Ok((LoadReport { seconds, bound_by, ..report }, done))
                 }
                 (Ok(_), outcome) => Err(exchange_failure(outcome)),
                 (Err(_), outcome @ Some(Err(_))) if stopped => Err(exchange_failure(outcome)),
@@ -350,6 +365,11 @@ pub(super) struct Exchanged {
     pub(super) received_bytes: u64,
     /// Seconds from this rank's last read to the end of the exchange.
     pub(super) tail_seconds: f64,
+}
+
+/// The verdict on the trace the calling thread is in, as it stands.
+pub(super) fn verdict_now() -> Option<trace::Verdict> {
+    trace::current().and_then(|t| trace::measure(&t.events())).map(|u| trace::verdict(&u))
 }
 
 /// The exchanger's error (it always says why it stopped).

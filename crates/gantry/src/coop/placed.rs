@@ -293,6 +293,8 @@ impl Windows<'_> {
         });
         report.seconds = start.elapsed().as_secs_f64() - first_setup;
         report.tensor_bytes = self.mine.iter().map(|s| s.len).sum();
+        // Over every window's reads and exchange (each window's report judged its own).
+        report.bound_by = super::load::verdict_now().or(report.bound_by);
         coop_report.windows = windows.len();
         Ok((report, coop_report))
     }

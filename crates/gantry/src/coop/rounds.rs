@@ -11,6 +11,13 @@
 //! stream), which is when the exchanger tells the caller's thread that the pieces received in
 //! round `k` are here; that thread reports their tensors ready.
 //!
+//! Traced (the caller's thread hands the exchanger the load's trace, which it enters as the
+//! track `exchange`), each step is a span of category `exchange`: `connect`, per round
+//! `status` and `broadcast` (with the round, its pieces and bytes, and the bytes this rank
+//! sent), the final `finish`, and `waiting for pieces` while nothing of this rank's was ready
+//! to send. The verdict counts the first four as the exchange at work; the fifth is the
+//! exchanger idle, waiting on this rank's readers.
+//!
 //! Failures: this rank's own error (a read, a copy, a cancel) goes to the exchanger, which
 //! tells the others in its next status exchange; another rank's failure comes back from a
 //! status exchange as [`Error::Rank`]; an exchange that broke (a timeout, an NCCL error) has
@@ -25,6 +32,7 @@ use super::comm::Exchange;
 use super::split::Split;
 use crate::api::device::ReadyOnDevice;
 use crate::error::{Error, Result};
+use crate::trace;
 
 /// From the caller's thread to the exchanger.
 #[derive(Debug)]
@@ -42,6 +50,13 @@ pub(super) enum Heard {
     Received(usize),
     /// The exchange is over: every round done, or why not.
     Done(Result<()>),
+}
+
+/// Tensor `i` is whole in this rank's memory: its landing in the load's trace.
+fn landed(i: usize, t: &gantry_format::TensorEntry) {
+    trace::instant("tensor", "landed", || {
+        trace::Args::new().str("name", t.name.clone()).u64("bytes", t.len).u64("tensor", i as u64)
+    });
 }
 
 /// The caller's side: which tensors still wait for bytes, and what was received.
@@ -82,6 +97,7 @@ impl<'s> Tally<'s> {
     ) {
         for (i, t) in checkpoint.tensors.iter().enumerate() {
             if wanted[i] && self.pending[i] == 0 {
+                landed(i, t);
                 on_ready(ReadyOnDevice { index: i, entry: t, ptr: bases[t.file.0] + t.offset });
             }
         }
@@ -99,6 +115,7 @@ impl<'s> Tally<'s> {
             self.pending[i] -= 1;
             if self.pending[i] == 0 {
                 let t = &checkpoint.tensors[i];
+                landed(i, t);
                 on_ready(ReadyOnDevice { index: i, entry: t, ptr: bases[t.file.0] + t.offset });
             }
         }
@@ -192,12 +209,16 @@ fn run_rounds(
     let mut next = 0;
     let mut spent = Spent::default();
     let clock = std::time::Instant::now();
+    let span = trace::span("exchange", "connect").args(|a| a.u64("world", world as u64));
     exchange.connect().map_err(|e| broke(exchange, e))?;
+    drop(span);
     spent.connect = clock.elapsed();
     loop {
         while next < rounds && mine_landed[next] {
             let clock = std::time::Instant::now();
+            let span = trace::span("exchange", "status").args(|a| a.u64("round", next as u64));
             let statuses = exchange.status(next, None).map_err(|e| broke(exchange, e))?;
+            drop(span);
             spent.status += clock.elapsed();
             if let Some((rank, message)) =
                 statuses.into_iter().enumerate().find_map(|(r, s)| s.map(|m| (r, m)))
@@ -215,17 +236,26 @@ fn run_rounds(
                 })
                 .collect();
             let clock = std::time::Instant::now();
+            let span = trace::span("exchange", "broadcast").args(|a| {
+                let bytes = ranges.iter().map(|r| r.1).sum();
+                let sent = ranges.iter().filter(|r| r.2 == rank).map(|r| r.1).sum();
+                let (round, pieces) = (next as u64, ranges.len() as u64);
+                a.u64("round", round).u64("pieces", pieces).u64("bytes", bytes).u64("sent", sent)
+            });
             // SAFETY: each range is a piece of this rank's buffers, which outlive the exchange
             // (the caller joins this thread before it frees them); the owner's piece has
             // landed (this rank's: `mine_landed`; the others': their own status), and no copy
             // of this load writes another rank's piece.
             unsafe { exchange.broadcast(&ranges) }.map_err(|e| broke(exchange, e))?;
+            drop(span);
             spent.broadcast += clock.elapsed();
             next += 1;
         }
         if next == rounds {
             let clock = std::time::Instant::now();
             if rounds > 0 {
+                let _span =
+                    trace::span("exchange", "finish").args(|a| a.u64("rounds", rounds as u64));
                 exchange.finish().map_err(|e| broke(exchange, e))?;
                 let _ = heard.send(Heard::Received(rounds - 1));
             }
@@ -234,7 +264,9 @@ fn run_rounds(
             return Ok(());
         }
         let clock = std::time::Instant::now();
+        let span = trace::span("exchange", trace::WAITING_FOR_PIECES);
         let note = notes.recv();
+        drop(span);
         spent.pieces += clock.elapsed();
         let failure = match note {
             Ok(Note::Landed(piece)) => {

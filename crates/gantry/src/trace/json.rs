@@ -6,8 +6,14 @@
 //! volume are derived here from the read spans (category `derived`), so reading a file back
 //! skips them: they carry nothing the spans do not.
 //!
+//! Several loads in one file ([`to_json_processes`], how `--ranks` merges its ranks): one
+//! process per load, named and sorted by a `process_name` and `process_sort_index` record,
+//! each with its own tracks and derived counters. Pids start at 1: Perfetto treats pid 0 as
+//! the kernel's idle task (`swapper`) and renames its threads.
+//!
 //! Read: any file in that format; events of other phases are skipped, so a trace edited or
-//! merged by other tools still reads.
+//! merged by other tools still reads. [`parse`] takes every process together (a file of one
+//! load); [`parse_processes`] keeps them apart (a merged file).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -15,7 +21,7 @@ use std::fmt::Write;
 
 use super::{Args, Event, Kind, Value};
 
-/// The pid every track is drawn under.
+/// The pid every track of a one-load file is drawn under.
 const PID: u32 = 1;
 
 /// Bytes of trace text [`parse`] accepts.
@@ -48,43 +54,68 @@ fn args_json(args: &Args) -> String {
 
 /// `events` (tracks named by `tracks`, tid `i + 1` at `i`) as Chrome trace-event JSON.
 pub fn to_json(events: &[Event], tracks: &[String]) -> String {
-    let mut lines: Vec<String> = Vec::with_capacity(events.len() + 2 * tracks.len() + 1);
-    lines.push(format!(
-        r#"{{"ph":"M","name":"process_name","pid":{PID},"tid":0,"args":{{"name":"gantry"}}}}"#
-    ));
-    for (i, name) in tracks.iter().enumerate() {
-        let tid = i + 1;
+    to_json_processes(&[Process { pid: PID, name: "gantry".into(), events, tracks }])
+}
+
+/// One load's events in a file of several ([`to_json_processes`]).
+#[derive(Debug, Clone)]
+pub struct Process<'a> {
+    /// Its pid (at least 1; also its place in the list Perfetto draws).
+    pub pid: u32,
+    /// Its name (`rank 0 (cuda:0)`).
+    pub name: String,
+    /// Its events, timestamps from the file's common origin.
+    pub events: &'a [Event],
+    /// Its track names, tid `i + 1` at `i`.
+    pub tracks: &'a [String],
+}
+
+/// Several loads' events as one Chrome trace-event file, a process each.
+pub fn to_json_processes(processes: &[Process<'_>]) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    for p in processes {
+        let pid = p.pid;
         lines.push(format!(
-            r#"{{"ph":"M","name":"thread_name","pid":{PID},"tid":{tid},"args":{{"name":{}}}}}"#,
-            quoted(name)
+            r#"{{"ph":"M","name":"process_name","pid":{pid},"tid":0,"args":{{"name":{}}}}}"#,
+            quoted(&p.name)
         ));
         lines.push(format!(
-            r#"{{"ph":"M","name":"thread_sort_index","pid":{PID},"tid":{tid},"args":{{"sort_index":{tid}}}}}"#
+            r#"{{"ph":"M","name":"process_sort_index","pid":{pid},"tid":0,"args":{{"sort_index":{pid}}}}}"#
         ));
+        for (i, name) in p.tracks.iter().enumerate() {
+            let tid = i + 1;
+            lines.push(format!(
+                r#"{{"ph":"M","name":"thread_name","pid":{pid},"tid":{tid},"args":{{"name":{}}}}}"#,
+                quoted(name)
+            ));
+            lines.push(format!(
+                r#"{{"ph":"M","name":"thread_sort_index","pid":{pid},"tid":{tid},"args":{{"sort_index":{tid}}}}}"#
+            ));
+        }
+        for e in p.events {
+            let head = format!(
+                r#""name":{},"cat":{},"ts":{},"pid":{pid},"tid":{}"#,
+                quoted(&e.name),
+                quoted(&e.cat),
+                micros(e.ts_ns),
+                e.track
+            );
+            lines.push(match e.kind {
+                Kind::Span { dur_ns } => format!(
+                    r#"{{"ph":"X",{head},"dur":{},"args":{}}}"#,
+                    micros(dur_ns),
+                    args_json(&e.args)
+                ),
+                Kind::Instant => {
+                    format!(r#"{{"ph":"i","s":"t",{head},"args":{}}}"#, args_json(&e.args))
+                }
+                Kind::Counter { value } => {
+                    format!(r#"{{"ph":"C",{head},"args":{{"value":{value}}}}}"#)
+                }
+            });
+        }
+        lines.extend(in_flight_counters(p.events, pid));
     }
-    for e in events {
-        let head = format!(
-            r#""name":{},"cat":{},"ts":{},"pid":{PID},"tid":{}"#,
-            quoted(&e.name),
-            quoted(&e.cat),
-            micros(e.ts_ns),
-            e.track
-        );
-        lines.push(match e.kind {
-            Kind::Span { dur_ns } => format!(
-                r#"{{"ph":"X",{head},"dur":{},"args":{}}}"#,
-                micros(dur_ns),
-                args_json(&e.args)
-            ),
-            Kind::Instant => {
-                format!(r#"{{"ph":"i","s":"t",{head},"args":{}}}"#, args_json(&e.args))
-            }
-            Kind::Counter { value } => {
-                format!(r#"{{"ph":"C",{head},"args":{{"value":{value}}}}}"#)
-            }
-        });
-    }
-    lines.extend(in_flight_counters(events));
     let mut out = String::from("{\"displayTimeUnit\":\"ms\",\"traceEvents\":[\n");
     for (i, line) in lines.iter().enumerate() {
         let _ = write!(out, "{line}{}", if i + 1 < lines.len() { ",\n" } else { "\n" });
@@ -94,7 +125,7 @@ pub fn to_json(events: &[Event], tracks: &[String]) -> String {
 }
 
 /// Per volume of the read spans, a counter of reads in flight at every change.
-fn in_flight_counters(events: &[Event]) -> Vec<String> {
+fn in_flight_counters(events: &[Event], pid: u32) -> Vec<String> {
     let mut changes: BTreeMap<&str, Vec<(u64, i64)>> = BTreeMap::new();
     for e in events.iter().filter(|e| e.cat == "read" && matches!(e.kind, Kind::Span { .. })) {
         let volume = e.str("volume").unwrap_or("reads");
@@ -116,7 +147,7 @@ fn in_flight_counters(events: &[Event]) -> Vec<String> {
                 i += 1;
             }
             lines.push(format!(
-                r#"{{"ph":"C","name":{name},"cat":"derived","ts":{},"pid":{PID},"tid":0,"args":{{"reads":{}}}}}"#,
+                r#"{{"ph":"C","name":{name},"cat":"derived","ts":{},"pid":{pid},"tid":0,"args":{{"reads":{}}}}}"#,
                 micros(t),
                 level.max(0)
             ));
@@ -156,20 +187,54 @@ fn parse_args(v: Option<&serde_json::Value>) -> Args {
     args
 }
 
-/// Reads Chrome trace-event JSON (an object with `traceEvents`, or a bare array).
-pub fn parse(text: &str) -> Result<Parsed, String> {
+/// The event list of Chrome trace-event JSON (an object with `traceEvents`, or a bare array).
+fn event_list(text: &str) -> Result<Vec<serde_json::Value>, String> {
     if text.len() > TRACE_TEXT_MAX_BYTES {
         return Err(format!("{} bytes, more than {TRACE_TEXT_MAX_BYTES}", text.len()));
     }
     let root: serde_json::Value =
         serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-    let list = match &root {
-        serde_json::Value::Array(list) => list,
-        v => v
-            .get("traceEvents")
-            .and_then(|l| l.as_array())
-            .ok_or("no traceEvents array: not a Chrome trace-event file")?,
-    };
+    match root {
+        serde_json::Value::Array(list) => Ok(list),
+        mut v => match v.get_mut("traceEvents").map(serde_json::Value::take) {
+            Some(serde_json::Value::Array(list)) => Ok(list),
+            _ => Err("no traceEvents array: not a Chrome trace-event file".into()),
+        },
+    }
+}
+
+/// Reads Chrome trace-event JSON (an object with `traceEvents`, or a bare array), every
+/// process together.
+pub fn parse(text: &str) -> Result<Parsed, String> {
+    let list = event_list(text)?;
+    parse_list(&list.iter().collect::<Vec<_>>())
+}
+
+/// Reads Chrome trace-event JSON one process at a time: per pid, in pid order, its name
+/// (from its `process_name` record; empty without one) and its events and tracks.
+pub fn parse_processes(text: &str) -> Result<Vec<(u32, String, Parsed)>, String> {
+    let list = event_list(text)?;
+    let mut by_pid: BTreeMap<u32, Vec<&serde_json::Value>> = BTreeMap::new();
+    let mut names: BTreeMap<u32, String> = BTreeMap::new();
+    for (i, e) in list.iter().enumerate() {
+        let pid = e.get("pid").and_then(|v| v.as_u64()).unwrap_or(0);
+        let pid = u32::try_from(pid).map_err(|_| format!("event {i}: pid {pid} too large"))?;
+        let field = |k: &str| e.get(k).and_then(|v| v.as_str()).unwrap_or("");
+        if field("ph") == "M" && field("name") == "process_name" {
+            let label = e.get("args").and_then(|a| a.get("name")).and_then(|n| n.as_str());
+            names.insert(pid, label.unwrap_or("").to_owned());
+        }
+        by_pid.entry(pid).or_default().push(e);
+    }
+    let mut out = Vec::with_capacity(by_pid.len());
+    for (pid, events) in by_pid {
+        let parsed = parse_list(&events).map_err(|e| format!("pid {pid}: {e}"))?;
+        out.push((pid, names.remove(&pid).unwrap_or_default(), parsed));
+    }
+    Ok(out)
+}
+
+fn parse_list(list: &[&serde_json::Value]) -> Result<Parsed, String> {
     let mut parsed = Parsed::default();
     for (i, e) in list.iter().enumerate() {
         let field = |k: &str| e.get(k).and_then(|v| v.as_str()).unwrap_or("");

@@ -22,12 +22,19 @@
 //!   per volume are derived from the read spans when the file is written (exact, and free
 //!   while loading).
 //! - Timestamps are nanoseconds from the trace's start, written as microseconds with three
-//!   decimals.
+//!   decimals. The start is also read on the host's clocks ([`Trace::clock`]: monotonic and
+//!   real time), so that the traces of several processes on one host (`--ranks`) can be put
+//!   on one time line: the monotonic clock is the same for every process of a host and never
+//!   steps, where real time can (NTP); real time is kept for traces merged across hosts,
+//!   where it is the only clock they share, as well as their clocks agree.
 
 mod json;
 mod verdict;
 
-pub use json::{parse, to_json, Parsed, TRACE_TEXT_MAX_BYTES};
+pub use json::{
+    parse, parse_processes, to_json, to_json_processes, Parsed, Process, TRACE_TEXT_MAX_BYTES,
+};
+pub(crate) use verdict::WAITING_FOR_PIECES;
 pub use verdict::{measure, verdict, Bound, Settings, Usage, Verdict, VolumeUsage};
 
 use std::borrow::Cow;
@@ -142,10 +149,30 @@ pub fn entered_count() -> u64 {
     ENTERED.load(Ordering::Relaxed)
 }
 
+/// Where a trace started on the host's clocks, in nanoseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    /// `CLOCK_MONOTONIC`: the same for every process of one host.
+    pub monotonic_ns: u64,
+    /// `CLOCK_REALTIME`: since the Unix epoch.
+    pub realtime_ns: u64,
+}
+
+/// `clock` now, in nanoseconds (0 if the kernel refuses, which it does not for these two).
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `t` is a valid timespec for the kernel to write, and lives across the call.
+    if unsafe { libc::clock_gettime(clock, &mut t) } != 0 {
+        return 0;
+    }
+    (t.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(t.tv_nsec as u64)
+}
+
 /// The timeline of one load.
 #[derive(Debug)]
 pub struct Trace {
     start: Instant,
+    clock: Clock,
     /// Events of threads that have left, and of [`Lanes`].
     events: Mutex<Vec<Event>>,
     /// Track names; track `t` is at `t - 1` (tid 0 is not used).
@@ -155,11 +182,20 @@ pub struct Trace {
 impl Trace {
     /// An empty trace starting now.
     pub fn new() -> Arc<Self> {
+        let monotonic_ns = clock_ns(libc::CLOCK_MONOTONIC);
+        let start = Instant::now();
+        let clock = Clock { monotonic_ns, realtime_ns: clock_ns(libc::CLOCK_REALTIME) };
         Arc::new(Self {
-            start: Instant::now(),
+            start,
+            clock,
             events: Mutex::new(Vec::new()),
             tracks: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Where the trace started on the host's clocks (its timestamps count from there).
+    pub fn clock(&self) -> Clock {
+        self.clock
     }
 
     /// Nanoseconds since the trace started.

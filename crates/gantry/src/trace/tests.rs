@@ -149,6 +149,10 @@ fn the_verdict_names_the_stage_that_bound_the_load() {
     let host = |t| span_event("copy", "host copy", t, Args::new());
     let device = |t| span_event("copy", "device copy", t, Args::new().u64("gpu", 0));
     let hash = |t| span_event("hash", "sha256", t, Args::new());
+    let status = |t| span_event("exchange", "status", t, Args::new().u64("round", 0));
+    let broadcast = |t| span_event("exchange", "broadcast", t, Args::new().u64("bytes", 64));
+    let finish = |t| span_event("exchange", "finish", t, Args::new());
+    let waiting = |t| span_event("exchange", "waiting for pieces", t, Args::new());
     #[rustfmt::skip]
     let cases: Vec<Case<'_>> = vec![
         ("both volumes always reading", &two_volumes,
@@ -176,6 +180,20 @@ fn the_verdict_names_the_stage_that_bound_the_load() {
         ("nothing busy", &two_volumes,
             vec![read("nvme0n1", "direct", (0, 100)), host((100, 200))],
             Bound::Cpu, None, "no stage busy 50% of the load"),
+        ("the exchange at work while the readers wait on it", &two_volumes,
+            vec![read("nvme0n1", "direct", (0, 200)), status((100, 600)), broadcast((600, 950))],
+            Bound::Exchange, None, "exchange busy 85% (64 bytes broadcast)"),
+        ("a busy exchange beside busy readers is the readers' load", &two_volumes,
+            vec![read("nvme0n1", "direct", (0, 1000)), read("nvme1n1", "direct", (0, 1000)),
+                 status((0, 500)), broadcast((500, 1000))],
+            Bound::Storage, Some("--queue-depth"), "exchange busy 100%"),
+        ("the exchange's tail after the last read is part of the load", &two_volumes,
+            vec![read("nvme0n1", "direct", (0, 1000)), read("nvme1n1", "direct", (0, 1000)),
+                 broadcast((900, 1000)), finish((1000, 4000))],
+            Bound::Exchange, None, "reads in flight 25% of the load on 0 of 2 volumes"),
+        ("an exchanger waiting for its own pieces is not at work", &two_volumes,
+            vec![read("nvme0n1", "direct", (0, 100)), waiting((0, 1000)), status((990, 1000))],
+            Bound::Cpu, None, "exchange busy 1%"),
         ("a read outside the load counts only inside it", &two_volumes,
             vec![read("nvme0n1", "direct", (900, 5000))],
             Bound::Cpu, None, "reads in flight 5% of the load on 0 of 2 volumes"),
@@ -188,4 +206,24 @@ fn the_verdict_names_the_stage_that_bound_the_load() {
         assert!(v.to_string().starts_with(&format!("bound by {}: ", bound.name())), "{what}");
     }
     assert!(measure(&[read("a", "direct", (0, 1))]).is_none(), "no load phase, no verdict");
+}
+
+/// Two loads in one file read back apart, each under its own name and with its own tracks.
+#[test]
+fn processes_of_a_merged_file_read_back_apart() {
+    let a = vec![span_event("read", "read", (5, 9), Args::new().u64("bytes", 7))];
+    let b = vec![span_event("phase", "load", (1, 2), Args::new())];
+    let (ta, tb) = (vec!["reader".to_owned()], vec!["main".to_owned(), "x".to_owned()]);
+    let text = to_json_processes(&[
+        Process { pid: 1, name: "rank 0 (cpu)".into(), events: &a, tracks: &ta },
+        Process { pid: 2, name: "rank 1 (cpu)".into(), events: &b, tracks: &tb },
+    ]);
+    let back = parse_processes(&text).unwrap();
+    let names: Vec<(u32, &str)> = back.iter().map(|(p, n, _)| (*p, n.as_str())).collect();
+    assert_eq!(names, [(1, "rank 0 (cpu)"), (2, "rank 1 (cpu)")]);
+    assert_eq!((back[0].2.tracks.clone(), back[1].2.tracks.clone()), (ta, tb));
+    assert_eq!(back[0].2.events.len(), 1);
+    assert_eq!(back[0].2.events[0].u64("bytes"), Some(7));
+    assert_eq!(back[1].2.events[0].name, "load");
+    assert_eq!(parse(&text).unwrap().events.len(), 2, "parse takes every process together");
 }

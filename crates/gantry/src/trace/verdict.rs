@@ -10,6 +10,16 @@
 //! stage was busy half of the load, the load waited on none of them: `cpu` (the consumer's
 //! own work, or set-up between stages).
 //!
+//! A cooperative rank adds the exchange: its exchanger's `exchange` spans (connecting,
+//! each round's status exchange and broadcasts, the wait for the last ones) other than its
+//! waits for this rank's own pieces. Its load lasts until the exchange ends, so the window
+//! runs from the first `load` phase to the later of the last phase's end and the exchange's.
+//! The exchange bound the load when it was at work most of that window while the readers were
+//! not (they were waiting on it), and no stage after the ring was busier: it trails the reads,
+//! so a busy exchange beside busy readers is the readers' load. No setting moves it (NVLink
+//! or the network between the GPUs is what it is; `--piece-mib` only changes the rounds'
+//! grain), so none is named.
+//!
 //! [`measure`] turns events into fractions of the load ([`Usage`]); [`verdict`] is a pure
 //! function of those, table-tested; both run the same on a live load and on a file read back
 //! with [`super::parse`], so `gantry trace summarize` and `--explain` agree by construction.
@@ -17,6 +27,10 @@
 use std::collections::BTreeMap;
 
 use super::{Event, Kind};
+
+/// The exchanger's span while it waits for its own rank's readers (`coop::rounds`): the
+/// exchange idle, not at work.
+pub(crate) const WAITING_FOR_PIECES: &str = "waiting for pieces";
 
 /// A stage is "busy" when it worked at least this fraction of the load.
 const BUSY: f64 = 0.5;
@@ -105,6 +119,8 @@ pub struct Usage {
     pub hashing: Option<(u64, f64)>,
     /// Bytes of all read spans.
     pub read_bytes: u64,
+    /// A cooperative rank's exchange: fraction of the load at work, and bytes broadcast.
+    pub exchange: Option<(f64, u64)>,
 }
 
 /// Time within `[0, window)` covered by at least `k` of `spans` (start, end), as a
@@ -182,8 +198,15 @@ fn settings_of(events: &[Event]) -> Settings {
 /// Each stage's share of the load recorded in `events`; `None` when they hold no `load`
 /// phase (not a load's trace).
 pub fn measure(events: &[Event]) -> Option<Usage> {
-    let load = events.iter().find(|e| e.cat == "phase" && e.name == "load")?;
-    let window = span_of(load)?;
+    let loads = events.iter().filter(|e| e.cat == "phase" && e.name == "load");
+    let (start, mut end) = loads.filter_map(span_of).reduce(|a, b| (a.0.min(b.0), a.1.max(b.1)))?;
+    let exchange: Vec<(u64, u64)> = events
+        .iter()
+        .filter(|e| e.cat == "exchange" && e.name != WAITING_FOR_PIECES)
+        .filter_map(span_of)
+        .collect();
+    end = exchange.iter().map(|s| s.1).fold(end, u64::max);
+    let window = (start, end);
     let settings = settings_of(events);
     let mut usage =
         Usage { window_ns: window.1 - window.0, settings: settings.clone(), ..Usage::default() };
@@ -198,6 +221,7 @@ pub fn measure(events: &[Event]) -> Option<Usage> {
     let mut devices: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
     let mut staging = Vec::new();
     let mut hash_threads = std::collections::BTreeSet::new();
+    let mut exchanged = 0;
     for e in events {
         let Some(span) = span_of(e) else {
             if e.cat == "staging" {
@@ -242,6 +266,7 @@ pub fn measure(events: &[Event]) -> Option<Usage> {
                 hash.push(span);
                 hash_threads.insert(e.track);
             }
+            ("exchange", "broadcast") => exchanged += e.u64("bytes").unwrap_or(0),
             _ => {}
         }
     }
@@ -265,6 +290,9 @@ pub fn measure(events: &[Event]) -> Option<Usage> {
     if !hash.is_empty() {
         let threads = hash_threads.len() as u64;
         usage.hashing = Some((threads, summed(&hash, window, threads)));
+    }
+    if !exchange.is_empty() {
+        usage.exchange = Some((covered(&exchange, window, 1), exchanged));
     }
     Some(usage)
 }
@@ -373,6 +401,9 @@ fn evidence(u: &Usage) -> Vec<String> {
     if let Some((threads, busy)) = u.hashing {
         out.push(format!("hashing busy {} of {threads} threads", pct(busy)));
     }
+    if let Some((busy, bytes)) = u.exchange {
+        out.push(format!("exchange busy {} ({bytes} bytes broadcast)", pct(busy)));
+    }
     out
 }
 
@@ -405,10 +436,12 @@ pub fn verdict(u: &Usage) -> Verdict {
         list.iter().copied().reduce(|a, b| if b.1 > a.1 { b } else { a })
     };
     let staging_full = u.settings.staging_slots > 0 && u.staging_full >= BUSY;
-    let pick = match (busiest(&upstream), busiest(&downstream)) {
-        (_, Some(d)) if staging_full => Some(d),
-        (Some(up), _) if up.1 >= BUSY => Some(up),
-        (_, Some(d)) if d.1 >= BUSY => Some(d),
+    let exchange = u.exchange.map(|(busy, _)| (Bound::Exchange, busy, None));
+    let pick = match (busiest(&upstream), busiest(&downstream), exchange) {
+        (_, Some(d), _) if staging_full => Some(d),
+        (Some(up), _, _) if up.1 >= BUSY => Some(up),
+        (_, d, Some(x)) if x.1 >= BUSY && d.is_none_or(|d| x.1 >= d.1) => Some(x),
+        (_, Some(d), _) if d.1 >= BUSY => Some(d),
         _ => None,
     };
     let (bound, setting) = pick.map_or((Bound::Cpu, None), |p| (p.0, p.2));

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use gantry_format::{
@@ -385,7 +385,14 @@ impl ObjectFile {
         let job = Job { extent: 0, file: FileId(0), offset, len: buf.len() as u64, target: None };
         let target = crate::engine::read::RawTarget { ptr: buf.as_mut_ptr(), len: buf.len() };
         let file = self.without_cache();
-        runtime()?.block_on(fetch_into(&file, job, &mut Dest::Target(target), &mut None, None))
+        runtime()?.block_on(fetch_into(
+            &file,
+            job,
+            &mut Dest::Target(target),
+            &mut None,
+            None,
+            &mut None,
+        ))
     }
 }
 
@@ -471,16 +478,18 @@ pub fn run(
             let (tx, failed, lanes) = (tx.clone(), Arc::clone(&failed), lanes.clone());
             let fault = fault.clone();
             in_flight.spawn(async move {
-                let get = lanes.as_ref().map(|l| l.begin());
+                let get = lanes.as_ref().map(|l| (l.begin(), Instant::now()));
+                let mut first_byte = None;
                 // A panic inside the client (a backstop: its settings were checked) fails
                 // the load with an error rather than losing the part.
-                let fetched = fetch(&file, job, dest, fault.as_deref());
+                let fetched = fetch(&file, job, dest, fault.as_deref(), &mut first_byte);
                 let caught = std::panic::AssertUnwindSafe(fetched).catch_unwind();
                 let (message, copy) = caught
                     .await
                     .unwrap_or_else(|panic| (Err(panicked(&file.path, panic.as_ref())), None));
-                if let (Some(lanes), Some(get)) = (&lanes, get) {
-                    traced_get(lanes, get, &file, job, message.is_ok());
+                if let (Some(lanes), Some((get, issued))) = (&lanes, get) {
+                    let times = (issued, first_byte);
+                    traced_get(lanes, get, times, &file, job, message.is_ok());
                 }
                 if message.is_err() {
                     failed.store(true, Ordering::Relaxed);
@@ -507,16 +516,24 @@ pub fn run(
     });
 }
 
-/// Records one GET (its bytes only when it succeeded) on a lane of the load's trace.
+/// Records one GET (its bytes only when it succeeded) on a lane of the load's trace, with
+/// `ttfb_us` (from issuing it, `times.0`, to its first body byte, `times.1`) and
+/// `transfer_us` (from there to its last byte) when a byte came.
 fn traced_get(
     lanes: &crate::trace::Lanes,
     get: crate::trace::LaneSpan,
+    times: (Instant, Option<Instant>),
     file: &ObjectFile,
     job: Job,
     ok: bool,
 ) {
     let args = crate::trace::Args::new().str("reader", "object").str("volume", "object storage");
-    let args = args.str("file", file.path.display().to_string()).u64("offset", job.offset);
+    let mut args = args.str("file", file.path.display().to_string()).u64("offset", job.offset);
+    if let (issued, Some(first)) = times {
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        args = args.u64("ttfb_us", micros(first.duration_since(issued)));
+        args = args.u64("transfer_us", micros(first.elapsed()));
+    }
     lanes.end(get, "read", "read", args.u64("bytes", if ok { job.len } else { 0 }));
 }
 
@@ -539,9 +556,10 @@ async fn fetch(
     job: Job,
     mut dest: Dest,
     fault: Option<&dyn FaultInjector>,
+    first_byte: &mut Option<Instant>,
 ) -> (Result<Message>, Option<Chunks>) {
     let mut copy = file.cache.as_ref().filter(|c| c.wants_bytes()).map(|_| Vec::new());
-    let message = fetch_into(file, job, &mut dest, &mut copy, fault).await;
+    let message = fetch_into(file, job, &mut dest, &mut copy, fault, first_byte).await;
     let message = message.map(|()| match dest {
         Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
         Dest::Target(_) => Message::Direct { extent: job.extent },
@@ -555,12 +573,14 @@ type Chunks = Vec<bytes::Bytes>;
 
 /// Fills `dest` with part `job`, resuming a body that broke off; with `copy`, keeps each body
 /// chunk there too. Each chunk is a read result, through `fault` and [`take_chunk`].
+/// `first_byte` is set when the first body chunk arrives (the trace's time to first byte).
 async fn fetch_into(
     file: &ObjectFile,
     job: Job,
     dest: &mut Dest,
     copy: &mut Option<Chunks>,
     fault: Option<&dyn FaultInjector>,
+    first_byte: &mut Option<Instant>,
 ) -> Result<()> {
     let buf: &mut [u8] = match dest {
         Dest::Staging(lease) => &mut lease.as_mut_slice()[..job.len as usize],
@@ -585,6 +605,7 @@ async fn fetch_into(
         while let Some(chunk) = body.next().await {
             match chunk {
                 Ok(bytes) => {
+                    first_byte.get_or_insert_with(Instant::now);
                     if filled as usize + bytes.len() > buf.len() {
                         return Err(Error::Io {
                             op: "get",
