@@ -228,6 +228,7 @@ impl Loader {
         let range = info.data_range();
         let direct = probe::open_direct(&crate::engine::read::reopen_path(&plain, path));
         let residency = probe::residency(&plain, range.start, range.end - range.start);
+        let fs = probe::file_system(&plain, path);
         let facts = FileFacts {
             direct: direct.as_ref().map(|(_, align)| *align).map_err(Clone::clone),
             io_uring: probe::io_uring(),
@@ -239,6 +240,7 @@ impl Loader {
                 true => Err("a cache copy is checked in host memory as it is read".to_owned()),
                 false => gds_facts(target, self.config.path, self.config.verify_sha256, &plain),
             },
+            fs,
         };
         let mut choice = schedule::choose(self.config.path, self.config.hot_fraction, &facts)?;
         if let (ReaderKind::Direct, Ok((_, align))) = (choice.reader, &direct) {
@@ -249,6 +251,9 @@ impl Loader {
                 }
                 choice = Choice { reader: ReaderKind::Buffered, reason };
             }
+        }
+        if let Some(advice) = facts.fs.advice() {
+            choice.reason = format!("{}; {advice}", choice.reason);
         }
         log::debug!("{}: {} ({})", path.display(), choice.reader.name(), choice.reason);
         crate::trace::file_chosen(path, choice.reader, facts.resident);
