@@ -61,6 +61,16 @@ impl Loader {
         target: Target,
     ) -> Result<Files> {
         let mut files = Files { checkpoint_files: reads.files.len(), ..Files::default() };
+        // The object reader's in-flight GETs: as the network asks, within the configured
+        // cap and the staging buffers the parts land in.
+        let part = self.config.object_part();
+        let memory_parts = self.config.staging_bytes / part.max(1);
+        let net = crate::source::object::tune::Net::new(
+            part as u64,
+            self.config.object_concurrency,
+            memory_parts,
+        );
+        files.net = Arc::new(net);
         let mut cache = crate::source::cache::Opened::default();
         for (f, info) in reads.files.iter().enumerate() {
             let needed =
@@ -162,7 +172,8 @@ impl Loader {
             format!("{} KiB", part >> 10)
         };
         let reason = format!(
-            "object storage: ranged GETs of {part}, {} in flight, each conditioned on the ETag{cache_note}",
+            "object storage: ranged GETs of {part}, as many in flight as the network's \
+             bandwidth-delay product asks (at most {}), each conditioned on the ETag{cache_note}",
             self.config.object_concurrency
         );
         let identity = Identity::Object { object: Box::new(object.without_cache()), copy: None };
