@@ -4,7 +4,10 @@ far away looks like (tens of milliseconds before each answer) where `tc netem` i
 available. Client-to-server data is held for DELAY_MS before it is forwarded; answers flow
 back at once.
 
-    python3 benches/peers/latency_proxy.py LISTEN_PORT UPSTREAM_PORT DELAY_MS
+    python3 benches/peers/latency_proxy.py LISTEN_PORT UPSTREAM_PORT DELAY_MS [UPSTREAM_HOST]
+
+UPSTREAM_HOST defaults to 127.0.0.1 (benches/experiments/object_net.sh names a server in a
+network namespace).
 """
 import asyncio
 import sys
@@ -28,10 +31,11 @@ async def pipe(reader, writer, delay):
 
 async def main():
     listen, upstream, delay = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]) / 1000
+    host = sys.argv[4] if len(sys.argv) > 4 else "127.0.0.1"
 
     async def handle(client_reader, client_writer):
         try:
-            server_reader, server_writer = await asyncio.open_connection("127.0.0.1", upstream)
+            server_reader, server_writer = await asyncio.open_connection(host, upstream)
         except OSError:
             client_writer.close()
             return

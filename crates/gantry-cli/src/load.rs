@@ -212,6 +212,10 @@ struct JsonLoad<'a> {
     /// What the `auto` volume profile measured and picked.
     #[serde(skip_serializing_if = "Option::is_none")]
     volume: Option<String>,
+    /// What the object reader's GETs measured and chose: `ttfb_ms`, `connection_mb_s`,
+    /// `in_flight`, `part_bytes` (object loads only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    object: Option<serde_json::Value>,
     /// The settings the load ran with.
     config: serde_json::Value,
     files: Vec<JsonFile>,
@@ -380,6 +384,14 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             staging_bytes: report.staging_bytes,
             registered_buffers: report.registered_buffers,
             volume: report.volume.clone(),
+            object: report.object.map(|o| {
+                serde_json::json!({
+                    "ttfb_ms": o.ttfb_ms,
+                    "connection_mb_s": o.connection_mb_s,
+                    "in_flight": o.in_flight,
+                    "part_bytes": o.part_bytes,
+                })
+            }),
             config: crate::options::config_json(loader.config()),
             files: json_files(&report),
             version: report.version.clone(),
@@ -436,6 +448,17 @@ pub fn bound_by_json(v: &gantry::trace::Verdict) -> serde_json::Value {
 pub fn explain(report: &LoadReport) {
     for volume in report.volume.iter().flat_map(|v| v.split("; ")) {
         println!("volume {volume}");
+    }
+    if let Some(o) = &report.object {
+        println!(
+            "object storage: measured {:.1} ms to first byte, {:.0} MB/s per connection: kept {} \
+             GETs of {} in flight (the bandwidth-delay product over {} streaming connections)",
+            o.ttfb_ms,
+            o.connection_mb_s,
+            o.in_flight,
+            units::bytes(o.part_bytes),
+            gantry::io::object::tune::STREAMING
+        );
     }
     for f in &report.files {
         let reader = f.reader.map_or("none", |r| r.name());

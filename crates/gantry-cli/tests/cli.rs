@@ -368,6 +368,13 @@ fn object_sources_from_emulators() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["files"][0]["reader"], "object");
+        let net = &v["object"];
+        let (ttfb, rate) =
+            (net["ttfb_ms"].as_f64().unwrap(), net["connection_mb_s"].as_f64().unwrap());
+        assert!(ttfb > 0.0 && ttfb < 10_000.0 && rate > 0.0, "{url}: {net}");
+        let in_flight = net["in_flight"].as_u64().unwrap();
+        assert!((1..=16).contains(&in_flight), "{url}: {net} (cap 16, the default)");
+        assert_eq!(net["part_bytes"], v["config"]["object_part_bytes"], "{url}: {net}");
         for t in v["tensors"].as_array().unwrap() {
             let data = st.tensor(t["name"].as_str().unwrap()).unwrap().data().to_vec();
             assert_eq!(t["xxh3"], format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&data)), "{url}");

@@ -133,6 +133,23 @@ fn object_storage_against_seaweedfs() {
         assert_matches_local(&model, &local);
     }
 
+    // The GETs measure the network as they go: time to first byte, per-connection rate, and
+    // the in-flight count and part size that followed, all within their bounds.
+    let (part, cap) = (64 << 10, 24);
+    let config = Config::default().object_part_bytes(part).object_concurrency(cap);
+    let model = Loader::new(config.chunk_bytes(part).staging_bytes(part * 16)).unwrap();
+    let model = model.load(url("llama/")).unwrap();
+    assert_matches_local(&model, &local);
+    let net = model.report().object.expect("an object load reports what its GETs measured");
+    assert!(net.ttfb_ms > 0.0 && net.ttfb_ms < 10_000.0, "{net:?}");
+    assert!(net.connection_mb_s > 0.0 && net.connection_mb_s.is_finite(), "{net:?}");
+    assert_eq!(net.part_bytes, part as u64, "{net:?}");
+    // At least the streams, at most the cap and the 16 staging buffers.
+    let most = 16.min(cap);
+    assert!((gantry::io::object::tune::STREAMING..=most).contains(&net.in_flight), "{net:?}");
+    let local_model = Loader::new(Config::default()).unwrap().load(&index).unwrap();
+    assert!(local_model.report().object.is_none(), "a local load made no GETs");
+
     // Keys with non-ASCII and reserved characters, by URL and by listing.
     suite::odd_keys(&S3(Box::new(server.store(BUCKET))), dir.path(), &Config::default());
 

@@ -99,6 +99,9 @@ pub struct LoadReport {
     /// The publication version a load from a live source read (`None` for files and
     /// objects).
     pub version: Option<String>,
+    /// What the object reader's GETs measured (time to first byte, per-connection rate)
+    /// and how many it kept in flight; `None` when nothing was read from object storage.
+    pub object: Option<crate::source::object::tune::NetReport>,
     /// What bound the load, when it was traced ([`Config::trace`], or a trace the calling
     /// thread is in: see [`crate::trace`]).
     pub bound_by: Option<trace::Verdict>,
@@ -575,6 +578,7 @@ impl Loader {
             volume,
             files: Vec::new(),
             version: crate::source::live::version_of_files(reads.files),
+            object: files.net.report(),
             bound_by: trace::current()
                 .and_then(|t| trace::measure(&t.events()))
                 .map(|u| trace::verdict(&u)),

@@ -194,7 +194,9 @@ impl Config {
         self.object.part_bytes = n;
         self
     }
-    /// Ranged GETs in flight per load (default 16; at most the staging buffers).
+    /// Most ranged GETs in flight per load (default 16; at most the staging buffers): the load
+    /// keeps as many as its GETs' measured time to first byte and per-connection rate ask
+    /// (see [`crate::io::object::tune`]), up to this.
     pub fn object_concurrency(mut self, n: usize) -> Self {
         self.object.concurrency = n;
         self

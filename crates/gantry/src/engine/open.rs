@@ -61,6 +61,16 @@ impl Loader {
         target: Target,
     ) -> Result<Files> {
         let mut files = Files { checkpoint_files: reads.files.len(), ..Files::default() };
+        // The object reader's in-flight GETs: as the network asks, within the configured
+        // cap and the staging buffers the parts land in.
+        let part = self.config.object_part();
+        let memory_parts = self.config.staging_bytes / part.max(1);
+        let net = crate::source::object::tune::Net::new(
+            part as u64,
+            self.config.object_concurrency,
+            memory_parts,
+        );
+        files.net = Arc::new(net);
         let mut cache = crate::source::cache::Opened::default();
         for (f, info) in reads.files.iter().enumerate() {
             let needed =
@@ -162,7 +172,8 @@ impl Loader {
             format!("{} KiB", part >> 10)
         };
         let reason = format!(
-            "object storage: ranged GETs of {part}, {} in flight, each conditioned on the ETag{cache_note}",
+            "object storage: ranged GETs of {part}, as many in flight as the network's \
+             bandwidth-delay product asks (at most {}), each conditioned on the ETag{cache_note}",
             self.config.object_concurrency
         );
         let identity = Identity::Object { object: Box::new(object.without_cache()), copy: None };
@@ -228,6 +239,7 @@ impl Loader {
         let range = info.data_range();
         let direct = probe::open_direct(&crate::engine::read::reopen_path(&plain, path));
         let residency = probe::residency(&plain, range.start, range.end - range.start);
+        let fs = probe::file_system(&plain, path);
         let facts = FileFacts {
             direct: direct.as_ref().map(|(_, align)| *align).map_err(Clone::clone),
             io_uring: probe::io_uring(),
@@ -239,6 +251,7 @@ impl Loader {
                 true => Err("a cache copy is checked in host memory as it is read".to_owned()),
                 false => gds_facts(target, self.config.path, self.config.verify_sha256, &plain),
             },
+            fs,
         };
         let mut choice = schedule::choose(self.config.path, self.config.hot_fraction, &facts)?;
         if let (ReaderKind::Direct, Ok((_, align))) = (choice.reader, &direct) {
@@ -249,6 +262,9 @@ impl Loader {
                 }
                 choice = Choice { reader: ReaderKind::Buffered, reason };
             }
+        }
+        if let Some(advice) = facts.fs.advice() {
+            choice.reason = format!("{}; {advice}", choice.reason);
         }
         log::debug!("{}: {} ({})", path.display(), choice.reader.name(), choice.reason);
         crate::trace::file_chosen(path, choice.reader, facts.resident);

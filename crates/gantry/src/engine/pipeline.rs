@@ -41,6 +41,8 @@ pub struct Files {
     pub checkpoint_files: usize,
     /// The volumes under the direct files, each read with its own queue.
     pub volumes: Vec<Volume>,
+    /// What the object reader's GETs measure, and how many it keeps in flight.
+    pub net: Arc<object::tune::Net>,
 }
 
 /// One file a load reads: how, why, and which bytes it stands for.
@@ -361,7 +363,7 @@ pub fn run(
         }
         if !jobs.object.is_empty() {
             let (tx, pool, jobs, cancel) = (tx.clone(), pool.clone(), &jobs.object, &cancel);
-            let concurrency = config.object_concurrency;
+            let net = &files.net;
             let fault = config.fault.clone();
             scope.spawn(move || {
                 let _in = crate::trace::enter(trace, "object reader");
@@ -369,7 +371,7 @@ pub fn run(
                     Reader::Object(object) => Some(object),
                     _ => None,
                 });
-                object::run(&files, jobs, pool.as_ref(), concurrency, cancel, fault, &tx)
+                object::run(&files, jobs, pool.as_ref(), net, cancel, fault, &tx)
             });
         }
         if !jobs.into.is_empty() {

@@ -3,6 +3,7 @@
 
 use crate::config::PathChoice;
 use crate::error::{Error, Result};
+use crate::plan::mount::{FileSystem, FsKind};
 
 /// Facts probed for one file.
 #[derive(Debug, Clone)]
@@ -20,6 +21,8 @@ pub struct FileFacts {
     /// cuFile: `Err` when it cannot be used at all; `Ok(true)` for real GPUDirect Storage to
     /// this file (nvidia-fs or P2PDMA, file on NVMe), `Ok(false)` for compatibility mode only.
     pub gds: Result<bool, String>,
+    /// The file system under the file.
+    pub fs: FileSystem,
 }
 
 impl FileFacts {
@@ -43,7 +46,10 @@ impl FileFacts {
             }
             Err(e) => format!("unavailable ({e})"),
         };
-        format!("page cache {resident}; O_DIRECT {direct}; io_uring {uring}; cuFile {gds}")
+        format!(
+            "file system {}; page cache {resident}; O_DIRECT {direct}; io_uring {uring}; cuFile {gds}",
+            self.fs.summary()
+        )
     }
 }
 
@@ -120,6 +126,12 @@ pub fn choose(path: PathChoice, hot_fraction: f64, facts: &FileFacts) -> Result<
             pick(ReaderKind::Direct, format!("forced by config ({resident})"))
         }
         PathChoice::Auto => {
+            if facts.fs.kind == FsKind::Tmpfs {
+                return pick(
+                    ReaderKind::Buffered,
+                    "tmpfs: the file is in memory, buffered reads copy it once".to_owned(),
+                );
+            }
             if facts.resident.is_some_and(|r| r >= hot_fraction) {
                 return pick(
                     ReaderKind::Buffered,
@@ -137,6 +149,18 @@ pub fn choose(path: PathChoice, hot_fraction: f64, facts: &FileFacts) -> Result<
             }
             if let Err(reason) = &facts.io_uring {
                 return pick(ReaderKind::Buffered, format!("{resident}, but {reason}"));
+            }
+            if facts.fs.kind.is_remote() {
+                // Measured through an rclone mount: O_DIRECT 64 MiB x 8 read 0.36 GB/s,
+                // buffered reads 0.21 (the kernel's readahead trickles 128 KiB requests).
+                return pick(
+                    ReaderKind::Direct,
+                    format!(
+                        "{resident}: cold, on {}: O_DIRECT hands the daemon large requests, \
+                         several at once, where buffered reads trickle through readahead",
+                        facts.fs.kind.name()
+                    ),
+                );
             }
             pick(ReaderKind::Direct, format!("{resident}: cold, read around the page cache"))
         }
@@ -159,6 +183,7 @@ mod tests {
             resident_probe: "cachestat",
             to_device: false,
             gds: Err("libcufile could not be loaded".into()),
+            fs: FileSystem { kind: FsKind::Other, mount: None, behind: None },
         }
     }
 
@@ -193,6 +218,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn file_system_table() {
+        use ReaderKind::{Buffered, Direct};
+        let on = |kind, direct: bool, resident: f64| FileFacts {
+            fs: FileSystem { kind, mount: None, behind: None },
+            ..facts(direct, true, Some(resident))
+        };
+        // (kind, O_DIRECT opens, resident, reader, reason contains)
+        let cases = [
+            (FsKind::Fuse, true, 0.0, Direct, "on FUSE: O_DIRECT hands the daemon large"),
+            (FsKind::Nfs, true, 0.0, Direct, "on NFS"),
+            (FsKind::Lustre, true, 0.0, Direct, "on Lustre"),
+            (FsKind::Fuse, true, 1.0, Buffered, "hot"),
+            (FsKind::Fuse, false, 0.0, Buffered, "does not support O_DIRECT"),
+            (FsKind::Tmpfs, true, 0.0, Buffered, "tmpfs: the file is in memory"),
+            (FsKind::Overlay, true, 0.0, Direct, "read around the page cache"),
+            (FsKind::Other, true, 0.0, Direct, "read around the page cache"),
+        ];
+        for (kind, direct, resident, want, text) in cases {
+            let c = choose(PathChoice::Auto, 0.5, &on(kind, direct, resident)).unwrap();
+            assert!(c.reader == want && c.reason.contains(text), "{kind:?} {direct}: {c:?}");
+        }
+        // A forced path is kept whatever the file system.
+        let c = choose(PathChoice::Direct, 0.5, &on(FsKind::Tmpfs, true, 1.0)).unwrap();
+        assert_eq!(c.reader, Direct);
+        let line = on(FsKind::Fuse, true, 0.0).summary();
+        assert!(line.starts_with("file system FUSE; page cache 0%"), "{line}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Facts about this machine and each file, probed once: io_uring availability, `O_DIRECT`
-//! support and alignment, the memlock limit, page-cache residency. Each probe returns the
-//! reason when something is missing, so the schedule can log it and say why it chose a path.
+//! support and alignment, the memlock limit, page-cache residency, the file system under a
+//! file. Each probe returns the reason when something is missing, so the schedule can log it
+//! and say why it chose a path.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -10,6 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use crate::plan::mount::{self, FileSystem, FsKind};
 use crate::plan::profile::{DiskKind, VolumeFacts};
 
 /// Whether io_uring can be used by this process; `Err` holds the reason. Probed once.
@@ -252,7 +254,12 @@ pub fn volume(direct: &File, offset: u64, len: u64) -> VolumeFacts {
     if let Some(facts) = seen.lock().get(&dev) {
         return facts.clone();
     }
-    let (device, kind) = disk(dev);
+    let (device, mut kind) = disk(dev);
+    // A FUSE, NFS or Lustre mount has no block device of its own: named by its type.
+    let fs = file_system(direct, Path::new(""));
+    if fs.kind.is_remote() {
+        kind = DiskKind::Mount(fs.mount.map_or_else(|| fs.kind.name().to_owned(), |m| m.fstype));
+    }
     let facts = VolumeFacts { device, kind, latency_s: read_latency(direct, offset, len) };
     seen.lock().insert(dev, facts.clone());
     facts
@@ -309,6 +316,50 @@ fn read_latency(direct: &File, offset: u64, len: u64) -> Option<f64> {
     }
     times.sort_by(f64::total_cmp);
     times.get(times.len() / 2).copied()
+}
+
+/// The file system under `file` (at `path`): its kind from `fstatfs`, its mount from
+/// `/proc/self/mountinfo` (by the file's device number), and for a FUSE mount what serves it
+/// (an rclone remote's type from rclone's config file). Each probe that fails leaves its part
+/// out; none is an error.
+pub fn file_system(file: &File, path: &Path) -> FileSystem {
+    // SAFETY: statfs is plain data; zeroed is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid fd and a valid out pointer.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    let kind = if rc == 0 { FsKind::of_magic(st.f_type as u64) } else { FsKind::Other };
+    let mount = file.metadata().ok().and_then(|m| {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        mount::mount_of(&text, libc::major(m.dev()), libc::minor(m.dev()))
+    });
+    let behind = match (&mount, kind) {
+        (Some(m), FsKind::Fuse) => {
+            let full = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+            full.strip_prefix(&m.point).ok().and_then(|rel| mount::behind(m, rel, rclone_type))
+        }
+        _ => None,
+    };
+    FileSystem { kind, mount, behind }
+}
+
+/// An rclone remote's backend type: `RCLONE_CONFIG_<NAME>_TYPE`, else `type` in its section
+/// of rclone's config file (`RCLONE_CONFIG`, else `~/.config/rclone/rclone.conf`), read with
+/// a cap.
+fn rclone_type(remote: &str) -> Option<String> {
+    use std::io::Read;
+    let var = format!("RCLONE_CONFIG_{}_TYPE", remote.to_ascii_uppercase().replace('-', "_"));
+    if let Ok(t) = std::env::var(var) {
+        return Some(t);
+    }
+    let config = std::env::var_os("RCLONE_CONFIG").map(PathBuf::from).or_else(|| {
+        let base = std::env::var_os("XDG_CONFIG_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+        Some(base.join("rclone/rclone.conf"))
+    })?;
+    let mut text = String::new();
+    File::open(config).ok()?.take(1 << 20).read_to_string(&mut text).ok()?;
+    mount::rclone_config_type(&text, remote)
 }
 
 /// Asks the kernel to drop `file`'s pages from the page cache (no root needed). Pages that

@@ -23,6 +23,7 @@
 pub mod client;
 pub mod settings;
 pub mod source;
+pub mod tune;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -385,14 +386,8 @@ impl ObjectFile {
         let job = Job { extent: 0, file: FileId(0), offset, len: buf.len() as u64, target: None };
         let target = crate::engine::read::RawTarget { ptr: buf.as_mut_ptr(), len: buf.len() };
         let file = self.without_cache();
-        runtime()?.block_on(fetch_into(
-            &file,
-            job,
-            &mut Dest::Target(target),
-            &mut None,
-            None,
-            &mut None,
-        ))
+        let dest = &mut Dest::Target(target);
+        runtime()?.block_on(fetch_into(&file, job, dest, &mut None, None, None, &mut None))
     }
 }
 
@@ -433,14 +428,15 @@ pub fn open_for_load(info: &gantry_format::FileInfo, options: &Options) -> Resul
     Ok(object)
 }
 
-/// Fetches `jobs` (by `Job::file` into `files`) into leased staging buffers, `concurrency`
-/// ranged GETs in flight, sending each finished extent (or the first error) to `tx`. Returns
-/// when every job is done, on the first error, when `cancel` is set or the pool closes.
+/// Fetches `jobs` (by `Job::file` into `files`) into leased staging buffers, as many ranged
+/// GETs in flight as `net` says from what the GETs measure ([`tune`]), sending each finished
+/// extent (or the first error) to `tx`. Returns when every job is done, on the first error,
+/// when `cancel` is set or the pool closes.
 pub fn run(
     files: &crate::engine::read::ReaderFiles<'_, ObjectFile>,
     jobs: &[Job],
     pool: Option<&Arc<Pool>>,
-    concurrency: usize,
+    net: &Arc<tune::Net>,
     cancel: &AtomicBool,
     fault: Option<Arc<dyn FaultInjector>>,
     tx: &Sender<Result<Message>>,
@@ -458,7 +454,7 @@ pub fn run(
         let mut in_flight = tokio::task::JoinSet::new();
         let stop = || cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed);
         for &job in jobs {
-            while in_flight.len() >= concurrency.max(1) && !stop() {
+            while in_flight.len() >= net.target() && !stop() {
                 let _ =
                     tokio::time::timeout(Duration::from_millis(50), in_flight.join_next()).await;
             }
@@ -476,13 +472,13 @@ pub fn run(
             };
             let file = files.get(job.file).clone();
             let (tx, failed, lanes) = (tx.clone(), Arc::clone(&failed), lanes.clone());
-            let fault = fault.clone();
+            let (fault, net) = (fault.clone(), Arc::clone(net));
             in_flight.spawn(async move {
                 let get = lanes.as_ref().map(|l| (l.begin(), Instant::now()));
                 let mut first_byte = None;
                 // A panic inside the client (a backstop: its settings were checked) fails
                 // the load with an error rather than losing the part.
-                let fetched = fetch(&file, job, dest, fault.as_deref(), &mut first_byte);
+                let fetched = fetch(&file, job, dest, fault.as_deref(), &net, &mut first_byte);
                 let caught = std::panic::AssertUnwindSafe(fetched).catch_unwind();
                 let (message, copy) = caught
                     .await
@@ -556,10 +552,11 @@ async fn fetch(
     job: Job,
     mut dest: Dest,
     fault: Option<&dyn FaultInjector>,
+    net: &tune::Net,
     first_byte: &mut Option<Instant>,
 ) -> (Result<Message>, Option<Chunks>) {
     let mut copy = file.cache.as_ref().filter(|c| c.wants_bytes()).map(|_| Vec::new());
-    let message = fetch_into(file, job, &mut dest, &mut copy, fault, first_byte).await;
+    let message = fetch_into(file, job, &mut dest, &mut copy, fault, Some(net), first_byte).await;
     let message = message.map(|()| match dest {
         Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
         Dest::Target(_) => Message::Direct { extent: job.extent },
@@ -572,14 +569,16 @@ async fn fetch(
 type Chunks = Vec<bytes::Bytes>;
 
 /// Fills `dest` with part `job`, resuming a body that broke off; with `copy`, keeps each body
-/// chunk there too. Each chunk is a read result, through `fault` and [`take_chunk`].
-/// `first_byte` is set when the first body chunk arrives (the trace's time to first byte).
+/// chunk there too. Each chunk is a read result, through `fault` and [`take_chunk`]. Each
+/// request's time to first byte and body rate go to `net`; `first_byte` is set when the
+/// first body chunk arrives (the trace's time to first byte).
 async fn fetch_into(
     file: &ObjectFile,
     job: Job,
     dest: &mut Dest,
     copy: &mut Option<Chunks>,
     fault: Option<&dyn FaultInjector>,
+    net: Option<&tune::Net>,
     first_byte: &mut Option<Instant>,
 ) -> Result<()> {
     let buf: &mut [u8] = match dest {
@@ -595,11 +594,13 @@ async fn fetch_into(
         attempt += 1;
         let start = job.offset + filled;
         let pin = file.pin();
+        let asked = std::time::Instant::now();
         let result =
             match file.store.get_opts(&file.location, pin.get(start..job.offset + job.len)).await {
                 Ok(r) => r,
                 Err(e) => return Err(pin.error(&file.path, start, job.len - filled, e)),
             };
+        let answered = std::time::Instant::now();
         let mut body = result.into_stream();
         let mut broke = None;
         while let Some(chunk) = body.next().await {
@@ -622,6 +623,10 @@ async fn fetch_into(
                     break;
                 }
             }
+        }
+        if let Some(net) = net.filter(|_| filled > start - job.offset) {
+            let ttfb_s = (answered - asked).as_secs_f64();
+            net.record(ttfb_s, filled - (start - job.offset), answered.elapsed().as_secs_f64());
         }
         match broke {
             Some(e) if attempt >= PART_ATTEMPTS => {
