@@ -32,7 +32,11 @@ for step in ${STEPS:-trials live update redesign}; do
 case $step in
 trials)
 echo "== trials"
-GANTRY_SKIP_OBJECT_TESTS=1 timeout 200 benches/experiments/gpu_trials.sh $N 2>&1 | tee "$RES/trials.txt"
+# One GPU: the two-rank cooperative trials need two; coop's one-GPU trial runs alone.
+tests=$(ls $N/t | grep -v '^gantry-coop$')
+GANTRY_SKIP_OBJECT_TESTS=1 timeout ${TRIALS_S:-200} benches/experiments/gpu_trials.sh $N $tests 2>&1 | tee "$RES/trials.txt"
+GANTRY_REQUIRE_GPU=1 timeout 40 $N/t/gantry-coop a_rank_told_to_read_alone --test-threads=1 2>&1 |
+  grep -E '^test |test result' | tee -a "$RES/trials.txt"
 GANTRY_REQUIRE_GPU=1 PYTHONPATH=$N/py timeout 60 python3 crates/gantry-py/tests/test_live.py -v 2>&1 | tail -15 | tee -a "$RES/trials.txt"
 ;;
 live)
@@ -49,9 +53,12 @@ for name, d, s, b in (("dtod", dst, src, n), ("h2d-pinned", dev, pin, n // 4)):
         best = max(best, b / (time.perf_counter() - t) / 1e9)
     print(f"ceiling {name} {best:.1f} GB/s")
 EOF
-$G load $CK --device cuda:0 --json >/dev/null  # warm
+cat $CK/*.safetensors > /dev/null  # warm: in the page cache (synth leaves the files cold)
+$G load $CK --device cuda:0 --json >/dev/null
 for r in $(seq $ROUNDS); do
-  echo "$r file-warm $($G load $CK --device cuda:0 --json | json)" | tee -a "$RES/live.txt"
+  start=$EPOCHREALTIME
+  line=$($G load $CK --device cuda:0 --json | json)
+  echo "$r file-warm $line wall $(awk "BEGIN { print $EPOCHREALTIME - $start }")" | tee -a "$RES/live.txt"
 done
 for where in cuda:0 cpu; do
   rm -f $SOCK; $G serve $CK --device $where --socket $SOCK > $T/serve.log 2>&1 &
@@ -97,6 +104,7 @@ EOF
 ;;
 redesign)
 echo "== redesign" | tee "$RES/redesign.txt"
+cat $CK/*.safetensors > /dev/null
 for r in $(seq $ROUNDS); do
   for which in old new; do
     B=$T/$which/$(ls $T/$which | head -n 1)/bin/gantry
