@@ -69,3 +69,13 @@ pub fn print_sha256(report: &LoadReport, indent: &str) {
         }
     }
 }
+
+/// A verdict as `--json` gives it (`bound_by`): stage, evidence, setting and the line.
+pub fn bound_by_json(v: &gantry::trace::Verdict) -> serde_json::Value {
+    serde_json::json!({
+        "stage": v.bound.name(),
+        "evidence": v.evidence,
+        "setting": v.setting,
+        "line": v.to_string(),
+    })
+}

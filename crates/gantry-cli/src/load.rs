@@ -11,7 +11,7 @@ use gantry::placement::{ShardRule, ShardSpec};
 use gantry_format::{escape, escape_path};
 
 use crate::check;
-use crate::file_report::{json_files, print_sha256, JsonFile};
+use crate::file_report::{bound_by_json, json_files, print_sha256, JsonFile};
 use crate::load_args::{placement, warn_unmatched, Args};
 use crate::options::Device;
 use crate::units;
@@ -433,16 +433,6 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     std::mem::forget(model);
     std::mem::forget(loader);
     printed
-}
-
-/// A verdict as `--json` gives it (`bound_by`): stage, evidence, setting and the line.
-pub fn bound_by_json(v: &gantry::trace::Verdict) -> serde_json::Value {
-    serde_json::json!({
-        "stage": v.bound.name(),
-        "evidence": v.evidence,
-        "setting": v.setting,
-        "line": v.to_string(),
-    })
 }
 
 pub fn explain(report: &LoadReport) {

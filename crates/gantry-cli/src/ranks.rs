@@ -663,7 +663,7 @@ pub fn run_rank(command: &RankCommand) -> Result<(), Box<dyn Error>> {
         "total_seconds": total_seconds, "exchange_tail_seconds": coop.exchange_tail_seconds,
         "read_seconds": coop.read_seconds, "share_copy_seconds": coop.share_copy_seconds,
         "verified": me.verify, "files": json_files(&report),
-        "bound_by": report.bound_by.as_ref().map(crate::load::bound_by_json),
+        "bound_by": report.bound_by.as_ref().map(crate::file_report::bound_by_json),
         "trace_clock": trace_clock,
         "config": crate::options::config_json(loader.config()),
     });
