@@ -24,7 +24,7 @@ N=$T/new/$(ls $T/new | head -n 1); O=$T/old/$(ls $T/old | head -n 1)
 G=$N/bin/gantry; ROUNDS=${ROUNDS:-3}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$RES/gpu.txt"
 CK=$PWD/.live-ckpt; SOCK=$T/live.sock
-$G synth $CK --llama3-8b >/dev/null || exit 1
+case " ${STEPS:-live} " in *" live "*|*" redesign "*) $G synth $CK --llama3-8b >/dev/null || exit 1;; esac
 json() { python3 -c 'import json,sys
 d=json.load(sys.stdin); r=d if "seconds" in d else d.get("report", d)
 print("%.4f %.3f %.3f %.3f %s %s" % (r["seconds"], r["gb_per_s"], r.get("total_seconds", 0), r.get("cuda_start_seconds", 0), r.get("version"), ",".join(sorted({f.get("reader") or "-" for f in r.get("files", [])}))))'; }
@@ -119,6 +119,21 @@ for r in $(seq $ROUNDS); do
     echo "$r $which cold $(timeout 60 $B load $CK --device cuda:0 --json | json)" | tee -a "$RES/redesign.txt"
   done
 done
+;;
+verify)
+# Device residency bit-exact through the CLI: per-tensor XXH3 of a file load against loads
+# copied from (and aliasing) a server's GPU memory; then the trial's server child alone.
+echo "== verify" | tee "$RES/verify.txt"
+$G synth $T/v --size-gib 1 >/dev/null
+sums() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(len(d["tensors"]), sorted({f.get("reader") for f in d["files"]}), __import__("hashlib").sha256(json.dumps(sorted((t["name"], t["xxh3"]) for t in d["tensors"])).encode()).hexdigest()[:16])'; }
+echo "file   $($G load $T/v --device cuda:0 --checksum xxh3 --json | sums)" | tee -a "$RES/verify.txt"
+rm -f $T/v.sock; $G serve $T/v --device cuda:0 --socket $T/v.sock > $T/vs.log 2>&1 &
+SP=$!; for i in $(seq 60); do grep -q serving $T/vs.log && break; sleep 0.5; done
+echo "copy   $($G load unix://$T/v.sock --device cuda:0 --checksum xxh3 --json | sums)" | tee -a "$RES/verify.txt"
+echo "share  $($G load unix://$T/v.sock --device cuda:0 --share-live --checksum xxh3 --json | sums)" | tee -a "$RES/verify.txt"
+kill -TERM $SP; wait $SP
+mkdir -p $T/child; cp -r $T/v $T/child/model
+GANTRY_SERVE_CHILD=$T/child/model GANTRY_SERVE_SOCKET=$T/child/s.sock timeout 20 $N/t/gantry-live --exact serve_child --nocapture --test-threads=1 < /dev/null 2>&1 | tail -8 | tee -a "$RES/verify.txt"
 ;;
 esac
 done

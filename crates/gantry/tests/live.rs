@@ -540,7 +540,8 @@ impl DeviceServer {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in out.lines().map_while(Result::ok) {
-                if let Some(v) = line.strip_prefix("READY ") {
+                // The test harness prints `test serve_child ... ` before the line, unended.
+                if let Some((_, v)) = line.split_once("READY ") {
                     let _ = tx.send(v.to_owned());
                 }
             }
