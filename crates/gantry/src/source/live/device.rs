@@ -247,11 +247,12 @@ fn map_files(
         );
         return None;
     }
-    // Each mapping costs the driver time in proportion to its size (a few ms per GB): the
-    // files are mapped side by side, one thread each.
-    let mut jobs = Vec::new();
+    // One after another: mapping them on threads of their own measured slower (16 GB in four
+    // files: 0.10 s against 0.08 s; the driver serializes the work).
+    let mut mapped = Vec::with_capacity(wanted.len());
     for (f, info) in checkpoint.files.iter().enumerate() {
         if !wanted[f] {
+            mapped.push(None);
             continue;
         }
         let Some(handle) = &share.handles[f] else {
@@ -261,28 +262,9 @@ fn map_files(
             );
             return None;
         };
-        jobs.push((f, handle, info.header.data_len as usize, info.path.display().to_string()));
-    }
-    let results: Vec<(usize, Result<ImportedBuffer>)> = std::thread::scope(|s| {
-        let threads: Vec<_> = jobs
-            .iter()
-            .map(|(f, handle, len, what)| (*f, s.spawn(move || device.import(handle, *len, what))))
-            .collect();
-        threads
-            .into_iter()
-            .map(|(f, t)| {
-                let r = t.join().unwrap_or_else(|_| {
-                    Err(Error::Internal("a thread mapping IPC memory panicked".into()))
-                });
-                (f, r)
-            })
-            .collect()
-    });
-    let mut mapped: Vec<Option<ImportedBuffer>> =
-        (0..checkpoint.files.len()).map(|_| None).collect();
-    for (f, result) in results {
-        match result {
-            Ok(m) => mapped[f] = Some(m),
+        let len = info.header.data_len as usize;
+        match device.import(handle, len, &info.path.display().to_string()) {
+            Ok(m) => mapped.push(Some(m)),
             Err(e) => {
                 log::info!(
                     "live device residency cannot be mapped on cuda:{} ({e}): reading host memory",
