@@ -147,19 +147,7 @@ pub(crate) fn fill(
             on_ready(i);
         }
     }
-    let files = checkpoint
-        .files
-        .iter()
-        .enumerate()
-        .map(|(f, info)| FileReport {
-            path: info.path.clone(),
-            reader: mapped[f].as_ref().map(|_| ReaderKind::Device),
-            reason: how.clone(),
-            facts: format!("CUDA IPC, {} bytes mapped", mapped[f].as_ref().map_or(0, |m| m.len())),
-            read_bytes: per_file[f],
-            integrity: None,
-        })
-        .collect();
+    let files = file_reports(checkpoint, &mapped, &how, &per_file);
     let moved: u64 = per_file.iter().sum();
     Ok(Some(LoadReport {
         files,
@@ -170,6 +158,26 @@ pub(crate) fn fill(
         version: super::version_of(checkpoint),
         ..LoadReport::default()
     }))
+}
+
+/// Per file: read from its mapping (`how`), `moved[f]` bytes of it.
+fn file_reports(
+    checkpoint: &Checkpoint,
+    mapped: &[Option<ImportedBuffer>],
+    how: &str,
+    moved: &[u64],
+) -> Vec<FileReport> {
+    let reports = checkpoint.files.iter().zip(mapped).zip(moved);
+    reports
+        .map(|((info, mapping), &read_bytes)| FileReport {
+            path: info.path.clone(),
+            reader: mapping.as_ref().map(|_| ReaderKind::Device),
+            reason: how.to_owned(),
+            facts: format!("CUDA IPC, {} bytes mapped", mapping.as_ref().map_or(0, |m| m.len())),
+            read_bytes,
+            integrity: None,
+        })
+        .collect()
 }
 
 /// The live server's device memory a shared model's tensors alias, mapped here, and the
@@ -202,19 +210,7 @@ pub(crate) fn alias(
         "aliases the live source's device memory on GPU {} (CUDA IPC): nothing copied",
         share.bus_id
     );
-    let files = checkpoint
-        .files
-        .iter()
-        .enumerate()
-        .map(|(f, info)| FileReport {
-            path: info.path.clone(),
-            reader: mapped[f].as_ref().map(|_| ReaderKind::Device),
-            reason: how.clone(),
-            facts: format!("CUDA IPC, {} bytes mapped", mapped[f].as_ref().map_or(0, |m| m.len())),
-            read_bytes: 0,
-            integrity: None,
-        })
-        .collect();
+    let files = file_reports(checkpoint, &mapped, &how, &vec![0; checkpoint.files.len()]);
     let report = LoadReport {
         files,
         tensor_bytes: checkpoint.total_bytes(),
