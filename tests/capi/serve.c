@@ -92,6 +92,41 @@ int main(int argc, char **argv) {
     check_load(loader, url, 2);
     expect(gantry_serve_publish(NULL, second), GANTRY_E_NULL_ARGUMENT, "NULL server");
 
+    /* Tensors from memory, as a trainer publishes them: copied before the call returns. */
+    static uint8_t w3[4096], b3[20];
+    for (uint32_t i = 0; i < 4096; i++) w3[i] = (uint8_t)(i * 11 + 2);
+    for (uint32_t i = 0; i < 20; i++) b3[i] = (uint8_t)(i + 50);
+    const uint64_t w_shape[2] = {32, 64}, b_shape[1] = {5};
+    gantry_tensor_in in[2] = {
+        {.name = "w", .dtype = "BF16", .shape = w_shape, .ndim = 2, .data = w3, .len = sizeof w3},
+        {.name = "b", .dtype = "F32", .shape = b_shape, .ndim = 1, .data = b3, .len = sizeof b3},
+    };
+    char v3[GANTRY_SERVE_VERSION_MAX];
+    in[0].dtype = "BF17";
+    expect(gantry_serve_publish_tensors(server, in, 2), GANTRY_E_INVALID_ARGUMENT, "bad dtype");
+    in[0].dtype = "BF16";
+    in[0].len = sizeof w3 - 2;
+    expect(gantry_serve_publish_tensors(server, in, 2), GANTRY_E_DESTINATION, "short data");
+    in[0].len = sizeof w3;
+    expect(gantry_serve_publish_tensors(server, NULL, 2), GANTRY_E_NULL_ARGUMENT, "NULL tensors");
+    expect(gantry_serve_version(server, v3, sizeof v3), GANTRY_OK, "version");
+    CHECK(strcmp(v2, v3) == 0, "a refused publication changed the version");
+    expect(gantry_serve_publish_tensors(server, in, 2), GANTRY_OK, "publish tensors");
+    memset(w3, 0, sizeof w3); /* the server has its own copy */
+    expect(gantry_serve_version(server, v3, sizeof v3), GANTRY_OK, "version");
+    CHECK(strcmp(v2, v3) != 0, "publishing tensors kept version %s", v2);
+    gantry_model *model = NULL;
+    expect(gantry_loader_load(loader, url, GANTRY_DEVICE_HOST, &model), GANTRY_OK, "load tensors");
+    gantry_tensor t;
+    expect(gantry_model_find(model, "w", &t), GANTRY_OK, "find w");
+    CHECK(t.bytes == 4096 && t.ndim == 2 && strcmp(t.dtype, "BF16") == 0, "published w's table");
+    for (uint32_t i = 0; i < 4096; i++)
+        CHECK(((const uint8_t *)(uintptr_t)t.data)[i] == (uint8_t)(i * 11 + 2), "published w[%u]", i);
+    expect(gantry_model_find(model, "b", &t), GANTRY_OK, "find b");
+    for (uint32_t i = 0; i < 20; i++)
+        CHECK(((const uint8_t *)(uintptr_t)t.data)[i] == i + 50, "published b[%u]", i);
+    gantry_model_free(model);
+
     gantry_serve_close(server);
     gantry_serve_close(NULL);
     expect(gantry_loader_load(loader, url, GANTRY_DEVICE_HOST, &(gantry_model *){NULL}), GANTRY_E_LIVE,

@@ -278,6 +278,22 @@ typedef struct gantry_serve_options {
   const struct gantry_loader *loader;
 } gantry_serve_options;
 
+// One tensor to publish from memory (`gantry_serve_publish_tensors`).
+typedef struct gantry_tensor_in {
+  // NUL-terminated name, unique in the publication.
+  const char *name;
+  // NUL-terminated safetensors dtype (`"BF16"`, `"F32"`, ...).
+  const char *dtype;
+  // `ndim` dimensions (NULL when `ndim` is 0: a scalar).
+  const uint64_t *shape;
+  // Dimensions.
+  size_t ndim;
+  // The tensor's bytes in host memory, `len` of them (NULL when `len` is 0).
+  const void *data;
+  // Bytes at `data`: the dtype's size times the product of the shape.
+  uint64_t len;
+} gantry_tensor_in;
+
 // The SHA-256 check of one file of a load.
 typedef struct gantry_file_sha256 {
   // NUL-terminated path of the file.
@@ -607,6 +623,20 @@ gantry_status gantry_serve_version(const struct gantry_server *server, char *buf
 // # Safety
 // `server` is NULL or came from `gantry_serve_start` and is not used afterwards.
 void gantry_serve_close(struct gantry_server *server);
+
+// Publishes `count` tensors from host memory as a new version (one `model.safetensors` laid
+// out in the order given; the bytes are copied into the server's shared memory before this
+// returns, so the caller may change or free them afterwards). Each tensor's length must match
+// its dtype and shape, and names must be unique (`GANTRY_E_INVALID_ARGUMENT` naming the
+// tensor); on failure the current version stays. This is how a trainer publishes weights it
+// holds: readers load `unix:///path` as from any source.
+//
+// # Safety
+// `server` is a live server; `tensors` points to `count` valid `gantry_tensor_in`, each with
+// NUL-terminated `name` and `dtype`, `ndim` readable `shape` entries and `len` readable bytes.
+gantry_status gantry_serve_publish_tensors(const struct gantry_server *server,
+                                           const struct gantry_tensor_in *tensors,
+                                           size_t count);
 
 // Files of the checkpoint `model` was loaded from.
 //

@@ -3,7 +3,7 @@
 //! each version in sealed shared memory; publishing again makes a new version, and a reader
 //! holding an older one keeps it whole until it lets go.
 
-use std::ffi::c_char;
+use std::ffi::{c_char, c_void};
 
 use engine::live::{Server, ServerOptions};
 
@@ -148,4 +148,79 @@ pub unsafe extern "C" fn gantry_serve_close(server: *mut gantry_server) {
         }
         Ok(())
     });
+}
+
+/// One tensor to publish from memory (`gantry_serve_publish_tensors`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct gantry_tensor_in {
+    /// NUL-terminated name, unique in the publication.
+    pub name: *const c_char,
+    /// NUL-terminated safetensors dtype (`"BF16"`, `"F32"`, ...).
+    pub dtype: *const c_char,
+    /// `ndim` dimensions (NULL when `ndim` is 0: a scalar).
+    pub shape: *const u64,
+    /// Dimensions.
+    pub ndim: usize,
+    /// The tensor's bytes in host memory, `len` of them (NULL when `len` is 0).
+    pub data: *const c_void,
+    /// Bytes at `data`: the dtype's size times the product of the shape.
+    pub len: u64,
+}
+
+/// Publishes `count` tensors from host memory as a new version (one `model.safetensors` laid
+/// out in the order given; the bytes are copied into the server's shared memory before this
+/// returns, so the caller may change or free them afterwards). Each tensor's length must match
+/// its dtype and shape, and names must be unique (`GANTRY_E_INVALID_ARGUMENT` naming the
+/// tensor); on failure the current version stays. This is how a trainer publishes weights it
+/// holds: readers load `unix:///path` as from any source.
+///
+/// # Safety
+/// `server` is a live server; `tensors` points to `count` valid `gantry_tensor_in`, each with
+/// NUL-terminated `name` and `dtype`, `ndim` readable `shape` entries and `len` readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn gantry_serve_publish_tensors(
+    server: *const gantry_server,
+    tensors: *const gantry_tensor_in,
+    count: usize,
+) -> gantry_status {
+    ffi_boundary(|| {
+        // SAFETY: per the contract.
+        let server = unsafe { error::in_ref(server, "server")? };
+        if tensors.is_null() && count > 0 {
+            return Err(CallError::null("tensors"));
+        }
+        let list: &[gantry_tensor_in] = match count {
+            0 => &[],
+            // SAFETY: non-NULL, `count` valid entries per the contract.
+            n => unsafe { std::slice::from_raw_parts(tensors, n) },
+        };
+        let mut views = Vec::with_capacity(list.len());
+        for (i, t) in list.iter().enumerate() {
+            // SAFETY: per the contract.
+            let name = unsafe { error::in_str(t.name, &format!("tensors[{i}].name"))? };
+            // SAFETY: per the contract.
+            let dtype = unsafe { error::in_str(t.dtype, &format!("tensors[{i}].dtype"))? };
+            let dtype = engine::dtype_named(dtype).ok_or_else(|| {
+                CallError::invalid(format!("tensor '{name}': {dtype:?} is not a safetensors dtype"))
+            })?;
+            let shape: &[u64] = match t.ndim {
+                0 => &[],
+                _ if t.shape.is_null() => {
+                    return Err(CallError::null(&format!("tensors[{i}].shape")));
+                }
+                // SAFETY: non-NULL, `ndim` readable entries per the contract.
+                n => unsafe { std::slice::from_raw_parts(t.shape, n) },
+            };
+            let len = usize::try_from(t.len).map_err(|_| {
+                CallError::invalid(format!("tensor '{name}': {} bytes do not fit memory", t.len))
+            })?;
+            // SAFETY: `len` readable bytes at `data`, per the contract.
+            let bytes =
+                unsafe { error::in_bytes(t.data.cast(), len, &format!("tensors[{i}].data"))? };
+            views.push((name, dtype, shape, bytes));
+        }
+        server.server.publish_tensors(views)?;
+        Ok(())
+    })
 }

@@ -34,3 +34,34 @@ pub use header::{
 pub use index::{parse_index, Index, MAX_INDEX_BYTES};
 pub use open::{open_regular, FileIdentity};
 pub use safetensors::Dtype;
+
+/// Every dtype, for looking one up by its safetensors name ([`dtype_named`]).
+pub const DTYPES: [Dtype; 22] = [
+    Dtype::BOOL,
+    Dtype::F4,
+    Dtype::F6_E2M3,
+    Dtype::F6_E3M2,
+    Dtype::U8,
+    Dtype::I8,
+    Dtype::F8_E5M2,
+    Dtype::F8_E4M3,
+    Dtype::F8_E8M0,
+    Dtype::F8_E4M3FNUZ,
+    Dtype::F8_E5M2FNUZ,
+    Dtype::I16,
+    Dtype::U16,
+    Dtype::F16,
+    Dtype::BF16,
+    Dtype::I32,
+    Dtype::U32,
+    Dtype::F32,
+    Dtype::C64,
+    Dtype::F64,
+    Dtype::I64,
+    Dtype::U64,
+];
+
+/// The dtype whose safetensors name is `name` (`"BF16"`, `"F8_E4M3"`, ...), as headers spell it.
+pub fn dtype_named(name: &str) -> Option<Dtype> {
+    DTYPES.into_iter().find(|d| d.to_string() == name)
+}

@@ -19,34 +19,8 @@ use gantry::{DeviceTarget, Dtype, HostTarget, Targets, UpdateOptions};
 use crate::dlpack::Imported;
 use crate::{guarded, stream, to_py};
 
-/// Every dtype by its safetensors name.
-const DTYPES: [Dtype; 22] = [
-    Dtype::BOOL,
-    Dtype::F4,
-    Dtype::F6_E2M3,
-    Dtype::F6_E3M2,
-    Dtype::U8,
-    Dtype::I8,
-    Dtype::F8_E5M2,
-    Dtype::F8_E4M3,
-    Dtype::F8_E8M0,
-    Dtype::F8_E4M3FNUZ,
-    Dtype::F8_E5M2FNUZ,
-    Dtype::I16,
-    Dtype::U16,
-    Dtype::F16,
-    Dtype::BF16,
-    Dtype::I32,
-    Dtype::U32,
-    Dtype::F32,
-    Dtype::C64,
-    Dtype::F64,
-    Dtype::I64,
-    Dtype::U64,
-];
-
 fn dtype(name: &str, tensor: &str) -> PyResult<Dtype> {
-    DTYPES.into_iter().find(|d| d.to_string() == name).ok_or_else(|| {
+    gantry::dtype_named(name).ok_or_else(|| {
         PyValueError::new_err(format!("{tensor}: {name:?} is not a safetensors dtype"))
     })
 }

@@ -49,7 +49,8 @@ pub use config::{Config, ConfigValues, PathChoice, ReplicateVia};
 pub use cuda::CudaDevice;
 pub use error::{Error, Result};
 pub use gantry_format::{
-    Checkpoint, Dtype, ErrorKind as FormatErrorKind, FileId, FileInfo, FormatError, TensorEntry,
+    dtype_named, Checkpoint, Dtype, ErrorKind as FormatErrorKind, FileId, FileInfo, FormatError,
+    TensorEntry,
 };
 pub use plan::schedule::ReaderKind;
 pub use plan::{placement, profile};
