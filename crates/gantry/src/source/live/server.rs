@@ -277,6 +277,7 @@ fn random() -> u64 {
 
 /// Accepts until told to stop, one thread per connection.
 fn accept_loop(listener: &OwnedFd, shared: &Arc<Shared>, hello: Duration) {
+    let mut failing = false;
     while !shared.stop.load(Ordering::Acquire) {
         let mut poll = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd for the duration of the call.
@@ -293,8 +294,21 @@ fn accept_loop(listener: &OwnedFd, shared: &Arc<Shared>, hello: Duration) {
             )
         };
         if raw < 0 {
+            let e = std::io::Error::last_os_error();
+            let transient =
+                matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::ECONNABORTED));
+            if !transient {
+                // Out of descriptors or memory: the connection stays queued and `poll` says
+                // so again at once, so wait instead of spinning on a core until one frees up.
+                if !failing {
+                    log::warn!("accepting a connection: {e} (retrying every 100 ms)");
+                }
+                failing = true;
+                std::thread::sleep(Duration::from_millis(100));
+            }
             continue;
         }
+        failing = false;
         // SAFETY: `raw` is a fresh descriptor nobody else owns.
         let connection = unsafe { OwnedFd::from_raw_fd(raw) };
         if shared.connections.fetch_add(1, Ordering::AcqRel) >= CONNECTIONS_MAX {
