@@ -4,9 +4,8 @@
 //!
 //! Everything is checked before any byte moves: every target names a tensor of the source
 //! with the same dtype and shape (and, on the host, a buffer of its length), no name twice, no
-//! two device targets sharing a byte,
-//! and every tensor of the source has a target unless the caller asked to ignore the rest
-//! ([`UpdateOptions::ignore_extra`]). The copy itself is an ordinary load into the caller's
+//! two device targets sharing a byte, and every tensor of the source has a target unless the
+//! caller asked to ignore the rest ([`UpdateOptions::ignore_extra`]). The copy itself is an ordinary load into the caller's
 //! memory ([`Loader::load_into`], [`Loader::load_into_device`]), so it reads, places and
 //! reports like any other.
 //!
