@@ -341,7 +341,7 @@ fn serve(connection: &OwnedFd, shared: &Shared, hello: Duration) {
         return;
     }
     let wants_device = match check_hello(connection) {
-        Ok(wants) => wants,
+        Ok(wants) => wants && device_allowed(protocol::peer_uid(connection.as_fd()).ok()),
         Err(message) => {
             log::info!("a connection refused: {message}");
             refuse(connection, &message);
@@ -362,6 +362,16 @@ fn serve(connection: &OwnedFd, shared: &Shared, hello: Duration) {
     if let Some(old) = freed {
         log::info!("version {} freed (its last lease ended)", old.version);
     }
+}
+
+/// Whether a reader of user `peer` may have the device residency's CUDA IPC handles: only
+/// this server's own user or root. A mapped handle is writable memory (CUDA IPC has no
+/// read-only mapping), and what a reader writes there every later reader copies; the sealed
+/// memfds are what another user the socket's mode lets in reads.
+fn device_allowed(peer: Option<u32>) -> bool {
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    peer.is_some_and(|uid| uid == me || uid == 0)
 }
 
 /// Checks `HELLO`; whether the reader takes device residency too.
@@ -479,5 +489,22 @@ impl TerminationSignals {
                 return signal;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Device handles go to this user and root only; another user, or one unknown, reads the
+    /// sealed memfds.
+    #[test]
+    fn device_handles_go_to_this_user_and_root_only() {
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        assert!(device_allowed(Some(me)));
+        assert!(device_allowed(Some(0)));
+        assert!(!device_allowed(Some(if me == 65534 { 65533 } else { 65534 })));
+        assert!(!device_allowed(None));
     }
 }
