@@ -34,9 +34,16 @@ pub struct Server {
 }
 
 impl Server {
-    fn with<T>(&self, f: impl FnOnce(&LiveServer) -> PyResult<T>) -> PyResult<T> {
-        match self.inner.lock().as_ref() {
-            Some(server) => f(server),
+    /// Runs `f` on the server with the GIL released. The lock is taken only once detached: a
+    /// thread that waited for it holding the GIL would deadlock with a publishing thread that
+    /// holds it and needs the GIL back to return.
+    fn with<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&LiveServer) -> gantry::Result<T> + Send,
+    ) -> PyResult<T> {
+        match py.detach(|| self.inner.lock().as_ref().map(f)) {
+            Some(result) => result.map_err(to_py),
             None => Err(PyRuntimeError::new_err(format!("{}: the server is closed", self.url))),
         }
     }
@@ -73,8 +80,8 @@ impl Server {
 
     /// The current version's id (`None` before the first publication).
     #[getter]
-    fn version(&self) -> PyResult<Option<String>> {
-        guarded(|| self.with(|s| Ok(s.version())))
+    fn version(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        guarded(|| self.with(py, |s| Ok(s.version())))
     }
 
     /// Loads the checkpoint at `source` (any source gantry reads) and publishes it.
@@ -87,7 +94,7 @@ impl Server {
     ) -> PyResult<String> {
         guarded(|| {
             let config = stream::parse_config(config)?;
-            self.with(|s| py.detach(|| s.publish(&source, &config)).map_err(to_py))
+            self.with(py, |s| s.publish(&source, &config))
         })
     }
 
@@ -109,7 +116,7 @@ impl Server {
                 ));
             }
             let list: Vec<_> = held.iter().map(|(n, d, s, b)| (*n, *d, *s, b.bytes())).collect();
-            let version = self.with(|s| py.detach(|| s.publish_tensors(list)).map_err(to_py));
+            let version = self.with(py, |s| s.publish_tensors(list));
             drop(held); // the producers' deleters, with the GIL
             version
         })
@@ -118,10 +125,13 @@ impl Server {
     /// Stops serving and removes the socket file; readers holding a lease keep their bytes.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         guarded(|| {
-            let server = self.inner.lock().take();
-            if let Some(server) = server {
-                py.detach(|| server.close());
-            }
+            // Detached before the lock, as in `with`.
+            py.detach(|| {
+                let server = self.inner.lock().take();
+                if let Some(server) = server {
+                    server.close();
+                }
+            });
             Ok(())
         })
     }

@@ -207,6 +207,42 @@ class LiveTests(unittest.TestCase):
             server.update(state_dict(6))
 
 
+    def test_reading_the_version_or_closing_while_another_thread_publishes_does_not_deadlock(self):
+        # In a child with a deadline: a deadlock (a thread holding the GIL waiting for the
+        # server's lock while the publishing thread holds the lock and waits for the GIL) would
+        # hang this test run forever.
+        code = f"""
+import threading, time, numpy as np, gantry
+sd = {{"w": np.ones((32, 1024, 1024), dtype=np.uint8)}}
+s = gantry.serve(sd, socket={self.socket!r})
+done = []
+def publish():
+    for _ in range(4):
+        s.update(sd)
+    done.append(1)
+t = threading.Thread(target=publish)
+t.start()
+end = time.time() + 20
+while not done and time.time() < end:
+    s.version
+closer = threading.Thread(target=lambda: [s.update(sd) for _ in range(2)])
+closer.start()
+time.sleep(0.01)
+s.close()
+closer.join()
+t.join()
+print("ok")
+"""
+        try:
+            out = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+            )
+        except subprocess.TimeoutExpired:
+            self.fail("gantry.Server deadlocked: version/close while another thread published")
+        # The closing thread's updates may fail (the server is closed): only a hang is wrong.
+        self.assertIn("ok", out.stdout, out.stderr)
+
+
 class VllmLiveSourceTests(unittest.TestCase):
     def test_a_live_source_is_the_model_path_or_the_extra_config_source(self):
         import gantry.vllm

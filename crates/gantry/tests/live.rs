@@ -640,3 +640,60 @@ fn a_load_to_the_servers_gpu_copies_from_its_device_memory() {
     }
     assert!(sharing.reload_device(&mut { shared }).is_err(), "a shared model is not reloaded");
 }
+
+/// The child half of `a_server_out_of_descriptors_waits_instead_of_spinning`: a server whose
+/// process can open no descriptor more, a connection queued on it, and the CPU time the
+/// process spent in the next second, printed as `CPU <seconds>`.
+#[test]
+fn accept_failing_child() {
+    let Ok(socket) = std::env::var("GANTRY_ACCEPT_CHILD") else { return };
+    let server = Server::start(&socket, &ServerOptions::default()).unwrap();
+    server.publish_tensors(vec![("x", Dtype::U8, &[1u64][..], &[7u8][..])]).unwrap();
+    let client = protocol::socket().unwrap();
+    // The lowest free descriptor becomes the limit: accept4 then fails with EMFILE.
+    // SAFETY: plain system calls on descriptors this process owns.
+    unsafe {
+        let free = libc::dup(0);
+        assert!(free > 0);
+        libc::close(free);
+        let limit = libc::rlimit { rlim_cur: free as libc::rlim_t, rlim_max: libc::RLIM_INFINITY };
+        let mut old = std::mem::zeroed::<libc::rlimit>();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut old);
+        let limit = libc::rlimit { rlim_max: old.rlim_max, ..limit };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    protocol::connect(client.as_fd(), Path::new(&socket)).unwrap();
+    let cpu = || {
+        // SAFETY: rusage is plain old data, filled by the call.
+        let mut u = unsafe { std::mem::zeroed::<libc::rusage>() };
+        // SAFETY: a valid out pointer.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+        let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        s(u.ru_utime) + s(u.ru_stime)
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(1));
+    println!("CPU {:.3}", cpu() - before);
+    drop(client);
+    server.close();
+}
+
+/// A server that cannot accept (no descriptor left) waits for one to free up, instead of
+/// spinning a core on a connection that stays queued.
+#[test]
+fn a_server_out_of_descriptors_waits_instead_of_spinning() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "accept_failing_child", "--nocapture", "--test-threads=1"])
+        .env("GANTRY_ACCEPT_CHILD", dir.path().join("s"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let cpu: f64 = text
+        .split_once("CPU ")
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no CPU line: {text}"));
+    assert!(cpu < 0.3, "the server used {cpu} s of CPU in 1 s while it could not accept");
+}

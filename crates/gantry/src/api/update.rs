@@ -3,9 +3,9 @@
 //! source's tensors. A serving engine refits its weights this way without reallocating.
 //!
 //! Everything is checked before any byte moves: every target names a tensor of the source
-//! with the same dtype and shape (and, on the host, a buffer of its length), no name twice,
-//! and every tensor of the source has a target unless the caller asked to ignore the rest
-//! ([`UpdateOptions::ignore_extra`]). The copy itself is an ordinary load into the caller's
+//! with the same dtype and shape (and, on the host, a buffer of its length), no name twice, no
+//! two device targets sharing a byte, and every tensor of the source has a target unless the
+//! caller asked to ignore the rest ([`UpdateOptions::ignore_extra`]). The copy itself is an ordinary load into the caller's
 //! memory ([`Loader::load_into`], [`Loader::load_into_device`]), so it reads, places and
 //! reports like any other.
 //!
@@ -124,6 +124,28 @@ fn recorded(ordinal: u32, ptr: u64, len: u64) -> Option<u64> {
         Some(&(l, digest)) if l == len => Some(digest),
         _ => None,
     }
+}
+
+/// Every two of `ranges` (address, length, tensor name) are disjoint; else an error naming
+/// both tensors. Overlapping device targets (tied weights, a view inside another) would take
+/// two tensors' bytes in an undefined order, and the digest recorded for one would then vouch
+/// for bytes the other wrote.
+fn check_disjoint(mut ranges: Vec<(u64, u64, &str)>) -> Result<()> {
+    ranges.retain(|&(_, len, _)| len > 0);
+    ranges.sort_unstable();
+    for pair in ranges.windows(2) {
+        let ((a, a_len, a_name), (b, _, b_name)) = (pair[0], pair[1]);
+        if a.saturating_add(a_len) > b {
+            return Err(Error::Destination {
+                tensor: b_name.to_owned(),
+                message: format!(
+                    "its target at {b:#x} overlaps the target of '{a_name}' ({a_len} bytes at \
+                     {a:#x}): tied weights take one target (ignore the other tensor)"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A target's name, dtype and shape, whichever memory it is in.
@@ -300,6 +322,14 @@ impl Loader {
         let specs: Vec<Spec<'_>> =
             targets.iter().map(|t| Spec { name: t.name, dtype: t.dtype, shape: t.shape }).collect();
         let matched = match_targets(checkpoint, &specs, options.ignore_extra)?;
+        check_disjoint(
+            checkpoint
+                .tensors
+                .iter()
+                .zip(&matched)
+                .filter_map(|(t, j)| j.map(|j| (targets[j].ptr, t.len, targets[j].name)))
+                .collect(),
+        )?;
         let ordinal = device.ordinal();
         let mut report = UpdateReport { version: version.clone(), ..UpdateReport::default() };
         // Per source tensor: its target address and, from a live source, its digest.
@@ -354,6 +384,21 @@ impl Loader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Device targets that share any byte are refused, naming both; touching ones are not.
+    #[test]
+    fn overlapping_device_targets_are_refused_naming_both() {
+        let ok = vec![(100, 10, "a"), (110, 10, "b"), (0, 100, "c"), (110, 0, "empty")];
+        check_disjoint(ok).unwrap();
+        for (bad, names) in [
+            (vec![(100, 10, "a"), (100, 10, "tied")], ("a", "tied")),
+            (vec![(200, 8, "x"), (100, 101, "big")], ("big", "x")),
+            (vec![(100, 10, "a"), (109, 1, "inside"), (300, 1, "far")], ("a", "inside")),
+        ] {
+            let err = check_disjoint(bad).unwrap_err().to_string();
+            assert!(err.contains(names.0) && err.contains(names.1), "{err}");
+        }
+    }
 
     /// Writing a range drops every record it overlaps, and only those.
     #[test]

@@ -18,7 +18,8 @@
 //! memfds as from any live source, and its report says why.
 //!
 //! The trust rules are those of the host path: the reader trusts only a server of its own user
-//! or root; the handles name memory, the socket's mode limits who may ask for them; the digests
+//! or root; the handles name writable memory, so the server hands them to readers of its own
+//! user or root only (another user the socket's mode lets in reads the memfds); the digests
 //! of the publication were computed from the memfds the device copies were made from.
 
 use std::sync::Arc;

@@ -277,6 +277,7 @@ fn random() -> u64 {
 
 /// Accepts until told to stop, one thread per connection.
 fn accept_loop(listener: &OwnedFd, shared: &Arc<Shared>, hello: Duration) {
+    let mut failing = false;
     while !shared.stop.load(Ordering::Acquire) {
         let mut poll = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd for the duration of the call.
@@ -293,8 +294,21 @@ fn accept_loop(listener: &OwnedFd, shared: &Arc<Shared>, hello: Duration) {
             )
         };
         if raw < 0 {
+            let e = std::io::Error::last_os_error();
+            let transient =
+                matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::ECONNABORTED));
+            if !transient {
+                // Out of descriptors or memory: the connection stays queued and `poll` says
+                // so again at once, so wait instead of spinning on a core until one frees up.
+                if !failing {
+                    log::warn!("accepting a connection: {e} (retrying every 100 ms)");
+                }
+                failing = true;
+                std::thread::sleep(Duration::from_millis(100));
+            }
             continue;
         }
+        failing = false;
         // SAFETY: `raw` is a fresh descriptor nobody else owns.
         let connection = unsafe { OwnedFd::from_raw_fd(raw) };
         if shared.connections.fetch_add(1, Ordering::AcqRel) >= CONNECTIONS_MAX {
@@ -327,7 +341,7 @@ fn serve(connection: &OwnedFd, shared: &Shared, hello: Duration) {
         return;
     }
     let wants_device = match check_hello(connection) {
-        Ok(wants) => wants,
+        Ok(wants) => wants && device_allowed(protocol::peer_uid(connection.as_fd()).ok()),
         Err(message) => {
             log::info!("a connection refused: {message}");
             refuse(connection, &message);
@@ -348,6 +362,16 @@ fn serve(connection: &OwnedFd, shared: &Shared, hello: Duration) {
     if let Some(old) = freed {
         log::info!("version {} freed (its last lease ended)", old.version);
     }
+}
+
+/// Whether a reader of user `peer` may have the device residency's CUDA IPC handles: only
+/// this server's own user or root. A mapped handle is writable memory (CUDA IPC has no
+/// read-only mapping), and what a reader writes there every later reader copies; the sealed
+/// memfds are what another user the socket's mode lets in reads.
+fn device_allowed(peer: Option<u32>) -> bool {
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    peer.is_some_and(|uid| uid == me || uid == 0)
 }
 
 /// Checks `HELLO`; whether the reader takes device residency too.
@@ -465,5 +489,22 @@ impl TerminationSignals {
                 return signal;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Device handles go to this user and root only; another user, or one unknown, reads the
+    /// sealed memfds.
+    #[test]
+    fn device_handles_go_to_this_user_and_root_only() {
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        assert!(device_allowed(Some(me)));
+        assert!(device_allowed(Some(0)));
+        assert!(!device_allowed(Some(if me == 65534 { 65533 } else { 65534 })));
+        assert!(!device_allowed(None));
     }
 }
