@@ -15,7 +15,7 @@
 
 use std::fs;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -239,29 +239,113 @@ fn check_path(path: &Path) -> Result<(), String> {
 }
 
 /// A listening socket bound in a private directory beside `path`, given `mode`, and renamed
-/// to `path` (over a stale socket).
+/// to `path` (over a stale socket). Every step after creating the directory goes through
+/// handles, never through names another user could swap: the directory is opened with
+/// `O_NOFOLLOW` and must be this user's and closed to others, the socket is bound, given its
+/// mode and renamed relative to that handle. (With names, a user who may write the parent
+/// could rename the private directory away and put one with a symbolic link `s` in its place:
+/// a root server would then change the mode of the link's target.)
 fn bind_private(path: &Path, mode: u32) -> Result<OwnedFd, String> {
-    let parent = path.parent().ok_or("the socket path has no parent directory")?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let last = path.file_name().ok_or("the socket path has no file name")?;
+    let parent_fd = open_dir(None, parent.as_os_str())
+        .map_err(|e| format!("opening {}: {e}", parent.display()))?;
     let name = format!(".gantry-serve-{:016x}", random());
-    let dir = parent.join(name);
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let inside = dir.join("s");
-    let bound = (|| {
-        let fd = protocol::socket().map_err(|e| format!("socket: {e}"))?;
-        protocol::bind_listen(fd.as_fd(), &inside).map_err(|e| format!("bind: {e}"))?;
-        fs::set_permissions(&inside, fs::Permissions::from_mode(mode & 0o777))
-            .map_err(|e| format!("chmod: {e}"))?;
-        fs::rename(&inside, path).map_err(|e| format!("moving the socket into place: {e}"))?;
-        Ok(fd)
-    })();
-    let _ = fs::remove_file(&inside);
-    if let Err(e) = fs::remove_dir(&dir) {
-        log::warn!("removing {}: {e}", dir.display());
+    let c_name = cstring(std::ffi::OsStr::new(&name))?;
+    // SAFETY: a valid directory descriptor and NUL-terminated name.
+    if unsafe { libc::mkdirat(parent_fd.as_raw_fd(), c_name.as_ptr(), 0o700) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!("creating {}: {e}", parent.join(&name).display()));
     }
+    let bound = open_dir(Some(&parent_fd), std::ffi::OsStr::new(&name))
+        .map_err(|e| format!("opening {}: {e}", parent.join(&name).display()))
+        .and_then(|dir| {
+            check_private(&dir).map_err(|m| format!("{}: {m}", parent.join(&name).display()))?;
+            bind_in(&dir, &parent_fd, last, mode)
+        });
+    // SAFETY: valid descriptor and name; removing the (now empty) private directory.
+    unsafe { libc::unlinkat(parent_fd.as_raw_fd(), c_name.as_ptr(), libc::AT_REMOVEDIR) };
     bound
+}
+
+/// Binds `s` in the private directory `dir`, gives it `mode` and renames it to `last` in
+/// `parent`.
+fn bind_in(
+    dir: &OwnedFd,
+    parent: &OwnedFd,
+    last: &std::ffi::OsStr,
+    mode: u32,
+) -> Result<OwnedFd, String> {
+    let s = cstring(std::ffi::OsStr::new("s"))?;
+    let last = cstring(last)?;
+    let fd = protocol::socket().map_err(|e| format!("socket: {e}"))?;
+    let inside = PathBuf::from(format!("/proc/self/fd/{}/s", dir.as_raw_fd()));
+    protocol::bind_listen(fd.as_fd(), &inside).map_err(|e| format!("bind: {e}"))?;
+    let done = (|| {
+        // SAFETY: valid descriptor and name; `s` is this process's socket in a directory only
+        // this user may write.
+        if unsafe { libc::fchmodat(dir.as_raw_fd(), s.as_ptr(), (mode & 0o777) as _, 0) } != 0 {
+            return Err(format!("chmod: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: valid descriptors and names.
+        let r = unsafe {
+            libc::renameat(dir.as_raw_fd(), s.as_ptr(), parent.as_raw_fd(), last.as_ptr())
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(format!("moving the socket into place: {e}"));
+        }
+        Ok(())
+    })();
+    if done.is_err() {
+        // SAFETY: valid descriptor and name.
+        unsafe { libc::unlinkat(dir.as_raw_fd(), s.as_ptr(), 0) };
+    }
+    done.map(|()| fd)
+}
+
+/// A directory opened without following a link at its last component (`at`: relative to that
+/// directory, else to the working directory).
+fn open_dir(at: Option<&OwnedFd>, name: &std::ffi::OsStr) -> std::io::Result<OwnedFd> {
+    let c = cstring(name).map_err(std::io::Error::other)?;
+    let base = at.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: a NUL-terminated name; the result is owned at once.
+    let raw = unsafe { libc::openat(base, c.as_ptr(), flags) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// The private directory must be this user's and closed to everyone else.
+fn check_private(dir: &OwnedFd) -> Result<(), String> {
+    // SAFETY: a zeroed stat is a valid out buffer; the descriptor is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(dir.as_raw_fd(), &mut st) } != 0 {
+        return Err(format!("fstat: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if st.st_uid != me || st.st_mode & 0o077 != 0 {
+        return Err(format!(
+            "not the private directory this server made (owner {}, mode {:o})",
+            st.st_uid,
+            st.st_mode & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+fn cstring(name: &std::ffi::OsStr) -> Result<std::ffi::CString, String> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(name.as_bytes())
+        .map_err(|_| format!("'{}' contains a NUL byte", name.to_string_lossy()))
 }
 
 /// 64 bits that differ between processes and calls.
