@@ -117,8 +117,9 @@ fn every_mode_says_per_file_whether_sha256_was_checked() {
             assert!(stderr.contains("not verified"), "{stderr}");
         }
     }
-    // Without --verify-sha256, every file says it was not checked.
+    // Without --verify-sha256, every file says it was not checked, and no hashing code is named.
     let v = json_of(&gantry(&["load", path, "--device", "cpu", "--json"]));
+    assert!(v.get("sha256").is_none(), "{v}");
     for f in v["files"].as_array().unwrap() {
         assert_eq!(f["sha256_verified"], false);
         assert!(f["sha256_check"].as_str().unwrap().starts_with("not checked"), "{f}");
@@ -154,4 +155,46 @@ fn require_sha256_fails_on_a_file_with_no_known_digest_naming_it() {
             (&Value::Bool(true), &sha256sum(shard).into())
         );
     }
+}
+
+/// The SHA-256 code `sha2` should pick on this CPU, from the kernel's `/proc/cpuinfo` (x86:
+/// `flags` with `sha_ni` and `sse4_1`; AArch64: `Features` with `sha2`), or `None` when it
+/// names neither field.
+fn implementation_from_cpuinfo() -> Option<&'static str> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let words = |field: &str| -> Option<Vec<String>> {
+        let line =
+            cpuinfo.lines().find(|l| l.split(':').next().is_some_and(|k| k.trim() == field))?;
+        Some(line.split(':').nth(1)?.split_whitespace().map(str::to_owned).collect())
+    };
+    let has = |list: &[String], w: &str| list.iter().any(|f| f == w);
+    if let Some(flags) = words("flags") {
+        let sha_ni = has(&flags, "sha_ni") && has(&flags, "sse4_1");
+        return Some(if sha_ni { "sha-ni" } else { "portable" });
+    }
+    let features = words("Features")?;
+    Some(if has(&features, "sha2") { "aarch64-sha2" } else { "portable" })
+}
+
+#[test]
+fn explain_and_json_name_the_sha256_implementation() {
+    let Some(expected) = implementation_from_cpuinfo() else {
+        println!("skipped: /proc/cpuinfo names no x86 flags or AArch64 features");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    checkpoint(dir.path());
+    let path = dir.path().to_str().unwrap();
+    let load = ["load", path, "--device", "cpu", "--verify-sha256"];
+    let v = json_of(&gantry(&[&load[..], &["--json"]].concat()));
+    assert_eq!(v["sha256"]["implementation"], expected, "{v}");
+    assert!(v["sha256"]["reason"].as_str().is_some_and(|r| !r.is_empty()), "{v}");
+    let (stdout, _) = text_of(&gantry(&[&load[..], &["--explain"]].concat()));
+    let line = stdout.lines().find(|l| l.starts_with("sha256: ")).unwrap_or_else(|| {
+        panic!("--explain names no SHA-256 code: {stdout}");
+    });
+    assert!(line.starts_with(&format!("sha256: {expected} (")), "{line}");
+    // Without --verify-sha256, --explain names none.
+    let (stdout, _) = text_of(&gantry(&["load", path, "--device", "cpu", "--explain"]));
+    assert!(!stdout.lines().any(|l| l.starts_with("sha256: ")), "{stdout}");
 }
