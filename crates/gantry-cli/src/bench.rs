@@ -1,5 +1,5 @@
-//! `gantry bench PATH --device cpu [--cold] [--repeat N] [--json]`: the ceiling and gantry's
-//! load, measured in the same run, interleaved, and their ratio.
+//! `gantry bench PATH --device cpu [--cold] [--verify-sha256] [--repeat N] [--json]`: the
+//! ceiling and gantry's load, measured in the same run, interleaved, and their ratio.
 //!
 //! Cold (`--cold`): every file is evicted from the page cache before each measurement, and the
 //! ceiling is the storage's: `O_DIRECT` `pread` of 64 MiB, 8 in flight or four per file (up to
@@ -7,6 +7,13 @@
 //! once first so they are in the page cache, and the ceiling is the best of half, three
 //! quarters and all of the cores (up to 16) reading with buffered `pread` into a pre-faulted
 //! buffer.
+//!
+//! With `--verify-sha256` the load is a verified one, and the run adds the SHA-256 ceiling it
+//! is held to: every core (up to the load's hashing threads) hashing an in-memory stream of its
+//! own, as the lanes hash recorded segments ([`baseline::sha256_all_cores`]). One verified load
+//! before the runs records the files' segment states (when a digest is known for them), so the
+//! runs measure the states-recorded load; each run also times a plain load (no check), for the
+//! cost of the check against it.
 
 use std::error::Error;
 use std::path::Path;
@@ -42,6 +49,9 @@ pub struct Args {
 
 #[derive(Serialize, Clone, Copy)]
 struct Run {
+    /// With --verify-sha256: the SHA-256 ceiling and a plain load of the same run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256: Option<Sha256Run>,
     /// The lower of the storage ceiling and (on a GPU) the pinned host-to-device ceiling.
     ceiling_gb_per_s: f64,
     storage_gb_per_s: f64,
@@ -52,6 +62,35 @@ struct Run {
     /// gantry re-reading into memory it already holds, like the ceiling's pre-faulted buffer.
     gantry_reload_gb_per_s: f64,
     reload_ratio: f64,
+}
+
+/// One run's SHA-256 figures (`gantry_gb_per_s` is the verified load's rate).
+#[derive(Serialize, Clone, Copy)]
+struct Sha256Run {
+    /// All cores hashing in-memory streams of their own: what a verified load can reach.
+    ceiling_gb_per_s: f64,
+    /// The verified load against that ceiling.
+    ratio: f64,
+    /// The same load with no check.
+    plain_gb_per_s: f64,
+    /// The verified load's rate over the plain load's.
+    verified_to_plain: f64,
+    /// Files of the verified load hashed in segments from recorded states, of those hashed.
+    files_from_states: usize,
+    files_hashed: usize,
+}
+
+/// The SHA-256 side of a `--verify-sha256` bench.
+#[derive(Serialize)]
+struct JsonSha256 {
+    implementation: &'static str,
+    reason: &'static str,
+    ceiling: String,
+    ceiling_threads: usize,
+    median_ceiling_gb_per_s: f64,
+    median_ratio: f64,
+    median_plain_gb_per_s: f64,
+    median_verified_to_plain: f64,
 }
 
 #[derive(Serialize)]
@@ -66,6 +105,8 @@ struct JsonBench {
     median_ratio: f64,
     median_gantry_reload_gb_per_s: f64,
     median_reload_ratio: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256: Option<JsonSha256>,
     files: Vec<JsonFile>,
 }
 
@@ -99,11 +140,24 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     if !args.cold && !remote {
         baseline::warm(&paths)?;
     }
+    let evict = || if args.cold && !remote { baseline::evict(&paths) } else { Ok(()) };
+    // With --verify-sha256: a plain loader beside the verified one, and one verified load
+    // before the runs, which records the files' segment states (where a digest is known).
+    let plain = match loader.config().values().verify_sha256 {
+        true => {
+            let config = args.options.config()?.require_sha256(false).verify_sha256(false);
+            evict()?;
+            measure_load(&loader, &checkpoint, gpu.as_ref(), &evict)?;
+            Some(Loader::new(config)?)
+        }
+        false => None,
+    };
+    let hashing_threads = sha256_threads();
     let mut runs = Vec::with_capacity(args.repeat);
     let mut files = Vec::new();
     for r in 0..args.repeat {
         // Alternate which goes first, so drift within the run does not favour either.
-        let (mut ceiling, mut gantry, mut reload) = (None, None, None);
+        let (mut ceiling, mut loads) = (None, None);
         for step in 0..2 {
             if (step == 0) == (r % 2 == 0) {
                 let storage = measure_ceiling(&paths, args.cold, loader.config())?.gb_per_s();
@@ -114,36 +168,44 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
                     }
                     None => None,
                 };
-                ceiling = Some((storage, h2d));
+                let sha256 = plain.is_some().then(|| {
+                    baseline::sha256_all_cores(checkpoint.total_bytes(), hashing_threads).gb_per_s()
+                });
+                ceiling = Some((storage, h2d, sha256));
             } else {
-                let evict = || if args.cold && !remote { baseline::evict(&paths) } else { Ok(()) };
-                evict()?;
-                let (g, r) = match &gpu {
-                    None => {
-                        let mut model = load_host(&loader, checkpoint.clone(), false)?;
-                        files = json_files(model.report());
-                        let g = model.report().gb_per_s();
-                        evict()?;
-                        loader.reload(&mut model)?;
-                        (g, model.report().gb_per_s())
+                let mut plain_gb_per_s = None;
+                let mut verified = None;
+                for turn in 0..2 {
+                    match (turn == 0) == (r % 2 == 0) {
+                        true => {
+                            let Some(plain) = &plain else { continue };
+                            let m = measure_load(plain, &checkpoint, gpu.as_ref(), &evict)?;
+                            plain_gb_per_s = Some(m.gantry_gb_per_s);
+                        }
+                        false => {
+                            verified =
+                                Some(measure_load(&loader, &checkpoint, gpu.as_ref(), &evict)?)
+                        }
                     }
-                    Some(gpu) => {
-                        let mut model = load_device(&loader, checkpoint.clone(), gpu, false)?;
-                        files = json_files(model.report());
-                        let g = model.report().gb_per_s();
-                        evict()?;
-                        loader.reload_device(&mut model)?;
-                        (g, model.report().gb_per_s())
-                    }
-                };
-                gantry = Some(g);
-                reload = Some(r);
+                }
+                loads = Some((verified.expect("measured"), plain_gb_per_s));
             }
         }
-        let (storage, h2d) = ceiling.expect("measured");
+        let (storage, h2d, sha256_ceiling) = ceiling.expect("measured");
+        let (load, plain_gb_per_s) = loads.expect("measured");
         let c = h2d.map_or(storage, |h| h.min(storage));
-        let (g, r) = (gantry.expect("measured"), reload.expect("measured"));
+        let (g, r) = (load.gantry_gb_per_s, load.reload_gb_per_s);
+        let sha256 = sha256_ceiling.zip(plain_gb_per_s).map(|(ceiling, plain)| Sha256Run {
+            ceiling_gb_per_s: ceiling,
+            ratio: g / ceiling,
+            plain_gb_per_s: plain,
+            verified_to_plain: g / plain,
+            files_from_states: load.files_from_states,
+            files_hashed: load.files_hashed,
+        });
+        files = load.files;
         runs.push(Run {
+            sha256,
             ceiling_gb_per_s: c,
             storage_gb_per_s: storage,
             h2d_gb_per_s: h2d,
@@ -153,7 +215,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             reload_ratio: r / c,
         });
     }
-    let median = |f: fn(&Run) -> f64| {
+    let median = |f: &dyn Fn(&Run) -> f64| {
         let mut v: Vec<f64> = runs.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
@@ -163,11 +225,27 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         device: gpu.as_ref().map_or("cpu".to_owned(), |g| format!("cuda:{}", g.ordinal())),
         bytes: checkpoint.total_bytes(),
         ceiling: ceiling_name,
-        median_ceiling_gb_per_s: median(|r| r.ceiling_gb_per_s),
-        median_gantry_gb_per_s: median(|r| r.gantry_gb_per_s),
-        median_ratio: median(|r| r.ratio),
-        median_gantry_reload_gb_per_s: median(|r| r.gantry_reload_gb_per_s),
-        median_reload_ratio: median(|r| r.reload_ratio),
+        median_ceiling_gb_per_s: median(&|r| r.ceiling_gb_per_s),
+        median_gantry_gb_per_s: median(&|r| r.gantry_gb_per_s),
+        median_ratio: median(&|r| r.ratio),
+        median_gantry_reload_gb_per_s: median(&|r| r.gantry_reload_gb_per_s),
+        median_reload_ratio: median(&|r| r.reload_ratio),
+        sha256: plain.is_some().then(|| {
+            let sha = |f: fn(&Sha256Run) -> f64| median(&|r| r.sha256.as_ref().map_or(0.0, f));
+            let implementation = gantry::integrity::implementation();
+            JsonSha256 {
+                implementation: implementation.name(),
+                reason: implementation.reason(),
+                ceiling: format!(
+                    "{hashing_threads} threads, each hashing an in-memory stream of its own"
+                ),
+                ceiling_threads: hashing_threads,
+                median_ceiling_gb_per_s: sha(|s| s.ceiling_gb_per_s),
+                median_ratio: sha(|s| s.ratio),
+                median_plain_gb_per_s: sha(|s| s.plain_gb_per_s),
+                median_verified_to_plain: sha(|s| s.verified_to_plain),
+            }
+        }),
         runs,
         files,
     };
@@ -200,7 +278,10 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             );
         }
     }
-    println!("gantry: into new memory; reload: into memory the model already holds");
+    println!(
+        "gantry: into new memory; reload: into memory the model already holds{}",
+        if out.sha256.is_some() { " (both verified)" } else { "" }
+    );
     println!(
         "{:>6}  {:>12}  {:>11}  {:>6}  {:>11}  {:>6}",
         "run", "ceiling GB/s", "gantry GB/s", "ratio", "reload GB/s", "ratio"
@@ -217,7 +298,50 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         out.median_gantry_gb_per_s,
         out.median_gantry_reload_gb_per_s,
     );
+    if let Some(sha) = &out.sha256 {
+        print_sha256(sha, &out.runs);
+    }
     Ok(())
+}
+
+/// With --verify-sha256: the SHA-256 code, then per run the SHA-256 ceiling, the verified
+/// load against it, the plain load and how many files were hashed from recorded states.
+fn print_sha256(sha: &JsonSha256, runs: &[Run]) {
+    println!(
+        "verified (--verify-sha256) with {} ({}); SHA-256 ceiling: {}",
+        sha.implementation, sha.reason, sha.ceiling
+    );
+    println!(
+        "{:>6}  {:>14}  {:>13}  {:>6}  {:>10}  {:>14}  {:>11}",
+        "run",
+        "sha256 ceiling",
+        "verified GB/s",
+        "ratio",
+        "plain GB/s",
+        "verified/plain",
+        "from states"
+    );
+    for (i, (r, s)) in runs.iter().filter_map(|r| Some((r, r.sha256?))).enumerate() {
+        println!(
+            "{:>6}  {:>14.2}  {:>13.2}  {:>6.3}  {:>10.2}  {:>14.3}  {:>11}",
+            i + 1,
+            s.ceiling_gb_per_s,
+            r.gantry_gb_per_s,
+            s.ratio,
+            s.plain_gb_per_s,
+            s.verified_to_plain,
+            format!("{}/{}", s.files_from_states, s.files_hashed)
+        );
+    }
+    println!(
+        "{:>6}  {:>14.2}  {:>13}  {:>6.3}  {:>10.2}  {:>14.3}",
+        "median",
+        sha.median_ceiling_gb_per_s,
+        "",
+        sha.median_ratio,
+        sha.median_plain_gb_per_s,
+        sha.median_verified_to_plain
+    );
 }
 
 fn measure_ceiling(
@@ -247,4 +371,60 @@ fn measure_ceiling(
         }
     }
     Ok(best.expect("measured"))
+}
+
+/// Threads of the SHA-256 ceiling: one per core, up to the most hashing threads a load runs
+/// (`gantry::integrity::HASH_THREADS_MAX`), as a verified load's lanes run.
+fn sha256_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+    cores.clamp(1, gantry::integrity::HASH_THREADS_MAX)
+}
+
+/// One measured load and reload of `checkpoint` by `loader`.
+struct LoadRun {
+    gantry_gb_per_s: f64,
+    reload_gb_per_s: f64,
+    files: Vec<JsonFile>,
+    /// Files hashed in segments from their recorded states, of those whose SHA-256 was
+    /// computed (0 of 0 without --verify-sha256).
+    files_from_states: usize,
+    files_hashed: usize,
+}
+
+/// Loads `checkpoint` with `loader` into new memory, then again into the memory it holds,
+/// `evict` run before each.
+fn measure_load(
+    loader: &Loader,
+    checkpoint: &gantry::Checkpoint,
+    gpu: Option<&std::sync::Arc<CudaDevice>>,
+    evict: &dyn Fn() -> std::io::Result<()>,
+) -> Result<LoadRun, Box<dyn Error>> {
+    evict()?;
+    let (report, reload) = match gpu {
+        None => {
+            let mut model = load_host(loader, checkpoint.clone(), false)?;
+            let report = model.report().clone();
+            evict()?;
+            loader.reload(&mut model)?;
+            (report, model.report().gb_per_s())
+        }
+        Some(gpu) => {
+            let mut model = load_device(loader, checkpoint.clone(), gpu, false)?;
+            let report = model.report().clone();
+            evict()?;
+            loader.reload_device(&mut model)?;
+            (report, model.report().gb_per_s())
+        }
+    };
+    let hashing: Vec<_> =
+        report.files.iter().filter_map(|f| f.integrity.as_ref()?.hashing.as_ref()).collect();
+    let parallel =
+        |h: &&&gantry::integrity::Hashing| matches!(h, gantry::integrity::Hashing::Parallel { .. });
+    Ok(LoadRun {
+        gantry_gb_per_s: report.gb_per_s(),
+        reload_gb_per_s: reload,
+        files: json_files(&report),
+        files_from_states: hashing.iter().filter(parallel).count(),
+        files_hashed: hashing.len(),
+    })
 }

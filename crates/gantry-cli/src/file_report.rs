@@ -70,6 +70,15 @@ pub fn print_sha256(report: &LoadReport, indent: &str) {
     }
 }
 
+/// With --verify-sha256, the SHA-256 code this machine hashes with, for `--json`:
+/// `{"implementation": "sha-ni", "reason": ...}` (see [`gantry::integrity::implementation`]).
+pub fn sha256_json(verify_sha256: bool) -> Option<serde_json::Value> {
+    verify_sha256.then(|| {
+        let i = gantry::integrity::implementation();
+        serde_json::json!({ "implementation": i.name(), "reason": i.reason() })
+    })
+}
+
 /// A verdict as `--json` gives it (`bound_by`): stage, evidence, setting and the line.
 pub fn bound_by_json(v: &gantry::trace::Verdict) -> serde_json::Value {
     serde_json::json!({

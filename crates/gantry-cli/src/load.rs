@@ -11,7 +11,7 @@ use gantry::placement::{ShardRule, ShardSpec};
 use gantry_format::{escape, escape_path};
 
 use crate::check;
-use crate::file_report::{bound_by_json, json_files, print_sha256, JsonFile};
+use crate::file_report::{bound_by_json, json_files, print_sha256, sha256_json, JsonFile};
 use crate::load_args::{placement, warn_unmatched, Args};
 use crate::options::Device;
 use crate::units;
@@ -218,6 +218,9 @@ struct JsonLoad<'a> {
     object: Option<serde_json::Value>,
     /// The settings the load ran with.
     config: serde_json::Value,
+    /// With --verify-sha256: the SHA-256 code that hashed the files (`implementation`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256: Option<serde_json::Value>,
     files: Vec<JsonFile>,
     /// A live source's publication version.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -393,6 +396,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
                 })
             }),
             config: crate::options::config_json(loader.config()),
+            sha256: sha256_json(loader.config().values().verify_sha256),
             files: json_files(&report),
             version: report.version.clone(),
             tensors,
@@ -401,7 +405,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         serde_json::to_string(&out).map(|line| println!("{line}")).map_err(Into::into)
     } else {
         if args.explain {
-            explain(&report);
+            explain(&report, loader.config().values().verify_sha256);
         }
         println!(
             "loaded {} tensors, {} in {:.3} s: {:.2} GB/s into {device} ({} staging){}",
@@ -435,7 +439,9 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     printed
 }
 
-pub fn explain(report: &LoadReport) {
+/// `--explain`: the volume and object-storage measurements, with --verify-sha256 the SHA-256
+/// code this machine hashes with, then per file its reader and why, and its SHA-256 check.
+pub fn explain(report: &LoadReport, verify_sha256: bool) {
     for volume in report.volume.iter().flat_map(|v| v.split("; ")) {
         println!("volume {volume}");
     }
@@ -449,6 +455,9 @@ pub fn explain(report: &LoadReport) {
             units::bytes(o.part_bytes),
             gantry::io::object::tune::STREAMING
         );
+    }
+    if verify_sha256 {
+        println!("sha256: {}", gantry::integrity::implementation());
     }
     for f in &report.files {
         let reader = f.reader.map_or("none", |r| r.name());

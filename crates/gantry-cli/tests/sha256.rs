@@ -117,8 +117,9 @@ fn every_mode_says_per_file_whether_sha256_was_checked() {
             assert!(stderr.contains("not verified"), "{stderr}");
         }
     }
-    // Without --verify-sha256, every file says it was not checked.
+    // Without --verify-sha256, every file says it was not checked, and no hashing code is named.
     let v = json_of(&gantry(&["load", path, "--device", "cpu", "--json"]));
+    assert!(v.get("sha256").is_none(), "{v}");
     for f in v["files"].as_array().unwrap() {
         assert_eq!(f["sha256_verified"], false);
         assert!(f["sha256_check"].as_str().unwrap().starts_with("not checked"), "{f}");
@@ -154,4 +155,118 @@ fn require_sha256_fails_on_a_file_with_no_known_digest_naming_it() {
             (&Value::Bool(true), &sha256sum(shard).into())
         );
     }
+}
+
+/// The SHA-256 code `sha2` should pick on this CPU, from the kernel's `/proc/cpuinfo` (x86:
+/// `flags` with `sha_ni` and `sse4_1`; AArch64: `Features` with `sha2`), or `None` when it
+/// names neither field.
+fn implementation_from_cpuinfo() -> Option<&'static str> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let words = |field: &str| -> Option<Vec<String>> {
+        let line =
+            cpuinfo.lines().find(|l| l.split(':').next().is_some_and(|k| k.trim() == field))?;
+        Some(line.split(':').nth(1)?.split_whitespace().map(str::to_owned).collect())
+    };
+    let has = |list: &[String], w: &str| list.iter().any(|f| f == w);
+    if let Some(flags) = words("flags") {
+        let sha_ni = has(&flags, "sha_ni") && has(&flags, "sse4_1");
+        return Some(if sha_ni { "sha-ni" } else { "portable" });
+    }
+    let features = words("Features")?;
+    Some(if has(&features, "sha2") { "aarch64-sha2" } else { "portable" })
+}
+
+#[test]
+fn explain_and_json_name_the_sha256_implementation() {
+    let Some(expected) = implementation_from_cpuinfo() else {
+        println!("skipped: /proc/cpuinfo names no x86 flags or AArch64 features");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    checkpoint(dir.path());
+    let path = dir.path().to_str().unwrap();
+    let load = ["load", path, "--device", "cpu", "--verify-sha256"];
+    let v = json_of(&gantry(&[&load[..], &["--json"]].concat()));
+    assert_eq!(v["sha256"]["implementation"], expected, "{v}");
+    assert!(v["sha256"]["reason"].as_str().is_some_and(|r| !r.is_empty()), "{v}");
+    let (stdout, _) = text_of(&gantry(&[&load[..], &["--explain"]].concat()));
+    let line = stdout.lines().find(|l| l.starts_with("sha256: ")).unwrap_or_else(|| {
+        panic!("--explain names no SHA-256 code: {stdout}");
+    });
+    assert!(line.starts_with(&format!("sha256: {expected} (")), "{line}");
+    // Without --verify-sha256, --explain names none.
+    let (stdout, _) = text_of(&gantry(&["load", path, "--device", "cpu", "--explain"]));
+    assert!(!stdout.lines().any(|l| l.starts_with("sha256: ")), "{stdout}");
+}
+
+/// `gantry bench --verify-sha256` measures the SHA-256 ceiling beside a verified load whose
+/// segment states were recorded (by a verified load before the runs), and a plain load: the
+/// files' digests are `sha256sum`'s, every file was hashed from recorded states (a record for
+/// each in the states directory), and the ratios are the rates' quotients.
+#[test]
+fn bench_verify_sha256_measures_the_hashing_ceiling_beside_a_states_recorded_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let states = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    // Shards of a little over 16 MiB: two segments each, so their states are recorded.
+    let bin = std::env::var_os("GANTRY_TEST_BIN").unwrap_or(env!("CARGO_BIN_EXE_gantry").into());
+    let synth = |size: &str| {
+        Command::new(&bin)
+            .args(["synth", ck.to_str().unwrap(), "--size-gib", size])
+            .output()
+            .unwrap()
+    };
+    assert!(synth("0.04").status.success());
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(&ck)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    shards.sort();
+    assert!(shards.iter().all(|s| s.metadata().unwrap().len() > 16 << 20), "{shards:?}");
+    let names: Vec<String> = shards.iter().map(|s| shards_name(s)).collect();
+    let sums = Command::new("sha256sum").args(&names).current_dir(&ck).output().unwrap();
+    std::fs::write(ck.join("SHA256SUMS"), sums.stdout).unwrap();
+    let bench = |verify: bool| {
+        let mut args = vec!["bench", ck.to_str().unwrap(), "--device", "cpu", "--repeat", "1"];
+        args.extend(verify.then_some("--verify-sha256"));
+        args.push("--json");
+        let out = Command::new(&bin)
+            .args(&args)
+            .env("GANTRY_SHA256_STATES_DIR", states.path())
+            .output()
+            .unwrap();
+        json_of(&out)
+    };
+    let v = bench(true);
+    if let Some(expected) = implementation_from_cpuinfo() {
+        assert_eq!(v["sha256"]["implementation"], expected, "{v}");
+    }
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(v["sha256"]["ceiling_threads"], cores.min(16), "{v}");
+    for (f, shard) in v["files"].as_array().unwrap().iter().zip(&shards) {
+        assert_eq!(f["sha256"], sha256sum(shard), "{f}");
+        assert_eq!(f["sha256_verified"], true, "{f}");
+        assert!(f["sha256_hashing"].as_str().unwrap().contains("recorded states"), "{f}");
+    }
+    let records = std::fs::read_dir(states.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "states"))
+        .count();
+    assert_eq!(records, shards.len(), "one states record per shard");
+    let run = &v["runs"][0];
+    let sha = &run["sha256"];
+    assert_eq!((&sha["files_from_states"], &sha["files_hashed"]), (&2.into(), &2.into()), "{v}");
+    let rate = |x: &Value| x.as_f64().unwrap();
+    let (ceiling, verified, plain) = (
+        rate(&sha["ceiling_gb_per_s"]),
+        rate(&run["gantry_gb_per_s"]),
+        rate(&sha["plain_gb_per_s"]),
+    );
+    assert!(ceiling > 0.0 && verified > 0.0 && plain > 0.0, "{v}");
+    assert!((rate(&sha["ratio"]) - verified / ceiling).abs() <= 1e-9 * verified / ceiling, "{v}");
+    assert!((rate(&sha["verified_to_plain"]) - verified / plain).abs() <= 1e-9 * verified / plain);
+    // Without --verify-sha256, no SHA-256 figures.
+    let v = bench(false);
+    assert!(v.get("sha256").is_none() && v["runs"][0].get("sha256").is_none(), "{v}");
 }

@@ -416,3 +416,38 @@ fn a_record_of_another_segment_size_is_ignored() {
     let h = verified_load(with_states(base(), states.path(), second), dir.path(), &paths);
     assert_eq!(h[0], Hashing::Sequential { note: recorded });
 }
+
+/// The SHA-256 code `sha2` should pick on this CPU, from the kernel's `/proc/cpuinfo` (x86:
+/// `flags` with `sha_ni` and `sse4_1`; AArch64: `Features` with `sha2`) as the independent
+/// reference, or `None` when cpuinfo cannot be read or names neither field.
+fn implementation_from_cpuinfo() -> Option<&'static str> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let words = |field: &str| -> Option<Vec<String>> {
+        let line =
+            cpuinfo.lines().find(|l| l.split(':').next().is_some_and(|k| k.trim() == field))?;
+        Some(line.split(':').nth(1)?.split_whitespace().map(str::to_owned).collect())
+    };
+    let has = |list: &[String], w: &str| list.iter().any(|f| f == w);
+    if let Some(flags) = words("flags") {
+        let sha_ni = has(&flags, "sha_ni") && has(&flags, "sse4_1");
+        return Some(if sha_ni { "sha-ni" } else { "portable" });
+    }
+    let features = words("Features")?;
+    Some(if has(&features, "sha2") { "aarch64-sha2" } else { "portable" })
+}
+
+#[test]
+fn the_sha256_implementation_is_what_the_cpu_offers() {
+    let named = gantry::integrity::implementation();
+    let forced = cfg!(any(sha2_backend = "soft", sha2_256_backend = "soft"));
+    if forced {
+        assert_eq!(named.name(), "portable");
+        return;
+    }
+    let Some(expected) = implementation_from_cpuinfo() else {
+        println!("skipped: /proc/cpuinfo names no x86 flags or AArch64 features");
+        return;
+    };
+    assert_eq!(named.name(), expected, "{named}");
+    assert!(named.to_string().starts_with(expected), "{named}");
+}

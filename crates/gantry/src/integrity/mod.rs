@@ -28,7 +28,8 @@
 //! Lanes go to the threads in turn, files interleaved (a file's consecutive segments, and the
 //! segments of files read side by side, on different threads), up to one thread per core and
 //! [`HASH_THREADS_MAX`]. One SHA-256 lane runs at one core's rate
-//! (1-2 GB/s with the CPU's SHA extensions, which `sha2` detects and uses at run time;
+//! (1-2 GB/s with the CPU's SHA extensions, which `sha2` detects and uses at run time:
+//! [`implementation`] names the code it picked;
 //! AWS-LC's assembly runs at the same rate). The first verified load of a file hashes it in
 //! one lane, so it cannot end before its largest file is hashed: a load that takes `T` seconds
 //! without the check takes at least `max(T, largest file / one core's rate)` with it, far
@@ -51,6 +52,7 @@ use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
 
 mod files;
+mod implementation;
 pub mod states;
 pub(crate) mod sums;
 mod worker;
@@ -58,6 +60,7 @@ mod worker;
 use crate::engine::read::{Message, RawTarget};
 use crate::error::{Error, Result};
 use crate::plan::Plan;
+pub use implementation::{implementation, Implementation};
 use worker::{Bytes, FileJob, Held, Mode, Outcome, Part, Progress, Worker};
 
 /// A SHA-256 digest.

@@ -1,6 +1,7 @@
 //! Reference readers that benchmarks measure gantry against, in the same run: the disk
 //! ceiling (plain `O_DIRECT` `pread` with large requests, a few in flight) and the page-cache
-//! ceiling (many threads of buffered `pread` into a preallocated, pre-faulted buffer). They
+//! ceiling (many threads of buffered `pread` into a preallocated, pre-faulted buffer), and the
+//! SHA-256 ceiling a verified load is held to (every core hashing a stream of its own). They
 //! are deliberately simple, so that a ratio to them says how much of the hardware gantry uses.
 
 use std::fs::File;
@@ -229,4 +230,53 @@ pub fn pinned_h2d(
         unsafe { result::stream::destroy(s) }.ok();
     }
     Ok(Measured { bytes: total_bytes as u64, seconds })
+}
+
+/// Bytes of the buffer each thread of [`sha256_all_cores`] hashes over and over: larger than a
+/// core's caches, as a hashing lane reads extents from the staging ring, not from its cache.
+pub const SHA256_BUFFER_BYTES: usize = 64 << 20;
+
+/// The SHA-256 ceiling: `threads` independent SHA-256 streams, one per thread (as a verified
+/// load's hashing lanes run, one per core up to
+/// [`HASH_THREADS_MAX`](crate::integrity::HASH_THREADS_MAX)), together hashing about
+/// `total_bytes` of in-memory data with the code a load hashes with
+/// ([`crate::integrity::implementation`]), timed from a common start to the last stream's end.
+/// Each thread hashes a pre-faulted buffer of its own ([`SHA256_BUFFER_BYTES`] at most) again
+/// and again, so no I/O and no page fault is timed.
+pub fn sha256_all_cores(total_bytes: u64, threads: usize) -> Measured {
+    use sha2::{Digest as _, Sha256};
+    assert!(threads > 0, "at least one hashing thread");
+    let share = total_bytes.div_ceil(threads as u64).max(1 << 20);
+    let buffer_bytes = usize::try_from(share).unwrap_or(usize::MAX).min(SHA256_BUFFER_BYTES);
+    let start = std::sync::Barrier::new(threads + 1);
+    let (bytes, seconds) = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let start = &start;
+                s.spawn(move || {
+                    // Pseudo-random bytes (never all equal), written once: pre-faulted.
+                    let buffer: Vec<u8> = (0..buffer_bytes)
+                        .map(|i| {
+                            ((i as u64 ^ t as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8
+                        })
+                        .collect();
+                    start.wait();
+                    let mut hasher = Sha256::new();
+                    let mut left = share;
+                    while left > 0 {
+                        let n = left.min(buffer_bytes as u64) as usize;
+                        hasher.update(&buffer[..n]);
+                        left -= n as u64;
+                    }
+                    std::hint::black_box(hasher.finalize());
+                    share
+                })
+            })
+            .collect();
+        start.wait();
+        let timer = Instant::now();
+        let bytes: u64 = workers.into_iter().map(|w| w.join().expect("hashing thread")).sum();
+        (bytes, timer.elapsed().as_secs_f64())
+    });
+    Measured { bytes, seconds }
 }
