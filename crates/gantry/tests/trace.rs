@@ -312,3 +312,37 @@ fn object_gets_are_spans_on_lanes() {
     let gets = spans_of(&trace_path, "read"); // track ids are per trace file
     assert!(writes.iter().all(|w| !gets.iter().any(|g| g.1 == w.1)), "writes on a GET lane");
 }
+
+/// GPU trial: a warm load to a GPU draws its copy streams (a span per copy with bytes and the
+/// GPU), the copies' bytes add up to the tensors' lengths in the header, and the verdict is a
+/// copy stage, not storage.
+#[test]
+fn a_warm_device_load_draws_its_copy_streams() {
+    let Some(gpu) = gpu() else { return };
+    let _one = ONE_AT_A_TIME.lock();
+    let dir = scratch();
+    let path = path_of(&dir, "m.safetensors");
+    let tensors: Vec<(Dtype, Vec<usize>)> = (0..16).map(|_| (Dtype::F32, vec![1 << 20])).collect();
+    write_file(&path, &tensors, 9);
+    std::fs::read(&path).unwrap(); // in the page cache
+    let trace_path = dir.path().join("device.json");
+    let loader = Loader::new(Config::default().trace(&trace_path)).unwrap();
+    let model = loader.load_to_device(&path, &gpu).unwrap();
+    let copies = spans_of(&trace_path, "copy");
+    let events = events_of(&std::fs::read_to_string(&trace_path).unwrap());
+    let device_copies: u64 = events
+        .iter()
+        .filter(|e| e["ph"] == "X" && e["name"] == "device copy")
+        .inspect(|e| assert_eq!(e["args"]["gpu"].as_u64(), Some(u64::from(gpu.ordinal()))))
+        .map(|e| e["args"]["bytes"].as_u64().unwrap())
+        .sum();
+    let local = Checkpoint::open(&path).unwrap();
+    assert_eq!(device_copies, local.tensors.iter().map(|t| t.len).sum::<u64>());
+    assert!(!copies.is_empty());
+    let verdict = model.report().bound_by.clone().expect("a verdict");
+    assert!(
+        matches!(verdict.bound, gantry::trace::Bound::HostCopy | gantry::trace::Bound::DeviceCopy),
+        "{verdict}"
+    );
+    assert!(verdict.to_string().contains("copy engine of GPU"), "{verdict}");
+}
