@@ -98,6 +98,9 @@ pub struct UpdateReport {
     pub load: Option<LoadReport>,
 }
 
+/// Held for the whole of a device update ([`Loader::update`] onto a GPU).
+static DEVICE_UPDATES: Mutex<()> = parking_lot::const_mutex(());
+
 /// The digest last written by an update at each device range: (ordinal, address) -> (length,
 /// digest). Ranges never overlap: writing a range first drops every record it touches.
 static DEVICE_DIGESTS: Mutex<BTreeMap<(u32, u64), (u64, u64)>> =
@@ -319,6 +322,10 @@ impl Loader {
         options: &UpdateOptions,
         version: Option<String>,
     ) -> Result<UpdateReport> {
+        // Device updates of this process run one at a time: two at once onto the same tensors
+        // from different versions could leave a record naming one version over bytes of the
+        // other (each clears, loads, then records), and a later `changed_only` would skip them.
+        let _one = DEVICE_UPDATES.lock();
         let specs: Vec<Spec<'_>> =
             targets.iter().map(|t| Spec { name: t.name, dtype: t.dtype, shape: t.shape }).collect();
         let matched = match_targets(checkpoint, &specs, options.ignore_extra)?;
