@@ -8,6 +8,10 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+#[path = "../../gantry/tests/common/cpuinfo.rs"]
+mod cpuinfo;
+use cpuinfo::implementation_from_cpuinfo;
+
 fn gantry(args: &[&str]) -> Output {
     let bin = std::env::var_os("GANTRY_TEST_BIN").unwrap_or(env!("CARGO_BIN_EXE_gantry").into());
     Command::new(bin).args(args).output().unwrap()
@@ -155,25 +159,6 @@ fn require_sha256_fails_on_a_file_with_no_known_digest_naming_it() {
             (&Value::Bool(true), &sha256sum(shard).into())
         );
     }
-}
-
-/// The SHA-256 code `sha2` should pick on this CPU, from the kernel's `/proc/cpuinfo` (x86:
-/// `flags` with `sha_ni` and `sse4_1`; AArch64: `Features` with `sha2`), or `None` when it
-/// names neither field.
-fn implementation_from_cpuinfo() -> Option<&'static str> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let words = |field: &str| -> Option<Vec<String>> {
-        let line =
-            cpuinfo.lines().find(|l| l.split(':').next().is_some_and(|k| k.trim() == field))?;
-        Some(line.split(':').nth(1)?.split_whitespace().map(str::to_owned).collect())
-    };
-    let has = |list: &[String], w: &str| list.iter().any(|f| f == w);
-    if let Some(flags) = words("flags") {
-        let sha_ni = has(&flags, "sha_ni") && has(&flags, "sse4_1");
-        return Some(if sha_ni { "sha-ni" } else { "portable" });
-    }
-    let features = words("Features")?;
-    Some(if has(&features, "sha2") { "aarch64-sha2" } else { "portable" })
 }
 
 #[test]

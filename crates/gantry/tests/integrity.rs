@@ -5,6 +5,8 @@
 //! both digests; the digest comes from a `SHA256SUMS` file or a Hugging Face cache blob link.
 
 mod common;
+#[path = "common/cpuinfo.rs"]
+mod cpuinfo;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -12,6 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use cpuinfo::implementation_from_cpuinfo;
 use gantry::{Config, Dtype, Error, Loader, PathChoice};
 
 /// Writes `SHA256SUMS` beside `files` (in `dir`) with `sha256sum`'s own output.
@@ -415,25 +418,6 @@ fn a_record_of_another_segment_size_is_ignored() {
     sums_for(dir.path(), &paths);
     let h = verified_load(with_states(base(), states.path(), second), dir.path(), &paths);
     assert_eq!(h[0], Hashing::Sequential { note: recorded });
-}
-
-/// The SHA-256 code `sha2` should pick on this CPU, from the kernel's `/proc/cpuinfo` (x86:
-/// `flags` with `sha_ni` and `sse4_1`; AArch64: `Features` with `sha2`) as the independent
-/// reference, or `None` when cpuinfo cannot be read or names neither field.
-fn implementation_from_cpuinfo() -> Option<&'static str> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let words = |field: &str| -> Option<Vec<String>> {
-        let line =
-            cpuinfo.lines().find(|l| l.split(':').next().is_some_and(|k| k.trim() == field))?;
-        Some(line.split(':').nth(1)?.split_whitespace().map(str::to_owned).collect())
-    };
-    let has = |list: &[String], w: &str| list.iter().any(|f| f == w);
-    if let Some(flags) = words("flags") {
-        let sha_ni = has(&flags, "sha_ni") && has(&flags, "sse4_1");
-        return Some(if sha_ni { "sha-ni" } else { "portable" });
-    }
-    let features = words("Features")?;
-    Some(if has(&features, "sha2") { "aarch64-sha2" } else { "portable" })
 }
 
 #[test]
