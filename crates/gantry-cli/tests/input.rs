@@ -4,27 +4,15 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-/// Runs `cmd` to completion within 60 s; kills it and fails the test past that.
-fn run_with_deadline(mut cmd: Command) -> Output {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(60) {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("gantry hangs: {cmd:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
+#[path = "common/deadline.rs"]
+mod deadline;
+use deadline::run_with_deadline;
 
 fn gantry(args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gantry"));

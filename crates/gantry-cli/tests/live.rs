@@ -11,20 +11,9 @@ use serde_json::Value;
 
 const GANTRY: &str = env!("CARGO_BIN_EXE_gantry");
 
-/// Runs `cmd` to completion within 60 s; kills it and fails the test past that.
-fn run(mut cmd: Command) -> Output {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(60) {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("gantry hangs: {cmd:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
+#[path = "common/deadline.rs"]
+mod deadline;
+use deadline::run_with_deadline as run;
 
 fn gantry(args: &[&str]) -> Output {
     let mut cmd = Command::new(GANTRY);

@@ -13,6 +13,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+#[path = "common/deadline.rs"]
+mod deadline;
+use deadline::run_with_deadline;
+
 /// Address space each run may use: plenty for a tiny checkpoint, far below what an unbounded
 /// destination count asks for.
 const ADDRESS_SPACE_BYTES: u64 = 8 << 30;
@@ -30,19 +34,7 @@ pub fn run_bounded(mut cmd: Command) -> Output {
             Ok(())
         })
     };
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let pid = child.id() as i32;
-    // Its output is read while it runs (a full pipe would stall it), on a thread of its own.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || tx.send(child.wait_with_output()));
-    match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(out) => out.unwrap(),
-        Err(_) => {
-            // SAFETY: kill has no memory preconditions; `pid` is our unreaped child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            panic!("gantry hangs: {cmd:?}");
-        }
-    }
+    run_with_deadline(cmd)
 }
 
 fn gantry(args: &[&str]) -> Output {
