@@ -166,18 +166,9 @@ pub fn update_host<'py>(
         for (name, d, shape, object) in &targets {
             held.push((name.as_str(), dtype(d, name)?, &shape[..], Imported::host(object, name)?));
         }
-        let mut ranges: Vec<(usize, usize, &str)> =
-            held.iter().filter(|h| h.3.len() > 0).map(|h| (h.3.addr(), h.3.len(), h.0)).collect();
-        ranges.sort_unstable();
-        for pair in ranges.windows(2) {
-            if pair[0].0 + pair[0].1 > pair[1].0 {
-                return Err(PyValueError::new_err(format!(
-                    "{} and {} share memory (tied weights?): pass one of them, with \
-                     ignore_extra=True",
-                    pair[0].2, pair[1].2
-                )));
-            }
-        }
+        // Before any slice is made: two slices over the same bytes would alias.
+        let ranges = held.iter().map(|h| (h.3.addr() as u64, h.3.len() as u64, h.0)).collect();
+        gantry::check_disjoint(ranges).map_err(|e| PyValueError::new_err(e.to_string()))?;
         let list = held.iter_mut().map(|(name, dtype, shape, b)| {
             // SAFETY: the targets' ranges were checked disjoint above, so no two of these
             // slices alias; each lives while `held` does, past the update.

@@ -44,7 +44,9 @@ pub mod trace;
 pub use api::device::{DeviceModel, DeviceTensor, ReadyOnDevice};
 pub use api::loader::{FileReport, HostModel, HostTensor, LoadReport, Loader, Ready};
 pub use api::placed::{Placed, PlacedDeviceModel, PlacedDeviceTensor, PlacedModel, PlacedTensor};
-pub use api::update::{DeviceTarget, HostTarget, Targets, UpdateOptions, UpdateReport};
+pub use api::update::{
+    check_disjoint, DeviceTarget, HostTarget, Targets, UpdateOptions, UpdateReport,
+};
 pub use config::{Config, ConfigValues, PathChoice, ReplicateVia};
 pub use cuda::CudaDevice;
 pub use error::{Error, Result};

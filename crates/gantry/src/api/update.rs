@@ -132,8 +132,9 @@ fn recorded(ordinal: u32, ptr: u64, len: u64) -> Option<u64> {
 /// Every two of `ranges` (address, length, tensor name) are disjoint; else an error naming
 /// both tensors. Overlapping device targets (tied weights, a view inside another) would take
 /// two tensors' bytes in an undefined order, and the digest recorded for one would then vouch
-/// for bytes the other wrote.
-fn check_disjoint(mut ranges: Vec<(u64, u64, &str)>) -> Result<()> {
+/// for bytes the other wrote; overlapping host targets would be two mutable borrows of the same
+/// bytes (a binding that makes `HostTarget`s from raw memory checks with this first).
+pub fn check_disjoint(mut ranges: Vec<(u64, u64, &str)>) -> Result<()> {
     ranges.retain(|&(_, len, _)| len > 0);
     ranges.sort_unstable();
     for pair in ranges.windows(2) {
