@@ -260,19 +260,19 @@ impl Loader {
     ) -> Result<LoadReport> {
         // A live source that keeps its version on a GPU of this host: copies from there (no
         // SHA-256 on that path: a load that checks files reads the host memory it hashes).
-        if let Some(lease) = crate::source::live::device_lease(checkpoint) {
-            let share = lease.device().expect("a device lease has a device share");
-            if !self.config.verify_sha256 {
-                let mut ready = |i: usize| {
-                    let ptr = targets[i].unwrap_or_default();
-                    on_ready(ReadyOnDevice { index: i, entry: &checkpoint.tensors[i], ptr });
-                };
-                let filled = crate::source::live::fill_device(
-                    share, checkpoint, device, &targets, &mut ready,
-                )?;
-                if let Some(report) = filled {
-                    return Ok(report);
-                }
+        let lease = match self.config.verify_sha256 {
+            true => None,
+            false => crate::source::live::device_lease(checkpoint),
+        };
+        if let Some(share) = lease.as_deref().and_then(crate::live::Lease::device) {
+            let mut ready = |i: usize| {
+                let ptr = targets[i].unwrap_or_default();
+                on_ready(ReadyOnDevice { index: i, entry: &checkpoint.tensors[i], ptr });
+            };
+            let filled =
+                crate::source::live::fill_device(share, checkpoint, device, &targets, &mut ready)?;
+            if let Some(report) = filled {
+                return Ok(report);
             }
         }
         let wanted: Vec<bool> = targets.iter().map(Option::is_some).collect();
