@@ -26,6 +26,7 @@ pub struct ReadyOnDevice<'a> {
 #[derive(Debug)]
 pub struct DeviceModel {
     checkpoint: Checkpoint,
+    /// Per file, its data section; empty for a model that aliases a live server's memory.
     buffers: Vec<DeviceBuffer>,
     wanted: Vec<bool>,
     report: LoadReport,
@@ -194,12 +195,9 @@ impl Loader {
         else {
             return Ok(None);
         };
-        let buffers = (0..checkpoint.files.len())
-            .map(|f| device.alloc(0, &checkpoint.files[f].path.display().to_string()))
-            .collect::<Result<Vec<_>>>()?;
         Ok(Some(DeviceModel {
             checkpoint: checkpoint.clone(),
-            buffers,
+            buffers: Vec::new(), // the tensors live in `aliased`
             wanted: wanted.to_vec(),
             report,
             device: Arc::clone(device),

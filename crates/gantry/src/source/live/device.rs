@@ -115,7 +115,13 @@ pub(crate) fn fill(
     on_ready: &mut dyn FnMut(usize),
 ) -> Result<Option<LoadReport>> {
     let start = Instant::now();
-    let Some(mapped) = map_files(share, checkpoint, device, targets) else { return Ok(None) };
+    let mut wanted = vec![false; checkpoint.files.len()];
+    for (t, target) in checkpoint.tensors.iter().zip(targets) {
+        if target.is_some() && t.len > 0 {
+            wanted[t.file.0] = true;
+        }
+    }
+    let Some(mapped) = map_files(share, checkpoint, device, &wanted) else { return Ok(None) };
     let same = share.bus_id.eq_ignore_ascii_case(device.bus_id());
     let how = if same {
         format!(
@@ -205,8 +211,8 @@ pub(crate) fn alias(
 ) -> Result<Option<(Aliased, LoadReport)>> {
     let start = Instant::now();
     let Some(share) = lease.device() else { return Ok(None) };
-    let all: Vec<Option<u64>> = checkpoint.tensors.iter().map(|_| Some(0)).collect();
-    let Some(mapped) = map_files(share, checkpoint, device, &all) else { return Ok(None) };
+    let with_data: Vec<bool> = checkpoint.files.iter().map(|f| f.header.data_len > 0).collect();
+    let Some(mapped) = map_files(share, checkpoint, device, &with_data) else { return Ok(None) };
     let how = format!(
         "aliases the live source's device memory on GPU {} (CUDA IPC): nothing copied",
         share.bus_id
@@ -223,19 +229,13 @@ pub(crate) fn alias(
     Ok(Some((Aliased { mapped, _lease: lease }, report)))
 }
 
-/// Maps each file with a wanted tensor; `None` (with the reason logged) when one cannot be.
+/// Maps each `wanted` file; `None` (with the reason logged) when one cannot be.
 fn map_files(
     share: &DeviceShare,
     checkpoint: &Checkpoint,
     device: &Arc<CudaDevice>,
-    targets: &[Option<u64>],
+    wanted: &[bool],
 ) -> Option<Vec<Option<ImportedBuffer>>> {
-    let mut wanted = vec![false; checkpoint.files.len()];
-    for (t, target) in checkpoint.tensors.iter().zip(targets) {
-        if target.is_some() && t.len > 0 {
-            wanted[t.file.0] = true;
-        }
-    }
     if share.handles.len() != checkpoint.files.len() {
         log::info!(
             "live device residency: {} handles for {} files: reading host memory",
