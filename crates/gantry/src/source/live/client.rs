@@ -251,7 +251,7 @@ fn check_digests(checkpoint: &Checkpoint, digests: &HashMap<String, u64>) -> Res
 }
 
 /// The header of the sealed memfd `file` of `len` bytes, parsed as a file's would be.
-pub(super) fn read_header(path: &Path, file: &File, len: u64) -> Result<gantry_format::Header> {
+fn read_header(path: &Path, file: &File, len: u64) -> Result<gantry_format::Header> {
     let io = |op, source| Error::Io { op, path: path.to_owned(), offset: 0, len, source };
     let mut prefix = [0u8; 8];
     if len < 8 {

@@ -31,6 +31,8 @@ use crate::error::{Error, Result};
 pub(crate) struct Publication {
     /// Per file: its name, the sealed memfd, its length.
     pub files: Vec<(String, File, u64)>,
+    /// Per file: where its data section lies in it (offset, length).
+    pub data: Vec<(u64, u64)>,
     /// The table (file list and digests, JSON), sealed.
     pub table: File,
     /// The table's length in bytes.
@@ -54,6 +56,7 @@ pub(crate) fn from_source(source: &Path, config: &Config) -> Result<Publication>
     let mut files = Vec::with_capacity(checkpoint.files.len());
     let mut maps = Vec::with_capacity(checkpoint.files.len());
     let mut shifts = Vec::with_capacity(checkpoint.files.len());
+    let mut data = Vec::with_capacity(checkpoint.files.len());
     for info in &checkpoint.files {
         let name = file_name(&info.path);
         if !names.insert(name.clone()) {
@@ -75,6 +78,7 @@ pub(crate) fn from_source(source: &Path, config: &Config) -> Result<Publication>
         maps.push(map);
         shifts.push(shift);
         files.push((name, memfd, len));
+        data.push((header.len() as u64, info.header.data_len));
     }
     fill(&loader, &checkpoint, &mut maps, &shifts)?;
     let slices: Vec<&[u8]> = checkpoint
@@ -92,7 +96,7 @@ pub(crate) fn from_source(source: &Path, config: &Config) -> Result<Publication>
         protocol::seal(memfd).map_err(|e| io_error("seal", name, e))?;
     }
     let names: Vec<&str> = checkpoint.tensors.iter().map(|t| t.name.as_str()).collect();
-    finish(files, &names, &digests, checkpoint.total_bytes())
+    finish(files, data, &names, &digests, checkpoint.total_bytes())
 }
 
 /// Loads `checkpoint`'s tensors into `maps`, each at its offset moved by its file's shift.
@@ -156,12 +160,14 @@ pub(crate) fn from_tensors<'a>(
     protocol::seal(&memfd).map_err(|e| io_error("seal", name, e))?;
     let digests = hash_all(&tensors.iter().map(|t| t.3).collect::<Vec<_>>());
     let names: Vec<&str> = tensors.iter().map(|t| t.0).collect();
-    finish(vec![(name.to_owned(), memfd, len)], &names, &digests, offset)
+    let data = vec![(header.len() as u64, offset)];
+    finish(vec![(name.to_owned(), memfd, len)], data, &names, &digests, offset)
 }
 
 /// The table (file list, digests) in a sealed memfd, and the publication around it.
 fn finish(
     files: Vec<(String, File, u64)>,
+    data: Vec<(u64, u64)>,
     names: &[&str],
     digests: &[u64],
     tensor_bytes: u64,
@@ -184,6 +190,7 @@ fn finish(
     protocol::seal(&memfd).map_err(|e| io_error("seal", "table", e))?;
     Ok(Publication {
         files,
+        data,
         table: memfd,
         table_len: text.len() as u64,
         tensors: names.len(),
@@ -347,5 +354,36 @@ impl Drop for Mapping {
                 std::io::Error::last_os_error()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where each memfd's data section lies, read back from its own 8-byte prefix.
+    fn data_of(publication: &Publication) -> Vec<(u64, u64)> {
+        let prefix = |f: &File| {
+            let mut n = [0u8; 8];
+            f.read_exact_at(&mut n, 0).unwrap();
+            8 + u64::from_le_bytes(n)
+        };
+        let files = publication.files.iter();
+        files.map(|(_, f, len)| (prefix(f), len - prefix(f))).collect()
+    }
+
+    #[test]
+    fn the_data_sections_recorded_are_where_the_memfds_put_them() {
+        let a: Vec<u8> = (0..24u8).collect();
+        let shape = [2u64, 3];
+        let from_tensors = from_tensors([("w", Dtype::F32, &shape[..], &a[..])]).unwrap();
+        assert_eq!(from_tensors.data, data_of(&from_tensors));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let view = safetensors::tensor::TensorView::new(Dtype::F32, vec![2, 3], &a).unwrap();
+        safetensors::serialize_to_file([("w", view)], None, &path).unwrap();
+        let from_source = from_source(&path, &Config::default()).unwrap();
+        assert_eq!(from_source.data, data_of(&from_source));
+        assert_eq!(from_source.data[0].1, 24);
     }
 }

@@ -199,14 +199,11 @@ impl Drop for Server {
     }
 }
 
-/// `publication`'s data sections copied to `gpu`, each file's header parsed again from its
-/// sealed memfd for where its data lies.
+/// `publication`'s data sections copied to `gpu`.
 fn residency(gpu: &Arc<CudaDevice>, publication: &Publication) -> Result<Residency> {
-    let mut files = Vec::with_capacity(publication.files.len());
-    for (name, memfd, len) in &publication.files {
-        let header = super::client::read_header(Path::new(name), memfd, *len)?;
-        files.push((name.as_str(), memfd, header.data_offset, header.data_len));
-    }
+    let files: Vec<_> = (publication.files.iter().zip(&publication.data))
+        .map(|((name, memfd, _), &(offset, len))| (name.as_str(), memfd, offset, len))
+        .collect();
     Residency::build(gpu, &files)
 }
 
