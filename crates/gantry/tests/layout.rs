@@ -8,7 +8,7 @@
 //! Below that, the import graph between files: no new circles among the engine's files (the
 //! ones still there are listed, to shrink), none among the CLI's, the circles broken once stay
 //! one-way, `source` and `engine` never reach `coop`, and only `cuda/` calls the CUDA driver
-//! (the files that still do are listed, to shrink). The bindings (CLI, C ABI, Python) name
+//! (streams, events, copies, contexts and peer access included). The bindings (CLI, C ABI, Python) name
 //! none of the engine's internal modules and no `#[doc(hidden)]` item: the public API only.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -570,17 +570,6 @@ fn sources_and_the_engine_never_reach_coop() {
     assert!(found.is_empty(), "imports against the layout:\n{}", found.join("\n"));
 }
 
-/// Files outside `cuda/` that call the CUDA driver (`cudarc::driver::sys` or `::result`),
-/// there when this rule came: their streams, events and copies are to move into `cuda/`. The
-/// list may only shrink: a file no longer calling the driver fails the test, to be removed.
-const KNOWN_DRIVER_CALLS: &[&str] = &[
-    "coop/comm.rs",
-    "coop/placed.rs",
-    "engine/sink/cuda.rs",
-    "engine/sink/gpus.rs",
-    "tools/baseline.rs",
-];
-
 /// Whether `file`'s code calls the CUDA driver: a `use` of `cudarc::driver::sys` or
 /// `cudarc::driver::result` (in any tree), or a path to either in code.
 fn calls_driver(file: &Path) -> bool {
@@ -591,24 +580,19 @@ fn calls_driver(file: &Path) -> bool {
         || driver.iter().any(|d| rest.contains(&format!("{d}::")))
 }
 
-/// Only `cuda/` calls the CUDA driver (besides the files listed, to go): one place owns its
-/// errors, contexts and copies.
+/// Only `cuda/` calls the CUDA driver: one place owns its errors, contexts, streams, events
+/// and copies.
 #[test]
 fn only_cuda_calls_the_driver() {
     let src = workspace().join("crates/gantry/src");
-    let mut calling = BTreeSet::new();
+    let mut found = Vec::new();
     for file in sources(&src).into_iter().filter(|f| !f.starts_with(src.join("cuda"))) {
         if file.file_name().is_some_and(|n| n == "tests.rs") || !calls_driver(&file) {
             continue;
         }
-        calling.insert(file.strip_prefix(&src).unwrap().to_string_lossy().into_owned());
+        let name = file.strip_prefix(&src).unwrap().to_string_lossy().into_owned();
+        found.push(format!("{name} calls the CUDA driver"));
     }
-    let known: BTreeSet<String> = KNOWN_DRIVER_CALLS.iter().map(|s| s.to_string()).collect();
-    let mut found: Vec<String> =
-        calling.difference(&known).map(|f| format!("{f} calls the CUDA driver")).collect();
-    found.extend(
-        known.difference(&calling).map(|f| format!("{f} no longer calls the driver: unlist it")),
-    );
     let cuda = sources(&src.join("cuda"));
     assert!(cuda.iter().any(|f| calls_driver(f)), "cuda/ calls no driver: is the check right?");
     assert!(found.is_empty(), "CUDA driver calls outside cuda/:\n{}", found.join("\n"));

@@ -31,12 +31,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{result, sys};
 use nccl_sys::{ncclComm_t, ncclResult_t, ncclUniqueId, Nccl, NcclCode};
 use parking_lot::Mutex;
 
 use super::agree::{self, Agreement};
-use crate::cuda::driver::cuda_error;
+use crate::cuda::stream::{copy_to_device_sync, copy_to_host_sync, Event, Stream};
 use crate::cuda::{CudaDevice, DeviceBuffer};
 use crate::error::{Error, Result};
 
@@ -443,7 +442,7 @@ impl Drop for Communicator {
 pub struct Exchange<'a> {
     comm: &'a Communicator,
     device: Arc<CudaDevice>,
-    stream: sys::CUstream,
+    stream: Stream,
     status: DeviceBuffer,
     timeout: Duration,
     /// Whether [`Exchange::connect`] has run.
@@ -466,8 +465,7 @@ impl<'a> Exchange<'a> {
     ) -> Result<Self> {
         let status = device.alloc(STATUS_BYTES * comm.world, "the cooperative status buffer")?;
         device.bind()?;
-        let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
-            .map_err(cuda_error("cuStreamCreate"))?;
+        let stream = Stream::new()?;
         Ok(Self {
             comm,
             device: Arc::clone(device),
@@ -560,10 +558,9 @@ impl<'a> Exchange<'a> {
         self.device.bind()?;
         // SAFETY: the buffer holds `slots.len()` bytes; nothing on the stream uses it (the
         // previous exchange through it was waited for).
-        unsafe { result::memcpy_htod_sync(buffer, slots) }
-            .map_err(cuda_error("cuMemcpyHtoD (status)"))?;
+        unsafe { copy_to_device_sync(buffer, slots, "status") }?;
         let op = format!("ncclAllReduce ({what})");
-        let (ptr, stream, len) = (buffer as *mut c_void, self.stream.cast(), slots.len());
+        let (ptr, stream, len) = (buffer as *mut c_void, self.stream.as_ptr().cast(), slots.len());
         let nccl = &self.comm.nccl;
         let rc = self.comm.with_comm(&op, |comm| {
             // SAFETY: in-place all-reduce over device memory of `len` bytes on this
@@ -583,8 +580,7 @@ impl<'a> Exchange<'a> {
         self.comm.settle(&op, rc, self.timeout)?;
         self.wait(&format!("the {what}"))?;
         // SAFETY: the all-reduce has completed; the buffer holds `slots.len()` bytes.
-        unsafe { result::memcpy_dtoh_sync(slots, buffer) }
-            .map_err(cuda_error("cuMemcpyDtoH (status)"))?;
+        unsafe { copy_to_host_sync(slots, buffer, "status") }?;
         Ok(())
     }
 
@@ -600,7 +596,7 @@ impl<'a> Exchange<'a> {
         let nccl = &self.comm.nccl;
         let fail = |op: &str, c| nccl_error(nccl, self.comm.on_rank(op), c);
         self.device.bind()?;
-        let stream = self.stream.cast();
+        let stream = self.stream.as_ptr().cast();
         let issued = self.comm.with_comm("ncclGroupStart", |comm| {
             // SAFETY: group calls have no preconditions.
             nccl_sys::check(unsafe { (nccl.group_start)() })
@@ -673,29 +669,14 @@ impl<'a> Exchange<'a> {
     /// an error the communicator is aborted first.
     fn wait(&mut self, what: &str) -> Result<()> {
         self.device.bind()?;
-        let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
-            .map_err(cuda_error("cuEventCreate"))?;
-        let waited = self.poll(event, what);
-        // SAFETY: created above; no longer waited on (complete, or the comm was aborted).
-        unsafe { result::event::destroy(event) }.ok();
-        waited
-    }
-
-    fn poll(&mut self, event: sys::CUevent, what: &str) -> Result<()> {
-        // SAFETY: event and stream belong to the bound context.
-        unsafe { result::event::record(event, self.stream) }
-            .map_err(cuda_error("cuEventRecord"))?;
+        // Destroyed when this returns: complete, or the communicator was aborted.
+        let event = Event::record(&self.stream)?;
         let op = format!("waiting for {what}");
         let comm = self.comm;
-        let look = || {
-            // SAFETY: a recorded event of this context.
-            match unsafe { result::event::query(event) } {
-                Ok(()) => Look::Done,
-                Err(e) if e.0 == sys::cudaError_enum::CUDA_ERROR_NOT_READY => {
-                    comm.async_error(&op).map_or(Look::Pending, Look::Failed)
-                }
-                Err(e) => Look::Failed(cuda_error("cuEventQuery")(e)),
-            }
+        let look = || match event.is_done() {
+            Ok(true) => Look::Done,
+            Ok(false) => comm.async_error(&op).map_or(Look::Pending, Look::Failed),
+            Err(e) => Look::Failed(e),
         };
         poll_bounded(self.timeout, &mut RealClock(Instant::now()), look)
             .map_err(|stop| comm.give_up(&op, stop, self.timeout))
@@ -711,9 +692,9 @@ impl Drop for Exchange<'_> {
                 log::warn!("{e}");
             }
         }
+        // The stream is destroyed after this (its drop), with its context bound: its work
+        // completed, or the communicator was aborted (its kernels stop); the driver defers
+        // the release until the work is done.
         let _ = self.device.bind();
-        // SAFETY: destroyed once; its work completed, or the communicator was aborted (its
-        // kernels stop); the driver defers the release until the work is done.
-        unsafe { result::stream::destroy(self.stream) }.ok();
     }
 }

@@ -15,7 +15,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::result;
 use gantry_format::{Checkpoint, TensorEntry};
 
 use super::agree::{plan_word, Agreement};
@@ -26,7 +25,7 @@ use super::split::Split;
 use crate::api::loader::{LoadReport, Loader};
 use crate::api::placed::PlacedDeviceModel;
 use crate::cuda::copy::{copy_rows, Rows, Source2d};
-use crate::cuda::driver::cuda_error;
+use crate::cuda::stream::Stream;
 use crate::cuda::{CudaDevice, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::plan::placement::{rows_of, Layout, Share, ShareEntry};
@@ -303,8 +302,7 @@ impl Windows<'_> {
     /// file offset) into its buffer, and waits for the copies.
     fn copy_shares(&self, wanted: &[bool], bases: &[u64]) -> Result<()> {
         self.device.bind()?;
-        let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
-            .map_err(cuda_error("cuStreamCreate"))?;
+        let stream = Stream::new()?;
         let mut queued = Ok(());
         for s in self.mine.iter().filter(|s| wanted[s.tensor] && s.len > 0) {
             let t = &self.checkpoint.tensors[s.tensor];
@@ -320,16 +318,12 @@ impl Windows<'_> {
             // SAFETY: the rows lie inside the tensor's bytes, which the window put in the
             // scratch at `bases` (the exchange has completed); the destination is the share's
             // place in this rank's buffer; the stream is waited for below.
-            queued = unsafe { copy_rows(rows, dest, stream) };
+            queued = unsafe { copy_rows(rows, dest, &stream) };
             if queued.is_err() {
                 break;
             }
         }
-        // SAFETY: a stream of the bound context, waited for, then destroyed once.
-        let waited = unsafe { result::stream::synchronize(stream) }
-            .map_err(cuda_error("cuStreamSynchronize (share copies)"));
-        // SAFETY: as above.
-        unsafe { result::stream::destroy(stream) }.ok();
+        let waited = stream.synchronize("share copies"); // then destroyed by its drop
         queued.and(waited)
     }
 

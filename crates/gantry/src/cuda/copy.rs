@@ -6,6 +6,7 @@
 use cudarc::driver::sys;
 
 use super::driver::cuda_error;
+use super::stream::Stream;
 use crate::error::Result;
 
 /// Largest pitch handed to `cuMemcpy2DAsync` (the driver's `MAX_PITCH` is 2^31 - 1 on every
@@ -46,7 +47,8 @@ pub(crate) struct Rows {
 /// The rows are readable (page-locked host memory, or device memory of the stream's context)
 /// until the stream has passed the copy; the `count * width` bytes at `dest` are device
 /// memory of the stream's (current) context that nothing else writes meanwhile.
-pub(crate) unsafe fn copy_rows(rows: Rows, dest: u64, stream: sys::CUstream) -> Result<()> {
+pub(crate) unsafe fn copy_rows(rows: Rows, dest: u64, stream: &Stream) -> Result<()> {
+    let stream = stream.raw();
     let Rows { source, pitch, width, count } = rows;
     if count == 1 || pitch > PITCH_BYTES_MAX {
         for r in 0..count {

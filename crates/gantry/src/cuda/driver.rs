@@ -129,6 +129,33 @@ impl CudaDevice {
         Ok(ContextGuard { previous: previous.unwrap_or(std::ptr::null_mut()) })
     }
 
+    /// Enables access from this device's context to `to`'s memory (peer copies that do not
+    /// pass through host memory); whether it is on. Leaves this device's context current.
+    pub(crate) fn enable_peer_access(&self, to: &CudaDevice) -> bool {
+        let mut can = 0;
+        // SAFETY: valid device handles, an out pointer to a local.
+        let rc = unsafe { sys::cuDeviceCanAccessPeer(&mut can, self.device, to.device) };
+        if rc != sys::cudaError_enum::CUDA_SUCCESS || can == 0 || self.bind().is_err() {
+            log::debug!("no peer access cuda:{} -> cuda:{}", self.ordinal, to.ordinal);
+            return false;
+        }
+        // SAFETY: `to.context` is a retained primary context; this device's is current.
+        let rc = unsafe { sys::cuCtxEnablePeerAccess(to.context, 0) };
+        let on = matches!(
+            rc,
+            sys::cudaError_enum::CUDA_SUCCESS
+                | sys::cudaError_enum::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED
+        );
+        if !on {
+            log::debug!(
+                "enabling peer access cuda:{} -> cuda:{}: {rc:?}",
+                self.ordinal,
+                to.ordinal
+            );
+        }
+        on
+    }
+
     /// The ordinal (`N` of `cuda:N`).
     pub fn ordinal(&self) -> u32 {
         self.ordinal
@@ -229,6 +256,17 @@ impl Drop for CudaDevice {
 pub struct ContextGuard {
     /// NULL when no context was current.
     previous: sys::CUcontext,
+}
+
+impl ContextGuard {
+    /// A guard that makes the context current on this thread now current again when dropped;
+    /// `None` when none is (or the driver cannot say): nothing to restore.
+    pub(crate) fn keep_current() -> Option<Self> {
+        match result::ctx::get_current() {
+            Ok(Some(previous)) => Some(Self { previous }),
+            _ => None,
+        }
+    }
 }
 
 impl Drop for ContextGuard {

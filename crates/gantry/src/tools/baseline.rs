@@ -180,7 +180,7 @@ pub fn pinned_h2d(
     device: &std::sync::Arc<crate::CudaDevice>,
     total_bytes: usize,
 ) -> crate::Result<Measured> {
-    use cudarc::driver::{result, sys};
+    use crate::cuda::stream::Stream;
     const PIECE: usize = 64 << 20;
     let buffer_bytes = 1 << 30;
     // The device's context is current for the streams and copies below, and the caller's
@@ -189,35 +189,19 @@ pub fn pinned_h2d(
     let arena = std::sync::Arc::new(Arena::new(buffer_bytes, device.numa_node())?);
     let _pinned = crate::cuda::PinnedHost::new(std::sync::Arc::clone(&arena), device)?;
     let target = device.alloc(buffer_bytes, "the host-to-device ceiling")?;
-    let cuda = |op: &str, e: cudarc::driver::DriverError| crate::Error::Cuda {
-        op: op.to_owned(),
-        code: e.0 as i32,
-        message: format!("{e:?}"),
-    };
-    let streams: Vec<sys::CUstream> = (0..4)
-        .map(|_| result::stream::create(result::stream::StreamKind::NonBlocking))
-        .collect::<Result<_, _>>()
-        .map_err(|e| cuda("cuStreamCreate", e))?;
+    let streams: Vec<Stream> = (0..4).map(|_| Stream::new()).collect::<crate::Result<_>>()?;
     // SAFETY: the arena is mapped and page-locked for `buffer_bytes`; nothing else uses it.
     let source = unsafe { std::slice::from_raw_parts(arena.base(), buffer_bytes) };
     let copy = |bytes: usize| -> crate::Result<()> {
         for (i, offset) in (0..bytes).step_by(PIECE).enumerate() {
             let o = offset % buffer_bytes;
             let n = PIECE.min(bytes - offset).min(buffer_bytes - o);
-            // SAFETY: source and target ranges lie inside their buffers.
-            unsafe {
-                result::memcpy_htod_async(
-                    target.ptr() + o as u64,
-                    &source[o..o + n],
-                    streams[i % 4],
-                )
-            }
-            .map_err(|e| cuda("cuMemcpyHtoDAsync", e))?;
+            // SAFETY: source and target ranges lie inside their buffers; the source is
+            // page-locked and untouched until the streams are waited for below.
+            unsafe { streams[i % 4].copy_from_host(target.ptr() + o as u64, &source[o..o + n]) }?;
         }
-        for &s in &streams {
-            // SAFETY: a stream created above.
-            unsafe { result::stream::synchronize(s) }
-                .map_err(|e| cuda("cuStreamSynchronize", e))?;
+        for s in &streams {
+            s.synchronize("the host-to-device ceiling")?;
         }
         Ok(())
     };
@@ -225,10 +209,7 @@ pub fn pinned_h2d(
     let start = Instant::now();
     copy(total_bytes)?;
     let seconds = start.elapsed().as_secs_f64();
-    for s in streams {
-        // SAFETY: synchronized above; destroyed once.
-        unsafe { result::stream::destroy(s) }.ok();
-    }
+    drop(streams); // waited for above; destroyed before the buffers they copied between
     Ok(Measured { bytes: total_bytes as u64, seconds })
 }
 

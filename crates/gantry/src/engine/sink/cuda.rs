@@ -12,8 +12,6 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use cudarc::driver::{result, sys};
-
 use super::gpus::{Gpu, Setup};
 use super::{RawTarget, Sink};
 use crate::engine::read::Message;
@@ -22,20 +20,19 @@ use crate::error::{Error, Result};
 use crate::plan::placement::Place;
 use crate::plan::{CopyStep, Extent};
 
-use crate::cuda::driver::{cuda_error, CudaDevice, DeviceBuffer};
+use crate::cuda::driver::ContextGuard;
+use crate::cuda::stream::Event;
+use crate::cuda::{CudaDevice, DeviceBuffer};
 
 /// Handles sent to the poller thread: one event per GPU the extent was copied to.
 struct Pending {
-    events: Vec<(usize, sys::CUevent)>,
+    events: Vec<(usize, Event)>,
     lease: Lease,
     extent: usize,
     /// When the copies were queued (traced loads), and their bytes.
     queued_ns: Option<u64>,
     bytes: u64,
 }
-
-// SAFETY: events may be used from any thread with their context current (the poller binds it).
-unsafe impl Send for Pending {}
 
 /// Copies staged extents to device addresses on one or several GPUs: each staged byte is read
 /// once and copied to every destination that wants it, strided rows with one 2-D copy.
@@ -55,10 +52,11 @@ pub struct CudaSink {
     relay: Option<Vec<Vec<bool>>>,
     /// The GPU whose context is current on the consumer thread.
     bound: usize,
-    /// Per GPU, the stream this extent's copies use (scratch for `deliver`).
-    chosen: Vec<Option<sys::CUstream>>,
+    /// Per GPU, the position of the stream this extent's copies use (scratch for `deliver`).
+    chosen: Vec<Option<usize>>,
     poller: Option<(Sender<Pending>, JoinHandle<()>)>,
-    previous_context: Option<sys::CUcontext>,
+    /// Makes the caller's context current again when the sink is dropped.
+    previous_context: Option<ContextGuard>,
 }
 
 impl std::fmt::Debug for CudaSink {
@@ -137,7 +135,7 @@ impl CudaSink {
             bound: usize::MAX,
             chosen: vec![None; devices.len()],
             poller: None,
-            previous_context: result::ctx::get_current().ok().flatten(),
+            previous_context: ContextGuard::keep_current(),
         }
     }
 
@@ -171,8 +169,8 @@ impl CudaSink {
         Ok(())
     }
 
-    /// Binds GPU `gpu` and returns the stream its copies of this extent use.
-    fn stream_for(&mut self, gpu: usize) -> Result<sys::CUstream> {
+    /// Binds GPU `gpu` and returns the position of the stream its copies of this extent use.
+    fn stream_for(&mut self, gpu: usize) -> Result<usize> {
         self.bind(gpu)?;
         Ok(match self.chosen[gpu] {
             Some(stream) => stream,
@@ -193,14 +191,10 @@ impl CudaSink {
                     let mut tracks = std::collections::HashMap::new();
                     for p in rx {
                         let mut synced = Ok(());
-                        for &(gpu, event) in &p.events {
-                            let done = devices[gpu].bind().and_then(|()| {
-                                // SAFETY: the event was recorded in this context.
-                                unsafe { result::event::synchronize(event) }
-                                    .map_err(cuda_error("cuEventSynchronize"))
-                            });
-                            // SAFETY: the event is not used after this.
-                            unsafe { result::event::destroy(event) }.ok();
+                        for (gpu, event) in p.events {
+                            // The event was recorded in this GPU's context.
+                            let done = devices[gpu].bind().and_then(|()| event.synchronize());
+                            drop(event);
                             if let (Some(begin), true) = (p.queued_ns, done.is_ok()) {
                                 let ordinal = devices[gpu].ordinal() as usize;
                                 traced_copy(&mut tracks, begin, ordinal, p.lease.index(), p.bytes);
@@ -239,6 +233,7 @@ impl CudaSink {
                         continue;
                     }
                     let stream = self.stream_for(t.destination)?;
+                    let stream = &self.gpus[t.destination].streams[stream];
                     // SAFETY: the destination lies inside the target's share (asserted), in
                     // device memory of the bound context; the source is pinned staging held
                     // by the lease until the events recorded after these copies complete.
@@ -267,7 +262,7 @@ impl CudaSink {
         if relays.is_empty() {
             return Ok(());
         }
-        let mut sources: Vec<(usize, sys::CUevent)> = Vec::new();
+        let mut sources: Vec<(usize, Event)> = Vec::new();
         let mut waited: Vec<(usize, usize)> = Vec::new();
         let mut outcome = Ok(());
         for r in relays {
@@ -279,8 +274,7 @@ impl CudaSink {
         }
         for (gpu, event) in sources {
             let _ = self.bind(gpu);
-            // SAFETY: destroyed once; the driver keeps it until the waits on it are done.
-            unsafe { result::event::destroy(event) }.ok();
+            drop(event); // the driver keeps it until the waits on it are done
         }
         outcome
     }
@@ -288,54 +282,39 @@ impl CudaSink {
     fn queue_relay(
         &mut self,
         r: &Relay,
-        sources: &mut Vec<(usize, sys::CUevent)>,
+        sources: &mut Vec<(usize, Event)>,
         waited: &mut Vec<(usize, usize)>,
     ) -> Result<()> {
-        let event = match sources.iter().find(|(g, _)| *g == r.from) {
-            Some(&(_, e)) => e,
+        let source = match sources.iter().position(|(g, _)| *g == r.from) {
+            Some(k) => k,
             None => {
                 let stream = self.stream_for(r.from)?;
-                let e = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
-                    .map_err(cuda_error("cuEventCreate"))?;
-                sources.push((r.from, e));
-                // SAFETY: event and stream belong to the bound context.
-                unsafe { result::event::record(e, stream) }.map_err(cuda_error("cuEventRecord"))?;
-                e
+                let event = Event::record(&self.gpus[r.from].streams[stream])?;
+                sources.push((r.from, event));
+                sources.len() - 1
             }
         };
         let stream = self.stream_for(r.to)?;
+        let stream = &self.gpus[r.to].streams[stream];
         if !waited.contains(&(r.to, r.from)) {
-            // SAFETY: a recorded event of a live context; the stream is of the bound one.
-            unsafe { sys::cuStreamWaitEvent(stream, event, 0) }
-                .result()
-                .map_err(cuda_error("cuStreamWaitEvent"))?;
+            stream.wait_for(&sources[source].1)?;
             waited.push((r.to, r.from));
         }
         let (from, to) = (&self.gpus[r.from].device, &self.gpus[r.to].device);
         // SAFETY: both ranges are shares in their destinations' allocations; the source's
-        // bytes are complete once the event waited for above has fired.
-        unsafe { super::gpus::relay(from, r.source, to, r.dest, r.len, stream) }
+        // bytes are complete once the event waited for above has fired; the stream is the
+        // destination's, its context bound.
+        unsafe { stream.copy_device(from, r.source, to, r.dest, r.len) }
     }
 
     /// Records an event after this extent's copies on every stream in `chosen`; on failure,
     /// waits for the copies instead (the lease must not come back before they finish).
-    fn record_events(&mut self) -> Result<Vec<(usize, sys::CUevent)>> {
+    fn record_events(&mut self) -> Result<Vec<(usize, Event)>> {
         let mut events = Vec::new();
         for gpu in 0..self.chosen.len() {
             let Some(stream) = self.chosen[gpu] else { continue };
-            let recorded = self.bind(gpu).and_then(|()| {
-                let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
-                    .map_err(cuda_error("cuEventCreate"))?;
-                // SAFETY: event and stream belong to the bound context.
-                match unsafe { result::event::record(event, stream) } {
-                    Ok(()) => Ok(event),
-                    Err(e) => {
-                        // SAFETY: never recorded, destroyed once.
-                        unsafe { result::event::destroy(event) }.ok();
-                        Err(cuda_error("cuEventRecord")(e))
-                    }
-                }
-            });
+            let recorded =
+                self.bind(gpu).and_then(|()| Event::record(&self.gpus[gpu].streams[stream]));
             match recorded {
                 Ok(event) => {
                     self.chosen[gpu] = None;
@@ -356,20 +335,16 @@ impl CudaSink {
         for gpu in 0..self.chosen.len() {
             if let Some(stream) = self.chosen[gpu].take() {
                 let _ = self.bind(gpu);
-                // SAFETY: a stream of this GPU's context, waited for only.
-                unsafe { result::stream::synchronize(stream) }.ok();
+                self.gpus[gpu].streams[stream].synchronize("a failed extent's copies").ok();
             }
         }
     }
 
     /// Waits for recorded `events`, then destroys them.
-    fn wait_events(&mut self, events: Vec<(usize, sys::CUevent)>) {
+    fn wait_events(&mut self, events: Vec<(usize, Event)>) {
         for (gpu, event) in events {
             let _ = self.bind(gpu);
-            // SAFETY: recorded in that GPU's context; waited for, then destroyed once.
-            unsafe { result::event::synchronize(event) }.ok();
-            // SAFETY: as above.
-            unsafe { result::event::destroy(event) }.ok();
+            event.synchronize().ok(); // recorded in that GPU's context; destroyed on drop
         }
     }
 }
@@ -454,9 +429,6 @@ impl Drop for CudaSink {
         }
         self.gpus.clear(); // waits for each stream (the poller is joined), then destroys it
         self.buffers.clear(); // a failed load's allocations, before the caller's context returns
-        if let Some(ctx) = self.previous_context {
-            // SAFETY: restoring the caller's context, which it still holds.
-            unsafe { result::ctx::set_current(ctx) }.ok();
-        }
+        drop(self.previous_context.take()); // the caller's context, current again
     }
 }

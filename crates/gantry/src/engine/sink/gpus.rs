@@ -7,10 +7,9 @@
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use cudarc::driver::{result, sys};
-
 use crate::cuda::copy::{copy_rows, Rows, Source2d};
-use crate::cuda::driver::{cuda_error, CudaDevice, DeviceBuffer};
+use crate::cuda::stream::Stream;
+use crate::cuda::{CudaDevice, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::plan::placement::Piece;
 
@@ -20,12 +19,9 @@ pub(crate) const STREAMS: usize = 4;
 /// A destination GPU of a sink and its copy streams (destroyed on drop, after waiting).
 pub(crate) struct Gpu {
     pub(crate) device: Arc<CudaDevice>,
-    pub(crate) streams: Vec<sys::CUstream>,
+    pub(crate) streams: Vec<Stream>,
     pub(crate) next_stream: usize,
 }
-
-// SAFETY: streams are used only with their context current on the using thread (`bind`).
-unsafe impl Send for Gpu {}
 
 impl Gpu {
     /// `STREAMS` non-blocking streams on `device` (bound on this thread).
@@ -33,16 +29,14 @@ impl Gpu {
         device.bind()?;
         let mut gpu = Gpu { device: Arc::clone(device), streams: Vec::new(), next_stream: 0 };
         for _ in 0..STREAMS {
-            let s = result::stream::create(result::stream::StreamKind::NonBlocking)
-                .map_err(cuda_error("cuStreamCreate"))?;
-            gpu.streams.push(s); // pushed at once: Drop destroys what was created so far
+            gpu.streams.push(Stream::new()?); // pushed at once: Drop destroys what was made
         }
         Ok(gpu)
     }
 
-    /// The next stream in turn.
-    pub(crate) fn take_stream(&mut self) -> sys::CUstream {
-        let stream = self.streams[self.next_stream];
+    /// The position of the next stream in turn.
+    pub(crate) fn take_stream(&mut self) -> usize {
+        let stream = self.next_stream;
         self.next_stream = (self.next_stream + 1) % self.streams.len();
         stream
     }
@@ -51,12 +45,9 @@ impl Gpu {
 impl Drop for Gpu {
     fn drop(&mut self) {
         let _ = self.device.bind();
-        for &s in &self.streams {
-            // SAFETY: a stream of this context; every copy on it is waited for, then it is
-            // destroyed once.
-            unsafe { result::stream::synchronize(s) }.ok();
-            // SAFETY: as above.
-            unsafe { result::stream::destroy(s) }.ok();
+        for s in self.streams.drain(..) {
+            // Every copy on it is waited for, then it is destroyed (its drop).
+            s.synchronize("a GPU's copy stream").ok();
         }
     }
 }
@@ -126,38 +117,10 @@ pub(crate) fn enable_peers(gpus: &[Gpu]) -> Vec<Vec<bool>> {
     for a in 0..n {
         for b in 0..n {
             let (da, db) = (&gpus[a].device, &gpus[b].device);
-            can[a][b] = da.ordinal() == db.ordinal() || peer_access(da, db);
+            can[a][b] = da.ordinal() == db.ordinal() || da.enable_peer_access(db);
         }
     }
     can
-}
-
-/// Enables access from `from`'s context to `to`'s memory; whether it is on.
-fn peer_access(from: &CudaDevice, to: &CudaDevice) -> bool {
-    let (from_dev, _) = from.raw();
-    let (to_dev, to_ctx) = to.raw();
-    let mut can = 0;
-    // SAFETY: valid device handles, an out pointer to a local.
-    let rc = unsafe { sys::cuDeviceCanAccessPeer(&mut can, from_dev, to_dev) };
-    if rc != sys::cudaError_enum::CUDA_SUCCESS || can == 0 || from.bind().is_err() {
-        log::debug!("no peer access cuda:{} -> cuda:{}", from.ordinal(), to.ordinal());
-        return false;
-    }
-    // SAFETY: `to_ctx` is a retained primary context; `from`'s context is current.
-    let rc = unsafe { sys::cuCtxEnablePeerAccess(to_ctx, 0) };
-    let on = matches!(
-        rc,
-        sys::cudaError_enum::CUDA_SUCCESS
-            | sys::cudaError_enum::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED
-    );
-    if !on {
-        log::debug!(
-            "enabling peer access cuda:{} -> cuda:{}: {rc:?}",
-            from.ordinal(),
-            to.ordinal()
-        );
-    }
-    on
 }
 
 /// Queues the host-to-device copy of `piece` of `source` (a copy step's staged bytes) to
@@ -172,7 +135,7 @@ pub(crate) unsafe fn copy_piece(
     source: &[u8],
     piece: &Piece,
     dest: u64,
-    stream: sys::CUstream,
+    stream: &Stream,
 ) -> Result<()> {
     let last = piece.source + (piece.rows - 1) * piece.source_pitch + piece.width;
     assert!(last <= source.len() as u64, "a piece past its staged bytes");
@@ -185,34 +148,4 @@ pub(crate) unsafe fn copy_piece(
     // SAFETY: the source rows lie inside `source` (asserted), the destination is
     // `piece.len()` bytes at `dest` per the contract.
     unsafe { copy_rows(rows, dest, stream) }
-}
-
-/// Queues a device-to-device copy of `len` bytes from `source` on `from` to `dest` on `to`, on
-/// `stream` (of `to`'s context, current).
-///
-/// # Safety
-/// Both ranges are device memory of their GPUs, the source complete before the stream reaches
-/// the copy (an event waited for), the destination written by nothing else meanwhile.
-pub(crate) unsafe fn relay(
-    from: &CudaDevice,
-    source: u64,
-    to: &CudaDevice,
-    dest: u64,
-    len: u64,
-    stream: sys::CUstream,
-) -> Result<()> {
-    let rc = if from.ordinal() == to.ordinal() {
-        // SAFETY: per the contract.
-        unsafe { sys::cuMemcpyDtoDAsync_v2(dest, source, len as usize, stream) }
-    } else {
-        // SAFETY: per the contract; the contexts are retained by the devices.
-        unsafe {
-            sys::cuMemcpyPeerAsync(dest, to.raw().1, source, from.raw().1, len as usize, stream)
-        }
-    };
-    rc.result().map_err(cuda_error(format!(
-        "copying {len} bytes cuda:{} -> cuda:{}",
-        from.ordinal(),
-        to.ordinal()
-    )))
 }
