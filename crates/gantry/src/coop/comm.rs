@@ -35,7 +35,7 @@ use nccl_sys::{ncclComm_t, ncclResult_t, ncclUniqueId, Nccl, NcclCode};
 use parking_lot::Mutex;
 
 use super::agree::{self, Agreement};
-use crate::cuda::stream::{copy_to_device_sync, copy_to_host_sync, Event, Stream};
+use crate::cuda::stream::{Event, Stream};
 use crate::cuda::{CudaDevice, DeviceBuffer};
 use crate::error::{Error, Result};
 
@@ -555,10 +555,10 @@ impl<'a> Exchange<'a> {
     /// Sums `slots` byte-wise across the ranks through `buffer` (device memory of at least
     /// `slots.len()` bytes that nothing else on the stream uses), in place.
     fn all_reduce_bytes(&mut self, buffer: u64, slots: &mut [u8], what: &str) -> Result<()> {
+        // The buffer holds `slots.len()` bytes; nothing on the stream uses it (the previous
+        // exchange through it was waited for).
+        self.device.copy_from_host(buffer, slots)?;
         self.device.bind()?;
-        // SAFETY: the buffer holds `slots.len()` bytes; nothing on the stream uses it (the
-        // previous exchange through it was waited for).
-        unsafe { copy_to_device_sync(buffer, slots, "status") }?;
         let op = format!("ncclAllReduce ({what})");
         let (ptr, stream, len) = (buffer as *mut c_void, self.stream.as_ptr().cast(), slots.len());
         let nccl = &self.comm.nccl;
@@ -579,8 +579,8 @@ impl<'a> Exchange<'a> {
         })?;
         self.comm.settle(&op, rc, self.timeout)?;
         self.wait(&format!("the {what}"))?;
-        // SAFETY: the all-reduce has completed; the buffer holds `slots.len()` bytes.
-        unsafe { copy_to_host_sync(slots, buffer, "status") }?;
+        // The all-reduce has completed; the buffer holds `slots.len()` bytes.
+        slots.copy_from_slice(&self.device.copy_to_host(buffer, slots.len())?);
         Ok(())
     }
 

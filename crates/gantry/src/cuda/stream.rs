@@ -150,27 +150,3 @@ impl Drop for Event {
         unsafe { result::event::destroy(self.0) }.ok();
     }
 }
-
-/// Copies `bytes` (pageable host memory) to device address `dest` and waits for it, in the
-/// current context.
-///
-/// # Safety
-/// The `bytes.len()` bytes at `dest` are device memory of the current context that nothing
-/// else uses meanwhile.
-pub(crate) unsafe fn copy_to_device_sync(dest: u64, bytes: &[u8], what: &str) -> Result<()> {
-    // SAFETY: per the contract.
-    unsafe { result::memcpy_htod_sync(dest, bytes) }
-        .map_err(cuda_error(format!("cuMemcpyHtoD ({what})")))
-}
-
-/// Copies `out.len()` bytes from device address `source` into `out` and waits for it, in the
-/// current context.
-///
-/// # Safety
-/// The bytes at `source` are device memory of the current context, complete (nothing still
-/// writes them).
-pub(crate) unsafe fn copy_to_host_sync(out: &mut [u8], source: u64, what: &str) -> Result<()> {
-    // SAFETY: per the contract.
-    unsafe { result::memcpy_dtoh_sync(out, source) }
-        .map_err(cuda_error(format!("cuMemcpyDtoH ({what})")))
-}
