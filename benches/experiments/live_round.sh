@@ -12,6 +12,13 @@
 #           (a 2 GiB checkpoint: the figure is the bytes moved);
 #   redesign OLD (the tree before issue 26's step) against NEW, warm and cold device loads,
 #           interleaved.
+#   verify  device residency bit-exact through the CLI (per-tensor XXH3 of a file load, a copy
+#           and an alias), then the live trial's server child alone.
+#   ipc     benches/experiments/ipc_map.py: what mapping another process's GPU memory costs,
+#           legacy CUDA IPC against VMM file-descriptor handles (4 x 4 GiB, 3 rounds).
+#   sha     issue 25's SHA-256 targets: `gantry bench --verify-sha256` warm (states recorded,
+#           against the all-core SHA-256 ceiling of the same run) and `--cold` (against the
+#           plain load of the same run), SHA256SUMS written beside the 16 GB shards first.
 # STEPS (default "trials live update redesign") picks and orders the steps; ROUNDS (3).
 # Build the packs here with:
 #   benches/experiments/pack.sh .pack/p gantry/gpu gantry/placed gantry/coop gantry/trace \
@@ -24,7 +31,7 @@ N=$T/new/$(ls $T/new | head -n 1); O=$T/old/$(ls $T/old | head -n 1)
 G=$N/bin/gantry; ROUNDS=${ROUNDS:-3}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$RES/gpu.txt"
 CK=$PWD/.live-ckpt; SOCK=$T/live.sock
-case " ${STEPS:-live} " in *" live "*|*" redesign "*) $G synth $CK --llama3-8b >/dev/null || exit 1;; esac
+case " ${STEPS:-live} " in *" live "*|*" redesign "*|*" sha "*) $G synth $CK --llama3-8b >/dev/null || exit 1;; esac
 json() { python3 -c 'import json,sys
 d=json.load(sys.stdin); r=d if "seconds" in d else d.get("report", d)
 print("%.4f %.3f %.3f %.3f %s %s" % (r["seconds"], r["gb_per_s"], r.get("total_seconds", 0), r.get("cuda_start_seconds", 0), r.get("version"), ",".join(sorted({f.get("reader") or "-" for f in r.get("files", [])}))))'; }
@@ -134,6 +141,18 @@ echo "share  $($G load unix://$T/v.sock --device cuda:0 --share-live --checksum 
 kill -TERM $SP; wait $SP
 mkdir -p $T/child; cp -r $T/v $T/child/model
 GANTRY_SERVE_CHILD=$T/child/model GANTRY_SERVE_SOCKET=$T/child/s.sock timeout 20 $N/t/gantry-live --exact serve_child --nocapture --test-threads=1 < /dev/null 2>&1 | tail -8 | tee -a "$RES/verify.txt"
+;;
+ipc)
+echo "== ipc" | tee "$RES/ipc.txt"
+timeout 120 python3 benches/experiments/ipc_map.py --gib-each 4 --count 4 --rounds 3 2>&1 | tee -a "$RES/ipc.txt"
+;;
+sha)
+echo "== sha" | tee "$RES/sha.txt"
+(cd $CK && ls *.safetensors | xargs -P 8 -n 1 sha256sum > SHA256SUMS) || exit 1
+export GANTRY_SHA256_STATES_DIR=$T/states; rm -rf $T/states; mkdir -p $T/states
+timeout 200 $G bench $CK --device cuda:0 --verify-sha256 --repeat $ROUNDS 2>&1 | tee -a "$RES/sha.txt"
+timeout 300 $G bench $CK --device cuda:0 --verify-sha256 --cold --repeat $ROUNDS 2>&1 | tee -a "$RES/sha.txt"
+rm -f $CK/SHA256SUMS; unset GANTRY_SHA256_STATES_DIR
 ;;
 esac
 done
