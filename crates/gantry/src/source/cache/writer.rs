@@ -10,7 +10,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +72,10 @@ pub struct Writer {
     verdict: parking_lot::Mutex<Receiver<String>>,
     failed: Arc<AtomicBool>,
     waits: Waits,
+    /// Parts that waited for room in the pending budget (the disk behind the store), and
+    /// nanoseconds they waited in all: the cost the copy put on the GETs, in the note.
+    waited: AtomicU64,
+    waited_ns: AtomicU64,
 }
 
 impl Writer {
@@ -113,7 +117,8 @@ impl Writer {
             })
             .map_err(|e| format!("starting the thread that writes {}: {e}", path.display()))?;
         let verdict = parking_lot::Mutex::new(verdict);
-        Ok(Self { path, orders: Some(orders), verdict, failed, waits })
+        let (waited, waited_ns) = (AtomicU64::new(0), AtomicU64::new(0));
+        Ok(Self { path, orders: Some(orders), verdict, failed, waits, waited, waited_ns })
     }
 
     /// Whether the copy still takes bytes (nothing has failed or stalled).
@@ -131,8 +136,18 @@ impl Writer {
             return;
         }
         let permits = len.div_ceil(PERMIT_BYTES).min(PENDING_BYTES_MAX / PERMIT_BYTES);
-        let acquire = PENDING.acquire_many(permits as u32);
-        let budget = match tokio::time::timeout(self.waits.write, acquire).await {
+        let budget = match PENDING.try_acquire_many(permits as u32) {
+            Ok(budget) => Ok(Ok(budget)),
+            Err(_) => {
+                let start = std::time::Instant::now();
+                let acquire = PENDING.acquire_many(permits as u32);
+                let got = tokio::time::timeout(self.waits.write, acquire).await;
+                self.waited.fetch_add(1, Ordering::Relaxed);
+                self.waited_ns.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                got
+            }
+        };
+        let budget = match budget {
             Ok(Ok(budget)) => budget,
             Ok(Err(_)) => return,
             Err(_) => {
@@ -160,8 +175,15 @@ impl Writer {
             let _ = orders.send(Order::Finish(still_same));
         }
         let verdict = self.verdict.lock().recv_timeout(self.waits.finish);
+        let waited = match self.waited.load(Ordering::Relaxed) {
+            0 => String::new(),
+            n => format!(
+                "; {n} of its parts waited {:.3} s in all for the cache's disk (the GETs behind them waited too)",
+                self.waited_ns.load(Ordering::Relaxed) as f64 / 1e9
+            ),
+        };
         match verdict {
-            Ok(text) => text,
+            Ok(text) => text + &waited,
             Err(_) => {
                 let why = format!(
                     "the cache's file system did not finish the copy {} within {} s",
