@@ -14,6 +14,9 @@
 #           interleaved.
 #   verify  device residency bit-exact through the CLI (per-tensor XXH3 of a file load, a copy
 #           and an alias), then the live trial's server child alone.
+#   livetrace  where a new process's time goes on a load from `gantry serve --device cuda:0`:
+#           copy and --share-live loads with --trace, the longest spans of each, and the
+#           process's own timings (JSON);
 #   ipc     benches/experiments/ipc_map.py: what mapping another process's GPU memory costs,
 #           legacy CUDA IPC against VMM file-descriptor handles (4 x 4 GiB, 3 rounds).
 #   sha     issue 25's SHA-256 targets: `gantry bench --verify-sha256` warm (states recorded,
@@ -31,7 +34,7 @@ N=$T/new/$(ls $T/new | head -n 1); O=$T/old/$(ls $T/old | head -n 1)
 G=$N/bin/gantry; ROUNDS=${ROUNDS:-3}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$RES/gpu.txt"
 CK=$PWD/.live-ckpt; SOCK=$T/live.sock
-case " ${STEPS:-live} " in *" live "*|*" redesign "*|*" sha "*) $G synth $CK --llama3-8b >/dev/null || exit 1;; esac
+case " ${STEPS:-live} " in *" live "*|*" redesign "*|*" sha "*|*" livetrace "*) $G synth $CK --llama3-8b >/dev/null || exit 1;; esac
 json() { python3 -c 'import json,sys
 d=json.load(sys.stdin); r=d if "seconds" in d else d.get("report", d)
 print("%.4f %.3f %.3f %.3f %s %s" % (r["seconds"], r["gb_per_s"], r.get("total_seconds", 0), r.get("cuda_start_seconds", 0), r.get("version"), ",".join(sorted({f.get("reader") or "-" for f in r.get("files", [])}))))'; }
@@ -141,6 +144,30 @@ echo "share  $($G load unix://$T/v.sock --device cuda:0 --share-live --checksum 
 kill -TERM $SP; wait $SP
 mkdir -p $T/child; cp -r $T/v $T/child/model
 GANTRY_SERVE_CHILD=$T/child/model GANTRY_SERVE_SOCKET=$T/child/s.sock timeout 20 $N/t/gantry-live --exact serve_child --nocapture --test-threads=1 < /dev/null 2>&1 | tail -8 | tee -a "$RES/verify.txt"
+;;
+livetrace)
+echo "== livetrace" | tee "$RES/livetrace.txt"
+rm -f $SOCK; $G serve $CK --device cuda:0 --socket $SOCK > $T/serve.log 2>&1 &
+SP=$!
+for i in $(seq 120); do grep -q serving $T/serve.log && break; sleep 0.5; done
+for share in "" --share-live; do
+  for r in 1 2; do
+    start=$EPOCHREALTIME
+    line=$($G load unix://$SOCK --device cuda:0 $share --json --trace $T/lt$r$share.json | json)
+    echo "$r live${share:+-share} $line wall $(awk "BEGIN { print $EPOCHREALTIME - $start }")" | tee -a "$RES/livetrace.txt"
+  done
+  python3 - $T/lt2$share.json <<'PY' 2>&1 | tee -a "$RES/livetrace.txt"
+import json, sys
+ev = json.load(open(sys.argv[1]))["traceEvents"]
+names = {(e["pid"], e["tid"]): e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "thread_name"}
+spans = sorted((e for e in ev if e.get("ph") == "X"), key=lambda e: -e["dur"])
+t0 = min(e["ts"] for e in ev if "ts" in e)
+for e in spans[:25]:
+    print(f"  {e['dur']/1e3:9.2f} ms at {(e['ts']-t0)/1e3:9.2f} ms  {e.get('cat','')}/{e['name']}  [{names.get((e['pid'], e['tid']), e['tid'])}]  {json.dumps(e.get('args', {}))[:120]}")
+PY
+done
+$G trace summarize $T/lt2.json 2>&1 | head -20 | tee -a "$RES/livetrace.txt"
+kill -TERM $SP; wait $SP
 ;;
 ipc)
 echo "== ipc" | tee "$RES/ipc.txt"
