@@ -153,7 +153,8 @@ for i in $(seq 120); do grep -q serving $T/serve.log && break; sleep 0.5; done
 for share in "" --share-live; do
   for r in 1 2; do
     start=$EPOCHREALTIME
-    line=$($G load unix://$SOCK --device cuda:0 $share --json --trace $T/lt$r$share.json | json)
+    line=$(RUST_LOG=gantry=debug $G load unix://$SOCK --device cuda:0 $share --json --trace $T/lt$r$share.json 2> $T/lt$r$share.err | json)
+    grep -E "cuIpcOpen|live" $T/lt$r$share.err | head -8
     echo "$r live${share:+-share} $line wall $(awk "BEGIN { print $EPOCHREALTIME - $start }")" | tee -a "$RES/livetrace.txt"
   done
   python3 - $T/lt2$share.json <<'PY' 2>&1 | tee -a "$RES/livetrace.txt"

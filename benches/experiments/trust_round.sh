@@ -38,8 +38,8 @@ DEVICE=cuda:0 ROUNDS=3 GANTRY=$P/bin/gantry KEEP="$RES/warm.trace.json.gz" \
 ;;
 cache)
 echo "== cache"
-WEED=$T/weed DEVICE=cuda:0 ROUNDS=2 GANTRY=$P/bin/gantry OUT=$T/cache \
-  timeout 180 benches/experiments/cache_race.sh $CK 2>&1 | tee "$RES/cache.txt"
+WEED=$T/weed DEVICE=cuda:0 ROUNDS=${ROUNDS:-2} GANTRY=$P/bin/gantry OUT=$T/cache \
+  timeout ${CACHE_S:-180} benches/experiments/cache_race.sh $CK 2>&1 | tee "$RES/cache.txt"
 ;;
 esac
 done

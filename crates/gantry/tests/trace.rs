@@ -337,7 +337,14 @@ fn a_warm_device_load_draws_its_copy_streams() {
         .map(|e| e["args"]["bytes"].as_u64().unwrap())
         .sum();
     let local = Checkpoint::open(&path).unwrap();
-    assert_eq!(device_copies, local.tensors.iter().map(|t| t.len).sum::<u64>());
+    let names: std::collections::BTreeSet<String> =
+        events.iter().map(|e| format!("{}/{}", e["cat"], e["name"])).collect();
+    assert_eq!(
+        device_copies,
+        local.tensors.iter().map(|t| t.len).sum::<u64>(),
+        "files {:?}; events {names:?}",
+        model.report().files
+    );
     assert!(!copies.is_empty());
     let verdict = model.report().bound_by.clone().expect("a verdict");
     assert!(

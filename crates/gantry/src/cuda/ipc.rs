@@ -132,10 +132,12 @@ impl CudaDevice {
         let mut ptr: sys::CUdeviceptr = 0;
         let raw = sys::CUipcMemHandle { reserved: handle.0.map(|b| b as _) };
         let flags = sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
+        let opening = std::time::Instant::now();
         // SAFETY: the out pointer is a local; the driver validates the handle's bytes.
         unsafe { sys::cuIpcOpenMemHandle_v2(&mut ptr, raw, flags) }.result().map_err(
             cuda_error(format!("cuIpcOpenMemHandle for {what} on cuda:{}", self.ordinal())),
         )?;
+        log::debug!("cuIpcOpenMemHandle of {len} bytes for {what}: {:?}", opening.elapsed());
         let imported = ImportedBuffer { ptr, len, device: Arc::clone(self) };
         self.check_range(ptr, len as u64).map_err(|reason| Error::Cuda {
             op: format!("mapping {what}"),

@@ -115,6 +115,7 @@ pub(crate) fn fill(
     on_ready: &mut dyn FnMut(usize),
 ) -> Result<Option<LoadReport>> {
     let start = Instant::now();
+    let _load = crate::trace::span("phase", "load");
     let mut wanted = vec![false; checkpoint.files.len()];
     for (t, target) in checkpoint.tensors.iter().zip(targets) {
         if target.is_some() && t.len > 0 {
@@ -210,6 +211,7 @@ pub(crate) fn alias(
     device: &Arc<CudaDevice>,
 ) -> Result<Option<(Aliased, LoadReport)>> {
     let start = Instant::now();
+    let _load = crate::trace::span("phase", "load");
     let Some(share) = lease.device() else { return Ok(None) };
     let with_data: Vec<bool> = checkpoint.files.iter().map(|f| f.header.data_len > 0).collect();
     let Some(mapped) = map_files(share, checkpoint, device, &with_data) else { return Ok(None) };
@@ -260,6 +262,8 @@ fn map_files(
             return None;
         };
         let len = info.header.data_len as usize;
+        let _span = crate::trace::span("phase", "map device memory")
+            .args(|a| a.u64("bytes", len as u64).u64("file", f as u64));
         match device.import(handle, len, &info.path.display().to_string()) {
             Ok(m) => mapped.push(Some(m)),
             Err(e) => {
