@@ -5,7 +5,13 @@ virtual memory management (cuMemCreate with a POSIX file descriptor handle, expo
 cuMemExportToShareableHandle, passed over a Unix socket, imported and mapped with
 cuMemImportFromShareableHandle, cuMemAddressReserve, cuMemMap, cuMemSetAccess).
 
-Usage: ipc_map.py [--gib-each 4] [--count 4] [--device 0] [--rounds 3]
+Usage: ipc_map.py [--gib-each 4] [--count 4] [--sizes B,B,...] [--host-map-gib G] [--device 0] [--rounds 3]
+
+--sizes gives each buffer's bytes instead (e.g. a checkpoint's data sections, which are not
+multiples of the allocation granularity); --host-map-gib maps that much shared memory (a
+memfd, untouched) into the reader before it maps anything, as a live reader holds the
+publication's memfds; --server-pin-gib page-locks that much shared memory in the server
+(cuMemHostRegister), as `gantry serve` registers its memfds.
 
 The server (parent) allocates COUNT buffers of GIB_EACH GiB both ways and hands them over; the
 reader (a child forked before either process touches CUDA) maps them, times each step per
@@ -88,9 +94,16 @@ def granularity(p):
 
 def server(sock, args):
     init(args.device)
-    size = args.gib_each << 30
+    if args.server_pin_gib:
+        import mmap
+        n = args.server_pin_gib << 30
+        fd = os.memfd_create("server-pin")
+        os.ftruncate(fd, n)
+        pinned = mmap.mmap(fd, n, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        base = C.addressof(C.c_char.from_buffer(pinned))
+        check(CU.cuMemHostRegister_v2(C.c_void_p(base), C.c_size_t(n), 1), "cuMemHostRegister")
     handles, fds, keep = [], [], []
-    for i in range(args.count):
+    for i, size in enumerate(args.sizes):
         ptr = C.c_uint64()
         check(CU.cuMemAlloc_v2(C.byref(ptr), C.c_size_t(size)), "cuMemAlloc")
         check(CU.cuMemsetD8_v2(ptr, i + 1, C.c_size_t(size)), "cuMemsetD8")
@@ -100,15 +113,15 @@ def server(sock, args):
         keep.append(ptr)
     p = prop(args.device)
     g = granularity(p)
-    vsize = (size + g - 1) // g * g
-    for i in range(args.count):
+    vsizes = [(size + g - 1) // g * g for size in args.sizes]
+    for vsize in vsizes:
         h = C.c_uint64()
         check(CU.cuMemCreate(C.byref(h), C.c_size_t(vsize), C.byref(p), C.c_ulonglong(0)), "cuMemCreate")
         fd = C.c_int()
         check(CU.cuMemExportToShareableHandle(C.byref(fd), h, POSIX_FD, C.c_ulonglong(0)), "export")
         fds.append(fd.value)
     CU.cuCtxSynchronize()
-    msg = json.dumps({"size": size, "vsize": vsize, "granularity": g,
+    msg = json.dumps({"sizes": args.sizes, "vsizes": vsizes, "granularity": g,
                       "ipc": [x.hex() for x in handles]}).encode()
     socket.send_fds(sock, [struct.pack("!I", len(msg)) + msg], fds)
     sock.recv(1)  # the reader is done
@@ -117,12 +130,17 @@ def server(sock, args):
 
 
 def reader(sock, args):
+    if args.host_map_gib:
+        import mmap
+        fd = os.memfd_create("host-map")
+        os.ftruncate(fd, args.host_map_gib << 30)
+        host_map = mmap.mmap(fd, args.host_map_gib << 30, mmap.MAP_SHARED, mmap.PROT_READ)  # noqa: F841 - held
     cuda_s = init(args.device)
-    data, fds, _, _ = socket.recv_fds(sock, 1 << 20, args.count)
+    data, fds, _, _ = socket.recv_fds(sock, 1 << 20, len(args.sizes))
     info = json.loads(data[4:4 + struct.unpack("!I", data[:4])[0]])
-    size, vsize = info["size"], info["vsize"]
+    sizes, vsizes = info["sizes"], info["vsizes"]
     dest = C.c_uint64()
-    check(CU.cuMemAlloc_v2(C.byref(dest), C.c_size_t(size)), "cuMemAlloc (reader)")
+    check(CU.cuMemAlloc_v2(C.byref(dest), C.c_size_t(max(sizes))), "cuMemAlloc (reader)")
     results = []
     for r in range(args.rounds):
         row = {"round": r + 1, "cuda_start_s": round(cuda_s, 4) if r == 0 else None}
@@ -139,11 +157,11 @@ def reader(sock, args):
         row["ipc_open_ms"] = [round(x * 1e3, 2) for x in opens]
         row["ipc_open_total_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
         t = time.perf_counter()
-        for ptr in ptrs:
+        for ptr, size in zip(ptrs, sizes):
             check(CU.cuMemcpyDtoD_v2(dest, ptr, C.c_size_t(size)), "cuMemcpyDtoD (ipc)")
         check(CU.cuCtxSynchronize(), "sync")
         copy = time.perf_counter() - t
-        row["ipc_copy_gb_s"] = round(len(ptrs) * size / copy / 1e9, 1)
+        row["ipc_copy_gb_s"] = round(sum(sizes) / copy / 1e9, 1)
         t = time.perf_counter()
         for ptr in ptrs:
             check(CU.cuIpcCloseMemHandle(ptr), "cuIpcCloseMemHandle")
@@ -152,7 +170,7 @@ def reader(sock, args):
         steps = {"import": 0.0, "reserve": 0.0, "map": 0.0, "access": 0.0}
         mapped = []
         t0 = time.perf_counter()
-        for fd in fds:
+        for fd, vsize in zip(fds, vsizes):
             h = C.c_uint64()
             t = time.perf_counter()
             check(CU.cuMemImportFromShareableHandle(C.byref(h), C.c_void_p(fd), POSIX_FD), "import")
@@ -169,15 +187,15 @@ def reader(sock, args):
             t = time.perf_counter()
             check(CU.cuMemSetAccess(va, C.c_size_t(vsize), C.byref(d), C.c_size_t(1)), "access")
             steps["access"] += time.perf_counter() - t
-            mapped.append((va, h))
+            mapped.append((va, h, vsize))
         row["vmm_total_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
         row["vmm_steps_ms"] = {k: round(v * 1e3, 2) for k, v in steps.items()}
         t = time.perf_counter()
-        for va, _ in mapped:
+        for (va, _, _), size in zip(mapped, sizes):
             check(CU.cuMemcpyDtoD_v2(dest, va, C.c_size_t(size)), "cuMemcpyDtoD (vmm)")
         check(CU.cuCtxSynchronize(), "sync")
-        row["vmm_copy_gb_s"] = round(len(mapped) * size / (time.perf_counter() - t) / 1e9, 1)
-        for va, h in mapped:
+        row["vmm_copy_gb_s"] = round(sum(sizes) / (time.perf_counter() - t) / 1e9, 1)
+        for va, h, vsize in mapped:
             check(CU.cuMemUnmap(va, C.c_size_t(vsize)), "unmap")
             check(CU.cuMemAddressFree(va, C.c_size_t(vsize)), "address free")
             check(CU.cuMemRelease(h), "release")
@@ -185,7 +203,7 @@ def reader(sock, args):
         results.append(row)
     sock.send(b"x")
     first = results[0]
-    print(f"summary: {args.count} x {args.gib_each} GiB: first round ipc {first['ipc_open_total_ms']} ms, "
+    print(f"summary: {len(sizes)} buffers, {sum(sizes)} bytes, host map {args.host_map_gib} GiB: first round ipc {first['ipc_open_total_ms']} ms, "
           f"vmm {first['vmm_total_ms']} ms; later rounds ipc "
           f"{[r['ipc_open_total_ms'] for r in results[1:]]} vmm {[r['vmm_total_ms'] for r in results[1:]]}")
 
@@ -196,7 +214,11 @@ def main():
     ap.add_argument("--count", type=int, default=4)
     ap.add_argument("--device", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sizes", default="")
+    ap.add_argument("--host-map-gib", type=int, default=0)
+    ap.add_argument("--server-pin-gib", type=int, default=0)
     args = ap.parse_args()
+    args.sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [args.gib_each << 30] * args.count
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:
