@@ -1,11 +1,8 @@
 //! The serving side of a live source: a socket, the publications, and one thread per lease.
 //!
-//! Binding is careful about what is at the socket path already. A symbolic link or anything
-//! but a socket is refused and left alone; a socket some server answers on is refused; a
-//! socket nobody answers on (a server that died) is replaced. The new socket is bound inside a
-//! private directory (mode 0700) beside the path, given its mode there, and renamed into place,
-//! so nobody can connect before the mode holds. Closing removes the socket file only while it
-//! is still the one this server bound.
+//! Binding is careful about what is at the socket path already, and closing removes the socket
+//! file only while it is the one this server bound, never another user's file put in its place
+//! ([`super::socket_file`]).
 //!
 //! A connection is a lease: `HELLO` within the hello timeout, then `LEASE` and `FILES` with
 //! the current version's memfds; the lease ends when the reader closes the connection or sends
@@ -13,10 +10,8 @@
 //! Waiting for that end has no timeout (a lease lasts as long as the reader wants it), but it
 //! costs one parked thread, and connections are capped at [`CONNECTIONS_MAX`].
 
-use std::fs;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -29,6 +24,7 @@ use super::book::Book;
 use super::device::Residency;
 use super::protocol::{self, Received, FDS_PER_MESSAGE, PROTOCOL_VERSION};
 use super::publish::{self, Publication, TensorBytes};
+use super::socket_file::{self, Removed, SocketFile};
 use crate::config::Config;
 use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
@@ -58,9 +54,8 @@ impl Default for ServerOptions {
 #[derive(Debug)]
 pub struct Server {
     shared: Arc<Shared>,
-    path: PathBuf,
     url: String,
-    identity: (u64, u64),
+    socket: SocketFile,
     accept: Option<JoinHandle<()>>,
     device: Option<Arc<CudaDevice>>,
 }
@@ -91,9 +86,8 @@ impl Server {
         let fail = |message: String| Error::Live { url: url.clone(), message };
         // The GPU first: a server that cannot keep what it was asked to fails before binding.
         let device = options.device.map(CudaDevice::open).transpose()?;
-        check_path(&path).map_err(&fail)?;
-        let listener = bind_private(&path, options.mode).map_err(&fail)?;
-        let meta = fs::symlink_metadata(&path).map_err(|e| fail(format!("stat: {e}")))?;
+        socket_file::check_path(&path).map_err(&fail)?;
+        let (listener, socket) = socket_file::bind(&path, options.mode).map_err(&fail)?;
         let shared = Arc::new(Shared::default());
         let accept = {
             let (shared, hello) = (Arc::clone(&shared), options.hello_timeout);
@@ -102,8 +96,7 @@ impl Server {
                 .spawn(move || accept_loop(&listener, &shared, hello))
                 .map_err(|e| fail(format!("starting the accept thread: {e}")))?
         };
-        let identity = (meta.dev(), meta.ino());
-        Ok(Self { shared, path, url, identity, accept: Some(accept), device })
+        Ok(Self { shared, url, socket, accept: Some(accept), device })
     }
 
     /// The source string readers use: `unix:///path`.
@@ -178,13 +171,13 @@ impl Server {
                 log::warn!("{}: the accept thread panicked", self.url);
             }
         }
-        match fs::symlink_metadata(&self.path) {
-            Ok(m) if (m.dev(), m.ino()) == self.identity => {
-                if let Err(e) = fs::remove_file(&self.path) {
-                    log::warn!("{}: removing the socket file: {e}", self.url);
-                }
+        match self.socket.remove() {
+            Ok(Removed::Ours) => {}
+            Ok(Removed::Gone) => log::info!("{}: the socket file was gone already", self.url),
+            Ok(Removed::Left(why)) => {
+                log::info!("{}: the socket file is not this server's: {why}: left", self.url);
             }
-            _ => log::info!("{}: the socket file is no longer this server's: left", self.url),
+            Err(e) => log::warn!("{}: removing the socket file: {e}", self.url),
         }
         let freed = self.shared.book.lock().retire();
         drop(freed);
@@ -205,155 +198,6 @@ fn residency(gpu: &Arc<CudaDevice>, publication: &Publication) -> Result<Residen
         .map(|((name, memfd, _), &(offset, len))| (name.as_str(), memfd, offset, len))
         .collect();
     Residency::build(gpu, &files)
-}
-
-/// What may be at the socket path: nothing, or a socket nobody answers on (removed here).
-fn check_path(path: &Path) -> Result<(), String> {
-    let meta = match fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(format!("stat of the socket path: {e}")),
-        Ok(meta) => meta,
-    };
-    if meta.file_type().is_symlink() {
-        return Err("is a symbolic link: refusing to follow or replace it".to_owned());
-    }
-    if !meta.file_type().is_socket() {
-        return Err("is not a socket: refusing to replace it".to_owned());
-    }
-    let probe = protocol::socket().map_err(|e| format!("socket: {e}"))?;
-    protocol::set_timeouts(probe.as_fd(), Some(Duration::from_secs(2)))
-        .map_err(|e| format!("setting timeouts: {e}"))?;
-    match protocol::connect(probe.as_fd(), path) {
-        Ok(()) => {
-            Err("another live server answers on this socket: refusing to take it over".into())
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
-            log::info!("{}: a stale socket (nobody answers): replacing it", path.display());
-            Ok(())
-        }
-        Err(e) => Err(format!("cannot tell whether a server answers on this socket: {e}")),
-    }
-}
-
-/// A listening socket bound in a private directory beside `path`, given `mode`, and renamed
-/// to `path` (over a stale socket). Every step after creating the directory goes through
-/// handles, never through names another user could swap: the directory is opened with
-/// `O_NOFOLLOW` and must be this user's and closed to others, the socket is bound, given its
-/// mode and renamed relative to that handle. (With names, a user who may write the parent
-/// could rename the private directory away and put one with a symbolic link `s` in its place:
-/// a root server would then change the mode of the link's target.)
-fn bind_private(path: &Path, mode: u32) -> Result<OwnedFd, String> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let last = path.file_name().ok_or("the socket path has no file name")?;
-    let parent_fd = open_dir(None, parent.as_os_str())
-        .map_err(|e| format!("opening {}: {e}", parent.display()))?;
-    let name = format!(".gantry-serve-{:016x}", random());
-    let c_name = cstring(std::ffi::OsStr::new(&name))?;
-    // SAFETY: a valid directory descriptor and NUL-terminated name.
-    if unsafe { libc::mkdirat(parent_fd.as_raw_fd(), c_name.as_ptr(), 0o700) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(format!("creating {}: {e}", parent.join(&name).display()));
-    }
-    let bound = open_dir(Some(&parent_fd), std::ffi::OsStr::new(&name))
-        .map_err(|e| format!("opening {}: {e}", parent.join(&name).display()))
-        .and_then(|dir| {
-            check_private(&dir).map_err(|m| format!("{}: {m}", parent.join(&name).display()))?;
-            bind_in(&dir, &parent_fd, last, mode)
-        });
-    // SAFETY: valid descriptor and name; removing the (now empty) private directory.
-    unsafe { libc::unlinkat(parent_fd.as_raw_fd(), c_name.as_ptr(), libc::AT_REMOVEDIR) };
-    bound
-}
-
-/// Binds `s` in the private directory `dir`, gives it `mode` and renames it to `last` in
-/// `parent`.
-fn bind_in(
-    dir: &OwnedFd,
-    parent: &OwnedFd,
-    last: &std::ffi::OsStr,
-    mode: u32,
-) -> Result<OwnedFd, String> {
-    let s = cstring(std::ffi::OsStr::new("s"))?;
-    let last = cstring(last)?;
-    let fd = protocol::socket().map_err(|e| format!("socket: {e}"))?;
-    let inside = PathBuf::from(format!("/proc/self/fd/{}/s", dir.as_raw_fd()));
-    protocol::bind_listen(fd.as_fd(), &inside).map_err(|e| format!("bind: {e}"))?;
-    let done = (|| {
-        // SAFETY: valid descriptor and name; `s` is this process's socket in a directory only
-        // this user may write.
-        if unsafe { libc::fchmodat(dir.as_raw_fd(), s.as_ptr(), (mode & 0o777) as _, 0) } != 0 {
-            return Err(format!("chmod: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: valid descriptors and names.
-        let r = unsafe {
-            libc::renameat(dir.as_raw_fd(), s.as_ptr(), parent.as_raw_fd(), last.as_ptr())
-        };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(format!("moving the socket into place: {e}"));
-        }
-        Ok(())
-    })();
-    if done.is_err() {
-        // SAFETY: valid descriptor and name.
-        unsafe { libc::unlinkat(dir.as_raw_fd(), s.as_ptr(), 0) };
-    }
-    done.map(|()| fd)
-}
-
-/// A directory opened without following a link at its last component (`at`: relative to that
-/// directory, else to the working directory).
-fn open_dir(at: Option<&OwnedFd>, name: &std::ffi::OsStr) -> std::io::Result<OwnedFd> {
-    let c = cstring(name).map_err(std::io::Error::other)?;
-    let base = at.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
-    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: a NUL-terminated name; the result is owned at once.
-    let raw = unsafe { libc::openat(base, c.as_ptr(), flags) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
-/// The private directory must be this user's and closed to everyone else.
-fn check_private(dir: &OwnedFd) -> Result<(), String> {
-    // SAFETY: a zeroed stat is a valid out buffer; the descriptor is valid.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::fstat(dir.as_raw_fd(), &mut st) } != 0 {
-        return Err(format!("fstat: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if st.st_uid != me || st.st_mode & 0o077 != 0 {
-        return Err(format!(
-            "not the private directory this server made (owner {}, mode {:o})",
-            st.st_uid,
-            st.st_mode & 0o7777
-        ));
-    }
-    Ok(())
-}
-
-fn cstring(name: &std::ffi::OsStr) -> Result<std::ffi::CString, String> {
-    use std::os::unix::ffi::OsStrExt;
-    std::ffi::CString::new(name.as_bytes())
-        .map_err(|_| format!("'{}' contains a NUL byte", name.to_string_lossy()))
-}
-
-/// 64 bits that differ between processes and calls.
-fn random() -> u64 {
-    static COUNT: AtomicUsize = AtomicUsize::new(0);
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(&std::process::id().to_le_bytes());
-    h.update(&COUNT.fetch_add(1, Ordering::Relaxed).to_le_bytes());
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    h.update(&now.map_or(0, |d| d.as_nanos()).to_le_bytes());
-    h.digest()
 }
 
 /// Accepts until told to stop, one thread per connection.
