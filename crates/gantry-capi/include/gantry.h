@@ -271,8 +271,10 @@ typedef struct gantry_serve_options {
   const char *socket;
   // The socket file's mode (0: 0600, this user alone; at most 0777).
   uint32_t socket_mode;
-  // Reserved, set to 0.
-  uint32_t reserved;
+  // Most connections (leases) one user may hold at once, so that one user the mode lets in
+  // cannot take every connection (more are refused, and the reader's error says so): 1 to
+  // 1024, 0 for the default (256).
+  uint32_t max_connections_per_user;
   // A loader whose settings read the sources published (object options, paths); NULL:
   // the defaults. Only its settings are used; it may be freed after the call.
   const struct gantry_loader *loader;

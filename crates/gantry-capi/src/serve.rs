@@ -23,8 +23,10 @@ pub struct gantry_serve_options {
     pub socket: *const c_char,
     /// The socket file's mode (0: 0600, this user alone; at most 0777).
     pub socket_mode: u32,
-    /// Reserved, set to 0.
-    pub reserved: u32,
+    /// Most connections (leases) one user may hold at once, so that one user the mode lets in
+    /// cannot take every connection (more are refused, and the reader's error says so): 1 to
+    /// 1024, 0 for the default (256).
+    pub max_connections_per_user: u32,
     /// A loader whose settings read the sources published (object options, paths); NULL:
     /// the defaults. Only its settings are used; it may be freed after the call.
     pub loader: *const gantry_loader,
@@ -58,19 +60,25 @@ pub unsafe extern "C" fn gantry_serve_start(
         // SAFETY: per the contract.
         let socket = unsafe { error::in_str(options.socket, "options->socket")? };
         let out = error::out_ptr(server_out, "server_out")?;
-        if options.socket_mode > 0o777 || options.reserved != 0 {
+        if options.socket_mode > 0o777 {
             return Err(CallError::invalid(format!(
-                "options: socket_mode {:#o} (at most 0777) or reserved {} (must be 0)",
-                options.socket_mode, options.reserved
+                "options: socket_mode {:#o} is not a mode (at most 0777)",
+                options.socket_mode
             )));
         }
+        let defaults = ServerOptions::default();
+        let per_user = match options.max_connections_per_user {
+            0 => defaults.max_connections_per_user,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
         // SAFETY: NULL or a live loader, per the contract.
         let config = match unsafe { options.loader.as_ref() } {
             Some(l) => l.loader.config().clone(),
             None => engine::Config::default(),
         };
         let mode = if options.socket_mode == 0 { 0o600 } else { options.socket_mode };
-        let server = Server::start(socket, &ServerOptions { mode, ..ServerOptions::default() })?;
+        let options = ServerOptions { mode, max_connections_per_user: per_user, ..defaults };
+        let server = Server::start(socket, &options)?;
         // On failure the server is dropped here: it stops and removes its socket file.
         server.publish(source, &config)?;
         // SAFETY: checked non-NULL.
@@ -223,4 +231,15 @@ pub unsafe extern "C" fn gantry_serve_publish_tensors(
         server.server.publish_tensors(views)?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// The numbers `gantry_serve_options::max_connections_per_user` documents (cbindgen copies
+    /// doc text, not constants) are the engine's.
+    #[test]
+    fn the_documented_connection_caps_are_the_engines() {
+        assert_eq!(engine::live::server::CONNECTIONS_MAX, 1024);
+        assert_eq!(engine::live::server::CONNECTIONS_PER_USER_DEFAULT, 256);
+    }
 }

@@ -206,6 +206,52 @@ fn a_symlink_at_the_socket_path_is_refused_and_a_bad_mode_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// `--max-connections-per-user N`: while this user holds N connections, a load is refused with
+/// an error naming the uid and the cap; once one closes, loads work again. Out of range is a
+/// usage error.
+#[test]
+fn serve_caps_connections_per_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = checkpoint(&dir.path().join("m"));
+    let socket = dir.path().join("s");
+    let url = format!("unix://{}", socket.display());
+    for bad in ["0", "1025", "x"] {
+        let out =
+            gantry(&["serve", &source, "--socket", "/tmp/x", "--max-connections-per-user", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+    }
+    let _server = serve(&source, &socket, &["--max-connections-per-user", "1"]);
+    let held = gantry::live::Lease::acquire(&url).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let err = error_line(&gantry(&["load", &url]));
+    assert!(
+        err.contains(&format!("the server refused: too many connections from uid {me}"))
+            && err.contains("at most 1 per user"),
+        "{err}"
+    );
+    drop(held);
+    // The server sees the close on its own thread: wait until a load gets through (at most
+    // 30 s), then check what it loaded.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let out = loop {
+        let out = gantry(&["load", &url, "--json", "--checksum", "xxh3"]);
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let json: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let mut got: Vec<(String, String)> = json["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap().to_owned(), t["xxh3"].as_str().unwrap().to_owned()))
+        .collect();
+    got.sort();
+    assert_eq!(got, reference_xxh3(&dir.path().join("m")));
+}
+
 #[test]
 fn the_default_socket_mode_keeps_other_users_out() {
     if std::env::var_os("GANTRY_SKIP_ROOT_TESTS").is_some() {

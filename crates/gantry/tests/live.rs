@@ -248,6 +248,55 @@ fn a_file_swapped_in_at_the_socket_path_is_left_at_close() {
     assert_eq!(entries(), ["s"]);
 }
 
+/// One user holds at most `max_connections_per_user` connections: the next ones are refused
+/// with an error that says so (the uid and the cap), take no slot, and a slot frees when its
+/// connection closes. A cap out of range is refused at start.
+#[test]
+fn connections_are_capped_per_user_and_a_closed_one_frees_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s");
+    for bad in [0, gantry::live::server::CONNECTIONS_MAX + 1] {
+        let options = ServerOptions { max_connections_per_user: bad, ..Default::default() };
+        let err = Server::start(&socket, &options).unwrap_err().to_string();
+        assert!(err.contains(&format!("max_connections_per_user {bad}")), "{err}");
+        assert!(std::fs::symlink_metadata(&socket).is_err(), "a refused start bound its socket");
+    }
+    let options = ServerOptions { max_connections_per_user: 3, ..Default::default() };
+    let server = Server::start(&socket, &options).unwrap();
+    server.publish_tensors(vec![("x", Dtype::U8, &[1u64][..], &[7u8][..])]).unwrap();
+    let u = url(&socket);
+    let acquire = || Lease::acquire_with(&u, Duration::from_secs(10));
+    let mut held: Vec<Lease> = (0..3).map(|_| acquire().unwrap()).collect();
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    for _ in 0..3 {
+        let err = acquire().unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("the server refused: too many connections from uid {me}"))
+                && err.contains("at most 3 per user")
+                && err.contains(&u),
+            "{err}"
+        );
+    }
+    assert_eq!(wait_held(&server, |h| h.iter().map(|(_, n)| n).sum::<usize>() == 3).len(), 1);
+    drop(held.pop());
+    // The server sees the close on its own thread: wait until it has (at most 10 s).
+    let mut again = acquire();
+    for _ in 0..200 {
+        if again.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        again = acquire();
+    }
+    let again = again.expect("a closed connection's slot was not freed");
+    assert_eq!(again.checkpoint().tensors.len(), 1);
+    assert!(acquire().is_err(), "a fourth connection while three are held");
+    drop(held);
+    drop(again);
+    server.close();
+}
+
 #[test]
 fn the_socket_has_its_mode() {
     use std::os::unix::fs::PermissionsExt;

@@ -8,11 +8,16 @@
 //! the current version's memfds; the lease ends when the reader closes the connection or sends
 //! `RELEASE`, and the version is freed once it is neither current nor leased ([`super::book`]).
 //! Waiting for that end has no timeout (a lease lasts as long as the reader wants it), but it
-//! costs one parked thread, and connections are capped at [`CONNECTIONS_MAX`].
+//! costs one parked thread, and connections are capped: [`CONNECTIONS_MAX`] in all, and
+//! [`ServerOptions::max_connections_per_user`] per user (the peer's uid from `SO_PEERCRED`),
+//! so that one user the socket's mode lets in cannot hold every connection and shut the others
+//! out. A connection over either cap is sent `ERROR` saying which, and closed; a connection's
+//! slot frees when it closes (however its thread ends).
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -32,6 +37,10 @@ use crate::error::{Error, Result};
 /// Most connections served at once; more are told so and closed.
 pub const CONNECTIONS_MAX: usize = 1024;
 
+/// Most connections one user may hold at once unless told otherwise: a quarter of
+/// [`CONNECTIONS_MAX`], so that a user who takes all of theirs leaves the rest to others.
+pub const CONNECTIONS_PER_USER_DEFAULT: usize = CONNECTIONS_MAX / 4;
+
 /// How a server binds and waits.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -42,11 +51,20 @@ pub struct ServerOptions {
     /// A GPU (`cuda:N`) that keeps a copy of every publication's data for readers on this
     /// host to copy from or alias over CUDA IPC, beside the host memory (default: none).
     pub device: Option<u32>,
+    /// Most connections (leases) one user may hold at once, 1 to [`CONNECTIONS_MAX`]
+    /// (default [`CONNECTIONS_PER_USER_DEFAULT`]). A process that opens a source again holds
+    /// two for a moment (the new lease is taken before the old one ends).
+    pub max_connections_per_user: usize,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { mode: 0o600, hello_timeout: Duration::from_secs(10), device: None }
+        Self {
+            mode: 0o600,
+            hello_timeout: Duration::from_secs(10),
+            device: None,
+            max_connections_per_user: CONNECTIONS_PER_USER_DEFAULT,
+        }
     }
 }
 
@@ -70,11 +88,60 @@ struct Published {
     publication: Publication,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     book: Mutex<Book<Arc<Published>>>,
     stop: AtomicBool,
-    connections: AtomicUsize,
+    /// Open connections: in all, and per user.
+    connections: Mutex<Connections>,
+    per_user_max: usize,
+}
+
+#[derive(Debug, Default)]
+struct Connections {
+    total: usize,
+    per_user: HashMap<u32, usize>,
+}
+
+/// One connection's place in [`Shared::connections`], given back on drop: when its lease
+/// ends, and also when its thread could not start or panicked.
+struct Slot {
+    shared: Arc<Shared>,
+    uid: u32,
+}
+
+impl Slot {
+    /// A place for a connection of user `uid`, or the refusal to send when a cap is reached.
+    fn take(shared: &Arc<Shared>, uid: u32) -> Result<Self, String> {
+        let mut c = shared.connections.lock();
+        if c.total >= CONNECTIONS_MAX {
+            return Err(format!("{CONNECTIONS_MAX} connections already: try again later"));
+        }
+        let mine = c.per_user.entry(uid).or_insert(0);
+        if *mine >= shared.per_user_max {
+            return Err(format!(
+                "too many connections from uid {uid}: at most {} per user; try again when one \
+                 of them closes",
+                shared.per_user_max
+            ));
+        }
+        *mine += 1;
+        c.total += 1;
+        Ok(Self { shared: Arc::clone(shared), uid })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self.shared.connections.lock();
+        c.total = c.total.saturating_sub(1);
+        if let Some(mine) = c.per_user.get_mut(&self.uid) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                c.per_user.remove(&self.uid);
+            }
+        }
+    }
 }
 
 impl Server {
@@ -84,11 +151,22 @@ impl Server {
         let path = std::path::absolute(path.as_ref()).map_err(|e| Error::Config(e.to_string()))?;
         let url = super::url_of(&path);
         let fail = |message: String| Error::Live { url: url.clone(), message };
+        let per_user_max = options.max_connections_per_user;
+        if !(1..=CONNECTIONS_MAX).contains(&per_user_max) {
+            return Err(Error::Config(format!(
+                "{url}: max_connections_per_user {per_user_max}: 1 to {CONNECTIONS_MAX}"
+            )));
+        }
         // The GPU first: a server that cannot keep what it was asked to fails before binding.
         let device = options.device.map(CudaDevice::open).transpose()?;
         socket_file::check_path(&path).map_err(&fail)?;
         let (listener, socket) = socket_file::bind(&path, options.mode).map_err(&fail)?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            book: Mutex::default(),
+            stop: AtomicBool::new(false),
+            connections: Mutex::default(),
+            per_user_max,
+        });
         let accept = {
             let (shared, hello) = (Arc::clone(&shared), options.hello_timeout);
             std::thread::Builder::new()
@@ -236,15 +314,25 @@ fn accept_loop(listener: &OwnedFd, shared: &Arc<Shared>, hello: Duration) {
         failing = false;
         // SAFETY: `raw` is a fresh descriptor nobody else owns.
         let connection = unsafe { OwnedFd::from_raw_fd(raw) };
-        if shared.connections.fetch_add(1, Ordering::AcqRel) >= CONNECTIONS_MAX {
-            shared.connections.fetch_sub(1, Ordering::AcqRel);
-            refuse(&connection, &format!("{CONNECTIONS_MAX} connections already: try again later"));
-            continue;
-        }
+        let slot = match protocol::peer_uid(connection.as_fd()) {
+            Ok(uid) => Slot::take(shared, uid),
+            Err(e) => Err(format!("cannot tell which user connected (SO_PEERCRED: {e})")),
+        };
+        let slot = match slot {
+            Ok(slot) => slot,
+            Err(message) => {
+                log::info!("a connection refused: {message}");
+                // A refusal never holds up the accept loop: the reader has one second to
+                // take it (a fresh connection's queue has room for it anyway).
+                let _ = protocol::set_timeouts(connection.as_fd(), Some(Duration::from_secs(1)));
+                refuse(&connection, &message);
+                continue;
+            }
+        };
         let shared = Arc::clone(shared);
         let spawned = std::thread::Builder::new().name("gantry-lease".into()).spawn(move || {
             serve(&connection, &shared, hello);
-            shared.connections.fetch_sub(1, Ordering::AcqRel);
+            drop(slot);
         });
         if let Err(e) = spawned {
             log::warn!("a lease thread could not start: {e}");
