@@ -7,6 +7,7 @@
 #include "check.h"
 
 #include <string.h>
+#include <unistd.h>
 
 /* Byte i of tensor w of checkpoint `which` (1 or 2), as the test wrote it. */
 static uint8_t w_byte(int which, uint32_t i) {
@@ -44,6 +45,7 @@ int main(int argc, char **argv) {
     CHECK(GANTRY_E_LIVE == 303, "GANTRY_E_LIVE is %d", (int)GANTRY_E_LIVE);
     CHECK(strcmp(gantry_status_name(GANTRY_E_LIVE), "GANTRY_E_LIVE") == 0, "status name");
 
+    char message[512];
     gantry_loader *loader = NULL;
     expect(gantry_loader_new(NULL, &loader), GANTRY_OK, "loader");
     gantry_serve_options options;
@@ -57,6 +59,20 @@ int main(int argc, char **argv) {
     expect(gantry_serve_start(first, &options, &server), GANTRY_E_INVALID_ARGUMENT, "bad mode");
     options.socket_mode = 0;
     CHECK(server == NULL, "server_out written on failure");
+    /* A device that is not one is refused, naming it, before anything is bound (NULL, as
+     * here, and "" are host memory; a GPU is serve_device.c's). */
+    const char *bad_devices[] = {"gpu", "cuda:", "cuda:x", "cuda:-1", "cuda:99999999999", "cpu0"};
+    for (size_t i = 0; i < sizeof bad_devices / sizeof *bad_devices; i++) {
+        options.device = bad_devices[i];
+        expect(gantry_serve_start(first, &options, &server), GANTRY_E_INVALID_ARGUMENT, bad_devices[i]);
+        gantry_last_error_message(message, sizeof message);
+        char quoted[64];
+        snprintf(quoted, sizeof quoted, "'%s' is not a device", bad_devices[i]);
+        CHECK(strstr(message, quoted) != NULL, "message: %s", message);
+        CHECK(server == NULL, "server_out written on failure");
+        CHECK(access(socket, F_OK) != 0, "a refused start bound %s", socket);
+    }
+    options.device = NULL;
     expect(gantry_loader_load(loader, url, GANTRY_DEVICE_HOST, &(gantry_model *){NULL}), GANTRY_E_LIVE,
            "nobody serves yet");
 
@@ -126,6 +142,33 @@ int main(int argc, char **argv) {
     for (uint32_t i = 0; i < 20; i++)
         CHECK(((const uint8_t *)(uintptr_t)t.data)[i] == i + 50, "published b[%u]", i);
     gantry_model_free(model);
+
+    /* A cap on connections per user: out of range is refused; at 1, the lease this process
+     * keeps on a source after a load is the user's one connection, and opening the source
+     * again (which takes the new lease before the old one ends) is refused, saying why. */
+    char capped_socket[4096], capped_url[4200];
+    snprintf(capped_socket, sizeof capped_socket, "%s.capped", socket);
+    snprintf(capped_url, sizeof capped_url, "unix://%s", capped_socket);
+    gantry_serve_options capped = options;
+    capped.socket = capped_socket;
+    capped.max_connections_per_user = 1025;
+    gantry_server *capped_server = NULL;
+    expect(gantry_serve_start(first, &capped, &capped_server), GANTRY_E_INVALID_ARGUMENT, "cap 1025");
+    gantry_last_error_message(message, sizeof message);
+    CHECK(strstr(message, "max_connections_per_user 1025") != NULL, "message: %s", message);
+    CHECK(capped_server == NULL, "server_out written on failure");
+    capped.max_connections_per_user = 1;
+    capped.device = ""; /* host memory, as NULL */
+    expect(gantry_serve_start(first, &capped, &capped_server), GANTRY_OK, "serve capped");
+    check_load(loader, capped_url, 1);
+    expect(gantry_loader_load(loader, capped_url, GANTRY_DEVICE_HOST, &(gantry_model *){NULL}),
+           GANTRY_E_LIVE, "a second connection");
+    gantry_last_error_message(message, sizeof message);
+    CHECK(strstr(message, "the server refused: too many connections from uid") != NULL &&
+              strstr(message, "at most 1 per user") != NULL,
+          "message: %s", message);
+    gantry_serve_close(capped_server);
+    CHECK(access(capped_socket, F_OK) != 0, "gantry_serve_close left %s", capped_socket);
 
     gantry_serve_close(server);
     gantry_serve_close(NULL);

@@ -14,7 +14,7 @@
 
 
 // The ABI version: bumped when a signature or a struct layout changes incompatibly.
-#define GANTRY_ABI_VERSION 1
+#define GANTRY_ABI_VERSION 2
 
 // Device number meaning host memory.
 #define GANTRY_DEVICE_HOST -1
@@ -263,7 +263,8 @@ typedef int32_t (*gantry_place_fn)(void *user_data,
                                    size_t destination,
                                    struct gantry_share *share_out);
 
-// How `gantry_serve_start` binds and reads. Zero it, then set `socket`.
+// How `gantry_serve_start` binds, reads and keeps what it serves. Zero it (host memory,
+// the defaults), then set `socket`.
 typedef struct gantry_serve_options {
   // NUL-terminated path of the socket to bind (required). A symbolic link or anything but
   // a socket there is refused; a socket another server answers on is refused
@@ -271,11 +272,19 @@ typedef struct gantry_serve_options {
   const char *socket;
   // The socket file's mode (0: 0600, this user alone; at most 0777).
   uint32_t socket_mode;
-  // Reserved, set to 0.
-  uint32_t reserved;
+  // Most connections (leases) one user may hold at once, so that one user the mode lets in
+  // cannot take every connection (more are refused, and the reader's error says so): 1 to
+  // 1024, 0 for the default (256).
+  uint32_t max_connections_per_user;
   // A loader whose settings read the sources published (object options, paths); NULL:
   // the defaults. Only its settings are used; it may be freed after the call.
   const struct gantry_loader *loader;
+  // Where each publication is kept besides host memory, NUL-terminated, as `gantry serve
+  // --device` takes it: NULL, `""` or `"cpu"`, host memory alone; `"cuda:N"` (`"cuda"` is
+  // `"cuda:0"`), also on GPU N, whose copy readers on this host load from (or alias) over
+  // CUDA IPC. Anything else is `GANTRY_E_INVALID_ARGUMENT`; a GPU that cannot be used is
+  // `GANTRY_E_UNAVAILABLE` (no CUDA driver) or `GANTRY_E_CUDA`.
+  const char *device;
 } gantry_serve_options;
 
 // One tensor to publish from memory (`gantry_serve_publish_tensors`).
@@ -593,11 +602,13 @@ void gantry_placed_free(struct gantry_placed *placed);
 
 // Binds `options->socket`, publishes `source` (any source a load takes: a checkpoint path,
 // an object URL, another `unix://` source) as the first version, and starts serving; readers
-// load it as `"unix://" + options->socket`. Free with `gantry_serve_close`.
+// load it as `"unix://" + options->socket`. With `options->device` naming a GPU, each version
+// is kept on it too. Free with `gantry_serve_close`.
 //
 // # Safety
 // `source` is a NUL-terminated string; `options` is NULL or valid, its `socket` a
-// NUL-terminated string and its `loader` NULL or live; `server_out` is NULL or writable.
+// NUL-terminated string, its `device` NULL or one, and its `loader` NULL or live;
+// `server_out` is NULL or writable.
 gantry_status gantry_serve_start(const char *source,
                                  const struct gantry_serve_options *options,
                                  struct gantry_server **server_out);

@@ -40,7 +40,7 @@ pub use serve::{gantry_serve_options, gantry_server, GANTRY_SERVE_VERSION_MAX};
 pub use sha256::gantry_file_sha256;
 
 /// The ABI version: bumped when a signature or a struct layout changes incompatibly.
-pub const GANTRY_ABI_VERSION: u32 = 1;
+pub const GANTRY_ABI_VERSION: u32 = 2;
 
 /// Device number meaning host memory.
 pub const GANTRY_DEVICE_HOST: i32 = -1;

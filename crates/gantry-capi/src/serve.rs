@@ -13,7 +13,8 @@ use crate::{ffi_boundary, gantry_loader};
 /// Bytes a version id takes at most, its NUL included: a buffer this size always holds it.
 pub const GANTRY_SERVE_VERSION_MAX: usize = 64;
 
-/// How `gantry_serve_start` binds and reads. Zero it, then set `socket`.
+/// How `gantry_serve_start` binds, reads and keeps what it serves. Zero it (host memory,
+/// the defaults), then set `socket`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct gantry_serve_options {
@@ -23,11 +24,35 @@ pub struct gantry_serve_options {
     pub socket: *const c_char,
     /// The socket file's mode (0: 0600, this user alone; at most 0777).
     pub socket_mode: u32,
-    /// Reserved, set to 0.
-    pub reserved: u32,
+    /// Most connections (leases) one user may hold at once, so that one user the mode lets in
+    /// cannot take every connection (more are refused, and the reader's error says so): 1 to
+    /// 1024, 0 for the default (256).
+    pub max_connections_per_user: u32,
     /// A loader whose settings read the sources published (object options, paths); NULL:
     /// the defaults. Only its settings are used; it may be freed after the call.
     pub loader: *const gantry_loader,
+    /// Where each publication is kept besides host memory, NUL-terminated, as `gantry serve
+    /// --device` takes it: NULL, `""` or `"cpu"`, host memory alone; `"cuda:N"` (`"cuda"` is
+    /// `"cuda:0"`), also on GPU N, whose copy readers on this host load from (or alias) over
+    /// CUDA IPC. Anything else is `GANTRY_E_INVALID_ARGUMENT`; a GPU that cannot be used is
+    /// `GANTRY_E_UNAVAILABLE` (no CUDA driver) or `GANTRY_E_CUDA`.
+    pub device: *const c_char,
+}
+
+/// The GPU `device` names (`gantry_serve_options::device`), `None` for host memory.
+fn serve_device(device: Option<&str>) -> Result<Option<u32>, CallError> {
+    match device {
+        None | Some("" | "cpu") => Ok(None),
+        Some("cuda") => Ok(Some(0)),
+        Some(text) => {
+            text.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Some).ok_or_else(|| {
+                CallError::invalid(format!(
+                    "options->device '{}' is not a device: NULL, \"\", \"cpu\" or \"cuda:N\"",
+                    text.escape_debug()
+                ))
+            })
+        }
+    }
 }
 
 /// An opaque live server. Its calls may come from any thread.
@@ -39,11 +64,13 @@ pub struct gantry_server {
 
 /// Binds `options->socket`, publishes `source` (any source a load takes: a checkpoint path,
 /// an object URL, another `unix://` source) as the first version, and starts serving; readers
-/// load it as `"unix://" + options->socket`. Free with `gantry_serve_close`.
+/// load it as `"unix://" + options->socket`. With `options->device` naming a GPU, each version
+/// is kept on it too. Free with `gantry_serve_close`.
 ///
 /// # Safety
 /// `source` is a NUL-terminated string; `options` is NULL or valid, its `socket` a
-/// NUL-terminated string and its `loader` NULL or live; `server_out` is NULL or writable.
+/// NUL-terminated string, its `device` NULL or one, and its `loader` NULL or live;
+/// `server_out` is NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn gantry_serve_start(
     source: *const c_char,
@@ -58,19 +85,32 @@ pub unsafe extern "C" fn gantry_serve_start(
         // SAFETY: per the contract.
         let socket = unsafe { error::in_str(options.socket, "options->socket")? };
         let out = error::out_ptr(server_out, "server_out")?;
-        if options.socket_mode > 0o777 || options.reserved != 0 {
+        let device = match options.device.is_null() {
+            true => None,
+            // SAFETY: non-NULL, a NUL-terminated string per the contract.
+            false => Some(unsafe { error::in_str(options.device, "options->device")? }),
+        };
+        let device = serve_device(device)?;
+        if options.socket_mode > 0o777 {
             return Err(CallError::invalid(format!(
-                "options: socket_mode {:#o} (at most 0777) or reserved {} (must be 0)",
-                options.socket_mode, options.reserved
+                "options: socket_mode {:#o} is not a mode (at most 0777)",
+                options.socket_mode
             )));
         }
+        let defaults = ServerOptions::default();
+        let per_user = match options.max_connections_per_user {
+            0 => defaults.max_connections_per_user,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
         // SAFETY: NULL or a live loader, per the contract.
         let config = match unsafe { options.loader.as_ref() } {
             Some(l) => l.loader.config().clone(),
             None => engine::Config::default(),
         };
         let mode = if options.socket_mode == 0 { 0o600 } else { options.socket_mode };
-        let server = Server::start(socket, &ServerOptions { mode, ..ServerOptions::default() })?;
+        let options =
+            ServerOptions { mode, device, max_connections_per_user: per_user, ..defaults };
+        let server = Server::start(socket, &options)?;
         // On failure the server is dropped here: it stops and removes its socket file.
         server.publish(source, &config)?;
         // SAFETY: checked non-NULL.
@@ -223,4 +263,31 @@ pub unsafe extern "C" fn gantry_serve_publish_tensors(
         server.server.publish_tensors(views)?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::serve_device;
+
+    /// Device names as `gantry serve --device` takes them; anything else is refused, naming it.
+    #[test]
+    fn devices_are_named_as_the_cli_names_them() {
+        for (text, want) in
+            [(None, None), (Some(""), None), (Some("cpu"), None), (Some("cuda"), Some(0))]
+        {
+            assert_eq!(serve_device(text).unwrap(), want, "{text:?}");
+        }
+        assert_eq!(serve_device(Some("cuda:7")).unwrap(), Some(7));
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "cuda:4294967296", " cuda:0", "CUDA:0"] {
+            let e = serve_device(Some(bad)).unwrap_err();
+            assert!(format!("{e:?}").contains(&format!("'{bad}' is not a device")), "{e:?}");
+        }
+    }
+    /// The numbers `gantry_serve_options::max_connections_per_user` documents (cbindgen copies
+    /// doc text, not constants) are the engine's.
+    #[test]
+    fn the_documented_connection_caps_are_the_engines() {
+        assert_eq!(engine::live::server::CONNECTIONS_MAX, 1024);
+        assert_eq!(engine::live::server::CONNECTIONS_PER_USER_DEFAULT, 256);
+    }
 }

@@ -62,7 +62,7 @@ fn header_is_current() {
 fn version_macros_match_cargo() {
     let header = std::fs::read_to_string(manifest().join("include/gantry.h")).unwrap();
     assert!(header.contains(&format!("#define GANTRY_VERSION \"{}\"", env!("CARGO_PKG_VERSION"))));
-    assert!(header.contains("#define GANTRY_ABI_VERSION 1"));
+    assert!(header.contains("#define GANTRY_ABI_VERSION 2"));
 }
 
 fn checkpoint(dir: &Path) -> (PathBuf, PathBuf) {

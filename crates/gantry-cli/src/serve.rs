@@ -26,6 +26,23 @@ pub struct Args {
     /// The socket file's mode, in octal: who may connect (0600: this user alone).
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = mode)]
     pub socket_mode: u32,
+    /// Most connections (leases) one user may hold at once, so that one user cannot take every
+    /// connection; more are refused, saying so.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = gantry::live::server::CONNECTIONS_PER_USER_DEFAULT,
+        value_parser = connections_per_user
+    )]
+    pub max_connections_per_user: usize,
+}
+
+fn connections_per_user(text: &str) -> Result<usize, String> {
+    let max = gantry::live::server::CONNECTIONS_MAX;
+    match text.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("'{text}' is not a number of connections from 1 to {max}")),
+    }
 }
 
 fn mode(text: &str) -> Result<u32, String> {
@@ -43,7 +60,12 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     };
     let config = args.options.config()?;
     let signals = TerminationSignals::block()?;
-    let options = ServerOptions { mode: args.socket_mode, device, ..ServerOptions::default() };
+    let options = ServerOptions {
+        mode: args.socket_mode,
+        device,
+        max_connections_per_user: args.max_connections_per_user,
+        ..ServerOptions::default()
+    };
     let server = Server::start(&args.socket, &options)?;
     server.publish(&args.options.path, &config)?;
     let (version, tensors, bytes) = server.current().ok_or("nothing was published")?;

@@ -72,8 +72,13 @@ impl Drop for Serving {
 }
 
 fn serve(source: &str, socket: &Path, extra: &[&str]) -> Serving {
+    serve_on("cpu", source, socket, extra)
+}
+
+/// [`serve`] with `--device device`.
+fn serve_on(device: &str, source: &str, socket: &Path, extra: &[&str]) -> Serving {
     let mut child = Command::new(GANTRY)
-        .args(["serve", source, "--device", "cpu", "--socket", socket.to_str().unwrap()])
+        .args(["serve", source, "--device", device, "--socket", socket.to_str().unwrap()])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -88,7 +93,8 @@ fn serve(source: &str, socket: &Path, extra: &[&str]) -> Serving {
     });
     let line = rx.recv_timeout(Duration::from_secs(60)).expect("serve printed no ready line");
     let url = format!("unix://{}", socket.display());
-    assert!(line.starts_with("serving ") && line.trim_end().ends_with(&url), "{line:?}");
+    // On a GPU the line ends " (and on cuda:N)".
+    assert!(line.starts_with("serving ") && line.contains(&format!(" on {url}")), "{line:?}");
     let version = line.split(", version ").nth(1).unwrap().split(' ').next().unwrap().to_owned();
     Serving { child, version }
 }
@@ -206,6 +212,44 @@ fn a_symlink_at_the_socket_path_is_refused_and_a_bad_mode_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// `--max-connections-per-user N`: while this user holds N connections, a load is refused with
+/// an error naming the uid and the cap; once one closes, loads work again. Out of range is a
+/// usage error.
+#[test]
+fn serve_caps_connections_per_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = checkpoint(&dir.path().join("m"));
+    let socket = dir.path().join("s");
+    let url = format!("unix://{}", socket.display());
+    for bad in ["0", "1025", "x"] {
+        let out =
+            gantry(&["serve", &source, "--socket", "/tmp/x", "--max-connections-per-user", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+    }
+    let _server = serve(&source, &socket, &["--max-connections-per-user", "1"]);
+    let held = gantry::live::Lease::acquire(&url).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let err = error_line(&gantry(&["load", &url]));
+    assert!(
+        err.contains(&format!("the server refused: too many connections from uid {me}"))
+            && err.contains("at most 1 per user"),
+        "{err}"
+    );
+    drop(held);
+    // The server sees the close on its own thread: wait until a load gets through (at most
+    // 30 s), then check what it loaded.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let out = loop {
+        let out = gantry(&["load", &url, "--json", "--checksum", "xxh3"]);
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(checksums(&out), reference_xxh3(&dir.path().join("m")));
+}
+
 #[test]
 fn the_default_socket_mode_keeps_other_users_out() {
     if std::env::var_os("GANTRY_SKIP_ROOT_TESTS").is_some() {
@@ -235,4 +279,82 @@ fn the_default_socket_mode_keeps_other_users_out() {
     let _open = serve(&source, &open, &["--socket-mode", "0666"]);
     let out = as_nobody(&format!("unix://{}", open.display()));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// GPU 0, or `None` after saying why not (a failure under `GANTRY_REQUIRE_GPU=1`).
+fn gpu() -> Option<std::sync::Arc<gantry::CudaDevice>> {
+    match gantry::CudaDevice::open(0) {
+        Ok(gpu) => Some(gpu),
+        Err(e) => {
+            assert!(
+                std::env::var("GANTRY_REQUIRE_GPU").as_deref() != Ok("1"),
+                "GANTRY_REQUIRE_GPU=1 but: {e}"
+            );
+            eprintln!("skipped: no GPU: {e}");
+            None
+        }
+    }
+}
+
+/// The (name, XXH3-64) lines of a `load --json --checksum xxh3`, sorted.
+fn checksums(out: &Output) -> Vec<(String, String)> {
+    let json: Value = serde_json::from_str(&stdout(out)).unwrap();
+    let mut got: Vec<(String, String)> = json["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap().to_owned(), t["xxh3"].as_str().unwrap().to_owned()))
+        .collect();
+    got.sort();
+    got
+}
+
+/// GPU trial: `load --verify` of a load that copies from the server's device memory hashes the
+/// bytes that landed on the GPU (read back), not the server's host memory. A byte of the
+/// server's device copy changed through CUDA IPC (same user, so this process is handed the
+/// handles) fails such a load, naming the tensor and the socket, and an aliasing load too;
+/// a host load, which reads the memfds, still verifies.
+#[test]
+fn verify_hashes_what_a_device_copy_load_landed() {
+    let Some(gpu) = gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let source = checkpoint(&dir.path().join("m"));
+    let socket = dir.path().join("s");
+    let url = format!("unix://{}", socket.display());
+    let _server = serve_on("cuda:0", &source, &socket, &[]);
+    let out = stdout(&gantry(&["load", &url, "--device", "cuda:0", "--verify", "--explain"]));
+    assert!(out.contains("verified against its digests"), "{out}");
+    assert!(out.contains("device-to-device copies"), "not copied from the device: {out}");
+    let out = gantry(&["load", &url, "--device", "cuda:0", "--json", "--checksum", "xxh3"]);
+    assert_eq!(checksums(&out), reference_xxh3(&dir.path().join("m")));
+    // The first tensor of the first file, one byte changed in the server's device copy.
+    let lease = gantry::live::Lease::acquire(&url).unwrap();
+    let checkpoint = lease.checkpoint();
+    let data_offset = checkpoint.files[0].header.data_offset;
+    let changed = checkpoint
+        .tensors
+        .iter()
+        .find(|t| t.file.0 == 0 && t.offset == data_offset && t.len > 0)
+        .expect("a tensor at the start of the first file's data")
+        .name
+        .clone();
+    let share = lease.device().expect("the server keeps its version on the GPU");
+    let handle = share.handles[0].expect("the first file's handle");
+    let len = checkpoint.files[0].header.data_len as usize;
+    let mapped = gpu.import(&handle, len, "the server's first file").unwrap();
+    let byte = gpu.copy_to_host(mapped.ptr(), 1).unwrap()[0];
+    gpu.copy_from_host(mapped.ptr(), &[byte ^ 0xff]).unwrap();
+    drop(mapped);
+    drop(lease);
+    for extra in [&[][..], &["--share-live"][..]] {
+        let mut args = vec!["load", &url, "--device", "cuda:0", "--verify"];
+        args.extend_from_slice(extra);
+        let err = error_line(&gantry(&args));
+        assert!(
+            err.contains(&format!("tensor '{changed}'")) && err.contains(&url),
+            "{extra:?}: {err}"
+        );
+    }
+    let out = stdout(&gantry(&["load", &url, "--device", "cpu", "--verify"]));
+    assert!(out.contains("verified against its digests"), "{out}");
 }

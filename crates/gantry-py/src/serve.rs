@@ -52,20 +52,28 @@ impl Server {
 #[pymethods]
 impl Server {
     /// Binds the socket at `socket` (mode `mode`) and starts serving; nothing is served until
-    /// the first publication.
+    /// the first publication. `max_connections_per_user`: `None` for the default.
     #[new]
-    #[pyo3(signature = (socket, mode = 0o600, device = None))]
+    #[pyo3(signature = (socket, mode = 0o600, device = None, max_connections_per_user = None))]
     fn new(
         py: Python<'_>,
         socket: std::path::PathBuf,
         mode: u32,
         device: Option<u32>,
+        max_connections_per_user: Option<usize>,
     ) -> PyResult<Self> {
         guarded(|| {
             if mode & !0o777 != 0 {
                 return Err(PyValueError::new_err(format!("socket_mode {mode:#o} is not a mode")));
             }
-            let options = ServerOptions { mode, device, ..ServerOptions::default() };
+            let defaults = ServerOptions::default();
+            let options = ServerOptions {
+                mode,
+                device,
+                max_connections_per_user: max_connections_per_user
+                    .unwrap_or(defaults.max_connections_per_user),
+                ..defaults
+            };
             let server = py.detach(|| LiveServer::start(&socket, &options)).map_err(to_py)?;
             let url = server.url().to_owned();
             Ok(Self { inner: Mutex::new(Some(server)), url })

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import types
 import unittest
 
@@ -206,6 +207,38 @@ class LiveTests(unittest.TestCase):
         with self.assertRaises(RuntimeError):
             server.update(state_dict(6))
 
+
+    def test_connections_are_capped_per_user(self):
+        for bad, error in [(0, gantry.ConfigError), (1025, gantry.ConfigError), (True, TypeError),
+                           (1.5, TypeError)]:
+            with self.assertRaises(error, msg=repr(bad)):
+                gantry.serve(state_dict(7), socket=self.socket, max_connections_per_user=bad)
+            self.assertFalse(os.path.exists(self.socket), "a refused serve left its socket")
+        sd = state_dict(7)
+        # One connection: the lease an inspect takes, in a process of its own.
+        inspect = [sys.executable, "-c", "import gantry, sys; print(len(gantry.inspect(sys.argv[1])))"]
+        with gantry.serve(sd, socket=self.socket, max_connections_per_user=1) as server:
+            out = subprocess.run(inspect + [server.url], capture_output=True, text=True, timeout=120)
+            self.assertEqual((out.returncode, out.stdout.strip()), (0, str(len(sd))), out.stderr)
+            # This process keeps its lease (one per source) after a load: the user's one
+            # connection, so another process of this user is refused, saying why. (The server
+            # frees the first reader's slot when it sees the close, on its own thread: until
+            # then this load is refused too, so it is tried again for up to 30 s.)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    loaded = gantry.load(server.url, device="cpu", framework="numpy")
+                    break
+                except gantry.LiveError as e:
+                    if "too many connections" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            self.check_same(loaded, sd)
+            out = subprocess.run(inspect + [server.url], capture_output=True, text=True, timeout=120)
+            self.assertNotEqual(out.returncode, 0, out.stdout)
+            self.assertIn("LiveError", out.stderr)
+            self.assertIn(f"too many connections from uid {os.geteuid()}", out.stderr)
+            self.assertIn("at most 1 per user", out.stderr)
 
     def test_reading_the_version_or_closing_while_another_thread_publishes_does_not_deadlock(self):
         # In a child with a deadline: a deadlock (a thread holding the GIL waiting for the

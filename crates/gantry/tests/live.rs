@@ -4,7 +4,7 @@
 mod common;
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -195,6 +195,106 @@ fn the_socket_path_is_refused_when_served_linked_or_not_a_socket_and_replaced_wh
     assert!(err.contains("not a socket"), "{err}");
     assert_eq!(std::fs::read(&socket).unwrap(), b"data");
     assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+}
+
+/// What another user may put at the socket path while a server runs (a file, a link to the
+/// server's own socket moved away, another socket) is left in place when the server closes,
+/// and so is the server's socket where it was moved; nothing of the server's is left behind.
+#[test]
+fn a_file_swapped_in_at_the_socket_path_is_left_at_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s");
+    let moved = dir.path().join("moved");
+    let entries = || {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    // A regular file.
+    let server = Server::start(&socket, &ServerOptions::default()).unwrap();
+    std::fs::rename(&socket, &moved).unwrap();
+    std::fs::write(&socket, b"theirs").unwrap();
+    server.close();
+    assert_eq!(std::fs::read(&socket).unwrap(), b"theirs");
+    assert!(std::fs::symlink_metadata(&moved).unwrap().file_type().is_socket());
+    assert_eq!(entries(), ["moved", "s"]);
+    std::fs::remove_file(&socket).unwrap();
+    std::fs::remove_file(&moved).unwrap();
+    // A symbolic link to the server's own socket: the link is not the socket.
+    let server = Server::start(&socket, &ServerOptions::default()).unwrap();
+    std::fs::rename(&socket, &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &socket).unwrap();
+    drop(server);
+    assert!(std::fs::symlink_metadata(&socket).unwrap().file_type().is_symlink());
+    assert!(std::fs::symlink_metadata(&moved).unwrap().file_type().is_socket());
+    assert_eq!(entries(), ["moved", "s"]);
+    std::fs::remove_file(&socket).unwrap();
+    std::fs::remove_file(&moved).unwrap();
+    // Another socket, bound where the server's was.
+    let server = Server::start(&socket, &ServerOptions::default()).unwrap();
+    std::fs::remove_file(&socket).unwrap();
+    let other = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let inode =
+        |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(p).unwrap());
+    let bound = inode(&socket);
+    server.close();
+    assert_eq!(inode(&socket), bound, "the other socket was replaced");
+    let client = std::os::unix::net::UnixStream::connect(&socket);
+    assert!(client.is_ok(), "the other socket no longer answers: {client:?}");
+    drop(other);
+    assert_eq!(entries(), ["s"]);
+}
+
+/// One user holds at most `max_connections_per_user` connections: the next ones are refused
+/// with an error that says so (the uid and the cap), take no slot, and a slot frees when its
+/// connection closes. A cap out of range is refused at start.
+#[test]
+fn connections_are_capped_per_user_and_a_closed_one_frees_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s");
+    for bad in [0, gantry::live::server::CONNECTIONS_MAX + 1] {
+        let options = ServerOptions { max_connections_per_user: bad, ..Default::default() };
+        let err = Server::start(&socket, &options).unwrap_err().to_string();
+        assert!(err.contains(&format!("max_connections_per_user {bad}")), "{err}");
+        assert!(std::fs::symlink_metadata(&socket).is_err(), "a refused start bound its socket");
+    }
+    let options = ServerOptions { max_connections_per_user: 3, ..Default::default() };
+    let server = Server::start(&socket, &options).unwrap();
+    server.publish_tensors(vec![("x", Dtype::U8, &[1u64][..], &[7u8][..])]).unwrap();
+    let u = url(&socket);
+    let acquire = || Lease::acquire_with(&u, Duration::from_secs(10));
+    let mut held: Vec<Lease> = (0..3).map(|_| acquire().unwrap()).collect();
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    for _ in 0..3 {
+        let err = acquire().unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("the server refused: too many connections from uid {me}"))
+                && err.contains("at most 3 per user")
+                && err.contains(&u),
+            "{err}"
+        );
+    }
+    assert_eq!(wait_held(&server, |h| h.iter().map(|(_, n)| n).sum::<usize>() == 3).len(), 1);
+    drop(held.pop());
+    // The server sees the close on its own thread: wait until it has (at most 10 s).
+    let mut again = acquire();
+    for _ in 0..200 {
+        if again.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        again = acquire();
+    }
+    let again = again.expect("a closed connection's slot was not freed");
+    assert_eq!(again.checkpoint().tensors.len(), 1);
+    assert!(acquire().is_err(), "a fourth connection while three are held");
+    drop(held);
+    drop(again);
+    server.close();
 }
 
 #[test]

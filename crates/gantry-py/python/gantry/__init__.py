@@ -556,6 +556,7 @@ def serve(
     socket: Source,
     device: Any = "cpu",
     socket_mode: int = 0o600,
+    max_connections_per_user: Optional[int] = None,
     **config: Any,
 ) -> Server:
     """Publishes a state dict (``{name: torch.Tensor or numpy array}``) or a checkpoint (any
@@ -569,7 +570,10 @@ def serve(
     publication's reference copy, and its digests are computed there). ``device``: ``"cpu"``
     keeps the weights in host memory only; ``"cuda:N"`` (or ``N``) keeps a copy on that GPU
     too, which readers on this host copy from (or alias, with ``share_live=True``) over CUDA
-    IPC. ``socket_mode``: the socket file's mode (0o600: this user alone). ``config``: as for
+    IPC. ``socket_mode``: the socket file's mode (0o600: this user alone).
+    ``max_connections_per_user``: most connections (leases) one user may hold at once, 1 to
+    1024 (``None``: 256), so that one user the mode lets in cannot take every connection; more
+    are refused, and the reader's :class:`LiveError` says so. ``config``: as for
     :func:`stream`, for loading a checkpoint source.
     """
     where = _device(device)
@@ -579,7 +583,12 @@ def serve(
         ordinal = int(where[5:])
     else:
         raise ConfigError(f"device {device!r}: 'cpu' or 'cuda:N'")
-    inner = _gantry.Server(os.fspath(socket), _int("socket_mode", socket_mode), ordinal)
+    per_user = None
+    if max_connections_per_user is not None:
+        per_user = _int("max_connections_per_user", max_connections_per_user)
+        if per_user < 1:  # the upper bound is the engine's to check
+            raise ConfigError(f"max_connections_per_user {per_user}: at least 1")
+    inner = _gantry.Server(os.fspath(socket), _int("socket_mode", socket_mode), ordinal, per_user)
     server = Server(inner, config)
     try:
         server.update(state_dict_or_path)

@@ -88,7 +88,13 @@ def nccl_unique_id() -> str: ...
 class Server:
     """A live source being served on a Unix socket (``gantry.serve`` is the API to use)."""
 
-    def __init__(self, socket: str, mode: int = 0o600, device: Optional[int] = None) -> None: ...
+    def __init__(
+        self,
+        socket: str,
+        mode: int = 0o600,
+        device: Optional[int] = None,
+        max_connections_per_user: Optional[int] = None,
+    ) -> None: ...
     @property
     def url(self) -> str: ...
     @property

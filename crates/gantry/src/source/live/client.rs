@@ -65,8 +65,9 @@ impl Lease {
             )));
         }
         let hello = serde_json::json!({"type": "hello", "protocol": PROTOCOL_VERSION, "residency": "host+device"});
-        protocol::send(fd.as_fd(), hello.to_string().as_bytes(), &[])
-            .map_err(|e| fail(wire_error("sending HELLO", &e, timeout)))?;
+        if let Err(e) = protocol::send(fd.as_fd(), hello.to_string().as_bytes(), &[]) {
+            return Err(fail(hello_error(&fd, &e, timeout)));
+        }
         let (lease, mut fds) = receive(&fd, 1, "LEASE", timeout).map_err(&fail)?;
         let announced = Announced::parse(&lease).map_err(|m| fail(format!("LEASE: {m}")))?;
         if fds.len() != 1 {
@@ -275,7 +276,19 @@ fn receive(
     stage: &str,
     timeout: Duration,
 ) -> Result<(Map<String, Value>, Vec<OwnedFd>), String> {
-    let (bytes, fds) = match protocol::recv(fd.as_fd(), fds_max) {
+    let received = match protocol::recv(fd.as_fd(), fds_max) {
+        // A server that closes with a message of ours unread (it refused the connection before
+        // reading HELLO) resets the connection, and the kernel reports the reset before the
+        // messages the server sent first: its reason (`ERROR`) may still be queued.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+            match protocol::recv(fd.as_fd(), fds_max) {
+                Ok(message @ Received::Message { .. }) => Ok(message),
+                _ => Err(e),
+            }
+        }
+        other => other,
+    };
+    let (bytes, fds) = match received {
         Ok(Received::Message { bytes, fds }) => (bytes, fds),
         Ok(Received::Closed) => {
             return Err(format!("the server closed the connection during {stage}"))
@@ -325,6 +338,21 @@ fn connect_error(e: &std::io::Error, timeout: Duration) -> String {
             "permission denied: the socket's mode does not let this user connect".to_owned()
         }
         _ => wire_error("connecting", e, timeout),
+    }
+}
+
+/// Why sending `HELLO` failed with `e`. A server that refuses a connection as soon as it
+/// accepts it (too many connections) sends `ERROR` and closes, which can happen before the
+/// reader's `HELLO` goes out: the send then fails, and the server's reason is still queued.
+fn hello_error(fd: &OwnedFd, e: &std::io::Error, timeout: Duration) -> String {
+    let closed = matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET));
+    let refused = match closed {
+        true => receive(fd, 0, "LEASE", timeout).err(),
+        false => None,
+    };
+    match refused {
+        Some(message) if message.starts_with("the server refused") => message,
+        _ => wire_error("sending HELLO", e, timeout),
     }
 }
 

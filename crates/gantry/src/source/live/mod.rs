@@ -34,6 +34,7 @@ mod device;
 pub mod protocol;
 mod publish;
 pub mod server;
+mod socket_file;
 
 use std::collections::BTreeMap;
 use std::fs::File;

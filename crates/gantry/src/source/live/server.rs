@@ -1,23 +1,23 @@
 //! The serving side of a live source: a socket, the publications, and one thread per lease.
 //!
-//! Binding is careful about what is at the socket path already. A symbolic link or anything
-//! but a socket is refused and left alone; a socket some server answers on is refused; a
-//! socket nobody answers on (a server that died) is replaced. The new socket is bound inside a
-//! private directory (mode 0700) beside the path, given its mode there, and renamed into place,
-//! so nobody can connect before the mode holds. Closing removes the socket file only while it
-//! is still the one this server bound.
+//! Binding is careful about what is at the socket path already, and closing removes the socket
+//! file only while it is the one this server bound, never another user's file put in its place
+//! ([`super::socket_file`]).
 //!
 //! A connection is a lease: `HELLO` within the hello timeout, then `LEASE` and `FILES` with
 //! the current version's memfds; the lease ends when the reader closes the connection or sends
 //! `RELEASE`, and the version is freed once it is neither current nor leased ([`super::book`]).
 //! Waiting for that end has no timeout (a lease lasts as long as the reader wants it), but it
-//! costs one parked thread, and connections are capped at [`CONNECTIONS_MAX`].
+//! costs one parked thread, and connections are capped: [`CONNECTIONS_MAX`] in all, and
+//! [`ServerOptions::max_connections_per_user`] per user (the peer's uid from `SO_PEERCRED`),
+//! so that one user the socket's mode lets in cannot hold every connection and shut the others
+//! out. A connection over either cap is sent `ERROR` saying which, and closed; a connection's
+//! slot frees when it closes (however its thread ends).
 
-use std::fs;
+use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -29,12 +29,17 @@ use super::book::Book;
 use super::device::Residency;
 use super::protocol::{self, Received, FDS_PER_MESSAGE, PROTOCOL_VERSION};
 use super::publish::{self, Publication, TensorBytes};
+use super::socket_file::{self, Removed, SocketFile};
 use crate::config::Config;
 use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 
 /// Most connections served at once; more are told so and closed.
 pub const CONNECTIONS_MAX: usize = 1024;
+
+/// Most connections one user may hold at once unless told otherwise: a quarter of
+/// [`CONNECTIONS_MAX`], so that a user who takes all of theirs leaves the rest to others.
+pub const CONNECTIONS_PER_USER_DEFAULT: usize = CONNECTIONS_MAX / 4;
 
 /// How a server binds and waits.
 #[derive(Debug, Clone)]
@@ -46,11 +51,20 @@ pub struct ServerOptions {
     /// A GPU (`cuda:N`) that keeps a copy of every publication's data for readers on this
     /// host to copy from or alias over CUDA IPC, beside the host memory (default: none).
     pub device: Option<u32>,
+    /// Most connections (leases) one user may hold at once, 1 to [`CONNECTIONS_MAX`]
+    /// (default [`CONNECTIONS_PER_USER_DEFAULT`]). A process that opens a source again holds
+    /// two for a moment (the new lease is taken before the old one ends).
+    pub max_connections_per_user: usize,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { mode: 0o600, hello_timeout: Duration::from_secs(10), device: None }
+        Self {
+            mode: 0o600,
+            hello_timeout: Duration::from_secs(10),
+            device: None,
+            max_connections_per_user: CONNECTIONS_PER_USER_DEFAULT,
+        }
     }
 }
 
@@ -58,9 +72,8 @@ impl Default for ServerOptions {
 #[derive(Debug)]
 pub struct Server {
     shared: Arc<Shared>,
-    path: PathBuf,
     url: String,
-    identity: (u64, u64),
+    socket: SocketFile,
     accept: Option<JoinHandle<()>>,
     device: Option<Arc<CudaDevice>>,
 }
@@ -75,11 +88,60 @@ struct Published {
     publication: Publication,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     book: Mutex<Book<Arc<Published>>>,
     stop: AtomicBool,
-    connections: AtomicUsize,
+    /// Open connections: in all, and per user.
+    connections: Mutex<Connections>,
+    per_user_max: usize,
+}
+
+#[derive(Debug, Default)]
+struct Connections {
+    total: usize,
+    per_user: HashMap<u32, usize>,
+}
+
+/// One connection's place in [`Shared::connections`], given back on drop: when its lease
+/// ends, and also when its thread could not start or panicked.
+struct Slot {
+    shared: Arc<Shared>,
+    uid: u32,
+}
+
+impl Slot {
+    /// A place for a connection of user `uid`, or the refusal to send when a cap is reached.
+    fn take(shared: &Arc<Shared>, uid: u32) -> Result<Self, String> {
+        let mut c = shared.connections.lock();
+        if c.total >= CONNECTIONS_MAX {
+            return Err(format!("{CONNECTIONS_MAX} connections already: try again later"));
+        }
+        let mine = c.per_user.entry(uid).or_insert(0);
+        if *mine >= shared.per_user_max {
+            return Err(format!(
+                "too many connections from uid {uid}: at most {} per user; try again when one \
+                 of them closes",
+                shared.per_user_max
+            ));
+        }
+        *mine += 1;
+        c.total += 1;
+        Ok(Self { shared: Arc::clone(shared), uid })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self.shared.connections.lock();
+        c.total = c.total.saturating_sub(1);
+        if let Some(mine) = c.per_user.get_mut(&self.uid) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                c.per_user.remove(&self.uid);
+            }
+        }
+    }
 }
 
 impl Server {
@@ -89,12 +151,22 @@ impl Server {
         let path = std::path::absolute(path.as_ref()).map_err(|e| Error::Config(e.to_string()))?;
         let url = super::url_of(&path);
         let fail = |message: String| Error::Live { url: url.clone(), message };
+        let per_user_max = options.max_connections_per_user;
+        if !(1..=CONNECTIONS_MAX).contains(&per_user_max) {
+            return Err(Error::Config(format!(
+                "{url}: max_connections_per_user {per_user_max}: 1 to {CONNECTIONS_MAX}"
+            )));
+        }
         // The GPU first: a server that cannot keep what it was asked to fails before binding.
         let device = options.device.map(CudaDevice::open).transpose()?;
-        check_path(&path).map_err(&fail)?;
-        let listener = bind_private(&path, options.mode).map_err(&fail)?;
-        let meta = fs::symlink_metadata(&path).map_err(|e| fail(format!("stat: {e}")))?;
-        let shared = Arc::new(Shared::default());
+        socket_file::check_path(&path).map_err(&fail)?;
+        let (listener, socket) = socket_file::bind(&path, options.mode).map_err(&fail)?;
+        let shared = Arc::new(Shared {
+            book: Mutex::default(),
+            stop: AtomicBool::new(false),
+            connections: Mutex::default(),
+            per_user_max,
+        });
         let accept = {
             let (shared, hello) = (Arc::clone(&shared), options.hello_timeout);
             std::thread::Builder::new()
@@ -102,8 +174,7 @@ impl Server {
                 .spawn(move || accept_loop(&listener, &shared, hello))
                 .map_err(|e| fail(format!("starting the accept thread: {e}")))?
         };
-        let identity = (meta.dev(), meta.ino());
-        Ok(Self { shared, path, url, identity, accept: Some(accept), device })
+        Ok(Self { shared, url, socket, accept: Some(accept), device })
     }
 
     /// The source string readers use: `unix:///path`.
@@ -178,13 +249,13 @@ impl Server {
                 log::warn!("{}: the accept thread panicked", self.url);
             }
         }
-        match fs::symlink_metadata(&self.path) {
-            Ok(m) if (m.dev(), m.ino()) == self.identity => {
-                if let Err(e) = fs::remove_file(&self.path) {
-                    log::warn!("{}: removing the socket file: {e}", self.url);
-                }
+        match self.socket.remove() {
+            Ok(Removed::Ours) => {}
+            Ok(Removed::Gone) => log::info!("{}: the socket file was gone already", self.url),
+            Ok(Removed::Left(why)) => {
+                log::info!("{}: the socket file is not this server's: {why}: left", self.url);
             }
-            _ => log::info!("{}: the socket file is no longer this server's: left", self.url),
+            Err(e) => log::warn!("{}: removing the socket file: {e}", self.url),
         }
         let freed = self.shared.book.lock().retire();
         drop(freed);
@@ -205,155 +276,6 @@ fn residency(gpu: &Arc<CudaDevice>, publication: &Publication) -> Result<Residen
         .map(|((name, memfd, _), &(offset, len))| (name.as_str(), memfd, offset, len))
         .collect();
     Residency::build(gpu, &files)
-}
-
-/// What may be at the socket path: nothing, or a socket nobody answers on (removed here).
-fn check_path(path: &Path) -> Result<(), String> {
-    let meta = match fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(format!("stat of the socket path: {e}")),
-        Ok(meta) => meta,
-    };
-    if meta.file_type().is_symlink() {
-        return Err("is a symbolic link: refusing to follow or replace it".to_owned());
-    }
-    if !meta.file_type().is_socket() {
-        return Err("is not a socket: refusing to replace it".to_owned());
-    }
-    let probe = protocol::socket().map_err(|e| format!("socket: {e}"))?;
-    protocol::set_timeouts(probe.as_fd(), Some(Duration::from_secs(2)))
-        .map_err(|e| format!("setting timeouts: {e}"))?;
-    match protocol::connect(probe.as_fd(), path) {
-        Ok(()) => {
-            Err("another live server answers on this socket: refusing to take it over".into())
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
-            log::info!("{}: a stale socket (nobody answers): replacing it", path.display());
-            Ok(())
-        }
-        Err(e) => Err(format!("cannot tell whether a server answers on this socket: {e}")),
-    }
-}
-
-/// A listening socket bound in a private directory beside `path`, given `mode`, and renamed
-/// to `path` (over a stale socket). Every step after creating the directory goes through
-/// handles, never through names another user could swap: the directory is opened with
-/// `O_NOFOLLOW` and must be this user's and closed to others, the socket is bound, given its
-/// mode and renamed relative to that handle. (With names, a user who may write the parent
-/// could rename the private directory away and put one with a symbolic link `s` in its place:
-/// a root server would then change the mode of the link's target.)
-fn bind_private(path: &Path, mode: u32) -> Result<OwnedFd, String> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let last = path.file_name().ok_or("the socket path has no file name")?;
-    let parent_fd = open_dir(None, parent.as_os_str())
-        .map_err(|e| format!("opening {}: {e}", parent.display()))?;
-    let name = format!(".gantry-serve-{:016x}", random());
-    let c_name = cstring(std::ffi::OsStr::new(&name))?;
-    // SAFETY: a valid directory descriptor and NUL-terminated name.
-    if unsafe { libc::mkdirat(parent_fd.as_raw_fd(), c_name.as_ptr(), 0o700) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(format!("creating {}: {e}", parent.join(&name).display()));
-    }
-    let bound = open_dir(Some(&parent_fd), std::ffi::OsStr::new(&name))
-        .map_err(|e| format!("opening {}: {e}", parent.join(&name).display()))
-        .and_then(|dir| {
-            check_private(&dir).map_err(|m| format!("{}: {m}", parent.join(&name).display()))?;
-            bind_in(&dir, &parent_fd, last, mode)
-        });
-    // SAFETY: valid descriptor and name; removing the (now empty) private directory.
-    unsafe { libc::unlinkat(parent_fd.as_raw_fd(), c_name.as_ptr(), libc::AT_REMOVEDIR) };
-    bound
-}
-
-/// Binds `s` in the private directory `dir`, gives it `mode` and renames it to `last` in
-/// `parent`.
-fn bind_in(
-    dir: &OwnedFd,
-    parent: &OwnedFd,
-    last: &std::ffi::OsStr,
-    mode: u32,
-) -> Result<OwnedFd, String> {
-    let s = cstring(std::ffi::OsStr::new("s"))?;
-    let last = cstring(last)?;
-    let fd = protocol::socket().map_err(|e| format!("socket: {e}"))?;
-    let inside = PathBuf::from(format!("/proc/self/fd/{}/s", dir.as_raw_fd()));
-    protocol::bind_listen(fd.as_fd(), &inside).map_err(|e| format!("bind: {e}"))?;
-    let done = (|| {
-        // SAFETY: valid descriptor and name; `s` is this process's socket in a directory only
-        // this user may write.
-        if unsafe { libc::fchmodat(dir.as_raw_fd(), s.as_ptr(), (mode & 0o777) as _, 0) } != 0 {
-            return Err(format!("chmod: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: valid descriptors and names.
-        let r = unsafe {
-            libc::renameat(dir.as_raw_fd(), s.as_ptr(), parent.as_raw_fd(), last.as_ptr())
-        };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(format!("moving the socket into place: {e}"));
-        }
-        Ok(())
-    })();
-    if done.is_err() {
-        // SAFETY: valid descriptor and name.
-        unsafe { libc::unlinkat(dir.as_raw_fd(), s.as_ptr(), 0) };
-    }
-    done.map(|()| fd)
-}
-
-/// A directory opened without following a link at its last component (`at`: relative to that
-/// directory, else to the working directory).
-fn open_dir(at: Option<&OwnedFd>, name: &std::ffi::OsStr) -> std::io::Result<OwnedFd> {
-    let c = cstring(name).map_err(std::io::Error::other)?;
-    let base = at.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
-    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: a NUL-terminated name; the result is owned at once.
-    let raw = unsafe { libc::openat(base, c.as_ptr(), flags) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
-/// The private directory must be this user's and closed to everyone else.
-fn check_private(dir: &OwnedFd) -> Result<(), String> {
-    // SAFETY: a zeroed stat is a valid out buffer; the descriptor is valid.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::fstat(dir.as_raw_fd(), &mut st) } != 0 {
-        return Err(format!("fstat: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if st.st_uid != me || st.st_mode & 0o077 != 0 {
-        return Err(format!(
-            "not the private directory this server made (owner {}, mode {:o})",
-            st.st_uid,
-            st.st_mode & 0o7777
-        ));
-    }
-    Ok(())
-}
-
-fn cstring(name: &std::ffi::OsStr) -> Result<std::ffi::CString, String> {
-    use std::os::unix::ffi::OsStrExt;
-    std::ffi::CString::new(name.as_bytes())
-        .map_err(|_| format!("'{}' contains a NUL byte", name.to_string_lossy()))
-}
-
-/// 64 bits that differ between processes and calls.
-fn random() -> u64 {
-    static COUNT: AtomicUsize = AtomicUsize::new(0);
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(&std::process::id().to_le_bytes());
-    h.update(&COUNT.fetch_add(1, Ordering::Relaxed).to_le_bytes());
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    h.update(&now.map_or(0, |d| d.as_nanos()).to_le_bytes());
-    h.digest()
 }
 
 /// Accepts until told to stop, one thread per connection.
@@ -392,15 +314,25 @@ fn accept_loop(listener: &OwnedFd, shared: &Arc<Shared>, hello: Duration) {
         failing = false;
         // SAFETY: `raw` is a fresh descriptor nobody else owns.
         let connection = unsafe { OwnedFd::from_raw_fd(raw) };
-        if shared.connections.fetch_add(1, Ordering::AcqRel) >= CONNECTIONS_MAX {
-            shared.connections.fetch_sub(1, Ordering::AcqRel);
-            refuse(&connection, &format!("{CONNECTIONS_MAX} connections already: try again later"));
-            continue;
-        }
+        let slot = match protocol::peer_uid(connection.as_fd()) {
+            Ok(uid) => Slot::take(shared, uid),
+            Err(e) => Err(format!("cannot tell which user connected (SO_PEERCRED: {e})")),
+        };
+        let slot = match slot {
+            Ok(slot) => slot,
+            Err(message) => {
+                log::info!("a connection refused: {message}");
+                // A refusal never holds up the accept loop: the reader has one second to
+                // take it (a fresh connection's queue has room for it anyway).
+                let _ = protocol::set_timeouts(connection.as_fd(), Some(Duration::from_secs(1)));
+                refuse(&connection, &message);
+                continue;
+            }
+        };
         let shared = Arc::clone(shared);
         let spawned = std::thread::Builder::new().name("gantry-lease".into()).spawn(move || {
             serve(&connection, &shared, hello);
-            shared.connections.fetch_sub(1, Ordering::AcqRel);
+            drop(slot);
         });
         if let Err(e) = spawned {
             log::warn!("a lease thread could not start: {e}");
