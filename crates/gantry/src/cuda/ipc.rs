@@ -146,20 +146,6 @@ impl CudaDevice {
         })?;
         Ok(imported)
     }
-
-    /// Copies `len` bytes from device address `src` (this device's memory, or memory mapped
-    /// from any GPU of the host) to `dst` in this device's context, and waits for it.
-    pub fn copy_device(&self, dst: u64, src: u64, len: usize) -> Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        let _bound = self.bind_scoped()?;
-        // SAFETY: both ranges were checked by the caller against their allocations (unified
-        // addressing: the driver routes a peer's memory over NVLink or PCIe).
-        unsafe { sys::cuMemcpy(dst, src, len) }
-            .result()
-            .map_err(cuda_error(format!("cuMemcpy of {len} bytes {src:#x} -> {dst:#x}")))
-    }
 }
 
 impl CudaDevice {

@@ -94,6 +94,21 @@ impl Stream {
         )))
     }
 
+    /// Queues a copy of `len` bytes from device address `source` to `dest`, either of them
+    /// memory of this context or mapped into it from any GPU of the host (unified
+    /// addressing: the driver routes a peer's memory over NVLink or PCIe).
+    ///
+    /// # Safety
+    /// Both ranges are device memory mapped in the stream's context (current), the source
+    /// complete and the destination written by nothing else until the stream has passed the
+    /// copy.
+    pub(crate) unsafe fn copy_mapped(&self, dest: u64, source: u64, len: u64) -> Result<()> {
+        // SAFETY: per the contract.
+        unsafe { sys::cuMemcpyAsync(dest, source, len as usize, self.0) }
+            .result()
+            .map_err(cuda_error(format!("cuMemcpyAsync of {len} bytes {source:#x} -> {dest:#x}")))
+    }
+
     /// The raw handle, for the copies of [`super::copy`].
     pub(super) fn raw(&self) -> sys::CUstream {
         self.0

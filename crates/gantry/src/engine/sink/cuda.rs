@@ -202,9 +202,9 @@ impl CudaSink {
                             synced = synced.and(done);
                         }
                         drop(p.lease); // the GPUs are done reading it (or failed: nothing reads it now)
-                        // The copy's span into the load's trace before its landing is told: the
-                        // load may write the trace once every extent landed, while this thread
-                        // lives on until the sink is dropped.
+                                       // The copy's span into the load's trace before its landing is told: the
+                                       // load may write the trace once every extent landed, while this thread
+                                       // lives on until the sink is dropped.
                         crate::trace::flush();
                         let message = synced.map(|()| Message::Landed { extent: p.extent });
                         // A failed send means the load was abandoned; keep syncing so every
