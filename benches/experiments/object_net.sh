@@ -202,7 +202,7 @@ def ratio(a, b):
 names = {"ceiling": "ceiling", "gantry": "gantry cpu (load / end to end)", "gpu": "gantry gpu (load / end to end)",
          "s5cmd": "s5cmd", "runai": "Run:ai"}
 shown = [t for t in tools]
-print("\n| profile | shaping | TTFB measured (ms) | MB/s per connection | GETs in flight | part | "
+print("\n| profile | shaping | TTFB mean / least (ms) | MB/s per connection | GETs in flight | part | "
       + " | ".join(names[t] + " GB/s" for t in shown)
       + " | gantry / ceiling | gantry / s5cmd | gantry / Run:ai |")
 print("| --- " * (6 + len(shown) + 3) + "|")
@@ -222,7 +222,8 @@ for p in profiles:
     s5 = med(d["gb_per_s"] for d in runs("s5cmd", p))
     ra = med(d["gb_per_s"] for d in runs("runai", p))
     method = open(f"{out}/method-{p}").read().strip()
-    print(f"| {p} | {method} | {fmt(med(x['ttfb_ms'] for x in o), 1)} | {fmt(med(x['connection_mb_s'] for x in o), 0)}"
+    least = fmt(med(x.get('ttfb_min_ms', float('nan')) for x in o), 1)
+    print(f"| {p} | {method} | {fmt(med(x['ttfb_ms'] for x in o), 1)} / {least} | {fmt(med(x['connection_mb_s'] for x in o), 0)}"
           f" | {'/'.join(str(x['in_flight']) for x in o)} | {'/'.join(str(x['part_bytes'] >> 20) for x in o)} MiB | "
           + " | ".join(cells)
           + f" | {fmt(ratio(load, ceiling), 2)} | {fmt(ratio(e2e, s5), 2)} | {fmt(ratio(e2e, ra), 2)} |")

@@ -143,10 +143,31 @@ fn object_storage_against_seaweedfs() {
     let net = model.report().object.expect("an object load reports what its GETs measured");
     assert!(net.ttfb_ms > 0.0 && net.ttfb_ms < 10_000.0, "{net:?}");
     assert!(net.connection_mb_s > 0.0 && net.connection_mb_s.is_finite(), "{net:?}");
-    assert_eq!(net.part_bytes, part as u64, "{net:?}");
-    // At least the streams, at most the cap and the 16 staging buffers.
-    let most = 16.min(cap);
-    assert!((gantry::io::object::tune::STREAMING..=most).contains(&net.in_flight), "{net:?}");
+    // Parts of whole extents (the configured part size), at most the largest GET.
+    let (extent, max) = (part as u64, gantry::io::object::tune::PART_BYTES_MAX);
+    assert_eq!(net.extent_bytes, extent, "{net:?}");
+    assert!(net.part_bytes % extent == 0 && (extent..=max).contains(&net.part_bytes), "{net:?}");
+    // At least the streams, at most the cap: the parts land in place, so the 16 staging
+    // buffers do not bound them.
+    assert!((gantry::io::object::tune::STREAMING..=cap).contains(&net.in_flight), "{net:?}");
+    // Into a GPU's staging ring (as a pool the parts land in): at most the 16 buffers,
+    // shared by the GETs' extents.
+    let staged = Loader::new(config.chunk_bytes(part).staging_bytes(part * 16)).unwrap();
+    let mut params: Vec<Vec<u8>> = local.tensors.iter().map(|t| vec![0; t.len as usize]).collect();
+    let mut slots = params.iter_mut();
+    let report = staged
+        .load_into(
+            &gantry::open(&url("llama/")).unwrap(),
+            |_| slots.next().map(|p| &mut p[..]),
+            |_| {},
+        )
+        .unwrap();
+    for (p, t) in params.iter().zip(&local.tensors) {
+        assert!(p[..] == reference(&local, t)[..], "tensor {} differs", t.name);
+    }
+    let net = report.object.expect("an object load reports what its GETs measured");
+    let extents = (net.part_bytes / extent) as usize;
+    assert!(extents >= 1 && net.in_flight * extents <= 16, "{net:?}");
     let local_model = Loader::new(Config::default()).unwrap().load(&index).unwrap();
     assert!(local_model.report().object.is_none(), "a local load made no GETs");
 
