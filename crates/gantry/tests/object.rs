@@ -156,7 +156,7 @@ fn object_storage_against_seaweedfs() {
     let mut slots = params.iter_mut();
     let report = staged
         .load_into(
-            &gantry::open(&url("llama/")).unwrap(),
+            &gantry::open(url("llama/")).unwrap(),
             |_| slots.next().map(|p| &mut p[..]),
             |_| {},
         )
