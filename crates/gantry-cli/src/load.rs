@@ -212,8 +212,10 @@ struct JsonLoad<'a> {
     /// What the `auto` volume profile measured and picked.
     #[serde(skip_serializing_if = "Option::is_none")]
     volume: Option<String>,
-    /// What the object reader's GETs measured and chose: `ttfb_ms`, `connection_mb_s`,
-    /// `in_flight`, `part_bytes` (object loads only).
+    /// What the object reader's GETs measured and chose: `ttfb_ms` (mean), `ttfb_min_ms`
+    /// (least, what the choices follow), `connection_mb_s`,
+    /// `in_flight`, `part_bytes` (bytes per GET, chosen), `extent_bytes` (the plan's parts,
+    /// configured) (object loads only).
     #[serde(skip_serializing_if = "Option::is_none")]
     object: Option<serde_json::Value>,
     /// The settings the load ran with.
@@ -390,9 +392,11 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             object: report.object.map(|o| {
                 serde_json::json!({
                     "ttfb_ms": o.ttfb_ms,
+                    "ttfb_min_ms": o.ttfb_min_ms,
                     "connection_mb_s": o.connection_mb_s,
                     "in_flight": o.in_flight,
                     "part_bytes": o.part_bytes,
+                    "extent_bytes": o.extent_bytes,
                 })
             }),
             config: crate::options::config_json(loader.config()),
@@ -447,13 +451,21 @@ pub fn explain(report: &LoadReport, verify_sha256: bool) {
     }
     if let Some(o) = &report.object {
         println!(
-            "object storage: measured {:.1} ms to first byte, {:.0} MB/s per connection: kept {} \
-             GETs of {} in flight (the bandwidth-delay product over {} streaming connections)",
+            "object storage: measured {:.1} ms to first byte ({:.1} ms at least, which the choices \
+             follow), {:.0} MB/s per connection: kept {} \
+             GETs in flight (the bandwidth-delay product over {} streaming connections), each \
+             of {} ({} of the plan's {} parts; a part's body should take {}x its wait for the \
+             first byte, at most {} a GET)",
             o.ttfb_ms,
+            o.ttfb_min_ms,
             o.connection_mb_s,
             o.in_flight,
+            gantry::io::object::tune::STREAMING,
             units::bytes(o.part_bytes),
-            gantry::io::object::tune::STREAMING
+            o.part_bytes / o.extent_bytes.max(1),
+            units::bytes(o.extent_bytes),
+            gantry::io::object::tune::BODY_PER_WAIT,
+            units::bytes(gantry::io::object::tune::PART_BYTES_MAX),
         );
     }
     if verify_sha256 {

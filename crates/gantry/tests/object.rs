@@ -137,16 +137,36 @@ fn object_storage_against_seaweedfs() {
     // the in-flight count and part size that followed, all within their bounds.
     let (part, cap) = (64 << 10, 24);
     let config = Config::default().object_part_bytes(part).object_concurrency(cap);
-    let model = Loader::new(config.chunk_bytes(part).staging_bytes(part * 16)).unwrap();
+    let model = Loader::new(config.clone().chunk_bytes(part).staging_bytes(part * 16)).unwrap();
     let model = model.load(url("llama/")).unwrap();
     assert_matches_local(&model, &local);
     let net = model.report().object.expect("an object load reports what its GETs measured");
     assert!(net.ttfb_ms > 0.0 && net.ttfb_ms < 10_000.0, "{net:?}");
     assert!(net.connection_mb_s > 0.0 && net.connection_mb_s.is_finite(), "{net:?}");
-    assert_eq!(net.part_bytes, part as u64, "{net:?}");
-    // At least the streams, at most the cap and the 16 staging buffers.
-    let most = 16.min(cap);
-    assert!((gantry::io::object::tune::STREAMING..=most).contains(&net.in_flight), "{net:?}");
+    // Parts of whole extents (the configured part size), at most the largest GET.
+    let (extent, max) = (part as u64, gantry::io::object::tune::PART_BYTES_MAX);
+    assert_eq!(net.extent_bytes, extent, "{net:?}");
+    assert!(net.part_bytes % extent == 0 && (extent..=max).contains(&net.part_bytes), "{net:?}");
+    // At least one GET, at most the cap and the 16 staging buffers' worth of extents.
+    let extents = (net.part_bytes / extent) as usize;
+    assert!((1..=cap).contains(&net.in_flight) && net.in_flight * extents <= 16, "{net:?}");
+    // Into memory of the caller's (some extents staged): the same bounds.
+    let staged = Loader::new(config.chunk_bytes(part).staging_bytes(part * 16)).unwrap();
+    let mut params: Vec<Vec<u8>> = local.tensors.iter().map(|t| vec![0; t.len as usize]).collect();
+    let mut slots = params.iter_mut();
+    let report = staged
+        .load_into(
+            &gantry::open(url("llama/")).unwrap(),
+            |_| slots.next().map(|p| &mut p[..]),
+            |_| {},
+        )
+        .unwrap();
+    for (p, t) in params.iter().zip(&local.tensors) {
+        assert!(p[..] == reference(&local, t)[..], "tensor {} differs", t.name);
+    }
+    let net = report.object.expect("an object load reports what its GETs measured");
+    let extents = (net.part_bytes / extent) as usize;
+    assert!(extents >= 1 && net.in_flight * extents <= 16, "{net:?}");
     let local_model = Loader::new(Config::default()).unwrap().load(&index).unwrap();
     assert!(local_model.report().object.is_none(), "a local load made no GETs");
 

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use crate::config::{Config, Settings};
 use crate::cuda::{CudaDevice, HostBuffer, PinnedHost};
 use crate::engine::pipeline::{self, Files, Identity, Jobs, Reader, Staging, Volume};
-use crate::engine::sink::host::{file_buffer_layout, HostSink};
+use crate::engine::sink::host::{file_buffer_layout, HostSink, Populate};
 use crate::engine::sink::Sink;
 use crate::engine::staging::{Arena, Pool};
 use crate::error::{Error, Result};
@@ -309,13 +309,32 @@ impl Loader {
         buffers: &mut [HostBuffer],
         on_ready: &mut dyn FnMut(Ready<'_>),
     ) -> Result<LoadReport> {
+        // Object loads write fresh buffers from the client's runtime workers: their memory
+        // is faulted in ahead of the GETs, off the connections' path (see `Populate`).
+        let remote = checkpoint.files.iter().any(|f| crate::is_object_source(&f.path));
+        let ranges: Vec<(usize, usize)> = buffers
+            .iter_mut()
+            .filter(|_| remote)
+            .map(|b| (b.as_mut_ptr() as usize, b.len()))
+            .collect();
         let mut sink = HostSink::for_file_buffers(checkpoint, wanted, buffers);
         let views = sink.views();
-        self.run_tensors(checkpoint, wanted, &mut sink, None, &mut |i| {
-            // SAFETY: `run` reports a tensor only once all of its steps have landed, and the
-            // buffers outlive this call.
-            let bytes = unsafe { views.bytes(i) };
-            on_ready(Ready { index: i, entry: &checkpoint.tensors[i], bytes });
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let populate = Populate { chunk_bytes: self.config.object_part() };
+        std::thread::scope(|s| {
+            if !ranges.is_empty() {
+                // SAFETY: the buffers stay mapped until this scope ends (`buffers` is borrowed
+                // for the whole call).
+                s.spawn(|| unsafe { populate.run(&ranges, &stop) });
+            }
+            let report = self.run_tensors(checkpoint, wanted, &mut sink, None, &mut |i| {
+                // SAFETY: `run` reports a tensor only once all of its steps have landed, and
+                // the buffers outlive this call.
+                let bytes = unsafe { views.bytes(i) };
+                on_ready(Ready { index: i, entry: &checkpoint.tensors[i], bytes });
+            });
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            report
         })
     }
 

@@ -386,8 +386,8 @@ impl ObjectFile {
         let job = Job { extent: 0, file: FileId(0), offset, len: buf.len() as u64, target: None };
         let target = crate::engine::read::RawTarget { ptr: buf.as_mut_ptr(), len: buf.len() };
         let file = self.without_cache();
-        let dest = &mut Dest::Target(target);
-        runtime()?.block_on(fetch_into(&file, job, dest, &mut None, None, None, &mut None))
+        let dests = &mut [Dest::Target(target)];
+        runtime()?.block_on(fetch_into(&file, &[job], dests, &mut None, None, None, &mut None))
     }
 }
 
@@ -428,10 +428,11 @@ pub fn open_for_load(info: &gantry_format::FileInfo, options: &Options) -> Resul
     Ok(object)
 }
 
-/// Fetches `jobs` (by `Job::file` into `files`) into leased staging buffers, as many ranged
-/// GETs in flight as `net` says from what the GETs measure ([`tune`]), sending each finished
-/// extent (or the first error) to `tx`. Returns when every job is done, on the first error,
-/// when `cancel` is set or the pool closes.
+/// Fetches `jobs` (by `Job::file` into `files`) into their targets or leased staging
+/// buffers, as many ranged GETs in flight, each covering as many consecutive extents of its
+/// object, as `net` says from what the GETs measure ([`tune`]), sending each finished extent
+/// (or the first error) to `tx`. Returns when every job is done, on the first error, when
+/// `cancel` is set or the pool closes.
 pub fn run(
     files: &crate::engine::read::ReaderFiles<'_, ObjectFile>,
     jobs: &[Job],
@@ -450,27 +451,48 @@ pub fn run(
     };
     let failed = Arc::new(AtomicBool::new(false));
     let lanes = crate::trace::current().map(|t| crate::trace::Lanes::new(t, "object GETs"));
+    let next = tune::successors(jobs);
+    let mut taken = vec![false; jobs.len()];
     runtime.block_on(async {
         let mut in_flight = tokio::task::JoinSet::new();
         let stop = || cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed);
-        for &job in jobs {
-            while in_flight.len() >= net.target() && !stop() {
+        for first in 0..jobs.len() {
+            if taken[first] {
+                continue;
+            }
+            let mut choice = net.target();
+            while in_flight.len() >= choice.gets && !stop() {
                 let _ =
                     tokio::time::timeout(Duration::from_millis(50), in_flight.join_next()).await;
+                choice = net.target();
             }
             if stop() {
                 break;
             }
-            let dest = match job.target {
-                Some(target) => Dest::Target(target),
-                // Blocks this thread only: the GETs in flight run on the runtime's workers
-                // and hand their buffers to the consumer, which returns them to the pool.
-                None => match pool.expect("staged object jobs need a pool").acquire() {
-                    Some(lease) => Dest::Staging(lease),
-                    None => break,
-                },
-            };
-            let file = files.get(job.file).clone();
+            // This extent and the next ones of its object not yet taken, one GET for all.
+            let mut part = vec![jobs[first]];
+            let (mut last, mut dests) = (first, Vec::new());
+            taken[first] = true;
+            while let Some(n) = next[last].filter(|&n| part.len() < choice.extents && !taken[n]) {
+                (taken[n], last) = (true, n);
+                part.push(jobs[n]);
+            }
+            for job in &part {
+                dests.push(match job.target {
+                    Some(target) => Dest::Target(target),
+                    // Blocks this thread only: the GETs in flight run on the runtime's
+                    // workers and hand their buffers to the consumer, which returns them to
+                    // the pool.
+                    None => match pool.expect("staged object jobs need a pool").acquire() {
+                        Some(lease) => Dest::Staging(lease),
+                        None => break,
+                    },
+                });
+            }
+            if dests.len() < part.len() {
+                break;
+            }
+            let file = files.get(part[0].file).clone();
             let (tx, failed, lanes) = (tx.clone(), Arc::clone(&failed), lanes.clone());
             let (fault, net) = (fault.clone(), Arc::clone(net));
             in_flight.spawn(async move {
@@ -478,25 +500,29 @@ pub fn run(
                 let mut first_byte = None;
                 // A panic inside the client (a backstop: its settings were checked) fails
                 // the load with an error rather than losing the part.
-                let fetched = fetch(&file, job, dest, fault.as_deref(), &net, &mut first_byte);
+                let fetched = fetch(&file, &part, dests, fault.as_deref(), &net, &mut first_byte);
                 let caught = std::panic::AssertUnwindSafe(fetched).catch_unwind();
-                let (message, copy) = caught
+                let (messages, copy) = caught
                     .await
                     .unwrap_or_else(|panic| (Err(panicked(&file.path, panic.as_ref())), None));
+                let whole = Job { len: part.iter().map(|j| j.len).sum(), ..part[0] };
                 if let (Some(lanes), Some((get, issued))) = (&lanes, get) {
                     let times = (issued, first_byte);
-                    traced_get(lanes, get, times, &file, job, message.is_ok());
+                    traced_get(lanes, get, times, &file, whole, messages.is_ok());
                 }
-                if message.is_err() {
-                    failed.store(true, Ordering::Relaxed);
+                match messages {
+                    Ok(messages) => messages.into_iter().for_each(|m| drop(tx.send(Ok(m)))),
+                    Err(e) => {
+                        failed.store(true, Ordering::Relaxed);
+                        let _ = tx.send(Err(e));
+                    }
                 }
-                let _ = tx.send(message);
                 // The bytes went on to their destination; the copy's thread writes them to
                 // the cache from the body's own buffers. This GET's slot stays taken until
                 // the cache takes them, so a disk far behind the store slows the GETs
                 // rather than growing memory.
                 if let (Some(cache), Some(chunks)) = (&file.cache, copy) {
-                    cache.write(job.offset, chunks).await;
+                    cache.write(whole.offset, chunks).await;
                 }
             });
         }
@@ -545,98 +571,132 @@ enum Dest {
     Target(crate::engine::read::RawTarget),
 }
 
-/// Fetches one part into `dest`; with the message, the body chunks of the part when the
-/// object's cache copy wants them (the buffers the bytes came in, kept rather than copied).
+/// Fetches one part, the consecutive extents `part` of one object, into `dests` (one each);
+/// with the messages, the body chunks of the part when the object's cache copy wants them
+/// (the buffers the bytes came in, kept rather than copied).
 async fn fetch(
     file: &ObjectFile,
-    job: Job,
-    mut dest: Dest,
+    part: &[Job],
+    mut dests: Vec<Dest>,
     fault: Option<&dyn FaultInjector>,
     net: &tune::Net,
     first_byte: &mut Option<Instant>,
-) -> (Result<Message>, Option<Chunks>) {
+) -> (Result<Vec<Message>>, Option<Chunks>) {
     let mut copy = file.cache.as_ref().filter(|c| c.wants_bytes()).map(|_| Vec::new());
-    let message = fetch_into(file, job, &mut dest, &mut copy, fault, Some(net), first_byte).await;
-    let message = message.map(|()| match dest {
-        Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
-        Dest::Target(_) => Message::Direct { extent: job.extent },
+    let fetched = fetch_into(file, part, &mut dests, &mut copy, fault, Some(net), first_byte).await;
+    let messages = fetched.map(|()| {
+        let landed = part.iter().zip(dests).map(|(job, dest)| match dest {
+            Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
+            Dest::Target(_) => Message::Direct { extent: job.extent },
+        });
+        landed.collect()
     });
-    let copy = copy.filter(|_| message.is_ok());
-    (message, copy)
+    let copy = copy.filter(|_| messages.is_ok());
+    (messages, copy)
 }
 
 /// A part's body chunks, in order.
 type Chunks = Vec<bytes::Bytes>;
 
-/// Fills `dest` with part `job`, resuming a body that broke off; with `copy`, keeps each body
-/// chunk there too. Each chunk is a read result, through `fault` and [`take_chunk`]. Each
-/// request's time to first byte and body rate go to `net`; `first_byte` is set when the
-/// first body chunk arrives (the trace's time to first byte).
-async fn fetch_into(
-    file: &ObjectFile,
-    job: Job,
-    dest: &mut Dest,
-    copy: &mut Option<Chunks>,
-    fault: Option<&dyn FaultInjector>,
-    net: Option<&tune::Net>,
-    first_byte: &mut Option<Instant>,
-) -> Result<()> {
-    let buf: &mut [u8] = match dest {
+/// The bytes extent `job` lands in.
+fn landing<'a>(dest: &'a mut Dest, job: &Job) -> &'a mut [u8] {
+    match dest {
         Dest::Staging(lease) => &mut lease.as_mut_slice()[..job.len as usize],
         // SAFETY: the target is this extent's alone (Sink::direct_target) or a buffer
         // borrowed for the call (ObjectFile::read_into), exactly its length, and outlives
         // the fetch.
         Dest::Target(t) => unsafe { std::slice::from_raw_parts_mut(t.ptr, t.len) },
-    };
-    let mut filled = 0u64;
+    }
+}
+
+/// Fills `dests` with `part` (consecutive extents of one object, one GET for them all),
+/// resuming a body that broke off; with `copy`, keeps each body chunk there too. Each chunk is
+/// a read result of the extent it lands in, through `fault` and [`take_chunk`]. Each request's
+/// time to first byte and body rate go to `net`; `first_byte` is set when the first body
+/// chunk arrives (the trace's time to first byte).
+async fn fetch_into(
+    file: &ObjectFile,
+    part: &[Job],
+    dests: &mut [Dest],
+    copy: &mut Option<Chunks>,
+    fault: Option<&dyn FaultInjector>,
+    net: Option<&tune::Net>,
+    first_byte: &mut Option<Instant>,
+) -> Result<()> {
+    assert!(!part.is_empty() && part.len() == dests.len());
+    let mut bufs: Vec<&mut [u8]> =
+        dests.iter_mut().zip(part).map(|(dest, job)| landing(dest, job)).collect();
+    let (offset, len) = (part[0].offset, part.iter().map(|j| j.len).sum::<u64>());
+    // Bytes filled: in all, and in the extent being filled (`part[at]`).
+    let (mut filled, mut at, mut in_extent) = (0u64, 0usize, 0u64);
     let mut attempt = 0;
-    while filled < job.len {
+    while filled < len {
         attempt += 1;
-        let start = job.offset + filled;
+        let start = filled;
         let pin = file.pin();
         let asked = std::time::Instant::now();
-        let result =
-            match file.store.get_opts(&file.location, pin.get(start..job.offset + job.len)).await {
-                Ok(r) => r,
-                Err(e) => return Err(pin.error(&file.path, start, job.len - filled, e)),
-            };
+        let result = match file
+            .store
+            .get_opts(&file.location, pin.get(offset + start..offset + len))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Err(pin.error(&file.path, offset + start, len - start, e)),
+        };
         let answered = std::time::Instant::now();
         let mut body = result.into_stream();
         let mut broke = None;
         while let Some(chunk) = body.next().await {
-            match chunk {
-                Ok(bytes) => {
-                    first_byte.get_or_insert_with(Instant::now);
-                    if filled as usize + bytes.len() > buf.len() {
-                        return Err(Error::Io {
-                            op: "get",
-                            path: file.path.clone(),
-                            offset: job.offset,
-                            len: job.len,
-                            source: io::Error::other("the server sent more bytes than asked for"),
-                        });
-                    }
-                    filled = take_chunk(file, job, fault, filled, bytes, buf, copy)?;
-                }
+            let mut bytes = match chunk {
+                Ok(bytes) => bytes,
                 Err(e) => {
                     broke = Some(e);
                     break;
                 }
+            };
+            first_byte.get_or_insert_with(Instant::now);
+            if filled + bytes.len() as u64 > len {
+                return Err(Error::Io {
+                    op: "get",
+                    path: file.path.clone(),
+                    offset: offset + filled,
+                    len: len - filled,
+                    source: io::Error::other("the server sent more bytes than asked for"),
+                });
+            }
+            // The chunk, split at the extents' boundaries.
+            while !bytes.is_empty() {
+                let job = part[at];
+                let n = bytes.len().min((job.len - in_extent) as usize);
+                let now = take_chunk(
+                    file,
+                    job,
+                    fault,
+                    in_extent,
+                    bytes.split_to(n),
+                    &mut *bufs[at],
+                    copy,
+                )?;
+                filled += now - in_extent;
+                in_extent = now;
+                if in_extent == job.len && at + 1 < part.len() {
+                    (at, in_extent) = (at + 1, 0);
+                }
             }
         }
-        if let Some(net) = net.filter(|_| filled > start - job.offset) {
+        if let Some(net) = net.filter(|_| filled > start) {
             let ttfb_s = (answered - asked).as_secs_f64();
-            net.record(ttfb_s, filled - (start - job.offset), answered.elapsed().as_secs_f64());
+            net.record(ttfb_s, filled - start, answered.elapsed().as_secs_f64());
         }
         match broke {
             Some(e) if attempt >= PART_ATTEMPTS => {
-                return Err(pin.error(&file.path, job.offset + filled, job.len - filled, e))
+                return Err(pin.error(&file.path, offset + filled, len - filled, e))
             }
             Some(_) => tokio::time::sleep(Duration::from_millis(100 << attempt)).await,
-            None if filled < job.len => {
+            None if filled < len => {
                 return Err(Error::Truncated {
                     path: file.path.clone(),
-                    offset: job.offset + filled,
+                    offset: offset + filled,
                     expected_len: file.size,
                 })
             }
@@ -839,6 +899,85 @@ fn open_for_load_unchecked(path: &Path, options: &Options) -> Result<ObjectFile>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Halves every read result (a short read the GET must continue), in every extent.
+    struct Short;
+    impl FaultInjector for Short {
+        fn rewrite(&self, _: usize, _: u64, _: u64, result: i64) -> i64 {
+            if result > 1 {
+                result / 2
+            } else {
+                result
+            }
+        }
+    }
+
+    /// One GET covering consecutive extents fills each extent's own destination with its
+    /// bytes, splitting the body's chunks at the extents' boundaries, through short reads.
+    #[test]
+    fn one_get_fills_consecutive_extents() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let store = Arc::new(object_store::memory::InMemory::new());
+        let location = ObjectPath::from("m/x.safetensors");
+        let put = store.put(&location, data.clone().into());
+        block_on(Path::new("s3://b/"), put).unwrap().unwrap();
+        let origin = super::super::cache::Origin {
+            provider: "s3",
+            endpoint: String::new(),
+            account: String::new(),
+            bucket: "b".into(),
+        };
+        let file = ObjectFile {
+            path: "s3://b/m/x.safetensors".into(),
+            store,
+            location,
+            size: data.len() as u64,
+            etag: None,
+            generation: None,
+            origin,
+            cache: None,
+        };
+        let lens = [1000u64, 4096, 1, 2903];
+        let mut bufs: Vec<Vec<u8>> = lens.iter().map(|&n| vec![0; n as usize]).collect();
+        let mut offset = 1000;
+        let mut part = Vec::new();
+        for (extent, &len) in lens.iter().enumerate() {
+            part.push(Job { extent, file: FileId(0), offset, len, target: None });
+            offset += len;
+        }
+        for fault in [None, Some(&Short as &dyn FaultInjector)] {
+            bufs.iter_mut().for_each(|b| b.fill(0));
+            let mut dests: Vec<Dest> = bufs
+                .iter_mut()
+                .map(|b| {
+                    let target =
+                        crate::engine::read::RawTarget { ptr: b.as_mut_ptr(), len: b.len() };
+                    Dest::Target(target)
+                })
+                .collect();
+            let (mut copy, mut first) = (Some(Vec::new()), None);
+            let net = tune::Net::default();
+            let fetched =
+                fetch_into(&file, &part, &mut dests, &mut copy, fault, Some(&net), &mut first);
+            runtime().unwrap().block_on(fetched).unwrap();
+            drop(dests);
+            for (job, buf) in part.iter().zip(&bufs) {
+                let want = &data[job.offset as usize..(job.offset + job.len) as usize];
+                assert!(buf[..] == want[..], "extent {} differs", job.extent);
+            }
+            let copied: Vec<u8> = copy.unwrap().concat();
+            assert!(copied[..] == data[1000..offset as usize], "the cache's copy differs");
+            assert!(first.is_some() && net.report().is_some());
+        }
+        // A part past the object's end is an error naming the object and where it ends.
+        let beyond = [Job { extent: 0, file: FileId(0), offset: 9_000, len: 2_000, target: None }];
+        let mut buf = vec![0u8; 2_000];
+        let target = crate::engine::read::RawTarget { ptr: buf.as_mut_ptr(), len: buf.len() };
+        let (mut dests, mut copy, mut first) = ([Dest::Target(target)], None, None);
+        let fetched = fetch_into(&file, &beyond, &mut dests, &mut copy, None, None, &mut first);
+        let e = runtime().unwrap().block_on(fetched).unwrap_err().to_string();
+        assert!(e.contains("s3://b/m/x.safetensors") && e.contains("offset 10000"), "{e}");
+    }
 
     #[test]
     fn keys_are_addressed_as_they_are() {

@@ -1,21 +1,39 @@
-//! How many ranged GETs an object load keeps in flight, from what its own GETs measure.
+//! How many ranged GETs an object load keeps in flight, and how large each is, from what its
+//! own GETs measure.
 //!
 //! A GET of `part` bytes holds its connection for the time to first byte (TTFB: the request's
-//! round trip and the store's lookup, 10-60 ms on cloud stores, microseconds on loopback) and
-//! then `part / rate`, where `rate` is what the store serves one connection. Only the second
-//! part moves bytes. To keep [`STREAMING`] connections streaming at once, the load needs
-//! `STREAMING x (1 + ttfb x rate / part)` GETs in flight: the bandwidth-delay product
-//! (`ttfb x rate` bytes per connection) in parts, on top of the streams themselves. So the
-//! in-flight count rises with latency, bounded by `--object-concurrency` (a cap) and by the
-//! staging buffers that hold the parts (memory).
+//! round trip and the store's lookup, 10-60 ms on cloud stores, microseconds on an idle
+//! loopback, tens of milliseconds on a busy one) and then `part / rate`, where `rate` is what
+//! the store serves one connection. Only the second part moves bytes. To keep [`STREAMING`]
+//! connections streaming at once, the load needs `STREAMING x (1 + ttfb x rate / part)` GETs
+//! in flight: the bandwidth-delay product (`ttfb x rate` bytes per connection) in parts, on top
+//! of the streams themselves. So the in-flight count rises with latency, bounded by
+//! `--object-concurrency` (a cap) and by the staging ring's size, which is also the budget of
+//! bytes in flight where the parts land in place (host loads).
+//!
+//! The part size follows the same measurements. A GET whose body takes `part / rate` after
+//! waiting `ttfb` streams `part / (part + ttfb x rate)` of its time; parts of at least
+//! [`BODY_PER_WAIT`] x `ttfb x rate` keep that above 80%, which also spends fewer requests
+//! (and fewer of the cap's slots) on the wait. The plan cuts the objects into extents of the
+//! configured part size before any GET; once GETs have answered, one GET covers as many
+//! consecutive extents of an object as that asks, up to [`PART_BYTES_MAX`] and to what the
+//! staging buffers can hold for [`STREAMING`] GETs at once.
 //!
 //! The GETs measure as they go: each records its TTFB (request to response headers) and its
-//! body's bytes and seconds; the TTFB is their mean and the per-connection rate their bytes
-//! over their body seconds. Before the first GET answers, the load starts with [`STREAMING`]
-//! in flight. The part size is fixed when the load is planned (before any GET), so it is the
-//! configured one; what was measured and kept in flight is reported ([`NetReport`]).
+//! body's bytes and seconds; the per-connection rate is their bytes over their body seconds.
+//! The choices take the least TTFB seen, not the mean: a busy store answers later the more
+//! it is asked at once, so the mean grows with the bytes in flight, and parts sized from it
+//! would grow them further (on a 2-core loopback store the mean reached a second with 64 MiB
+//! parts); the least is the network's and the store's own latency, as TCP's BBR takes the
+//! least round trip. The mean is reported beside it. Before the first GET answers, the load starts with [`STREAMING`]
+//! GETs of one extent each. What was measured and chosen is reported ([`NetReport`]).
 
+use std::collections::HashMap;
+
+use gantry_format::FileId;
 use parking_lot::Mutex;
+
+use crate::engine::read::uring::Job;
 
 /// Connections kept streaming at once: the fixed count gantry kept in flight before it
 /// measured the network (and the default cap), so that measuring never keeps fewer GETs in
@@ -23,18 +41,73 @@ use parking_lot::Mutex;
 /// read 0.65x (`benches/README.md`).
 pub const STREAMING: usize = 16;
 
-/// What the GETs of one load measured, and the in-flight count it led to.
+/// Most bytes one GET asks for when it covers several extents.
+pub const PART_BYTES_MAX: u64 = 64 << 20;
+
+/// A part's body should take at least this many times the wait for its first byte.
+pub const BODY_PER_WAIT: f64 = 4.0;
+
+/// What the GETs of one load measured, and the in-flight count and part size it led to.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NetReport {
     /// Mean time to first byte of the GETs, milliseconds.
     pub ttfb_ms: f64,
+    /// Least time to first byte of the GETs, milliseconds: what the choices follow.
+    pub ttfb_min_ms: f64,
     /// Bytes per second the store served one connection (body bytes over body seconds),
     /// MB/s (10^6).
     pub connection_mb_s: f64,
     /// GETs kept in flight once measured (the last count chosen).
     pub in_flight: usize,
-    /// Bytes per ranged GET.
+    /// Bytes per ranged GET once measured (the last size chosen): a whole number of the
+    /// plan's extents.
     pub part_bytes: u64,
+    /// Bytes of the plan's extents (the configured part size): what a GET covers before the
+    /// first one answers.
+    pub extent_bytes: u64,
+}
+
+/// What the load does next: how many GETs to keep in flight, each covering how many of the
+/// plan's consecutive extents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    /// GETs in flight.
+    pub gets: usize,
+    /// Extents per GET.
+    pub extents: usize,
+}
+
+/// Extents of `extent_bytes` one GET covers, given the measured TTFB (seconds) and
+/// per-connection rate (bytes per second): enough that its body takes [`BODY_PER_WAIT`] times
+/// the TTFB, at most [`PART_BYTES_MAX`] (or one extent, where an extent is larger), and at
+/// most what `memory_parts` staging buffers hold for [`STREAMING`] GETs at once. Unmeasured:
+/// one. Pure.
+pub fn part_extents(measured: Option<(f64, f64)>, extent_bytes: u64, memory_parts: usize) -> usize {
+    let Some((ttfb_s, rate)) = measured.filter(|(t, r)| t.is_finite() && r.is_finite()) else {
+        return 1;
+    };
+    let extent = extent_bytes.max(1);
+    let most = (PART_BYTES_MAX / extent).clamp(1, (memory_parts / STREAMING).max(1) as u64);
+    let wanted = (BODY_PER_WAIT * ttfb_s.max(0.0) * rate.max(0.0) / extent as f64).ceil();
+    if wanted >= most as f64 {
+        most as usize
+    } else {
+        (wanted as usize).max(1)
+    }
+}
+
+/// The GETs and extents per GET for parts of `extent_bytes`, at most `cap` GETs and
+/// `memory_parts` staging buffers ([`part_extents`], then [`in_flight`] for parts of that
+/// many extents, the buffers shared among them). Pure.
+pub fn choose(
+    measured: Option<(f64, f64)>,
+    extent_bytes: u64,
+    cap: usize,
+    memory_parts: usize,
+) -> Choice {
+    let extents = part_extents(measured, extent_bytes, memory_parts);
+    let part_bytes = extent_bytes.saturating_mul(extents as u64);
+    Choice { gets: in_flight(measured, part_bytes, cap, memory_parts / extents), extents }
 }
 
 /// GETs to keep in flight for parts of `part_bytes`, given the measured TTFB (seconds) and
@@ -60,22 +133,30 @@ pub fn in_flight(
     }
 }
 
+/// For each of `jobs`, the job that continues it: the one of the same object that starts
+/// where it ends (a GET covering several extents takes them in this order). Pure.
+pub fn successors(jobs: &[Job]) -> Vec<Option<usize>> {
+    let starts: HashMap<(FileId, u64), usize> =
+        jobs.iter().enumerate().map(|(i, j)| ((j.file, j.offset), i)).collect();
+    jobs.iter().map(|j| starts.get(&(j.file, j.offset + j.len)).copied()).collect()
+}
+
 /// The measurements of one load's GETs, shared by them (one lock per GET, not per chunk).
 #[derive(Debug)]
 pub struct Net {
-    part_bytes: u64,
+    extent_bytes: u64,
     cap: usize,
-    memory_parts: usize,
     state: Mutex<State>,
 }
 
 #[derive(Debug, Default)]
 struct State {
+    memory_parts: usize,
     gets: u64,
     ttfb_s: f64,
+    ttfb_min_s: f64,
     body_bytes: u64,
     body_s: f64,
-    chosen: usize,
 }
 
 impl Default for Net {
@@ -85,9 +166,11 @@ impl Default for Net {
 }
 
 impl Net {
-    /// For parts of `part_bytes`, at most `cap` GETs and `memory_parts` staging buffers.
-    pub fn new(part_bytes: u64, cap: usize, memory_parts: usize) -> Self {
-        Net { part_bytes, cap, memory_parts, state: Mutex::new(State::default()) }
+    /// For extents of `extent_bytes`, at most `cap` GETs and `memory_parts` staging buffers.
+    pub fn new(extent_bytes: u64, cap: usize, memory_parts: usize) -> Self {
+        let state =
+            Mutex::new(State { memory_parts, ttfb_min_s: f64::INFINITY, ..State::default() });
+        Net { extent_bytes, cap, state }
     }
 
     /// Records one GET: its time to first byte, and its body's bytes and seconds.
@@ -95,38 +178,35 @@ impl Net {
         let mut s = self.state.lock();
         s.gets += 1;
         s.ttfb_s += ttfb_s;
+        s.ttfb_min_s = s.ttfb_min_s.min(ttfb_s);
         s.body_bytes += body_bytes;
         s.body_s += body_s;
     }
 
-    /// The mean TTFB (seconds) and per-connection rate (bytes per second), once a GET with a
-    /// body has answered.
+    /// The least TTFB (seconds) and the per-connection rate (bytes per second), once a GET
+    /// with a body has answered.
     fn measured(s: &State) -> Option<(f64, f64)> {
-        (s.gets > 0 && s.body_s > 0.0)
-            .then(|| (s.ttfb_s / s.gets as f64, s.body_bytes as f64 / s.body_s))
+        (s.gets > 0 && s.body_s > 0.0).then(|| (s.ttfb_min_s, s.body_bytes as f64 / s.body_s))
     }
 
-    /// GETs to keep in flight now (see [`in_flight`]).
-    pub fn target(&self) -> usize {
-        let mut s = self.state.lock();
-        s.chosen = in_flight(Self::measured(&s), self.part_bytes, self.cap, self.memory_parts);
-        s.chosen
+    /// GETs to keep in flight now, and extents per GET (see [`choose`]).
+    pub fn target(&self) -> Choice {
+        let s = self.state.lock();
+        choose(Self::measured(&s), self.extent_bytes, self.cap, s.memory_parts)
     }
 
     /// What was measured and chosen; `None` when no GET answered with a body.
     pub fn report(&self) -> Option<NetReport> {
         let s = self.state.lock();
         let (ttfb_s, rate) = Self::measured(&s)?;
+        let chosen = choose(Some((ttfb_s, rate)), self.extent_bytes, self.cap, s.memory_parts);
         Some(NetReport {
-            ttfb_ms: ttfb_s * 1e3,
+            ttfb_ms: s.ttfb_s / s.gets as f64 * 1e3,
+            ttfb_min_ms: ttfb_s * 1e3,
             connection_mb_s: rate / 1e6,
-            in_flight: in_flight(
-                Some((ttfb_s, rate)),
-                self.part_bytes,
-                self.cap,
-                self.memory_parts,
-            ),
-            part_bytes: self.part_bytes,
+            in_flight: chosen.gets,
+            part_bytes: self.extent_bytes * chosen.extents as u64,
+            extent_bytes: self.extent_bytes,
         })
     }
 }
@@ -174,15 +254,91 @@ mod tests {
     }
 
     #[test]
+    fn successors_follow_each_object() {
+        let job = |extent, file, offset, len| Job {
+            extent,
+            file: FileId(file),
+            offset,
+            len,
+            target: None,
+        };
+        // Two objects interleaved; object 1 has a gap (a skipped tensor) after 300.
+        let jobs = [
+            job(0, 0, 100, 100),
+            job(1, 1, 0, 300),
+            job(2, 0, 200, 100),
+            job(3, 1, 400, 100),
+            job(4, 0, 300, 50),
+            job(5, 1, 500, 10),
+        ];
+        assert_eq!(successors(&jobs), [Some(2), None, Some(4), Some(5), None, None]);
+    }
+
+    #[test]
+    fn part_extents_table() {
+        // (ttfb ms, connection MB/s, extent, memory parts, extents per GET)
+        let cases = [
+            (None, 16 * MIB, 64, 1),                         // unmeasured: one extent
+            (Some((0.0, 500.0)), 16 * MIB, 64, 1),           // loopback: nothing to amortize
+            (Some((20.0, 90.0)), 16 * MIB, 64, 1),           // same-region: 7.2 MB is under a part
+            (Some((80.0, 90.0)), 16 * MIB, 64, 2),           // cross-region: 28.8 MB
+            (Some((80.0, 90.0)), 4 * MIB, 64, 4), // ... in small extents: capped by memory
+            (Some((80.0, 90.0)), 4 * MIB, usize::MAX, 7), // ... in place: as asked
+            (Some((80.0, 400.0)), 16 * MIB, usize::MAX, 4), // 128 MB asked: the 64 MiB cap
+            (Some((80.0, 400.0)), 16 * MIB, 16, 1), // staging for the streams only
+            (Some((80.0, 400.0)), 128 * MIB, usize::MAX, 1), // extents above the cap stay whole
+            (Some((f64::NAN, 1.0)), 16 * MIB, 64, 1), // nonsense is unmeasured
+            (Some((1e9, 1e9)), 1, usize::MAX, (PART_BYTES_MAX) as usize), // huge stays bounded
+        ];
+        for (measured, extent, memory, want) in cases {
+            let measured = measured.map(|(ms, mb): (f64, f64)| (ms / 1e3, mb * 1e6));
+            let got = part_extents(measured, extent, memory);
+            assert_eq!(got, want, "{measured:?} extent {extent} memory {memory}");
+        }
+    }
+
+    #[test]
+    fn more_latency_never_smaller_parts() {
+        let at = |ms: f64| choose(Some((ms / 1e3, 90e6)), 8 * MIB, 64, usize::MAX);
+        let mut last = at(0.0);
+        for ms in [1.0, 5.0, 20.0, 40.0, 80.0, 160.0] {
+            let c = at(ms);
+            assert!(c.extents >= last.extents, "{ms} ms: {c:?} after {last:?}");
+            last = c;
+        }
+        let (near, far) = (at(0.0), at(80.0));
+        assert!(far.extents > near.extents && far.gets > near.gets, "{near:?} {far:?}");
+        // The staging buffers bound the bytes in flight: parts x GETs.
+        for ms in [0.0, 20.0, 80.0, 160.0] {
+            let c = choose(Some((ms / 1e3, 400e6)), 8 * MIB, 64, 48);
+            assert!(c.extents * c.gets <= 48, "{ms} ms: {c:?}");
+        }
+    }
+
+    #[test]
     fn net_measures_means() {
         let net = Net::new(16 * MIB, 64, 64);
         assert_eq!(net.report(), None);
-        assert_eq!(net.target(), STREAMING);
-        net.record(0.010, 90_000_000, 1.0);
+        assert_eq!(net.target(), Choice { gets: STREAMING, extents: 1 });
         net.record(0.030, 90_000_000, 1.0);
+        net.record(0.010, 90_000_000, 1.0);
         let r = net.report().unwrap();
-        assert!((r.ttfb_ms - 20.0).abs() < 1e-9 && (r.connection_mb_s - 90.0).abs() < 1e-9);
-        assert_eq!((r.in_flight, r.part_bytes), (18, 16 * MIB));
-        assert_eq!(net.target(), 18);
+        assert!((r.ttfb_ms - 20.0).abs() < 1e-9 && (r.ttfb_min_ms - 10.0).abs() < 1e-9);
+        assert!((r.connection_mb_s - 90.0).abs() < 1e-9, "{r:?}");
+        // The choices follow the least TTFB: 0.9 MB waiting per connection.
+        assert_eq!((r.in_flight, r.part_bytes, r.extent_bytes), (17, 16 * MIB, 16 * MIB));
+        assert_eq!(net.target(), Choice { gets: 17, extents: 1 });
+        // A busy store's queue (a long TTFB now and then) moves nothing.
+        net.record(2.0, 90_000_000, 1.0);
+        assert_eq!(net.target(), Choice { gets: 17, extents: 1 });
+        // Far away (every GET waits 90 ms): larger parts, and the GETs they need.
+        let far = Net::new(16 * MIB, 64, 64);
+        far.record(0.090, 90_000_000, 1.0);
+        let r = far.report().unwrap();
+        assert_eq!((r.in_flight, r.part_bytes), (20, 32 * MIB), "{r:?}");
+        // Staging for 32 extents: as many GETs of two as fit.
+        let near = Net::new(16 * MIB, 64, 32);
+        near.record(0.090, 90_000_000, 1.0);
+        assert_eq!(near.target(), Choice { gets: 16, extents: 2 });
     }
 }
