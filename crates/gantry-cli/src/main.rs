@@ -79,6 +79,19 @@ fn main() -> ExitCode {
         Command::Trace(args) => trace::run(&args),
         Command::Rank(command) => ranks::run_rank(&command),
     };
+    // Cache copies being completed behind a load (parts the cache's disk could not take in
+    // time, fetched again): waited for, at most CACHE_BEHIND_WAIT, each outcome said.
+    let (notes, running) = gantry::io::cache::wait_behind(CACHE_BEHIND_WAIT);
+    for note in notes {
+        eprintln!("cache: {note}");
+    }
+    if running > 0 {
+        eprintln!(
+            "cache: {running} copies still being completed after {} s; exiting without them \
+             (the next load writes them again)",
+            CACHE_BEHIND_WAIT.as_secs()
+        );
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(e.as_ref()) => ExitCode::SUCCESS,
@@ -88,6 +101,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// How long the process waits, before it exits, for cache copies completed behind its loads.
+const CACHE_BEHIND_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// clap's message for a command line it refuses, as one `error: ...` line: its first paragraph
 /// with the lines joined (the usage and the hint that follow are left out).

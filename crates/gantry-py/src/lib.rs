@@ -133,6 +133,19 @@ fn device_memory(py: Python<'_>, ordinal: u32) -> PyResult<(usize, usize)> {
 
 /// Buffers gantry holds for Python now (each load holds one per file until its last tensor
 /// is released).
+/// Waits at most `timeout_s` for cache copies being completed behind this process's loads;
+/// what became of those that ended, and how many are still running.
+#[pyfunction]
+fn wait_for_cache_copies(py: Python<'_>, timeout_s: f64) -> PyResult<(Vec<String>, usize)> {
+    if !(timeout_s.is_finite() && timeout_s >= 0.0) {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "timeout_s must be a finite number of seconds >= 0, not {timeout_s}"
+        )));
+    }
+    let timeout = std::time::Duration::from_secs_f64(timeout_s.min(86_400.0));
+    Ok(py.detach(|| gantry::io::cache::wait_behind(timeout)))
+}
+
 #[pyfunction]
 fn live_buffers() -> usize {
     memory::live_buffers()
@@ -159,6 +172,7 @@ fn _gantry(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(serve::update_host, m)?)?;
     m.add_function(wrap_pyfunction!(serve::update_device, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(wait_for_cache_copies, m)?)?;
     m.add_function(wrap_pyfunction!(placed::load_placed, m)?)?;
     m.add_function(wrap_pyfunction!(placed::load_cooperative_placed, m)?)?;
     m.add_function(wrap_pyfunction!(placed::shard_destinations, m)?)?;

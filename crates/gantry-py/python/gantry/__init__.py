@@ -62,9 +62,34 @@ __all__ = [
     "UpdateReport",
     "to_torch",
     "nccl_unique_id",
+    "wait_for_cache_copies",
 ]
 
 nccl_unique_id = _gantry.nccl_unique_id
+
+
+def wait_for_cache_copies(timeout_s: float = 120.0) -> Tuple[List[str], int]:
+    """Waits at most ``timeout_s`` seconds for the cache copies this process's loads are
+    completing behind them (parts the cache's disk could not take in time, fetched again);
+    returns what became of those that ended and how many are still running. Called at
+    interpreter exit (logged through :mod:`logging`); a process that exits first leaves their
+    temporary files for the next load's sweep, never a half-written copy."""
+    return _gantry.wait_for_cache_copies(float(timeout_s))
+
+
+def _wait_for_cache_copies_at_exit() -> None:
+    import logging
+
+    notes, running = wait_for_cache_copies()
+    for note in notes:
+        logging.getLogger("gantry").info("cache: %s", note)
+    if running:
+        logging.getLogger("gantry").warning("cache: %d copies still being completed at exit", running)
+
+
+import atexit as _atexit  # noqa: E402
+
+_atexit.register(_wait_for_cache_copies_at_exit)
 
 
 class DtypeError(GantryError, TypeError):

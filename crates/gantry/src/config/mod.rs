@@ -188,10 +188,11 @@ impl Config {
         self.read.profile = profile;
         self
     }
-    /// Bytes per ranged GET from object storage, a multiple of 4096 (default 16 MiB, the part
-    /// size S3 serves at full speed); staging buffers take this size for object loads.
+    /// Bytes per ranged GET from object storage, a multiple of 4096: every GET is of this
+    /// size (staging buffers take it for object loads). Unset (auto): 16 MiB parts, the size
+    /// S3 serves at full speed, joined into longer GETs as the measured latency asks.
     pub fn object_part_bytes(mut self, n: usize) -> Self {
-        self.object.part_bytes = n;
+        self.object.part_bytes = Some(n);
         self
     }
     /// Most ranged GETs in flight per load (default 16; at most the staging buffers): the load

@@ -72,8 +72,10 @@ pub struct Staging {
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Object {
-    /// Bytes per ranged GET (default 16 MiB).
-    pub part_bytes: usize,
+    /// Bytes per ranged GET: `None` (auto, the default) plans 16 MiB parts and joins
+    /// consecutive ones into longer GETs as the measured latency asks
+    /// ([`crate::io::object::tune`]); a size given is each GET's, as given.
+    pub part_bytes: Option<usize>,
     /// Ranged GETs in flight per load (default 16).
     pub concurrency: usize,
     /// `object_store` client keys and values, over the environment's; later keys win.
@@ -87,7 +89,7 @@ pub struct Object {
 impl Default for Object {
     fn default() -> Self {
         Self {
-            part_bytes: 16 << 20,
+            part_bytes: None,
             concurrency: 16,
             options: Vec::new(),
             cache_dir: None,

@@ -17,6 +17,8 @@ use crate::plan::profile::VolumeProfile;
 
 /// Staging bytes when the caller gives none and the profile's queue fits in them.
 const STAGING_BYTES_DEFAULT: usize = 512 << 20;
+/// The planned object part when the caller gives none: the size S3 serves at full speed.
+const OBJECT_PART_BYTES: usize = 16 << 20;
 
 /// Reader threads by default for one of `sharers` processes reading side by side on a machine
 /// of `cores` cores: 3/4 of its share of the cores (the consumer and the copy poller keep the
@@ -40,6 +42,8 @@ pub(crate) struct Settings {
     /// neither given.
     pub(crate) measure_volume: bool,
     pub(crate) object_part_bytes: usize,
+    /// Whether the caller gave the part size: then GETs are never joined.
+    pub(crate) object_part_given: bool,
     pub(crate) object_concurrency: usize,
     pub(crate) object_options: Vec<(String, String)>,
     pub(crate) verify_sha256: bool,
@@ -100,7 +104,8 @@ impl Config {
             measure_volume: profile == VolumeProfile::Auto
                 && read.chunk_bytes.is_none()
                 && read.queue_depth.is_none(),
-            object_part_bytes: self.object.part_bytes,
+            object_part_bytes: self.object.part_bytes.unwrap_or(OBJECT_PART_BYTES),
+            object_part_given: self.object.part_bytes.is_some(),
             object_concurrency: self.object.concurrency,
             object_options: self.object.options.clone(),
             verify_sha256: self.integrity.verify_sha256 || self.integrity.require_sha256,

@@ -65,11 +65,14 @@ impl Loader {
         // cap and the staging buffers the parts land in.
         let part = self.config.object_part();
         let memory_parts = self.config.staging_bytes / part.max(1);
-        let net = crate::source::object::tune::Net::new(
+        let mut net = crate::source::object::tune::Net::new(
             part as u64,
             self.config.object_concurrency,
             memory_parts,
         );
+        if self.config.object_part_given {
+            net = net.fixed_parts(); // the caller's part size, every GET
+        }
         files.net = Arc::new(net);
         let mut cache = crate::source::cache::Opened::default();
         for (f, info) in reads.files.iter().enumerate() {
@@ -144,7 +147,13 @@ impl Loader {
                     );
                 }
                 (cache::Lookup::Miss(why), Some(cache), Some(identity)) => {
-                    match cache::Writer::create(cache, identity, object.size) {
+                    // What the cache's disk cannot take in time is fetched again behind
+                    // the load, never waited for by the GETs.
+                    let again = object.without_cache();
+                    let refetch: cache::writer::Refetch = Box::new(move |at, buf: &mut [u8]| {
+                        again.read_into(at, buf).map_err(|e| e.to_string())
+                    });
+                    match cache::Writer::create(cache, identity, object.size, Some(refetch)) {
                         Ok(w) => {
                             cache_note = format!("; not in the cache ({why}), written through");
                             object.cache = Some(Arc::new(w));

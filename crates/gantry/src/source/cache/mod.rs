@@ -55,7 +55,7 @@
 pub mod check;
 mod fs;
 pub mod record;
-mod writer;
+pub mod writer;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -65,7 +65,7 @@ use std::time::Duration;
 use sha2::{Digest as _, Sha256};
 
 use fs::Dir;
-pub use writer::{Writer, PENDING_BYTES_MAX};
+pub use writer::{wait_behind, Writer, PENDING_BYTES_MAX};
 
 /// Longest a load waits for the cache's directory to open and a copy to be looked up.
 pub const LOOKUP_WAIT: Duration = Duration::from_secs(10);

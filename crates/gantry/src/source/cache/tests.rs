@@ -73,6 +73,13 @@ fn put(w: &Writer, bytes: &[u8], offset: u64, chunk: usize) {
     crate::source::object::client::runtime().unwrap().block_on(w.write(offset, chunks));
 }
 
+/// Queues `bytes` as parts of `part` bytes, one `write` each, as the GETs would.
+fn put_parts(w: &Writer, bytes: &[u8], part: usize) {
+    for (k, p) in bytes.chunks(part).enumerate() {
+        put(w, p, (k * part) as u64, 4096);
+    }
+}
+
 fn identity(key: &str, size: u64) -> Identity {
     Identity::new(&origin("s3", "", "b"), key, Some("\"e\""), None, size).unwrap()
 }
@@ -81,7 +88,7 @@ fn identity(key: &str, size: u64) -> Identity {
 /// out of order, neither on a segment boundary, in chunks of odd sizes.
 fn write_copy(cache: &Arc<CacheDir>, key: &str, bytes: &[u8]) -> String {
     let size = bytes.len() as u64;
-    let w = Writer::create(Arc::clone(cache), identity(key, size), size).unwrap();
+    let w = Writer::create(Arc::clone(cache), identity(key, size), size, None).unwrap();
     let cut = (record::SEGMENT_BYTES + 1000).min(size) as usize;
     put(&w, &bytes[cut..], cut as u64, 3001);
     put(&w, &bytes[..cut], 0, 7);
@@ -305,13 +312,13 @@ fn incomplete_or_changed_copies_never_land() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(CacheDir::open(&dir.path().join("c"), false).unwrap());
     let bytes = object(10);
-    let w = Writer::create(Arc::clone(&cache), identity("k", 10), 10).unwrap();
+    let w = Writer::create(Arc::clone(&cache), identity("k", 10), 10, None).unwrap();
     put(&w, &bytes[..6], 0, 4);
     assert!(w.finish(Ok(true)).contains("incomplete"));
-    let w = Writer::create(Arc::clone(&cache), identity("k", 10), 10).unwrap();
+    let w = Writer::create(Arc::clone(&cache), identity("k", 10), 10, None).unwrap();
     put(&w, &bytes, 0, 4);
     assert!(w.finish(Ok(false)).contains("changed"));
-    let w = Writer::create(Arc::clone(&cache), identity("k", 10), 10).unwrap();
+    let w = Writer::create(Arc::clone(&cache), identity("k", 10), 10, None).unwrap();
     put(&w, &bytes, 0, 4);
     drop(w); // a load that failed
     assert!(matches!(cache.find(&identity("k", 10), 10), Lookup::Miss(_)));
@@ -322,6 +329,67 @@ fn incomplete_or_changed_copies_never_land() {
         std::thread::sleep(Duration::from_millis(10));
     }
     panic!("a temporary file stayed");
+}
+
+/// Waits for the copies completing behind their loads (every test's), at most 30 s.
+fn settle_behind() {
+    let (_, running) = writer::wait_behind(Duration::from_secs(30));
+    assert_eq!(running, 0, "copies still being completed behind their loads");
+}
+
+#[test]
+fn parts_the_disk_cannot_take_are_fetched_again_behind_the_load() {
+    for miss in [1, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(CacheDir::open(&dir.path().join("c"), false).unwrap());
+        let size = 1_000_003;
+        let bytes = object(size);
+        let reference = bytes.clone();
+        let fetched = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = Arc::clone(&fetched);
+        let refetch: writer::Refetch = Box::new(move |at, buf: &mut [u8]| {
+            counted.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            buf.copy_from_slice(&reference[at as usize..at as usize + buf.len()]);
+            Ok(())
+        });
+        let w =
+            writer::testing::behind(Arc::clone(&cache), identity("k", size), size, miss, refetch);
+        put_parts(&w, &bytes, 65_536 + 17); // parts across segment bounds
+        let text = w.finish(Ok(true));
+        assert!(text.contains("being completed behind the load"), "{text}");
+        settle_behind();
+        let Lookup::Hit(copy) = cache.find(&identity("k", size), size) else {
+            panic!("the copy completed behind the load did not land (every {miss})")
+        };
+        assert_eq!(&std::fs::read(copy.path).unwrap()[..size as usize], &bytes[..]);
+        let fetched = fetched.load(std::sync::atomic::Ordering::Relaxed);
+        match miss {
+            1 => assert_eq!(fetched, size, "everything missed is fetched again, once"),
+            _ => assert!(fetched > 0 && fetched < size, "only what was missed: {fetched}"),
+        }
+    }
+}
+
+#[test]
+fn a_copy_whose_bytes_cannot_be_fetched_again_never_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(CacheDir::open(&dir.path().join("c"), false).unwrap());
+    let bytes = object(300_000);
+    let refetch: writer::Refetch = Box::new(|at, _: &mut [u8]| Err(format!("412 at {at}")));
+    let w =
+        writer::testing::behind(Arc::clone(&cache), identity("k", 300_000), 300_000, 2, refetch);
+    put_parts(&w, &bytes, 10_000);
+    assert!(w.finish(Ok(true)).contains("behind the load"));
+    settle_behind();
+    assert!(matches!(cache.find(&identity("k", 300_000), 300_000), Lookup::Miss(_)));
+    assert_eq!(std::fs::read_dir(dir.path().join("c/partial")).unwrap().count(), 0);
+    // A changed object is not fetched again at all.
+    let refetch: writer::Refetch = Box::new(|_, _: &mut [u8]| panic!("fetched a changed object"));
+    let w =
+        writer::testing::behind(Arc::clone(&cache), identity("k", 300_000), 300_000, 2, refetch);
+    put_parts(&w, &bytes, 10_000);
+    let text = w.finish(Ok(false));
+    assert!(text.starts_with("not cached") && !text.contains("behind"), "{text}");
 }
 
 /// A gid the caller is not a member of.

@@ -6,14 +6,24 @@
 //! writes the record and renames the copy into place. The load's threads only queue chunks
 //! and, at the end, wait a bounded time for the verdict: a cache whose disk stalls or fills
 //! costs the copy and a warning, never the load.
+//!
+//! **Behind the load.** When the copy can fetch its object's bytes again ([`Refetch`]: every
+//! copy a load writes through), a part that finds no room in the pending budget is not
+//! waited for: the GET goes on, and the copy notes the range as missed. When the load ends,
+//! the thread fetches the missed ranges again (GETs conditioned on the same version), writes
+//! them, and lands the copy behind the load: the load is told so at once, and the outcome is
+//! logged and kept for [`wait_behind`] (the CLI waits for it before it exits). Measured on an
+//! H100 machine, four writer threads took 5.1 GB/s into the page cache while the store served
+//! 6.8 GB/s: waiting for them cost the first load with a cache 1.33x the plain load's time.
 
 use std::fs::File;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{fs, record, CacheDir, Identity, FINISH_WAIT, WRITE_WAIT};
 
@@ -34,13 +44,37 @@ static PENDING: tokio::sync::Semaphore =
 /// Most buffers handed to one `pwritev`.
 const IOVECS_MAX: usize = 512;
 
+/// Bytes fetched again per GET when a copy is completed behind its load.
+const REFETCH_BYTES: usize = 16 << 20;
+
+/// Fills a buffer with the object's bytes from an offset, blocking (GETs conditioned on the
+/// version the load saw): how a copy completes behind its load.
+pub type Refetch = Box<dyn Fn(u64, &mut [u8]) -> Result<(), String> + Send>;
+
+/// Copies being completed behind their loads, and the outcomes of those that ended since the
+/// last [`wait_behind`].
+static BEHIND: parking_lot::Mutex<(usize, Vec<String>)> = parking_lot::Mutex::new((0, Vec::new()));
+static BEHIND_DONE: parking_lot::Condvar = parking_lot::Condvar::new();
+
+/// Waits at most `timeout` for the copies being completed behind their loads (every load of
+/// the process); returns what became of those that ended since the last call, and how many
+/// are still running. A process that exits before they end leaves their temporary files for
+/// the next load's sweep: nothing half-written is ever used.
+pub fn wait_behind(timeout: Duration) -> (Vec<String>, usize) {
+    let deadline = Instant::now() + timeout;
+    let mut behind = BEHIND.lock();
+    while behind.0 > 0 && !BEHIND_DONE.wait_until(&mut behind, deadline).timed_out() {}
+    (std::mem::take(&mut behind.1), behind.0)
+}
+
 /// Bytes of one part on their way to its copy: the body chunks as they came (no copy of them
 /// is made), contiguous from `offset`.
 #[derive(Debug)]
 struct Piece {
     offset: u64,
     chunks: Vec<bytes::Bytes>,
-    _budget: tokio::sync::SemaphorePermit<'static>,
+    /// Its share of the pending budget (none for bytes fetched again behind the load).
+    _budget: Option<tokio::sync::SemaphorePermit<'static>>,
 }
 
 /// What the load tells the copy's thread.
@@ -60,6 +94,8 @@ struct Waits {
     /// Unit tests: the thread holds [`testing::STALL`] while it writes, as a frozen disk
     /// would hold it.
     stall: bool,
+    /// Unit tests: every `miss`-th part finds no room (a disk behind the store).
+    miss: Option<u64>,
 }
 
 /// The copy of one object being written as its parts arrive.
@@ -76,18 +112,33 @@ pub struct Writer {
     /// nanoseconds they waited in all: the cost the copy put on the GETs, in the note.
     waited: AtomicU64,
     waited_ns: AtomicU64,
+    /// Parts handed to [`Writer::write`] so far.
+    parts: AtomicU64,
+    /// Whether the copy can fetch its bytes again: then a part finding no room is missed, not
+    /// waited for.
+    behind: bool,
+    /// The ranges missed so, shared with the copy's thread.
+    missed: Arc<parking_lot::Mutex<Vec<Range<u64>>>>,
 }
 
 impl Writer {
     /// Starts the thread that writes the copy of `identity`, `size` bytes, into `cache`; an
     /// error message (for a warning) when no thread can be started. Nothing here touches the
     /// cache's file system.
-    pub fn create(cache: Arc<CacheDir>, identity: Identity, size: u64) -> Result<Self, String> {
+    /// With `refetch`, parts the disk cannot take in time are fetched again after the load
+    /// (see the module's note); without, they wait for room.
+    pub fn create(
+        cache: Arc<CacheDir>,
+        identity: Identity,
+        size: u64,
+        refetch: Option<Refetch>,
+    ) -> Result<Self, String> {
         Self::with_waits(
             cache,
             identity,
             size,
-            Waits { write: WRITE_WAIT, finish: FINISH_WAIT, stall: false },
+            Waits { write: WRITE_WAIT, finish: FINISH_WAIT, stall: false, miss: None },
+            refetch,
         )
     }
 
@@ -96,29 +147,58 @@ impl Writer {
         identity: Identity,
         size: u64,
         waits: Waits,
+        refetch: Option<Refetch>,
     ) -> Result<Self, String> {
         let (orders, rx) = std::sync::mpsc::channel();
         let (verdict_tx, verdict) = std::sync::mpsc::channel();
         let failed = Arc::new(AtomicBool::new(false));
         let path = cache.copy_path(&identity.name());
         let failed_too = Arc::clone(&failed);
-        let copy = Copy { cache, identity, size, failed: failed_too, stall: waits.stall };
+        let behind = refetch.is_some();
+        let missed = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let copy = Copy {
+            cache,
+            identity,
+            size,
+            failed: failed_too,
+            stall: waits.stall,
+            refetch,
+            missed: Arc::clone(&missed),
+        };
         let trace = crate::trace::current();
         std::thread::Builder::new()
             .name("gantry-cache".to_owned())
             .spawn(move || {
                 // Out of the trace before the verdict goes: the load may write its trace
                 // as soon as it has the verdict.
-                let text = {
+                let ran = {
                     let _in = crate::trace::enter(trace.as_ref(), "cache writer");
                     copy.run(&rx)
                 };
-                let _ = verdict_tx.send(text);
+                match ran {
+                    Ran::Done(text) => {
+                        let _ = verdict_tx.send(text);
+                    }
+                    Ran::Behind(partial, missed) => {
+                        copy.complete_behind(partial, missed, &verdict_tx)
+                    }
+                }
             })
             .map_err(|e| format!("starting the thread that writes {}: {e}", path.display()))?;
         let verdict = parking_lot::Mutex::new(verdict);
         let (waited, waited_ns) = (AtomicU64::new(0), AtomicU64::new(0));
-        Ok(Self { path, orders: Some(orders), verdict, failed, waits, waited, waited_ns })
+        Ok(Self {
+            path,
+            orders: Some(orders),
+            verdict,
+            failed,
+            waits,
+            waited,
+            waited_ns,
+            parts: AtomicU64::new(0),
+            behind,
+            missed,
+        })
     }
 
     /// Whether the copy still takes bytes (nothing has failed or stalled).
@@ -136,8 +216,19 @@ impl Writer {
             return;
         }
         let permits = len.div_ceil(PERMIT_BYTES).min(PENDING_BYTES_MAX / PERMIT_BYTES);
-        let budget = match PENDING.try_acquire_many(permits as u32) {
+        let parts = self.parts.fetch_add(1, Ordering::Relaxed) + 1;
+        let room = match self.waits.miss {
+            Some(k) if parts % k == 0 => Err(tokio::sync::TryAcquireError::NoPermits),
+            _ => PENDING.try_acquire_many(permits as u32),
+        };
+        let budget = match room {
             Ok(budget) => Ok(Ok(budget)),
+            Err(_) if self.behind => {
+                // The disk is behind the store: the GET goes on, the copy fetches these
+                // bytes again once the load is over.
+                self.missed.lock().push(offset..offset + len as u64);
+                return;
+            }
             Err(_) => {
                 let start = std::time::Instant::now();
                 let acquire = PENDING.acquire_many(permits as u32);
@@ -163,7 +254,7 @@ impl Writer {
             }
         };
         if let Some(orders) = &self.orders {
-            let _ = orders.send(Order::Piece(Piece { offset, chunks, _budget: budget }));
+            let _ = orders.send(Order::Piece(Piece { offset, chunks, _budget: Some(budget) }));
         }
     }
 
@@ -212,6 +303,19 @@ struct Copy {
     failed: Arc<AtomicBool>,
     #[cfg_attr(not(test), allow(dead_code))]
     stall: bool,
+    /// How missed ranges are fetched again, when they can be.
+    refetch: Option<Refetch>,
+    /// The ranges the load's GETs could not hand over in time (see [`Writer::write`]).
+    missed: Arc<parking_lot::Mutex<Vec<Range<u64>>>>,
+}
+
+/// What the copy's thread made of the load's orders.
+enum Ran {
+    /// The copy's verdict.
+    Done(String),
+    /// Whole but for ranges to fetch again behind the load (the object unchanged at the end
+    /// of the load).
+    Behind(Partial, Vec<Range<u64>>),
 }
 
 /// The temporary file of a copy, locked, and what has been written of it.
@@ -226,7 +330,7 @@ struct Partial {
 
 impl Copy {
     /// Writes the copy from `orders` and says what became of it.
-    fn run(&self, orders: &Receiver<Order>) -> String {
+    fn run(&self, orders: &Receiver<Order>) -> Ran {
         let mut partial = match self.create() {
             Ok(p) => Some(p),
             Err(e) => {
@@ -249,9 +353,13 @@ impl Copy {
                 }
                 Order::Finish(still_same) => {
                     let Some(p) = partial.take() else {
-                        return "not cached: the copy could not be written".to_owned();
+                        return Ran::Done("not cached: the copy could not be written".to_owned());
                     };
-                    return self.land(p, still_same);
+                    let missed = merged(std::mem::take(&mut *self.missed.lock()));
+                    if !missed.is_empty() && !self.failed() && still_same == Ok(true) {
+                        return Ran::Behind(p, missed);
+                    }
+                    return Ran::Done(self.land(p, still_same));
                 }
             }
         }
@@ -259,7 +367,57 @@ impl Copy {
         if let Some(p) = partial {
             let _ = self.cache.partial.unlink(&p.name);
         }
-        "not cached: the load ended first".to_owned()
+        Ran::Done("not cached: the load ended first".to_owned())
+    }
+
+    /// Tells the load the copy is being completed behind it, fetches the `missed` ranges
+    /// again, writes them and lands the copy; the outcome goes to the log and to
+    /// [`wait_behind`].
+    fn complete_behind(&self, mut p: Partial, missed: Vec<Range<u64>>, told: &Sender<String>) {
+        let bytes: u64 = missed.iter().map(|r| r.end - r.start).sum();
+        let path = self.cache.copy_path(&self.identity.name());
+        BEHIND.lock().0 += 1;
+        let _ = told.send(format!(
+            "being completed behind the load at {}: {bytes} bytes in {} ranges came faster than              the cache's disk took them and are fetched again",
+            path.display(),
+            missed.len()
+        ));
+        let start = Instant::now();
+        let fetched = self.fetch_again(&mut p, &missed);
+        let text = match fetched {
+            Ok(()) => self.land(p, Ok(true)),
+            Err(e) => {
+                let _ = self.cache.partial.unlink(&p.name);
+                format!("not cached: fetching {bytes} bytes again behind the load: {e}")
+            }
+        };
+        let text = format!(
+            "{}: {text} ({bytes} bytes fetched again, {:.3} s after the load)",
+            path.display(),
+            start.elapsed().as_secs_f64()
+        );
+        log::info!("cache: {text}");
+        let mut behind = BEHIND.lock();
+        behind.0 -= 1;
+        behind.1.push(text);
+        BEHIND_DONE.notify_all();
+    }
+
+    /// Fetches `missed` again ([`REFETCH_BYTES`] per GET) and writes it into `p`.
+    fn fetch_again(&self, p: &mut Partial, missed: &[Range<u64>]) -> Result<(), String> {
+        let refetch = self.refetch.as_ref().ok_or("the copy cannot fetch its object again")?;
+        for range in missed {
+            let mut at = range.start;
+            while at < range.end {
+                let n = (range.end - at).min(REFETCH_BYTES as u64) as usize;
+                let mut buf = vec![0u8; n];
+                refetch(at, &mut buf)?;
+                let piece = Piece { offset: at, chunks: vec![buf.into()], _budget: None };
+                self.put(p, &piece).map_err(|e| format!("writing at offset {at}: {e}"))?;
+                at += n as u64;
+            }
+        }
+        Ok(())
     }
 
     fn failed(&self) -> bool {
@@ -368,6 +526,19 @@ impl Copy {
     }
 }
 
+/// `ranges` sorted, touching or overlapping ones joined.
+fn merged(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    ranges.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges.into_iter().filter(|r| r.start < r.end) {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
 /// The bytes `at..at + len` of `chunks` laid end to end, as slices.
 fn slices(chunks: &[bytes::Bytes], at: u64, len: u64) -> impl Iterator<Item = &[u8]> {
     let mut start = 0u64;
@@ -448,7 +619,20 @@ pub(super) mod testing {
         wait: Duration,
         stall: bool,
     ) -> Writer {
-        let waits = Waits { write: wait, finish: wait, stall };
-        Writer::with_waits(cache, identity, size, waits).unwrap()
+        let waits = Waits { write: wait, finish: wait, stall, miss: None };
+        Writer::with_waits(cache, identity, size, waits, None).unwrap()
+    }
+
+    /// A writer whose every `miss`-th part finds no room, fetched again by `refetch`.
+    pub fn behind(
+        cache: Arc<CacheDir>,
+        identity: Identity,
+        size: u64,
+        miss: u64,
+        refetch: Refetch,
+    ) -> Writer {
+        let waits =
+            Waits { write: WRITE_WAIT, finish: FINISH_WAIT, stall: false, miss: Some(miss) };
+        Writer::with_waits(cache, identity, size, waits, Some(refetch)).unwrap()
     }
 }

@@ -145,6 +145,8 @@ pub fn successors(jobs: &[Job]) -> Vec<Option<usize>> {
 #[derive(Debug)]
 pub struct Net {
     extent_bytes: u64,
+    /// Whether GETs may cover several extents (the part size was not given).
+    join: bool,
     cap: usize,
     state: Mutex<State>,
 }
@@ -170,7 +172,23 @@ impl Net {
     pub fn new(extent_bytes: u64, cap: usize, memory_parts: usize) -> Self {
         let state =
             Mutex::new(State { memory_parts, ttfb_min_s: f64::INFINITY, ..State::default() });
-        Net { extent_bytes, cap, state }
+        Net { extent_bytes, join: true, cap, state }
+    }
+
+    /// The same with every GET one extent: the caller gave the part size.
+    pub fn fixed_parts(mut self) -> Self {
+        self.join = false;
+        self
+    }
+
+    fn choose(&self, measured: Option<(f64, f64)>, memory_parts: usize) -> Choice {
+        match self.join {
+            true => choose(measured, self.extent_bytes, self.cap, memory_parts),
+            false => Choice {
+                gets: in_flight(measured, self.extent_bytes, self.cap, memory_parts),
+                extents: 1,
+            },
+        }
     }
 
     /// Records one GET: its time to first byte, and its body's bytes and seconds.
@@ -192,14 +210,14 @@ impl Net {
     /// GETs to keep in flight now, and extents per GET (see [`choose`]).
     pub fn target(&self) -> Choice {
         let s = self.state.lock();
-        choose(Self::measured(&s), self.extent_bytes, self.cap, s.memory_parts)
+        self.choose(Self::measured(&s), s.memory_parts)
     }
 
     /// What was measured and chosen; `None` when no GET answered with a body.
     pub fn report(&self) -> Option<NetReport> {
         let s = self.state.lock();
         let (ttfb_s, rate) = Self::measured(&s)?;
-        let chosen = choose(Some((ttfb_s, rate)), self.extent_bytes, self.cap, s.memory_parts);
+        let chosen = self.choose(Some((ttfb_s, rate)), s.memory_parts);
         Some(NetReport {
             ttfb_ms: s.ttfb_s / s.gets as f64 * 1e3,
             ttfb_min_ms: ttfb_s * 1e3,
