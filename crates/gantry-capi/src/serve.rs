@@ -45,7 +45,9 @@ fn serve_device(device: Option<&str>) -> Result<Option<u32>, CallError> {
         None | Some("" | "cpu") => Ok(None),
         Some("cuda") => Ok(Some(0)),
         Some(text) => {
-            text.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Some).ok_or_else(|| {
+            let digits =
+                text.strip_prefix("cuda:").filter(|n| n.bytes().all(|b| b.is_ascii_digit()));
+            digits.and_then(|n| n.parse().ok()).map(Some).ok_or_else(|| {
                 CallError::invalid(format!(
                     "options->device '{}' is not a device: NULL, \"\", \"cpu\" or \"cuda:N\"",
                     text.escape_debug()
@@ -278,7 +280,17 @@ mod tests {
             assert_eq!(serve_device(text).unwrap(), want, "{text:?}");
         }
         assert_eq!(serve_device(Some("cuda:7")).unwrap(), Some(7));
-        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "cuda:4294967296", " cuda:0", "CUDA:0"] {
+        let bad_ones = [
+            "gpu",
+            "cuda:",
+            "cuda:x",
+            "cuda:-1",
+            "cuda:+1",
+            "cuda:4294967296",
+            " cuda:0",
+            "CUDA:0",
+        ];
+        for bad in bad_ones {
             let e = serve_device(Some(bad)).unwrap_err();
             assert!(format!("{e:?}").contains(&format!("'{bad}' is not a device")), "{e:?}");
         }

@@ -555,10 +555,14 @@ impl<'a> Exchange<'a> {
     /// Sums `slots` byte-wise across the ranks through `buffer` (device memory of at least
     /// `slots.len()` bytes that nothing else on the stream uses), in place.
     fn all_reduce_bytes(&mut self, buffer: u64, slots: &mut [u8], what: &str) -> Result<()> {
-        // The buffer holds `slots.len()` bytes; nothing on the stream uses it (the previous
-        // exchange through it was waited for).
-        self.device.copy_from_host(buffer, slots)?;
         self.device.bind()?;
+        // Queued on the exchange's stream, so the all-reduce after it reads these bytes (a
+        // synchronous copy from pageable memory may return before its DMA lands, and the
+        // stream does not wait for the default one).
+        // SAFETY: the buffer holds `slots.len()` bytes; nothing on the stream uses it (the
+        // previous exchange through it was waited for); `slots` is pageable (staged before
+        // the call returns).
+        unsafe { self.stream.copy_from_host(buffer, slots) }?;
         let op = format!("ncclAllReduce ({what})");
         let (ptr, stream, len) = (buffer as *mut c_void, self.stream.as_ptr().cast(), slots.len());
         let nccl = &self.comm.nccl;

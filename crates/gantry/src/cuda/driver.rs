@@ -156,6 +156,29 @@ impl CudaDevice {
         on
     }
 
+    /// Waits for every piece of work queued in the device's context (copies from pageable
+    /// memory included, which may return before their DMA lands).
+    pub(crate) fn synchronize(&self) -> Result<()> {
+        let _bound = self.bind_scoped()?;
+        // SAFETY: no preconditions beyond a current context.
+        unsafe { sys::cuCtxSynchronize() }.result().map_err(cuda_error("cuCtxSynchronize"))
+    }
+
+    /// Sets `len` bytes at device address `ptr` (device memory of this context) to zero, and
+    /// waits for it.
+    pub(crate) fn zero(&self, ptr: u64, len: usize) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let _bound = self.bind_scoped()?;
+        // SAFETY: the caller names device memory of this context, `len` bytes long.
+        unsafe { sys::cuMemsetD8_v2(ptr, 0, len) }
+            .result()
+            .map_err(cuda_error(format!("cuMemsetD8 of {len} bytes at {ptr:#x}")))?;
+        // SAFETY: as above.
+        unsafe { sys::cuCtxSynchronize() }.result().map_err(cuda_error("cuCtxSynchronize"))
+    }
+
     /// The ordinal (`N` of `cuda:N`).
     pub fn ordinal(&self) -> u32 {
         self.ordinal

@@ -31,6 +31,15 @@ impl Stream {
             .map_err(cuda_error("cuStreamCreate"))
     }
 
+    /// A new stream in the current context that waits, as the legacy default stream does,
+    /// for work queued before it on the default stream and on other blocking streams (a
+    /// caller's pending writes to a destination land first), and they for it.
+    pub(crate) fn blocking() -> Result<Self> {
+        result::stream::create(result::stream::StreamKind::Default)
+            .map(Self)
+            .map_err(cuda_error("cuStreamCreate"))
+    }
+
     /// The handle, for libraries that take a `cudaStream_t` (NCCL).
     pub(crate) fn as_ptr(&self) -> *mut c_void {
         self.0.cast()
@@ -51,11 +60,12 @@ impl Stream {
             .map_err(cuda_error("cuStreamWaitEvent"))
     }
 
-    /// Queues the copy of `bytes` (host memory) to device address `dest`.
+    /// Queues the copy of `bytes` (host memory) to device address `dest`, in the stream's
+    /// order. From pageable memory the driver stages the bytes before it returns.
     ///
     /// # Safety
-    /// `bytes` is page-locked and stays untouched until the stream has passed the copy; the
-    /// `bytes.len()` bytes at `dest` are device memory of the stream's context that nothing
+    /// `bytes` is pageable, or page-locked and untouched until the stream has passed the copy;
+    /// the `bytes.len()` bytes at `dest` are device memory of the stream's context that nothing
     /// else writes meanwhile.
     pub(crate) unsafe fn copy_from_host(&self, dest: u64, bytes: &[u8]) -> Result<()> {
         // SAFETY: per the contract.
@@ -112,6 +122,19 @@ impl Stream {
     /// The raw handle, for the copies of [`super::copy`].
     pub(super) fn raw(&self) -> sys::CUstream {
         self.0
+    }
+}
+
+/// Waits for a stream's work when dropped: for copies that read or write memory freed after
+/// it, on every way out of the code that queued them, a panic included.
+#[derive(Debug)]
+pub(crate) struct WaitOnDrop<'a>(pub(crate) &'a Stream);
+
+impl Drop for WaitOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.synchronize("copies still queued on the way out") {
+            log::warn!("{e}");
+        }
     }
 }
 

@@ -180,7 +180,7 @@ pub fn pinned_h2d(
     device: &std::sync::Arc<crate::CudaDevice>,
     total_bytes: usize,
 ) -> crate::Result<Measured> {
-    use crate::cuda::stream::Stream;
+    use crate::cuda::stream::{Stream, WaitOnDrop};
     const PIECE: usize = 64 << 20;
     let buffer_bytes = 1 << 30;
     // The device's context is current for the streams and copies below, and the caller's
@@ -190,6 +190,8 @@ pub fn pinned_h2d(
     let _pinned = crate::cuda::PinnedHost::new(std::sync::Arc::clone(&arena), device)?;
     let target = device.alloc(buffer_bytes, "the host-to-device ceiling")?;
     let streams: Vec<Stream> = (0..4).map(|_| Stream::new()).collect::<crate::Result<_>>()?;
+    // Every way out, an error included, waits for the copies before the buffers go.
+    let _waited: Vec<WaitOnDrop<'_>> = streams.iter().map(WaitOnDrop).collect();
     // SAFETY: the arena is mapped and page-locked for `buffer_bytes`; nothing else uses it.
     let source = unsafe { std::slice::from_raw_parts(arena.base(), buffer_bytes) };
     let copy = |bytes: usize| -> crate::Result<()> {
@@ -209,7 +211,6 @@ pub fn pinned_h2d(
     let start = Instant::now();
     copy(total_bytes)?;
     let seconds = start.elapsed().as_secs_f64();
-    drop(streams); // waited for above; destroyed before the buffers they copied between
     Ok(Measured { bytes: total_bytes as u64, seconds })
 }
 

@@ -29,7 +29,7 @@ use gantry_format::Checkpoint;
 use serde_json::{json, Value};
 
 use super::protocol::{DeviceShare, FDS_PER_MESSAGE};
-use crate::cuda::stream::{Event, Stream};
+use crate::cuda::stream::{Event, Stream, WaitOnDrop};
 use crate::cuda::{CudaDevice, DeviceBuffer, ImportedBuffer, IpcHandle};
 use crate::error::{Error, Result};
 use crate::{FileReport, LoadReport, ReaderKind};
@@ -83,6 +83,10 @@ impl Residency {
                 device.copy_from_host(buffer.ptr() + done, &chunk)?;
                 done += n as u64;
             }
+            // The padding readers may map holds zeros, not an earlier allocation's bytes; and
+            // every copy from pageable memory has landed before a reader gets the handle.
+            device.zero(buffer.ptr() + len, rounded - len_usize)?;
+            device.synchronize()?;
             let handle = buffer.ipc_handle()?;
             out.push(Some((buffer, handle)));
         }
@@ -147,8 +151,13 @@ pub(crate) fn fill(
     let mut per_file = vec![0u64; checkpoint.files.len()];
     // Every run's copy queued on one stream, an event after each; a run's tensors are ready
     // once its event has passed (a device-to-device copy does not wait for itself).
+    // A blocking stream: the copies wait for what the caller queued before on the default
+    // stream (a `torch.zeros` of the destination, say), as `cuMemcpy` did.
     let _bound = device.bind_scoped()?;
-    let stream = Stream::new()?;
+    let stream = Stream::blocking()?;
+    // Whatever way this returns or unwinds (a panicking `on_ready`), no copy still runs once
+    // the mappings and the destinations may go.
+    let _waited = WaitOnDrop(&stream);
     let mut queued = Vec::new();
     for run in runs(checkpoint, targets) {
         let Some(source) = &mapped[run.file] else { continue };

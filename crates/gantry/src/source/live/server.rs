@@ -52,8 +52,10 @@ pub struct ServerOptions {
     /// host to copy from or alias over CUDA IPC, beside the host memory (default: none).
     pub device: Option<u32>,
     /// Most connections (leases) one user may hold at once, 1 to [`CONNECTIONS_MAX`]
-    /// (default [`CONNECTIONS_PER_USER_DEFAULT`]). A process that opens a source again holds
-    /// two for a moment (the new lease is taken before the old one ends).
+    /// (default [`CONNECTIONS_PER_USER_DEFAULT`]; with a `mode` that lets no other user in,
+    /// the default is [`CONNECTIONS_MAX`]: a cap per user would protect nobody). A process
+    /// that opens a source again holds two for a moment (the new lease is taken before the
+    /// old one ends).
     pub max_connections_per_user: usize,
 }
 
@@ -74,7 +76,9 @@ pub struct Server {
     shared: Arc<Shared>,
     url: String,
     socket: SocketFile,
-    accept: Option<JoinHandle<()>>,
+    /// The accept thread; it hands the listening socket back when it ends, so that the
+    /// socket file's inode stays this server's until the file is removed.
+    accept: Option<JoinHandle<OwnedFd>>,
     device: Option<Arc<CudaDevice>>,
 }
 
@@ -151,7 +155,12 @@ impl Server {
         let path = std::path::absolute(path.as_ref()).map_err(|e| Error::Config(e.to_string()))?;
         let url = super::url_of(&path);
         let fail = |message: String| Error::Live { url: url.clone(), message };
-        let per_user_max = options.max_connections_per_user;
+        // At the default mode (this user alone, and root) a cap per user protects nobody: the
+        // default cap then is the total.
+        let per_user_max = match options.max_connections_per_user {
+            CONNECTIONS_PER_USER_DEFAULT if options.mode & 0o077 == 0 => CONNECTIONS_MAX,
+            n => n,
+        };
         if !(1..=CONNECTIONS_MAX).contains(&per_user_max) {
             return Err(Error::Config(format!(
                 "{url}: max_connections_per_user {per_user_max}: 1 to {CONNECTIONS_MAX}"
@@ -159,8 +168,8 @@ impl Server {
         }
         // The GPU first: a server that cannot keep what it was asked to fails before binding.
         let device = options.device.map(CudaDevice::open).transpose()?;
-        socket_file::check_path(&path).map_err(&fail)?;
-        let (listener, socket) = socket_file::bind(&path, options.mode).map_err(&fail)?;
+        let stale = socket_file::check_path(&path).map_err(&fail)?;
+        let (listener, socket) = socket_file::bind(&path, options.mode, stale).map_err(&fail)?;
         let shared = Arc::new(Shared {
             book: Mutex::default(),
             stop: AtomicBool::new(false),
@@ -171,7 +180,10 @@ impl Server {
             let (shared, hello) = (Arc::clone(&shared), options.hello_timeout);
             std::thread::Builder::new()
                 .name("gantry-serve".into())
-                .spawn(move || accept_loop(&listener, &shared, hello))
+                .spawn(move || {
+                    accept_loop(&listener, &shared, hello);
+                    listener
+                })
                 .map_err(|e| fail(format!("starting the accept thread: {e}")))?
         };
         Ok(Self { shared, url, socket, accept: Some(accept), device })
@@ -244,9 +256,13 @@ impl Server {
 
     fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
+        // Held until the file is removed: while the socket is open its inode cannot be
+        // reused by a file someone else puts at the path.
+        let mut _listener = None;
         if let Some(accept) = self.accept.take() {
-            if accept.join().is_err() {
-                log::warn!("{}: the accept thread panicked", self.url);
+            match accept.join() {
+                Ok(listener) => _listener = Some(listener),
+                Err(_) => log::warn!("{}: the accept thread panicked", self.url),
             }
         }
         match self.socket.remove() {

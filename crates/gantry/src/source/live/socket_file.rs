@@ -31,6 +31,8 @@ use super::protocol;
 
 /// The name of the socket inside a private directory.
 const INSIDE: &CStr = c"s";
+/// The name a stale socket takes in the private directory while it is checked.
+const STALE: &CStr = c"stale";
 
 /// A socket this server bound: the directory it was renamed into (held open, so a rename of
 /// that directory does not matter), its name there and its identity.
@@ -55,11 +57,11 @@ pub(super) enum Removed {
     Left(String),
 }
 
-/// What may be at the socket path: nothing, or a socket nobody answers on (replaced by the
-/// rename that puts the new socket in place).
-pub(super) fn check_path(path: &Path) -> Result<(), String> {
+/// What may be at the socket path: nothing (`None`), or a socket nobody answers on (its
+/// device and inode: [`bind`] replaces it only while that very file is there).
+pub(super) fn check_path(path: &Path) -> Result<Option<(u64, u64)>, String> {
     let meta = match fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("stat of the socket path: {e}")),
         Ok(meta) => meta,
     };
@@ -78,20 +80,30 @@ pub(super) fn check_path(path: &Path) -> Result<(), String> {
         }
         Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
             log::info!("{}: a stale socket (nobody answers): replacing it", path.display());
-            Ok(())
+            Ok(Some((
+                std::os::unix::fs::MetadataExt::dev(&meta),
+                std::os::unix::fs::MetadataExt::ino(&meta),
+            )))
         }
         Err(e) => Err(format!("cannot tell whether a server answers on this socket: {e}")),
     }
 }
 
 /// A listening socket bound in a private directory beside `path`, given `mode`, and renamed
-/// to `path` (over a stale socket), with the [`SocketFile`] that removes it. Every step after
+/// to `path`, with the [`SocketFile`] that removes it. `stale` is what [`check_path`] found:
+/// that socket is moved aside and removed only if it is still the file at the path, and the
+/// new socket goes in place only where nothing is (`RENAME_NOREPLACE`): a file someone puts
+/// at the path meanwhile is never replaced. Every step after
 /// creating the directory goes through handles: the directory is opened with `O_NOFOLLOW` and
 /// must be this user's and closed to others, the socket is bound, given its mode, identified
 /// and renamed relative to that handle. (With names, a user who may write the parent could
 /// rename the private directory away and put one with a symbolic link `s` in its place: a root
 /// server would then change the mode of the link's target.)
-pub(super) fn bind(path: &Path, mode: u32) -> Result<(OwnedFd, SocketFile), String> {
+pub(super) fn bind(
+    path: &Path,
+    mode: u32,
+    stale: Option<(u64, u64)>,
+) -> Result<(OwnedFd, SocketFile), String> {
     let parent_path = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -101,7 +113,7 @@ pub(super) fn bind(path: &Path, mode: u32) -> Result<(OwnedFd, SocketFile), Stri
         .map_err(|e| format!("opening {}: {e}", parent_path.display()))?;
     let private = Private::make(&parent, parent_path)?;
     let name = cstring(last)?;
-    let bound = bind_in(&private.dir, &parent, &name, mode);
+    let bound = bind_in(&private.dir, &parent, &name, mode, stale);
     private.remove();
     let (listener, identity) = bound?;
     let socket = SocketFile { parent, parent_path: parent_path.to_owned(), name, identity };
@@ -115,6 +127,7 @@ fn bind_in(
     parent: &OwnedFd,
     name: &CStr,
     mode: u32,
+    stale: Option<(u64, u64)>,
 ) -> Result<(OwnedFd, (u64, u64)), String> {
     let fd = protocol::socket().map_err(|e| format!("socket: {e}"))?;
     let inside = PathBuf::from(format!("/proc/self/fd/{}/s", dir.as_raw_fd()));
@@ -127,14 +140,15 @@ fn bind_in(
             return Err(format!("chmod: {}", std::io::Error::last_os_error()));
         }
         let identity = identity_at(dir, INSIDE).map_err(|e| format!("fstatat: {e}"))?;
-        // SAFETY: valid descriptors and names.
-        let r = unsafe {
-            libc::renameat(dir.as_raw_fd(), INSIDE.as_ptr(), parent.as_raw_fd(), name.as_ptr())
-        };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(format!("moving the socket into place: {e}"));
+        if let Some(stale) = stale {
+            remove_stale(dir, parent, name, stale)?;
         }
+        rename_noreplace(dir, INSIDE, parent, name).map_err(|e| match e.raw_os_error() {
+            Some(libc::EEXIST) => {
+                "something appeared at the socket path while binding: left in place".to_owned()
+            }
+            _ => format!("moving the socket into place: {e}"),
+        })?;
         Ok(identity)
     })();
     if done.is_err() {
@@ -142,6 +156,40 @@ fn bind_in(
         unsafe { libc::unlinkat(dir.as_raw_fd(), INSIDE.as_ptr(), 0) };
     }
     done.map(|identity| (fd, identity))
+}
+
+/// Moves what is at `name` in `parent` aside into `dir` and unlinks it there if it is still
+/// the stale socket `stale`; anything else goes back (never replacing what appeared since).
+fn remove_stale(
+    dir: &OwnedFd,
+    parent: &OwnedFd,
+    name: &CStr,
+    stale: (u64, u64),
+) -> Result<(), String> {
+    // SAFETY: valid descriptors and NUL-terminated names.
+    let r = unsafe {
+        libc::renameat(parent.as_raw_fd(), name.as_ptr(), dir.as_raw_fd(), STALE.as_ptr())
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOENT) => Ok(()), // gone meanwhile
+            _ => Err(format!("moving the stale socket aside: {e}")),
+        };
+    }
+    if identity_at(dir, STALE).is_ok_and(|id| id == stale) {
+        // SAFETY: valid descriptor and name, in a directory only this user may write.
+        unsafe { libc::unlinkat(dir.as_raw_fd(), STALE.as_ptr(), 0) };
+        return Ok(());
+    }
+    match rename_noreplace(dir, STALE, parent, name) {
+        Ok(()) => Err("the file at the socket path changed while binding: left in place".into()),
+        Err(e) => Err(format!(
+            "the file at the socket path changed while binding and cannot go back ({e}): it is \
+             in the private directory beside it, renamed '{}'",
+            STALE.to_string_lossy()
+        )),
+    }
 }
 
 impl SocketFile {
@@ -284,15 +332,26 @@ impl Private {
     }
 }
 
-/// Renames `s` in `dir` to `name` in `parent` unless something is there (`RENAME_NOREPLACE`;
-/// where the file system lacks it, a hard link, which never replaces either).
+/// Renames `s` in `dir` to `name` in `parent` unless something is there.
 fn put_back(dir: &OwnedFd, parent: &OwnedFd, name: &CStr) -> std::io::Result<()> {
+    rename_noreplace(dir, INSIDE, parent, name)
+}
+
+/// Renames `from` in `dir` to `name` in `parent` unless something is there
+/// (`RENAME_NOREPLACE`; where the file system lacks it, a hard link, which never replaces
+/// either): `EEXIST` then.
+fn rename_noreplace(
+    dir: &OwnedFd,
+    from: &CStr,
+    parent: &OwnedFd,
+    name: &CStr,
+) -> std::io::Result<()> {
     // SAFETY: valid descriptors and NUL-terminated names; renameat2 only reads them.
     let r = unsafe {
         libc::syscall(
             libc::SYS_renameat2,
             dir.as_raw_fd(),
-            INSIDE.as_ptr(),
+            from.as_ptr(),
             parent.as_raw_fd(),
             name.as_ptr(),
             libc::RENAME_NOREPLACE,
@@ -306,14 +365,13 @@ fn put_back(dir: &OwnedFd, parent: &OwnedFd, name: &CStr) -> std::io::Result<()>
         return Err(e);
     }
     // SAFETY: as above.
-    if unsafe {
-        libc::linkat(dir.as_raw_fd(), INSIDE.as_ptr(), parent.as_raw_fd(), name.as_ptr(), 0)
-    } != 0
+    if unsafe { libc::linkat(dir.as_raw_fd(), from.as_ptr(), parent.as_raw_fd(), name.as_ptr(), 0) }
+        != 0
     {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: valid descriptor and name; the file lives on at `name`.
-    unsafe { libc::unlinkat(dir.as_raw_fd(), INSIDE.as_ptr(), 0) };
+    unsafe { libc::unlinkat(dir.as_raw_fd(), from.as_ptr(), 0) };
     Ok(())
 }
 
@@ -393,11 +451,43 @@ mod tests {
         names.filter(|n| n.starts_with(".gantry-serve-")).collect()
     }
 
+    /// What appears at the path between the check and the bind is never replaced: a file
+    /// where nothing was, or another file where a stale socket was.
+    #[test]
+    fn binding_never_replaces_what_appeared_after_the_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        assert_eq!(check_path(&path), Ok(None));
+        fs::write(&path, b"theirs").unwrap();
+        let e = bind(&path, 0o600, None).map(|_| ()).unwrap_err();
+        assert!(e.contains("appeared"), "{e}");
+        assert_eq!(fs::read(&path).unwrap(), b"theirs");
+        fs::remove_file(&path).unwrap();
+        // A stale socket (bound, its listener gone), then swapped for a file.
+        let (listener, _socket) = bind(&path, 0o600, None).unwrap();
+        drop(listener);
+        let stale = check_path(&path).unwrap();
+        assert!(stale.is_some(), "a socket nobody answers on is stale");
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, b"theirs too").unwrap();
+        let e = bind(&path, 0o600, stale).map(|_| ()).unwrap_err();
+        assert!(e.contains("changed while binding"), "{e}");
+        assert_eq!(fs::read(&path).unwrap(), b"theirs too");
+        // The stale socket itself is replaced.
+        fs::remove_file(&path).unwrap();
+        let (listener, _socket) = bind(&path, 0o600, None).unwrap();
+        drop(listener);
+        let stale = check_path(&path).unwrap();
+        let (_listener, socket) = bind(&path, 0o600, stale).unwrap();
+        assert_eq!(socket.remove(), Ok(Removed::Ours));
+        assert_eq!(leftovers(dir.path()), Vec::<String>::new());
+    }
+
     #[test]
     fn the_socket_is_removed_only_while_it_is_ours() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
-        let (listener, socket) = bind(&path, 0o600).unwrap();
+        let (listener, socket) = bind(&path, 0o600, None).unwrap();
         assert!(fs::symlink_metadata(&path).unwrap().file_type().is_socket());
         assert_eq!(socket.remove(), Ok(Removed::Ours));
         assert!(fs::symlink_metadata(&path).is_err());
@@ -405,7 +495,7 @@ mod tests {
         drop(listener);
         // Bound again, then moved away and replaced by another file: that file stays, and so
         // does the socket where it was moved.
-        let (_listener, socket) = bind(&path, 0o600).unwrap();
+        let (_listener, socket) = bind(&path, 0o600, None).unwrap();
         fs::rename(&path, dir.path().join("moved")).unwrap();
         fs::write(&path, b"theirs").unwrap();
         assert!(matches!(socket.remove(), Ok(Removed::Left(_))));
@@ -420,7 +510,7 @@ mod tests {
     fn a_file_that_cannot_go_back_stays_aside() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
-        let (_listener, socket) = bind(&path, 0o600).unwrap();
+        let (_listener, socket) = bind(&path, 0o600, None).unwrap();
         fs::remove_file(&path).unwrap();
         fs::write(&path, b"first").unwrap();
         let private = Private::make(&socket.parent, dir.path()).unwrap();
