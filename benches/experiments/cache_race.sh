@@ -91,7 +91,9 @@ for round in $(seq $ROUNDS); do
     rm -rf $CACHE; drop; WITH=$BASELINE load $round first-base s3://weights/race/ --cache-dir $CACHE
   fi
   drop; load $round store s3://weights/race/
-  rm -rf $CACHE; drop; load $round first s3://weights/race/ --cache-dir $CACHE
+  rm -rf $CACHE; drop; t1=$(date +%s.%N); load $round first s3://weights/race/ --cache-dir $CACHE
+  echo "$round (the first load's process, until its copies landed: $(awk "BEGIN {printf \"%.2f\", $(date +%s.%N) - $t1}") s)"
+  grep -h "fetched again" $OUT/first-$round.err | sed 's/^/    /' | head -n 8
   t0=$(date +%s.%N); sync; echo "$round (the first load's copies reached the disk $(awk "BEGIN {printf \"%.2f\", $(date +%s.%N) - $t0}") s after it returned)"
   drop; load $round cached s3://weights/race/ --cache-dir $CACHE
   grep -q '"reason":"from the cache' $OUT/cached-$round.json || { echo "the cached load did not read the cache"; exit 1; }
