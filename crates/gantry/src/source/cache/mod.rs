@@ -48,9 +48,11 @@
 //! **The load never waits on the cache.** Every operation on the cache's file system runs on
 //! a thread of its own: the lookup (bounded by [`LOOKUP_WAIT`]), each copy's writes, its record
 //! and its rename (bounded by [`FINISH_WAIT`] at the end of the load); the memory a copy may
-//! hold while its disk is behind is bounded ([`PENDING_BYTES_MAX`]), and a part that waits
-//! longer than [`WRITE_WAIT`] for room stops that copy. A stalled or full cache costs a
-//! warning and the copy, never the load.
+//! hold while its disk is behind is bounded ([`PENDING_BYTES_MAX`]). A copy a load writes
+//! through can fetch its object again: a part that finds no room is then not waited for, and
+//! the copy completes behind the load ([`writer`], [`wait_behind`]); a copy that cannot (none
+//! today outside the unit tests) waits at most [`WRITE_WAIT`] for room, then stops. A stalled
+//! or full cache costs a warning and the copy, never the load.
 
 pub mod check;
 mod fs;
