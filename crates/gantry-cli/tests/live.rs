@@ -126,16 +126,10 @@ fn serve_then_load_and_inspect_bit_exact_with_the_version_and_a_clean_sigterm() 
     let socket = dir.path().join("s");
     let url = format!("unix://{}", socket.display());
     let mut server = serve(&source, &socket, &[]);
-    let out = stdout(&gantry(&["load", &url, "--json", "--checksum", "xxh3"]));
-    let json: Value = serde_json::from_str(&out).unwrap();
+    let loaded = gantry(&["load", &url, "--json", "--checksum", "xxh3"]);
+    let json: Value = serde_json::from_str(&stdout(&loaded)).unwrap();
     assert_eq!(json["version"], server.version.as_str());
-    let mut got: Vec<(String, String)> = json["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| (t["name"].as_str().unwrap().to_owned(), t["xxh3"].as_str().unwrap().to_owned()))
-        .collect();
-    got.sort();
+    let got = checksums(&loaded);
     assert_eq!(got, reference_xxh3(&dir.path().join("m")));
     let out = stdout(&gantry(&["inspect", &url, "--json"]));
     let json: Value = serde_json::from_str(&out).unwrap();
@@ -181,17 +175,7 @@ fn a_server_killed_mid_load_ends_the_load_correct_or_cleanly_and_its_socket_is_r
         }
         let out = load.wait_with_output().unwrap();
         if out.status.success() {
-            let json: Value = serde_json::from_slice(&out.stdout).unwrap();
-            let mut got: Vec<(String, String)> = json["tensors"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| {
-                    (t["name"].as_str().unwrap().to_owned(), t["xxh3"].as_str().unwrap().to_owned())
-                })
-                .collect();
-            got.sort();
-            assert_eq!(got, expected, "a load that succeeded delivered other bytes");
+            assert_eq!(checksums(&out), expected, "a load that succeeded delivered other bytes");
         } else {
             let err = error_line(&out);
             assert!(err.contains("unix://"), "{err}");
