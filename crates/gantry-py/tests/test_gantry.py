@@ -580,6 +580,13 @@ class HostTests(WithCheckpoint):
     def test_version(self):
         self.assertRegex(gantry.__version__, r"^\d+\.\d+\.\d+")
 
+    def test_waiting_for_cache_copies_with_none_behind_returns_at_once(self):
+        # No load of this process wrote a cache copy behind it: nothing to wait for.
+        self.assertEqual(gantry.wait_for_cache_copies(0), ([], 0))
+        for bad in (-1.0, float("nan"), float("inf")):
+            with self.assertRaises(ValueError):
+                gantry.wait_for_cache_copies(bad)
+
 
 def free_port():
     """A free loopback port whose gRPC twin (+10000) is free too."""
