@@ -56,6 +56,9 @@ pub type Refetch = Box<dyn Fn(u64, &mut [u8]) -> Result<(), String> + Send>;
 static BEHIND: parking_lot::Mutex<(usize, Vec<String>)> = parking_lot::Mutex::new((0, Vec::new()));
 static BEHIND_DONE: parking_lot::Condvar = parking_lot::Condvar::new();
 
+/// Outcomes kept for [`wait_behind`] at most (the latest; each is also logged).
+const BEHIND_NOTES_MAX: usize = 256;
+
 /// Waits at most `timeout` for the copies being completed behind their loads (every load of
 /// the process); returns what became of those that ended since the last call, and how many
 /// are still running. A process that exits before they end leaves their temporary files for
@@ -399,6 +402,9 @@ impl Copy {
         log::info!("cache: {text}");
         let mut behind = BEHIND.lock();
         behind.0 -= 1;
+        if behind.1.len() >= BEHIND_NOTES_MAX {
+            behind.1.remove(0); // a long-lived process nobody asks: the latest are kept
+        }
         behind.1.push(text);
         BEHIND_DONE.notify_all();
     }
