@@ -377,6 +377,103 @@ fn digests_of(bytes: &[u8], local: &Checkpoint) -> serde_json::Value {
     serde_json::Value::Object(map)
 }
 
+/// The lease holder of `another_user_keeps_at_most_two_old_versions`: run as another user,
+/// takes a lease on `GANTRY_HOLD_URL` for each line read, prints `HELD <version>` or
+/// `REFUSED <error>`, and keeps every lease until its standard input closes.
+#[test]
+fn hold_child() {
+    let Ok(url) = std::env::var("GANTRY_HOLD_URL") else { return };
+    let mut held = Vec::new();
+    for _ in std::io::stdin().lines().map_while(Result::ok) {
+        match Lease::acquire_with(&url, Duration::from_secs(10)) {
+            Ok(lease) => {
+                println!("HELD {}", lease.version());
+                held.push(lease);
+            }
+            Err(e) => println!("REFUSED {e}"),
+        }
+    }
+}
+
+/// Another user the socket's mode lets in may keep at most `OLD_VERSIONS_PER_USER` (2)
+/// superseded publications alive with its leases: past that it is refused a new lease until it
+/// lets the old ones go (each is a whole publication in memory); the server's own user is not
+/// limited.
+#[test]
+fn another_user_keeps_at_most_two_old_versions() {
+    use std::io::{BufRead, Write};
+    if std::env::var_os("GANTRY_SKIP_ROOT_TESTS").is_some() {
+        eprintln!(
+            "skipped: GANTRY_SKIP_ROOT_TESTS is set (this test runs a reader as another user)"
+        );
+        return;
+    }
+    assert_eq!(
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() },
+        0,
+        "this test runs a reader as another user with setpriv: run it as root, or set \
+         GANTRY_SKIP_ROOT_TESTS=1 to skip it"
+    );
+    assert_eq!(gantry::live::server::OLD_VERSIONS_PER_USER, 2);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .unwrap();
+    let socket = dir.path().join("s");
+    let options = ServerOptions { mode: 0o666, ..ServerOptions::default() };
+    let server = Server::start(&socket, &options).unwrap();
+    let publish = |k: u8| server.publish_tensors(vec![("x", Dtype::U8, &[1u64][..], &[k][..])]);
+    let mut versions = vec![publish(1).unwrap()];
+    let mut child = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "hold_child", "--nocapture", "--test-threads=1"])
+        .env("GANTRY_HOLD_URL", url(&socket))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv (util-linux) runs the reader as another user");
+    let mut to = child.stdin.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            // The harness prints `test hold_child ... ` before the first line, unended.
+            for key in ["HELD ", "REFUSED "] {
+                if let Some((_, rest)) = line.split_once(key) {
+                    let _ = tx.send(format!("{key}{rest}"));
+                }
+            }
+        }
+    });
+    let mut acquire = || {
+        writeln!(to, "acquire").unwrap();
+        rx.recv_timeout(Duration::from_secs(30)).expect("the reader answers")
+    };
+    assert_eq!(acquire(), format!("HELD {}", versions[0]));
+    versions.push(publish(2).unwrap());
+    assert_eq!(acquire(), format!("HELD {}", versions[1]));
+    versions.push(publish(3).unwrap());
+    let refused = acquire();
+    assert!(
+        refused.starts_with("REFUSED")
+            && refused.contains("uid 65534 holds leases on 2 older versions"),
+        "{refused}"
+    );
+    // The two old versions stay for their leases, and the current one.
+    assert_eq!(wait_held(&server, |h| h.len() == 3).len(), 3, "{:?}", server.held());
+    // The server's own user is not limited.
+    let u = url(&socket);
+    let mine: Vec<Lease> =
+        (0..3).map(|_| Lease::acquire_with(&u, Duration::from_secs(10)).unwrap()).collect();
+    drop(mine);
+    drop(acquire);
+    drop(to); // the reader lets its leases go: the old versions are freed
+    assert!(child.wait().unwrap().success());
+    assert_eq!(wait_held(&server, |h| h.len() == 1).len(), 1, "{:?}", server.held());
+    server.close();
+}
+
 fn acquire_error(url: &str) -> String {
     with_deadline(Duration::from_secs(20), {
         let url = url.to_owned();

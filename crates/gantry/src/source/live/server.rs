@@ -41,6 +41,12 @@ pub const CONNECTIONS_MAX: usize = 1024;
 /// [`CONNECTIONS_MAX`], so that a user who takes all of theirs leaves the rest to others.
 pub const CONNECTIONS_PER_USER_DEFAULT: usize = CONNECTIONS_MAX / 4;
 
+/// Versions older than the current one that one user other than the server's own (and root)
+/// may keep alive with its leases: each is a whole publication held in memory, so a reader
+/// that keeps connections open across republishing is refused a new lease past this, until
+/// it lets the old ones go.
+pub const OLD_VERSIONS_PER_USER: usize = 2;
+
 /// How a server binds and waits.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -105,6 +111,17 @@ struct Shared {
 struct Connections {
     total: usize,
     per_user: HashMap<u32, usize>,
+    /// Per user, the versions its leases hold (one entry per lease).
+    leases: HashMap<u32, Vec<u64>>,
+}
+
+/// Distinct versions among `held` other than `current`: the old publications a user keeps
+/// in memory.
+fn old_versions(held: &[u64], current: u64) -> usize {
+    let mut old: Vec<u64> = held.iter().copied().filter(|&v| v != current).collect();
+    old.sort_unstable();
+    old.dedup();
+    old.len()
 }
 
 /// One connection's place in [`Shared::connections`], given back on drop: when its lease
@@ -347,7 +364,7 @@ fn accept_loop(listener: &OwnedFd, shared: &Arc<Shared>, hello: Duration) {
         };
         let shared = Arc::clone(shared);
         let spawned = std::thread::Builder::new().name("gantry-lease".into()).spawn(move || {
-            serve(&connection, &shared, hello);
+            serve(&connection, &shared, hello, slot.uid);
             drop(slot);
         });
         if let Err(e) = spawned {
@@ -364,7 +381,7 @@ fn refuse(connection: &OwnedFd, message: &str) {
 }
 
 /// One connection: `HELLO`, the lease, then waiting for its end.
-fn serve(connection: &OwnedFd, shared: &Shared, hello: Duration) {
+fn serve(connection: &OwnedFd, shared: &Shared, hello: Duration, uid: u32) {
     if let Err(e) = protocol::set_timeouts(connection.as_fd(), Some(hello)) {
         log::warn!("a connection: setting timeouts: {e}");
         return;
@@ -381,11 +398,41 @@ fn serve(connection: &OwnedFd, shared: &Shared, hello: Duration) {
         refuse(connection, "nothing is published yet");
         return;
     };
-    let sent = send_lease(connection, &published, wants_device);
+    let held = {
+        let mut c = shared.connections.lock();
+        let mine = c.leases.entry(uid).or_default();
+        let old = old_versions(mine, v);
+        if old >= OLD_VERSIONS_PER_USER && !device_allowed(Some(uid)) {
+            Err(format!(
+                "uid {uid} holds leases on {old} older versions (at most \
+                 {OLD_VERSIONS_PER_USER} per user): close the loads that hold them first"
+            ))
+        } else {
+            mine.push(v);
+            Ok(())
+        }
+    };
+    match &held {
+        Ok(()) => match send_lease(connection, &published, wants_device) {
+            Err(e) => log::info!("a lease could not be sent: {e}"),
+            Ok(()) => wait_for_end(connection),
+        },
+        Err(message) => {
+            log::info!("a connection refused: {message}");
+            refuse(connection, message);
+        }
+    }
     drop(published);
-    match sent {
-        Err(e) => log::info!("a lease could not be sent: {e}"),
-        Ok(()) => wait_for_end(connection),
+    if held.is_ok() {
+        let mut c = shared.connections.lock();
+        if let Some(mine) = c.leases.get_mut(&uid) {
+            if let Some(k) = mine.iter().position(|&h| h == v) {
+                mine.swap_remove(k);
+            }
+            if mine.is_empty() {
+                c.leases.remove(&uid);
+            }
+        }
     }
     let freed = shared.book.lock().release(v);
     if let Some(old) = freed {
@@ -524,6 +571,15 @@ impl TerminationSignals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The old versions a user's leases keep: distinct, the current one not counted.
+    #[test]
+    fn old_versions_count_distinct_versions_but_the_current() {
+        assert_eq!(old_versions(&[], 7), 0);
+        assert_eq!(old_versions(&[7, 7, 7], 7), 0);
+        assert_eq!(old_versions(&[3, 7, 3, 5], 7), 2);
+        assert_eq!(old_versions(&[3, 5, 6], 7), 3);
+    }
 
     /// Device handles go to this user and root only; another user, or one unknown, reads the
     /// sealed memfds.
