@@ -467,7 +467,6 @@ fn another_user_keeps_at_most_two_old_versions() {
     let mine: Vec<Lease> =
         (0..3).map(|_| Lease::acquire_with(&u, Duration::from_secs(10)).unwrap()).collect();
     drop(mine);
-    drop(acquire);
     drop(to); // the reader lets its leases go: the old versions are freed
     assert!(child.wait().unwrap().success());
     assert_eq!(wait_held(&server, |h| h.len() == 1).len(), 1, "{:?}", server.held());
