@@ -478,7 +478,7 @@ impl<'a> Exchange<'a> {
     }
 
     /// Makes [`Exchange::connect`] check that every rank holds the same `agreement`
-    /// (checkpoint and plan: [`super::agree`]) before the first exchange.
+    /// (checkpoint and plan: `coop::agree`) before the first exchange.
     pub fn agree_on(&mut self, agreement: Agreement) {
         self.agreement = Some(agreement);
     }

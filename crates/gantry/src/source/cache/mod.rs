@@ -15,7 +15,7 @@
 //! **Trust model.** The cache directory is shared ground: nothing in it is believed because
 //! of where it is. Below the directory nothing is followed as a link: the directory is opened
 //! once and every name below it is one component opened relative to that handle with
-//! `O_NOFOLLOW` ([`fs`]); files are created with `O_EXCL` under random names and renamed into
+//! `O_NOFOLLOW` (the private `fs` module); files are created with `O_EXCL` under random names and renamed into
 //! place. What the cache writes is private by default: directories `0700`, copies `0600`; in
 //! shared mode (`Config::cache_shared`) directories are `2770` (setgid, so everything in them
 //! takes the cache directory's group) and copies `0640`, and the cache trusts every member of

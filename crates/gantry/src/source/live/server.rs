@@ -2,11 +2,11 @@
 //!
 //! Binding is careful about what is at the socket path already, and closing removes the socket
 //! file only while it is the one this server bound, never another user's file put in its place
-//! ([`super::socket_file`]).
+//! (`live::socket_file`).
 //!
 //! A connection is a lease: `HELLO` within the hello timeout, then `LEASE` and `FILES` with
 //! the current version's memfds; the lease ends when the reader closes the connection or sends
-//! `RELEASE`, and the version is freed once it is neither current nor leased ([`super::book`]).
+//! `RELEASE`, and the version is freed once it is neither current nor leased (`live::book`).
 //! Waiting for that end has no timeout (a lease lasts as long as the reader wants it), but it
 //! costs one parked thread, and connections are capped: [`CONNECTIONS_MAX`] in all, and
 //! [`ServerOptions::max_connections_per_user`] per user (the peer's uid from `SO_PEERCRED`),
