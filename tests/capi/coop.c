@@ -13,6 +13,7 @@
  * Each mode prints "coop MODE: ok", or "skipped: REASON" and exits 0 when the machine lacks
  * what it needs (the test harness decides whether a skip is allowed). */
 #include "check.h"
+#include "cuda_driver.h"
 #include "gantry.h"
 
 #include <dlfcn.h>
@@ -21,23 +22,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* The few driver entry points used, as cuda.h declares them (CUresult is an int). */
-typedef int (*cu_init_fn)(unsigned);
-typedef int (*cu_device_get_count_fn)(int *);
-typedef int (*cu_device_get_fn)(int *, int);
-typedef int (*cu_primary_ctx_retain_fn)(void **, int);
-typedef int (*cu_ctx_set_current_fn)(void *);
-typedef int (*cu_memcpy_dtoh_fn)(void *, unsigned long long, size_t);
-
-static struct {
-    cu_init_fn init;
-    cu_device_get_count_fn device_get_count;
-    cu_device_get_fn device_get;
-    cu_primary_ctx_retain_fn primary_ctx_retain;
-    cu_ctx_set_current_fn ctx_set_current;
-    cu_memcpy_dtoh_fn memcpy_dtoh;
-} cu;
 
 /* ncclUniqueId and the NCCL entry points used, as nccl.h declares them. */
 typedef struct {
@@ -58,38 +42,14 @@ static void skip(const char *why) {
     exit(0);
 }
 
-static void *symbol(void *lib, const char *name) {
-    void *f = dlsym(lib, name);
-    CHECK(f != NULL, "%s: %s", name, dlerror());
-    return f;
-}
-
 /* The CUDA driver and the number of GPUs, or a skip saying why not. */
 static int open_cuda(void) {
-    void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
-    if (lib == NULL) {
-        skip("no CUDA driver (libcuda.so.1)");
-    }
-    *(void **)&cu.init = symbol(lib, "cuInit");
-    *(void **)&cu.device_get_count = symbol(lib, "cuDeviceGetCount");
-    *(void **)&cu.device_get = symbol(lib, "cuDeviceGet");
-    *(void **)&cu.primary_ctx_retain = symbol(lib, "cuDevicePrimaryCtxRetain");
-    *(void **)&cu.ctx_set_current = symbol(lib, "cuCtxSetCurrent");
-    *(void **)&cu.memcpy_dtoh = symbol(lib, "cuMemcpyDtoH_v2");
-    int count = 0;
-    if (cu.init(0) != 0 || cu.device_get_count(&count) != 0 || count == 0) {
-        skip("no GPU (cuInit or cuDeviceGetCount failed, or no device)");
+    const char *why = "";
+    int count = cuda_gpus(&why);
+    if (count == 0) {
+        skip(why);
     }
     return count;
-}
-
-/* Makes GPU `ordinal`'s primary context (the one gantry and NCCL use) current here. */
-static void bind(int ordinal) {
-    int device = 0;
-    void *context = NULL;
-    CHECK(cu.device_get(&device, ordinal) == 0, "cuDeviceGet(%d)", ordinal);
-    CHECK(cu.primary_ctx_retain(&context, device) == 0, "cuDevicePrimaryCtxRetain(%d)", ordinal);
-    CHECK(cu.ctx_set_current(context) == 0, "cuCtxSetCurrent(%d)", ordinal);
 }
 
 static void open_nccl(const char *path) {
@@ -193,7 +153,7 @@ static uint64_t check_shares(const struct rank *r, const struct whole *table, co
 /* Runs one rank: binds its GPU, loads, checks every byte against the file. */
 static void *run_rank(void *arg) {
     struct rank *r = arg;
-    bind(r->ordinal);
+    cuda_bind(r->ordinal);
     gantry_loader *loader = NULL;
     expect(gantry_loader_new(NULL, &loader), GANTRY_OK, "loader");
     gantry_model *model = NULL;
@@ -222,7 +182,7 @@ struct split_rank {
 static void *run_split(void *arg) {
     struct split_rank *s = arg;
     struct rank *r = s->whole;
-    bind(r->ordinal);
+    cuda_bind(r->ordinal);
     gantry_loader *loader = NULL;
     expect(gantry_loader_new(NULL, &loader), GANTRY_OK, "loader");
     gantry_placed *placed = NULL;
@@ -286,7 +246,7 @@ static void alone(struct rank *r) {
 
 static void world1(const char *path, const char *libnccl) {
     open_nccl(libnccl);
-    bind(0);
+    cuda_bind(0);
     nccl_unique_id id;
     void *comm = NULL;
     CHECK(nccl.get_unique_id(&id) == 0, "ncclGetUniqueId");
@@ -306,7 +266,7 @@ struct join {
 
 static void *join_rank(void *arg) {
     struct join *j = arg;
-    bind(j->ordinal);
+    cuda_bind(j->ordinal);
     j->result = nccl.comm_init_rank(j->comm, 2, j->id, j->ordinal);
     return NULL;
 }

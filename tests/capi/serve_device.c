@@ -15,6 +15,7 @@
  * "serve_device MODE: ok", or "skipped: REASON" and exits 0 when it needs a GPU and the
  * machine has none (the test harness decides whether a skip is allowed). */
 #include "check.h"
+#include "cuda_driver.h"
 
 #include <dlfcn.h>
 #include <stdint.h>
@@ -23,41 +24,10 @@
 #include <string.h>
 #include <unistd.h>
 
-/* The driver entry points used, as cuda.h declares them (CUresult is an int). */
-typedef int (*cu_init_fn)(unsigned);
-typedef int (*cu_device_get_count_fn)(int *);
-typedef int (*cu_device_get_fn)(int *, int);
-typedef int (*cu_primary_ctx_retain_fn)(void **, int);
-typedef int (*cu_ctx_set_current_fn)(void *);
-typedef int (*cu_memcpy_dtoh_fn)(void *, unsigned long long, size_t);
-
-static struct {
-    cu_init_fn init;
-    cu_device_get_count_fn device_get_count;
-    cu_device_get_fn device_get;
-    cu_primary_ctx_retain_fn primary_ctx_retain;
-    cu_ctx_set_current_fn ctx_set_current;
-    cu_memcpy_dtoh_fn memcpy_dtoh;
-} cu;
-
-static void *symbol(void *lib, const char *name) {
-    void *f = dlsym(lib, name);
-    CHECK(f != NULL, "%s: %s", name, dlerror());
-    return f;
-}
-
 /* Whether the machine has a GPU, as the CUDA driver says (none without the driver). */
 static int has_gpu(void) {
-    void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
-    if (lib == NULL) return 0;
-    *(void **)&cu.init = symbol(lib, "cuInit");
-    *(void **)&cu.device_get_count = symbol(lib, "cuDeviceGetCount");
-    *(void **)&cu.device_get = symbol(lib, "cuDeviceGet");
-    *(void **)&cu.primary_ctx_retain = symbol(lib, "cuDevicePrimaryCtxRetain");
-    *(void **)&cu.ctx_set_current = symbol(lib, "cuCtxSetCurrent");
-    *(void **)&cu.memcpy_dtoh = symbol(lib, "cuMemcpyDtoH_v2");
-    int count = 0;
-    return cu.init(0) == 0 && cu.device_get_count(&count) == 0 && count > 0;
+    const char *why = "";
+    return cuda_gpus(&why) > 0;
 }
 
 /* The expected byte i of tensor `name`. */
@@ -146,11 +116,7 @@ static void load(const char *url) {
     expect(gantry_loader_new(NULL, &loader), GANTRY_OK, "loader");
     gantry_model *model = NULL;
     expect(gantry_loader_load(loader, url, 0, &model), GANTRY_OK, "load onto GPU 0");
-    int device = 0;
-    void *context = NULL;
-    CHECK(cu.device_get(&device, 0) == 0, "cuDeviceGet(0)");
-    CHECK(cu.primary_ctx_retain(&context, device) == 0, "cuDevicePrimaryCtxRetain(0)");
-    CHECK(cu.ctx_set_current(context) == 0, "cuCtxSetCurrent");
+    cuda_bind(0);
     check_tensor(model, "w", 4096, 1);
     check_tensor(model, "b", 20, 1);
     /* Copied from the server's device memory, not read from its host memory through the
