@@ -164,8 +164,8 @@ impl CudaDevice {
         unsafe { sys::cuCtxSynchronize() }.result().map_err(cuda_error("cuCtxSynchronize"))
     }
 
-    /// Sets `len` bytes at device address `ptr` (device memory of this context) to zero, and
-    /// waits for it.
+    /// Sets `len` bytes at device address `ptr` (device memory of this context) to zero, on
+    /// the default stream: [`CudaDevice::synchronize`] waits for it.
     pub(crate) fn zero(&self, ptr: u64, len: usize) -> Result<()> {
         if len == 0 {
             return Ok(());
@@ -174,9 +174,7 @@ impl CudaDevice {
         // SAFETY: the caller names device memory of this context, `len` bytes long.
         unsafe { sys::cuMemsetD8_v2(ptr, 0, len) }
             .result()
-            .map_err(cuda_error(format!("cuMemsetD8 of {len} bytes at {ptr:#x}")))?;
-        // SAFETY: as above.
-        unsafe { sys::cuCtxSynchronize() }.result().map_err(cuda_error("cuCtxSynchronize"))
+            .map_err(cuda_error(format!("cuMemsetD8 of {len} bytes at {ptr:#x}")))
     }
 
     /// The ordinal (`N` of `cuda:N`).

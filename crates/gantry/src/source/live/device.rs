@@ -83,13 +83,14 @@ impl Residency {
                 device.copy_from_host(buffer.ptr() + done, &chunk)?;
                 done += n as u64;
             }
-            // The padding readers may map holds zeros, not an earlier allocation's bytes; and
-            // every copy from pageable memory has landed before a reader gets the handle.
+            // The padding readers may map holds zeros, not an earlier allocation's bytes.
             device.zero(buffer.ptr() + len, rounded - len_usize)?;
-            device.synchronize()?;
             let handle = buffer.ipc_handle()?;
             out.push(Some((buffer, handle)));
         }
+        // Every copy from pageable memory, and every zeroing, has landed before a reader can
+        // get a handle ([`Residency::messages`] comes after this returns).
+        device.synchronize()?;
         Ok(Self { device: Arc::clone(device), files: out })
     }
 
