@@ -183,47 +183,6 @@ impl HostModel {
     }
 }
 
-/// The pages of `buffers` (file buffers, see [`file_buffer_layout`]) that the `wanted` tensors
-/// occupy, as `(address, length)` ranges, touching ones joined: what a load writes, and all
-/// that may be faulted in ahead of it (the rest of a file's buffer is never touched).
-fn wanted_pages(
-    checkpoint: &Checkpoint,
-    wanted: &[bool],
-    buffers: &mut [HostBuffer],
-) -> Vec<(usize, usize)> {
-    const PAGE: u64 = 4096;
-    let mut ranges: Vec<(usize, usize)> = Vec::new();
-    for (f, (file, buffer)) in checkpoint.files.iter().zip(buffers.iter_mut()).enumerate() {
-        let (lead, len) = file_buffer_layout(file.header.data_offset, file.header.data_len);
-        if buffer.len() as u64 != len {
-            continue;
-        }
-        let file_start = file.header.data_offset - lead;
-        let mut pages: Vec<(u64, u64)> = checkpoint
-            .tensors
-            .iter()
-            .zip(wanted)
-            .filter(|(t, &w)| w && t.file.0 == f && t.len > 0)
-            .map(|(t, _)| {
-                let at = t.offset - file_start;
-                (at / PAGE * PAGE, (at + t.len).next_multiple_of(PAGE).min(len))
-            })
-            .collect();
-        pages.sort_unstable();
-        let base = buffer.as_mut_ptr() as usize;
-        let first = ranges.len();
-        for (start, end) in pages {
-            match ranges[first..].last_mut() {
-                Some(last) if (last.0 + last.1) as u64 >= base as u64 + start => {
-                    last.1 = (base as u64 + end).max((last.0 + last.1) as u64) as usize - last.0;
-                }
-                _ => ranges.push((base + start as usize, (end - start) as usize)),
-            }
-        }
-    }
-    ranges
-}
-
 impl Loader {
     /// A loader with `config`, checked.
     pub fn new(config: Config) -> Result<Self> {
@@ -353,11 +312,12 @@ impl Loader {
         // Object loads write fresh buffers from the client's runtime workers: their memory
         // is faulted in ahead of the GETs, off the connections' path (see `Populate`).
         let remote = checkpoint.files.iter().any(|f| crate::is_object_source(&f.path));
+        let mut sink = HostSink::for_file_buffers(checkpoint, wanted, buffers);
+        // Only the wanted tensors' pages: a filtered load of a huge file touches no more.
         let ranges = match remote {
-            true => wanted_pages(checkpoint, wanted, buffers),
+            true => sink.destination_pages(),
             false => Vec::new(),
         };
-        let mut sink = HostSink::for_file_buffers(checkpoint, wanted, buffers);
         let views = sink.views();
         let stop = std::sync::atomic::AtomicBool::new(false);
         let populate = Populate { chunk_bytes: self.config.object_part() };
@@ -908,7 +868,8 @@ mod tests {
             (at / 4096 * 4096, (at + t.len).next_multiple_of(4096).min(len))
         };
         let wanted: Vec<bool> = checkpoint.tensors.iter().map(|t| t.name != "t1").collect();
-        let got = wanted_pages(&checkpoint, &wanted, &mut buffers);
+        let got =
+            HostSink::for_file_buffers(&checkpoint, &wanted, &mut buffers).destination_pages();
         let mut want: Vec<(u64, u64)> = ["t0", "t2", "t3"].iter().map(|n| span(n)).collect();
         want.sort_unstable();
         let mut joined: Vec<(usize, usize)> = Vec::new();
@@ -923,7 +884,8 @@ mod tests {
         assert_eq!(got, joined);
         let covered: usize = got.iter().map(|r| r.1).sum();
         assert!(covered < len as usize, "t1's own pages are left alone: {got:?} of {len}");
-        let none = wanted_pages(&checkpoint, &[false; 4], &mut buffers);
+        let none =
+            HostSink::for_file_buffers(&checkpoint, &[false; 4], &mut buffers).destination_pages();
         assert!(none.is_empty(), "{none:?}");
     }
 

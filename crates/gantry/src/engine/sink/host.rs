@@ -79,6 +79,33 @@ impl HostSink {
         Self { tensors, files }
     }
 
+    /// The pages the tensors' destinations occupy, as `(address, length)` ranges in address
+    /// order, touching ones joined: all a load writes (for file buffers, whose mappings are
+    /// page-aligned and whole pages long, every range lies inside a buffer).
+    pub fn destination_pages(&self) -> Vec<(usize, usize)> {
+        const PAGE: usize = 4096;
+        let mut pages: Vec<(usize, usize)> = self
+            .tensors
+            .iter()
+            .filter(|(ptr, len)| !ptr.is_null() && *len > 0)
+            .map(|&(ptr, len)| {
+                let at = ptr as usize;
+                (at / PAGE * PAGE, (at + len).next_multiple_of(PAGE))
+            })
+            .collect();
+        pages.sort_unstable();
+        let mut ranges: Vec<(usize, usize)> = Vec::with_capacity(pages.len());
+        for (start, end) in pages {
+            match ranges.last_mut() {
+                Some(last) if last.0 + last.1 >= start => {
+                    last.1 = end.max(last.0 + last.1) - last.0
+                }
+                _ => ranges.push((start, end - start)),
+            }
+        }
+        ranges
+    }
+
     /// Destinations the caller supplies per tensor; `None` skips the tensor. Each slice must
     /// be exactly the tensor's length.
     pub fn for_slices(checkpoint: &Checkpoint, targets: Vec<Option<&mut [u8]>>) -> Result<Self> {
