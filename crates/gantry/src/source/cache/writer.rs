@@ -381,7 +381,7 @@ impl Copy {
         let path = self.cache.copy_path(&self.identity.name());
         BEHIND.lock().0 += 1;
         let _ = told.send(format!(
-            "being completed behind the load at {}: {bytes} bytes in {} ranges came faster than              the cache's disk took them and are fetched again",
+            "being completed behind the load at {}: {bytes} bytes in {} ranges came faster than the cache's disk took them and are fetched again",
             path.display(),
             missed.len()
         ));
