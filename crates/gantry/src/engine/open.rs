@@ -153,7 +153,7 @@ impl Loader {
                     let refetch: cache::writer::Refetch = Box::new(move |at, buf: &mut [u8]| {
                         again.read_into(at, buf).map_err(|e| e.to_string())
                     });
-                    match cache::Writer::create(cache, identity, object.size, Some(refetch)) {
+                    match cache::Writer::create(cache, identity, object.size, refetch) {
                         Ok(w) => {
                             cache_note = format!("; not in the cache ({why}), written through");
                             object.cache = Some(Arc::new(w));

@@ -48,11 +48,10 @@
 //! **The load never waits on the cache.** Every operation on the cache's file system runs on
 //! a thread of its own: the lookup (bounded by [`LOOKUP_WAIT`]), each copy's writes, its record
 //! and its rename (bounded by [`FINISH_WAIT`] at the end of the load); the memory a copy may
-//! hold while its disk is behind is bounded ([`PENDING_BYTES_MAX`]). A copy a load writes
-//! through can fetch its object again: a part that finds no room is then not waited for, and
-//! the copy completes behind the load ([`writer`], [`wait_behind`]); a copy that cannot (none
-//! today outside the unit tests) waits at most [`WRITE_WAIT`] for room, then stops. A stalled
-//! or full cache costs a warning and the copy, never the load.
+//! hold while its disk is behind is bounded ([`PENDING_BYTES_MAX`]): a part that finds no
+//! room is not waited for, and the copy fetches it again and completes behind the load
+//! ([`writer`], [`wait_behind`]). A stalled or full cache costs a warning and the copy, never
+//! the load.
 
 pub mod check;
 mod fs;
@@ -71,8 +70,6 @@ pub use writer::{wait_behind, Writer, PENDING_BYTES_MAX};
 
 /// Longest a load waits for the cache's directory to open and a copy to be looked up.
 pub const LOOKUP_WAIT: Duration = Duration::from_secs(10);
-/// Longest a part of an object waits for room in the bytes pending for the cache's disk.
-pub const WRITE_WAIT: Duration = Duration::from_secs(5);
 /// Longest the end of a load waits for a copy's last writes, record and rename.
 pub const FINISH_WAIT: Duration = Duration::from_secs(10);
 

@@ -70,7 +70,7 @@ fn object(size: u64) -> Vec<u8> {
 /// Queues `bytes` at `offset` as chunks of `chunk` bytes, as a GET would.
 fn put(w: &Writer, bytes: &[u8], offset: u64, chunk: usize) {
     let chunks = bytes.chunks(chunk).map(bytes::Bytes::copy_from_slice).collect();
-    crate::source::object::client::runtime().unwrap().block_on(w.write(offset, chunks));
+    w.write(offset, chunks);
 }
 
 /// Queues `bytes` as parts of `part` bytes, one `write` each, as the GETs would.
@@ -88,7 +88,9 @@ fn identity(key: &str, size: u64) -> Identity {
 /// out of order, neither on a segment boundary, in chunks of odd sizes.
 fn write_copy(cache: &Arc<CacheDir>, key: &str, bytes: &[u8]) -> String {
     let size = bytes.len() as u64;
-    let w = Writer::create(Arc::clone(cache), identity(key, size), size, None).unwrap();
+    let w =
+        Writer::create(Arc::clone(cache), identity(key, size), size, writer::testing::no_store())
+            .unwrap();
     let cut = (record::SEGMENT_BYTES + 1000).min(size) as usize;
     put(&w, &bytes[cut..], cut as u64, 3001);
     put(&w, &bytes[..cut], 0, 7);
@@ -312,13 +314,16 @@ fn incomplete_or_changed_copies_never_land() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(CacheDir::open(&dir.path().join("c"), false).unwrap());
     let bytes = object(10);
-    let w = Writer::create(Arc::clone(&cache), identity("k", 10), 10, None).unwrap();
+    let w = Writer::create(Arc::clone(&cache), identity("k", 10), 10, writer::testing::no_store())
+        .unwrap();
     put(&w, &bytes[..6], 0, 4);
     assert!(w.finish(Ok(true)).contains("incomplete"));
-    let w = Writer::create(Arc::clone(&cache), identity("k", 10), 10, None).unwrap();
+    let w = Writer::create(Arc::clone(&cache), identity("k", 10), 10, writer::testing::no_store())
+        .unwrap();
     put(&w, &bytes, 0, 4);
     assert!(w.finish(Ok(false)).contains("changed"));
-    let w = Writer::create(Arc::clone(&cache), identity("k", 10), 10, None).unwrap();
+    let w = Writer::create(Arc::clone(&cache), identity("k", 10), 10, writer::testing::no_store())
+        .unwrap();
     put(&w, &bytes, 0, 4);
     drop(w); // a load that failed
     assert!(matches!(cache.find(&identity("k", 10), 10), Lookup::Miss(_)));

@@ -7,9 +7,8 @@
 //! and, at the end, wait a bounded time for the verdict: a cache whose disk stalls or fills
 //! costs the copy and a warning, never the load.
 //!
-//! **Behind the load.** When the copy can fetch its object's bytes again ([`Refetch`]: every
-//! copy a load writes through), a part that finds no room in the pending budget is not
-//! waited for: the GET goes on, and the copy notes the range as missed. When the load ends,
+//! **Behind the load.** A part that finds no room in the pending budget is not waited for:
+//! the GET goes on, and the copy notes the range as missed. When the load ends,
 //! the thread fetches the missed ranges again (GETs conditioned on the same version), writes
 //! them, and lands the copy behind the load: the load is told so at once, and the outcome is
 //! logged and kept for [`wait_behind`] (the CLI waits for it before it exits). Measured on an
@@ -25,13 +24,12 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{fs, record, CacheDir, Identity, FINISH_WAIT, WRITE_WAIT};
+use super::{fs, record, CacheDir, Identity, FINISH_WAIT};
 
 /// Bytes of parts received but not yet written to their copies, across every copy of the
-/// process: what the cache may hold in memory while the disk catches up. A part waits for room
-/// (its GET's slot stays taken, never a staging buffer) only when the disk falls behind the
-/// store, and at most [`WRITE_WAIT`]. The count is of the bytes sent; the body chunks holding
-/// them may keep somewhat more memory alive.
+/// process: what the cache may hold in memory while the disk catches up. A part that finds
+/// no room is fetched again behind the load (see the module's note). The count is of the
+/// bytes sent; the body chunks holding them may keep somewhat more memory alive.
 pub const PENDING_BYTES_MAX: usize = 256 << 20;
 
 /// Bytes per permit of the pending budget.
@@ -92,7 +90,6 @@ enum Order {
 /// How long the load waits on the copy's thread.
 #[derive(Debug, Clone, Copy)]
 struct Waits {
-    write: Duration,
     finish: Duration,
     /// Unit tests: the thread holds [`testing::STALL`] while it writes, as a frozen disk
     /// would hold it.
@@ -111,38 +108,25 @@ pub struct Writer {
     verdict: parking_lot::Mutex<Receiver<String>>,
     failed: Arc<AtomicBool>,
     waits: Waits,
-    /// Parts that waited for room in the pending budget (the disk behind the store), and
-    /// nanoseconds they waited in all: the cost the copy put on the GETs, in the note.
-    waited: AtomicU64,
-    waited_ns: AtomicU64,
     /// Parts handed to [`Writer::write`] so far.
     parts: AtomicU64,
-    /// Whether the copy can fetch its bytes again: then a part finding no room is missed, not
-    /// waited for.
-    behind: bool,
-    /// The ranges missed so, shared with the copy's thread.
+    /// The ranges that found no room, shared with the copy's thread.
     missed: Arc<parking_lot::Mutex<Vec<Range<u64>>>>,
 }
 
 impl Writer {
     /// Starts the thread that writes the copy of `identity`, `size` bytes, into `cache`; an
     /// error message (for a warning) when no thread can be started. Nothing here touches the
-    /// cache's file system.
-    /// With `refetch`, parts the disk cannot take in time are fetched again after the load
-    /// (see the module's note); without, they wait for room.
+    /// cache's file system. Parts the disk cannot take in time are fetched again with
+    /// `refetch` after the load (see the module's note).
     pub fn create(
         cache: Arc<CacheDir>,
         identity: Identity,
         size: u64,
-        refetch: Option<Refetch>,
+        refetch: Refetch,
     ) -> Result<Self, String> {
-        Self::with_waits(
-            cache,
-            identity,
-            size,
-            Waits { write: WRITE_WAIT, finish: FINISH_WAIT, stall: false, miss: None },
-            refetch,
-        )
+        let waits = Waits { finish: FINISH_WAIT, stall: false, miss: None };
+        Self::with_waits(cache, identity, size, waits, refetch)
     }
 
     fn with_waits(
@@ -150,14 +134,13 @@ impl Writer {
         identity: Identity,
         size: u64,
         waits: Waits,
-        refetch: Option<Refetch>,
+        refetch: Refetch,
     ) -> Result<Self, String> {
         let (orders, rx) = std::sync::mpsc::channel();
         let (verdict_tx, verdict) = std::sync::mpsc::channel();
         let failed = Arc::new(AtomicBool::new(false));
         let path = cache.copy_path(&identity.name());
         let failed_too = Arc::clone(&failed);
-        let behind = refetch.is_some();
         let missed = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let copy = Copy {
             cache,
@@ -189,19 +172,8 @@ impl Writer {
             })
             .map_err(|e| format!("starting the thread that writes {}: {e}", path.display()))?;
         let verdict = parking_lot::Mutex::new(verdict);
-        let (waited, waited_ns) = (AtomicU64::new(0), AtomicU64::new(0));
-        Ok(Self {
-            path,
-            orders: Some(orders),
-            verdict,
-            failed,
-            waits,
-            waited,
-            waited_ns,
-            parts: AtomicU64::new(0),
-            behind,
-            missed,
-        })
+        let parts = AtomicU64::new(0);
+        Ok(Self { path, orders: Some(orders), verdict, failed, waits, parts, missed })
     }
 
     /// Whether the copy still takes bytes (nothing has failed or stalled).
@@ -210,10 +182,10 @@ impl Writer {
     }
 
     /// Queues the bytes of one part, the body `chunks` as they came, contiguous from `offset`,
-    /// to be written by the copy's thread; waits (without blocking the runtime) only while
-    /// [`PENDING_BYTES_MAX`] bytes of all copies are waiting for the disk, and at most
-    /// [`WRITE_WAIT`]: then the copy stops, with a warning.
-    pub async fn write(&self, offset: u64, chunks: Vec<bytes::Bytes>) {
+    /// to be written by the copy's thread; never waits: while [`PENDING_BYTES_MAX`] bytes of
+    /// all copies are waiting for the disk, the part is noted as missed and fetched again
+    /// behind the load.
+    pub fn write(&self, offset: u64, chunks: Vec<bytes::Bytes>) {
         let len: usize = chunks.iter().map(|c| c.len()).sum();
         if len == 0 || !self.wants_bytes() {
             return;
@@ -224,37 +196,11 @@ impl Writer {
             Some(k) if parts % k == 0 => Err(tokio::sync::TryAcquireError::NoPermits),
             _ => PENDING.try_acquire_many(permits as u32),
         };
-        let budget = match room {
-            Ok(budget) => Ok(Ok(budget)),
-            Err(_) if self.behind => {
-                // The disk is behind the store: the GET goes on, the copy fetches these
-                // bytes again once the load is over.
-                self.missed.lock().push(offset..offset + len as u64);
-                return;
-            }
-            Err(_) => {
-                let start = std::time::Instant::now();
-                let acquire = PENDING.acquire_many(permits as u32);
-                let got = tokio::time::timeout(self.waits.write, acquire).await;
-                self.waited.fetch_add(1, Ordering::Relaxed);
-                self.waited_ns.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                got
-            }
-        };
-        let budget = match budget {
-            Ok(Ok(budget)) => budget,
-            Ok(Err(_)) => return,
-            Err(_) => {
-                if !self.failed.swap(true, Ordering::Relaxed) {
-                    log::warn!(
-                        "cache: the disk under {} fell {} s behind the store; the load goes on \
-                         without this copy",
-                        self.path.display(),
-                        self.waits.write.as_secs_f64()
-                    );
-                }
-                return;
-            }
+        let Ok(budget) = room else {
+            // The disk is behind the store: the GET goes on, the copy fetches these bytes
+            // again once the load is over.
+            self.missed.lock().push(offset..offset + len as u64);
+            return;
         };
         if let Some(orders) = &self.orders {
             let _ = orders.send(Order::Piece(Piece { offset, chunks, _budget: Some(budget) }));
@@ -269,15 +215,8 @@ impl Writer {
             let _ = orders.send(Order::Finish(still_same));
         }
         let verdict = self.verdict.lock().recv_timeout(self.waits.finish);
-        let waited = match self.waited.load(Ordering::Relaxed) {
-            0 => String::new(),
-            n => format!(
-                "; {n} of its parts waited {:.3} s in all for the cache's disk (the GETs behind them waited too)",
-                self.waited_ns.load(Ordering::Relaxed) as f64 / 1e9
-            ),
-        };
         match verdict {
-            Ok(text) => text + &waited,
+            Ok(text) => text,
             Err(_) => {
                 let why = format!(
                     "the cache's file system did not finish the copy {} within {} s",
@@ -306,8 +245,8 @@ struct Copy {
     failed: Arc<AtomicBool>,
     #[cfg_attr(not(test), allow(dead_code))]
     stall: bool,
-    /// How missed ranges are fetched again, when they can be.
-    refetch: Option<Refetch>,
+    /// How missed ranges are fetched again.
+    refetch: Refetch,
     /// The ranges the load's GETs could not hand over in time (see [`Writer::write`]).
     missed: Arc<parking_lot::Mutex<Vec<Range<u64>>>>,
 }
@@ -411,13 +350,12 @@ impl Copy {
 
     /// Fetches `missed` again ([`REFETCH_BYTES`] per GET) and writes it into `p`.
     fn fetch_again(&self, p: &mut Partial, missed: &[Range<u64>]) -> Result<(), String> {
-        let refetch = self.refetch.as_ref().ok_or("the copy cannot fetch its object again")?;
         for range in missed {
             let mut at = range.start;
             while at < range.end {
                 let n = (range.end - at).min(REFETCH_BYTES as u64) as usize;
                 let mut buf = vec![0u8; n];
-                refetch(at, &mut buf)?;
+                (self.refetch)(at, &mut buf)?;
                 let piece = Piece { offset: at, chunks: vec![buf.into()], _budget: None };
                 self.put(p, &piece).map_err(|e| format!("writing at offset {at}: {e}"))?;
                 at += n as u64;
@@ -617,7 +555,8 @@ pub(super) mod testing {
     /// Held by a test to stall the threads of writers made with `stall`.
     pub static STALL: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
-    /// A writer whose load-side waits are `wait`, stalled by [`STALL`] when `stall`.
+    /// A writer whose load-side wait is `wait`, stalled by [`STALL`] when `stall`; it has no
+    /// store to fetch missed parts from.
     pub fn writer(
         cache: Arc<CacheDir>,
         identity: Identity,
@@ -625,8 +564,13 @@ pub(super) mod testing {
         wait: Duration,
         stall: bool,
     ) -> Writer {
-        let waits = Waits { write: wait, finish: wait, stall, miss: None };
-        Writer::with_waits(cache, identity, size, waits, None).unwrap()
+        let waits = Waits { finish: wait, stall, miss: None };
+        Writer::with_waits(cache, identity, size, waits, no_store()).unwrap()
+    }
+
+    /// A refetch for writers of tests that have no store: any call is an error.
+    pub fn no_store() -> Refetch {
+        Box::new(|at, _: &mut [u8]| Err(format!("no store in this test (offset {at})")))
     }
 
     /// A writer whose every `miss`-th part finds no room, fetched again by `refetch`.
@@ -637,8 +581,7 @@ pub(super) mod testing {
         miss: u64,
         refetch: Refetch,
     ) -> Writer {
-        let waits =
-            Waits { write: WRITE_WAIT, finish: FINISH_WAIT, stall: false, miss: Some(miss) };
-        Writer::with_waits(cache, identity, size, waits, Some(refetch)).unwrap()
+        let waits = Waits { finish: FINISH_WAIT, stall: false, miss: Some(miss) };
+        Writer::with_waits(cache, identity, size, waits, refetch).unwrap()
     }
 }

@@ -518,11 +518,10 @@ pub fn run(
                     }
                 }
                 // The bytes went on to their destination; the copy's thread writes them to
-                // the cache from the body's own buffers. This GET's slot stays taken until
-                // the cache takes them, so a disk far behind the store slows the GETs
-                // rather than growing memory.
+                // the cache from the body's own buffers, or, with its disk behind the store,
+                // fetches them again after the load: the GET never waits for the cache.
                 if let (Some(cache), Some(chunks)) = (&file.cache, copy) {
-                    cache.write(whole.offset, chunks).await;
+                    cache.write(whole.offset, chunks);
                 }
             });
         }
