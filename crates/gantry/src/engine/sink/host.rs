@@ -240,25 +240,62 @@ unsafe fn copy_step(source: &[u8], s: &CopyStep, ptr: *mut u8, len: u64) {
 /// its loopback store's rate). `MADV_POPULATE_WRITE` (Linux 5.14) faults pages in writable
 /// without reading or writing a byte, so it can run while readers write the same pages; on a
 /// kernel without it the readers fault as before.
+///
+/// One thread faults in at most a core's worth of memory per second (on the 16-core GPU
+/// machine, zeroing fresh guest memory runs at a few GB/s per thread, below what its loopback
+/// store serves), so the chunks are dealt round-robin to [`Populate::threads`] threads.
 #[derive(Debug, Clone, Copy)]
 pub struct Populate {
     /// Bytes faulted in per call, file after file, so that every file is ahead in turn (the
     /// object reader interleaves the files' parts alike).
     pub chunk_bytes: usize,
+    /// Threads faulting at once ([`Populate::threads_for`]); chunk `k` of the walk goes to
+    /// thread `k mod threads`.
+    pub threads: usize,
 }
 
 impl Populate {
+    /// Threads for a machine of `cores`: a quarter of them, one to four, so that the faulting
+    /// never takes more than a quarter of the cores from the GETs it runs beside (on two
+    /// cores, one thread, as before).
+    pub fn threads_for(cores: usize) -> usize {
+        (cores / 4).clamp(1, 4)
+    }
+
     /// Faults in `buffers` (page-aligned `(address, length)` of live mappings) chunk by chunk,
-    /// across the buffers in turn, until done or `stop` is set.
+    /// across the buffers in turn, on [`Populate::threads`] scoped threads, until done or
+    /// `stop` is set.
     ///
     /// # Safety
     /// Each range must stay mapped until this returns.
     pub unsafe fn run(self, buffers: &[(usize, usize)], stop: &AtomicBool) {
+        let threads = self.threads.max(1);
+        std::thread::scope(|s| {
+            for lane in 1..threads {
+                // SAFETY: the caller's contract holds for every lane (they return before
+                // this scope ends).
+                s.spawn(move || unsafe { self.lane(buffers, stop, lane, threads) });
+            }
+            // SAFETY: as above.
+            unsafe { self.lane(buffers, stop, 0, threads) }
+        })
+    }
+
+    /// The chunks `lane`, `lane + lanes`, ... of the walk over `buffers`.
+    ///
+    /// # Safety
+    /// As [`Populate::run`].
+    unsafe fn lane(self, buffers: &[(usize, usize)], stop: &AtomicBool, lane: usize, lanes: usize) {
         let chunk = self.chunk_bytes.next_multiple_of(4096).max(4096);
         let longest = buffers.iter().map(|b| b.1).max().unwrap_or(0);
         let mut at = 0;
+        let mut k = 0usize;
         while at < longest {
             for &(base, len) in buffers.iter().filter(|b| at < b.1) {
+                k += 1;
+                if (k - 1) % lanes != lane {
+                    continue;
+                }
                 if stop.load(Ordering::Relaxed) {
                     return;
                 }
@@ -354,5 +391,52 @@ unsafe fn copy_piece(source: &[u8], piece: &crate::plan::placement::Piece, ptr: 
                 width,
             )
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pages of `len` bytes at `base` the kernel says are resident (`mincore`).
+    fn resident(base: usize, len: usize) -> usize {
+        let mut pages = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: `base..base + len` is a live mapping; `pages` has a byte per page.
+        let rc = unsafe { libc::mincore(base as *mut libc::c_void, len, pages.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", io::Error::last_os_error());
+        pages.iter().filter(|&&p| p & 1 == 1).count()
+    }
+
+    /// Every page of every buffer is faulted in, whatever the thread count, buffers of
+    /// unequal lengths included, and a set `stop` faults in nothing.
+    #[test]
+    fn populating_faults_in_every_page_on_any_number_of_threads() {
+        let lens = [5 << 20, 64 << 10, (3 << 20) + 8192];
+        for threads in [1, 2, 3, 8] {
+            let buffers: Vec<HostBuffer> = lens.iter().map(|&n| HostBuffer::new(n).unwrap()).collect();
+            let ranges: Vec<(usize, usize)> =
+                buffers.iter().map(|b| (b.as_ptr() as usize, b.len())).collect();
+            for &(base, len) in &ranges {
+                assert_eq!(resident(base, len), 0, "a fresh buffer has no pages yet");
+            }
+            let populate = Populate { chunk_bytes: 1 << 20, threads };
+            // SAFETY: the buffers outlive the call.
+            unsafe { populate.run(&ranges, &AtomicBool::new(false)) };
+            for &(base, len) in &ranges {
+                assert_eq!(resident(base, len), len.div_ceil(4096), "{threads} threads, {len} bytes");
+            }
+        }
+        let buffer = HostBuffer::new(4 << 20).unwrap();
+        let range = [(buffer.as_ptr() as usize, buffer.len())];
+        let populate = Populate { chunk_bytes: 1 << 20, threads: 2 };
+        // SAFETY: the buffer outlives the call.
+        unsafe { populate.run(&range, &AtomicBool::new(true)) };
+        assert_eq!(resident(range[0].0, range[0].1), 0, "stopped before the first chunk");
+    }
+
+    #[test]
+    fn a_quarter_of_the_cores_one_to_four() {
+        let got: Vec<usize> = [1, 2, 4, 8, 16, 64].iter().map(|&c| Populate::threads_for(c)).collect();
+        assert_eq!(got, [1, 1, 1, 2, 4, 4]);
     }
 }

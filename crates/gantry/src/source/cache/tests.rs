@@ -482,3 +482,27 @@ fn a_load_opens_its_cache_once_and_remembers_a_refusal() {
     assert!(matches!(&found, Lookup::Miss(why) if why.starts_with("not cached: ")), "{found:?}");
     assert!(!path.exists(), "the refused cache was opened (and created) again");
 }
+
+/// The nice value the kernel shows for the calling thread (`/proc/thread-self/stat`, field
+/// 19).
+fn own_nice() -> i64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    after.split(' ').nth(16).unwrap().parse().unwrap()
+}
+
+/// A copy's thread lowers its own priority, and only its own: the load's threads (here, the
+/// test's) keep theirs.
+#[test]
+fn a_copy_thread_yields_to_the_load_and_only_it() {
+    let before = own_nice();
+    let lowered = std::thread::spawn(|| {
+        writer::yield_to_the_load();
+        own_nice()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(lowered, (before + i64::from(writer::WRITER_NICE)).min(19));
+    assert_eq!(own_nice(), before, "the calling process's other threads keep their priority");
+}

@@ -68,6 +68,28 @@ pub fn wait_behind(timeout: Duration) -> (Vec<String>, usize) {
     (std::mem::take(&mut behind.1), behind.0)
 }
 
+/// Lowers the calling thread's CPU priority by [`WRITER_NICE`]: a copy's thread writes
+/// through the page cache and hashes its segments, and where the cores are all busy (the
+/// store's own server on the same machine, the GETs' copies, the hashing of a verified load)
+/// it should take what the load leaves, never the reverse: what it cannot keep up with is
+/// fetched again behind the load. On Linux `setpriority(PRIO_PROCESS, 0, ..)` applies to the
+/// calling thread alone. Failing to lower it changes nothing else.
+pub(super) fn yield_to_the_load() {
+    // SAFETY: getpriority and setpriority have no preconditions; lowering one's own priority
+    // is always allowed. (-1 from getpriority may be an error or a nice value of -1: either
+    // way the result is lower than before, at most 19.)
+    let lowered = unsafe {
+        let now = libc::getpriority(libc::PRIO_PROCESS, 0);
+        libc::setpriority(libc::PRIO_PROCESS, 0, (now + WRITER_NICE).min(19))
+    };
+    if lowered != 0 {
+        log::debug!("cache writer keeps its priority: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// How much a copy's thread lowers its priority (nice values: 19 is the lowest).
+pub const WRITER_NICE: libc::c_int = 10;
+
 /// Bytes of one part on their way to its copy: the body chunks as they came (no copy of them
 /// is made), contiguous from `offset`.
 #[derive(Debug)]
@@ -155,6 +177,7 @@ impl Writer {
         std::thread::Builder::new()
             .name("gantry-cache".to_owned())
             .spawn(move || {
+                yield_to_the_load();
                 // Out of the trace before the verdict goes: the load may write its trace
                 // as soon as it has the verdict.
                 let ran = {
