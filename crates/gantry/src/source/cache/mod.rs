@@ -55,6 +55,7 @@
 
 pub mod check;
 mod fs;
+mod pending;
 pub mod record;
 pub mod writer;
 

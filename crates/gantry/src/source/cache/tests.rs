@@ -69,8 +69,8 @@ fn object(size: u64) -> Vec<u8> {
 
 /// Queues `bytes` at `offset` as chunks of `chunk` bytes, as a GET would.
 fn put(w: &Writer, bytes: &[u8], offset: u64, chunk: usize) {
-    let chunks = bytes.chunks(chunk).map(bytes::Bytes::copy_from_slice).collect();
-    w.write(offset, chunks);
+    let chunks: Vec<&[u8]> = bytes.chunks(chunk).collect();
+    w.write(offset, &chunks);
 }
 
 /// Queues `bytes` as parts of `part` bytes, one `write` each, as the GETs would.

@@ -1,11 +1,12 @@
 //! Writing one copy as its object's parts arrive, on a thread of the copy's own.
 //!
 //! The thread does every file-system operation of the copy: it creates and locks the
-//! temporary file, reserves its space, writes the body chunks the GETs received (the same
-//! buffers, not copies of them) through the page cache, hashes each segment for the record,
-//! writes the record and renames the copy into place. The load's threads only queue chunks
-//! and, at the end, wait a bounded time for the verdict: a cache whose disk stalls or fills
-//! costs the copy and a warning, never the load.
+//! temporary file, reserves its space, writes the parts the GETs received through the page
+//! cache, hashes each segment for the record, writes the record and renames the copy into
+//! place. The load's threads only copy each part into the pending memory ([`super::pending`])
+//! from where it landed and queue it, and, at the end, wait a bounded time for the verdict: a
+//! cache whose disk stalls or fills costs the copy and a warning, never the load. The thread
+//! runs at a lower priority than the load's (see `yield_to_the_load`).
 //!
 //! **Behind the load.** A part that finds no room in the pending budget is not waited for:
 //! the GET goes on, and the copy notes the range as missed. When the load ends,
@@ -26,18 +27,8 @@ use std::time::{Duration, Instant};
 
 use super::{fs, record, CacheDir, Identity, FINISH_WAIT};
 
-/// Bytes of parts received but not yet written to their copies, across every copy of the
-/// process: what the cache may hold in memory while the disk catches up. A part that finds
-/// no room is fetched again behind the load (see the module's note). The count is of the
-/// bytes sent; the body chunks holding them may keep somewhat more memory alive.
-pub const PENDING_BYTES_MAX: usize = 256 << 20;
-
-/// Bytes per permit of the pending budget.
-const PERMIT_BYTES: usize = 64 << 10;
-
-/// The pending budget, in permits of [`PERMIT_BYTES`].
-static PENDING: tokio::sync::Semaphore =
-    tokio::sync::Semaphore::const_new(PENDING_BYTES_MAX / PERMIT_BYTES);
+pub use super::pending::PENDING_BYTES_MAX;
+use super::pending::PENDING;
 
 /// Most buffers handed to one `pwritev`.
 const IOVECS_MAX: usize = 512;
@@ -90,14 +81,12 @@ pub(super) fn yield_to_the_load() {
 /// How much a copy's thread lowers its priority (nice values: 19 is the lowest).
 pub const WRITER_NICE: libc::c_int = 10;
 
-/// Bytes of one part on their way to its copy: the body chunks as they came (no copy of them
-/// is made), contiguous from `offset`.
+/// Bytes of one part on their way to its copy, contiguous from `offset`: slabs of the
+/// pending memory ([`super::pending`]), or a buffer of bytes fetched again behind the load.
 #[derive(Debug)]
 struct Piece {
     offset: u64,
     chunks: Vec<bytes::Bytes>,
-    /// Its share of the pending budget (none for bytes fetched again behind the load).
-    _budget: Option<tokio::sync::SemaphorePermit<'static>>,
 }
 
 /// What the load tells the copy's thread.
@@ -174,9 +163,12 @@ impl Writer {
             missed: Arc::clone(&missed),
         };
         let trace = crate::trace::current();
+        // The pending memory keeps its pages while this copy may still ask for slabs.
+        let alive = PENDING.copy_alive();
         std::thread::Builder::new()
             .name("gantry-cache".to_owned())
             .spawn(move || {
+                let _alive = alive;
                 yield_to_the_load();
                 // Out of the trace before the verdict goes: the load may write its trace
                 // as soon as it has the verdict.
@@ -204,29 +196,30 @@ impl Writer {
         !self.failed.load(Ordering::Relaxed)
     }
 
-    /// Queues the bytes of one part, the body `chunks` as they came, contiguous from `offset`,
-    /// to be written by the copy's thread; never waits: while [`PENDING_BYTES_MAX`] bytes of
-    /// all copies are waiting for the disk, the part is noted as missed and fetched again
-    /// behind the load.
-    pub fn write(&self, offset: u64, chunks: Vec<bytes::Bytes>) {
-        let len: usize = chunks.iter().map(|c| c.len()).sum();
+    /// Queues the bytes of one part, `chunks` back to back from `offset`, to be written by the
+    /// copy's thread: they are copied into the pending memory ([`super::pending`]), so the
+    /// caller keeps its buffers (the GETs copy from where the part landed, so that the HTTP
+    /// client's buffers are reused). Never waits: while [`PENDING_BYTES_MAX`] bytes of all
+    /// copies are waiting for the disk, the part is noted as missed and fetched again behind
+    /// the load.
+    pub fn write<B: AsRef<[u8]>>(&self, offset: u64, chunks: &[B]) {
+        let len: usize = chunks.iter().map(|c| c.as_ref().len()).sum();
         if len == 0 || !self.wants_bytes() {
             return;
         }
-        let permits = len.div_ceil(PERMIT_BYTES).min(PENDING_BYTES_MAX / PERMIT_BYTES);
         let parts = self.parts.fetch_add(1, Ordering::Relaxed) + 1;
         let room = match self.waits.miss {
-            Some(k) if parts % k == 0 => Err(tokio::sync::TryAcquireError::NoPermits),
-            _ => PENDING.try_acquire_many(permits as u32),
+            Some(k) if parts % k == 0 => None,
+            _ => PENDING.copy_in(chunks, len),
         };
-        let Ok(budget) = room else {
+        let Some(chunks) = room else {
             // The disk is behind the store: the GET goes on, the copy fetches these bytes
             // again once the load is over.
             self.missed.lock().push(offset..offset + len as u64);
             return;
         };
         if let Some(orders) = &self.orders {
-            let _ = orders.send(Order::Piece(Piece { offset, chunks, _budget: Some(budget) }));
+            let _ = orders.send(Order::Piece(Piece { offset, chunks }));
         }
     }
 
@@ -312,7 +305,7 @@ impl Copy {
                     let bytes = piece.chunks.iter().map(|c| c.len() as u64).sum::<u64>();
                     let _span = crate::trace::span("cache", "cache write")
                         .args(|a| a.u64("offset", piece.offset).u64("bytes", bytes));
-                    if let Err(e) = self.put(p, &piece) {
+                    if let Err(e) = self.put(p, piece.offset, &piece.chunks) {
                         self.fail(&format!("writing at offset {}: {e}", piece.offset));
                     }
                 }
@@ -373,14 +366,15 @@ impl Copy {
 
     /// Fetches `missed` again ([`REFETCH_BYTES`] per GET) and writes it into `p`.
     fn fetch_again(&self, p: &mut Partial, missed: &[Range<u64>]) -> Result<(), String> {
+        // One buffer for every GET: a fresh one each time would fault its pages in again.
+        let longest = missed.iter().map(|r| r.end - r.start).max().unwrap_or(0);
+        let mut buf = vec![0u8; longest.min(REFETCH_BYTES as u64) as usize];
         for range in missed {
             let mut at = range.start;
             while at < range.end {
                 let n = (range.end - at).min(REFETCH_BYTES as u64) as usize;
-                let mut buf = vec![0u8; n];
-                (self.refetch)(at, &mut buf)?;
-                let piece = Piece { offset: at, chunks: vec![buf.into()], _budget: None };
-                self.put(p, &piece).map_err(|e| format!("writing at offset {at}: {e}"))?;
+                (self.refetch)(at, &mut buf[..n])?;
+                self.put(p, at, &[&buf[..n]]).map_err(|e| format!("writing at offset {at}: {e}"))?;
                 at += n as u64;
             }
         }
@@ -428,24 +422,25 @@ impl Copy {
         Err("its temporary files kept being removed".to_owned())
     }
 
-    /// Writes one piece and hashes the segments it completes.
-    fn put(&self, p: &mut Partial, piece: &Piece) -> std::io::Result<()> {
-        let len = write_chunks(&p.file, piece.offset, &piece.chunks)?;
+    /// Writes the bytes of `chunks`, back to back from `offset`, and hashes the segments
+    /// they complete.
+    fn put<B: AsRef<[u8]>>(&self, p: &mut Partial, offset: u64, chunks: &[B]) -> std::io::Result<()> {
+        let len = write_chunks(&p.file, offset, chunks)?;
         p.written += len;
-        let end = piece.offset + len;
+        let end = offset + len;
         if len == 0 || end > self.size {
             return Err(std::io::Error::other("bytes past the object's end"));
         }
-        for k in piece.offset / record::SEGMENT_BYTES..end.div_ceil(record::SEGMENT_BYTES) {
+        for k in offset / record::SEGMENT_BYTES..end.div_ceil(record::SEGMENT_BYTES) {
             let range = record::segment_range(k, self.size);
-            let (from, to) = (range.start.max(piece.offset), range.end.min(end));
+            let (from, to) = (range.start.max(offset), range.end.min(end));
             let k = k as usize;
             p.filled[k] += to - from;
             if p.filled[k] != range.end - range.start {
                 continue;
             }
             p.digests[k] = Some(if from == range.start && to == range.end {
-                record::digest_of(slices(&piece.chunks, range.start - piece.offset, to - from))
+                record::digest_of(slices(chunks, range.start - offset, to - from))
             } else {
                 // Written by several pieces: read back from the page cache.
                 let mut bytes = vec![0; (range.end - range.start) as usize];
@@ -507,9 +502,10 @@ fn merged(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
 }
 
 /// The bytes `at..at + len` of `chunks` laid end to end, as slices.
-fn slices(chunks: &[bytes::Bytes], at: u64, len: u64) -> impl Iterator<Item = &[u8]> {
+fn slices<B: AsRef<[u8]>>(chunks: &[B], at: u64, len: u64) -> impl Iterator<Item = &[u8]> {
     let mut start = 0u64;
     chunks.iter().filter_map(move |c| {
+        let c = c.as_ref();
         let (c_start, c_end) = (start, start + c.len() as u64);
         start = c_end;
         let (from, to) = (at.max(c_start), (at + len).min(c_end));
@@ -518,8 +514,9 @@ fn slices(chunks: &[bytes::Bytes], at: u64, len: u64) -> impl Iterator<Item = &[
 }
 
 /// Writes `chunks` back to back from `offset`, continuing short writes; the bytes written.
-fn write_chunks(file: &File, offset: u64, chunks: &[bytes::Bytes]) -> std::io::Result<u64> {
+fn write_chunks<B: AsRef<[u8]>>(file: &File, offset: u64, chunks: &[B]) -> std::io::Result<u64> {
     use std::os::fd::AsRawFd;
+    let chunks: Vec<&[u8]> = chunks.iter().map(AsRef::as_ref).collect();
     let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
     let (mut done, mut first, mut skip) = (0u64, 0usize, 0usize);
     while done < total {

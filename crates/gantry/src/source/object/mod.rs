@@ -387,7 +387,7 @@ impl ObjectFile {
         let target = crate::engine::read::RawTarget { ptr: buf.as_mut_ptr(), len: buf.len() };
         let file = self.without_cache();
         let dests = &mut [Dest::Target(target)];
-        runtime()?.block_on(fetch_into(&file, &[job], dests, &mut None, None, None, &mut None))
+        runtime()?.block_on(fetch_into(&file, &[job], dests, None, None, &mut None))
     }
 }
 
@@ -502,9 +502,8 @@ pub fn run(
                 // the load with an error rather than losing the part.
                 let fetched = fetch(&file, &part, dests, fault.as_deref(), &net, &mut first_byte);
                 let caught = std::panic::AssertUnwindSafe(fetched).catch_unwind();
-                let (messages, copy) = caught
-                    .await
-                    .unwrap_or_else(|panic| (Err(panicked(&file.path, panic.as_ref())), None));
+                let messages =
+                    caught.await.unwrap_or_else(|panic| Err(panicked(&file.path, panic.as_ref())));
                 let whole = Job { len: part.iter().map(|j| j.len).sum(), ..part[0] };
                 if let (Some(lanes), Some((get, issued))) = (&lanes, get) {
                     let times = (issued, first_byte);
@@ -516,12 +515,6 @@ pub fn run(
                         failed.store(true, Ordering::Relaxed);
                         let _ = tx.send(Err(e));
                     }
-                }
-                // The bytes went on to their destination; the copy's thread writes them to
-                // the cache from the body's own buffers, or, with its disk behind the store,
-                // fetches them again after the load: the GET never waits for the cache.
-                if let (Some(cache), Some(chunks)) = (&file.cache, copy) {
-                    cache.write(whole.offset, chunks);
                 }
             });
         }
@@ -570,9 +563,11 @@ enum Dest {
     Target(crate::engine::read::RawTarget),
 }
 
-/// Fetches one part, the consecutive extents `part` of one object, into `dests` (one each);
-/// with the messages, the body chunks of the part when the object's cache copy wants them
-/// (the buffers the bytes came in, kept rather than copied).
+/// Fetches one part, the consecutive extents `part` of one object, into `dests` (one each).
+/// When the object's cache copy wants the bytes, they are copied to it from where they
+/// landed before the messages go (the body's own buffers are never held: see
+/// [`super::cache::Writer::write`]); with its disk behind the store, the copy fetches them again
+/// after the load: the GET never waits for the cache.
 async fn fetch(
     file: &ObjectFile,
     part: &[Job],
@@ -580,22 +575,19 @@ async fn fetch(
     fault: Option<&dyn FaultInjector>,
     net: &tune::Net,
     first_byte: &mut Option<Instant>,
-) -> (Result<Vec<Message>>, Option<Chunks>) {
-    let mut copy = file.cache.as_ref().filter(|c| c.wants_bytes()).map(|_| Vec::new());
-    let fetched = fetch_into(file, part, &mut dests, &mut copy, fault, Some(net), first_byte).await;
-    let messages = fetched.map(|()| {
-        let landed = part.iter().zip(dests).map(|(job, dest)| match dest {
-            Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
-            Dest::Target(_) => Message::Direct { extent: job.extent },
-        });
-        landed.collect()
+) -> Result<Vec<Message>> {
+    fetch_into(file, part, &mut dests, fault, Some(net), first_byte).await?;
+    if let Some(cache) = file.cache.as_ref().filter(|c| c.wants_bytes()) {
+        let landed: Vec<&[u8]> =
+            dests.iter_mut().zip(part).map(|(dest, job)| &*landing(dest, job)).collect();
+        cache.write(part[0].offset, &landed);
+    }
+    let landed = part.iter().zip(dests).map(|(job, dest)| match dest {
+        Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
+        Dest::Target(_) => Message::Direct { extent: job.extent },
     });
-    let copy = copy.filter(|_| messages.is_ok());
-    (messages, copy)
+    Ok(landed.collect())
 }
-
-/// A part's body chunks, in order.
-type Chunks = Vec<bytes::Bytes>;
 
 /// The bytes extent `job` lands in.
 fn landing<'a>(dest: &'a mut Dest, job: &Job) -> &'a mut [u8] {
@@ -609,7 +601,7 @@ fn landing<'a>(dest: &'a mut Dest, job: &Job) -> &'a mut [u8] {
 }
 
 /// Fills `dests` with `part` (consecutive extents of one object, one GET for them all),
-/// resuming a body that broke off; with `copy`, keeps each body chunk there too. Each chunk is
+/// resuming a body that broke off. Each chunk is
 /// a read result of the extent it lands in, through `fault` and [`take_chunk`]. Each request's
 /// time to first byte and body rate go to `net`; `first_byte` is set when the first body
 /// chunk arrives (the trace's time to first byte).
@@ -617,7 +609,6 @@ async fn fetch_into(
     file: &ObjectFile,
     part: &[Job],
     dests: &mut [Dest],
-    copy: &mut Option<Chunks>,
     fault: Option<&dyn FaultInjector>,
     net: Option<&tune::Net>,
     first_byte: &mut Option<Instant>,
@@ -674,7 +665,6 @@ async fn fetch_into(
                     in_extent,
                     bytes.split_to(n),
                     &mut *bufs[at],
-                    copy,
                 )?;
                 filled += now - in_extent;
                 in_extent = now;
@@ -706,7 +696,7 @@ async fn fetch_into(
 }
 
 /// Takes body chunk `bytes` of part `job` into `buf` (which holds the part's first `filled`
-/// bytes, and room for the chunk) and `copy`, as read results through `fault` and
+/// bytes, and room for the chunk), as read results through `fault` and
 /// [`complete`]: a short result takes that much and offers the rest of the chunk as the next
 /// read, a retry offers it again. Returns the bytes now filled.
 fn take_chunk(
@@ -716,7 +706,6 @@ fn take_chunk(
     mut filled: u64,
     bytes: bytes::Bytes,
     buf: &mut [u8],
-    copy: &mut Option<Chunks>,
 ) -> Result<u64> {
     let failed = Failed { op: "get", path: &file.path, file_len: file.size };
     let mut taken = 0usize;
@@ -734,9 +723,6 @@ fn take_chunk(
         };
         let n = (valid - filled) as usize;
         buf[filled as usize..valid as usize].copy_from_slice(&bytes[taken..taken + n]);
-        if let Some(copy) = copy.as_mut() {
-            copy.push(bytes.slice(taken..taken + n));
-        }
         (filled, taken) = (valid, taken + n);
     }
     Ok(filled)
@@ -954,26 +940,23 @@ mod tests {
                     Dest::Target(target)
                 })
                 .collect();
-            let (mut copy, mut first) = (Some(Vec::new()), None);
+            let mut first = None;
             let net = tune::Net::default();
-            let fetched =
-                fetch_into(&file, &part, &mut dests, &mut copy, fault, Some(&net), &mut first);
+            let fetched = fetch_into(&file, &part, &mut dests, fault, Some(&net), &mut first);
             runtime().unwrap().block_on(fetched).unwrap();
             drop(dests);
             for (job, buf) in part.iter().zip(&bufs) {
                 let want = &data[job.offset as usize..(job.offset + job.len) as usize];
                 assert!(buf[..] == want[..], "extent {} differs", job.extent);
             }
-            let copied: Vec<u8> = copy.unwrap().concat();
-            assert!(copied[..] == data[1000..offset as usize], "the cache's copy differs");
             assert!(first.is_some() && net.report().is_some());
         }
         // A part past the object's end is an error naming the object and where it ends.
         let beyond = [Job { extent: 0, file: FileId(0), offset: 9_000, len: 2_000, target: None }];
         let mut buf = vec![0u8; 2_000];
         let target = crate::engine::read::RawTarget { ptr: buf.as_mut_ptr(), len: buf.len() };
-        let (mut dests, mut copy, mut first) = ([Dest::Target(target)], None, None);
-        let fetched = fetch_into(&file, &beyond, &mut dests, &mut copy, None, None, &mut first);
+        let (mut dests, mut first) = ([Dest::Target(target)], None);
+        let fetched = fetch_into(&file, &beyond, &mut dests, None, None, &mut first);
         let e = runtime().unwrap().block_on(fetched).unwrap_err().to_string();
         assert!(e.contains("s3://b/m/x.safetensors") && e.contains("offset 10000"), "{e}");
     }
