@@ -1,16 +1,25 @@
 #!/usr/bin/env python3
 """A TCP proxy that delays every request by a fixed time: what an object store far away looks
-like (tens of milliseconds before each answer) where `tc netem` is not available. Client-to-server
-data is held for DELAY_MS before it is forwarded; answers flow back at once.
+like (tens of milliseconds before each answer) where `tc netem` is not available; optionally
+behind a NIC of a given rate, where `tc tbf` is not available either.
 
-    python3 benches/peers/latency_proxy.py LISTEN_PORT UPSTREAM_PORT DELAY_MS [UPSTREAM_HOST]
+    python3 benches/peers/latency_proxy.py LISTEN_PORT UPSTREAM_PORT DELAY_MS [UPSTREAM_HOST [RATE_MBIT]]
 
 UPSTREAM_HOST defaults to 127.0.0.1 (benches/experiments/object_net.sh names a server in a
-network namespace). It listens on 127.0.0.1.
+network namespace, or one on 127.0.0.1 where it cannot make one). It listens on 127.0.0.1.
+Client-to-server data is held for DELAY_MS before it is forwarded; answers flow back at once,
+or, with RATE_MBIT (megabits per second, > 0), through one token bucket that every
+connection's answers share, so that the total is bounded as a NIC bounds it. The bucket counts
+what `tbf` on a 1500-byte-MTU link counts: each 1448 bytes of payload (a TCP segment with
+timestamps) cost 1514 bytes of frame, so 1000 Mbit/s carries at most ~0.1196 GB/s of bodies.
+It holds at most BURST_BYTES (4 MiB, tbf's burst in object_net.sh) of unused tokens.
 
 Two threads per connection: one holds each request for the delay, the other moves the answers
 with splice(2) through a pipe, so the body bytes never enter Python and the GIL is released
 while they move (a single-threaded asyncio proxy capped the rate at ~0.5 GB/s on two cores).
+With a rate, the answers move in pieces of at most PIECE_BYTES: each piece is spliced from the
+server into the pipe, its tokens are taken (the thread sleeps off any debt), then it is spliced
+on to the client.
 """
 import os
 import socket
@@ -19,6 +28,30 @@ import threading
 import time
 
 PIPE_BYTES = 1 << 20
+PIECE_BYTES = 256 << 10
+BURST_BYTES = 4 << 20
+FRAME_BYTES, SEGMENT_BYTES = 1514, 1448
+
+
+class Bucket:
+    """A token bucket shared by threads. take(n) charges n bytes at once and sleeps until the
+    bucket is out of debt, so the bytes let through by time t never exceed burst + rate * t
+    (plus the last piece); the takers queue in the order their debts were charged."""
+
+    def __init__(self, bytes_per_s, burst):
+        self.rate, self.burst = bytes_per_s, burst
+        self.tokens, self.at = burst, time.monotonic()
+        self.lock = threading.Lock()
+
+    def take(self, n):
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+            self.at = now
+            self.tokens -= n
+            wait = -self.tokens / self.rate
+        if wait > 0:
+            time.sleep(wait)
 
 
 def requests(client, server, delay):
@@ -37,9 +70,11 @@ def requests(client, server, delay):
         shut(server, socket.SHUT_WR)
 
 
-def answers(server, client):
-    """Server to client through a pipe with splice(2): no copy into Python."""
+def answers(server, client, bucket):
+    """Server to client through a pipe with splice(2): no copy into Python. With a bucket,
+    pieces of at most PIECE_BYTES, each paid for before it goes on to the client."""
     r, w = os.pipe()
+    piece = PIECE_BYTES if bucket else PIPE_BYTES
     try:
         try:
             import fcntl
@@ -48,9 +83,11 @@ def answers(server, client):
         except OSError:
             pass
         while True:
-            n = os.splice(server.fileno(), w, PIPE_BYTES)
+            n = os.splice(server.fileno(), w, piece)
             if n == 0:
                 break
+            if bucket:
+                bucket.take(n * FRAME_BYTES / SEGMENT_BYTES)
             while n:
                 n -= os.splice(r, client.fileno(), n)
     except OSError:
@@ -68,7 +105,7 @@ def shut(sock, how):
         pass
 
 
-def handle(client, host, upstream, delay):
+def handle(client, host, upstream, delay, bucket):
     try:
         server = socket.create_connection((host, upstream))
     except OSError:
@@ -78,19 +115,25 @@ def handle(client, host, upstream, delay):
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     up = threading.Thread(target=requests, args=(client, server, delay), daemon=True)
     up.start()
-    answers(server, client)
+    answers(server, client, bucket)
     up.join()
     client.close()
     server.close()
 
 
 def main():
+    if not 4 <= len(sys.argv) <= 6:
+        sys.exit(__doc__.split("\n\n")[1])
     listen, upstream, delay = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]) / 1000
     host = sys.argv[4] if len(sys.argv) > 4 else "127.0.0.1"
+    rate_mbit = float(sys.argv[5]) if len(sys.argv) > 5 else 0
+    bucket = Bucket(rate_mbit * 1e6 / 8, BURST_BYTES) if rate_mbit > 0 else None
     with socket.create_server(("127.0.0.1", listen), reuse_port=True, backlog=512) as listener:
+        print(f"listening on 127.0.0.1:{listen}, upstream {host}:{upstream}, delay {delay * 1000:g} ms"
+              + (f", rate {rate_mbit:g} Mbit/s" if bucket else ""), flush=True)
         while True:
             client, _ = listener.accept()
-            threading.Thread(target=handle, args=(client, host, upstream, delay), daemon=True).start()
+            threading.Thread(target=handle, args=(client, host, upstream, delay, bucket), daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
-"""Run:ai Model Streamer in its S3 mode reading a checkpoint's shards into host memory. One JSON
-line: seconds, tensor bytes, GB/s and which API read them.
+"""Run:ai Model Streamer in its S3 mode reading a checkpoint's shards into host memory, or with
+RUNAI_DEVICE (e.g. cuda:0) on into a GPU. One JSON line: seconds, tensor bytes, GB/s, the
+device and which API read them.
 
-    python3 benches/peers/runai_s3.py s3://bucket/prefix/ model-00001-of-00002.safetensors ...
+    [RUNAI_DEVICE=cuda:0] python3 benches/peers/runai_s3.py s3://bucket/prefix/ model-00001-of-00002.safetensors ...
 
 With torch: `SafetensorsStreamer` into CPU tensors (its default, `owned=True`: every tensor the
-caller's to keep), how vLLM loads with it; each tensor is counted, not copied again. Without
-torch (or with RUNAI_RAW=1): the streamer's own request API (`libstreamer`, the C++ reader the
-Python streamer drives) reads each shard's header, then every tensor's byte range into one host
-buffer per shard. Both time from the first request to the last byte.
+caller's to keep), how vLLM loads with it; each tensor is counted, not copied again. With
+RUNAI_DEVICE, each tensor `get_tensors()` yields is copied `.to(RUNAI_DEVICE)` as it comes (what
+vLLM's loader does with them) and the copies are kept, as a model keeps its weights; the time
+ends after `torch.cuda.synchronize()`. CUDA starts (context and a first allocation) before the
+time starts, as in benches/peers/race.py; the JSON's cuda_start_seconds says how long that took.
+Without torch (or with RUNAI_RAW=1; not with RUNAI_DEVICE): the streamer's own request API
+(`libstreamer`, the C++ reader the Python streamer drives) reads each shard's header, then
+every tensor's byte range into one host buffer per shard. The modules are imported before the
+time starts; it runs from the first request to the last byte.
 
 Needs runai-model-streamer and runai-model-streamer-s3; the endpoint and credentials come from
 the AWS variables (set RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING=0 for path-style stores).
@@ -22,16 +28,36 @@ import time
 import types
 
 
-def with_torch(files):
+def with_torch(files, device=None):
+    """Returns (a function that streams the files and returns (tensor bytes, tensors), into CPU
+    tensors or, with a device, on into copies there; CUDA's start-up in seconds). The imports
+    and CUDA's start-up happen here, outside the time."""
+    import torch
     from runai_model_streamer import SafetensorsStreamer
 
-    n = count = 0
-    with SafetensorsStreamer() as s:
-        s.stream_files(files)
-        for _, tensor in s.get_tensors():
-            n += tensor.numel() * tensor.element_size()
-            count += 1
-    return n, count
+    cuda_start = 0.0
+    if device:
+        t = time.perf_counter()
+        torch.cuda.init()
+        torch.empty(1, device=device)
+        torch.cuda.synchronize(device)
+        cuda_start = time.perf_counter() - t
+
+    def stream():
+        n = count = 0
+        kept = []
+        with SafetensorsStreamer() as s:
+            s.stream_files(files)
+            for _, tensor in s.get_tensors():
+                n += tensor.numel() * tensor.element_size()
+                count += 1
+                if device:
+                    kept.append(tensor.to(device))
+        if device:
+            torch.cuda.synchronize(device)
+        return n, count
+
+    return stream, cuda_start
 
 
 def libstreamer():
@@ -68,7 +94,12 @@ def fetch(lib, streamer, paths, ranges):
 
 
 def raw(files):
+    """Returns (a function that reads the files with the request API, imported here; 0.0)."""
     lib = libstreamer()
+    return (lambda: read_raw(lib, files)), 0.0
+
+
+def read_raw(lib, files):
     streamer = lib.runai_start()
     try:
         prefixes = fetch(lib, streamer, files, [[(0, 8)] for _ in files])
@@ -90,12 +121,23 @@ def raw(files):
 def main():
     src = sys.argv[1]
     files = [src + f for f in sys.argv[2:]]
-    use_torch = os.environ.get("RUNAI_RAW") != "1" and importlib.util.find_spec("torch") is not None
+    device = os.environ.get("RUNAI_DEVICE") or None
+    has_torch = importlib.util.find_spec("torch") is not None
+    if device and not has_torch:
+        sys.exit(f"RUNAI_DEVICE={device} needs torch")
+    use_torch = has_torch and (device is not None or os.environ.get("RUNAI_RAW") != "1")
+    stream, cuda_start = with_torch(files, device) if use_torch else raw(files)
     t = time.perf_counter()
-    n, count = with_torch(files) if use_torch else raw(files)
+    n, count = stream()
     dt = time.perf_counter() - t
-    api = "SafetensorsStreamer, torch CPU tensors" if use_torch else "libstreamer requests"
-    print(json.dumps({"seconds": dt, "bytes": n, "tensors": count, "gb_per_s": n / dt / 1e9, "api": api}))
+    if not use_torch:
+        api = "libstreamer requests"
+    elif device:
+        api = f"SafetensorsStreamer, torch CPU tensors .to({device})"
+    else:
+        api = "SafetensorsStreamer, torch CPU tensors"
+    print(json.dumps({"seconds": dt, "bytes": n, "tensors": count, "gb_per_s": n / dt / 1e9,
+                      "device": device or "cpu", "cuda_start_seconds": cuda_start, "api": api}))
 
 
 if __name__ == "__main__":
