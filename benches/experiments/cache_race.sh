@@ -21,7 +21,12 @@
 # summary; not in the table), CACHE_DIR (default: beside the checkpoint, so that cached and local read the
 # same disk), STORE_DIR (SeaweedFS's data; default under /dev/shm when it has room, so that the
 # store is served from memory, as a remote store is from other machines, and does not share
-# the local disk with the cache), S3_PORT (18333), OUT (logs and JSON, default a temp dir).
+# the local disk with the cache), S3_PORT (18333), OUT (logs and JSON, default a temp dir),
+# CACHE_WRITE_MBPS (a slow cache disk: the cache on an ext4 loop volume made here, mounted
+# `-o sync` so that each copy's writes reach the device from its own thread, with the loads'
+# writes to it capped at that many MB/s by a blkio cgroup (cgroup v1
+# blkio.throttle.write_bps_device, else cgroup v2 io.max wbps); the question is whether a disk
+# far slower than the store slows the GETs: their copies then complete behind the load).
 set -u
 G=$(realpath ${GANTRY:-target/release/gantry}) || exit 1
 WEED=${WEED:-$(command -v weed)}
@@ -45,13 +50,43 @@ rm -rf $STORE_DIR; mkdir -p $STORE_DIR $(dirname $CACHE)
 [ "$(stat -c %d $CK)" = "$(stat -c %d $(dirname $CACHE))" ] ||
   echo "note: the cache ($CACHE) and the checkpoint ($CK) are on different file systems"
 
+slow_disk_gone() {
+  [ -n "${LOOP:-}" ] || return 0
+  umount $VOL; losetup -d $LOOP; rmdir $CG; rm -f $IMG
+}
+RUN_IN=
+if [ -n "${CACHE_WRITE_MBPS:-}" ]; then
+  IMG=$W/cache.img; truncate -s $(( (BYTES * 13 / 10 >> 20) + 1024 ))M $IMG && mkfs.ext4 -q -F $IMG || exit 1
+  LOOP=$(losetup --find --show --direct-io=on $IMG) || exit 1
+  VOL=$W/cache-volume; mkdir -p $VOL; mount -o sync $LOOP $VOL || { losetup -d $LOOP; exit 1; }
+  CACHE=$VOL/cache; DEVNO=$(cat /sys/block/$(basename $LOOP)/dev); BPS=$((CACHE_WRITE_MBPS * 1000000))
+  if [ -e /sys/fs/cgroup/blkio/tasks ]; then
+    CG=/sys/fs/cgroup/blkio/gantry-cache-race-$$; mkdir -p $CG
+    echo "$DEVNO $BPS" > $CG/blkio.throttle.write_bps_device || exit 1; TASKS=$CG/tasks
+  else
+    echo +io > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
+    CG=/sys/fs/cgroup/gantry-cache-race-$$; mkdir -p $CG
+    echo "$DEVNO wbps=$BPS" > $CG/io.max || { echo "no cgroup to cap the cache's writes"; exit 1; }
+    TASKS=$CG/cgroup.procs
+  fi
+  RUN_IN="sh -c 'echo \$\$ > $TASKS; exec \"\$@\"' sh"
+  trap slow_disk_gone EXIT
+  echo "slow cache disk: $LOOP ($DEVNO) at $VOL, mounted -o sync, writes capped at $CACHE_WRITE_MBPS MB/s ($CG)"
+fi
+
 cat > $W/s3.json <<JSON
 {"identities":[{"name":"bench","credentials":[{"accessKey":"bench","secretKey":"bench-secret"}],"actions":["Admin","Read","Write","List"]}]}
 JSON
-$WEED server -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3 -s3.port=$PORT -s3.config=$W/s3.json -dir=$STORE_DIR \
+# The store's side services this race has no use for (and whose fixed ports another store
+# may hold), where this weed has the flags.
+WEED_OPTS=
+for o in s3.port.iceberg=0 s3.port.lance=0 master.telemetry=false; do
+  $WEED server -h 2>&1 | grep -qE -- "^[[:space:]]*-${o%%=*}( |$)" && WEED_OPTS="$WEED_OPTS -$o"
+done
+$WEED server -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3 -s3.port=$PORT -s3.config=$W/s3.json -dir=$STORE_DIR $WEED_OPTS \
   -master.volumeSizeLimitMB=1024 -volume.max=0 >$OUT/weed.log 2>&1 &
 WEED_PID=$!
-trap "kill $WEED_PID 2>/dev/null; wait $WEED_PID 2>/dev/null; rm -rf $W/s3.json $STORE_DIR $CACHE" EXIT
+trap "kill $WEED_PID 2>/dev/null; wait $WEED_PID 2>/dev/null; rm -rf $W/s3.json $STORE_DIR $CACHE; slow_disk_gone" EXIT
 export AWS_ENDPOINT_URL=http://127.0.0.1:$PORT AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
   AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret
 up=0
@@ -73,7 +108,7 @@ echo "uploaded $CK ($BYTES bytes) to s3://weights/race/ in $(awk "BEGIN {printf 
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 load() { # load ROUND KIND ARGS...: one load, its JSON kept, one line printed (by $WITH, else $G)
   local round=$1 kind=$2; shift 2
-  ${WITH:-$G} load "$@" --device $DEV --json > $OUT/$kind-$round.json 2> $OUT/$kind-$round.err ||
+  eval $RUN_IN '${WITH:-$G}' load '"$@"' --device $DEV --json > $OUT/$kind-$round.json 2> $OUT/$kind-$round.err ||
     { echo "$kind load failed:"; tail -n 5 $OUT/$kind-$round.err; exit 1; }
   python3 - $OUT/$kind-$round.json $round $kind <<'PY'
 import json, sys
@@ -126,6 +161,8 @@ for i, what in enumerate(["load", "whole call"]):
     print(f"{what:24}" + "".join(f"{m[k]:9.3f}" for k in kinds)
           + f"{m['store'] / m['first']:18.3f}{m['cached'] / m['local']:19.3f}")
 paired = [r["store"][1][j] / r["first"][1][j] for j in range(rounds)]
+loads = [r["store"][0][j] / r["first"][0][j] for j in range(rounds)]
+print(f"paired per round, load: first/store time {' '.join(f'{x:.3f}' for x in loads)}")
 cached = [r["cached"][1][j] / r["local"][1][j] for j in range(rounds)]
 print(f"paired per round, whole call: first/store time {' '.join(f'{x:.3f}' for x in paired)};"
       f" cached/local rate {' '.join(f'{x:.3f}' for x in cached)}")

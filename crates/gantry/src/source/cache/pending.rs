@@ -21,8 +21,10 @@ use parking_lot::Mutex;
 /// no room is fetched again behind the load (see the writer's note).
 pub const PENDING_BYTES_MAX: usize = 256 << 20;
 
-/// Bytes per slab: a huge page, so that the pool faults in 128 pages, not 65 536.
-pub const SLAB_BYTES: usize = 2 << 20;
+/// Bytes per slab: a part takes whole slabs, so small enough that a short part (an object's
+/// last) wastes little. The pool is one mapping with transparent huge pages requested, so it
+/// faults in whole 2 MiB pages whatever the slab size.
+pub const SLAB_BYTES: usize = 256 << 10;
 
 const SLABS: usize = PENDING_BYTES_MAX / SLAB_BYTES;
 

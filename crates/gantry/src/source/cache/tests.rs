@@ -295,6 +295,7 @@ fn a_stalled_disk_costs_the_copy_not_the_load() {
         true,
     );
     put(&w, &bytes, 0, 4096);
+    // The disk froze before it took a part: no rate to go by, the load waits its bound.
     let text = w.finish(Ok(true));
     assert!(text.contains("did not finish"), "{text}");
     drop(stall);
@@ -307,6 +308,40 @@ fn a_stalled_disk_costs_the_copy_not_the_load() {
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("the copy never landed");
+}
+
+/// A disk that takes the parts far slower than they came: once its rate says the queue
+/// would take longer than `DRAIN_WAIT`, the load is not kept waiting, and the copy lands
+/// behind it, its outcome kept for `wait_behind`.
+#[test]
+fn a_slow_disk_completes_the_copy_behind_the_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(CacheDir::open(&dir.path().join("c"), false).unwrap());
+    let size = 40 * 4096;
+    let bytes = object(size);
+    let w = writer::testing::slow(Arc::clone(&cache), identity("s", size), size, Duration::from_millis(20));
+    put_parts(&w, &bytes, 4096);
+    // Let the disk take a part or two, so that its rate is known.
+    while w.queued_for_disk() == size {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let queued = w.queued_for_disk();
+    let text = w.finish(Ok(true));
+    assert!(text.contains("being completed behind the load"), "{text}");
+    assert!(text.contains("bytes are still queued"), "{queued} queued: {text}");
+    let path = cache.copy_path(&identity("s", size).name());
+    let mut notes = Vec::new();
+    for _ in 0..100 {
+        notes.extend(writer::wait_behind(Duration::from_millis(100)).0);
+        if notes.iter().any(|n| n.starts_with(&format!("{}: written through", path.display()))) {
+            let Lookup::Hit(copy) = cache.find(&identity("s", size), size) else {
+                panic!("the copy was said to land: {notes:?}")
+            };
+            assert_eq!(&std::fs::read(copy.path).unwrap()[..size as usize], &bytes[..]);
+            return;
+        }
+    }
+    panic!("the copy never landed: {notes:?}");
 }
 
 #[test]
