@@ -391,6 +391,18 @@ mod tests {
 
     /// Staging not given holds the profile's queue; staging given is kept, in either order.
     #[test]
+    fn a_verified_load_stages_room_for_its_hashing() {
+        let plain = Config::default().settings(1).staging_bytes;
+        assert_eq!(plain, 512 << 20, "auto: 64 MiB x 8");
+        let verified = Config::default().verify_sha256(true).settings(1).staging_bytes;
+        assert_eq!(verified, (64 << 20) * (8 + settings::HASHING_SLOTS));
+        let required = Config::default().require_sha256(true).settings(1).staging_bytes;
+        assert_eq!(required, verified);
+        let given = Config::default().verify_sha256(true).staging_bytes(256 << 20);
+        assert_eq!(given.settings(1).staging_bytes, 256 << 20, "a given size is kept");
+    }
+
+    #[test]
     fn staging_given_is_kept_and_auto_holds_the_queue() {
         let nvme = Config::default().profile(VolumeProfile::Nvme).settings(1);
         assert_eq!(nvme.staging_bytes, 512 << 20, "8 MiB x 16 fits the default 512 MiB");
