@@ -541,3 +541,60 @@ fn a_copy_thread_yields_to_the_load_and_only_it() {
     assert_eq!(lowered, (before + i64::from(writer::WRITER_NICE)).min(19));
     assert_eq!(own_nice(), before, "the calling process's other threads keep their priority");
 }
+
+/// Pages of `path`'s first `len` bytes that are in the page cache (`mincore` over a mapping).
+fn cached_pages(path: &Path, len: usize) -> Vec<bool> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    // SAFETY: a read-only shared mapping of an open file; unmapped below.
+    let map = unsafe {
+        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0)
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    let mut pages = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: the mapping just made, a byte per page.
+    assert_eq!(unsafe { libc::mincore(map, len, pages.as_mut_ptr()) }, 0);
+    // SAFETY: the mapping made above, not used after this.
+    unsafe { libc::munmap(map, len) };
+    pages.iter().map(|p| p & 1 == 1).collect()
+}
+
+/// Whole blocks at aligned offsets go to the disk with `O_DIRECT` (never through the page
+/// cache) where the file system takes it; the object's unaligned last part goes through the
+/// page cache; either way the copy is the object's bytes with their record.
+#[test]
+fn aligned_parts_go_to_the_disk_directly() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(CacheDir::open(&dir.path().join("c"), false).unwrap());
+    let part = 256 << 10;
+    let size = 6 * part as u64 + 5000;
+    let bytes = object(size);
+    let w = Writer::create(Arc::clone(&cache), identity("d", size), size, writer::testing::no_store())
+        .unwrap();
+    for (k, p) in bytes.chunks(part).enumerate() {
+        w.write((k * part) as u64, &[p]); // as a GET does, from where the part landed
+    }
+    let text = w.finish(Ok(true));
+    assert!(text.contains("written through"), "{text}");
+    // Measured before anything reads the copy.
+    let path = cache.copy_path(&identity("d", size).name());
+    let pages = cached_pages(&path, size as usize);
+    let on_disk = std::fs::read(&path).unwrap();
+    assert_eq!(&on_disk[..size as usize], &bytes[..]);
+    let Lookup::Hit(copy) = cache.find(&identity("d", size), size) else { panic!("no copy") };
+    let want: Vec<u64> =
+        bytes.chunks(record::SEGMENT_BYTES as usize).map(xxhash_rust::xxh3::xxh3_64).collect();
+    assert_eq!(copy.digests, want);
+    // Does this file system take O_DIRECT at all (tmpfs does not)?
+    let probe = dir.path().join("probe");
+    std::fs::write(&probe, b"x").unwrap();
+    let direct = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(&probe);
+    let whole = 6 * part / 4096;
+    if direct.is_ok() {
+        assert!(pages[..whole].iter().all(|&p| !p), "aligned parts went through the page cache");
+        assert!(pages[whole..].iter().all(|&p| p), "the last part goes through the page cache");
+    } else {
+        assert!(pages.iter().all(|&p| p), "without O_DIRECT every part goes through the page cache");
+    }
+}

@@ -351,6 +351,10 @@ enum Ran {
 /// The temporary file of a copy, locked, and what has been written of it.
 struct Partial {
     file: File,
+    /// The same file opened with `O_DIRECT`, where its file system takes that: whole blocks
+    /// from the pending memory go to the disk without a copy into the page cache (see
+    /// [`Copy::put`]).
+    direct: Option<File>,
     name: String,
     /// Per segment: bytes written so far, and its digest once whole.
     filled: Vec<u64>,
@@ -520,15 +524,26 @@ impl Copy {
             }
             let segments = record::segments(self.size) as usize;
             let (filled, digests) = (vec![0; segments], vec![None; segments]);
-            return Ok(Partial { file, name, filled, digests, written: 0 });
+            let direct = reopen_direct(&file);
+            return Ok(Partial { file, direct, name, filled, digests, written: 0 });
         }
         Err("its temporary files kept being removed".to_owned())
     }
 
     /// Writes the bytes of `chunks`, back to back from `offset`, and hashes the segments
-    /// they complete.
+    /// they complete. Whole blocks at a block-aligned offset (the parts in the pending
+    /// memory's slabs, all but an object's last) go through the `O_DIRECT` descriptor: a
+    /// buffered write copies them once more into the page cache, and on a machine whose store
+    /// serves 7 GB/s four writers doing so at 4-5 GB/s take memory bandwidth and cores from
+    /// the load itself (H100 machine: the first load with a cache 1.21x the store load's
+    /// time); written directly they cost one DMA read, at the disk's own rate, and what the
+    /// disk cannot take is fetched again behind the load.
     fn put<B: AsRef<[u8]>>(&self, p: &mut Partial, offset: u64, chunks: &[B]) -> std::io::Result<()> {
-        let len = write_chunks(&p.file, offset, chunks)?;
+        let file = match &p.direct {
+            Some(direct) if blocks(offset, chunks) => direct,
+            _ => &p.file,
+        };
+        let len = write_chunks(file, offset, chunks)?;
         p.written += len;
         let end = offset + len;
         if len == 0 || end > self.size {
@@ -587,6 +602,38 @@ impl Copy {
                 log::warn!("cache: renaming a copy to {} failed: {e}", path.display());
                 remove(format!("not cached: renaming the copy to {} failed: {e}", path.display()))
             }
+        }
+    }
+}
+
+/// The block size `O_DIRECT` writes are aligned to.
+const DIRECT_ALIGN: usize = 4096;
+
+/// Whether `chunks` at `offset` are whole blocks at block-aligned addresses and offset, as
+/// `O_DIRECT` requires.
+fn blocks<B: AsRef<[u8]>>(offset: u64, chunks: &[B]) -> bool {
+    offset % DIRECT_ALIGN as u64 == 0
+        && chunks.iter().map(AsRef::as_ref).all(|c| {
+            (c.as_ptr() as usize) % DIRECT_ALIGN == 0 && c.len() % DIRECT_ALIGN == 0
+        })
+}
+
+/// `file` opened again for writing with `O_DIRECT` (through `/proc/self/fd`: the same file,
+/// whatever its name does meanwhile); `None` where that cannot be (no `/proc`, a file system
+/// without direct I/O such as tmpfs), and the copy is written through the page cache.
+fn reopen_direct(file: &File) -> Option<File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let opened = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+        .open(path);
+    match opened {
+        Ok(direct) => Some(direct),
+        Err(e) => {
+            log::debug!("cache copies are written through the page cache: O_DIRECT: {e}");
+            None
         }
     }
 }
