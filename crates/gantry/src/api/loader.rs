@@ -321,8 +321,10 @@ impl Loader {
         let views = sink.views();
         let stop = std::sync::atomic::AtomicBool::new(false);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let populate =
-            Populate { chunk_bytes: self.config.object_part(), threads: Populate::threads_for(cores) };
+        let populate = Populate {
+            chunk_bytes: self.config.object_part(),
+            threads: Populate::threads_for(cores),
+        };
         std::thread::scope(|s| {
             if !ranges.is_empty() {
                 // SAFETY: the buffers stay mapped until this scope ends (`buffers` is borrowed

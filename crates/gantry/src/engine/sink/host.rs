@@ -413,7 +413,8 @@ mod tests {
     fn populating_faults_in_every_page_on_any_number_of_threads() {
         let lens = [5 << 20, 64 << 10, (3 << 20) + 8192];
         for threads in [1, 2, 3, 8] {
-            let buffers: Vec<HostBuffer> = lens.iter().map(|&n| HostBuffer::new(n).unwrap()).collect();
+            let buffers: Vec<HostBuffer> =
+                lens.iter().map(|&n| HostBuffer::new(n).unwrap()).collect();
             let ranges: Vec<(usize, usize)> =
                 buffers.iter().map(|b| (b.as_ptr() as usize, b.len())).collect();
             for &(base, len) in &ranges {
@@ -423,7 +424,11 @@ mod tests {
             // SAFETY: the buffers outlive the call.
             unsafe { populate.run(&ranges, &AtomicBool::new(false)) };
             for &(base, len) in &ranges {
-                assert_eq!(resident(base, len), len.div_ceil(4096), "{threads} threads, {len} bytes");
+                assert_eq!(
+                    resident(base, len),
+                    len.div_ceil(4096),
+                    "{threads} threads, {len} bytes"
+                );
             }
         }
         let buffer = HostBuffer::new(4 << 20).unwrap();
@@ -436,7 +441,8 @@ mod tests {
 
     #[test]
     fn a_quarter_of_the_cores_one_to_four() {
-        let got: Vec<usize> = [1, 2, 4, 8, 16, 64].iter().map(|&c| Populate::threads_for(c)).collect();
+        let got: Vec<usize> =
+            [1, 2, 4, 8, 16, 64].iter().map(|&c| Populate::threads_for(c)).collect();
         assert_eq!(got, [1, 1, 1, 2, 4, 4]);
     }
 }

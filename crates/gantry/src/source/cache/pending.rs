@@ -110,7 +110,11 @@ impl Pool {
     #[cfg(test)]
     fn free_slabs(&self) -> usize {
         let state = self.0.lock();
-        if state.base.is_some() { state.free.len() } else { SLABS }
+        if state.base.is_some() {
+            state.free.len()
+        } else {
+            SLABS
+        }
     }
 
     /// Copies `chunks` (`len` bytes in all) into slabs of the pool, as `Bytes` that go back to

@@ -319,7 +319,12 @@ fn a_slow_disk_completes_the_copy_behind_the_load() {
     let cache = Arc::new(CacheDir::open(&dir.path().join("c"), false).unwrap());
     let size = 40 * 4096;
     let bytes = object(size);
-    let w = writer::testing::slow(Arc::clone(&cache), identity("s", size), size, Duration::from_millis(20));
+    let w = writer::testing::slow(
+        Arc::clone(&cache),
+        identity("s", size),
+        size,
+        Duration::from_millis(20),
+    );
     put_parts(&w, &bytes, 4096);
     // Let the disk take a part or two, so that its rate is known.
     while w.queued_for_disk() == size {
@@ -548,7 +553,14 @@ fn cached_pages(path: &Path, len: usize) -> Vec<bool> {
     let file = std::fs::File::open(path).unwrap();
     // SAFETY: a read-only shared mapping of an open file; unmapped below.
     let map = unsafe {
-        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
     };
     assert_ne!(map, libc::MAP_FAILED);
     let mut pages = vec![0u8; len.div_ceil(4096)];
@@ -570,8 +582,9 @@ fn aligned_parts_go_to_the_disk_directly() {
     let part = 256 << 10;
     let size = 6 * part as u64 + 5000;
     let bytes = object(size);
-    let w = Writer::create(Arc::clone(&cache), identity("d", size), size, writer::testing::no_store())
-        .unwrap();
+    let w =
+        Writer::create(Arc::clone(&cache), identity("d", size), size, writer::testing::no_store())
+            .unwrap();
     for (k, p) in bytes.chunks(part).enumerate() {
         w.write((k * part) as u64, &[p]); // as a GET does, from where the part landed
     }
@@ -595,6 +608,9 @@ fn aligned_parts_go_to_the_disk_directly() {
         assert!(pages[..whole].iter().all(|&p| !p), "aligned parts went through the page cache");
         assert!(pages[whole..].iter().all(|&p| p), "the last part goes through the page cache");
     } else {
-        assert!(pages.iter().all(|&p| p), "without O_DIRECT every part goes through the page cache");
+        assert!(
+            pages.iter().all(|&p| p),
+            "without O_DIRECT every part goes through the page cache"
+        );
     }
 }

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use super::{fs, record, CacheDir, Identity, FINISH_WAIT};
 
-pub use super::pending::PENDING_BYTES_MAX;
 use super::pending::PENDING;
+pub use super::pending::PENDING_BYTES_MAX;
 
 /// Most buffers handed to one `pwritev`.
 const IOVECS_MAX: usize = 512;
@@ -103,7 +103,10 @@ enum Order {
     /// Every part was queued: rename the copy into place if it is complete and this says a
     /// HEAD still shows the object unchanged. `behind`: the load did not wait (parts were
     /// still queued for the disk), so the outcome goes to [`wait_behind`], not to the load.
-    Finish { still_same: Result<bool, String>, behind: bool },
+    Finish {
+        still_same: Result<bool, String>,
+        behind: bool,
+    },
 }
 
 /// How long the load waits on the copy's thread.
@@ -417,7 +420,12 @@ impl Copy {
     /// the log and to [`wait_behind`]. With `told`, the load is waiting: it is told at once
     /// that the copy is being completed behind it (without, the load already went on and
     /// counted the copy as behind).
-    fn complete_behind(&self, mut p: Partial, missed: Vec<Range<u64>>, told: Option<&Sender<String>>) {
+    fn complete_behind(
+        &self,
+        mut p: Partial,
+        missed: Vec<Range<u64>>,
+        told: Option<&Sender<String>>,
+    ) {
         let bytes: u64 = missed.iter().map(|r| r.end - r.start).sum();
         let path = self.cache.copy_path(&self.identity.name());
         if let Some(told) = told {
@@ -470,7 +478,6 @@ fn behind_ended(text: String) {
 }
 
 impl Copy {
-
     /// Fetches `missed` again ([`REFETCH_BYTES`] per GET) and writes it into `p`.
     fn fetch_again(&self, p: &mut Partial, missed: &[Range<u64>]) -> Result<(), String> {
         // One buffer for every GET: a fresh one each time would fault its pages in again.
@@ -481,7 +488,8 @@ impl Copy {
             while at < range.end {
                 let n = (range.end - at).min(REFETCH_BYTES as u64) as usize;
                 (self.refetch)(at, &mut buf[..n])?;
-                self.put(p, at, &[&buf[..n]]).map_err(|e| format!("writing at offset {at}: {e}"))?;
+                self.put(p, at, &[&buf[..n]])
+                    .map_err(|e| format!("writing at offset {at}: {e}"))?;
                 at += n as u64;
             }
         }
@@ -538,7 +546,12 @@ impl Copy {
     /// the load itself (H100 machine: the first load with a cache 1.21x the store load's
     /// time); written directly they cost one DMA read, at the disk's own rate, and what the
     /// disk cannot take is fetched again behind the load.
-    fn put<B: AsRef<[u8]>>(&self, p: &mut Partial, offset: u64, chunks: &[B]) -> std::io::Result<()> {
+    fn put<B: AsRef<[u8]>>(
+        &self,
+        p: &mut Partial,
+        offset: u64,
+        chunks: &[B],
+    ) -> std::io::Result<()> {
         let file = match &p.direct {
             Some(direct) if blocks(offset, chunks) => direct,
             _ => &p.file,
@@ -613,9 +626,10 @@ const DIRECT_ALIGN: usize = 4096;
 /// `O_DIRECT` requires.
 fn blocks<B: AsRef<[u8]>>(offset: u64, chunks: &[B]) -> bool {
     offset % DIRECT_ALIGN as u64 == 0
-        && chunks.iter().map(AsRef::as_ref).all(|c| {
-            (c.as_ptr() as usize) % DIRECT_ALIGN == 0 && c.len() % DIRECT_ALIGN == 0
-        })
+        && chunks
+            .iter()
+            .map(AsRef::as_ref)
+            .all(|c| (c.as_ptr() as usize) % DIRECT_ALIGN == 0 && c.len() % DIRECT_ALIGN == 0)
 }
 
 /// `file` opened again for writing with `O_DIRECT` (through `/proc/self/fd`: the same file,
@@ -757,7 +771,8 @@ pub(super) mod testing {
         miss: u64,
         refetch: Refetch,
     ) -> Writer {
-        let waits = Waits { finish: FINISH_WAIT, stall: false, miss: Some(miss), slow: Duration::ZERO };
+        let waits =
+            Waits { finish: FINISH_WAIT, stall: false, miss: Some(miss), slow: Duration::ZERO };
         Writer::with_waits(cache, identity, size, waits, refetch).unwrap()
     }
 }

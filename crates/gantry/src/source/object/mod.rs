@@ -658,14 +658,8 @@ async fn fetch_into(
             while !bytes.is_empty() {
                 let job = part[at];
                 let n = bytes.len().min((job.len - in_extent) as usize);
-                let now = take_chunk(
-                    file,
-                    job,
-                    fault,
-                    in_extent,
-                    bytes.split_to(n),
-                    &mut *bufs[at],
-                )?;
+                let now =
+                    take_chunk(file, job, fault, in_extent, bytes.split_to(n), &mut *bufs[at])?;
                 filled += now - in_extent;
                 in_extent = now;
                 if in_extent == job.len && at + 1 < part.len() {
