@@ -31,6 +31,8 @@ const SLABS: usize = PENDING_BYTES_MAX / SLAB_BYTES;
 /// A pool's state: the mapping (made on first use), the free slabs, and the copies alive.
 struct State {
     base: Option<NonNull<u8>>,
+    /// The mapping could not be made (said once): every part is missed.
+    unmapped: bool,
     free: Vec<usize>,
     copies: usize,
 }
@@ -96,7 +98,7 @@ fn release_if_idle(state: &mut State) {
 
 impl Pool {
     pub const fn new() -> Self {
-        Self(Mutex::new(State { base: None, free: Vec::new(), copies: 0 }))
+        Self(Mutex::new(State { base: None, unmapped: false, free: Vec::new(), copies: 0 }))
     }
 
     /// Counts a copy as alive while the returned guard lives: the pool keeps its pages
@@ -130,12 +132,22 @@ impl Pool {
             let mut state = self.0.lock();
             let base = match state.base {
                 Some(base) => base,
+                None if state.unmapped => return None,
                 None => {
-                    let base = crate::engine::staging::map_anonymous(
+                    let mapped = crate::engine::staging::map_anonymous(
                         PENDING_BYTES_MAX,
                         "mapping the cache's pending memory",
-                    )
-                    .ok()?;
+                    );
+                    let base = match mapped {
+                        Ok(base) => base,
+                        Err(e) => {
+                            log::warn!(
+                                "cache: {e}; every copy of this process is fetched again behind its load"
+                            );
+                            state.unmapped = true;
+                            return None;
+                        }
+                    };
                     state.base = Some(base);
                     state.free = (0..SLABS).rev().collect();
                     base

@@ -5,8 +5,7 @@
 //! cache, hashes each segment for the record, writes the record and renames the copy into
 //! place. The load's threads only copy each part into the pending memory ([`super::pending`])
 //! from where it landed and queue it, and, at the end, wait a bounded time for the verdict: a
-//! cache whose disk stalls or fills costs the copy and a warning, never the load. The thread
-//! runs at a lower priority than the load's (see `yield_to_the_load`).
+//! cache whose disk stalls or fills costs the copy and a warning, never the load.
 //!
 //! **Behind the load.** A part that finds no room in the pending budget is not waited for:
 //! the GET goes on, and the copy notes the range as missed. When the load ends,
@@ -40,6 +39,9 @@ const IOVECS_MAX: usize = 512;
 /// against 1 GB/s on the 2-core development machine), 2.7 s.
 pub const DRAIN_WAIT: Duration = Duration::from_millis(50);
 
+/// Most bytes of one piece queued for a copy's thread (a larger part is queued in pieces).
+const PIECE_BYTES_MAX: u64 = 16 << 20;
+
 /// Bytes fetched again per GET when a copy is completed behind its load.
 const REFETCH_BYTES: usize = 16 << 20;
 
@@ -65,28 +67,6 @@ pub fn wait_behind(timeout: Duration) -> (Vec<String>, usize) {
     while behind.0 > 0 && !BEHIND_DONE.wait_until(&mut behind, deadline).timed_out() {}
     (std::mem::take(&mut behind.1), behind.0)
 }
-
-/// Lowers the calling thread's CPU priority by [`WRITER_NICE`]: a copy's thread writes
-/// through the page cache and hashes its segments, and where the cores are all busy (the
-/// store's own server on the same machine, the GETs' copies, the hashing of a verified load)
-/// it should take what the load leaves, never the reverse: what it cannot keep up with is
-/// fetched again behind the load. On Linux `setpriority(PRIO_PROCESS, 0, ..)` applies to the
-/// calling thread alone. Failing to lower it changes nothing else.
-pub(super) fn yield_to_the_load() {
-    // SAFETY: getpriority and setpriority have no preconditions; lowering one's own priority
-    // is always allowed. (-1 from getpriority may be an error or a nice value of -1: either
-    // way the result is lower than before, at most 19.)
-    let lowered = unsafe {
-        let now = libc::getpriority(libc::PRIO_PROCESS, 0);
-        libc::setpriority(libc::PRIO_PROCESS, 0, (now + WRITER_NICE).min(19))
-    };
-    if lowered != 0 {
-        log::debug!("cache writer keeps its priority: {}", std::io::Error::last_os_error());
-    }
-}
-
-/// How much a copy's thread lowers its priority (nice values: 19 is the lowest).
-pub const WRITER_NICE: libc::c_int = 10;
 
 /// Bytes of one part on their way to its copy, contiguous from `offset`: slabs of the
 /// pending memory ([`super::pending`]), or a buffer of bytes fetched again behind the load.
@@ -137,10 +117,17 @@ pub struct Writer {
     /// Bytes queued for the copy's thread, and bytes it has taken off the queue (written, or
     /// dropped once the copy failed).
     queued: AtomicU64,
+    /// When the first piece was queued: with nothing taken yet, how long the disk has had.
+    first_queued: std::sync::OnceLock<Instant>,
     taken: Arc<AtomicU64>,
     /// Nanoseconds the copy's thread spent writing what it took: with `taken`, its disk's
     /// rate so far.
     busy_ns: Arc<AtomicU64>,
+    /// Set when the copy will be removed whatever happens: the thread skips queued parts.
+    abandon: Arc<AtomicBool>,
+    /// Whether the copy is counted in [`BEHIND`] and not yet told ended (shared with the
+    /// thread, so that a panic there still ends it).
+    counted: Arc<AtomicBool>,
     /// The ranges that found no room, shared with the copy's thread.
     missed: Arc<parking_lot::Mutex<Vec<Range<u64>>>>,
 }
@@ -174,6 +161,8 @@ impl Writer {
         let failed_too = Arc::clone(&failed);
         let missed = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let (taken, busy_ns) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let abandon = Arc::new(AtomicBool::new(false));
+        let counted = Arc::new(AtomicBool::new(false));
         let copy = Copy {
             taken: Arc::clone(&taken),
             cache,
@@ -183,6 +172,8 @@ impl Writer {
             stall: waits.stall,
             slow: waits.slow,
             busy_ns: Arc::clone(&busy_ns),
+            abandon: Arc::clone(&abandon),
+            counted: Arc::clone(&counted),
             refetch,
             missed: Arc::clone(&missed),
         };
@@ -193,21 +184,28 @@ impl Writer {
             .name("gantry-cache".to_owned())
             .spawn(move || {
                 let _alive = alive;
-                yield_to_the_load();
                 // Out of the trace before the verdict goes: the load may write its trace
                 // as soon as it has the verdict.
-                let ran = {
-                    let _in = crate::trace::enter(trace.as_ref(), "cache writer");
-                    copy.run(&rx)
-                };
-                match ran {
-                    Ran::Done(text, false) => {
-                        let _ = verdict_tx.send(text);
+                let counted = Arc::clone(&copy.counted);
+                let work = std::panic::AssertUnwindSafe(|| {
+                    let ran = {
+                        let _in = crate::trace::enter(trace.as_ref(), "cache writer");
+                        copy.run(&rx)
+                    };
+                    match ran {
+                        Ran::Done(text, false) => {
+                            let _ = verdict_tx.send(text);
+                        }
+                        Ran::Done(text, true) => copy.done_behind(&text, None),
+                        Ran::Behind(partial, missed, behind) => {
+                            copy.complete_behind(partial, missed, (!behind).then_some(&verdict_tx))
+                        }
                     }
-                    Ran::Done(text, true) => copy.done_behind(&text, None),
-                    Ran::Behind(partial, missed, behind) => {
-                        copy.complete_behind(partial, missed, (!behind).then_some(&verdict_tx))
-                    }
+                });
+                if std::panic::catch_unwind(work).is_err() && counted.swap(false, Ordering::AcqRel)
+                {
+                    // Its temporary file stays for the next load's sweep.
+                    behind_ended("not cached: the copy's thread panicked".to_owned());
                 }
             })
             .map_err(|e| format!("starting the thread that writes {}: {e}", path.display()))?;
@@ -221,8 +219,11 @@ impl Writer {
             waits,
             parts,
             queued,
+            first_queued: std::sync::OnceLock::new(),
             taken,
             busy_ns,
+            abandon,
+            counted,
             missed,
         })
     }
@@ -239,24 +240,33 @@ impl Writer {
     /// copies are waiting for the disk, the part is noted as missed and fetched again behind
     /// the load.
     pub fn write<B: AsRef<[u8]>>(&self, offset: u64, chunks: &[B]) {
-        let len: usize = chunks.iter().map(|c| c.as_ref().len()).sum();
+        let len: u64 = chunks.iter().map(|c| c.as_ref().len() as u64).sum();
         if len == 0 || !self.wants_bytes() {
             return;
         }
         let parts = self.parts.fetch_add(1, Ordering::Relaxed) + 1;
-        let room = match self.waits.miss {
-            Some(k) if parts % k == 0 => None,
-            _ => PENDING.copy_in(chunks, len),
-        };
-        let Some(chunks) = room else {
-            // The disk is behind the store: the GET goes on, the copy fetches these bytes
-            // again once the load is over.
-            self.missed.lock().push(offset..offset + len as u64);
-            return;
-        };
-        if let Some(orders) = &self.orders {
-            self.queued.fetch_add(len as u64, Ordering::Relaxed);
-            let _ = orders.send(Order::Piece(Piece { offset, chunks }));
+        let miss = matches!(self.waits.miss, Some(k) if parts % k == 0);
+        // In pieces of at most PIECE_BYTES_MAX, so that a part as large as the pending memory
+        // (parts may be up to 1 GiB) is queued as far as there is room rather than missed
+        // whole.
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(PIECE_BYTES_MAX);
+            let piece: Vec<&[u8]> = slices(chunks, at, n).collect();
+            let room = if miss { None } else { PENDING.copy_in(&piece, n as usize) };
+            let Some(slabs) = room else {
+                // The disk is behind the store: the GET goes on, the copy fetches these bytes
+                // again once the load is over.
+                self.missed.lock().push(offset + at..offset + at + n);
+                at += n;
+                continue;
+            };
+            if let Some(orders) = &self.orders {
+                self.first_queued.get_or_init(Instant::now);
+                self.queued.fetch_add(n, Ordering::Relaxed);
+                let _ = orders.send(Order::Piece(Piece { offset: offset + at, chunks: slabs }));
+            }
+            at += n;
         }
     }
 
@@ -277,19 +287,28 @@ impl Writer {
         let queued = self.queued.load(Ordering::Relaxed);
         let taken = self.taken.load(Ordering::Acquire);
         let waiting = queued.saturating_sub(taken);
-        // At the rate its disk took the parts so far (none taken yet: no rate, wait as for a
-        // stalled disk).
+        // At the rate its disk took the parts so far; with none taken yet, by how long the
+        // disk has had them.
         let busy = Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed));
-        let drain = (taken > 0).then(|| busy.mul_f64(waiting as f64 / taken as f64));
-        let slow = drain.is_some_and(|d| d > DRAIN_WAIT);
-        let behind = slow && still_same == Ok(true) && self.wants_bytes();
+        let slow = match taken {
+            0 => self.first_queued.get().is_some_and(|t| t.elapsed() > DRAIN_WAIT),
+            _ => busy.mul_f64(waiting as f64 / taken as f64) > DRAIN_WAIT,
+        };
+        let behind = waiting > 0 && slow && still_same == Ok(true) && self.wants_bytes();
+        if still_same != Ok(true) {
+            // The copy will be removed: its thread need not write what is still queued.
+            self.abandon.store(true, Ordering::Relaxed);
+        }
         if let Some(orders) = self.orders.take() {
             if behind {
                 BEHIND.lock().0 += 1;
+                self.counted.store(true, Ordering::Release);
             }
             if orders.send(Order::Finish { still_same, behind }).is_err() && behind {
                 // The thread is gone (it cannot be, while the writer holds the queue).
-                behind_ended("not cached: the copy's thread ended".to_owned());
+                if self.counted.swap(false, Ordering::AcqRel) {
+                    behind_ended("not cached: the copy's thread ended".to_owned());
+                }
             }
         }
         if behind {
@@ -335,6 +354,10 @@ struct Copy {
     slow: Duration,
     /// See [`Writer::busy_ns`].
     busy_ns: Arc<AtomicU64>,
+    /// See [`Writer::abandon`].
+    abandon: Arc<AtomicBool>,
+    /// See [`Writer::counted`].
+    counted: Arc<AtomicBool>,
     /// How missed ranges are fetched again.
     refetch: Refetch,
     /// The ranges the load's GETs could not hand over in time (see [`Writer::write`]).
@@ -380,7 +403,8 @@ impl Copy {
                 Order::Piece(piece) => {
                     let bytes = piece.chunks.iter().map(|c| c.len() as u64).sum::<u64>();
                     let began = Instant::now();
-                    if let Some(p) = partial.as_mut().filter(|_| !self.failed()) {
+                    let abandoned = self.abandon.load(Ordering::Relaxed);
+                    if let Some(p) = partial.as_mut().filter(|_| !self.failed() && !abandoned) {
                         #[cfg(test)]
                         let _stalled = self.stall.then(|| testing::STALL.lock());
                         #[cfg(test)]
@@ -430,6 +454,7 @@ impl Copy {
         let path = self.cache.copy_path(&self.identity.name());
         if let Some(told) = told {
             BEHIND.lock().0 += 1;
+            self.counted.store(true, Ordering::Release);
             let _ = told.send(format!(
                 "being completed behind the load at {}: {bytes} bytes in {} ranges came faster than the cache's disk took them and are fetched again",
                 path.display(),
@@ -460,7 +485,9 @@ impl Copy {
             ),
             None => format!("{}: {text} (behind the load)", path.display()),
         };
-        behind_ended(text);
+        if self.counted.swap(false, Ordering::AcqRel) {
+            behind_ended(text);
+        }
     }
 }
 
@@ -552,11 +579,24 @@ impl Copy {
         offset: u64,
         chunks: &[B],
     ) -> std::io::Result<()> {
-        let file = match &p.direct {
-            Some(direct) if blocks(offset, chunks) => direct,
-            _ => &p.file,
+        let direct = match &p.direct {
+            Some(direct) if blocks(offset, chunks) => Some(write_chunks(direct, offset, chunks)),
+            _ => None,
         };
-        let len = write_chunks(file, offset, chunks)?;
+        let len = match direct {
+            Some(Ok(len)) => len,
+            Some(Err(e)) => {
+                // A file system that opened with O_DIRECT but refuses these writes (another
+                // alignment), or a short write that left an unaligned rest: the whole piece
+                // again, and every later one, through the page cache.
+                log::debug!(
+                    "cache: O_DIRECT write at offset {offset} failed ({e}): buffered from now on"
+                );
+                p.direct = None;
+                write_chunks(&p.file, offset, chunks)?
+            }
+            None => write_chunks(&p.file, offset, chunks)?,
+        };
         p.written += len;
         let end = offset + len;
         if len == 0 || end > self.size {
@@ -588,6 +628,13 @@ impl Copy {
             let _ = self.cache.partial.unlink(&p.name);
             text
         };
+        match still_same {
+            Ok(true) => {}
+            Ok(false) => {
+                return remove("not cached: the object changed since the load began".to_owned())
+            }
+            Err(e) => return remove(format!("not cached: the last HEAD failed: {e}")),
+        }
         let digests: Option<Vec<u64>> = p.digests.iter().copied().collect();
         let digests = match digests {
             Some(d) if !self.failed() && p.written == self.size => d,
@@ -596,13 +643,6 @@ impl Copy {
                 return remove(format!("not cached: the copy at {} is incomplete", path.display()));
             }
         };
-        match still_same {
-            Ok(true) => {}
-            Ok(false) => {
-                return remove("not cached: the object changed since the load began".to_owned())
-            }
-            Err(e) => return remove(format!("not cached: the last HEAD failed: {e}")),
-        }
         let trailer = record::encode(self.size, self.identity.bytes(), &digests);
         if let Err(e) = p.file.write_all_at(&trailer, self.size) {
             return remove(format!("not cached: writing its record: {e}"));
@@ -634,7 +674,8 @@ fn blocks<B: AsRef<[u8]>>(offset: u64, chunks: &[B]) -> bool {
 
 /// `file` opened again for writing with `O_DIRECT` (through `/proc/self/fd`: the same file,
 /// whatever its name does meanwhile); `None` where that cannot be (no `/proc`, a file system
-/// without direct I/O such as tmpfs), and the copy is written through the page cache.
+/// that refuses `O_DIRECT`), and the copy is written through the page cache. (Some file
+/// systems open with it and still cache, such as tmpfs since Linux 6.6: no harm, no gain.)
 fn reopen_direct(file: &File) -> Option<File> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
