@@ -170,6 +170,35 @@ fn object_storage_against_seaweedfs() {
     let local_model = Loader::new(Config::default()).unwrap().load(&index).unwrap();
     assert!(local_model.report().object.is_none(), "a local load made no GETs");
 
+    // Through a delay proxy (benches/peers/latency_proxy.py, as object_net.sh shapes its
+    // profiles): the GETs measure the added latency and, with the part size fixed, keep more
+    // of them in flight at 80 ms than straight to the store; the bytes are the same.
+    let part = 4 << 20;
+    let fixed = Config::default()
+        .object_part_bytes(part)
+        .object_concurrency(128)
+        .chunk_bytes(part)
+        .staging_bytes(128 * part);
+    let port = server.endpoint.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let proxy = DelayProxy::start(port, 80);
+    let mut seen = Vec::new();
+    for endpoint in [server.endpoint.clone(), proxy.endpoint.clone()] {
+        let config = fixed.clone().object_option("aws_endpoint_url", &endpoint);
+        let model = Loader::new(config).unwrap().load(url("llama/")).unwrap();
+        assert_matches_local(&model, &local);
+        let net = model.report().object.expect("an object load reports what its GETs measured");
+        assert_eq!(net.part_bytes, part as u64, "a given part size is every GET's: {net:?}");
+        seen.push(net);
+    }
+    let (direct, delayed) = (&seen[0], &seen[1]);
+    eprintln!("GETs straight to the store: {direct:?}; through 80 ms: {delayed:?}");
+    assert!(delayed.ttfb_min_ms >= 80.0, "the proxy's 80 ms went unmeasured: {delayed:?}");
+    assert!(
+        delayed.in_flight > direct.in_flight,
+        "no more GETs in flight at 80 ms than without: {delayed:?} against {direct:?}"
+    );
+    drop(proxy);
+
     // Keys with non-ASCII and reserved characters, by URL and by listing.
     suite::odd_keys(&S3(Box::new(server.store(BUCKET))), dir.path(), &Config::default());
 
@@ -269,5 +298,38 @@ fn object_storage_against_seaweedfs() {
     match result {
         Err(Error::Io { path, .. }) => assert!(path.to_string_lossy().contains("big.safetensors")),
         other => panic!("{:?}", other.map(|m| m.report().clone())),
+    }
+}
+
+/// benches/peers/latency_proxy.py in front of the store: each request held for a delay.
+struct DelayProxy {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl DelayProxy {
+    fn start(upstream: u16, delay_ms: u32) -> DelayProxy {
+        use std::io::BufRead;
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../benches/peers/latency_proxy.py");
+        let port = free_port();
+        let mut child = std::process::Command::new("python3")
+            .arg(&script)
+            .args([port.to_string(), upstream.to_string(), delay_ms.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs the delay proxy (benches/peers/latency_proxy.py): apt-get install python3");
+        let mut line = String::new();
+        let stdout = child.stdout.take().unwrap();
+        std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+        assert!(line.starts_with("listening"), "the delay proxy did not start: {line:?}");
+        DelayProxy { child, endpoint: format!("http://127.0.0.1:{port}") }
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
