@@ -39,6 +39,11 @@ const IOVECS_MAX: usize = 512;
 /// against 1 GB/s on the 2-core development machine), 2.7 s.
 pub const DRAIN_WAIT: Duration = Duration::from_millis(50);
 
+/// Fewest bytes still queued for a copy's disk that make the load go on without them (with
+/// [`DRAIN_WAIT`]): a few small parts left are written before the load returns, so that a
+/// small copy lands with its load.
+pub const BEHIND_BYTES_MIN: u64 = 32 << 20;
+
 /// Most bytes of one piece queued for a copy's thread (a larger part is queued in pieces).
 const PIECE_BYTES_MAX: u64 = 16 << 20;
 
@@ -100,6 +105,10 @@ struct Waits {
     miss: Option<u64>,
     /// Unit tests: the thread takes this long more per part (a slow disk).
     slow: Duration,
+    /// [`DRAIN_WAIT`], longer in unit tests that must see the load wait.
+    drain: Duration,
+    /// [`BEHIND_BYTES_MIN`], less in unit tests of small copies behind the load.
+    behind_bytes: u64,
 }
 
 /// The copy of one object being written as its parts arrive.
@@ -143,7 +152,14 @@ impl Writer {
         size: u64,
         refetch: Refetch,
     ) -> Result<Self, String> {
-        let waits = Waits { finish: FINISH_WAIT, stall: false, miss: None, slow: Duration::ZERO };
+        let waits = Waits {
+            finish: FINISH_WAIT,
+            stall: false,
+            miss: None,
+            slow: Duration::ZERO,
+            drain: DRAIN_WAIT,
+            behind_bytes: BEHIND_BYTES_MIN,
+        };
         Self::with_waits(cache, identity, size, waits, refetch)
     }
 
@@ -278,10 +294,10 @@ impl Writer {
 
     /// Tells the copy's thread to rename the copy into place if it is complete and
     /// `still_same` (a HEAD now shows the same ETag and size), else to remove it. Returns what
-    /// happened, for the report: when the parts still queued would take the cache's disk
-    /// (at its rate so far) more than [`DRAIN_WAIT`], at once: the copy is completed behind
-    /// the load and its outcome goes to [`wait_behind`]; else after waiting at most
-    /// [`FINISH_WAIT`] for the thread.
+    /// happened, for the report: when the parts still queued ([`BEHIND_BYTES_MIN`] or more)
+    /// would take the cache's disk (at its rate so far) more than [`DRAIN_WAIT`], at once:
+    /// the copy is completed behind the load and its outcome goes to [`wait_behind`]; else
+    /// after waiting at most [`FINISH_WAIT`] for the thread.
     pub fn finish(mut self, still_same: Result<bool, String>) -> String {
         // Every GET has queued its part by now: the count is final.
         let queued = self.queued.load(Ordering::Relaxed);
@@ -291,10 +307,14 @@ impl Writer {
         // disk has had them.
         let busy = Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed));
         let slow = match taken {
-            0 => self.first_queued.get().is_some_and(|t| t.elapsed() > DRAIN_WAIT),
-            _ => busy.mul_f64(waiting as f64 / taken as f64) > DRAIN_WAIT,
+            0 => self.first_queued.get().is_some_and(|t| t.elapsed() > self.waits.drain),
+            _ => busy.mul_f64(waiting as f64 / taken as f64) > self.waits.drain,
         };
-        let behind = waiting > 0 && slow && still_same == Ok(true) && self.wants_bytes();
+        let behind = waiting > 0
+            && waiting >= self.waits.behind_bytes
+            && slow
+            && still_same == Ok(true)
+            && self.wants_bytes();
         if still_same != Ok(true) {
             // The copy will be removed: its thread need not write what is still queued.
             self.abandon.store(true, Ordering::Relaxed);
@@ -780,8 +800,8 @@ pub(super) mod testing {
     /// Held by a test to stall the threads of writers made with `stall`.
     pub static STALL: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
-    /// A writer whose load-side wait is `wait`, stalled by [`STALL`] when `stall`; it has no
-    /// store to fetch missed parts from.
+    /// A writer whose load-side wait is `wait` (whatever is still queued), stalled by
+    /// [`STALL`] when `stall`; it has no store to fetch missed parts from.
     pub fn writer(
         cache: Arc<CacheDir>,
         identity: Identity,
@@ -789,13 +809,24 @@ pub(super) mod testing {
         wait: Duration,
         stall: bool,
     ) -> Writer {
-        let waits = Waits { finish: wait, stall, miss: None, slow: Duration::ZERO };
+        // However long the test takes to call `finish`, the load waits (up to `wait`).
+        let drain = Duration::from_secs(3600);
+        let behind_bytes = BEHIND_BYTES_MIN;
+        let waits =
+            Waits { finish: wait, stall, miss: None, slow: Duration::ZERO, drain, behind_bytes };
         Writer::with_waits(cache, identity, size, waits, no_store()).unwrap()
     }
 
     /// A writer whose thread takes `slow` more per part (a slow disk); no store.
     pub fn slow(cache: Arc<CacheDir>, identity: Identity, size: u64, slow: Duration) -> Writer {
-        let waits = Waits { finish: FINISH_WAIT, stall: false, miss: None, slow };
+        let waits = Waits {
+            finish: FINISH_WAIT,
+            stall: false,
+            miss: None,
+            slow,
+            drain: DRAIN_WAIT,
+            behind_bytes: 0,
+        };
         Writer::with_waits(cache, identity, size, waits, no_store()).unwrap()
     }
 
@@ -812,8 +843,14 @@ pub(super) mod testing {
         miss: u64,
         refetch: Refetch,
     ) -> Writer {
-        let waits =
-            Waits { finish: FINISH_WAIT, stall: false, miss: Some(miss), slow: Duration::ZERO };
+        let waits = Waits {
+            finish: FINISH_WAIT,
+            stall: false,
+            miss: Some(miss),
+            slow: Duration::ZERO,
+            drain: DRAIN_WAIT,
+            behind_bytes: BEHIND_BYTES_MIN,
+        };
         Writer::with_waits(cache, identity, size, waits, refetch).unwrap()
     }
 }
