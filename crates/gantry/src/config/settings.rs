@@ -97,13 +97,13 @@ impl Config {
         let (read, profile) = (&self.read, self.read.profile);
         let (profile_chunk, profile_depth) = profile.settings();
         let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+        let verify_sha256 = self.integrity.verify_sha256 || self.integrity.require_sha256;
         Settings {
             queue_depth: read.queue_depth.unwrap_or(profile_depth),
             chunk_bytes: read.chunk_bytes.unwrap_or(profile_chunk),
             buffered_chunk_bytes: read.buffered_chunk_bytes,
             staging_bytes: self.staging.bytes.unwrap_or_else(|| {
-                let verified = self.integrity.verify_sha256 || self.integrity.require_sha256;
-                let slots = profile_depth + if verified { HASHING_SLOTS } else { 0 };
+                let slots = profile_depth + if verify_sha256 { HASHING_SLOTS } else { 0 };
                 STAGING_BYTES_DEFAULT.max(profile_chunk.saturating_mul(slots))
             }),
             threads: read.threads.unwrap_or_else(|| default_threads(cores, sharers)),
@@ -117,7 +117,7 @@ impl Config {
             object_part_given: self.object.part_bytes.is_some(),
             object_concurrency: self.object.concurrency,
             object_options: self.object.options.clone(),
-            verify_sha256: self.integrity.verify_sha256 || self.integrity.require_sha256,
+            verify_sha256,
             require_sha256: self.integrity.require_sha256,
             cache_dir: self.object.cache_dir.clone(),
             cache_shared: self.object.cache_shared,

@@ -52,12 +52,13 @@ pub fn open_direct(path: &Path) -> Result<(File, u64), String> {
             _ => format!("open with O_DIRECT failed: {e}"),
         },
     )?;
-    let align = dio_alignment(&file).max(4096);
+    let align = dio_alignment(&file);
     Ok((file, align))
 }
 
-/// The file system's direct-I/O alignment from `statx(STATX_DIOALIGN)`, or 4096.
-fn dio_alignment(file: &File) -> u64 {
+/// The alignment direct I/O on `file` keeps: its file system's from `statx(STATX_DIOALIGN)`,
+/// at least 4096 (4096 where the kernel does not say).
+pub(crate) fn dio_alignment(file: &File) -> u64 {
     // SAFETY: statx is plain data; zeroed is a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd, empty path with AT_EMPTY_PATH, and a valid out pointer.
@@ -71,7 +72,7 @@ fn dio_alignment(file: &File) -> u64 {
         )
     };
     if rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 {
-        u64::from(stx.stx_dio_offset_align.max(stx.stx_dio_mem_align)).max(1)
+        u64::from(stx.stx_dio_offset_align.max(stx.stx_dio_mem_align)).max(4096)
     } else {
         4096
     }

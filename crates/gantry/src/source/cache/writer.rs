@@ -111,6 +111,18 @@ struct Waits {
     behind_bytes: u64,
 }
 
+impl Waits {
+    /// A load's: what every writer but the unit tests' uses.
+    const LOAD: Waits = Waits {
+        finish: FINISH_WAIT,
+        stall: false,
+        miss: None,
+        slow: Duration::ZERO,
+        drain: DRAIN_WAIT,
+        behind_bytes: BEHIND_BYTES_MIN,
+    };
+}
+
 /// The copy of one object being written as its parts arrive.
 #[derive(Debug)]
 pub struct Writer {
@@ -119,26 +131,34 @@ pub struct Writer {
     orders: Option<Sender<Order>>,
     /// What the thread made of the copy (in a mutex only so that the writer is `Sync`).
     verdict: parking_lot::Mutex<Receiver<String>>,
-    failed: Arc<AtomicBool>,
     waits: Waits,
     /// Parts handed to [`Writer::write`] so far.
     parts: AtomicU64,
-    /// Bytes queued for the copy's thread, and bytes it has taken off the queue (written, or
-    /// dropped once the copy failed).
+    /// Bytes queued for the copy's thread.
     queued: AtomicU64,
     /// When the first piece was queued: with nothing taken yet, how long the disk has had.
     first_queued: std::sync::OnceLock<Instant>,
-    taken: Arc<AtomicU64>,
-    /// Nanoseconds the copy's thread spent writing what it took: with `taken`, its disk's
-    /// rate so far.
-    busy_ns: Arc<AtomicU64>,
+    /// What the load and the copy's thread both see.
+    shared: Arc<Shared>,
+}
+
+/// The state of one copy that the load's threads and the copy's thread share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// The copy failed (or stalled): it takes no more bytes.
+    failed: AtomicBool,
+    /// Bytes the thread has taken off the queue (written, or dropped once the copy failed).
+    taken: AtomicU64,
+    /// Nanoseconds the thread spent writing what it took: with `taken`, its disk's rate so
+    /// far.
+    busy_ns: AtomicU64,
     /// Set when the copy will be removed whatever happens: the thread skips queued parts.
-    abandon: Arc<AtomicBool>,
-    /// Whether the copy is counted in [`BEHIND`] and not yet told ended (shared with the
-    /// thread, so that a panic there still ends it).
-    counted: Arc<AtomicBool>,
-    /// The ranges that found no room, shared with the copy's thread.
-    missed: Arc<parking_lot::Mutex<Vec<Range<u64>>>>,
+    abandon: AtomicBool,
+    /// Whether the copy is counted in [`BEHIND`] and not yet told ended (so that a panic on
+    /// the thread still ends it).
+    counted: AtomicBool,
+    /// The ranges that found no room.
+    missed: parking_lot::Mutex<Vec<Range<u64>>>,
 }
 
 impl Writer {
@@ -152,15 +172,7 @@ impl Writer {
         size: u64,
         refetch: Refetch,
     ) -> Result<Self, String> {
-        let waits = Waits {
-            finish: FINISH_WAIT,
-            stall: false,
-            miss: None,
-            slow: Duration::ZERO,
-            drain: DRAIN_WAIT,
-            behind_bytes: BEHIND_BYTES_MIN,
-        };
-        Self::with_waits(cache, identity, size, waits, refetch)
+        Self::with_waits(cache, identity, size, Waits::LOAD, refetch)
     }
 
     fn with_waits(
@@ -172,26 +184,16 @@ impl Writer {
     ) -> Result<Self, String> {
         let (orders, rx) = std::sync::mpsc::channel();
         let (verdict_tx, verdict) = std::sync::mpsc::channel();
-        let failed = Arc::new(AtomicBool::new(false));
         let path = cache.copy_path(&identity.name());
-        let failed_too = Arc::clone(&failed);
-        let missed = Arc::new(parking_lot::Mutex::new(Vec::new()));
-        let (taken, busy_ns) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let abandon = Arc::new(AtomicBool::new(false));
-        let counted = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared::default());
         let copy = Copy {
-            taken: Arc::clone(&taken),
+            shared: Arc::clone(&shared),
             cache,
             identity,
             size,
-            failed: failed_too,
             stall: waits.stall,
             slow: waits.slow,
-            busy_ns: Arc::clone(&busy_ns),
-            abandon: Arc::clone(&abandon),
-            counted: Arc::clone(&counted),
             refetch,
-            missed: Arc::clone(&missed),
         };
         let trace = crate::trace::current();
         // The pending memory keeps its pages while this copy may still ask for slabs.
@@ -202,7 +204,7 @@ impl Writer {
                 let _alive = alive;
                 // Out of the trace before the verdict goes: the load may write its trace
                 // as soon as it has the verdict.
-                let counted = Arc::clone(&copy.counted);
+                let shared = Arc::clone(&copy.shared);
                 let work = std::panic::AssertUnwindSafe(|| {
                     let ran = {
                         let _in = crate::trace::enter(trace.as_ref(), "cache writer");
@@ -218,7 +220,8 @@ impl Writer {
                         }
                     }
                 });
-                if std::panic::catch_unwind(work).is_err() && counted.swap(false, Ordering::AcqRel)
+                if std::panic::catch_unwind(work).is_err()
+                    && shared.counted.swap(false, Ordering::AcqRel)
                 {
                     // Its temporary file stays for the next load's sweep.
                     behind_ended("not cached: the copy's thread panicked".to_owned());
@@ -231,22 +234,17 @@ impl Writer {
             path,
             orders: Some(orders),
             verdict,
-            failed,
             waits,
             parts,
             queued,
             first_queued: std::sync::OnceLock::new(),
-            taken,
-            busy_ns,
-            abandon,
-            counted,
-            missed,
+            shared,
         })
     }
 
     /// Whether the copy still takes bytes (nothing has failed or stalled).
     pub fn wants_bytes(&self) -> bool {
-        !self.failed.load(Ordering::Relaxed)
+        !self.shared.failed.load(Ordering::Relaxed)
     }
 
     /// Queues the bytes of one part, `chunks` back to back from `offset`, to be written by the
@@ -273,7 +271,7 @@ impl Writer {
             let Some(slabs) = room else {
                 // The disk is behind the store: the GET goes on, the copy fetches these bytes
                 // again once the load is over.
-                self.missed.lock().push(offset + at..offset + at + n);
+                self.shared.missed.lock().push(offset + at..offset + at + n);
                 at += n;
                 continue;
             };
@@ -286,10 +284,16 @@ impl Writer {
         }
     }
 
+    /// Bytes queued that the copy's thread has not yet taken, and those it has.
+    fn queue(&self) -> (u64, u64) {
+        let taken = self.shared.taken.load(Ordering::Acquire);
+        (self.queued.load(Ordering::Relaxed).saturating_sub(taken), taken)
+    }
+
     /// Bytes queued that the copy's thread has not yet taken (unit tests).
     #[cfg(test)]
     pub fn queued_for_disk(&self) -> u64 {
-        self.queued.load(Ordering::Relaxed).saturating_sub(self.taken.load(Ordering::Acquire))
+        self.queue().0
     }
 
     /// Tells the copy's thread to rename the copy into place if it is complete and
@@ -300,12 +304,10 @@ impl Writer {
     /// after waiting at most [`FINISH_WAIT`] for the thread.
     pub fn finish(mut self, still_same: Result<bool, String>) -> String {
         // Every GET has queued its part by now: the count is final.
-        let queued = self.queued.load(Ordering::Relaxed);
-        let taken = self.taken.load(Ordering::Acquire);
-        let waiting = queued.saturating_sub(taken);
+        let (waiting, taken) = self.queue();
         // At the rate its disk took the parts so far; with none taken yet, by how long the
         // disk has had them.
-        let busy = Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed));
+        let busy = Duration::from_nanos(self.shared.busy_ns.load(Ordering::Relaxed));
         let slow = match taken {
             0 => self.first_queued.get().is_some_and(|t| t.elapsed() > self.waits.drain),
             _ => busy.mul_f64(waiting as f64 / taken as f64) > self.waits.drain,
@@ -317,16 +319,16 @@ impl Writer {
             && self.wants_bytes();
         if still_same != Ok(true) {
             // The copy will be removed: its thread need not write what is still queued.
-            self.abandon.store(true, Ordering::Relaxed);
+            self.shared.abandon.store(true, Ordering::Relaxed);
         }
         if let Some(orders) = self.orders.take() {
             if behind {
                 BEHIND.lock().0 += 1;
-                self.counted.store(true, Ordering::Release);
+                self.shared.counted.store(true, Ordering::Release);
             }
             if orders.send(Order::Finish { still_same, behind }).is_err() && behind {
                 // The thread is gone (it cannot be, while the writer holds the queue).
-                if self.counted.swap(false, Ordering::AcqRel) {
+                if self.shared.counted.swap(false, Ordering::AcqRel) {
                     behind_ended("not cached: the copy's thread ended".to_owned());
                 }
             }
@@ -362,26 +364,17 @@ impl Drop for Writer {
 
 /// The thread's side of one copy.
 struct Copy {
-    /// Bytes taken off the queue (shared with the writer: see [`Writer::finish`]).
-    taken: Arc<AtomicU64>,
+    /// Shared with the writer (see [`Writer::finish`]).
+    shared: Arc<Shared>,
     cache: Arc<CacheDir>,
     identity: Identity,
     size: u64,
-    failed: Arc<AtomicBool>,
     #[cfg_attr(not(test), allow(dead_code))]
     stall: bool,
     #[cfg_attr(not(test), allow(dead_code))]
     slow: Duration,
-    /// See [`Writer::busy_ns`].
-    busy_ns: Arc<AtomicU64>,
-    /// See [`Writer::abandon`].
-    abandon: Arc<AtomicBool>,
-    /// See [`Writer::counted`].
-    counted: Arc<AtomicBool>,
     /// How missed ranges are fetched again.
     refetch: Refetch,
-    /// The ranges the load's GETs could not hand over in time (see [`Writer::write`]).
-    missed: Arc<parking_lot::Mutex<Vec<Range<u64>>>>,
 }
 
 /// What the copy's thread made of the load's orders.
@@ -397,10 +390,10 @@ enum Ran {
 /// The temporary file of a copy, locked, and what has been written of it.
 struct Partial {
     file: File,
-    /// The same file opened with `O_DIRECT`, where its file system takes that: whole blocks
-    /// from the pending memory go to the disk without a copy into the page cache (see
-    /// [`Copy::put`]).
-    direct: Option<File>,
+    /// The same file opened with `O_DIRECT`, where its file system takes that, and the
+    /// alignment that asks: whole blocks from the pending memory go to the disk without a
+    /// copy into the page cache (see [`Copy::put`]).
+    direct: Option<(File, u64)>,
     name: String,
     /// Per segment: bytes written so far, and its digest once whole.
     filled: Vec<u64>,
@@ -423,7 +416,7 @@ impl Copy {
                 Order::Piece(piece) => {
                     let bytes = piece.chunks.iter().map(|c| c.len() as u64).sum::<u64>();
                     let began = Instant::now();
-                    let abandoned = self.abandon.load(Ordering::Relaxed);
+                    let abandoned = self.shared.abandon.load(Ordering::Relaxed);
                     if let Some(p) = partial.as_mut().filter(|_| !self.failed() && !abandoned) {
                         #[cfg(test)]
                         let _stalled = self.stall.then(|| testing::STALL.lock());
@@ -437,15 +430,15 @@ impl Copy {
                     }
                     drop(piece); // its slabs go back before the load is told it was taken
                     let busy = began.elapsed().as_nanos() as u64;
-                    self.busy_ns.fetch_add(busy, Ordering::Relaxed);
-                    self.taken.fetch_add(bytes, Ordering::Release);
+                    self.shared.busy_ns.fetch_add(busy, Ordering::Relaxed);
+                    self.shared.taken.fetch_add(bytes, Ordering::Release);
                 }
                 Order::Finish { still_same, behind } => {
                     let Some(p) = partial.take() else {
                         let text = "not cached: the copy could not be written".to_owned();
                         return Ran::Done(text, behind);
                     };
-                    let missed = merged(std::mem::take(&mut *self.missed.lock()));
+                    let missed = merged(std::mem::take(&mut *self.shared.missed.lock()));
                     if !missed.is_empty() && !self.failed() && still_same == Ok(true) {
                         return Ran::Behind(p, missed, behind);
                     }
@@ -474,7 +467,7 @@ impl Copy {
         let path = self.cache.copy_path(&self.identity.name());
         if let Some(told) = told {
             BEHIND.lock().0 += 1;
-            self.counted.store(true, Ordering::Release);
+            self.shared.counted.store(true, Ordering::Release);
             let _ = told.send(format!(
                 "being completed behind the load at {}: {bytes} bytes in {} ranges came faster than the cache's disk took them and are fetched again",
                 path.display(),
@@ -505,26 +498,11 @@ impl Copy {
             ),
             None => format!("{}: {text} (behind the load)", path.display()),
         };
-        if self.counted.swap(false, Ordering::AcqRel) {
+        if self.shared.counted.swap(false, Ordering::AcqRel) {
             behind_ended(text);
         }
     }
-}
 
-/// One copy completed behind its load ended with `text`: logged, and kept for
-/// [`wait_behind`].
-fn behind_ended(text: String) {
-    log::info!("cache: {text}");
-    let mut behind = BEHIND.lock();
-    behind.0 -= 1;
-    if behind.1.len() >= BEHIND_NOTES_MAX {
-        behind.1.remove(0); // a long-lived process nobody asks: the latest are kept
-    }
-    behind.1.push(text);
-    BEHIND_DONE.notify_all();
-}
-
-impl Copy {
     /// Fetches `missed` again ([`REFETCH_BYTES`] per GET) and writes it into `p`.
     fn fetch_again(&self, p: &mut Partial, missed: &[Range<u64>]) -> Result<(), String> {
         // One buffer for every GET: a fresh one each time would fault its pages in again.
@@ -544,11 +522,11 @@ impl Copy {
     }
 
     fn failed(&self) -> bool {
-        self.failed.load(Ordering::Relaxed)
+        self.shared.failed.load(Ordering::Relaxed)
     }
 
     fn fail(&self, why: &str) {
-        if !self.failed.swap(true, Ordering::Relaxed) {
+        if !self.shared.failed.swap(true, Ordering::Relaxed) {
             let path = self.cache.copy_path(&self.identity.name());
             log::warn!("cache: {}: {why}; the load goes on without caching it", path.display());
         }
@@ -600,7 +578,9 @@ impl Copy {
         chunks: &[B],
     ) -> std::io::Result<()> {
         let direct = match &p.direct {
-            Some(direct) if blocks(offset, chunks) => Some(write_chunks(direct, offset, chunks)),
+            Some((direct, align)) if blocks(offset, chunks, *align) => {
+                Some(write_chunks(direct, offset, chunks))
+            }
             _ => None,
         };
         let len = match direct {
@@ -679,24 +659,36 @@ impl Copy {
     }
 }
 
-/// The block size `O_DIRECT` writes are aligned to.
-const DIRECT_ALIGN: usize = 4096;
+/// One copy completed behind its load ended with `text`: logged, and kept for
+/// [`wait_behind`].
+fn behind_ended(text: String) {
+    log::info!("cache: {text}");
+    let mut behind = BEHIND.lock();
+    behind.0 -= 1;
+    if behind.1.len() >= BEHIND_NOTES_MAX {
+        behind.1.remove(0); // a long-lived process nobody asks: the latest are kept
+    }
+    behind.1.push(text);
+    BEHIND_DONE.notify_all();
+}
 
-/// Whether `chunks` at `offset` are whole blocks at block-aligned addresses and offset, as
-/// `O_DIRECT` requires.
-fn blocks<B: AsRef<[u8]>>(offset: u64, chunks: &[B]) -> bool {
-    offset % DIRECT_ALIGN as u64 == 0
+/// Whether `chunks` at `offset` are whole blocks of `align` bytes at aligned addresses and
+/// offset, as `O_DIRECT` requires.
+fn blocks<B: AsRef<[u8]>>(offset: u64, chunks: &[B], align: u64) -> bool {
+    let aligned = |n: u64| n % align == 0;
+    aligned(offset)
         && chunks
             .iter()
             .map(AsRef::as_ref)
-            .all(|c| (c.as_ptr() as usize) % DIRECT_ALIGN == 0 && c.len() % DIRECT_ALIGN == 0)
+            .all(|c| aligned(c.as_ptr() as u64) && aligned(c.len() as u64))
 }
 
 /// `file` opened again for writing with `O_DIRECT` (through `/proc/self/fd`: the same file,
-/// whatever its name does meanwhile); `None` where that cannot be (no `/proc`, a file system
-/// that refuses `O_DIRECT`), and the copy is written through the page cache. (Some file
-/// systems open with it and still cache, such as tmpfs since Linux 6.6: no harm, no gain.)
-fn reopen_direct(file: &File) -> Option<File> {
+/// whatever its name does meanwhile), with the alignment its file system asks for (as the
+/// local readers probe it); `None` where that cannot be (no `/proc`, a file system that
+/// refuses `O_DIRECT`), and the copy is written through the page cache. (Some file systems
+/// open with it and still cache, such as tmpfs since Linux 6.6: no harm, no gain.)
+fn reopen_direct(file: &File) -> Option<(File, u64)> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     let path = format!("/proc/self/fd/{}", file.as_raw_fd());
@@ -705,7 +697,10 @@ fn reopen_direct(file: &File) -> Option<File> {
         .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
         .open(path);
     match opened {
-        Ok(direct) => Some(direct),
+        Ok(direct) => {
+            let align = crate::source::probe::dio_alignment(&direct);
+            Some((direct, align))
+        }
         Err(e) => {
             log::debug!("cache copies are written through the page cache: O_DIRECT: {e}");
             None
@@ -811,22 +806,13 @@ pub(super) mod testing {
     ) -> Writer {
         // However long the test takes to call `finish`, the load waits (up to `wait`).
         let drain = Duration::from_secs(3600);
-        let behind_bytes = BEHIND_BYTES_MIN;
-        let waits =
-            Waits { finish: wait, stall, miss: None, slow: Duration::ZERO, drain, behind_bytes };
+        let waits = Waits { finish: wait, stall, drain, ..Waits::LOAD };
         Writer::with_waits(cache, identity, size, waits, no_store()).unwrap()
     }
 
     /// A writer whose thread takes `slow` more per part (a slow disk); no store.
     pub fn slow(cache: Arc<CacheDir>, identity: Identity, size: u64, slow: Duration) -> Writer {
-        let waits = Waits {
-            finish: FINISH_WAIT,
-            stall: false,
-            miss: None,
-            slow,
-            drain: DRAIN_WAIT,
-            behind_bytes: 0,
-        };
+        let waits = Waits { slow, behind_bytes: 0, ..Waits::LOAD };
         Writer::with_waits(cache, identity, size, waits, no_store()).unwrap()
     }
 
@@ -843,14 +829,7 @@ pub(super) mod testing {
         miss: u64,
         refetch: Refetch,
     ) -> Writer {
-        let waits = Waits {
-            finish: FINISH_WAIT,
-            stall: false,
-            miss: Some(miss),
-            slow: Duration::ZERO,
-            drain: DRAIN_WAIT,
-            behind_bytes: BEHIND_BYTES_MIN,
-        };
+        let waits = Waits { miss: Some(miss), ..Waits::LOAD };
         Writer::with_waits(cache, identity, size, waits, refetch).unwrap()
     }
 }
