@@ -5,6 +5,8 @@
 //! configured from the process environment and the last scenario stops the server.
 
 mod common;
+#[path = "common/emulators.rs"]
+mod emulators;
 #[path = "common/store.rs"]
 mod store;
 #[path = "common/suite.rs"]
@@ -17,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use emulators::start_delay_proxy;
 use gantry::{Checkpoint, Config, Dtype, Error, Loader};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -180,9 +183,9 @@ fn object_storage_against_seaweedfs() {
         .chunk_bytes(part)
         .staging_bytes(128 * part);
     let port = server.endpoint.rsplit(':').next().unwrap().parse::<u16>().unwrap();
-    let proxy = DelayProxy::start(port, 80);
+    let proxy = start_delay_proxy(port, 80);
     let mut seen = Vec::new();
-    for endpoint in [server.endpoint.clone(), proxy.endpoint.clone()] {
+    for endpoint in [server.endpoint.clone(), proxy.endpoint()] {
         let config = fixed.clone().object_option("aws_endpoint_url", &endpoint);
         let model = Loader::new(config).unwrap().load(url("llama/")).unwrap();
         assert_matches_local(&model, &local);
@@ -298,38 +301,5 @@ fn object_storage_against_seaweedfs() {
     match result {
         Err(Error::Io { path, .. }) => assert!(path.to_string_lossy().contains("big.safetensors")),
         other => panic!("{:?}", other.map(|m| m.report().clone())),
-    }
-}
-
-/// benches/peers/latency_proxy.py in front of the store: each request held for a delay.
-struct DelayProxy {
-    child: std::process::Child,
-    endpoint: String,
-}
-
-impl DelayProxy {
-    fn start(upstream: u16, delay_ms: u32) -> DelayProxy {
-        use std::io::BufRead;
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../benches/peers/latency_proxy.py");
-        let port = free_port();
-        let mut child = std::process::Command::new("python3")
-            .arg(&script)
-            .args([port.to_string(), upstream.to_string(), delay_ms.to_string()])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 runs the delay proxy (benches/peers/latency_proxy.py): apt-get install python3");
-        let mut line = String::new();
-        let stdout = child.stdout.take().unwrap();
-        std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
-        assert!(line.starts_with("listening"), "the delay proxy did not start: {line:?}");
-        DelayProxy { child, endpoint: format!("http://127.0.0.1:{port}") }
-    }
-}
-
-impl Drop for DelayProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

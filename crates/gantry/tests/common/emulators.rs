@@ -123,7 +123,11 @@ pub struct Emulator {
 impl Emulator {
     fn spawn(command: &mut Command, port: u16, dir: tempfile::TempDir) -> Emulator {
         let log = std::fs::File::create(dir.path().join("log")).unwrap();
-        let child = command.stdout(log.try_clone().unwrap()).stderr(log).spawn().expect("spawn");
+        let child = command
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
         Emulator { child: Some(child), port, dir }
     }
 
@@ -207,6 +211,18 @@ pub fn start_azurite(bin: &Path) -> Emulator {
     let status = azure_request(port, AZURE_CONTAINER, "restype=container", &[], b"");
     assert_eq!(status, 201, "creating container {AZURE_CONTAINER}");
     server
+}
+
+/// benches/peers/latency_proxy.py (Python 3) in front of the server at `upstream` on loopback:
+/// each request held for `delay_ms`, as a distant store answers.
+pub fn start_delay_proxy(upstream: u16, delay_ms: u32) -> Emulator {
+    let port = free_port();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benches/peers/latency_proxy.py");
+    let mut command = Command::new("python3");
+    command.arg(script).args([port.to_string(), upstream.to_string(), delay_ms.to_string()]);
+    let mut proxy = Emulator::spawn(&mut command, port, tempfile::tempdir().unwrap());
+    proxy.wait(|_| true);
+    proxy
 }
 
 /// Uploads `bytes` as blob `key` of the Azurite container.
