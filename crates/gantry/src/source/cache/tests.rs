@@ -519,51 +519,21 @@ fn a_load_opens_its_cache_once_and_remembers_a_refusal() {
     assert!(!path.exists(), "the refused cache was opened (and created) again");
 }
 
-/// Pages of `path`'s first `len` bytes that are in the page cache (`mincore` over a mapping).
-fn cached_pages(path: &Path, len: usize) -> Vec<bool> {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(path).unwrap();
-    // SAFETY: a read-only shared mapping of an open file; unmapped below.
-    let map = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(map, libc::MAP_FAILED);
-    let mut pages = vec![0u8; len.div_ceil(4096)];
-    // SAFETY: the mapping just made, a byte per page.
-    assert_eq!(unsafe { libc::mincore(map, len, pages.as_mut_ptr()) }, 0);
-    // SAFETY: the mapping made above, not used after this.
-    unsafe { libc::munmap(map, len) };
-    pages.iter().map(|p| p & 1 == 1).collect()
-}
-
 /// Whether `dir` is on a file system that really writes `O_DIRECT` around the page cache:
-/// it opens with the flag and is not tmpfs (which takes the flag since Linux 6.6 and caches
-/// all the same).
+/// it opens with the flag (as the local readers probe it) and is not tmpfs (which takes the
+/// flag since Linux 6.6 and caches all the same).
 fn direct_io(dir: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::OpenOptionsExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
-    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a NUL-terminated path and a statfs to fill.
-    assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
     let probe = dir.join("probe");
     std::fs::write(&probe, b"x").unwrap();
-    let opens = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(&probe);
-    opens.is_ok() && st.f_type != libc::TMPFS_MAGIC
+    let Ok((file, _)) = crate::source::probe::open_direct(&probe) else { return false };
+    crate::source::probe::file_system(&file, &probe).kind != crate::plan::mount::FsKind::Tmpfs
 }
 
 /// Writes `bytes` as parts of `part` bytes at their offsets, from buffers of their own (as a
-/// GET does, from where the part landed), lands the copy, and returns which of its pages were
-/// in the page cache right after, checking the copy's bytes and record.
-fn copy_in_parts(key: &str, bytes: &[u8], part: usize) -> (Vec<bool>, bool) {
+/// GET does, from where the part landed), lands the copy, checks its bytes and record, and
+/// returns the fractions of its first `head` bytes and of the rest that were in the page
+/// cache right after it landed, and whether its file system writes `O_DIRECT` directly.
+fn copy_in_parts(key: &str, bytes: &[u8], part: usize, head: u64) -> (f64, f64, bool) {
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(CacheDir::open(&dir.path().join("c"), false).unwrap());
     let size = bytes.len() as u64;
@@ -577,14 +547,16 @@ fn copy_in_parts(key: &str, bytes: &[u8], part: usize) -> (Vec<bool>, bool) {
     assert!(text.contains("written through"), "{text}");
     // Measured before anything reads the copy.
     let path = cache.copy_path(&identity(key, size).name());
-    let pages = cached_pages(&path, size as usize);
+    let file = std::fs::File::open(&path).unwrap();
+    let cached = |offset, len| crate::source::probe::resident_fraction(&file, offset, len).unwrap();
+    let (head_cached, rest_cached) = (cached(0, head), cached(head, size - head));
     let on_disk = std::fs::read(&path).unwrap();
     assert_eq!(&on_disk[..size as usize], bytes);
     let Lookup::Hit(copy) = cache.find(&identity(key, size), size) else { panic!("no copy") };
     let want: Vec<u64> =
         bytes.chunks(record::SEGMENT_BYTES as usize).map(xxhash_rust::xxh3::xxh3_64).collect();
     assert_eq!(copy.digests, want, "the record");
-    (pages, direct_io(dir.path()))
+    (head_cached, rest_cached, direct_io(dir.path()))
 }
 
 /// Whole blocks at aligned offsets go to the disk with `O_DIRECT` (never through the page
@@ -594,14 +566,15 @@ fn copy_in_parts(key: &str, bytes: &[u8], part: usize) -> (Vec<bool>, bool) {
 fn aligned_parts_go_to_the_disk_directly() {
     let part = 256 << 10;
     let bytes = object(6 * part as u64 + 5000);
-    let (pages, direct) = copy_in_parts("d", &bytes, part);
-    let whole = 6 * part / 4096;
+    let whole = 6 * part as u64;
+    let (head, rest, direct) = copy_in_parts("d", &bytes, part, whole);
     if direct {
-        assert!(pages[..whole].iter().all(|&p| !p), "aligned parts went through the page cache");
-        assert!(pages[whole..].iter().all(|&p| p), "the last part goes through the page cache");
+        assert_eq!(head, 0.0, "aligned parts went through the page cache");
+        assert_eq!(rest, 1.0, "the last part goes through the page cache");
     } else {
-        assert!(
-            pages.iter().all(|&p| p),
+        assert_eq!(
+            (head, rest),
+            (1.0, 1.0),
             "without O_DIRECT every part goes through the page cache"
         );
     }
@@ -614,9 +587,8 @@ fn aligned_parts_go_to_the_disk_directly() {
 fn segments_written_by_direct_and_buffered_pieces_hash_right() {
     let part = (256 << 10) + 4096;
     let bytes = object(5 * part as u64 + 777);
-    let (pages, direct) = copy_in_parts("m", &bytes, part);
+    let (head, _, direct) = copy_in_parts("m", &bytes, part, 5 * part as u64);
     if direct {
-        let whole = 5 * part / 4096;
-        assert!(pages[..whole].iter().any(|&p| !p), "no part was written directly");
+        assert!(head < 1.0, "no part was written directly");
     }
 }
