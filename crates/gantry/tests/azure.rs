@@ -124,6 +124,7 @@ fn azure_blob_storage_against_azurite() {
     let container = format!("az://no-such-container-{}/m.safetensors", std::process::id());
     expect_err(&config, &container, &["no-such-container"], AZURE_KEY);
     missing(&store, dir.path(), &config, AZURE_KEY);
+    header_lengths(&store, dir.path(), &config, AZURE_KEY);
 
     rewritten_mid_load(&store, dir.path(), &config);
     rewritten_after_open(&store, dir.path(), &config);

@@ -65,6 +65,7 @@ fn google_cloud_storage_against_fake_gcs_server() {
     let bucket = format!("gs://no-such-bucket-{}/m.safetensors", std::process::id());
     expect_err(&config, &bucket, &["no-such-bucket"], "gantry-test");
     missing(&store, dir.path(), &config, "gantry-test");
+    header_lengths(&store, dir.path(), &config, "gantry-test");
 
     // Credentials that are not: a service account key whose private key is no key. An error
     // naming the source, and the key nowhere in it.

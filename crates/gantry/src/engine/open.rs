@@ -62,9 +62,14 @@ impl Loader {
     ) -> Result<Files> {
         let mut files = Files { checkpoint_files: reads.files.len(), ..Files::default() };
         // The object reader's in-flight GETs: as the network asks, within the configured
-        // cap and the staging buffers the parts land in.
+        // cap and, where the parts land in staging buffers (device loads), what the ring
+        // holds; parts that land in place (host loads) take no staging, so the cap alone
+        // bounds them.
         let part = self.config.object_part();
-        let memory_parts = self.config.staging_bytes / part.max(1);
+        let memory_parts = match target {
+            Target::Host => usize::MAX,
+            Target::Device | Target::Devices => self.config.staging_bytes / part.max(1),
+        };
         let mut net = crate::source::object::tune::Net::new(
             part as u64,
             self.config.object_concurrency,
@@ -74,18 +79,33 @@ impl Loader {
             net = net.fixed_parts(); // the caller's part size, every GET
         }
         files.net = Arc::new(net);
+        let needed: Vec<usize> = (0..reads.files.len())
+            .filter(|&f| {
+                reads.ranges.iter().zip(wanted).any(|(t, &w)| w && t.len > 0 && t.file.0 == f)
+            })
+            .collect();
+        // Every object's HEAD at once: one round trip for the lot.
+        let is_object = |f: &usize| {
+            let path = &reads.files[*f].path;
+            !path.to_str().is_some_and(crate::source::live::is_url)
+                && crate::source::object::is_url(path)
+        };
+        let objects: Vec<usize> = needed.iter().copied().filter(is_object).collect();
+        let infos: Vec<_> = objects.iter().map(|&f| &reads.files[f]).collect();
+        let mut heads: Vec<Option<Result<_>>> = reads.files.iter().map(|_| None).collect();
+        let opened = crate::source::object::open_for_load(&infos, &self.config.object_options);
+        for (f, head) in objects.into_iter().zip(opened) {
+            heads[f] = Some(head);
+        }
         let mut cache = crate::source::cache::Opened::default();
-        for (f, info) in reads.files.iter().enumerate() {
-            let needed =
-                reads.ranges.iter().zip(wanted).any(|(t, &w)| w && t.len > 0 && t.file.0 == f);
-            if !needed {
-                continue;
-            }
-            let id = FileId(f);
+        for f in needed {
+            let (id, info) = (FileId(f), &reads.files[f]);
             let opened = if info.path.to_str().is_some_and(crate::source::live::is_url) {
                 open_live(id, info, self.config.path)?
             } else if crate::source::object::is_url(&info.path) {
-                self.open_object(id, info, target, &mut files.volumes, &mut cache)?
+                let head = heads[f].take();
+                let object = head.unwrap_or_else(|| Err(Error::Internal("not opened".into())))?;
+                self.open_object(id, info, object, target, &mut files.volumes, &mut cache)?
             } else {
                 let (reader, choice, facts) =
                     self.open_local(&info.path, None, info, target, &mut files.volumes)?;
@@ -115,20 +135,20 @@ impl Loader {
         volumes.len() - 1
     }
 
-    /// Opens object `info` for a load: from the cache when it holds a trusted copy of the
-    /// object as a HEAD shows it now (read as a local file, each extent checked against the
-    /// copy's record), else from the store (written through to the cache when there is one).
+    /// Opens object `info` for a load (`object`: as a HEAD shows it now): from the cache when
+    /// it holds a trusted copy of that version (read as a local file, each extent checked
+    /// against the copy's record), else from the store (written through to the cache when
+    /// there is one).
     fn open_object(
         &self,
         id: FileId,
         info: &gantry_format::FileInfo,
+        mut object: crate::source::object::ObjectFile,
         target: Target,
         volumes: &mut Vec<Volume>,
         opened: &mut crate::source::cache::Opened,
     ) -> Result<OpenedFile> {
         use crate::source::cache;
-        use crate::source::object;
-        let mut object = object::open_for_load(info, &self.config.object_options)?;
         let mut cache_note = String::new();
         if let Some(dir) = &self.config.cache_dir {
             let identity = object.cache_identity();

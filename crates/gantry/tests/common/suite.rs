@@ -143,6 +143,38 @@ pub fn missing(store: &impl Store, dir: &Path, config: &Config, secret: &str) {
     expect_err(config, &store.url("broken.safetensors"), &["broken.safetensors", "header"], secret);
 }
 
+/// Headers of every length the first GET of a shard may meet: ending exactly where that GET
+/// ends (256 KiB with the length prefix), one byte past it, far past it (a second GET each,
+/// pinned to the first's version); objects too small for the length prefix (empty: a range no
+/// store can answer) are errors naming them.
+pub fn header_lengths(store: &impl Store, dir: &Path, config: &Config, secret: &str) {
+    let loader = Loader::new(config.clone()).unwrap();
+    for (i, header_len) in [(256 << 10) - 8, (256 << 10) - 7, 600 << 10, 80].into_iter().enumerate()
+    {
+        let n = 70_000 + i;
+        let json = format!(r#"{{"t":{{"dtype":"U8","shape":[{n}],"data_offsets":[0,{n}]}}}}"#);
+        let mut bytes = (header_len as u64).to_le_bytes().to_vec();
+        let mut header = json.into_bytes();
+        header.resize(header_len, b' '); // padding the format allows
+        bytes.extend(header);
+        bytes.extend((0..n).map(|k| (k * 7 + i) as u8));
+        let (name, local) =
+            (format!("headers/len{header_len}.safetensors"), dir.join(format!("h{i}")));
+        std::fs::write(&local, &bytes).unwrap();
+        store.put(&name, &bytes);
+        let local = Checkpoint::open(&local).unwrap();
+        assert_eq!(local.files[0].header.header_len, header_len as u64, "{name}");
+        assert_matches_local(&loader.load(store.url(&name)).unwrap(), &local);
+    }
+    for (name, bytes) in
+        [("headers/empty.safetensors", &b""[..]), ("headers/five.safetensors", b"12345")]
+    {
+        store.put(name, bytes);
+        let len = format!("file is {} bytes", bytes.len());
+        expect_err(config, &store.url(name), &[name, &len], secret);
+    }
+}
+
 /// Two files of the same size and different bytes.
 pub fn two_versions(dir: &Path) -> (Vec<u8>, Vec<u8>) {
     let (a, b) = (dir.join("big-a.safetensors"), dir.join("big-b.safetensors"));

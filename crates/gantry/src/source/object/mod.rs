@@ -3,8 +3,9 @@
 //!
 //! A source `s3://bucket/key.safetensors` (or `gs://`, `az://`, ... see [`source`]) is one
 //! file; `s3://bucket/prefix/` is a checkpoint folder (its `model.safetensors.index.json`,
-//! else its `*.safetensors`); a key ending in `.json` is an index. Headers come from two small
-//! ranged GETs per file (the 8-byte length, then the header). At load time every part is a
+//! else its `*.safetensors`); a key ending in `.json` is an index. A file's header comes from
+//! one ranged GET of its first bytes (its size and version from the same answer), a second
+//! for a header longer than that. At load time every part is a
 //! ranged GET conditioned on the ETag seen when the load opened the object, and on Google
 //! Cloud Storage also pinned to its generation, so an object rewritten during a load is an
 //! error, never a mix of two versions; each part lands in a staging buffer of the ring and
@@ -25,6 +26,7 @@ pub mod settings;
 pub mod source;
 pub mod tune;
 
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,9 +75,15 @@ pub fn open_checkpoint(path: &Path, options: &Options) -> Result<Checkpoint> {
     })?
 }
 
-/// Most shard headers read at once when a checkpoint is opened: each costs a HEAD and two small
-/// GETs, a few round trips that would otherwise add up shard after shard.
+/// Most shard headers read at once when a checkpoint is opened: each costs a round trip or
+/// two, which would otherwise add up shard after shard.
 const HEADER_READS_MAX: usize = 16;
+
+/// Bytes the first GET of a shard asks for: its 8-byte length and the header of nearly every
+/// checkpoint (a Llama-3-8B shard's header is under 30 KB, a shard of a large mixture of
+/// experts' a few hundred KB) in one round trip, instead of a HEAD and two GETs one after
+/// another. A longer header costs one more GET; the bytes past it are read again by the load.
+const HEADER_GUESS_BYTES: u64 = 256 << 10;
 
 /// `path` as an object source; an error when it names none.
 fn parse(path: &Path) -> Result<Source> {
@@ -180,9 +188,19 @@ impl Remote {
             }
         }
         indexes.sort();
+        shards.sort();
         match indexes.as_slice() {
             [] => {}
-            [(_, index)] | [(false, index), ..] => return self.open_index(index).await,
+            [(_, index)] | [(false, index), ..] => {
+                // The listed shards' headers are read while the index is: the shards it names
+                // are nearly always those (one more GET each for any it names that were not
+                // listed; a listed one it does not name costs one GET, its result unused).
+                let both = futures::future::join(self.read_index(index), self.headers(&shards));
+                let (read, listed) = both.await;
+                let mut listed: HashMap<_, _> = shards.iter().zip(listed).collect();
+                let (url, read) = read?;
+                return self.open_index_with(index, &url, read, |key| listed.remove(key)).await;
+            }
             _ => {
                 let candidates = indexes.into_iter().map(|(_, k)| k).collect();
                 return Err(FormatError::new(&url, ErrorKind::AmbiguousIndex { candidates }).into());
@@ -191,12 +209,12 @@ impl Remote {
         if shards.is_empty() {
             return Err(FormatError::new(&url, ErrorKind::NoCheckpoint).into());
         }
-        shards.sort();
-        let headers = futures::stream::iter(&shards)
-            .map(|key| async move { Ok((self.url_of(key), self.header(key).await?)) })
-            .buffered(HEADER_READS_MAX)
-            .collect::<Vec<Result<_>>>()
-            .await;
+        let headers = self.headers(&shards).await;
+        let headers = shards
+            .iter()
+            .zip(headers)
+            .map(|(key, header)| Ok((self.url_of(key), header?)))
+            .collect::<Vec<Result<_>>>();
         let (headers, pins): (Vec<_>, Vec<_>) = headers
             .into_iter()
             .collect::<Result<Vec<_>>>()?
@@ -236,41 +254,105 @@ impl Remote {
         }
     }
 
+    /// The headers of objects `keys`, read at once ([`HEADER_READS_MAX`] in flight), in order.
+    async fn headers(&self, keys: &[String]) -> Vec<Result<(Header, Pin)>> {
+        futures::stream::iter(keys)
+            .map(|key| self.header(key))
+            .buffered(HEADER_READS_MAX)
+            .collect()
+            .await
+    }
+
     async fn open_index(&self, key: &str) -> Result<Checkpoint> {
+        let (url, index) = self.read_index(key).await?;
+        self.open_index_with(key, &url, index, |_| None).await
+    }
+
+    /// The index at `key` (and its URL), parsed: one ranged GET of at most
+    /// [`MAX_INDEX_BYTES`] and one byte, whose answer also gives the object's size (a larger
+    /// index is refused unread). Where that GET fails (an empty object, a store that will not
+    /// answer a range past the end with part of it, any error), a HEAD and a GET, which name
+    /// what is wrong.
+    async fn read_index(&self, key: &str) -> Result<(PathBuf, gantry_format::Index)> {
         let url = self.url_of(key);
         let location = location(&url, key)?;
-        let meta =
-            self.store.head(&location).await.map_err(|e| request_error("head", &url, 0, 0, e))?;
-        if meta.size > MAX_INDEX_BYTES {
+        let too_large = |size: u64| {
             let message = format!("larger than the cap of {MAX_INDEX_BYTES} bytes");
-            return Err(FormatError::new(&url, ErrorKind::BadIndex { message }).into());
-        }
-        let bytes = self
-            .store
-            .get(&location)
-            .await
-            .map_err(|e| request_error("get", &url, 0, meta.size, e))?
-            .bytes()
-            .await
-            .map_err(|e| request_error("get", &url, 0, meta.size, e))?;
+            (size > MAX_INDEX_BYTES)
+                .then(|| FormatError::new(&url, ErrorKind::BadIndex { message }))
+        };
+        let capped = GetOptions {
+            range: Some(GetRange::Bounded(0..MAX_INDEX_BYTES + 1)),
+            ..Default::default()
+        };
+        let bytes = match self.store.get_opts(&location, capped).await {
+            Ok(answer) => {
+                let size = answer.meta.size;
+                if let Some(e) = too_large(size) {
+                    return Err(e.into());
+                }
+                let bytes =
+                    answer.bytes().await.map_err(|e| request_error("get", &url, 0, size, e))?;
+                if (bytes.len() as u64) < size {
+                    let offset = bytes.len() as u64;
+                    return Err(Error::Truncated { path: url, offset, expected_len: size });
+                }
+                bytes
+            }
+            Err(_) => {
+                let meta = self
+                    .store
+                    .head(&location)
+                    .await
+                    .map_err(|e| request_error("head", &url, 0, 0, e))?;
+                if let Some(e) = too_large(meta.size) {
+                    return Err(e.into());
+                }
+                self.store
+                    .get(&location)
+                    .await
+                    .map_err(|e| request_error("get", &url, 0, meta.size, e))?
+                    .bytes()
+                    .await
+                    .map_err(|e| request_error("get", &url, 0, meta.size, e))?
+            }
+        };
         let index = parse_index(&url, &bytes)?;
+        Ok((url, index))
+    }
+
+    /// The checkpoint of `index` (object `key`, at `url`): its shards' headers, each from
+    /// `prefetched` when it has the shard's key, else read now.
+    async fn open_index_with(
+        &self,
+        key: &str,
+        url: &Path,
+        index: gantry_format::Index,
+        mut prefetched: impl FnMut(&String) -> Option<Result<(Header, Pin)>>,
+    ) -> Result<Checkpoint> {
         let base = key.rsplit_once('/').map_or("", |(dir, _)| dir);
         let keys: Vec<String> = index
             .shards
             .iter()
             .map(|shard| if base.is_empty() { shard.clone() } else { format!("{base}/{shard}") })
             .collect();
-        let results = futures::stream::iter(&keys)
-            .map(|key| self.header(key))
-            .buffered(HEADER_READS_MAX)
-            .collect::<Vec<_>>()
-            .await;
+        let mut results: Vec<_> = keys.iter().map(|k| prefetched(k)).collect();
+        let missing: Vec<String> = keys
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_none())
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut read = self.headers(&missing).await.into_iter();
+        for result in results.iter_mut().filter(|r| r.is_none()) {
+            *result = read.next();
+        }
         let mut headers = Vec::with_capacity(keys.len());
         let mut pins = Vec::with_capacity(keys.len());
         for (position, (key, result)) in keys.iter().zip(results).enumerate() {
-            match result {
+            match result.unwrap_or_else(|| Err(Error::Internal(format!("{key}: not read")))) {
                 Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                    return Err(index.missing_shard(&url, position).into());
+                    return Err(index.missing_shard(url, position).into());
                 }
                 Err(e) => return Err(e),
                 Ok((header, pin)) => {
@@ -282,23 +364,60 @@ impl Remote {
         Ok(pinned(Checkpoint::from_headers(headers)?.with_index(index)?, pins))
     }
 
-    /// The validated header of object `key` (its size, then two ranged GETs) and the version
-    /// both GETs were pinned to.
+    /// The validated header of object `key` and the version it was read at: one GET of its
+    /// first [`HEADER_GUESS_BYTES`], whose answer also gives the object's size and ETag (and
+    /// generation), then, for a longer header, one more GET of the rest pinned to that
+    /// version. Where that first GET fails (an empty object, a store that will not answer a
+    /// range past the end with part of it, any error), the object is read as before: its size
+    /// from a HEAD, then the 8-byte length and the header, which name what is wrong.
     async fn header(&self, key: &str) -> Result<(Header, Pin)> {
         let url = self.url_of(key);
         let location = location(&url, key)?;
-        let meta =
-            self.store.head(&location).await.map_err(|e| request_error("head", &url, 0, 0, e))?;
-        let size = meta.size;
+        let guess = GetOptions {
+            range: Some(GetRange::Bounded(0..HEADER_GUESS_BYTES)),
+            ..Default::default()
+        };
+        let Ok(first) = self.store.get_opts(&location, guess).await else {
+            return self.header_after_head(&url, &location).await;
+        };
+        let (size, pin) = (first.meta.size, Pin::of(self.source.provider, &first.meta));
         if size < PREFIX_BYTES {
             return Err(FormatError::new(&url, ErrorKind::TooSmall { file_len: size }).into());
         }
-        let pin = Pin::of(self.source.provider, &meta);
-        let prefix = self.range(&location, &url, 0, PREFIX_BYTES, &pin).await?;
-        let header_len = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
+        let asked = HEADER_GUESS_BYTES.min(size);
+        let head = first.bytes().await.map_err(|e| pin.error(&url, 0, asked, e))?;
+        if (head.len() as u64) < asked {
+            let offset = head.len() as u64;
+            return Err(Error::Truncated { path: url, offset, expected_len: size });
+        }
+        let header_len = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
         let header_len = check_prefix(&url, header_len, size)?;
-        let header = self.range(&location, &url, PREFIX_BYTES, header_len, &pin).await?;
+        let end = PREFIX_BYTES + header_len;
+        let header = if end <= head.len() as u64 {
+            head.slice(PREFIX_BYTES as usize..end as usize)
+        } else {
+            let have = head.len() as u64;
+            let rest = self.range(&location, &url, have, end - have, &pin).await?;
+            [&head[PREFIX_BYTES as usize..], &rest[..]].concat().into()
+        };
         Ok((parse_header(&url, &header, size)?, pin))
+    }
+
+    /// [`Self::header`] the long way: the object's size from a HEAD, then two ranged GETs
+    /// pinned to the version it showed.
+    async fn header_after_head(&self, url: &Path, location: &ObjectPath) -> Result<(Header, Pin)> {
+        let meta =
+            self.store.head(location).await.map_err(|e| request_error("head", url, 0, 0, e))?;
+        let size = meta.size;
+        if size < PREFIX_BYTES {
+            return Err(FormatError::new(url, ErrorKind::TooSmall { file_len: size }).into());
+        }
+        let pin = Pin::of(self.source.provider, &meta);
+        let prefix = self.range(location, url, 0, PREFIX_BYTES, &pin).await?;
+        let header_len = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
+        let header_len = check_prefix(url, header_len, size)?;
+        let header = self.range(location, url, PREFIX_BYTES, header_len, &pin).await?;
+        Ok((parse_header(url, &header, size)?, pin))
     }
 
     async fn range(
@@ -399,11 +518,34 @@ fn pinned(mut checkpoint: Checkpoint, pins: Vec<Pin>) -> Checkpoint {
     checkpoint
 }
 
-/// Opens object `info.path` for a load: it must still be the version (size, ETag and
-/// generation) whose header was read, or its data would not be what the header describes.
-pub fn open_for_load(info: &gantry_format::FileInfo, options: &Options) -> Result<ObjectFile> {
+/// Opens objects `infos` for a load, their HEADs all in flight at once (one round trip for the
+/// lot, not one per file): each must still be the version (size, ETag and generation) whose
+/// header was read, or its data would not be what the header describes. One result per info,
+/// in order.
+pub fn open_for_load(
+    infos: &[&gantry_format::FileInfo],
+    options: &Options,
+) -> Vec<Result<ObjectFile>> {
+    let Some(first) = infos.first() else { return Vec::new() };
+    let heads = futures::stream::iter(infos)
+        .map(|info| async move {
+            let object = head(&info.path, options).await?;
+            still_the_same(info, object)
+        })
+        .buffered(HEADER_READS_MAX)
+        .collect::<Vec<_>>();
+    match block_on(&first.path, heads) {
+        Ok(opened) => opened,
+        Err(e) => {
+            let message = e.to_string();
+            infos.iter().map(|_| Err(Error::Internal(message.clone()))).collect()
+        }
+    }
+}
+
+/// `object` as a HEAD showed it, when it is the version whose header `info` holds.
+fn still_the_same(info: &gantry_format::FileInfo, object: ObjectFile) -> Result<ObjectFile> {
     let (path, file_len) = (info.path.as_path(), info.file_len);
-    let object = open_for_load_unchecked(path, options)?;
     let now = object.pin().version();
     if info.version.is_some() && now != info.version {
         let why = format!(
@@ -783,59 +925,45 @@ pub fn known_digest(object: &ObjectFile) -> Result<std::result::Result<Known, St
     }
 }
 
-/// Fetches every object of `paths` whole with ranged GETs of `config`'s part size,
-/// `config`'s concurrency in flight, each body drained and dropped (no staging ring, no copies
-/// to destinations); the bytes fetched. What the store and the network give: the benchmarks'
-/// ceiling ([`crate::tools::baseline::object_ceiling`]) times it.
+/// Fetches every object of `paths` whole with ranged GETs, each body drained and dropped (no
+/// staging ring, no copies to destinations); the bytes fetched. What the store and the network
+/// give: the benchmarks' ceiling ([`crate::tools::baseline::object_ceiling`]) times it. The
+/// GETs follow the load's rule ([`tune`]): parts of `config`'s size until GETs have answered,
+/// then as many in flight and as large as the measured time to first byte and per-connection
+/// rate ask, within `config`'s concurrency, with no staging ring to bound the bytes in
+/// flight (a caller's part size, when given, is every GET's).
 pub fn fetch_whole(paths: &[&Path], config: &crate::Config) -> Result<u64> {
     let values = config.values();
     let (part, concurrency) = (config.object_part() as u64, values.object_concurrency);
-    let mut requests = Vec::new();
-    for path in paths {
-        let meta = open_for_load_unchecked(path, &config.object.options)?;
-        let mut offset = 0;
-        while offset < meta.size {
-            let len = part.min(meta.size - offset);
-            requests.push((meta.clone(), offset, len));
-            offset += len;
-        }
+    let mut net = tune::Net::new(part, concurrency, usize::MAX);
+    if config.object.part_bytes.is_some() {
+        net = net.fixed_parts();
     }
-    let bytes: u64 = requests.iter().map(|r| r.2).sum();
+    let net = Arc::new(net);
     let first = paths.first().map_or(Path::new(""), |p| *p);
+    let options = &config.object.options;
+    let heads = futures::stream::iter(paths).map(|p| head(p, options)).buffered(HEADER_READS_MAX);
+    let files =
+        block_on(first, heads.collect::<Vec<_>>())?.into_iter().collect::<Result<Vec<_>>>()?;
+    let bytes: u64 = files.iter().map(|f| f.size).sum();
     block_on(first, async {
         let mut in_flight = tokio::task::JoinSet::new();
         let mut first_error = None;
-        for (file, offset, len) in requests {
-            while in_flight.len() >= concurrency.max(1) {
-                if let Some(Err(e)) = in_flight.join_next().await.map(joined) {
-                    first_error.get_or_insert(e);
+        for file in files {
+            let file = Arc::new(file);
+            let mut offset = 0;
+            while offset < file.size {
+                let mut choice = net.target();
+                while in_flight.len() >= choice.gets.max(1) {
+                    if let Some(Err(e)) = in_flight.join_next().await.map(joined) {
+                        first_error.get_or_insert(e);
+                    }
+                    choice = net.target();
                 }
+                let len = (part * choice.extents as u64).min(file.size - offset);
+                in_flight.spawn(drain(Arc::clone(&file), offset, len, Arc::clone(&net)));
+                offset += len;
             }
-            in_flight.spawn(async move {
-                let options = GetOptions {
-                    range: Some(GetRange::Bounded(offset..offset + len)),
-                    ..Default::default()
-                };
-                let result = file
-                    .store
-                    .get_opts(&file.location, options)
-                    .await
-                    .map_err(|e| request_error("get", &file.path, offset, len, e))?;
-                let mut body = result.into_stream();
-                let mut n = 0u64;
-                while let Some(chunk) = body.next().await {
-                    n += chunk.map_err(|e| request_error("get", &file.path, offset, len, e))?.len()
-                        as u64;
-                }
-                if n < len {
-                    return Err(Error::Truncated {
-                        path: file.path.clone(),
-                        offset: offset + n,
-                        expected_len: file.size,
-                    });
-                }
-                Ok(())
-            });
         }
         while let Some(r) = in_flight.join_next().await {
             if let Err(e) = joined(r) {
@@ -847,6 +975,34 @@ pub fn fetch_whole(paths: &[&Path], config: &crate::Config) -> Result<u64> {
     Ok(bytes)
 }
 
+/// One GET of the ceiling ([`fetch_whole`]): `len` bytes of `file` from `offset`, its body
+/// counted and dropped, its time to first byte and rate recorded in `net`.
+async fn drain(file: Arc<ObjectFile>, offset: u64, len: u64, net: Arc<tune::Net>) -> Result<()> {
+    let options =
+        GetOptions { range: Some(GetRange::Bounded(offset..offset + len)), ..Default::default() };
+    let asked = Instant::now();
+    let result = file
+        .store
+        .get_opts(&file.location, options)
+        .await
+        .map_err(|e| request_error("get", &file.path, offset, len, e))?;
+    let answered = Instant::now();
+    let mut body = result.into_stream();
+    let mut n = 0u64;
+    while let Some(chunk) = body.next().await {
+        n += chunk.map_err(|e| request_error("get", &file.path, offset, len, e))?.len() as u64;
+    }
+    net.record((answered - asked).as_secs_f64(), n, answered.elapsed().as_secs_f64());
+    if n < len {
+        return Err(Error::Truncated {
+            path: file.path.clone(),
+            offset: offset + n,
+            expected_len: file.size,
+        });
+    }
+    Ok(())
+}
+
 /// A finished task's result; a task that panicked (inside the client) is an error.
 fn joined(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
     r.unwrap_or_else(|e| {
@@ -855,13 +1011,13 @@ fn joined(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<
     })
 }
 
-/// An object's size and ETag, whatever its size.
-fn open_for_load_unchecked(path: &Path, options: &Options) -> Result<ObjectFile> {
+/// Object `path` as a HEAD shows it now: its size and ETag, whatever its size.
+async fn head(path: &Path, options: &Options) -> Result<ObjectFile> {
     let source = parse(path)?;
     let client = client::client(&source, options)?;
     let location = location(path, &source.key)?;
-    let meta = block_on(path, client.store.head(&location))?
-        .map_err(|e| request_error("head", path, 0, 0, e))?;
+    let meta =
+        client.store.head(&location).await.map_err(|e| request_error("head", path, 0, 0, e))?;
     let Pin { etag, generation } = Pin::of(source.provider, &meta);
     Ok(ObjectFile {
         path: path.to_path_buf(),
