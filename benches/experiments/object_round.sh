@@ -15,7 +15,7 @@
 #           into host memory, s5cmd, Run:ai into host memory and into cuda:0;
 #   cache   cache_race.sh on the 16 GB Llama-3-8B shapes into cuda:0, the store on /dev/shm,
 #           BASELINE's store and first loads interleaved (CACHE_ROUNDS, default 4);
-#   sha     `gantry bench --verify-sha256` warm (states recorded; SHA_WARM runs, default 3)
+#   sha     `gantry bench --verify-sha256` warm (states recorded; SHA_WARM runs, default 3; 0: none)
 #           and cold (SHA_COLD runs, default 5), SHA256SUMS beside the 16 GB shards;
 #   trials  the GPU trials named in TRIALS (default: the live server's device copies and the
 #           C server on a GPU), with GANTRY_REQUIRE_GPU=1.
@@ -49,7 +49,8 @@ sha)
   [ -f $CK/model.safetensors.index.json ] || $G synth $CK --llama3-8b >/dev/null || exit 1
   (cd $CK && ls *.safetensors | xargs -P 8 -n 1 sha256sum > SHA256SUMS) || exit 1
   export GANTRY_SHA256_STATES_DIR=$T/states; rm -rf $T/states; mkdir -p $T/states
-  timeout 150 $G bench $CK --device cuda:0 --verify-sha256 --repeat ${SHA_WARM:-3} 2>&1 | tee -a "$RES/sha.txt"
+  [ "${SHA_WARM:-3}" -gt 0 ] &&
+    timeout 150 $G bench $CK --device cuda:0 --verify-sha256 --repeat ${SHA_WARM:-3} 2>&1 | tee -a "$RES/sha.txt"
   timeout ${SHA_COLD_S:-400} $G bench $CK --device cuda:0 --verify-sha256 --cold --repeat ${SHA_COLD:-5} --json \
     > "$RES/sha-cold.json" 2> "$RES/sha-cold.err"
   python3 - "$RES/sha-cold.json" <<'EOF' 2>&1 | tee -a "$RES/sha.txt"

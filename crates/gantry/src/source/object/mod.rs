@@ -336,7 +336,7 @@ impl Remote {
             .iter()
             .map(|shard| if base.is_empty() { shard.clone() } else { format!("{base}/{shard}") })
             .collect();
-        let mut results: Vec<_> = keys.iter().map(|k| prefetched(k)).collect();
+        let mut results: Vec<_> = keys.iter().map(&mut prefetched).collect();
         let missing: Vec<String> = keys
             .iter()
             .zip(&results)
