@@ -613,6 +613,14 @@ impl Loader {
     /// The integrity checks of a load: every file it reads, with the digest known for it.
     fn checks(&self, infos: &[FileInfo], files: &Files) -> Result<crate::integrity::Checks> {
         let local = "no Hugging Face blob link, no SHA256SUMS entry beside it";
+        // The objects' digests, looked up all at once.
+        let objects: Vec<_> = (0..infos.len())
+            .filter_map(|f| match &files.get(gantry_format::FileId(f))?.identity {
+                Identity::Object { object, .. } => Some(&**object),
+                Identity::Local => None,
+            })
+            .collect();
+        let mut digests = crate::source::object::known_digests(&objects).into_iter();
         let mut checks = Vec::with_capacity(infos.len());
         for (f, info) in infos.iter().enumerate() {
             let Some(opened) = files.get(gantry_format::FileId(f)) else {
@@ -624,7 +632,9 @@ impl Loader {
                 Identity::Local => None,
             };
             let known = match remote {
-                Some(remote) => crate::source::object::known_digest(remote)?,
+                Some(_) => digests
+                    .next()
+                    .unwrap_or_else(|| Err(Error::Internal("no digest looked up".into())))?,
                 None => crate::integrity::known_local(&info.path)?.ok_or(local.to_owned()),
             };
             let (known, unknown_reason) = match known {

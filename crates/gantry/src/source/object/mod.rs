@@ -867,62 +867,67 @@ fn take_chunk(
 /// Largest `SHA256SUMS` object read.
 const SUMS_BYTES_MAX: u64 = integrity::SUMS_BYTES_MAX;
 
+/// The digests known for `objects` (see [`known_digest`]), looked up all at once (one or two
+/// round trips for the lot, not per object), in order.
+pub fn known_digests(objects: &[&ObjectFile]) -> Vec<Result<std::result::Result<Known, String>>> {
+    let Some(first) = objects.first() else { return Vec::new() };
+    let lookups = futures::stream::iter(objects)
+        .map(|object| async move {
+            // A panic inside the client (caught): no digest, and why.
+            let caught = std::panic::AssertUnwindSafe(known_digest(object)).catch_unwind().await;
+            caught
+                .unwrap_or_else(|panic| Ok(Err(panicked(&object.path, panic.as_ref()).to_string())))
+        })
+        .buffered(HEADER_READS_MAX)
+        .collect::<Vec<_>>();
+    block_on(&first.path, lookups)
+        .unwrap_or_else(|e| objects.iter().map(|_| Ok(Err(e.to_string()))).collect())
+}
+
 /// The digest known for `object`: its `sha256` metadata, else its line in a `SHA256SUMS`
 /// object beside it; else what was looked for and why nothing was found. A `SHA256SUMS` that
 /// is larger than [`integrity::SUMS_BYTES_MAX`] or malformed is an error naming it.
-pub fn known_digest(object: &ObjectFile) -> Result<std::result::Result<Known, String>> {
-    let found = block_on(&object.path, async {
-        let key = "sha256";
-        let pin = object.pin();
-        let result = object.store.get_opts(&object.location, pin.get(0..1)).await;
-        let result = match result {
-            Ok(result) => result,
-            Err(e) => return Ok(Err(pin.error(&object.path, 0, 1, e).to_string())),
-        };
-        let meta = result.attributes.get(&Attribute::Metadata(key.into()));
-        if let Some(digest) = meta.and_then(|v| integrity::from_hex(v.as_ref())) {
-            let source = format!("its object metadata '{key}'");
-            return Ok(Ok(Known { digest, source }));
-        }
-        let text = object.location.as_ref();
-        let (dir, name) = text.rsplit_once('/').unwrap_or(("", text));
-        let sums_key = if dir.is_empty() {
-            SUMS_FILE_NAME.to_owned()
-        } else {
-            format!("{dir}/{SUMS_FILE_NAME}")
-        };
-        let sums_url = object.path.with_file_name(SUMS_FILE_NAME);
-        let sums = match location(&sums_url, &sums_key) {
-            Ok(sums) => sums,
-            Err(e) => return Ok(Err(e.to_string())),
-        };
-        let none = || format!("no '{key}' object metadata, no {SUMS_FILE_NAME} entry beside it");
-        let range = Some(GetRange::Bounded(0..SUMS_BYTES_MAX + 1));
-        let text =
-            match object.store.get_opts(&sums, GetOptions { range, ..Default::default() }).await {
-                Ok(r) => r.bytes().await.map_err(|e| request_error("get", &sums_url, 0, 0, e)),
-                Err(object_store::Error::NotFound { .. }) => return Ok(Err(none())),
-                Err(e) => Err(request_error("get", &sums_url, 0, 0, e)),
-            };
-        let text = match text {
-            Ok(text) => text,
-            Err(e) => return Ok(Err(format!("{}; {e}", none()))),
-        };
-        let bad = |message| Error::Sha256 { path: sums_url.clone(), message };
-        if text.len() as u64 > SUMS_BYTES_MAX {
-            return Err(bad(format!(
-                "more than {SUMS_BYTES_MAX} bytes: not read as a checksum list"
-            )));
-        }
-        let listed = integrity::sums::parse(&text).map_err(bad)?;
-        let source = sums_url.display().to_string();
-        Ok(listed.get(name.as_bytes()).map(|digest| Known { digest, source }).ok_or_else(none))
-    });
-    match found {
-        Ok(known) => known,
-        // A panic inside the client (caught): no digest, and why.
-        Err(e) => Ok(Err(e.to_string())),
+async fn known_digest(object: &ObjectFile) -> Result<std::result::Result<Known, String>> {
+    let key = "sha256";
+    let pin = object.pin();
+    let result = object.store.get_opts(&object.location, pin.get(0..1)).await;
+    let result = match result {
+        Ok(result) => result,
+        Err(e) => return Ok(Err(pin.error(&object.path, 0, 1, e).to_string())),
+    };
+    let meta = result.attributes.get(&Attribute::Metadata(key.into()));
+    if let Some(digest) = meta.and_then(|v| integrity::from_hex(v.as_ref())) {
+        let source = format!("its object metadata '{key}'");
+        return Ok(Ok(Known { digest, source }));
     }
+    let text = object.location.as_ref();
+    let (dir, name) = text.rsplit_once('/').unwrap_or(("", text));
+    let sums_key =
+        if dir.is_empty() { SUMS_FILE_NAME.to_owned() } else { format!("{dir}/{SUMS_FILE_NAME}") };
+    let sums_url = object.path.with_file_name(SUMS_FILE_NAME);
+    let sums = match location(&sums_url, &sums_key) {
+        Ok(sums) => sums,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let none = || format!("no '{key}' object metadata, no {SUMS_FILE_NAME} entry beside it");
+    let range = Some(GetRange::Bounded(0..SUMS_BYTES_MAX + 1));
+    let text = match object.store.get_opts(&sums, GetOptions { range, ..Default::default() }).await
+    {
+        Ok(r) => r.bytes().await.map_err(|e| request_error("get", &sums_url, 0, 0, e)),
+        Err(object_store::Error::NotFound { .. }) => return Ok(Err(none())),
+        Err(e) => Err(request_error("get", &sums_url, 0, 0, e)),
+    };
+    let text = match text {
+        Ok(text) => text,
+        Err(e) => return Ok(Err(format!("{}; {e}", none()))),
+    };
+    let bad = |message| Error::Sha256 { path: sums_url.clone(), message };
+    if text.len() as u64 > SUMS_BYTES_MAX {
+        return Err(bad(format!("more than {SUMS_BYTES_MAX} bytes: not read as a checksum list")));
+    }
+    let listed = integrity::sums::parse(&text).map_err(bad)?;
+    let source = sums_url.display().to_string();
+    Ok(listed.get(name.as_bytes()).map(|digest| Known { digest, source }).ok_or_else(none))
 }
 
 /// Fetches every object of `paths` whole with ranged GETs, each body drained and dropped (no

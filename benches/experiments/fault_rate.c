@@ -1,0 +1,59 @@
+// How fast this machine faults in fresh anonymous memory: the cost a host load into new
+// memory pays before its bytes can land (gantry's `Populate` runs MADV_POPULATE_WRITE on a
+// quarter of the cores ahead of the readers).
+// Usage: fault_rate GIB THREADS [4k|thp]   (prints one line: GB/s)
+// Build: cc -O2 -pthread -static -o fault_rate fault_rate.c
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+static char *base;
+static size_t len, chunk = 1 << 20;
+static int threads;
+
+static void *lane(void *arg) {
+  long k = (long)arg;
+  for (size_t at = (size_t)k * chunk; at < len; at += (size_t)threads * chunk) {
+    size_t n = len - at < chunk ? len - at : chunk;
+    if (madvise(base + at, n, MADV_POPULATE_WRITE) != 0) {
+      perror("madvise(MADV_POPULATE_WRITE)");
+      exit(1);
+    }
+  }
+  return NULL;
+}
+
+int main(int argc, char **argv) {
+  if (argc < 3) {
+    fprintf(stderr, "usage: %s GIB THREADS [4k|thp]\n", argv[0]);
+    return 2;
+  }
+  len = (size_t)(atof(argv[1]) * (1 << 30));
+  threads = atoi(argv[2]);
+  int thp = argc > 3 && strcmp(argv[3], "thp") == 0;
+  base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) {
+    perror("mmap");
+    return 1;
+  }
+  madvise(base, len, thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  pthread_t t[256];
+  for (long k = 0; k < threads && k < 256; k++) pthread_create(&t[k], NULL, lane, (void *)k);
+  for (long k = 0; k < threads && k < 256; k++) pthread_join(t[k], NULL);
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  double s = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
+  printf("%s %d threads: %.2f GB/s (%.3f s for %.2f GiB)\n", thp ? "thp" : "4k", threads,
+         len / s / 1e9, s, len / (double)(1 << 30));
+  munmap(base, len);
+  return 0;
+}
