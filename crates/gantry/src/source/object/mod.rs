@@ -293,12 +293,9 @@ impl Remote {
                 }
                 let bytes =
                     answer.bytes().await.map_err(|e| request_error("get", &url, 0, size, e))?;
-                if (bytes.len() as u64) < size {
-                    let offset = bytes.len() as u64;
-                    return Err(Error::Truncated { path: url, offset, expected_len: size });
-                }
-                bytes
+                exact(&url, 0, size, bytes)?
             }
+            Err(e) if is_final(&e) => return Err(request_error("get", &url, 0, 0, e)),
             Err(_) => {
                 let meta = self
                     .store
@@ -377,8 +374,10 @@ impl Remote {
             range: Some(GetRange::Bounded(0..HEADER_GUESS_BYTES)),
             ..Default::default()
         };
-        let Ok(first) = self.store.get_opts(&location, guess).await else {
-            return self.header_after_head(&url, &location).await;
+        let first = match self.store.get_opts(&location, guess).await {
+            Ok(first) => first,
+            Err(e) if is_final(&e) => return Err(request_error("get", &url, 0, 0, e)),
+            Err(_) => return self.header_after_head(&url, &location).await,
         };
         let (size, pin) = (first.meta.size, Pin::of(self.source.provider, &first.meta));
         if size < PREFIX_BYTES {
@@ -386,10 +385,7 @@ impl Remote {
         }
         let asked = HEADER_GUESS_BYTES.min(size);
         let head = first.bytes().await.map_err(|e| pin.error(&url, 0, asked, e))?;
-        if (head.len() as u64) < asked {
-            let offset = head.len() as u64;
-            return Err(Error::Truncated { path: url, offset, expected_len: size });
-        }
+        let head = exact(&url, 0, asked, head)?;
         let header_len = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
         let header_len = check_prefix(&url, header_len, size)?;
         let end = PREFIX_BYTES + header_len;
@@ -439,15 +435,43 @@ impl Remote {
             .bytes()
             .await
             .map_err(|e| pin.error(url, offset, len, e))?;
-        if (bytes.len() as u64) < len {
-            return Err(Error::Truncated {
-                path: url.to_path_buf(),
-                offset: offset + bytes.len() as u64,
-                expected_len: offset + len,
-            });
-        }
-        Ok(bytes)
+        exact(url, offset, len, bytes)
     }
+}
+
+/// `bytes`, the body of a GET of `len` bytes at `offset` of object `url`, when it has exactly
+/// that many: fewer is [`Error::Truncated`], more an error (the client checks the answer's
+/// range, not its body's length).
+fn exact(url: &Path, offset: u64, len: u64, bytes: bytes::Bytes) -> Result<bytes::Bytes> {
+    let got = bytes.len() as u64;
+    if got < len {
+        let path = url.to_path_buf();
+        return Err(Error::Truncated { path, offset: offset + got, expected_len: offset + len });
+    }
+    if got > len {
+        return Err(Error::Io {
+            op: "get",
+            path: url.to_path_buf(),
+            offset,
+            len,
+            source: io::Error::other(format!("the server sent {got} bytes for a range of {len}")),
+        });
+    }
+    Ok(bytes)
+}
+
+/// Whether a failed GET of an object's first bytes already says all a HEAD would (it is not
+/// there, or not ours to read, or changed): anything else (an object too short for the range,
+/// a store that answers a range otherwise) is read again the long way, which names it.
+fn is_final(e: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    matches!(
+        e,
+        E::NotFound { .. }
+            | E::PermissionDenied { .. }
+            | E::Unauthenticated { .. }
+            | E::Precondition { .. }
+    )
 }
 
 /// An object opened for a load: its size and ETag as the load saw them.
@@ -529,13 +553,16 @@ pub fn open_for_load(
     let Some(first) = infos.first() else { return Vec::new() };
     let heads = futures::stream::iter(infos)
         .map(|info| async move {
-            let object = head(&info.path, options).await?;
+            // A panic inside the client (a backstop) fails this object, named.
+            let opened = std::panic::AssertUnwindSafe(head(&info.path, options)).catch_unwind();
+            let object = opened.await.unwrap_or_else(|p| Err(panicked(&info.path, p.as_ref())))?;
             still_the_same(info, object)
         })
         .buffered(HEADER_READS_MAX)
         .collect::<Vec<_>>();
     match block_on(&first.path, heads) {
         Ok(opened) => opened,
+        // No runtime: the same error for each.
         Err(e) => {
             let message = e.to_string();
             infos.iter().map(|_| Err(Error::Internal(message.clone()))).collect()
@@ -612,27 +639,34 @@ pub fn run(
                 break;
             }
             // This extent and the next ones of its object not yet taken, one GET for all.
-            let mut part = vec![jobs[first]];
-            let (mut last, mut dests) = (first, Vec::new());
-            taken[first] = true;
-            while let Some(n) = next[last].filter(|&n| part.len() < choice.extents && !taken[n]) {
-                (taken[n], last) = (true, n);
-                part.push(jobs[n]);
+            // An extent that does not land in place waits for a staging buffer (blocking this
+            // thread only: the GETs in flight run on the runtime's workers and hand their
+            // buffers to the consumer, which returns them to the pool), but a part never holds
+            // more buffers than the pool has: past that it would wait for buffers only its
+            // own GET, not yet started, could free. The part ends there instead.
+            let (mut part, mut dests, mut at, mut staged) = (Vec::new(), Vec::new(), first, 0);
+            loop {
+                let dest = match jobs[at].target {
+                    Some(target) => Some(Dest::Target(target)),
+                    None => {
+                        let pool = pool.expect("staged object jobs need a pool");
+                        staged += 1;
+                        (staged <= pool.count())
+                            .then(|| pool.acquire().map(Dest::Staging))
+                            .flatten()
+                    }
+                };
+                let Some(dest) = dest else { break };
+                taken[at] = true;
+                part.push(jobs[at]);
+                dests.push(dest);
+                match next[at].filter(|&n| part.len() < choice.extents && !taken[n]) {
+                    Some(n) => at = n,
+                    None => break,
+                }
             }
-            for job in &part {
-                dests.push(match job.target {
-                    Some(target) => Dest::Target(target),
-                    // Blocks this thread only: the GETs in flight run on the runtime's
-                    // workers and hand their buffers to the consumer, which returns them to
-                    // the pool.
-                    None => match pool.expect("staged object jobs need a pool").acquire() {
-                        Some(lease) => Dest::Staging(lease),
-                        None => break,
-                    },
-                });
-            }
-            if dests.len() < part.len() {
-                break;
+            if part.is_empty() {
+                break; // the pool closed
             }
             let file = files.get(part[0].file).clone();
             let (tx, failed, lanes) = (tx.clone(), Arc::clone(&failed), lanes.clone());
@@ -1114,6 +1148,23 @@ mod tests {
         let fetched = fetch_into(&file, &beyond, &mut dests, None, None, &mut first);
         let e = runtime().unwrap().block_on(fetched).unwrap_err().to_string();
         assert!(e.contains("s3://b/m/x.safetensors") && e.contains("offset 10000"), "{e}");
+    }
+
+    #[test]
+    fn a_body_must_be_the_range_asked_for() {
+        let url = Path::new("s3://b/x.safetensors");
+        let body = |n: usize| bytes::Bytes::from(vec![7u8; n]);
+        assert_eq!(exact(url, 100, 8, body(8)).unwrap().len(), 8);
+        let short = exact(url, 100, 8, body(5)).unwrap_err();
+        assert!(
+            matches!(short, Error::Truncated { offset: 105, expected_len: 108, .. }),
+            "{short}"
+        );
+        let long = exact(url, 100, 8, body(9)).unwrap_err().to_string();
+        assert!(
+            long.contains("s3://b/x.safetensors") && long.contains("9 bytes for a range of 8"),
+            "{long}"
+        );
     }
 
     #[test]
