@@ -16,7 +16,8 @@
 #   cache   cache_race.sh on the 16 GB Llama-3-8B shapes into cuda:0, the store on /dev/shm,
 #           BASELINE's store and first loads interleaved (CACHE_ROUNDS, default 4);
 #   sha     `gantry bench --verify-sha256` warm (states recorded; SHA_WARM runs, default 3; 0: none)
-#           and cold (SHA_COLD runs, default 5), SHA256SUMS beside the 16 GB shards;
+#           and cold (SHA_COLD runs, default 5, one bench process each, within SHA_COLD_S seconds,
+#           default 400: a run cut off leaves the finished ones), SHA256SUMS beside the 16 GB shards;
 #   trials  the GPU trials named in TRIALS (default: the live server's device copies and the
 #           C server on a GPU), with GANTRY_REQUIRE_GPU=1.
 set -u
@@ -51,14 +52,23 @@ sha)
   export GANTRY_SHA256_STATES_DIR=$T/states; rm -rf $T/states; mkdir -p $T/states
   [ "${SHA_WARM:-3}" -gt 0 ] &&
     timeout 150 $G bench $CK --device cuda:0 --verify-sha256 --repeat ${SHA_WARM:-3} 2>&1 | tee -a "$RES/sha.txt"
-  timeout ${SHA_COLD_S:-400} $G bench $CK --device cuda:0 --verify-sha256 --cold --repeat ${SHA_COLD:-5} --json \
-    > "$RES/sha-cold.json" 2> "$RES/sha-cold.err"
-  python3 - "$RES/sha-cold.json" <<'EOF' 2>&1 | tee -a "$RES/sha.txt"
-import json, math, sys
-b = json.load(open(sys.argv[1]))
-pairs = [r["sha256"]["verified_to_plain"] for r in b["runs"]]
-print("cold runs: plain", [round(r["sha256"]["plain_gb_per_s"], 3) for r in b["runs"]],
-      "verified", [round(r["gantry_gb_per_s"], 3) for r in b["runs"]])
+  # One bench process per cold run, each its own JSON, so that a step cut off by its time
+  # (each run reads the 16 GB three times) keeps the runs that finished.
+  END=$(( $(date +%s) + ${SHA_COLD_S:-400} ))
+  for i in $(seq ${SHA_COLD:-5}); do
+    LEFT=$(( END - $(date +%s) )); [ $LEFT -gt 10 ] || { echo "cold run $i: no time left (SHA_COLD_S)"; break; }
+    timeout $LEFT $G bench $CK --device cuda:0 --verify-sha256 --cold --repeat 1 --json \
+      > "$RES/sha-cold-$i.json" 2> "$RES/sha-cold-$i.err" ||
+      { echo "cold run $i failed or timed out"; rm -f "$RES/sha-cold-$i.json"; break; }
+  done
+  python3 - "$RES" <<'EOF' 2>&1 | tee -a "$RES/sha.txt"
+import glob, json, math, sys
+runs = [json.load(open(f))["runs"][0] for f in sorted(glob.glob(sys.argv[1] + "/sha-cold-*.json"))]
+if not runs:
+    sys.exit("no cold run finished")
+pairs = [r["sha256"]["verified_to_plain"] for r in runs]
+print("cold runs: plain", [round(r["sha256"]["plain_gb_per_s"], 3) for r in runs],
+      "verified", [round(r["gantry_gb_per_s"], 3) for r in runs])
 print("cold verified/plain per run", [round(p, 3) for p in pairs],
       "median %.3f geometric mean %.3f" % (sorted(pairs)[len(pairs) // 2],
                                            math.exp(sum(map(math.log, pairs)) / len(pairs))))
