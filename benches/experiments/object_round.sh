@@ -1,6 +1,6 @@
 #!/bin/bash
 # Usage (root, on a one-GPU machine, from the repository root):
-#   [STEPS="net cache sha trials"] benches/experiments/object_round.sh PACK.txz RESULTS_DIR
+#   [STEPS="net cache sha fault trials"] benches/experiments/object_round.sh PACK.txz RESULTS_DIR
 # One call's worth of issue 25's figures on the GPU machine, each step bounded in time.
 # PACK.txz holds one folder made by pack.sh (`pack.sh .pack/o gantry/live gantry-capi/serve`)
 # with, beside its bin/gantry, base/gantry: the build before the change being measured (the
@@ -18,6 +18,9 @@
 #   sha     `gantry bench --verify-sha256` warm (states recorded; SHA_WARM runs, default 3; 0: none)
 #           and cold (SHA_COLD runs, default 5, one bench process each, within SHA_COLD_S seconds,
 #           default 400: a run cut off leaves the finished ones), SHA256SUMS beside the 16 GB shards;
+#   fault   the pack's bin/fault_rate: fresh memory faulted in with MADV_POPULATE_WRITE, 4 GiB,
+#           1, 4 and 8 threads, 4 KiB pages and transparent huge pages (what a host load into new
+#           memory pays before its bytes land), and the machine's THP settings;
 #   trials  the GPU trials named in TRIALS (default: the live server's device copies and the
 #           C server on a GPU), with GANTRY_REQUIRE_GPU=1.
 set -u
@@ -29,7 +32,7 @@ N=$T/p/$(ls $T/p | head -n 1); G=$N/bin/gantry; B=$N/base/gantry
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$RES/gpu.txt"
 nproc | tee -a "$RES/gpu.txt"
 WEED=$T/weed; xz -dc ${WEED_XZ:-.pack/weed.xz} > $WEED && chmod +x $WEED || exit 1
-for step in ${STEPS:-net cache sha trials}; do
+for step in ${STEPS:-fault net cache sha trials}; do
 case $step in
 net)
   echo "== net" | tee "$RES/net.txt"
@@ -74,6 +77,12 @@ print("cold verified/plain per run", [round(p, 3) for p in pairs],
                                            math.exp(sum(map(math.log, pairs)) / len(pairs))))
 EOF
   rm -f $CK/SHA256SUMS; unset GANTRY_SHA256_STATES_DIR
+  ;;
+fault)
+  echo "== fault" | tee "$RES/fault.txt"
+  [ -x $N/bin/fault_rate ] || { echo "the pack has no bin/fault_rate" | tee -a "$RES/fault.txt"; continue; }
+  cat /sys/kernel/mm/transparent_hugepage/enabled /sys/kernel/mm/transparent_hugepage/defrag 2>&1 | tee -a "$RES/fault.txt"
+  for t in 1 4 8; do for m in 4k thp; do timeout 30 $N/bin/fault_rate 4 $t $m 2>&1 | tee -a "$RES/fault.txt"; done; done
   ;;
 trials)
   echo "== trials" | tee "$RES/trials.txt"

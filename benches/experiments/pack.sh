@@ -3,6 +3,7 @@
 # Builds, on a machine with the Rust toolchain, what a GPU machine without one needs to run the
 # trials and races, stripped, into DIR (at most tens of MiB):
 #   DIR/bin/gantry        the release CLI
+#   DIR/bin/fault_rate    benches/experiments/fault_rate.c, static
 #   DIR/t/CRATE-TEST      each named integration test (crates/CRATE/tests/TEST.rs), built
 #                         with `cargo test --release --no-run`
 #   DIR/lib/libgantry.so  the C ABI's library (the C clients' tests: GANTRY_LIB_DIR=DIR/lib)
@@ -13,6 +14,9 @@ DIR=$1; shift
 rm -rf "$DIR"; mkdir -p "$DIR/bin" "$DIR/t" "$DIR/py/gantry" "$DIR/lib"
 cargo build --release -p gantry-cli -p gantry-py -p gantry-capi
 cp target/release/gantry "$DIR/bin/"
+# How fast the machine faults in fresh memory (object_round.sh step `fault`).
+cc -O2 -pthread -static -o "$DIR/bin/fault_rate" benches/experiments/fault_rate.c ||
+  echo "fault_rate not built (no static C toolchain): object_round.sh's fault step will say so"
 cp target/release/libgantry.so "$DIR/lib/"
 cp crates/gantry-py/python/gantry/* "$DIR/py/gantry/"
 cp target/release/lib_gantry.so "$DIR/py/gantry/_gantry.abi3.so"
