@@ -173,6 +173,17 @@ pub fn header_lengths(store: &impl Store, dir: &Path, config: &Config, secret: &
         let len = format!("file is {} bytes", bytes.len());
         expect_err(config, &store.url(name), &[name, &len], secret);
     }
+    // A prefix whose index is malformed (its shards' headers read beside it) and one whose
+    // index is empty (no range of it can be answered): errors naming the index.
+    for (prefix, index) in [("badindex/", &b"{\"weight_map\": ["[..]), ("emptyindex/", b"")] {
+        store.put(&format!("{prefix}model.safetensors.index.json"), index);
+        store.put(
+            &format!("{prefix}model-00001-of-00001.safetensors"),
+            &std::fs::read(dir.join("h3")).unwrap(),
+        );
+        let name = format!("{prefix}model.safetensors.index.json");
+        expect_err(config, &store.url(prefix), &[&name, "malformed index"], secret);
+    }
 }
 
 /// Two files of the same size and different bytes.

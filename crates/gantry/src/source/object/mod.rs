@@ -34,6 +34,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::{self, Either};
 use futures::{FutureExt, StreamExt};
 use gantry_format::{
     check_prefix, parse_header, parse_index, Checkpoint, ErrorKind, FileId, FormatError, Header,
@@ -195,10 +196,15 @@ impl Remote {
                 // The listed shards' headers are read while the index is: the shards it names
                 // are nearly always those (one more GET each for any it names that were not
                 // listed; a listed one it does not name costs one GET, its result unused).
-                let both = futures::future::join(self.read_index(index), self.headers(&shards));
-                let (read, listed) = both.await;
+                // An index that cannot be read fails the open at once, its shards' reads
+                // dropped.
+                let (read, listed) = (self.read_index(index), self.headers(&shards));
+                let (read, listed) = match future::select(Box::pin(read), Box::pin(listed)).await {
+                    Either::Left((read, listed)) => (read?, listed.await),
+                    Either::Right((listed, read)) => (read.await?, listed),
+                };
                 let mut listed: HashMap<_, _> = shards.iter().zip(listed).collect();
-                let (url, read) = read?;
+                let (url, read) = read;
                 return self.open_index_with(index, &url, read, |key| listed.remove(key)).await;
             }
             _ => {
