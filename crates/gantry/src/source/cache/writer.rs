@@ -161,6 +161,24 @@ struct Shared {
     missed: parking_lot::Mutex<Vec<Range<u64>>>,
 }
 
+impl Shared {
+    /// Counts the copy among those completed behind their loads ([`wait_behind`] waits for
+    /// it).
+    fn begin_behind(&self) {
+        BEHIND.lock().0 += 1;
+        self.counted.store(true, Ordering::Release);
+    }
+
+    /// Ends the copy's count with the outcome `text` gives, once, whichever of its ends comes
+    /// first (its thread's outcome, a panic on that thread, a thread already gone); nothing
+    /// when it was never counted.
+    fn end_behind(&self, text: impl FnOnce() -> String) {
+        if self.counted.swap(false, Ordering::AcqRel) {
+            behind_ended(text());
+        }
+    }
+}
+
 impl Writer {
     /// Starts the thread that writes the copy of `identity`, `size` bytes, into `cache`; an
     /// error message (for a warning) when no thread can be started. Nothing here touches the
@@ -220,11 +238,9 @@ impl Writer {
                         }
                     }
                 });
-                if std::panic::catch_unwind(work).is_err()
-                    && shared.counted.swap(false, Ordering::AcqRel)
-                {
+                if std::panic::catch_unwind(work).is_err() {
                     // Its temporary file stays for the next load's sweep.
-                    behind_ended("not cached: the copy's thread panicked".to_owned());
+                    shared.end_behind(|| "not cached: the copy's thread panicked".to_owned());
                 }
             })
             .map_err(|e| format!("starting the thread that writes {}: {e}", path.display()))?;
@@ -323,14 +339,11 @@ impl Writer {
         }
         if let Some(orders) = self.orders.take() {
             if behind {
-                BEHIND.lock().0 += 1;
-                self.shared.counted.store(true, Ordering::Release);
+                self.shared.begin_behind();
             }
-            if orders.send(Order::Finish { still_same, behind }).is_err() && behind {
+            if orders.send(Order::Finish { still_same, behind }).is_err() {
                 // The thread is gone (it cannot be, while the writer holds the queue).
-                if self.shared.counted.swap(false, Ordering::AcqRel) {
-                    behind_ended("not cached: the copy's thread ended".to_owned());
-                }
+                self.shared.end_behind(|| "not cached: the copy's thread ended".to_owned());
             }
         }
         if behind {
@@ -466,8 +479,7 @@ impl Copy {
         let bytes: u64 = missed.iter().map(|r| r.end - r.start).sum();
         let path = self.cache.copy_path(&self.identity.name());
         if let Some(told) = told {
-            BEHIND.lock().0 += 1;
-            self.shared.counted.store(true, Ordering::Release);
+            self.shared.begin_behind();
             let _ = told.send(format!(
                 "being completed behind the load at {}: {bytes} bytes in {} ranges came faster than the cache's disk took them and are fetched again",
                 path.display(),
@@ -498,9 +510,7 @@ impl Copy {
             ),
             None => format!("{}: {text} (behind the load)", path.display()),
         };
-        if self.shared.counted.swap(false, Ordering::AcqRel) {
-            behind_ended(text);
-        }
+        self.shared.end_behind(|| text);
     }
 
     /// Fetches `missed` again ([`REFETCH_BYTES`] per GET) and writes it into `p`.
