@@ -613,23 +613,23 @@ impl Loader {
     /// The integrity checks of a load: every file it reads, with the digest known for it.
     fn checks(&self, infos: &[FileInfo], files: &Files) -> Result<crate::integrity::Checks> {
         let local = "no Hugging Face blob link, no SHA256SUMS entry beside it";
-        // The objects' digests, looked up all at once.
-        let objects: Vec<_> = (0..infos.len())
-            .filter_map(|f| match &files.get(gantry_format::FileId(f))?.identity {
-                Identity::Object { object, .. } => Some(&**object),
-                Identity::Local => None,
+        // Each file read (`None`: not read), and the object it is when it is one.
+        let opened: Vec<_> = (0..infos.len())
+            .map(|f| {
+                files.get(gantry_format::FileId(f)).map(|opened| match &opened.identity {
+                    Identity::Object { object, .. } => Some(&**object),
+                    Identity::Local => None,
+                })
             })
             .collect();
+        // The objects' digests, looked up all at once.
+        let objects: Vec<_> = opened.iter().flatten().flatten().copied().collect();
         let mut digests = crate::source::object::known_digests(&objects).into_iter();
         let mut checks = Vec::with_capacity(infos.len());
-        for (f, info) in infos.iter().enumerate() {
-            let Some(opened) = files.get(gantry_format::FileId(f)) else {
+        for (info, opened) in infos.iter().zip(opened) {
+            let Some(remote) = opened else {
                 checks.push(None);
                 continue;
-            };
-            let remote = match &opened.identity {
-                Identity::Object { object, .. } => Some(object),
-                Identity::Local => None,
             };
             let known = match remote {
                 Some(_) => digests

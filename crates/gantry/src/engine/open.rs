@@ -79,18 +79,32 @@ impl Loader {
             net = net.fixed_parts(); // the caller's part size, every GET
         }
         files.net = Arc::new(net);
-        let needed: Vec<usize> = (0..reads.files.len())
+        // Each file with a wanted tensor, and what its path names.
+        #[derive(Clone, Copy, PartialEq)]
+        enum Kind {
+            Live,
+            Object,
+            Local,
+        }
+        let needed: Vec<(usize, Kind)> = (0..reads.files.len())
             .filter(|&f| {
                 reads.ranges.iter().zip(wanted).any(|(t, &w)| w && t.len > 0 && t.file.0 == f)
             })
+            .map(|f| {
+                let path = &reads.files[f].path;
+                let kind = if path.to_str().is_some_and(crate::source::live::is_url) {
+                    Kind::Live
+                } else if crate::source::object::is_url(path) {
+                    Kind::Object
+                } else {
+                    Kind::Local
+                };
+                (f, kind)
+            })
             .collect();
         // Every object's HEAD at once: one round trip for the lot.
-        let is_object = |f: &usize| {
-            let path = &reads.files[*f].path;
-            !path.to_str().is_some_and(crate::source::live::is_url)
-                && crate::source::object::is_url(path)
-        };
-        let objects: Vec<usize> = needed.iter().copied().filter(is_object).collect();
+        let objects: Vec<usize> =
+            needed.iter().filter(|(_, k)| *k == Kind::Object).map(|&(f, _)| f).collect();
         let infos: Vec<_> = objects.iter().map(|&f| &reads.files[f]).collect();
         let mut heads: Vec<Option<Result<_>>> = reads.files.iter().map(|_| None).collect();
         let opened = crate::source::object::open_for_load(&infos, &self.config.object_options);
@@ -98,18 +112,21 @@ impl Loader {
             heads[f] = Some(head);
         }
         let mut cache = crate::source::cache::Opened::default();
-        for f in needed {
+        for (f, kind) in needed {
             let (id, info) = (FileId(f), &reads.files[f]);
-            let opened = if info.path.to_str().is_some_and(crate::source::live::is_url) {
-                open_live(id, info, self.config.path)?
-            } else if crate::source::object::is_url(&info.path) {
-                let head = heads[f].take();
-                let object = head.unwrap_or_else(|| Err(Error::Internal("not opened".into())))?;
-                self.open_object(id, info, object, target, &mut files.volumes, &mut cache)?
-            } else {
-                let (reader, choice, facts) =
-                    self.open_local(&info.path, None, info, target, &mut files.volumes)?;
-                OpenedFile { id, reader, choice, facts, identity: Identity::Local }
+            let opened = match kind {
+                Kind::Live => open_live(id, info, self.config.path)?,
+                Kind::Object => {
+                    let head = heads[f].take();
+                    let object =
+                        head.unwrap_or_else(|| Err(Error::Internal("not opened".into())))?;
+                    self.open_object(id, info, object, target, &mut files.volumes, &mut cache)?
+                }
+                Kind::Local => {
+                    let (reader, choice, facts) =
+                        self.open_local(&info.path, None, info, target, &mut files.volumes)?;
+                    OpenedFile { id, reader, choice, facts, identity: Identity::Local }
+                }
             };
             files.opened.push(opened);
         }

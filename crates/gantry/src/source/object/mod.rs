@@ -556,24 +556,32 @@ pub fn open_for_load(
     infos: &[&gantry_format::FileInfo],
     options: &Options,
 ) -> Vec<Result<ObjectFile>> {
-    let Some(first) = infos.first() else { return Vec::new() };
-    let heads = futures::stream::iter(infos)
-        .map(|info| async move {
-            // A panic inside the client (a backstop) fails this object, named.
-            let opened = std::panic::AssertUnwindSafe(head(&info.path, options)).catch_unwind();
-            let object = opened.await.unwrap_or_else(|p| Err(panicked(&info.path, p.as_ref())))?;
-            still_the_same(info, object)
-        })
-        .buffered(HEADER_READS_MAX)
-        .collect::<Vec<_>>();
-    match block_on(&first.path, heads) {
-        Ok(opened) => opened,
+    let paths: Vec<&Path> = infos.iter().map(|info| info.path.as_path()).collect();
+    match heads(&paths, options) {
+        Ok(heads) => {
+            infos.iter().zip(heads).map(|(info, head)| still_the_same(info, head?)).collect()
+        }
         // No runtime: the same error for each.
         Err(e) => {
             let message = e.to_string();
             infos.iter().map(|_| Err(Error::Internal(message.clone()))).collect()
         }
     }
+}
+
+/// Objects `paths` as HEADs show them now, all in flight at once ([`HEADER_READS_MAX`]), in
+/// order; a panic inside the client (a backstop) fails its object, named. An error only when
+/// there is no runtime to run them on.
+fn heads(paths: &[&Path], options: &Options) -> Result<Vec<Result<ObjectFile>>> {
+    let Some(first) = paths.first() else { return Ok(Vec::new()) };
+    let heads = futures::stream::iter(paths)
+        .map(|&path| async move {
+            let opened = std::panic::AssertUnwindSafe(head(path, options)).catch_unwind();
+            opened.await.unwrap_or_else(|p| Err(panicked(path, p.as_ref())))
+        })
+        .buffered(HEADER_READS_MAX)
+        .collect::<Vec<_>>();
+    block_on(first, heads)
 }
 
 /// `object` as a HEAD showed it, when it is the version whose header `info` holds.
@@ -986,10 +994,7 @@ pub fn fetch_whole(paths: &[&Path], config: &crate::Config) -> Result<u64> {
     }
     let net = Arc::new(net);
     let first = paths.first().map_or(Path::new(""), |p| *p);
-    let options = &config.object.options;
-    let heads = futures::stream::iter(paths).map(|p| head(p, options)).buffered(HEADER_READS_MAX);
-    let files =
-        block_on(first, heads.collect::<Vec<_>>())?.into_iter().collect::<Result<Vec<_>>>()?;
+    let files = heads(paths, &config.object.options)?.into_iter().collect::<Result<Vec<_>>>()?;
     let bytes: u64 = files.iter().map(|f| f.size).sum();
     block_on(first, async {
         let mut in_flight = tokio::task::JoinSet::new();
