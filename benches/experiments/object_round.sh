@@ -19,8 +19,8 @@
 #           and cold (SHA_COLD runs, default 5, one bench process each, within SHA_COLD_S seconds,
 #           default 400: a run cut off leaves the finished ones), SHA256SUMS beside the 16 GB shards;
 #   fault   the pack's bin/fault_rate: fresh memory faulted in with MADV_POPULATE_WRITE, 4 GiB,
-#           1, 4 and 8 threads, 4 KiB pages and transparent huge pages (what a host load into new
-#           memory pays before its bytes land), and the machine's THP settings;
+#           1, 4, 8 and 16 threads, transparent huge pages and 4 KiB pages, two passes (what a host
+#           load into new memory pays before its bytes land), and the machine's THP settings;
 #   trials  the GPU trials named in TRIALS (default: the live server's device copies and the
 #           C server on a GPU), with GANTRY_REQUIRE_GPU=1.
 set -u
@@ -82,7 +82,11 @@ fault)
   echo "== fault" | tee "$RES/fault.txt"
   [ -x $N/bin/fault_rate ] || { echo "the pack has no bin/fault_rate" | tee -a "$RES/fault.txt"; continue; }
   cat /sys/kernel/mm/transparent_hugepage/enabled /sys/kernel/mm/transparent_hugepage/defrag 2>&1 | tee -a "$RES/fault.txt"
-  for t in 1 4 8; do for m in 4k thp; do timeout 30 $N/bin/fault_rate 4 $t $m 2>&1 | tee -a "$RES/fault.txt"; done; done
+  # Twice: the first pass may fault in memory the machine's host has not yet backed.
+  for pass in 1 2; do for t in 1 4 8 16; do for m in thp 4k; do
+    echo -n "pass $pass: " | tee -a "$RES/fault.txt"
+    timeout 30 $N/bin/fault_rate 4 $t $m 2>&1 | tee -a "$RES/fault.txt"
+  done; done; done
   ;;
 trials)
   echo "== trials" | tee "$RES/trials.txt"
