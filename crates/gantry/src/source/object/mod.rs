@@ -132,6 +132,20 @@ impl Pin {
         }
     }
 
+    /// The pin [`Pin::version`] made `version` from (on Google Cloud Storage, the generation
+    /// follows the last `#`).
+    fn of_version(provider: Provider, version: Option<&str>) -> Self {
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        match (provider, version) {
+            (_, None) => Self { etag: None, generation: None },
+            (Provider::Gcs, Some(v)) => match v.rsplit_once('#') {
+                Some((etag, g)) => Self { etag: some(etag), generation: some(g) },
+                None => Self { etag: some(v), generation: None },
+            },
+            (_, Some(v)) => Self { etag: some(v), generation: None },
+        }
+    }
+
     fn of(provider: Provider, meta: &ObjectMeta) -> Self {
         let generation = meta.version.clone().filter(|_| provider == Provider::Gcs);
         Self { etag: meta.e_tag.clone(), generation }
@@ -147,12 +161,17 @@ impl Pin {
         }
     }
 
-    /// The error for a failed GET under this pin: a pinned generation not found means the
-    /// object was rewritten.
+    /// The error for a failed GET under this pin: a pinned generation not found, or an ETag
+    /// that no longer matches, means the object was rewritten since its header was read.
     fn error(&self, url: &Path, offset: u64, len: u64, e: object_store::Error) -> Error {
-        match (&e, &self.generation) {
-            (object_store::Error::NotFound { .. }, Some(g)) => {
-                changed("get", url, offset, len, &format!("its generation {g} is gone"))
+        match (&e, &self.generation, &self.etag) {
+            (object_store::Error::NotFound { .. }, Some(g), _) => {
+                let why = format!("its header was read at generation {g}, which is gone");
+                changed("get", url, offset, len, &why)
+            }
+            (object_store::Error::Precondition { .. }, _, Some(etag)) => {
+                let why = format!("its header was read at ETag {etag}, which no longer matches");
+                changed("get", url, offset, len, &why)
             }
             _ => request_error("get", url, offset, len, e),
         }
@@ -548,25 +567,57 @@ fn pinned(mut checkpoint: Checkpoint, pins: Vec<Pin>) -> Checkpoint {
     checkpoint
 }
 
-/// Opens objects `infos` for a load, their HEADs all in flight at once (one round trip for the
-/// lot, not one per file): each must still be the version (size, ETag and generation) whose
-/// header was read, or its data would not be what the header describes. One result per info,
-/// in order.
+/// Opens objects `infos` for a load: each must still be the version (size, ETag and
+/// generation) whose header was read, or its data would not be what the header describes.
+/// With `head`, or where no version was read (a store that gives no ETag), a HEAD says so
+/// before the load, all in flight at once (one round trip for the lot, not one per file): a
+/// cache needs it, to trust a copy of a version the store may have replaced. Without, every
+/// GET of the load is conditioned on the version read (`If-Match`, the generation), so a
+/// rewrite since fails the GET that meets it, naming the object, and the round trip is saved.
+/// One result per info, in order.
 pub fn open_for_load(
     infos: &[&gantry_format::FileInfo],
     options: &Options,
+    head: bool,
 ) -> Vec<Result<ObjectFile>> {
-    let paths: Vec<&Path> = infos.iter().map(|info| info.path.as_path()).collect();
-    match heads(&paths, options) {
-        Ok(heads) => {
-            infos.iter().zip(heads).map(|(info, head)| still_the_same(info, head?)).collect()
-        }
+    let asks = |info: &gantry_format::FileInfo| head || info.version.is_none();
+    let paths: Vec<&Path> =
+        infos.iter().filter(|i| asks(i)).map(|info| info.path.as_path()).collect();
+    let mut heads = match heads(&paths, options) {
+        Ok(heads) => heads.into_iter(),
         // No runtime: the same error for each.
         Err(e) => {
             let message = e.to_string();
-            infos.iter().map(|_| Err(Error::Internal(message.clone()))).collect()
+            return infos.iter().map(|_| Err(Error::Internal(message.clone()))).collect();
         }
-    }
+    };
+    let opened = |info: &&gantry_format::FileInfo| match asks(info) {
+        true => match heads.next() {
+            Some(head) => still_the_same(info, head?),
+            None => Err(Error::Internal("a HEAD went missing".into())),
+        },
+        false => as_read(info, options),
+    };
+    infos.iter().map(opened).collect()
+}
+
+/// Object `info` as its header's read saw it (its size and version), asking the store nothing.
+fn as_read(info: &gantry_format::FileInfo, options: &Options) -> Result<ObjectFile> {
+    let path = info.path.as_path();
+    let source = parse(path)?;
+    let client = client::client(&source, options)?;
+    let location = location(path, &source.key)?;
+    let Pin { etag, generation } = Pin::of_version(source.provider, info.version.as_deref());
+    Ok(ObjectFile {
+        path: path.to_path_buf(),
+        store: client.store,
+        location,
+        size: info.file_len,
+        etag,
+        generation,
+        origin: client.cache_name,
+        cache: None,
+    })
 }
 
 /// Objects `paths` as HEADs show them now, all in flight at once ([`HEADER_READS_MAX`]), in
@@ -1176,6 +1227,30 @@ mod tests {
             long.contains("s3://b/x.safetensors") && long.contains("9 bytes for a range of 8"),
             "{long}"
         );
+    }
+
+    /// A load that skips its HEAD pins its GETs to the version its header's read kept: the
+    /// same pin, on every store (an ETag with `#` in it included).
+    #[test]
+    fn a_pin_comes_back_from_its_version() {
+        let pin = |etag: Option<&str>, generation: Option<&str>| Pin {
+            etag: etag.map(str::to_owned),
+            generation: generation.map(str::to_owned),
+        };
+        let cases = [
+            (Provider::S3, pin(Some("\"abc\""), None)),
+            (Provider::S3, pin(Some("\"a#b\""), None)),
+            (Provider::Azure, pin(Some("0x8DB"), None)),
+            (Provider::Gcs, pin(Some("CJ+x"), Some("1700000000000000"))),
+            (Provider::Gcs, pin(Some("a#b"), Some("17"))),
+            (Provider::Gcs, pin(None, Some("17"))),
+            (Provider::Gcs, pin(Some("CJ+x"), None)),
+            (Provider::S3, pin(None, None)),
+        ];
+        for (provider, want) in cases {
+            let version = want.version();
+            assert_eq!(Pin::of_version(provider, version.as_deref()), want, "{version:?}");
+        }
     }
 
     #[test]

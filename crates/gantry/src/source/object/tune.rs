@@ -99,6 +99,13 @@ pub fn part_extents(measured: Option<(f64, f64)>, extent_bytes: u64, memory_part
 /// The GETs and extents per GET for parts of `extent_bytes`, at most `cap` GETs and
 /// `memory_parts` staging buffers ([`part_extents`], then [`in_flight`] for parts of that
 /// many extents, the buffers shared among them). Pure.
+///
+/// Where the buffers hold fewer such GETs than the network asks (a device load far from its
+/// store: each GET holds its buffers from the request on, idle while it waits for its first
+/// byte), the bytes in flight are fixed and the question is how to spend them: `g` GETs of
+/// `k` extents move `g x k x extent / (ttfb + k x extent / rate)` bytes per second, so more
+/// GETs of fewer extents each move more, up to the cap. The `k` (at most the one asked) whose
+/// GETs move the most is taken, the larger on a tie (fewer requests).
 pub fn choose(
     measured: Option<(f64, f64)>,
     extent_bytes: u64,
@@ -106,8 +113,23 @@ pub fn choose(
     memory_parts: usize,
 ) -> Choice {
     let extents = part_extents(measured, extent_bytes, memory_parts);
-    let part_bytes = extent_bytes.saturating_mul(extents as u64);
-    Choice { gets: in_flight(measured, part_bytes, cap, memory_parts / extents), extents }
+    let at = |k: usize| Choice {
+        gets: in_flight(measured, extent_bytes.saturating_mul(k as u64), cap, memory_parts / k),
+        extents: k,
+    };
+    let asked = at(extents);
+    let Some((ttfb_s, rate)) = measured.filter(|(t, r)| t.is_finite() && r.is_finite()) else {
+        return asked;
+    };
+    let wanted = in_flight(measured, extent_bytes.saturating_mul(extents as u64), cap, usize::MAX);
+    if asked.gets >= wanted || rate <= 0.0 {
+        return asked;
+    }
+    let moves = |c: &Choice| {
+        let part = extent_bytes.saturating_mul(c.extents as u64) as f64;
+        c.gets as f64 * part / (ttfb_s.max(0.0) + part / rate)
+    };
+    (1..extents).map(at).fold(asked, |best, c| if moves(&c) > moves(&best) { c } else { best })
 }
 
 /// GETs to keep in flight for parts of `part_bytes`, given the measured TTFB (seconds) and
@@ -334,6 +356,42 @@ mod tests {
     }
 
     #[test]
+    fn staging_bound_loads_spend_their_buffers_on_more_gets() {
+        // (ttfb ms, connection MB/s, extent, cap, memory parts, chosen)
+        let cases = [
+            // A GPU load 80 ms away, 32 buffers of 16 MiB: 32 GETs of one, not 16 of two.
+            (80.0, 500.0, 16 * MIB, 64, 32, Choice { gets: 32, extents: 1 }),
+            // ... with the cap at 16: the cap binds first, so parts of two as before.
+            (80.0, 500.0, 16 * MIB, 16, 32, Choice { gets: 16, extents: 2 }),
+            // Host loads (no staging bound): parts as latency asks.
+            (80.0, 500.0, 16 * MIB, 64, usize::MAX, Choice { gets: 26, extents: 4 }),
+            // Loopback: the buffers are not what binds.
+            (3.0, 500.0, 16 * MIB, 64, 32, Choice { gets: 18, extents: 1 }),
+        ];
+        for (ms, mb, extent, cap, memory, want) in cases {
+            let got = choose(Some((ms / 1e3, mb * 1e6)), extent, cap, memory);
+            assert_eq!(got, want, "{ms} ms, {mb} MB/s, cap {cap}, memory {memory}");
+            assert!(got.gets * got.extents <= memory && got.gets <= cap, "{got:?}");
+        }
+        // Whatever the latency, GETs x extents stay within the buffers, and a staging-bound
+        // load never moves less (by the model) than the parts latency asks would.
+        for ms in [0.0, 1.0, 20.0, 80.0, 300.0] {
+            for memory in [2, 8, 32, 64] {
+                let (m, r) = (Some((ms / 1e3, 400e6)), 400e6);
+                let c = choose(m, 8 * MIB, 48, memory);
+                assert!(c.gets * c.extents <= memory.max(1), "{ms} ms {memory}: {c:?}");
+                let k = part_extents(m, 8 * MIB, memory);
+                let asked = in_flight(m, 8 * MIB * k as u64, 48, memory / k);
+                let rate = |g: usize, k: usize| {
+                    let part = (8 * MIB * k as u64) as f64;
+                    g as f64 * part / (ms / 1e3 + part / r)
+                };
+                assert!(rate(c.gets, c.extents) >= rate(asked, k), "{ms} ms {memory}: {c:?}");
+            }
+        }
+    }
+
+    #[test]
     fn net_measures_means() {
         let net = Net::new(16 * MIB, 64, 64);
         assert_eq!(net.report(), None);
@@ -354,9 +412,9 @@ mod tests {
         far.record(0.090, 90_000_000, 1.0);
         let r = far.report().unwrap();
         assert_eq!((r.in_flight, r.part_bytes), (20, 32 * MIB), "{r:?}");
-        // Staging for 32 extents: as many GETs of two as fit.
+        // Staging for 32 extents: 16 GETs of two would fit, 24 of one move more.
         let near = Net::new(16 * MIB, 64, 32);
         near.record(0.090, 90_000_000, 1.0);
-        assert_eq!(near.target(), Choice { gets: 16, extents: 2 });
+        assert_eq!(near.target(), Choice { gets: 24, extents: 1 });
     }
 }
