@@ -318,6 +318,8 @@ fn object_storage_against_seaweedfs() {
     let result = Loader::new(Config::default()).unwrap().load_with(checkpoint, |_| true, |_| {});
     let e = result.map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("its header was read at") && e.contains("big.safetensors"), "{e}");
+    // No HEAD before a load without a cache: the first GET (If-Match) finds it.
+    assert!(e.contains("which no longer matches"), "{e}");
 
     // Wrong credentials: an error, and the secret is nowhere in it.
     std::env::set_var("AWS_SECRET_ACCESS_KEY", "not-the-secret");

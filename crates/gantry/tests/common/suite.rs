@@ -227,6 +227,18 @@ pub fn rewritten_after_open(store: &impl Store, dir: &Path, config: &Config) {
     let e = result.map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("changed") && e.contains("opened.safetensors"), "{e}");
     assert!(e.contains("its header was read at"), "{e}");
+    // Without a cache no HEAD asks first: the load's first GET, conditioned on the version
+    // read, finds the change.
+    assert!(e.contains("which no longer matches") || e.contains("which is gone"), "{e}");
+    // With a cache, a HEAD before the load does (a copy is trusted as a HEAD shows it now).
+    store.put("opened.safetensors", &a);
+    let checkpoint = gantry::open_with(store.url("opened.safetensors"), config).unwrap();
+    store.put("opened.safetensors", &b);
+    let cached = config.clone().cache_dir(dir.join("rewritten-after-open-cache"));
+    let result = Loader::new(cached).unwrap().load_with(checkpoint, |_| true, |_| {});
+    let e = result.map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("changed") && e.contains("opened.safetensors"), "{e}");
+    assert!(e.contains("its header was read at") && e.contains("now"), "{e}");
 }
 
 /// The cache: the first load writes each object through, the next reads the copies locally;
