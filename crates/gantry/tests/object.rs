@@ -251,6 +251,7 @@ fn object_storage_against_seaweedfs() {
     let s3 = S3(Box::new(server.store(BUCKET)));
     suite::odd_keys(&s3, dir.path(), &Config::default());
     suite::header_lengths(&s3, dir.path(), &Config::default(), SECRET_KEY);
+    suite::rewritten_after_open(&s3, dir.path(), &Config::default());
 
     // Config options override the environment: with AWS_ENDPOINT_URL pointing nowhere, the
     // endpoint given in the config reaches the store.

@@ -157,7 +157,8 @@ impl Loader {
         volumes.len() - 1
     }
 
-    /// Opens object `info` for a load (`object`: as a HEAD shows it now): from the cache when
+    /// Opens object `info` for a load (`object`: as a HEAD shows it now where there is a
+    /// cache, else as its header's read saw it): from the cache when
     /// it holds a trusted copy of that version (read as a local file, each extent checked
     /// against the copy's record), else from the store (written through to the cache when
     /// there is one).

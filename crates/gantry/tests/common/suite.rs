@@ -239,6 +239,22 @@ pub fn rewritten_after_open(store: &impl Store, dir: &Path, config: &Config) {
     let e = result.map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("changed") && e.contains("opened.safetensors"), "{e}");
     assert!(e.contains("its header was read at") && e.contains("now"), "{e}");
+    // A caller's checkpoint whose version pins nothing (empty, `*`) gets its HEAD back, and a
+    // wrong length is caught by the first GET's answer: an error, never the new bytes.
+    for forged in ["", "*"] {
+        store.put("opened.safetensors", &a);
+        let mut checkpoint = gantry::open_with(store.url("opened.safetensors"), config).unwrap();
+        checkpoint.files[0].version = Some(forged.to_owned());
+        store.put("opened.safetensors", &b);
+        let result = Loader::new(config.clone()).unwrap().load_with(checkpoint, |_| true, |_| {});
+        let e = result.map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("changed") && e.contains("opened.safetensors"), "{forged:?}: {e}");
+    }
+    let mut checkpoint = gantry::open_with(store.url("opened.safetensors"), config).unwrap();
+    checkpoint.files[0].file_len += 4096;
+    let result = Loader::new(config.clone()).unwrap().load_with(checkpoint, |_| true, |_| {});
+    let e = result.map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("bytes") && e.contains("opened.safetensors"), "{e}");
 }
 
 /// The cache: the first load writes each object through, the next reads the copies locally;

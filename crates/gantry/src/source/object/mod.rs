@@ -6,9 +6,11 @@
 //! else its `*.safetensors`); a key ending in `.json` is an index. A file's header comes from
 //! one ranged GET of its first bytes (its size and version from the same answer), a second
 //! for a header longer than that. At load time every part is a
-//! ranged GET conditioned on the ETag seen when the load opened the object, and on Google
-//! Cloud Storage also pinned to its generation, so an object rewritten during a load is an
-//! error, never a mix of two versions; each part lands in a staging buffer of the ring and
+//! ranged GET conditioned on the ETag its header was read at (or a HEAD before the load saw,
+//! where a cache needs one), and on Google Cloud Storage also pinned to its generation, and
+//! each answer's ETag and size are checked against them (a store that ignores `If-Match`
+//! included), so an object rewritten since is an error, never a mix of two versions; each
+//! part lands in a staging buffer of the ring and
 //! goes through the same copy steps as a local read, so memory stays bounded by the ring.
 //!
 //! A key is what the store holds, byte for byte: the one from the URL as written (see
@@ -132,18 +134,47 @@ impl Pin {
         }
     }
 
-    /// The pin [`Pin::version`] made `version` from (on Google Cloud Storage, the generation
-    /// follows the last `#`).
+    /// The pin [`Pin::version`] made `version` from (on Google Cloud Storage, the generation,
+    /// all digits, follows the last `#`).
     fn of_version(provider: Provider, version: Option<&str>) -> Self {
         let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        let generation = |g: &str| !g.is_empty() && g.bytes().all(|b| b.is_ascii_digit());
         match (provider, version) {
             (_, None) => Self { etag: None, generation: None },
             (Provider::Gcs, Some(v)) => match v.rsplit_once('#') {
-                Some((etag, g)) => Self { etag: some(etag), generation: some(g) },
-                None => Self { etag: some(v), generation: None },
+                Some((etag, g)) if generation(g) => Self { etag: some(etag), generation: some(g) },
+                _ => Self { etag: some(v), generation: None },
             },
             (_, Some(v)) => Self { etag: some(v), generation: None },
         }
+    }
+
+    /// Whether GETs under this pin fail once the object is rewritten: a generation, or one
+    /// ETag (not empty, not `*`, not a list, each of which `If-Match` takes for any object or
+    /// for more than one).
+    fn binds(&self) -> bool {
+        let one_etag = |e: &String| !e.is_empty() && e != "*" && !e.contains(',');
+        self.generation.is_some() || self.etag.as_ref().is_some_and(one_etag)
+    }
+
+    /// `Err` naming `url` when a GET's answer (`meta`) is not of the version pinned or not
+    /// `size` bytes long: a store that ignores `If-Match`, or a size the caller got wrong,
+    /// never lands another version's bytes.
+    fn check(&self, url: &Path, offset: u64, len: u64, size: u64, meta: &ObjectMeta) -> Result<()> {
+        fn etag(e: &Option<String>) -> Option<&str> {
+            e.as_deref().map(|e| e.trim_start_matches("W/"))
+        }
+        let why = match (etag(&self.etag), etag(&meta.e_tag)) {
+            (Some(read), Some(now)) if read != now => {
+                format!("its header was read at ETag {read}, this GET answered with ETag {now}")
+            }
+            _ if meta.size != size => format!(
+                "its header was read from {size} bytes, this GET answered for {} bytes",
+                meta.size
+            ),
+            _ => return Ok(()),
+        };
+        Err(changed("get", url, offset, len, &why))
     }
 
     fn of(provider: Provider, meta: &ObjectMeta) -> Self {
@@ -499,7 +530,8 @@ fn is_final(e: &object_store::Error) -> bool {
     )
 }
 
-/// An object opened for a load: its size and ETag as the load saw them.
+/// An object opened for a load: its size and ETag as its header's read (or a HEAD before the
+/// load) saw them.
 #[derive(Debug, Clone)]
 pub struct ObjectFile {
     /// `s3://bucket/key` (`gs://`, `az://`, ...), for errors.
@@ -580,7 +612,10 @@ pub fn open_for_load(
     options: &Options,
     head: bool,
 ) -> Vec<Result<ObjectFile>> {
-    let asks = |info: &gantry_format::FileInfo| head || info.version.is_none();
+    let asks = |info: &gantry_format::FileInfo| {
+        head || !parse(&info.path)
+            .is_ok_and(|s| Pin::of_version(s.provider, info.version.as_deref()).binds())
+    };
     let paths: Vec<&Path> =
         infos.iter().filter(|i| asks(i)).map(|info| info.path.as_path()).collect();
     let mut heads = match heads(&paths, options) {
@@ -874,6 +909,7 @@ async fn fetch_into(
             Ok(r) => r,
             Err(e) => return Err(pin.error(&file.path, offset + start, len - start, e)),
         };
+        pin.check(&file.path, offset + start, len - start, file.size, &result.meta)?;
         let answered = std::time::Instant::now();
         let mut body = result.into_stream();
         let mut broke = None;
@@ -992,8 +1028,16 @@ async fn known_digest(object: &ObjectFile) -> Result<std::result::Result<Known, 
     let result = object.store.get_opts(&object.location, pin.get(0..1)).await;
     let result = match result {
         Ok(result) => result,
+        // The object changed since its header was read: the load's error, not a missing digest.
+        Err(e @ object_store::Error::Precondition { .. }) => {
+            return Err(pin.error(&object.path, 0, 1, e))
+        }
+        Err(e @ object_store::Error::NotFound { .. }) if pin.generation.is_some() => {
+            return Err(pin.error(&object.path, 0, 1, e))
+        }
         Err(e) => return Ok(Err(pin.error(&object.path, 0, 1, e).to_string())),
     };
+    pin.check(&object.path, 0, 1, object.size, &result.meta)?;
     let meta = result.attributes.get(&Attribute::Metadata(key.into()));
     if let Some(digest) = meta.and_then(|v| integrity::from_hex(v.as_ref())) {
         let source = format!("its object metadata '{key}'");
@@ -1245,11 +1289,18 @@ mod tests {
             (Provider::Gcs, pin(Some("a#b"), Some("17"))),
             (Provider::Gcs, pin(None, Some("17"))),
             (Provider::Gcs, pin(Some("CJ+x"), None)),
+            (Provider::Gcs, pin(Some("a#b"), None)),
             (Provider::S3, pin(None, None)),
         ];
         for (provider, want) in cases {
             let version = want.version();
             assert_eq!(Pin::of_version(provider, version.as_deref()), want, "{version:?}");
+        }
+        // Only a pin that a rewrite fails lets a load skip its HEAD.
+        let binds = |v: Option<&str>| Pin::of_version(Provider::S3, v).binds();
+        assert!(binds(Some("\"abc\"")) && Pin::of_version(Provider::Gcs, Some("#17")).binds());
+        for v in [None, Some(""), Some("*"), Some("\"a\", \"b\"")] {
+            assert!(!binds(v), "{v:?}");
         }
     }
 

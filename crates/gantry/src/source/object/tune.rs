@@ -105,7 +105,8 @@ pub fn part_extents(measured: Option<(f64, f64)>, extent_bytes: u64, memory_part
 /// byte), the bytes in flight are fixed and the question is how to spend them: `g` GETs of
 /// `k` extents move `g x k x extent / (ttfb + k x extent / rate)` bytes per second, so more
 /// GETs of fewer extents each move more, up to the cap. The `k` (at most the one asked) whose
-/// GETs move the most is taken, the larger on a tie (fewer requests).
+/// GETs move the most is taken (of at most [`CHOICES_MAX`] counts weighed), the larger on a
+/// tie (fewer requests).
 pub fn choose(
     measured: Option<(f64, f64)>,
     extent_bytes: u64,
@@ -129,8 +130,17 @@ pub fn choose(
         let part = extent_bytes.saturating_mul(c.extents as u64) as f64;
         c.gets as f64 * part / (ttfb_s.max(0.0) + part / rate)
     };
-    (1..extents).map(at).fold(asked, |best, c| if moves(&c) > moves(&best) { c } else { best })
+    // Fewer extents each, from the asked count down (so a tie keeps the larger), at most
+    // CHOICES_MAX of them spread over the range, the one that just fills the buffers at the
+    // cap among them: the choice runs before every GET.
+    let step = extents.div_ceil(CHOICES_MAX).max(1);
+    let fills = (memory_parts / cap.max(1)).clamp(1, extents);
+    let smaller = (1..extents).rev().step_by(step).chain([fills, 1]).filter(|&k| k < extents);
+    smaller.map(at).fold(asked, |best, c| if moves(&c) > moves(&best) { c } else { best })
 }
+
+/// Most extents-per-GET counts [`choose`] weighs.
+const CHOICES_MAX: usize = 64;
 
 /// GETs to keep in flight for parts of `part_bytes`, given the measured TTFB (seconds) and
 /// per-connection rate (bytes per second), at most `cap` and `memory_parts` (staging buffers
@@ -372,6 +382,14 @@ mod tests {
             let got = choose(Some((ms / 1e3, mb * 1e6)), extent, cap, memory);
             assert_eq!(got, want, "{ms} ms, {mb} MB/s, cap {cap}, memory {memory}");
             assert!(got.gets * got.extents <= memory && got.gets <= cap, "{got:?}");
+        }
+        // Odd inputs: no panic, at least one GET, within the buffers and the cap.
+        for (t, r) in [(0.0, 0.0), (f64::INFINITY, 1e9), (1.0, f64::INFINITY), (-1.0, -1.0)] {
+            for (extent, cap, memory) in [(0, 0, 0), (1, usize::MAX, usize::MAX), (4096, 64, 64)] {
+                let c = choose(Some((t, r)), extent, cap, memory);
+                assert!(c.gets >= 1 && c.extents >= 1, "{t} {r} {extent} {cap} {memory}: {c:?}");
+                assert!(c.gets <= cap.max(1) && c.gets * c.extents <= memory.max(1), "{c:?}");
+            }
         }
         // Whatever the latency, GETs x extents stay within the buffers, and a staging-bound
         // load never moves less (by the model) than the parts latency asks would.
