@@ -250,6 +250,14 @@ pub fn rewritten_after_open(store: &impl Store, dir: &Path, config: &Config) {
         let e = result.map(|_| ()).unwrap_err().to_string();
         assert!(e.contains("changed") && e.contains("opened.safetensors"), "{forged:?}: {e}");
     }
+    // A verified load that must find a digest: the rewrite is its error, not a missing digest.
+    store.put("opened.safetensors", &a);
+    let checkpoint = gantry::open_with(store.url("opened.safetensors"), config).unwrap();
+    store.put("opened.safetensors", &b);
+    let required = config.clone().verify_sha256(true).require_sha256(true);
+    let result = Loader::new(required).unwrap().load_with(checkpoint, |_| true, |_| {});
+    let e = result.map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("changed") && !e.contains("SHA256SUMS"), "{e}");
     let mut checkpoint = gantry::open_with(store.url("opened.safetensors"), config).unwrap();
     checkpoint.files[0].file_len += 4096;
     let result = Loader::new(config.clone()).unwrap().load_with(checkpoint, |_| true, |_| {});
