@@ -1,7 +1,9 @@
 // How fast this machine faults in fresh anonymous memory: the cost a host load into new
 // memory pays before its bytes can land (gantry's `Populate` runs MADV_POPULATE_WRITE on a
 // quarter of the cores ahead of the readers).
-// Usage: fault_rate GIB THREADS [4k|thp]   (prints one line: GB/s)
+// Usage: fault_rate GIB THREADS [4k|thp|copy]   (prints one line: GB/s)
+// `copy`: instead, memcpy between two buffers already faulted in, GIB each, split across
+// THREADS (the machine's memory bandwidth for the copies a load makes: bytes copied per second).
 // Build: cc -O2 -pthread -static -o fault_rate fault_rate.c
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -18,6 +20,14 @@
 static char *base;
 static size_t len, chunk = 1 << 20;
 static int threads;
+static char *from;
+
+static void *copy_lane(void *arg) {
+  long k = (long)arg;
+  size_t share = len / threads, at = (size_t)k * share;
+  memcpy(base + at, from + at, k == threads - 1 ? len - at : share);
+  return NULL;
+}
 
 static void *lane(void *arg) {
   long k = (long)arg;
@@ -39,12 +49,40 @@ int main(int argc, char **argv) {
   len = (size_t)(atof(argv[1]) * (1 << 30));
   threads = atoi(argv[2]);
   int thp = argc > 3 && strcmp(argv[3], "thp") == 0;
+  int copy = argc > 3 && strcmp(argv[3], "copy") == 0;
+  if (threads < 1 || threads > 256) {
+    fprintf(stderr, "THREADS: 1 to 256\n");
+    return 2;
+  }
   base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (base == MAP_FAILED) {
     perror("mmap");
     return 1;
   }
   madvise(base, len, thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+  if (copy) {
+    from = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (from == MAP_FAILED) {
+      perror("mmap");
+      return 1;
+    }
+    memset(base, 1, len);
+    memset(from, 2, len);
+    double best = 0;
+    for (int pass = 0; pass < 3; pass++) {
+      struct timespec a, b;
+      pthread_t t[256];
+      clock_gettime(CLOCK_MONOTONIC, &a);
+      for (long k = 0; k < threads; k++) pthread_create(&t[k], NULL, copy_lane, (void *)k);
+      for (long k = 0; k < threads; k++) pthread_join(t[k], NULL);
+      clock_gettime(CLOCK_MONOTONIC, &b);
+      double s = (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9;
+      if (len / s / 1e9 > best) best = len / s / 1e9;
+    }
+    printf("copy %d threads: %.2f GB/s (best of 3, %.2f GiB)\n", threads, best,
+           len / (double)(1 << 30));
+    return 0;
+  }
   struct timespec t0, t1;
   clock_gettime(CLOCK_MONOTONIC, &t0);
   pthread_t t[256];

@@ -58,8 +58,10 @@
 # ROUNDS (3), PROFILES (all four), TOOLS (default "ceiling gantry before gpu s5cmd runai
 # runai-gpu"; gpu and runai-gpu only with DEVICE, before only with BASELINE; v-NAME: the gantry
 # load (into host memory unless a --device=... is given) with the environment and `load`
-# options VARIANTS gives NAME, VARIANTS="NAME:VAR=X[,--option=Y] ..."), NETNS (0: no
-# namespace, the fallback above), RACE_TIMEOUT (seconds one race may take, 300: a race past it
+# options VARIANTS gives NAME, VARIANTS="NAME:VAR=X[,--option=Y] ...", @OUT@ in them the race's
+# own path less its extension, e.g. gt:--device=cuda:0,--trace=@OUT@.trace.json), NETNS (0: no
+# namespace, the fallback above; p-gantry, p-gpu, p-v-NAME: that tool under
+# thread_sampler.py, its threads' states and kernel stacks beside its JSON), RACE_TIMEOUT (seconds one race may take, 300: a race past it
 # is killed and counts as failed), CURL (default curl on PATH; empty: a Python uploader signs
 # the uploads), OUT (logs and JSON, default a temp dir).
 set -u
@@ -209,6 +211,7 @@ sys.exit(None if torch.cuda.is_available() else f"torch {torch.__version__} sees
       fi ;;
     ceiling|gantry) ;;
     v-*) grep -qE "(^| )${t#v-}:" <<< "${VARIANTS:-}" || { echo "$t left out: VARIANTS names no ${t#v-}"; continue; } ;;
+    p-gantry|p-gpu|p-v-*) ;;
     *) echo "unknown tool $t"; exit 1 ;;
   esac
   KEEP="$KEEP $t"
@@ -390,14 +393,17 @@ race() {
   local out=$OUT/$1-$2-$3 t0 t1 rc
   local T="timeout -k 10 $RACE_TIMEOUT" cpu0
   cpu0=$(head -n 1 /proc/stat)
-  case $1 in
+  # p-TOOL: TOOL (gantry, gpu, v-NAME) under thread_sampler.py, its threads' states, CPU times
+  # and kernel stacks in $out.threads (the sampling costs a core: not a rate to compare).
+  case $1 in p-*) T="$T python3 $(dirname $0)/thread_sampler.py $out.threads --" ;; esac
+  case ${1#p-} in
     ceiling) $T $G bench $SRC --device cpu --repeat 1 --json >$out.bench 2>$out.err; rc=$?
       [ $rc = 0 ] && python3 -c 'import json,sys; b=json.load(open(sys.argv[1])); print(json.dumps({"gb_per_s": b["median_ceiling_gb_per_s"], "bench_gantry_gb_per_s": b["median_gantry_gb_per_s"]}))' $out.bench >$out.json ;;
     gantry) $T $G load $SRC --device cpu --json >$out.json 2>$out.err; rc=$? ;;
     gpu) $T $G load $SRC --device $DEVICE --json >$out.json 2>$out.err; rc=$? ;;
     before) $T $BASELINE load $SRC --device cpu --json >$out.json 2>$out.err; rc=$? ;;
-    v-*) local v e=() a=(); v=$(tr ' ' '\n' <<< "$VARIANTS" | sed -n "s/^${1#v-}://p" | tr ',' ' ')
-      for x in $v; do case $x in --*) a+=("$x") ;; *) e+=("$x") ;; esac; done
+    v-*) local v e=() a=(); v=$(tr ' ' '\n' <<< "$VARIANTS" | sed -n "s/^${1#*v-}://p" | tr ',' ' ')
+      for x in $v; do x=${x//@OUT@/$out}; case $x in --*) a+=("$x") ;; *) e+=("$x") ;; esac; done
       case " ${a[*]} " in *" --device="*) ;; *) a+=(--device=cpu) ;; esac
       env "${e[@]}" $T $G load $SRC "${a[@]}" --json >$out.json 2>$out.err; rc=$? ;;
     s5cmd)
@@ -486,7 +492,7 @@ for p in profiles:
     e2e = med(d["bytes"] / d["total_seconds"] / 1e9 for d in g)
     for t in shown:
         r = runs(t, p)
-        if t in ("gantry", "gpu", "before") or t.startswith("v-"):
+        if t in ("gantry", "gpu", "before") or t.startswith(("v-", "p-")):
             cells.append(f"{fmt(med(d['gb_per_s'] for d in r))} / {fmt(med(d['bytes'] / d['total_seconds'] / 1e9 for d in r))}")
         else:
             cells.append(fmt(med(d["gb_per_s"] for d in r)))

@@ -21,6 +21,7 @@
 #   fault   the pack's bin/fault_rate: fresh memory faulted in with MADV_POPULATE_WRITE, 4 GiB,
 #           1, 4, 8 and 16 threads, transparent huge pages and 4 KiB pages, two passes (what a host
 #           load into new memory pays before its bytes land), and the machine's THP settings;
+#           then memcpy between buffers faulted in, 2 GiB, 1 to 16 threads (memory bandwidth);
 #   trials  the GPU trials named in TRIALS (default: the live server's device copies and the
 #           C server on a GPU), with GANTRY_REQUIRE_GPU=1.
 set -u
@@ -87,6 +88,8 @@ fault)
     echo -n "pass $pass: " | tee -a "$RES/fault.txt"
     timeout 30 $N/bin/fault_rate 4 $t $m 2>&1 | tee -a "$RES/fault.txt"
   done; done; done
+  # The memory bandwidth the load's copies share (bytes copied per second, buffers faulted in).
+  for t in 1 4 8 16; do timeout 60 $N/bin/fault_rate 2 $t copy 2>&1 | tee -a "$RES/fault.txt"; done
   ;;
 trials)
   echo "== trials" | tee "$RES/trials.txt"

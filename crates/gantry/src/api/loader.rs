@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use crate::config::{Config, Settings};
 use crate::cuda::{CudaDevice, HostBuffer, PinnedHost};
 use crate::engine::pipeline::{self, Files, Identity, Jobs, Reader, Staging, Volume};
-use crate::engine::sink::host::{file_buffer_layout, HostSink, Populate};
+use crate::engine::sink::host::{file_buffer_layout, HostSink};
 use crate::engine::sink::Sink;
 use crate::engine::staging::{Arena, Pool};
 use crate::error::{Error, Result};
@@ -309,36 +309,13 @@ impl Loader {
         buffers: &mut [HostBuffer],
         on_ready: &mut dyn FnMut(Ready<'_>),
     ) -> Result<LoadReport> {
-        // Object loads write fresh buffers from the client's runtime workers: their memory
-        // is faulted in ahead of the GETs, off the connections' path (see `Populate`).
-        let remote = checkpoint.files.iter().any(|f| crate::is_object_source(&f.path));
         let mut sink = HostSink::for_file_buffers(checkpoint, wanted, buffers);
-        // Only the wanted tensors' pages: a filtered load of a huge file touches no more.
-        let ranges = match remote {
-            true => sink.destination_pages(),
-            false => Vec::new(),
-        };
         let views = sink.views();
-        let stop = std::sync::atomic::AtomicBool::new(false);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let populate = Populate {
-            chunk_bytes: self.config.object_part(),
-            threads: Populate::threads_for(cores),
-        };
-        std::thread::scope(|s| {
-            if !ranges.is_empty() {
-                // SAFETY: the buffers stay mapped until this scope ends (`buffers` is borrowed
-                // for the whole call).
-                s.spawn(|| unsafe { populate.run(&ranges, &stop) });
-            }
-            let report = self.run_tensors(checkpoint, wanted, &mut sink, None, &mut |i| {
-                // SAFETY: `run` reports a tensor only once all of its steps have landed, and
-                // the buffers outlive this call.
-                let bytes = unsafe { views.bytes(i) };
-                on_ready(Ready { index: i, entry: &checkpoint.tensors[i], bytes });
-            });
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            report
+        self.run_tensors(checkpoint, wanted, &mut sink, None, &mut |i| {
+            // SAFETY: `run` reports a tensor only once all of its steps have landed, and the
+            // buffers outlive this call.
+            let bytes = unsafe { views.bytes(i) };
+            on_ready(Ready { index: i, entry: &checkpoint.tensors[i], bytes });
         })
     }
 
@@ -850,58 +827,6 @@ fn finish_cache(files: &mut Files) -> std::collections::HashMap<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Pre-faulting covers the pages the wanted tensors occupy and nothing else (a filtered
-    /// load of a huge file must not commit its whole buffer), joined where they touch.
-    #[test]
-    fn only_the_wanted_tensors_pages_are_populated() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.safetensors");
-        let lens = [10_000usize, 50_000, 8_192, 100_000];
-        let data: Vec<Vec<u8>> = lens.iter().map(|&n| vec![1u8; n]).collect();
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                let view =
-                    safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![d.len()], d)
-                        .unwrap();
-                (format!("t{i}"), view)
-            })
-            .collect();
-        safetensors::serialize_to_file(views, None, &path).unwrap();
-        let checkpoint = Checkpoint::open(&path).unwrap();
-        let h = &checkpoint.files[0].header;
-        let (lead, len) = file_buffer_layout(h.data_offset, h.data_len);
-        let mut buffers = vec![HostBuffer::new(len as usize).unwrap()];
-        let base = buffers[0].as_mut_ptr() as usize;
-        let file_start = h.data_offset - lead;
-        let span = |name: &str| {
-            let t = checkpoint.tensors.iter().find(|t| t.name == name).unwrap();
-            let at = t.offset - file_start;
-            (at / 4096 * 4096, (at + t.len).next_multiple_of(4096).min(len))
-        };
-        let wanted: Vec<bool> = checkpoint.tensors.iter().map(|t| t.name != "t1").collect();
-        let got =
-            HostSink::for_file_buffers(&checkpoint, &wanted, &mut buffers).destination_pages();
-        let mut want: Vec<(u64, u64)> = ["t0", "t2", "t3"].iter().map(|n| span(n)).collect();
-        want.sort_unstable();
-        let mut joined: Vec<(usize, usize)> = Vec::new();
-        for (start, end) in want {
-            match joined.last_mut() {
-                Some(last) if (last.0 + last.1) as u64 >= base as u64 + start => {
-                    last.1 = (base as u64 + end) as usize - last.0
-                }
-                _ => joined.push((base + start as usize, (end - start) as usize)),
-            }
-        }
-        assert_eq!(got, joined);
-        let covered: usize = got.iter().map(|r| r.1).sum();
-        assert!(covered < len as usize, "t1's own pages are left alone: {got:?} of {len}");
-        let none =
-            HostSink::for_file_buffers(&checkpoint, &[false; 4], &mut buffers).destination_pages();
-        assert!(none.is_empty(), "{none:?}");
-    }
 
     /// A rank's loader reads only its pieces (no gap reads) and fills no cache copy, which
     /// would take whole objects (world times the reads across the ranks).

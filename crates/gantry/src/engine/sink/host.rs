@@ -7,8 +7,6 @@
 //! cannot express that; the plan can: extents never overlap, and a tensor is read only after
 //! all of its steps are done.
 
-use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 
 use gantry_format::Checkpoint;
@@ -77,33 +75,6 @@ impl HostSink {
             })
             .collect();
         Self { tensors, files }
-    }
-
-    /// The pages the tensors' destinations occupy, as `(address, length)` ranges in address
-    /// order, touching ones joined: all a load writes (for file buffers, whose mappings are
-    /// page-aligned and whole pages long, every range lies inside a buffer).
-    pub fn destination_pages(&self) -> Vec<(usize, usize)> {
-        const PAGE: usize = 4096;
-        let mut pages: Vec<(usize, usize)> = self
-            .tensors
-            .iter()
-            .filter(|(ptr, len)| !ptr.is_null() && *len > 0)
-            .map(|&(ptr, len)| {
-                let at = ptr as usize;
-                (at / PAGE * PAGE, (at + len).next_multiple_of(PAGE))
-            })
-            .collect();
-        pages.sort_unstable();
-        let mut ranges: Vec<(usize, usize)> = Vec::with_capacity(pages.len());
-        for (start, end) in pages {
-            match ranges.last_mut() {
-                Some(last) if last.0 + last.1 >= start => {
-                    last.1 = end.max(last.0 + last.1) - last.0
-                }
-                _ => ranges.push((start, end - start)),
-            }
-        }
-        ranges
     }
 
     /// Destinations the caller supplies per tensor; `None` skips the tensor. Each slice must
@@ -229,102 +200,6 @@ unsafe fn copy_step(source: &[u8], s: &CopyStep, ptr: *mut u8, len: u64) {
     };
 }
 
-/// Fresh destination memory faulted in ahead of the readers, from a thread of its own.
-///
-/// A new file buffer is mapped but not yet backed: the first write to each of its pages
-/// takes a page fault that zeroes the page (and, under memory pressure, reclaims or compacts
-/// memory for it). Object reads copy each body chunk into the buffer on the client's runtime
-/// workers, so without this every fault stalls the connections those workers serve; on a
-/// virtual machine whose host backs guest memory lazily a fault costs far more than the
-/// zeroing (fresh memory faults in at 0.5-1.9 GB/s on the 2-core development machine, about
-/// its loopback store's rate). `MADV_POPULATE_WRITE` (Linux 5.14) faults pages in writable
-/// without reading or writing a byte, so it can run while readers write the same pages; on a
-/// kernel without it the readers fault as before.
-///
-/// One thread faults in at most a core's worth of memory per second (on the 16-core GPU
-/// machine, 3-5 GB/s, below what its loopback store serves), so the chunks are dealt
-/// round-robin to [`Populate::threads`] threads.
-#[derive(Debug, Clone, Copy)]
-pub struct Populate {
-    /// Bytes faulted in per call, file after file, so that every file is ahead in turn (the
-    /// object reader interleaves the files' parts alike).
-    pub chunk_bytes: usize,
-    /// Threads faulting at once ([`Populate::threads_for`]); chunk `k` of the walk goes to
-    /// thread `k mod threads`.
-    pub threads: usize,
-}
-
-impl Populate {
-    /// Threads for a machine of `cores`: half of them, one to eight (on two cores, one
-    /// thread). On the 16-core GPU machine fresh memory in 2 MiB pages faults in at 3-5 GB/s
-    /// on one thread, 11-15 on four and 18 on eight (16 is slower again), and a 4.29 GB
-    /// loopback load into host memory read 0.55x its ceiling with eight threads against 0.51x
-    /// with four (0.70x against 0.55x at 20 ms, 0.94x against 0.86x at 80 ms;
-    /// `benches/README.md`) while a third of the cores stayed idle.
-    pub fn threads_for(cores: usize) -> usize {
-        (cores / 2).clamp(1, 8)
-    }
-
-    /// Faults in `buffers` (page-aligned `(address, length)` of live mappings) chunk by chunk,
-    /// across the buffers in turn, on [`Populate::threads`] scoped threads, until done or
-    /// `stop` is set.
-    ///
-    /// # Safety
-    /// Each range must stay mapped until this returns.
-    pub unsafe fn run(self, buffers: &[(usize, usize)], stop: &AtomicBool) {
-        let threads = self.threads.max(1);
-        std::thread::scope(|s| {
-            for lane in 1..threads {
-                // SAFETY: the caller's contract holds for every lane (they return before
-                // this scope ends).
-                s.spawn(move || unsafe { self.lane(buffers, stop, lane, threads) });
-            }
-            // SAFETY: as above.
-            unsafe { self.lane(buffers, stop, 0, threads) }
-        })
-    }
-
-    /// The chunks `lane`, `lane + lanes`, ... of the walk over `buffers`.
-    ///
-    /// # Safety
-    /// As [`Populate::run`].
-    unsafe fn lane(self, buffers: &[(usize, usize)], stop: &AtomicBool, lane: usize, lanes: usize) {
-        let chunk = self.chunk_bytes.next_multiple_of(4096).max(4096);
-        let longest = buffers.iter().map(|b| b.1).max().unwrap_or(0);
-        let mut at = 0;
-        let mut k = 0usize;
-        while at < longest {
-            for &(base, len) in buffers.iter().filter(|b| at < b.1) {
-                k += 1;
-                if (k - 1) % lanes != lane {
-                    continue;
-                }
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                // SAFETY: inside a mapping that stays mapped (the caller's contract); the
-                // advice changes no byte, so readers writing the same pages are unaffected.
-                let done = unsafe {
-                    libc::madvise((base + at) as *mut libc::c_void, chunk.min(len - at), POPULATE)
-                };
-                if done != 0 {
-                    // EINVAL: a kernel before 5.14. Anything else (ENOMEM, EFAULT) is left for
-                    // the readers' own faults to report.
-                    log::debug!(
-                        "populating destination memory stopped: {}",
-                        io::Error::last_os_error()
-                    );
-                    return;
-                }
-            }
-            at += chunk;
-        }
-    }
-}
-
-/// `MADV_POPULATE_WRITE`.
-const POPULATE: libc::c_int = 23;
-
 /// Destinations of a placed load ([`crate::plan::placement::Layout`]): one buffer per destination,
 /// each atom copied to every place that takes its bytes.
 #[derive(Debug)]
@@ -394,58 +269,5 @@ unsafe fn copy_piece(source: &[u8], piece: &crate::plan::placement::Piece, ptr: 
                 width,
             )
         };
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Pages of `len` bytes at `base` the kernel says are resident (`mincore`).
-    fn resident(base: usize, len: usize) -> usize {
-        let mut pages = vec![0u8; len.div_ceil(4096)];
-        // SAFETY: `base..base + len` is a live mapping; `pages` has a byte per page.
-        let rc = unsafe { libc::mincore(base as *mut libc::c_void, len, pages.as_mut_ptr()) };
-        assert_eq!(rc, 0, "mincore: {}", io::Error::last_os_error());
-        pages.iter().filter(|&&p| p & 1 == 1).count()
-    }
-
-    /// Every page of every buffer is faulted in, whatever the thread count, buffers of
-    /// unequal lengths included, and a set `stop` faults in nothing.
-    #[test]
-    fn populating_faults_in_every_page_on_any_number_of_threads() {
-        let lens = [5 << 20, 64 << 10, (3 << 20) + 8192];
-        for threads in [1, 2, 3, 8] {
-            let buffers: Vec<HostBuffer> =
-                lens.iter().map(|&n| HostBuffer::new(n).unwrap()).collect();
-            let ranges: Vec<(usize, usize)> =
-                buffers.iter().map(|b| (b.as_ptr() as usize, b.len())).collect();
-            for &(base, len) in &ranges {
-                assert_eq!(resident(base, len), 0, "a fresh buffer has no pages yet");
-            }
-            let populate = Populate { chunk_bytes: 1 << 20, threads };
-            // SAFETY: the buffers outlive the call.
-            unsafe { populate.run(&ranges, &AtomicBool::new(false)) };
-            for &(base, len) in &ranges {
-                assert_eq!(
-                    resident(base, len),
-                    len.div_ceil(4096),
-                    "{threads} threads, {len} bytes"
-                );
-            }
-        }
-        let buffer = HostBuffer::new(4 << 20).unwrap();
-        let range = [(buffer.as_ptr() as usize, buffer.len())];
-        let populate = Populate { chunk_bytes: 1 << 20, threads: 2 };
-        // SAFETY: the buffer outlives the call.
-        unsafe { populate.run(&range, &AtomicBool::new(true)) };
-        assert_eq!(resident(range[0].0, range[0].1), 0, "stopped before the first chunk");
-    }
-
-    #[test]
-    fn half_the_cores_one_to_eight() {
-        let got: Vec<usize> =
-            [1, 2, 4, 8, 16, 64].iter().map(|&c| Populate::threads_for(c)).collect();
-        assert_eq!(got, [1, 1, 2, 4, 8, 8]);
     }
 }
