@@ -192,20 +192,28 @@ impl Pin {
         }
     }
 
-    /// The error for a failed GET under this pin: a pinned generation not found, or an ETag
-    /// that no longer matches, means the object was rewritten since its header was read.
+    /// The error for a failed GET under this pin ([`Pin::changed`], else the request's).
     fn error(&self, url: &Path, offset: u64, len: u64, e: object_store::Error) -> Error {
-        match (&e, &self.generation, &self.etag) {
+        match self.changed(url, offset, len, &e) {
+            Some(changed) => changed,
+            None => request_error("get", url, offset, len, e),
+        }
+    }
+
+    /// A GET that failed with `e` because the object was rewritten since its header was
+    /// read under this pin (a pinned generation not found, an ETag that no longer matches):
+    /// the error that says so.
+    fn changed(&self, url: &Path, offset: u64, len: u64, e: &object_store::Error) -> Option<Error> {
+        let why = match (e, &self.generation, &self.etag) {
             (object_store::Error::NotFound { .. }, Some(g), _) => {
-                let why = format!("its header was read at generation {g}, which is gone");
-                changed("get", url, offset, len, &why)
+                format!("its header was read at generation {g}, which is gone")
             }
             (object_store::Error::Precondition { .. }, _, Some(etag)) => {
-                let why = format!("its header was read at ETag {etag}, which no longer matches");
-                changed("get", url, offset, len, &why)
+                format!("its header was read at ETag {etag}, which no longer matches")
             }
-            _ => request_error("get", url, offset, len, e),
-        }
+            _ => return None,
+        };
+        Some(changed("get", url, offset, len, &why))
     }
 }
 
@@ -612,12 +620,18 @@ pub fn open_for_load(
     options: &Options,
     head: bool,
 ) -> Vec<Result<ObjectFile>> {
-    let asks = |info: &gantry_format::FileInfo| {
-        head || !parse(&info.path)
-            .is_ok_and(|s| Pin::of_version(s.provider, info.version.as_deref()).binds())
-    };
+    let sources: Vec<Result<Source>> = infos.iter().map(|info| parse(&info.path)).collect();
+    // A HEAD where a cache will trust what it shows, or where the version read pins nothing.
+    let asks: Vec<bool> = infos
+        .iter()
+        .zip(&sources)
+        .map(|(info, source)| {
+            let binds = |s: &Source| Pin::of_version(s.provider, info.version.as_deref()).binds();
+            head || !source.as_ref().is_ok_and(binds)
+        })
+        .collect();
     let paths: Vec<&Path> =
-        infos.iter().filter(|i| asks(i)).map(|info| info.path.as_path()).collect();
+        infos.iter().zip(&asks).filter(|(_, &ask)| ask).map(|(i, _)| i.path.as_path()).collect();
     let mut heads = match heads(&paths, options) {
         Ok(heads) => heads.into_iter(),
         // No runtime: the same error for each.
@@ -626,20 +640,25 @@ pub fn open_for_load(
             return infos.iter().map(|_| Err(Error::Internal(message.clone()))).collect();
         }
     };
-    let opened = |info: &&gantry_format::FileInfo| match asks(info) {
-        true => match heads.next() {
-            Some(head) => still_the_same(info, head?),
-            None => Err(Error::Internal("a HEAD went missing".into())),
-        },
-        false => as_read(info, options),
-    };
-    infos.iter().map(opened).collect()
+    let opened =
+        |((info, source), ask): ((&&gantry_format::FileInfo, Result<Source>), bool)| match ask {
+            true => match heads.next() {
+                Some(head) => still_the_same(info, head?),
+                None => Err(Error::Internal("a HEAD went missing".into())),
+            },
+            false => as_read(info, source?, options),
+        };
+    infos.iter().zip(sources).zip(asks).map(opened).collect()
 }
 
-/// Object `info` as its header's read saw it (its size and version), asking the store nothing.
-fn as_read(info: &gantry_format::FileInfo, options: &Options) -> Result<ObjectFile> {
+/// Object `info` (at `source`, its parsed URL) as its header's read saw it (its size and
+/// version), asking the store nothing.
+fn as_read(
+    info: &gantry_format::FileInfo,
+    source: Source,
+    options: &Options,
+) -> Result<ObjectFile> {
     let path = info.path.as_path();
-    let source = parse(path)?;
     let client = client::client(&source, options)?;
     let location = location(path, &source.key)?;
     let Pin { etag, generation } = Pin::of_version(source.provider, info.version.as_deref());
@@ -1029,13 +1048,10 @@ async fn known_digest(object: &ObjectFile) -> Result<std::result::Result<Known, 
     let result = match result {
         Ok(result) => result,
         // The object changed since its header was read: the load's error, not a missing digest.
-        Err(e @ object_store::Error::Precondition { .. }) => {
-            return Err(pin.error(&object.path, 0, 1, e))
-        }
-        Err(e @ object_store::Error::NotFound { .. }) if pin.generation.is_some() => {
-            return Err(pin.error(&object.path, 0, 1, e))
-        }
-        Err(e) => return Ok(Err(pin.error(&object.path, 0, 1, e).to_string())),
+        Err(e) => match pin.changed(&object.path, 0, 1, &e) {
+            Some(changed) => return Err(changed),
+            None => return Ok(Err(request_error("get", &object.path, 0, 1, e).to_string())),
+        },
     };
     pin.check(&object.path, 0, 1, object.size, &result.meta)?;
     let meta = result.attributes.get(&Attribute::Metadata(key.into()));
