@@ -1,6 +1,6 @@
 // How fast this machine faults in fresh anonymous memory: the cost a host load into new
-// memory pays before its bytes can land (gantry's `Populate` runs MADV_POPULATE_WRITE on a
-// quarter of the cores ahead of the readers).
+// memory pays before its bytes can land (its connections fault the pages in as they write
+// them).
 // Usage: fault_rate GIB THREADS [4k|thp|copy]   (prints one line: GB/s)
 // `copy`: instead, memcpy between two buffers already faulted in, GIB each, split across
 // THREADS (the machine's memory bandwidth for the copies a load makes: bytes copied per second).
@@ -43,13 +43,17 @@ static void *lane(void *arg) {
 
 int main(int argc, char **argv) {
   if (argc < 3) {
-    fprintf(stderr, "usage: %s GIB THREADS [4k|thp]\n", argv[0]);
+    fprintf(stderr, "usage: %s GIB THREADS [4k|thp|copy]\n", argv[0]);
     return 2;
   }
   len = (size_t)(atof(argv[1]) * (1 << 30));
   threads = atoi(argv[2]);
   int thp = argc > 3 && strcmp(argv[3], "thp") == 0;
   int copy = argc > 3 && strcmp(argv[3], "copy") == 0;
+  if (argc > 3 && !thp && !copy && strcmp(argv[3], "4k") != 0) {
+    fprintf(stderr, "mode: 4k, thp or copy\n");
+    return 2;
+  }
   if (threads < 1 || threads > 256) {
     fprintf(stderr, "THREADS: 1 to 256\n");
     return 2;
@@ -66,6 +70,8 @@ int main(int argc, char **argv) {
       perror("mmap");
       return 1;
     }
+    madvise(base, len, MADV_HUGEPAGE);  // both buffers alike
+    madvise(from, len, MADV_HUGEPAGE);
     memset(base, 1, len);
     memset(from, 2, len);
     double best = 0;
@@ -73,7 +79,11 @@ int main(int argc, char **argv) {
       struct timespec a, b;
       pthread_t t[256];
       clock_gettime(CLOCK_MONOTONIC, &a);
-      for (long k = 0; k < threads; k++) pthread_create(&t[k], NULL, copy_lane, (void *)k);
+      for (long k = 0; k < threads; k++)
+        if (pthread_create(&t[k], NULL, copy_lane, (void *)k) != 0) {
+          perror("pthread_create");
+          return 1;
+        }
       for (long k = 0; k < threads; k++) pthread_join(t[k], NULL);
       clock_gettime(CLOCK_MONOTONIC, &b);
       double s = (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9;

@@ -28,6 +28,9 @@
 #   same-region    S3 in the same region: ~20 ms to first byte
 #   cross-region   a bucket in another region: ~80 ms
 #   nic-1g         same-region latency behind a 1 Gbit/s NIC (tbf on the server's side)
+#   s3-same-region same-region latency, each connection served at most CONN_MB_S (default 90,
+#                  what S3 serves one GET): always through the proxy (tc shapes a link, not
+#                  each connection), so only many connections at once reach the NIC's rate
 # Latency is `tc netem delay` on the server's side of the pair (answers leave late: time to
 # first byte). Where the kernel has no sch_netem ("Specified qdisc kind is unknown") or there is
 # no `tc`, a delay proxy (benches/peers/latency_proxy.py, on the host side) holds each request
@@ -211,7 +214,9 @@ sys.exit(None if torch.cuda.is_available() else f"torch {torch.__version__} sees
       fi ;;
     ceiling|gantry) ;;
     v-*) grep -qE "(^| )${t#v-}:" <<< "${VARIANTS:-}" || { echo "$t left out: VARIANTS names no ${t#v-}"; continue; } ;;
-    p-gantry|p-gpu|p-v-*) ;;
+    p-gantry) ;;
+    p-gpu) [ -n "${DEVICE:-}" ] || { echo "$t left out: DEVICE is not set"; continue; } ;;
+    p-v-*) grep -qE "(^| )${t#p-v-}:" <<< "${VARIANTS:-}" || { echo "$t left out: VARIANTS names no ${t#p-v-}"; continue; } ;;
     *) echo "unknown tool $t"; exit 1 ;;
   esac
   KEEP="$KEEP $t"
@@ -343,19 +348,20 @@ done
 echo "uploaded $CK ($BYTES bytes) to s3://weights/net/ ($STORE$([ $MODE = netns ] && echo " in namespace $NS"))"
 
 shape() { # shape PROFILE: sets the server side's qdiscs and/or the proxy, and AWS_ENDPOINT_URL
-  local delay_ms=0 rate_mbit=0 proxy_delay=0 proxy_rate=0 shaping=()
+  local delay_ms=0 rate_mbit=0 proxy_delay=0 proxy_rate=0 conn_mb_s=0 shaping=()
   case $1 in
     loopback) ;;
     same-region) delay_ms=20 ;;
     cross-region) delay_ms=80 ;;
     nic-1g) delay_ms=20; rate_mbit=1000 ;;
+    s3-same-region) delay_ms=20; conn_mb_s=${CONN_MB_S:-90} ;;
     *) echo "unknown profile $1"; exit 1 ;;
   esac
   [ $NETEM = 1 ] || [ $TBF = 1 ] && $RUN_NS tc qdisc del dev $SV root 2>/dev/null
   [ -n "${PROXY_PID:-}" ] && { kill $PROXY_PID; wait $PROXY_PID 2>/dev/null; PROXY_PID=; }
   export AWS_ENDPOINT_URL=$STORE
   if [ $delay_ms -gt 0 ]; then
-    if [ $NETEM = 1 ]; then
+    if [ $NETEM = 1 ] && [ $conn_mb_s = 0 ]; then
       $RUN_NS tc qdisc add dev $SV root handle 1: netem delay ${delay_ms}ms limit 100000
       shaping+=("netem ${delay_ms}ms")
     else proxy_delay=$delay_ms; shaping+=("proxy ${delay_ms}ms")
@@ -371,9 +377,10 @@ shape() { # shape PROFILE: sets the server side's qdiscs and/or the proxy, and A
     else proxy_rate=$rate_mbit; shaping+=("proxy rate ${rate_mbit} Mbit/s")
     fi
   fi
-  if [ $proxy_delay -gt 0 ] || [ $proxy_rate -gt 0 ]; then
+  [ $conn_mb_s != 0 ] && shaping+=("proxy ${conn_mb_s} MB/s per connection")
+  if [ $proxy_delay -gt 0 ] || [ $proxy_rate -gt 0 ] || [ $conn_mb_s != 0 ]; then
     python3 $PEERS/latency_proxy.py $PROXY_PORT $PORT $proxy_delay $STORE_IP \
-      $([ $proxy_rate -gt 0 ] && echo $proxy_rate) >$OUT/proxy-$1.log 2>&1 &
+      $proxy_rate $conn_mb_s >$OUT/proxy-$1.log 2>&1 &
     PROXY_PID=$!
     for i in $(seq 50); do grep -qs listening $OUT/proxy-$1.log && break; sleep 0.1; done
     grep -qs listening $OUT/proxy-$1.log ||
@@ -403,7 +410,7 @@ race() {
     gpu) $T $G load $SRC --device $DEVICE --json >$out.json 2>$out.err; rc=$? ;;
     before) $T $BASELINE load $SRC --device cpu --json >$out.json 2>$out.err; rc=$? ;;
     v-*) local v e=() a=(); v=$(tr ' ' '\n' <<< "$VARIANTS" | sed -n "s/^${1#*v-}://p" | tr ',' ' ')
-      for x in $v; do x=${x//@OUT@/$out}; case $x in --*) a+=("$x") ;; *) e+=("$x") ;; esac; done
+      for x in $v; do x=${x//@OUT@/"$out"}; case $x in --*) a+=("$x") ;; *) e+=("$x") ;; esac; done
       case " ${a[*]} " in *" --device="*) ;; *) a+=(--device=cpu) ;; esac
       env "${e[@]}" $T $G load $SRC "${a[@]}" --json >$out.json 2>$out.err; rc=$? ;;
     s5cmd)

@@ -214,8 +214,9 @@ struct JsonLoad<'a> {
     volume: Option<String>,
     /// What the object reader's GETs measured and chose: `ttfb_ms` (mean), `ttfb_min_ms`
     /// (least, what the choices follow), `connection_mb_s`,
-    /// `in_flight`, `part_bytes` (bytes per GET, chosen), `extent_bytes` (the plan's parts,
-    /// configured) (object loads only).
+    /// `in_flight`, `climbed` (of those, the GETs the climb added to the model's count),
+    /// `part_bytes` (bytes per GET, chosen), `extent_bytes` (the plan's parts, configured)
+    /// (object loads only).
     #[serde(skip_serializing_if = "Option::is_none")]
     object: Option<serde_json::Value>,
     /// The settings the load ran with.
@@ -395,6 +396,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
                     "ttfb_min_ms": o.ttfb_min_ms,
                     "connection_mb_s": o.connection_mb_s,
                     "in_flight": o.in_flight,
+                    "climbed": o.climbed,
                     "part_bytes": o.part_bytes,
                     "extent_bytes": o.extent_bytes,
                 })
@@ -453,7 +455,8 @@ pub fn explain(report: &LoadReport, verify_sha256: bool) {
         println!(
             "object storage: measured {:.1} ms to first byte ({:.1} ms at least, which the choices \
              follow), {:.0} MB/s per connection: kept {} \
-             GETs in flight (the bandwidth-delay product over {} streaming connections), each \
+             GETs in flight (the bandwidth-delay product over {} streaming connections, {} more \
+             that the climb found moved more), each \
              of {} ({} of the plan's {} parts; a part's body should take {}x its wait for the \
              first byte, at most {} a GET)",
             o.ttfb_ms,
@@ -461,6 +464,7 @@ pub fn explain(report: &LoadReport, verify_sha256: bool) {
             o.connection_mb_s,
             o.in_flight,
             gantry::io::object::tune::STREAMING,
+            o.climbed,
             units::bytes(o.part_bytes),
             o.part_bytes / o.extent_bytes.max(1),
             units::bytes(o.extent_bytes),

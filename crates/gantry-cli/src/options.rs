@@ -117,8 +117,9 @@ pub struct LoadSettings {
     /// Object storage (s3://, gs://, az:// sources): bytes per ranged GET, in MiB (1 to 1024).
     #[arg(long, value_parser = units::one_to::<usize>(units::READ_MIB_MAX))]
     pub object_part_mib: Option<usize>,
-    /// Object storage: most ranged GETs in flight (1 to 4096; the load keeps as many as the
-    /// measured time to first byte and per-connection rate ask, up to this).
+    /// Object storage: most ranged GETs in flight (1 to 4096, default 64; the load keeps as
+    /// many as the measured time to first byte and per-connection rate ask, and more while
+    /// more move more, up to this).
     #[arg(long, value_parser = units::one_to::<usize>(gantry::config::QUEUE_DEPTH_MAX as u64))]
     pub object_concurrency: Option<usize>,
     /// Hash every file read (SHA-256, while it streams) and check it against the digest known

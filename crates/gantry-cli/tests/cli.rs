@@ -373,7 +373,10 @@ fn object_sources_from_emulators() {
             (net["ttfb_ms"].as_f64().unwrap(), net["connection_mb_s"].as_f64().unwrap());
         assert!(ttfb > 0.0 && ttfb < 10_000.0 && rate > 0.0, "{url}: {net}");
         let in_flight = net["in_flight"].as_u64().unwrap();
-        assert!((1..=16).contains(&in_flight), "{url}: {net} (cap 16, the default)");
+        let cap = gantry::config::OBJECT_CONCURRENCY as u64;
+        assert!((1..=cap).contains(&in_flight), "{url}: {net} (cap {cap}, the default)");
+        assert_eq!(v["config"]["object_concurrency"].as_u64(), Some(cap), "{url}");
+        assert!(net["climbed"].as_u64().is_some_and(|c| c < in_flight), "{url}: {net}");
         // The plan's parts are the configured ones; a GET covers a whole number of them.
         assert_eq!(net["extent_bytes"], v["config"]["object_part_bytes"], "{url}: {net}");
         let (part, extent) =

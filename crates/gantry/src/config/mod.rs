@@ -20,7 +20,7 @@ use crate::engine::read::fault::FaultInjector;
 pub(crate) mod settings;
 
 use crate::error::{Error, Result};
-pub use parts::{Control, Gpus, Integrity, Object, Read, Staging};
+pub use parts::{Control, Gpus, Integrity, Object, Read, Staging, OBJECT_CONCURRENCY};
 pub(crate) use settings::Settings;
 
 /// Which reader a load uses.
@@ -195,9 +195,9 @@ impl Config {
         self.object.part_bytes = Some(n);
         self
     }
-    /// Most ranged GETs in flight per load (default 16; at most the staging buffers): the load
-    /// keeps as many as its GETs' measured time to first byte and per-connection rate ask
-    /// (see [`crate::io::object::tune`]), up to this.
+    /// Most ranged GETs in flight per load (default 64; at most the staging buffers): the load
+    /// keeps as many as its GETs' measured time to first byte and per-connection rate ask,
+    /// and more while more move more (see [`crate::io::object::tune`]), up to this.
     pub fn object_concurrency(mut self, n: usize) -> Self {
         self.object.concurrency = n;
         self

@@ -225,7 +225,8 @@ impl Loader {
         };
         let reason = format!(
             "object storage: ranged GETs of {part}, as many in flight as the network's \
-             bandwidth-delay product asks (at most {}), each conditioned on the ETag{cache_note}",
+             bandwidth-delay product asks, more while more move more (at most {}), each \
+             conditioned on the ETag{cache_note}",
             self.config.object_concurrency
         );
         let identity = Identity::Object { object: Box::new(object.without_cache()), copy: None };

@@ -27,6 +27,16 @@
 //! parts); the least is the network's and the store's own latency, as TCP's BBR takes the
 //! least round trip. The mean is reported beside it. Before the first GET answers, the load starts with [`STREAMING`]
 //! GETs of one extent each. What was measured and chosen is reported ([`NetReport`]).
+//!
+//! That model takes the per-connection rate as the network's: more GETs than it asks would
+//! only share the same bytes. A store that serves each connection at a bounded rate (S3 serves
+//! a GET at about 90 MB/s whatever the NIC) is the opposite case: every connection added adds
+//! its rate, up to the NIC. The GETs alone cannot tell the two apart, so the load asks the
+//! network: once a window of GETs (as many as are in flight, after a window that lets the count
+//! settle in) has landed, it keeps [`CLIMB_STEP`] times as many in flight for the next windows (within the cap and the
+//! buffers), and keeps climbing while each step's bytes per second grow by at least
+//! [`CLIMB_GAIN`] of its GETs' growth; the first step that does not is taken back, and the count
+//! settles (a load bound by its network or its store pays one window of extra GETs).
 
 use std::collections::HashMap;
 
@@ -36,7 +46,7 @@ use parking_lot::Mutex;
 use crate::engine::read::uring::Job;
 
 /// Connections kept streaming at once: the fixed count gantry kept in flight before it
-/// measured the network (and the default cap), so that measuring never keeps fewer GETs in
+/// measured the network (and its default cap before the climb), so that measuring never keeps fewer GETs in
 /// flight than that did: on loopback, 8 streams read 0.56x of the in-process ceiling where 16
 /// read 0.65x (`benches/README.md`).
 pub const STREAMING: usize = 16;
@@ -46,6 +56,15 @@ pub const PART_BYTES_MAX: u64 = 64 << 20;
 
 /// A part's body should take at least this many times the wait for its first byte.
 pub const BODY_PER_WAIT: f64 = 4.0;
+
+/// Each step of the climb keeps this many times the GETs of the window before.
+pub const CLIMB_STEP: f64 = 1.5;
+
+/// A step is kept when its window's bytes per second grew by at least this share of its GETs'
+/// growth (a store bound per connection gives the whole step: 50% more GETs, 50% more bytes;
+/// one bound by its network or itself gives nothing, within its noise), so a full step must
+/// give 15% more.
+pub const CLIMB_GAIN: f64 = 0.3;
 
 /// What the GETs of one load measured, and the in-flight count and part size it led to.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -65,6 +84,9 @@ pub struct NetReport {
     /// Bytes of the plan's extents (the configured part size): what a GET covers before the
     /// first one answers.
     pub extent_bytes: u64,
+    /// Of `in_flight`, the GETs the climb added to the model's count (see the module's
+    /// documentation).
+    pub climbed: usize,
 }
 
 /// What the load does next: how many GETs to keep in flight, each covering how many of the
@@ -155,6 +177,8 @@ pub struct Net {
     /// Whether GETs may cover several extents (the part size was not given).
     join: bool,
     cap: usize,
+    /// The load's clock: the climb's windows are timed on it.
+    origin: std::time::Instant,
     state: Mutex<State>,
 }
 
@@ -166,6 +190,25 @@ struct State {
     ttfb_min_s: f64,
     body_bytes: u64,
     body_s: f64,
+    climb: Climb,
+}
+
+/// The climb above the model's count (see the module's documentation).
+#[derive(Debug, Default)]
+struct Climb {
+    /// GETs kept in flight on top of the model's count.
+    extra: usize,
+    /// When the window began (seconds on the load's clock), and its bytes and GETs so far.
+    start_s: Option<f64>,
+    bytes: u64,
+    gets: usize,
+    /// The window before the step under test: its rate (bytes per second), GETs in flight
+    /// and `extra`.
+    before: Option<(f64, usize, usize)>,
+    /// Whether the window under way only lets the count just chosen settle in (its GETs were
+    /// issued partly at the count before, or before any GET answered): not measured.
+    measuring: bool,
+    settled: bool,
 }
 
 impl Default for Net {
@@ -179,7 +222,7 @@ impl Net {
     pub fn new(extent_bytes: u64, cap: usize, memory_parts: usize) -> Self {
         let state =
             Mutex::new(State { memory_parts, ttfb_min_s: f64::INFINITY, ..State::default() });
-        Net { extent_bytes, join: true, cap, state }
+        Net { extent_bytes, join: true, cap, origin: std::time::Instant::now(), state }
     }
 
     /// The same with every GET one extent: the caller gave the part size.
@@ -188,24 +231,74 @@ impl Net {
         self
     }
 
-    fn choose(&self, measured: Option<(f64, f64)>, memory_parts: usize) -> Choice {
-        match self.join {
+    /// The model's choice ([`choose`]), with `extra` GETs on top within the cap and the
+    /// buffers.
+    fn choose(&self, measured: Option<(f64, f64)>, memory_parts: usize, extra: usize) -> Choice {
+        let mut c = match self.join {
             true => choose(measured, self.extent_bytes, self.cap, memory_parts),
             false => Choice {
                 gets: in_flight(measured, self.extent_bytes, self.cap, memory_parts),
                 extents: 1,
             },
-        }
+        };
+        let most = self.cap.min(memory_parts / c.extents.max(1)).max(c.gets);
+        c.gets = c.gets.saturating_add(extra).min(most);
+        c
     }
 
     /// Records one GET: its time to first byte, and its body's bytes and seconds.
     pub fn record(&self, ttfb_s: f64, body_bytes: u64, body_s: f64) {
+        self.record_at(self.origin.elapsed().as_secs_f64(), ttfb_s, body_bytes, body_s);
+    }
+
+    /// [`Net::record`] at `now_s` seconds on the load's clock; a window of GETs that has landed
+    /// takes the climb's next step.
+    fn record_at(&self, now_s: f64, ttfb_s: f64, body_bytes: u64, body_s: f64) {
         let mut s = self.state.lock();
         s.gets += 1;
         s.ttfb_s += ttfb_s;
         s.ttfb_min_s = s.ttfb_min_s.min(ttfb_s);
-        s.body_bytes += body_bytes;
+        s.body_bytes = s.body_bytes.saturating_add(body_bytes);
         s.body_s += body_s;
+        if s.climb.settled {
+            return;
+        }
+        let measured = Self::measured(&s);
+        let extra = s.climb.extra;
+        let now = self.choose(measured, s.memory_parts, extra).gets;
+        let c = &mut s.climb;
+        let start = *c.start_s.get_or_insert(now_s - body_s.max(0.0));
+        c.bytes = c.bytes.saturating_add(body_bytes);
+        c.gets += 1;
+        if c.gets < now || now_s <= start {
+            return;
+        }
+        let rate = c.bytes as f64 / (now_s - start);
+        (c.start_s, c.bytes, c.gets) = (Some(now_s), 0, 0);
+        if !std::mem::replace(&mut c.measuring, true) {
+            return;
+        }
+        let step = match c.before {
+            // A step that moved too little: back to the window before, and stay there.
+            Some((before, gets, extra))
+                if now > gets
+                    && rate < before * (1.0 + CLIMB_GAIN * (now - gets) as f64 / gets as f64) =>
+            {
+                (c.extra, c.settled) = (extra, true);
+                return;
+            }
+            _ => (rate, now, c.extra),
+        };
+        // The next step, where the cap and the buffers leave room for one.
+        let model = self.choose(measured, s.memory_parts, 0).gets;
+        let wanted = ((now as f64 * CLIMB_STEP).ceil() as usize).max(now + 1);
+        let next = self.choose(measured, s.memory_parts, wanted.saturating_sub(model)).gets;
+        let c = &mut s.climb;
+        if next <= now {
+            c.settled = true;
+        } else {
+            (c.before, c.extra, c.measuring) = (Some(step), next - model, false);
+        }
     }
 
     /// The least TTFB (seconds) and the per-connection rate (bytes per second), once a GET
@@ -217,14 +310,15 @@ impl Net {
     /// GETs to keep in flight now, and extents per GET (see [`choose`]).
     pub fn target(&self) -> Choice {
         let s = self.state.lock();
-        self.choose(Self::measured(&s), s.memory_parts)
+        self.choose(Self::measured(&s), s.memory_parts, s.climb.extra)
     }
 
     /// What was measured and chosen; `None` when no GET answered with a body.
     pub fn report(&self) -> Option<NetReport> {
         let s = self.state.lock();
         let (ttfb_s, rate) = Self::measured(&s)?;
-        let chosen = self.choose(Some((ttfb_s, rate)), s.memory_parts);
+        let chosen = self.choose(Some((ttfb_s, rate)), s.memory_parts, s.climb.extra);
+        let model = self.choose(Some((ttfb_s, rate)), s.memory_parts, 0);
         Some(NetReport {
             ttfb_ms: s.ttfb_s / s.gets as f64 * 1e3,
             ttfb_min_ms: ttfb_s * 1e3,
@@ -232,6 +326,7 @@ impl Net {
             in_flight: chosen.gets,
             part_bytes: self.extent_bytes * chosen.extents as u64,
             extent_bytes: self.extent_bytes,
+            climbed: chosen.gets - model.gets,
         })
     }
 }
@@ -363,6 +458,68 @@ mod tests {
                 let c = choose(Some((t, r)), extent, cap, memory);
                 assert!(c.gets >= 1 && c.extents >= 1, "{t} {r} {extent} {cap} {memory}: {c:?}");
                 assert!(c.gets <= cap.max(1) && c.gets * c.extents <= memory.max(1), "{c:?}");
+            }
+        }
+    }
+
+    /// Runs `rounds` rounds of GETs through `net` against a store that serves each connection
+    /// at most `conn` bytes per second and all of them at most `nic`, after `ttfb_s`: each
+    /// round as many GETs as the target asks, issued together, landing together. Returns the
+    /// GETs in flight at the end and the bytes per second of the last round.
+    fn climb(net: &Net, ttfb_s: f64, conn: f64, nic: f64, rounds: usize) -> (usize, f64) {
+        let (mut now, mut rate) = (0.0, 0.0);
+        for _ in 0..rounds {
+            let c = net.target();
+            let part = (16 * MIB * c.extents as u64) as f64;
+            rate = (c.gets as f64 * conn).min(nic);
+            let body_s = part / (rate / c.gets as f64);
+            now += ttfb_s + body_s;
+            for _ in 0..c.gets {
+                net.record_at(now, ttfb_s, part as u64, body_s);
+            }
+        }
+        (net.target().gets, rate)
+    }
+
+    #[test]
+    fn the_climb_finds_what_each_store_gives() {
+        // S3-like: each connection 90 MB/s, the NIC far away: the cap.
+        let (gets, _) = climb(&Net::new(16 * MIB, 64, usize::MAX), 0.020, 90e6, 1e12, 20);
+        assert_eq!(gets, 64);
+        // ... with 32 staging buffers: what they hold.
+        let (gets, _) = climb(&Net::new(16 * MIB, 64, 32), 0.020, 90e6, 1e12, 20);
+        assert_eq!(gets, 32);
+        // Connections of 90 MB/s behind 2.5 GB/s: climbs until a step gives less than
+        // CLIMB_GAIN, keeps the step before, and moves at least 90% of the NIC.
+        let net = Net::new(16 * MIB, 64, usize::MAX);
+        let model = net.choose(Some((0.020, 90e6)), usize::MAX, 0).gets;
+        let (gets, rate) = climb(&net, 0.020, 90e6, 2.5e9, 20);
+        assert!(gets > model && rate >= 0.9 * 2.5e9, "{gets} GETs (model {model}), {rate}");
+        assert!(net.state.lock().climb.settled);
+        // Fast connections sharing 8 GB/s (loopback): one step up, nothing gained, back to
+        // the model's count.
+        let net = Net::new(16 * MIB, 64, usize::MAX);
+        let (gets, _) = climb(&net, 0.003, 500e6, 8e9, 20);
+        assert_eq!(gets, net.choose(Some((0.003, 500e6)), usize::MAX, 0).gets);
+        assert!(net.state.lock().climb.settled);
+        // The cap at the model's count: no room, no climb.
+        let (gets, _) = climb(&Net::new(16 * MIB, 16, usize::MAX), 0.020, 90e6, 1e12, 20);
+        assert_eq!(gets, 16);
+        // A settled climb stays, whatever comes after (the model's own count follows the
+        // measurements).
+        let net = Net::new(16 * MIB, 64, usize::MAX);
+        climb(&net, 0.003, 500e6, 8e9, 10);
+        let extra = net.state.lock().climb.extra;
+        climb(&net, 0.003, 90e6, 1e12, 10);
+        let c = &net.state.lock().climb;
+        assert!(c.settled && c.extra == extra, "{c:?}");
+        // Odd measurements: no panic, within the cap.
+        let net = Net::new(16 * MIB, 64, usize::MAX);
+        for (t, b, d) in [(0.0, 0, 0.0), (f64::NAN, 1, f64::INFINITY), (-1.0, u64::MAX, 1e-9)] {
+            for at in [0.0, 0.0, -1.0, f64::NAN, 1e9] {
+                net.record_at(at, t, b, d);
+                let c = net.target();
+                assert!(c.gets >= 1 && c.gets <= 64, "{c:?}");
             }
         }
     }
