@@ -215,6 +215,7 @@ struct JsonLoad<'a> {
     /// What the object reader's GETs measured and chose: `ttfb_ms` (mean), `ttfb_min_ms`
     /// (least, what the choices follow), `connection_mb_s`,
     /// `in_flight`, `climbed` (of those, the GETs the climb added to the model's count),
+    /// `climb_settled` (whether it had settled, or the load ended mid-step),
     /// `part_bytes` (bytes per GET, chosen), `extent_bytes` (the plan's parts, configured)
     /// (object loads only).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -397,6 +398,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
                     "connection_mb_s": o.connection_mb_s,
                     "in_flight": o.in_flight,
                     "climbed": o.climbed,
+                    "climb_settled": o.climb_settled,
                     "part_bytes": o.part_bytes,
                     "extent_bytes": o.extent_bytes,
                 })
@@ -455,8 +457,8 @@ pub fn explain(report: &LoadReport, verify_sha256: bool) {
         println!(
             "object storage: measured {:.1} ms to first byte ({:.1} ms at least, which the choices \
              follow), {:.0} MB/s per connection: kept {} \
-             GETs in flight (the bandwidth-delay product over {} streaming connections, {} more \
-             that the climb found moved more), each \
+             GETs in flight (the bandwidth-delay product over {} streaming connections, and {} \
+             more {}), each \
              of {} ({} of the plan's {} parts; a part's body should take {}x its wait for the \
              first byte, at most {} a GET)",
             o.ttfb_ms,
@@ -465,6 +467,10 @@ pub fn explain(report: &LoadReport, verify_sha256: bool) {
             o.in_flight,
             gantry::io::object::tune::STREAMING,
             o.climbed,
+            match o.climb_settled {
+                true => "that the climb kept",
+                false => "of a climb still measuring when the load ended",
+            },
             units::bytes(o.part_bytes),
             o.part_bytes / o.extent_bytes.max(1),
             units::bytes(o.extent_bytes),

@@ -32,11 +32,15 @@
 //! only share the same bytes. A store that serves each connection at a bounded rate (S3 serves
 //! a GET at about 90 MB/s whatever the NIC) is the opposite case: every connection added adds
 //! its rate, up to the NIC. The GETs alone cannot tell the two apart, so the load asks the
-//! network: once a window of GETs (as many as are in flight, after a window that lets the count
-//! settle in) has landed, it keeps [`CLIMB_STEP`] times as many in flight for the next windows (within the cap and the
-//! buffers), and keeps climbing while each step's bytes per second grow by at least
-//! [`CLIMB_GAIN`] of its GETs' growth; the first step that does not is taken back, and the count
-//! settles (a load bound by its network or its store pays one window of extra GETs).
+//! network: once a window of GETs has landed ([`CLIMB_WINDOW`] times as many as are in flight,
+//! after a window of as many that lets the count settle in), it keeps [`CLIMB_STEP`] times as
+//! many in flight (within the cap and the buffers), and keeps climbing while each step's bytes
+//! per second grow by at least [`CLIMB_GAIN`] of its GETs' growth (15% for a full step, less
+//! for one the cap cuts short); the first step that does not is taken back to the count measured
+//! before it, and the count settles. A load bound by its network or its store pays the GETs of
+//! one step (1.5x as many for four windows) for the question. The climb never backs off: a
+//! store that throttles (S3's 503 SlowDown, per prefix) answers slower, the client retries, and
+//! a fleet of loaders on one prefix may want a lower `--object-concurrency`.
 
 use std::collections::HashMap;
 
@@ -59,6 +63,13 @@ pub const BODY_PER_WAIT: f64 = 4.0;
 
 /// Each step of the climb keeps this many times the GETs of the window before.
 pub const CLIMB_STEP: f64 = 1.5;
+
+/// A measured window of the climb is this many times the GETs in flight (landed), after a
+/// window of as many as are in flight for the count to settle in: the GETs issued together at
+/// a step land in bunches, and a window of one count's worth may cut a bunch anywhere (in a
+/// simulation of an S3-like store with jittered first bytes, one in six loads mismeasured its
+/// first window and stopped at the model's count; three counts' worth, none).
+pub const CLIMB_WINDOW: usize = 3;
 
 /// A step is kept when its window's bytes per second grew by at least this share of its GETs'
 /// growth (a store bound per connection gives the whole step: 50% more GETs, 50% more bytes;
@@ -87,6 +98,9 @@ pub struct NetReport {
     /// Of `in_flight`, the GETs the climb added to the model's count (see the module's
     /// documentation).
     pub climbed: usize,
+    /// Whether the climb had settled when the report was made (else the load ended while a
+    /// step was still being measured, and `climbed` is the step under test).
+    pub climb_settled: bool,
 }
 
 /// What the load does next: how many GETs to keep in flight, each covering how many of the
@@ -202,9 +216,9 @@ struct Climb {
     start_s: Option<f64>,
     bytes: u64,
     gets: usize,
-    /// The window before the step under test: its rate (bytes per second), GETs in flight
-    /// and `extra`.
-    before: Option<(f64, usize, usize)>,
+    /// The window before the step under test: its rate (bytes per second) and GETs in
+    /// flight.
+    before: Option<(f64, usize)>,
     /// Whether the window under way only lets the count just chosen settle in (its GETs were
     /// issued partly at the count before, or before any GET answered): not measured.
     measuring: bool,
@@ -270,7 +284,8 @@ impl Net {
         let start = *c.start_s.get_or_insert(now_s - body_s.max(0.0));
         c.bytes = c.bytes.saturating_add(body_bytes);
         c.gets += 1;
-        if c.gets < now || now_s <= start {
+        let window = if c.measuring { now.saturating_mul(CLIMB_WINDOW) } else { now };
+        if c.gets < window || now_s <= start {
             return;
         }
         let rate = c.bytes as f64 / (now_s - start);
@@ -278,19 +293,21 @@ impl Net {
         if !std::mem::replace(&mut c.measuring, true) {
             return;
         }
+        // The model's count now (its measurements move too).
+        let model = self.choose(measured, s.memory_parts, 0).gets;
+        let c = &mut s.climb;
         let step = match c.before {
-            // A step that moved too little: back to the window before, and stay there.
-            Some((before, gets, extra))
+            // A step that moved too little: back to the count measured before, and stay.
+            Some((before, gets))
                 if now > gets
                     && rate < before * (1.0 + CLIMB_GAIN * (now - gets) as f64 / gets as f64) =>
             {
-                (c.extra, c.settled) = (extra, true);
+                (c.extra, c.settled) = (gets.saturating_sub(model), true);
                 return;
             }
-            _ => (rate, now, c.extra),
+            _ => (rate, now),
         };
         // The next step, where the cap and the buffers leave room for one.
-        let model = self.choose(measured, s.memory_parts, 0).gets;
         let wanted = ((now as f64 * CLIMB_STEP).ceil() as usize).max(now + 1);
         let next = self.choose(measured, s.memory_parts, wanted.saturating_sub(model)).gets;
         let c = &mut s.climb;
@@ -327,6 +344,7 @@ impl Net {
             part_bytes: self.extent_bytes * chosen.extents as u64,
             extent_bytes: self.extent_bytes,
             climbed: chosen.gets - model.gets,
+            climb_settled: s.climb.settled,
         })
     }
 }
@@ -484,33 +502,33 @@ mod tests {
     #[test]
     fn the_climb_finds_what_each_store_gives() {
         // S3-like: each connection 90 MB/s, the NIC far away: the cap.
-        let (gets, _) = climb(&Net::new(16 * MIB, 64, usize::MAX), 0.020, 90e6, 1e12, 20);
+        let (gets, _) = climb(&Net::new(16 * MIB, 64, usize::MAX), 0.020, 90e6, 1e12, 40);
         assert_eq!(gets, 64);
         // ... with 32 staging buffers: what they hold.
-        let (gets, _) = climb(&Net::new(16 * MIB, 64, 32), 0.020, 90e6, 1e12, 20);
+        let (gets, _) = climb(&Net::new(16 * MIB, 64, 32), 0.020, 90e6, 1e12, 40);
         assert_eq!(gets, 32);
         // Connections of 90 MB/s behind 2.5 GB/s: climbs until a step gives less than
         // CLIMB_GAIN, keeps the step before, and moves at least 90% of the NIC.
         let net = Net::new(16 * MIB, 64, usize::MAX);
         let model = net.choose(Some((0.020, 90e6)), usize::MAX, 0).gets;
-        let (gets, rate) = climb(&net, 0.020, 90e6, 2.5e9, 20);
+        let (gets, rate) = climb(&net, 0.020, 90e6, 2.5e9, 40);
         assert!(gets > model && rate >= 0.9 * 2.5e9, "{gets} GETs (model {model}), {rate}");
         assert!(net.state.lock().climb.settled);
         // Fast connections sharing 8 GB/s (loopback): one step up, nothing gained, back to
         // the model's count.
         let net = Net::new(16 * MIB, 64, usize::MAX);
-        let (gets, _) = climb(&net, 0.003, 500e6, 8e9, 20);
+        let (gets, _) = climb(&net, 0.003, 500e6, 8e9, 40);
         assert_eq!(gets, net.choose(Some((0.003, 500e6)), usize::MAX, 0).gets);
         assert!(net.state.lock().climb.settled);
         // The cap at the model's count: no room, no climb.
-        let (gets, _) = climb(&Net::new(16 * MIB, 16, usize::MAX), 0.020, 90e6, 1e12, 20);
+        let (gets, _) = climb(&Net::new(16 * MIB, 16, usize::MAX), 0.020, 90e6, 1e12, 40);
         assert_eq!(gets, 16);
         // A settled climb stays, whatever comes after (the model's own count follows the
         // measurements).
         let net = Net::new(16 * MIB, 64, usize::MAX);
-        climb(&net, 0.003, 500e6, 8e9, 10);
+        climb(&net, 0.003, 500e6, 8e9, 12);
         let extra = net.state.lock().climb.extra;
-        climb(&net, 0.003, 90e6, 1e12, 10);
+        climb(&net, 0.003, 90e6, 1e12, 12);
         let c = &net.state.lock().climb;
         assert!(c.settled && c.extra == extra, "{c:?}");
         // Odd measurements: no panic, within the cap.
