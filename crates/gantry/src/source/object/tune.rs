@@ -68,7 +68,8 @@ pub const CLIMB_STEP: f64 = 1.5;
 /// window of as many as are in flight for the count to settle in: the GETs issued together at
 /// a step land in bunches, and a window of one count's worth may cut a bunch anywhere (in a
 /// simulation of an S3-like store with jittered first bytes, one in six loads mismeasured its
-/// first window and stopped at the model's count; three counts' worth, none).
+/// first window and stopped at the model's count; with three counts' worth, at most two in a
+/// hundred did).
 pub const CLIMB_WINDOW: usize = 3;
 
 /// A step is kept when its window's bytes per second grew by at least this share of its GETs'
