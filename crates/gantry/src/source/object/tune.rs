@@ -521,6 +521,16 @@ mod tests {
         let (gets, _) = climb(&net, 0.003, 500e6, 8e9, 40);
         assert_eq!(gets, net.choose(Some((0.003, 500e6)), usize::MAX, 0).gets);
         assert!(net.state.lock().climb.settled);
+        // Parts the caller fixed: the climb keeps them, one extent a GET.
+        let fixed = Net::new(16 * MIB, 64, usize::MAX).fixed_parts();
+        let (gets, _) = climb(&fixed, 0.020, 90e6, 1e12, 40);
+        assert_eq!((gets, fixed.target().extents), (64, 1));
+        // A device load whose ring the model already fills (80 ms, 20 buffers): no room, no
+        // climb, settled at once.
+        let ring = Net::new(16 * MIB, 64, 20);
+        let (gets, _) = climb(&ring, 0.080, 500e6, 1e12, 12);
+        let r = ring.report().unwrap();
+        assert!(gets * ring.target().extents <= 20 && r.climbed == 0 && r.climb_settled, "{r:?}");
         // The cap at the model's count: no room, no climb.
         let (gets, _) = climb(&Net::new(16 * MIB, 16, usize::MAX), 0.020, 90e6, 1e12, 40);
         assert_eq!(gets, 16);
