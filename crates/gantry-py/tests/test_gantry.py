@@ -635,10 +635,25 @@ class ObjectStorageTests(WithCheckpoint):
                     cls.tearDownClass()
                     raise RuntimeError("SeaweedFS did not start")
                 time.sleep(0.25)
-        for name in os.listdir(cls.ck.path):
-            with open(os.path.join(cls.ck.path, name), "rb") as f:
-                put = urllib.request.Request(f"{cls.endpoint}/weights/ck/{name}", data=f.read(), method="PUT")
-                urllib.request.urlopen(put, timeout=30)
+        # A busy machine's SeaweedFS may take long over its first writes (it grows a volume):
+        # each upload gets three tries, and a setup that fails stops the server it started
+        # (unittest calls no tearDownClass after a failed setUpClass).
+        try:
+            for name in os.listdir(cls.ck.path):
+                with open(os.path.join(cls.ck.path, name), "rb") as f:
+                    data = f.read()
+                for attempt in range(3):
+                    put = urllib.request.Request(f"{cls.endpoint}/weights/ck/{name}", data=data, method="PUT")
+                    try:
+                        urllib.request.urlopen(put, timeout=60)
+                        break
+                    except OSError:
+                        if attempt == 2:
+                            raise
+                        time.sleep(1)
+        except BaseException:
+            cls.tearDownClass()
+            raise
 
     @classmethod
     def tearDownClass(cls):
