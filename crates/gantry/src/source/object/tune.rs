@@ -8,8 +8,12 @@
 //! connections streaming at once, the load needs `STREAMING x (1 + ttfb x rate / part)` GETs
 //! in flight: the bandwidth-delay product (`ttfb x rate` bytes per connection) in parts, on top
 //! of the streams themselves. So the in-flight count rises with latency, bounded by
-//! `--object-concurrency` (a cap) and by the staging ring's size, which is also the budget of
-//! bytes in flight where the parts land in place (host loads).
+//! `--object-concurrency` (a cap). Where parts land in staging buffers (device loads), the
+//! ring bounds the GETs streaming at once, not those waiting: a part's buffers are bound
+//! while its GET waits for its first byte, as they come free, and a GET answered first waits
+//! for them with its body in the socket (`super::Binder`), so the GETs that cover the wait
+//! hold no buffers of their own. Where the parts land in place (host loads) nothing but the
+//! cap bounds them.
 //!
 //! The part size follows the same measurements. A GET whose body takes `part / rate` after
 //! waiting `ttfb` streams `part / (part + ttfb x rate)` of its time; parts of at least
@@ -133,9 +137,9 @@ pub fn part_extents(measured: Option<(f64, f64)>, extent_bytes: u64, memory_part
     }
 }
 
-/// The GETs and extents per GET for parts of `extent_bytes`, at most `cap` GETs and
-/// `memory_parts` staging buffers ([`part_extents`], then [`in_flight`] for parts of that
-/// many extents, the buffers shared among them). Pure.
+/// The GETs and extents per GET for parts of `extent_bytes`, at most `cap` GETs, and
+/// `memory_parts` staging buffers for the GETs streaming at once ([`part_extents`], then
+/// [`in_flight`] for parts of that many extents, the buffers shared among them). Pure.
 ///
 /// Where the buffers hold fewer such GETs than the network asks (a device load far from its
 /// store), spending them on more GETs of fewer extents each would move more by the model
@@ -155,25 +159,35 @@ pub fn choose(
 }
 
 /// GETs to keep in flight for parts of `part_bytes`, given the measured TTFB (seconds) and
-/// per-connection rate (bytes per second), at most `cap` and `memory_parts` (staging buffers
-/// for the parts), at least one. Unmeasured: [`STREAMING`], within the same bounds. Pure.
+/// per-connection rate (bytes per second): [`STREAMING`] streams, or as many as
+/// `memory_parts` (staging buffers for the parts) hold where that is fewer, and the GETs that
+/// cover their wait for the first byte ([`covering`]); at most `cap`, at least one.
+/// Unmeasured: the streams, within the cap. Pure.
 pub fn in_flight(
     measured: Option<(f64, f64)>,
     part_bytes: u64,
     cap: usize,
     memory_parts: usize,
 ) -> usize {
-    let most = cap.min(memory_parts).max(1);
+    covering(measured, part_bytes, STREAMING.min(memory_parts), cap)
+}
+
+/// GETs of `part_bytes` that keep `streams` connections streaming: the streams, and as many
+/// waiting for their first byte as the measured TTFB (seconds) times the per-connection rate
+/// (bytes per second) holds parts; at most `cap`, at least one. Unmeasured: the streams,
+/// within the cap. Pure.
+fn covering(measured: Option<(f64, f64)>, part_bytes: u64, streams: usize, cap: usize) -> usize {
+    let (streams, cap) = (streams.max(1), cap.max(1));
     let Some((ttfb_s, rate)) = measured.filter(|(t, r)| t.is_finite() && r.is_finite()) else {
-        return STREAMING.clamp(1, most);
+        return streams.min(cap);
     };
     // Bytes one connection could have moved while it waited for its first byte, in parts.
     let waiting_parts = (ttfb_s.max(0.0) * rate.max(0.0)) / part_bytes.max(1) as f64;
-    let wanted = (STREAMING as f64 * (1.0 + waiting_parts)).ceil();
-    if wanted >= most as f64 {
-        most
+    let wanted = (streams as f64 * (1.0 + waiting_parts)).ceil();
+    if wanted >= cap as f64 {
+        cap
     } else {
-        (wanted as usize).clamp(1, most)
+        (wanted as usize).clamp(1, cap)
     }
 }
 
@@ -246,8 +260,8 @@ impl Net {
         self
     }
 
-    /// The model's choice ([`choose`]), with `extra` GETs on top within the cap and the
-    /// buffers.
+    /// The model's choice ([`choose`]), with `extra` GETs on top within the cap and what the
+    /// buffers keep streaming (every buffer streaming, and the GETs that cover their wait).
     fn choose(&self, measured: Option<(f64, f64)>, memory_parts: usize, extra: usize) -> Choice {
         let mut c = match self.join {
             true => choose(measured, self.extent_bytes, self.cap, memory_parts),
@@ -256,7 +270,8 @@ impl Net {
                 extents: 1,
             },
         };
-        let most = self.cap.min(memory_parts / c.extents.max(1)).max(c.gets);
+        let (extents, part) = (c.extents.max(1), self.extent_bytes * c.extents.max(1) as u64);
+        let most = covering(measured, part, memory_parts / extents, self.cap).max(c.gets);
         c.gets = c.gets.saturating_add(extra).min(most);
         c
     }
@@ -369,7 +384,8 @@ mod tests {
             (Some((80.0, 90.0)), 4 * MIB, 64, 128, 44), // small parts need more GETs
             (Some((80.0, 400.0)), 8 * MIB, 64, 128, 64), // fast connections, far away: the cap
             (Some((80.0, 400.0)), 8 * MIB, 16, 128, 16), // the cap binds
-            (Some((80.0, 400.0)), 8 * MIB, 64, 20, 20), // memory binds
+            (Some((80.0, 400.0)), 8 * MIB, 64, 20, 64), // 20 buffers: 16 stream, 48 wait
+            (Some((80.0, 400.0)), 8 * MIB, 64, 4, 20), // 4 buffers: 4 stream, 16 wait
             (Some((80.0, 400.0)), 8 * MIB, 0, 0, 1), // at least one
             (Some((f64::NAN, 1.0)), 8 * MIB, 64, 64, 16), // nonsense is unmeasured
             (Some((1e9, 1e9)), 8 * MIB, 64, 64, 64), // huge stays bounded
@@ -447,10 +463,10 @@ mod tests {
         }
         let (near, far) = (at(0.0), at(80.0));
         assert!(far.extents > near.extents && far.gets > near.gets, "{near:?} {far:?}");
-        // The staging buffers bound the bytes in flight: parts x GETs.
+        // The staging buffers bound the bytes streaming: parts x streams.
         for ms in [0.0, 20.0, 80.0, 160.0] {
             let c = choose(Some((ms / 1e3, 400e6)), 8 * MIB, 64, 48);
-            assert!(c.extents * c.gets <= 48, "{ms} ms: {c:?}");
+            assert!(c.extents * c.gets.min(STREAMING) <= 48, "{ms} ms: {c:?}");
         }
     }
 
@@ -458,8 +474,9 @@ mod tests {
     fn staging_bound_loads_keep_the_parts_latency_asks() {
         // (ttfb ms, connection MB/s, extent, cap, memory parts, chosen)
         let cases = [
-            // A GPU load 80 ms away, 32 buffers of 16 MiB: 16 GETs of two fill them.
-            (80.0, 500.0, 16 * MIB, 64, 32, Choice { gets: 16, extents: 2 }),
+            // A GPU load 80 ms away, 32 buffers of 16 MiB: 16 GETs of two stream into them,
+            // 20 more wait for their first byte (40 MB a connection could move meanwhile).
+            (80.0, 500.0, 16 * MIB, 64, 32, Choice { gets: 36, extents: 2 }),
             (80.0, 500.0, 16 * MIB, 16, 32, Choice { gets: 16, extents: 2 }),
             // Host loads (no staging bound): parts as latency asks.
             (80.0, 500.0, 16 * MIB, 64, usize::MAX, Choice { gets: 26, extents: 4 }),
@@ -469,14 +486,15 @@ mod tests {
         for (ms, mb, extent, cap, memory, want) in cases {
             let got = choose(Some((ms / 1e3, mb * 1e6)), extent, cap, memory);
             assert_eq!(got, want, "{ms} ms, {mb} MB/s, cap {cap}, memory {memory}");
-            assert!(got.gets * got.extents <= memory && got.gets <= cap, "{got:?}");
+            assert!(got.gets.min(STREAMING) * got.extents <= memory && got.gets <= cap, "{got:?}");
         }
         // Odd inputs: no panic, at least one GET, within the buffers and the cap.
         for (t, r) in [(0.0, 0.0), (f64::INFINITY, 1e9), (1.0, f64::INFINITY), (-1.0, -1.0)] {
             for (extent, cap, memory) in [(0, 0, 0), (1, usize::MAX, usize::MAX), (4096, 64, 64)] {
                 let c = choose(Some((t, r)), extent, cap, memory);
                 assert!(c.gets >= 1 && c.extents >= 1, "{t} {r} {extent} {cap} {memory}: {c:?}");
-                assert!(c.gets <= cap.max(1) && c.gets * c.extents <= memory.max(1), "{c:?}");
+                let streaming = c.gets.min(STREAMING) * c.extents;
+                assert!(c.gets <= cap.max(1) && streaming <= memory.max(1), "{c:?}");
             }
         }
     }
@@ -505,9 +523,10 @@ mod tests {
         // S3-like: each connection 90 MB/s, the NIC far away: the cap.
         let (gets, _) = climb(&Net::new(16 * MIB, 64, usize::MAX), 0.020, 90e6, 1e12, 40);
         assert_eq!(gets, 64);
-        // ... with 32 staging buffers: what they hold.
+        // ... with 32 staging buffers: every buffer streaming, and the GETs that cover their
+        // wait (1.8 MB a connection: a tenth of a part each, 36 in all).
         let (gets, _) = climb(&Net::new(16 * MIB, 64, 32), 0.020, 90e6, 1e12, 40);
-        assert_eq!(gets, 32);
+        assert_eq!(gets, 36);
         // Connections of 90 MB/s behind 2.5 GB/s: climbs until a step gives less than
         // CLIMB_GAIN, keeps the step before, and moves at least 90% of the NIC.
         let net = Net::new(16 * MIB, 64, usize::MAX);
@@ -525,12 +544,12 @@ mod tests {
         let fixed = Net::new(16 * MIB, 64, usize::MAX).fixed_parts();
         let (gets, _) = climb(&fixed, 0.020, 90e6, 1e12, 40);
         assert_eq!((gets, fixed.target().extents), (64, 1));
-        // A device load whose ring the model already fills (80 ms, 20 buffers): no room, no
-        // climb, settled at once.
-        let ring = Net::new(16 * MIB, 64, 20);
+        // A device load whose ring the model already keeps streaming (80 ms, 8 buffers: 8
+        // streams, 20 GETs covering their wait): no room, no climb, settled at once.
+        let ring = Net::new(16 * MIB, 64, 8);
         let (gets, _) = climb(&ring, 0.080, 500e6, 1e12, 12);
         let r = ring.report().unwrap();
-        assert!(gets * ring.target().extents <= 20 && r.climbed == 0 && r.climb_settled, "{r:?}");
+        assert!(gets == 28 && r.climbed == 0 && r.climb_settled, "{gets} {r:?}");
         // The cap at the model's count: no room, no climb.
         let (gets, _) = climb(&Net::new(16 * MIB, 16, usize::MAX), 0.020, 90e6, 1e12, 40);
         assert_eq!(gets, 16);
@@ -574,9 +593,9 @@ mod tests {
         far.record(0.090, 90_000_000, 1.0);
         let r = far.report().unwrap();
         assert_eq!((r.in_flight, r.part_bytes), (20, 32 * MIB), "{r:?}");
-        // Staging for 32 extents: as many GETs of two as fit.
+        // Staging for 32 extents: 16 GETs of two stream into them, 4 more wait.
         let near = Net::new(16 * MIB, 64, 32);
         near.record(0.090, 90_000_000, 1.0);
-        assert_eq!(near.target(), Choice { gets: 16, extents: 2 });
+        assert_eq!(near.target(), Choice { gets: 20, extents: 2 });
     }
 }
