@@ -251,16 +251,21 @@ fn object_storage_against_seaweedfs() {
     assert!(net.part_bytes > net.extent_bytes, "the parts were to join extents: {net:?}");
 
     // The same object verified (every byte hashed in order, file by file) into the caller's
-    // slices through 4 staging buffers, with up to 48 GETs 80 ms away: most GETs answer
-    // before buffers are free and wait for them, out of order. The buffers go to parts in
-    // the order they were issued, so the hashing threads, which hold a file's later extents
-    // until its earlier ones land, never hold every buffer while an earlier extent waits for
-    // one (a hang); the load finishes, checked against the SHA256SUMS beside it.
+    // slices through 4 staging buffers of one 64 KiB part each, up to 48 GETs 80 ms away:
+    // the GETs do not wait for buffers to be issued (more than 4 at once, which the trace's
+    // GET spans show), most answer before buffers are free and wait for them, in any order.
+    // The buffers go to parts in the order they were issued, so the hashing threads, which
+    // hold a file's later extents until its earlier ones land, never hold every buffer while
+    // an earlier extent waits for one (a hang); the load finishes, checked against the
+    // SHA256SUMS beside it.
+    let trace_path = dir.path().join("verified.trace.json");
     let config = Config::default()
         .chunk_bytes(extent)
+        .object_part_bytes(extent)
         .staging_bytes(4 * extent)
         .object_concurrency(48)
         .require_sha256(true)
+        .trace(&trace_path)
         .object_option("aws_endpoint_url", proxy.endpoint());
     let remote = gantry::open_with(url("many/m.safetensors"), &config).unwrap();
     let verified = Loader::new(config).unwrap();
@@ -278,11 +283,23 @@ fn object_storage_against_seaweedfs() {
     for (p, t) in params.iter().zip(&many.tensors) {
         assert!(p[..] == reference(&many, t)[..], "tensor {} differs", t.name);
     }
+    assert_eq!(report.staging_bytes, 4 * extent as u64, "4 staging buffers of one part each");
     let check = report.files[0].integrity.clone().expect("the file was hashed");
     assert!(check.verified(), "{check:?}");
     assert!(check.known.as_ref().is_some_and(|k| k.source.contains("SHA256SUMS")), "{check:?}");
-    let net = report.object.expect("an object load reports what its GETs measured");
-    assert!(net.in_flight > 4, "no more GETs than staging buffers: {net:?}");
+    // The most GETs in flight at once, from the trace's object GET spans.
+    let trace: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace_path).unwrap()).unwrap();
+    let mut edges: Vec<(f64, i32)> = Vec::new();
+    for e in trace["traceEvents"].as_array().unwrap() {
+        if e["ph"] == "X" && e["args"]["reader"] == "object" {
+            let (ts, dur) = (e["ts"].as_f64().unwrap(), e["dur"].as_f64().unwrap());
+            edges.extend([(ts, 1), (ts + dur, -1)]);
+        }
+    }
+    edges.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let most = edges.iter().scan(0, |n, e| Some(*n + e.1).inspect(|m| *n = *m)).max();
+    assert!(most.is_some_and(|m| m > 4), "GETs in flight at once: {most:?}, 4 buffers");
     drop(proxy);
 
     // Keys with non-ASCII and reserved characters, by URL and by listing.

@@ -103,6 +103,9 @@ pub struct Client {
     /// provider, the endpoint the client was configured with (normalized; empty for the
     /// provider's default), the account (Azure) and the bucket.
     pub cache_name: crate::source::cache::Origin,
+    /// Whether the client may carry several requests on one connection (HTTP/2: its
+    /// `http1_only` off or `http2_only` on), where an answer left unread holds up the others.
+    pub multiplexed: bool,
 }
 
 /// The client for `source`'s bucket with `options`, made once per process. Every setting it
@@ -127,11 +130,11 @@ pub fn client(source: &Source, options: &Options) -> Result<Client> {
     };
     let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(build))
         .map_err(|panic| panicked(&url, panic.as_ref()))?;
-    let (store, cache_name) = built.map_err(|e| match e {
+    let (store, cache_name, multiplexed) = built.map_err(|e| match e {
         Built::Setting(e) => e,
         Built::Client(e) => Error::Config(format!("{}: {}", url.display(), strip(&e.to_string()))),
     })?;
-    let client = Client { store, cache_name };
+    let client = Client { store, cache_name, multiplexed };
     clients.lock().insert(key, client.clone());
     Ok(client)
 }
@@ -234,8 +237,19 @@ fn settings<K: Clone + PartialEq>(
     Ok(all)
 }
 
-/// A store and where its bucket lives, or why it could not be made.
-type Store = std::result::Result<(Arc<dyn ObjectStore>, crate::source::cache::Origin), Built>;
+/// A store, where its bucket lives and whether it may use HTTP/2 ([`Client::multiplexed`]), or
+/// why it could not be made.
+type Store = std::result::Result<(Arc<dyn ObjectStore>, crate::source::cache::Origin, bool), Built>;
+
+/// Whether a client whose `get` gives these values of its HTTP settings may use HTTP/2 (the
+/// client's own reading of a boolean).
+fn may_use_http2(get: impl Fn(ClientConfigKey) -> Option<String>) -> bool {
+    let on = |key| {
+        let value = get(key).unwrap_or_default().to_ascii_lowercase();
+        ["1", "true", "on", "yes", "y"].contains(&value.as_str())
+    };
+    !on(ClientConfigKey::Http1Only) || on(ClientConfigKey::Http2Only)
+}
 
 /// The cache's name for `bucket` at `endpoint` (as configured) of `provider`.
 fn origin(
@@ -269,7 +283,8 @@ fn s3(bucket: &str, options: &Options) -> Store {
         builder = builder.with_region("us-east-1");
     }
     let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint);
-    Ok((Arc::new(builder.build()?), origin("s3", endpoint, None, bucket)))
+    let http2 = may_use_http2(|k| builder.get_config_value(&AmazonS3ConfigKey::Client(k)));
+    Ok((Arc::new(builder.build()?), origin("s3", endpoint, None, bucket), http2))
 }
 
 fn gcs(bucket: &str, options: &Options) -> Store {
@@ -297,8 +312,9 @@ fn gcs(bucket: &str, options: &Options) -> Store {
         builder = builder.with_config(s.key, s.value);
     }
     let endpoint = builder.get_config_value(&GoogleConfigKey::BaseUrl);
+    let http2 = may_use_http2(|k| builder.get_config_value(&GoogleConfigKey::Client(k)));
     let store = builder.with_bucket_name(bucket).with_retry(retry()).build()?;
-    Ok((Arc::new(store), origin("gcs", endpoint, None, bucket)))
+    Ok((Arc::new(store), origin("gcs", endpoint, None, bucket), http2))
 }
 
 fn azure(source: &Source, options: &Options) -> Store {
@@ -335,8 +351,9 @@ fn azure(source: &Source, options: &Options) -> Store {
         let url = std::env::var("AZURITE_BLOB_STORAGE_URL").ok();
         emulator.then(|| url.unwrap_or_else(|| "http://127.0.0.1:10000".to_owned()))
     });
+    let http2 = may_use_http2(|k| builder.get_config_value(&AzureConfigKey::Client(k)));
     let store = builder.with_container_name(&source.bucket).with_retry(retry()).build()?;
-    Ok((Arc::new(store), origin("azure", endpoint, Some(account), &source.bucket)))
+    Ok((Arc::new(store), origin("azure", endpoint, Some(account), &source.bucket), http2))
 }
 
 /// Values cut out of every message.
@@ -456,6 +473,35 @@ pub fn changed(op: &'static str, url: &Path, offset: u64, len: u64, why: &str) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Clients that may use HTTP/2 are told apart from the HTTP/1 default, whichever way the
+    /// setting is spelled and whichever store it is given to.
+    #[test]
+    fn clients_that_may_use_http2_are_known() {
+        let options = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let cases: [(&[(&str, &str)], bool); 5] = [
+            (&[], false),
+            (&[("http1_only", "false")], true),
+            (&[("http1_only", "Off")], true),
+            (&[("http2_only", "YES")], true),
+            (&[("http1_only", "true"), ("http2_only", "0")], false),
+        ];
+        for (i, (pairs, want)) in cases.into_iter().enumerate() {
+            for (n, url) in
+                ["s3://b-http2/k", "gs://b-http2/k", "az://c-http2/k"].iter().enumerate()
+            {
+                // A bucket of its own per case: clients are made once per process and options.
+                let url = url.replace("http2", &format!("http2-{i}-{n}"));
+                let source = Source::parse(&url).unwrap().unwrap();
+                let mut options = options(pairs);
+                options.push(("azure_storage_account_name".into(), "acct".into()));
+                let c = client(&source, &options).unwrap();
+                assert_eq!(c.multiplexed, want, "{url} {pairs:?}");
+            }
+        }
+    }
 
     #[test]
     fn option_keys_go_to_their_store() {

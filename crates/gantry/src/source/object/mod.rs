@@ -559,6 +559,9 @@ pub struct ObjectFile {
     pub origin: super::cache::Origin,
     /// The local copy being written as the parts arrive ([`super::cache`]), if any.
     pub cache: Option<Arc<super::cache::Writer>>,
+    /// Whether its client may carry several GETs on one connection ([`client::Client`]):
+    /// then a part's buffers are bound before its GET is issued ([`Binder`]).
+    multiplexed: bool,
 }
 
 impl ObjectFile {
@@ -675,6 +678,7 @@ fn as_read(
         generation,
         origin: client.cache_name,
         cache: None,
+        multiplexed: client.multiplexed,
     })
 }
 
@@ -749,11 +753,12 @@ pub fn run(
     let (bind_tx, bind_rx) = std::sync::mpsc::channel();
     let binder = Binder(bind_tx);
     std::thread::scope(|scope| {
-        if let Some(pool) = pool {
+        // The staging thread, where any part lands in staging.
+        if let Some(pool) = pool.filter(|_| jobs.iter().any(|j| j.target.is_none())) {
             let trace = trace.clone();
             let binding = move || {
                 let _in = crate::trace::enter(trace.as_ref(), "object staging");
-                bind(pool, bind_rx)
+                staging_thread(pool, bind_rx)
             };
             if let Err(e) =
                 std::thread::Builder::new().name("gantry-bind".into()).spawn_scoped(scope, binding)
@@ -860,6 +865,13 @@ pub fn run(
 /// threads hash each file in order), and one GET slow to answer holds up no other part.
 /// Far from the store the ring then keeps several times the GETs streaming it would if each
 /// GET took its buffers before it was issued (and waited for its first byte with them).
+///
+/// Over HTTP/2 (a client with `http1_only` off or `http2_only` on) the GETs share a
+/// connection whose window an unread answer holds, so there each GET waits for its buffers
+/// before it is issued. A GET's wait for buffers counts against the client's timeout (300 s,
+/// or the `timeout` option): one that waits past it breaks and is resumed (one of its
+/// [`PART_ATTEMPTS`]). The body's rate is measured from the binding, so bytes already in the
+/// socket count as taking no time: a rate a little high for parts of a few MiB.
 struct Binder(std::sync::mpsc::Sender<(usize, Buffers)>);
 
 /// Where a part's staging buffers go once bound.
@@ -879,7 +891,7 @@ impl Binder {
 /// The staging thread: answers each request for buffers from `pool` in turn, blocking until
 /// they are free; ends when the pool closes (the requests left get no answer) or every
 /// [`Binder`] is gone.
-fn bind(pool: &Arc<Pool>, requests: std::sync::mpsc::Receiver<(usize, Buffers)>) {
+fn staging_thread(pool: &Arc<Pool>, requests: std::sync::mpsc::Receiver<(usize, Buffers)>) {
     for (n, answer) in requests {
         let Some(leases) = (0..n).map(|_| pool.acquire()).collect::<Option<Vec<_>>>() else {
             return;
@@ -993,16 +1005,19 @@ async fn fetch_into(
 ) -> Result<()> {
     assert!(!part.is_empty() && part.len() == dests.len());
     let (offset, len) = (part[0].offset, part.iter().map(|j| j.len).sum::<u64>());
-    // The first answer; then the buffers, for its body.
+    if len == 0 {
+        return Ok(());
+    }
+    // The first answer; then the buffers, for its body. Over HTTP/2 the buffers come first:
+    // an answer left unread there holds the connection's window, which the GETs that have
+    // their buffers share.
+    let mut buffers = buffers;
+    if file.multiplexed {
+        bind(dests, buffers.take()).await?;
+    }
     let mut answer = Some(get_checked(file, offset, 0, len).await?);
     times.answered = answer.as_ref().map(|a| a.answered);
-    if let Some(buffers) = buffers {
-        // Closed without them: the pool closed, the load has failed or stopped.
-        let mut leases = buffers.await.map_err(|_| Error::Cancelled)?;
-        for dest in dests.iter_mut().filter(|d| matches!(d, Dest::Unbound)) {
-            *dest = Dest::Staging(leases.pop().ok_or(Error::Cancelled)?);
-        }
-    }
+    bind(dests, buffers).await?;
     times.bound = Some(Instant::now());
     let mut bufs: Vec<&mut [u8]> =
         dests.iter_mut().zip(part).map(|(dest, job)| landing(dest, job)).collect();
@@ -1068,6 +1083,21 @@ async fn fetch_into(
             }
             None => {}
         }
+    }
+    Ok(())
+}
+
+/// Puts the leases `buffers` brings (when it brings any: [`Binder`]) in place of `dests`'
+/// [`Dest::Unbound`] buffers; [`Error::Cancelled`] when it closes without them (the pool
+/// closed: the load has failed or stopped).
+async fn bind(
+    dests: &mut [Dest],
+    buffers: Option<tokio::sync::oneshot::Receiver<Vec<Lease>>>,
+) -> Result<()> {
+    let Some(buffers) = buffers else { return Ok(()) };
+    let mut leases = buffers.await.map_err(|_| Error::Cancelled)?;
+    for dest in dests.iter_mut().filter(|d| matches!(d, Dest::Unbound)) {
+        *dest = Dest::Staging(leases.pop().ok_or(Error::Cancelled)?);
     }
     Ok(())
 }
@@ -1299,6 +1329,7 @@ async fn head(path: &Path, options: &Options) -> Result<ObjectFile> {
         generation,
         origin: client.cache_name,
         cache: None,
+        multiplexed: client.multiplexed,
     })
 }
 
@@ -1342,6 +1373,7 @@ mod tests {
             generation: None,
             origin,
             cache: None,
+            multiplexed: false,
         };
         let lens = [1000u64, 4096, 1, 2903];
         let mut bufs: Vec<Vec<u8>> = lens.iter().map(|&n| vec![0; n as usize]).collect();
