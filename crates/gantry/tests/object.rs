@@ -44,6 +44,24 @@ impl suite::Store for S3 {
     fn kill(&mut self) {}
 }
 
+/// Every tensor of `source` loaded with `config` into memory of the caller's (extents that do
+/// not land in place go through staging), on a thread of its own: the report and the bytes,
+/// or a failure naming `what` when it has not finished in 120 s (a hang).
+fn staged_within(source: String, config: Config, what: &str) -> (gantry::LoadReport, Vec<Vec<u8>>) {
+    let remote = gantry::open_with(&source, &config).unwrap();
+    let loader = Loader::new(config).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut params: Vec<Vec<u8>> =
+            remote.tensors.iter().map(|t| vec![0; t.len as usize]).collect();
+        let mut slots = params.iter_mut();
+        let report = loader.load_into(&remote, |_| slots.next().map(|p| &mut p[..]), |_| {});
+        let _ = tx.send(report.map(|r| (r, params)));
+    });
+    let loaded = rx.recv_timeout(Duration::from_secs(120));
+    loaded.unwrap_or_else(|_| panic!("{what} did not finish in 120 s")).unwrap()
+}
+
 #[test]
 fn object_storage_against_seaweedfs() {
     let Some(weed) = weed() else { return };
@@ -231,23 +249,12 @@ fn object_storage_against_seaweedfs() {
         .staging_bytes(16 * extent)
         .object_concurrency(24)
         .object_option("aws_endpoint_url", proxy.endpoint());
-    let remote = gantry::open_with(url("many/m.safetensors"), &config).unwrap();
-    let staged = Loader::new(config).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut params: Vec<Vec<u8>> = (0..count).map(|_| vec![0; each]).collect();
-        let mut slots = params.iter_mut();
-        let report = staged.load_into(&remote, |_| slots.next().map(|p| &mut p[..]), |_| {});
-        let _ = tx.send(report.map(|r| (r.object, params)));
-    });
-    let (net, params) = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("a staged host load of joined parts did not finish in 120 s")
-        .unwrap();
+    let (report, params) =
+        staged_within(url("many/m.safetensors"), config, "a staged host load of joined parts");
     for (p, t) in params.iter().zip(&many.tensors) {
         assert!(p[..] == reference(&many, t)[..], "tensor {} differs", t.name);
     }
-    let net = net.expect("an object load reports what its GETs measured");
+    let net = report.object.expect("an object load reports what its GETs measured");
     assert!(net.part_bytes > net.extent_bytes, "the parts were to join extents: {net:?}");
 
     // The same object verified (every byte hashed in order, file by file) into the caller's
@@ -267,19 +274,8 @@ fn object_storage_against_seaweedfs() {
         .require_sha256(true)
         .trace(&trace_path)
         .object_option("aws_endpoint_url", proxy.endpoint());
-    let remote = gantry::open_with(url("many/m.safetensors"), &config).unwrap();
-    let verified = Loader::new(config).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut params: Vec<Vec<u8>> = (0..count).map(|_| vec![0; each]).collect();
-        let mut slots = params.iter_mut();
-        let report = verified.load_into(&remote, |_| slots.next().map(|p| &mut p[..]), |_| {});
-        let _ = tx.send(report.map(|r| (r, params)));
-    });
-    let (report, params) = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("a verified staged load through 4 buffers did not finish in 120 s")
-        .unwrap();
+    let what = "a verified staged load through 4 buffers";
+    let (report, params) = staged_within(url("many/m.safetensors"), config, what);
     for (p, t) in params.iter().zip(&many.tensors) {
         assert!(p[..] == reference(&many, t)[..], "tensor {} differs", t.name);
     }
