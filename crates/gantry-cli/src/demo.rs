@@ -17,7 +17,7 @@ pub struct Args {
     /// Size of the synthetic checkpoint in GiB.
     #[arg(long, default_value_t = 1.0)]
     pub size: f64,
-    /// Where to keep it (default: $GANTRY_DEMO_DIR, else ~/.cache/gantry/demo-<size>g).
+    /// Where to keep it (default: `$GANTRY_DEMO_DIR`, else `~/.cache/gantry/demo-<size>g`).
     #[arg(long)]
     pub dir: Option<PathBuf>,
 }

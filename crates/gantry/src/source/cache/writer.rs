@@ -3,7 +3,7 @@
 //! The thread does every file-system operation of the copy: it creates and locks the
 //! temporary file, reserves its space, writes the parts the GETs received through the page
 //! cache, hashes each segment for the record, writes the record and renames the copy into
-//! place. The load's threads only copy each part into the pending memory ([`super::pending`])
+//! place. The load's threads only copy each part into the pending memory (`super::pending`)
 //! from where it landed and queue it, and, at the end, wait a bounded time for the verdict: a
 //! cache whose disk stalls or fills costs the copy and a warning, never the load.
 //!
@@ -264,7 +264,7 @@ impl Writer {
     }
 
     /// Queues the bytes of one part, `chunks` back to back from `offset`, to be written by the
-    /// copy's thread: they are copied into the pending memory ([`super::pending`]), so the
+    /// copy's thread: they are copied into the pending memory (`super::pending`), so the
     /// caller keeps its buffers (the GETs copy from where the part landed, so that the HTTP
     /// client's buffers are reused). Never waits: while [`PENDING_BYTES_MAX`] bytes of all
     /// copies are waiting for the disk, the part is noted as missed and fetched again behind

@@ -14,7 +14,7 @@
 //! takes it whole) and goes through the same copy steps as a local read, so memory stays
 //! bounded by the ring. A part's GET does not wait for its buffers to be issued: they are
 //! bound, in the order the parts were issued, while it waits for its first byte
-//! ([`Binder`]), so far from the store more GETs are in flight than the ring holds parts.
+//! (`Binder`), so far from the store more GETs are in flight than the ring holds parts.
 //!
 //! A key is what the store holds, byte for byte: the one from the URL as written (see
 //! [`source`]), from an index, or from a listing, never escaped by us (the client encodes it
@@ -1161,7 +1161,7 @@ fn take_chunk(
 /// Largest `SHA256SUMS` object read.
 const SUMS_BYTES_MAX: u64 = integrity::SUMS_BYTES_MAX;
 
-/// The digests known for `objects` (see [`known_digest`]), looked up all at once (one or two
+/// The digests known for `objects` (see `known_digest`), looked up all at once (one or two
 /// round trips for the lot, not per object), in order.
 pub fn known_digests(objects: &[&ObjectFile]) -> Vec<Result<std::result::Result<Known, String>>> {
     let Some(first) = objects.first() else { return Vec::new() };

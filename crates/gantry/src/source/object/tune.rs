@@ -161,7 +161,7 @@ pub fn choose(
 /// GETs to keep in flight for parts of `part_bytes`, given the measured TTFB (seconds) and
 /// per-connection rate (bytes per second): [`STREAMING`] streams, or as many as
 /// `memory_parts` (staging buffers for the parts) hold where that is fewer, and the GETs that
-/// cover their wait for the first byte ([`covering`]); at most `cap`, at least one.
+/// cover their wait for the first byte (`covering`); at most `cap`, at least one.
 /// Unmeasured: the streams, within the cap. Pure.
 pub fn in_flight(
     measured: Option<(f64, f64)>,
