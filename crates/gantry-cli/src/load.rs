@@ -214,7 +214,8 @@ struct JsonLoad<'a> {
     volume: Option<String>,
     /// What the object reader's GETs measured and chose: `ttfb_ms` (mean), `ttfb_min_ms`
     /// (least, what the choices follow), `connection_mb_s`,
-    /// `in_flight`, `climbed` (of those, the GETs the climb added to the model's count),
+    /// `in_flight`, `streaming` (of those, the connections the model keeps streaming: 16, or
+    /// what the staging buffers hold), `climbed` (the GETs the climb added to the model's count),
     /// `climb_settled` (whether it had settled, or the load ended mid-step),
     /// `part_bytes` (bytes per GET, chosen), `extent_bytes` (the plan's parts, configured)
     /// (object loads only).
@@ -398,6 +399,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn Error>> {
                     "connection_mb_s": o.connection_mb_s,
                     "in_flight": o.in_flight,
                     "climbed": o.climbed,
+                    "streaming": o.streaming,
                     "climb_settled": o.climb_settled,
                     "part_bytes": o.part_bytes,
                     "extent_bytes": o.extent_bytes,
@@ -465,7 +467,7 @@ pub fn explain(report: &LoadReport, verify_sha256: bool) {
             o.ttfb_min_ms,
             o.connection_mb_s,
             o.in_flight,
-            gantry::io::object::tune::STREAMING,
+            o.streaming,
             o.climbed,
             match o.climb_settled {
                 true => "that the climb kept",

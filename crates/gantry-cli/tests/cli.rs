@@ -377,6 +377,9 @@ fn object_sources_from_emulators() {
         assert!((1..=cap).contains(&in_flight), "{url}: {net} (cap {cap}, the default)");
         assert_eq!(v["config"]["object_concurrency"].as_u64(), Some(cap), "{url}");
         assert!(net["climbed"].is_u64() && net["climb_settled"].is_boolean(), "{url}: {net}");
+        // Parts that land in place (a host load): no staging buffers bound the streams.
+        let streams = gantry::io::object::tune::STREAMING as u64;
+        assert_eq!(net["streaming"].as_u64(), Some(streams), "{url}: {net}");
         // The plan's parts are the configured ones; a GET covers a whole number of them.
         assert_eq!(net["extent_bytes"], v["config"]["object_part_bytes"], "{url}: {net}");
         let (part, extent) =

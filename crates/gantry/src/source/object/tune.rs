@@ -94,6 +94,10 @@ pub struct NetReport {
     pub connection_mb_s: f64,
     /// GETs kept in flight once measured (the last count chosen).
     pub in_flight: usize,
+    /// Of those, the connections the model keeps streaming at once: [`STREAMING`], or as
+    /// many as the staging buffers hold parts where that is fewer (the rest wait for their
+    /// first byte).
+    pub streaming: usize,
     /// Bytes per ranged GET once measured (the last size chosen): a whole number of the
     /// plan's extents.
     pub part_bytes: u64,
@@ -357,6 +361,7 @@ impl Net {
             ttfb_min_ms: ttfb_s * 1e3,
             connection_mb_s: rate / 1e6,
             in_flight: chosen.gets,
+            streaming: STREAMING.min(s.memory_parts / chosen.extents.max(1)).max(1),
             part_bytes: self.extent_bytes * chosen.extents as u64,
             extent_bytes: self.extent_bytes,
             climbed: chosen.gets - model.gets,
@@ -593,9 +598,16 @@ mod tests {
         far.record(0.090, 90_000_000, 1.0);
         let r = far.report().unwrap();
         assert_eq!((r.in_flight, r.part_bytes), (20, 32 * MIB), "{r:?}");
+        assert_eq!(r.streaming, STREAMING, "no staging buffers bound the streams: {r:?}");
         // Staging for 32 extents: 16 GETs of two stream into them, 4 more wait.
         let near = Net::new(16 * MIB, 64, 32);
         near.record(0.090, 90_000_000, 1.0);
         assert_eq!(near.target(), Choice { gets: 20, extents: 2 });
+        assert_eq!(near.report().unwrap().streaming, 16);
+        // Staging for 8: 8 GETs of one stream into them, 4 more wait (0.48 of a part each).
+        let small = Net::new(16 * MIB, 64, 8);
+        small.record(0.090, 90_000_000, 1.0);
+        let r = small.report().unwrap();
+        assert_eq!((r.in_flight, r.streaming, r.part_bytes), (12, 8, 16 * MIB), "{r:?}");
     }
 }
