@@ -785,10 +785,10 @@ pub fn run(
                     break;
                 }
                 // This extent and the next ones of its object not yet taken, one GET for all.
-                // An extent that does not land in place gets its staging buffer once the GET
-                // answers ([`Binder`]), so a GET waiting for its first byte holds no buffer; a
-                // part never asks for more buffers than the pool has (it would wait for buffers
-                // only its own bytes could free): the part ends there instead.
+                // An extent that does not land in place gets its staging buffer from the
+                // staging thread as one comes free ([`Binder`]), not before its GET is issued;
+                // a part never asks for more buffers than the pool has (it would wait for
+                // buffers only its own bytes could free): the part ends there instead.
                 let (mut part, mut dests, mut at, mut staged) = (Vec::new(), Vec::new(), first, 0);
                 loop {
                     let dest = match jobs[at].target {
@@ -942,7 +942,7 @@ const PART_ATTEMPTS: u32 = 4;
 enum Dest {
     /// A staging buffer, handed to the consumer with the bytes.
     Staging(Lease),
-    /// A staging buffer still to come: bound when the GET answers ([`Binder`]).
+    /// A staging buffer still to come ([`Binder`]), awaited once the GET has answered.
     Unbound,
     /// The extent's destination itself.
     Target(crate::engine::read::RawTarget),
@@ -1000,7 +1000,7 @@ async fn fetch_into(
     dests: &mut [Dest],
     fault: Option<&dyn FaultInjector>,
     net: Option<&tune::Net>,
-    buffers: Option<tokio::sync::oneshot::Receiver<Vec<Lease>>>,
+    mut buffers: Option<tokio::sync::oneshot::Receiver<Vec<Lease>>>,
     times: &mut Times,
 ) -> Result<()> {
     assert!(!part.is_empty() && part.len() == dests.len());
@@ -1011,14 +1011,14 @@ async fn fetch_into(
     // The first answer; then the buffers, for its body. Over HTTP/2 the buffers come first:
     // an answer left unread there holds the connection's window, which the GETs that have
     // their buffers share.
-    let mut buffers = buffers;
     if file.multiplexed {
         bind(dests, buffers.take()).await?;
     }
     let mut answer = Some(get_checked(file, offset, 0, len).await?);
     times.answered = answer.as_ref().map(|a| a.answered);
     bind(dests, buffers).await?;
-    times.bound = Some(Instant::now());
+    let bound = Instant::now();
+    times.bound = Some(bound);
     let mut bufs: Vec<&mut [u8]> =
         dests.iter_mut().zip(part).map(|(dest, job)| landing(dest, job)).collect();
     // Bytes filled: in all, and in the extent being filled (`part[at]`).
@@ -1032,7 +1032,7 @@ async fn fetch_into(
             None => get_checked(file, offset, start, len).await?,
         };
         // The body streams from its answer, or from its buffers' binding where it waited.
-        let streams = times.bound.map_or(answered, |b| b.max(answered));
+        let streams = bound.max(answered);
         let mut body = result.into_stream();
         let mut broke = None;
         while let Some(chunk) = body.next().await {

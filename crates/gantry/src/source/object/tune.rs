@@ -173,7 +173,13 @@ pub fn in_flight(
     cap: usize,
     memory_parts: usize,
 ) -> usize {
-    covering(measured, part_bytes, STREAMING.min(memory_parts), cap)
+    covering(measured, part_bytes, streams(memory_parts), cap)
+}
+
+/// Connections kept streaming at once with `memory_parts` staging buffers for the parts:
+/// [`STREAMING`], or as many as the buffers hold where that is fewer; at least one. Pure.
+fn streams(memory_parts: usize) -> usize {
+    STREAMING.min(memory_parts).max(1)
 }
 
 /// GETs of `part_bytes` that keep `streams` connections streaming: the streams, and as many
@@ -361,7 +367,7 @@ impl Net {
             ttfb_min_ms: ttfb_s * 1e3,
             connection_mb_s: rate / 1e6,
             in_flight: chosen.gets,
-            streaming: STREAMING.min(s.memory_parts / chosen.extents.max(1)).max(1),
+            streaming: streams(s.memory_parts / chosen.extents.max(1)),
             part_bytes: self.extent_bytes * chosen.extents as u64,
             extent_bytes: self.extent_bytes,
             climbed: chosen.gets - model.gets,
