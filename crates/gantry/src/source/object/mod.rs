@@ -602,7 +602,8 @@ impl ObjectFile {
         let file = self.without_cache();
         let dests = &mut [Dest::Target(target)];
         let times = &mut Times::default();
-        runtime()?.block_on(fetch_into(&file, &[job], dests, None, None, None, times))
+        let landed = &mut |_: usize, _: &mut Dest| {};
+        runtime()?.block_on(fetch_into(&file, &[job], dests, None, None, None, times, landed))
     }
 }
 
@@ -819,24 +820,33 @@ pub fn run(
                 in_flight.spawn(async move {
                     let get = lanes.as_ref().map(|l| (l.begin(), Instant::now()));
                     let mut times = Times::default();
-                    // A panic inside the client (a backstop: its settings were checked) fails
-                    // the load with an error rather than losing the part.
-                    let fetched =
-                        fetch(&file, &part, dests, fault.as_deref(), &net, buffers, &mut times);
+                    // Each extent goes to the consumer as soon as its bytes are in: its
+                    // staging buffer turns over (and its tensors are ready) without waiting
+                    // for the rest of the part. A panic inside the client (a backstop: its
+                    // settings were checked) fails the load with an error rather than losing
+                    // the part.
+                    let send = &mut |m| drop(tx.send(Ok(m)));
+                    let fetched = fetch(
+                        &file,
+                        &part,
+                        dests,
+                        fault.as_deref(),
+                        &net,
+                        buffers,
+                        &mut times,
+                        send,
+                    );
                     let caught = std::panic::AssertUnwindSafe(fetched).catch_unwind();
-                    let messages = caught
+                    let fetched = caught
                         .await
                         .unwrap_or_else(|panic| Err(panicked(&file.path, panic.as_ref())));
                     let whole = Job { len: part.iter().map(|j| j.len).sum(), ..part[0] };
                     if let (Some(lanes), Some((get, issued))) = (&lanes, get) {
-                        traced_get(lanes, get, issued, times, &file, whole, messages.is_ok());
+                        traced_get(lanes, get, issued, times, &file, whole, fetched.is_ok());
                     }
-                    match messages {
-                        Ok(messages) => messages.into_iter().for_each(|m| drop(tx.send(Ok(m)))),
-                        Err(e) => {
-                            failed.store(true, Ordering::Relaxed);
-                            let _ = tx.send(Err(e));
-                        }
+                    if let Err(e) = fetched {
+                        failed.store(true, Ordering::Relaxed);
+                        let _ = tx.send(Err(e));
                     }
                 });
             }
@@ -946,13 +956,18 @@ enum Dest {
     Unbound,
     /// The extent's destination itself.
     Target(crate::engine::read::RawTarget),
+    /// Handed on: the extent's bytes are in and its message has gone.
+    Handed,
 }
 
-/// Fetches one part, the consecutive extents `part` of one object, into `dests` (one each).
-/// When the object's cache copy wants the bytes, they are copied to it from where they
-/// landed before the messages go (the body's own buffers are never held: see
-/// [`super::cache::Writer::write`]); with its disk behind the store, the copy fetches them again
-/// after the load: the GET never waits for the cache.
+/// Fetches one part, the consecutive extents `part` of one object, into `dests` (one each),
+/// and gives `send` each extent's message as soon as its bytes are in, in order (a part that
+/// fails after some have gone returns the error for the rest). When the object's cache copy
+/// wants the bytes, each extent is copied to it from where it landed before its message goes
+/// (the body's own buffers are never held: see [`super::cache::Writer::write`]); with its disk
+/// behind the store, the copy fetches them again after the load: the GET never waits for the
+/// cache.
+#[allow(clippy::too_many_arguments)]
 async fn fetch(
     file: &ObjectFile,
     part: &[Job],
@@ -961,19 +976,22 @@ async fn fetch(
     net: &tune::Net,
     buffers: Option<tokio::sync::oneshot::Receiver<Vec<Lease>>>,
     times: &mut Times,
-) -> Result<Vec<Message>> {
-    fetch_into(file, part, &mut dests, fault, Some(net), buffers, times).await?;
-    if let Some(cache) = file.cache.as_ref().filter(|c| c.wants_bytes()) {
-        let landed: Vec<&[u8]> =
-            dests.iter_mut().zip(part).map(|(dest, job)| &*landing(dest, job)).collect();
-        cache.write(part[0].offset, &landed);
-    }
-    let landed = part.iter().zip(dests).map(|(job, dest)| match dest {
-        Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
-        Dest::Target(_) => Message::Direct { extent: job.extent },
-        Dest::Unbound => unreachable!("fetch_into binds every buffer before the body"),
-    });
-    Ok(landed.collect())
+    send: &mut (dyn FnMut(Message) + Send),
+) -> Result<()> {
+    let mut landed = |i: usize, dest: &mut Dest| {
+        let job = &part[i];
+        if let Some(cache) = file.cache.as_ref().filter(|c| c.wants_bytes()) {
+            cache.write(job.offset, &[&*landing(dest, job)]);
+        }
+        send(match std::mem::replace(dest, Dest::Handed) {
+            Dest::Staging(lease) => Message::Staged { extent: job.extent, lease },
+            Dest::Target(_) => Message::Direct { extent: job.extent },
+            Dest::Unbound | Dest::Handed => {
+                unreachable!("fetch_into hands on each extent once, bound")
+            }
+        });
+    };
+    fetch_into(file, part, &mut dests, fault, Some(net), buffers, times, &mut landed).await
 }
 
 /// The bytes extent `job` lands in.
@@ -981,6 +999,7 @@ fn landing<'a>(dest: &'a mut Dest, job: &Job) -> &'a mut [u8] {
     match dest {
         Dest::Staging(lease) => &mut lease.as_mut_slice()[..job.len as usize],
         Dest::Unbound => unreachable!("a part's buffers are bound before its body lands"),
+        Dest::Handed => unreachable!("an extent is handed on once its bytes are all in"),
         // SAFETY: the target is this extent's alone (Sink::direct_target) or a buffer
         // borrowed for the call (ObjectFile::read_into), exactly its length, and outlives
         // the fetch.
@@ -993,7 +1012,10 @@ fn landing<'a>(dest: &'a mut Dest, job: &Job) -> &'a mut [u8] {
 /// ([`Binder`]), awaited once the first GET has answered (its headers checked). Each chunk is
 /// a read result of the extent it lands in, through `fault` and [`take_chunk`]. Each request's
 /// time to first byte and body rate (from its buffers' binding) go to `net`; `times` gets
-/// when the first answer came and when the buffers were bound (the trace's).
+/// when the first answer came and when the buffers were bound (the trace's). `landed` gets
+/// each extent (its index in `part`) once its bytes are all in, in order; the extents it has
+/// had are not touched again (a body resumed starts after them).
+#[allow(clippy::too_many_arguments)]
 async fn fetch_into(
     file: &ObjectFile,
     part: &[Job],
@@ -1002,10 +1024,13 @@ async fn fetch_into(
     net: Option<&tune::Net>,
     mut buffers: Option<tokio::sync::oneshot::Receiver<Vec<Lease>>>,
     times: &mut Times,
+    landed: &mut (dyn FnMut(usize, &mut Dest) + Send),
 ) -> Result<()> {
     assert!(!part.is_empty() && part.len() == dests.len());
     let (offset, len) = (part[0].offset, part.iter().map(|j| j.len).sum::<u64>());
     if len == 0 {
+        bind(dests, buffers).await?;
+        (0..part.len()).for_each(|i| landed(i, &mut dests[i]));
         return Ok(());
     }
     // The first answer; then the buffers, for its body. Over HTTP/2 the buffers come first:
@@ -1019,14 +1044,11 @@ async fn fetch_into(
     bind(dests, buffers).await?;
     let bound = Instant::now();
     times.bound = Some(bound);
-    let mut bufs: Vec<&mut [u8]> =
-        dests.iter_mut().zip(part).map(|(dest, job)| landing(dest, job)).collect();
-    // Bytes filled: in all, and in the extent being filled (`part[at]`).
-    let (mut filled, mut at, mut in_extent) = (0u64, 0usize, 0u64);
+    let mut progress = Progress::default();
     let mut attempt = 0;
-    while filled < len {
+    while progress.filled < len {
+        let start = progress.filled;
         attempt += 1;
-        let start = filled;
         let Answered { result, pin, asked, answered } = match answer.take() {
             Some(a) => a,
             None => get_checked(file, offset, start, len).await?,
@@ -1036,35 +1058,16 @@ async fn fetch_into(
         let mut body = result.into_stream();
         let mut broke = None;
         while let Some(chunk) = body.next().await {
-            let mut bytes = match chunk {
+            let bytes = match chunk {
                 Ok(bytes) => bytes,
                 Err(e) => {
                     broke = Some(e);
                     break;
                 }
             };
-            if filled + bytes.len() as u64 > len {
-                return Err(Error::Io {
-                    op: "get",
-                    path: file.path.clone(),
-                    offset: offset + filled,
-                    len: len - filled,
-                    source: io::Error::other("the server sent more bytes than asked for"),
-                });
-            }
-            // The chunk, split at the extents' boundaries.
-            while !bytes.is_empty() {
-                let job = part[at];
-                let n = bytes.len().min((job.len - in_extent) as usize);
-                let now =
-                    take_chunk(file, job, fault, in_extent, bytes.split_to(n), &mut *bufs[at])?;
-                filled += now - in_extent;
-                in_extent = now;
-                if in_extent == job.len && at + 1 < part.len() {
-                    (at, in_extent) = (at + 1, 0);
-                }
-            }
+            progress.take(file, part, dests, fault, bytes, landed)?;
         }
+        let filled = progress.filled;
         if let Some(net) = net.filter(|_| filled > start) {
             let ttfb_s = (answered - asked).as_secs_f64();
             net.record(ttfb_s, filled - start, streams.elapsed().as_secs_f64());
@@ -1085,6 +1088,66 @@ async fn fetch_into(
         }
     }
     Ok(())
+}
+
+/// How far a part's body has come.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Bytes of the part filled.
+    filled: u64,
+    /// The extent being filled (an index in the part), and its bytes filled.
+    at: usize,
+    in_extent: u64,
+    /// The extents before this one have been handed on.
+    handed: usize,
+}
+
+impl Progress {
+    /// Takes the body's next chunk `bytes` into the extents of `part` it covers (split at
+    /// their boundaries, each piece through `fault` and [`take_chunk`]), then hands each
+    /// extent now whole, in order, to `landed`.
+    fn take(
+        &mut self,
+        file: &ObjectFile,
+        part: &[Job],
+        dests: &mut [Dest],
+        fault: Option<&dyn FaultInjector>,
+        mut bytes: bytes::Bytes,
+        landed: &mut (dyn FnMut(usize, &mut Dest) + Send),
+    ) -> Result<()> {
+        let len: u64 = part.iter().map(|j| j.len).sum();
+        if self.filled + bytes.len() as u64 > len {
+            return Err(Error::Io {
+                op: "get",
+                path: file.path.clone(),
+                offset: part[0].offset + self.filled,
+                len: len - self.filled,
+                source: io::Error::other("the server sent more bytes than asked for"),
+            });
+        }
+        while !bytes.is_empty() {
+            let job = part[self.at];
+            let n = bytes.len().min((job.len - self.in_extent) as usize);
+            let buf = landing(&mut dests[self.at], &job);
+            let now = take_chunk(file, job, fault, self.in_extent, bytes.split_to(n), buf)?;
+            self.filled += now - self.in_extent;
+            self.in_extent = now;
+            if self.in_extent == job.len && self.at + 1 < part.len() {
+                (self.at, self.in_extent) = (self.at + 1, 0);
+            }
+        }
+        // The extents now whole go on (the empty ones at the part's end with the last byte).
+        let whole = if self.filled == len {
+            part.len()
+        } else {
+            self.at + usize::from(self.in_extent == part[self.at].len)
+        };
+        while self.handed < whole {
+            landed(self.handed, &mut dests[self.handed]);
+            self.handed += 1;
+        }
+        Ok(())
+    }
 }
 
 /// Puts the leases `buffers` brings (when it brings any: [`Binder`]) in place of `dests`'
@@ -1349,14 +1412,11 @@ mod tests {
         }
     }
 
-    /// One GET covering consecutive extents fills each extent's own destination with its
-    /// bytes, splitting the body's chunks at the extents' boundaries, through short reads.
-    #[test]
-    fn one_get_fills_consecutive_extents() {
-        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    /// An object of `data` in memory, as a load opens it.
+    fn memory_object(data: &[u8]) -> ObjectFile {
         let store = Arc::new(object_store::memory::InMemory::new());
         let location = ObjectPath::from("m/x.safetensors");
-        let put = store.put(&location, data.clone().into());
+        let put = store.put(&location, data.to_vec().into());
         block_on(Path::new("s3://b/"), put).unwrap().unwrap();
         let origin = super::super::cache::Origin {
             provider: "s3",
@@ -1364,7 +1424,7 @@ mod tests {
             account: String::new(),
             bucket: "b".into(),
         };
-        let file = ObjectFile {
+        ObjectFile {
             path: "s3://b/m/x.safetensors".into(),
             store,
             location,
@@ -1374,30 +1434,56 @@ mod tests {
             origin,
             cache: None,
             multiplexed: false,
-        };
-        let lens = [1000u64, 4096, 1, 2903];
-        let mut bufs: Vec<Vec<u8>> = lens.iter().map(|&n| vec![0; n as usize]).collect();
-        let mut offset = 1000;
-        let mut part = Vec::new();
-        for (extent, &len) in lens.iter().enumerate() {
-            part.push(Job { extent, file: FileId(0), offset, len, target: None });
-            offset += len;
         }
+    }
+
+    /// Consecutive extents of `lens` bytes from `offset`, and a zeroed buffer for each.
+    fn extents(offset: u64, lens: &[u64]) -> (Vec<Job>, Vec<Vec<u8>>) {
+        let mut at = offset;
+        let part = lens.iter().enumerate().map(|(extent, &len)| {
+            at += len;
+            Job { extent, file: FileId(0), offset: at - len, len, target: None }
+        });
+        (part.collect(), lens.iter().map(|&n| vec![0; n as usize]).collect())
+    }
+
+    fn targets(bufs: &mut [Vec<u8>]) -> Vec<Dest> {
+        let target =
+            |b: &mut Vec<u8>| crate::engine::read::RawTarget { ptr: b.as_mut_ptr(), len: b.len() };
+        bufs.iter_mut().map(|b| Dest::Target(target(b))).collect()
+    }
+
+    /// One GET covering consecutive extents fills each extent's own destination with its
+    /// bytes, splitting the body's chunks at the extents' boundaries, through short reads,
+    /// and hands each extent on once, in order, with its bytes all in.
+    #[test]
+    fn one_get_fills_consecutive_extents() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let file = memory_object(&data);
+        let (part, mut bufs) = extents(1000, &[1000, 0, 4096, 1, 2903, 0]);
         for fault in [None, Some(&Short as &dyn FaultInjector)] {
             bufs.iter_mut().for_each(|b| b.fill(0));
-            let mut dests: Vec<Dest> = bufs
-                .iter_mut()
-                .map(|b| {
-                    let target =
-                        crate::engine::read::RawTarget { ptr: b.as_mut_ptr(), len: b.len() };
-                    Dest::Target(target)
-                })
-                .collect();
-            let mut times = Times::default();
-            let net = tune::Net::default();
-            let fetched = fetch_into(&file, &part, &mut dests, fault, Some(&net), None, &mut times);
+            let mut dests = targets(&mut bufs);
+            let (mut times, net, mut handed) = (Times::default(), tune::Net::default(), vec![]);
+            let mut landed = |i: usize, dest: &mut Dest| {
+                let job = part[i];
+                let want = &data[job.offset as usize..(job.offset + job.len) as usize];
+                assert!(landing(dest, &job) == want, "extent {i} handed before its bytes");
+                handed.push(i);
+            };
+            let fetched = fetch_into(
+                &file,
+                &part,
+                &mut dests,
+                fault,
+                Some(&net),
+                None,
+                &mut times,
+                &mut landed,
+            );
             runtime().unwrap().block_on(fetched).unwrap();
             drop(dests);
+            assert_eq!(handed, (0..part.len()).collect::<Vec<_>>());
             for (job, buf) in part.iter().zip(&bufs) {
                 let want = &data[job.offset as usize..(job.offset + job.len) as usize];
                 assert!(buf[..] == want[..], "extent {} differs", job.extent);
@@ -1405,13 +1491,58 @@ mod tests {
             assert!(times.answered.is_some() && net.report().is_some());
         }
         // A part past the object's end is an error naming the object and where it ends.
-        let beyond = [Job { extent: 0, file: FileId(0), offset: 9_000, len: 2_000, target: None }];
-        let mut buf = vec![0u8; 2_000];
-        let target = crate::engine::read::RawTarget { ptr: buf.as_mut_ptr(), len: buf.len() };
-        let (mut dests, mut times) = ([Dest::Target(target)], Times::default());
-        let fetched = fetch_into(&file, &beyond, &mut dests, None, None, None, &mut times);
+        let (beyond, mut buf) = extents(9_000, &[2_000]);
+        let (mut dests, mut times) = (targets(&mut buf), Times::default());
+        let landed = &mut |i: usize, _: &mut Dest| panic!("extent {i} of a failed GET handed on");
+        let fetched = fetch_into(&file, &beyond, &mut dests, None, None, None, &mut times, landed);
         let e = runtime().unwrap().block_on(fetched).unwrap_err().to_string();
         assert!(e.contains("s3://b/m/x.safetensors") && e.contains("offset 10000"), "{e}");
+    }
+
+    /// A part's extents go on as soon as the body has brought each one's bytes, not when the
+    /// part ends (a staging buffer turns over, a tensor is ready): body chunks of every size
+    /// against a plain slice of the object, and more bytes than the part asked for are an
+    /// error naming where.
+    #[test]
+    fn extents_go_on_as_their_bytes_come() {
+        let data: Vec<u8> = (0..12_000u32).map(|i| (i * 13 % 241) as u8).collect();
+        let file = memory_object(&data);
+        let lens = [1500u64, 0, 0, 4000, 1, 2499, 0];
+        let len: u64 = lens.iter().sum();
+        for chunk in [1usize, 7, 1499, 1500, 1501, 4096, len as usize] {
+            let (part, mut bufs) = extents(500, &lens);
+            let mut dests = targets(&mut bufs);
+            let (mut progress, mut handed) = (Progress::default(), Vec::new());
+            let body = &data[500..500 + len as usize];
+            for piece in body.chunks(chunk) {
+                let mut landed = |i: usize, dest: &mut Dest| {
+                    let job = part[i];
+                    let want = &data[job.offset as usize..(job.offset + job.len) as usize];
+                    assert!(landing(dest, &job) == want, "extent {i} handed before its bytes");
+                    handed.push(i);
+                };
+                let bytes = bytes::Bytes::copy_from_slice(piece);
+                progress.take(&file, &part, &mut dests, None, bytes, &mut landed).unwrap();
+                // Every extent with bytes that the body has brought whole is handed on; none
+                // that it has not.
+                let end = 500 + progress.filled;
+                for job in &part {
+                    let is_handed = handed.contains(&job.extent);
+                    if job.len > 0 && job.offset + job.len <= end {
+                        assert!(is_handed, "chunks of {chunk}: extent {} held", job.extent);
+                    }
+                    if job.offset + job.len > end {
+                        assert!(!is_handed, "chunks of {chunk}: extent {} early", job.extent);
+                    }
+                }
+            }
+            assert_eq!(handed, (0..part.len()).collect::<Vec<_>>(), "chunks of {chunk}");
+            let more = bytes::Bytes::from_static(b"x");
+            let landed = &mut |i: usize, _: &mut Dest| panic!("extent {i} handed twice");
+            let e = progress.take(&file, &part, &mut dests, None, more, landed).unwrap_err();
+            let e = e.to_string();
+            assert!(e.contains("more bytes than asked") && e.contains("x.safetensors"), "{e}");
+        }
     }
 
     #[test]
