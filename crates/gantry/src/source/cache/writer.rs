@@ -101,7 +101,7 @@ struct Waits {
     /// Unit tests: the thread holds [`testing::STALL`] while it writes, as a frozen disk
     /// would hold it.
     stall: bool,
-    /// Unit tests: every `miss`-th part finds no room (a disk behind the store).
+    /// Unit tests: every `miss`-th write finds no room (a disk behind the store).
     miss: Option<u64>,
     /// Unit tests: the thread takes this long more per part (a slow disk).
     slow: Duration,
@@ -263,12 +263,12 @@ impl Writer {
         !self.shared.failed.load(Ordering::Relaxed)
     }
 
-    /// Queues the bytes of one part, `chunks` back to back from `offset`, to be written by the
-    /// copy's thread: they are copied into the pending memory (`super::pending`), so the
-    /// caller keeps its buffers (the GETs copy from where the part landed, so that the HTTP
-    /// client's buffers are reused). Never waits: while [`PENDING_BYTES_MAX`] bytes of all
-    /// copies are waiting for the disk, the part is noted as missed and fetched again behind
-    /// the load.
+    /// Queues the bytes of one extent or part, `chunks` back to back from `offset`, to be
+    /// written by the copy's thread: they are copied into the pending memory
+    /// (`super::pending`), so the caller keeps its buffers (the GETs copy each extent from
+    /// where it landed, so that the HTTP client's buffers are reused). Never waits: while
+    /// [`PENDING_BYTES_MAX`] bytes of all copies are waiting for the disk, the bytes are
+    /// noted as missed and fetched again behind the load.
     pub fn write<B: AsRef<[u8]>>(&self, offset: u64, chunks: &[B]) {
         let len: u64 = chunks.iter().map(|c| c.as_ref().len() as u64).sum();
         if len == 0 || !self.wants_bytes() {
@@ -831,7 +831,7 @@ pub(super) mod testing {
         Box::new(|at, _: &mut [u8]| Err(format!("no store in this test (offset {at})")))
     }
 
-    /// A writer whose every `miss`-th part finds no room, fetched again by `refetch`.
+    /// A writer whose every `miss`-th write finds no room, fetched again by `refetch`.
     pub fn behind(
         cache: Arc<CacheDir>,
         identity: Identity,

@@ -961,8 +961,9 @@ enum Dest {
 }
 
 /// Fetches one part, the consecutive extents `part` of one object, into `dests` (one each),
-/// and gives `send` each extent's message as soon as its bytes are in, in order (a part that
-/// fails after some have gone returns the error for the rest). When the object's cache copy
+/// and gives `send` each extent's message as soon as the body has gone past it, in order, the
+/// last one once the body has ended without error (a part that fails after some have gone
+/// returns the error, and the rest never go). When the object's cache copy
 /// wants the bytes, each extent is copied to it from where it landed before its message goes
 /// (the body's own buffers are never held: see [`super::cache::Writer::write`]); with its disk
 /// behind the store, the copy fetches them again after the load: the GET never waits for the
@@ -1013,8 +1014,9 @@ fn landing<'a>(dest: &'a mut Dest, job: &Job) -> &'a mut [u8] {
 /// a read result of the extent it lands in, through `fault` and [`take_chunk`]. Each request's
 /// time to first byte and body rate (from its buffers' binding) go to `net`; `times` gets
 /// when the first answer came and when the buffers were bound (the trace's). `landed` gets
-/// each extent (its index in `part`) once its bytes are all in, in order; the extents it has
-/// had are not touched again (a body resumed starts after them).
+/// each extent (its index in `part`), in order, once the body has gone past it, and the last
+/// once the body has ended without error ([`Progress`]); the extents it has had are not
+/// touched again (a body resumed starts after them).
 #[allow(clippy::too_many_arguments)]
 async fn fetch_into(
     file: &ObjectFile,
@@ -1030,7 +1032,7 @@ async fn fetch_into(
     let (offset, len) = (part[0].offset, part.iter().map(|j| j.len).sum::<u64>());
     if len == 0 {
         bind(dests, buffers).await?;
-        (0..part.len()).for_each(|i| landed(i, &mut dests[i]));
+        Progress::default().finish(dests, landed);
         return Ok(());
     }
     // The first answer; then the buffers, for its body. Over HTTP/2 the buffers come first:
@@ -1087,6 +1089,7 @@ async fn fetch_into(
             None => {}
         }
     }
+    progress.finish(dests, landed);
     Ok(())
 }
 
@@ -1105,7 +1108,9 @@ struct Progress {
 impl Progress {
     /// Takes the body's next chunk `bytes` into the extents of `part` it covers (split at
     /// their boundaries, each piece through `fault` and [`take_chunk`]), then hands each
-    /// extent now whole, in order, to `landed`.
+    /// extent the body has gone past, in order, to `landed`. The part's last extent with
+    /// bytes (and any after it) goes on in [`Progress::finish`], once the body has ended
+    /// without error: a body with more bytes than asked for fails before the part is done.
     fn take(
         &mut self,
         file: &ObjectFile,
@@ -1128,25 +1133,40 @@ impl Progress {
         while !bytes.is_empty() {
             let job = part[self.at];
             let n = bytes.len().min((job.len - self.in_extent) as usize);
-            let buf = landing(&mut dests[self.at], &job);
-            let now = take_chunk(file, job, fault, self.in_extent, bytes.split_to(n), buf)?;
-            self.filled += now - self.in_extent;
-            self.in_extent = now;
+            if n > 0 {
+                let buf = landing(&mut dests[self.at], &job);
+                let now = take_chunk(file, job, fault, self.in_extent, bytes.split_to(n), buf)?;
+                self.filled += now - self.in_extent;
+                self.in_extent = now;
+            }
+            // Whole (or empty): on to the next extent; the bytes left belong to it (the part's
+            // last extent is never whole with bytes left: they were checked above).
             if self.in_extent == job.len && self.at + 1 < part.len() {
                 (self.at, self.in_extent) = (self.at + 1, 0);
             }
         }
-        // The extents now whole go on (the empty ones at the part's end with the last byte).
-        let whole = if self.filled == len {
-            part.len()
-        } else {
-            self.at + usize::from(self.in_extent == part[self.at].len)
-        };
-        while self.handed < whole {
+        // Not the last extent with bytes, even once it is whole: the body may still fail.
+        let last = part.iter().rposition(|j| j.len > 0).unwrap_or(0);
+        self.hand(self.at.min(last), dests, landed);
+        Ok(())
+    }
+
+    /// Hands the extents not yet handed on, once the body has brought the whole part.
+    fn finish(&mut self, dests: &mut [Dest], landed: &mut (dyn FnMut(usize, &mut Dest) + Send)) {
+        self.hand(dests.len(), dests, landed);
+    }
+
+    /// Hands extents on to `landed`, in order, up to (not including) `end`.
+    fn hand(
+        &mut self,
+        end: usize,
+        dests: &mut [Dest],
+        landed: &mut (dyn FnMut(usize, &mut Dest) + Send),
+    ) {
+        while self.handed < end {
             landed(self.handed, &mut dests[self.handed]);
             self.handed += 1;
         }
-        Ok(())
     }
 }
 
@@ -1453,6 +1473,22 @@ mod tests {
         bufs.iter_mut().map(|b| Dest::Target(target(b))).collect()
     }
 
+    /// What `fetch` does with an extent handed on, checked first against `data`, the
+    /// object: the extent's bytes must all be in; its index goes to `handed`.
+    fn checked_hand<'a>(
+        data: &'a [u8],
+        part: &'a [Job],
+        handed: &'a mut Vec<usize>,
+    ) -> impl FnMut(usize, &mut Dest) + Send + 'a {
+        move |i, dest| {
+            let job = part[i];
+            let want = &data[job.offset as usize..(job.offset + job.len) as usize];
+            assert!(landing(dest, &job) == want, "extent {i} handed before its bytes");
+            assert!(matches!(std::mem::replace(dest, Dest::Handed), Dest::Target(_)));
+            handed.push(i);
+        }
+    }
+
     /// One GET covering consecutive extents fills each extent's own destination with its
     /// bytes, splitting the body's chunks at the extents' boundaries, through short reads,
     /// and hands each extent on once, in order, with its bytes all in.
@@ -1460,17 +1496,12 @@ mod tests {
     fn one_get_fills_consecutive_extents() {
         let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let file = memory_object(&data);
-        let (part, mut bufs) = extents(1000, &[1000, 0, 4096, 1, 2903, 0]);
+        let (part, mut bufs) = extents(1000, &[0, 1000, 0, 4096, 1, 2903, 0]);
         for fault in [None, Some(&Short as &dyn FaultInjector)] {
             bufs.iter_mut().for_each(|b| b.fill(0));
             let mut dests = targets(&mut bufs);
             let (mut times, net, mut handed) = (Times::default(), tune::Net::default(), vec![]);
-            let mut landed = |i: usize, dest: &mut Dest| {
-                let job = part[i];
-                let want = &data[job.offset as usize..(job.offset + job.len) as usize];
-                assert!(landing(dest, &job) == want, "extent {i} handed before its bytes");
-                handed.push(i);
-            };
+            let mut landed = checked_hand(&data, &part, &mut handed);
             let fetched = fetch_into(
                 &file,
                 &part,
@@ -1482,7 +1513,7 @@ mod tests {
                 &mut landed,
             );
             runtime().unwrap().block_on(fetched).unwrap();
-            drop(dests);
+            drop((dests, landed));
             assert_eq!(handed, (0..part.len()).collect::<Vec<_>>());
             for (job, buf) in part.iter().zip(&bufs) {
                 let want = &data[job.offset as usize..(job.offset + job.len) as usize];
@@ -1499,49 +1530,59 @@ mod tests {
         assert!(e.contains("s3://b/m/x.safetensors") && e.contains("offset 10000"), "{e}");
     }
 
-    /// A part's extents go on as soon as the body has brought each one's bytes, not when the
-    /// part ends (a staging buffer turns over, a tensor is ready): body chunks of every size
-    /// against a plain slice of the object, and more bytes than the part asked for are an
-    /// error naming where.
+    /// A part's extents go on as soon as the body has gone past each one, not when the part
+    /// ends (a staging buffer turns over, a tensor is ready), and its last one once the body
+    /// has ended: body chunks of every size (empty ones among them) against a plain slice of
+    /// the object; more bytes than the part asked for fail it before its last extent goes.
     #[test]
     fn extents_go_on_as_their_bytes_come() {
         let data: Vec<u8> = (0..12_000u32).map(|i| (i * 13 % 241) as u8).collect();
         let file = memory_object(&data);
-        let lens = [1500u64, 0, 0, 4000, 1, 2499, 0];
+        let lens = [0, 1500u64, 0, 0, 4000, 1, 2499, 0];
         let len: u64 = lens.iter().sum();
+        // The last extent with bytes: the one the body's end hands on.
+        let last = lens.iter().rposition(|&n| n > 0).unwrap();
         for chunk in [1usize, 7, 1499, 1500, 1501, 4096, len as usize] {
             let (part, mut bufs) = extents(500, &lens);
             let mut dests = targets(&mut bufs);
             let (mut progress, mut handed) = (Progress::default(), Vec::new());
             let body = &data[500..500 + len as usize];
-            for piece in body.chunks(chunk) {
-                let mut landed = |i: usize, dest: &mut Dest| {
-                    let job = part[i];
-                    let want = &data[job.offset as usize..(job.offset + job.len) as usize];
-                    assert!(landing(dest, &job) == want, "extent {i} handed before its bytes");
-                    handed.push(i);
+            let empty = bytes::Bytes::new();
+            let chunks = std::iter::once(&[][..]).chain(body.chunks(chunk).flat_map(|c| [c, &[]]));
+            for piece in chunks {
+                let mut landed = checked_hand(&data, &part, &mut handed);
+                let bytes = if piece.is_empty() {
+                    empty.clone()
+                } else {
+                    bytes::Bytes::copy_from_slice(piece)
                 };
-                let bytes = bytes::Bytes::copy_from_slice(piece);
                 progress.take(&file, &part, &mut dests, None, bytes, &mut landed).unwrap();
-                // Every extent with bytes that the body has brought whole is handed on; none
-                // that it has not.
+                drop(landed);
+                // Every extent with bytes that the body has gone past is handed on, the
+                // last only at the body's end; none the body has not brought whole.
                 let end = 500 + progress.filled;
-                for job in &part {
-                    let is_handed = handed.contains(&job.extent);
-                    if job.len > 0 && job.offset + job.len <= end {
-                        assert!(is_handed, "chunks of {chunk}: extent {} held", job.extent);
+                for (i, job) in part.iter().enumerate() {
+                    let is_handed = handed.contains(&i);
+                    if job.len > 0 && job.offset + job.len <= end && i != last {
+                        assert!(is_handed, "chunks of {chunk}: extent {i} held");
                     }
-                    if job.offset + job.len > end {
-                        assert!(!is_handed, "chunks of {chunk}: extent {} early", job.extent);
+                    if job.offset + job.len > end || i >= last {
+                        assert!(!is_handed, "chunks of {chunk}: extent {i} early");
                     }
                 }
             }
-            assert_eq!(handed, (0..part.len()).collect::<Vec<_>>(), "chunks of {chunk}");
+            assert!(handed.iter().copied().eq(0..last), "chunks of {chunk}: {handed:?}");
+            // Bytes past the part fail it, and hand nothing more on.
             let more = bytes::Bytes::from_static(b"x");
-            let landed = &mut |i: usize, _: &mut Dest| panic!("extent {i} handed twice");
+            let landed =
+                &mut |i: usize, _: &mut Dest| panic!("extent {i} handed on after an error");
             let e = progress.take(&file, &part, &mut dests, None, more, landed).unwrap_err();
             let e = e.to_string();
             assert!(e.contains("more bytes than asked") && e.contains("x.safetensors"), "{e}");
+            // The body's end hands on the rest, once.
+            progress.finish(&mut dests, &mut checked_hand(&data, &part, &mut handed));
+            assert_eq!(handed, (0..part.len()).collect::<Vec<_>>(), "chunks of {chunk}");
+            progress.finish(&mut dests, &mut |i: usize, _: &mut Dest| panic!("extent {i} twice"));
         }
     }
 
