@@ -1072,7 +1072,8 @@ async fn fetch_into(
         let filled = progress.filled;
         if let Some(net) = net.filter(|_| filled > start) {
             let ttfb_s = (answered - asked).as_secs_f64();
-            net.record(ttfb_s, filled - start, streams.elapsed().as_secs_f64());
+            let (body_s, life_s) = (streams.elapsed().as_secs_f64(), asked.elapsed().as_secs_f64());
+            net.record(ttfb_s, filled - start, body_s, life_s);
         }
         match broke {
             Some(e) if attempt >= PART_ATTEMPTS => {
@@ -1376,7 +1377,8 @@ async fn drain(file: Arc<ObjectFile>, offset: u64, len: u64, net: Arc<tune::Net>
     while let Some(chunk) = body.next().await {
         n += chunk.map_err(|e| request_error("get", &file.path, offset, len, e))?.len() as u64;
     }
-    net.record((answered - asked).as_secs_f64(), n, answered.elapsed().as_secs_f64());
+    let (ttfb_s, body_s) = ((answered - asked).as_secs_f64(), answered.elapsed().as_secs_f64());
+    net.record(ttfb_s, n, body_s, asked.elapsed().as_secs_f64());
     if n < len {
         return Err(Error::Truncated {
             path: file.path.clone(),
