@@ -336,6 +336,11 @@ impl Net {
                 if now > gets
                     && rate < before * (1.0 + CLIMB_GAIN * (now - gets) as f64 / gets as f64) =>
             {
+                log::debug!(
+                    "object climb at {now_s:.3} s: {now} GETs moved {:.3} GB/s, {gets} moved {:.3}: back to {gets}",
+                    rate / 1e9,
+                    before / 1e9
+                );
                 (c.extra, c.settled) = (gets.saturating_sub(model), true);
                 return;
             }
@@ -345,6 +350,10 @@ impl Net {
         let wanted = ((now as f64 * CLIMB_STEP).ceil() as usize).max(now + 1);
         let next = self.choose(measured, s.memory_parts, wanted.saturating_sub(model)).gets;
         let c = &mut s.climb;
+        log::debug!(
+            "object climb at {now_s:.3} s: {now} GETs moved {:.3} GB/s; next {next}",
+            rate / 1e9
+        );
         if next <= now {
             c.settled = true;
         } else {
