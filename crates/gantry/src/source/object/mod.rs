@@ -817,6 +817,9 @@ pub fn run(
                 let (fault, net) = (fault.clone(), Arc::clone(net));
                 let unbound = dests.iter().filter(|d| matches!(d, Dest::Unbound)).count();
                 let buffers = (unbound > 0).then(|| binder.ask(unbound));
+                // The GET's lifetime, for the climb, runs from here to its last byte: waits
+                // for buffers and retries included.
+                let ticket = net.issue();
                 in_flight.spawn(async move {
                     let get = lanes.as_ref().map(|l| (l.begin(), Instant::now()));
                     let mut times = Times::default();
@@ -844,9 +847,12 @@ pub fn run(
                     if let (Some(lanes), Some((get, issued))) = (&lanes, get) {
                         traced_get(lanes, get, issued, times, &file, whole, fetched.is_ok());
                     }
-                    if let Err(e) = fetched {
-                        failed.store(true, Ordering::Relaxed);
-                        let _ = tx.send(Err(e));
+                    match fetched {
+                        Ok(()) => net.landed(ticket, whole.len),
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            let _ = tx.send(Err(e));
+                        }
                     }
                 });
             }
@@ -1072,8 +1078,7 @@ async fn fetch_into(
         let filled = progress.filled;
         if let Some(net) = net.filter(|_| filled > start) {
             let ttfb_s = (answered - asked).as_secs_f64();
-            let (body_s, life_s) = (streams.elapsed().as_secs_f64(), asked.elapsed().as_secs_f64());
-            net.record(ttfb_s, filled - start, body_s, life_s);
+            net.record(ttfb_s, filled - start, streams.elapsed().as_secs_f64());
         }
         match broke {
             Some(e) if attempt >= PART_ATTEMPTS => {
@@ -1346,7 +1351,13 @@ pub fn fetch_whole(paths: &[&Path], config: &crate::Config) -> Result<u64> {
                     choice = net.target();
                 }
                 let len = (part * choice.extents as u64).min(file.size - offset);
-                in_flight.spawn(drain(Arc::clone(&file), offset, len, Arc::clone(&net)));
+                let (file, net) = (Arc::clone(&file), Arc::clone(&net));
+                let ticket = net.issue();
+                in_flight.spawn(async move {
+                    drain(&file, offset, len, &net).await?;
+                    net.landed(ticket, len);
+                    Ok(())
+                });
                 offset += len;
             }
         }
@@ -1362,7 +1373,7 @@ pub fn fetch_whole(paths: &[&Path], config: &crate::Config) -> Result<u64> {
 
 /// One GET of the ceiling ([`fetch_whole`]): `len` bytes of `file` from `offset`, its body
 /// counted and dropped, its time to first byte and rate recorded in `net`.
-async fn drain(file: Arc<ObjectFile>, offset: u64, len: u64, net: Arc<tune::Net>) -> Result<()> {
+async fn drain(file: &ObjectFile, offset: u64, len: u64, net: &tune::Net) -> Result<()> {
     let options =
         GetOptions { range: Some(GetRange::Bounded(offset..offset + len)), ..Default::default() };
     let asked = Instant::now();
@@ -1377,8 +1388,7 @@ async fn drain(file: Arc<ObjectFile>, offset: u64, len: u64, net: Arc<tune::Net>
     while let Some(chunk) = body.next().await {
         n += chunk.map_err(|e| request_error("get", &file.path, offset, len, e))?.len() as u64;
     }
-    let (ttfb_s, body_s) = ((answered - asked).as_secs_f64(), answered.elapsed().as_secs_f64());
-    net.record(ttfb_s, n, body_s, asked.elapsed().as_secs_f64());
+    net.record((answered - asked).as_secs_f64(), n, answered.elapsed().as_secs_f64());
     if n < len {
         return Err(Error::Truncated {
             path: file.path.clone(),

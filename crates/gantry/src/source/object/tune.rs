@@ -40,14 +40,17 @@
 //! buffers), and keeps climbing while each step's bytes per second grow by at least
 //! [`CLIMB_GAIN`] of its GETs' growth (15% for a full step, less for one the cap cuts short);
 //! the first step that does not is taken back to the count measured before it, and the count
-//! settles. A count's bytes per second come from the GETs issued while it held, by Little's
-//! law: the count times their bytes over their lifetimes (issue to last byte, the waits for a
-//! first byte and for staging buffers included), once as many as are in flight (at least
-//! [`CLIMB_SAMPLES`]) have landed. Each GET times itself, so GETs that land in bunches (those
-//! issued together at a step do) measure what they lived through wherever a window would cut
-//! them, and a step is judged about two lifetimes of a GET after it is taken. A load bound by
-//! its network or its store (the GETs then live longer the more there are, or wait longer for
-//! their first byte) pays the GETs of one step for the question. The climb never backs off: a
+//! settles. A count's bytes per second come from a cohort of the GETs issued while it held
+//! (the first half as many as it keeps in flight, at least [`CLIMB_SAMPLES`]), once every GET
+//! of the cohort has landed, by Little's law: the count times their bytes over their
+//! lifetimes (from the dispatcher issuing the GET to its last byte: the waits for staging
+//! buffers, for the first byte and for retries included). Each GET times itself, so GETs that
+//! land in bunches (those issued together at a step do) measure what they lived through, and
+//! waiting for the whole cohort counts the GETs that live longest (a throttled first byte, a
+//! large part) as well as the first to land; a step is judged about two lifetimes of a GET
+//! after it is taken. A load bound by its network or its store (the GETs then live longer the
+//! more there are, or wait longer for their first byte) pays the GETs of one step for the
+//! question. The climb never backs off: a
 //! store that throttles (S3's 503 SlowDown, per prefix) answers slower, the client retries, and
 //! a fleet of loaders on one prefix may want a lower `--object-concurrency`.
 
@@ -70,14 +73,14 @@ pub const PART_BYTES_MAX: u64 = 64 << 20;
 /// A part's body should take at least this many times the wait for its first byte.
 pub const BODY_PER_WAIT: f64 = 4.0;
 
-/// Each step of the climb keeps this many times the GETs of the window before.
+/// Each step of the climb keeps this many times the GETs of the count before.
 pub const CLIMB_STEP: f64 = 1.5;
 
-/// A count of the climb is judged on the GETs issued while it held, once as many have landed
-/// as it keeps in flight, and at least this many (a few GETs' first bytes may wait long).
+/// A count of the climb is judged on a cohort of the GETs issued while it held: half as many
+/// as it keeps in flight, and at least this many.
 pub const CLIMB_SAMPLES: usize = 16;
 
-/// A step is kept when its window's bytes per second grew by at least this share of its GETs'
+/// A step is kept when its count's bytes per second grew by at least this share of its GETs'
 /// growth (a store bound per connection gives the whole step: 50% more GETs, 50% more bytes;
 /// one bound by its network or itself gives nothing, within its noise), so a full step must
 /// give 15% more.
@@ -111,6 +114,14 @@ pub struct NetReport {
     /// Whether the climb had settled when the report was made (else the load ended while a
     /// step was still being measured, and `climbed` is the step under test).
     pub climb_settled: bool,
+}
+
+/// A GET's place in the climb ([`Net::issue`], [`Net::landed`]): when it was issued, and the
+/// cohort of the count it samples, if any.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ticket {
+    issued_s: f64,
+    cohort: Option<u64>,
 }
 
 /// What the load does next: how many GETs to keep in flight, each covering how many of the
@@ -217,7 +228,7 @@ pub struct Net {
     /// Whether GETs may cover several extents (the part size was not given).
     join: bool,
     cap: usize,
-    /// The load's clock: the climb's windows are timed on it.
+    /// The load's clock: the climb's GETs are timed on it.
     origin: std::time::Instant,
     state: Mutex<State>,
 }
@@ -238,11 +249,13 @@ struct State {
 struct Climb {
     /// GETs kept in flight on top of the model's count.
     extra: usize,
-    /// Since when (seconds on the load's clock) the count under test has held: GETs issued
-    /// before it are not its samples. `None` before the first GET answered.
-    since_s: Option<f64>,
-    /// The samples so far: GETs issued since then that landed, their bytes and lifetimes.
-    gets: usize,
+    /// The cohort of the count under test: the first `size` GETs issued once it held (0: not
+    /// yet sized), how many have been issued and have landed, and the bytes and lifetimes of
+    /// those landed.
+    cohort: u64,
+    size: usize,
+    issued: usize,
+    landed: usize,
     bytes: u64,
     life_s: f64,
     /// The count before the step under test: its rate (bytes per second) and GETs in
@@ -287,46 +300,73 @@ impl Net {
         c
     }
 
-    /// Records one GET (or one request of a GET resumed): its time to first byte, its body's
-    /// bytes and seconds, and its lifetime (seconds from its request to its last byte).
-    pub fn record(&self, ttfb_s: f64, body_bytes: u64, body_s: f64, life_s: f64) {
-        self.record_at(self.origin.elapsed().as_secs_f64(), ttfb_s, body_bytes, body_s, life_s);
-    }
-
-    /// [`Net::record`] at `now_s` seconds on the load's clock; once enough GETs of the count
-    /// under test have landed, the climb takes its next step.
-    fn record_at(&self, now_s: f64, ttfb_s: f64, body_bytes: u64, body_s: f64, life_s: f64) {
+    /// Records one request of a GET (a GET resumed makes several): its time to first byte,
+    /// and its body's bytes and seconds (the model's measurements).
+    pub fn record(&self, ttfb_s: f64, body_bytes: u64, body_s: f64) {
         let mut s = self.state.lock();
         s.gets += 1;
         s.ttfb_s += ttfb_s;
         s.ttfb_min_s = s.ttfb_min_s.min(ttfb_s);
         s.body_bytes = s.body_bytes.saturating_add(body_bytes);
         s.body_s += body_s;
-        if s.climb.settled || !now_s.is_finite() {
+    }
+
+    /// A GET about to be issued: its ticket, for [`Net::landed`].
+    pub fn issue(&self) -> Ticket {
+        self.issue_at(self.origin.elapsed().as_secs_f64())
+    }
+
+    /// [`Net::issue`] at `now_s` seconds on the load's clock: the GET samples the count under
+    /// test while its cohort is still being issued.
+    fn issue_at(&self, now_s: f64) -> Ticket {
+        let mut s = self.state.lock();
+        let measured = Self::measured(&s);
+        let now = self.choose(measured, s.memory_parts, s.climb.extra).gets;
+        let c = &mut s.climb;
+        // Before the first answer the count is the unmeasured one: no cohort yet.
+        if c.settled || measured.is_none() || !now_s.is_finite() {
+            return Ticket { issued_s: now_s, cohort: None };
+        }
+        if c.size == 0 {
+            c.size = (now / 2).max(CLIMB_SAMPLES);
+        }
+        if c.issued >= c.size {
+            return Ticket { issued_s: now_s, cohort: None };
+        }
+        c.issued += 1;
+        Ticket { issued_s: now_s, cohort: Some(c.cohort) }
+    }
+
+    /// A GET of `ticket` landed whole, `bytes` of it (after every request it took): once the
+    /// whole cohort of the count under test has, the climb judges the count and takes its
+    /// next step.
+    pub fn landed(&self, ticket: Ticket, bytes: u64) {
+        self.landed_at(self.origin.elapsed().as_secs_f64(), ticket, bytes);
+    }
+
+    /// [`Net::landed`] at `now_s` seconds on the load's clock.
+    fn landed_at(&self, now_s: f64, ticket: Ticket, bytes: u64) {
+        let mut s = self.state.lock();
+        if s.climb.settled || ticket.cohort != Some(s.climb.cohort) {
             return;
         }
         let measured = Self::measured(&s);
-        let extra = s.climb.extra;
-        let now = self.choose(measured, s.memory_parts, extra).gets;
+        let now = self.choose(measured, s.memory_parts, s.climb.extra).gets;
         let c = &mut s.climb;
-        // Before the first answer the count was the unmeasured one: the model's starts now.
-        let Some(since) = c.since_s else {
-            c.since_s = measured.map(|_| now_s);
-            return;
-        };
-        // Only GETs issued while the count held are its samples.
-        if !(life_s.is_finite() && life_s > 0.0 && now_s - life_s >= since) {
-            return;
-        }
-        c.gets += 1;
-        c.bytes = c.bytes.saturating_add(body_bytes);
-        c.life_s += life_s;
-        if c.gets < (now / 2).max(CLIMB_SAMPLES) {
+        let life_s = now_s - ticket.issued_s;
+        c.landed += 1;
+        c.bytes = c.bytes.saturating_add(bytes);
+        c.life_s += if life_s.is_finite() { life_s.max(0.0) } else { 0.0 };
+        if c.landed < c.size {
             return;
         }
         // Little's law: GETs in flight over their mean lifetime, times their mean bytes.
-        let rate = now as f64 * c.bytes as f64 / c.life_s;
-        (c.since_s, c.gets, c.bytes, c.life_s) = (Some(now_s), 0, 0, 0.0);
+        let (bytes, life_s) = (c.bytes, c.life_s);
+        (c.cohort, c.size, c.issued, c.landed, c.bytes, c.life_s) = (c.cohort + 1, 0, 0, 0, 0, 0.0);
+        if life_s <= 0.0 {
+            return; // nothing timed: the next cohort judges this count
+        }
+        let rate = now as f64 * bytes as f64 / life_s;
         // The model's count now (its measurements move too).
         let model = self.choose(measured, s.memory_parts, 0).gets;
         let c = &mut s.climb;
@@ -538,9 +578,11 @@ mod tests {
             let part = (16 * MIB * c.extents as u64) as f64;
             rate = (c.gets as f64 * conn).min(nic);
             let body_s = part / (rate / c.gets as f64);
+            let tickets: Vec<Ticket> = (0..c.gets).map(|_| net.issue_at(now)).collect();
             now += ttfb_s + body_s;
-            for _ in 0..c.gets {
-                net.record_at(now, ttfb_s, part as u64, body_s, ttfb_s + body_s);
+            for ticket in tickets {
+                net.record(ttfb_s, part as u64, body_s);
+                net.landed_at(now, ticket, part as u64);
             }
         }
         (net.target().gets, rate)
@@ -593,30 +635,59 @@ mod tests {
         let net = Net::new(16 * MIB, 64, usize::MAX);
         for (t, b, d) in [(0.0, 0, 0.0), (f64::NAN, 1, f64::INFINITY), (-1.0, u64::MAX, 1e-9)] {
             for at in [0.0, 0.0, -1.0, f64::NAN, 1e9] {
-                net.record_at(at, t, b, d, d);
+                net.record(t, b, d);
+                let ticket = net.issue_at(at);
+                net.landed_at(at - d, ticket, b);
+                net.landed_at(at, Ticket { issued_s: f64::NAN, cohort: Some(0) }, b);
                 let c = net.target();
                 assert!(c.gets >= 1 && c.gets <= 64, "{c:?}");
             }
         }
     }
 
-    /// Loads `gets` GETs of 16 MiB through `net` from a store simulated millisecond by
-    /// millisecond: each GET waits `ttfb_s` to `ttfb_s + jitter_s` for its first byte (a fixed
-    /// pseudo-random sequence), then streams at `conn` bytes per second or an equal share of
-    /// `nic` among the GETs streaming, whichever is less; a GET is issued whenever fewer are in
-    /// flight than the target, as the load's dispatcher does. Returns the GETs in flight at
-    /// the end, the GETs landed when the count first reached it, and the bytes per second from
-    /// half the GETs landed to nine tenths (before the load's tail, when fewer are left).
-    fn load(
-        net: &Net,
-        gets: usize,
+    /// A store for [`load`]: each GET waits `ttfb_s` to `ttfb_s + jitter_s` for its first
+    /// byte, then streams at `conn` bytes per second or an equal share of `nic` among the
+    /// GETs streaming, whichever is less. `mixed`: parts of 1 to 64 MiB (log-uniform), else
+    /// 16 MiB. `throttle_above`: with more GETs in flight than this, each GET issued is
+    /// throttled (1 to 3 s more before its first byte: retries of a 503) with the chance
+    /// that the excess is of the GETs in flight.
+    struct Store {
         ttfb_s: f64,
         jitter_s: f64,
         conn: f64,
         nic: f64,
-    ) -> (usize, usize, f64) {
+        mixed: bool,
+        throttle_above: usize,
+    }
+
+    impl Store {
+        fn per_connection(ttfb_s: f64, conn: f64, nic: f64) -> Self {
+            Store {
+                ttfb_s,
+                jitter_s: 3.0 * ttfb_s,
+                conn,
+                nic,
+                mixed: false,
+                throttle_above: usize::MAX,
+            }
+        }
+    }
+
+    /// What [`load`] saw: the GETs in flight at the end, the GETs landed when the count first
+    /// reached it, the bytes per second from half the GETs landed to nine tenths (before the
+    /// load's tail, when fewer are left), and over the whole load.
+    struct Loaded {
+        gets: usize,
+        reached: usize,
+        rate: f64,
+        whole: f64,
+    }
+
+    /// Loads `gets` GETs through `net` from `store`, simulated millisecond by millisecond
+    /// (a fixed pseudo-random sequence); a GET is issued whenever fewer are in flight than
+    /// the target, as the load's dispatcher does.
+    fn load(net: &Net, gets: usize, store: &Store) -> Loaded {
         const DT: f64 = 1e-3;
-        let part = 16 * MIB;
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut random = move || {
             seed ^= seed << 13;
@@ -624,70 +695,95 @@ mod tests {
             seed ^= seed << 17;
             (seed >> 11) as f64 / (1u64 << 53) as f64
         };
-        // In flight: (issued at, first byte at, bytes left).
-        let mut flight: Vec<(f64, f64, f64)> = Vec::new();
-        let (mut now, mut issued, mut landed) = (0.0f64, 0usize, 0usize);
-        let (mut last, mut reached, mut half, mut most) = (0usize, 0usize, 0.0, 0.0);
+        // In flight: (ticket, issued at, first byte at, bytes, bytes left).
+        let mut flight: Vec<(Ticket, f64, f64, u64, f64)> = Vec::new();
+        let (mut now, mut issued, mut landed, mut bytes) = (0.0f64, 0usize, 0usize, 0u64);
+        let (mut last, mut reached, mut half, mut most) = (0usize, 0usize, (0.0, 0), (0.0, 0));
         while landed < gets {
             let target = net.target().gets;
             if target != last {
                 (last, reached) = (target, landed);
             }
             while flight.len() < target && issued < gets {
-                flight.push((now, now + ttfb_s + jitter_s * random(), part as f64));
+                let part =
+                    if store.mixed { (MIB as f64 * 64f64.powf(random())) as u64 } else { 16 * MIB };
+                let mut first = now + store.ttfb_s + store.jitter_s * random();
+                let n = flight.len() + 1;
+                if n > store.throttle_above
+                    && random() < (n - store.throttle_above) as f64 / n as f64
+                {
+                    first += 1.0 + 2.0 * random();
+                }
+                flight.push((net.issue_at(now), now, first, part, part as f64));
                 issued += 1;
             }
             now += DT;
-            let streaming = flight.iter().filter(|g| g.1 <= now).count().max(1);
-            let rate = conn.min(nic / streaming as f64);
+            let streaming = flight.iter().filter(|g| g.2 <= now).count().max(1);
+            let rate = store.conn.min(store.nic / streaming as f64);
             let mut i = 0;
             while i < flight.len() {
-                let (from, first, left) = &mut flight[i];
-                if *first <= now {
-                    *left -= rate * DT;
+                let g = &mut flight[i];
+                if g.2 <= now {
+                    g.4 -= rate * DT;
                 }
-                if *left > 0.0 {
+                if g.4 > 0.0 {
                     i += 1;
                     continue;
                 }
-                let (from, first) = (*from, *first);
-                flight.swap_remove(i);
-                net.record_at(now, first - from, part, now - first, now - from);
-                landed += 1;
+                let (ticket, from, first, part, _) = flight.swap_remove(i);
+                net.record(first - from, part, now - first);
+                net.landed_at(now, ticket, part);
+                (landed, bytes) = (landed + 1, bytes + part);
                 if landed == gets / 2 {
-                    half = now;
+                    half = (now, bytes);
                 }
                 if landed == gets * 9 / 10 {
-                    most = now;
+                    most = (now, bytes);
                 }
             }
         }
-        let rate = (gets * 9 / 10 - gets / 2) as f64 * part as f64 / (most - half);
-        (net.target().gets, reached, rate)
+        let rate = (most.1 - half.1) as f64 / (most.0 - half.0);
+        Loaded { gets: net.target().gets, reached, rate, whole: bytes as f64 / now }
     }
 
-    /// The climb judged GET by GET, with first bytes that come late by up to three times the
-    /// latency (GETs land out of the order they were issued, in no bunches):
-    /// a store that serves each connection at 90 MB/s reaches the cap early in a 4 GiB load;
-    /// behind a 2.5 GB/s NIC it settles where it moves at least 90% of the NIC; fast
-    /// connections on loopback stay at the model's count or one step above, which gains
-    /// nothing.
+    /// The climb judged on cohorts of GETs, with first bytes that come late by up to three
+    /// times the latency (GETs land out of the order they were issued, in no bunches): a
+    /// store that serves each connection at 90 MB/s reaches the cap early enough in a 4 GiB
+    /// load to move 3.5 GB/s of its 5.8 from the middle on (the climb that judged windows of
+    /// landings moved 2.3 there), and climbs as far in a load of parts of 1 to 64 MiB; behind a 2.5 GB/s NIC it settles where it moves at
+    /// least 90% of the NIC; fast connections on loopback stay at the model's count or one
+    /// step above; a store that throttles beyond 30 GETs (first bytes seconds late) leaves the
+    /// load no slower than the model's count alone would be.
     #[test]
-    fn the_climb_judges_each_get_by_its_own_life() {
+    fn the_climb_judges_cohorts_of_gets() {
         let net = Net::new(16 * MIB, 64, usize::MAX);
-        let (gets, reached, rate) = load(&net, 256, 0.020, 0.060, 90e6, 1e12);
-        assert!(gets == 64 && reached <= 192, "{gets} GETs after {reached} landed, {rate}");
+        let l = load(&net, 256, &Store::per_connection(0.020, 90e6, 1e12));
+        assert!(
+            l.gets == 64 && l.rate >= 3.5e9,
+            "{} GETs (from {}): {}",
+            l.gets,
+            l.reached,
+            l.rate
+        );
         let net = Net::new(16 * MIB, 64, usize::MAX);
-        let (gets, _, rate) = load(&net, 1024, 0.020, 0.060, 90e6, 2.5e9);
-        assert!(net.state.lock().climb.settled, "{gets}");
-        assert!(rate >= 0.9 * 2.5e9, "{gets} GETs: {rate}");
+        let mixed = Store { mixed: true, ..Store::per_connection(0.020, 90e6, 1e12) };
+        let l = load(&net, 1024, &mixed);
+        assert!(l.gets >= 62 && net.state.lock().climb.settled, "{} GETs", l.gets);
+        let net = Net::new(16 * MIB, 64, usize::MAX);
+        let l = load(&net, 1024, &Store::per_connection(0.020, 90e6, 2.5e9));
+        assert!(net.state.lock().climb.settled, "{}", l.gets);
+        assert!(l.rate >= 0.9 * 2.5e9, "{} GETs: {}", l.gets, l.rate);
         let net = Net::new(16 * MIB, 64, usize::MAX);
         let model = net.choose(Some((0.003, 500e6)), usize::MAX, 0).gets;
-        let (gets, _, _) = load(&net, 1024, 0.003, 0.009, 500e6, 8e9);
-        assert!(
-            net.state.lock().climb.settled && gets <= model * 3 / 2 + 1,
-            "{gets} (model {model})"
-        );
+        let l = load(&net, 1024, &Store::per_connection(0.003, 500e6, 8e9));
+        let settled = net.state.lock().climb.settled;
+        assert!(settled && l.gets <= model * 3 / 2 + 1, "{} (model {model})", l.gets);
+        let throttling = Store { throttle_above: 30, ..Store::per_connection(0.020, 90e6, 1e12) };
+        let climbing = load(&Net::new(16 * MIB, 64, usize::MAX), 1024, &throttling);
+        let model = Net::new(16 * MIB, 64, usize::MAX).choose(Some((0.020, 90e6)), usize::MAX, 0);
+        let alone = load(&Net::new(16 * MIB, model.gets, usize::MAX), 1024, &throttling);
+        let (c, a) = (climbing.whole, alone.whole);
+        assert!(climbing.gets <= 41 && c >= 0.9 * a, "{} GETs: {c} against {a}", climbing.gets);
     }
 
     #[test]
@@ -695,8 +791,8 @@ mod tests {
         let net = Net::new(16 * MIB, 64, 64);
         assert_eq!(net.report(), None);
         assert_eq!(net.target(), Choice { gets: STREAMING, extents: 1 });
-        net.record(0.030, 90_000_000, 1.0, 1.0);
-        net.record(0.010, 90_000_000, 1.0, 1.0);
+        net.record(0.030, 90_000_000, 1.0);
+        net.record(0.010, 90_000_000, 1.0);
         let r = net.report().unwrap();
         assert!((r.ttfb_ms - 20.0).abs() < 1e-9 && (r.ttfb_min_ms - 10.0).abs() < 1e-9);
         assert!((r.connection_mb_s - 90.0).abs() < 1e-9, "{r:?}");
@@ -704,22 +800,22 @@ mod tests {
         assert_eq!((r.in_flight, r.part_bytes, r.extent_bytes), (17, 16 * MIB, 16 * MIB));
         assert_eq!(net.target(), Choice { gets: 17, extents: 1 });
         // A busy store's queue (a long TTFB now and then) moves nothing.
-        net.record(2.0, 90_000_000, 1.0, 1.0);
+        net.record(2.0, 90_000_000, 1.0);
         assert_eq!(net.target(), Choice { gets: 17, extents: 1 });
         // Far away (every GET waits 90 ms): larger parts, and the GETs they need.
         let far = Net::new(16 * MIB, 64, 64);
-        far.record(0.090, 90_000_000, 1.0, 1.0);
+        far.record(0.090, 90_000_000, 1.0);
         let r = far.report().unwrap();
         assert_eq!((r.in_flight, r.part_bytes), (20, 32 * MIB), "{r:?}");
         assert_eq!(r.streaming, STREAMING, "no staging buffers bound the streams: {r:?}");
         // Staging for 32 extents: 16 GETs of two stream into them, 4 more wait.
         let near = Net::new(16 * MIB, 64, 32);
-        near.record(0.090, 90_000_000, 1.0, 1.0);
+        near.record(0.090, 90_000_000, 1.0);
         assert_eq!(near.target(), Choice { gets: 20, extents: 2 });
         assert_eq!(near.report().unwrap().streaming, 16);
         // Staging for 8: 8 GETs of one stream into them, 4 more wait (0.48 of a part each).
         let small = Net::new(16 * MIB, 64, 8);
-        small.record(0.090, 90_000_000, 1.0, 1.0);
+        small.record(0.090, 90_000_000, 1.0);
         let r = small.report().unwrap();
         assert_eq!((r.in_flight, r.streaming, r.part_bytes), (12, 8, 16 * MIB), "{r:?}");
     }
