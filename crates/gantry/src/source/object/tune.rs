@@ -41,7 +41,8 @@
 //! [`CLIMB_GAIN`] of its GETs' growth (15% for a full step, less for one the cap cuts short);
 //! the first step that does not is taken back to the count measured before it, and the count
 //! settles. A count's bytes per second come from a cohort of the GETs issued while it held
-//! (the first half as many as it keeps in flight, at least [`CLIMB_SAMPLES`]), once every GET
+//! (half as many as it keeps in flight, at least [`CLIMB_SAMPLES`], after those its step
+//! added at once, while fewer than the count were in flight), once every GET
 //! of the cohort has landed, by Little's law: the count times their bytes over their
 //! lifetimes (from the dispatcher issuing the GET to its last byte: the waits for staging
 //! buffers, for the first byte and for retries included). Each GET times itself, so GETs that
