@@ -1035,10 +1035,11 @@ async fn fetch_into(
     landed: &mut (dyn FnMut(usize, &mut Dest) + Send),
 ) -> Result<()> {
     assert!(!part.is_empty() && part.len() == dests.len());
-    let (offset, len) = (part[0].offset, part.iter().map(|j| j.len).sum::<u64>());
+    let mut progress = Progress::new(part);
+    let (offset, len) = (part[0].offset, progress.len);
     if len == 0 {
         bind(dests, buffers).await?;
-        Progress::default().finish(dests, landed);
+        progress.finish(dests, landed);
         return Ok(());
     }
     // The first answer; then the buffers, for its body. Over HTTP/2 the buffers come first:
@@ -1052,7 +1053,6 @@ async fn fetch_into(
     bind(dests, buffers).await?;
     let bound = Instant::now();
     times.bound = Some(bound);
-    let mut progress = Progress::default();
     let mut attempt = 0;
     while progress.filled < len {
         let start = progress.filled;
@@ -1100,8 +1100,11 @@ async fn fetch_into(
 }
 
 /// How far a part's body has come.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Progress {
+    /// Bytes of the part, and the index of its last extent with bytes (0 where none has).
+    len: u64,
+    last: usize,
     /// Bytes of the part filled.
     filled: u64,
     /// The extent being filled (an index in the part), and its bytes filled.
@@ -1112,6 +1115,13 @@ struct Progress {
 }
 
 impl Progress {
+    /// Nothing yet of `part`.
+    fn new(part: &[Job]) -> Self {
+        let len = part.iter().map(|j| j.len).sum();
+        let last = part.iter().rposition(|j| j.len > 0).unwrap_or(0);
+        Progress { len, last, filled: 0, at: 0, in_extent: 0, handed: 0 }
+    }
+
     /// Takes the body's next chunk `bytes` into the extents of `part` it covers (split at
     /// their boundaries, each piece through `fault` and [`take_chunk`]), then hands each
     /// extent the body has gone past, in order, to `landed`. The part's last extent with
@@ -1126,7 +1136,7 @@ impl Progress {
         mut bytes: bytes::Bytes,
         landed: &mut (dyn FnMut(usize, &mut Dest) + Send),
     ) -> Result<()> {
-        let len: u64 = part.iter().map(|j| j.len).sum();
+        let len = self.len;
         if self.filled + bytes.len() as u64 > len {
             return Err(Error::Io {
                 op: "get",
@@ -1152,8 +1162,7 @@ impl Progress {
             }
         }
         // Not the last extent with bytes, even once it is whole: the body may still fail.
-        let last = part.iter().rposition(|j| j.len > 0).unwrap_or(0);
-        self.hand(self.at.min(last), dests, landed);
+        self.hand(self.at.min(self.last), dests, landed);
         Ok(())
     }
 
@@ -1557,7 +1566,7 @@ mod tests {
         for chunk in [1usize, 7, 1499, 1500, 1501, 4096, len as usize] {
             let (part, mut bufs) = extents(500, &lens);
             let mut dests = targets(&mut bufs);
-            let (mut progress, mut handed) = (Progress::default(), Vec::new());
+            let (mut progress, mut handed) = (Progress::new(&part), Vec::new());
             let body = &data[500..500 + len as usize];
             let empty = bytes::Bytes::new();
             let chunks = std::iter::once(&[][..]).chain(body.chunks(chunk).flat_map(|c| [c, &[]]));

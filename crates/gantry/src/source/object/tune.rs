@@ -323,23 +323,27 @@ impl Net {
     /// [`Net::issue`] at `now_s` seconds on the load's clock: the GET samples the count under
     /// test while its cohort is still being issued.
     fn issue_at(&self, now_s: f64) -> Ticket {
+        let unsampled = Ticket { issued_s: now_s, cohort: None };
         let mut s = self.state.lock();
         let measured = Self::measured(&s);
-        let now = self.choose(measured, s.memory_parts, s.climb.extra).gets;
-        let c = &mut s.climb;
         // Before the first answer the count is the unmeasured one: no cohort yet.
-        if c.settled || measured.is_none() || !now_s.is_finite() || c.skip > 0 {
-            c.skip = c.skip.saturating_sub(1);
-            return Ticket { issued_s: now_s, cohort: None };
+        if s.climb.settled || measured.is_none() || !now_s.is_finite() {
+            return unsampled;
         }
-        if c.size == 0 {
-            c.size = (now / 2).max(CLIMB_SAMPLES);
+        if s.climb.skip > 0 {
+            s.climb.skip -= 1;
+            return unsampled;
         }
+        if s.climb.size == 0 {
+            let now = self.choose(measured, s.memory_parts, s.climb.extra).gets;
+            s.climb.size = (now / 2).max(CLIMB_SAMPLES);
+        }
+        let c = &mut s.climb;
         if c.issued >= c.size {
-            return Ticket { issued_s: now_s, cohort: None };
+            return unsampled;
         }
         c.issued += 1;
-        Ticket { issued_s: now_s, cohort: Some(c.cohort) }
+        Ticket { cohort: Some(c.cohort), ..unsampled }
     }
 
     /// A GET of `ticket` landed whole, `bytes` of it (after every request it took): once the
@@ -355,8 +359,6 @@ impl Net {
         if s.climb.settled || ticket.cohort != Some(s.climb.cohort) {
             return;
         }
-        let measured = Self::measured(&s);
-        let now = self.choose(measured, s.memory_parts, s.climb.extra).gets;
         let c = &mut s.climb;
         let life_s = now_s - ticket.issued_s;
         c.landed += 1;
@@ -365,6 +367,9 @@ impl Net {
         if c.landed < c.size {
             return;
         }
+        let measured = Self::measured(&s);
+        let now = self.choose(measured, s.memory_parts, s.climb.extra).gets;
+        let c = &mut s.climb;
         // Little's law: GETs in flight over their mean lifetime, times their mean bytes.
         let (bytes, life_s) = (c.bytes, c.life_s);
         (c.cohort, c.size, c.issued, c.landed, c.bytes, c.life_s) = (c.cohort + 1, 0, 0, 0, 0, 0.0);
