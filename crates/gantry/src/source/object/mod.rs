@@ -845,7 +845,7 @@ pub fn run(
                         .unwrap_or_else(|panic| Err(panicked(&file.path, panic.as_ref())));
                     let whole = Job { len: part.iter().map(|j| j.len).sum(), ..part[0] };
                     if let (Some(lanes), Some((get, issued))) = (&lanes, get) {
-                        traced_get(lanes, get, issued, times, &file, whole, fetched.is_ok());
+                        traced_get(lanes, get, issued, times, &file, whole);
                     }
                     match fetched {
                         Ok(()) => net.landed(ticket, whole.len),
@@ -916,16 +916,20 @@ fn staging_thread(pool: &Arc<Pool>, requests: std::sync::mpsc::Receiver<(usize, 
     }
 }
 
-/// When a part's GET answered and when its staging buffers were bound.
+/// When a part's GET answered and when its staging buffers were bound, and the bytes of the
+/// extents it handed on.
 #[derive(Debug, Default, Clone, Copy)]
 struct Times {
     /// The first answer's headers: the time to first byte.
     answered: Option<Instant>,
     /// The part's buffers bound (the body streams from then on).
     bound: Option<Instant>,
+    /// Bytes of the extents handed on to the consumer: all of the part's once it succeeded,
+    /// those before the failure where it failed.
+    handed: u64,
 }
 
-/// Records one GET (its bytes only when it succeeded) on a lane of the load's trace, with
+/// Records one GET (the bytes it handed on) on a lane of the load's trace, with
 /// `ttfb_us` (from issuing it to its answer), `staging_wait_us` (from there until its
 /// staging buffers were bound) and `transfer_us` (from there to its last byte) when it was
 /// answered.
@@ -936,7 +940,6 @@ fn traced_get(
     times: Times,
     file: &ObjectFile,
     job: Job,
-    ok: bool,
 ) {
     let args = crate::trace::Args::new().str("reader", "object").str("volume", "object storage");
     let mut args = args.str("file", file.path.display().to_string()).u64("offset", job.offset);
@@ -947,7 +950,7 @@ fn traced_get(
         args = args.u64("staging_wait_us", micros(bound.duration_since(answered)));
         args = args.u64("transfer_us", micros(bound.elapsed()));
     }
-    lanes.end(get, "read", "read", args.u64("bytes", if ok { job.len } else { 0 }));
+    lanes.end(get, "read", "read", args.u64("bytes", times.handed));
 }
 
 /// Attempts at one part: the client retries each request; this also resumes a body that
@@ -985,6 +988,7 @@ async fn fetch(
     times: &mut Times,
     send: &mut (dyn FnMut(Message) + Send),
 ) -> Result<()> {
+    let mut handed = 0;
     let mut landed = |i: usize, dest: &mut Dest| {
         let job = &part[i];
         if let Some(cache) = file.cache.as_ref().filter(|c| c.wants_bytes()) {
@@ -997,8 +1001,12 @@ async fn fetch(
                 unreachable!("fetch_into hands on each extent once, bound")
             }
         });
+        handed += job.len;
     };
-    fetch_into(file, part, &mut dests, fault, Some(net), buffers, times, &mut landed).await
+    let fetched =
+        fetch_into(file, part, &mut dests, fault, Some(net), buffers, times, &mut landed).await;
+    times.handed = handed;
+    fetched
 }
 
 /// The bytes extent `job` lands in.
@@ -1124,7 +1132,8 @@ impl Progress {
 
     /// Takes the body's next chunk `bytes` into the extents of `part` it covers (split at
     /// their boundaries, each piece through `fault` and [`take_chunk`]), then hands each
-    /// extent the body has gone past, in order, to `landed`. The part's last extent with
+    /// extent the body has gone past, in order, to `landed` (where a piece fails, those
+    /// before it, then the error). The part's last extent with
     /// bytes (and any after it) goes on in [`Progress::finish`], once the body has ended
     /// without error: a body with more bytes than asked for fails before the part is done.
     fn take(
@@ -1151,7 +1160,16 @@ impl Progress {
             let n = bytes.len().min((job.len - self.in_extent) as usize);
             if n > 0 {
                 let buf = landing(&mut dests[self.at], &job);
-                let now = take_chunk(file, job, fault, self.in_extent, bytes.split_to(n), buf)?;
+                let taken = take_chunk(file, job, fault, self.in_extent, bytes.split_to(n), buf);
+                let now = match taken {
+                    Ok(now) => now,
+                    Err(e) => {
+                        // The extents before this one are whole: they go on as they would
+                        // had the chunk ended there.
+                        self.hand(self.at.min(self.last), dests, landed);
+                        return Err(e);
+                    }
+                };
                 self.filled += now - self.in_extent;
                 self.in_extent = now;
             }
@@ -1604,6 +1622,45 @@ mod tests {
             progress.finish(&mut dests, &mut checked_hand(&data, &part, &mut handed));
             assert_eq!(handed, (0..part.len()).collect::<Vec<_>>(), "chunks of {chunk}");
             progress.finish(&mut dests, &mut |i: usize, _: &mut Dest| panic!("extent {i} twice"));
+        }
+    }
+
+    /// A GET that fails part-way counts the bytes of the extents it handed on before the
+    /// failure (its trace span's), one that succeeds all of its part's.
+    #[test]
+    fn a_get_counts_the_bytes_it_handed_on() {
+        /// Fails every read from `0` on.
+        struct Breaks(u64);
+        impl FaultInjector for Breaks {
+            fn rewrite(&self, _: usize, offset: u64, _: u64, result: i64) -> i64 {
+                if offset >= self.0 {
+                    -i64::from(libc::EIO)
+                } else {
+                    result
+                }
+            }
+        }
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 11 % 239) as u8).collect();
+        let file = memory_object(&data);
+        let lens = [1000, 0, 4096, 2903];
+        for (fault, handed) in [(None, 7999), (Some(Breaks(2000)), 1000), (Some(Breaks(0)), 0)] {
+            let (part, mut bufs) = extents(1000, &lens);
+            let (net, mut times, mut sent) = (tune::Net::default(), Times::default(), vec![]);
+            let send = &mut |m: Message| sent.push(m);
+            let fault = fault.as_ref().map(|f| f as &dyn FaultInjector);
+            let fetched =
+                fetch(&file, &part, targets(&mut bufs), fault, &net, None, &mut times, send);
+            let fetched = runtime().unwrap().block_on(fetched);
+            assert_eq!(fetched.is_ok(), fault.is_none(), "{fetched:?}");
+            assert_eq!(times.handed, handed, "{fetched:?}");
+            let sent_bytes: u64 = sent
+                .iter()
+                .map(|m| match m {
+                    Message::Direct { extent } => part[*extent].len,
+                    other => panic!("{other:?}"),
+                })
+                .sum();
+            assert_eq!(sent_bytes, handed);
         }
     }
 
