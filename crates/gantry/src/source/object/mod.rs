@@ -603,7 +603,8 @@ impl ObjectFile {
         let dests = &mut [Dest::Target(target)];
         let times = &mut Times::default();
         let landed = &mut |_: usize, _: &mut Dest| {};
-        runtime()?.block_on(fetch_into(&file, &[job], dests, None, None, None, times, landed))
+        let get = PartGet { file: &file, part: &[job], fault: None, net: None };
+        runtime()?.block_on(fetch_into(get, dests, None, times, landed))
     }
 }
 
@@ -821,7 +822,7 @@ pub fn run(
                 // for buffers and retries included.
                 let ticket = net.issue();
                 in_flight.spawn(async move {
-                    let get = lanes.as_ref().map(|l| (l.begin(), Instant::now()));
+                    let span = lanes.as_ref().map(|l| (l.begin(), Instant::now()));
                     let mut times = Times::default();
                     // Each extent goes to the consumer as soon as its bytes are in: its
                     // staging buffer turns over (and its tensors are ready) without waiting
@@ -829,23 +830,20 @@ pub fn run(
                     // settings were checked) fails the load with an error rather than losing
                     // the part.
                     let send = &mut |m| drop(tx.send(Ok(m)));
-                    let fetched = fetch(
-                        &file,
-                        &part,
-                        dests,
-                        fault.as_deref(),
-                        &net,
-                        buffers,
-                        &mut times,
-                        send,
-                    );
+                    let get = PartGet {
+                        file: &file,
+                        part: &part,
+                        fault: fault.as_deref(),
+                        net: Some(&net),
+                    };
+                    let fetched = fetch(get, dests, buffers, &mut times, send);
                     let caught = std::panic::AssertUnwindSafe(fetched).catch_unwind();
                     let fetched = caught
                         .await
                         .unwrap_or_else(|panic| Err(panicked(&file.path, panic.as_ref())));
                     let whole = Job { len: part.iter().map(|j| j.len).sum(), ..part[0] };
-                    if let (Some(lanes), Some((get, issued))) = (&lanes, get) {
-                        traced_get(lanes, get, issued, times, &file, whole);
+                    if let (Some(lanes), Some((span, issued))) = (&lanes, span) {
+                        traced_get(lanes, span, issued, times, &file, whole);
                     }
                     match fetched {
                         Ok(()) => net.landed(ticket, whole.len),
@@ -957,6 +955,18 @@ fn traced_get(
 /// broke off mid-way.
 const PART_ATTEMPTS: u32 = 4;
 
+/// One GET's part: consecutive extents of one object (one GET for them all), and what sees
+/// its reads.
+#[derive(Clone, Copy)]
+struct PartGet<'a> {
+    file: &'a ObjectFile,
+    part: &'a [Job],
+    /// Rewrites each chunk's read result (fault injection: the tests').
+    fault: Option<&'a dyn FaultInjector>,
+    /// Where each request's time to first byte and body rate go (none: not measured).
+    net: Option<&'a tune::Net>,
+}
+
 /// Where a part lands.
 enum Dest {
     /// A staging buffer, handed to the consumer with the bytes.
@@ -969,7 +979,7 @@ enum Dest {
     Handed,
 }
 
-/// Fetches one part, the consecutive extents `part` of one object, into `dests` (one each),
+/// Fetches one part (`get`) into `dests` (one for each of its extents),
 /// and gives `send` each extent's message as soon as the body has gone past it, in order, the
 /// last one once the body has ended without error (a part that fails after some have gone
 /// returns the error, and the rest never go). When the object's cache copy
@@ -977,21 +987,17 @@ enum Dest {
 /// (the body's own buffers are never held: see [`super::cache::Writer::write`]); with its disk
 /// behind the store, the copy fetches them again after the load: the GET never waits for the
 /// cache.
-#[allow(clippy::too_many_arguments)]
 async fn fetch(
-    file: &ObjectFile,
-    part: &[Job],
+    get: PartGet<'_>,
     mut dests: Vec<Dest>,
-    fault: Option<&dyn FaultInjector>,
-    net: &tune::Net,
     buffers: Option<tokio::sync::oneshot::Receiver<Vec<Lease>>>,
     times: &mut Times,
     send: &mut (dyn FnMut(Message) + Send),
 ) -> Result<()> {
     let mut handed = 0;
     let mut landed = |i: usize, dest: &mut Dest| {
-        let job = &part[i];
-        if let Some(cache) = file.cache.as_ref().filter(|c| c.wants_bytes()) {
+        let job = &get.part[i];
+        if let Some(cache) = get.file.cache.as_ref().filter(|c| c.wants_bytes()) {
             cache.write(job.offset, &[&*landing(dest, job)]);
         }
         send(match std::mem::replace(dest, Dest::Handed) {
@@ -1003,8 +1009,7 @@ async fn fetch(
         });
         handed += job.len;
     };
-    let fetched =
-        fetch_into(file, part, &mut dests, fault, Some(net), buffers, times, &mut landed).await;
+    let fetched = fetch_into(get, &mut dests, buffers, times, &mut landed).await;
     times.handed = handed;
     fetched
 }
@@ -1022,26 +1027,23 @@ fn landing<'a>(dest: &'a mut Dest, job: &Job) -> &'a mut [u8] {
     }
 }
 
-/// Fills `dests` with `part` (consecutive extents of one object, one GET for them all),
-/// resuming a body that broke off. The part's [`Dest::Unbound`] buffers come from `buffers`
+/// Fills `dests` with the part `get` (one for each of its extents), resuming a body that broke
+/// off. The part's [`Dest::Unbound`] buffers come from `buffers`
 /// ([`Binder`]), awaited once the first GET has answered (its headers checked). Each chunk is
-/// a read result of the extent it lands in, through `fault` and [`take_chunk`]. Each request's
-/// time to first byte and body rate (from its buffers' binding) go to `net`; `times` gets
+/// a read result of the extent it lands in, through the part's `fault` and [`take_chunk`]. Each
+/// request's time to first byte and body rate (from its buffers' binding) go to its `net`; `times` gets
 /// when the first answer came and when the buffers were bound (the trace's). `landed` gets
 /// each extent (its index in `part`), in order, once the body has gone past it, and the last
 /// once the body has ended without error ([`Progress`]); the extents it has had are not
 /// touched again (a body resumed starts after them).
-#[allow(clippy::too_many_arguments)]
 async fn fetch_into(
-    file: &ObjectFile,
-    part: &[Job],
+    get: PartGet<'_>,
     dests: &mut [Dest],
-    fault: Option<&dyn FaultInjector>,
-    net: Option<&tune::Net>,
     mut buffers: Option<tokio::sync::oneshot::Receiver<Vec<Lease>>>,
     times: &mut Times,
     landed: &mut (dyn FnMut(usize, &mut Dest) + Send),
 ) -> Result<()> {
+    let PartGet { file, part, net, .. } = get;
     assert!(!part.is_empty() && part.len() == dests.len());
     let mut progress = Progress::new(part);
     let (offset, len) = (part[0].offset, progress.len);
@@ -1081,7 +1083,7 @@ async fn fetch_into(
                     break;
                 }
             };
-            progress.take(file, part, dests, fault, bytes, landed)?;
+            progress.take(get, dests, bytes, landed)?;
         }
         let filled = progress.filled;
         if let Some(net) = net.filter(|_| filled > start) {
@@ -1130,21 +1132,20 @@ impl Progress {
         Progress { len, last, filled: 0, at: 0, in_extent: 0, handed: 0 }
     }
 
-    /// Takes the body's next chunk `bytes` into the extents of `part` it covers (split at
-    /// their boundaries, each piece through `fault` and [`take_chunk`]), then hands each
+    /// Takes the body's next chunk `bytes` into the extents of `get`'s part it covers (split
+    /// at their boundaries, each piece through its `fault` and [`take_chunk`]), then hands each
     /// extent the body has gone past, in order, to `landed` (where a piece fails, those
     /// before it, then the error). The part's last extent with
     /// bytes (and any after it) goes on in [`Progress::finish`], once the body has ended
     /// without error: a body with more bytes than asked for fails before the part is done.
     fn take(
         &mut self,
-        file: &ObjectFile,
-        part: &[Job],
+        get: PartGet<'_>,
         dests: &mut [Dest],
-        fault: Option<&dyn FaultInjector>,
         mut bytes: bytes::Bytes,
         landed: &mut (dyn FnMut(usize, &mut Dest) + Send),
     ) -> Result<()> {
+        let PartGet { file, part, fault, .. } = get;
         let len = self.len;
         if self.filled + bytes.len() as u64 > len {
             return Err(Error::Io {
@@ -1541,16 +1542,8 @@ mod tests {
             let mut dests = targets(&mut bufs);
             let (mut times, net, mut handed) = (Times::default(), tune::Net::default(), vec![]);
             let mut landed = checked_hand(&data, &part, &mut handed);
-            let fetched = fetch_into(
-                &file,
-                &part,
-                &mut dests,
-                fault,
-                Some(&net),
-                None,
-                &mut times,
-                &mut landed,
-            );
+            let get = PartGet { file: &file, part: &part, fault, net: Some(&net) };
+            let fetched = fetch_into(get, &mut dests, None, &mut times, &mut landed);
             runtime().unwrap().block_on(fetched).unwrap();
             drop((dests, landed));
             assert_eq!(handed, (0..part.len()).collect::<Vec<_>>());
@@ -1564,7 +1557,8 @@ mod tests {
         let (beyond, mut buf) = extents(9_000, &[2_000]);
         let (mut dests, mut times) = (targets(&mut buf), Times::default());
         let landed = &mut |i: usize, _: &mut Dest| panic!("extent {i} of a failed GET handed on");
-        let fetched = fetch_into(&file, &beyond, &mut dests, None, None, None, &mut times, landed);
+        let get = PartGet { file: &file, part: &beyond, fault: None, net: None };
+        let fetched = fetch_into(get, &mut dests, None, &mut times, landed);
         let e = runtime().unwrap().block_on(fetched).unwrap_err().to_string();
         assert!(e.contains("s3://b/m/x.safetensors") && e.contains("offset 10000"), "{e}");
     }
@@ -1583,6 +1577,7 @@ mod tests {
         let last = lens.iter().rposition(|&n| n > 0).unwrap();
         for chunk in [1usize, 7, 1499, 1500, 1501, 4096, len as usize] {
             let (part, mut bufs) = extents(500, &lens);
+            let get = PartGet { file: &file, part: &part, fault: None, net: None };
             let mut dests = targets(&mut bufs);
             let (mut progress, mut handed) = (Progress::new(&part), Vec::new());
             let body = &data[500..500 + len as usize];
@@ -1595,7 +1590,7 @@ mod tests {
                 } else {
                     bytes::Bytes::copy_from_slice(piece)
                 };
-                progress.take(&file, &part, &mut dests, None, bytes, &mut landed).unwrap();
+                progress.take(get, &mut dests, bytes, &mut landed).unwrap();
                 drop(landed);
                 // Every extent with bytes that the body has gone past is handed on, the
                 // last only at the body's end; none the body has not brought whole.
@@ -1615,7 +1610,7 @@ mod tests {
             let more = bytes::Bytes::from_static(b"x");
             let landed =
                 &mut |i: usize, _: &mut Dest| panic!("extent {i} handed on after an error");
-            let e = progress.take(&file, &part, &mut dests, None, more, landed).unwrap_err();
+            let e = progress.take(get, &mut dests, more, landed).unwrap_err();
             let e = e.to_string();
             assert!(e.contains("more bytes than asked") && e.contains("x.safetensors"), "{e}");
             // The body's end hands on the rest, once.
@@ -1648,8 +1643,8 @@ mod tests {
             let (net, mut times, mut sent) = (tune::Net::default(), Times::default(), vec![]);
             let send = &mut |m: Message| sent.push(m);
             let fault = fault.as_ref().map(|f| f as &dyn FaultInjector);
-            let fetched =
-                fetch(&file, &part, targets(&mut bufs), fault, &net, None, &mut times, send);
+            let get = PartGet { file: &file, part: &part, fault, net: Some(&net) };
+            let fetched = fetch(get, targets(&mut bufs), None, &mut times, send);
             let fetched = runtime().unwrap().block_on(fetched);
             assert_eq!(fetched.is_ok(), fault.is_none(), "{fetched:?}");
             assert_eq!(times.handed, handed, "{fetched:?}");
