@@ -1367,7 +1367,8 @@ pub fn fetch_whole(paths: &[&Path], config: &crate::Config) -> Result<u64> {
     block_on(first, async {
         let mut in_flight = tokio::task::JoinSet::new();
         let mut first_error = None;
-        for file in files {
+        // Once a GET has failed, no more are issued: the ceiling fails with its error.
+        'files: for file in files {
             let file = Arc::new(file);
             let mut offset = 0;
             while offset < file.size {
@@ -1377,6 +1378,14 @@ pub fn fetch_whole(paths: &[&Path], config: &crate::Config) -> Result<u64> {
                         first_error.get_or_insert(e);
                     }
                     choice = net.target();
+                }
+                while let Some(r) = in_flight.try_join_next() {
+                    if let Err(e) = joined(r) {
+                        first_error.get_or_insert(e);
+                    }
+                }
+                if first_error.is_some() {
+                    break 'files;
                 }
                 let len = (part * choice.extents as u64).min(file.size - offset);
                 let (file, net) = (Arc::clone(&file), Arc::clone(&net));
